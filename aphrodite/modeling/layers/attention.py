@@ -1,0 +1,169 @@
+"""Attention over the paged KV cache behind one interface.
+
+The model calls ``Attention.forward(q, k, v)``; the batch layout comes from the
+``AttentionMetadata`` of the current step (set with ``set_attention_metadata``), so the
+model's signature stays ``forward(input_ids, positions)`` and CUDA graphs can replay it.
+
+KV cache layout, per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]`` for K and V;
+token ``i`` of a sequence lives in slot ``block_table[i // block_size] * block_size + i % block_size``.
+Sequences in a batch are ordered decodes first (one query token each), then prefill chunks.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    num_decodes: int            # the first num_decodes sequences have exactly one query token
+    num_decode_tokens: int      # == num_decodes
+    query_start_loc: torch.Tensor  # int32 [B + 1], device
+    seq_lens: torch.Tensor         # int32 [B], context length including this step's tokens, device
+    block_tables: torch.Tensor     # int32 [B, max_blocks], device
+    slot_mapping: torch.Tensor     # int64 [T], device; -1 = do not write (padding)
+    max_query_len: int
+    max_seq_len: int
+    max_decode_seq_len: int
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+_CURRENT: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def set_attention_metadata(meta: AttentionMetadata) -> Iterator[None]:
+    """Make ``meta`` the layout every ``Attention`` layer reads during one forward pass."""
+    global _CURRENT
+    prev, _CURRENT = _CURRENT, meta
+    try:
+        yield
+    finally:
+        _CURRENT = prev
+
+
+def get_attention_metadata() -> AttentionMetadata:
+    assert _CURRENT is not None, "Attention called outside set_attention_metadata()"
+    return _CURRENT
+
+
+class TorchAttentionBackend:
+    """Plain-PyTorch paged attention: the CPU path and the oracle for the Triton kernels."""
+
+    @staticmethod
+    def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        kf = k_cache.view(-1, *k_cache.shape[2:])
+        vf = v_cache.view(-1, *v_cache.shape[2:])
+        if slot_mapping.numel() and bool((slot_mapping < 0).any()):
+            keep = slot_mapping >= 0
+            k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+        kf.index_copy_(0, slot_mapping, k)
+        vf.index_copy_(0, slot_mapping, v)
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
+        TorchAttentionBackend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
+                                         meta.seq_lens[:nd], meta.max_decode_seq_len, scale)
+        starts, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        for i in range(nd, meta.num_seqs):
+            s, e = starts[i], starts[i + 1]
+            if e == s:
+                continue
+            out[s:e] = _prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache,
+                                          meta.block_tables[i], lens[i], scale)
+        return out
+
+
+def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of a sequence's K or V: [..., length, Hkv, D]."""
+    bs = cache.shape[1]
+    nblocks = (length + bs - 1) // bs
+    blocks = cache[block_table[..., :nblocks]]          # [..., nblocks, bs, Hkv, D]
+    blocks = blocks.flatten(-4, -3)                      # [..., nblocks * bs, Hkv, D]
+    return blocks[..., :length, :, :]
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
+                      scale: float) -> torch.Tensor:
+    """One query token per sequence, all sequences in one padded batched matmul."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    keys = _gather_kv(k_cache, block_tables, max_len)    # [B, L, Hkv, D]
+    vals = _gather_kv(v_cache, block_tables, max_len)
+    qg = q.view(b, hkv, hq // hkv, d).float()
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, keys.float()) * scale
+    pad = torch.arange(max_len, device=q.device)[None, :] >= seq_lens[:, None]  # [B, L]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, vals.float())
+    return out.reshape(b, hq, d).to(q.dtype)
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+                       scale: float) -> torch.Tensor:
+    """A chunk of ``q_len`` new tokens attending causally to ``seq_len`` tokens (cached prefix + chunk)."""
+    q_len = q.shape[0]
+    ctx = seq_len - q_len
+    if ctx == 0:
+        keys, vals = k, v
+        mask = None
+    else:
+        keys = _gather_kv(k_cache, block_table, seq_len)
+        vals = _gather_kv(v_cache, block_table, seq_len)
+        qpos = torch.arange(ctx, seq_len, device=q.device)[:, None]
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= qpos
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1),
+        attn_mask=mask, is_causal=mask is None, scale=scale,
+        enable_gqa=q.shape[1] != keys.shape[1])
+    return out.transpose(0, 1)
+
+
+_BACKEND: type = TorchAttentionBackend
+
+
+def set_attention_backend(backend: type) -> None:
+    global _BACKEND
+    _BACKEND = backend
+
+
+class Attention(nn.Module):
+    """Multi-head (grouped-query) attention over this layer's slice of the paged KV cache."""
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads
+        # Bound by the model runner once the cache is allocated.
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        t = q.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        meta = get_attention_metadata()
+        assert self.kv_cache is not None, "KV cache not bound to the attention layer"
+        out = _BACKEND.forward(q, k, v, self.kv_cache[0], self.kv_cache[1], meta, self.scale)
+        return out.reshape(t, self.num_heads * self.head_dim)
