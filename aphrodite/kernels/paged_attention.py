@@ -1,0 +1,419 @@
+"""Triton paged attention over the KV cache layout of ``aphrodite.modeling.layers.attention``.
+
+Cache, per layer: ``k_cache``/``v_cache`` of shape ``[num_blocks, block_size, num_kv_heads, head_dim]``;
+token ``i`` of a sequence lives in slot ``block_table[i // block_size] * block_size + i % block_size``.
+A batch is flat: ``q [T, Hq, D]``, ``query_start_loc [B + 1]``, ``seq_lens [B]`` (context including
+this step's tokens), ``block_tables [B, max_blocks]``; decodes (one query token each) come first.
+
+Kernels:
+* ``reshape_and_cache``: scatter this step's K/V into their slots (slot -1 = padding, skipped).
+* one attention kernel, two launch shapes sharing the same code:
+  - prefill / chunked prefill: a program owns ``BLOCK_Q`` query tokens x all ``G`` query heads of one
+    KV head (rows = token-major, head-minor), so each K/V tile is loaded once for the whole group.
+    Query token ``j`` of a chunk sits at position ``seq_len - q_len + j`` and sees keys ``<=`` that
+    position: the cached prefix plus the causal part of the chunk. Key tiles wholly visible to every
+    row run without masks; only the tail tiles are masked. Programs find their sequence by a binary
+    search over ``query_start_loc``, so the grid depends only on ``T`` and ``B`` (no host sync).
+  - decode: one program per (sequence, KV head[, split]). With ``num_splits > 1`` (flash decoding)
+    each program covers a slice of the context and writes a partial (output, max, sum) that a small
+    reduce kernel merges; this keeps the GPU busy when few sequences have long contexts.
+Softmax is online in fp32 (base 2); fp32 inputs use IEEE dots so results match the reference to ~1e-5.
+
+Everything launched for a decode step depends only on tensor shapes and the Python ints of the
+metadata, never on tensor values read back to the host, so it can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+
+from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
+
+if TYPE_CHECKING:
+    from aphrodite.modeling.layers.attention import AttentionMetadata
+
+__all__ = [
+    "TritonAttentionBackend",
+    "choose_num_splits",
+    "paged_attention",
+    "paged_attention_ref",
+    "reshape_and_cache",
+    "reshape_and_cache_ref",
+]
+
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------------
+# References (the CPU path and the test oracle)
+# --------------------------------------------------------------------------------------------------
+
+def reshape_and_cache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
+    """Write k/v [T, Hkv, D] into their cache slots; slots < 0 are skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    kf = k_cache.view(-1, *k_cache.shape[2:])
+    vf = v_cache.view(-1, *v_cache.shape[2:])
+    kf.index_copy_(0, slots, k[keep].to(k_cache.dtype))
+    vf.index_copy_(0, slots, v[keep].to(v_cache.dtype))
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                        query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                        scale: float, max_query_len: int = 0, max_seq_len: int = 0,
+                        num_decodes: int | None = None, max_decode_seq_len: int | None = None,
+                        num_splits: int | None = None) -> torch.Tensor:
+    """Per-sequence fp32 attention over the gathered cache; reads lengths back to the host."""
+    del max_query_len, max_seq_len, num_decodes, max_decode_seq_len, num_splits
+    page = k_cache.shape[1]
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        s, e = starts[i], starts[i + 1]
+        q_len = e - s
+        if q_len == 0:
+            continue
+        nblk = cdiv(seq_len, page)
+        blocks = block_tables[i, :nblk].long()
+        keys = k_cache[blocks].flatten(0, 1)[:seq_len].float()        # [L, Hkv, D]
+        vals = v_cache[blocks].flatten(0, 1)[:seq_len].float()
+        keys = keys.repeat_interleave(hq // hkv, dim=1)                # [L, Hq, D]
+        vals = vals.repeat_interleave(hq // hkv, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), keys) * scale
+        qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+        visible = torch.arange(seq_len, device=q.device)[None, :] <= qpos  # [q_len, L]
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[s:e] = torch.einsum("hqk,khd->qhd", probs, vals).to(out.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+def _reshape_and_cache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_kv_heads,
+                              stride_kt, stride_kh, stride_vt, stride_vh,
+                              stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+                              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+                              BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    valid = slot >= 0
+    slot = tl.where(valid, slot, 0)
+    blk = slot // PAGE
+    off = slot % PAGE
+    offs_d = tl.arange(0, D_PAD)
+    offs_h = tl.arange(0, BLOCK_H)
+    for h0 in range(0, num_kv_heads, BLOCK_H):
+        heads = h0 + offs_h
+        mask = valid & (heads < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_ptr + t * stride_kt + heads[:, None] * stride_kh + offs_d[None, :], mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + offs_d[None, :], mask=mask)
+        kc = k_cache_ptr + blk * stride_kcb + off * stride_kct + heads[:, None] * stride_kch + offs_d[None, :]
+        vc = v_cache_ptr + blk * stride_vcb + off * stride_vct + heads[:, None] * stride_vch + offs_d[None, :]
+        tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def _paged_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+        qsl_ptr, seq_lens_ptr, block_tables_ptr,
+        part_o_ptr, part_m_ptr, part_l_ptr,
+        qk_scale, num_seqs, num_q_heads,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
+        G: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+        DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+    kv_head = tl.program_id(1)
+    if DECODE:
+        # One query token per sequence, and token index == sequence index.
+        seq = tl.program_id(0)
+        q_len = 1
+        q_start = 0
+        first_tok = seq
+    else:
+        # Sequence i owns programs [f(i), f(i+1)) with f(i) = (qsl[i] - qsl[0]) // BLOCK_Q + i, which is
+        # at least cdiv(q_len_i, BLOCK_Q) programs; find i by binary search, surplus programs exit.
+        pid = tl.program_id(0)
+        base = tl.load(qsl_ptr)
+        lo = pid * 0
+        hi = lo + num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            f = (tl.load(qsl_ptr + mid) - base) // BLOCK_Q + mid
+            go_right = f <= pid
+            lo = tl.where(go_right, mid + 1, lo)
+            hi = tl.where(go_right, hi, mid)
+        seq = lo - 1
+        seq_q0 = tl.load(qsl_ptr + seq)
+        q_len = tl.load(qsl_ptr + seq + 1) - seq_q0
+        q_start = (pid - ((seq_q0 - base) // BLOCK_Q + seq)) * BLOCK_Q
+        if q_start >= q_len:
+            return
+        first_tok = seq_q0 + q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    row_tok = offs_m // G
+    head = kv_head * G + offs_m % G
+    q_idx = q_start + row_tok
+    row_ok = (row_tok < BLOCK_Q) & (q_idx < q_len)
+    q_pos = ctx_len + q_idx
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    tok = (first_tok + row_tok).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    if NUM_SPLITS > 1:
+        split = tl.program_id(2)
+        tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+        kv_lo = split * tiles_per_split * BLOCK_N
+        kv_hi = tl.minimum(seq_len, kv_lo + tiles_per_split * BLOCK_N)
+    else:
+        kv_lo = 0
+        kv_hi = tl.minimum(seq_len, ctx_len + q_start + BLOCK_Q)
+    # Keys below ctx_len + q_start + 1 are visible to every row of this tile.
+    all_visible = tl.minimum(kv_hi, ctx_len + q_start + 1)
+    full_hi = kv_lo + tl.maximum(all_visible - kv_lo, 0) // BLOCK_N * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
+
+    for phase in tl.static_range(2):
+        # phase 0: unmasked full tiles; phase 1: the (at most a few) tiles that need masking.
+        if phase == 0:
+            n_lo = kv_lo
+            n_hi = full_hi
+        else:
+            n_lo = full_hi
+            n_hi = kv_hi
+        for start in range(n_lo, n_hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            if phase == 0:
+                blk = tl.load(bt_row + offs_n // PAGE).to(tl.int64)
+                kv_mask_t = d_ok[:, None]
+                kv_mask = d_ok[None, :]
+            else:
+                n_ok = offs_n < n_hi
+                blk = tl.load(bt_row + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+                kv_mask_t = d_ok[:, None] & n_ok[None, :]
+                kv_mask = n_ok[:, None] & d_ok[None, :]
+            in_page = offs_n % PAGE
+            k_off = blk * stride_kb + in_page * stride_kt
+            v_off = blk * stride_vb + in_page * stride_vt
+            k_t = tl.load(k_head + k_off[None, :] + offs_d[:, None], mask=kv_mask_t, other=0.0)
+            if IEEE:
+                s = tl.dot(q, k_t, input_precision="ieee")
+            else:
+                s = tl.dot(q, k_t)
+            s = s * qk_scale
+            if phase == 1:
+                visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+                s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                pv = tl.dot(p, v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    st_mask = row_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS > 1:
+        idx = (seq * num_q_heads + head).to(tl.int64) * NUM_SPLITS + split
+        tl.store(part_o_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], o, mask=st_mask)
+        tl.store(part_m_ptr + idx, m_i, mask=row_ok)
+        tl.store(part_l_ptr + idx, l_i, mask=row_ok)
+    else:
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=st_mask)
+
+
+def _split_kv_reduce_kernel(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, stride_ot, stride_oh, num_q_heads,
+                            NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            D_PAD: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    base = (seq * num_q_heads + head).to(tl.int64) * NUM_SPLITS
+    offs_s = tl.arange(0, S_PAD)
+    s_ok = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    m = tl.load(part_m_ptr + base + offs_s, mask=s_ok, other=-1.0e30)
+    lse = tl.load(part_l_ptr + base + offs_s, mask=s_ok, other=0.0)
+    w = lse * tl.exp2(m - tl.max(m, 0))
+    o = tl.load(part_o_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
+             res.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+_reshape_and_cache = LazyKernel(_reshape_and_cache_kernel)
+_paged_attention = LazyKernel(_paged_attention_kernel)
+_split_kv_reduce = LazyKernel(_split_kv_reduce_kernel)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Scatter k/v [T, Hkv, D] into the paged cache at ``slot_mapping`` [T] (int; -1 = skip)."""
+    if not use_triton(k):
+        reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+        return
+    t, hkv, d = k.shape
+    if t == 0:
+        return
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert slot_mapping.shape[0] >= t
+    d_pad = next_pow2(d)
+    block_h = max(1, min(next_pow2(hkv), max(1, 2048 // d_pad)))
+    _reshape_and_cache(k.device)[(t,)](
+        k, v, k_cache, v_cache, slot_mapping, hkv,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HEAD_DIM=d, D_PAD=d_pad, PAGE=k_cache.shape[1], BLOCK_H=block_h, num_warps=4)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Split-KV only when (sequence, KV head) programs alone would leave most SMs idle and the
+    context is long enough that each split still streams >= 256 tokens; aims at ~2 programs per SM."""
+    if num_decodes <= 0 or max_seq_len < 1024:
+        return 1
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
+    programs = num_decodes * num_kv_heads
+    if programs >= sms:
+        return 1
+    splits = min(cdiv(2 * sms, programs), max_seq_len // 256, 64)
+    return splits if splits >= 2 else 1
+
+
+def _decode_tiles(g: int, d_pad: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one-token-per-sequence programs: memory bound,
+    so the padded query rows (tl.dot needs M >= 16) are free; the key tile is sized for load throughput."""
+    block_m = max(16, next_pow2(g))
+    block_n = 64 if d_pad <= 128 else 32
+    return block_m, block_n, 4, 2
+
+
+def _prefill_tiles(g: int, d_pad: int, max_query_len: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps, num_stages): rows = BLOCK_Q tokens x G heads, as many as
+    the longest chunk needs up to 128 (64 for head_dim 256, to bound registers)."""
+    cap = 128 if d_pad <= 128 else 64
+    block_m = max(16, next_pow2(g), min(cap, next_pow2(max(1, max_query_len) * g)))
+    block_q = block_m // g
+    block_n = 64 if d_pad <= 128 else 32
+    warps = 8 if block_m >= 128 or d_pad > 128 else 4
+    return block_m, block_q, block_n, warps, 2
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                    scale: float, max_query_len: int, max_seq_len: int,
+                    num_decodes: int | None = None, max_decode_seq_len: int | None = None,
+                    num_splits: int | None = None) -> torch.Tensor:
+    """Attention of q [T, Hq, D] over the paged cache (already holding this step's K/V) into out.
+
+    ``num_decodes``: the first sequences with exactly one query token (token i = sequence i); they go
+    to the decode launch. Default: all sequences when ``max_query_len == 1``, else none.
+    ``num_splits``: split-KV factor for the decode launch (1 = off); default from
+    ``choose_num_splits`` on ``max_decode_seq_len`` (or ``max_seq_len``). Every choice here uses
+    Python ints only, and each kernel reads true lengths from the tensors, so any choice is correct.
+    Triton on CUDA (or under TRITON_INTERPRET), else ``paged_attention_ref``.
+    """
+    if not use_triton(q):
+        return paged_attention_ref(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale)
+    t, hq, d = q.shape
+    hkv, page = k_cache.shape[2], k_cache.shape[1]
+    assert hq % hkv == 0, "query heads must be a multiple of KV heads"
+    assert q.stride(-1) == 1 and out.stride(-1) == 1
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    g = hq // hkv
+    b = seq_lens.shape[0]
+    if num_decodes is None:
+        num_decodes = b if max_query_len == 1 else 0
+    nd = num_decodes
+    d_pad = next_pow2(max(d, 16))
+    ieee = q.dtype == torch.float32
+    qk_scale = float(scale) * _LOG2E
+    launch = _paged_attention(q.device)
+    common = (q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0))
+
+    if nd > 0:
+        if num_splits is None:
+            dec_len = max_decode_seq_len if max_decode_seq_len is not None else max_seq_len
+            num_splits = choose_num_splits(nd, hkv, dec_len, q.device)
+        block_m, block_n, warps, stages = _decode_tiles(g, d_pad)
+        splits = max(1, int(num_splits))
+        if splits > 1:
+            part_o = torch.empty((nd, hq, splits, d), dtype=torch.float32, device=q.device)
+            part_m = torch.empty((nd, hq, splits), dtype=torch.float32, device=q.device)
+            part_l = torch.empty((nd, hq, splits), dtype=torch.float32, device=q.device)
+        else:
+            part_o = part_m = part_l = out  # unused
+        launch[(nd, hkv, splits)](
+            q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+            part_o, part_m, part_l, qk_scale, nd, hq, *common,
+            G=g, HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m, BLOCK_Q=1, BLOCK_N=block_n,
+            DECODE=True, NUM_SPLITS=splits, IEEE=ieee, num_warps=warps, num_stages=stages)
+        if splits > 1:
+            _split_kv_reduce(q.device)[(nd, hq)](
+                part_o, part_m, part_l, out, out.stride(0), out.stride(1), hq,
+                NUM_SPLITS=splits, S_PAD=next_pow2(splits), HEAD_DIM=d, D_PAD=d_pad, num_warps=4)
+
+    if nd < b:
+        nseq = b - nd
+        block_m, block_q, block_n, warps, stages = _prefill_tiles(g, d_pad, max_query_len)
+        grid0 = t // block_q + nseq
+        launch[(grid0, hkv, 1)](
+            q, k_cache, v_cache, out, query_start_loc[nd:], seq_lens[nd:], block_tables[nd:],
+            out, out, out, qk_scale, nseq, hq, *common,
+            G=g, HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+            DECODE=False, NUM_SPLITS=1, IEEE=ieee, num_warps=warps, num_stages=stages)
+    return out
+
+
+class TritonAttentionBackend:
+    """Drop-in for ``TorchAttentionBackend`` (``set_attention_backend(TritonAttentionBackend)``)."""
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]; writes k/v into the cache first."""
+        reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if q.shape[0] == 0 or meta.num_seqs == 0:
+            return out
+        paged_attention(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                        scale, meta.max_query_len, meta.max_seq_len, num_decodes=meta.num_decodes,
+                        max_decode_seq_len=meta.max_decode_seq_len)
+        return out

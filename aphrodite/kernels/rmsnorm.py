@@ -1,0 +1,95 @@
+"""RMSNorm and fused residual-add + RMSNorm, one row per program, fp32 accumulation.
+
+Rounding follows Hugging Face Llama so that logits match it: the residual sum is rounded to the
+activation dtype, normalised in fp32, rounded to the dtype, then multiplied by the weight.
+Fusing the add saves a full read+write of the hidden state per layer.
+"""
+from __future__ import annotations
+
+import torch
+
+from aphrodite.kernels.triton_utils import LazyKernel, next_pow2, tl, use_triton
+
+__all__ = ["fused_add_rms_norm", "fused_add_rms_norm_ref", "rms_norm", "rms_norm_ref"]
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm: ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``, statistics in fp32."""
+    xf = x.float()
+    var = xf.pow(2).mean(dim=-1, keepdim=True)
+    normed = (xf * torch.rsqrt(var + eps)).to(x.dtype)
+    return (normed.float() * weight.float()).to(x.dtype)
+
+
+def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(rms_norm(x + residual), x + residual)``; the sum is rounded to ``x.dtype`` first."""
+    new_residual = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm_ref(new_residual, weight, eps), new_residual
+
+
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
+                     stride_x, stride_r, stride_o, stride_ro,
+                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_ro + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_rms_norm = LazyKernel(_rms_norm_kernel)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    n = x.shape[-1]
+    x2 = _rows(x, n)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o2 = out.view(-1, n)
+    if residual is not None:
+        r2 = _rows(residual, n)
+        res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        ro2 = res_out.view(-1, n)
+    else:
+        r2, res_out, ro2 = x2, None, o2
+    rows = x2.shape[0]
+    if rows:
+        block = next_pow2(n)
+        warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
+        _rms_norm(x.device)[(rows,)](
+            x2, r2, weight.contiguous(), o2, ro2, n, eps,
+            x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0),
+            BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=warps)
+    return out, res_out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension; Triton on CUDA (or under TRITON_INTERPRET), else the reference."""
+    if not use_triton(x):
+        return rms_norm_ref(x, weight, eps)
+    return _launch(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)`` in one pass over the hidden state."""
+    if not use_triton(x):
+        return fused_add_rms_norm_ref(x, residual, weight, eps)
+    out, res_out = _launch(x, residual, weight, eps)
+    assert res_out is not None
+    return out, res_out
