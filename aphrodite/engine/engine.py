@@ -1,0 +1,254 @@
+"""The synchronous engine: requests in, one scheduled step at a time, RequestOutputs out."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from aphrodite.config import EngineConfig, create_engine_config
+from aphrodite.engine.kv_cache import KVCacheManager
+from aphrodite.engine.request import Request, RequestStatus
+from aphrodite.engine.scheduler import Scheduler
+from aphrodite.engine.stop_checker import check_stop_token, find_stop_string
+from aphrodite.engine_args import EngineArgs
+from aphrodite.executor.uniproc import UniProcExecutor
+from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput
+from aphrodite.sampling_params import SamplingParams
+from aphrodite.worker.model_runner import ModelRunnerOutput, PositionLogprobs
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+class _Parent:
+    """A user request: its prompt, its n (or best_of) sequences, and what to report."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
+                 children: list[Request]) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.children = children
+
+    @property
+    def finished(self) -> bool:
+        return all(c.is_finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        m = config.model
+        self.tokenizer = None
+        if not m.skip_tokenizer_init:
+            from aphrodite.tokenization.tokenizer import get_tokenizer
+            self.tokenizer = get_tokenizer(m.tokenizer, gguf_file=m.gguf_file if m.tokenizer == m.path else None,
+                                           revision=m.tokenizer_revision)
+        self.eos_token_ids = self._eos_ids()
+        self.executor = UniProcExecutor(config)
+        num_blocks = self.executor.determine_num_blocks()
+        capacity = num_blocks * config.cache.block_size
+        if capacity < config.scheduler.max_model_len:
+            raise ValueError(f"The KV cache holds {capacity} tokens, fewer than max_model_len "
+                             f"({config.scheduler.max_model_len}); lower max_model_len or give the cache more memory.")
+        self.executor.initialize_kv_cache(num_blocks)
+        config.cache.num_blocks = num_blocks
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens of capacity", num_blocks,
+                    config.cache.block_size, capacity)
+        self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.parents: dict[str, _Parent] = {}
+        self.requests: dict[str, Request] = {}
+        self._rng = random.Random(m.seed)
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+        self.total_preemptions = 0
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(create_engine_config(args))
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.config.model.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(ids))
+
+    # ---- requests ---------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt")
+            if not isinstance(prompt, str):
+                raise ValueError("A prompt dict needs 'prompt' (text) or 'prompt_token_ids'.")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("Text prompts need a tokenizer; with skip_tokenizer_init=True pass token ids.")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"Unsupported prompt type: {type(prompt).__name__}")
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Reject what the engine cannot serve before any work starts; raises ValueError."""
+        max_len = self.config.scheduler.max_model_len
+        vocab = self.config.model.hf_config.vocab_size
+        if not prompt_ids:
+            raise ValueError("The prompt is empty; it must contain at least one token.")
+        if len(prompt_ids) >= max_len:
+            raise ValueError(f"The prompt is {len(prompt_ids)} tokens long, but max_model_len is {max_len}: "
+                             "prompt length must be less than max_model_len.")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"Prompt token ids must be in [0, {vocab}).")
+        limit = self.config.model.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > limit:
+                raise ValueError(f"{name} must be at most {limit} (max_logprobs), got {value}.")
+        if params.detokenize and self.tokenizer is None and (params.stop or params.logprobs):
+            raise ValueError("stop strings and decoded logprobs need a tokenizer (skip_tokenizer_init=True).")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.parents:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        text, prompt_ids = self.tokenize_prompt(prompt)
+        self.validate(prompt_ids, params)
+        count = params.best_of or params.n
+        children = []
+        for i in range(count):
+            seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
+            child_params = params if i == 0 else dataclasses.replace(params, prompt_logprobs=None)
+            cid = request_id if count == 1 else f"{i}_{request_id}"
+            child = Request(cid, prompt_ids, child_params, seed, self.eos_token_ids, arrival_time, request_id)
+            if params.best_of > params.n:
+                child.cumulative_logprob = 0.0
+            if self.tokenizer is not None and params.detokenize:
+                from aphrodite.tokenization.detokenizer import IncrementalDetokenizer
+                child.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
+                    spaces_between_special_tokens=params.spaces_between_special_tokens)
+            children.append(child)
+        parent = _Parent(request_id, text, prompt_ids, params, children)
+        self.parents[request_id] = parent
+        for child in children:
+            self.requests[child.request_id] = child
+            self.scheduler.add_request(child)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Stop requests now and free their KV blocks."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for rid in ids:
+            parent = self.parents.pop(rid, None)
+            if parent is None:
+                continue
+            for child in parent.children:
+                self.requests.pop(child.request_id, None)
+                if not child.is_finished:
+                    self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.parents)
+
+    # ---- the step --------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled forward pass; return outputs of the requests that progressed."""
+        sched = self.scheduler.schedule()
+        if not sched.requests:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("The scheduler could not fit any request into the KV cache.")
+            return []
+        self.total_preemptions += sched.num_preempted
+        result = self.executor.execute(sched)
+        self.scheduler.update_after_step(sched)
+        self.num_prompt_tokens += sum(min(n, max(0, r.num_prompt_tokens - r.num_computed_tokens + n))
+                                      for r, n in zip(sched.requests, sched.num_tokens))
+        touched: dict[str, _Parent] = {}
+        for i, req in enumerate(sched.requests):
+            self._absorb(req, result, i)
+            parent = self.parents.get(req.parent_id)
+            if parent is not None:
+                touched[parent.request_id] = parent
+        outputs = []
+        for parent in touched.values():
+            out = self._make_output(parent)
+            if out is not None:
+                outputs.append(out)
+            if parent.finished:
+                del self.parents[parent.request_id]
+                for c in parent.children:
+                    self.requests.pop(c.request_id, None)
+        return outputs
+
+    def _absorb(self, req: Request, result: ModelRunnerOutput, i: int) -> None:
+        """Fold one request's step result into it: prompt logprobs, new token, text, stop checks."""
+        if result.prompt_logprobs and result.prompt_logprobs[i]:
+            req.prompt_logprobs.extend(self._logprob_dict(e) for e in result.prompt_logprobs[i])
+        token = result.sampled[i]
+        if token is None or req.is_finished:
+            return
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        req.append_token(token)
+        self.num_generated_tokens += 1
+        entry = result.logprobs[i]
+        if entry is not None:
+            req.cumulative_logprob += entry[1]
+            if req.logprobs is not None:
+                req.logprobs.append(self._logprob_dict(entry))
+        status = check_stop_token(req, token, self.config.scheduler.max_model_len)
+        if req.detokenizer is not None:
+            stopped_on_token = status == RequestStatus.FINISHED_STOPPED
+            if not stopped_on_token or req.params.include_stop_str_in_output:
+                new = req.detokenizer.step([token])
+                req.output_text += new
+                if req.params.stop and req.num_output_tokens >= req.params.min_tokens:
+                    hit = find_stop_string(req.output_text, len(new), req.params.stop,
+                                           req.params.include_stop_str_in_output)
+                    if hit is not None:
+                        req.stop_reason, cut = hit
+                        req.output_text = req.output_text[:cut]
+                        status = RequestStatus.FINISHED_STOPPED
+        if status is not None:
+            self.scheduler.finish(req, status)
+
+    def _logprob_dict(self, entry: PositionLogprobs) -> dict[int, Logprob]:
+        token, lp, rank, top = entry
+        d = {tid: Logprob(v, r + 1, self._decode_one(tid)) for r, (tid, v) in enumerate(top)}
+        d[token] = Logprob(lp, rank, self._decode_one(token))
+        return d
+
+    def _decode_one(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _make_output(self, parent: _Parent) -> RequestOutput | None:
+        params = parent.params
+        children = parent.children
+        if params.best_of > params.n:
+            if not parent.finished:
+                return None
+            children = sorted(children, key=lambda c: c.cumulative_logprob, reverse=True)[:params.n]
+        outs = []
+        for idx, c in enumerate(children):
+            outs.append(CompletionOutput(
+                index=idx, text=c.output_text, token_ids=c.output_token_ids,
+                cumulative_logprob=c.cumulative_logprob if params.logprobs is not None else None,
+                logprobs=c.logprobs, finish_reason=c.status.finish_reason if c.is_finished else None,
+                stop_reason=c.stop_reason))
+        first = parent.children[0]
+        return RequestOutput(
+            request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_ids,
+            outputs=outs, finished=parent.finished, prompt_logprobs=first.prompt_logprobs,
+            num_cached_tokens=first.num_cached_tokens,
+            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time})
+

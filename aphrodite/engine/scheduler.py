@@ -1,0 +1,120 @@
+"""Continuous-batching scheduler with chunked prefill and preemption by recompute.
+
+Each step fills one token budget: running requests first (a decode costs one token, an
+unfinished prefill continues with its next chunk), then new requests from the waiting
+queue, each taking as many prompt tokens as the budget still allows. When the KV cache
+cannot hold a running request's next tokens, the most recently admitted request is
+preempted: its blocks are freed and it goes back to the front of the queue to be
+recomputed later (its prefix often comes back from the prefix cache).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from aphrodite.config import SchedulerConfig
+from aphrodite.engine.kv_cache import KVCacheManager
+from aphrodite.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """This step's work: requests in batch order (one-token chunks first) and their token counts."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Take a request out of the queues and free its blocks."""
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+        self.kv_cache.free(request)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        out = SchedulerOutput()
+        chosen: list[tuple[Request, int]] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv_cache.allocate(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is req:
+                    break
+            else:
+                chosen.append((req, n))
+                budget -= n
+                i += 1
+
+        # Admit new work only when nothing had to be preempted this step.
+        while self.waiting and budget > 0 and not out.num_preempted \
+                and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            cached = self.kv_cache.find_cached_prefix(req)
+            num_cached = len(cached) * self.kv_cache.block_size
+            req.num_computed_tokens = num_cached
+            n = min(req.num_tokens - num_cached, budget)
+            if not self.kv_cache.allocate(req, n, cached):
+                req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            if req.status == RequestStatus.WAITING:
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            chosen.append((req, n))
+            budget -= n
+
+        # Batch order: single-token chunks (decodes) first, as the attention backends expect.
+        chosen.sort(key=lambda rn: rn[1] != 1)
+        out.requests = [r for r, _ in chosen]
+        out.num_tokens = [n for _, n in chosen]
+        return out
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advance each scheduled request by the tokens just computed."""
+        for req, n in zip(out.requests, out.num_tokens):
+            req.num_computed_tokens += n

@@ -1,0 +1,200 @@
+"""Model runner: turns a scheduled batch into tensors, runs the model, samples.
+
+The batch is flat: the scheduled tokens of all requests are laid end to end with no
+padding, and the attention metadata tells each layer where every sequence starts and
+where its KV blocks are.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from aphrodite.config import EngineConfig
+from aphrodite.engine.request import Request
+from aphrodite.engine.scheduler import SchedulerOutput
+from aphrodite.modeling.layers.attention import Attention, AttentionMetadata, set_attention_metadata
+from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
+from aphrodite.modeling.loader import load_model
+from aphrodite.worker.sampling_inputs import build_sampling_metadata
+
+logger = logging.getLogger(__name__)
+
+# (token id, logprob, rank) of the chosen token, then the top-N as (token id, logprob) pairs.
+PositionLogprobs = tuple[int, float, int, list[tuple[int, float]]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per scheduled request (same order): the sampled token or None for a mid-prompt chunk."""
+
+    sampled: list[int | None]
+    logprobs: list[PositionLogprobs | None]
+    prompt_logprobs: list[list[PositionLogprobs] | None] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.device
+        self.dtype = config.model.dtype
+        self.block_size = config.cache.block_size
+        start = time.perf_counter()
+        self.model = load_model(config.model, self.device)
+        logger.info("Loaded %s in %.1f s", config.model.model, time.perf_counter() - start)
+        self.vocab_size = config.model.hf_config.vocab_size
+        self.sampler = Sampler()
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ---- KV cache -----------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        m = self.config.model
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks_override is not None:
+            return cache.num_blocks_override
+        if self.device.type == "cpu":
+            return cache.cpu_kvcache_space_bytes // self.kv_bytes_per_block()
+        return self._profile_gpu_blocks()
+
+    def _profile_gpu_blocks(self) -> int:
+        """Blocks that fit in ``gpu_memory_utilization`` of the memory free at start-up, after a peak-size pass."""
+        torch.cuda.synchronize()
+        free_before, _ = torch.cuda.mem_get_info()
+        allowed = self.config.cache.gpu_memory_utilization * (free_before + torch.cuda.memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        self.profile_run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.empty_cache()
+        return max(0, int((allowed - peak) // self.kv_bytes_per_block()))
+
+    def profile_run(self) -> None:
+        """One forward pass of a full token budget, to measure peak activation memory."""
+        n = min(self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_model_len)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, dtype=torch.long, device=self.device)
+        m = self.config.model
+        dummy = [(torch.empty(1, self.block_size, m.num_kv_heads, m.head_dim, dtype=self.dtype, device=self.device),
+                  torch.empty(1, self.block_size, m.num_kv_heads, m.head_dim, dtype=self.dtype, device=self.device))]
+        self._bind(dummy * m.num_layers)
+        meta = self._metadata(0, [0, n], [n], np.zeros((1, 1), np.int32), np.full(n, -1, np.int64), n, n, 0)
+        with torch.inference_mode(), set_attention_metadata(meta):
+            hidden = self.model(ids, pos)
+            self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
+        self._bind([])
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        m = self.config.model
+        shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        self.kv_caches = [(torch.empty(shape, dtype=self.dtype, device=self.device),
+                           torch.empty(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(m.num_layers)]
+        self._bind(self.kv_caches)
+
+    def _bind(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        layers = [mod for mod in self.model.modules() if isinstance(mod, Attention)]
+        for i, layer in enumerate(layers):
+            layer.kv_cache = caches[i] if caches else None
+
+    # ---- one step -------------------------------------------------------------
+    def _metadata(self, num_decodes: int, starts: list[int], seq_lens: list[int], block_tables: np.ndarray,
+                  slots: np.ndarray, max_q: int, max_seq: int, max_decode_seq: int) -> AttentionMetadata:
+        dev = self.device
+        return AttentionMetadata(
+            num_decodes=num_decodes, num_decode_tokens=num_decodes,
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            max_query_len=max_q, max_seq_len=max_seq, max_decode_seq_len=max_decode_seq,
+            query_start_loc_cpu=starts, seq_lens_cpu=seq_lens)
+
+    def _prepare(self, sched: SchedulerOutput):
+        bs = self.block_size
+        reqs, counts = sched.requests, sched.num_tokens
+        total = sum(counts)
+        ids = np.empty(total, dtype=np.int64)
+        pos = np.empty(total, dtype=np.int64)
+        starts = [0]
+        seq_lens = []
+        width = max(len(r.block_ids) for r in reqs)
+        tables = np.zeros((len(reqs), width), dtype=np.int32)
+        num_decodes = 0
+        t = 0
+        for i, (r, n) in enumerate(zip(reqs, counts)):
+            c = r.num_computed_tokens
+            ids[t:t + n] = r.all_token_ids[c:c + n]
+            pos[t:t + n] = np.arange(c, c + n)
+            tables[i, :len(r.block_ids)] = r.block_ids
+            t += n
+            starts.append(t)
+            seq_lens.append(c + n)
+            if n == 1:
+                num_decodes += 1
+        slots = tables[np.repeat(np.arange(len(reqs)), counts), pos // bs].astype(np.int64) * bs + pos % bs
+        max_decode = max(seq_lens[:num_decodes], default=0)
+        meta = self._metadata(num_decodes, starts, seq_lens, tables, slots, max(counts), max(seq_lens), max_decode)
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(pos).to(self.device), meta
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        reqs, counts = sched.requests, sched.num_tokens
+        input_ids, positions, meta = self._prepare(sched)
+        with set_attention_metadata(meta):
+            hidden = self.model(input_ids, positions)
+
+        # Rows that sample: requests whose scheduled chunk reaches their last known token.
+        ends = meta.query_start_loc_cpu[1:]
+        sample_idx = [i for i, (r, n) in enumerate(zip(reqs, counts)) if r.num_computed_tokens + n == r.num_tokens]
+        sampled: list[int | None] = [None] * len(reqs)
+        logprobs: list[PositionLogprobs | None] = [None] * len(reqs)
+        if sample_idx:
+            rows = [reqs[i] for i in sample_idx]
+            last = torch.tensor([ends[i] - 1 for i in sample_idx], device=self.device)
+            logits = self.model.compute_logits(hidden[last])
+            md = build_sampling_metadata(rows, self.vocab_size, self.device)
+            out = self.sampler(logits, md)
+            tokens = out.token_ids.tolist()
+            for j, i in enumerate(sample_idx):
+                sampled[i] = tokens[j]
+            if out.logprobs is not None:
+                lp, rk = out.logprobs.tolist(), out.ranks.tolist()
+                top_i = out.top_ids.tolist() if out.top_ids is not None else None
+                top_v = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+                for j, i in enumerate(sample_idx):
+                    k = rows[j].params.logprobs or 0
+                    top = list(zip(top_i[j][:k], top_v[j][:k])) if top_i is not None else []
+                    logprobs[i] = (tokens[j], lp[j], rk[j], top)
+        prompt_lps = self._prompt_logprobs(reqs, counts, hidden, meta)
+        return ModelRunnerOutput(sampled, logprobs, prompt_lps)
+
+    def _prompt_logprobs(self, reqs: list[Request], counts: list[int], hidden: torch.Tensor,
+                         meta: AttentionMetadata) -> list[list[PositionLogprobs] | None]:
+        """Log-probabilities of prompt tokens 1.. under the positions computed in this chunk."""
+        result: list[list[PositionLogprobs] | None] = [None] * len(reqs)
+        for i, (r, n) in enumerate(zip(reqs, counts)):
+            if not r.wants_prompt_logprobs:
+                continue
+            c = r.num_computed_tokens
+            first = max(c, len(r.prompt_logprobs) - 1)   # position p predicts prompt token p + 1
+            last = min(c + n, r.num_prompt_tokens - 1)
+            if first >= last:
+                result[i] = []
+                continue
+            base = meta.query_start_loc_cpu[i] - c
+            logits = self.model.compute_logits(hidden[base + first:base + last])
+            targets = torch.tensor(r.prompt_token_ids[first + 1:last + 1], device=self.device)
+            k = r.params.prompt_logprobs
+            lp, rk, ti, tv = gather_logprobs(logits, targets, k)
+            lp, rk, tgt = lp.tolist(), rk.tolist(), targets.tolist()
+            ti = ti.tolist() if ti is not None else [[]] * len(tgt)
+            tv = tv.tolist() if tv is not None else [[]] * len(tgt)
+            result[i] = [(tgt[j], lp[j], rk[j], list(zip(ti[j], tv[j]))) for j in range(len(tgt))]
+        return result

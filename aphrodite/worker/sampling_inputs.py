@@ -1,0 +1,80 @@
+"""Per-step sampling inputs: the scheduled requests' parameters as batch tensors."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from aphrodite.engine.request import Request
+from aphrodite.modeling.layers.sampler import SamplingMetadata, uniform_from_seed
+
+
+def build_sampling_metadata(requests: list[Request], vocab_size: int, device: torch.device) -> SamplingMetadata:
+    """Gather the scheduled requests' parameters into one batch of tensors."""
+    ps = [r.params for r in requests]
+    n = len(ps)
+    temp = [p.temperature if p.temperature >= 1e-5 else 0.0 for p in ps]
+    all_greedy = not any(temp)
+
+    def column(values: list, neutral, dtype) -> torch.Tensor | None:
+        if all(v == neutral for v in values):
+            return None
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps]
+    uniforms = [uniform_from_seed(r.sample_seed, r.num_output_tokens) for r in requests]
+    presence = column([p.presence_penalty for p in ps], 0.0, torch.float32)
+    frequency = column([p.frequency_penalty for p in ps], 0.0, torch.float32)
+    repetition = column([p.repetition_penalty for p in ps], 1.0, torch.float32)
+    output_tokens = prompt_tokens = None
+    if presence is not None or frequency is not None or repetition is not None:
+        output_tokens = _pad([r.output_token_ids for r in requests], vocab_size, device)
+        if repetition is not None:
+            prompt_tokens = _pad([r.prompt_token_ids for r in requests], vocab_size, device)
+
+    ban_rows: list[int] = []
+    ban_ids: list[int] = []
+    bias_rows: list[int] = []
+    bias_ids: list[int] = []
+    bias_vals: list[float] = []
+    for i, (r, p) in enumerate(zip(requests, ps)):
+        if r.num_output_tokens < p.min_tokens:
+            stops = set(p.stop_token_ids)
+            if not p.ignore_eos:
+                stops.update(r.eos_token_ids)
+            ban_ids.extend(stops)
+            ban_rows.extend([i] * len(stops))
+        if p.logit_bias:
+            for tok, val in p.logit_bias.items():
+                if 0 <= int(tok) < vocab_size:
+                    bias_rows.append(i)
+                    bias_ids.append(int(tok))
+                    bias_vals.append(float(val))
+    banned = None
+    if ban_rows:
+        banned = (torch.tensor(ban_rows, device=device), torch.tensor(ban_ids, device=device))
+    bias = None
+    if bias_rows:
+        bias = (torch.tensor(bias_rows, device=device), torch.tensor(bias_ids, device=device),
+                torch.tensor(bias_vals, dtype=torch.float32, device=device))
+    want = [p.logprobs for p in ps if p.logprobs is not None]
+    need_cum = any(p.best_of > p.n for p in ps)
+    max_logprobs = max(want) if want else (0 if need_cum else -1)
+    return SamplingMetadata(
+        temperature=torch.tensor(temp, dtype=torch.float32, device=device), all_greedy=all_greedy,
+        top_p=column([p.top_p for p in ps], 1.0, torch.float32),
+        top_k=column(top_k, vocab_size, torch.long),
+        min_p=column([p.min_p for p in ps], 0.0, torch.float32),
+        uniforms=torch.tensor(uniforms, dtype=torch.float64, device=device) if n else torch.empty(0),
+        presence=presence, frequency=frequency, repetition=repetition,
+        output_tokens=output_tokens, prompt_tokens=prompt_tokens, banned=banned, bias=bias,
+        max_logprobs=max_logprobs)
+
+
+
+
+def _pad(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    arr = np.full((len(rows), max(width, 1)), pad, dtype=np.int64)
+    for i, r in enumerate(rows):
+        arr[i, :len(r)] = r
+    return torch.from_numpy(arr).to(device)
