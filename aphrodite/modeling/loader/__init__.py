@@ -1,0 +1,62 @@
+"""Build a model for a ``ModelConfig`` on a device and fill its weights.
+
+The model is constructed directly on the target device in the target dtype (no CPU copy,
+no random init that is then thrown away), then weights stream in tensor by tensor.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from aphrodite.config import ModelConfig
+from aphrodite.modeling.models.registry import get_model_class
+
+LOAD_FORMATS = ("safetensors", "dummy", "gguf")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
+    """An unloaded model of ``model_config``'s architecture, its parameters on ``device``."""
+    cls = get_model_class(model_config.architecture)
+    with torch.device(device), _default_dtype(model_config.dtype):
+        return cls(model_config.hf_config)
+
+
+def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
+    """The model with weights per ``model_config.load_format``, in eval mode, without grads."""
+    fmt = model_config.load_format
+    if fmt not in LOAD_FORMATS:
+        raise ValueError(f"Unknown load_format {fmt!r}; supported: {', '.join(LOAD_FORMATS)}")
+    model = build_model(model_config, device)
+    if fmt == "dummy":
+        from aphrodite.modeling.loader.dummy_loader import initialize_dummy_weights
+        initialize_dummy_weights(model, seed=model_config.seed)
+    else:
+        if fmt == "safetensors":
+            from aphrodite.modeling.loader.safetensors_loader import iterate_safetensors_weights
+            weights = iterate_safetensors_weights(model_config.path)
+        else:
+            from aphrodite.modeling.loader.gguf_loader import iterate_gguf_weights
+            weights = iterate_gguf_weights(model_config.path, model_config.hf_config)
+        with torch.no_grad():
+            loaded = model.load_weights(weights)
+        missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
+        if missing:
+            raise ValueError(f"The {fmt} checkpoint at {model_config.path} lacks weights for "
+                             f"{len(missing)} parameters: {', '.join(missing[:8])}"
+                             + (" ..." if len(missing) > 8 else ""))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,79 @@
+"""Token embedding and LM head, split by vocabulary range across tensor-parallel ranks.
+
+Rank r holds rows ``[r*n, (r+1)*n)`` of the (padded) vocabulary. A lookup zeroes the ids
+another rank owns and all-reduces; logits are all-gathered and cut back to the true vocab.
+With one rank there is no padding and both are a plain ``F.embedding`` / ``F.linear``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aphrodite.distributed.communication import (
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
+from aphrodite.distributed.parallel_state import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
+from aphrodite.modeling.layers.linear import copy_into, new_parameter
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table ``[vocab_per_rank, embedding_dim]``; vocab padded to a multiple of tp_size."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.tp_rank = get_tensor_model_parallel_rank()
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.rows_per_rank = -(-num_embeddings // self.tp_size)
+        self.vocab_start = self.tp_rank * self.rows_per_rank
+        self.vocab_end = min(self.vocab_start + self.rows_per_rank, num_embeddings)
+        self.weight = new_parameter((self.rows_per_rank, embedding_dim), self.weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
+                      shard_id: object = None) -> None:
+        if loaded_weight.shape[0] != self.num_embeddings:
+            raise ValueError(f"vocab size mismatch: model {self.num_embeddings}, checkpoint "
+                             f"{loaded_weight.shape[0]}")
+        n = self.vocab_end - self.vocab_start
+        copy_into(param.data[:n], loaded_weight[self.vocab_start:self.vocab_end])
+        if n < param.shape[0]:
+            param.data[n:].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+        local = (input_ids - self.vocab_start).masked_fill_(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill_(outside.unsqueeze(-1), 0)
+        return tensor_model_parallel_all_reduce(out)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, tp_size={self.tp_size}"
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection; shares the embedding's sharding so tied weights line up."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bias: bool = False) -> None:
+        super().__init__(num_embeddings, embedding_dim)
+        if bias:
+            self.bias = new_parameter((self.rows_per_rank,), self.weight_loader)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("ParallelLMHead is applied with compute_lm_logits(), not called.")
+
+
+def compute_lm_logits(head: VocabParallelEmbedding, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits ``[N, vocab]`` of ``hidden [N, d]`` against ``head``'s (possibly tied) weight."""
+    logits = F.linear(hidden, head.weight, getattr(head, "bias", None))
+    if head.tp_size > 1:
+        logits = tensor_model_parallel_all_gather(logits, dim=-1)[..., :head.num_embeddings]
+    return logits.float()
