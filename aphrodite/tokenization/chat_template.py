@@ -1,0 +1,127 @@
+"""Chat templates: load a user-supplied one, and render OpenAI-style messages into a prompt.
+
+Rendering goes through the tokenizer's own ``apply_chat_template`` (transformers' sandboxed
+Jinja environment with its helpers), so a prompt is exactly what the model's authors wrote
+the template for; this module only checks and normalizes the messages first, and turns
+every failure into a ``ValueError`` the HTTP layer can answer with a 400.
+"""
+from __future__ import annotations
+
+import os
+import urllib.request
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["ALLOWED_ROLES", "apply_chat_template", "load_chat_template"]
+
+ALLOWED_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+_TEXT_PART_TYPES = frozenset({"text", "input_text"})
+# Arguments of transformers' apply_chat_template that are not template variables: passing them
+# through chat_template_kwargs would change what this function returns or renders.
+_RESERVED_KWARGS = frozenset({
+    "conversation", "messages", "tools", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens",
+})
+_URL_TIMEOUT_S = 30
+
+
+def load_chat_template(arg: str | None) -> str | None:
+    """The template text named by ``arg``: a file path, an http(s) URL, or inline Jinja text.
+
+    Text that contains no Jinja markup and names no existing file is taken for a mistyped path
+    and rejected, rather than silently used as a template that ignores the messages.
+    """
+    if arg is None:
+        return None
+    if arg.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(arg, timeout=_URL_TIMEOUT_S) as response:
+                return response.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"Could not download the chat template from {arg}: {e}") from e
+    path = os.path.expanduser(arg)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"Could not read the chat template file {arg}: {e}") from e
+    if any(mark in arg for mark in ("{{", "{%", "{#", "\n")):
+        return arg
+    raise ValueError(f"The chat template {arg!r} is neither an existing file, an http(s) URL, nor Jinja "
+                     "text (no '{{', '{%' or newline in it).")
+
+
+def _content_text(content: Any, index: int) -> str:
+    """A message's content as one string: OpenAI content parts have their text parts joined."""
+    if content is None:
+        return ""  # an assistant turn with only tool calls
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, Mapping) and part.get("type") in _TEXT_PART_TYPES:
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise ValueError(f"messages[{index}]: a text content part needs a string 'text'.")
+                texts.append(text)
+            else:
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise ValueError(f"messages[{index}]: content part of type {kind!r} is not supported; "
+                                 "this model takes text only.")
+        return "\n".join(texts)
+    raise ValueError(f"messages[{index}]: content must be a string or a list of content parts, "
+                     f"got {type(content).__name__}.")
+
+
+def _normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    if not messages:
+        raise ValueError("messages must contain at least one message.")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'.")
+        role = message.get("role")
+        if role not in ALLOWED_ROLES:
+            raise ValueError(f"messages[{i}] has unknown role {role!r}; allowed roles: "
+                             f"{', '.join(sorted(ALLOWED_ROLES))}.")
+        out.append({**message, "content": _content_text(message.get("content"), i)})
+    return out
+
+
+def apply_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]], *,
+                        chat_template: str | None = None, add_generation_prompt: bool = True,
+                        continue_final_message: bool = False,
+                        chat_template_kwargs: Mapping[str, Any] | None = None,
+                        tools: list[dict[str, Any]] | None = None) -> str:
+    """Render ``messages`` into a prompt string with ``chat_template`` or the tokenizer's template."""
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError("The tokenizer has no chat template and none was given; pass one with "
+                         "--chat-template (a file, a URL, or Jinja text).")
+    if add_generation_prompt and continue_final_message:
+        raise ValueError("add_generation_prompt and continue_final_message cannot both be true: either "
+                         "start a new assistant turn or continue the last message.")
+    conversation = _normalize_messages(messages)
+    extra = dict(chat_template_kwargs or {})
+    clash = sorted(_RESERVED_KWARGS.intersection(extra))
+    if clash:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(clash)}.")
+
+    from jinja2.exceptions import TemplateError
+    try:
+        rendered = tokenizer.apply_chat_template(
+            conversation, chat_template=template, tools=tools, tokenize=False,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            **extra)
+    except TemplateError as e:
+        raise ValueError(f"The chat template failed to render: {e}") from e
+    except (TypeError, KeyError, IndexError) as e:  # a template indexing what these messages lack
+        raise ValueError(f"The chat template failed to render these messages ({type(e).__name__}: {e}).") from e
+    if not isinstance(rendered, str):
+        raise ValueError(f"The chat template rendered {type(rendered).__name__}, expected a string.")
+    return rendered
