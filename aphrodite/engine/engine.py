@@ -208,19 +208,27 @@ class LLMEngine:
                 req.logprobs.append(self._logprob_dict(entry))
         status = check_stop_token(req, token, self.config.scheduler.max_model_len)
         if req.detokenizer is not None:
-            stopped_on_token = status == RequestStatus.FINISHED_STOPPED
-            if not stopped_on_token or req.params.include_stop_str_in_output:
-                new = req.detokenizer.step([token])
-                req.output_text += new
-                if req.params.stop and req.num_output_tokens >= req.params.min_tokens:
-                    hit = find_stop_string(req.output_text, len(new), req.params.stop,
-                                           req.params.include_stop_str_in_output)
-                    if hit is not None:
-                        req.stop_reason, cut = hit
-                        req.output_text = req.output_text[:cut]
-                        status = RequestStatus.FINISHED_STOPPED
+            if status != RequestStatus.FINISHED_STOPPED or req.params.include_stop_str_in_output:
+                status = self._append_text(req, req.detokenizer.step([token]), status)
+            if status is not None and not isinstance(req.stop_reason, str):
+                # Finishing: release text the detokenizer held back (e.g. an unfinished byte run).
+                status = self._append_text(req, req.detokenizer.flush(), status)
         if status is not None:
             self.scheduler.finish(req, status)
+
+    def _append_text(self, req: Request, new: str, status: RequestStatus | None) -> RequestStatus | None:
+        """Add newly decoded text and look for stop strings in it; returns the (maybe new) status."""
+        if not new:
+            return status
+        req.output_text += new
+        p = req.params
+        if p.stop and req.num_output_tokens >= p.min_tokens:
+            hit = find_stop_string(req.output_text, len(new), p.stop, p.include_stop_str_in_output)
+            if hit is not None:
+                req.stop_reason, cut = hit
+                req.output_text = req.output_text[:cut]
+                return RequestStatus.FINISHED_STOPPED
+        return status
 
     def _logprob_dict(self, entry: PositionLogprobs) -> dict[int, Logprob]:
         token, lp, rank, top = entry

@@ -12,13 +12,6 @@ from typing import Any
 
 import pytest
 
-from aphrodite.config import default_model_path
-
-
-@pytest.fixture(scope="session")
-def default_gguf_path() -> str:
-    return default_model_path()
-
 
 @pytest.fixture(scope="session")
 def tokenizer_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
