@@ -10,6 +10,7 @@ captured in a CUDA graph and replayed on changed lengths/slots to check graph sa
 
     python benchmarks/kernels/check_kernels_gpu.py            # checks + timings, table last
     python benchmarks/kernels/check_kernels_gpu.py --sweep    # also try attention tile configs
+    python benchmarks/kernels/check_kernels_gpu.py --splits   # also time split-KV factors in graphs
 """
 from __future__ import annotations
 
@@ -256,6 +257,29 @@ def sweep_attention() -> None:
         pa._decode_tiles = orig_d
 
 
+def sweep_splits() -> None:
+    """Split-KV factor vs decode time inside CUDA graphs (no Python launch overhead in the numbers)."""
+    print("\n== split-KV sweep (CUDA graph replay of paged_attention alone) ==")
+    for num, ctx in [(1, 8192), (1, 32768), (4, 8192), (16, 4096), (64, 2048)]:
+        b = Batch([1] * num, [ctx - 1] * num, seed=num)
+        pa.reshape_and_cache(b.k, b.v, b.k_cache, b.v_cache, b.slot_mapping)
+        ref = b.reference()
+        chosen = pa.choose_num_splits(num, HKV, ctx, DEV)
+        line = []
+        for splits in [1, 2, 4, 8, 16, 32, 64]:
+            out = torch.full(b.q.shape, float("nan"), dtype=DT, device=DEV)
+            b.attend(out, splits)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                b.attend(out, splits)
+            graph.replay()
+            err = rel_err(out, ref)
+            ms = bench(graph.replay)
+            line.append(f"s={splits}:{ms * 1e3:.0f}us{'' if err < 2e-2 else '(ERR)'}")
+        print(f"  {num}x{ctx} (heuristic {chosen}): " + " ".join(line), flush=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Elementwise kernels
 # ---------------------------------------------------------------------------------------------------
@@ -303,7 +327,8 @@ def check_silu_and_mul(t: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="also sweep attention tile configs")
-    ap.add_argument("--skip-checks", action="store_true", help="only the sweep")
+    ap.add_argument("--splits", action="store_true", help="also sweep the split-KV factor in CUDA graphs")
+    ap.add_argument("--skip-checks", action="store_true", help="only the sweeps")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     torch.manual_seed(0)
@@ -333,6 +358,8 @@ def main() -> int:
             check_silu_and_mul(t)
     if args.sweep:
         sweep_attention()
+    if args.splits:
+        sweep_splits()
 
     print(f"\nSummary ({props.name}; bandwidth share vs the {bw:.0f} GB/s copy; err = ||out-ref||/||ref||)")
     print(f"{'kernel':<20} {'case':<26} {'rel err':>8} {'ms':>8} {'ref ms':>8} {'x ref':>6} "

@@ -225,8 +225,9 @@ def test_half_precision(device: torch.device, dtype: torch.dtype) -> None:
 
 
 @needs_triton
-def test_head_dim_256_split(device: torch.device) -> None:
-    case = make_case([1, 1], [70, 20], num_kv_heads=1, group=2, head_dim=256, page=32,
+def test_head_dim_256(device: torch.device) -> None:
+    """Split decode plus a chunk after a prefix at head_dim 256 (the smaller-tile configuration)."""
+    case = make_case([1, 1, 20], [70, 20, 37], num_kv_heads=1, group=2, head_dim=256, page=32,
                      dtype=torch.float32, device=device)
     out = run_triton(case, 0.0625, num_splits=2)
     check(out, dense_attention(case, 0.0625), *TOL[torch.float32])
