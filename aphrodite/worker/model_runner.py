@@ -93,8 +93,11 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         m = self.config.model
         shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches = [(torch.empty(shape, dtype=self.dtype, device=self.device),
-                           torch.empty(shape, dtype=self.dtype, device=self.device))
+        # Zero-filled so padded reads never see NaN bit patterns. On the CPU, fresh large
+        # allocations are zero pages from the OS already, and filling would commit them all.
+        alloc = torch.empty if self.device.type == "cpu" else torch.zeros
+        self.kv_caches = [(alloc(shape, dtype=self.dtype, device=self.device),
+                           alloc(shape, dtype=self.dtype, device=self.device))
                           for _ in range(m.num_layers)]
         self._bind(self.kv_caches)
 
