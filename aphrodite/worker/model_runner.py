@@ -16,15 +16,34 @@ import torch
 from aphrodite.config import EngineConfig
 from aphrodite.engine.request import Request
 from aphrodite.engine.scheduler import SchedulerOutput
-from aphrodite.modeling.layers.attention import Attention, AttentionMetadata, set_attention_metadata
+from aphrodite.modeling.layers.attention import Attention, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
 from aphrodite.modeling.loader import load_model
+from aphrodite.worker.cuda_graphs import DecodeGraphs
 from aphrodite.worker.sampling_inputs import build_sampling_metadata
+from aphrodite.worker.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
 # (token id, logprob, rank) of the chosen token, then the top-N as (token id, logprob) pairs.
 PositionLogprobs = tuple[int, float, int, list[tuple[int, float]]]
+
+
+@dataclass
+class HostBatch:
+    """One step's flat batch on the host; decodes (one token each) come first."""
+
+    ids: np.ndarray
+    positions: np.ndarray
+    slots: np.ndarray
+    starts: list[int]
+    seq_lens: list[int]
+    block_tables: np.ndarray
+    num_decodes: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
 
 
 @dataclass
@@ -48,6 +67,8 @@ class ModelRunner:
         self.vocab_size = config.model.hf_config.vocab_size
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.inputs = StepInputs(config)
+        self.graphs = DecodeGraphs(self) if self.device.type == "cuda" and not config.enforce_eager else None
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -64,31 +85,46 @@ class ModelRunner:
         return self._profile_gpu_blocks()
 
     def _profile_gpu_blocks(self) -> int:
-        """Blocks that fit in ``gpu_memory_utilization`` of the memory free at start-up, after a peak-size pass."""
+        """Blocks that fit in ``gpu_memory_utilization`` of the memory that was free for us, after a
+        peak-size forward pass (activations) and a full-batch sampler pass."""
         torch.cuda.synchronize()
-        free_before, _ = torch.cuda.mem_get_info()
-        allowed = self.config.cache.gpu_memory_utilization * (free_before + torch.cuda.memory_allocated())
+        free_now, _ = torch.cuda.mem_get_info()
+        ours = torch.cuda.memory_allocated()            # the weights, loaded after start-up
+        allowed = self.config.cache.gpu_memory_utilization * (free_now + ours)
         torch.cuda.reset_peak_memory_stats()
-        self.profile_run()
+        scratch_cache = self.profile_run()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated() - scratch_cache
         torch.cuda.empty_cache()
-        return max(0, int((allowed - peak) // self.kv_bytes_per_block()))
+        blocks = int((allowed - peak) // self.kv_bytes_per_block())
+        logger.info("Memory: %.2f GiB usable, weights %.2f GiB, peak activations %.2f GiB -> %d KV blocks",
+                    allowed / 2**30, ours / 2**30, (peak - ours) / 2**30, blocks)
+        return max(0, blocks)
 
-    def profile_run(self) -> None:
-        """One forward pass of a full token budget, to measure peak activation memory."""
-        n = min(self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_model_len)
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        pos = torch.arange(n, dtype=torch.long, device=self.device)
+    def profile_run(self) -> int:
+        """One forward pass of a full token budget and a sampler pass over a full batch of rows,
+        to measure peak activation memory. Returns the bytes of the scratch KV cache it used."""
+        sc = self.config.scheduler
+        n = min(sc.max_num_batched_tokens, sc.max_model_len)
+        blocks = -(-n // self.block_size)
         m = self.config.model
-        dummy = [(torch.empty(1, self.block_size, m.num_kv_heads, m.head_dim, dtype=self.dtype, device=self.device),
-                  torch.empty(1, self.block_size, m.num_kv_heads, m.head_dim, dtype=self.dtype, device=self.device))]
-        self._bind(dummy * m.num_layers)
-        meta = self._metadata(0, [0, n], [n], np.zeros((1, 1), np.int32), np.full(n, -1, np.int64), n, n, 0)
+        shape = (blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        scratch = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                    torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(m.num_layers)]
+        self._bind(scratch)
+        host = HostBatch(np.zeros(n, np.int64), np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64),
+                         [0, n], [n], np.arange(blocks, dtype=np.int32)[None, :], 0)
+        ids, pos, meta = self.inputs.to_device(host)
         with torch.inference_mode(), set_attention_metadata(meta):
             hidden = self.model(ids, pos)
-            self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs):])
+            rows = min(sc.max_num_seqs, n)
+            logits = self.model.compute_logits(hidden[-rows:].contiguous())
+            probs = torch.softmax(logits, -1, dtype=torch.float64)
+            torch.sort(logits, dim=-1, descending=True)
+            torch.cumsum(probs, dim=-1)
+        del hidden, logits, probs
         self._bind([])
+        return sum(k.numel() * k.element_size() * 2 for k, _ in scratch)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         m = self.config.model
@@ -100,6 +136,8 @@ class ModelRunner:
                            alloc(shape, dtype=self.dtype, device=self.device))
                           for _ in range(m.num_layers)]
         self._bind(self.kv_caches)
+        if self.graphs is not None:
+            self.graphs.capture()
 
     def _bind(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         layers = [mod for mod in self.model.modules() if isinstance(mod, Attention)]
@@ -107,19 +145,8 @@ class ModelRunner:
             layer.kv_cache = caches[i] if caches else None
 
     # ---- one step -------------------------------------------------------------
-    def _metadata(self, num_decodes: int, starts: list[int], seq_lens: list[int], block_tables: np.ndarray,
-                  slots: np.ndarray, max_q: int, max_seq: int, max_decode_seq: int) -> AttentionMetadata:
-        dev = self.device
-        return AttentionMetadata(
-            num_decodes=num_decodes, num_decode_tokens=num_decodes,
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
-            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
-            max_query_len=max_q, max_seq_len=max_seq, max_decode_seq_len=max_decode_seq,
-            query_start_loc_cpu=starts, seq_lens_cpu=seq_lens)
-
-    def _prepare(self, sched: SchedulerOutput):
+    def _prepare(self, sched: SchedulerOutput) -> HostBatch:
+        """The step's flat batch as numpy arrays (ids, positions, slots, lengths, block tables)."""
         bs = self.block_size
         reqs, counts = sched.requests, sched.num_tokens
         total = sum(counts)
@@ -133,28 +160,34 @@ class ModelRunner:
         t = 0
         for i, (r, n) in enumerate(zip(reqs, counts)):
             c = r.num_computed_tokens
-            ids[t:t + n] = r.all_token_ids[c:c + n]
-            pos[t:t + n] = np.arange(c, c + n)
+            if n == 1:
+                ids[t] = r.all_token_ids[c]
+                pos[t] = c
+                num_decodes += 1
+            else:
+                ids[t:t + n] = r.all_token_ids[c:c + n]
+                pos[t:t + n] = np.arange(c, c + n)
             tables[i, :len(r.block_ids)] = r.block_ids
             t += n
             starts.append(t)
             seq_lens.append(c + n)
-            if n == 1:
-                num_decodes += 1
-        slots = tables[np.repeat(np.arange(len(reqs)), counts), pos // bs].astype(np.int64) * bs + pos % bs
-        max_decode = max(seq_lens[:num_decodes], default=0)
-        meta = self._metadata(num_decodes, starts, seq_lens, tables, slots, max(counts), max(seq_lens), max_decode)
-        return torch.from_numpy(ids).to(self.device), torch.from_numpy(pos).to(self.device), meta
+        rows = np.repeat(np.arange(len(reqs)), counts) if num_decodes < len(reqs) else np.arange(len(reqs))
+        slots = tables[rows, pos // bs].astype(np.int64) * bs + pos % bs
+        return HostBatch(ids, pos, slots, starts, seq_lens, tables, num_decodes)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         reqs, counts = sched.requests, sched.num_tokens
-        input_ids, positions, meta = self._prepare(sched)
-        with set_attention_metadata(meta):
-            hidden = self.model(input_ids, positions)
+        host = self._prepare(sched)
+        if self.graphs is not None and self.graphs.can_run(host):
+            hidden, _ = self.graphs.run(host)
+        else:
+            input_ids, positions, meta = self.inputs.to_device(host)
+            with set_attention_metadata(meta):
+                hidden = self.model(input_ids, positions)
 
         # Rows that sample: requests whose scheduled chunk reaches their last known token.
-        ends = meta.query_start_loc_cpu[1:]
+        ends = host.starts[1:]
         sample_idx = [i for i, (r, n) in enumerate(zip(reqs, counts)) if r.num_computed_tokens + n == r.num_tokens]
         sampled: list[int | None] = [None] * len(reqs)
         logprobs: list[PositionLogprobs | None] = [None] * len(reqs)
@@ -175,11 +208,11 @@ class ModelRunner:
                     k = rows[j].params.logprobs or 0
                     top = list(zip(top_i[j][:k], top_v[j][:k])) if top_i is not None else []
                     logprobs[i] = (tokens[j], lp[j], rk[j], top)
-        prompt_lps = self._prompt_logprobs(reqs, counts, hidden, meta)
+        prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts)
         return ModelRunnerOutput(sampled, logprobs, prompt_lps)
 
     def _prompt_logprobs(self, reqs: list[Request], counts: list[int], hidden: torch.Tensor,
-                         meta: AttentionMetadata) -> list[list[PositionLogprobs] | None]:
+                         starts: list[int]) -> list[list[PositionLogprobs] | None]:
         """Log-probabilities of prompt tokens 1.. under the positions computed in this chunk."""
         result: list[list[PositionLogprobs] | None] = [None] * len(reqs)
         for i, (r, n) in enumerate(zip(reqs, counts)):
@@ -191,7 +224,7 @@ class ModelRunner:
             if first >= last:
                 result[i] = []
                 continue
-            base = meta.query_start_loc_cpu[i] - c
+            base = starts[i] - c
             logits = self.model.compute_logits(hidden[base + first:base + last])
             targets = torch.tensor(r.prompt_token_ids[first + 1:last + 1], device=self.device)
             k = r.params.prompt_logprobs

@@ -143,12 +143,22 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
     return out.transpose(0, 1)
 
 
-_BACKEND: type = TorchAttentionBackend
+_BACKEND: type | None = None   # None: chosen by device (Triton on CUDA, PyTorch elsewhere)
 
 
-def set_attention_backend(backend: type) -> None:
+def set_attention_backend(backend: type | None) -> None:
+    """Force one backend for every device (tests); ``None`` restores the choice by device."""
     global _BACKEND
     _BACKEND = backend
+
+
+def _backend_for(q: torch.Tensor) -> type:
+    if _BACKEND is not None:
+        return _BACKEND
+    if q.is_cuda:
+        from aphrodite.kernels.paged_attention import TritonAttentionBackend
+        return TritonAttentionBackend
+    return TorchAttentionBackend
 
 
 class Attention(nn.Module):
@@ -170,5 +180,5 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         meta = get_attention_metadata()
         assert self.kv_cache is not None, "KV cache not bound to the attention layer"
-        out = _BACKEND.forward(q, k, v, self.kv_cache[0], self.kv_cache[1], meta, self.scale)
+        out = _backend_for(q).forward(q, k, v, self.kv_cache[0], self.kv_cache[1], meta, self.scale)
         return out.reshape(t, self.num_heads * self.head_dim)

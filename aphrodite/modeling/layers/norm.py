@@ -31,6 +31,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor,
                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.is_cuda:   # fused Triton kernels: one pass instead of several elementwise ops
+            from aphrodite.kernels.rmsnorm import fused_add_rms_norm, rms_norm
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual

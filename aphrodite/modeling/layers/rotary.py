@@ -98,6 +98,34 @@ class RotaryEmbedding(nn.Module):
         # [P, 2, D]: row 0 = [cos, cos], row 1 = [-sin, sin]
         table = torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)], dim=1)
         self.register_buffer("cos_sin_cache", table.to(dtype), persistent=False)
+        # The fused GPU kernel reads [P, D] rows of (cos, sin) halves; built only where it runs.
+        self.kernel_cache: torch.Tensor | None = None
+        if torch.empty(0).is_cuda:
+            from aphrodite.kernels.rotary import build_cos_sin_cache
+            self.kernel_cache = build_cos_sin_cache(inv_freq.to(torch.empty(0).device), max_position, dtype)
+
+    def prepare(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Per-step state for ``rotate_qk``: positions, plus gathered cos/sin rows on the torch path."""
+        if self.kernel_cache is not None and positions.is_cuda:
+            return positions, None, None
+        cos, sin = self.cos_sin(positions)
+        return positions, cos, sin
+
+    def rotate_qk(self, qk: torch.Tensor, q_size: int,
+                  state: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate the q and k parts of ``qk [T, q_size + kv_size]``; returns (q, k).
+
+        On the GPU one fused kernel rotates both in place; on the CPU both are rotated in one
+        set of torch ops (they sit side by side), then split.
+        """
+        positions, cos, sin = state
+        if cos is None:
+            from aphrodite.kernels.rotary import rotary_embedding
+            q, k = qk[:, :q_size], qk[:, q_size:]
+            return rotary_embedding(positions, q, k, self.head_dim, self.kernel_cache)
+        out = self.rotate(qk, cos, sin)
+        return out[:, :q_size], out[:, q_size:]
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin_signed)`` for ``positions [T]``, each ``[T, 1, D]`` (broadcast over heads)."""

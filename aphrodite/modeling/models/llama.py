@@ -67,12 +67,11 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.qkv_proj.num_heads, self.head_dim, self.head_dim ** -0.5,
                               self.qkv_proj.num_kv_heads)
 
-    def forward(self, hidden: torch.Tensor, rotary: RotaryEmbedding, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rotary: RotaryEmbedding, rope: tuple) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         # Rotate q and k together (they are adjacent in the fused output), leave v as a view.
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        q, k = rotary.rotate(qk, cos, sin).split([self.q_size, self.kv_size], dim=-1)
+        q, k = rotary.rotate_qk(qk, self.q_size, rope)
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -86,13 +85,13 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rotary: RotaryEmbedding,
-                cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, rotary, cos, sin)
+        hidden = self.self_attn(hidden, rotary, rope)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -110,10 +109,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         rotary = self.rotary_emb
-        cos, sin = rotary.cos_sin(positions)
+        rope = rotary.prepare(positions)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, rotary, cos, sin)
+            hidden, residual = layer(hidden, residual, rotary, rope)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
