@@ -1,0 +1,173 @@
+"""``POST /v1/chat/completions``: render the chat template, generate, answer whole or as deltas."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from aphrodite.endpoints.openai.errors import OpenAIError, from_value_error
+from aphrodite.endpoints.openai.metrics import RequestTimer
+from aphrodite.endpoints.openai.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatMessage
+from aphrodite.endpoints.openai.serving_common import (
+    SSE_DONE,
+    ChoiceCursor,
+    ServingContext,
+    SSEResponse,
+    closer,
+    merge_streams,
+    new_id,
+    sse,
+    sse_error,
+    stop_holdback,
+    unix_now,
+    unless_disconnected,
+    usage,
+)
+from aphrodite.engine.async_engine import RequestStream
+from aphrodite.outputs import CompletionOutput, RequestOutput
+
+_FIELDS = frozenset(ChatCompletionRequest.model_fields)
+
+
+def render_chat(ctx: ServingContext, messages: list[ChatMessage], *, chat_template: str | None,
+                add_generation_prompt: bool, continue_final_message: bool,
+                chat_template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None) -> str:
+    """The prompt text of a conversation; a 400 for anything the template or the messages get wrong."""
+    from aphrodite.tokenization.chat_template import apply_chat_template
+    tok = ctx.need_tokenizer()
+    try:
+        return apply_chat_template(
+            tok, [m.model_dump(exclude_none=True) for m in messages],
+            chat_template=chat_template if chat_template is not None else ctx.chat_template,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            chat_template_kwargs=chat_template_kwargs, tools=tools)
+    except ValueError as e:
+        raise from_value_error(e, _FIELDS) from None
+
+
+class ChatServing:
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
+        arrival = time.monotonic()
+        ctx = self.ctx
+        ctx.check_model(request.model)
+        prompt = render_chat(ctx, request.messages, chat_template=request.chat_template,
+                             add_generation_prompt=request.add_generation_prompt,
+                             continue_final_message=request.continue_final_message,
+                             chat_template_kwargs=request.chat_template_kwargs, tools=request.tools)
+        # The template already holds the BOS token where the model wants one.
+        ids = ctx.encode(prompt, add_special_tokens=False)
+        if request.max_completion_tokens is not None:
+            max_tokens = ctx.max_tokens_for(request.max_completion_tokens, len(ids), "max_completion_tokens")
+        else:
+            max_tokens = ctx.max_tokens_for(request.max_tokens, len(ids))
+        logprobs = None
+        if request.logprobs:
+            logprobs = request.top_logprobs or 0
+        elif request.top_logprobs:
+            raise OpenAIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
+        params = ctx.sampling_params(request, max_tokens, logprobs)
+        n = params.n
+        if request.stream and params.best_of > n:
+            raise OpenAIError("best_of > n cannot be streamed: the best sequences are known only at the end.",
+                              param="best_of")
+        rid = new_id("chatcmpl")
+        streams = await ctx.add_all([(rid, prompt, ids, params)], _FIELDS)
+        timer = ctx.timer(arrival)
+        created = unix_now()
+        if request.stream:
+            return SSEResponse(self._stream(request, rid, created, n, stop_holdback(params),
+                                            streams, timer), closer(streams))
+        body = await unless_disconnected(raw_request, self._full(request, rid, created, streams[0], timer))
+        if body is None:
+            return Response(status_code=499)
+        return JSONResponse(body)
+
+    async def _full(self, request: ChatCompletionRequest, rid: str, created: int, stream: RequestStream,
+                    timer: RequestTimer) -> dict[str, Any]:
+        final: RequestOutput | None = None
+        async for _, out in merge_streams([stream]):
+            final = out
+            timer.observe(_num_tokens(out), out.finished, _reason(out))
+        assert final is not None
+        choices = []
+        for c in final.outputs:
+            choices.append({
+                "index": c.index, "message": {"role": self.ctx.response_role, "content": c.text},
+                "logprobs": self._logprobs(c, 0, len(c.token_ids), request.top_logprobs or 0)
+                if request.logprobs else None,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        response = ChatCompletionResponse(
+            id=rid, created=created, model=request.model, choices=choices,
+            usage=usage(len(final.prompt_token_ids), _num_tokens(final)))
+        return response.model_dump()
+
+    async def _stream(self, request: ChatCompletionRequest, rid: str, created: int, n: int, holdback: int,
+                      streams: list[RequestStream], timer: RequestTimer) -> AsyncIterator[str]:
+        head: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                                "model": request.model}
+        tail: dict[str, Any] = {"usage": None} if request.include_usage else {}  # OpenAI: null until the end
+
+        def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish_reason: str | None = None,
+                  stop_reason: Any = None) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            if finish_reason is not None:
+                choice["stop_reason"] = stop_reason
+            return sse({**head, "choices": [choice], **tail})
+
+        cursors = [ChoiceCursor() for _ in range(n)]
+        top_n = request.top_logprobs or 0
+        final: RequestOutput | None = None
+        try:
+            # The role comes first, before any token: clients show the turn as started.
+            for i in range(n):
+                yield chunk(i, {"role": self.ctx.response_role, "content": ""})
+            async for _, out in merge_streams(streams):
+                final = out
+                timer.observe(_num_tokens(out), out.finished, _reason(out))
+                for c in out.outputs:
+                    cur = cursors[c.index]
+                    if cur.done:
+                        continue
+                    text = cur.take_text(c, holdback)
+                    start, end = cur.take_tokens(c)
+                    lp = self._logprobs(c, start, end, top_n) if request.logprobs and end > start else None
+                    if text or lp is not None:
+                        yield chunk(c.index, {"content": text}, lp)
+                    if c.finish_reason is not None:
+                        cur.done = True
+                        yield chunk(c.index, {}, None, c.finish_reason, c.stop_reason)
+            if request.include_usage and final is not None:
+                yield sse({**head, "choices": [],
+                           "usage": usage(len(final.prompt_token_ids), _num_tokens(final))})
+        except Exception as e:
+            yield sse_error(e)
+        yield SSE_DONE
+
+    def _logprobs(self, c: CompletionOutput, start: int, end: int, top_n: int) -> dict[str, Any]:
+        """Chat-shaped logprobs of positions [start, end) of one choice."""
+        content = []
+        entries = c.logprobs or []
+        for tid, entry in zip(c.token_ids[start:end], entries[start:end]):
+            chosen = entry.get(tid)
+            token = self.ctx.token_str(tid, chosen)
+            top = sorted((lp.rank, t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top_n)
+            content.append({
+                "token": token, "logprob": chosen.logprob if chosen is not None else float("-inf"),
+                "bytes": list(token.encode("utf-8")),
+                "top_logprobs": [{"token": (s := self.ctx.token_str(t, lp)), "logprob": lp.logprob,
+                                  "bytes": list(s.encode("utf-8"))} for _, t, lp in top]})
+        return {"content": content}
+
+
+def _num_tokens(out: RequestOutput) -> int:
+    return sum(len(c.token_ids) for c in out.outputs)
+
+
+def _reason(out: RequestOutput) -> str | None:
+    return out.outputs[0].finish_reason if out.outputs else None
