@@ -193,8 +193,11 @@ class ModelRunner:
         logprobs: list[PositionLogprobs | None] = [None] * len(reqs)
         if sample_idx:
             rows = [reqs[i] for i in sample_idx]
-            last = torch.tensor([ends[i] - 1 for i in sample_idx], device=self.device)
-            logits = self.model.compute_logits(hidden[last])
+            if host.num_decodes == len(reqs) == len(sample_idx):
+                logits = self.model.compute_logits(hidden)     # a decode step: every row samples
+            else:
+                last = torch.tensor([ends[i] - 1 for i in sample_idx], device=self.device)
+                logits = self.model.compute_logits(hidden[last])
             md = build_sampling_metadata(rows, self.vocab_size, self.device)
             out = self.sampler(logits, md)
             tokens = out.token_ids.tolist()

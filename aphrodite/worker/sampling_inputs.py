@@ -11,7 +11,6 @@ from aphrodite.modeling.layers.sampler import SamplingMetadata, uniform_from_see
 def build_sampling_metadata(requests: list[Request], vocab_size: int, device: torch.device) -> SamplingMetadata:
     """Gather the scheduled requests' parameters into one batch of tensors."""
     ps = [r.params for r in requests]
-    n = len(ps)
     temp = [p.temperature if p.temperature >= 1e-5 else 0.0 for p in ps]
     all_greedy = not any(temp)
 
@@ -21,7 +20,6 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device: to
         return torch.tensor(values, dtype=dtype, device=device)
 
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps]
-    uniforms = [uniform_from_seed(r.sample_seed, r.num_output_tokens) for r in requests]
     presence = column([p.presence_penalty for p in ps], 0.0, torch.float32)
     frequency = column([p.frequency_penalty for p in ps], 0.0, torch.float32)
     repetition = column([p.repetition_penalty for p in ps], 1.0, torch.float32)
@@ -60,11 +58,15 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device: to
     need_cum = any(p.best_of > p.n for p in ps)
     max_logprobs = max(want) if want else (0 if need_cum else -1)
     return SamplingMetadata(
-        temperature=torch.tensor(temp, dtype=torch.float32, device=device), all_greedy=all_greedy,
+        # A greedy batch needs neither temperatures nor random draws: skip their host-to-device copies.
+        temperature=None if all_greedy else torch.tensor(temp, dtype=torch.float32, device=device),
+        all_greedy=all_greedy,
         top_p=column([p.top_p for p in ps], 1.0, torch.float32),
         top_k=column(top_k, vocab_size, torch.long),
         min_p=column([p.min_p for p in ps], 0.0, torch.float32),
-        uniforms=torch.tensor(uniforms, dtype=torch.float64, device=device) if n else torch.empty(0),
+        uniforms=None if all_greedy else torch.tensor(
+            [uniform_from_seed(r.sample_seed, r.num_output_tokens) for r in requests],
+            dtype=torch.float64, device=device),
         presence=presence, frequency=frequency, repetition=repetition,
         output_tokens=output_tokens, prompt_tokens=prompt_tokens, banned=banned, bias=bias,
         max_logprobs=max_logprobs)

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import gc
 import random
 import sys
 import tempfile
@@ -73,12 +74,14 @@ def main() -> int:
         print(f"fp32 greedy vs HF (GPU): {same}/16 prompts identical")
         ok &= same >= 15
         del llm
+        gc.collect()
         torch.cuda.empty_cache()
         runs = {}
         for eager in (True, False):
             llm = LLM(d, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=1024, enforce_eager=eager)
             runs[eager] = [o.outputs[0].token_ids for o in llm.generate(reqs, sp, use_tqdm=False)]
             del llm
+            gc.collect()
             torch.cuda.empty_cache()
         match = sum(a == b for a, b in zip(runs[True], runs[False]))
         print(f"bf16 CUDA graphs vs eager: {match}/16 prompts identical")

@@ -77,7 +77,12 @@ class ChatServing:
             raise OpenAIError("best_of > n cannot be streamed: the best sequences are known only at the end.",
                               param="best_of")
         rid = new_id("chatcmpl")
-        streams = await ctx.add_all([(rid, prompt, ids, params)], _FIELDS)
+        try:
+            streams = await ctx.add_all([(rid, prompt, ids, params)], _FIELDS)
+        except OpenAIError as e:
+            if e.param == "logprobs" and request.top_logprobs is not None:
+                e.param = "top_logprobs"  # the engine's name for what chat calls top_logprobs
+            raise
         timer = ctx.timer(arrival)
         created = unix_now()
         if request.stream:

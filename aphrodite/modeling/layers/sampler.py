@@ -31,12 +31,12 @@ def uniform_from_seed(seed: int, counter: int) -> float:
 class SamplingMetadata:
     """Per-row sampling parameters as tensors (row i samples for requests[i])."""
 
-    temperature: torch.Tensor        # [N] float, 0 -> greedy
+    temperature: torch.Tensor | None  # [N] float, 0 -> greedy; None when all rows are greedy
     all_greedy: bool
     top_p: torch.Tensor | None       # [N] or None when no row uses it
     top_k: torch.Tensor | None       # [N] long (vocab size = off) or None
     min_p: torch.Tensor | None
-    uniforms: torch.Tensor           # [N] float64 draws for the inverse CDF
+    uniforms: torch.Tensor | None    # [N] float64 draws for the inverse CDF; None when all greedy
     presence: torch.Tensor | None
     frequency: torch.Tensor | None
     repetition: torch.Tensor | None
