@@ -161,8 +161,12 @@ class LLMEngine:
         return len(self.parents)
 
     # ---- the step --------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward pass; return outputs of the requests that progressed."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one scheduled forward pass; return outputs of the requests that progressed.
+
+        ``finished_only`` skips building outputs of unfinished requests (offline batch use, where
+        copying every running request's token list each step would cost O(batch x length)).
+        """
         sched = self.scheduler.schedule()
         if not sched.requests:
             if self.scheduler.has_unfinished():
@@ -181,6 +185,8 @@ class LLMEngine:
                 touched[parent.request_id] = parent
         outputs = []
         for parent in touched.values():
+            if finished_only and not parent.finished:
+                continue
             out = self._make_output(parent)
             if out is not None:
                 outputs.append(out)

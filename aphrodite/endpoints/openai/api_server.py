@@ -324,7 +324,7 @@ def run_server(args: argparse.Namespace) -> None:
                     sock.getsockname()[1], "; API keys required" if _auth_on(args) else "")
         config = uvicorn.Config(app, log_level=_opt(args, "uvicorn_log_level"), timeout_keep_alive=5,
                                 timeout_graceful_shutdown=5)
-        asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+        asyncio.run(_uvicorn_server(config, engine).serve(sockets=[sock]))
     except KeyboardInterrupt:
         pass
     finally:
@@ -332,6 +332,19 @@ def run_server(args: argparse.Namespace) -> None:
         if engine is not None:
             engine.shutdown()
         sock.close()
+
+
+def _uvicorn_server(config: Any, engine: AsyncLLMEngine) -> Any:
+    """uvicorn's server, stopping the engine first on exit: streams still open then end at once with an
+    error event, instead of holding the shutdown until uvicorn's grace period runs out."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 def _auth_on(args: argparse.Namespace) -> bool:
