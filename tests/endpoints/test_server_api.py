@@ -65,6 +65,14 @@ def test_completion_batch_of_prompts_n_and_ids(client, http):
     as_id_lists = client.completions.create(model=MODEL, prompt=[ids], max_tokens=5, **GREEDY)
     assert as_ids.choices[0].text == as_id_lists.choices[0].text == by_index[0]
     assert as_ids.usage.prompt_tokens == len(ids)
+    # The same batch streamed: chunks of all four choices interleave, each ends once.
+    texts, finished = {i: "" for i in range(4)}, []
+    for chunk in client.completions.create(model=MODEL, prompt=["Hello there", "One two"], n=2, max_tokens=5,
+                                           stream=True, extra_body={"ignore_eos": True}, **GREEDY):
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+        if chunk.choices[0].finish_reason:
+            finished.append(chunk.choices[0].index)
+    assert sorted(finished) == [0, 1, 2, 3] and texts == by_index
 
 
 def test_completion_logprobs_and_echo(client):

@@ -2,6 +2,9 @@
 second server."""
 from __future__ import annotations
 
+import json
+import threading
+
 import httpx
 import pytest
 
@@ -80,10 +83,24 @@ def test_body_over_limit_gets_413(anon):
 
 
 def test_ctrl_c_shuts_down_cleanly(auth_server):
-    """Last in this file: it stops the server."""
-    assert auth_server.stop() == 0
+    """Last in this file: it stops the server, with a stream open that then ends with an error event."""
+    body = {"model": "smol", "prompt": "Write", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    events, codes = [], []
+    with httpx.Client(base_url=auth_server.url, timeout=60, headers={"x-api-key": "key-one"}) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            stopper = None
+            for line in r.iter_lines():
+                if line:
+                    events.append(line)
+                if stopper is None:
+                    stopper = threading.Thread(target=lambda: codes.append(auth_server.stop()))
+                    stopper.start()
+    stopper.join(60)
+    assert codes == [0]
+    assert events[-1] == "data: [DONE]" and "shut down" in json.loads(events[-2][len("data: "):])["error"]["message"]
     log = auth_server.log_tail(400)
     assert "Shutting down" in log and "Traceback" not in log
     for key in KEYS:  # keys are never logged
         assert key not in log
     assert "KV cache capacity: 1024 tokens" in log and "http://127.0.0.1:" in log
+

@@ -28,7 +28,7 @@ CASES = [
     ("n-zero", C, {"model": MODEL, "prompt": "x", "n": 0}, 400, "n", []),
     ("logprobs-over-max", C, {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs", ["20"]),
     ("top-logprobs-over-max", CHAT, {"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 25},
-     400, "logprobs", ["20"]),
+     400, "top_logprobs", ["20"]),
     ("prompt-over-context", C, {"model": MODEL, "prompt": LONG_PROMPT}, 400, None, ["2048", "2101"]),
     ("chat-prompt-over-context", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": LONG_PROMPT}]},
      400, None, ["2048", "21"]),
