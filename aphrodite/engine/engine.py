@@ -106,6 +106,10 @@ class LLMEngine:
                              "prompt length must be less than max_model_len.")
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"Prompt token ids must be in [0, {vocab}).")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {params.stop_token_ids}.")
+        if params.logit_bias and any(not 0 <= int(t) < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}).")
         limit = self.config.model.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)

@@ -173,6 +173,8 @@ def test_bad_requests_raise_before_work(tiny_llama_dir):
         llm.generate({"prompt_token_ids": []}, greedy(4), use_tqdm=False)
     with pytest.raises(ValueError, match="logprobs"):
         llm.generate({"prompt_token_ids": [5]}, SamplingParams(logprobs=50), use_tqdm=False)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate({"prompt_token_ids": [5]}, SamplingParams(stop_token_ids=[10**6], min_tokens=2), use_tqdm=False)
     # a bad prompt among good ones fails the whole call before anything runs
     with pytest.raises(ValueError):
         llm.generate([{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": []}], greedy(4), use_tqdm=False)
