@@ -9,6 +9,11 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 stage=${1:-check}
 bench() { python3 -m aphrodite.endpoints.cli bench "$@"; }
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
+if [ "$stage" = profile ]; then
+  python3 benchmarks/gpu/check_engine_gpu.py 2>&1 | tee "$OUT/check.log" | grep -E "identical|CEILINGS|ENGINE"
+  python3 benchmarks/gpu/profile_decode.py 2>&1 | tee "$OUT/profile.log" | grep -v -E "^INFO"
+  exit 0
+fi
 if [ "$stage" = check ]; then
   python3 benchmarks/gpu/check_engine_gpu.py 2>&1 | tee "$OUT/check.log" | grep -v -E "^INFO|Warning|warn"
   bench latency --model-shape llama-3.1-8b --batch-size 1 --input-len 128 --output-len 256 \

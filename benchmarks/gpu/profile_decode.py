@@ -1,0 +1,40 @@
+"""Where a decode step's time goes on the GPU: Llama-3.1-8B shape, dummy weights, batch 1.
+
+Prints GPU-busy time per step (sum of kernel times), wall time per step, and the top kernels,
+so a missed latency target can be explained (weight streaming vs launch gaps vs host work).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+
+from torch.profiler import ProfilerActivity, profile
+
+from aphrodite import LLM, SamplingParams
+from aphrodite.benchmarks.model_shapes import MODEL_SHAPES
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/config.json", "w") as f:
+            json.dump(MODEL_SHAPES["llama-3.1-8b"], f)
+        llm = LLM(d, load_format="dummy", skip_tokenizer_init=True)
+        prompt = {"prompt_token_ids": list(range(1000, 1128))}
+        sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+        llm.generate(prompt, sp, use_tqdm=False)
+        t = time.perf_counter()
+        llm.generate(prompt, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True), use_tqdm=False)
+        wall = (time.perf_counter() - t) / 256
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.generate(prompt, sp, use_tqdm=False)
+        events = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in events) / 1e3 / 64
+        print(f"PROFILE wall per token {wall * 1e3:.2f} ms; GPU kernel time per step ~{gpu:.2f} ms")
+        print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+        weights = sum(p.numel() * p.element_size() for p in llm.llm_engine.executor.runner.model.parameters())
+        print(f"weights {weights / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
