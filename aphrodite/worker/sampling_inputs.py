@@ -60,7 +60,7 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device: to
     return SamplingMetadata(
         # A greedy batch needs neither temperatures nor random draws: skip their host-to-device copies.
         temperature=None if all_greedy else torch.tensor(temp, dtype=torch.float32, device=device),
-        all_greedy=all_greedy,
+        all_greedy=all_greedy, all_random=all(temp),
         top_p=column([p.top_p for p in ps], 1.0, torch.float32),
         top_k=column(top_k, vocab_size, torch.long),
         min_p=column([p.min_p for p in ps], 0.0, torch.float32),

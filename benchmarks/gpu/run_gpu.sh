@@ -22,6 +22,7 @@ if [ "$stage" = check ]; then
       2>&1 | tee "$OUT/tp8b_small.log" | grep -E "Throughput|start-up|KV|graphs|Memory"
   exit 0
 fi
+if [ "$stage" = all ]; then python3 benchmarks/gpu/check_engine_gpu.py 2>&1 | tee "$OUT/check.log" | grep -E "identical|CEILINGS|ENGINE"; fi
 S=llama-3.1-8b
 bench latency --model-shape $S --batch-size 1 --input-len 128 --output-len 256 --num-iters-warmup 2 --num-iters 5 \
     --baseline hf --hf-num-iters-warmup 1 --hf-num-iters 1 2>&1 | tee "$OUT/latency1.log" | grep -E "Avg|tok|Time|Speedup|start"
@@ -33,4 +34,4 @@ bench latency --model-shape smollm2-135m --batch-size 1 --input-len 128 --output
     --num-iters 5 2>&1 | tee "$OUT/small_latency.log" | grep -E "Avg|tok|Time"
 bench throughput --model-shape smollm2-135m --num-prompts 1000 --input-len 1024 --output-len 128 \
     2>&1 | tee "$OUT/small_prefill.log" | grep -E "Throughput"
-echo "== table =="; grep -h -E "^(Throughput|HF baseline Throughput|Output token|HF baseline Output|Speedup|Engine start)" "$OUT"/*.log
+echo "== table =="; grep -h -E "^(CEILINGS|ENGINE|Throughput|HF baseline Throughput|Output token|HF baseline Output|Speedup|Engine start)" "$OUT"/*.log

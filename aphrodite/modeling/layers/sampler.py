@@ -33,6 +33,7 @@ class SamplingMetadata:
 
     temperature: torch.Tensor | None  # [N] float, 0 -> greedy; None when all rows are greedy
     all_greedy: bool
+    all_random: bool                 # no greedy row: the greedy argmax can be skipped
     top_p: torch.Tensor | None       # [N] or None when no row uses it
     top_k: torch.Tensor | None       # [N] long (vocab size = off) or None
     min_p: torch.Tensor | None
@@ -105,9 +106,9 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tenso
 
 def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: the first token whose cumulative probability exceeds the row's uniform."""
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float64)
+    probs = torch.softmax(logits, dim=-1)
     cdf = torch.cumsum(probs, dim=-1)
-    target = (uniforms * cdf[:, -1])[:, None]
+    target = (uniforms.to(cdf.dtype) * cdf[:, -1])[:, None]
     idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
     idx = idx.clamp(max=logits.shape[1] - 1)
     # A zero-probability token can only be hit through rounding at its edges: step back onto mass.
@@ -137,16 +138,16 @@ class Sampler:
             logits = logits.index_put((rows, ids), vals, accumulate=True)
         if md.banned is not None:
             logits = logits.index_put(md.banned, torch.tensor(float("-inf"), device=logits.device))
-        greedy = logits.argmax(dim=-1)
         if md.all_greedy:
-            tokens = greedy
+            tokens = logits.argmax(dim=-1)
         else:
             temp = md.temperature
             scaled = logits / torch.where(temp > 0, temp, 1.0)[:, None]
             scaled = apply_top_k_top_p(scaled, md.top_k, md.top_p)
             scaled = apply_min_p(scaled, md.min_p)
-            drawn = sample_from_logits(scaled, md.uniforms)
-            tokens = torch.where(temp > 0, drawn, greedy)
+            tokens = sample_from_logits(scaled, md.uniforms)
+            if not md.all_random:
+                tokens = torch.where(temp > 0, tokens, logits.argmax(dim=-1))
         if md.max_logprobs < 0:
             return SamplerOutput(tokens, None, None, None, None)
         return SamplerOutput(tokens, *gather_logprobs(raw, tokens, md.max_logprobs))
