@@ -181,11 +181,17 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from aphrodite.benchmarks import serve
+    serve.main(args)
+    return 0
+
+
 def _add_bench_parser(subparsers: Any) -> None:
-    from aphrodite.benchmarks import latency, throughput
+    from aphrodite.benchmarks import latency, serve, throughput
     bench = subparsers.add_parser("bench", help="Benchmark the engine (vLLM's `vllm bench` flags and metrics).",
                                   description="Benchmark the engine.")
-    kinds = bench.add_subparsers(dest="bench_command", metavar="{throughput,latency}", required=True)
+    kinds = bench.add_subparsers(dest="bench_command", metavar="{throughput,latency,serve}", required=True)
     p = kinds.add_parser("throughput", help="Offline throughput of many random prompts.",
                          description=throughput.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     throughput.add_cli_args(p)
@@ -194,6 +200,10 @@ def _add_bench_parser(subparsers: Any) -> None:
                          description=latency.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     latency.add_cli_args(p)
     p.set_defaults(func=cmd_bench_latency)
+    p = kinds.add_parser("serve", help="Online serving metrics (TTFT, TPOT, ITL) against a running server.",
+                         description=serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_cli_args(p)
+    p.set_defaults(func=cmd_bench_serve)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
