@@ -196,3 +196,30 @@ def test_bad_engine_args(tmp_path, tiny_llama_dir):
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="FancyNewForCausalLM"):
         LLM(str(other), device="cpu", skip_tokenizer_init=True)
+
+
+def offline_hub(monkeypatch, cache):
+    """Point huggingface_hub at an empty (or prepared) cache with the network off."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+
+def test_unknown_hub_id_offline_names_the_id(monkeypatch, tmp_path):
+    offline_hub(monkeypatch, tmp_path / "hub")
+    with pytest.raises(ValueError, match="no-such-org/no-such-model"):
+        LLM("no-such-org/no-such-model", device="cpu")
+
+
+def test_cached_hub_id_resolves_from_the_cache(monkeypatch, tmp_path, tiny_llama_dir):
+    """A hub id found in the local HF cache loads without the network."""
+    import shutil
+    snap = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_llama_dir, snap)
+    refs = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-llama" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    offline_hub(monkeypatch, tmp_path / "hf" / "hub")
+    llm = engine("tiny-org/tiny-llama")
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, greedy(4), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
