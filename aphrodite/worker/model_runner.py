@@ -29,6 +29,14 @@ logger = logging.getLogger(__name__)
 PositionLogprobs = tuple[int, float, int, list[tuple[int, float]]]
 
 
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor; on the CPU from calloc'd memory, so untouched pages cost no RAM or time."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 @dataclass
 class HostBatch:
     """One step's flat batch on the host; decodes (one token each) come first."""
@@ -129,11 +137,9 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         m = self.config.model
         shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        # Zero-filled so padded reads never see NaN bit patterns. On the CPU, fresh large
-        # allocations are zero pages from the OS already, and filling would commit them all.
-        alloc = torch.empty if self.device.type == "cpu" else torch.zeros
-        self.kv_caches = [(alloc(shape, dtype=self.dtype, device=self.device),
-                           alloc(shape, dtype=self.dtype, device=self.device))
+        # Zero-filled: attention reads whole blocks and masks the slots past each sequence's end,
+        # and 0 * NaN from never-written memory would still poison the output.
+        self.kv_caches = [(zeroed(shape, self.dtype, self.device), zeroed(shape, self.dtype, self.device))
                           for _ in range(m.num_layers)]
         self._bind(self.kv_caches)
         if self.graphs is not None:

@@ -6,19 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from server_process import ServerProcess
 
 from aphrodite.benchmarks.serve import _sample_workload, arrival_times
 from aphrodite.endpoints.cli import main
@@ -33,51 +27,9 @@ BLOCK_ROWS = ("Successful requests:", "Failed requests:", "Benchmark duration (s
               *(f"{stat} {m} (ms):" for m in ("TTFT", "TPOT", "ITL") for stat in ("Mean", "Median", "P99")))
 
 
-class Server:
-    """``aphrodite run`` in a subprocess, as tests/endpoints/conftest.py starts it (one torch
-    thread, log to a temporary file, Ctrl-C to stop)."""
-
-    def __init__(self, args: list[str]) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if k not in ("APHRODITE_API_KEY", "OPENAI_API_KEY")}
-        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.log_path = Path(tempfile.mkstemp(prefix="aphrodite-bench-server-", suffix=".log")[1])
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aphrodite.endpoints.cli", "run", "--host", "127.0.0.1", "--port",
-             str(self.port), *args], stdout=self._log, stderr=subprocess.STDOUT, env=env,
-            cwd=Path(__file__).resolve().parents[2])
-
-    def wait_ready(self, timeout: float = 240) -> Server:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        pytest.fail(f"server not ready after {timeout} s:\n{self.log_path.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    s = Server(["--max-model-len", "512", "--num-gpu-blocks-override", "64", "--api-keys", API_KEY,
+def server() -> Iterator[ServerProcess]:
+    s = ServerProcess(["--max-model-len", "512", "--num-gpu-blocks-override", "64", "--api-keys", API_KEY,
                 "--disable-log-requests", "--uvicorn-log-level", "warning"])
     try:
         yield s.wait_ready()
@@ -127,7 +79,7 @@ def _check_totals(rows: dict[str, float]) -> None:
         assert 0 < rows[f"Mean {m} (ms):"] <= rows[f"P99 {m} (ms):"] * 1.0001 + 0.01
 
 
-def test_rate_inf_with_detailed_json(server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rate_inf_with_detailed_json(server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "inf.json"
     out = _bench(["--base-url", server.url, "--api-key", API_KEY, *WORKLOAD, "--save-result", "--save-detailed",
                   "--result-filename", str(path)], capsys)
@@ -150,7 +102,7 @@ def test_rate_inf_with_detailed_json(server: Server, tmp_path: Path, capsys: pyt
     assert result["p99_itl_ms"] == pytest.approx(rows["P99 ITL (ms):"], abs=0.01)
 
 
-def test_poisson_rate_env_key_and_concurrency(server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_poisson_rate_env_key_and_concurrency(server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("APHRODITE_API_KEY", API_KEY)
     path = tmp_path / "rate20.json"
@@ -165,7 +117,7 @@ def test_poisson_rate_env_key_and_concurrency(server: Server, tmp_path: Path, mo
     assert "ttfts" not in result and "itls" not in result  # per-request lists only with --save-detailed
 
 
-def test_failed_requests_are_counted(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+def test_failed_requests_are_counted(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     out = _bench(["--base-url", server.url, "--api-key", API_KEY, "--model", "no-such-model", "--num-prompts", "3",
                   "--random-input-len", "4", "--random-output-len", "2", "--disable-tqdm"], capsys)
     assert "HTTP 404: The model `no-such-model` does not exist" in out
@@ -174,7 +126,7 @@ def test_failed_requests_are_counted(server: Server, capsys: pytest.CaptureFixtu
     assert lines[-1] == "=" * 50
 
 
-def test_wrong_key_and_no_server_are_errors(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+def test_wrong_key_and_no_server_are_errors(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "serve", "--base-url", server.url, "--api-key", "wrong", *WORKLOAD]) == 1
     assert "401" in capsys.readouterr().err
     with socket.socket() as s:

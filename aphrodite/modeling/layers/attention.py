@@ -115,7 +115,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     keys = k_cache.index_select(0, idx).view(b, length, hkv, d).transpose(1, 2)
     vals = v_cache.index_select(0, idx).view(b, length, hkv, d).transpose(1, 2)
     # Padded slots are masked out; they hold finite data because the model runner zero-fills
-    # the pool (or gets zero pages from the OS), so 0 * garbage cannot turn into NaN.
+    # the pool, so 0 * garbage cannot turn into NaN.
     keep = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]
     out = F.scaled_dot_product_attention(q[:, :, None, :], keys, vals, attn_mask=keep[:, None, None, :],
                                          scale=scale, enable_gqa=hq != hkv)
