@@ -223,3 +223,19 @@ def test_cached_hub_id_resolves_from_the_cache(monkeypatch, tmp_path, tiny_llama
     llm = engine("tiny-org/tiny-llama")
     out = llm.generate({"prompt_token_ids": [5, 6, 7]}, greedy(4), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4
+
+
+def test_garbage_in_unused_cache_slots_does_not_leak(tiny_llama_dir, hf_model):
+    """Attention reads whole blocks; slots past a sequence's end hold stale data and must be masked.
+
+    (The pool starts zeroed, and only finite K/V is ever written, so stale data is finite.)"""
+    prompts = random_prompts(6, 3, 40, hf_model.config.vocab_size, seed=7)
+    reqs = [{"prompt_token_ids": p} for p in prompts]
+    clean = token_ids(engine(tiny_llama_dir).generate(reqs, greedy(12), use_tqdm=False))
+    llm = engine(tiny_llama_dir)
+    for k, v in llm.llm_engine.executor.runner.kv_caches:
+        k.fill_(1e4)
+        v.fill_(-1e4)
+    # Written slots are overwritten before use; only never-written ones keep the poison.
+    poisoned = llm.generate(reqs, greedy(12), use_tqdm=False)
+    assert token_ids(poisoned) == clean
