@@ -185,6 +185,16 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         reqs, counts = sched.requests, sched.num_tokens
         host = self._prepare(sched)
+        # Rows that sample: requests whose scheduled chunk reaches their last known token. Their
+        # sampling tensors are copied to the device before the forward pass is queued, so the
+        # sampler's kernels follow the model's without the GPU idling on host-to-device copies.
+        sample_idx = [i for i, (r, n) in enumerate(zip(reqs, counts)) if r.num_computed_tokens + n == r.num_tokens]
+        rows = [reqs[i] for i in sample_idx]
+        md = build_sampling_metadata(rows, self.vocab_size, self.device) if rows else None
+        every_row = host.num_decodes == len(reqs) == len(sample_idx)   # a decode step: every row samples
+        last = None if every_row or not rows else torch.tensor(
+            [host.starts[i + 1] - 1 for i in sample_idx], device=self.device)
+
         if self.graphs is not None and self.graphs.can_run(host):
             hidden, _ = self.graphs.run(host)
         else:
@@ -192,19 +202,10 @@ class ModelRunner:
             with set_attention_metadata(meta):
                 hidden = self.model(input_ids, positions)
 
-        # Rows that sample: requests whose scheduled chunk reaches their last known token.
-        ends = host.starts[1:]
-        sample_idx = [i for i, (r, n) in enumerate(zip(reqs, counts)) if r.num_computed_tokens + n == r.num_tokens]
         sampled: list[int | None] = [None] * len(reqs)
         logprobs: list[PositionLogprobs | None] = [None] * len(reqs)
-        if sample_idx:
-            rows = [reqs[i] for i in sample_idx]
-            if host.num_decodes == len(reqs) == len(sample_idx):
-                logits = self.model.compute_logits(hidden)     # a decode step: every row samples
-            else:
-                last = torch.tensor([ends[i] - 1 for i in sample_idx], device=self.device)
-                logits = self.model.compute_logits(hidden[last])
-            md = build_sampling_metadata(rows, self.vocab_size, self.device)
+        if rows:
+            logits = self.model.compute_logits(hidden if last is None else hidden[last])
             out = self.sampler(logits, md)
             tokens = out.token_ids.tolist()
             for j, i in enumerate(sample_idx):
