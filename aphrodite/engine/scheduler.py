@@ -93,7 +93,8 @@ class Scheduler:
         while self.waiting and budget > 0 and not out.num_preempted \
                 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            cached = self.kv_cache.find_cached_prefix(req)
+            # Prompt log-probabilities need every prompt position computed: no prefix-cache skip.
+            cached = [] if req.wants_prompt_logprobs else self.kv_cache.find_cached_prefix(req)
             num_cached = len(cached) * self.kv_cache.block_size
             req.num_computed_tokens = num_cached
             n = min(req.num_tokens - num_cached, budget)

@@ -156,6 +156,18 @@ def test_prompt_logprobs_match_hf(tiny_llama_dir, hf_model):
         assert entry.rank == int((ref[pos - 1] > ref[pos - 1, prompt[pos]]).sum()) + 1
 
 
+def test_prompt_logprobs_after_a_prefix_cache_hit(tiny_llama_dir, hf_model):
+    prompt = random_prompts(1, 50, 50, hf_model.config.vocab_size, seed=8)[0]
+    llm = engine(tiny_llama_dir)
+    llm.generate({"prompt_token_ids": prompt}, greedy(2), use_tqdm=False)   # fills the prefix cache
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    ref = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].double(), -1)
+    assert len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        assert abs(out.prompt_logprobs[pos][prompt[pos]].logprob - ref[pos - 1, prompt[pos]].item()) < 1e-4
+
+
 @pytest.mark.parametrize("bad, field", [
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=1.5), "top_p"),
     (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"), (dict(min_p=1.5), "min_p"), (dict(n=0), "n"),
