@@ -120,6 +120,11 @@ class SamplingFields(OpenAIBaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage on every chunk too (vLLM's ``continuous_usage_stats``), not only in the last one."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
 
 # ---- completions ------------------------------------------------------------------
 class CompletionRequest(SamplingFields):

@@ -56,6 +56,7 @@ class ChatServing:
         arrival = time.monotonic()
         ctx = self.ctx
         ctx.check_model(request.model)
+        ctx.check_stream_options(request)
         prompt = render_chat(ctx, request.messages, chat_template=request.chat_template,
                              add_generation_prompt=request.add_generation_prompt,
                              continue_final_message=request.continue_final_message,
@@ -86,7 +87,7 @@ class ChatServing:
         timer = ctx.timer(arrival)
         created = unix_now()
         if request.stream:
-            return SSEResponse(self._stream(request, rid, created, n, stop_holdback(params),
+            return SSEResponse(self._stream(request, rid, created, n, stop_holdback(params), len(ids),
                                             streams, timer), closer(streams))
         body = await unless_disconnected(raw_request, self._full(request, rid, created, streams[0], timer))
         if body is None:
@@ -113,16 +114,18 @@ class ChatServing:
         return response.model_dump()
 
     async def _stream(self, request: ChatCompletionRequest, rid: str, created: int, n: int, holdback: int,
-                      streams: list[RequestStream], timer: RequestTimer) -> AsyncIterator[str]:
+                      prompt_len: int, streams: list[RequestStream], timer: RequestTimer) -> AsyncIterator[str]:
         head: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
                                 "model": request.model}
         tail: dict[str, Any] = {"usage": None} if request.include_usage else {}  # OpenAI: null until the end
 
         def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish_reason: str | None = None,
-                  stop_reason: Any = None) -> str:
+                  stop_reason: Any = None, completion_tokens: int = 0) -> str:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             if finish_reason is not None:
                 choice["stop_reason"] = stop_reason
+            if request.continuous_usage:  # vLLM's continuous_usage_stats: this choice's counts so far
+                return sse({**head, "choices": [choice], "usage": usage(prompt_len, completion_tokens)})
             return sse({**head, "choices": [choice], **tail})
 
         cursors = [ChoiceCursor() for _ in range(n)]
@@ -143,10 +146,10 @@ class ChatServing:
                     start, end = cur.take_tokens(c)
                     lp = self._logprobs(c, start, end, top_n) if request.logprobs and end > start else None
                     if text or lp is not None:
-                        yield chunk(c.index, {"content": text}, lp)
+                        yield chunk(c.index, {"content": text}, lp, completion_tokens=end)
                     if c.finish_reason is not None:
                         cur.done = True
-                        yield chunk(c.index, {}, None, c.finish_reason, c.stop_reason)
+                        yield chunk(c.index, {}, None, c.finish_reason, c.stop_reason, completion_tokens=end)
             if request.include_usage and final is not None:
                 yield sse({**head, "choices": [],
                            "usage": usage(len(final.prompt_token_ids), _num_tokens(final))})

@@ -58,6 +58,12 @@ class ServingContext:
                               f"{', '.join(self.served_model_names)}.", HTTPStatus.NOT_FOUND,
                               param="model", code="model_not_found")
 
+    @staticmethod
+    def check_stream_options(request: SamplingFields) -> None:
+        """``stream_options`` only make sense on a stream: refused otherwise, as vLLM and OpenAI do."""
+        if request.stream_options is not None and not request.stream:
+            raise OpenAIError("Stream options can only be defined when `stream=True`.", param="stream_options")
+
     def need_tokenizer(self) -> Any:
         if self.tokenizer is None:
             raise OpenAIError("This server was started with skip_tokenizer_init: send token ids, not text.")

@@ -47,12 +47,15 @@ class CompletionServing:
         arrival = time.monotonic()
         ctx = self.ctx
         ctx.check_model(request.model)
+        ctx.check_stream_options(request)
         if request.suffix is not None:
             raise OpenAIError("suffix is not supported.", param="suffix")
         prompts = self._prompts(request)
         n = request.n if request.n is not None else 1
         for p in prompts:
-            max_tokens = ctx.max_tokens_for(request.max_tokens, len(p.ids))
+            # echo with max_tokens 0 (vLLM): the prompt alone, with its logprobs; one token is generated
+            # and dropped, since the engine needs at least one step.
+            max_tokens = ctx.max_tokens_for(1 if _echo_only(request) else request.max_tokens, len(p.ids))
             overrides: dict[str, Any] = {}
             if request.echo and request.logprobs is not None and request.prompt_logprobs is None:
                 overrides["prompt_logprobs"] = request.logprobs  # echoed prompt tokens get logprobs too
@@ -105,17 +108,20 @@ class CompletionServing:
             prompts[i].timer.observe(sum(len(c.token_ids) for c in out.outputs), out.finished,
                                      out.outputs[0].finish_reason if out.outputs else None)
         n = request.n if request.n is not None else 1
+        echo_only = _echo_only(request)
         choices = []
         n_prompt = n_completion = 0
         for i, (p, out) in enumerate(zip(prompts, final)):
             assert out is not None
             n_prompt += len(out.prompt_token_ids)
             for c in out.outputs:
-                n_completion += len(c.token_ids)
-                text = c.text
+                token_ids, entries, text = c.token_ids, c.logprobs or [], c.text
+                if echo_only:
+                    token_ids, entries, text = [], [], ""
+                n_completion += len(token_ids)
                 logprobs = None
                 if request.logprobs is not None:
-                    logprobs = self._logprobs(c.token_ids, c.logprobs or [], request.logprobs)
+                    logprobs = self._logprobs(token_ids, entries, request.logprobs)
                     if request.echo:
                         logprobs = _join(self._prompt_logprobs(p, out, request.logprobs), logprobs)
                 if request.echo:
@@ -138,6 +144,7 @@ class CompletionServing:
         offsets = [0] * len(cursors)  # text_offset of the next token, per choice
         holdback = stop_holdback(prompts[0].params)
         want_lp = request.logprobs
+        echo_only = _echo_only(request)
         n_prompt = [0] * len(prompts)
         n_completion = [0] * len(prompts)
         head = {"id": rid, "object": "text_completion", "created": created, "model": request.model}
@@ -145,7 +152,7 @@ class CompletionServing:
         try:
             async for i, out in merge_streams(streams):
                 p = prompts[i]
-                ntok = sum(len(c.token_ids) for c in out.outputs)
+                ntok = 0 if echo_only else sum(len(c.token_ids) for c in out.outputs)
                 p.timer.observe(ntok, out.finished, out.outputs[0].finish_reason if out.outputs else None)
                 for c in out.outputs:
                     idx = i * n + c.index
@@ -159,8 +166,10 @@ class CompletionServing:
                             prefix = self._prompt_text(p)
                             if want_lp is not None:
                                 prefix_lp = self._prompt_logprobs(p, out, want_lp)
-                    text = prefix + cur.take_text(c, holdback)
+                    text = prefix + ("" if echo_only else cur.take_text(c, holdback))
                     start, end = cur.take_tokens(c)
+                    if echo_only:
+                        start = end
                     finished = c.finish_reason is not None
                     lp = None
                     if want_lp is not None:
@@ -175,6 +184,8 @@ class CompletionServing:
                     if not (text or finished or (lp is not None and lp["tokens"])):
                         continue
                     cur.done = finished
+                    if request.continuous_usage:
+                        tail = {"usage": usage(len(out.prompt_token_ids), 0 if echo_only else len(c.token_ids))}
                     yield sse({**head, "choices": [{
                         "index": idx, "text": text, "logprobs": lp,
                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason if finished else None}], **tail})
@@ -219,6 +230,10 @@ class CompletionServing:
             offset += len(token)
         return {"text_offset": text_offset, "token_logprobs": token_logprobs, "tokens": tokens,
                 "top_logprobs": top}
+
+
+def _echo_only(request: CompletionRequest) -> bool:
+    return bool(request.echo) and request.max_tokens == 0
 
 
 def _top_dict(entry: dict[int, Logprob], top_n: int, tid: int, chosen: Logprob | None,

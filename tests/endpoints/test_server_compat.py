@@ -1,0 +1,77 @@
+"""Behaviour that real clients rely on and vLLM defines: echo without generation, stream options."""
+from __future__ import annotations
+
+import json
+
+MODEL = "SmolLM2-135M-Instruct"
+USER = [{"role": "user", "content": "Hi"}]
+
+
+def _events(http, path: str, body: dict) -> list[dict]:
+    with http.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        raw = r.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[len("data: "):]) for e in events[:-1]]
+
+
+def test_echo_with_max_tokens_zero_returns_the_prompt_only(client, http):
+    """vLLM (and lm-eval's loglikelihood requests) score a prompt with echo, logprobs and max_tokens 0."""
+    prompt = "Hello world, how are you"
+    n_prompt = len(http.post("/v1/tokenize", json={"prompt": prompt}).json()["tokens"])
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    c = out.choices[0]
+    assert c.text == prompt and c.finish_reason == "length"
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n_prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(x, float) for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens) == prompt
+    assert out.usage.prompt_tokens == n_prompt and out.usage.completion_tokens == 0
+    # Several prompts, n > 1, no logprobs: every choice is its prompt.
+    out = client.completions.create(model=MODEL, prompt=["One", "Two three"], n=2, max_tokens=0, echo=True)
+    assert {c.index: c.text for c in out.choices} == {0: "One", 1: "One", 2: "Two three", 3: "Two three"}
+    # Streamed: one chunk with the prompt, then the usage.
+    chunks = _events(http, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 0, "echo": True,
+                                               "logprobs": 1, "stream": True,
+                                               "stream_options": {"include_usage": True}})
+    texts = "".join(ch["choices"][0]["text"] for ch in chunks if ch["choices"])
+    assert texts == prompt
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 0
+
+
+def test_max_tokens_zero_without_echo_is_refused(http):
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_stream_options_without_stream_is_refused(http):
+    for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": USER})):
+        r = http.post(path, json={"model": MODEL, "max_tokens": 2, "stream_options": {"include_usage": True},
+                                  **body})
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "stream_options"
+        # null is the same as leaving it out
+        r = http.post(path, json={"model": MODEL, "max_tokens": 2, "stream_options": None, **body})
+        assert r.status_code == 200
+
+
+def test_continuous_usage_stats_on_every_chunk(http):
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = _events(http, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 3,
+                                               "temperature": 0, "ignore_eos": True, "stream": True,
+                                               "stream_options": opts})
+    assert all(ch["usage"] is not None for ch in chunks)
+    counts = [ch["usage"]["completion_tokens"] for ch in chunks]
+    assert counts == sorted(counts) and counts[-1] == 3
+    chunks = _events(http, "/v1/chat/completions", {"model": MODEL, "messages": USER, "max_tokens": 3,
+                                                    "temperature": 0, "ignore_eos": True, "stream": True,
+                                                    "stream_options": opts})
+    assert all(ch["usage"] is not None for ch in chunks)
+    assert chunks[0]["usage"]["completion_tokens"] == 0 and chunks[0]["usage"]["prompt_tokens"] > 0
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    # Without the flag, usage stays null until the last chunk.
+    chunks = _events(http, "/v1/chat/completions", {"model": MODEL, "messages": USER, "max_tokens": 3,
+                                                    "stream": True, "stream_options": {"include_usage": True}})
+    assert all(ch["usage"] is None for ch in chunks[:-1]) and chunks[-1]["usage"]["completion_tokens"] <= 3
