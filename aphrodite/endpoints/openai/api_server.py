@@ -119,7 +119,8 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
     app.state.admin_key = _opt(args, "admin_key") or os.environ.get("APHRODITE_ADMIN_KEY") or None
     _add_error_handlers(app)
 
-    # Middleware: the last added runs first. CORS -> API keys -> body size limit -> routes.
+    # Middleware: the last added runs first. CORS -> API keys -> body size limit -> JSON body -> routes.
+    app.add_middleware(JSONBodyMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=_opt(args, "max_request_body_bytes"))
     keys = list(_opt(args, "api_keys") or [])
     if os.environ.get("APHRODITE_API_KEY"):
@@ -209,6 +210,24 @@ def _add_error_handlers(app: FastAPI) -> None:
         logger.exception("Unhandled error")
         return error_response(OpenAIError(f"Internal server error: {type(e).__name__}: {e}",
                                           HTTPStatus.INTERNAL_SERVER_ERROR))
+
+
+class JSONBodyMiddleware:
+    """Reads a POST body as JSON whatever its declared type: ``curl -d '{...}'`` sends
+    ``application/x-www-form-urlencoded``, which FastAPI would hand over as raw bytes (a 400)."""
+
+    _AS_SENT = (b"application/json", b"multipart/")  # JSON already, or a real form upload
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            declared = next((v for k, v in scope["headers"] if k == b"content-type"), b"").lower()
+            if not (declared.startswith(self._AS_SENT) or b"+json" in declared):
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimitMiddleware:

@@ -59,7 +59,7 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
                              + (" ..." if len(missing) > 8 else ""))
     for param in model.parameters():
         param.requires_grad_(False)
-    if device.type == "cpu":
+    if device.type == "cpu" and model_config.dtype == torch.float32:
         use_column_major_weights(model)
     return model.eval()
 
@@ -69,7 +69,8 @@ def use_column_major_weights(model: nn.Module) -> None:
 
     MKL's matrix-vector path streams a ``[in, out]``-contiguous weight about 1.35x faster
     than a row-major one, and decode is bound by streaming weights: this is worth ~25% of
-    a CPU decode step. Larger batches lose 2-5%, which is the right trade for latency.
+    a CPU decode step. Larger batches lose 2-5%, which is the right trade for latency. (fp32
+    only: the bf16 kernels showed no such gain.)
     """
     from aphrodite.modeling.layers.embedding import VocabParallelEmbedding
     head = getattr(model, "lm_head", None)
