@@ -75,3 +75,14 @@ def test_continuous_usage_stats_on_every_chunk(http):
     chunks = _events(http, "/v1/chat/completions", {"model": MODEL, "messages": USER, "max_tokens": 3,
                                                     "stream": True, "stream_options": {"include_usage": True}})
     assert all(ch["usage"] is None for ch in chunks[:-1]) and chunks[-1]["usage"]["completion_tokens"] <= 3
+
+
+def test_json_body_sent_as_curl_does(http):
+    """``curl -d '{...}'`` declares application/x-www-form-urlencoded; the body is still read as JSON."""
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    for ctype in ("application/x-www-form-urlencoded", "text/plain"):
+        r = http.post("/v1/completions", content=body, headers={"content-type": ctype})
+        assert r.status_code == 200 and r.json()["object"] == "text_completion"
+    r = http.post("/v1/completions", content="model=x&prompt=y",
+                  headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
