@@ -86,3 +86,12 @@ def test_json_body_sent_as_curl_does(http):
     r = http.post("/v1/completions", content="model=x&prompt=y",
                   headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_vllm_root_routes(http):
+    """vLLM's /tokenize, /detokenize and /ping, next to Aphrodite's /v1/tokenize and /health."""
+    r = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello world"})
+    assert r.status_code == 200
+    assert r.json() == http.post("/v1/tokenize", json={"model": MODEL, "prompt": "Hello world"}).json()
+    assert http.post("/detokenize", json={"tokens": r.json()["tokens"]}).json() == {"prompt": "Hello world"}
+    assert http.get("/ping").status_code == 200 and http.post("/ping").status_code == 200

@@ -137,6 +137,11 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
             return Response(status_code=200)
         return error_response(OpenAIError("The engine is not running.", HTTPStatus.SERVICE_UNAVAILABLE))
 
+    @app.get("/ping")
+    @app.post("/ping")
+    async def ping() -> Response:  # vLLM's (SageMaker's) name for /health
+        return await health()
+
     @app.get("/version")
     async def version() -> dict[str, str]:
         from aphrodite import __version__
@@ -163,10 +168,13 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
         _warn_ignored(request)
         return await chat.create(request, raw_request)
 
+    # vLLM serves these at the root (/tokenize); Aphrodite under /v1. Both answer.
+    @app.post("/tokenize", response_model_exclude_none=True)
     @app.post("/v1/tokenize", response_model_exclude_none=True)
     async def tokenize_route(request: TokenizeRequest) -> Any:
         return tokenize(ctx, request)
 
+    @app.post("/detokenize")
     @app.post("/v1/detokenize")
     async def detokenize_route(request: DetokenizeRequest) -> Any:
         return detokenize(ctx, request)
