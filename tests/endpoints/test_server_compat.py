@@ -95,3 +95,14 @@ def test_vllm_root_routes(http):
     assert r.json() == http.post("/v1/tokenize", json={"model": MODEL, "prompt": "Hello world"}).json()
     assert http.post("/detokenize", json={"tokens": r.json()["tokens"]}).json() == {"prompt": "Hello world"}
     assert http.get("/ping").status_code == 200 and http.post("/ping").status_code == 200
+
+
+def test_logit_bias_is_clamped_to_openai_range(client):
+    """A bias past float32's range would turn the logits into inf and NaN; it counts as +-100 (vLLM)."""
+    messages = [{"role": "user", "content": "hi"}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=3, temperature=0, logprobs=True)
+    token = "19556"  # "Hello"
+    huge = client.chat.completions.create(logit_bias={token: 1e39}, **kw).choices[0]
+    capped = client.chat.completions.create(logit_bias={token: 100}, **kw).choices[0]
+    assert huge.message.content == capped.message.content == "HelloHelloHello"
+    assert [t.logprob for t in huge.logprobs.content] == [t.logprob for t in capped.logprobs.content]

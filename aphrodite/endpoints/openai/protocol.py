@@ -113,6 +113,9 @@ class SamplingFields(OpenAIBaseModel):
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, **overrides: Any) -> SamplingParams:
         """Build (and so validate) the engine's parameters; raises ``ValueError``."""
         kwargs: dict[str, Any] = {k: v for k in _PASS_THROUGH if (v := getattr(self, k)) is not None}
+        if self.logit_bias:
+            # OpenAI's range, clamped as vLLM does: a huge bias would overflow the logits to inf (then NaN).
+            kwargs["logit_bias"] = {t: min(100.0, max(-100.0, b)) for t, b in self.logit_bias.items()}
         kwargs.update(overrides)
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
 
