@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 
+import openai
+import pytest
+
 MODEL = "SmolLM2-135M-Instruct"
 USER = [{"role": "user", "content": "Hi"}]
 
@@ -106,3 +109,14 @@ def test_logit_bias_is_clamped_to_openai_range(client):
     capped = client.chat.completions.create(logit_bias={token: 100}, **kw).choices[0]
     assert huge.message.content == capped.message.content == "HelloHelloHello"
     assert [t.logprob for t in huge.logprobs.content] == [t.logprob for t in capped.logprobs.content]
+
+
+def test_prompt_over_context_without_max_tokens_is_context_length_exceeded(client, http):
+    messages = [{"role": "user", "content": "hello " * 2100}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=messages)
+    assert "maximum context length is 2048 tokens" in e.value.message
+    assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "hello " * 2100, "max_tokens": None})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt"

@@ -66,7 +66,7 @@ class ChatServing:
         if request.max_completion_tokens is not None:
             max_tokens = ctx.max_tokens_for(request.max_completion_tokens, len(ids), "max_completion_tokens")
         else:
-            max_tokens = ctx.max_tokens_for(request.max_tokens, len(ids))
+            max_tokens = ctx.max_tokens_for(request.max_tokens, len(ids), prompt_name="messages")
         logprobs = None
         if request.logprobs:
             logprobs = request.top_logprobs or 0

@@ -78,7 +78,8 @@ class ServingContext:
             return lp.decoded_token
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
 
-    def max_tokens_for(self, requested: int | None, prompt_len: int, param: str = "max_tokens") -> int | None:
+    def max_tokens_for(self, requested: int | None, prompt_len: int, param: str = "max_tokens",
+                       prompt_name: str = "prompt") -> int | None:
         """``requested``, or what is left of the context when omitted (vLLM's default).
 
         A request whose prompt plus ``requested`` exceeds the context is refused here; the
@@ -86,7 +87,13 @@ class ServingContext:
         """
         left = self.max_model_len - prompt_len
         if requested is None:
-            return left if left > 0 else None  # a prompt that fills the context: the engine refuses it
+            if left <= 0:  # OpenAI's and vLLM's wording, so clients that look for it recognise it
+                raise OpenAIError(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                    f"{prompt_name} resulted in {prompt_len} tokens, which leaves no room for the completion. "
+                    f"Please reduce the length of the {prompt_name}.", param=prompt_name,
+                    code="context_length_exceeded")
+            return left
         if isinstance(requested, int) and requested > 0 and requested > left:
             raise OpenAIError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
