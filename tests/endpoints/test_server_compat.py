@@ -120,3 +120,16 @@ def test_prompt_over_context_without_max_tokens_is_context_length_exceeded(clien
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "hello " * 2100, "max_tokens": None})
     err = r.json()["error"]
     assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+
+
+def test_chat_prompt_logprobs(http):
+    """vLLM's prompt_logprobs on chat: a top-level list, one entry per prompt token, the first null."""
+    body = {"model": MODEL, "messages": USER, "max_tokens": 1, "prompt_logprobs": 1}
+    out = http.post("/v1/chat/completions", json=body).json()
+    lps = out["prompt_logprobs"]
+    assert len(lps) == out["usage"]["prompt_tokens"] and lps[0] is None
+    for entry in lps[1:]:
+        assert 1 <= len(entry) <= 2
+        assert all(set(v) == {"logprob", "rank", "decoded_token"} for v in entry.values())
+    body.pop("prompt_logprobs")
+    assert http.post("/v1/chat/completions", json=body).json()["prompt_logprobs"] is None

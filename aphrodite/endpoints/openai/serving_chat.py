@@ -19,6 +19,7 @@ from aphrodite.endpoints.openai.serving_common import (
     closer,
     merge_streams,
     new_id,
+    raw_prompt_logprobs,
     sse,
     sse_error,
     stop_holdback,
@@ -110,7 +111,8 @@ class ChatServing:
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         response = ChatCompletionResponse(
             id=rid, created=created, model=request.model, choices=choices,
-            usage=usage(len(final.prompt_token_ids), _num_tokens(final)))
+            usage=usage(len(final.prompt_token_ids), _num_tokens(final)),
+            prompt_logprobs=raw_prompt_logprobs(final) if request.prompt_logprobs is not None else None)
         return response.model_dump()
 
     async def _stream(self, request: ChatCompletionRequest, rid: str, created: int, n: int, holdback: int,

@@ -297,3 +297,9 @@ async def unless_disconnected(raw_request: Request, work: Awaitable[T]) -> T | N
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def raw_prompt_logprobs(out: RequestOutput) -> list[dict[int, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs`` field: per prompt position, token id -> logprob, rank, decoded token."""
+    return [None if e is None else {t: {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                                    for t, lp in e.items()} for e in (out.prompt_logprobs or [])]

@@ -18,6 +18,7 @@ from aphrodite.endpoints.openai.serving_common import (
     closer,
     merge_streams,
     new_id,
+    raw_prompt_logprobs,
     sse,
     sse_error,
     stop_holdback,
@@ -130,7 +131,7 @@ class CompletionServing:
                                           "logprobs": logprobs, "finish_reason": c.finish_reason,
                                           "stop_reason": c.stop_reason}
                 if p.params.prompt_logprobs is not None and request.prompt_logprobs is not None:
-                    choice["prompt_logprobs"] = _raw_prompt_logprobs(out)
+                    choice["prompt_logprobs"] = raw_prompt_logprobs(out)
                 choices.append(choice)
         response = CompletionResponse(id=rid, created=created, model=request.model, choices=choices,
                                       usage=usage(n_prompt, n_completion))
@@ -253,8 +254,4 @@ def _join(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             "token_logprobs": a["token_logprobs"] + b["token_logprobs"], "tokens": a["tokens"] + b["tokens"],
             "top_logprobs": a["top_logprobs"] + b["top_logprobs"]}
 
-
-def _raw_prompt_logprobs(out: RequestOutput) -> list[dict[int, dict[str, Any]] | None]:
-    return [None if e is None else {t: {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
-                                    for t, lp in e.items()} for e in (out.prompt_logprobs or [])]
 
