@@ -133,3 +133,19 @@ def test_chat_prompt_logprobs(http):
         assert all(set(v) == {"logprob", "rank", "decoded_token"} for v in entry.values())
     body.pop("prompt_logprobs")
     assert http.post("/v1/chat/completions", json=body).json()["prompt_logprobs"] is None
+
+
+def test_truncate_prompt_tokens(client, http):
+    """vLLM's truncate_prompt_tokens keeps the last k prompt tokens, so a long prompt still fits."""
+    long_prompt = "hello " * 2100
+    out = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=2,
+                                    extra_body={"truncate_prompt_tokens": 100})
+    assert out.usage.prompt_tokens == 100
+    echoed = client.completions.create(model=MODEL, prompt="one two three four five", max_tokens=1, echo=True,
+                                       temperature=0, extra_body={"truncate_prompt_tokens": 2})
+    assert echoed.usage.prompt_tokens == 2 and echoed.choices[0].text.startswith(" four five")
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_prompt}],
+                                          max_tokens=2, extra_body={"truncate_prompt_tokens": 50})
+    assert chat.usage.prompt_tokens == 50
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "truncate_prompt_tokens": 5000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"

@@ -109,6 +109,7 @@ class SamplingFields(OpenAIBaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM: keep only the last k prompt tokens (-1: max_model_len)
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, **overrides: Any) -> SamplingParams:
         """Build (and so validate) the engine's parameters; raises ``ValueError``."""

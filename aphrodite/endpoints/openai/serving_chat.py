@@ -64,6 +64,9 @@ class ChatServing:
                              chat_template_kwargs=request.chat_template_kwargs, tools=request.tools)
         # The template already holds the BOS token where the model wants one.
         ids = ctx.encode(prompt, add_special_tokens=False)
+        if request.truncate_prompt_tokens is not None:
+            ids = ctx.truncate(ids, request.truncate_prompt_tokens)
+            prompt = ctx.tokenizer.decode(ids)
         if request.max_completion_tokens is not None:
             max_tokens = ctx.max_tokens_for(request.max_completion_tokens, len(ids), "max_completion_tokens")
         else:

@@ -64,6 +64,17 @@ class ServingContext:
         if request.stream_options is not None and not request.stream:
             raise OpenAIError("Stream options can only be defined when `stream=True`.", param="stream_options")
 
+    def truncate(self, ids: list[int], k: int | None) -> list[int]:
+        """The last ``k`` prompt tokens (vLLM's ``truncate_prompt_tokens``; -1 means max_model_len)."""
+        if k is None:
+            return ids
+        if k == -1:
+            k = self.max_model_len
+        if k < 1 or k > self.max_model_len:
+            raise OpenAIError(f"truncate_prompt_tokens must be -1 or between 1 and max_model_len "
+                              f"({self.max_model_len}), got {k}.", param="truncate_prompt_tokens")
+        return ids[-k:]
+
     def need_tokenizer(self) -> Any:
         if self.tokenizer is None:
             raise OpenAIError("This server was started with skip_tokenizer_init: send token ids, not text.")

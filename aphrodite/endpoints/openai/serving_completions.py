@@ -87,11 +87,15 @@ class CompletionServing:
         else:
             items = list(prompt)
         out = []
+        k = request.truncate_prompt_tokens
         for item in items:
             if isinstance(item, str):
-                out.append(_Prompt(item, self.ctx.encode(item)))
+                ids = self.ctx.encode(item)
+                truncated = self.ctx.truncate(ids, k)
+                # A cut prompt is echoed as what the model saw: its text comes from the kept ids.
+                out.append(_Prompt(item if len(truncated) == len(ids) else None, truncated))
             else:
-                out.append(_Prompt(None, list(item)))
+                out.append(_Prompt(None, self.ctx.truncate(list(item), k)))
         return out
 
     def _prompt_text(self, p: _Prompt) -> str:
