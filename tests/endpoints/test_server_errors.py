@@ -66,7 +66,7 @@ def test_bad_input(http, path, body, status, param, words):
 
 def test_unknown_model_code(http):
     err = http.post("/v1/completions", json={"model": "nope", "prompt": "x"}).json()["error"]
-    assert err["code"] == "model_not_found"
+    assert err["code"] == "model_not_found" and err["type"] == "NotFoundError"  # OpenAI's code, vLLM's type
 
 
 def test_openai_client_raises_typed_errors(client):

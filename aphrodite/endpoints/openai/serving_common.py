@@ -54,9 +54,10 @@ class ServingContext:
         if name is None and not required:
             return
         if name not in self.served_model_names:
+            # vLLM's type (NotFoundError) with OpenAI's code (model_not_found): clients check either.
             raise OpenAIError(f"The model `{name}` does not exist. Served models: "
                               f"{', '.join(self.served_model_names)}.", HTTPStatus.NOT_FOUND,
-                              param="model", code="model_not_found")
+                              param="model", code="model_not_found", type="NotFoundError")
 
     @staticmethod
     def check_stream_options(request: SamplingFields) -> None:
