@@ -149,3 +149,10 @@ def test_truncate_prompt_tokens(client, http):
     assert chat.usage.prompt_tokens == 50
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "truncate_prompt_tokens": 5000})
     assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
+def test_bad_max_completion_tokens_is_named_as_sent(http):
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_completion_tokens": 0})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "max_completion_tokens"
+    assert err["message"].startswith("max_completion_tokens")

@@ -76,7 +76,13 @@ class ChatServing:
             logprobs = request.top_logprobs or 0
         elif request.top_logprobs:
             raise OpenAIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
-        params = ctx.sampling_params(request, max_tokens, logprobs)
+        try:
+            params = ctx.sampling_params(request, max_tokens, logprobs)
+        except OpenAIError as e:
+            if e.param == "max_tokens" and request.max_completion_tokens is not None:
+                e.param = "max_completion_tokens"  # the field this request set
+                e.message = e.message.replace("max_tokens", "max_completion_tokens", 1)
+            raise
         n = params.n
         if request.stream and params.best_of > n:
             raise OpenAIError("best_of > n cannot be streamed: the best sequences are known only at the end.",

@@ -257,5 +257,3 @@ def _join(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {"text_offset": a["text_offset"] + [base + o for o in b["text_offset"]],
             "token_logprobs": a["token_logprobs"] + b["token_logprobs"], "tokens": a["tokens"] + b["tokens"],
             "top_logprobs": a["top_logprobs"] + b["top_logprobs"]}
-
-
