@@ -5,21 +5,19 @@ so a missed latency target can be explained (weight streaming vs launch gaps vs 
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 
 from torch.profiler import ProfilerActivity, profile
 
 from aphrodite import LLM, SamplingParams
-from aphrodite.benchmarks.model_shapes import MODEL_SHAPES
+from aphrodite.benchmarks.model_shapes import write_model_shape
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as d:
-        with open(f"{d}/config.json", "w") as f:
-            json.dump(MODEL_SHAPES["llama-3.1-8b"], f)
-        llm = LLM(d, load_format="dummy", skip_tokenizer_init=True)
+        path = write_model_shape("llama-3.1-8b", d)
+        llm = LLM(str(path), load_format="dummy", skip_tokenizer_init=True)
         prompt = {"prompt_token_ids": list(range(1000, 1128))}
         sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
         llm.generate(prompt, sp, use_tqdm=False)
