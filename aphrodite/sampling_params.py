@@ -7,15 +7,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from enum import IntEnum
 
 _GREEDY_EPS = 1e-5
-
-
-class SamplingType(IntEnum):
-    GREEDY = 0
-    RANDOM = 1
-
 
 @dataclass
 class SamplingParams:
@@ -99,8 +92,9 @@ class SamplingParams:
             bad("seed", "an integer", self.seed)
 
     @property
-    def sampling_type(self) -> SamplingType:
-        return SamplingType.GREEDY if self.temperature < _GREEDY_EPS else SamplingType.RANDOM
+    def is_greedy(self) -> bool:
+        """Temperatures this small mean argmax (vLLM's convention)."""
+        return self.temperature < _GREEDY_EPS
 
     def clone(self) -> SamplingParams:
         return copy.deepcopy(self)

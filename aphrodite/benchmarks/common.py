@@ -159,3 +159,18 @@ def write_json(path: str, results: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=4)
     print(f"Results written to {path}")
+
+
+def workload_params(args: argparse.Namespace, model: ResolvedModel):
+    """The sampling parameters of every benchmark request: exactly ``--output-len`` tokens each."""
+    from aphrodite.sampling_params import SamplingParams
+    return SamplingParams(n=args.n, temperature=args.temperature, top_p=1.0, ignore_eos=True,
+                          max_tokens=args.output_len,
+                          detokenize=model.has_tokenizer and not args.disable_detokenize)
+
+
+def record_speedup(results: dict[str, Any], hf: dict[str, Any], speedup: float) -> None:
+    """Attach the HF baseline to ``results`` and print the ratio line."""
+    results["hf_baseline"] = hf
+    results["speedup_vs_hf"] = speedup
+    print(f"Speedup vs HF: {speedup:.2f}x", flush=True)

@@ -85,7 +85,6 @@ def _validate(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark, print vLLM's lines and return the results (also written by --output-json)."""
-    from aphrodite.sampling_params import SamplingParams
     _validate(args)
     with common.ModelShape(args):
         llm, startup = common.start_engine(args)
@@ -94,9 +93,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         seed = getattr(args, "seed", 0)
         prompts = common.random_token_prompts(args.batch_size, args.input_len, model.hf_config.vocab_size, seed)
         requests = [{"prompt_token_ids": p} for p in prompts]
-        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=1.0, ignore_eos=True,
-                                max_tokens=args.output_len,
-                                detokenize=model.has_tokenizer and not args.disable_detokenize)
+        params = common.workload_params(args, model)
 
         def run() -> int:
             return common.count_tokens(llm.generate(requests, params, use_tqdm=False))[1]
@@ -112,10 +109,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.baseline == "hf":
             del llm, run
             common.free_device_memory()
-            results["hf_baseline"] = hf = _run_hf(args, model, prompts, seed)
-            speedup = hf["avg_latency"] / results["avg_latency"]
-            results["speedup_vs_hf"] = speedup
-            print(f"Speedup vs HF: {speedup:.2f}x", flush=True)
+            hf = _run_hf(args, model, prompts, seed)
+            common.record_speedup(results, hf, hf["avg_latency"] / results["avg_latency"])
 
     if args.output_json:
         common.write_json(args.output_json, results)

@@ -61,7 +61,6 @@ def _validate(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark, print vLLM's lines and return the results (also written by --output-json)."""
-    from aphrodite.sampling_params import SamplingParams
     _validate(args)
     with common.ModelShape(args):
         llm, startup = common.start_engine(args)
@@ -69,9 +68,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         common.check_lengths(model, args.input_len, args.output_len)
         seed = getattr(args, "seed", 0)
         prompts = common.random_token_prompts(args.num_prompts, args.input_len, model.hf_config.vocab_size, seed)
-        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=1.0, ignore_eos=True,
-                                max_tokens=args.output_len,
-                                detokenize=model.has_tokenizer and not args.disable_detokenize)
+        params = common.workload_params(args, model)
 
         start = time.perf_counter()
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=True)
@@ -84,10 +81,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.baseline == "hf":
             del llm, outputs
             common.free_device_memory()
-            results["hf_baseline"] = hf = _run_hf(args, model, prompts, seed)
-            speedup = results["output_tokens_per_second"] / hf["output_tokens_per_second"]
-            results["speedup_vs_hf"] = speedup
-            print(f"Speedup vs HF: {speedup:.2f}x", flush=True)
+            hf = _run_hf(args, model, prompts, seed)
+            common.record_speedup(results, hf, results["output_tokens_per_second"] / hf["output_tokens_per_second"])
 
     if args.output_json:
         common.write_json(args.output_json, results)

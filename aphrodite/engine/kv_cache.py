@@ -29,7 +29,6 @@ class KVCacheManager:
         self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}    # hash -> block id
         self.prefix_hits = 0                # blocks reused from the prefix cache (a counter for tests/metrics)
-        self.prefix_queries = 0
 
     # ---- queries ----------------------------------------------------------
     @property
@@ -64,7 +63,6 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_queries += len(request.block_hashes)
         return hits
 
     # ---- allocation -------------------------------------------------------
@@ -122,8 +120,3 @@ class KVCacheManager:
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
                 self.free_blocks[b] = None
-
-    def reset_prefix_cache(self) -> None:
-        for b in self.free_blocks:
-            self.block_hash[b] = None
-        self.cached = {h: b for h, b in self.cached.items() if self.ref_counts[b] > 0}

@@ -62,7 +62,6 @@ class Request:
             [None] if params.prompt_logprobs is not None else None)
         self.detokenizer = None             # set by the engine when text is wanted
         self.output_text = ""
-        self.num_emitted_chars = 0          # for streaming deltas
 
     @property
     def num_tokens(self) -> int:

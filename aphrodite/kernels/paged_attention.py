@@ -408,7 +408,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 class TritonAttentionBackend:
-    """Drop-in for ``TorchAttentionBackend`` (``set_attention_backend(TritonAttentionBackend)``).
+    """Drop-in for ``TorchAttentionBackend``; ``Attention`` picks it for CUDA tensors.
 
     CUDA-graph safe for decode: no host syncs, launches depend only on shapes and meta's Python ints.
     The split-KV factor is fixed at capture from ``meta.max_decode_seq_len``, so capture decode graphs

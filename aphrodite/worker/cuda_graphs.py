@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from aphrodite.modeling.layers.attention import AttentionMetadata, set_attention_metadata
+from aphrodite.modeling.layers.attention import set_attention_metadata
 
 if TYPE_CHECKING:
     from aphrodite.worker.model_runner import HostBatch, ModelRunner
@@ -32,7 +32,7 @@ class DecodeGraphs:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.sizes = capture_sizes(runner.config.scheduler.max_num_seqs)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def can_run(self, host: HostBatch) -> bool:
         return bool(self.graphs) and host.num_decodes == host.num_seqs and host.num_seqs <= self.sizes[-1]
@@ -55,17 +55,17 @@ class DecodeGraphs:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
                         hidden = model(ids[:batch], pos[:batch])
-                self.graphs[batch] = (graph, hidden, meta)
+                self.graphs[batch] = (graph, hidden)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         logger.info("Captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), self.sizes[-1],
                     time.perf_counter() - start)
 
-    def run(self, host: HostBatch) -> tuple[torch.Tensor, AttentionMetadata]:
-        """Replay the smallest graph that fits; returns (hidden of the real rows, its metadata)."""
+    def run(self, host: HostBatch) -> torch.Tensor:
+        """Replay the smallest graph that fits; returns the hidden states of the real rows."""
         n = host.num_seqs
         batch = next(s for s in self.sizes if s >= n)
-        graph, hidden, meta = self.graphs[batch]
+        graph, hidden = self.graphs[batch]
         self.runner.inputs.fill_decode(host, batch)
         graph.replay()
-        return hidden[:n], meta
+        return hidden[:n]

@@ -196,7 +196,7 @@ class ModelRunner:
             [host.starts[i + 1] - 1 for i in sample_idx], device=self.device)
 
         if self.graphs is not None and self.graphs.can_run(host):
-            hidden, _ = self.graphs.run(host)
+            hidden = self.graphs.run(host)
         else:
             input_ids, positions, meta = self.inputs.to_device(host)
             with set_attention_metadata(meta):

@@ -11,7 +11,7 @@ from aphrodite.modeling.layers.sampler import SamplingMetadata, uniform_from_see
 def build_sampling_metadata(requests: list[Request], vocab_size: int, device: torch.device) -> SamplingMetadata:
     """Gather the scheduled requests' parameters into one batch of tensors."""
     ps = [r.params for r in requests]
-    temp = [p.temperature if p.temperature >= 1e-5 else 0.0 for p in ps]
+    temp = [0.0 if p.is_greedy else p.temperature for p in ps]
     all_greedy = not any(temp)
 
     def column(values: list, neutral, dtype) -> torch.Tensor | None:

@@ -65,7 +65,7 @@ class StepInputs:
         """(input ids, positions, attention metadata) of an eagerly run step."""
         max_decode = max(host.seq_lens[:host.num_decodes], default=0)
         max_q = max(b - a for a, b in zip(host.starts, host.starts[1:]))
-        common = dict(num_decodes=host.num_decodes, num_decode_tokens=host.num_decodes, max_query_len=max_q,
+        common = dict(num_decodes=host.num_decodes, max_query_len=max_q,
                       max_seq_len=max(host.seq_lens), max_decode_seq_len=max_decode,
                       query_start_loc_cpu=host.starts, seq_lens_cpu=host.seq_lens)
         if self.device.type != "cuda":
@@ -88,7 +88,7 @@ class StepInputs:
         Lengths are the worst case so the kernels' launch choices (split-KV) fit any replay.
         """
         return AttentionMetadata(
-            num_decodes=batch, num_decode_tokens=batch, query_start_loc=self.decode_starts[:batch + 1],
+            num_decodes=batch, query_start_loc=self.decode_starts[:batch + 1],
             seq_lens=self.seq_lens[1][:batch], block_tables=self.tables[1][:batch],
             slot_mapping=self.slots[1][:batch], max_query_len=1, max_seq_len=self.max_model_len,
             max_decode_seq_len=self.max_model_len, query_start_loc_cpu=list(range(batch + 1)),

@@ -126,7 +126,7 @@ class Batch:
         from aphrodite.modeling.layers.attention import AttentionMetadata
 
         return AttentionMetadata(
-            num_decodes=self.num_decodes, num_decode_tokens=self.num_decodes, query_start_loc=self.qsl,
+            num_decodes=self.num_decodes, query_start_loc=self.qsl,
             seq_lens=self.seq_lens, block_tables=self.block_tables, slot_mapping=self.slot_mapping,
             max_query_len=self.max_query_len, max_seq_len=self.max_seq_len,
             max_decode_seq_len=self.max_decode_seq_len, query_start_loc_cpu=self.starts,

@@ -99,8 +99,7 @@ def make_case(q_lens: list[int], ctx_lens: list[int], num_kv_heads: int, group: 
             num_decodes += 1
     dec_lens = seq_lens[:num_decodes]
     meta = AttentionMetadata(
-        num_decodes=num_decodes, num_decode_tokens=num_decodes,
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        num_decodes=num_decodes, query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         block_tables=block_tables.to(device),
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),

@@ -66,8 +66,8 @@ def build_metadata(seqs: list[tuple[list[int], int, int]]) -> AttentionMetadata:
     tables = [t + [0] * (width - len(t)) for t, _, _ in seqs]
     i32 = torch.int32
     return AttentionMetadata(
-        num_decodes=num_decodes, num_decode_tokens=num_decodes,
-        query_start_loc=torch.tensor(starts, dtype=i32), seq_lens=torch.tensor(lens, dtype=i32),
+        num_decodes=num_decodes, query_start_loc=torch.tensor(starts, dtype=i32),
+        seq_lens=torch.tensor(lens, dtype=i32),
         block_tables=torch.tensor(tables, dtype=i32), slot_mapping=torch.tensor(slots, dtype=torch.int64),
         max_query_len=max(q for _, _, q in seqs), max_seq_len=max(lens),
         max_decode_seq_len=max(lens[:num_decodes], default=0),

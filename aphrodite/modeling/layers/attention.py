@@ -22,7 +22,6 @@ from torch import nn
 @dataclass
 class AttentionMetadata:
     num_decodes: int            # the first num_decodes sequences have exactly one query token
-    num_decode_tokens: int      # == num_decodes
     query_start_loc: torch.Tensor  # int32 [B + 1], device
     seq_lens: torch.Tensor         # int32 [B], context length including this step's tokens, device
     block_tables: torch.Tensor     # int32 [B, max_blocks], device
@@ -117,14 +116,11 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     # Padded slots are masked out; they hold finite data because the model runner zero-fills
     # the pool, so 0 * garbage cannot turn into NaN.
     keep = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]
-    if q.device.type == "cpu" and q.dtype != torch.float32:
-        # The CPU's half-precision SDPA is ~3x slower than fp32 at decode shapes; upcast instead.
-        out = F.scaled_dot_product_attention(q[:, :, None, :].float(), keys.float(), vals.float(),
-                                             attn_mask=keep[:, None, None, :], scale=scale, enable_gqa=hq != hkv)
-        return out.view(b, hq, d).to(q.dtype)
-    out = F.scaled_dot_product_attention(q[:, :, None, :], keys, vals, attn_mask=keep[:, None, None, :],
-                                         scale=scale, enable_gqa=hq != hkv)
-    return out.view(b, hq, d)
+    # The CPU's half-precision SDPA is ~3x slower than fp32 at decode shapes: compute in fp32 there.
+    work = torch.float32 if q.device.type == "cpu" else q.dtype
+    out = F.scaled_dot_product_attention(q[:, :, None, :].to(work), keys.to(work), vals.to(work),
+                                         attn_mask=keep[:, None, None, :], scale=scale, enable_gqa=hq != hkv)
+    return out.view(b, hq, d).to(q.dtype)
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -148,18 +144,8 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
     return out.transpose(0, 1)
 
 
-_BACKEND: type | None = None   # None: chosen by device (Triton on CUDA, PyTorch elsewhere)
-
-
-def set_attention_backend(backend: type | None) -> None:
-    """Force one backend for every device (tests); ``None`` restores the choice by device."""
-    global _BACKEND
-    _BACKEND = backend
-
-
 def _backend_for(q: torch.Tensor) -> type:
-    if _BACKEND is not None:
-        return _BACKEND
+    """Triton kernels on CUDA, plain PyTorch elsewhere."""
     if q.is_cuda:
         from aphrodite.kernels.paged_attention import TritonAttentionBackend
         return TritonAttentionBackend
