@@ -186,7 +186,9 @@ class CompletionServing:
                             offsets[idx] = lp["text_offset"][-1] + len(lp["tokens"][-1])
                         if prefix_lp is not None:
                             lp = {k: prefix_lp[k] + lp[k] for k in lp}
-                    if not (text or finished or (lp is not None and lp["tokens"])):
+                    # One chunk per step that made tokens, as vLLM: also when they add no text yet (no
+                    # tokenizer, a held-back stop string, a partial character), so clients can count them.
+                    if not (text or end > start or finished or (lp is not None and lp["tokens"])):
                         continue
                     cur.done = finished
                     if request.continuous_usage:
