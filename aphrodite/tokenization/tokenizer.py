@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from aphrodite.utils import cache_dir
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["get_tokenizer", "tokenizer_cache_dir"]
@@ -25,11 +27,8 @@ _CACHE_FORMAT = 1
 
 
 def tokenizer_cache_dir() -> Path:
-    """Where converted GGUF tokenizers live: ``$APHRODITE_CACHE_DIR`` or ``~/.cache/aphrodite``."""
-    root = os.environ.get("APHRODITE_CACHE_DIR")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "aphrodite")
-    return Path(root) / "tokenizers"
+    """Where converted GGUF tokenizers live (see ``aphrodite.utils.cache_dir``)."""
+    return cache_dir("tokenizers")
 
 
 def _resolve_gguf(name_or_path: str, gguf_file: str | None) -> str | None:

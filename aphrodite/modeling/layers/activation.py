@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aphrodite.kernels.cpu import ops as cpu_ops
+
 
 class SiluAndMul(nn.Module):
     """``silu(x[..., :d]) * x[..., d:]`` for ``x [..., 2d]``: the SwiGLU of a fused gate_up output."""
@@ -13,5 +15,7 @@ class SiluAndMul(nn.Module):
         if x.is_cuda:   # one fused Triton pass
             from aphrodite.kernels.activation import silu_and_mul
             return silu_and_mul(x)
+        if x.device.type == "cpu" and cpu_ops.available(x.dtype):
+            return cpu_ops.silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aphrodite.kernels.cpu import ops as cpu_ops
+
 
 @dataclass
 class AttentionMetadata:
@@ -106,6 +108,9 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     K/V are gathered block-wise with one ``index_select`` (several times faster than
     advanced indexing on the CPU); padded slots are masked out of the softmax.
     """
+    if q.device.type == "cpu" and cpu_ops.available(q.dtype) and k_cache.dtype == q.dtype:
+        # Reads the paged cache in place: no gather, no padding, no dtype round trip.
+        return cpu_ops.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
     b, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     nblocks = (max_len + bs - 1) // bs

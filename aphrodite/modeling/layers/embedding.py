@@ -18,7 +18,7 @@ from aphrodite.distributed.parallel_state import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
 )
-from aphrodite.modeling.layers.linear import copy_into, new_parameter
+from aphrodite.modeling.layers.linear import copy_into, dense, new_parameter
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -73,7 +73,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 def compute_lm_logits(head: VocabParallelEmbedding, hidden: torch.Tensor) -> torch.Tensor:
     """float32 logits ``[N, vocab]`` of ``hidden [N, d]`` against ``head``'s (possibly tied) weight."""
-    logits = F.linear(hidden, head.weight, getattr(head, "bias", None))
+    logits = dense(hidden, head.weight, getattr(head, "bias", None))
     if head.tp_size > 1:
         logits = tensor_model_parallel_all_gather(logits, dim=-1)[..., :head.num_embeddings]
     return logits.float()

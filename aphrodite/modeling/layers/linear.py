@@ -23,8 +23,17 @@ from aphrodite.distributed.parallel_state import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
 )
+from aphrodite.kernels.cpu import ops as cpu_ops
 
 WeightLoader = Callable[..., None]
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, except that a few rows on the CPU stream the weight through the C GEMV
+    (decode at small batch is bound by reading weights, which it does ~2x faster than BLAS)."""
+    if x.device.type == "cpu" and cpu_ops.use_gemv(x, weight):
+        return cpu_ops.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -89,7 +98,7 @@ class ReplicatedLinear(LinearBase):
         copy_into(param.data, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return dense(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -107,7 +116,7 @@ class ColumnParallelLinear(LinearBase):
         copy_into(param.data, loaded_weight.narrow(0, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = dense(x, self.weight, self.bias)
         if self.gather_output and self.tp_size > 1:
             out = tensor_model_parallel_all_gather(out, dim=-1)
         return out
@@ -207,8 +216,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = F.linear(x, self.weight)
+            return dense(x, self.weight, self.bias)
+        out = dense(x, self.weight)
         if self.reduce_results:
             out = tensor_model_parallel_all_reduce(out)
         if self.bias is not None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aphrodite.kernels.cpu import ops as cpu_ops
 from aphrodite.modeling.layers.linear import default_weight_loader
 
 
@@ -36,6 +37,8 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return rms_norm(x, self.weight, self.eps)
             return fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if x.device.type == "cpu" and cpu_ops.available(x.dtype):   # one C pass
+            return cpu_ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

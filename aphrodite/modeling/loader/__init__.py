@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from aphrodite.config import ModelConfig
+from aphrodite.kernels.cpu import ops as cpu_ops
 from aphrodite.modeling.models.registry import get_model_class
 
 LOAD_FORMATS = ("safetensors", "dummy", "gguf")
@@ -59,8 +60,8 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
                              + (" ..." if len(missing) > 8 else ""))
     for param in model.parameters():
         param.requires_grad_(False)
-    if device.type == "cpu" and model_config.dtype == torch.float32:
-        use_column_major_weights(model)
+    if device.type == "cpu" and model_config.dtype == torch.float32 and not cpu_ops.available(torch.float32):
+        use_column_major_weights(model)   # only MKL's GEMV likes it; the C GEMV reads row-major
     return model.eval()
 
 

@@ -1,0 +1,91 @@
+"""Build ``cpu_ops.c`` into a shared library once per machine and load it with ctypes.
+
+Plain C and the system compiler keep the build to about a second (no PyTorch headers), and
+ctypes needs no Python extension ABI. The library is compiled with ``-march=native``, so it
+is cached per source, compiler and CPU. It links the libgomp that PyTorch ships, so both
+share one OpenMP thread pool instead of two pools fighting for the same cores. Anything
+that goes wrong (no compiler, an unusual platform) leaves the PyTorch path in charge:
+``load_library()`` then returns None and logs why once.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from aphrodite.utils import cache_dir
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_ops.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+
+
+def _torch_libgomp() -> str | None:
+    """PyTorch's own libgomp, if the wheel bundles one (Linux wheels do)."""
+    found = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
+    return found[0] if found else None
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor()
+    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def _build(cc: str, target: Path) -> None:
+    gomp = _torch_libgomp()
+    cmd = [cc, *_FLAGS, str(SOURCE), "-o"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        link = [gomp, f"-Wl,-rpath,{os.path.dirname(gomp)}"] if gomp else []
+        subprocess.run([*cmd, str(out), *link, "-lm"], check=True, capture_output=True, text=True)
+        os.replace(out, target)   # atomic: concurrent builders never see a half-written file
+
+
+@cache
+def load_library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they cannot be used here (reason logged once)."""
+    if os.environ.get("APHRODITE_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
+        logger.info("CPU C kernels are built on Linux x86_64/aarch64 only; using PyTorch ops")
+        return None
+    cc = _compiler()
+    if cc is None:
+        logger.warning("No C compiler found (set CC or install gcc); CPU decode uses PyTorch ops")
+        return None
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), cc.encode(), " ".join(_FLAGS).encode(), _cpu_signature().encode(),
+                 str(_torch_libgomp()).encode()):
+        key.update(part)
+    target = cache_dir("kernels") / f"cpu_ops-{key.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            _build(cc, target)
+            logger.info("Built CPU kernels: %s", target)
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        logger.warning("Could not build the CPU C kernels (%s); CPU decode uses PyTorch ops",
+                       detail.strip()[:500])
+        return None

@@ -1,0 +1,92 @@
+"""PyTorch-facing wrappers of the C kernels in ``cpu_ops.c``; references live in the tests.
+
+Each wrapper takes contiguous CPU tensors of float32 or bfloat16 and returns a new tensor.
+Callers ask ``available(dtype)`` first and keep their PyTorch code as the fallback, so a
+machine without a C compiler still runs (more slowly) on the same model code.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from aphrodite.kernels.cpu.build import load_library
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+# Up to this many input rows a linear layer streams its weight once through the C GEMV;
+# beyond it the batch is compute-bound and oneDNN/MKL's blocked GEMM wins.
+GEMV_MAX_ROWS = 4
+
+
+def available(dtype: torch.dtype) -> bool:
+    """Whether the C kernels handle ``dtype`` on this machine."""
+    return dtype in _DTYPE_CODES and load_library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _lib() -> ctypes.CDLL:
+    lib = load_library()
+    assert lib is not None, "CPU kernels are not available (check available() first)"
+    return lib
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear(x, weight)`` should take the C GEMV: few rows, row-major weight."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (0 < rows <= GEMV_MAX_ROWS and x.device.type == "cpu" and weight.dtype == x.dtype
+            and weight.is_contiguous() and available(x.dtype))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a row-major ``weight [N, K]``, float32 accumulation."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()
+    n = weight.shape[0]
+    out = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    bias = None if bias is None else bias.contiguous()   # kept alive in a local: C reads its memory
+    _lib().aph_linear(_DTYPE_CODES[x.dtype], _ptr(weight), _ptr(x2), _ptr(bias), _ptr(out),
+                      x2.shape[0], n, k)
+    return out.view(*x.shape[:-1], n)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence, ``q [B, Hq, D]``, over the cache ``[blocks, block_size, Hkv, D]``."""
+    b, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == q.dtype
+    q = q.contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    out = torch.empty_like(q)
+    _lib().aph_paged_decode_attention(
+        _DTYPE_CODES[q.dtype], _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _ptr(lens),
+        _ptr(out), b, hq, hkv, d, block_size, tables.shape[1], ctypes.c_float(scale))
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``x``; with ``residual``, of ``x + residual``, returning ``(normed, x + residual)``."""
+    n = x.shape[-1]
+    x = x.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    weight = weight.to(x.dtype).contiguous()
+    out = torch.empty_like(x)
+    res_out = None if residual is None else torch.empty_like(x)
+    _lib().aph_rms_norm(_DTYPE_CODES[x.dtype], _ptr(x), _ptr(residual), _ptr(res_out), _ptr(weight),
+                        _ptr(out), x.numel() // n, n, ctypes.c_float(eps))
+    return out if residual is None else (out, res_out)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` in one pass."""
+    d = x.shape[-1] // 2
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], d, dtype=x.dtype)
+    _lib().aph_silu_and_mul(_DTYPE_CODES[x.dtype], _ptr(x), _ptr(out), x.numel() // (2 * d), d)
+    return out

@@ -1,0 +1,96 @@
+"""The C CPU kernels against plain-PyTorch references on random inputs (fp32 and bf16)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aphrodite.kernels.cpu import ops
+
+pytestmark = pytest.mark.skipif(not ops.available(torch.float32), reason="no C compiler for the CPU kernels")
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_float64(dtype, rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 200, generator=g).to(dtype)
+    w = torch.randn(77, 200, generator=g).to(dtype)
+    b = torch.randn(77, generator=g).to(dtype) if bias else None
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    out = ops.linear(x, w, b)
+    assert out.dtype == dtype and out.shape == (rows, 77)
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+
+
+def test_linear_keeps_leading_dims():
+    x = torch.randn(2, 1, 64)
+    w = torch.randn(32, 64)
+    torch.testing.assert_close(ops.linear(x, w), F.linear(x, w), atol=1e-4, rtol=1e-4)
+
+
+def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
+    """Gather each sequence's tokens from its blocks and run float64 softmax attention."""
+    b, hq, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty(b, hq, d, dtype=torch.float64)
+    for i in range(b):
+        n = int(lens[i])
+        slots = [int(tables[i, t // bs]) * bs + t % bs for t in range(n)]
+        k = k_cache.flatten(0, 1)[slots].double().repeat_interleave(hq // hkv, dim=1)   # [n, hq, d]
+        v = v_cache.flatten(0, 1)[slots].double().repeat_interleave(hq // hkv, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[i].double(), k) * scale
+        out[i] = torch.einsum("hn,nhd->hd", s.softmax(-1), v)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d,bs", [(4, 4, 32, 16), (9, 3, 64, 16), (8, 1, 16, 4)])
+def test_paged_decode_attention_matches_reference(dtype, hq, hkv, d, bs):
+    g = torch.Generator().manual_seed(hq * d + bs)
+    num_blocks, b = 40, 5
+    k_cache = torch.randn(num_blocks, bs, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, bs, hkv, d, generator=g).to(dtype)
+    lens = torch.tensor([1, bs, bs + 1, 3 * bs - 2, 5 * bs], dtype=torch.int32)
+    max_blocks = 6
+    tables = torch.randperm(num_blocks, generator=g)[: b * max_blocks].view(b, max_blocks).to(torch.int32)
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
+    scale = d ** -0.5
+    out = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    torch.testing.assert_close(out.double(), _reference_decode(q, k_cache, v_cache, tables, lens, scale),
+                               **TOL[dtype])
+
+
+def _reference_rms_norm(x, weight, eps, residual=None):
+    """HF Llama's arithmetic: float32 statistics, normalised value cast back before the weight."""
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h.to(x.dtype)), x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(dtype, with_residual):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 96, generator=g).to(dtype)
+    res = torch.randn(6, 96, generator=g).to(dtype) if with_residual else None
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
+    ref, ref_sum = _reference_rms_norm(x, w, 1e-5, res)
+    out = ops.rms_norm(x, w, 1e-5, res)
+    if with_residual:
+        out, summed = out
+        assert torch.equal(summed, ref_sum)
+    torch.testing.assert_close(out, ref, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_reference(dtype):
+    x = torch.randn(5, 2 * 70, generator=torch.Generator().manual_seed(3)).to(dtype)
+    ref = F.silu(x[:, :70]) * x[:, 70:]
+    torch.testing.assert_close(ops.silu_and_mul(x), ref, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-5)
