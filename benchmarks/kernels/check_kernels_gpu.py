@@ -11,6 +11,7 @@ captured in a CUDA graph and replayed on changed lengths/slots to check graph sa
     python benchmarks/kernels/check_kernels_gpu.py            # checks + timings, table last
     python benchmarks/kernels/check_kernels_gpu.py --sweep    # also try attention tile configs
     python benchmarks/kernels/check_kernels_gpu.py --splits   # also time split-KV factors in graphs
+    python benchmarks/kernels/check_kernels_gpu.py --prologue-only  # the batch-1 decode attention block
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from aphrodite.kernels.rmsnorm import (  # noqa: E402
     rms_norm,
     rms_norm_ref,
 )
+from aphrodite.kernels.rope_cache import rope_and_cache, rope_and_cache_ref  # noqa: E402
 from aphrodite.kernels.rotary import build_cos_sin_cache, rotary_embedding, rotary_embedding_ref  # noqa: E402
 
 HQ, HKV, D, PAGE, HIDDEN, INTER = 32, 8, 128, 16, 4096, 14336
@@ -280,6 +282,84 @@ def sweep_splits() -> None:
         print(f"  {num}x{ctx} (heuristic {chosen}): " + " ".join(line), flush=True)
 
 
+def check_rope_and_cache(t: int) -> None:
+    """Fused rotary + cache write vs its reference (q/k/v as views of one qkv output)."""
+    b = Batch([t], [0], seed=9)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, D, 2, device=DEV, dtype=torch.float32) / D)
+    cache = build_cos_sin_cache(inv_freq, 8192, DT)
+    pos = torch.randint(0, 8192, (t,), device=DEV)
+    qkv = torch.randn(t, (HQ + 2 * HKV) * D, device=DEV, dtype=DT)
+
+    def views(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v = x.split([HQ * D, HKV * D, HKV * D], dim=-1)
+        return q.view(t, HQ, D), k.view(t, HKV, D), v.view(t, HKV, D)
+
+    ref_qkv, kc, vc = qkv.clone(), b.k_cache.clone(), b.v_cache.clone()
+    rope_and_cache_ref(pos, *views(ref_qkv), kc, vc, b.slot_mapping, cache)
+    work = qkv.clone()
+    rope_and_cache(pos, *views(work), b.k_cache, b.v_cache, b.slot_mapping, cache)
+    err = max(rel_err(work, ref_qkv), rel_err(b.k_cache, kc), rel_err(b.v_cache, vc))
+    ms = bench(lambda: rope_and_cache(pos, *views(work), b.k_cache, b.v_cache, b.slot_mapping, cache))
+    ref_ms = bench(lambda: rope_and_cache_ref(pos, *views(ref_qkv), kc, vc, b.slot_mapping, cache))
+    nbytes = (2 * (HQ + HKV) + 3 * HKV) * D * t * qkv.element_size()
+    record("rope_and_cache", f"T={t}", err, 1e-2, ms, ref_ms, nbytes)
+
+
+def _decode_block(b: Batch, qkv: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, out: torch.Tensor,
+                  mode: str, splits: int) -> None:
+    """One layer's decode attention block on qkv [1, (HQ + 2 HKV) * D]: ``before`` = rotary, cache
+    write, attention, split reduce (4 launches); ``after`` = one fused launch."""
+    q, k, v = (x.view(1, -1, D) for x in qkv.split([HQ * D, HKV * D, HKV * D], dim=-1))
+    args = (b.k_cache, b.v_cache, out, b.qsl, b.seq_lens, b.block_tables, b.scale, 1, 131072)
+    if mode == "before":
+        rotary_embedding(pos, q, k, D, cache)
+        pa.reshape_and_cache(k, v, b.k_cache, b.v_cache, b.slot_mapping)
+        pa.paged_attention(q, *args, num_splits=splits, fused_reduce=False, solo_tiles=0)
+    else:   # "after": as the engine runs it; "after+reduce": split partials merged by the reduce kernel
+        pa.paged_attention(q, *args, num_splits=splits, append=pa.DecodeAppend(pos, cache, k, v, b.slot_mapping),
+                           fused_reduce=mode == "after")
+
+
+def check_decode_prologue(layers: int = 32) -> None:
+    """A batch-1 decode step's attention block, as the 8B model's CUDA graph runs it ``layers`` times:
+    before (4 launches) vs after (1 launch: rotate, append and merge splits in-kernel; one program up
+    to ``DECODE_SOLO_TILES`` tiles) vs after+reduce (the merge as a second launch), with the split
+    factor decode graphs capture (heuristic at context 131072) and with no split. Prints us per
+    layer; the fused replays are checked against the references."""
+    print(f"\n== batch-1 decode attention block in a CUDA graph ({layers} layers per replay) ==")
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, D, 2, device=DEV, dtype=torch.float32) / D)
+    cache = build_cos_sin_cache(inv_freq, 8192 + 1, DT)
+    captured = pa.choose_num_splits(1, HKV, 131072, DEV)
+    for ctx in (128, 384, 2048, 8192):
+        b = Batch([1], [ctx - 1], seed=ctx)
+        qkv = torch.randn(1, (HQ + 2 * HKV) * D, device=DEV, dtype=DT)
+        pos = torch.tensor([ctx - 1], device=DEV)
+        out = torch.empty(1, HQ, D, device=DEV, dtype=DT)
+        times = {}
+        for mode, splits in (("before", captured), ("after", captured), ("after+reduce", captured), ("after", 1)):
+            work = qkv.clone()
+            _decode_block(b, work, pos, cache, out, mode, splits)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(layers):
+                    _decode_block(b, work, pos, cache, out, mode, splits)
+            work.copy_(qkv)
+            graph.replay()
+            err = 0.0
+            if mode != "before":   # "before" re-rotates q/k in place every layer: not comparable
+                q, k, v = (x.view(1, -1, D) for x in qkv.clone().split([HQ * D, HKV * D, HKV * D], dim=-1))
+                rotary_embedding_ref(pos, q, k, D, cache)
+                ref = torch.empty(1, HQ, D, device=DEV, dtype=torch.float32)
+                kc, vc = b.k_cache.clone(), b.v_cache.clone()
+                pa.reshape_and_cache_ref(k, v, kc, vc, b.slot_mapping)
+                pa.paged_attention_ref(q, kc, vc, ref, b.qsl, b.seq_lens, b.block_tables, b.scale)
+                err = rel_err(out, ref)
+            ms = bench(graph.replay) / layers
+            times[f"{mode} s={splits}"] = ms
+            record("decode attn block", f"1x ctx {ctx} {mode} s={splits}", err, 2e-2, ms, None, b.min_bytes())
+        print(f"  ctx {ctx}: " + ", ".join(f"{k} {v * 1e3:.1f} us" for k, v in times.items()), flush=True)
+
 # ---------------------------------------------------------------------------------------------------
 # Elementwise kernels
 # ---------------------------------------------------------------------------------------------------
@@ -329,6 +409,8 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also sweep attention tile configs")
     ap.add_argument("--splits", action="store_true", help="also sweep the split-KV factor in CUDA graphs")
     ap.add_argument("--skip-checks", action="store_true", help="only the sweeps")
+    ap.add_argument("--prologue-only", action="store_true",
+                    help="only the fused rotary/cache-write checks and the batch-1 decode attention block")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     torch.manual_seed(0)
@@ -338,7 +420,11 @@ def main() -> int:
     bw = copy_bandwidth()
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
 
-    if not args.skip_checks:
+    if args.prologue_only:
+        check_rope_and_cache(1)
+        check_rope_and_cache(8192)
+        check_decode_prologue()
+    elif not args.skip_checks:
         print("\n== paged attention (Llama-3.1-8B: 32 q heads, 8 kv heads, d=128, block 16, bf16) ==")
         check_reshape_and_cache(8192)
         check_attention("prefill 1x128", Batch([128], [0], seed=1))
@@ -352,6 +438,9 @@ def main() -> int:
         check_cuda_graph_decode(256, 1024)
         check_cuda_graph_decode(1, 8192)
         print("\n== elementwise ==")
+        check_rope_and_cache(1)
+        check_rope_and_cache(8192)
+        check_decode_prologue()
         for t in (256, 8192):
             check_rms_norm(t)
             check_rotary(t)

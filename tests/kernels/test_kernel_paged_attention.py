@@ -133,13 +133,13 @@ def dense_attention(case: Case, scale: float) -> torch.Tensor:
 
 
 def run_triton(case: Case, scale: float, num_splits: int | None = None) -> torch.Tensor:
-    """reshape_and_cache + paged_attention into a NaN-poisoned output."""
+    """reshape_and_cache + paged_attention into a NaN-poisoned output (short decode contexts split too)."""
     m = case.meta
     reshape_and_cache(case.k_new, case.v_new, case.k_cache, case.v_cache, m.slot_mapping)
     out = torch.full_like(case.q, float("nan"))
     paged_attention(case.q, case.k_cache, case.v_cache, out, m.query_start_loc, m.seq_lens, m.block_tables,
                     scale, m.max_query_len, m.max_seq_len, num_decodes=m.num_decodes,
-                    max_decode_seq_len=m.max_decode_seq_len, num_splits=num_splits)
+                    max_decode_seq_len=m.max_decode_seq_len, num_splits=num_splits, solo_tiles=0)
     return out
 
 

@@ -169,12 +169,20 @@ class Attention(nn.Module):
         # Bound by the model runner once the cache is allocated.
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``rope = (positions, cos_sin_cache)``: q/k are not rotated yet; the Triton backend rotates
+        them in the same launch as the cache write (GPU path only, see ``RotaryEmbedding.fused_rope``)."""
         t = q.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         meta = get_attention_metadata()
         assert self.kv_cache is not None, "KV cache not bound to the attention layer"
-        out = _backend_for(q).forward(q, k, v, self.kv_cache[0], self.kv_cache[1], meta, self.scale)
+        if rope is not None:
+            from aphrodite.kernels.paged_attention import TritonAttentionBackend
+            out = TritonAttentionBackend.forward(q, k, v, self.kv_cache[0], self.kv_cache[1], meta, self.scale,
+                                                 rope=rope)
+        else:
+            out = _backend_for(q).forward(q, k, v, self.kv_cache[0], self.kv_cache[1], meta, self.scale)
         return out.reshape(t, self.num_heads * self.head_dim)

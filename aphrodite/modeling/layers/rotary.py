@@ -111,6 +111,15 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin(positions)
         return positions, cos, sin
 
+    def fused_rope(self, state: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(positions, kernel cos/sin table)`` when the GPU attention backend should rotate q/k itself
+        (fused with its cache write: one launch per layer instead of two), else None (rotate first)."""
+        positions, cos, _ = state
+        if cos is None and self.kernel_cache is not None:
+            return positions, self.kernel_cache
+        return None
+
     def rotate_qk(self, qk: torch.Tensor, q_size: int,
                   state: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,6 +69,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, rotary: RotaryEmbedding, rope: tuple) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
+        fused = rotary.fused_rope(rope)
+        if fused is not None:  # GPU: the attention backend rotates q/k while writing the cache
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            return self.o_proj(self.attn(q, k, v, rope=fused))
         # Rotate q and k together (they are adjacent in the fused output), leave v as a view.
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         q, k = rotary.rotate_qk(qk, self.q_size, rope)
