@@ -142,11 +142,14 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
         vals = _gather_kv(v_cache, block_table, seq_len)
         qpos = torch.arange(ctx, seq_len, device=q.device)[:, None]
         mask = torch.arange(seq_len, device=q.device)[None, :] <= qpos
+    # The CPU's fused (flash) SDPA kernel takes only 4-D fp32 input; anything else falls back to
+    # the reference path, which expands GQA heads with copies and is several times slower.
+    work = torch.float32 if q.device.type == "cpu" else q.dtype
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1),
-        attn_mask=mask, is_causal=mask is None, scale=scale,
+        q.transpose(0, 1)[None].to(work), keys.transpose(0, 1)[None].to(work),
+        vals.transpose(0, 1)[None].to(work), attn_mask=mask, is_causal=mask is None, scale=scale,
         enable_gqa=q.shape[1] != keys.shape[1])
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1).to(q.dtype)
 
 
 def _backend_for(q: torch.Tensor) -> type:
