@@ -141,6 +141,7 @@ class EngineConfig:
     device: torch.device
     enforce_eager: bool
     log_stats: bool
+    async_scheduling: bool = False
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -239,4 +240,5 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
                                   max_model_len=max_model_len),
         parallel=ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size),
-        device=device, enforce_eager=args.enforce_eager, log_stats=not args.disable_log_stats)
+        device=device, enforce_eager=args.enforce_eager, log_stats=not args.disable_log_stats,
+        async_scheduling=device.type == "cuda" if args.async_scheduling is None else bool(args.async_scheduling))

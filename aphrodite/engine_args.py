@@ -56,6 +56,10 @@ class EngineArgs:
                                               "longer prompts). Default 8192 on GPUs, 2048 on the CPU.",
                                               section="scheduler_args")
     enforce_eager: bool = _arg(False, "Run eagerly: no CUDA graphs.")
+    async_scheduling: bool | None = _arg(None, "Schedule and build step N+1 while the device still runs "
+                                         "step N; sampled token ids stay on the device and the host "
+                                         "learns them a step later. Default: on for CUDA, off on the CPU.",
+                                         section="scheduler_args")
     max_logprobs: int = _arg(20, "Largest logprobs / prompt_logprobs a request may ask for.")
     disable_log_stats: bool = _arg(False, "Do not log engine statistics.")
 
@@ -75,6 +79,8 @@ class EngineArgs:
             if f.name != flag[2:]:
                 names.append("--" + f.name)
             kind = hints[f.name]
+            if _scalar_type(kind) is bool:   # an optional flag (None = auto) is a switch too
+                kind = bool
             kwargs: dict[str, Any] = {"help": f"{meta['help']} (default: {f.default})", "dest": f.name,
                                       "default": argparse.SUPPRESS}
             if kind is bool:

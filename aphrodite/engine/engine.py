@@ -1,4 +1,9 @@
-"""The synchronous engine: requests in, one scheduled step at a time, RequestOutputs out."""
+"""The synchronous engine: requests in, one scheduled step at a time, RequestOutputs out.
+
+With async scheduling (``EngineConfig.async_scheduling``) each ``step()`` schedules and
+queues step N+1 before it reads step N's sampled tokens, so the host's scheduling and input
+building overlap the device's work; the outputs a call returns are those of the step before.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,13 +16,13 @@ from typing import Any
 from aphrodite.config import EngineConfig, create_engine_config
 from aphrodite.engine.kv_cache import KVCacheManager
 from aphrodite.engine.request import Request, RequestStatus
-from aphrodite.engine.scheduler import Scheduler
+from aphrodite.engine.scheduler import Scheduler, SchedulerOutput
 from aphrodite.engine.stop_checker import check_stop_token, find_stop_string
 from aphrodite.engine_args import EngineArgs
 from aphrodite.executor.uniproc import UniProcExecutor
 from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput
 from aphrodite.sampling_params import SamplingParams
-from aphrodite.worker.model_runner import ModelRunnerOutput, PositionLogprobs
+from aphrodite.worker.model_runner import ModelRunnerOutput, PositionLogprobs, StepFuture
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +73,8 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         self.total_preemptions = 0
+        self.async_scheduling = config.async_scheduling
+        self._inflight: tuple[SchedulerOutput, StepFuture] | None = None   # queued, not yet absorbed
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -170,19 +177,52 @@ class LLMEngine:
 
         ``finished_only`` skips building outputs of unfinished requests (offline batch use, where
         copying every running request's token list each step would cost O(batch x length)).
+        With async scheduling the outputs are those of the previous call's step.
         """
+        if not self.async_scheduling:
+            sched = self._schedule()
+            if sched is None:
+                return []
+            result = self.executor.execute(sched)
+            self._advance(sched)
+            return self._process(sched, result, finished_only)
+        try:
+            sched = self._schedule(allow_empty=self._inflight is not None)
+            queued = None
+            if sched is not None:
+                queued = (sched, self.executor.execute_async(sched))
+                self._advance(sched)
+            prev, self._inflight = self._inflight, queued
+            if prev is None:
+                return []
+            return self._process(prev[0], prev[1].result(), finished_only)
+        except BaseException:
+            self._inflight = None
+            raise
+
+    def _schedule(self, allow_empty: bool = False) -> SchedulerOutput | None:
+        """The next step's batch, or None when there is nothing to run."""
         sched = self.scheduler.schedule()
         if not sched.requests:
-            if self.scheduler.has_unfinished():
+            if self.scheduler.has_unfinished() and not allow_empty:
                 raise RuntimeError("The scheduler could not fit any request into the KV cache.")
-            return []
+            return None
         self.total_preemptions += sched.num_preempted
-        result = self.executor.execute(sched)
+        return sched
+
+    def _advance(self, sched: SchedulerOutput) -> None:
+        """Bookkeeping once a step is queued: computed tokens, pending samples, prompt-token stats."""
         self.scheduler.update_after_step(sched)
         self.num_prompt_tokens += sum(min(n, max(0, r.num_prompt_tokens - r.num_computed_tokens + n))
                                       for r, n in zip(sched.requests, sched.num_tokens))
+
+    def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput, finished_only: bool) -> list[RequestOutput]:
+        """Absorb a finished step's results; requests that ended (or were aborted) before it are skipped,
+        so a token sampled after a stop is dropped."""
         touched: dict[str, _Parent] = {}
         for i, req in enumerate(sched.requests):
+            if req.is_finished:
+                continue
             self._absorb(req, result, i)
             parent = self.parents.get(req.parent_id)
             if parent is not None:
@@ -205,7 +245,7 @@ class LLMEngine:
         if result.prompt_logprobs and result.prompt_logprobs[i]:
             req.prompt_logprobs.extend(self._logprob_dict(e) for e in result.prompt_logprobs[i])
         token = result.sampled[i]
-        if token is None or req.is_finished:
+        if token is None:
             return
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()

@@ -85,7 +85,10 @@ class KVCacheManager:
         for _ in range(needed):
             request.block_ids.append(self._take_free_block())
         if self.enable_prefix_caching:
-            self._register_full_blocks(request, request.num_computed_tokens + num_new_tokens)
+            # Only blocks of known tokens get a name: a pending (async) token is not hashable yet;
+            # its block is named by a later allocate.
+            self._register_full_blocks(request, min(request.num_computed_tokens + num_new_tokens,
+                                                    request.num_tokens))
         return True
 
     def _take_free_block(self) -> int:

@@ -51,6 +51,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_computed_tokens = 0
+        # Tokens sampled on the device but not yet appended (async scheduling: the host learns a
+        # step's tokens after queuing the next step); the scheduler counts them as if known.
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0          # prompt tokens served from the prefix cache at admission
         self.num_preemptions = 0
         self.block_ids: list[int] = []
@@ -66,6 +69,15 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.all_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_outputs_with_pending(self) -> int:
+        """Output tokens including those still on the device: the next sample's position."""
+        return len(self.all_token_ids) - self.num_prompt_tokens + self.num_pending_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -86,3 +98,4 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+        self.num_pending_tokens = max(0, self.num_pending_tokens - 1)

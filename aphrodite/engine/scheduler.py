@@ -6,6 +6,10 @@ queue, each taking as many prompt tokens as the budget still allows. When the KV
 cannot hold a running request's next tokens, the most recently admitted request is
 preempted: its blocks are freed and it goes back to the front of the queue to be
 recomputed later (its prefix often comes back from the prefix cache).
+
+With async scheduling a step is scheduled before the previous step's sampled tokens are
+known: those count as pending tokens (``Request.num_pending_tokens``), so a decode is
+scheduled as usual and its input token is taken from the device.
 """
 from __future__ import annotations
 
@@ -75,9 +79,13 @@ class Scheduler:
         chosen: list[tuple[Request, int]] = []
 
         i = 0
+        max_len = self.config.max_model_len
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending_tokens and _reaches_length_limit(req, max_len):
+                i += 1      # its pending token is its last: it finishes when that token arrives
+                continue
+            n = min(req.num_tokens_with_pending - req.num_computed_tokens, budget)
             while not self.kv_cache.allocate(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -116,6 +124,17 @@ class Scheduler:
         return out
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance each scheduled request by the tokens just computed."""
+        """Advance each scheduled request by the tokens just computed; a chunk that reached the
+        end of the known tokens sampled one, pending until the engine appends it."""
         for req, n in zip(out.requests, out.num_tokens):
             req.num_computed_tokens += n
+            if req.num_computed_tokens == req.num_tokens_with_pending:
+                req.num_pending_tokens += 1
+
+
+def _reaches_length_limit(req: Request, max_model_len: int) -> bool:
+    """True when the tokens already sampled (pending included) bring ``req`` to max_tokens or
+    max_model_len, so scheduling it again would only compute a token that gets thrown away."""
+    if req.max_tokens is not None and req.num_outputs_with_pending >= req.max_tokens:
+        return True
+    return req.num_tokens_with_pending >= max_model_len

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from aphrodite.config import EngineConfig
 from aphrodite.engine.scheduler import SchedulerOutput
-from aphrodite.worker.model_runner import ModelRunner, ModelRunnerOutput
+from aphrodite.worker.model_runner import ModelRunner, ModelRunnerOutput, StepFuture
 
 
 class UniProcExecutor:
@@ -18,3 +18,7 @@ class UniProcExecutor:
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
+
+    def execute_async(self, sched: SchedulerOutput) -> StepFuture:
+        """Queue the step; its results are read from the returned future later."""
+        return self.runner.queue(sched)

@@ -3,12 +3,16 @@
 The batch is flat: the scheduled tokens of all requests are laid end to end with no
 padding, and the attention metadata tells each layer where every sequence starts and
 where its KV blocks are.
+
+``queue`` only enqueues the work and returns a ``StepFuture``; the sampled ids stay on the
+device as well, and a decode whose input token the host does not know yet (async
+scheduling) reads it from there by index.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,13 +24,13 @@ from aphrodite.modeling.layers.attention import Attention, set_attention_metadat
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
 from aphrodite.modeling.loader import load_model
 from aphrodite.worker.cuda_graphs import DecodeGraphs
-from aphrodite.worker.sampling_inputs import build_sampling_metadata
+from aphrodite.worker.sampling_inputs import build_sampling_metadata, to_device
+from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
 from aphrodite.worker.step_inputs import StepInputs
 
-logger = logging.getLogger(__name__)
+__all__ = ["HostBatch", "ModelRunner", "ModelRunnerOutput", "PositionLogprobs", "PrevTokens", "StepFuture"]
 
-# (token id, logprob, rank) of the chosen token, then the top-N as (token id, logprob) pairs.
-PositionLogprobs = tuple[int, float, int, list[tuple[int, float]]]
+logger = logging.getLogger(__name__)
 
 
 def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -35,6 +39,16 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+@dataclass
+class PrevTokens:
+    """Input ids that are the previous step's sampled ids, still only on the device."""
+
+    tokens: torch.Tensor        # the previous step's sampled ids, one per row that sampled
+    dst: np.ndarray             # positions in this step's flat input ids
+    src: np.ndarray             # rows of ``tokens`` that go there
+    req_rows: np.ndarray        # the batch rows (requests) those positions belong to
 
 
 @dataclass
@@ -48,19 +62,11 @@ class HostBatch:
     seq_lens: list[int]
     block_tables: np.ndarray
     num_decodes: int
+    from_prev: PrevTokens | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
-
-
-@dataclass
-class ModelRunnerOutput:
-    """Per scheduled request (same order): the sampled token or None for a mid-prompt chunk."""
-
-    sampled: list[int | None]
-    logprobs: list[PositionLogprobs | None]
-    prompt_logprobs: list[list[PositionLogprobs] | None] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -77,6 +83,9 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs = StepInputs(config)
         self.graphs = DecodeGraphs(self) if self.device.type == "cuda" and not config.enforce_eager else None
+        # The last queued step's sampled ids (device) and which row each sampled request got.
+        self._prev_tokens: torch.Tensor | None = None
+        self._prev_rows: dict[Request, int] = {}
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -164,10 +173,16 @@ class ModelRunner:
         tables = np.zeros((len(reqs), width), dtype=np.int32)
         num_decodes = 0
         t = 0
+        gather_rows: list[int] = []     # decodes whose input token the step in flight sampled
+        gather_src: list[int] = []      # and its row in that step's sampled ids
         for i, (r, n) in enumerate(zip(reqs, counts)):
             c = r.num_computed_tokens
             if n == 1:
-                ids[t] = r.all_token_ids[c]
+                if c < len(r.all_token_ids):
+                    ids[t] = r.all_token_ids[c]
+                else:
+                    gather_rows.append(i)
+                    gather_src.append(self._prev_row(r))
                 pos[t] = c
                 num_decodes += 1
             else:
@@ -179,21 +194,43 @@ class ModelRunner:
             seq_lens.append(c + n)
         rows = np.repeat(np.arange(len(reqs)), counts) if num_decodes < len(reqs) else np.arange(len(reqs))
         slots = tables[rows, pos // bs].astype(np.int64) * bs + pos % bs
-        return HostBatch(ids, pos, slots, starts, seq_lens, tables, num_decodes)
+        from_prev = None
+        if gather_rows:
+            req_rows = np.asarray(gather_rows, dtype=np.int64)
+            dst = np.asarray(starts, dtype=np.int64)[req_rows]
+            ids[dst] = 0     # placeholders, overwritten on the device
+            from_prev = PrevTokens(self._prev_tokens, dst, np.asarray(gather_src, dtype=np.int64), req_rows)
+        return HostBatch(ids, pos, slots, starts, seq_lens, tables, num_decodes, from_prev)
+
+    def _prev_row(self, r: Request) -> int:
+        row = self._prev_rows.get(r)
+        if row is None:
+            raise RuntimeError(f"Request {r.request_id} needs a token that the previous step did not sample.")
+        return row
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its results."""
+        return self.queue(sched).result()
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def queue(self, sched: SchedulerOutput) -> StepFuture:
+        """Enqueue one step's forward pass and sampling; the host reads the results later."""
         reqs, counts = sched.requests, sched.num_tokens
+        self.inputs.begin_step()
         host = self._prepare(sched)
-        # Rows that sample: requests whose scheduled chunk reaches their last known token. Their
-        # sampling tensors are copied to the device before the forward pass is queued, so the
-        # sampler's kernels follow the model's without the GPU idling on host-to-device copies.
-        sample_idx = [i for i, (r, n) in enumerate(zip(reqs, counts)) if r.num_computed_tokens + n == r.num_tokens]
+        # Rows that sample: requests whose scheduled chunk reaches their last token (pending ones
+        # included). Their sampling tensors are copied to the device before the forward pass is
+        # queued, so the sampler's kernels follow the model's without the GPU idling on copies.
+        sample_idx = [i for i, (r, n) in enumerate(zip(reqs, counts))
+                      if r.num_computed_tokens + n == r.num_tokens_with_pending]
         rows = [reqs[i] for i in sample_idx]
-        md = build_sampling_metadata(rows, self.vocab_size, self.device) if rows else None
+        md = None
+        if rows:
+            pending = self._pending_for_sampler(host, sample_idx)
+            md = build_sampling_metadata(rows, self.vocab_size, self.device, pending)
         every_row = host.num_decodes == len(reqs) == len(sample_idx)   # a decode step: every row samples
-        last = None if every_row or not rows else torch.tensor(
-            [host.starts[i + 1] - 1 for i in sample_idx], device=self.device)
+        last = None if every_row or not rows else to_device(
+            [host.starts[i + 1] - 1 for i in sample_idx], torch.long, self.device)
 
         if self.graphs is not None and self.graphs.can_run(host):
             hidden = self.graphs.run(host)
@@ -201,25 +238,28 @@ class ModelRunner:
             input_ids, positions, meta = self.inputs.to_device(host)
             with set_attention_metadata(meta):
                 hidden = self.model(input_ids, positions)
+        self.inputs.end_step()
 
-        sampled: list[int | None] = [None] * len(reqs)
-        logprobs: list[PositionLogprobs | None] = [None] * len(reqs)
+        out = None
         if rows:
             logits = self.model.compute_logits(hidden if last is None else hidden[last])
             out = self.sampler(logits, md)
-            tokens = out.token_ids.tolist()
-            for j, i in enumerate(sample_idx):
-                sampled[i] = tokens[j]
-            if out.logprobs is not None:
-                lp, rk = out.logprobs.tolist(), out.ranks.tolist()
-                top_i = out.top_ids.tolist() if out.top_ids is not None else None
-                top_v = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-                for j, i in enumerate(sample_idx):
-                    k = rows[j].params.logprobs or 0
-                    top = list(zip(top_i[j][:k], top_v[j][:k])) if top_i is not None else []
-                    logprobs[i] = (tokens[j], lp[j], rk[j], top)
+        self._prev_tokens = None if out is None else out.token_ids
+        self._prev_rows = dict(zip(rows, range(len(rows))))
         prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts)
-        return ModelRunnerOutput(sampled, logprobs, prompt_lps)
+        return StepFuture(len(reqs), sample_idx, rows, out, prompt_lps)
+
+    def _pending_for_sampler(self, host: HostBatch, sample_idx: list[int]) -> tuple[np.ndarray, PrevTokens] | None:
+        """(sample rows, where their tokens are) of the rows whose last output token is still on the
+        device: penalties count it from there."""
+        prev = host.from_prev
+        if prev is None:
+            return None
+        if len(sample_idx) == len(host.seq_lens):
+            return prev.req_rows, prev
+        row_of = np.full(len(host.seq_lens), -1, dtype=np.int64)
+        row_of[sample_idx] = np.arange(len(sample_idx))
+        return row_of[prev.req_rows], prev
 
     def _prompt_logprobs(self, reqs: list[Request], counts: list[int], hidden: torch.Tensor,
                          starts: list[int]) -> list[list[PositionLogprobs] | None]:

@@ -3,6 +3,13 @@
 On the GPU the step's tensors live in persistent device buffers (so CUDA graphs can replay
 from fixed addresses) and are filled from pinned host staging buffers with non-blocking
 copies. On the CPU the numpy arrays are wrapped without a copy.
+
+The pinned staging buffers come in two sets used by alternate steps: with async scheduling
+the host fills step N+1's while step N's copies may not have run yet. A set is reused only
+after the event recorded behind its copies (two steps ago) has passed.
+
+Decode input ids that the previous step sampled (still only on the device) are gathered
+from its sampled-ids tensor by index, after the host's ids are copied in.
 """
 from __future__ import annotations
 
@@ -29,24 +36,42 @@ class StepInputs:
         if self.device.type != "cuda":
             return
 
-        def pair(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-            return (torch.zeros(shape, dtype=dtype).pin_memory(),
-                    torch.zeros(shape, dtype=dtype, device=self.device))
-
-        self.ids = pair((self.max_tokens,), torch.int64)
-        self.pos = pair((self.max_tokens,), torch.int64)
-        self.slots = pair((self.max_tokens,), torch.int64)
-        self.seq_lens = pair((self.max_seqs,), torch.int32)
-        self.starts = pair((self.max_seqs + 1,), torch.int32)
-        self.tables = pair((self.max_seqs, self.max_blocks), torch.int32)
+        shapes = {"ids": ((self.max_tokens,), torch.int64), "pos": ((self.max_tokens,), torch.int64),
+                  "slots": ((self.max_tokens,), torch.int64), "seq_lens": ((self.max_seqs,), torch.int32),
+                  "starts": ((self.max_seqs + 1,), torch.int32),
+                  "tables": ((self.max_seqs, self.max_blocks), torch.int32),
+                  "gather_dst": ((self.max_seqs,), torch.int64), "gather_src": ((self.max_seqs,), torch.int64)}
+        self._staging = [{k: torch.zeros(shape, dtype=dt).pin_memory() for k, (shape, dt) in shapes.items()}
+                         for _ in range(2)]
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._set = 0
+        # (pinned staging of set 0, persistent device buffer) per input; the graphs use [1].
+        for k, (shape, dt) in shapes.items():
+            setattr(self, k, (self._staging[0][k], torch.zeros(shape, dtype=dt, device=self.device)))
         # Decode graphs read one token per sequence: their query_start_loc never changes.
         self.decode_starts = torch.arange(self.max_seqs + 1, dtype=torch.int32, device=self.device)
 
-    @staticmethod
-    def _put(buf: tuple[torch.Tensor, torch.Tensor], values: np.ndarray, pad_to: int = 0,
-             pad_value: int = 0) -> torch.Tensor:
+    def begin_step(self) -> None:
+        """Switch to the other staging set, first waiting until its last copies have run."""
+        if self.device.type != "cuda":
+            return
+        self._set ^= 1
+        event = self._events[self._set]
+        if event is not None:
+            event.synchronize()
+
+    def end_step(self) -> None:
+        """Mark the point after which this step's staging set may be refilled."""
+        if self.device.type != "cuda":
+            return
+        event = torch.cuda.Event()
+        event.record()
+        self._events[self._set] = event
+
+    def _put(self, name: str, values: np.ndarray, pad_to: int = 0, pad_value: int = 0) -> torch.Tensor:
         """Stage ``values`` (padded to ``pad_to`` rows) in pinned memory; copy to the device async."""
-        host, dev = buf
+        dev = getattr(self, name)[1]
+        host = self._staging[self._set][name]
         n = len(values)
         rows = max(n, pad_to)
         if values.ndim == 1:
@@ -61,6 +86,18 @@ class StepInputs:
         dev[:n, :width].copy_(host[:n, :width], non_blocking=True)
         return dev[:rows]
 
+    def _gather_prev(self, host: HostBatch, ids: torch.Tensor) -> None:
+        """Write the input ids that the previous step sampled (on the device) into ``ids``."""
+        prev = host.from_prev
+        if prev is None:
+            return
+        if self.device.type != "cuda":
+            ids[torch.from_numpy(prev.dst)] = prev.tokens[torch.from_numpy(prev.src)]
+            return
+        dst = self._put("gather_dst", prev.dst)
+        src = self._put("gather_src", prev.src)
+        ids.index_copy_(0, dst, prev.tokens.index_select(0, src))
+
     def to_device(self, host: HostBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input ids, positions, attention metadata) of an eagerly run step."""
         max_decode = max(host.seq_lens[:host.num_decodes], default=0)
@@ -74,13 +111,17 @@ class StepInputs:
                 seq_lens=torch.tensor(host.seq_lens, dtype=torch.int32),
                 block_tables=torch.from_numpy(host.block_tables), slot_mapping=torch.from_numpy(host.slots),
                 **common)
-            return torch.from_numpy(host.ids), torch.from_numpy(host.positions), meta
+            ids = torch.from_numpy(host.ids)
+            self._gather_prev(host, ids)
+            return ids, torch.from_numpy(host.positions), meta
         meta = AttentionMetadata(
-            query_start_loc=self._put(self.starts, np.asarray(host.starts, dtype=np.int32)),
-            seq_lens=self._put(self.seq_lens, np.asarray(host.seq_lens, dtype=np.int32)),
-            block_tables=self._put(self.tables, host.block_tables),
-            slot_mapping=self._put(self.slots, host.slots), **common)
-        return self._put(self.ids, host.ids), self._put(self.pos, host.positions), meta
+            query_start_loc=self._put("starts", np.asarray(host.starts, dtype=np.int32)),
+            seq_lens=self._put("seq_lens", np.asarray(host.seq_lens, dtype=np.int32)),
+            block_tables=self._put("tables", host.block_tables),
+            slot_mapping=self._put("slots", host.slots), **common)
+        ids = self._put("ids", host.ids)
+        self._gather_prev(host, ids)
+        return ids, self._put("pos", host.positions), meta
 
     def decode_metadata(self, batch: int) -> AttentionMetadata:
         """Metadata over the first ``batch`` rows of the persistent buffers (what a graph captures).
@@ -96,8 +137,8 @@ class StepInputs:
 
     def fill_decode(self, host: HostBatch, batch: int) -> None:
         """Write a decode-only step into the persistent buffers, padded to ``batch`` rows."""
-        self._put(self.ids, host.ids, batch)
-        self._put(self.pos, host.positions, batch)
-        self._put(self.slots, host.slots, batch, pad_value=-1)
-        self._put(self.seq_lens, np.asarray(host.seq_lens, dtype=np.int32), batch)
-        self._put(self.tables, host.block_tables)
+        self._gather_prev(host, self._put("ids", host.ids, batch))
+        self._put("pos", host.positions, batch)
+        self._put("slots", host.slots, batch, pad_value=-1)
+        self._put("seq_lens", np.asarray(host.seq_lens, dtype=np.int32), batch)
+        self._put("tables", host.block_tables)
