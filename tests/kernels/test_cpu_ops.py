@@ -14,7 +14,7 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("rows", [1, 3, 4, 8])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_float64(dtype, rows, bias):
     g = torch.Generator().manual_seed(rows)

@@ -28,7 +28,9 @@ from aphrodite.utils import cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_ops.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
+# libmvec (glibc's vector math) backs the vectorized expf on x86-64.
+_LIBS = ["-lmvec", "-lm"] if platform.machine() == "x86_64" else ["-lm"]
 
 
 def _torch_libgomp() -> str | None:
@@ -58,7 +60,7 @@ def _build(cc: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         link = [gomp, f"-Wl,-rpath,{os.path.dirname(gomp)}"] if gomp else []
-        subprocess.run([*cmd, str(out), *link, "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([*cmd, str(out), *link, *_LIBS], check=True, capture_output=True, text=True)
         os.replace(out, target)   # atomic: concurrent builders never see a half-written file
 
 
@@ -75,7 +77,7 @@ def load_library() -> ctypes.CDLL | None:
         logger.warning("No C compiler found (set CC or install gcc); CPU decode uses PyTorch ops")
         return None
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cc.encode(), " ".join(_FLAGS).encode(), _cpu_signature().encode(),
+    for part in (SOURCE.read_bytes(), cc.encode(), " ".join(_FLAGS + _LIBS).encode(), _cpu_signature().encode(),
                  str(_torch_libgomp()).encode()):
         key.update(part)
     target = cache_dir("kernels") / f"cpu_ops-{key.hexdigest()[:16]}.so"

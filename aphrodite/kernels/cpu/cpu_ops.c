@@ -21,6 +21,11 @@
 
 enum { F32 = 0, BF16 = 1 };
 
+#if defined(__x86_64__) && defined(__GLIBC__)
+/* glibc's libmvec has vector expf; declaring it lets `omp simd` loops call it 16 lanes at a time. */
+float expf(float) __attribute__((simd("notinbranch")));
+#endif
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -78,28 +83,16 @@ void aph_linear(int dtype, const void* W, const void* x, const void* bias, void*
                 int M, int N, int K) {
     float* xf = (float*)malloc((size_t)M * K * sizeof(float));
     widen(x, xf, (long)M * K, dtype);
-    #pragma omp parallel
-    {
-        float* wrow = dtype == BF16 && M > 1 ? (float*)malloc((size_t)K * sizeof(float)) : NULL;
-        #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            float b = bias ? load(bias, n, dtype) : 0.f;
-            if (dtype == BF16) {
-                const uint16_t* w = (const uint16_t*)W + (long)n * K;
-                if (M == 1) {
-                    store(y, n, dot_bf16(w, xf, K) + b, dtype);
-                } else {
-                    widen(w, wrow, K, BF16);
-                    for (int m = 0; m < M; m++)
-                        store(y, (long)m * N + n, dot_f32(wrow, xf + (long)m * K, K) + b, dtype);
-                }
-            } else {
-                const float* w = (const float*)W + (long)n * K;
-                for (int m = 0; m < M; m++)
-                    store(y, (long)m * N + n, dot_f32(w, xf + (long)m * K, K) + b, dtype);
-            }
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float b = bias ? load(bias, n, dtype) : 0.f;
+        if (dtype == BF16) {
+            const uint16_t* w = (const uint16_t*)W + (long)n * K;
+            for (int m = 0; m < M; m++) store(y, (long)m * N + n, dot_bf16(w, xf + (long)m * K, K) + b, dtype);
+        } else {
+            const float* w = (const float*)W + (long)n * K;
+            for (int m = 0; m < M; m++) store(y, (long)m * N + n, dot_f32(w, xf + (long)m * K, K) + b, dtype);
         }
-        free(wrow);
     }
     free(xf);
 }
@@ -108,53 +101,83 @@ void aph_linear(int dtype, const void* W, const void* x, const void* bias, void*
  * Decode attention over the paged cache: one query token per sequence.
  * q/out [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables
  * [B, max_blocks] int32; seq_lens [B] int32. The Hq / Hkv query heads that share a KV head
- * are done together so each K/V row is read once.
+ * are done together so each K/V row is read once. The body is written once per storage type
+ * (WIDEN turns one stored element into float) so the inner loops vectorize without branches.
  */
+#define DECODE_ATTENTION_BODY(T, WIDEN, D)                                                        \
+    const int G = Hq / Hkv;                                                                      \
+    const long row = (long)Hkv * D;                                                              \
+    const T* kc = (const T*)k_cache;                                                             \
+    const T* vc = (const T*)v_cache;                                                             \
+    const T* qs = (const T*)q;                                                                   \
+    _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                                 \
+    for (int b = 0; b < B; b++) {                                                                \
+        for (int h = 0; h < Hkv; h++) {                                                          \
+            const int L = seq_lens[b];                                                           \
+            const int32_t* table = block_tables + (long)b * max_blocks;                          \
+            float* qf = (float*)malloc((size_t)G * D * sizeof(float));                           \
+            float* acc = (float*)calloc((size_t)G * D, sizeof(float));                           \
+            float* s = (float*)malloc((size_t)(L > 0 ? L : 1) * G * sizeof(float));  /* [G, L] */ \
+            float kf[D];                                                                         \
+            const long qbase = ((long)b * Hq + (long)h * G) * D;                                 \
+            for (long i = 0; i < (long)G * D; i++) qf[i] = WIDEN(qs[qbase + i]) * scale;         \
+            for (int t = 0; t < L; t++) {                                                        \
+                const T* k = kc + ((long)table[t / block_size] * block_size + t % block_size) * row \
+                             + (long)h * D;                                                      \
+                _Pragma("omp simd")                                                              \
+                for (int d = 0; d < D; d++) kf[d] = WIDEN(k[d]);                                 \
+                for (int g = 0; g < G; g++) {                                                    \
+                    const float* qg = qf + (long)g * D;                                          \
+                    float dot = 0.f;                                                             \
+                    _Pragma("omp simd reduction(+:dot)")                                         \
+                    for (int d = 0; d < D; d++) dot += qg[d] * kf[d];                            \
+                    s[(long)g * L + t] = dot;                                                    \
+                }                                                                                \
+            }                                                                                    \
+            for (int g = 0; g < G; g++) {                                                        \
+                float* sg = s + (long)g * L;                                                     \
+                float mx = -INFINITY, sum = 0.f;                                                 \
+                _Pragma("omp simd reduction(max:mx)")                                            \
+                for (int t = 0; t < L; t++) mx = sg[t] > mx ? sg[t] : mx;                        \
+                _Pragma("omp simd reduction(+:sum)")                                             \
+                for (int t = 0; t < L; t++) { float e = expf(sg[t] - mx); sg[t] = e; sum += e; } \
+                const float inv = sum > 0.f ? 1.f / sum : 0.f;                                   \
+                _Pragma("omp simd")                                                              \
+                for (int t = 0; t < L; t++) sg[t] *= inv;                                        \
+            }                                                                                    \
+            for (int t = 0; t < L; t++) {                                                        \
+                const T* v = vc + ((long)table[t / block_size] * block_size + t % block_size) * row \
+                             + (long)h * D;                                                      \
+                _Pragma("omp simd")                                                              \
+                for (int d = 0; d < D; d++) kf[d] = WIDEN(v[d]);                                 \
+                for (int g = 0; g < G; g++) {                                                    \
+                    const float p = s[(long)g * L + t];                                          \
+                    float* a = acc + (long)g * D;                                                \
+                    _Pragma("omp simd")                                                          \
+                    for (int d = 0; d < D; d++) a[d] += p * kf[d];                               \
+                }                                                                                \
+            }                                                                                    \
+            for (long i = 0; i < (long)G * D; i++) store(out, qbase + i, acc[i], dtype);         \
+            free(qf); free(acc); free(s);                                                        \
+        }                                                                                        \
+    }
+
+#define WIDEN_F32(x) (x)
+#define WIDEN_BF16(x) bf16_to_f32(x)
+
 void aph_paged_decode_attention(int dtype, const void* q, const void* k_cache,
                                 const void* v_cache, const int32_t* block_tables,
                                 const int32_t* seq_lens, void* out, int B, int Hq, int Hkv,
-                                int D, int block_size, int max_blocks, float scale) {
-    const int G = Hq / Hkv;
-    const long row = (long)Hkv * D;                /* elements per cached token */
-    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < Hkv; h++) {
-            const int L = seq_lens[b];
-            const int32_t* table = block_tables + (long)b * max_blocks;
-            float* qf = (float*)malloc((size_t)G * D * sizeof(float));
-            float* acc = (float*)calloc((size_t)G * D, sizeof(float));
-            float* s = (float*)malloc((size_t)G * (L > 0 ? L : 1) * sizeof(float));
-            float* kv = (float*)malloc((size_t)D * sizeof(float));
-            widen((const char*)q + ((long)b * Hq + (long)h * G) * D * (dtype == BF16 ? 2 : 4),
-                  qf, (long)G * D, dtype);
-            for (int t = 0; t < L; t++) {
-                long off = ((long)table[t / block_size] * block_size + t % block_size) * row + (long)h * D;
-                widen((const char*)k_cache + off * (dtype == BF16 ? 2 : 4), kv, D, dtype);
-                for (int g = 0; g < G; g++) s[(long)g * L + t] = dot_f32(qf + (long)g * D, kv, D) * scale;
-            }
-            for (int g = 0; g < G; g++) {
-                float* sg = s + (long)g * L;
-                float mx = -INFINITY, sum = 0.f;
-                for (int t = 0; t < L; t++) mx = sg[t] > mx ? sg[t] : mx;
-                for (int t = 0; t < L; t++) { sg[t] = expf(sg[t] - mx); sum += sg[t]; }
-                float inv = sum > 0.f ? 1.f / sum : 0.f;
-                for (int t = 0; t < L; t++) sg[t] *= inv;
-            }
-            for (int t = 0; t < L; t++) {
-                long off = ((long)table[t / block_size] * block_size + t % block_size) * row + (long)h * D;
-                widen((const char*)v_cache + off * (dtype == BF16 ? 2 : 4), kv, D, dtype);
-                for (int g = 0; g < G; g++) {
-                    float p = s[(long)g * L + t];
-                    float* a = acc + (long)g * D;
-                    #pragma omp simd
-                    for (int d = 0; d < D; d++) a[d] += p * kv[d];
-                }
-            }
-            long obase = ((long)b * Hq + (long)h * G) * D;
-            for (long i = 0; i < (long)G * D; i++) store(out, obase + i, acc[i], dtype);
-            free(qf); free(acc); free(s); free(kv);
-        }
-    }
+                                int head_dim, int block_size, int max_blocks, float scale) {
+    const int D = head_dim;
+    /* Head sizes 64 and 128 get a compile-time trip count, so each dot product unrolls into
+       whole vector registers with one horizontal sum. */
+    if (dtype == BF16 && D == 64) { DECODE_ATTENTION_BODY(uint16_t, WIDEN_BF16, 64) }
+    else if (dtype == BF16 && D == 128) { DECODE_ATTENTION_BODY(uint16_t, WIDEN_BF16, 128) }
+    else if (dtype == BF16) { DECODE_ATTENTION_BODY(uint16_t, WIDEN_BF16, D) }
+    else if (D == 64) { DECODE_ATTENTION_BODY(float, WIDEN_F32, 64) }
+    else if (D == 128) { DECODE_ATTENTION_BODY(float, WIDEN_F32, 128) }
+    else { DECODE_ATTENTION_BODY(float, WIDEN_F32, D) }
 }
 
 /*
@@ -192,14 +215,23 @@ void aph_rms_norm(int dtype, const void* x, const void* residual, void* residual
 
 /* out[T, d] = silu(x[:, :d]) * x[:, d:] for x [T, 2d]; silu rounded to the dtype first, as PyTorch does. */
 void aph_silu_and_mul(int dtype, const void* x, void* out, int T, int d) {
+    const size_t esize = dtype == BF16 ? 2 : 4;
     #pragma omp parallel for schedule(static) if ((long)T * d > 65536)
     for (int t = 0; t < T; t++) {
-        long xi = (long)t * 2 * d, oi = (long)t * d;
-        for (int i = 0; i < d; i++) {
-            float g = load(x, xi + i, dtype), u = load(x, xi + d + i, dtype);
-            float s = g / (1.f + expf(-g));
-            if (dtype == BF16) s = bf16_to_f32(f32_to_bf16(s));
-            store(out, oi + i, s * u, dtype);
+        float* g = (float*)malloc((size_t)d * 2 * sizeof(float));
+        float* u = g + d;
+        widen((const char*)x + (size_t)t * 2 * d * esize, g, 2L * d, dtype);   /* gate then up */
+        #pragma omp simd
+        for (int i = 0; i < d; i++) g[i] = g[i] / (1.f + expf(-g[i]));
+        if (dtype == BF16) {
+            uint16_t* o = (uint16_t*)out + (size_t)t * d;
+            #pragma omp simd
+            for (int i = 0; i < d; i++) o[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(g[i])) * u[i]);
+        } else {
+            float* o = (float*)out + (size_t)t * d;
+            #pragma omp simd
+            for (int i = 0; i < d; i++) o[i] = g[i] * u[i];
         }
+        free(g);
     }
 }
