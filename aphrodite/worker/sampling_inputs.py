@@ -88,6 +88,7 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device: to
         all_greedy=all_greedy, all_random=all(temp),
         top_p=column([p.top_p for p in ps], 1.0, torch.float32),
         top_k=column(top_k, vocab_size, torch.long),
+        top_k_max=max(top_k) if any(k != vocab_size for k in top_k) else 0,
         min_p=column([p.min_p for p in ps], 0.0, torch.float32),
         uniforms=None if all_greedy else to_device(
             [uniform_from_seed(r.sample_seed, r.num_outputs_with_pending) for r in requests], torch.float64, device),

@@ -36,6 +36,7 @@ class SamplingMetadata:
     all_random: bool                 # no greedy row: the greedy argmax can be skipped
     top_p: torch.Tensor | None       # [N] or None when no row uses it
     top_k: torch.Tensor | None       # [N] long (vocab size = off) or None
+    top_k_max: int                   # the largest top_k, known on the host (0 when top_k is None)
     min_p: torch.Tensor | None
     uniforms: torch.Tensor | None    # [N] float64 draws for the inverse CDF; None when all greedy
     presence: torch.Tensor | None
@@ -75,13 +76,16 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
-                      top_p: torch.Tensor | None) -> torch.Tensor:
-    """Mask everything outside each row's top-k and nucleus (top-p) with -inf."""
+                      top_p: torch.Tensor | None, k_max: int = 0) -> torch.Tensor:
+    """Mask everything outside each row's top-k and nucleus (top-p) with -inf.
+
+    ``k_max`` is the largest top_k, passed from the host so the GPU is not waited on to read it.
+    """
     if top_k is None and top_p is None:
         return logits
     if top_p is None:
         # Only top-k: a partial selection is cheaper than a full sort.
-        k_max = int(top_k.max())
+        k_max = k_max or int(top_k.max())
         kth = torch.topk(logits, k_max, dim=-1).values.gather(1, (top_k - 1).clamp(max=k_max - 1)[:, None])
         return logits.masked_fill(logits < kth, float("-inf"))
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -137,13 +141,14 @@ class Sampler:
             rows, ids, vals = md.bias
             logits = logits.index_put((rows, ids), vals, accumulate=True)
         if md.banned is not None:
-            logits = logits.index_put(md.banned, torch.tensor(float("-inf"), device=logits.device))
+            # A fill kernel, not torch.tensor(..., device=...): that would copy from the host and wait on the GPU.
+            logits = logits.index_put(md.banned, torch.full((), float("-inf"), device=logits.device))
         if md.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
             temp = md.temperature
             scaled = logits / torch.where(temp > 0, temp, 1.0)[:, None]
-            scaled = apply_top_k_top_p(scaled, md.top_k, md.top_p)
+            scaled = apply_top_k_top_p(scaled, md.top_k, md.top_p, md.top_k_max)
             scaled = apply_min_p(scaled, md.min_p)
             tokens = sample_from_logits(scaled, md.uniforms)
             if not md.all_random:
