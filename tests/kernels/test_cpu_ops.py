@@ -94,3 +94,40 @@ def test_silu_and_mul_matches_reference(dtype):
     x = torch.randn(5, 2 * 70, generator=torch.Generator().manual_seed(3)).to(dtype)
     ref = F.silu(x[:, :70]) * x[:, 70:]
     torch.testing.assert_close(ops.silu_and_mul(x), ref, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+
+
+def _reference_inverse_cdf(logits, uniforms, temperature):
+    """float64: the first token whose cumulative probability exceeds the row's uniform."""
+    t = torch.where(temperature > 0, temperature, 1.0).double()
+    probs = torch.softmax(logits.double() / t[:, None], dim=-1)
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1])[:, None], right=True).squeeze(1)
+
+
+def test_sample_inverse_cdf_matches_float64_reference():
+    g = torch.Generator().manual_seed(11)
+    logits = 3 * torch.randn(300, 500, generator=g)
+    uniforms = torch.rand(300, generator=g, dtype=torch.float64)
+    temperature = torch.rand(300, generator=g) * 1.5
+    temperature[::7] = 0.0   # greedy rows count as temperature 1 here (the sampler argmaxes them)
+    got = ops.sample_inverse_cdf(logits, uniforms, temperature)
+    ref = _reference_inverse_cdf(logits, uniforms, temperature)
+    assert (got == ref).float().mean() >= 0.99   # rounding may move a draw that lands on a boundary
+    near = (got - ref).abs() <= 1
+    assert bool(near.all())
+    # already-scaled logits (no temperature) draw the same as temperature 1
+    assert torch.equal(ops.sample_inverse_cdf(logits, uniforms), ops.sample_inverse_cdf(logits, uniforms,
+                                                                                         torch.ones(300)))
+
+
+def test_sample_inverse_cdf_never_picks_masked_tokens():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 200, generator=g)
+    mask = torch.rand(64, 200, generator=g) < 0.9
+    mask[:, 17] = False                        # every row keeps at least one token
+    logits = logits.masked_fill(mask, float("-inf"))
+    for _ in range(20):
+        u = torch.rand(64, generator=g, dtype=torch.float64)
+        u[:4] = 1.0 - 1e-17                    # the very top of the range
+        picks = ops.sample_inverse_cdf(logits, u)
+        assert not bool(mask.gather(1, picks[:, None]).any())

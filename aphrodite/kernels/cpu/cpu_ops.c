@@ -235,3 +235,40 @@ void aph_silu_and_mul(int dtype, const void* x, void* out, int T, int d) {
         free(g);
     }
 }
+
+/*
+ * One inverse-CDF draw per row: token i is picked when the running sum of exp(logit / T)
+ * first exceeds u * total (float64 sums). Replaces softmax + cumsum + searchsorted, which
+ * each make a [N, V] tensor. logits [N, V] float32; temperature [N] float32 or NULL (already
+ * scaled); u [N] float64 in [0, 1); out [N] int64. Tokens at -inf never win: the running sum
+ * only grows at tokens with mass.
+ */
+void aph_sample_inverse_cdf(const float* logits, const float* temperature, const double* u,
+                            int64_t* out, int N, int V) {
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float* row = logits + (long)n * V;
+        const float inv_t = temperature && temperature[n] > 0.f ? 1.f / temperature[n] : 1.f;
+        float mx = -INFINITY;
+        #pragma omp simd reduction(max:mx)
+        for (int v = 0; v < V; v++) mx = row[v] > mx ? row[v] : mx;
+        const float shift = mx * inv_t;
+        float* e = (float*)malloc((size_t)V * sizeof(float));
+        #pragma omp simd
+        for (int v = 0; v < V; v++) e[v] = expf(row[v] * inv_t - shift);
+        double total = 0.0;
+        for (int v = 0; v < V; v++) total += e[v];
+        const double target = u[n] * total;
+        double cum = 0.0;
+        int64_t pick = -1, last = 0;
+        for (int v = 0; v < V; v++) {
+            if (e[v] > 0.f) {
+                last = v;
+                cum += e[v];
+                if (cum > target) { pick = v; break; }
+            }
+        }
+        out[n] = pick >= 0 ? pick : last;
+        free(e);
+    }
+}

@@ -91,3 +91,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*x.shape[:-1], d, dtype=x.dtype)
     _lib().aph_silu_and_mul(_DTYPE_CODES[x.dtype], _ptr(x), _ptr(out), x.numel() // (2 * d), d)
     return out
+
+
+def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor,
+                       temperature: torch.Tensor | None = None) -> torch.Tensor:
+    """One draw per row of ``softmax(logits / temperature)`` at the row's uniform (inverse CDF).
+
+    ``temperature`` (rows <= 0 count as 1) folds the division in; without it ``logits`` are
+    taken as already scaled. Same rule as ``sampler.sample_from_logits``, without [N, V] temporaries.
+    """
+    logits = logits.float().contiguous()
+    u = uniforms.to(torch.float64).contiguous()
+    temp = None if temperature is None else temperature.float().contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    _lib().aph_sample_inverse_cdf(_ptr(logits), _ptr(temp), _ptr(u), _ptr(out), logits.shape[0], logits.shape[1])
+    return out

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from aphrodite.kernels.cpu import ops as cpu_ops
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -121,6 +123,12 @@ def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     return torch.where(picked > 0, idx, fallback)
 
 
+def _filtered(scaled: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Temperature-scaled logits with top-k, top-p and min-p applied (masked to -inf)."""
+    scaled = apply_top_k_top_p(scaled, md.top_k, md.top_p, md.top_k_max)
+    return apply_min_p(scaled, md.min_p)
+
+
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor                 # [N] long
@@ -147,10 +155,15 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             temp = md.temperature
-            scaled = logits / torch.where(temp > 0, temp, 1.0)[:, None]
-            scaled = apply_top_k_top_p(scaled, md.top_k, md.top_p, md.top_k_max)
-            scaled = apply_min_p(scaled, md.min_p)
-            tokens = sample_from_logits(scaled, md.uniforms)
+            filters = md.top_k is not None or md.top_p is not None or md.min_p is not None
+            if logits.device.type == "cpu" and cpu_ops.available(torch.float32):
+                # One C pass per row instead of softmax + cumsum + search over [N, V] temporaries;
+                # the temperature division folds in when no filter needs the scaled logits.
+                scaled = _filtered(logits / torch.where(temp > 0, temp, 1.0)[:, None], md) if filters else logits
+                tokens = cpu_ops.sample_inverse_cdf(scaled, md.uniforms, None if filters else temp)
+            else:
+                scaled = _filtered(logits / torch.where(temp > 0, temp, 1.0)[:, None], md)
+                tokens = sample_from_logits(scaled, md.uniforms)
             if not md.all_random:
                 tokens = torch.where(temp > 0, tokens, logits.argmax(dim=-1))
         if md.max_logprobs < 0:
