@@ -131,3 +131,12 @@ def test_sample_inverse_cdf_never_picks_masked_tokens():
         u[:4] = 1.0 - 1e-17                    # the very top of the range
         picks = ops.sample_inverse_cdf(logits, u)
         assert not bool(mask.gather(1, picks[:, None]).any())
+
+
+def test_sample_inverse_cdf_low_temperature_is_nearly_greedy():
+    logits = torch.tensor([[30.0, 29.0, 10.0, 30.0 - 1e-3]])
+    u = torch.tensor([0.3], dtype=torch.float64)
+    # at T = 1e-4 the top two tokens are 1e-3 apart: weights 1 : exp(-10); the draw must be token 0
+    assert int(ops.sample_inverse_cdf(logits, u, torch.tensor([1e-4]))[0]) == 0
+    assert int(ops.sample_inverse_cdf(logits, torch.tensor([0.99999], dtype=torch.float64),
+                                      torch.tensor([1e-4]))[0]) == 3

@@ -252,10 +252,10 @@ void aph_sample_inverse_cdf(const float* logits, const float* temperature, const
         float mx = -INFINITY;
         #pragma omp simd reduction(max:mx)
         for (int v = 0; v < V; v++) mx = row[v] > mx ? row[v] : mx;
-        const float shift = mx * inv_t;
         float* e = (float*)malloc((size_t)V * sizeof(float));
+        /* subtract before scaling: at a tiny temperature, row * inv_t - mx * inv_t would cancel */
         #pragma omp simd
-        for (int v = 0; v < V; v++) e[v] = expf(row[v] * inv_t - shift);
+        for (int v = 0; v < V; v++) e[v] = expf((row[v] - mx) * inv_t);
         double total = 0.0;
         for (int v = 0; v < V; v++) total += e[v];
         const double target = u[n] * total;
