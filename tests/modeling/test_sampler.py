@@ -1,5 +1,8 @@
 """The vectorized sampler against per-row float64 references written with plain numpy."""
+import types
+
 import numpy as np
+import pytest
 import torch
 
 from aphrodite.engine.request import Request
@@ -8,6 +11,14 @@ from aphrodite.sampling_params import SamplingParams
 from aphrodite.worker.sampling_inputs import build_sampling_metadata
 
 V = 50
+
+
+@pytest.fixture(autouse=True, params=["c-kernel", "pytorch"])
+def draw_path(request, monkeypatch):
+    """Every test runs the CPU's C draw and the PyTorch draw the GPU uses."""
+    if request.param == "pytorch":
+        import aphrodite.modeling.layers.sampler as sampler_module
+        monkeypatch.setattr(sampler_module, "cpu_ops", types.SimpleNamespace(available=lambda dtype: False))
 
 
 def rows(params_list, seeds=None, prompt=(1, 2, 3), outputs=()):

@@ -156,14 +156,15 @@ class Sampler:
         else:
             temp = md.temperature
             filters = md.top_k is not None or md.top_p is not None or md.min_p is not None
-            if logits.device.type == "cpu" and cpu_ops.available(torch.float32):
-                # One C pass per row instead of softmax + cumsum + search over [N, V] temporaries;
-                # the temperature division folds in when no filter needs the scaled logits.
-                scaled = _filtered(logits / torch.where(temp > 0, temp, 1.0)[:, None], md) if filters else logits
-                tokens = cpu_ops.sample_inverse_cdf(scaled, md.uniforms, None if filters else temp)
+            # On the CPU one C pass per row replaces softmax + cumsum + search over [N, V]
+            # temporaries, with the temperature division folded in when no filter needs it.
+            in_c = logits.device.type == "cpu" and cpu_ops.available(torch.float32)
+            if in_c and not filters:
+                tokens = cpu_ops.sample_inverse_cdf(logits, md.uniforms, temp)
             else:
                 scaled = _filtered(logits / torch.where(temp > 0, temp, 1.0)[:, None], md)
-                tokens = sample_from_logits(scaled, md.uniforms)
+                draw = cpu_ops.sample_inverse_cdf if in_c else sample_from_logits
+                tokens = draw(scaled, md.uniforms)
             if not md.all_random:
                 tokens = torch.where(temp > 0, tokens, logits.argmax(dim=-1))
         if md.max_logprobs < 0:
