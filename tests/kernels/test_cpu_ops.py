@@ -140,3 +140,18 @@ def test_sample_inverse_cdf_low_temperature_is_nearly_greedy():
     assert int(ops.sample_inverse_cdf(logits, u, torch.tensor([1e-4]))[0]) == 0
     assert int(ops.sample_inverse_cdf(logits, torch.tensor([0.99999], dtype=torch.float64),
                                       torch.tensor([1e-4]))[0]) == 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_matches_index_copy(dtype):
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(6, 4 * 16 + 2 * 2 * 16, generator=g).to(dtype)     # q (4 heads) | k (2) | v (2)
+    _, k, v = qkv.split([64, 32, 32], dim=-1)
+    k, v = k.view(6, 2, 16), v.view(6, 2, 16)                            # strided rows, as in the model
+    slots = torch.tensor([5, 0, -1, 17, 3, 30])
+    caches = [torch.zeros(4, 8, 2, 16, dtype=dtype) for _ in range(4)]
+    ops.write_kv(k, v, caches[0], caches[1], slots)
+    keep = slots >= 0
+    caches[2].view(-1, 2, 16).index_copy_(0, slots[keep], k[keep])
+    caches[3].view(-1, 2, 16).index_copy_(0, slots[keep], v[keep])
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])

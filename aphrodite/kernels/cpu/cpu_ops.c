@@ -272,3 +272,18 @@ void aph_sample_inverse_cdf(const float* logits, const float* temperature, const
         free(e);
     }
 }
+
+/*
+ * Write this step's K/V rows into the paged cache: row t goes to slot slots[t] (-1 = skip).
+ * k/v rows may be strided views of the fused qkv output (stride in elements); within a row the
+ * Hkv * D values are contiguous, as in the cache.
+ */
+void aph_write_kv(int dtype, const void* k, const void* v, void* k_cache, void* v_cache,
+                  const int64_t* slots, int T, int row_elems, long k_stride, long v_stride) {
+    const size_t es = dtype == BF16 ? 2 : 4, bytes = (size_t)row_elems * es;
+    for (int t = 0; t < T; t++) {
+        if (slots[t] < 0) continue;
+        memcpy((char*)k_cache + (size_t)slots[t] * bytes, (const char*)k + (size_t)t * k_stride * es, bytes);
+        memcpy((char*)v_cache + (size_t)slots[t] * bytes, (const char*)v + (size_t)t * v_stride * es, bytes);
+    }
+}

@@ -106,3 +106,15 @@ def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor,
     out = torch.empty(logits.shape[0], dtype=torch.int64)
     _lib().aph_sample_inverse_cdf(_ptr(logits), _ptr(temp), _ptr(u), _ptr(out), logits.shape[0], logits.shape[1])
     return out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Copy ``k``/``v`` rows ``[T, Hkv, D]`` into the cache at ``slot_mapping`` (-1 = not written)."""
+    def rows(x: torch.Tensor) -> torch.Tensor:   # rows may be strided, each row's heads contiguous
+        return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
+    k, v = rows(k), rows(v)
+    slots = slot_mapping.to(torch.int64).contiguous()
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == k.dtype
+    _lib().aph_write_kv(_DTYPE_CODES[k.dtype], _ptr(k), _ptr(v), _ptr(k_cache), _ptr(v_cache), _ptr(slots),
+                        k.shape[0], k.shape[1] * k.shape[2], ctypes.c_long(k.stride(0)), ctypes.c_long(v.stride(0)))

@@ -76,9 +76,13 @@ class TorchAttentionBackend:
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
-        TorchAttentionBackend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = torch.empty_like(q)
+        in_c = q.device.type == "cpu" and cpu_ops.available(q.dtype) and k_cache.dtype == q.dtype
+        (cpu_ops.write_kv if in_c else TorchAttentionBackend.write_kv)(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decodes
+        if nd == meta.num_seqs == q.shape[0]:   # decode-only batch: no output buffer to fill
+            return _decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                     meta.max_decode_seq_len, scale)
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
                                          meta.seq_lens[:nd], meta.max_decode_seq_len, scale)
