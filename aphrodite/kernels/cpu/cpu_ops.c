@@ -9,8 +9,9 @@
  * layer; reading the paged cache in place removes that copy. Norm and SwiGLU are one pass
  * each instead of several elementwise ops.
  *
- * Every function takes raw pointers to contiguous tensors and a dtype code
- * (0 = float32, 1 = bfloat16). Arithmetic is float32; bfloat16 results are rounded to
+ * Functions take raw pointers to contiguous tensors (the KV write accepts strided rows) and,
+ * where tensors may be either, a dtype code (0 = float32, 1 = bfloat16); the sampler's draw is
+ * float32 only. Arithmetic is float32; bfloat16 results are rounded to
  * nearest even, as PyTorch rounds. Threads come from the OpenMP runtime PyTorch already
  * loaded (same libgomp), so torch.set_num_threads governs both.
  */
@@ -104,6 +105,9 @@ void aph_linear(int dtype, const void* W, const void* x, const void* bias, void*
  * are done together so each K/V row is read once. The body is written once per storage type
  * (WIDEN turns one stored element into float) so the inner loops vectorize without branches.
  */
+/* Where token t of this sequence's head h sits in a [blocks, block_size, Hkv, D] cache. */
+#define CACHE_OFFSET(t) (((long)table[(t) / block_size] * block_size + (t) % block_size) * row + (long)h * D)
+
 #define DECODE_ATTENTION_BODY(T, WIDEN, D)                                                        \
     const int G = Hq / Hkv;                                                                      \
     const long row = (long)Hkv * D;                                                              \
@@ -122,8 +126,7 @@ void aph_linear(int dtype, const void* W, const void* x, const void* bias, void*
             const long qbase = ((long)b * Hq + (long)h * G) * D;                                 \
             for (long i = 0; i < (long)G * D; i++) qf[i] = WIDEN(qs[qbase + i]) * scale;         \
             for (int t = 0; t < L; t++) {                                                        \
-                const T* k = kc + ((long)table[t / block_size] * block_size + t % block_size) * row \
-                             + (long)h * D;                                                      \
+                const T* k = kc + CACHE_OFFSET(t);                                               \
                 _Pragma("omp simd")                                                              \
                 for (int d = 0; d < D; d++) kf[d] = WIDEN(k[d]);                                 \
                 for (int g = 0; g < G; g++) {                                                    \
@@ -146,8 +149,7 @@ void aph_linear(int dtype, const void* W, const void* x, const void* bias, void*
                 for (int t = 0; t < L; t++) sg[t] *= inv;                                        \
             }                                                                                    \
             for (int t = 0; t < L; t++) {                                                        \
-                const T* v = vc + ((long)table[t / block_size] * block_size + t % block_size) * row \
-                             + (long)h * D;                                                      \
+                const T* v = vc + CACHE_OFFSET(t);                                               \
                 _Pragma("omp simd")                                                              \
                 for (int d = 0; d < D; d++) kf[d] = WIDEN(v[d]);                                 \
                 for (int g = 0; g < G; g++) {                                                    \
