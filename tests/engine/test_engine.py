@@ -33,12 +33,23 @@ def token_ids(outputs):
     return [o.outputs[0].token_ids for o in outputs]
 
 
-@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["c-kernels", "pytorch-ops"])
-def test_greedy_matches_hf_generate(tiny_llama_dir, hf_model, monkeypatch, cpu_kernels):
-    if not cpu_kernels:   # the fallback a machine without a C compiler runs
-        from aphrodite.kernels.cpu import ops
+@pytest.mark.parametrize("cpu_path", ["c-kernels", "pytorch-ops", "packed-only", "no-packing"])
+def test_greedy_matches_hf_generate(tiny_llama_dir, hf_model, monkeypatch, cpu_path):
+    """Every CPU path: C kernels + oneDNN-packed weights (default); no C compiler; packed weights
+    with the row-major copies freed (a large model); a PyTorch build without oneDNN."""
+    from aphrodite.kernels.cpu import ops, packed_linear
+    from aphrodite.modeling import loader
+    if cpu_path == "pytorch-ops":
         monkeypatch.setattr(ops, "available", lambda dtype: False)
+    elif cpu_path == "packed-only":
+        monkeypatch.setattr(loader, "KEEP_ROW_MAJOR_RAM_FRACTION", 0.0)
+    elif cpu_path == "no-packing":
+        monkeypatch.setattr(packed_linear, "available", lambda: False)
     llm = engine(tiny_llama_dir)
+    linears = [m for m in llm.llm_engine.executor.runner.model.modules()
+               if hasattr(m, "packed_weight") and not hasattr(m, "num_embeddings")]
+    if cpu_path == "packed-only":
+        assert all(m.weight.numel() == 0 and m.packed_weight is not None for m in linears)
     vocab = hf_model.config.vocab_size
     prompts = random_prompts(4, 5, 40, vocab)
     ours = token_ids(llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(24), use_tqdm=False))

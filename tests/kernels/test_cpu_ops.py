@@ -1,11 +1,14 @@
 """The C CPU kernels against plain-PyTorch references on random inputs (fp32 and bf16)."""
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from aphrodite.kernels.cpu import ops
+from aphrodite.kernels.cpu.build import load_library
 
 pytestmark = pytest.mark.skipif(not ops.available(torch.float32), reason="no C compiler for the CPU kernels")
 
@@ -48,9 +51,22 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
     return out
 
 
+@pytest.fixture(params=["native", "portable"])
+def kernel_build(request, monkeypatch):
+    """The kernels as built for this CPU, and built without AVX-512 (the path other CPUs take)."""
+    if request.param == "portable":
+        if platform.machine() != "x86_64":
+            pytest.skip("the portable variant differs only on x86-64")
+        lib = load_library(("-mno-avx512f",))
+        assert lib is not None
+        monkeypatch.setattr(ops, "_lib", lambda: lib)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hq,hkv,d,bs", [(4, 4, 32, 16), (9, 3, 64, 16), (8, 1, 16, 4)])
-def test_paged_decode_attention_matches_reference(dtype, hq, hkv, d, bs):
+@pytest.mark.parametrize("hq,hkv,d,bs", [(4, 4, 32, 16), (9, 3, 64, 16), (8, 1, 16, 4), (12, 2, 128, 16),
+                                         (16, 2, 64, 32), (6, 6, 96, 8), (10, 1, 256, 16)])
+def test_paged_decode_attention_matches_reference(dtype, hq, hkv, d, bs, kernel_build):
     g = torch.Generator().manual_seed(hq * d + bs)
     num_blocks, b = 40, 5
     k_cache = torch.randn(num_blocks, bs, hkv, d, generator=g).to(dtype)

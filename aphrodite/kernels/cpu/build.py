@@ -53,9 +53,9 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
-def _build(cc: str, target: Path) -> None:
+def _build(cc: str, target: Path, extra_flags: tuple[str, ...]) -> None:
     gomp = _torch_libgomp()
-    cmd = [cc, *_FLAGS, str(SOURCE), "-o"]
+    cmd = [cc, *_FLAGS, *extra_flags, str(SOURCE), "-o"]
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
@@ -65,8 +65,11 @@ def _build(cc: str, target: Path) -> None:
 
 
 @cache
-def load_library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None when they cannot be used here (reason logged once)."""
+def load_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they cannot be used here (reason logged once).
+
+    ``extra_flags`` go to the compiler after the defaults (the tests build the portable
+    variant with ``-mno-avx512f`` to check the code paths other CPUs take)."""
     if os.environ.get("APHRODITE_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
         return None
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
@@ -77,13 +80,14 @@ def load_library() -> ctypes.CDLL | None:
         logger.warning("No C compiler found (set CC or install gcc); CPU decode uses PyTorch ops")
         return None
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cc.encode(), " ".join(_FLAGS + _LIBS).encode(), _cpu_signature().encode(),
+    flags = " ".join(_FLAGS + list(extra_flags) + _LIBS)
+    for part in (SOURCE.read_bytes(), cc.encode(), flags.encode(), _cpu_signature().encode(),
                  str(_torch_libgomp()).encode()):
         key.update(part)
     target = cache_dir("kernels") / f"cpu_ops-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
-            _build(cc, target)
+            _build(cc, target, extra_flags)
             logger.info("Built CPU kernels: %s", target)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as exc:

@@ -15,9 +15,10 @@ from aphrodite.kernels.cpu.build import load_library
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 # Up to this many input rows a linear layer streams its weight once through the C GEMV;
-# beyond it the batch is compute-bound and oneDNN/MKL's blocked GEMM wins (measured on the
-# CI machine: bf16 loses its lead past 4 rows, fp32 past 8).
+# beyond it the batch is compute-bound and a blocked GEMM wins. Measured on the CI machine
+# against per-call-packed BLAS (F.linear) and against oneDNN with the weight packed at load.
 GEMV_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4}
+GEMV_MAX_ROWS_VS_PACKED = {torch.float32: 3, torch.bfloat16: 2}
 
 
 def available(dtype: torch.dtype) -> bool:
@@ -35,10 +36,12 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``linear(x, weight)`` should take the C GEMV: few rows, row-major weight."""
+def use_gemv(x: torch.Tensor, weight: torch.Tensor, packed: bool = False) -> bool:
+    """Whether ``linear(x, weight)`` should take the C GEMV: few rows, row-major weight.
+    ``packed``: the alternative is oneDNN with a pre-packed weight, not ``F.linear``."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (0 < rows <= GEMV_MAX_ROWS.get(x.dtype, 0) and x.device.type == "cpu" and weight.dtype == x.dtype
+    limit = (GEMV_MAX_ROWS_VS_PACKED if packed else GEMV_MAX_ROWS).get(x.dtype, 0)
+    return (0 < rows <= limit and weight.numel() > 0 and x.device.type == "cpu" and weight.dtype == x.dtype
             and weight.is_contiguous() and available(x.dtype))
 
 

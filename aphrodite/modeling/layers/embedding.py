@@ -24,6 +24,8 @@ from aphrodite.modeling.layers.linear import copy_into, dense, new_parameter
 class VocabParallelEmbedding(nn.Module):
     """Embedding table ``[vocab_per_rank, embedding_dim]``; vocab padded to a multiple of tp_size."""
 
+    packed_weight: torch.Tensor | None = None   # the LM head's CPU GEMM copy, see ``pack_cpu_weight``
+
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
         self.tp_rank = get_tensor_model_parallel_rank()
@@ -73,7 +75,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 def compute_lm_logits(head: VocabParallelEmbedding, hidden: torch.Tensor) -> torch.Tensor:
     """float32 logits ``[N, vocab]`` of ``hidden [N, d]`` against ``head``'s (possibly tied) weight."""
-    logits = dense(hidden, head.weight, getattr(head, "bias", None))
+    logits = dense(hidden, head.weight, getattr(head, "bias", None), head.packed_weight)
     if head.tp_size > 1:
         logits = tensor_model_parallel_all_gather(logits, dim=-1)[..., :head.num_embeddings]
     return logits.float()

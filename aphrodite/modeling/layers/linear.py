@@ -24,16 +24,29 @@ from aphrodite.distributed.parallel_state import (
     get_tensor_model_parallel_world_size,
 )
 from aphrodite.kernels.cpu import ops as cpu_ops
+from aphrodite.kernels.cpu import packed_linear
 
 WeightLoader = Callable[..., None]
 
 
-def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, except that a few rows on the CPU stream the weight through the C GEMV
-    (decode at small batch is bound by reading weights, which it does ~2x faster than BLAS)."""
-    if x.device.type == "cpu" and cpu_ops.use_gemv(x, weight):
-        return cpu_ops.linear(x, weight, bias)
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+          packed: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, with two CPU shortcuts: a few rows stream the weight through the C GEMV
+    (decode at small batch is bound by reading weights, which it does faster than BLAS), and
+    more rows use ``packed``, the weight pre-packed for oneDNN, when the layer has one."""
+    if x.device.type == "cpu":
+        if cpu_ops.use_gemv(x, weight, packed is not None):
+            return cpu_ops.linear(x, weight, bias)
+        if packed is not None:
+            return packed_linear.linear(x, packed, bias)
     return F.linear(x, weight, bias)
+
+
+def pack_cpu_weight(module: nn.Module) -> None:
+    """Give ``module`` a ``packed_weight`` (oneDNN layout) of its CPU weight, for ``dense``."""
+    weight = getattr(module, "weight", None)
+    if weight is not None and packed_linear.supports(weight) and packed_linear.available():
+        module.packed_weight = packed_linear.pack(weight)
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -65,6 +78,8 @@ def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, shar
 
 class LinearBase(nn.Module):
     """Weight ``[out_per_rank, in_per_rank]`` and optional bias ``[out_per_rank]``."""
+
+    packed_weight: torch.Tensor | None = None   # set after loading, see ``pack_cpu_weight``
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -98,7 +113,7 @@ class ReplicatedLinear(LinearBase):
         copy_into(param.data, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense(x, self.weight, self.bias)
+        return dense(x, self.weight, self.bias, self.packed_weight)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -116,7 +131,7 @@ class ColumnParallelLinear(LinearBase):
         copy_into(param.data, loaded_weight.narrow(0, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = dense(x, self.weight, self.bias)
+        out = dense(x, self.weight, self.bias, self.packed_weight)
         if self.gather_output and self.tp_size > 1:
             out = tensor_model_parallel_all_gather(out, dim=-1)
         return out
@@ -216,8 +231,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return dense(x, self.weight, self.bias)
-        out = dense(x, self.weight)
+            return dense(x, self.weight, self.bias, self.packed_weight)
+        out = dense(x, self.weight, packed=self.packed_weight)
         if self.reduce_results:
             out = tensor_model_parallel_all_reduce(out)
         if self.bias is not None:
