@@ -234,19 +234,60 @@ static inline __attribute__((always_inline)) void pv_rows(const char* const* row
         for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(out + g * D + c * 16, acc[g][c]);
 }
 
+#if defined(__AVX512BF16__)
+/* The same for bf16 caches, two tokens per dot-product instruction: p holds the probabilities
+   rounded to bf16 (as HF's eager attention rounds them before its PV matmul), zero past L, and
+   rows[L] must be readable when L is odd. */
+static inline __attribute__((always_inline)) void pv_rows_bf16(const char* const* rows, const uint16_t* p, int L,
+                                                               int ps, float* out, const int GC, const int D) {
+    __m512 acc[4][16];
+    for (int g = 0; g < GC; g++)
+        for (int c = 0; c < D / 16; c++) acc[g][c] = _mm512_setzero_ps();
+    for (int t = 0; t < L; t += 2) {
+        for (int c = 0; c < D / 32; c++) {
+            const __m512i a = _mm512_loadu_si512((const uint16_t*)rows[t] + c * 32);
+            const __m512i b = _mm512_loadu_si512((const uint16_t*)rows[t + 1] + c * 32);
+            const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+            for (int g = 0; g < GC; g++) {
+                uint32_t pair;
+                memcpy(&pair, p + (long)g * ps + t, 4);
+                const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pair);
+                acc[g][2 * c] = _mm512_dpbf16_ps(acc[g][2 * c], w, lo);
+                acc[g][2 * c + 1] = _mm512_dpbf16_ps(acc[g][2 * c + 1], w, hi);
+            }
+        }
+    }
+    /* lane 4k + m of column group c's lo (hi) accumulator is dimension 32c + 8k + m (+ 4) */
+    for (int g = 0; g < GC; g++)
+        for (int c = 0; c < D / 32; c++) {
+            float lo[16], hi[16];
+            _mm512_storeu_ps(lo, acc[g][2 * c]);
+            _mm512_storeu_ps(hi, acc[g][2 * c + 1]);
+            for (int k = 0; k < 4; k++)
+                for (int m = 0; m < 4; m++) {
+                    out[g * D + 32 * c + 8 * k + m] = lo[4 * k + m];
+                    out[g * D + 32 * c + 8 * k + 4 + m] = hi[4 * k + m];
+                }
+        }
+}
+#endif
+
 /* One (sequence, KV head) of decode attention; D a multiple of 32, at most 256. */
 static inline __attribute__((always_inline)) void decode_head_avx512(
         const void* q, const char* k_base, const char* v_base, const int32_t* table, int L, int G,
         int block_size, long row_bytes, float scale, float* out, const int D, const int bf16) {
     const size_t es = bf16 ? 2 : 4;
-    const char** krow = (const char**)malloc((size_t)(L > 0 ? L : 1) * 2 * sizeof(char*));
-    const char** vrow = krow + L;
+    const char** krow = (const char**)malloc((size_t)(L + 1) * 2 * sizeof(char*));
+    const char** vrow = krow + L + 1;
     for (int t = 0, blk = 0, off = 0; t < L; t++) {   /* row addresses, no division per token */
         const long slot = (long)table[blk] * block_size + off;
         krow[t] = k_base + slot * row_bytes;
         vrow[t] = v_base + slot * row_bytes;
+        for (int c = 0; c < D * (int)es; c += 64) _mm_prefetch(krow[t] + c, _MM_HINT_T1);
+        for (int c = 0; c < D * (int)es; c += 64) _mm_prefetch(vrow[t] + c, _MM_HINT_T2);
         if (++off == block_size) { off = 0; blk++; }
     }
+    if (L > 0) vrow[L] = vrow[L - 1];   /* the odd token's partner in the bf16 pair loop (weight 0) */
     const int ps = (L + 15) / 16 * 16;         /* score rows padded to whole groups of 16 */
     float* s = (float*)malloc((size_t)G * ps * sizeof(float));
     float* inv = (float*)malloc((size_t)G * sizeof(float));
@@ -274,9 +315,28 @@ static inline __attribute__((always_inline)) void decode_head_avx512(
         inv[g] = sum > 0.f ? 1.f / sum : 0.f;   /* applied to the output: p stays unnormalised */
     }
     float acc[4 * 256];
+#if defined(__AVX512BF16__)
+    uint16_t* pb = NULL;
+    if (bf16) {
+        pb = (uint16_t*)malloc((size_t)G * ps * sizeof(uint16_t));
+        for (long i = 0; i < (long)G * ps; i += 16)   /* s is 0 past L in each row (never exponentiated) */
+            _mm256_storeu_si256((__m256i*)(pb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + i)));
+    }
+#endif
     for (int g0 = 0; g0 < G; g0 += 4) {
         const float* p = s + (long)g0 * ps;
         const int gc = G - g0 < 4 ? G - g0 : 4;
+#if defined(__AVX512BF16__)
+        if (bf16) {
+            const uint16_t* pg = pb + (long)g0 * ps;
+            switch (gc) {
+                case 1: pv_rows_bf16(vrow, pg, L, ps, acc, 1, D); break;
+                case 2: pv_rows_bf16(vrow, pg, L, ps, acc, 2, D); break;
+                case 3: pv_rows_bf16(vrow, pg, L, ps, acc, 3, D); break;
+                default: pv_rows_bf16(vrow, pg, L, ps, acc, 4, D); break;
+            }
+        } else
+#endif
         switch (gc) {   /* constant head counts keep the accumulators in registers */
             case 1: pv_rows(vrow, p, L, ps, acc, 1, D, bf16); break;
             case 2: pv_rows(vrow, p, L, ps, acc, 2, D, bf16); break;
@@ -286,6 +346,9 @@ static inline __attribute__((always_inline)) void decode_head_avx512(
         for (int g = 0; g < gc; g++)
             for (int c = 0; c < D; c++) out[(g0 + g) * D + c] = acc[g * D + c] * inv[g0 + g];
     }
+#if defined(__AVX512BF16__)
+    free(pb);
+#endif
     free(s); free(inv); free(krow);
 }
 
