@@ -293,6 +293,9 @@ def _tp_worker(rank: int, path: str, rendezvous: str, out: str) -> None:
     except BaseException:
         Path(f"{out}.rank{rank}.err").write_text(traceback.format_exc())
         raise
+    # Leave without the interpreter's teardown: gloo's background threads occasionally abort
+    # it ("terminate called without an active exception", exit -6) after all work is done.
+    os._exit(0)
 
 
 def test_tensor_parallel_2_ranks_match_hf(tiny_llama_tied_dir: str, tmp_path: Path) -> None:
