@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--mallopt", action="store_true")
+    p.add_argument("--prefault", action="store_true")
     args = p.parse_args()
     if args.mallopt:
         import ctypes
@@ -57,6 +58,10 @@ def main() -> None:
                for _ in range(args.num_prompts)]
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
+    if args.prefault:
+        for k, v in llm.llm_engine.executor.runner.kv_caches:
+            k.fill_(0)
+            v.fill_(0)
 
     orig_dense = linear.dense
 
@@ -77,6 +82,7 @@ def main() -> None:
     timed(cpu_ops, "rms_norm", "rms_norm")
     timed(cpu_ops, "silu_and_mul", "silu_mul")
     timed(rotary.RotaryEmbedding, "rotate_qk", "rotary")
+    timed(cpu_ops, "rope_write_kv", "rope_write_kv")
     timed(sampler.Sampler, "__call__", "sampler")
     runner_cls = model_runner.ModelRunner
     orig_queue = runner_cls.queue

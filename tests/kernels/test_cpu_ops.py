@@ -171,3 +171,39 @@ def test_write_kv_matches_index_copy(dtype):
     caches[2].view(-1, 2, 16).index_copy_(0, slots[keep], k[keep])
     caches[3].view(-1, 2, 16).index_copy_(0, slots[keep], v[keep])
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [5, 40])   # 40 rows take the OpenMP-parallel loop
+def test_rope_write_kv_matches_rotary_then_index_copy(dtype, t):
+    """The fused C pass equals PyTorch's rotary (HF's rotate_half form, float64) then a cache write."""
+    from aphrodite.modeling.layers.rotary import RopeConfig, RotaryEmbedding
+    g = torch.Generator().manual_seed(t)
+    hq, hkv, d = 4, 2, 16
+    with torch.device("cpu"):
+        torch.set_default_dtype(dtype)
+        try:
+            rotary = RotaryEmbedding(d, 64, RopeConfig(theta=10000.0))
+        finally:
+            torch.set_default_dtype(torch.float32)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))   # strided rows
+    positions = torch.randint(0, 64, (t,), generator=g)
+    slots = torch.randperm(8 * 8, generator=g)[:t]
+    slots[1] = -1
+    caches = [torch.zeros(8, 8, hkv, d, dtype=dtype) for _ in range(2)]
+    q_rot, k_rot = ops.rope_write_kv(q, k, v, positions, rotary.cos_sin_cache, caches[0], caches[1], slots)
+
+    cs = rotary.cos_sin_cache.double()[positions]            # [t, 2, D]: [cos, cos], [-sin, sin]
+    cos, sin = cs[:, 0:1, : d // 2].repeat(1, 1, 2), cs[:, 1:2, d // 2:].repeat(1, 1, 2)
+
+    def rotate_half(x):
+        return torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(q_rot.double(), q.double() * cos + rotate_half(q.double()) * sin, **tol)
+    torch.testing.assert_close(k_rot.double(), k.double() * cos + rotate_half(k.double()) * sin, **tol)
+    written = {int(s): i for i, s in enumerate(slots) if s >= 0}
+    for s, i in written.items():
+        assert torch.equal(caches[0].view(-1, hkv, d)[s], k_rot[i])
+        assert torch.equal(caches[1].view(-1, hkv, d)[s], v[i])
+    assert int((caches[0].view(-1, hkv, d).abs().sum((1, 2)) > 0).sum()) == len(written)   # nothing else

@@ -512,3 +512,55 @@ void aph_write_kv(int dtype, const void* k, const void* v, void* k_cache, void* 
         memcpy((char*)v_cache + (size_t)slots[t] * bytes, (const char*)v + (size_t)t * v_stride * es, bytes);
     }
 }
+
+/*
+ * Rotary embedding of this step's q and k rows and the K/V cache write, in one pass.
+ * q/k/v [T, H, D] rows may be strided (row strides in elements; a row's heads contiguous), as
+ * views of the fused qkv output. cos_sin [P, 2, D] in the model dtype: row 0 = [cos, cos],
+ * row 1 = [-sin, sin], so out = x * cos + roll(x, D/2) * sin, with x * cos rounded to the
+ * dtype before the second product is added, as the PyTorch path rounds. Writes q_out
+ * [T, Hq, D] and k_out [T, Hkv, D] (contiguous) and, where slots[t] >= 0, the rotated k and
+ * the unchanged v rows into the caches [slots, Hkv, D]. head_dim up to 512.
+ */
+void aph_rope_write_kv(int dtype, const void* q, long q_stride, const void* k, long k_stride, const void* v,
+                       long v_stride, int T, int Hq, int Hkv, int D, const int64_t* positions,
+                       const void* cos_sin, void* q_out, void* k_out, void* k_cache, void* v_cache,
+                       const int64_t* slots) {
+    const size_t es = dtype == BF16 ? 2 : 4;
+    const int half = D / 2;
+    #pragma omp parallel for schedule(static) if (T > 16)
+    for (int t = 0; t < T; t++) {
+        float cs[2 * 512], x[512], o[512];
+        widen((const char*)cos_sin + positions[t] * 2L * D * es, cs, 2L * D, dtype);
+        const float* cosr = cs;
+        const float* sinr = cs + D;
+        for (int hh = 0; hh < Hq + Hkv; hh++) {
+            const int is_q = hh < Hq, h = is_q ? hh : hh - Hq;
+            const char* src = (const char*)(is_q ? q : k) + ((long)t * (is_q ? q_stride : k_stride) + (long)h * D) * es;
+            char* dst = (char*)(is_q ? q_out : k_out) + ((long)t * (is_q ? Hq : Hkv) + h) * D * es;
+            widen(src, x, D, dtype);
+            #pragma omp simd
+            for (int i = 0; i < D; i++) o[i] = x[i] * cosr[i];
+            if (dtype == BF16) {
+                #pragma omp simd
+                for (int i = 0; i < D; i++) o[i] = bf16_to_f32(f32_to_bf16(o[i]));
+            }
+            #pragma omp simd
+            for (int i = 0; i < half; i++) {
+                o[i] += x[i + half] * sinr[i];
+                o[i + half] += x[i] * sinr[i + half];
+            }
+            if (dtype == BF16) {
+                uint16_t* d16 = (uint16_t*)dst;
+                #pragma omp simd
+                for (int i = 0; i < D; i++) d16[i] = f32_to_bf16(o[i]);
+            } else {
+                memcpy(dst, o, (size_t)D * sizeof(float));
+            }
+        }
+        if (slots[t] < 0) continue;
+        const size_t bytes = (size_t)Hkv * D * es;
+        memcpy((char*)k_cache + (size_t)slots[t] * bytes, (const char*)k_out + (size_t)t * bytes, bytes);
+        memcpy((char*)v_cache + (size_t)slots[t] * bytes, (const char*)v + (size_t)t * v_stride * es, bytes);
+    }
+}

@@ -114,10 +114,34 @@ def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor,
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Copy ``k``/``v`` rows ``[T, Hkv, D]`` into the cache at ``slot_mapping`` (-1 = not written)."""
-    def rows(x: torch.Tensor) -> torch.Tensor:   # rows may be strided, each row's heads contiguous
-        return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
-    k, v = rows(k), rows(v)
+    k, v = _rows(k), _rows(v)
     slots = slot_mapping.to(torch.int64).contiguous()
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == k.dtype
     _lib().aph_write_kv(_DTYPE_CODES[k.dtype], _ptr(k), _ptr(v), _ptr(k_cache), _ptr(v_cache), _ptr(slots),
                         k.shape[0], k.shape[1] * k.shape[2], ctypes.c_long(k.stride(0)), ctypes.c_long(v.stride(0)))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [T, H, D]`` as rows the C kernels can stride over: each row's heads contiguous."""
+    return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q [T, Hq, D]`` and ``k [T, Hkv, D]`` with ``cos_sin [P, 2, D]`` (rows ``[cos, cos]``,
+    ``[-sin, sin]``) and write the rotated k and ``v`` to the cache at ``slot_mapping``; returns (q, k) rotated."""
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == q.dtype == cos_sin.dtype
+    pos = positions.to(torch.int64).contiguous()
+    slots = slot_mapping.to(torch.int64).contiguous()
+    table = cos_sin.contiguous()
+    q_out = torch.empty(t, hq, d, dtype=q.dtype)
+    k_out = torch.empty(t, hkv, d, dtype=q.dtype)
+    _lib().aph_rope_write_kv(_DTYPE_CODES[q.dtype], _ptr(q), ctypes.c_long(q.stride(0)), _ptr(k),
+                             ctypes.c_long(k.stride(0)), _ptr(v), ctypes.c_long(v.stride(0)), t, hq, hkv, d,
+                             _ptr(pos), _ptr(table), _ptr(q_out), _ptr(k_out), _ptr(k_cache), _ptr(v_cache),
+                             _ptr(slots))
+    return q_out, k_out

@@ -74,10 +74,17 @@ class TorchAttentionBackend:
 
     @staticmethod
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]. With ``rope = (positions, cos_sin_cache)``
+        q and k arrive un-rotated and are rotated here, in the same C pass as the cache write."""
         in_c = q.device.type == "cpu" and cpu_ops.available(q.dtype) and k_cache.dtype == q.dtype
-        (cpu_ops.write_kv if in_c else TorchAttentionBackend.write_kv)(k, v, k_cache, v_cache, meta.slot_mapping)
+        if rope is not None:   # RotaryEmbedding.fused_rope offers this only where the C kernels run
+            if not in_c:
+                raise RuntimeError("un-rotated q/k reached the PyTorch attention backend without the C kernels")
+            q, k = cpu_ops.rope_write_kv(q, k, v, rope[0], rope[1], k_cache, v_cache, meta.slot_mapping)
+        else:
+            (cpu_ops.write_kv if in_c else TorchAttentionBackend.write_kv)(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decodes
         if nd == meta.num_seqs == q.shape[0]:   # decode-only batch: no output buffer to fill
             return _decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
@@ -178,18 +185,13 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """``rope = (positions, cos_sin_cache)``: q/k are not rotated yet; the Triton backend rotates
-        them in the same launch as the cache write (GPU path only, see ``RotaryEmbedding.fused_rope``)."""
+        """``rope = (positions, cos/sin table)``: q/k are not rotated yet; the backend rotates them in
+        the same launch (GPU) or C pass (CPU) as the cache write, see ``RotaryEmbedding.fused_rope``."""
         t = q.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         meta = get_attention_metadata()
         assert self.kv_cache is not None, "KV cache not bound to the attention layer"
-        if rope is not None:
-            from aphrodite.kernels.paged_attention import TritonAttentionBackend
-            out = TritonAttentionBackend.forward(q, k, v, self.kv_cache[0], self.kv_cache[1], meta, self.scale,
-                                                 rope=rope)
-        else:
-            out = _backend_for(q).forward(q, k, v, self.kv_cache[0], self.kv_cache[1], meta, self.scale)
+        out = _backend_for(q).forward(q, k, v, self.kv_cache[0], self.kv_cache[1], meta, self.scale, rope=rope)
         return out.reshape(t, self.num_heads * self.head_dim)

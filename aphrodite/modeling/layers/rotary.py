@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from aphrodite.kernels.cpu import ops as cpu_ops
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -105,20 +107,24 @@ class RotaryEmbedding(nn.Module):
             self.kernel_cache = build_cos_sin_cache(inv_freq.to(torch.empty(0).device), max_position, dtype)
 
     def prepare(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Per-step state for ``rotate_qk``: positions, plus gathered cos/sin rows on the torch path."""
-        if self.kernel_cache is not None and positions.is_cuda:
+        """Per-step state for ``rotate_qk``: positions, plus gathered cos/sin rows on the torch path
+        (none where the attention backend rotates q/k itself, see ``fused_rope``)."""
+        if positions.is_cuda and self.kernel_cache is not None:
+            return positions, None, None
+        if positions.device.type == "cpu" and self.head_dim <= 512 and cpu_ops.available(self.cos_sin_cache.dtype):
             return positions, None, None
         cos, sin = self.cos_sin(positions)
         return positions, cos, sin
 
     def fused_rope(self, state: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(positions, kernel cos/sin table)`` when the GPU attention backend should rotate q/k itself
-        (fused with its cache write: one launch per layer instead of two), else None (rotate first)."""
+        """``(positions, cos/sin table)`` when the attention backend should rotate q/k itself, fused
+        with its cache write (GPU: one launch per layer instead of two; CPU: one C pass), else None.
+        The GPU table is the kernel's ``[P, D]`` (cos, sin) rows, the CPU one ``cos_sin_cache``."""
         positions, cos, _ = state
-        if cos is None and self.kernel_cache is not None:
-            return positions, self.kernel_cache
-        return None
+        if cos is not None:
+            return None
+        return positions, self.kernel_cache if positions.is_cuda else self.cos_sin_cache
 
     def rotate_qk(self, qk: torch.Tensor, q_size: int,
                   state: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -129,10 +135,12 @@ class RotaryEmbedding(nn.Module):
         set of torch ops (they sit side by side), then split.
         """
         positions, cos, sin = state
-        if cos is None:
+        if cos is None and positions.is_cuda:
             from aphrodite.kernels.rotary import rotary_embedding
             q, k = qk[:, :q_size], qk[:, q_size:]
             return rotary_embedding(positions, q, k, self.head_dim, self.kernel_cache)
+        if cos is None:
+            cos, sin = self.cos_sin(positions)
         out = self.rotate(qk, cos, sin)
         return out[:, :q_size], out[:, q_size:]
 

@@ -70,7 +70,7 @@ class LlamaAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, rotary: RotaryEmbedding, rope: tuple) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         fused = rotary.fused_rope(rope)
-        if fused is not None:  # GPU: the attention backend rotates q/k while writing the cache
+        if fused is not None:  # the attention backend rotates q/k in the same pass as its cache write
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             return self.o_proj(self.attn(q, k, v, rope=fused))
         # Rotate q and k together (they are adjacent in the fused output), leave v as a view.
