@@ -17,12 +17,13 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3, 4, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_float64(dtype, rows, bias):
+@pytest.mark.parametrize("k", [200, 192, 256])   # odd width (portable loop), 16- and 32-multiples (AVX-512)
+def test_linear_matches_float64(dtype, rows, bias, k, kernel_build):
     g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 200, generator=g).to(dtype)
-    w = torch.randn(77, 200, generator=g).to(dtype)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = torch.randn(77, k, generator=g).to(dtype)
     b = torch.randn(77, generator=g).to(dtype) if bias else None
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())
     out = ops.linear(x, w, b)
