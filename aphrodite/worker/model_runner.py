@@ -10,7 +10,6 @@ scheduling) reads it from there by index.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import mmap
 import time
@@ -36,18 +35,15 @@ logger = logging.getLogger(__name__)
 
 
 def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero tensor; on the CPU an anonymous mapping, so untouched pages cost no RAM or time,
-    in transparent huge pages where the kernel allows (the KV cache is written a token row at
-    a time: 4 KiB pages made each step fault in fresh pages)."""
+    """A zero tensor; on the CPU a private anonymous mapping: page-aligned (malloc's 16-byte
+    alignment split every cache row across cache lines and made the C decode attention ~1.6x
+    slower) and lazily zeroed, so untouched pages cost no RAM or time."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        with contextlib.suppress(OSError):
-            buf.madvise(mmap.MADV_HUGEPAGE)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
 
 

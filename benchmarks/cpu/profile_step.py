@@ -44,13 +44,7 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--mallopt", action="store_true")
-    p.add_argument("--prefault", action="store_true")
     args = p.parse_args()
-    if args.mallopt:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        print(libc.mallopt(-3, 32 << 20), libc.mallopt(-1, 1 << 30))
     llm = LLM(dtype=args.dtype, skip_tokenizer_init=True)
     vocab = llm.llm_engine.config.model.hf_config.vocab_size
     rng = np.random.default_rng(0)
@@ -58,10 +52,6 @@ def main() -> None:
                for _ in range(args.num_prompts)]
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
-    if args.prefault:
-        for k, v in llm.llm_engine.executor.runner.kv_caches:
-            k.fill_(0)
-            v.fill_(0)
 
     orig_dense = linear.dense
 

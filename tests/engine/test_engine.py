@@ -266,3 +266,12 @@ def test_garbage_in_unused_cache_slots_does_not_leak(tiny_llama_dir, hf_model):
     # Written slots are overwritten before use; only never-written ones keep the poison.
     poisoned = llm.generate(reqs, greedy(12), use_tqdm=False)
     assert token_ids(poisoned) == clean
+
+
+def test_cpu_kv_cache_is_zeroed_and_page_aligned(tiny_llama_dir):
+    """Cache rows must not straddle cache lines (the C attention's vector loads), so the pool is a
+    page-aligned mapping; it starts as zeros."""
+    llm = engine(tiny_llama_dir)
+    for k, v in llm.llm_engine.executor.runner.kv_caches:
+        assert k.data_ptr() % 4096 == 0 and v.data_ptr() % 4096 == 0
+        assert not k.any() and not v.any()
