@@ -135,12 +135,10 @@ class RotaryEmbedding(nn.Module):
         set of torch ops (they sit side by side), then split.
         """
         positions, cos, sin = state
-        if cos is None and positions.is_cuda:
+        if cos is None:
             from aphrodite.kernels.rotary import rotary_embedding
             q, k = qk[:, :q_size], qk[:, q_size:]
             return rotary_embedding(positions, q, k, self.head_dim, self.kernel_cache)
-        if cos is None:
-            cos, sin = self.cos_sin(positions)
         out = self.rotate(qk, cos, sin)
         return out[:, :q_size], out[:, q_size:]
 
