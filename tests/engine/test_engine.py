@@ -44,7 +44,7 @@ def test_greedy_matches_hf_generate(tiny_llama_dir, hf_model, monkeypatch, cpu_p
     elif cpu_path == "packed-only":
         monkeypatch.setattr(loader, "KEEP_ROW_MAJOR_RAM_FRACTION", 0.0)
     elif cpu_path == "no-packing":
-        monkeypatch.setattr(packed_linear, "available", lambda: False)
+        monkeypatch.setattr(packed_linear, "available", lambda dtype=None: False)
     llm = engine(tiny_llama_dir)
     linears = [m for m in llm.llm_engine.executor.runner.model.modules()
                if hasattr(m, "packed_weight") and not hasattr(m, "num_embeddings")]

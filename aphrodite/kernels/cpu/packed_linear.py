@@ -27,24 +27,26 @@ PACK_BATCH_HINT = 64
 
 
 @cache
-def available() -> bool:
-    """Whether this PyTorch build can pack linear weights for oneDNN (and packing is not turned off)."""
-    if os.environ.get("APHRODITE_CPU_PACKED_WEIGHTS", "1") == "0":
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this PyTorch build and CPU can run packed linear layers in ``dtype`` (float32 or
+    bfloat16; oneDNN's bf16 path needs AVX-512 or AVX-NE-CONVERT) and packing is not turned off."""
+    if os.environ.get("APHRODITE_CPU_PACKED_WEIGHTS", "1") == "0" or dtype not in (torch.float32, torch.bfloat16):
         return False
     try:
-        ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        if ok:   # run it once: some builds register the op but cannot execute it
-            w = torch.ones(8, 16)
-            got = linear(torch.ones(2, 16), torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT))
-            ok = bool(torch.all(got == 16.0))
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            return False
+        # Run it once: some builds register the op but cannot execute it for this dtype here.
+        w = torch.ones(8, 16, dtype=dtype)
+        got = linear(torch.ones(2, 16, dtype=dtype), torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT))
+        return bool(torch.all(got == 16.0))
     except (AttributeError, RuntimeError) as e:
-        logger.info("oneDNN weight packing unavailable (%s); linear layers use F.linear", e)
+        logger.info("oneDNN weight packing unavailable for %s (%s); linear layers use F.linear", dtype, e)
         return False
-    return ok
 
 
 def supports(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in (torch.float32, torch.bfloat16)
+    """Whether ``weight`` can be packed here: a 2-D CPU float32/bfloat16 tensor this build runs packed."""
+    return weight.device.type == "cpu" and weight.dim() == 2 and available(weight.dtype)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
 def pack_cpu_weight(module: nn.Module) -> None:
     """Give ``module`` a ``packed_weight`` (oneDNN layout) of its CPU weight, for ``dense``."""
     weight = getattr(module, "weight", None)
-    if weight is not None and packed_linear.supports(weight) and packed_linear.available():
+    if weight is not None and packed_linear.supports(weight):
         module.packed_weight = packed_linear.pack(weight)
 
 

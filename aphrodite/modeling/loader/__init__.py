@@ -83,7 +83,7 @@ def pack_cpu_weights(model: nn.Module, dtype: torch.dtype) -> None:
     Without oneDNN, fp32 weights go column-major instead, unless the C GEMV (which reads
     row-major) is there."""
     from aphrodite.modeling.layers.linear import LinearBase, pack_cpu_weight
-    if not packed_linear.available():
+    if not packed_linear.available(dtype):
         if dtype == torch.float32 and not cpu_ops.available(torch.float32):
             use_column_major_weights(model)
         return
