@@ -52,13 +52,19 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
     return out
 
 
-@pytest.fixture(params=["native", "portable"])
+_VARIANT_FLAGS = {"portable": ("-mno-avx512f",), "avx512-without-bf16": ("-mno-avx512bf16",)}
+
+
+@pytest.fixture(params=["native", "portable", "avx512-without-bf16"])
 def kernel_build(request, monkeypatch):
-    """The kernels as built for this CPU, and built without AVX-512 (the path other CPUs take)."""
-    if request.param == "portable":
+    """The kernels as built for this CPU, and as built for CPUs without AVX-512 or without its bf16
+    dot product (the paths other machines take)."""
+    if request.param != "native":
         if platform.machine() != "x86_64":
-            pytest.skip("the portable variant differs only on x86-64")
-        lib = load_library(("-mno-avx512f",))
+            pytest.skip("the variants differ only on x86-64")
+        if request.param == "avx512-without-bf16" and "avx512f" not in open("/proc/cpuinfo").read():
+            pytest.skip("this CPU has no AVX-512")
+        lib = load_library(_VARIANT_FLAGS[request.param])
         assert lib is not None
         monkeypatch.setattr(ops, "_lib", lambda: lib)
     return request.param
