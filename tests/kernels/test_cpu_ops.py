@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def kernel_build(request, monkeypatch):
     if request.param != "native":
         if platform.machine() != "x86_64":
             pytest.skip("the variants differ only on x86-64")
-        if request.param == "avx512-without-bf16" and "avx512f" not in open("/proc/cpuinfo").read():
+        if request.param == "avx512-without-bf16" and "avx512f" not in Path("/proc/cpuinfo").read_text():
             pytest.skip("this CPU has no AVX-512")
         lib = load_library(_VARIANT_FLAGS[request.param])
         assert lib is not None
