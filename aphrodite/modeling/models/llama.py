@@ -20,6 +20,7 @@ from aphrodite.modeling.layers.attention import Attention
 from aphrodite.modeling.layers.embedding import ParallelLMHead, VocabParallelEmbedding, compute_lm_logits
 from aphrodite.modeling.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from aphrodite.modeling.layers.norm import RMSNorm
+from aphrodite.modeling.layers.quantization import QuantizationConfig
 from aphrodite.modeling.layers.rotary import RotaryEmbedding, get_rope_config
 from aphrodite.modeling.models.pipeline import (
     IntermediateTensors,
@@ -48,12 +49,15 @@ def _head_dim(config: Any) -> int:
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         if hidden_act != "silu":
             raise ValueError(f"Llama MLP supports hidden_act='silu' only, got {hidden_act!r}")
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias,
+                                                       quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, quant_config=quant_config,
+                                           prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,15 +65,16 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         self.head_dim = _head_dim(config)
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
-                                          num_kv_heads, bias=bias)
+                                          num_kv_heads, bias=bias, quant_config=quant_config,
+                                          prefix=f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
-                                        bias=bias)
+                                        bias=bias, quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.q_size = self.qkv_proj.q_size
         self.kv_size = self.qkv_proj.kv_size
         self.attn = Attention(self.qkv_proj.num_heads, self.head_dim, self.head_dim ** -0.5,
@@ -88,11 +93,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, quant_config, f"{prefix}.self_attn")
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                            bool(getattr(config, "mlp_bias", False)))
+                            bool(getattr(config, "mlp_bias", False)), quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -111,13 +116,14 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """This pipeline stage's part of the model (all of it with one stage)."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, quant_config: QuantizationConfig | None = None, prefix: str = "model") -> None:
         super().__init__()
         tied = bool(getattr(config, "tie_word_embeddings", False))
         self.embed_tokens = pp_module(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size),
                                       first=True, last=tied)
         self.start_layer, self.end_layer, self.layers = make_layers(
-            config.num_hidden_layers, lambda prefix: LlamaDecoderLayer(config), "model.layers")
+            config.num_hidden_layers, lambda layer_prefix: LlamaDecoderLayer(config, quant_config, layer_prefix),
+            f"{prefix}.layers")
         self.norm = pp_module(lambda: RMSNorm(config.hidden_size, config.rms_norm_eps), last=True)
         # One table shared by all layers; cos/sin are gathered once per step.
         self.rotary_emb = RotaryEmbedding(_head_dim(config), config.max_position_embeddings,
@@ -136,10 +142,11 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The Llama family; parameters are created uninitialised, a loader fills them."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.quant_config = quant_config
+        self.model = LlamaModel(config, quant_config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens   # a PPMissingLayer too, except on the last stage
@@ -211,9 +218,9 @@ class LlamaForCausalLM(nn.Module):
 class MistralForCausalLM(LlamaForCausalLM):
     """Mistral is Llama's architecture; sliding-window attention is not applied (full attention)."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, quant_config: QuantizationConfig | None = None) -> None:
         window = getattr(config, "sliding_window", None)
         if window and window < config.max_position_embeddings:
             logger.warning("Mistral sliding_window=%d is not implemented; attention is full, which is exact "
                            "only for contexts up to %d tokens.", window, window)
-        super().__init__(config)
+        super().__init__(config, quant_config)
