@@ -22,7 +22,8 @@ from aphrodite.engine_args import EngineArgs
 from aphrodite.executor.uniproc import UniProcExecutor
 from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput
 from aphrodite.sampling_params import SamplingParams
-from aphrodite.worker.model_runner import ModelRunnerOutput, PositionLogprobs, StepFuture
+from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
+from aphrodite.worker.step_plan import NewRequestData, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class LLMEngine:
         self.total_preemptions = 0
         self.async_scheduling = config.async_scheduling
         self._inflight: tuple[SchedulerOutput, StepFuture] | None = None   # queued, not yet absorbed
+        self._finished_ids: list[str] = []      # ended since the last plan: the workers drop them
+        self._step_id = 0
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -163,7 +166,12 @@ class LLMEngine:
             for child in parent.children:
                 self.requests.pop(child.request_id, None)
                 if not child.is_finished:
-                    self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+                    self._finish(child, RequestStatus.FINISHED_ABORTED)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(req, status)
+        if req.sent_to_workers:
+            self._finished_ids.append(req.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents)
@@ -183,14 +191,14 @@ class LLMEngine:
             sched = self._schedule()
             if sched is None:
                 return []
-            result = self.executor.execute(sched)
+            result = self.executor.execute(self._plan(sched))
             self._advance(sched)
             return self._process(sched, result, finished_only)
         try:
             sched = self._schedule(allow_empty=self._inflight is not None)
             queued = None
             if sched is not None:
-                queued = (sched, self.executor.execute_async(sched))
+                queued = (sched, self.executor.execute_async(self._plan(sched)))
                 self._advance(sched)
             prev, self._inflight = self._inflight, queued
             if prev is None:
@@ -209,6 +217,29 @@ class LLMEngine:
             return None
         self.total_preemptions += sched.num_preempted
         return sched
+
+    def _plan(self, sched: SchedulerOutput) -> StepPlan:
+        """The flat description of ``sched`` for the workers: new requests' data once, then deltas."""
+        self._step_id += 1
+        plan = StepPlan(step_id=self._step_id, finished_ids=self._finished_ids,
+                        num_scheduled=sched.num_tokens)
+        self._finished_ids = []
+        for r in sched.requests:
+            if not r.sent_to_workers:
+                plan.new_requests.append(NewRequestData(r.request_id, r.prompt_token_ids, r.params,
+                                                        r.sample_seed, r.eos_token_ids))
+                r.sent_to_workers = True
+                r.num_sent_tokens = r.num_prompt_tokens
+            plan.req_ids.append(r.request_id)
+            plan.num_computed.append(r.num_computed_tokens)
+            plan.num_pending.append(r.num_pending_tokens)
+            plan.num_kept_blocks.append(r.num_sent_blocks)
+            plan.new_block_ids.append(r.block_ids[r.num_sent_blocks:])
+            r.num_sent_blocks = len(r.block_ids)
+            known = len(r.all_token_ids)
+            plan.new_token_ids.append(r.all_token_ids[r.num_sent_tokens:] if known > r.num_sent_tokens else [])
+            r.num_sent_tokens = known
+        return plan
 
     def _advance(self, sched: SchedulerOutput) -> None:
         """Bookkeeping once a step is queued: computed tokens, pending samples, prompt-token stats."""
@@ -264,7 +295,7 @@ class LLMEngine:
                 # Finishing: release text the detokenizer held back (e.g. an unfinished byte run).
                 status = self._append_text(req, req.detokenizer.flush(), status)
         if status is not None:
-            self.scheduler.finish(req, status)
+            self._finish(req, status)
 
     def _append_text(self, req: Request, new: str, status: RequestStatus | None) -> RequestStatus | None:
         """Add newly decoded text and look for stop strings in it; returns the (maybe new) status."""

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from aphrodite.config import EngineConfig
-from aphrodite.engine.scheduler import SchedulerOutput
 from aphrodite.worker.model_runner import ModelRunner, ModelRunnerOutput, StepFuture
+from aphrodite.worker.step_plan import StepPlan
 
 
 class UniProcExecutor:
@@ -16,9 +16,9 @@ class UniProcExecutor:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks)
 
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute(sched)
+    def execute(self, plan: StepPlan) -> ModelRunnerOutput:
+        return self.runner.execute(plan)
 
-    def execute_async(self, sched: SchedulerOutput) -> StepFuture:
+    def execute_async(self, plan: StepPlan) -> StepFuture:
         """Queue the step; its results are read from the returned future later."""
-        return self.runner.queue(sched)
+        return self.runner.queue(plan)

@@ -19,8 +19,6 @@ import numpy as np
 import torch
 
 from aphrodite.config import EngineConfig
-from aphrodite.engine.request import Request
-from aphrodite.engine.scheduler import SchedulerOutput
 from aphrodite.modeling.layers.attention import Attention, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
 from aphrodite.modeling.loader import load_model
@@ -28,6 +26,7 @@ from aphrodite.worker.cuda_graphs import DecodeGraphs
 from aphrodite.worker.sampling_inputs import build_sampling_metadata, to_device
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
 from aphrodite.worker.step_inputs import StepInputs
+from aphrodite.worker.step_plan import RequestState, StepPlan, apply_plan
 
 __all__ = ["HostBatch", "ModelRunner", "ModelRunnerOutput", "PositionLogprobs", "PrevTokens", "StepFuture"]
 
@@ -89,9 +88,11 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs = StepInputs(config)
         self.graphs = DecodeGraphs(self) if self.device.type == "cuda" and not config.enforce_eager else None
+        # This worker's records of the requests it has been sent (see ``step_plan``).
+        self.requests: dict[str, RequestState] = {}
         # The last queued step's sampled ids (device) and which row each sampled request got.
         self._prev_tokens: torch.Tensor | None = None
-        self._prev_rows: dict[Request, int] = {}
+        self._prev_rows: dict[str, int] = {}
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -166,10 +167,9 @@ class ModelRunner:
             layer.kv_cache = caches[i] if caches else None
 
     # ---- one step -------------------------------------------------------------
-    def _prepare(self, sched: SchedulerOutput) -> HostBatch:
+    def _prepare(self, reqs: list[RequestState], counts: list[int]) -> HostBatch:
         """The step's flat batch as numpy arrays (ids, positions, slots, lengths, block tables)."""
         bs = self.block_size
-        reqs, counts = sched.requests, sched.num_tokens
         total = sum(counts)
         ids = np.empty(total, dtype=np.int64)
         pos = np.empty(total, dtype=np.int64)
@@ -208,22 +208,22 @@ class ModelRunner:
             from_prev = PrevTokens(self._prev_tokens, dst, np.asarray(gather_src, dtype=np.int64), req_rows)
         return HostBatch(ids, pos, slots, starts, seq_lens, tables, num_decodes, from_prev)
 
-    def _prev_row(self, r: Request) -> int:
-        row = self._prev_rows.get(r)
+    def _prev_row(self, r: RequestState) -> int:
+        row = self._prev_rows.get(r.request_id)
         if row is None:
             raise RuntimeError(f"Request {r.request_id} needs a token that the previous step did not sample.")
         return row
 
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, plan: StepPlan) -> ModelRunnerOutput:
         """Run one step and wait for its results."""
-        return self.queue(sched).result()
+        return self.queue(plan).result()
 
     @torch.inference_mode()
-    def queue(self, sched: SchedulerOutput) -> StepFuture:
+    def queue(self, plan: StepPlan) -> StepFuture:
         """Enqueue one step's forward pass and sampling; the host reads the results later."""
-        reqs, counts = sched.requests, sched.num_tokens
+        reqs, counts = apply_plan(self.requests, plan), plan.num_scheduled
         self.inputs.begin_step()
-        host = self._prepare(sched)
+        host = self._prepare(reqs, counts)
         # Rows that sample: requests whose scheduled chunk reaches their last token (pending ones
         # included). Their sampling tensors are copied to the device before the forward pass is
         # queued, so the sampler's kernels follow the model's without the GPU idling on copies.
@@ -251,9 +251,9 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden if last is None else hidden[last])
             out = self.sampler(logits, md)
         self._prev_tokens = None if out is None else out.token_ids
-        self._prev_rows = dict(zip(rows, range(len(rows))))
+        self._prev_rows = {r.request_id: j for j, r in enumerate(rows)}
         prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts)
-        return StepFuture(len(reqs), sample_idx, rows, out, prompt_lps)
+        return StepFuture(len(reqs), sample_idx, [r.params.logprobs or 0 for r in rows], out, prompt_lps)
 
     def _pending_for_sampler(self, host: HostBatch, sample_idx: list[int]) -> tuple[np.ndarray, PrevTokens] | None:
         """(sample rows, where their tokens are) of the rows whose last output token is still on the
@@ -267,7 +267,7 @@ class ModelRunner:
         row_of[sample_idx] = np.arange(len(sample_idx))
         return row_of[prev.req_rows], prev
 
-    def _prompt_logprobs(self, reqs: list[Request], counts: list[int], hidden: torch.Tensor,
+    def _prompt_logprobs(self, reqs: list[RequestState], counts: list[int], hidden: torch.Tensor,
                          starts: list[int]) -> list[list[PositionLogprobs] | None]:
         """Log-probabilities of prompt tokens 1.. under the positions computed in this chunk."""
         result: list[list[PositionLogprobs] | None] = [None] * len(reqs)
@@ -275,7 +275,7 @@ class ModelRunner:
             if not r.wants_prompt_logprobs:
                 continue
             c = r.num_computed_tokens
-            first = max(c, len(r.prompt_logprobs) - 1)   # position p predicts prompt token p + 1
+            first = max(c, r.num_prompt_logprobs - 1)   # position p predicts prompt token p + 1
             last = min(c + n, r.num_prompt_tokens - 1)
             if first >= last:
                 result[i] = []
@@ -289,4 +289,5 @@ class ModelRunner:
             ti = ti.tolist() if ti is not None else [[]] * len(tgt)
             tv = tv.tolist() if tv is not None else [[]] * len(tgt)
             result[i] = [(tgt[j], lp[j], rk[j], list(zip(ti[j], tv[j]))) for j in range(len(tgt))]
+            r.num_prompt_logprobs = max(r.num_prompt_logprobs, last + 1)
         return result
