@@ -70,6 +70,7 @@ class Request:
         self.sent_to_workers = False
         self.num_sent_tokens = 0
         self.num_sent_blocks = 0
+        self.num_in_flight = 0              # queued steps that include it, not yet absorbed
 
     @property
     def num_tokens(self) -> int:

@@ -84,6 +84,9 @@ class ModelRunner:
         self.model = load_model(config.model, self.device)
         logger.info("Loaded %s in %.1f s", config.model.model, time.perf_counter() - start)
         self.vocab_size = config.model.hf_config.vocab_size
+        # This rank's attention layers (its pipeline stage's), each with its tensor-parallel share of
+        # the KV heads: what the KV cache is sized from.
+        self.attn_layers = [mod for mod in self.model.modules() if isinstance(mod, Attention)]
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs = StepInputs(config)
@@ -96,9 +99,17 @@ class ModelRunner:
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        m = self.config.model
         elem = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
+        return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * elem for a in self.attn_layers)
+
+    def _kv_pairs(self, num_blocks: int, alloc=torch.zeros) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One (K, V) pair per attention layer of this rank, ``[num_blocks, block_size, kv_heads, head_dim]``."""
+        pairs = []
+        for a in self.attn_layers:
+            shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+            pairs.append((alloc(shape, dtype=self.dtype, device=self.device),
+                          alloc(shape, dtype=self.dtype, device=self.device)))
+        return pairs
 
     def determine_num_blocks(self) -> int:
         cache = self.config.cache
@@ -131,10 +142,7 @@ class ModelRunner:
         sc = self.config.scheduler
         n = min(sc.max_num_batched_tokens, sc.max_model_len)
         blocks = -(-n // self.block_size)
-        m = self.config.model
-        shape = (blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        scratch = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                    torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(m.num_layers)]
+        scratch = self._kv_pairs(blocks)
         self._bind(scratch)
         host = HostBatch(np.zeros(n, np.int64), np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64),
                          [0, n], [n], np.arange(blocks, dtype=np.int32)[None, :], 0)
@@ -151,19 +159,15 @@ class ModelRunner:
         return sum(k.numel() * k.element_size() * 2 for k, _ in scratch)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        m = self.config.model
-        shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         # Zero-filled: attention reads whole blocks and masks the slots past each sequence's end,
         # and 0 * NaN from never-written memory would still poison the output.
-        self.kv_caches = [(zeroed(shape, self.dtype, self.device), zeroed(shape, self.dtype, self.device))
-                          for _ in range(m.num_layers)]
+        self.kv_caches = self._kv_pairs(num_blocks, lambda shape, dtype, device: zeroed(shape, dtype, device))
         self._bind(self.kv_caches)
         if self.graphs is not None:
             self.graphs.capture()
 
     def _bind(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        layers = [mod for mod in self.model.modules() if isinstance(mod, Attention)]
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(self.attn_layers):
             layer.kv_cache = caches[i] if caches else None
 
     # ---- one step -------------------------------------------------------------
@@ -219,8 +223,11 @@ class ModelRunner:
         return self.queue(plan).result()
 
     @torch.inference_mode()
-    def queue(self, plan: StepPlan) -> StepFuture:
-        """Enqueue one step's forward pass and sampling; the host reads the results later."""
+    def queue(self, plan: StepPlan, want_result: bool = True) -> StepFuture:
+        """Enqueue one step's forward pass and sampling; the host reads the results later.
+
+        ``want_result=False`` (tensor-parallel ranks other than the output rank) runs the same
+        collectives and keeps the sampled ids on the device, but copies nothing back."""
         reqs, counts = apply_plan(self.requests, plan), plan.num_scheduled
         self.inputs.begin_step()
         host = self._prepare(reqs, counts)
@@ -252,8 +259,9 @@ class ModelRunner:
             out = self.sampler(logits, md)
         self._prev_tokens = None if out is None else out.token_ids
         self._prev_rows = {r.request_id: j for j, r in enumerate(rows)}
-        prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts)
-        return StepFuture(len(reqs), sample_idx, [r.params.logprobs or 0 for r in rows], out, prompt_lps)
+        prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts, want_result)
+        return StepFuture(len(reqs), sample_idx, [r.params.logprobs or 0 for r in rows],
+                          out if want_result else None, prompt_lps)
 
     def _pending_for_sampler(self, host: HostBatch, sample_idx: list[int]) -> tuple[np.ndarray, PrevTokens] | None:
         """(sample rows, where their tokens are) of the rows whose last output token is still on the
@@ -268,8 +276,11 @@ class ModelRunner:
         return row_of[prev.req_rows], prev
 
     def _prompt_logprobs(self, reqs: list[RequestState], counts: list[int], hidden: torch.Tensor,
-                         starts: list[int]) -> list[list[PositionLogprobs] | None]:
-        """Log-probabilities of prompt tokens 1.. under the positions computed in this chunk."""
+                         starts: list[int], want_result: bool = True) -> list[list[PositionLogprobs] | None]:
+        """Log-probabilities of prompt tokens 1.. under the positions computed in this chunk.
+
+        Every tensor-parallel rank computes the logits (an all-gather); only a rank that reports
+        results turns them into log-probabilities."""
         result: list[list[PositionLogprobs] | None] = [None] * len(reqs)
         for i, (r, n) in enumerate(zip(reqs, counts)):
             if not r.wants_prompt_logprobs:
@@ -282,6 +293,9 @@ class ModelRunner:
                 continue
             base = starts[i] - c
             logits = self.model.compute_logits(hidden[base + first:base + last])
+            r.num_prompt_logprobs = max(r.num_prompt_logprobs, last + 1)
+            if not want_result:
+                continue
             targets = torch.tensor(r.prompt_token_ids[first + 1:last + 1], device=self.device)
             k = r.params.prompt_logprobs
             lp, rk, ti, tv = gather_logprobs(logits, targets, k)
@@ -289,5 +303,4 @@ class ModelRunner:
             ti = ti.tolist() if ti is not None else [[]] * len(tgt)
             tv = tv.tolist() if tv is not None else [[]] * len(tgt)
             result[i] = [(tgt[j], lp[j], rk[j], list(zip(ti[j], tv[j]))) for j in range(len(tgt))]
-            r.num_prompt_logprobs = max(r.num_prompt_logprobs, last + 1)
         return result

@@ -31,11 +31,14 @@ class NewRequestData:
 class StepPlan:
     """One step. The per-request lists are parallel, in batch order (one-token chunks first).
 
-    ``num_kept_blocks[i]``: how many of its blocks the worker keeps before appending
-    ``new_block_ids[i]`` (0 after a preemption freed the old table). ``new_token_ids[i]``:
-    tokens the host appended to the request since it last sent it (outputs the host learned,
-    including those a worker sampled). ``num_pending[i]``: sampled tokens the host does not
-    know yet (async scheduling), so the worker reads them from its device copy.
+    ``num_kept_blocks[i]``: how many of its blocks the worker keeps before appending its
+    ``num_new_blocks[i]`` next ids from ``new_block_ids`` (0 kept after a preemption freed the old
+    table). Its ``num_new_tokens[i]`` next ids from ``new_token_ids`` are the tokens the host
+    appended to the request since it last sent it (outputs the host learned, including those a
+    worker sampled). ``num_pending[i]``: sampled tokens the host does not know yet (async
+    scheduling), so the worker reads them from its device copy. Block and token deltas are flat
+    lists (with per-request counts) because a list of small lists costs about twice as much to
+    pickle and unpickle.
     """
 
     step_id: int = 0
@@ -45,8 +48,10 @@ class StepPlan:
     num_computed: list[int] = field(default_factory=list)
     num_pending: list[int] = field(default_factory=list)
     num_kept_blocks: list[int] = field(default_factory=list)
-    new_block_ids: list[list[int]] = field(default_factory=list)
-    new_token_ids: list[list[int]] = field(default_factory=list)
+    num_new_blocks: list[int] = field(default_factory=list)
+    new_block_ids: list[int] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    new_token_ids: list[int] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)   # finished, aborted: drop their records
 
     @property
@@ -109,16 +114,21 @@ def apply_plan(states: dict[str, RequestState], plan: StepPlan) -> list[RequestS
     for data in plan.new_requests:
         states[data.request_id] = RequestState(data)
     scheduled = []
+    tok = blk = 0
     for i, rid in enumerate(plan.req_ids):
         s = states[rid]
-        if plan.new_token_ids[i]:
-            s.all_token_ids.extend(plan.new_token_ids[i])
+        n = plan.num_new_tokens[i]
+        if n:
+            s.all_token_ids.extend(plan.new_token_ids[tok:tok + n])
+            tok += n
         s.num_computed_tokens = plan.num_computed[i]
         s.num_pending_tokens = plan.num_pending[i]
         kept = plan.num_kept_blocks[i]
         if kept != len(s.block_ids):
             del s.block_ids[kept:]
-        if plan.new_block_ids[i]:
-            s.block_ids.extend(plan.new_block_ids[i])
+        n = plan.num_new_blocks[i]
+        if n:
+            s.block_ids.extend(plan.new_block_ids[blk:blk + n])
+            blk += n
         scheduled.append(s)
     return scheduled
