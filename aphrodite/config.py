@@ -78,6 +78,8 @@ class ModelConfig:
     skip_tokenizer_init: bool
     seed: int
     max_logprobs: int
+    quantization: str | None = None                  # a QUANTIZATION_METHODS name, or None
+    quantization_config: dict[str, Any] | None = None  # the checkpoint's settings for it
 
     @property
     def architecture(self) -> str:
@@ -222,6 +224,26 @@ def resolve_parallel_config(args: EngineArgs, hf_config: Any, device: torch.devi
     return ParallelConfig(tp, pp, backend)
 
 
+def _resolve_quantization(requested: str | None, hf_config: Any) -> tuple[str | None, dict[str, Any] | None]:
+    """(method, settings): the checkpoint's ``quantization_config`` decides unless the user asked for a
+    method the checkpoint does not declare (e.g. ``fp8`` to quantize a bf16 checkpoint at load)."""
+    settings = getattr(hf_config, "quantization_config", None)
+    if settings is not None and not isinstance(settings, dict):
+        settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(vars(settings))
+    declared = str(settings.get("quant_method") or "").lower() or None if settings else None
+    method = (requested or declared or "").lower() or None
+    if requested and declared and requested.lower() != declared:
+        raise ValueError(f"quantization={requested!r} was asked for, but the checkpoint is quantized with "
+                         f"{declared!r}.")
+    if method is None:
+        return None, None
+    from aphrodite.modeling.layers.quantization import QUANTIZATION_METHODS
+    if method not in QUANTIZATION_METHODS:
+        supported = ", ".join(sorted(QUANTIZATION_METHODS)) or "none yet"
+        raise ValueError(f"Quantization method {method!r} is not supported. Supported methods: {supported}.")
+    return method, settings or {}
+
+
 def create_engine_config(args: EngineArgs) -> EngineConfig:
     """Validate ``args`` and resolve them into an ``EngineConfig``; raises ``ValueError`` on bad input."""
     if args.trust_remote_code:
@@ -261,12 +283,14 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_num_batched_tokens must be at least 1, got {budget}.")
     kv_space = float(os.environ.get("APHRODITE_CPU_KVCACHE_SPACE", args.cpu_kvcache_space))
 
+    quantization, quant_settings = _resolve_quantization(args.quantization, hf_config)
     tokenizer = args.tokenizer or path
     model_config = ModelConfig(
         model=model if args.model else "SmolLM2-135M-Instruct", path=path, hf_config=hf_config,
         dtype=dtype, max_model_len=max_model_len, load_format=load_format, gguf_file=gguf_file,
         tokenizer=tokenizer, tokenizer_revision=args.tokenizer_revision or args.revision,
-        skip_tokenizer_init=args.skip_tokenizer_init, seed=args.seed, max_logprobs=args.max_logprobs)
+        skip_tokenizer_init=args.skip_tokenizer_init, seed=args.seed, max_logprobs=args.max_logprobs,
+        quantization=quantization, quantization_config=quant_settings)
     return EngineConfig(
         model=model_config,
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,

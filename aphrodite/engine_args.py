@@ -37,6 +37,9 @@ class EngineArgs:
     max_model_len: int | None = _arg(None, "Longest prompt + output in tokens; defaults to the model's context.")
     load_format: str = _arg("auto", "Weight format; dummy makes random weights from config.json alone.",
                             choices=["auto", "safetensors", "gguf", "dummy"])
+    quantization: str | None = _arg(None, "Weight quantization method (e.g. awq, gptq, fp8, gguf); detected from "
+                                    "the checkpoint (quantization_config in config.json) when not given.",
+                                    aliases=("-q",))
     skip_tokenizer_init: bool = _arg(False, "Load no tokenizer: prompts must be token ids, no text is decoded.")
     tensor_parallel_size: int = _arg(1, "Number of tensor-parallel ranks.", aliases=("-tp",),
                                      section="parallel_args")

@@ -23,11 +23,11 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from aphrodite.config import EngineConfig
+from aphrodite.distributed.parallel_state import disable_nvlink_multicast
 from aphrodite.executor.base import Executor, ExecutorDeadError, free_port, hang_timeout_s, step_timeout_s
 from aphrodite.executor.shm_broadcast import BroadcastHandle, ShmBroadcast
 from aphrodite.worker.step_future import ModelRunnerOutput
 from aphrodite.worker.step_plan import StepPlan
-from aphrodite.worker.worker import set_no_multicast_env
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class _Future:
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         self.world_size = world = config.parallel.world_size
-        set_no_multicast_env()          # inherited by every process spawned below
+        disable_nvlink_multicast()          # inherited by every process spawned below
         ctx = mp.get_context("spawn")
         self._dead: ExecutorDeadError | None = None
         self.mq = ShmBroadcast.create(world, ctx)
@@ -209,7 +209,7 @@ def _beat(heartbeats: Any, rank: int) -> None:
 def worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: str, handle: BroadcastHandle,
                 conn: Connection, heartbeats: Any) -> None:
     """A worker process: build the rank, then run every message the engine broadcasts."""
-    set_no_multicast_env()
+    disable_nvlink_multicast()
     heartbeats[rank] = time.monotonic()
     threading.Thread(target=_beat, args=(heartbeats, rank), daemon=True, name="heartbeat").start()
     parent = mp.parent_process()

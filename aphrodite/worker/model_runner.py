@@ -19,9 +19,12 @@ import numpy as np
 import torch
 
 from aphrodite.config import EngineConfig
+from aphrodite.distributed.communication import pp_recv_tensors, pp_send_tensors
+from aphrodite.distributed.parallel_state import get_pp_size, is_first_pp_rank, is_last_pp_rank
 from aphrodite.modeling.layers.attention import Attention, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
 from aphrodite.modeling.loader import load_model
+from aphrodite.modeling.models.pipeline import IntermediateTensors, intermediate_tensor_spec
 from aphrodite.worker.cuda_graphs import DecodeGraphs
 from aphrodite.worker.sampling_inputs import build_sampling_metadata, to_device
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
@@ -84,13 +87,17 @@ class ModelRunner:
         self.model = load_model(config.model, self.device)
         logger.info("Loaded %s in %.1f s", config.model.model, time.perf_counter() - start)
         self.vocab_size = config.model.hf_config.vocab_size
+        self.pp_size = get_pp_size()
+        self.first_stage, self.last_stage = is_first_pp_rank(), is_last_pp_rank()
         # This rank's attention layers (its pipeline stage's), each with its tensor-parallel share of
         # the KV heads: what the KV cache is sized from.
         self.attn_layers = [mod for mod in self.model.modules() if isinstance(mod, Attention)]
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs = StepInputs(config)
-        self.graphs = DecodeGraphs(self) if self.device.type == "cuda" and not config.enforce_eager else None
+        # Graphs capture a whole forward pass; a pipeline stage's exchanges with its neighbours are not in it.
+        self.graphs = DecodeGraphs(self) if (self.device.type == "cuda" and not config.enforce_eager
+                                             and self.pp_size == 1) else None
         # This worker's records of the requests it has been sent (see ``step_plan``).
         self.requests: dict[str, RequestState] = {}
         # The last queued step's sampled ids (device) and which row each sampled request got.
@@ -148,7 +155,17 @@ class ModelRunner:
                          [0, n], [n], np.arange(blocks, dtype=np.int32)[None, :], 0)
         ids, pos, meta = self.inputs.to_device(host)
         with torch.inference_mode(), set_attention_metadata(meta):
-            hidden = self.model(ids, pos)
+            if self.pp_size == 1:
+                hidden = self.model(ids, pos)
+            else:   # a stage on its own: made-up input from the previous stage, none sent on
+                spec = intermediate_tensor_spec(n, self.config.model.hf_config.hidden_size, self.dtype)
+                inter = None if self.first_stage else IntermediateTensors.from_dict(
+                    {k: torch.zeros(shape, dtype=dt, device=self.device) for k, (shape, dt) in spec.items()})
+                hidden = self.model(ids, pos, inter)
+            if not self.last_stage:
+                del hidden, inter
+                self._bind([])
+                return sum(k.numel() * k.element_size() * 2 for k, _ in scratch)
             rows = min(sc.max_num_seqs, n)
             logits = self.model.compute_logits(hidden[-rows:].contiguous())
             probs = torch.softmax(logits, -1, dtype=torch.float64)
@@ -235,7 +252,7 @@ class ModelRunner:
         # included). Their sampling tensors are copied to the device before the forward pass is
         # queued, so the sampler's kernels follow the model's without the GPU idling on copies.
         sample_idx = [i for i, (r, n) in enumerate(zip(reqs, counts))
-                      if r.num_computed_tokens + n == r.num_tokens_with_pending]
+                      if r.num_computed_tokens + n == r.num_tokens_with_pending] if self.last_stage else []
         rows = [reqs[i] for i in sample_idx]
         md = None
         if rows:
@@ -250,8 +267,11 @@ class ModelRunner:
         else:
             input_ids, positions, meta = self.inputs.to_device(host)
             with set_attention_metadata(meta):
-                hidden = self.model(input_ids, positions)
+                hidden = self._forward(input_ids, positions)
         self.inputs.end_step()
+        if not self.last_stage:   # hand this stage's output to the next one; nothing to sample here
+            pp_send_tensors(hidden.to_dict())
+            return StepFuture(len(reqs), [], [], None, [None] * len(reqs))
 
         out = None
         if rows:
@@ -262,6 +282,17 @@ class ModelRunner:
         prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts, want_result)
         return StepFuture(len(reqs), sample_idx, [r.params.logprobs or 0 for r in rows],
                           out if want_result else None, prompt_lps)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | IntermediateTensors:
+        """The model on this rank's stage: after the first stage its input is the previous stage's
+        hidden states and residual, received here (same token count as this step)."""
+        if self.pp_size == 1:
+            return self.model(input_ids, positions)
+        inter = None
+        if not self.first_stage:
+            spec = intermediate_tensor_spec(input_ids.shape[0], self.config.model.hf_config.hidden_size, self.dtype)
+            inter = IntermediateTensors.from_dict(pp_recv_tensors(spec, device=self.device))
+        return self.model(input_ids, positions, inter)
 
     def _pending_for_sampler(self, host: HostBatch, sample_idx: list[int]) -> tuple[np.ndarray, PrevTokens] | None:
         """(sample rows, where their tokens are) of the rows whose last output token is still on the

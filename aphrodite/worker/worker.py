@@ -8,55 +8,38 @@ sampled ids; the others run the same step and return nothing.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 
 import torch
 
 from aphrodite.config import EngineConfig
+from aphrodite.distributed.parallel_state import (
+    destroy_distributed,
+    disable_nvlink_multicast,
+    get_pp_rank,
+    get_tp_rank,
+    init_distributed,
+    is_last_pp_rank,
+)
 from aphrodite.worker.model_runner import ModelRunner
 from aphrodite.worker.step_future import StepFuture
 from aphrodite.worker.step_plan import StepPlan
 
 logger = logging.getLogger(__name__)
 
-# NVLink multicast (NVLS) stays off in every process we start (see the device README).
-NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
-
-def set_no_multicast_env() -> None:
-    os.environ.update(NO_MULTICAST_ENV)
-
 
 def init_parallel_groups(config: EngineConfig, rank: int, local_rank: int, init_method: str) -> None:
     """Join torch.distributed (NCCL on GPUs, gloo on the CPU) and build the TP and PP groups."""
     par = config.parallel
     backend = "nccl" if config.device.type == "cuda" else "gloo"
-    from aphrodite.distributed import parallel_state as ps
-    init = getattr(ps, "init_distributed", None)
-    if init is not None:
-        init(par.world_size, rank, par.tensor_parallel_size, par.pipeline_parallel_size, backend, init_method,
-             local_rank)
-        return
-    # Until the distributed layer offers init_distributed: tensor parallelism over the default group.
-    if par.pipeline_parallel_size > 1:
-        raise RuntimeError("This build's distributed layer has no pipeline-parallel groups.")
-    torch.distributed.init_process_group(backend, init_method=init_method, rank=rank, world_size=par.world_size)
-    ps.set_tensor_model_parallel(rank, par.world_size)
-
-
-def parallel_rank() -> tuple[int, int, bool]:
-    """(tensor-parallel rank, pipeline stage, is last stage) of this process."""
-    from aphrodite.distributed import parallel_state as ps
-    if hasattr(ps, "get_pp_rank"):
-        return ps.get_tp_rank(), ps.get_pp_rank(), ps.is_last_pp_rank()
-    return ps.get_tensor_model_parallel_rank(), 0, True
+    init_distributed(par.world_size, rank, par.tensor_parallel_size, par.pipeline_parallel_size, backend,
+                     init_method, local_rank)
 
 
 class Worker:
     def __init__(self, config: EngineConfig, rank: int = 0, local_rank: int = 0,
                  init_method: str | None = None) -> None:
-        set_no_multicast_env()
+        disable_nvlink_multicast()
         self.rank = rank
         if config.device.type == "cuda":
             torch.cuda.set_device(local_rank)
@@ -67,8 +50,8 @@ class Worker:
             if init_method is None:
                 raise ValueError("A worker of a multi-rank run needs an init_method.")
             init_parallel_groups(config, rank, local_rank, init_method)
-        self.tp_rank, self.pp_rank, last_stage = parallel_rank()
-        self.is_output_rank = last_stage and self.tp_rank == 0
+        self.tp_rank, self.pp_rank = get_tp_rank(), get_pp_rank()
+        self.is_output_rank = is_last_pp_rank() and self.tp_rank == 0
         self.runner = ModelRunner(config)
 
     def determine_num_blocks(self) -> int:
@@ -82,8 +65,8 @@ class Worker:
         return self.runner.queue(plan, want_result=self.is_output_rank)
 
     def shutdown(self) -> None:
-        if self.distributed and torch.distributed.is_initialized():
+        if self.distributed:
             try:
-                torch.distributed.destroy_process_group()
+                destroy_distributed()
             except Exception:  # a peer is already gone: nothing left to tear down cleanly
-                logger.debug("destroy_process_group failed", exc_info=True)
+                logger.debug("destroy_distributed failed", exc_info=True)
