@@ -220,7 +220,10 @@ def try_create_custom_all_reduce(cpu_group: Any, rank: int, world_size: int,
     another on NCCL would wait for each other forever).
     """
     try:
-        return CustomAllReduce(cpu_group, rank, world_size, device, custom_all_reduce_max_bytes())
+        custom = CustomAllReduce(cpu_group, rank, world_size, device, custom_all_reduce_max_bytes())
+        if rank == 0:
+            logger.info("Custom all-reduce on for TP all-reduces up to %d bytes (NCCL above)", custom.max_bytes)
+        return custom
     except (RuntimeError, ValueError) as e:   # raised on every rank alike (see CustomAllReduce)
         logger.warning("Custom all-reduce disabled, NCCL does all TP all-reduces: %s", e)
         return None
