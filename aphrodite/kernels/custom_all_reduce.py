@@ -43,12 +43,14 @@ def _one_shot_kernel(inp_ptr, out_ptr, buf_ptrs, sig_ptrs, counter_ptr, n, half_
     pid = tl.program_id(0)
     epoch = (tl.load(counter_ptr + pid) + 1) & EPOCH_MASK
     previous = (epoch + EPOCH_MASK) & EPOCH_MASK
-    base = (epoch % 2).to(tl.int64) * half_stride
+    base = tl.multiple_of((epoch % 2).to(tl.int64) * half_stride, 16)
     start = pid.to(tl.int64) * tiles * BLOCK
     elem_ptr = tl.pointer_type(inp_ptr.dtype.element_ty)
-    own = tl.load(buf_ptrs + RANK).to(elem_ptr, bitcast=True)
+    # Buffers come from cudaMalloc (256-byte aligned) and chunks start at multiples of BLOCK:
+    # say so, or the loads and stores are not vectorised.
+    own = tl.multiple_of(tl.load(buf_ptrs + RANK).to(elem_ptr, bitcast=True), 16)
     for t in range(tiles):
-        offs = start + t * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.max_contiguous(tl.multiple_of(start + t * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
         mask = offs < n
         tl.store(own + base + offs, tl.load(inp_ptr + offs, mask=mask), mask=mask)
     tl.debug_barrier()   # every thread's copy is done before the flag is released
@@ -63,12 +65,12 @@ def _one_shot_kernel(inp_ptr, out_ptr, buf_ptrs, sig_ptrs, counter_ptr, n, half_
             flag = tl.atomic_add(own_sig + p * MAX_PROGRAMS + pid, 0, sem="acquire", scope="sys")
     tl.debug_barrier()
     for t in range(tiles):
-        offs = start + t * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.max_contiguous(tl.multiple_of(start + t * BLOCK + tl.arange(0, BLOCK), BLOCK), BLOCK)
         mask = offs < n
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for p in tl.static_range(WORLD):
-            buf = tl.load(buf_ptrs + p).to(elem_ptr, bitcast=True)
-            acc += tl.load(buf + base + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
+            buf = tl.multiple_of(tl.load(buf_ptrs + p).to(elem_ptr, bitcast=True), 16)
+            acc += tl.load(buf + base + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(counter_ptr + pid, epoch)
 

@@ -91,3 +91,38 @@ def test_message_larger_than_the_buffer_is_refused() -> None:
     w = _World(2, 0)
     with pytest.raises(ValueError, match="exceed"):
         w.run(torch.zeros(HALF_BYTES // 4 + 1))
+
+
+_COMPILE_SM90 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+from aphrodite.kernels import custom_all_reduce as car
+sig = {"inp_ptr": "*bf16", "out_ptr": "*bf16", "buf_ptrs": "*i64", "sig_ptrs": "*i64", "counter_ptr": "*i32",
+       "n": "i32", "half_stride": "i64", "tiles": "i32", "RANK": "constexpr", "WORLD": "constexpr",
+       "MAX_PROGRAMS": "constexpr", "EPOCH_MASK": "constexpr", "BLOCK": "constexpr"}
+consts = {"RANK": 1, "WORLD": 2, "MAX_PROGRAMS": car.MAX_PROGRAMS, "EPOCH_MASK": car.EPOCH_MASK, "BLOCK": car.BLOCK}
+# What the launcher specialises for 16-byte aligned tensors and sizes divisible by 16.
+attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
+kernel = triton.compile(ASTSource(JITFunction(car._one_shot_kernel), sig, consts, attrs),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+sys.stdout.write(kernel.asm["ptx"])
+"""
+
+
+def test_compiles_for_h200_with_system_scope_flags_and_vector_loads() -> None:
+    """Compiled ahead of time for sm_90 (no GPU needed; in a fresh process, away from the
+    interpreter): the flags are system-scope release exchanges and acquire loads (the peers are
+    other GPUs), and the data moves 16 bytes at a time."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ptx = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert ptx.count("atom.global.sys.release.exch.b32") == 2          # one flag per rank
+    assert ptx.count("ld.global.sys.acquire.b32") >= 2                 # polling each peer
+    assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+    assert "ld.volatile" not in ptx and "bar.sync" in ptx
