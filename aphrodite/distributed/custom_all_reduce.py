@@ -112,6 +112,8 @@ class CustomAllReduce:
         from aphrodite.kernels.custom_all_reduce import MAX_PROGRAMS
         if not 2 <= world_size <= MAX_WORLD_SIZE:
             raise ValueError(f"the custom all-reduce supports 2 to {MAX_WORLD_SIZE} ranks, not {world_size}")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.rank, self.world_size, self.device = rank, world_size, device
         self.max_bytes = max_bytes
         self.closed = True

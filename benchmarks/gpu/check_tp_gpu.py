@@ -79,6 +79,15 @@ def _time_graph(fn, per_graph: int, replays: int) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * per_graph)
 
 
+def _graph_or_none(what: str, fn, per_graph: int, failures: list[str]) -> float | None:
+    """``_time_graph``, or None with the reason recorded when the path cannot be captured."""
+    try:
+        return _time_graph(fn, per_graph, 20)
+    except Exception as e:
+        failures.append(f"{what}: {type(e).__name__}: {e}")
+        return None
+
+
 def _allreduce_worker(rank: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -110,20 +119,18 @@ def _allreduce_worker(rank: int, init_file: str, out: str) -> None:
             if custom_fn is not None:
                 row["custom_eager"] = _time_eager(custom_fn, iters)
             for name, fn in (("nccl_graph", nccl_fn), ("custom_graph", custom_fn)):
-                if fn is None:
-                    continue
-                try:
-                    row[name] = _time_graph(fn, 16 if size <= (1 << 20) else 4, 20)
-                except Exception as e:  # record why a path cannot be captured, keep going
-                    row[name] = None
-                    failures.append(f"{name} {size} B: {type(e).__name__}: {e}")
+                if fn is not None:
+                    row[name] = _graph_or_none(f"{name} {size} B", fn, 16 if size <= (1 << 20) else 4, failures)
             rows.append(row)
         # One decode step of the 8B shape at TP=2: 64 all-reduces of [1, 4096] bf16, from a graph.
         step = {}
         h = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-        step["nccl"] = 64 * _time_graph(functools.partial(dist.all_reduce, h.clone(), group=group), 64, 20)
+        per_op = _graph_or_none("nccl step", functools.partial(dist.all_reduce, h.clone(), group=group), 64,
+                                failures)
+        step["nccl"] = None if per_op is None else 64 * per_op
         if custom is not None:
-            step["custom"] = 64 * _time_graph(functools.partial(custom.all_reduce, h), 64, 20)
+            per_op = _graph_or_none("custom step", functools.partial(custom.all_reduce, h), 64, failures)
+            step["custom"] = None if per_op is None else 64 * per_op
         # Replayed graphs must still agree with NCCL (the device-side epochs advanced correctly).
         if custom is not None:
             y = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
@@ -213,6 +220,8 @@ def write_checkpoint(path: Path, seed: int = 0) -> float:
 # ----------------------------------------------------------------------------- engine runs
 
 def _engine_worker(model: str, tp: int, disable_custom: bool, out: str) -> None:
+    if disable_custom:   # also where a worker does not pass disable_custom_all_reduce on: no message qualifies
+        os.environ["APHRODITE_CUSTOM_AR_MAX_BYTES"] = "0"
     try:
         from aphrodite import LLM, SamplingParams
         rng = random.Random(0)
@@ -310,8 +319,8 @@ def main() -> int:
             print(f"{r['bytes']:>10} {f(r.get('nccl_eager')):>11} {f(r.get('custom_eager')):>13} "
                   f"{f(r.get('nccl_graph')):>11} {f(r.get('custom_graph')):>13} {str(r.get('equal', '-')):>6}")
         step = ar["step"]
-        print(f"decode step, 64 x 8 KB in a graph: NCCL {step['nccl']:.1f} us, custom "
-              f"{step.get('custom', float('nan')):.1f} us")
+        print(f"decode step, 64 x 8 KB in a graph: NCCL {f(step.get('nccl'))} us, custom "
+              f"{f(step.get('custom'))} us")
         for failure in ar.get("failures", []):
             print("FAIL", failure)
     if runs:
