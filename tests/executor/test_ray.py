@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aphrodite import LLM, SamplingParams
+from aphrodite.executor.base import ExecutorDeadError
 
 ray = pytest.importorskip("ray")
 
@@ -29,7 +30,10 @@ def test_tp2_on_two_ray_nodes_matches_one_rank(tiny_llama_dir: str, monkeypatch:
         assert len(set(nodes.values())) == 2          # one rank on each node
         got = llm.generate(prompts, params, use_tqdm=False)
         assert [[o.token_ids for o in r.outputs] for r in got] == [[o.token_ids for o in r.outputs] for r in want]
-        llm.llm_engine.shutdown()
+        ray.kill(executor.actors[1])               # a rank lost: the next generate fails, it does not hang
+        with pytest.raises(ExecutorDeadError, match="Ray worker failed"):
+            llm.generate(prompts, params, use_tqdm=False)
+        assert not executor.actors                 # the other actor was killed too
     finally:
         ray.shutdown()
         cluster.shutdown()
