@@ -133,6 +133,7 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str = "uni"    # uni (one rank, in process) | mp | ray
+    disable_custom_all_reduce: bool = False      # all TP all-reduces through NCCL
 
     @property
     def world_size(self) -> int:
@@ -221,7 +222,7 @@ def resolve_parallel_config(args: EngineArgs, hf_config: Any, device: torch.devi
     if backend == "mp" and local is not None and world > local:
         raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} ranks, but only {local} GPU(s) "
                          "are visible on this host; use distributed_executor_backend='ray' to span hosts.")
-    return ParallelConfig(tp, pp, backend)
+    return ParallelConfig(tp, pp, backend, bool(args.disable_custom_all_reduce))
 
 
 def _resolve_quantization(requested: str | None, hf_config: Any) -> tuple[str | None, dict[str, Any] | None]:

@@ -50,6 +50,8 @@ class EngineArgs:
         "this host), ray (one Ray actor per rank, across hosts), uni (one rank, in process). Default: uni "
         "for one rank, mp when the ranks fit on this host, ray otherwise.", choices=["mp", "ray", "uni"],
         section="parallel_args")
+    disable_custom_all_reduce: bool = _arg(False, "Send every tensor-parallel all-reduce through NCCL (no one-shot "
+                                           "all-reduce over CUDA IPC for small messages).", section="parallel_args")
     block_size: int = _arg(16, "Tokens per KV cache block.", section="cache_args")
     gpu_memory_utilization: float = _arg(0.9, "Fraction of the GPU memory free at start-up that the "
                                          "engine may use (weights, activations, KV cache).", section="cache_args")
