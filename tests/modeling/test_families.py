@@ -91,15 +91,17 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
-def hf_generate(hf_model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+def assert_hf_greedy(hf_model: torch.nn.Module, prompt: list[int], generated: list[int]) -> None:
+    """``generated`` is HF's greedy continuation of ``prompt``: each token is the argmax of HF's logits
+    after the tokens before it (one HF forward over the whole sequence instead of a generate loop)."""
+    ids = torch.tensor(prompt + generated[:-1])
+    expected = hf_logits(hf_model, ids)[len(prompt) - 1:].argmax(-1).tolist()
+    assert generated == expected
 
 
 def test_engine_greedy_matches_hf(family: dict[str, Any]) -> None:
     """A batch of mixed-length prompts (each longer than a sliding window) through ``LLM``, with chunked
-    prefill (16-token budget), 8-token blocks and the prefix cache: each equals HF's generation alone.
+    prefill (16-token budget), 8-token blocks and the prefix cache: each equals HF's greedy generation alone.
     A second request sharing a prompt prefix hits the cache and still matches."""
     llm = LLM(family["path"], device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
               block_size=8, max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=True,
@@ -108,11 +110,11 @@ def test_engine_greedy_matches_hf(family: dict[str, Any]) -> None:
     prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (5, 29, 17)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(24), use_tqdm=False)
     for p, out in zip(prompts, outs, strict=True):
-        assert list(out.outputs[0].token_ids) == hf_generate(family["hf"], p, 24)
+        assert_hf_greedy(family["hf"], p, list(out.outputs[0].token_ids))
     kv = llm.llm_engine.kv_cache
     hits = kv.prefix_hits
     again = prompts[1][:24] + [7, 8, 9, 10, 11]
     out = llm.generate({"prompt_token_ids": again}, greedy(24), use_tqdm=False)[0]
     assert kv.prefix_hits > hits
-    assert list(out.outputs[0].token_ids) == hf_generate(family["hf"], again, 24)
+    assert_hf_greedy(family["hf"], again, list(out.outputs[0].token_ids))
     assert kv.num_free_blocks == kv.num_blocks   # every block back in the pool (window-freed ones once)
