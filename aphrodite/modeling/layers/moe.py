@@ -83,20 +83,24 @@ class FusedMoE(nn.Module):
         ``w1``/``w3`` are one expert's gate/up ``[I, H]``, ``w13`` both stacked ``[2I, H]``, ``w2`` its
         down ``[H, I]``; this rank keeps its slice of ``I``."""
         expert, kind = shard_id if isinstance(shard_id, tuple) else (None, shard_id)
-        if expert is None:   # [E, ...] for every expert at once
+        if expert is None:   # [E, ...] for every expert at once; each expert's block read on its own
             for e in range(self.num_experts):
-                self.weight_loader(param, loaded_weight[e], (e, kind))
+                self.weight_loader(param, loaded_weight.narrow(0, e, 1), (e, kind))
             return
+        lead = loaded_weight.dim() - 2   # 1 for an expert's [1, N, K] block of a stacked tensor
         i, r = self.intermediate_size, self.tp_rank
         dst = param.data[expert]
+
+        def put(part: torch.Tensor, dim: int, start: int) -> None:
+            src = loaded_weight.narrow(lead + dim, start, i)
+            copy_into(part, src.reshape(part.shape))   # a lazy checkpoint block is read here
         if kind == "w2":
-            copy_into(dst, loaded_weight.narrow(1, r * i, i))
+            put(dst, 1, r * i)
         elif kind == "w13":
-            full = loaded_weight.shape[0] // 2
-            copy_into(dst[:i], loaded_weight.narrow(0, r * i, i))
-            copy_into(dst[i:], loaded_weight.narrow(0, full + r * i, i))
+            put(dst[:i], 0, r * i)
+            put(dst[i:], 0, loaded_weight.shape[lead] // 2 + r * i)
         elif kind in ("w1", "w3"):
-            copy_into(dst[:i] if kind == "w1" else dst[i:], loaded_weight.narrow(0, r * i, i))
+            put(dst[:i] if kind == "w1" else dst[i:], 0, r * i)
         else:
             raise ValueError(f"unknown expert shard {kind!r}")
 

@@ -36,6 +36,14 @@ from aphrodite.modeling.layers.moe import expert_params_mapping
 from aphrodite.modeling.layers.norm import RMSNorm
 from aphrodite.modeling.layers.quantization import QuantizationConfig
 from aphrodite.modeling.layers.rotary import RotaryEmbedding, get_rope_config
+from aphrodite.modeling.models.pipeline import (
+    IntermediateTensors,
+    is_pp_missing_parameter,
+    make_layers,
+    pp_module,
+    stage_input,
+    stage_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -157,15 +165,23 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
+    """This pipeline stage's part of the model (all of it with one stage)."""
+
     def __init__(self, config: Any, spec: DecoderSpec, quant_config: QuantizationConfig | None = None,
                  prefix: str = "model") -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.embed_tokens = pp_module(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size),
+                                      first=True, last=tied)
         self.embed_scale = config.hidden_size ** 0.5 if spec.scale_embeddings else None
         windows = layer_sliding_windows(config)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, spec, windows[i], quant_config, f"{prefix}.layers.{i}")
-                                    for i in range(config.num_hidden_layers))
-        self.norm = spec.norm(config.hidden_size, config.rms_norm_eps)
+
+        def layer(layer_prefix: str) -> DecoderLayer:
+            i = int(layer_prefix.rsplit(".", 1)[1])
+            return DecoderLayer(config, i, spec, windows[i], quant_config, layer_prefix)
+        self.start_layer, self.end_layer, self.layers = make_layers(config.num_hidden_layers, layer,
+                                                                    f"{prefix}.layers")
+        self.norm = pp_module(lambda: spec.norm(config.hidden_size, config.rms_norm_eps), last=True)
         # One cos/sin table per distinct RoPE setting, shared by its layers; gathered once per step.
         types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         ropes = [get_rope_config(config, types[i]) for i in range(config.num_hidden_layers)]
@@ -179,16 +195,20 @@ class DecoderModel(nn.Module):
         """The first (for most families the only) RoPE table."""
         return self.rotary_embs[0]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         if self.embed_scale is not None:   # as HF: the scale rounded to the activation dtype first
             hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        states = [r.prepare(positions) for r in self.rotary_embs]
-        residual = None
-        for layer, r in zip(self.layers, self.rope_index, strict=True):
-            hidden, residual = layer(hidden, residual, self.rotary_embs[r], states[r])
-        hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        hidden, residual = stage_input(self.embed, input_ids, intermediate_tensors)
+        states = [r.prepare(positions) for r in self.rotary_embs]
+        for i in range(self.start_layer, self.end_layer):
+            r = self.rope_index[i]
+            hidden, residual = self.layers[i](hidden, residual, self.rotary_embs[r], states[r])
+        return stage_output(self.norm, hidden, residual)
 
 
 class DecoderForCausalLM(nn.Module):
@@ -205,15 +225,18 @@ class DecoderForCausalLM(nn.Module):
         self.model = DecoderModel(config, self.spec, quant_config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
-            self.lm_head = self.model.embed_tokens
+            self.lm_head = self.model.embed_tokens   # a PPMissingLayer too, except on the last stage
         else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+            self.lm_head = pp_module(lambda: ParallelLMHead(config.vocab_size, config.hidden_size), last=True)
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None) or None
         self._experts = expert_params_mapping(*self.spec.experts) if self.spec.experts else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``input_ids``, ``positions``: int64 ``[T]`` -> hidden states ``[T, hidden_size]``."""
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        """``input_ids``, ``positions``: int64 ``[T]`` -> hidden states ``[T, hidden_size]`` on the
+        last pipeline stage, the ``IntermediateTensors`` for the next stage on the others (which
+        take the previous stage's as ``intermediate_tensors``)."""
+        return self.model(input_ids, positions, intermediate_tensors)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits ``[N, vocab_size]`` for hidden states ``[N, hidden_size]``."""
@@ -243,6 +266,8 @@ class DecoderForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         unknown: list[str] = []
+        # An untied last stage without the embedding, if the checkpoint has no lm_head: fill it from this.
+        embed_for_head: torch.Tensor | None = None
         for name, tensor in weights:
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
@@ -253,6 +278,10 @@ class DecoderForCausalLM(nn.Module):
                 name = f"model.{name}"
             param = params.get(name)
             if param is None:
+                if is_pp_missing_parameter(name, self):
+                    if name == "model.embed_tokens.weight" and "lm_head.weight" in params:
+                        embed_for_head = tensor
+                    continue  # another pipeline stage's weight
                 unknown.append(name)
                 continue
             loader = getattr(param, "weight_loader", None)
@@ -266,7 +295,10 @@ class DecoderForCausalLM(nn.Module):
         if unknown:
             logger.warning("Ignored %d checkpoint tensors with no matching parameter: %s",
                            len(unknown), ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else ""))
-        if not self.tie_word_embeddings and "lm_head.weight" not in loaded:
+        if not self.tie_word_embeddings and "lm_head.weight" in params and "lm_head.weight" not in loaded:
             if "model.embed_tokens.weight" in loaded:
                 self.lm_head.weight = self.model.embed_tokens.weight
+            elif embed_for_head is not None:
+                self.lm_head.weight.weight_loader(self.lm_head.weight, embed_for_head)
+                loaded.add("lm_head.weight")
         return loaded
