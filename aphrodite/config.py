@@ -64,6 +64,29 @@ def split_gguf(path: str) -> tuple[str, str | None]:
     return path, None
 
 
+def layer_sliding_windows(hf_config: Any) -> list[int | None]:
+    """Each decoder layer's attention window (None = full attention), from an HF config.
+
+    ``layer_types`` ("sliding_attention"/"full_attention", transformers 5: Gemma 2/3, Qwen 2/3) says
+    which layers slide; without it ``sliding_window`` applies to every layer (Mistral, Mixtral, Phi-3).
+    """
+    n = hf_config.num_hidden_layers
+    window = getattr(hf_config, "sliding_window", None) or None
+    types = getattr(hf_config, "layer_types", None)
+    if types is None:
+        return [window] * n
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+# HF model_type -> architecture, for configs built from GGUF metadata (they carry no architectures).
+_GGUF_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+}
+
+
 @dataclass
 class ModelConfig:
     model: str                 # what the user asked for (name shown to clients)
@@ -87,8 +110,14 @@ class ModelConfig:
         if archs:
             return archs[0]
         # GGUF-derived configs carry only model_type.
-        return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
-            self.hf_config.model_type, self.hf_config.model_type)
+        return _GGUF_MODEL_TYPES.get(self.hf_config.model_type, self.hf_config.model_type)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The attention window when every layer has one (then KV blocks wholly before it can be freed),
+        else None."""
+        windows = layer_sliding_windows(self.hf_config)
+        return None if not windows or None in windows else max(windows)
 
     @property
     def num_layers(self) -> int:

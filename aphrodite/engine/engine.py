@@ -67,7 +67,8 @@ class LLMEngine:
         config.cache.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens = %d tokens of capacity", num_blocks,
                     config.cache.block_size, capacity)
-        self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+                                       sliding_window=config.model.sliding_window)
         # Pipeline stages: micro-batches of disjoint requests, up to one per stage in flight.
         pipeline = config.parallel.pipeline_parallel_size
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, skip_in_flight=pipeline > 1)
