@@ -192,14 +192,15 @@ def _resolve_quantization(requested: str | None, hf_config: Any) -> tuple[str | 
     settings = getattr(hf_config, "quantization_config", None)
     if settings is not None and not isinstance(settings, dict):
         settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(vars(settings))
-    declared = str(settings.get("quant_method") or "").lower() or None if settings else None
-    method = (requested or declared or "").lower() or None
-    if requested and declared and requested.lower() != declared:
+    from aphrodite.modeling.layers.quantization import QUANTIZATION_METHODS, canonical_method
+    declared = canonical_method(str(settings.get("quant_method") or "")) or None if settings else None
+    requested = canonical_method(requested) if requested else None
+    method = requested or declared
+    if requested and declared and requested != declared:
         raise ValueError(f"quantization={requested!r} was asked for, but the checkpoint is quantized with "
                          f"{declared!r}.")
     if method is None:
         return None, None
-    from aphrodite.modeling.layers.quantization import QUANTIZATION_METHODS
     if method not in QUANTIZATION_METHODS:
         supported = ", ".join(sorted(QUANTIZATION_METHODS)) or "none yet"
         raise ValueError(f"Quantization method {method!r} is not supported. Supported methods: {supported}.")
