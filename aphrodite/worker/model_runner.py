@@ -80,6 +80,7 @@ class ModelRunner:
         self.config = config
         self.device = config.device
         self.dtype = config.model.dtype
+        self.kv_dtype = config.cache.kv_dtype(self.dtype)   # fp8 with --kv-cache-dtype fp8
         self.block_size = config.cache.block_size
         start = time.perf_counter()
         self.model = load_model(config.model, self.device)
@@ -96,7 +97,7 @@ class ModelRunner:
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         m = self.config.model
-        elem = torch.empty(0, dtype=self.dtype).element_size()
+        elem = torch.empty(0, dtype=self.kv_dtype).element_size()
         return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
 
     def determine_num_blocks(self) -> int:
@@ -132,8 +133,8 @@ class ModelRunner:
         blocks = -(-n // self.block_size)
         m = self.config.model
         shape = (blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        scratch = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                    torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(m.num_layers)]
+        scratch = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                    torch.zeros(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(m.num_layers)]
         self._bind(scratch)
         host = HostBatch(np.zeros(n, np.int64), np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64),
                          [0, n], [n], np.arange(blocks, dtype=np.int32)[None, :], 0)
@@ -154,7 +155,7 @@ class ModelRunner:
         shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         # Zero-filled: attention reads whole blocks and masks the slots past each sequence's end,
         # and 0 * NaN from never-written memory would still poison the output.
-        self.kv_caches = [(zeroed(shape, self.dtype, self.device), zeroed(shape, self.dtype, self.device))
+        self.kv_caches = [(zeroed(shape, self.kv_dtype, self.device), zeroed(shape, self.kv_dtype, self.device))
                           for _ in range(m.num_layers)]
         self._bind(self.kv_caches)
         if self.graphs is not None:
