@@ -320,7 +320,7 @@ def _candidates(m: int) -> list[Config]:
     """Launch shapes worth timing for ``m`` rows (decode-sized M is bound by weight reads, larger M by math)."""
     if m == 1:
         return [Config(1, 64, 128, target=4), Config(1, 128, 64, target=4), Config(1, 32, 128, target=8),
-                Config(1, 128, 128, target=2, warps=8), Config(1, 64, 64, target=8)]
+                Config(1, 128, 128, target=2, warps=8), Config(1, 64, 64, target=8), Config(16, 64, 128, target=4)]
     if m <= 16:
         bm = 16
         return [Config(bm, 64, 128, target=4), Config(bm, 128, 64, target=4), Config(bm, 32, 128, target=8),
