@@ -49,6 +49,24 @@ def _time_ms(fn, reps: int = 50) -> float:
     return start.elapsed_time(end) / reps
 
 
+def _time_projection(x: torch.Tensor, w4, w8, wf: torch.Tensor) -> tuple[float, float, float]:
+    """Microseconds of bf16 F.linear, the int4 kernel and the FP8 path (Triton W8A16 up to 16 rows, else
+    per-token quantization + torch._scaled_mm) for one projection."""
+    from aphrodite.kernels.fp8_quant import per_token_quant_fp8, scaled_mm_fp8
+    from aphrodite.kernels.int4_matmul import quant_matmul
+
+    def fp8() -> torch.Tensor:
+        if x.shape[0] <= 16:
+            return quant_matmul(x, w8)
+        xq, xs = per_token_quant_fp8(x)
+        return scaled_mm_fp8(xq, xs, w8.weight, w8.scales, torch.bfloat16)
+
+    quant_matmul(x, w4)        # the tuner times its candidates outside the graph
+    fp8()
+    tb = _time_ms(lambda: torch.nn.functional.linear(x, wf)) * 1e3
+    return tb, _time_ms(lambda: quant_matmul(x, w4)) * 1e3, _time_ms(fp8) * 1e3
+
+
 def kernels() -> bool:
     from aphrodite.kernels.fp8_quant import per_token_quant_fp8, quantize_weight_fp8, scaled_mm_fp8
     from aphrodite.kernels.int4_matmul import FMT_FP8, QuantWeight, dequantize, quant_matmul, repack_int4, tuned_configs
@@ -86,21 +104,8 @@ def kernels() -> bool:
     print("== per-projection time, us (CUDA graph of 50 launches) ==", flush=True)
     print(f"{'proj':13s} {'M':>5s} {'bf16':>8s} {'int4':>8s} {'fp8':>8s}  int4 GB/s", flush=True)
     for name, (k, n) in SHAPES.items():
-        w4, w8, wf = weights[name]
         for m in (1, 256):
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            quant_matmul(x, w4)                   # tune outside the graph
-            if m <= 16:
-                quant_matmul(x, w8)
-            tb = _time_ms(lambda: torch.nn.functional.linear(x, wf)) * 1e3
-            t4 = _time_ms(lambda: quant_matmul(x, w4)) * 1e3
-            if m <= 16:
-                t8 = _time_ms(lambda: quant_matmul(x, w8)) * 1e3
-            else:
-                def fp8_mm():
-                    xq, xs = per_token_quant_fp8(x)
-                    return scaled_mm_fp8(xq, xs, w8.weight, w8.scales, torch.bfloat16)
-                t8 = _time_ms(fp8_mm) * 1e3
+            tb, t4, t8 = _time_projection(torch.randn(m, k, device=dev, dtype=torch.bfloat16), *weights[name])
             nbytes = k * n // 2 + (k // 128) * n * 4
             print(f"{name:13s} {m:5d} {tb:8.1f} {t4:8.1f} {t8:8.1f}  {nbytes / t4 / 1e3:8.0f}", flush=True)
     print("== tuner choices ==")
@@ -180,7 +185,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         for mode in args.modes.split(","):
             out = os.path.join(d, f"{mode}.json")
-            cmd = [sys.executable, __file__, "--engine-mode", mode, "--out", out, "--num-prompts", str(args.num_prompts)]
+            cmd = [sys.executable, __file__, "--engine-mode", mode, "--out", out,
+                   "--num-prompts", str(args.num_prompts)]
             t = time.perf_counter()
             rc = subprocess.run(cmd).returncode
             print(f"[{mode}] finished rc={rc} in {time.perf_counter() - t:.0f} s", flush=True)
