@@ -20,6 +20,7 @@ from aphrodite.engine.scheduler import Scheduler, SchedulerOutput
 from aphrodite.engine.stop_checker import check_stop_token, find_stop_string
 from aphrodite.engine_args import EngineArgs
 from aphrodite.executor.uniproc import UniProcExecutor
+from aphrodite.lora.request import LoRARequest
 from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput
 from aphrodite.sampling_params import SamplingParams
 from aphrodite.worker.model_runner import ModelRunnerOutput, PositionLogprobs, StepFuture
@@ -75,6 +76,7 @@ class LLMEngine:
         self.total_preemptions = 0
         self.async_scheduling = config.async_scheduling
         self._inflight: tuple[SchedulerOutput, StepFuture] | None = None   # queued, not yet absorbed
+        self.loras: dict[int, LoRARequest] = {}     # adapters the worker holds, by id
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -125,20 +127,51 @@ class LLMEngine:
         if params.detokenize and self.tokenizer is None and (params.stop or params.logprobs):
             raise ValueError("stop strings and decoded logprobs need a tokenizer (skip_tokenizer_init=True).")
 
+    # ---- LoRA adapters ------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load an adapter into the worker (read and checked now: ``ValueError`` if it cannot serve);
+        False when its id is loaded already."""
+        if self.config.lora is None:
+            raise ValueError("LoRA adapters need the engine started with enable_lora=True (--enable-lora).")
+        known = self.loras.get(lora_request.lora_int_id)
+        if known is not None:
+            if (known.lora_name, known.lora_path) != (lora_request.lora_name, lora_request.lora_path):
+                raise ValueError(f"lora_int_id {lora_request.lora_int_id} is already used by adapter "
+                                 f"{known.lora_name!r} ({known.lora_path}).")
+            return False
+        self.executor.add_lora(lora_request)
+        self.loras[lora_request.lora_int_id] = lora_request
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Unload an adapter; False when it was not loaded. Requests running with it are aborted."""
+        if self.loras.pop(lora_int_id, None) is None:
+            return False
+        self.abort_request([p.request_id for p in self.parents.values()
+                            if p.children and p.children[0].lora_int_id == lora_int_id])
+        self.executor.remove_lora(lora_int_id)
+        return True
+
+    def list_loras(self) -> set[int]:
+        return set(self.loras)
+
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> None:
         params = params or SamplingParams()
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         text, prompt_ids = self.tokenize_prompt(prompt)
         self.validate(prompt_ids, params)
+        if lora_request is not None:
+            self.add_lora(lora_request)
         count = params.best_of or params.n
         children = []
         for i in range(count):
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
             child_params = params if i == 0 else dataclasses.replace(params, prompt_logprobs=None)
             cid = request_id if count == 1 else f"{i}_{request_id}"
-            child = Request(cid, prompt_ids, child_params, seed, self.eos_token_ids, arrival_time, request_id)
+            child = Request(cid, prompt_ids, child_params, seed, self.eos_token_ids, arrival_time, request_id,
+                            lora_request)
             if params.best_of > params.n:
                 child.cumulative_logprob = 0.0
             if self.tokenizer is not None and params.detokenize:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from aphrodite.config import EngineConfig
 from aphrodite.engine.scheduler import SchedulerOutput
+from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.model_runner import ModelRunner, ModelRunnerOutput, StepFuture
 
 
@@ -22,3 +23,9 @@ class UniProcExecutor:
     def execute_async(self, sched: SchedulerOutput) -> StepFuture:
         """Queue the step; its results are read from the returned future later."""
         return self.runner.queue(sched)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return self.runner.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.runner.remove_lora(lora_int_id)
