@@ -1,6 +1,7 @@
 """Two random PEFT LoRA adapters of different ranks over the tiny Llama, made with ``peft`` at test time."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ def lora_dirs(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> 
             for i, (name, spec) in enumerate(ADAPTERS.items())}
 
 
+@functools.lru_cache(maxsize=8)
 def _peft_model(base_dir: str, adapter_dir: str | None) -> Any:
     """The reference: transformers' Llama with the adapter applied by peft (or none)."""
     from transformers import LlamaForCausalLM
