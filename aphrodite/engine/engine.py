@@ -77,6 +77,7 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling
         self._inflight: tuple[SchedulerOutput, StepFuture] | None = None   # queued, not yet absorbed
         self.loras: dict[int, LoRARequest] = {}     # adapters the worker holds, by id
+        self._unloading: set[int] = set()           # removed, dropped by the worker once unused
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -133,6 +134,8 @@ class LLMEngine:
         False when its id is loaded already."""
         if self.config.lora is None:
             raise ValueError("LoRA adapters need the engine started with enable_lora=True (--enable-lora).")
+        if lora_request.lora_int_id in self._unloading:
+            raise ValueError(f"LoRA adapter id {lora_request.lora_int_id} is still being unloaded; use another id.")
         known = self.loras.get(lora_request.lora_int_id)
         if known is not None:
             if (known.lora_name, known.lora_path) != (lora_request.lora_name, lora_request.lora_path):
@@ -144,13 +147,23 @@ class LLMEngine:
         return True
 
     def remove_lora(self, lora_int_id: int) -> bool:
-        """Unload an adapter; False when it was not loaded. Requests running with it are aborted."""
+        """Unload an adapter; False when it was not loaded. New requests cannot use it from now on;
+        the worker drops it once the requests already running with it have finished."""
         if self.loras.pop(lora_int_id, None) is None:
             return False
-        self.abort_request([p.request_id for p in self.parents.values()
-                            if p.children and p.children[0].lora_int_id == lora_int_id])
-        self.executor.remove_lora(lora_int_id)
+        self._unloading.add(lora_int_id)
+        self._flush_unloads()
         return True
+
+    def _flush_unloads(self) -> None:
+        if not self._unloading:
+            return
+        in_use = {r.lora_int_id for r in self.requests.values() if r.lora_int_id and not r.is_finished}
+        if self._inflight is not None:
+            in_use.update(r.lora_int_id for r in self._inflight[0].requests)
+        for lora_int_id in self._unloading - in_use:
+            self.executor.remove_lora(lora_int_id)
+            self._unloading.discard(lora_int_id)
 
     def list_loras(self) -> set[int]:
         return set(self.loras)
@@ -212,6 +225,7 @@ class LLMEngine:
         copying every running request's token list each step would cost O(batch x length)).
         With async scheduling the outputs are those of the previous call's step.
         """
+        self._flush_unloads()
         if not self.async_scheduling:
             sched = self._schedule()
             if sched is None:
