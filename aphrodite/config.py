@@ -140,6 +140,11 @@ class LoRAConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"    # uni (one rank, in process) | mp | ray
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass
@@ -195,6 +200,39 @@ def _model_max_len(hf_config: Any) -> int:
     return 2048
 
 
+def resolve_parallel_config(args: EngineArgs, hf_config: Any, device: torch.device) -> ParallelConfig:
+    """Check that the model splits into tp x pp ranks and pick the executor, before anything starts."""
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    world = tp * pp
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % tp:
+        raise ValueError(f"Total number of attention heads ({heads}) must be divisible by tensor parallel "
+                         f"size ({tp}).")
+    if kv_heads % tp and tp % kv_heads:
+        raise ValueError(f"Total number of KV heads ({kv_heads}) must be divisible by tensor parallel size "
+                         f"({tp}), or tensor parallel size by it (then each KV head is replicated).")
+    intermediate = getattr(hf_config, "intermediate_size", None)
+    if intermediate and intermediate % tp:
+        raise ValueError(f"The MLP's intermediate size ({intermediate}) must be divisible by tensor parallel "
+                         f"size ({tp}).")
+    layers = hf_config.num_hidden_layers
+    if pp > layers:
+        raise ValueError(f"pipeline_parallel_size ({pp}) is larger than the model's number of layers ({layers}): "
+                         "every stage needs at least one layer.")
+    backend = args.distributed_executor_backend
+    local = torch.cuda.device_count() if device.type == "cuda" else None
+    if backend is None:
+        backend = "uni" if world == 1 else "ray" if local is not None and world > local else "mp"
+    if backend == "uni" and world > 1:
+        raise ValueError(f"distributed_executor_backend='uni' runs a single rank, but tensor_parallel_size x "
+                         f"pipeline_parallel_size is {world}; use 'mp' or 'ray'.")
+    if backend == "mp" and local is not None and world > local:
+        raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} ranks, but only {local} GPU(s) "
+                         "are visible on this host; use distributed_executor_backend='ray' to span hosts.")
+    return ParallelConfig(tp, pp, backend)
+
+
 def _resolve_quantization(requested: str | None, hf_config: Any) -> tuple[str | None, dict[str, Any] | None]:
     """(method, settings): the checkpoint's ``quantization_config`` decides unless the user asked for a
     method the checkpoint does not declare (e.g. ``fp8`` to quantize a bf16 checkpoint at load)."""
@@ -234,9 +272,6 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError("trust_remote_code is not supported: Aphrodite runs only the model code it ships.")
     if args.tensor_parallel_size < 1 or args.pipeline_parallel_size < 1:
         raise ValueError("tensor_parallel_size and pipeline_parallel_size must be at least 1.")
-    if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
-        raise ValueError("Tensor and pipeline parallelism are not available in this build yet; "
-                         "use tensor_parallel_size=1 and pipeline_parallel_size=1.")
     if args.block_size < 1 or args.block_size & (args.block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {args.block_size}.")
     if not 0.0 < args.gpu_memory_utilization <= 1.0:
@@ -255,6 +290,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     hf_config = _load_hf_config(path, gguf_file, args.revision)
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, hf_config, device)
+    parallel = resolve_parallel_config(args, hf_config, device)
 
     model_len = _model_max_len(hf_config)
     max_model_len = args.max_model_len or model_len
@@ -286,7 +322,8 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
                           enable_prefix_caching=args.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
                                   max_model_len=max_model_len, max_loras=lora.max_loras if lora else 0),
-        parallel=ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size),
-        device=device, enforce_eager=args.enforce_eager, log_stats=not args.disable_log_stats,
-        async_scheduling=device.type == "cuda" if args.async_scheduling is None else bool(args.async_scheduling),
+        parallel=parallel, device=device, enforce_eager=args.enforce_eager, log_stats=not args.disable_log_stats,
+        # Pipeline stages keep several micro-batches in flight instead (see LLMEngine.step).
+        async_scheduling=parallel.pipeline_parallel_size == 1 and (
+            device.type == "cuda" if args.async_scheduling is None else bool(args.async_scheduling)),
         lora=lora)

@@ -45,6 +45,11 @@ class EngineArgs:
                                      section="parallel_args")
     pipeline_parallel_size: int = _arg(1, "Number of pipeline stages.", aliases=("-pp",),
                                        section="parallel_args")
+    distributed_executor_backend: str | None = _arg(
+        None, "How the ranks of a tensor/pipeline-parallel run are started: mp (one process per rank on "
+        "this host), ray (one Ray actor per rank, across hosts), uni (one rank, in process). Default: uni "
+        "for one rank, mp when the ranks fit on this host, ray otherwise.", choices=["mp", "ray", "uni"],
+        section="parallel_args")
     block_size: int = _arg(16, "Tokens per KV cache block.", section="cache_args")
     gpu_memory_utilization: float = _arg(0.9, "Fraction of the GPU memory free at start-up that the "
                                          "engine may use (weights, activations, KV cache).", section="cache_args")

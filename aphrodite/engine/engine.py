@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,11 +20,12 @@ from aphrodite.engine.request import Request, RequestStatus
 from aphrodite.engine.scheduler import Scheduler, SchedulerOutput
 from aphrodite.engine.stop_checker import check_stop_token, find_stop_string
 from aphrodite.engine_args import EngineArgs
-from aphrodite.executor.uniproc import UniProcExecutor
+from aphrodite.executor.base import ResultFuture, create_executor
 from aphrodite.lora.request import LoRARequest
 from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput
 from aphrodite.sampling_params import SamplingParams
-from aphrodite.worker.model_runner import ModelRunnerOutput, PositionLogprobs, StepFuture
+from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs
+from aphrodite.worker.step_plan import NewRequestData, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class LLMEngine:
             self.tokenizer = get_tokenizer(m.tokenizer, gguf_file=m.gguf_file if m.tokenizer == m.path else None,
                                            revision=m.tokenizer_revision)
         self.eos_token_ids = self._eos_ids()
-        self.executor = UniProcExecutor(config)
+        self.executor = create_executor(config)
         num_blocks = self.executor.determine_num_blocks()
         capacity = num_blocks * config.cache.block_size
         if capacity < config.scheduler.max_model_len:
@@ -67,7 +69,9 @@ class LLMEngine:
         logger.info("KV cache: %d blocks of %d tokens = %d tokens of capacity", num_blocks,
                     config.cache.block_size, capacity)
         self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        # Pipeline stages: micro-batches of disjoint requests, up to one per stage in flight.
+        pipeline = config.parallel.pipeline_parallel_size
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, skip_in_flight=pipeline > 1)
         self.parents: dict[str, _Parent] = {}
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(m.seed)
@@ -75,9 +79,14 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.total_preemptions = 0
         self.async_scheduling = config.async_scheduling
-        self._inflight: tuple[SchedulerOutput, StepFuture] | None = None   # queued, not yet absorbed
-        self.loras: dict[int, LoRARequest] = {}     # adapters the worker holds, by id
-        self._unloading: set[int] = set()           # removed, dropped by the worker once unused
+        # Steps queued and not yet absorbed: one with plain scheduling, two with async scheduling (the
+        # next step is queued before the last one's tokens are read), one per stage with pipelining.
+        self._depth = pipeline if pipeline > 1 else 2 if self.async_scheduling else 1
+        self._inflight: deque[tuple[SchedulerOutput, ResultFuture]] = deque()
+        self._finished_ids: list[str] = []      # ended since the last plan: the workers drop them
+        self._step_id = 0
+        self.loras: dict[int, LoRARequest] = {}     # adapters the workers hold, by id
+        self._unloading: set[int] = set()           # removed, dropped by the workers once unused
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -159,8 +168,8 @@ class LLMEngine:
         if not self._unloading:
             return
         in_use = {r.lora_int_id for r in self.requests.values() if r.lora_int_id and not r.is_finished}
-        if self._inflight is not None:
-            in_use.update(r.lora_int_id for r in self._inflight[0].requests)
+        for sched, _ in self._inflight:
+            in_use.update(r.lora_int_id for r in sched.requests)
         for lora_int_id in self._unloading - in_use:
             self.executor.remove_lora(lora_int_id)
             self._unloading.discard(lora_int_id)
@@ -209,7 +218,12 @@ class LLMEngine:
             for child in parent.children:
                 self.requests.pop(child.request_id, None)
                 if not child.is_finished:
-                    self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+                    self._finish(child, RequestStatus.FINISHED_ABORTED)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(req, status)
+        if req.sent_to_workers:
+            self._finished_ids.append(req.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents)
@@ -226,26 +240,38 @@ class LLMEngine:
         With async scheduling the outputs are those of the previous call's step.
         """
         self._flush_unloads()
-        if not self.async_scheduling:
+        if self._depth == 1:
             sched = self._schedule()
             if sched is None:
                 return []
-            result = self.executor.execute(sched)
+            result = self.executor.execute(self._plan(sched))
             self._advance(sched)
             return self._process(sched, result, finished_only)
         try:
-            sched = self._schedule(allow_empty=self._inflight is not None)
-            queued = None
+            sched = self._schedule(allow_empty=bool(self._inflight))
             if sched is not None:
-                queued = (sched, self.executor.execute_async(sched))
+                self._inflight.append((sched, self.executor.execute_async(self._plan(sched))))
                 self._advance(sched)
-            prev, self._inflight = self._inflight, queued
-            if prev is None:
+                for r in sched.requests:
+                    r.num_in_flight += 1
+                if len(self._inflight) < self._depth:
+                    return []
+            if not self._inflight:
                 return []
-            return self._process(prev[0], prev[1].result(), finished_only)
+            prev, future = self._inflight.popleft()
+            for r in prev.requests:
+                r.num_in_flight -= 1
+            return self._process(prev, future.result(), finished_only)
         except BaseException:
-            self._inflight = None
+            for prev, _ in self._inflight:
+                for r in prev.requests:
+                    r.num_in_flight -= 1
+            self._inflight.clear()
             raise
+
+    def shutdown(self) -> None:
+        """Stop the executor's ranks (worker processes or actors); the engine runs nothing afterwards."""
+        self.executor.shutdown()
 
     def _schedule(self, allow_empty: bool = False) -> SchedulerOutput | None:
         """The next step's batch, or None when there is nothing to run."""
@@ -256,6 +282,34 @@ class LLMEngine:
             return None
         self.total_preemptions += sched.num_preempted
         return sched
+
+    def _plan(self, sched: SchedulerOutput) -> StepPlan:
+        """The flat description of ``sched`` for the workers: new requests' data once, then deltas."""
+        self._step_id += 1
+        plan = StepPlan(step_id=self._step_id, finished_ids=self._finished_ids,
+                        num_scheduled=sched.num_tokens)
+        self._finished_ids = []
+        for r in sched.requests:
+            if not r.sent_to_workers:
+                plan.new_requests.append(NewRequestData(r.request_id, r.prompt_token_ids, r.params,
+                                                        r.sample_seed, r.eos_token_ids, r.lora_int_id))
+                r.sent_to_workers = True
+                r.num_sent_tokens = r.num_prompt_tokens
+            plan.req_ids.append(r.request_id)
+            plan.num_computed.append(r.num_computed_tokens)
+            plan.num_pending.append(r.num_pending_tokens)
+            plan.num_kept_blocks.append(r.num_sent_blocks)
+            n = len(r.block_ids) - r.num_sent_blocks
+            plan.num_new_blocks.append(n)
+            if n:
+                plan.new_block_ids.extend(r.block_ids[r.num_sent_blocks:])
+                r.num_sent_blocks += n
+            n = len(r.all_token_ids) - r.num_sent_tokens
+            plan.num_new_tokens.append(n)
+            if n:
+                plan.new_token_ids.extend(r.all_token_ids[r.num_sent_tokens:])
+                r.num_sent_tokens += n
+        return plan
 
     def _advance(self, sched: SchedulerOutput) -> None:
         """Bookkeeping once a step is queued: computed tokens, pending samples, prompt-token stats."""
@@ -311,7 +365,7 @@ class LLMEngine:
                 # Finishing: release text the detokenizer held back (e.g. an unfinished byte run).
                 status = self._append_text(req, req.detokenizer.flush(), status)
         if status is not None:
-            self.scheduler.finish(req, status)
+            self._finish(req, status)
 
     def _append_text(self, req: Request, new: str, status: RequestStatus | None) -> RequestStatus | None:
         """Add newly decoded text and look for stop strings in it; returns the (maybe new) status."""

@@ -37,7 +37,7 @@ import torch
 from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
 
 if TYPE_CHECKING:
-    from aphrodite.modeling.layers.attention import AttentionMetadata
+    from aphrodite.kernels.attention_metadata import AttentionMetadata
 
 __all__ = [
     "DecodeAppend",

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from aphrodite.engine.request import Request
 from aphrodite.modeling.layers.sampler import SamplingMetadata, uniform_from_seed
+from aphrodite.worker.step_plan import RequestState
 
 if TYPE_CHECKING:
     from aphrodite.worker.model_runner import PrevTokens
@@ -26,7 +26,7 @@ def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.devic
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def build_sampling_metadata(requests: list[Request], vocab_size: int, device: torch.device,
+def build_sampling_metadata(requests: list[RequestState], vocab_size: int, device: torch.device,
                             pending: tuple[np.ndarray, PrevTokens] | None = None) -> SamplingMetadata:
     """Gather the scheduled requests' parameters into one batch of tensors.
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from aphrodite.config import EngineConfig
-from aphrodite.modeling.layers.attention import AttentionMetadata
+from aphrodite.kernels.attention_metadata import AttentionMetadata
 
 if TYPE_CHECKING:
     from aphrodite.worker.model_runner import HostBatch

@@ -12,32 +12,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aphrodite.kernels.attention_metadata import AttentionMetadata
 from aphrodite.kernels.cpu import ops as cpu_ops
 
-
-@dataclass
-class AttentionMetadata:
-    num_decodes: int            # the first num_decodes sequences have exactly one query token
-    query_start_loc: torch.Tensor  # int32 [B + 1], device
-    seq_lens: torch.Tensor         # int32 [B], context length including this step's tokens, device
-    block_tables: torch.Tensor     # int32 [B, max_blocks], device
-    slot_mapping: torch.Tensor     # int64 [T], device; -1 = do not write (padding)
-    max_query_len: int
-    max_seq_len: int
-    max_decode_seq_len: int
-    query_start_loc_cpu: list[int]
-    seq_lens_cpu: list[int]
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens_cpu)
-
+__all__ = ["Attention", "AttentionMetadata", "TorchAttentionBackend", "get_attention_metadata",
+           "set_attention_metadata"]
 
 _CURRENT: AttentionMetadata | None = None
 

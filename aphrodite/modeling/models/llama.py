@@ -22,6 +22,14 @@ from aphrodite.modeling.layers.linear import MergedColumnParallelLinear, QKVPara
 from aphrodite.modeling.layers.norm import RMSNorm
 from aphrodite.modeling.layers.quantization import QuantizationConfig
 from aphrodite.modeling.layers.rotary import RotaryEmbedding, get_rope_config
+from aphrodite.modeling.models.pipeline import (
+    IntermediateTensors,
+    is_pp_missing_parameter,
+    make_layers,
+    pp_module,
+    stage_input,
+    stage_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,25 +114,29 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """This pipeline stage's part of the model (all of it with one stage)."""
+
     def __init__(self, config: Any, quant_config: QuantizationConfig | None = None, prefix: str = "model") -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, quant_config, f"{prefix}.layers.{i}")
-                                    for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.embed_tokens = pp_module(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size),
+                                      first=True, last=tied)
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers, lambda layer_prefix: LlamaDecoderLayer(config, quant_config, layer_prefix),
+            f"{prefix}.layers")
+        self.norm = pp_module(lambda: RMSNorm(config.hidden_size, config.rms_norm_eps), last=True)
         # One table shared by all layers; cos/sin are gathered once per step.
         self.rotary_emb = RotaryEmbedding(_head_dim(config), config.max_position_embeddings,
                                           get_rope_config(config))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        hidden, residual = stage_input(self.embed_tokens, input_ids, intermediate_tensors)
         rotary = self.rotary_emb
         rope = rotary.prepare(positions)
-        residual = None
-        for layer in self.layers:
+        for layer in self.layers[self.start_layer:self.end_layer]:
             hidden, residual = layer(hidden, residual, rotary, rope)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return stage_output(self.norm, hidden, residual)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -137,13 +149,16 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, quant_config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
-            self.lm_head = self.model.embed_tokens
+            self.lm_head = self.model.embed_tokens   # a PPMissingLayer too, except on the last stage
         else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+            self.lm_head = pp_module(lambda: ParallelLMHead(config.vocab_size, config.hidden_size), last=True)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``input_ids``, ``positions``: int64 ``[T]`` -> hidden states ``[T, hidden_size]``."""
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        """``input_ids``, ``positions``: int64 ``[T]`` -> hidden states ``[T, hidden_size]`` on the
+        last pipeline stage, the ``IntermediateTensors`` for the next stage on the others (which
+        take the previous stage's as ``intermediate_tensors``)."""
+        return self.model(input_ids, positions, intermediate_tensors)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits ``[N, vocab_size]`` for hidden states ``[N, hidden_size]``."""
@@ -158,6 +173,8 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         unknown: list[str] = []
+        # An untied last stage without the embedding, if the checkpoint has no lm_head: fill it from this.
+        embed_for_head: torch.Tensor | None = None
         for name, tensor in weights:
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
@@ -172,6 +189,10 @@ class LlamaForCausalLM(nn.Module):
                 name = f"model.{name}"
             param = params.get(name)
             if param is None:
+                if is_pp_missing_parameter(name, self):
+                    if name == "model.embed_tokens.weight" and "lm_head.weight" in params:
+                        embed_for_head = tensor
+                    continue  # another pipeline stage's weight
                 unknown.append(name)
                 continue
             loader = getattr(param, "weight_loader", None)
@@ -185,9 +206,12 @@ class LlamaForCausalLM(nn.Module):
         if unknown:
             logger.warning("Ignored %d checkpoint tensors with no matching parameter: %s",
                            len(unknown), ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else ""))
-        if not self.tie_word_embeddings and "lm_head.weight" not in loaded:
+        if not self.tie_word_embeddings and "lm_head.weight" in params and "lm_head.weight" not in loaded:
             if "model.embed_tokens.weight" in loaded:
                 self.lm_head.weight = self.model.embed_tokens.weight
+            elif embed_for_head is not None:
+                self.lm_head.weight.weight_loader(self.lm_head.weight, embed_for_head)
+                loaded.add("lm_head.weight")
         return loaded
 
 
