@@ -160,6 +160,14 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    max_loras: int = 0          # distinct LoRA adapters one step may hold (0: LoRA off)
+
+
+@dataclass
+class LoRAConfig:
+    max_loras: int
+    max_lora_rank: int
+    max_cpu_loras: int
 
 
 @dataclass
@@ -184,6 +192,7 @@ class EngineConfig:
     enforce_eager: bool
     log_stats: bool
     async_scheduling: bool = False
+    lora: LoRAConfig | None = None
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -293,6 +302,19 @@ def _resolve_kv_cache_dtype(name: str, device: torch.device) -> str:
     return "fp8"
 
 
+def _resolve_lora(args: EngineArgs) -> LoRAConfig | None:
+    if not args.enable_lora:
+        return None
+    if args.max_loras < 1:
+        raise ValueError(f"max_loras must be at least 1, got {args.max_loras}.")
+    if args.max_lora_rank < 1:
+        raise ValueError(f"max_lora_rank must be at least 1, got {args.max_lora_rank}.")
+    cpu = args.max_cpu_loras if args.max_cpu_loras is not None else args.max_loras
+    if cpu < args.max_loras:
+        raise ValueError(f"max_cpu_loras ({cpu}) must be at least max_loras ({args.max_loras}).")
+    return LoRAConfig(args.max_loras, args.max_lora_rank, cpu)
+
+
 def create_engine_config(args: EngineArgs) -> EngineConfig:
     """Validate ``args`` and resolve them into an ``EngineConfig``; raises ``ValueError`` on bad input."""
     if args.trust_remote_code:
@@ -332,6 +354,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_num_batched_tokens must be at least 1, got {budget}.")
     kv_space = float(os.environ.get("APHRODITE_CPU_KVCACHE_SPACE", args.cpu_kvcache_space))
 
+    lora = _resolve_lora(args)
     quantization, quant_settings = _resolve_quantization(args.quantization, hf_config)
     cache_dtype = _resolve_kv_cache_dtype(args.kv_cache_dtype, device)
     tokenizer = args.tokenizer or path
@@ -348,8 +371,9 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
                           num_blocks_override=args.num_gpu_blocks_override,
                           enable_prefix_caching=args.enable_prefix_caching, cache_dtype=cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
-                                  max_model_len=max_model_len),
+                                  max_model_len=max_model_len, max_loras=lora.max_loras if lora else 0),
         parallel=parallel, device=device, enforce_eager=args.enforce_eager, log_stats=not args.disable_log_stats,
         # Pipeline stages keep several micro-batches in flight instead (see LLMEngine.step).
         async_scheduling=parallel.pipeline_parallel_size == 1 and (
-            device.type == "cuda" if args.async_scheduling is None else bool(args.async_scheduling)))
+            device.type == "cuda" if args.async_scheduling is None else bool(args.async_scheduling)),
+        lora=lora)

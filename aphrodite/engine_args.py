@@ -73,6 +73,11 @@ class EngineArgs:
                                          "step N; sampled token ids stay on the device and the host "
                                          "learns them a step later. Default: on for CUDA, off on the CPU.",
                                          section="scheduler_args")
+    enable_lora: bool = _arg(False, "Serve LoRA adapters (PEFT format) over the base model.", section="lora_args")
+    max_loras: int = _arg(1, "Most distinct LoRA adapters in one batch (device slots).", section="lora_args")
+    max_lora_rank: int = _arg(16, "Largest LoRA rank an adapter may have.", section="lora_args")
+    max_cpu_loras: int | None = _arg(None, "LoRA adapters kept in host memory (least recently used evicted); "
+                                     "defaults to max_loras.", section="lora_args")
     max_logprobs: int = _arg(20, "Largest logprobs / prompt_logprobs a request may ask for.")
     disable_log_stats: bool = _arg(False, "Do not log engine statistics.")
 

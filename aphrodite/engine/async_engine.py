@@ -24,6 +24,7 @@ from typing import Any
 from aphrodite.engine.engine import LLMEngine, PromptType
 from aphrodite.engine_args import EngineArgs
 from aphrodite.executor.base import ExecutorDeadError
+from aphrodite.lora.request import LoRARequest
 from aphrodite.outputs import RequestOutput
 from aphrodite.sampling_params import SamplingParams
 
@@ -153,7 +154,7 @@ class AsyncLLMEngine:
         self._inbox.put(command)
 
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                          arrival_time: float | None = None) -> RequestStream:
+                          arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> RequestStream:
         """Hand a request to the engine; returns once the engine accepted it.
 
         Raises ``ValueError`` when the engine rejects the request (too long, bad ids, ...),
@@ -163,7 +164,7 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"The engine is not running ({self._dead or 'not started'}).")
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        self._post(("add", stream, prompt, params, arrival))
+        self._post(("add", stream, prompt, params, arrival, lora_request))
         try:
             while True:
                 try:
@@ -194,6 +195,21 @@ class AsyncLLMEngine:
                 yield out
         finally:
             stream.close()
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load an adapter on the engine thread; ``ValueError`` if it cannot be served."""
+        return await self._call(lambda engine: engine.add_lora(lora_request))
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        return await self._call(lambda engine: engine.remove_lora(lora_int_id))
+
+    async def _call(self, fn: Any) -> Any:
+        """Run ``fn(engine)`` on the engine thread between steps; its result or exception comes back."""
+        if self._dead is not None or self._thread is None:
+            raise EngineDeadError(f"The engine is not running ({self._dead or 'not started'}).")
+        future = asyncio.get_running_loop().create_future()
+        self._post(("call", fn, future))
+        return await future
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; its KV blocks are freed before the engine's next step."""
@@ -246,6 +262,8 @@ class AsyncLLMEngine:
                 break
             if cmd[0] == "add":
                 self._deliver(cmd[1], error)
+            elif cmd[0] == "call":
+                _call_soon(cmd[2].get_loop(), _settle, cmd[2], None, error)
 
     def _drain(self) -> bool:
         while True:
@@ -260,9 +278,10 @@ class AsyncLLMEngine:
         """Apply one command; False means stop."""
         kind = cmd[0]
         if kind == "add":
-            _, stream, prompt, params, arrival = cmd
+            _, stream, prompt, params, arrival, lora = cmd
             try:
-                self.engine.add_request(stream.request_id, prompt, params, arrival_time=arrival)
+                extra = {"lora_request": lora} if lora is not None else {}
+                self.engine.add_request(stream.request_id, prompt, params, arrival_time=arrival, **extra)
             except Exception as e:  # ValueError: the request is invalid; anything else: report it
                 self._deliver(stream, e)
                 return True
@@ -273,6 +292,15 @@ class AsyncLLMEngine:
             if self._streams.pop(rid, None) is not None:
                 self.engine.abort_request(rid)
                 logger.info("Aborted request %s.", rid)
+        elif kind == "call":
+            _, fn, future = cmd
+            try:
+                result, error = fn(self.engine), None
+            except Exception as e:   # ValueError: a bad adapter; the caller decides
+                result, error = None, e
+            _call_soon(future.get_loop(), _settle, future, result, error)
+            if isinstance(error, ExecutorDeadError):
+                raise error
         elif kind == "stop":
             return False
         return True
@@ -321,6 +349,15 @@ class AsyncLLMEngine:
             num_blocks=e.kv_cache.num_blocks, num_free_blocks=e.kv_cache.num_free_blocks,
             kv_cache_usage=e.kv_cache.usage, num_prompt_tokens=e.num_prompt_tokens,
             num_generation_tokens=e.num_generated_tokens, num_preemptions=e.total_preemptions)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():   # the caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _deliver_many(items: list[tuple[RequestStream, RequestOutput]]) -> None:
