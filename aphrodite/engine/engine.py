@@ -135,8 +135,9 @@ class LLMEngine:
             value = getattr(params, name)
             if value is not None and value > limit:
                 raise ValueError(f"{name} must be at most {limit} (max_logprobs), got {value}.")
-        if params.detokenize and self.tokenizer is None and (params.stop or params.logprobs):
-            raise ValueError("stop strings and decoded logprobs need a tokenizer (skip_tokenizer_init=True).")
+        if params.detokenize and self.tokenizer is None and params.stop:
+            # Logprobs need none: without a tokenizer their decoded_token is None, as in vLLM.
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True).")
 
     # ---- LoRA adapters ------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:
