@@ -51,6 +51,15 @@ class _Parent:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        # Worker processes (mp) load the model while this process loads the tokenizer.
+        self.executor = create_executor(config)
+        try:
+            self._start(config)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
         m = config.model
         self.tokenizer = None
         if not m.skip_tokenizer_init:
@@ -58,7 +67,6 @@ class LLMEngine:
             self.tokenizer = get_tokenizer(m.tokenizer, gguf_file=m.gguf_file if m.tokenizer == m.path else None,
                                            revision=m.tokenizer_revision)
         self.eos_token_ids = self._eos_ids()
-        self.executor = create_executor(config)
         num_blocks = self.executor.determine_num_blocks()
         capacity = num_blocks * config.cache.block_size
         if capacity < config.scheduler.max_model_len:

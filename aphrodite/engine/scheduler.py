@@ -10,6 +10,10 @@ recomputed later (its prefix often comes back from the prefix cache).
 With async scheduling a step is scheduled before the previous step's sampled tokens are
 known: those count as pending tokens (``Request.num_pending_tokens``), so a decode is
 scheduled as usual and its input token is taken from the device.
+
+With pipeline parallelism several micro-batches are in flight at once, one per stage; a
+request already in one of them is skipped (``skip_in_flight``) until its results are back,
+so the micro-batches hold disjoint requests and every input token is known to the host.
 """
 from __future__ import annotations
 
