@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from aphrodite.config import EngineConfig
-from aphrodite.engine.request import Request
+from aphrodite.engine.request import Request, RequestStatus
 from aphrodite.engine.scheduler import SchedulerOutput
 from aphrodite.modeling.layers.attention import Attention, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
 from aphrodite.modeling.loader import load_model
 from aphrodite.worker.cuda_graphs import DecodeGraphs
-from aphrodite.worker.sampling_inputs import build_sampling_metadata, to_device
+from aphrodite.worker.sampling_inputs import SamplingState, build_sampling_metadata, to_device
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
 from aphrodite.worker.step_inputs import StepInputs
 
@@ -92,6 +92,10 @@ class ModelRunner:
         # The last queued step's sampled ids (device) and which row each sampled request got.
         self._prev_tokens: torch.Tensor | None = None
         self._prev_rows: dict[Request, int] = {}
+        # Per-request sampler state on the device (penalty counts, DRY/n-gram histories, mirostat mu),
+        # and the requests it tracks, so finished or preempted ones are dropped (see _sampling_metadata).
+        self.sampling_state = SamplingState(self.vocab_size, config.scheduler.max_model_len, self.device)
+        self._sampling_tracked: dict[str, Request] = {}
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -230,10 +234,7 @@ class ModelRunner:
         sample_idx = [i for i, (r, n) in enumerate(zip(reqs, counts))
                       if r.num_computed_tokens + n == r.num_tokens_with_pending]
         rows = [reqs[i] for i in sample_idx]
-        md = None
-        if rows:
-            pending = self._pending_for_sampler(host, sample_idx)
-            md = build_sampling_metadata(rows, self.vocab_size, self.device, pending)
+        md = self._sampling_metadata(sched, sample_idx, rows) if rows else None
         every_row = host.num_decodes == len(reqs) == len(sample_idx)   # a decode step: every row samples
         last = None if every_row or not rows else to_device(
             [host.starts[i + 1] - 1 for i in sample_idx], torch.long, self.device)
@@ -250,22 +251,27 @@ class ModelRunner:
         if rows:
             logits = self.model.compute_logits(hidden if last is None else hidden[last])
             out = self.sampler(logits, md)
+            # The state takes the sampled ids while they are still on the device (no wait).
+            self.sampling_state.update([r.request_id for r in rows], out.token_ids)
         self._prev_tokens = None if out is None else out.token_ids
         self._prev_rows = dict(zip(rows, range(len(rows))))
         prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts)
         return StepFuture(len(reqs), sample_idx, rows, out, prompt_lps)
 
-    def _pending_for_sampler(self, host: HostBatch, sample_idx: list[int]) -> tuple[np.ndarray, PrevTokens] | None:
-        """(sample rows, where their tokens are) of the rows whose last output token is still on the
-        device: penalties count it from there."""
-        prev = host.from_prev
-        if prev is None:
-            return None
-        if len(sample_idx) == len(host.seq_lens):
-            return prev.req_rows, prev
-        row_of = np.full(len(host.seq_lens), -1, dtype=np.int64)
-        row_of[sample_idx] = np.arange(len(sample_idx))
-        return row_of[prev.req_rows], prev
+    # ---- sampler inputs (i16: the one call site; the worker refactor may move the bookkeeping) ----
+    def _sampling_metadata(self, sched: SchedulerOutput, sample_idx: list[int], rows: list[Request]):
+        """The sampler's tensors for this step's sampling rows, after dropping the state of requests
+        that finished (everything) or were preempted (all but mirostat's mu)."""
+        state = self.sampling_state
+        for rid, req in list(self._sampling_tracked.items()):
+            if req.is_finished or req.status == RequestStatus.PREEMPTED:
+                state.remove(rid, finished=req.is_finished)
+                del self._sampling_tracked[rid]
+        for r in rows:
+            if any(state.needs(r)):
+                self._sampling_tracked[r.request_id] = r
+        bitmask = None if sched.grammar_bitmask is None else sched.grammar_bitmask[sample_idx]
+        return build_sampling_metadata(rows, self.vocab_size, self.device, state, bitmask)
 
     def _prompt_logprobs(self, reqs: list[Request], counts: list[int], hidden: torch.Tensor,
                          starts: list[int]) -> list[list[PositionLogprobs] | None]:
