@@ -40,6 +40,7 @@ class LLM:
         tokenized = [engine.tokenize_prompt(p) for p in items]
         for (_, ids), sp in zip(tokenized, params):
             engine.validate(ids, sp)
+        engine.compile_structured_outputs(params)   # a bad schema or grammar: ValueError before any work
         ids = []
         for (text, toks), sp in zip(tokenized, params):
             rid = str(self._counter)

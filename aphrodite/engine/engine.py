@@ -6,11 +6,15 @@ building overlap the device's work; the outputs a call returns are those of the 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import random
+import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from aphrodite.config import EngineConfig, create_engine_config
@@ -75,6 +79,11 @@ class LLMEngine:
         self.total_preemptions = 0
         self.async_scheduling = config.async_scheduling
         self._inflight: tuple[SchedulerOutput, StepFuture] | None = None   # queued, not yet absorbed
+        # Structured output: the grammar compiler (made on first use) and requests whose grammar is
+        # still compiling in its thread pool (they join the scheduler once it is ready).
+        self._structured = None
+        self._structured_lock = threading.Lock()
+        self._grammar_waiting: list[tuple[Request, Future]] = []
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -85,6 +94,87 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return tuple(sorted(ids))
+
+    # ---- structured output --------------------------------------------------------
+    @property
+    def structured_output(self):
+        """The engine's ``StructuredOutputManager`` (xgrammar), built on first use; safe from any thread."""
+        if self._structured is None:
+            if self.tokenizer is None:
+                raise ValueError("Structured outputs need a tokenizer (skip_tokenizer_init=True is set).")
+            with self._structured_lock:
+                if self._structured is None:
+                    from aphrodite.structured_output import StructuredOutputManager
+                    # A private tokenizer copy: the engine thread keeps using its own concurrently.
+                    self._structured = StructuredOutputManager(
+                        copy.deepcopy(self.tokenizer), self.config.model.hf_config.vocab_size, self.eos_token_ids)
+        return self._structured
+
+    def compile_structured_outputs(self, params: Iterable[SamplingParams]) -> None:
+        """Compile every constraint in ``params`` (in parallel, cached); raises the first ``ValueError``.
+        Lets a caller reject a bad schema or grammar before any request is added."""
+        futures = [self.structured_output.submit(p.structured_outputs) for p in params
+                   if p.structured_outputs is not None]
+        for fut in futures:
+            fut.result()
+
+    def _admit_compiled(self, block: bool = False) -> list[RequestOutput]:
+        """Move requests whose grammar finished compiling into the scheduler; a failed compile ends its
+        request (aborted). ``block``: wait briefly for one when nothing else can run."""
+        if not self._grammar_waiting:
+            return []
+        if block:
+            wait_futures([f for _, f in self._grammar_waiting], timeout=0.05, return_when=FIRST_COMPLETED)
+        still, failed = [], {}
+        for req, fut in self._grammar_waiting:
+            if not fut.done():
+                still.append((req, fut))
+            elif req.is_finished:
+                continue
+            elif fut.exception() is not None:
+                logger.error("Request %s: %s", req.request_id, fut.exception())
+                req.status = RequestStatus.FINISHED_ABORTED
+                if (parent := self.parents.get(req.parent_id)) is not None:
+                    failed[parent.request_id] = parent
+            else:
+                req.grammar = self.structured_output.matcher(fut.result())
+                self.scheduler.add_request(req)
+        self._grammar_waiting = still
+        outputs = []
+        for parent in failed.values():
+            if parent.finished and (out := self._make_output(parent)) is not None:
+                outputs.append(out)
+                del self.parents[parent.request_id]
+                for c in parent.children:
+                    self.requests.pop(c.request_id, None)
+        return outputs
+
+    def _fill_grammar_bitmask(self, sched: SchedulerOutput) -> None:
+        """Token bitmask of the constrained requests that sample in ``sched`` (before it advances)."""
+        rows = [i for i, (r, n) in enumerate(zip(sched.requests, sched.num_tokens))
+                if r.grammar is not None and r.num_computed_tokens + n == r.num_tokens_with_pending
+                and not r.grammar.failed and not r.grammar.terminated]
+        if not rows:
+            return
+        manager = self.structured_output
+        bitmask = manager.new_bitmask(len(sched.requests))
+        for i in rows:
+            manager.fill(bitmask, i, sched.requests[i].grammar)
+        sched.grammar_bitmask = bitmask
+
+    def _accept_inflight_tokens(self, sched: SchedulerOutput) -> None:
+        """Async scheduling: a constrained request's bitmask needs the token still in flight, so wait for
+        the step in flight and advance the matchers now (this step loses its overlap)."""
+        if self._inflight is None or not any(r.grammar is not None and r.num_pending_tokens
+                                             for r in sched.requests):
+            return
+        prev_sched, fut = self._inflight
+        result = fut.result()
+        for i, r in enumerate(prev_sched.requests):
+            tok = result.sampled[i]
+            if tok is not None and r.grammar is not None and not r.is_finished \
+                    and r.grammar.num_accepted == r.num_output_tokens:
+                r.grammar.accept(tok)
 
     # ---- requests ---------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -124,6 +214,13 @@ class LLMEngine:
                 raise ValueError(f"{name} must be at most {limit} (max_logprobs), got {value}.")
         if params.detokenize and self.tokenizer is None and (params.stop or params.logprobs):
             raise ValueError("stop strings and decoded logprobs need a tokenizer (skip_tokenizer_init=True).")
+        if params.allowed_token_ids and any(not 0 <= t < vocab for t in params.allowed_token_ids):
+            raise ValueError(f"allowed_token_ids must be token ids in [0, {vocab}).")
+        if any(not 0 <= t < vocab for t in params.dry_sequence_breaker_ids):
+            raise ValueError(f"dry_sequence_breaker_ids must be token ids in [0, {vocab}).")
+        if (params.bad_words or params.dry_sequence_breakers or params.structured_outputs) and self.tokenizer is None:
+            raise ValueError("bad_words, dry_sequence_breakers and structured outputs need a tokenizer "
+                             "(skip_tokenizer_init=True is set).")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
@@ -132,6 +229,13 @@ class LLMEngine:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         text, prompt_ids = self.tokenize_prompt(prompt)
         self.validate(prompt_ids, params)
+        if params.bad_words or params.dry_sequence_breakers:
+            params.update_from_tokenizer(self.tokenizer, self.config.model.hf_config.vocab_size)
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.structured_output.submit(params.structured_outputs)
+            if grammar.done() and grammar.exception() is not None:
+                raise grammar.exception()
         count = params.best_of or params.n
         children = []
         for i in range(count):
@@ -151,7 +255,11 @@ class LLMEngine:
         self.parents[request_id] = parent
         for child in children:
             self.requests[child.request_id] = child
-            self.scheduler.add_request(child)
+            if grammar is None:
+                self.scheduler.add_request(child)
+            else:
+                self._grammar_waiting.append((child, grammar))
+        self._admit_compiled()
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Stop requests now and free their KV blocks."""
@@ -179,23 +287,27 @@ class LLMEngine:
         copying every running request's token list each step would cost O(batch x length)).
         With async scheduling the outputs are those of the previous call's step.
         """
+        early = self._admit_compiled(block=not self.scheduler.has_unfinished() and self._inflight is None)
         if not self.async_scheduling:
             sched = self._schedule()
             if sched is None:
-                return []
+                return early
+            self._fill_grammar_bitmask(sched)
             result = self.executor.execute(sched)
             self._advance(sched)
-            return self._process(sched, result, finished_only)
+            return early + self._process(sched, result, finished_only)
         try:
             sched = self._schedule(allow_empty=self._inflight is not None)
             queued = None
             if sched is not None:
+                self._accept_inflight_tokens(sched)
+                self._fill_grammar_bitmask(sched)
                 queued = (sched, self.executor.execute_async(sched))
                 self._advance(sched)
             prev, self._inflight = self._inflight, queued
             if prev is None:
-                return []
-            return self._process(prev[0], prev[1].result(), finished_only)
+                return early
+            return early + self._process(prev[0], prev[1].result(), finished_only)
         except BaseException:
             self._inflight = None
             raise
@@ -257,6 +369,11 @@ class LLMEngine:
             if req.logprobs is not None:
                 req.logprobs.append(self._logprob_dict(entry))
         status = check_stop_token(req, token, self.config.scheduler.max_model_len)
+        if req.grammar is not None:
+            if req.grammar.num_accepted < req.num_output_tokens and not req.grammar.accept(token):
+                status = RequestStatus.FINISHED_ABORTED
+            elif status is None and req.grammar.terminated:
+                status = RequestStatus.FINISHED_STOPPED     # the grammar is complete
         if req.detokenizer is not None:
             if status != RequestStatus.FINISHED_STOPPED or req.params.include_stop_str_in_output:
                 status = self._append_text(req, req.detokenizer.step([token]), status)

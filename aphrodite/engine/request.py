@@ -64,6 +64,7 @@ class Request:
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.detokenizer = None             # set by the engine when text is wanted
+        self.grammar = None                 # structured output: the request's GrammarState, once compiled
         self.output_text = ""
 
     @property
