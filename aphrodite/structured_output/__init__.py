@@ -78,7 +78,8 @@ class StructuredOutputManager:
                 schema = so.json if isinstance(so.json, str) else json.dumps(so.json)
                 return self.compiler.compile_json_schema(schema, any_whitespace=not so.disable_any_whitespace)
             if kind == "json_object":
-                return self.compiler.compile_builtin_json_grammar()
+                return self.compiler.compile_json_schema('{"type": "object"}',
+                                                         any_whitespace=not so.disable_any_whitespace)
             if kind == "regex":
                 return self.compiler.compile_regex(so.regex)
             if kind == "choice":

@@ -389,3 +389,27 @@ def test_seed_reproducible_alone_and_in_a_mixed_batch():
               SamplingParams(sampler_priority=list(reversed(SamplerID)), xtc_probability=1.0)]
     mixed, _ = run_steps(others[:2] + [p] + others[2:], 12, model, seeds=[1, 2, 77, 4, 5, 6])
     assert mixed[2].output_token_ids == alone[0].output_token_ids
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_fused_temperature_min_p_kernel_matches_reference(block, monkeypatch):
+    """The GPU's fused draw (Triton, run by the interpreter here) against its PyTorch reference."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from aphrodite.kernels.sampling import sample_temperature_min_p, sample_temperature_min_p_ref
+    g = torch.Generator().manual_seed(block)
+    x = torch.randn(8, 200, generator=g) * 3
+    t = torch.tensor([1.1, 0.0, 0.7, 2.0, 1.0, 0.5, 1.3, 0.9])
+    mp = torch.tensor([0.1, 0.0, 0.0, 0.3, 0.05, 0.0, 0.2, 0.5])
+    u = torch.rand(8, dtype=torch.float64, generator=g)
+    for m in (mp, None):
+        got = sample_temperature_min_p(x, t, m, u, block=block)
+        assert got.tolist() == sample_temperature_min_p_ref(x, t, m, u).tolist()
+    # and the reference against the chain's own temperature -> min-p -> draw (PyTorch ops)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    reqs = [req(SamplingParams(temperature=float(t[i]), min_p=float(mp[i])), rid=str(i)) for i in range(8)]
+    md = build_sampling_metadata(reqs, 200, CPU)
+    md.uniforms = u
+    monkeypatch.setattr("aphrodite.modeling.layers.samplers.chain.cpu_ops.available", lambda dtype: False)
+    assert Sampler()(x, md).token_ids.tolist() == sample_temperature_min_p_ref(x, md.temperature, md.columns["min_p"],
+                                                                              u).tolist()

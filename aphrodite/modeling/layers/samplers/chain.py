@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from aphrodite.kernels.cpu import ops as cpu_ops
+from aphrodite.kernels.sampling import sample_temperature_min_p
+from aphrodite.kernels.triton_utils import use_triton
 from aphrodite.modeling.layers.samplers import repetition as rep
 from aphrodite.modeling.layers.samplers import truncation as tr
 from aphrodite.modeling.layers.samplers.metadata import SamplingMetadata
@@ -103,10 +105,13 @@ class Sampler:
         raw = logits
         logits = apply_processors(logits, md)
         in_c = logits.device.type == "cpu" and cpu_ops.available(torch.float32)
-        only_temp = md.active <= {SamplerID.TEMPERATURE} and "dynatemp_min" not in md.columns \
-            and md.mirostat is None and md.skew is None
+        plain = "dynatemp_min" not in md.columns and md.mirostat is None and md.skew is None
+        only_temp = plain and md.active <= {SamplerID.TEMPERATURE}
         if md.all_greedy:
             tokens = self._chain_groups(logits, md).argmax(dim=-1)
+        elif plain and md.active <= {SamplerID.TEMPERATURE, SamplerID.MIN_P} and use_triton(logits):
+            # The common case on the GPU: one fused kernel reads each row three times, writes one id.
+            tokens = sample_temperature_min_p(logits, md.temperature, md.columns.get("min_p"), md.uniforms)
         elif in_c and only_temp:
             # On the CPU one C pass per row replaces softmax + cumsum + search over [N, V]
             # temporaries, with the temperature division folded in.
