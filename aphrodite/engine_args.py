@@ -37,11 +37,21 @@ class EngineArgs:
     max_model_len: int | None = _arg(None, "Longest prompt + output in tokens; defaults to the model's context.")
     load_format: str = _arg("auto", "Weight format; dummy makes random weights from config.json alone.",
                             choices=["auto", "safetensors", "gguf", "dummy"])
+    quantization: str | None = _arg(None, "Weight quantization method (e.g. awq, gptq, fp8, gguf); detected from "
+                                    "the checkpoint (quantization_config in config.json) when not given.",
+                                    aliases=("-q",))
     skip_tokenizer_init: bool = _arg(False, "Load no tokenizer: prompts must be token ids, no text is decoded.")
     tensor_parallel_size: int = _arg(1, "Number of tensor-parallel ranks.", aliases=("-tp",),
                                      section="parallel_args")
     pipeline_parallel_size: int = _arg(1, "Number of pipeline stages.", aliases=("-pp",),
                                        section="parallel_args")
+    distributed_executor_backend: str | None = _arg(
+        None, "How the ranks of a tensor/pipeline-parallel run are started: mp (one process per rank on "
+        "this host), ray (one Ray actor per rank, across hosts), uni (one rank, in process). Default: uni "
+        "for one rank, mp when the ranks fit on this host, ray otherwise.", choices=["mp", "ray", "uni"],
+        section="parallel_args")
+    disable_custom_all_reduce: bool = _arg(False, "Send every tensor-parallel all-reduce through NCCL (no one-shot "
+                                           "all-reduce over CUDA IPC for small messages).", section="parallel_args")
     block_size: int = _arg(16, "Tokens per KV cache block.", section="cache_args")
     gpu_memory_utilization: float = _arg(0.9, "Fraction of the GPU memory free at start-up that the "
                                          "engine may use (weights, activations, KV cache).", section="cache_args")

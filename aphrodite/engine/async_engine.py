@@ -23,6 +23,7 @@ from typing import Any
 
 from aphrodite.engine.engine import LLMEngine, PromptType
 from aphrodite.engine_args import EngineArgs
+from aphrodite.executor.base import ExecutorDeadError
 from aphrodite.outputs import RequestOutput
 from aphrodite.sampling_params import SamplingParams
 
@@ -164,7 +165,14 @@ class AsyncLLMEngine:
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         self._post(("add", stream, prompt, params, arrival))
         try:
-            first = await stream._queue.get()
+            while True:
+                try:
+                    first = await asyncio.wait_for(stream._queue.get(), timeout=1.0)
+                    break
+                except asyncio.TimeoutError:
+                    # Posted just as the loop stopped: nobody will answer, so answer here.
+                    if self._dead is not None and not (self._thread and self._thread.is_alive()):
+                        raise EngineDeadError(f"The engine is not running ({self._dead}).") from None
         except BaseException:  # cancelled while waiting: make sure nothing stays behind
             stream.close()
             raise
@@ -206,21 +214,38 @@ class AsyncLLMEngine:
                     self._step()
                 else:
                     self.stats = self._snapshot()
-        except BaseException as e:  # a bug in the loop itself: fail everyone, refuse new work
-            logger.exception("The engine loop crashed")
-            self._dead = e
-            self._fail_all(EngineDeadError(f"The engine loop crashed: {type(e).__name__}: {e}"))
+        except BaseException as e:  # the workers are gone, or a bug in the loop: fail everyone, refuse new work
+            if isinstance(e, ExecutorDeadError):
+                logger.error("The engine's workers failed: %s", e)
+                error = EngineDeadError(f"The engine's workers failed: {e}")
+            else:
+                logger.exception("The engine loop crashed")
+                error = EngineDeadError(f"The engine loop crashed: {type(e).__name__}: {e}")
+            self._dead = error
+            self._fail_all(error)
+            self._shutdown_engine()
+            self._answer_late_adds(error)
             return
         self._dead = EngineDeadError("The engine has shut down.")
         self._fail_all(self._dead)
-        # Answer anything posted after the stop command.
+        self._shutdown_engine()
+        self._answer_late_adds(self._dead)
+
+    def _shutdown_engine(self) -> None:
+        try:
+            self.engine.shutdown()
+        except Exception:
+            logger.exception("Shutting the executor down raised")
+
+    def _answer_late_adds(self, error: BaseException) -> None:
+        """Answer requests posted after the loop stopped."""
         while True:
             try:
                 cmd = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if cmd[0] == "add":
-                self._deliver(cmd[1], self._dead)
+                self._deliver(cmd[1], error)
 
     def _drain(self) -> bool:
         while True:
@@ -255,6 +280,8 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except ExecutorDeadError:
+            raise   # no rank left to run anything: the loop stops and every request fails
         except Exception as e:
             # The batch that failed is every request in flight: fail them, free their blocks,
             # and keep serving new requests.

@@ -12,6 +12,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
@@ -23,10 +24,11 @@ from aphrodite.engine.request import Request, RequestStatus
 from aphrodite.engine.scheduler import Scheduler, SchedulerOutput
 from aphrodite.engine.stop_checker import check_stop_token, find_stop_string
 from aphrodite.engine_args import EngineArgs
-from aphrodite.executor.uniproc import UniProcExecutor
+from aphrodite.executor.base import ResultFuture, create_executor
 from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput
 from aphrodite.sampling_params import SamplingParams
-from aphrodite.worker.model_runner import ModelRunnerOutput, PositionLogprobs, StepFuture
+from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs
+from aphrodite.worker.step_plan import NewRequestData, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,16 @@ class _Parent:
         return all(c.is_finished for c in self.children)
 
 
+class _Ready:
+    """A step result already read (a ``ResultFuture`` that answers at once)."""
+
+    def __init__(self, result: ModelRunnerOutput) -> None:
+        self._result = result
+
+    def result(self) -> ModelRunnerOutput:
+        return self._result
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -59,7 +71,7 @@ class LLMEngine:
             self.tokenizer = get_tokenizer(m.tokenizer, gguf_file=m.gguf_file if m.tokenizer == m.path else None,
                                            revision=m.tokenizer_revision)
         self.eos_token_ids = self._eos_ids()
-        self.executor = UniProcExecutor(config)
+        self.executor = create_executor(config)
         num_blocks = self.executor.determine_num_blocks()
         capacity = num_blocks * config.cache.block_size
         if capacity < config.scheduler.max_model_len:
@@ -69,8 +81,11 @@ class LLMEngine:
         config.cache.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens = %d tokens of capacity", num_blocks,
                     config.cache.block_size, capacity)
-        self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+                                       sliding_window=config.model.sliding_window)
+        # Pipeline stages: micro-batches of disjoint requests, up to one per stage in flight.
+        pipeline = config.parallel.pipeline_parallel_size
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, skip_in_flight=pipeline > 1)
         self.parents: dict[str, _Parent] = {}
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(m.seed)
@@ -78,7 +93,12 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.total_preemptions = 0
         self.async_scheduling = config.async_scheduling
-        self._inflight: tuple[SchedulerOutput, StepFuture] | None = None   # queued, not yet absorbed
+        # Steps queued and not yet absorbed: one with plain scheduling, two with async scheduling (the
+        # next step is queued before the last one's tokens are read), one per stage with pipelining.
+        self._depth = pipeline if pipeline > 1 else 2 if self.async_scheduling else 1
+        self._inflight: deque[tuple[SchedulerOutput, ResultFuture]] = deque()
+        self._finished_ids: list[str] = []      # ended since the last plan: the workers drop them
+        self._step_id = 0
         # Structured output: the grammar compiler (made on first use) and requests whose grammar is
         # still compiling in its thread pool (they join the scheduler once it is ready).
         self._structured = None
@@ -163,18 +183,20 @@ class LLMEngine:
         sched.grammar_bitmask = bitmask
 
     def _accept_inflight_tokens(self, sched: SchedulerOutput) -> None:
-        """Async scheduling: a constrained request's bitmask needs the token still in flight, so wait for
-        the step in flight and advance the matchers now (this step loses its overlap)."""
-        if self._inflight is None or not any(r.grammar is not None and r.num_pending_tokens
-                                             for r in sched.requests):
+        """Async scheduling: a constrained request's bitmask needs its tokens still in flight, so wait for
+        the steps in flight that sampled for it and advance the matchers now (this step loses its overlap)."""
+        if not self._inflight or not any(r.grammar is not None and r.num_pending_tokens for r in sched.requests):
             return
-        prev_sched, fut = self._inflight
-        result = fut.result()
-        for i, r in enumerate(prev_sched.requests):
-            tok = result.sampled[i]
-            if tok is not None and r.grammar is not None and not r.is_finished \
-                    and r.grammar.num_accepted == r.num_output_tokens:
-                r.grammar.accept(tok)
+        for k, (prev_sched, fut) in enumerate(self._inflight):
+            if not any(r.grammar is not None for r in prev_sched.requests):
+                continue
+            result = fut.result()
+            self._inflight[k] = (prev_sched, _Ready(result))    # a future may be read only once
+            for i, r in enumerate(prev_sched.requests):
+                tok = result.sampled[i]
+                if tok is not None and r.grammar is not None and not r.is_finished \
+                        and r.grammar.num_accepted == r.num_output_tokens:
+                    r.grammar.accept(tok)
 
     # ---- requests ---------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -271,7 +293,12 @@ class LLMEngine:
             for child in parent.children:
                 self.requests.pop(child.request_id, None)
                 if not child.is_finished:
-                    self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+                    self._finish(child, RequestStatus.FINISHED_ABORTED)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(req, status)
+        if req.sent_to_workers:
+            self._finished_ids.append(req.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents)
@@ -287,30 +314,42 @@ class LLMEngine:
         copying every running request's token list each step would cost O(batch x length)).
         With async scheduling the outputs are those of the previous call's step.
         """
-        early = self._admit_compiled(block=not self.scheduler.has_unfinished() and self._inflight is None)
-        if not self.async_scheduling:
+        early = self._admit_compiled(block=not self.scheduler.has_unfinished() and not self._inflight)
+        if self._depth == 1:
             sched = self._schedule()
             if sched is None:
                 return early
             self._fill_grammar_bitmask(sched)
-            result = self.executor.execute(sched)
+            result = self.executor.execute(self._plan(sched))
             self._advance(sched)
             return early + self._process(sched, result, finished_only)
         try:
-            sched = self._schedule(allow_empty=self._inflight is not None)
-            queued = None
+            sched = self._schedule(allow_empty=bool(self._inflight))
             if sched is not None:
                 self._accept_inflight_tokens(sched)
                 self._fill_grammar_bitmask(sched)
-                queued = (sched, self.executor.execute_async(sched))
+                self._inflight.append((sched, self.executor.execute_async(self._plan(sched))))
                 self._advance(sched)
-            prev, self._inflight = self._inflight, queued
-            if prev is None:
+                for r in sched.requests:
+                    r.num_in_flight += 1
+                if len(self._inflight) < self._depth:
+                    return early
+            if not self._inflight:
                 return early
-            return early + self._process(prev[0], prev[1].result(), finished_only)
+            prev, future = self._inflight.popleft()
+            for r in prev.requests:
+                r.num_in_flight -= 1
+            return early + self._process(prev, future.result(), finished_only)
         except BaseException:
-            self._inflight = None
+            for prev, _ in self._inflight:
+                for r in prev.requests:
+                    r.num_in_flight -= 1
+            self._inflight.clear()
             raise
+
+    def shutdown(self) -> None:
+        """Stop the executor's ranks (worker processes or actors); the engine runs nothing afterwards."""
+        self.executor.shutdown()
 
     def _schedule(self, allow_empty: bool = False) -> SchedulerOutput | None:
         """The next step's batch, or None when there is nothing to run."""
@@ -321,6 +360,34 @@ class LLMEngine:
             return None
         self.total_preemptions += sched.num_preempted
         return sched
+
+    def _plan(self, sched: SchedulerOutput) -> StepPlan:
+        """The flat description of ``sched`` for the workers: new requests' data once, then deltas."""
+        self._step_id += 1
+        plan = StepPlan(step_id=self._step_id, finished_ids=self._finished_ids,
+                        num_scheduled=sched.num_tokens, grammar_bitmask=sched.grammar_bitmask)
+        self._finished_ids = []
+        for r in sched.requests:
+            if not r.sent_to_workers:
+                plan.new_requests.append(NewRequestData(r.request_id, r.prompt_token_ids, r.params,
+                                                        r.sample_seed, r.eos_token_ids))
+                r.sent_to_workers = True
+                r.num_sent_tokens = r.num_prompt_tokens
+            plan.req_ids.append(r.request_id)
+            plan.num_computed.append(r.num_computed_tokens)
+            plan.num_pending.append(r.num_pending_tokens)
+            plan.num_kept_blocks.append(r.num_sent_blocks)
+            n = len(r.block_ids) - r.num_sent_blocks
+            plan.num_new_blocks.append(n)
+            if n:
+                plan.new_block_ids.extend(r.block_ids[r.num_sent_blocks:])
+                r.num_sent_blocks += n
+            n = len(r.all_token_ids) - r.num_sent_tokens
+            plan.num_new_tokens.append(n)
+            if n:
+                plan.new_token_ids.extend(r.all_token_ids[r.num_sent_tokens:])
+                r.num_sent_tokens += n
+        return plan
 
     def _advance(self, sched: SchedulerOutput) -> None:
         """Bookkeeping once a step is queued: computed tokens, pending samples, prompt-token stats."""
@@ -381,7 +448,7 @@ class LLMEngine:
                 # Finishing: release text the detokenizer held back (e.g. an unfinished byte run).
                 status = self._append_text(req, req.detokenizer.flush(), status)
         if status is not None:
-            self.scheduler.finish(req, status)
+            self._finish(req, status)
 
     def _append_text(self, req: Request, new: str, status: RequestStatus | None) -> RequestStatus | None:
         """Add newly decoded text and look for stop strings in it; returns the (maybe new) status."""

@@ -66,6 +66,12 @@ class Request:
         self.detokenizer = None             # set by the engine when text is wanted
         self.grammar = None                 # structured output: the request's GrammarState, once compiled
         self.output_text = ""
+        # What the workers already hold (see ``worker.step_plan``): the request's fixed data, its first
+        # num_sent_tokens tokens and its first num_sent_blocks blocks (reset when a preemption frees them).
+        self.sent_to_workers = False
+        self.num_sent_tokens = 0
+        self.num_sent_blocks = 0
+        self.num_in_flight = 0              # queued steps that include it, not yet absorbed
 
     @property
     def num_tokens(self) -> int:

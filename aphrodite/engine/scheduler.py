@@ -43,8 +43,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, skip_in_flight: bool = False) -> None:
         self.config = config
+        # Pipeline parallelism: a request already in a queued micro-batch waits for its results.
+        self.skip_in_flight = skip_in_flight
         self.kv_cache = kv_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -73,6 +75,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
+        request.num_sent_blocks = 0     # the workers drop the freed table with the next plan
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -87,6 +90,9 @@ class Scheduler:
         max_len = self.config.max_model_len
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if self.skip_in_flight and req.num_in_flight:
+                i += 1
+                continue
             if req.num_pending_tokens and _reaches_length_limit(req, max_len):
                 i += 1      # its pending token is its last: it finishes when that token arrives
                 continue
@@ -106,6 +112,8 @@ class Scheduler:
         while self.waiting and budget > 0 and not out.num_preempted \
                 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if self.skip_in_flight and req.num_in_flight:
+                break   # preempted while its last micro-batch is still running
             # Prompt log-probabilities need every prompt position computed: no prefix-cache skip.
             cached = [] if req.wants_prompt_logprobs else self.kv_cache.find_cached_prefix(req)
             num_cached = len(cached) * self.kv_cache.block_size

@@ -64,7 +64,7 @@ def test_batch_of_16_mixed_constraints(llm):
 def test_async_scheduling_waits_for_the_token_in_flight(llm):
     """With async scheduling a constrained row's mask needs the token still in flight: those steps wait."""
     engine = llm.llm_engine
-    engine.async_scheduling = True
+    engine._depth = 2       # async scheduling on the same engine: queue step N+1 before reading step N
     try:
         kinds = [("regex", PHONE), ("choice", CHOICES), ("grammar", GRAMMAR), ("free", None)]
         params = [SamplingParams(temperature=0.9, seed=i, max_tokens=16,
@@ -72,7 +72,7 @@ def test_async_scheduling_waits_for_the_token_in_flight(llm):
                   for i, (kind, value) in enumerate(kinds)]
         outs = llm.generate(["My number is", "Sentiment:", "Is water wet?", "Hello"], params, use_tqdm=False)
     finally:
-        engine.async_scheduling = False
+        engine._depth = 1
     for (kind, value), out in zip(kinds, outs):
         if kind != "free":
             check(kind, value, out.outputs[0].text)

@@ -36,8 +36,23 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def build_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     """An unloaded model of ``model_config``'s architecture, its parameters on ``device``."""
     cls = get_model_class(model_config.architecture)
+    quant_config = None
+    if model_config.quantization is not None:
+        from aphrodite.modeling.layers.quantization import get_quantization_config
+        quant_config = get_quantization_config(model_config.quantization, model_config.quantization_config or {})
+        quant_config.check_device(device)
     with torch.device(device), _default_dtype(model_config.dtype):
-        return cls(model_config.hf_config)
+        if quant_config is None:
+            return cls(model_config.hf_config)
+        return cls(model_config.hf_config, quant_config=quant_config)
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let each layer's quantization method convert its freshly loaded weights (repack, transpose)."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
 
 
 def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
@@ -63,6 +78,7 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
             raise ValueError(f"The {fmt} checkpoint at {model_config.path} lacks weights for "
                              f"{len(missing)} parameters: {', '.join(missing[:8])}"
                              + (" ..." if len(missing) > 8 else ""))
+    process_weights_after_loading(model)
     for param in model.parameters():
         param.requires_grad_(False)
     if device.type == "cpu":

@@ -1,7 +1,7 @@
 """Stream the weights of a GGUF file as Hugging Face checkpoint tensors.
 
 The model code speaks only HF parameter names, so a GGUF file is turned into
-``(hf_name, float32 tensor)`` pairs here, once: tensors are dequantized with the
+``(hf_name, float32 LazyTensor)`` pairs here, once: tensors are dequantized with the
 ``gguf`` package one at a time (the file stays memory-mapped), renamed, and the
 row permutation llama.cpp applies to Q/K projections is undone, exactly as
 transformers does, so both loaders see the same numbers.
@@ -11,12 +11,14 @@ from __future__ import annotations
 import mmap
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from aphrodite.modeling.loader.lazy_tensor import LazyTensor
 
 __all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "gguf_architecture", "iterate_gguf_weights",
            "read_gguf_metadata"]
@@ -246,15 +248,16 @@ def _heads(hf_config: Any) -> tuple[int, int]:
     return n_head, n_kv
 
 
-def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, float32 tensor)`` for every weight in the GGUF at ``path``, one at a time.
+def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, LazyTensor]]:
+    """Yield ``(hf_name, float32 LazyTensor)`` for every weight in the GGUF at ``path``.
+
+    A tensor is dequantized when it is used, and of a matrix only the rows asked for (a
+    tensor-parallel shard): other pipeline stages' tensors are never dequantized.
 
     ``lm_head.weight`` appears only when the file has an ``output`` tensor (otherwise the
     embeddings are tied). Raises ``ValueError`` for an unsupported architecture or an unknown
     tensor name, before anything is yielded.
     """
-    from gguf.quants import dequantize
-
     arch, infos, data_offset = _read_layout(path)
     spec = _arch_spec(arch, path)
     n_head, n_kv = _heads(hf_config)
@@ -280,14 +283,31 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
     file = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
     for info, name in plan:
         raw, qtype = _tensor_data(file, info, data_offset)
-        try:
-            weights = dequantize(raw, qtype)
-        except NotImplementedError:
-            raise ValueError(f"GGUF tensor {info.name} has type {qtype.name}, which the gguf package "
-                             "cannot dequantize") from None
+        perm = None
         if spec.permute_qk and ".attn_q." in info.name:
-            weights = _unpermute_rows(weights, n_head)
+            perm = _unpermute_rows(np.arange(raw.shape[0]), n_head)
         elif spec.permute_qk and ".attn_k." in info.name:
-            weights = _unpermute_rows(weights, n_kv)
+            perm = _unpermute_rows(np.arange(raw.shape[0]), n_kv)
+        yield name, LazyTensor(_gguf_reader(raw, qtype, perm, info.name), tuple(reversed(info.dims)), torch.float32)
+
+
+def _gguf_reader(raw: np.ndarray, qtype: Any, perm: np.ndarray | None,
+                 gguf_name: str) -> Callable[[tuple[slice, ...]], torch.Tensor]:
+    """Read a block of one GGUF tensor as float32: of a matrix, only the selected rows are
+    dequantized (quantization blocks run along a row), then the columns are cut."""
+    from gguf.quants import dequantize
+
+    def read(slices: tuple[slice, ...]) -> torch.Tensor:
+        data, rest = raw, slices
+        if raw.ndim >= 2 and slices:
+            # Rows of the HF tensor are rows of the file, through llama.cpp's Q/K permutation.
+            data = raw[perm[slices[0]]] if perm is not None else raw[slices[0]]
+            rest = (slice(None), *slices[1:])
+        try:
+            weights = dequantize(data, qtype)
+        except NotImplementedError:
+            raise ValueError(f"GGUF tensor {gguf_name} has type {qtype.name}, which the gguf package "
+                             "cannot dequantize") from None
         # Copy out of the memory map, so no tensor keeps the file mapped.
-        yield name, torch.from_numpy(np.array(weights, dtype=np.float32, copy=True))
+        return torch.from_numpy(np.array(weights[rest], dtype=np.float32, copy=True))
+    return read
