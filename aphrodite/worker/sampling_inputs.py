@@ -228,9 +228,9 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
     for i, p in enumerate(ps):
         by_order.setdefault(p.sampler_order, []).append(i)
     if len(by_order) == 1:
-        groups = [(next(iter(by_order)), None)]
+        groups = [(next(iter(by_order)), None, None)]
     else:
-        groups = [(order, to_device(rows, torch.long, device)) for order, rows in by_order.items()]
+        groups = [(order, to_device(rows, torch.long, device), rows) for order, rows in by_order.items()]
 
     want = [p.logprobs for p in ps if p.logprobs is not None]
     need_cum = any(p.best_of > p.n for p in ps)
@@ -263,7 +263,7 @@ def _dry_rows(requests: list[SamplingRequest], recs: list, state: SamplingState,
         return to_device(values, dtype, device)
 
     return DryRows(
-        rows=col(rows, torch.long), history=state.history[:, :width].index_select(0, slots),
+        rows=col(rows, torch.long), host_rows=rows, history=state.history[:, :width].index_select(0, slots),
         lengths=col([recs[i].length for i in rows], torch.long),
         suffix=state.dry_suffix[:, :width].index_select(0, slots),
         trailing=state.dry_trailing.index_select(0, slots),
@@ -282,7 +282,7 @@ def _ngram_rows(requests: list[SamplingRequest], recs: list, state: SamplingStat
         return None
     slots = to_device([recs[i].slot for i in rows], torch.long, device)
     width = max(recs[i].length for i in rows)
-    return NgramRows(rows=to_device(rows, torch.long, device),
+    return NgramRows(rows=to_device(rows, torch.long, device), host_rows=rows,
                      history=state.history[:, :width].index_select(0, slots),
                      lengths=to_device([recs[i].length for i in rows], torch.long, device),
                      suffix=state.ngram_suffix[:, :width].index_select(0, slots),

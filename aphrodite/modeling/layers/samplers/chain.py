@@ -144,8 +144,8 @@ class Sampler:
             return logits
         if len(md.groups) == 1:
             return run_chain(logits, md, md.groups[0][0])
-        for order, rows in md.groups:
-            sub = run_chain(logits.index_select(0, rows), md.subset(rows), order)
+        for order, rows, host_rows in md.groups:
+            sub = run_chain(logits.index_select(0, rows), md.subset(rows, host_rows), order)
             logits = logits.index_copy(0, rows, sub)
         return logits
 

@@ -24,11 +24,18 @@ def uniform_from_seed(seed: int, counter: int) -> float:
     return (z >> 11) * (1.0 / (1 << 53))
 
 
+def _ids(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host ints as a long tensor on ``device``; via pinned memory on the GPU (a pageable copy would wait)."""
+    t = torch.tensor(values, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 @dataclass
 class DryRows:
     """DRY inputs for the rows that use it (``rows`` index the batch)."""
 
     rows: torch.Tensor           # [R] batch rows
+    host_rows: list[int]         # the same rows, known on the host (a subset is taken without a GPU wait)
     history: torch.Tensor        # [R, W] prompt + output ids (W = longest history), padded
     lengths: torch.Tensor        # [R] history lengths
     suffix: torch.Tensor         # [R, W] per position: common breaker-free suffix with the last token
@@ -47,6 +54,7 @@ class NgramRows:
     """no_repeat_ngram inputs for the rows that use it."""
 
     rows: torch.Tensor           # [R]
+    host_rows: list[int]
     history: torch.Tensor        # [R, W]
     lengths: torch.Tensor        # [R]
     suffix: torch.Tensor         # [R, W] common suffix (with the last token) length per position
@@ -87,8 +95,9 @@ class SamplingMetadata:
     active: frozenset[SamplerID] = frozenset()
     columns: dict[str, torch.Tensor] = field(default_factory=dict)
     top_k_max: int = 0               # the largest top_k, known on the host (0 when no row uses it)
-    # Rows grouped by sampler order: [(order, rows or None for all rows)].
-    groups: list[tuple[tuple[SamplerID, ...], torch.Tensor | None]] = field(default_factory=list)
+    # Rows grouped by sampler order: [(order, rows on the device, the same rows on the host)]; one group
+    # with (order, None, None) when every row shares the order.
+    groups: list[tuple[tuple[SamplerID, ...], torch.Tensor | None, list[int] | None]] = field(default_factory=list)
     # Logit processors applied before the chain.
     banned: tuple[torch.Tensor, torch.Tensor] | None = None   # (rows, token ids) set to -inf
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, ids, values)
@@ -106,7 +115,7 @@ class SamplingMetadata:
     xtc_uniforms: torch.Tensor | None = None  # [N] float: XTC fires when below xtc_probability
     max_logprobs: int = -1                    # largest top-N any row asked for; -1 if none needs logprobs
 
-    def subset(self, rows: torch.Tensor) -> SamplingMetadata:
+    def subset(self, rows: torch.Tensor, host_rows: list[int]) -> SamplingMetadata:
         """The same metadata restricted to ``rows`` (a group with its own sampler order)."""
         n = self.num_rows
 
@@ -119,20 +128,19 @@ class SamplingMetadata:
 
         out = {f.name: take(getattr(self, f.name)) for f in dataclasses.fields(self)
                if f.name not in ("dry", "ngram", "mirostat", "bad_words", "banned", "bias", "allowed", "groups")}
-        out["num_rows"] = int(rows.shape[0])
-        # Row-indexed pieces (DRY, n-grams) are remapped to the subset's row numbers.
-        remap = torch.full((n,), -1, dtype=torch.long, device=rows.device)
-        remap[rows] = torch.arange(rows.shape[0], device=rows.device)
+        out["num_rows"] = len(host_rows)
+        # Row-indexed pieces (DRY, n-grams) keep their rows in the group, renumbered (on the host).
+        where = {r: i for i, r in enumerate(host_rows)}
         for name in ("dry", "ngram"):
             part = getattr(self, name)
-            if part is None:
-                out[name] = None
+            out[name] = None
+            keep = [k for k, r in enumerate(part.host_rows) if r in where] if part is not None else []
+            if not keep:
                 continue
-            new_rows = remap[part.rows]
-            keep = (new_rows >= 0).nonzero().squeeze(1)
-            vals = {f.name: getattr(part, f.name).index_select(0, keep) for f in dataclasses.fields(part)}
-            vals["rows"] = new_rows.index_select(0, keep)
-            out[name] = type(part)(**vals)
-        out.update(dry=out["dry"], ngram=out["ngram"], mirostat=None, bad_words=None, banned=None, bias=None,
-                   allowed=None, groups=[])
-        return SamplingMetadata(**out)
+            idx = _ids(keep, rows.device)
+            vals = {f.name: getattr(part, f.name).index_select(0, idx) for f in dataclasses.fields(part)
+                    if f.name != "host_rows"}
+            new_rows = [where[part.host_rows[k]] for k in keep]
+            vals["rows"] = _ids(new_rows, rows.device)
+            out[name] = type(part)(host_rows=new_rows, **vals)
+        return SamplingMetadata(**out, mirostat=None, bad_words=None, banned=None, bias=None, allowed=None)
