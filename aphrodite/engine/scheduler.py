@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from aphrodite.config import SchedulerConfig
 from aphrodite.engine.kv_cache import KVCacheManager
 from aphrodite.engine.request import Request, RequestStatus
@@ -32,6 +34,9 @@ class SchedulerOutput:
     requests: list[Request] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     num_preempted: int = 0
+    # Structured output: [len(requests), ceil(vocab/32)] int32 token bitmask (bit set = allowed), filled
+    # by the engine's grammar matchers; None when no scheduled request is constrained.
+    grammar_bitmask: np.ndarray | None = None
 
     @property
     def total_tokens(self) -> int:

@@ -106,7 +106,7 @@ def main() -> int:
         w, r = bench_shm(2, plans, 0.05)
         pw, pr = bench_pipes(2, plans)
         rows.append((f"step broadcast, decode batch {batch}: shm write / all read (us)", f"{w:.1f} / {r:.1f}"))
-        rows.append((f"  baseline, a pipe per rank: write / all read (us)", f"{pw:.1f} / {pr:.1f}"))
+        rows.append(("  baseline, a pipe per rank: write / all read (us)", f"{pw:.1f} / {pr:.1f}"))
 
     print(f"\nParallel executors on {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")
     width = max(len(k) for k, _ in rows)
