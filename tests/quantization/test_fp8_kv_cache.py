@@ -123,24 +123,43 @@ def test_decode_append_fp8(num_splits):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
 
 
-def test_engine_run_with_fp8_cache(tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize("scales", [None, (0.25, 0.5)], ids=["no_scales", "checkpoint_scales"])
+def test_engine_run_with_fp8_cache(tiny_llama_dir, tmp_path, monkeypatch, scales):
+    """Greedy tokens equal transformers' (eager attention) with its K/V rounded through fp8 as our cache
+    stores them; queries stay exact. ``scales``: per-layer k/v scales saved in the checkpoint
+    (``self_attn.k_scale`` / ``v_scale``, as llm-compressor writes them), else 1.0."""
+    import shutil
+
+    import transformers.models.llama.modeling_llama as modeling_llama
+    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
     from aphrodite import LLM, SamplingParams
     monkeypatch.delenv("TRITON_INTERPRET")
-    llm = LLM(tiny_llama_dir, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
+    path = tiny_llama_dir
+    ks, vs = scales or (1.0, 1.0)
+    if scales is not None:
+        path = str(tmp_path / "scaled")
+        shutil.copytree(tiny_llama_dir, path)
+        tensors = load_file(f"{path}/model.safetensors")
+        for i in range(2):
+            tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(ks)
+            tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(vs)
+        save_file(tensors, f"{path}/model.safetensors")
+    llm = LLM(path, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
               kv_cache_dtype="fp8")
     runner = llm.llm_engine.executor.runner
     assert runner.kv_caches[0][0].dtype == FP8
-    plain = LLM(tiny_llama_dir, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128)
-    assert runner.kv_bytes_per_block() * 4 == plain.llm_engine.executor.runner.kv_bytes_per_block()
-    # The reference: transformers (eager attention) with its K/V rounded through fp8 as our cache stores
-    # them (scale 1.0: no scales in the checkpoint); queries stay exact.
-    import transformers.models.llama.modeling_llama as modeling_llama
+    assert [(a.k_scale, a.v_scale) for a in runner.attn_layers] == [(ks, vs)] * 2
+    if scales is None:
+        plain = LLM(path, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128)
+        assert runner.kv_bytes_per_block() * 4 == plain.llm_engine.executor.runner.kv_bytes_per_block()
     eager = modeling_llama.eager_attention_forward
 
     def fp8_kv_attention(module, query, key, value, *args, **kwargs):
-        return eager(module, query, key.to(FP8).to(key.dtype), value.to(FP8).to(value.dtype), *args, **kwargs)
+        key = (key / ks).to(FP8).to(key.dtype) * ks
+        value = (value / vs).to(FP8).to(value.dtype) * vs
+        return eager(module, query, key, value, *args, **kwargs)
 
     monkeypatch.setattr(modeling_llama, "eager_attention_forward", fp8_kv_attention)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="eager")
