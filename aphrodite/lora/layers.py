@@ -21,7 +21,13 @@ from aphrodite.distributed.communication import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
-from aphrodite.kernels.lora import LoRAMetadata, lora_expand, lora_shrink, lora_token_metadata
+from aphrodite.kernels.lora import (
+    SPLIT_K_MAX_TOKENS,
+    LoRAMetadata,
+    lora_expand,
+    lora_shrink,
+    lora_token_metadata,
+)
 from aphrodite.kernels.triton_utils import use_triton
 from aphrodite.modeling.layers.linear import (
     ColumnParallelLinear,
@@ -44,15 +50,29 @@ class LoRAState:
         # CUDA graphs are captured with it on and their kernels exit early for slot -1 tokens).
         self.active = False
         self.meta: LoRAMetadata | None = None
+        self.num_layers = 0         # LoRA layers registered; each owns a row of ``scratch``
+        self.max_width = 0          # widest stacked rank (fused projections x max rank)
+        self.scratch: torch.Tensor | None = None
+
+    def register(self, width: int) -> int:
+        """A new layer's index into ``scratch``."""
+        self.num_layers += 1
+        self.max_width = max(self.max_width, width)
+        return self.num_layers - 1
 
     def prepare(self, num_tokens: int) -> None:
-        """Group this forward pass's tokens by slot (a model forward pre-hook calls this)."""
+        """Group this forward pass's tokens by slot (a model forward pre-hook calls this), and zero the
+        shrink outputs of every layer at once when the shrink accumulates split-K partial sums."""
+        self.scratch = None
         if not self.active:
             self.meta = None
             return
         slots = self.slots[:num_tokens]
         if use_triton(slots):
             self.meta = lora_token_metadata(slots, self.num_slots)
+            if num_tokens <= SPLIT_K_MAX_TOKENS:
+                self.scratch = torch.zeros(self.num_layers, num_tokens, self.max_width, dtype=torch.float32,
+                                           device=slots.device)
         else:
             self.meta = (slots, slots, slots, slots)   # the reference reads the slots alone
 
@@ -79,6 +99,7 @@ class LoRALinear(nn.Module):
         self.is_row = isinstance(base_layer, RowParallelLinear)
         self.is_column = isinstance(base_layer, ColumnParallelLinear)
         nr = len(self.shard_ids) * max_rank
+        self.index = state.register(nr)
         device = state.slots.device
         self.lora_a = torch.zeros(max_loras, nr, base_layer.in_features, dtype=dtype, device=device)
         if device.type == "cuda":
@@ -144,9 +165,13 @@ class LoRALinear(nn.Module):
         meta = self.state.meta
         if meta is None:
             return out
+        if not out.is_contiguous():   # the expand adds in place
+            out = out.contiguous()
         x2 = x.reshape(-1, x.shape[-1])
         y2 = out.view(-1, out.shape[-1])
-        lora_expand(lora_shrink(x2, self.lora_a, meta), self.lora_b, meta, y2)
+        scratch = self.state.scratch
+        buf = None if scratch is None else scratch[self.index, :, :self.lora_a.shape[1]]
+        lora_expand(lora_shrink(x2, self.lora_a, meta, buf), self.lora_b, meta, y2)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
