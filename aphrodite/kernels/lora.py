@@ -18,14 +18,24 @@ which costs ``S`` times the (small) LoRA work but has no loop over adapters.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
 
 __all__ = ["LoRAMetadata", "lora_expand", "lora_expand_ref", "lora_shrink", "lora_shrink_ref",
-           "lora_token_metadata"]
+           "lora_token_metadata", "lora_token_metadata_host"]
 
 LoRAMetadata = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def lora_token_metadata_host(slots: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, counts, starts) of ``lora_token_metadata`` computed on the host (the runner's path: the
+    step's slots are known there, so the device only receives the result)."""
+    keys = slots.astype(np.int64) + 1
+    order = np.argsort(keys, kind="stable")
+    counts = np.bincount(keys, minlength=num_slots + 1)
+    return order, counts, np.cumsum(counts) - counts
 
 
 def lora_token_metadata(slots: torch.Tensor, num_slots: int) -> LoRAMetadata:
