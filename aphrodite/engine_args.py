@@ -50,11 +50,16 @@ class EngineArgs:
         "this host), ray (one Ray actor per rank, across hosts), uni (one rank, in process). Default: uni "
         "for one rank, mp when the ranks fit on this host, ray otherwise.", choices=["mp", "ray", "uni"],
         section="parallel_args")
+    disable_custom_all_reduce: bool = _arg(False, "Send every tensor-parallel all-reduce through NCCL (no one-shot "
+                                           "all-reduce over CUDA IPC for small messages).", section="parallel_args")
     block_size: int = _arg(16, "Tokens per KV cache block.", section="cache_args")
     gpu_memory_utilization: float = _arg(0.9, "Fraction of the GPU memory free at start-up that the "
                                          "engine may use (weights, activations, KV cache).", section="cache_args")
     cpu_kvcache_space: float = _arg(4.0, "KV cache size in GiB when running on the CPU "
                                     "(APHRODITE_CPU_KVCACHE_SPACE overrides the default).", section="cache_args")
+    kv_cache_dtype: str = _arg("auto", "KV cache storage dtype. auto: the model dtype; fp8 (= fp8_e4m3): "
+                               "float8 e4m3 with a per-layer scale (from the checkpoint, else 1.0), half the "
+                               "memory of bf16.", choices=["auto", "fp8", "fp8_e4m3"], section="cache_args")
     num_gpu_blocks_override: int | None = _arg(None, "Use exactly this many KV cache blocks (testing).",
                                                section="cache_args")
     enable_prefix_caching: bool = _arg(True, "Reuse KV cache blocks of shared prompt prefixes.",

@@ -68,7 +68,8 @@ class LLMEngine:
         config.cache.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens = %d tokens of capacity", num_blocks,
                     config.cache.block_size, capacity)
-        self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+                                       sliding_window=config.model.sliding_window)
         # Pipeline stages: micro-batches of disjoint requests, up to one per stage in flight.
         pipeline = config.parallel.pipeline_parallel_size
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, skip_in_flight=pipeline > 1)
@@ -134,8 +135,9 @@ class LLMEngine:
             value = getattr(params, name)
             if value is not None and value > limit:
                 raise ValueError(f"{name} must be at most {limit} (max_logprobs), got {value}.")
-        if params.detokenize and self.tokenizer is None and (params.stop or params.logprobs):
-            raise ValueError("stop strings and decoded logprobs need a tokenizer (skip_tokenizer_init=True).")
+        if params.detokenize and self.tokenizer is None and params.stop:
+            # Logprobs need none: without a tokenizer their decoded_token is None, as in vLLM.
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True).")
 
     # ---- LoRA adapters ------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:

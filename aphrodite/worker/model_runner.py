@@ -83,6 +83,7 @@ class ModelRunner:
         self.config = config
         self.device = config.device
         self.dtype = config.model.dtype
+        self.kv_dtype = config.cache.kv_dtype(self.dtype)   # fp8 with --kv-cache-dtype fp8
         self.block_size = config.cache.block_size
         start = time.perf_counter()
         self.model = load_model(config.model, self.device)
@@ -113,7 +114,7 @@ class ModelRunner:
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        elem = torch.empty(0, dtype=self.dtype).element_size()
+        elem = torch.empty(0, dtype=self.kv_dtype).element_size()
         return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * elem for a in self.attn_layers)
 
     def _kv_pairs(self, num_blocks: int, alloc=torch.zeros) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -121,8 +122,8 @@ class ModelRunner:
         pairs = []
         for a in self.attn_layers:
             shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
-            pairs.append((alloc(shape, dtype=self.dtype, device=self.device),
-                          alloc(shape, dtype=self.dtype, device=self.device)))
+            pairs.append((alloc(shape, dtype=self.kv_dtype, device=self.device),
+                          alloc(shape, dtype=self.kv_dtype, device=self.device)))
         return pairs
 
     def determine_num_blocks(self) -> int:
