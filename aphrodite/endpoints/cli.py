@@ -24,6 +24,7 @@ _SECTIONS = {
     "parallel_args": "Splitting the model across GPUs.",
     "cache_args": "The KV cache: block size and how much memory it may take.",
     "scheduler_args": "How many sequences and tokens go into one step.",
+    "lora_args": "LoRA adapters served over the base model.",
     "server_args": "The OpenAI-compatible HTTP server.",
 }
 _RUN_USAGE = "%(prog)s [MODEL] [engine options] [server options]"

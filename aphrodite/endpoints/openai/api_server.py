@@ -104,8 +104,17 @@ def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
     add("--allowed-methods", type=json.loads, default=["*"], help='CORS methods, a JSON list. (default: ["*"])')
     add("--allowed-headers", type=json.loads, default=["*"], help='CORS headers, a JSON list. (default: ["*"])')
     add("--allow-credentials", action="store_true", default=False, help="CORS: allow credentials.")
+    add("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
+        help="LoRA adapters to serve (with --enable-lora): name=path, or JSON "
+             '{"name": ..., "path": ..., "base_model_name": ...}; path is a PEFT directory or hub id. '
+             "(default: none)")
     add("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
         help=f"Refuse request bodies larger than this with 413. (default: {DEFAULT_MAX_BODY_BYTES})")
+
+
+def _lora_module(value: str) -> Any:
+    from aphrodite.endpoints.openai.serving_lora import parse_lora_module
+    return parse_lora_module(value)
 
 
 def _opt(args: argparse.Namespace, name: str) -> Any:
@@ -119,6 +128,7 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
     from aphrodite.endpoints.openai.serving_chat import ChatServing
     from aphrodite.endpoints.openai.serving_common import ServingContext, new_id
     from aphrodite.endpoints.openai.serving_completions import CompletionServing
+    from aphrodite.endpoints.openai.serving_lora import add_lora_routes, runtime_updates_allowed
     from aphrodite.endpoints.openai.serving_tokenize import detokenize, tokenize
     if not _SERVER_DEFAULTS:
         add_server_args(argparse.ArgumentParser())
@@ -129,6 +139,7 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
                          metrics=ServerMetrics(engine, names[0]),
                          trust_request_chat_template=_opt(args, "trust_request_chat_template"))
     completions, chat = CompletionServing(ctx), ChatServing(ctx)
+    _setup_loras(engine, ctx, _opt(args, "lora_modules") or [])
     log_stats = not getattr(args, "disable_log_stats", False)
 
     @contextlib.asynccontextmanager
@@ -186,7 +197,11 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
     async def models() -> ModelList:
         return ModelList(data=[
             ModelCard(id=name, root=cfg.model.path, max_model_len=ctx.max_model_len,
-                      permission=[ModelPermission(id=new_id("modelperm"))]) for name in names])
+                      permission=[ModelPermission(id=new_id("modelperm"))]) for name in names]
+            + ctx.loras.model_cards())
+
+    if getattr(cfg, "lora", None) is not None and runtime_updates_allowed():
+        add_lora_routes(app, ctx)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_work_responses(streams=True),
               openapi_extra=_body_doc(CompletionRequest))
@@ -260,6 +275,19 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     """The OpenAPI request body of a route that reads it with ``_body`` (FastAPI sees no body parameter)."""
     return {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _setup_loras(engine: AsyncLLMEngine, ctx: Any, modules: list[Any]) -> None:
+    """Load the ``--lora-modules`` adapters (before the engine thread starts); ValueError if one cannot be."""
+    if not modules:
+        return
+    if getattr(engine.config, "lora", None) is None:
+        raise ValueError("--lora-modules needs --enable-lora.")
+    if engine.is_running:
+        raise ValueError("--lora-modules are loaded before the engine starts.")
+    for request in ctx.loras.startup_requests(modules):
+        engine.engine.add_lora(request)
+        ctx.loras.add_loaded(request)
 
 
 # ---- the OpenAPI schema: what the server really answers -----------------------------------------
@@ -532,8 +560,10 @@ def run_server(args: argparse.Namespace) -> None:
     _sigterm_to_interrupt()
     engine = None
     try:
-        engine = AsyncLLMEngine.from_engine_args(engine_args, max_waiting_requests=_opt(args, "max_waiting_requests"))
-        app = build_app(engine, args, chat_template)
+        engine = AsyncLLMEngine.from_engine_args(engine_args, start=False,
+                                                 max_waiting_requests=_opt(args, "max_waiting_requests"))
+        app = build_app(engine, args, chat_template)   # loads --lora-modules, so before the engine thread runs
+        engine.start()
         cfg = engine.config
         shown = "localhost" if host in ("0.0.0.0", "::", "") else host
         shown = f"[{shown}]" if ":" in shown else shown

@@ -67,7 +67,7 @@ class ChatServing:
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
         ctx = self.ctx
-        ctx.check_model(request.model)
+        lora = ctx.check_model(request.model)
         ctx.check_stream_options(request)
         ctx.check_num_seqs(request.n, request.best_of)
         prompt = await render_chat(ctx, request.messages, chat_template=request.chat_template,
@@ -102,7 +102,7 @@ class ChatServing:
                               param="best_of")
         rid = new_id("chatcmpl")
         try:
-            streams = await ctx.add_all([(rid, prompt, ids, params)], _FIELDS)
+            streams = await ctx.add_all([(rid, prompt, ids, params)], _FIELDS, lora_request=lora)
         except OpenAIError as e:
             if e.param == "logprobs" and request.top_logprobs is not None:
                 e.param = "top_logprobs"  # the engine's name for what chat calls top_logprobs

@@ -18,8 +18,10 @@ from fastapi.responses import StreamingResponse
 from aphrodite.endpoints.openai.errors import OpenAIError, error_body, from_value_error
 from aphrodite.endpoints.openai.metrics import RequestTimer, ServerMetrics
 from aphrodite.endpoints.openai.protocol import SamplingFields
+from aphrodite.endpoints.openai.serving_lora import LoRARegistry
 from aphrodite.endpoints.openai.workers import RequestWorkers
 from aphrodite.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestStream
+from aphrodite.lora.request import LoRARequest
 from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput
 from aphrodite.sampling_params import SamplingParams
 
@@ -56,17 +58,23 @@ class ServingContext:
         self.log_requests = log_requests
         self.max_log_len = max_log_len
         self.metrics = metrics or ServerMetrics(engine, self.served_model_names[0])
+        self.loras = LoRARegistry(engine, self.served_model_names[0])   # adapters, also valid model names
         self.workers = workers or RequestWorkers(self.tokenizer)
 
     # ---- request checks ----------------------------------------------------------
-    def check_model(self, name: str | None, required: bool = True) -> None:
+    def check_model(self, name: str | None, required: bool = True) -> LoRARequest | None:
+        """The LoRA adapter ``name`` stands for (None for the base model); 404 for an unknown name."""
         if name is None and not required:
-            return
+            return None
+        lora = self.loras.by_name.get(name) if name is not None else None
+        if lora is not None:
+            return lora
         if name not in self.served_model_names:
             # vLLM's type (NotFoundError) with OpenAI's code (model_not_found): clients check either.
             raise OpenAIError(f"The model `{name}` does not exist. Served models: "
-                              f"{', '.join(self.served_model_names)}.", HTTPStatus.NOT_FOUND,
+                              f"{', '.join([*self.served_model_names, *self.loras.by_name])}.", HTTPStatus.NOT_FOUND,
                               param="model", code="model_not_found", type="NotFoundError")
+        return None
 
     @staticmethod
     def check_stream_options(request: SamplingFields) -> None:
@@ -175,15 +183,18 @@ class ServingContext:
 
     # ---- engine --------------------------------------------------------------------
     async def add_all(self, items: list[tuple[str, str | None, list[int], SamplingParams]],
-                      fields: Sequence[str] = ()) -> list[RequestStream]:
-        """Add every (request id, text, ids, params) at once; all are accepted, or none stays.
+                      fields: Sequence[str] = (), lora_request: LoRARequest | None = None) -> list[RequestStream]:
+        """Add every (request id, text, ids, params) at once, with the adapter ``lora_request`` (or none);
+        all are accepted, or none stays.
 
         The engine thread takes them in one go, so a batch costs one round trip, not one per prompt.
         """
         for rid, text, ids, params in items:
             self.log_request(rid, text, ids, params)
+        await self.check_structured_outputs([params for _, _, _, params in items])
         results = await asyncio.gather(
-            *(self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": ids}, params)
+            *(self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": ids}, params,
+                                      lora_request=lora_request)
               for rid, text, ids, params in items), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -199,6 +210,19 @@ class ServingContext:
                 raise OpenAIError(str(err), HTTPStatus.SERVICE_UNAVAILABLE, code="server_busy") from None
             raise err
         return results  # type: ignore[return-value]
+
+    async def check_structured_outputs(self, params: list[SamplingParams]) -> None:
+        """Compile the requests' schemas or grammars off the event loop and the engine thread (cached, so
+        the engine then finds them ready); one that does not compile is a 400 with xgrammar's message."""
+        wanted = [p for p in params if p.structured_outputs is not None]
+        if not wanted:
+            return
+        engine = self.engine.engine
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, engine.compile_structured_outputs, wanted)
+        except ValueError as e:
+            raise from_value_error(e, {"response_format", "structured_outputs", "guided_json", "guided_regex",
+                                       "guided_choice", "guided_grammar"}) from None
 
     def timer(self, arrival: float) -> RequestTimer:
         return RequestTimer(self.metrics, arrival)

@@ -47,7 +47,7 @@ class CompletionServing:
     async def create(self, request: CompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
         ctx = self.ctx
-        ctx.check_model(request.model)
+        lora = ctx.check_model(request.model)
         ctx.check_stream_options(request)
         if request.suffix is not None:
             raise OpenAIError("suffix is not supported.", param="suffix")
@@ -69,7 +69,7 @@ class CompletionServing:
                               param="best_of")
         rid = new_id("cmpl")
         streams = await ctx.add_all([(f"{rid}-{i}", p.text, p.ids, p.params) for i, p in enumerate(prompts)],
-                                    _FIELDS)
+                                    _FIELDS, lora_request=lora)
         created = unix_now()
         if request.stream:
             return SSEResponse(self._stream(request, rid, created, prompts, streams), closer(streams))
