@@ -28,7 +28,7 @@ class ScriptedEngine:
 
     def __init__(self) -> None:
         self.config = SimpleNamespace(
-            scheduler=SimpleNamespace(max_model_len=64),
+            scheduler=SimpleNamespace(max_model_len=64, max_num_seqs=8),
             model=SimpleNamespace(model="scripted", path="/nowhere", max_logprobs=5),
             cache=SimpleNamespace(num_blocks=8, block_size=16))
         self.tokenizer = None

@@ -87,14 +87,12 @@ def test_health_stays_fast_under_hostile_work(server):
     def post(name: str, route: str, body: dict) -> None:
         results[name] = httpx.post(url + route, json=body, headers=HEADERS, timeout=120)
 
-    jobs = {
+    ids = list(range(1000, 20000)) * 5
+    jobs = {  # the two stalls (a runaway template, a 10 MB prompt), and big (de)tokenization
         "template": ("/v1/chat/completions", _hostile_chat()),
-        "template-tokenize": ("/tokenize", {"messages": [{"role": "user", "content": "hi"}],
-                                            "chat_template": HOSTILE_TEMPLATE}),
         "prompt": ("/v1/completions", {"model": MODEL, "prompt": TEN_MB, "max_tokens": 4}),
-        "chat-prompt": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": TEN_MB}]}),
         "tokenize": ("/tokenize", {"prompt": one_mb}),
-        "detokenize": ("/detokenize", {"tokens": list(range(1000, 20000)) * 20}),
+        "detokenize": ("/detokenize", {"tokens": ids}),
     }
     with HealthProbe(url) as probe:
         threads = [threading.Thread(target=post, args=(name, *job)) for name, job in jobs.items()]
@@ -104,15 +102,13 @@ def test_health_stays_fast_under_hostile_work(server):
         for t in threads:
             t.join(180)
         took = time.monotonic() - start
-    for name in ("template", "template-tokenize"):
-        r = results[name]
-        assert r.status_code == 400 and "budget of 2 s" in r.json()["error"]["message"], r.text
-    for name in ("prompt", "chat-prompt"):
-        err = results[name].json()["error"]
-        assert results[name].status_code == 400 and err["code"] == "context_length_exceeded", err
-        assert "more than" in err["message"]  # refused from the prompt's head: 10 MB never tokenized
+    r = results["template"]
+    assert r.status_code == 400 and "budget of 2 s" in r.json()["error"]["message"], r.text
+    err = results["prompt"].json()["error"]
+    assert results["prompt"].status_code == 400 and err["code"] == "context_length_exceeded", err
+    assert "more than" in err["message"]  # refused from the prompt's head: 10 MB never tokenized
     assert results["tokenize"].json()["tokens"] == tok(one_mb).input_ids  # transformers: the reference
-    assert results["detokenize"].json()["prompt"] == tok.decode(list(range(1000, 20000)) * 20)
+    assert results["detokenize"].json()["prompt"] == tok.decode(ids)
     assert probe.statuses == {200}
     print(f"/health during {took:.1f} s of hostile work: {len(probe.latencies)} probes, p50 "
           f"{probe.latencies[len(probe.latencies) // 2]:.1f} ms, p99 {probe.p99():.1f} ms, "

@@ -230,3 +230,22 @@ def test_load_chat_template_from_url(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_time_budget_renders_the_same_and_stops_runaway_templates(gguf_tokenizer: Any) -> None:
+    """A template from a request renders as without a budget (transformers is the reference) until
+    its budget runs out; then a ValueError, promptly, and the thread's tracing is as before."""
+    import sys
+    import time
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    template = "{% for m in messages %}{% for c in m['content'] %}{{ c }}{% endfor %}|{% endfor %}"
+    before = sys.gettrace()
+    assert apply_chat_template(gguf_tokenizer, conversation, chat_template=template, time_budget_s=2.0) == \
+        gguf_tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
+                                           add_generation_prompt=True)
+    runaway = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="budget of 0.3 s"):
+        apply_chat_template(gguf_tokenizer, conversation, chat_template=runaway, time_budget_s=0.3)
+    assert time.monotonic() - start < 2.0
+    assert sys.gettrace() is before
