@@ -13,6 +13,7 @@ from typing import Any
 
 from aphrodite.config import EngineConfig
 from aphrodite.executor.base import Executor, ExecutorDeadError, step_timeout_s
+from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.step_future import ModelRunnerOutput
 from aphrodite.worker.step_plan import StepPlan
 
@@ -129,6 +130,18 @@ class RayExecutor(Executor):
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._get([a.call.remote("initialize_kv_cache", num_blocks) for a in self.actors])
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        # Actor calls run in submission order, after the steps already queued on each actor.
+        results = self._get([a.call.remote("add_lora_or_error", lora_request) for a in self.actors])
+        error = next((e for _, e in results if e is not None), None)
+        if error is not None:
+            self._get([a.call.remote("remove_lora", lora_request.lora_int_id) for a in self.actors])
+            raise ValueError(error)
+        return results[0][0]
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self._get([a.call.remote("remove_lora", lora_int_id) for a in self.actors])[0]
 
     def execute_async(self, plan: StepPlan) -> _Future:
         if self._dead is not None:
