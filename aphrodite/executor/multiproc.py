@@ -194,22 +194,25 @@ class MultiprocExecutor(Executor):
     def shutdown(self) -> None:
         if self._dead is None:
             self._dead = ExecutorDeadError("The executor has shut down.")
-            deadline = time.monotonic() + 1.0
-
-            def give_up() -> None:
-                if time.monotonic() > deadline:
-                    raise TimeoutError
-
-            try:  # ask politely; a full ring (a stuck reader) is not waited on for long
-                self.mq.enqueue(("shutdown", ()), give_up)
-            except Exception:
-                pass
         self._finalizer()
 
 
 def _stop_workers(procs: list[Any], mq: ShmBroadcast) -> None:
-    """Give workers a moment to leave on their own, then terminate and finally kill them."""
-    deadline = time.monotonic() + 3.0
+    """Ask the workers to leave (also when the engine is garbage-collected or the interpreter exits),
+    give them a moment, then terminate and finally kill them."""
+    polite = all(p.is_alive() for p in procs)   # else the survivors may be stuck waiting on the lost rank
+    if polite:
+        deadline = time.monotonic() + 1.0
+
+        def give_up() -> None:
+            if time.monotonic() > deadline:
+                raise TimeoutError
+
+        try:  # a full ring (a stuck reader) is not waited on for long
+            mq.enqueue(("shutdown", ()), give_up)
+        except Exception:
+            pass
+    deadline = time.monotonic() + (3.0 if polite else 0.2)
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
     for p in procs:
