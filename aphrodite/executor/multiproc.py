@@ -253,17 +253,29 @@ def worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: s
         worker = Worker(config, rank, local_rank, init_method)
         mq = ShmBroadcast.attach(handle, rank, spin_s=0.05 if config.device.type == "cuda" else 1e-4)
         conn.send(("result", worker.is_output_rank))
+        # With async scheduling the engine queues step N+1 before it reads step N: the output rank
+        # queues N+1 on the device before it waits for N's results, and delivers N early only once the
+        # device is done with it and nothing new has come. Without it, results go back at once.
+        overlap = config.async_scheduling
         pending = None
         while True:
-            if pending is not None and not mq.ready():
-                conn.send(("result", pending.result()))   # nothing queued behind it: deliver now
-                pending = None
+            if pending is not None:
+                while not mq.ready() and not pending.done():
+                    os.sched_yield()
+                if not mq.ready():
+                    conn.send(("result", pending.result()))
+                    pending = None
             msg = mq.dequeue(engine_alive)
             if isinstance(msg, StepPlan):
                 future = worker.execute(msg)
                 if pending is not None:
                     conn.send(("result", pending.result()))
-                pending = future if worker.is_output_rank else None
+                    pending = None
+                if worker.is_output_rank:
+                    if overlap:
+                        pending = future
+                    else:
+                        conn.send(("result", future.result()))
                 continue
             if pending is not None:
                 conn.send(("result", pending.result()))
