@@ -56,14 +56,15 @@ class LoRAManager:
             self.layers.append((wrapper, hf))
             for i, n in enumerate(hf):
                 self.targets[n] = (wrapper, i)
-        model.register_forward_pre_hook(self._pre_forward)
+        model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self.registry: dict[int, LoRARequest] = {}
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self.slot_of: OrderedDict[int, int] = OrderedDict()      # adapter id -> device slot, LRU first
         self.free_slots = list(range(max_loras))
 
-    def _pre_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self.state.prepare(args[0].shape[0])
+    def _pre_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        input_ids = args[0] if args else kwargs["input_ids"]
+        self.state.prepare(input_ids.shape[0])
 
     # ---- adapters ----------------------------------------------------------------------
     def _load(self, request: LoRARequest) -> LoRAAdapter:
