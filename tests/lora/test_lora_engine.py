@@ -30,8 +30,9 @@ def test_generate_with_adapters_matches_peft(tiny_llama_dir, lora_dirs, peft_mod
     shared = torch.randint(3, 320, (20,), generator=gen).tolist()     # 20 tokens: one full block of 16
     other = torch.randint(3, 320, (7,), generator=gen).tolist()
     sql, poet = LoRARequest("sql", 1, lora_dirs["sql"]), LoRARequest("poet", 2, lora_dirs["poet"])
-    prompts = [shared, shared, shared, other, other]
-    loras = [None, sql, poet, poet, sql]
+    vocab = LoRARequest("vocab", 3, lora_dirs["vocab"])      # embedding + LM head: waits for one of two slots
+    prompts = [shared, shared, shared, other, other, other]
+    loras = [None, sql, poet, poet, sql, vocab]
     llm = LLM(tiny_llama_dir, enable_lora=True, max_loras=2, max_lora_rank=8, skip_tokenizer_init=True,
               max_model_len=128, enable_prefix_caching=True)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
@@ -43,7 +44,7 @@ def test_generate_with_adapters_matches_peft(tiny_llama_dir, lora_dirs, peft_mod
     # One adapter for every prompt, given once.
     outs = llm.generate([{"prompt_token_ids": shared}], params, use_tqdm=False, lora_request=poet)
     assert outs[0].outputs[0].token_ids == expected[2]
-    assert llm.llm_engine.list_loras() == {1, 2}
+    assert llm.llm_engine.list_loras() == {1, 2, 3}
 
 
 def test_lora_needs_enable_lora(tiny_llama_dir, lora_dirs):
