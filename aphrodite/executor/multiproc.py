@@ -93,12 +93,7 @@ class MultiprocExecutor(Executor):
         self._call_all("initialize_kv_cache", num_blocks)
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
-        results = self._call_all_between_steps("add_lora_or_error", lora_request)
-        error = next((e for _, e in results if e is not None), None)
-        if error is not None:
-            self._call_all("remove_lora", lora_request.lora_int_id)   # ranks that did load it drop it
-            raise ValueError(error)
-        return results[0][0]
+        return self._add_lora_on_ranks(self._call_all_between_steps, lora_request)
 
     def remove_lora(self, lora_int_id: int) -> bool:
         return self._call_all_between_steps("remove_lora", lora_int_id)[0]

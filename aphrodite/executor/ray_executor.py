@@ -131,17 +131,15 @@ class RayExecutor(Executor):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._get([a.call.remote("initialize_kv_cache", num_blocks) for a in self.actors])
 
+    def _call_all(self, method: str, *args: Any) -> list[Any]:
+        """Every actor's ``Worker.method(*args)``; an actor runs its calls in order, after its queued steps."""
+        return self._get([a.call.remote(method, *args) for a in self.actors])
+
     def add_lora(self, lora_request: LoRARequest) -> bool:
-        # Actor calls run in submission order, after the steps already queued on each actor.
-        results = self._get([a.call.remote("add_lora_or_error", lora_request) for a in self.actors])
-        error = next((e for _, e in results if e is not None), None)
-        if error is not None:
-            self._get([a.call.remote("remove_lora", lora_request.lora_int_id) for a in self.actors])
-            raise ValueError(error)
-        return results[0][0]
+        return self._add_lora_on_ranks(self._call_all, lora_request)
 
     def remove_lora(self, lora_int_id: int) -> bool:
-        return self._get([a.call.remote("remove_lora", lora_int_id) for a in self.actors])[0]
+        return self._call_all("remove_lora", lora_int_id)[0]
 
     def execute_async(self, plan: StepPlan) -> _Future:
         if self._dead is not None:
