@@ -69,3 +69,17 @@ def test_requested_method_must_match_checkpoint(tmp_path):
 def test_int4_needs_a_quantized_checkpoint(tiny_llama_dir):
     with pytest.raises(ValueError, match="cannot be quantized to AWQ at load"):
         LLM(tiny_llama_dir, device="cpu", skip_tokenizer_init=True, quantization="awq")
+
+
+def test_tensor_parallel_gptq_act_order(tmp_path):
+    """Two CPU ranks (gloo): each holds its shard of the act-order layers (row-parallel ones with whole
+    scales and uneven groups); greedy tokens still equal transformers on the dequantized weights."""
+    hf = write_quantized_llama(tmp_path / "m", "gptq_actorder")
+    llm = LLM(str(tmp_path / "m"), device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
+              tensor_parallel_size=2)
+    prompt = [5, 17, 200, 31, 8, 99, 12]
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                       use_tqdm=False)
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    assert out[0].outputs[0].token_ids == ref[0, len(prompt):].tolist()
