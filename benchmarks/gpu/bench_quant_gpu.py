@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -155,7 +156,8 @@ def engine_correctness() -> bool:
             ok &= same == len(prompts)
             print(f"ENGINE {fmt:15s} greedy identical to transformers on dequantized weights: {same}/{len(prompts)}",
                   flush=True)
-            del llm
+            del llm, hf
+            gc.collect()
             torch.cuda.empty_cache()
     return ok
 
