@@ -64,6 +64,29 @@ def split_gguf(path: str) -> tuple[str, str | None]:
     return path, None
 
 
+def layer_sliding_windows(hf_config: Any) -> list[int | None]:
+    """Each decoder layer's attention window (None = full attention), from an HF config.
+
+    ``layer_types`` ("sliding_attention"/"full_attention", transformers 5: Gemma 2/3, Qwen 2/3) says
+    which layers slide; without it ``sliding_window`` applies to every layer (Mistral, Mixtral, Phi-3).
+    """
+    n = hf_config.num_hidden_layers
+    window = getattr(hf_config, "sliding_window", None) or None
+    types = getattr(hf_config, "layer_types", None)
+    if types is None:
+        return [window] * n
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+# HF model_type -> architecture, for configs built from GGUF metadata (they carry no architectures).
+_GGUF_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+}
+
+
 @dataclass
 class ModelConfig:
     model: str                 # what the user asked for (name shown to clients)
@@ -87,8 +110,14 @@ class ModelConfig:
         if archs:
             return archs[0]
         # GGUF-derived configs carry only model_type.
-        return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
-            self.hf_config.model_type, self.hf_config.model_type)
+        return _GGUF_MODEL_TYPES.get(self.hf_config.model_type, self.hf_config.model_type)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The attention window when every layer has one (then KV blocks wholly before it can be freed),
+        else None."""
+        windows = layer_sliding_windows(self.hf_config)
+        return None if not windows or None in windows else max(windows)
 
     @property
     def num_layers(self) -> int:
@@ -131,6 +160,14 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    max_loras: int = 0          # distinct LoRA adapters one step may hold (0: LoRA off)
+
+
+@dataclass
+class LoRAConfig:
+    max_loras: int
+    max_lora_rank: int
+    max_cpu_loras: int
 
 
 @dataclass
@@ -138,6 +175,7 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str = "uni"    # uni (one rank, in process) | mp | ray
+    disable_custom_all_reduce: bool = False      # all TP all-reduces through NCCL
 
     @property
     def world_size(self) -> int:
@@ -154,6 +192,7 @@ class EngineConfig:
     enforce_eager: bool
     log_stats: bool
     async_scheduling: bool = False
+    lora: LoRAConfig | None = None
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -226,7 +265,7 @@ def resolve_parallel_config(args: EngineArgs, hf_config: Any, device: torch.devi
     if backend == "mp" and local is not None and world > local:
         raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} ranks, but only {local} GPU(s) "
                          "are visible on this host; use distributed_executor_backend='ray' to span hosts.")
-    return ParallelConfig(tp, pp, backend)
+    return ParallelConfig(tp, pp, backend, bool(args.disable_custom_all_reduce))
 
 
 def _resolve_quantization(requested: str | None, hf_config: Any) -> tuple[str | None, dict[str, Any] | None]:
@@ -261,6 +300,19 @@ def _resolve_kv_cache_dtype(name: str, device: torch.device) -> str:
         raise ValueError("kv_cache_dtype='fp8' needs a GPU with compute capability 8.9 or newer (Ada, Hopper) "
                          "or the CPU.")
     return "fp8"
+
+
+def _resolve_lora(args: EngineArgs) -> LoRAConfig | None:
+    if not args.enable_lora:
+        return None
+    if args.max_loras < 1:
+        raise ValueError(f"max_loras must be at least 1, got {args.max_loras}.")
+    if args.max_lora_rank < 1:
+        raise ValueError(f"max_lora_rank must be at least 1, got {args.max_lora_rank}.")
+    cpu = args.max_cpu_loras if args.max_cpu_loras is not None else args.max_loras
+    if cpu < args.max_loras:
+        raise ValueError(f"max_cpu_loras ({cpu}) must be at least max_loras ({args.max_loras}).")
+    return LoRAConfig(args.max_loras, args.max_lora_rank, cpu)
 
 
 def create_engine_config(args: EngineArgs) -> EngineConfig:
@@ -302,6 +354,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_num_batched_tokens must be at least 1, got {budget}.")
     kv_space = float(os.environ.get("APHRODITE_CPU_KVCACHE_SPACE", args.cpu_kvcache_space))
 
+    lora = _resolve_lora(args)
     quantization, quant_settings = _resolve_quantization(args.quantization, hf_config)
     cache_dtype = _resolve_kv_cache_dtype(args.kv_cache_dtype, device)
     tokenizer = args.tokenizer or path
@@ -318,8 +371,9 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
                           num_blocks_override=args.num_gpu_blocks_override,
                           enable_prefix_caching=args.enable_prefix_caching, cache_dtype=cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
-                                  max_model_len=max_model_len),
+                                  max_model_len=max_model_len, max_loras=lora.max_loras if lora else 0),
         parallel=parallel, device=device, enforce_eager=args.enforce_eager, log_stats=not args.disable_log_stats,
         # Pipeline stages keep several micro-batches in flight instead (see LLMEngine.step).
         async_scheduling=parallel.pipeline_parallel_size == 1 and (
-            device.type == "cuda" if args.async_scheduling is None else bool(args.async_scheduling)))
+            device.type == "cuda" if args.async_scheduling is None else bool(args.async_scheduling)),
+        lora=lora)

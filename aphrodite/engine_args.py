@@ -50,6 +50,8 @@ class EngineArgs:
         "this host), ray (one Ray actor per rank, across hosts), uni (one rank, in process). Default: uni "
         "for one rank, mp when the ranks fit on this host, ray otherwise.", choices=["mp", "ray", "uni"],
         section="parallel_args")
+    disable_custom_all_reduce: bool = _arg(False, "Send every tensor-parallel all-reduce through NCCL (no one-shot "
+                                           "all-reduce over CUDA IPC for small messages).", section="parallel_args")
     block_size: int = _arg(16, "Tokens per KV cache block.", section="cache_args")
     gpu_memory_utilization: float = _arg(0.9, "Fraction of the GPU memory free at start-up that the "
                                          "engine may use (weights, activations, KV cache).", section="cache_args")
@@ -71,6 +73,11 @@ class EngineArgs:
                                          "step N; sampled token ids stay on the device and the host "
                                          "learns them a step later. Default: on for CUDA, off on the CPU.",
                                          section="scheduler_args")
+    enable_lora: bool = _arg(False, "Serve LoRA adapters (PEFT format) over the base model.", section="lora_args")
+    max_loras: int = _arg(1, "Most distinct LoRA adapters in one batch (device slots).", section="lora_args")
+    max_lora_rank: int = _arg(16, "Largest LoRA rank an adapter may have.", section="lora_args")
+    max_cpu_loras: int | None = _arg(None, "LoRA adapters kept in host memory (least recently used evicted); "
+                                     "defaults to max_loras.", section="lora_args")
     max_logprobs: int = _arg(20, "Largest logprobs / prompt_logprobs a request may ask for.")
     disable_log_stats: bool = _arg(False, "Do not log engine statistics.")
 

@@ -56,12 +56,14 @@ _STATE = _ParallelState()
 
 def init_distributed(world_size: int = 1, rank: int = 0, tp_size: int = 1, pp_size: int = 1,
                      backend: str | None = None, init_method: str | None = None,
-                     local_rank: int = -1) -> None:
+                     local_rank: int = -1, disable_custom_all_reduce: bool = False) -> None:
     """Initialise torch.distributed (unless already done) and build the TP and PP groups.
 
     ``backend`` defaults to ``nccl`` when CUDA is available and ``gloo`` otherwise; ``init_method``
     to ``env://``. With CUDA, ``local_rank`` (default: ``rank`` modulo the visible devices) picks
-    this process's device. Every rank must call this with the same sizes.
+    this process's device; every rank should see all GPUs of the host (CUDA IPC between TP ranks
+    needs it). With NCCL and several TP ranks, small all-reduces go through the custom one-shot
+    all-reduce unless ``disable_custom_all_reduce``. Every rank must call this with the same sizes.
     """
     if tp_size < 1 or pp_size < 1 or tp_size * pp_size != world_size:
         raise ValueError(f"world_size ({world_size}) must equal tensor_parallel_size ({tp_size}) x "
@@ -111,6 +113,14 @@ def init_distributed(world_size: int = 1, rank: int = 0, tp_size: int = 1, pp_si
                             tp_cpu_group=tp_cpu_group, pp_rank=rank // tp_size, pp_size=pp_size,
                             pp_group=pp_group, rank=rank, world_size=world_size, local_rank=local_rank,
                             backend=backend, initialized_here=initialized_here)
+    if backend == "nccl" and tp_size > 1:
+        # Create the TP communicator now: NCCL cannot start one inside a CUDA graph capture.
+        dist.all_reduce(torch.zeros(1, device=torch.device("cuda", local_rank)), group=tp_group)
+        if not disable_custom_all_reduce:
+            from aphrodite.distributed import communication
+            from aphrodite.distributed.custom_all_reduce import try_create_custom_all_reduce
+            communication.set_custom_all_reduce(try_create_custom_all_reduce(
+                tp_cpu_group, rank % tp_size, tp_size, torch.device("cuda", local_rank)))
 
 
 def _only_loopback(init_method: str | None) -> bool:

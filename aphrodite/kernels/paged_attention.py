@@ -95,8 +95,9 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         scale: float, max_query_len: int = 0, max_seq_len: int = 0,
                         num_decodes: int | None = None, max_decode_seq_len: int | None = None,
                         num_splits: int | None = None, append: DecodeAppend | None = None,
-                        fused_reduce: bool = True, solo_tiles: int = 0,
-                        k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                        fused_reduce: bool = True, solo_tiles: int = 0, sliding_window: int | None = None,
+                        logits_soft_cap: float | None = None, k_scale: float = 1.0,
+                        v_scale: float = 1.0) -> torch.Tensor:
     """Per-sequence fp32 attention over the gathered cache; reads lengths back to the host.
 
     With ``append``: rotate copies of q and k, write k/v to the cache, then attend (q, k untouched).
@@ -124,8 +125,13 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         keys = keys.repeat_interleave(hq // hkv, dim=1)                # [L, Hq, D]
         vals = vals.repeat_interleave(hq // hkv, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), keys) * scale
+        if logits_soft_cap:
+            scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
         qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-        visible = torch.arange(seq_len, device=q.device)[None, :] <= qpos  # [q_len, L]
+        kpos = torch.arange(seq_len, device=q.device)[None, :]
+        visible = kpos <= qpos  # [q_len, L]
+        if sliding_window:
+            visible &= kpos > qpos - sliding_window
         scores = scores.masked_fill(~visible[None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[s:e] = torch.einsum("hqk,khd->qhd", probs, vals).to(out.dtype)
@@ -169,7 +175,7 @@ def _paged_attention_kernel(
         qsl_ptr, seq_lens_ptr, block_tables_ptr,
         part_o_ptr, part_m_ptr, part_l_ptr, count_ptr,
         pos_ptr, slot_ptr, kn_ptr, vn_ptr, cs_ptr,
-        qk_scale, num_seqs, num_q_heads,
+        qk_scale, num_seqs, num_q_heads, window, softcap,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
         stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs, k_scale, v_scale,
@@ -177,7 +183,7 @@ def _paged_attention_kernel(
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
         ROPE: tl.constexpr, HALF: tl.constexpr, FUSED_REDUCE: tl.constexpr, S_PAD: tl.constexpr,
-        SOLO_TILES: tl.constexpr, KV_FP8: tl.constexpr = False):
+        SOLO_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr = False):
     kv_head = tl.program_id(1)
     if DECODE:
         # One query token per sequence, and token index == sequence index.
@@ -223,9 +229,13 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
+    # Sliding window: keys below win_lo are outside every row's window (row i sees i - window < j <= i).
+    win_lo = seq_len * 0
+    if WINDOW:
+        win_lo = tl.maximum(ctx_len + q_start - window + 1, 0)
     if NUM_SPLITS > 1:
         split = tl.program_id(2)
-        n_tiles = tl.cdiv(seq_len, BLOCK_N)
+        n_tiles = tl.cdiv(seq_len - win_lo, BLOCK_N)
         tiles_per_split = tl.maximum(tl.cdiv(n_tiles, NUM_SPLITS), 1)
         # A short context goes to one program: merging splits costs more than its few serial tiles.
         tiles_per_split = tl.where(n_tiles <= SOLO_TILES, tl.maximum(n_tiles, 1), tiles_per_split)
@@ -234,13 +244,13 @@ def _paged_attention_kernel(
         if FUSED_REDUCE:
             if split >= n_active:
                 return
-        kv_lo = split * tiles_per_split * BLOCK_N
+        kv_lo = win_lo + split * tiles_per_split * BLOCK_N
         kv_hi = tl.minimum(seq_len, kv_lo + tiles_per_split * BLOCK_N)
-        owner = (seq_len - 1) // BLOCK_N // tiles_per_split
+        owner = (seq_len - 1 - win_lo) // BLOCK_N // tiles_per_split
     else:
         split = tl.program_id(2)   # always 0 here
         owner = 0
-        kv_lo = 0
+        kv_lo = win_lo
         kv_hi = tl.minimum(seq_len, ctx_len + q_start + BLOCK_Q)
     if ROPE:
         # Decode with the rotary prologue fused in: q and this step's k arrive un-rotated; rotate them
@@ -272,6 +282,11 @@ def _paged_attention_kernel(
     # Keys below ctx_len + q_start + 1 are visible to every row of this tile.
     all_visible = tl.minimum(kv_hi, ctx_len + q_start + 1)
     full_hi = kv_lo + tl.maximum(all_visible - kv_lo, 0) // BLOCK_N * BLOCK_N
+    # With a window, keys from the last row's window start on are also inside every row's window.
+    full_lo = kv_lo
+    if WINDOW:
+        last_row_lo = ctx_len + tl.minimum(q_start + BLOCK_Q, q_len) - window
+        full_lo = tl.minimum(kv_lo + tl.cdiv(tl.maximum(last_row_lo - kv_lo, 0), BLOCK_N) * BLOCK_N, full_hi)
 
     if KV_FP8:
         qk_cached = qk_scale * k_scale    # fp8 keys are k / k_scale: scale the scores instead of the keys
@@ -284,17 +299,21 @@ def _paged_attention_kernel(
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
 
-    for phase in tl.static_range(2):
-        # phase 0: unmasked full tiles; phase 1: the (at most a few) tiles that need masking.
+    for phase in tl.static_range(3):
+        # phase 1: unmasked full tiles; phases 0 and 2: the (at most a few) tiles that need masking,
+        # at the window's start (none without a window) and at the causal end.
         if phase == 0:
             n_lo = kv_lo
+            n_hi = full_lo
+        elif phase == 1:
+            n_lo = full_lo
             n_hi = full_hi
         else:
             n_lo = full_hi
             n_hi = kv_hi
         for start in range(n_lo, n_hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            if phase == 0:
+            if phase == 1:
                 blk = tl.load(bt_row + offs_n // PAGE).to(tl.int64)
                 kv_mask_t = d_ok[:, None]
                 kv_mask = d_ok[None, :]
@@ -314,8 +333,12 @@ def _paged_attention_kernel(
             else:
                 s = tl.dot(q, k_t)
             s = s * qk_cached
-            if phase == 1:
+            if SOFTCAP:   # cap * tanh(score / cap) in the base-2 units of qk_scale (softcap = cap * log2 e)
+                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+            if phase != 1:
                 visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+                if WINDOW:
+                    visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
                 s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -334,6 +357,8 @@ def _paged_attention_kernel(
     if ROPE:
         if (split == owner) & (seq_len > 0):
             s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_cached
+            if SOFTCAP:
+                s_new = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s_new / softcap) + 1.0))
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp2(m_i - m_new)
             p_new = tl.exp2(s_new - m_new)
@@ -516,6 +541,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     num_decodes: int | None = None, max_decode_seq_len: int | None = None,
                     num_splits: int | None = None, append: DecodeAppend | None = None,
                     fused_reduce: bool = True, solo_tiles: int = DECODE_SOLO_TILES,
+                    sliding_window: int | None = None, logits_soft_cap: float | None = None,
                     k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Attention of q [T, Hq, D] over the paged cache (already holding this step's K/V) into out.
 
@@ -528,11 +554,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     hold this step's k/v; the decode launch rotates both and writes k/v (q and k are left as given).
     ``fused_reduce``: merge split-KV partials in the attention launch (last split to finish) instead
     of a second launch. ``solo_tiles``: decode contexts of at most this many key tiles skip the split.
+    ``sliding_window``: a query at position i sees keys ``i - window < j <= i``; keys before every row's
+    window are not read. ``logits_soft_cap``: scores become ``cap * tanh(score / cap)`` (Gemma 2).
     Triton on CUDA (or under TRITON_INTERPRET), else ``paged_attention_ref``.
     """
     if not use_triton(q):
         return paged_attention_ref(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale,
-                                   append=append, k_scale=k_scale, v_scale=v_scale)
+                                   append=append, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                                   k_scale=k_scale, v_scale=v_scale)
     t, hq, d = q.shape
     hkv, page = k_cache.shape[2], k_cache.shape[1]
     assert hq % hkv == 0, "query heads must be a multiple of KV heads"
@@ -546,6 +575,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     d_pad = next_pow2(max(d, 16))
     ieee = q.dtype == torch.float32
     qk_scale = float(scale) * _LOG2E
+    window = int(sliding_window or 0)
+    softcap = float(logits_soft_cap or 0.0) * _LOG2E   # the kernel's scores are in base-2 units
+    variant = dict(WINDOW=window > 0, SOFTCAP=softcap > 0)
     launch = _paged_attention(q.device)
     common = (q.stride(0), q.stride(1), out.stride(0), out.stride(1),
               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -581,13 +613,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             rope_ptrs, rope_strides, half = no_rope, no_rope_strides, 1
         launch[(nd, hkv, splits)](
             q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
-            part_o, part_m, part_l, counters if fused else out, *rope_ptrs, qk_scale, nd, hq, *common,
+            part_o, part_m, part_l, counters if fused else out, *rope_ptrs, qk_scale, nd, hq, window, softcap, *common,
             *rope_strides, float(k_scale), float(v_scale),
             G=g, HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m, BLOCK_Q=1, BLOCK_N=block_n,
             DECODE=True, NUM_SPLITS=splits, IEEE=ieee, ROPE=append is not None, HALF=half,
             FUSED_REDUCE=fused, S_PAD=next_pow2(splits), SOLO_TILES=solo_tiles, KV_FP8=_is_fp8(k_cache),
-            num_warps=warps,
-            num_stages=stages)
+            num_warps=warps, num_stages=stages, **variant)
         if splits > 1 and not fused:
             _split_kv_reduce(q.device)[(nd, hq)](
                 part_o, part_m, part_l, out, out.stride(0), out.stride(1), hq,
@@ -599,11 +630,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         grid0 = t // block_q + nseq
         launch[(grid0, hkv, 1)](
             q, k_cache, v_cache, out, query_start_loc[nd:], seq_lens[nd:], block_tables[nd:],
-            out, out, out, out, *no_rope, qk_scale, nseq, hq, *common, *no_rope_strides, float(k_scale),
-            float(v_scale),
+            out, out, out, out, *no_rope, qk_scale, nseq, hq, window, softcap, *common, *no_rope_strides,
+            float(k_scale), float(v_scale),
             G=g, HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
             DECODE=False, NUM_SPLITS=1, IEEE=ieee, ROPE=False, HALF=1, FUSED_REDUCE=False, S_PAD=1,
-            SOLO_TILES=0, KV_FP8=_is_fp8(k_cache), num_warps=warps, num_stages=stages)
+            SOLO_TILES=0, KV_FP8=_is_fp8(k_cache), num_warps=warps, num_stages=stages, **variant)
     return out
 
 
@@ -620,8 +651,8 @@ class TritonAttentionBackend:
     @staticmethod
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, sliding_window: int | None = None,
+                logits_soft_cap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]; writes k/v into the cache first (an fp8 cache
         with the layer's ``k_scale``/``v_scale``).
 
@@ -643,5 +674,6 @@ class TritonAttentionBackend:
             return out
         paged_attention(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                         scale, meta.max_query_len, meta.max_seq_len, num_decodes=meta.num_decodes,
-                        max_decode_seq_len=meta.max_decode_seq_len, append=append, k_scale=k_scale, v_scale=v_scale)
+                        max_decode_seq_len=meta.max_decode_seq_len, append=append, sliding_window=sliding_window,
+                        logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale)
         return out

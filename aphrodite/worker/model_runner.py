@@ -21,12 +21,13 @@ import torch
 from aphrodite.config import EngineConfig
 from aphrodite.distributed.communication import pp_recv_tensors, pp_send_tensors
 from aphrodite.distributed.parallel_state import get_pp_size, is_first_pp_rank, is_last_pp_rank
+from aphrodite.lora.request import LoRARequest
 from aphrodite.modeling.layers.attention import Attention, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
 from aphrodite.modeling.loader import load_model
 from aphrodite.modeling.models.pipeline import IntermediateTensors, intermediate_tensor_spec
 from aphrodite.worker.cuda_graphs import DecodeGraphs
-from aphrodite.worker.sampling_inputs import build_sampling_metadata, to_device
+from aphrodite.worker.sampling_inputs import SamplingState, build_sampling_metadata, to_device
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
 from aphrodite.worker.step_inputs import StepInputs
 from aphrodite.worker.step_plan import RequestState, StepPlan, apply_plan
@@ -96,6 +97,12 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs = StepInputs(config)
+        self.lora_manager = None
+        if config.lora is not None:
+            from aphrodite.lora.manager import LoRAManager
+            lc = config.lora
+            self.lora_manager = LoRAManager(self.model, lc.max_loras, lc.max_lora_rank, lc.max_cpu_loras,
+                                            self.inputs.max_tokens, self.device, self.dtype)
         # Graphs capture a whole forward pass; a pipeline stage's exchanges with its neighbours are not in it.
         self.graphs = DecodeGraphs(self) if (self.device.type == "cuda" and not config.enforce_eager
                                              and self.pp_size == 1) else None
@@ -104,6 +111,9 @@ class ModelRunner:
         # The last queued step's sampled ids (device) and which row each sampled request got.
         self._prev_tokens: torch.Tensor | None = None
         self._prev_rows: dict[str, int] = {}
+        # Per-request sampler state on the device (penalty counts, DRY/n-gram histories, mirostat mu);
+        # finished requests are dropped with the plan's finished_ids (see _sampling_metadata).
+        self.sampling_state = SamplingState(self.vocab_size, config.scheduler.max_model_len, self.device)
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -155,6 +165,8 @@ class ModelRunner:
         host = HostBatch(np.zeros(n, np.int64), np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64),
                          [0, n], [n], np.arange(blocks, dtype=np.int32)[None, :], 0)
         ids, pos, meta = self.inputs.to_device(host)
+        if self.lora_manager is not None:   # peak memory with the LoRA kernels' buffers
+            self.lora_manager.state.active = True
         with torch.inference_mode(), set_attention_metadata(meta):
             if self.pp_size == 1:
                 hidden = self.model(ids, pos)
@@ -182,7 +194,19 @@ class ModelRunner:
         self.kv_caches = self._kv_pairs(num_blocks, lambda shape, dtype, device: zeroed(shape, dtype, device))
         self._bind(self.kv_caches)
         if self.graphs is not None:
+            if self.lora_manager is not None:   # graphs always hold the LoRA kernels (slot -1 rows skip them)
+                self.lora_manager.state.active = True
             self.graphs.capture()
+
+    # ---- LoRA -----------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read and check an adapter (``ValueError`` if it cannot serve); False if its id is loaded."""
+        if self.lora_manager is None:
+            raise ValueError("LoRA adapters need the engine started with enable_lora=True (--enable-lora).")
+        return self.lora_manager.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.lora_manager is not None and self.lora_manager.remove_lora(lora_int_id)
 
     def _bind(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for i, layer in enumerate(self.attn_layers):
@@ -255,14 +279,13 @@ class ModelRunner:
         sample_idx = [i for i, (r, n) in enumerate(zip(reqs, counts))
                       if r.num_computed_tokens + n == r.num_tokens_with_pending] if self.last_stage else []
         rows = [reqs[i] for i in sample_idx]
-        md = None
-        if rows:
-            pending = self._pending_for_sampler(host, sample_idx)
-            md = build_sampling_metadata(rows, self.vocab_size, self.device, pending)
+        md = self._sampling_metadata(plan, sample_idx, rows)
         every_row = host.num_decodes == len(reqs) == len(sample_idx)   # a decode step: every row samples
         last = None if every_row or not rows else to_device(
             [host.starts[i + 1] - 1 for i in sample_idx], torch.long, self.device)
 
+        if self.lora_manager is not None:   # activate the step's adapters, each token's slot index
+            self.lora_manager.set_step([r.lora_int_id for r in reqs], counts)
         if self.graphs is not None and self.graphs.can_run(host):
             hidden = self.graphs.run(host)
         else:
@@ -278,6 +301,8 @@ class ModelRunner:
         if rows:
             logits = self.model.compute_logits(hidden if last is None else hidden[last])
             out = self.sampler(logits, md)
+            # The state takes the sampled ids while they are still on the device (no wait).
+            self.sampling_state.update([r.request_id for r in rows], out.token_ids)
         self._prev_tokens = None if out is None else out.token_ids
         self._prev_rows = {r.request_id: j for j, r in enumerate(rows)}
         prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts, want_result)
@@ -295,17 +320,17 @@ class ModelRunner:
             inter = IntermediateTensors.from_dict(pp_recv_tensors(spec, device=self.device))
         return self.model(input_ids, positions, inter)
 
-    def _pending_for_sampler(self, host: HostBatch, sample_idx: list[int]) -> tuple[np.ndarray, PrevTokens] | None:
-        """(sample rows, where their tokens are) of the rows whose last output token is still on the
-        device: penalties count it from there."""
-        prev = host.from_prev
-        if prev is None:
+    # ---- sampler inputs (i16: the one call site) --------------------------------------------------
+    def _sampling_metadata(self, plan: StepPlan, sample_idx: list[int], rows: list[RequestState]):
+        """The sampler's tensors for this step's sampling rows (None when no row samples), after dropping
+        the sampler state of requests that finished. A preempted request keeps its state: its tokens do
+        not change, and mirostat's mu cannot be rebuilt."""
+        for rid in plan.finished_ids:
+            self.sampling_state.remove(rid, finished=True)
+        if not rows:
             return None
-        if len(sample_idx) == len(host.seq_lens):
-            return prev.req_rows, prev
-        row_of = np.full(len(host.seq_lens), -1, dtype=np.int64)
-        row_of[sample_idx] = np.arange(len(sample_idx))
-        return row_of[prev.req_rows], prev
+        bitmask = None if plan.grammar_bitmask is None else plan.grammar_bitmask[sample_idx]
+        return build_sampling_metadata(rows, self.vocab_size, self.device, self.sampling_state, bitmask)
 
     def _prompt_logprobs(self, reqs: list[RequestState], counts: list[int], hidden: torch.Tensor,
                          starts: list[int], want_result: bool = True) -> list[list[PositionLogprobs] | None]:

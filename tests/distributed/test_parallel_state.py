@@ -1,12 +1,14 @@
-"""TP and PP groups of ``init_distributed`` (gloo, 4 CPU processes as TP=2 x PP=2) and their collectives."""
+"""TP and PP groups of ``init_distributed`` and their collectives.
+
+``check_tp2_pp2_groups`` runs in each of the 4 gloo processes of
+``test_pipeline_model.py::test_tp2_pp2_groups_and_model_match_hf`` (one spawn for both checks).
+"""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from spawn import spawn_ranks
 
 from aphrodite.distributed import parallel_state as ps
 from aphrodite.distributed.communication import (
@@ -17,8 +19,8 @@ from aphrodite.distributed.communication import (
 )
 
 
-def _groups_worker(rank: int, world_size: int, init_method: str) -> None:
-    ps.init_distributed(world_size, rank, tp_size=2, pp_size=2, backend="gloo", init_method=init_method)
+def check_tp2_pp2_groups(rank: int) -> None:
+    """In rank ``rank`` of a TP=2 x PP=2 world just built by ``init_distributed``."""
     for key, value in ps.MULTICAST_OFF_ENV.items():
         assert os.environ[key] == value
     tp_rank, pp_rank = rank % 2, rank // 2
@@ -44,14 +46,6 @@ def _groups_worker(rank: int, world_size: int, init_method: str) -> None:
         assert torch.equal(got["residual"], torch.full((5, 4), -float(rank - 2)))
         with pytest.raises(RuntimeError, match="next stage"):
             pp_send_tensors({"hidden_states": got["hidden_states"]})
-    torch.distributed.barrier()
-    ps.destroy_distributed()
-    assert not torch.distributed.is_initialized()
-    assert (ps.get_tp_size(), ps.get_pp_size(), ps.get_tp_rank()) == (1, 1, 0)
-
-
-def test_tp2_pp2_groups_and_collectives(tmp_path: Path) -> None:
-    spawn_ranks(_groups_worker, 4, tmp_path)
 
 
 def test_init_distributed_rejects_inconsistent_sizes() -> None:

@@ -111,7 +111,9 @@ def test_untied_last_stage_takes_the_embedding_when_the_checkpoint_has_no_lm_hea
 
 
 def _tp_pp_worker(rank: int, world_size: int, init_method: str, path: str, out: str) -> None:
+    from test_parallel_state import check_tp2_pp2_groups
     ps.init_distributed(world_size, rank, tp_size=2, pp_size=2, backend="gloo", init_method=init_method)
+    check_tp2_pp2_groups(rank)
     model = load_model(model_config(path), torch.device("cpu"))
     bind_kv_cache(model)
     hidden_size = model.config.hidden_size
@@ -130,9 +132,13 @@ def _tp_pp_worker(rank: int, world_size: int, init_method: str, path: str, out: 
         torch.save(torch.cat(logits), out)
     torch.distributed.barrier()
     ps.destroy_distributed()
+    assert not torch.distributed.is_initialized()
+    assert (ps.get_tp_size(), ps.get_pp_size(), ps.get_tp_rank()) == (1, 1, 0)
 
 
-def test_tp2_pp2_matches_hf(three_layer_dir: str, tmp_path: Path) -> None:
+def test_tp2_pp2_groups_and_model_match_hf(three_layer_dir: str, tmp_path: Path) -> None:
+    """Four gloo processes: the groups and collectives (``check_tp2_pp2_groups``), then the model
+    with real sends between the stages and all-reduces inside them."""
     out = tmp_path / "logits.pt"
     spawn_ranks(_tp_pp_worker, 4, tmp_path, three_layer_dir, str(out))
     torch.testing.assert_close(torch.load(out), _hf_reference(three_layer_dir), atol=ATOL, rtol=0)

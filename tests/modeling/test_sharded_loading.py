@@ -83,3 +83,35 @@ def test_pp_stage_reads_only_its_layers(tiny_llama_dir: str, monkeypatch: pytest
     assert names == {n for n, _ in load_file(str(Path(tiny_llama_dir) / "model.safetensors")).items()
                      if n.startswith(("model.layers.1.", "model.norm.", "lm_head."))}
     assert sum(n for _, n in reads) == sum(p.numel() for p in model.parameters())
+
+
+def test_lazy_tensor_views_equal_torch_indexing_and_read_only_their_block() -> None:
+    from aphrodite.modeling.loader.lazy_tensor import LazyTensor
+    full = torch.randn(4, 6, 8)
+    read: list[int] = []
+
+    def reader(slices: tuple[slice, ...]) -> torch.Tensor:
+        block = full[slices].clone()
+        read.append(block.numel())
+        return block
+    lazy = LazyTensor(reader, full.shape, full.dtype)
+    views = {
+        "narrow": (lazy.narrow(1, 2, 3).narrow(2, 4, 4), full.narrow(1, 2, 3).narrow(2, 4, 4)),
+        "slices": (lazy[1:3, :, 2:], full[1:3, :, 2:]),
+        "expert": (lazy[2].narrow(0, 3, 3), full[2].narrow(0, 3, 3)),
+        "int inside": (lazy[:, 5], full[:, 5]),
+        "split": (lazy.split([1, 3])[1], full.split([1, 3])[1]),
+        "chunk": (lazy.chunk(2, dim=2)[1], full.chunk(2, dim=2)[1]),
+    }
+    for what, (view, expected) in views.items():
+        assert isinstance(view, LazyTensor) and view.shape == expected.shape and not read, what
+        dst = torch.empty(expected.shape)
+        dst.copy_(view)   # what copy_into does: reads the block, and only it
+        assert torch.equal(dst, expected) and read == [expected.numel()], what
+        read.clear()
+    # Anything else reads the block first, then behaves like the tensor.
+    assert torch.equal(lazy[1].t(), full[1].t()) and torch.equal(lazy[0] + 1, full[0] + 1)
+    assert torch.equal(torch.cat([lazy[0], lazy[3]]), torch.cat([full[0], full[3]]))
+    assert torch.equal(lazy[..., 1], full[..., 1]) and lazy[0].to(torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(IndexError):
+        lazy.narrow(0, 3, 2)

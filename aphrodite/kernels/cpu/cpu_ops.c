@@ -124,7 +124,8 @@ void aph_linear(int dtype, const void* W, const void* x, const void* bias, void*
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                                 \
     for (int b = 0; b < B; b++) {                                                                \
         for (int h = 0; h < Hkv; h++) {                                                          \
-            const int L = seq_lens[b];                                                           \
+            const int first = window > 0 && seq_lens[b] > window ? seq_lens[b] - window : 0;     \
+            const int L = seq_lens[b] - first;    /* keys [first, seq_len): the sliding window */ \
             const int32_t* table = block_tables + (long)b * max_blocks;                          \
             float* qf = (float*)malloc((size_t)G * D * sizeof(float));                           \
             float* acc = (float*)calloc((size_t)G * D, sizeof(float));                           \
@@ -133,7 +134,7 @@ void aph_linear(int dtype, const void* W, const void* x, const void* bias, void*
             const long qbase = ((long)b * Hq + (long)h * G) * D;                                 \
             for (long i = 0; i < (long)G * D; i++) qf[i] = WIDEN(qs[qbase + i]) * scale;         \
             for (int t = 0; t < L; t++) {                                                        \
-                const T* k = kc + CACHE_OFFSET(t);                                               \
+                const T* k = kc + CACHE_OFFSET(first + t);                                       \
                 _Pragma("omp simd")                                                              \
                 for (int d = 0; d < D; d++) kf[d] = WIDEN(k[d]);                                 \
                 for (int g = 0; g < G; g++) {                                                    \
@@ -147,6 +148,8 @@ void aph_linear(int dtype, const void* W, const void* x, const void* bias, void*
             for (int g = 0; g < G; g++) {                                                        \
                 float* sg = s + (long)g * L;                                                     \
                 float mx = -INFINITY, sum = 0.f;                                                 \
+                if (softcap > 0.f)                                                               \
+                    for (int t = 0; t < L; t++) sg[t] = softcap * tanhf(sg[t] / softcap);        \
                 _Pragma("omp simd reduction(max:mx)")                                            \
                 for (int t = 0; t < L; t++) mx = sg[t] > mx ? sg[t] : mx;                        \
                 _Pragma("omp simd reduction(+:sum)")                                             \
@@ -156,7 +159,7 @@ void aph_linear(int dtype, const void* W, const void* x, const void* bias, void*
                 for (int t = 0; t < L; t++) sg[t] *= inv;                                        \
             }                                                                                    \
             for (int t = 0; t < L; t++) {                                                        \
-                const T* v = vc + CACHE_OFFSET(t);                                               \
+                const T* v = vc + CACHE_OFFSET(first + t);                                       \
                 _Pragma("omp simd")                                                              \
                 for (int d = 0; d < D; d++) kf[d] = WIDEN(v[d]);                                 \
                 for (int g = 0; g < G; g++) {                                                    \
@@ -331,12 +334,13 @@ static inline __attribute__((always_inline)) void pv_rows_bf16(const char* const
 
 /* One (sequence, KV head) of decode attention; D a multiple of 32, at most 256. */
 static inline __attribute__((always_inline)) void decode_head_avx512(
-        const void* q, const char* k_base, const char* v_base, const int32_t* table, int L, int G,
-        int block_size, long row_bytes, float scale, float* out, const int D, const int bf16) {
+        const void* q, const char* k_base, const char* v_base, const int32_t* table, int first, int L, int G,
+        int block_size, long row_bytes, float scale, float softcap, float* out, const int D, const int bf16) {
     const size_t es = bf16 ? 2 : 4;
     const char** krow = (const char**)malloc((size_t)(L + 1) * 2 * sizeof(char*));
     const char** vrow = krow + L + 1;
-    for (int t = 0, blk = 0, off = 0; t < L; t++) {   /* row addresses, no division per token */
+    /* row addresses of keys [first, first + L), no division per token */
+    for (int t = 0, blk = first / block_size, off = first % block_size; t < L; t++) {
         const long slot = (long)table[blk] * block_size + off;
         krow[t] = k_base + slot * row_bytes;
         vrow[t] = v_base + slot * row_bytes;
@@ -365,6 +369,8 @@ static inline __attribute__((always_inline)) void decode_head_avx512(
             _mm512_storeu_ps(sg + t0, _mm512_mul_ps(sum16(part), _mm512_set1_ps(scale)));
         }
         float mx = -INFINITY, sum = 0.f;
+        if (softcap > 0.f)   /* Gemma 2: scores squashed to (-cap, cap) */
+            for (int t = 0; t < L; t++) sg[t] = softcap * tanhf(sg[t] / softcap);
         _Pragma("omp simd reduction(max:mx)")
         for (int t = 0; t < L; t++) mx = sg[t] > mx ? sg[t] : mx;
         _Pragma("omp simd reduction(+:sum)")
@@ -412,7 +418,7 @@ static inline __attribute__((always_inline)) void decode_head_avx512(
 static void decode_attention_avx512(int dtype, const void* q, const void* k_cache, const void* v_cache,
                                     const int32_t* block_tables, const int32_t* seq_lens, void* out,
                                     int B, int Hq, int Hkv, int D, int block_size, int max_blocks,
-                                    float scale) {
+                                    float scale, int window, float softcap) {
     const int G = Hq / Hkv, bf16 = dtype == BF16;
     const size_t es = bf16 ? 2 : 4;
     const long row_bytes = (long)Hkv * D * es;
@@ -425,13 +431,14 @@ static void decode_attention_avx512(int dtype, const void* q, const void* k_cach
             const char* kb = (const char*)k_cache + (long)h * D * es;
             const char* vb = (const char*)v_cache + (long)h * D * es;
             const int32_t* table = block_tables + (long)b * max_blocks;
-            const int L = seq_lens[b];
-            if (bf16 && D == 64) decode_head_avx512(qh, kb, vb, table, L, G, block_size, row_bytes, scale, res, 64, 1);
-            else if (bf16 && D == 128) decode_head_avx512(qh, kb, vb, table, L, G, block_size, row_bytes, scale, res, 128, 1);
-            else if (bf16) decode_head_avx512(qh, kb, vb, table, L, G, block_size, row_bytes, scale, res, D, 1);
-            else if (D == 64) decode_head_avx512(qh, kb, vb, table, L, G, block_size, row_bytes, scale, res, 64, 0);
-            else if (D == 128) decode_head_avx512(qh, kb, vb, table, L, G, block_size, row_bytes, scale, res, 128, 0);
-            else decode_head_avx512(qh, kb, vb, table, L, G, block_size, row_bytes, scale, res, D, 0);
+            const int first = window > 0 && seq_lens[b] > window ? seq_lens[b] - window : 0;
+            const int L = seq_lens[b] - first;
+            if (bf16 && D == 64) decode_head_avx512(qh, kb, vb, table, first, L, G, block_size, row_bytes, scale, softcap, res, 64, 1);
+            else if (bf16 && D == 128) decode_head_avx512(qh, kb, vb, table, first, L, G, block_size, row_bytes, scale, softcap, res, 128, 1);
+            else if (bf16) decode_head_avx512(qh, kb, vb, table, first, L, G, block_size, row_bytes, scale, softcap, res, D, 1);
+            else if (D == 64) decode_head_avx512(qh, kb, vb, table, first, L, G, block_size, row_bytes, scale, softcap, res, 64, 0);
+            else if (D == 128) decode_head_avx512(qh, kb, vb, table, first, L, G, block_size, row_bytes, scale, softcap, res, 128, 0);
+            else decode_head_avx512(qh, kb, vb, table, first, L, G, block_size, row_bytes, scale, softcap, res, D, 0);
             const long base = ((long)b * Hq + (long)h * G) * D;
             for (long i = 0; i < (long)G * D; i++) store(out, base + i, res[i], dtype);
             if (res != o) free(res);
@@ -443,12 +450,13 @@ static void decode_attention_avx512(int dtype, const void* q, const void* k_cach
 void aph_paged_decode_attention(int dtype, const void* q, const void* k_cache,
                                 const void* v_cache, const int32_t* block_tables,
                                 const int32_t* seq_lens, void* out, int B, int Hq, int Hkv,
-                                int head_dim, int block_size, int max_blocks, float scale) {
+                                int head_dim, int block_size, int max_blocks, float scale, int window,
+                                float softcap) {
     const int D = head_dim;
 #if defined(__AVX512F__)
     if (D % 32 == 0 && D <= 256) {
         decode_attention_avx512(dtype, q, k_cache, v_cache, block_tables, seq_lens, out, B, Hq, Hkv, D,
-                                block_size, max_blocks, scale);
+                                block_size, max_blocks, scale, window, softcap);
         return;
     }
 #endif

@@ -58,8 +58,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token per sequence, ``q [B, Hq, D]``, over the cache ``[blocks, block_size, Hkv, D]``."""
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           sliding_window: int = 0, soft_cap: float = 0.0) -> torch.Tensor:
+    """One query token per sequence, ``q [B, Hq, D]``, over the cache ``[blocks, block_size, Hkv, D]``.
+    ``sliding_window > 0``: only the last that many keys; ``soft_cap > 0``: scores ``cap * tanh(s / cap)``."""
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == q.dtype
@@ -69,7 +71,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q)
     _lib().aph_paged_decode_attention(
         _DTYPE_CODES[q.dtype], _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _ptr(lens),
-        _ptr(out), b, hq, hkv, d, block_size, tables.shape[1], ctypes.c_float(scale))
+        _ptr(out), b, hq, hkv, d, block_size, tables.shape[1], ctypes.c_float(scale), int(sliding_window or 0),
+        ctypes.c_float(soft_cap or 0.0))
     return out
 
 

@@ -24,26 +24,28 @@ class LazyTensor:
     """
 
     def __init__(self, read: Callable[[tuple[slice, ...]], torch.Tensor], shape: Sequence[int],
-                 dtype: torch.dtype, ranges: Ranges | None = None) -> None:
+                 dtype: torch.dtype, ranges: Ranges | None = None, dropped: frozenset[int] = frozenset()) -> None:
         self._read = read
         self._full_shape = tuple(int(n) for n in shape)
         self._ranges: Ranges = ranges if ranges is not None else tuple((0, n) for n in self._full_shape)
+        self._dropped = dropped   # source dimensions indexed by an integer (gone from the shape)
+        self._dims = tuple(d for d in range(len(self._full_shape)) if d not in dropped)
         self.dtype = dtype
 
     # ------------------------------------------------------------------ metadata (no reading)
     @property
     def shape(self) -> torch.Size:
-        return torch.Size(stop - start for start, stop in self._ranges)
+        return torch.Size(self._ranges[d][1] - self._ranges[d][0] for d in self._dims)
 
     def size(self, dim: int | None = None) -> torch.Size | int:
         return self.shape if dim is None else self.shape[dim]
 
     def dim(self) -> int:
-        return len(self._ranges)
+        return len(self._dims)
 
     @property
     def ndim(self) -> int:
-        return len(self._ranges)
+        return len(self._dims)
 
     def numel(self) -> int:
         return self.shape.numel()
@@ -56,13 +58,23 @@ class LazyTensor:
 
     # ------------------------------------------------------------------ views (no reading)
     def narrow(self, dim: int, start: int, length: int) -> LazyTensor:
-        dim = dim % self.dim()
-        begin, stop = self._ranges[dim]
+        return self._restrict(dim, start, length, drop=False)
+
+    def select(self, dim: int, index: int) -> LazyTensor:
+        n = self.shape[dim]
+        if not -n <= index < n:
+            raise IndexError(f"index {index} is out of range for dimension {dim} of size {n}")
+        return self._restrict(dim, index % n, 1, drop=True)
+
+    def _restrict(self, dim: int, start: int, length: int, drop: bool) -> LazyTensor:
+        full = self._dims[dim % self.dim()]
+        begin, stop = self._ranges[full]
         if start < 0 or length < 0 or begin + start + length > stop:
             raise IndexError(f"narrow({dim}, {start}, {length}) is outside a tensor of shape {tuple(self.shape)}")
         ranges = list(self._ranges)
-        ranges[dim] = (begin + start, begin + start + length)
-        return LazyTensor(self._read, self._full_shape, self.dtype, tuple(ranges))
+        ranges[full] = (begin + start, begin + start + length)
+        dropped = self._dropped | {full} if drop else self._dropped
+        return LazyTensor(self._read, self._full_shape, self.dtype, tuple(ranges), dropped)
 
     def split(self, split_size: int | Sequence[int], dim: int = 0) -> tuple[LazyTensor, ...]:
         n = self.shape[dim]
@@ -81,20 +93,27 @@ class LazyTensor:
         return self.split(-(-self.shape[dim] // chunks), dim)
 
     def __getitem__(self, index: Any) -> LazyTensor | torch.Tensor:
-        """Slices with step 1 (and ``...``-free tuples of them) stay lazy; anything else reads."""
+        """Integers and slices with step 1 (``t[e]``, ``t[a:b]``, ``t[:, a:b]``) stay lazy;
+        any other index reads the block and applies it."""
         items = index if isinstance(index, tuple) else (index,)
-        if len(items) > self.dim() or not all(isinstance(i, slice) and i.step in (None, 1) for i in items):
+        simple = all(isinstance(i, int) or (isinstance(i, slice) and i.step in (None, 1)) for i in items)
+        if len(items) > self.dim() or not simple:
             return self.materialize()[index]
-        out = self
-        for dim, item in enumerate(items):
+        out, dim = self, 0
+        for item in items:
+            if isinstance(item, int):
+                out = out.select(dim, item)   # the dimension goes away: the next item is the same dim
+                continue
             start, stop, _ = item.indices(out.shape[dim])
             out = out.narrow(dim, start, max(stop - start, 0))
+            dim += 1
         return out
 
     # ------------------------------------------------------------------ reading
     def materialize(self) -> torch.Tensor:
         """Read the selected block (only it) into a new CPU tensor."""
-        return self._read(tuple(slice(start, stop) for start, stop in self._ranges))
+        block = self._read(tuple(slice(start, stop) for start, stop in self._ranges))
+        return block.reshape(self.shape) if self._dropped else block
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
