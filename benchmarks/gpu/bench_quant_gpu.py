@@ -122,9 +122,16 @@ def engine_correctness() -> bool:
     greedy tokens equal transformers on the dequantized weights; AWQ with CUDA graphs, the others eager;
     and the fp8 KV cache vs transformers with its K/V rounded through fp8."""
     import transformers.models.llama.modeling_llama as modeling_llama
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from aphrodite import LLM, SamplingParams
-    from tests.quantization.test_quantized_models import write_quantized_llama
+    from tests.quantization.formats import write_quantized_checkpoint
+
+    def tiny_llama() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)).float()
     eager = modeling_llama.eager_attention_forward
 
     def fp8_kv_attention(module, query, key, value, *args, **kwargs):   # K/V as an fp8 cache (scale 1) holds them
@@ -137,7 +144,7 @@ def engine_correctness() -> bool:
     with tempfile.TemporaryDirectory() as d:
         for fmt in ("awq", "gptq_actorder", "fp8_online", "fp8_block", "ct_fp8_channel", "kv_fp8"):
             path = os.path.join(d, fmt)
-            hf = write_quantized_llama(Path(path), "awq" if fmt == "kv_fp8" else fmt).cuda()
+            hf = write_quantized_checkpoint(tiny_llama(), Path(path), "awq" if fmt == "kv_fp8" else fmt).cuda()
             kw = {"quantization": "fp8"} if fmt == "fp8_online" else {}
             if fmt == "kv_fp8":
                 kw["kv_cache_dtype"] = "fp8"

@@ -2,43 +2,20 @@
 ``LLM`` and generate the same greedy tokens as transformers running the weights they stand for."""
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from aphrodite import LLM, SamplingParams
 from tests.conftest import make_tiny_hf_model
-from tests.quantization.formats import FORMATS, quantization_config, write_layer
-
-_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from tests.quantization.formats import FORMATS, write_quantized_checkpoint
 
 
 def write_quantized_llama(directory: Path, fmt: str) -> torch.nn.Module:
-    """Save a tiny Llama in ``fmt``; returns the transformers model holding the dequantized weights."""
-    hf = make_tiny_hf_model()
-    tensors: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, param in hf.state_dict().items():
-            module, _, leaf = name.rpartition(".")
-            if leaf == "weight" and module.rsplit(".", 1)[-1] in _PROJ:
-                parts, ref = write_layer(fmt, param)
-                tensors.update({f"{module}.{k}": v.contiguous() for k, v in parts.items()})
-                param.copy_(ref.float())
-            else:
-                tensors[name] = param.contiguous()
-    directory.mkdir(parents=True)
-    save_file(tensors, str(directory / "model.safetensors"))
-    hf.config.save_pretrained(directory)
-    qcfg = quantization_config(fmt)
-    if qcfg is not None:
-        cfg = json.loads((directory / "config.json").read_text())
-        cfg["quantization_config"] = qcfg
-        (directory / "config.json").write_text(json.dumps(cfg))
-    return hf.eval()
+    """A tiny random Llama saved in ``fmt``; returns transformers' model holding the dequantized weights."""
+    return write_quantized_checkpoint(make_tiny_hf_model(), directory, fmt)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
