@@ -101,11 +101,12 @@ def assert_hf_greedy(hf_model: torch.nn.Module, prompt: list[int], generated: li
 
 def test_engine_greedy_matches_hf(family: dict[str, Any]) -> None:
     """A batch of mixed-length prompts (each longer than a sliding window) through ``LLM``, with chunked
-    prefill (16-token budget), 8-token blocks and the prefix cache: each equals HF's greedy generation alone.
+    prefill (16-token budget), 8-token blocks, the prefix cache and async scheduling (the next step scheduled
+    before this one's tokens are known): each equals HF's greedy generation alone.
     A second request sharing a prompt prefix hits the cache and still matches."""
     llm = LLM(family["path"], device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
               block_size=8, max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=True,
-              num_gpu_blocks_override=64)
+              num_gpu_blocks_override=64, async_scheduling=True)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (5, 29, 17)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(24), use_tqdm=False)
