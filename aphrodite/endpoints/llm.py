@@ -47,6 +47,7 @@ class LLM:
             engine.validate(ids, sp)
         for lora in dict.fromkeys(x for x in loras if x is not None):
             engine.add_lora(lora)
+        engine.compile_structured_outputs(params)   # a bad schema or grammar: ValueError before any work
         ids = []
         for (text, toks), sp, lora in zip(tokenized, params, loras):
             rid = str(self._counter)

@@ -6,12 +6,16 @@ building overlap the device's work; the outputs a call returns are those of the 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from aphrodite.config import EngineConfig, create_engine_config
@@ -48,9 +52,28 @@ class _Parent:
         return all(c.is_finished for c in self.children)
 
 
+class _Ready:
+    """A step result already read (a ``ResultFuture`` that answers at once)."""
+
+    def __init__(self, result: ModelRunnerOutput) -> None:
+        self._result = result
+
+    def result(self) -> ModelRunnerOutput:
+        return self._result
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        # Worker processes (mp) load the model while this process loads the tokenizer.
+        self.executor = create_executor(config)
+        try:
+            self._start(config)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
         m = config.model
         self.tokenizer = None
         if not m.skip_tokenizer_init:
@@ -58,7 +81,6 @@ class LLMEngine:
             self.tokenizer = get_tokenizer(m.tokenizer, gguf_file=m.gguf_file if m.tokenizer == m.path else None,
                                            revision=m.tokenizer_revision)
         self.eos_token_ids = self._eos_ids()
-        self.executor = create_executor(config)
         num_blocks = self.executor.determine_num_blocks()
         capacity = num_blocks * config.cache.block_size
         if capacity < config.scheduler.max_model_len:
@@ -88,6 +110,11 @@ class LLMEngine:
         self._step_id = 0
         self.loras: dict[int, LoRARequest] = {}     # adapters the workers hold, by id
         self._unloading: set[int] = set()           # removed, dropped by the workers once unused
+        # Structured output: the grammar compiler (made on first use) and requests whose grammar is
+        # still compiling in its thread pool (they join the scheduler once it is ready).
+        self._structured = None
+        self._structured_lock = threading.Lock()
+        self._grammar_waiting: list[tuple[Request, Future]] = []
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -98,6 +125,89 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return tuple(sorted(ids))
+
+    # ---- structured output --------------------------------------------------------
+    @property
+    def structured_output(self):
+        """The engine's ``StructuredOutputManager`` (xgrammar), built on first use; safe from any thread."""
+        if self._structured is None:
+            if self.tokenizer is None:
+                raise ValueError("Structured outputs need a tokenizer (skip_tokenizer_init=True is set).")
+            with self._structured_lock:
+                if self._structured is None:
+                    from aphrodite.structured_output import StructuredOutputManager
+                    # A private tokenizer copy: the engine thread keeps using its own concurrently.
+                    self._structured = StructuredOutputManager(
+                        copy.deepcopy(self.tokenizer), self.config.model.hf_config.vocab_size, self.eos_token_ids)
+        return self._structured
+
+    def compile_structured_outputs(self, params: Iterable[SamplingParams]) -> None:
+        """Compile every constraint in ``params`` (in parallel, cached); raises the first ``ValueError``.
+        Lets a caller reject a bad schema or grammar before any request is added."""
+        futures = [self.structured_output.submit(p.structured_outputs) for p in params
+                   if p.structured_outputs is not None]
+        for fut in futures:
+            fut.result()
+
+    def _admit_compiled(self, block: bool = False) -> list[RequestOutput]:
+        """Move requests whose grammar finished compiling into the scheduler; a failed compile ends its
+        request (aborted). ``block``: wait briefly for one when nothing else can run."""
+        if not self._grammar_waiting:
+            return []
+        if block:
+            wait_futures([f for _, f in self._grammar_waiting], timeout=0.05, return_when=FIRST_COMPLETED)
+        still, failed = [], {}
+        for req, fut in self._grammar_waiting:
+            if not fut.done():
+                still.append((req, fut))
+            elif req.is_finished:
+                continue
+            elif fut.exception() is not None:
+                logger.error("Request %s: %s", req.request_id, fut.exception())
+                req.status = RequestStatus.FINISHED_ABORTED
+                if (parent := self.parents.get(req.parent_id)) is not None:
+                    failed[parent.request_id] = parent
+            else:
+                req.grammar = self.structured_output.matcher(fut.result())
+                self.scheduler.add_request(req)
+        self._grammar_waiting = still
+        outputs = []
+        for parent in failed.values():
+            if parent.finished and (out := self._make_output(parent)) is not None:
+                outputs.append(out)
+                del self.parents[parent.request_id]
+                for c in parent.children:
+                    self.requests.pop(c.request_id, None)
+        return outputs
+
+    def _fill_grammar_bitmask(self, sched: SchedulerOutput) -> None:
+        """Token bitmask of the constrained requests that sample in ``sched`` (before it advances)."""
+        rows = [i for i, (r, n) in enumerate(zip(sched.requests, sched.num_tokens))
+                if r.grammar is not None and r.num_computed_tokens + n == r.num_tokens_with_pending
+                and not r.grammar.failed and not r.grammar.terminated]
+        if not rows:
+            return
+        manager = self.structured_output
+        bitmask = manager.new_bitmask(len(sched.requests))
+        for i in rows:
+            manager.fill(bitmask, i, sched.requests[i].grammar)
+        sched.grammar_bitmask = bitmask
+
+    def _accept_inflight_tokens(self, sched: SchedulerOutput) -> None:
+        """Async scheduling: a constrained request's bitmask needs its tokens still in flight, so wait for
+        the steps in flight that sampled for it and advance the matchers now (this step loses its overlap)."""
+        if not self._inflight or not any(r.grammar is not None and r.num_pending_tokens for r in sched.requests):
+            return
+        for k, (prev_sched, fut) in enumerate(self._inflight):
+            if not any(r.grammar is not None for r in prev_sched.requests):
+                continue
+            result = fut.result()
+            self._inflight[k] = (prev_sched, _Ready(result))    # a future may be read only once
+            for i, r in enumerate(prev_sched.requests):
+                tok = result.sampled[i]
+                if tok is not None and r.grammar is not None and not r.is_finished \
+                        and r.grammar.num_accepted == r.num_output_tokens:
+                    r.grammar.accept(tok)
 
     # ---- requests ---------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -138,6 +248,13 @@ class LLMEngine:
         if params.detokenize and self.tokenizer is None and params.stop:
             # Logprobs need none: without a tokenizer their decoded_token is None, as in vLLM.
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True).")
+        if params.allowed_token_ids and any(not 0 <= t < vocab for t in params.allowed_token_ids):
+            raise ValueError(f"allowed_token_ids must be token ids in [0, {vocab}).")
+        if any(not 0 <= t < vocab for t in params.dry_sequence_breaker_ids):
+            raise ValueError(f"dry_sequence_breaker_ids must be token ids in [0, {vocab}).")
+        if (params.bad_words or params.dry_sequence_breakers or params.structured_outputs) and self.tokenizer is None:
+            raise ValueError("bad_words, dry_sequence_breakers and structured outputs need a tokenizer "
+                             "(skip_tokenizer_init=True is set).")
 
     # ---- LoRA adapters ------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:
@@ -188,6 +305,13 @@ class LLMEngine:
         self.validate(prompt_ids, params)
         if lora_request is not None:
             self.add_lora(lora_request)
+        if params.bad_words or params.dry_sequence_breakers:
+            params.update_from_tokenizer(self.tokenizer, self.config.model.hf_config.vocab_size)
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.structured_output.submit(params.structured_outputs)
+            if grammar.done() and grammar.exception() is not None:
+                raise grammar.exception()
         count = params.best_of or params.n
         children = []
         for i in range(count):
@@ -208,7 +332,11 @@ class LLMEngine:
         self.parents[request_id] = parent
         for child in children:
             self.requests[child.request_id] = child
-            self.scheduler.add_request(child)
+            if grammar is None:
+                self.scheduler.add_request(child)
+            else:
+                self._grammar_waiting.append((child, grammar))
+        self._admit_compiled()
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Stop requests now and free their KV blocks."""
@@ -242,28 +370,32 @@ class LLMEngine:
         With async scheduling the outputs are those of the previous call's step.
         """
         self._flush_unloads()
+        early = self._admit_compiled(block=not self.scheduler.has_unfinished() and not self._inflight)
         if self._depth == 1:
             sched = self._schedule()
             if sched is None:
-                return []
+                return early
+            self._fill_grammar_bitmask(sched)
             result = self.executor.execute(self._plan(sched))
             self._advance(sched)
-            return self._process(sched, result, finished_only)
+            return early + self._process(sched, result, finished_only)
         try:
             sched = self._schedule(allow_empty=bool(self._inflight))
             if sched is not None:
+                self._accept_inflight_tokens(sched)
+                self._fill_grammar_bitmask(sched)
                 self._inflight.append((sched, self.executor.execute_async(self._plan(sched))))
                 self._advance(sched)
                 for r in sched.requests:
                     r.num_in_flight += 1
                 if len(self._inflight) < self._depth:
-                    return []
+                    return early
             if not self._inflight:
-                return []
+                return early
             prev, future = self._inflight.popleft()
             for r in prev.requests:
                 r.num_in_flight -= 1
-            return self._process(prev, future.result(), finished_only)
+            return early + self._process(prev, future.result(), finished_only)
         except BaseException:
             for prev, _ in self._inflight:
                 for r in prev.requests:
@@ -289,7 +421,7 @@ class LLMEngine:
         """The flat description of ``sched`` for the workers: new requests' data once, then deltas."""
         self._step_id += 1
         plan = StepPlan(step_id=self._step_id, finished_ids=self._finished_ids,
-                        num_scheduled=sched.num_tokens)
+                        num_scheduled=sched.num_tokens, grammar_bitmask=sched.grammar_bitmask)
         self._finished_ids = []
         for r in sched.requests:
             if not r.sent_to_workers:
@@ -360,6 +492,11 @@ class LLMEngine:
             if req.logprobs is not None:
                 req.logprobs.append(self._logprob_dict(entry))
         status = check_stop_token(req, token, self.config.scheduler.max_model_len)
+        if req.grammar is not None:
+            if req.grammar.num_accepted < req.num_output_tokens and not req.grammar.accept(token):
+                status = RequestStatus.FINISHED_ABORTED
+            elif status is None and req.grammar.terminated:
+                status = RequestStatus.FINISHED_STOPPED     # the grammar is complete
         if req.detokenizer is not None:
             if status != RequestStatus.FINISHED_STOPPED or req.params.include_stop_str_in_output:
                 status = self._append_text(req, req.detokenizer.step([token]), status)

@@ -67,6 +67,7 @@ class Request:
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.detokenizer = None             # set by the engine when text is wanted
+        self.grammar = None                 # structured output: the request's GrammarState, once compiled
         self.output_text = ""
         # What the workers already hold (see ``worker.step_plan``): the request's fixed data, its first
         # num_sent_tokens tokens and its first num_sent_blocks blocks (reset when a preemption frees them).

@@ -10,11 +10,17 @@ recomputed later (its prefix often comes back from the prefix cache).
 With async scheduling a step is scheduled before the previous step's sampled tokens are
 known: those count as pending tokens (``Request.num_pending_tokens``), so a decode is
 scheduled as usual and its input token is taken from the device.
+
+With pipeline parallelism several micro-batches are in flight at once, one per stage; a
+request already in one of them is skipped (``skip_in_flight``) until its results are back,
+so the micro-batches hold disjoint requests and every input token is known to the host.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from aphrodite.config import SchedulerConfig
 from aphrodite.engine.kv_cache import KVCacheManager
@@ -28,6 +34,9 @@ class SchedulerOutput:
     requests: list[Request] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     num_preempted: int = 0
+    # Structured output: [len(requests), ceil(vocab/32)] int32 token bitmask (bit set = allowed), filled
+    # by the engine's grammar matchers; None when no scheduled request is constrained.
+    grammar_bitmask: np.ndarray | None = None
 
     @property
     def total_tokens(self) -> int:

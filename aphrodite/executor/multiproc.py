@@ -69,18 +69,20 @@ class MultiprocExecutor(Executor):
         self._sent = 0                  # steps written
         self._received = 0              # step results read
         self._results: dict[int, ModelRunnerOutput] = {}
-        self.output_rank = -1
-        try:
-            ready = [self._recv(rank, timeout=step_timeout_s()) for rank in range(world)]
-        except BaseException:
-            self.shutdown()
-            raise
+        self.output_rank = -1           # known once every worker reported ready (``_wait_ready``)
+
+    def _wait_ready(self) -> None:
+        """Wait for every worker to have built its rank (the engine does its own start-up meanwhile)."""
+        if self.output_rank >= 0:
+            return
+        ready = [self._recv(rank, timeout=step_timeout_s()) for rank in range(self.world_size)]
         self.output_rank = next(rank for rank, is_output in enumerate(ready) if is_output)
-        logger.info("Started %d worker processes (output rank %d)", world, self.output_rank)
+        logger.info("Started %d worker processes (output rank %d)", self.world_size, self.output_rank)
 
     # ---- calls on every rank ---------------------------------------------------
     def _call_all(self, method: str, *args: Any) -> list[Any]:
         self._check()
+        self._wait_ready()
         self.mq.enqueue((method, args), self._alive)
         return [self._recv(rank, timeout=step_timeout_s()) for rank in range(self.world_size)]
 
@@ -113,6 +115,7 @@ class MultiprocExecutor(Executor):
     # ---- steps -------------------------------------------------------------------
     def execute_async(self, plan: StepPlan) -> _Future:
         self._check()
+        self._wait_ready()
         try:
             self.mq.enqueue(plan, self._alive)
         except ExecutorDeadError:

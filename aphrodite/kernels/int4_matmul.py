@@ -317,19 +317,24 @@ def _rows_bucket(m: int) -> int:
 
 
 def _candidates(m: int) -> list[Config]:
-    """Launch shapes worth timing for ``m`` rows (decode-sized M is bound by weight reads, larger M by math)."""
+    """Launch shapes worth timing for ``m`` rows (decode-sized M is bound by weight reads, larger M by math).
+
+    Wide tiles (256 outputs = one 128-byte line of a packed int4 row) read whole cache lines; split-K
+    brings the program count to ``target`` per SM."""
     if m == 1:
-        return [Config(1, 64, 128, target=4), Config(1, 128, 64, target=4), Config(1, 32, 128, target=8),
-                Config(1, 128, 128, target=2, warps=8), Config(1, 64, 64, target=8), Config(16, 64, 128, target=4)]
+        return [Config(1, 64, 128, target=4), Config(1, 128, 64, target=4), Config(1, 256, 32, target=4),
+                Config(1, 256, 64, target=4, warps=8), Config(1, 128, 128, target=2, warps=8),
+                Config(16, 128, 64, target=4), Config(16, 256, 64, target=4, warps=8)]
     if m <= 16:
-        bm = 16
-        return [Config(bm, 64, 128, target=4), Config(bm, 128, 64, target=4), Config(bm, 32, 128, target=8),
-                Config(bm, 64, 64, target=8, stages=4)]
+        return [Config(16, 64, 128, target=4), Config(16, 128, 64, target=4), Config(16, 256, 64, target=4, warps=8),
+                Config(16, 256, 32, target=4), Config(16, 64, 64, target=8, stages=4)]
+    bm = next_pow2(m)
     if m <= 64:
-        return [Config(next_pow2(m), 64, 64, target=2), Config(next_pow2(m), 128, 64, target=2),
-                Config(next_pow2(m), 64, 128, target=1, stages=4), Config(next_pow2(m), 128, 64, splits=1, warps=8)]
+        return [Config(bm, 64, 64, target=2), Config(bm, 128, 64, target=2), Config(bm, 256, 64, target=2, warps=8),
+                Config(bm, 64, 128, target=1, stages=4), Config(bm, 128, 64, splits=1, warps=8)]
     return [Config(64, 128, 64, splits=1, warps=4, stages=4), Config(128, 128, 64, splits=1, warps=8, stages=3),
             Config(128, 64, 64, splits=1, warps=4, stages=4), Config(128, 256, 64, splits=1, warps=8, stages=3),
+            Config(64, 128, 64, target=2, warps=4, stages=4), Config(128, 128, 64, target=1, warps=8),
             Config(dequant=True)]
 
 

@@ -18,14 +18,24 @@ which costs ``S`` times the (small) LoRA work but has no loop over adapters.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
 
 __all__ = ["LoRAMetadata", "lora_expand", "lora_expand_ref", "lora_shrink", "lora_shrink_ref",
-           "lora_token_metadata"]
+           "lora_token_metadata", "lora_token_metadata_host"]
 
 LoRAMetadata = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def lora_token_metadata_host(slots: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, counts, starts) of ``lora_token_metadata`` computed on the host (the runner's path: the
+    step's slots are known there, so the device only receives the result)."""
+    keys = slots.astype(np.int64) + 1
+    order = np.argsort(keys, kind="stable")
+    counts = np.bincount(keys, minlength=num_slots + 1)
+    return order, counts, np.cumsum(counts) - counts
 
 
 def lora_token_metadata(slots: torch.Tensor, num_slots: int) -> LoRAMetadata:
@@ -142,9 +152,15 @@ def _block_m(num_tokens: int) -> int:
     return 16 if num_tokens <= 64 else 32 if num_tokens <= 1024 else 64
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, meta: LoRAMetadata) -> torch.Tensor:
+SPLIT_K_MAX_TOKENS = 1024   # up to this many tokens the shrink splits K across programs (atomic adds)
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, meta: LoRAMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[T, R]`` fp32 with ``x[t] @ a[slot[t]]^T`` on adapter rows (other rows: zero on the CPU,
-    unspecified on the GPU: ``lora_expand`` never reads them)."""
+    unspecified on the GPU: ``lora_expand`` never reads them).
+
+    ``out``: an all-zero ``[T, R]`` fp32 buffer to accumulate into (the layers share one, zeroed once per
+    forward pass, so a decode step does not pay a memset per layer); by default a new one."""
     slots = meta[0]
     if not use_triton(x):
         return lora_shrink_ref(x, a, slots)
@@ -155,8 +171,9 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, meta: LoRAMetadata) -> torch.T
     bn = max(16, min(64, next_pow2(r)))
     bk = 64 if k >= 64 else max(16, next_pow2(k))
     # Few token tiles (decode): split K across programs so the GPU has enough of them.
-    split_k = max(1, min(16, k // (bk * 4))) if t <= 1024 else 1
-    out = (torch.zeros if split_k > 1 else torch.empty)((t, r), dtype=torch.float32, device=x.device)
+    split_k = max(1, min(16, k // (bk * 4))) if t <= SPLIT_K_MAX_TOKENS else 1
+    if out is None:
+        out = (torch.zeros if split_k > 1 else torch.empty)((t, r), dtype=torch.float32, device=x.device)
     grid = (cdiv(t, bm), cdiv(r, bn) * split_k, s)
     _shrink(x.device)[grid](x, a, out, order, counts, starts, r, k, x.stride(0), x.stride(1),
                             a.stride(0), a.stride(1), a.stride(2), out.stride(0), out.stride(1),

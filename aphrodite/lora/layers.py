@@ -14,6 +14,7 @@ added to the partial output before the all-reduce. The shards are cut by the bas
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,7 +22,13 @@ from aphrodite.distributed.communication import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
-from aphrodite.kernels.lora import LoRAMetadata, lora_expand, lora_shrink, lora_token_metadata
+from aphrodite.kernels.lora import (
+    SPLIT_K_MAX_TOKENS,
+    LoRAMetadata,
+    lora_expand,
+    lora_shrink,
+    lora_token_metadata_host,
+)
 from aphrodite.kernels.triton_utils import use_triton
 from aphrodite.modeling.layers.linear import (
     ColumnParallelLinear,
@@ -35,26 +42,81 @@ __all__ = ["LoRALinear", "LoRAState"]
 
 
 class LoRAState:
-    """What every LoRA layer of one model reads in a forward pass: each token's slot, grouped once."""
+    """What every LoRA layer of one model reads in a forward pass: each token's slot, grouped by slot.
+
+    One persistent int64 buffer holds ``[counts (S+1) | starts (S+1) | slots (max_tokens) | order
+    (max_tokens)]``: the runner fills it from the host before each step (``fill``), the layers read
+    views of it, so a CUDA graph replays with the new step's values and nothing is sorted on the device.
+    """
 
     def __init__(self, num_slots: int, max_tokens: int, device: torch.device) -> None:
         self.num_slots = num_slots
-        self.slots = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
+        self.max_tokens = max_tokens
+        self.buffer = torch.zeros(2 * (num_slots + 1) + 2 * max_tokens, dtype=torch.int64, device=device)
+        s1 = num_slots + 1
+        self.counts = self.buffer[:s1]
+        self.starts = self.buffer[s1:2 * s1]
+        self.slots = self.buffer[2 * s1:2 * s1 + max_tokens]
+        self.order = self.buffer[2 * s1 + max_tokens:]
+        self.slots.fill_(-1)
+        self.counts[0] = max_tokens
+        self.order.copy_(torch.arange(max_tokens))
         # False: no token of this step uses an adapter, the layers skip the LoRA work (eager only;
         # CUDA graphs are captured with it on and their kernels exit early for slot -1 tokens).
         self.active = False
         self.meta: LoRAMetadata | None = None
+        self.num_layers = 0         # LoRA layers registered; each owns a row of ``scratch``
+        self.max_width = 0          # widest stacked rank (fused projections x max rank)
+        self.scratch: torch.Tensor | None = None
+        self._staging: list[torch.Tensor] = []
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._set = 0
+        if device.type == "cuda":   # two pinned sets: the host fills one while the other's copy may be queued
+            self._staging = [torch.empty_like(self.buffer, device="cpu").pin_memory() for _ in range(2)]
+
+    def register(self, width: int) -> int:
+        """A new layer's index into ``scratch``."""
+        self.num_layers += 1
+        self.max_width = max(self.max_width, width)
+        return self.num_layers - 1
+
+    def fill(self, slots: np.ndarray) -> None:
+        """Write one step's token slots (and, for the Triton kernels, their grouping by slot)."""
+        n = len(slots)
+        s1 = self.num_slots + 1
+        if not use_triton(self.buffer):
+            self.slots[:n] = torch.from_numpy(slots)
+            return
+        order, counts, starts = lora_token_metadata_host(slots, self.num_slots)
+        if self.buffer.device.type != "cuda":   # the Triton interpreter on the CPU
+            for dst, src in ((self.counts, counts), (self.starts, starts), (self.slots, slots), (self.order, order)):
+                dst[:len(src)] = torch.from_numpy(src)
+            return
+        self._set ^= 1
+        event = self._events[self._set]
+        if event is not None:
+            event.synchronize()
+        host = self._staging[self._set].numpy()
+        head = 2 * s1 + n
+        host[:s1], host[s1:2 * s1], host[2 * s1:head] = counts, starts, slots
+        base = 2 * s1 + self.max_tokens
+        host[base:base + n] = order
+        self.buffer[:head].copy_(self._staging[self._set][:head], non_blocking=True)
+        self.buffer[base:base + n].copy_(self._staging[self._set][base:base + n], non_blocking=True)
+        self._events[self._set] = torch.cuda.Event()
+        self._events[self._set].record()
 
     def prepare(self, num_tokens: int) -> None:
-        """Group this forward pass's tokens by slot (a model forward pre-hook calls this)."""
+        """The forward pass's views of the buffer (a model forward pre-hook calls this), and one zeroed
+        shrink output for every layer when the shrink accumulates split-K partial sums."""
+        self.scratch = None
         if not self.active:
             self.meta = None
             return
-        slots = self.slots[:num_tokens]
-        if use_triton(slots):
-            self.meta = lora_token_metadata(slots, self.num_slots)
-        else:
-            self.meta = (slots, slots, slots, slots)   # the reference reads the slots alone
+        self.meta = (self.slots[:num_tokens], self.order[:num_tokens], self.counts, self.starts)
+        if use_triton(self.buffer) and num_tokens <= SPLIT_K_MAX_TOKENS:
+            self.scratch = torch.zeros(self.num_layers, num_tokens, self.max_width, dtype=torch.float32,
+                                       device=self.buffer.device)
 
 
 def _slices(layer: LinearBase) -> list[object]:
@@ -79,6 +141,7 @@ class LoRALinear(nn.Module):
         self.is_row = isinstance(base_layer, RowParallelLinear)
         self.is_column = isinstance(base_layer, ColumnParallelLinear)
         nr = len(self.shard_ids) * max_rank
+        self.index = state.register(nr)
         device = state.slots.device
         self.lora_a = torch.zeros(max_loras, nr, base_layer.in_features, dtype=dtype, device=device)
         if device.type == "cuda":
@@ -144,9 +207,13 @@ class LoRALinear(nn.Module):
         meta = self.state.meta
         if meta is None:
             return out
+        if not out.is_contiguous():   # the expand adds in place
+            out = out.contiguous()
         x2 = x.reshape(-1, x.shape[-1])
         y2 = out.view(-1, out.shape[-1])
-        lora_expand(lora_shrink(x2, self.lora_a, meta), self.lora_b, meta, y2)
+        scratch = self.state.scratch
+        buf = None if scratch is None else scratch[self.index, :, :self.lora_a.shape[1]]
+        lora_expand(lora_shrink(x2, self.lora_a, meta, buf), self.lora_b, meta, y2)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -61,11 +61,6 @@ class LoRAManager:
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self.slot_of: OrderedDict[int, int] = OrderedDict()      # adapter id -> device slot, LRU first
         self.free_slots = list(range(max_loras))
-        self._staging: list[torch.Tensor] = []
-        self._events: list[Any] = [None, None]
-        self._set = 0
-        if device.type == "cuda":
-            self._staging = [torch.empty(max_tokens, dtype=torch.int64).pin_memory() for _ in range(2)]
 
     def _pre_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.state.prepare(args[0].shape[0])
@@ -148,17 +143,5 @@ class LoRAManager:
         per_req = np.fromiter((slot_of.get(i, -1) for i in lora_ids), dtype=np.int64, count=len(lora_ids))
         slots = np.repeat(per_req, num_tokens) if len(per_req) != sum(num_tokens) else per_req
         self.state.active = bool(used)
-        n = len(slots)
-        if self.device.type != "cuda":
-            if used:
-                self.state.slots[:n] = torch.from_numpy(slots)
-            return
-        self._set ^= 1
-        event = self._events[self._set]
-        if event is not None:
-            event.synchronize()
-        host = self._staging[self._set]
-        host[:n].numpy()[:] = slots
-        self.state.slots[:n].copy_(host[:n], non_blocking=True)
-        self._events[self._set] = torch.cuda.Event()
-        self._events[self._set].record()
+        if used or self.device.type == "cuda":
+            self.state.fill(slots)

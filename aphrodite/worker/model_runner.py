@@ -27,7 +27,7 @@ from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
 from aphrodite.modeling.loader import load_model
 from aphrodite.modeling.models.pipeline import IntermediateTensors, intermediate_tensor_spec
 from aphrodite.worker.cuda_graphs import DecodeGraphs
-from aphrodite.worker.sampling_inputs import build_sampling_metadata, to_device
+from aphrodite.worker.sampling_inputs import SamplingState, build_sampling_metadata, to_device
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
 from aphrodite.worker.step_inputs import StepInputs
 from aphrodite.worker.step_plan import RequestState, StepPlan, apply_plan
@@ -111,6 +111,9 @@ class ModelRunner:
         # The last queued step's sampled ids (device) and which row each sampled request got.
         self._prev_tokens: torch.Tensor | None = None
         self._prev_rows: dict[str, int] = {}
+        # Per-request sampler state on the device (penalty counts, DRY/n-gram histories, mirostat mu);
+        # finished requests are dropped with the plan's finished_ids (see _sampling_metadata).
+        self.sampling_state = SamplingState(self.vocab_size, config.scheduler.max_model_len, self.device)
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -276,10 +279,7 @@ class ModelRunner:
         sample_idx = [i for i, (r, n) in enumerate(zip(reqs, counts))
                       if r.num_computed_tokens + n == r.num_tokens_with_pending] if self.last_stage else []
         rows = [reqs[i] for i in sample_idx]
-        md = None
-        if rows:
-            pending = self._pending_for_sampler(host, sample_idx)
-            md = build_sampling_metadata(rows, self.vocab_size, self.device, pending)
+        md = self._sampling_metadata(plan, sample_idx, rows)
         every_row = host.num_decodes == len(reqs) == len(sample_idx)   # a decode step: every row samples
         last = None if every_row or not rows else to_device(
             [host.starts[i + 1] - 1 for i in sample_idx], torch.long, self.device)
@@ -301,6 +301,8 @@ class ModelRunner:
         if rows:
             logits = self.model.compute_logits(hidden if last is None else hidden[last])
             out = self.sampler(logits, md)
+            # The state takes the sampled ids while they are still on the device (no wait).
+            self.sampling_state.update([r.request_id for r in rows], out.token_ids)
         self._prev_tokens = None if out is None else out.token_ids
         self._prev_rows = {r.request_id: j for j, r in enumerate(rows)}
         prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts, want_result)
@@ -318,17 +320,17 @@ class ModelRunner:
             inter = IntermediateTensors.from_dict(pp_recv_tensors(spec, device=self.device))
         return self.model(input_ids, positions, inter)
 
-    def _pending_for_sampler(self, host: HostBatch, sample_idx: list[int]) -> tuple[np.ndarray, PrevTokens] | None:
-        """(sample rows, where their tokens are) of the rows whose last output token is still on the
-        device: penalties count it from there."""
-        prev = host.from_prev
-        if prev is None:
+    # ---- sampler inputs (i16: the one call site) --------------------------------------------------
+    def _sampling_metadata(self, plan: StepPlan, sample_idx: list[int], rows: list[RequestState]):
+        """The sampler's tensors for this step's sampling rows (None when no row samples), after dropping
+        the sampler state of requests that finished. A preempted request keeps its state: its tokens do
+        not change, and mirostat's mu cannot be rebuilt."""
+        for rid in plan.finished_ids:
+            self.sampling_state.remove(rid, finished=True)
+        if not rows:
             return None
-        if len(sample_idx) == len(host.seq_lens):
-            return prev.req_rows, prev
-        row_of = np.full(len(host.seq_lens), -1, dtype=np.int64)
-        row_of[sample_idx] = np.arange(len(sample_idx))
-        return row_of[prev.req_rows], prev
+        bitmask = None if plan.grammar_bitmask is None else plan.grammar_bitmask[sample_idx]
+        return build_sampling_metadata(rows, self.vocab_size, self.device, self.sampling_state, bitmask)
 
     def _prompt_logprobs(self, reqs: list[RequestState], counts: list[int], hidden: torch.Tensor,
                          starts: list[int], want_result: bool = True) -> list[list[PositionLogprobs] | None]:

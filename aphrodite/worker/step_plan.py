@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from aphrodite.sampling_params import SamplingParams
 
 
@@ -53,6 +55,9 @@ class StepPlan:
     num_new_tokens: list[int] = field(default_factory=list)
     new_token_ids: list[int] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)   # finished, aborted: drop their records
+    # Structured output: [len(req_ids), ceil(vocab/32)] int32 token bitmask from the engine's grammar
+    # matchers (bit set = allowed; unconstrained rows all ones), or None when no row is constrained.
+    grammar_bitmask: np.ndarray | None = None
 
     @property
     def total_tokens(self) -> int:

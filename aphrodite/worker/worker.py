@@ -34,7 +34,7 @@ def init_parallel_groups(config: EngineConfig, rank: int, local_rank: int, init_
     par = config.parallel
     backend = "nccl" if config.device.type == "cuda" else "gloo"
     init_distributed(par.world_size, rank, par.tensor_parallel_size, par.pipeline_parallel_size, backend,
-                     init_method, local_rank)
+                     init_method, local_rank, disable_custom_all_reduce=par.disable_custom_all_reduce)
 
 
 class Worker:

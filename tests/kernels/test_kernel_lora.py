@@ -4,7 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aphrodite.kernels.lora import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref, lora_token_metadata
+from aphrodite.kernels.lora import (
+    lora_expand,
+    lora_expand_ref,
+    lora_shrink,
+    lora_shrink_ref,
+    lora_token_metadata,
+    lora_token_metadata_host,
+)
 
 
 def _expected(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, y: torch.Tensor):
@@ -47,3 +54,5 @@ def test_metadata_groups_tokens_by_slot():
     assert counts.tolist() == [2, 2, 1, 2]
     assert starts.tolist() == [0, 2, 4, 5]
     assert order.tolist() == [1, 5, 2, 4, 6, 0, 3]
+    host = lora_token_metadata_host(slots.numpy(), 3)     # the runner's path gives the same
+    assert [x.tolist() for x in host] == [order.tolist(), counts.tolist(), starts.tolist()]

@@ -123,24 +123,47 @@ def test_decode_append_fp8(num_splits):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
 
 
-def test_engine_run_with_fp8_cache(tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize("cpu_path", ["c-kernels", "pytorch"])
+@pytest.mark.parametrize("scales", [None, (0.25, 0.5)], ids=["no_scales", "checkpoint_scales"])
+def test_engine_run_with_fp8_cache(tiny_llama_dir, tmp_path, monkeypatch, scales, cpu_path):
+    """Greedy tokens equal transformers' (eager attention) with its K/V rounded through fp8 as our cache
+    stores them; queries stay exact. ``scales``: per-layer k/v scales saved in the checkpoint
+    (``self_attn.k_scale`` / ``v_scale``, as llm-compressor writes them), else 1.0."""
+    import shutil
+
+    import transformers.models.llama.modeling_llama as modeling_llama
+    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
     from aphrodite import LLM, SamplingParams
+    from aphrodite.modeling.layers import attention
     monkeypatch.delenv("TRITON_INTERPRET")
-    llm = LLM(tiny_llama_dir, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
+    if cpu_path == "pytorch":
+        monkeypatch.setattr(attention, "_fp8_in_c", lambda q, cache: False)
+    path = tiny_llama_dir
+    ks, vs = scales or (1.0, 1.0)
+    if scales is not None:
+        path = str(tmp_path / "scaled")
+        shutil.copytree(tiny_llama_dir, path)
+        tensors = load_file(f"{path}/model.safetensors")
+        for i in range(2):
+            tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(ks)
+            tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(vs)
+        save_file(tensors, f"{path}/model.safetensors")
+    llm = LLM(path, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
               kv_cache_dtype="fp8")
     runner = llm.llm_engine.executor.runner
     assert runner.kv_caches[0][0].dtype == FP8
-    plain = LLM(tiny_llama_dir, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128)
-    assert runner.kv_bytes_per_block() * 4 == plain.llm_engine.executor.runner.kv_bytes_per_block()
-    # The reference: transformers (eager attention) with its K/V rounded through fp8 as our cache stores
-    # them (scale 1.0: no scales in the checkpoint); queries stay exact.
-    import transformers.models.llama.modeling_llama as modeling_llama
+    assert [(a.k_scale, a.v_scale) for a in runner.attn_layers] == [(ks, vs)] * 2
+    if scales is None:
+        plain = LLM(path, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128)
+        assert runner.kv_bytes_per_block() * 4 == plain.llm_engine.executor.runner.kv_bytes_per_block()
     eager = modeling_llama.eager_attention_forward
 
     def fp8_kv_attention(module, query, key, value, *args, **kwargs):
-        return eager(module, query, key.to(FP8).to(key.dtype), value.to(FP8).to(value.dtype), *args, **kwargs)
+        key = (key / ks).to(FP8).to(key.dtype) * ks
+        value = (value / vs).to(FP8).to(value.dtype) * vs
+        return eager(module, query, key, value, *args, **kwargs)
 
     monkeypatch.setattr(modeling_llama, "eager_attention_forward", fp8_kv_attention)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="eager")
@@ -158,3 +181,47 @@ def test_kv_cache_dtype_is_validated(tiny_llama_dir):
     from aphrodite import LLM
     with pytest.raises(ValueError, match="kv_cache_dtype 'int8' is not supported"):
         LLM(tiny_llama_dir, device="cpu", skip_tokenizer_init=True, kv_cache_dtype="int8")
+
+
+needs_c = pytest.mark.skipif(not __import__("aphrodite.kernels.cpu.ops", fromlist=["available"]).available(
+    torch.float32), reason="no C compiler")
+
+
+@needs_c
+def test_c_fp8_codec_matches_torch():
+    """Every code decodes as torch decodes it; encoding rounds to nearest even and saturates like torch's
+    conversion of the clamped value (ties, subnormals, the top of the range, NaN)."""
+    from aphrodite.kernels.cpu import ops
+    codes = torch.arange(256, dtype=torch.uint8)
+    want = codes.view(FP8).float()
+    got = ops.e4m3_to_float(codes)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got[~torch.isnan(want)], want[~torch.isnan(want)])
+    grid = want[~torch.isnan(want)]
+    mids = (grid[:-1] + grid[1:]) / 2                                  # exact ties, in float32
+    x = torch.cat([grid, mids, torch.randn(3000) * 10, torch.rand(500) * 0.03, torch.tensor([500.0, -1e6, 450.0])])
+    x = torch.cat([x, torch.tensor([float("nan")])])
+    k = x.reshape(-1, 1, 1)
+    cache = torch.zeros(k.shape[0], 1, 1, dtype=FP8)
+    ops.write_kv_fp8(k, k, cache, cache.clone(), torch.arange(k.shape[0]), 1.0, 1.0)
+    ref = x.clamp(-448, 448).to(FP8)
+    assert torch.equal(cache.view(-1).view(torch.uint8)[:-1], ref.view(torch.uint8)[:-1])
+    assert torch.isnan(cache.view(-1)[-1].float())
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_fp8_decode_attention(dtype):
+    """The C decode attention over an fp8 cache vs a float64 attention over the fp8-rounded truth."""
+    from aphrodite.kernels.cpu import ops
+    case, rounded, _ = fp8_case(q_lens=[1, 1, 1, 1], ctx_lens=[15, 40, 3, 70], group=4)
+    m = case.meta
+    ops.write_kv_fp8(case.k_new.to(dtype), case.v_new.to(dtype), case.k_cache, case.v_cache, m.slot_mapping,
+                     K_SCALE, V_SCALE)
+    if dtype == torch.bfloat16:   # the truth the kernel sees: keys and queries rounded to bf16 first
+        rounded = dataclasses.replace(rounded, q=case.q.to(dtype))
+    out = ops.paged_decode_attention_fp8(case.q.to(dtype), case.k_cache, case.v_cache, m.block_tables, m.seq_lens,
+                                         0.125, K_SCALE, V_SCALE)
+    want = dense_attention(rounded, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)

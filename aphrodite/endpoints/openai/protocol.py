@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from aphrodite.sampling_params import SamplingParams
+from aphrodite.sampling_params import SamplingParams, StructuredOutputsParams
 from aphrodite.tokenization.chat_template import ALLOWED_ROLES, RESERVED_TEMPLATE_KWARGS, TEXT_PART_TYPES
 
 
@@ -112,7 +112,111 @@ _PASS_THROUGH = ("n", "best_of", "temperature", "top_p", "top_k", "min_p", "pres
                  "prompt_logprobs")
 
 
-class SamplingFields(OpenAIRequestModel):
+# ---- Aphrodite's samplers and structured output (i16: every extra body field, one block) -------------------
+# Extra sampling fields under SamplingParams' own names (docs/sampling.md lists them all).
+_SAMPLER_FIELDS = ("no_repeat_ngram_size", "dynatemp_min", "dynatemp_max", "dynatemp_exponent", "temperature_last",
+                   "top_a", "tfs", "eta_cutoff", "epsilon_cutoff", "typical_p", "smoothing_factor", "smoothing_curve",
+                   "xtc_threshold", "xtc_probability", "nsigma", "skew", "mirostat_mode", "mirostat_tau",
+                   "mirostat_eta", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_sequence_breakers",
+                   "dry_sequence_breaker_ids", "dry_range", "dry_max_ngram", "dry_max_occurrences",
+                   "dry_early_exit_match_len", "sampler_priority", "allowed_token_ids", "bad_words")
+
+
+class JsonSchemaFormat(OpenAIRequestModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIRequestModel):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class AphroditeSamplingFields(OpenAIRequestModel):
+    """Aphrodite's extra samplers and the structured-output fields clients send (OpenAI's
+    ``response_format``, vLLM's ``structured_outputs``, Aphrodite 0.6's ``guided_*``)."""
+
+    no_repeat_ngram_size: Int | None = None
+    dynatemp_min: float | None = None
+    dynatemp_max: float | None = None
+    dynatemp_exponent: float | None = None
+    temperature_last: bool | None = None
+    top_a: float | None = None
+    tfs: float | None = None
+    eta_cutoff: float | None = None
+    epsilon_cutoff: float | None = None
+    typical_p: float | None = None
+    smoothing_factor: float | None = None
+    smoothing_curve: float | None = None
+    xtc_threshold: float | None = None
+    xtc_probability: float | None = None
+    nsigma: float | None = None
+    skew: float | None = None
+    mirostat_mode: Int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: Int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    dry_sequence_breaker_ids: list[Int] | None = None
+    dry_range: Int | None = None
+    dry_max_ngram: Int | None = None
+    dry_max_occurrences: Int | None = None
+    dry_early_exit_match_len: Int | None = None
+    sampler_priority: list[Int | str] | None = None
+    allowed_token_ids: list[Int] | None = None
+    bad_words: list[str] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+
+    def sampler_kwargs(self) -> dict[str, Any]:
+        """The extra fields the request set, as ``SamplingParams`` keyword arguments; raises ``ValueError``."""
+        kwargs: dict[str, Any] = {k: v for k in _SAMPLER_FIELDS if (v := getattr(self, k)) is not None}
+        so = self.structured_outputs_params()
+        if so is not None:
+            kwargs["structured_outputs"] = so
+        return kwargs
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The one constraint the request asks for, from whichever field it used."""
+        found: list[tuple[str, StructuredOutputsParams]] = []
+        if self.structured_outputs is not None:
+            try:
+                found.append(("structured_outputs", StructuredOutputsParams(**self.structured_outputs)))
+            except TypeError as e:
+                raise ValueError(f"structured_outputs: {e}") from None
+        extra: dict[str, Any] = {}
+        if self.guided_whitespace_pattern is not None:
+            extra["whitespace_pattern"] = self.guided_whitespace_pattern
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            if (value := getattr(self, name)) is not None:
+                found.append((name, StructuredOutputsParams(**{key: value}, **extra)))
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", StructuredOutputsParams(json_object=True)))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise ValueError("response_format of type json_schema needs json_schema.schema.")
+            found.append(("response_format", StructuredOutputsParams(json=rf.json_schema.schema_)))
+        if len(found) > 1:
+            raise ValueError("Only one structured output constraint may be given, got: "
+                             f"{', '.join(name for name, _ in found)}.")
+        return found[0][1] if found else None
+# ---- end of the samplers and structured output block --------------------------------------------------------
+
+
+class SamplingFields(AphroditeSamplingFields):
     """Sampling fields shared by completions and chat; ``None`` means the engine's default."""
 
     n: Int | None = _limits(1, minimum=1)  # maximum: max_num_seqs, set in the served schema
@@ -143,6 +247,7 @@ class SamplingFields(OpenAIRequestModel):
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, **overrides: Any) -> SamplingParams:
         """Build (and so validate) the engine's parameters; raises ``ValueError``."""
         kwargs: dict[str, Any] = {k: v for k in _PASS_THROUGH if (v := getattr(self, k)) is not None}
+        kwargs.update(self.sampler_kwargs())
         if self.logit_bias:
             # OpenAI's range, clamped as vLLM does: a huge bias would overflow the logits to inf (then NaN).
             kwargs["logit_bias"] = {t: min(100.0, max(-100.0, b)) for t, b in self.logit_bias.items()}

@@ -191,6 +191,7 @@ class ServingContext:
         """
         for rid, text, ids, params in items:
             self.log_request(rid, text, ids, params)
+        await self.check_structured_outputs([params for _, _, _, params in items])
         results = await asyncio.gather(
             *(self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": ids}, params,
                                       lora_request=lora_request)
@@ -209,6 +210,19 @@ class ServingContext:
                 raise OpenAIError(str(err), HTTPStatus.SERVICE_UNAVAILABLE, code="server_busy") from None
             raise err
         return results  # type: ignore[return-value]
+
+    async def check_structured_outputs(self, params: list[SamplingParams]) -> None:
+        """Compile the requests' schemas or grammars off the event loop and the engine thread (cached, so
+        the engine then finds them ready); one that does not compile is a 400 with xgrammar's message."""
+        wanted = [p for p in params if p.structured_outputs is not None]
+        if not wanted:
+            return
+        engine = self.engine.engine
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, engine.compile_structured_outputs, wanted)
+        except ValueError as e:
+            raise from_value_error(e, {"response_format", "structured_outputs", "guided_json", "guided_regex",
+                                       "guided_choice", "guided_grammar"}) from None
 
     def timer(self, arrival: float) -> RequestTimer:
         return RequestTimer(self.metrics, arrival)

@@ -63,6 +63,12 @@ def _from_cache(x: torch.Tensor, work: torch.Tensor | torch.dtype, kv_scale: flo
     return (x.float() * kv_scale).to(dtype)
 
 
+def _fp8_in_c(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether the C kernels read and write this (e4m3) fp8 cache for ``q``'s dtype."""
+    return (q.device.type == "cpu" and cache.dtype == torch.float8_e4m3fn and q.shape[-1] <= 512
+            and cpu_ops.available(q.dtype))
+
+
 def _rotate_cpu(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Neox rotary with the CPU table ``[P, 2, D]`` (rows ``[cos, cos]`` and ``[-sin, sin]``)."""
     cs = table.index_select(0, positions)
@@ -99,6 +105,7 @@ class TorchAttentionBackend:
         ``logits_soft_cap``: scores become ``cap * tanh(score / cap)`` before the softmax;
         ``k_scale``/``v_scale``: the layer's fp8 KV cache scales (unused for other cache dtypes)."""
         in_c = q.device.type == "cpu" and cpu_ops.available(q.dtype) and k_cache.dtype == q.dtype
+        fp8_c = _fp8_in_c(q, k_cache)
         if rope is not None and in_c:
             q, k = cpu_ops.rope_write_kv(q, k, v, rope[0], rope[1], k_cache, v_cache, meta.slot_mapping)
         else:
@@ -106,6 +113,8 @@ class TorchAttentionBackend:
                 q, k = _rotate_cpu(q, rope[0], rope[1]), _rotate_cpu(k, rope[0], rope[1])
             if in_c:
                 cpu_ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            elif fp8_c:
+                cpu_ops.write_kv_fp8(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
             else:
                 TorchAttentionBackend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         window, cap = sliding_window or 0, logits_soft_cap or 0.0
@@ -167,6 +176,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if q.device.type == "cpu" and cpu_ops.available(q.dtype) and k_cache.dtype == q.dtype:
         # Reads the paged cache in place: no gather, no padding, no dtype round trip.
         return cpu_ops.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, window, cap)
+    if _fp8_in_c(q, k_cache) and not window and not cap:   # the fp8 C kernel has no window or soft cap
+        return cpu_ops.paged_decode_attention_fp8(q, k_cache, v_cache, block_tables, seq_lens, scale, *kv_scales)
     b, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     nblocks = (max_len + bs - 1) // bs
