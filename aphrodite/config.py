@@ -148,6 +148,11 @@ class CacheConfig:
     num_blocks_override: int | None
     enable_prefix_caching: bool
     num_blocks: int = 0        # set by the worker after profiling
+    cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" (e4m3, per-layer scales)
+
+    def kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The torch dtype the paged KV cache is stored in."""
+        return torch.float8_e4m3fn if self.cache_dtype == "fp8" else model_dtype
 
 
 @dataclass
@@ -155,6 +160,14 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    max_loras: int = 0          # distinct LoRA adapters one step may hold (0: LoRA off)
+
+
+@dataclass
+class LoRAConfig:
+    max_loras: int
+    max_lora_rank: int
+    max_cpu_loras: int
 
 
 @dataclass
@@ -179,6 +192,7 @@ class EngineConfig:
     enforce_eager: bool
     log_stats: bool
     async_scheduling: bool = False
+    lora: LoRAConfig | None = None
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -260,18 +274,45 @@ def _resolve_quantization(requested: str | None, hf_config: Any) -> tuple[str | 
     settings = getattr(hf_config, "quantization_config", None)
     if settings is not None and not isinstance(settings, dict):
         settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(vars(settings))
-    declared = str(settings.get("quant_method") or "").lower() or None if settings else None
-    method = (requested or declared or "").lower() or None
-    if requested and declared and requested.lower() != declared:
+    from aphrodite.modeling.layers.quantization import QUANTIZATION_METHODS, canonical_method
+    declared = canonical_method(str(settings.get("quant_method") or "")) or None if settings else None
+    requested = canonical_method(requested) if requested else None
+    method = requested or declared
+    if requested and declared and requested != declared:
         raise ValueError(f"quantization={requested!r} was asked for, but the checkpoint is quantized with "
                          f"{declared!r}.")
     if method is None:
         return None, None
-    from aphrodite.modeling.layers.quantization import QUANTIZATION_METHODS
     if method not in QUANTIZATION_METHODS:
         supported = ", ".join(sorted(QUANTIZATION_METHODS)) or "none yet"
         raise ValueError(f"Quantization method {method!r} is not supported. Supported methods: {supported}.")
     return method, settings or {}
+
+
+def _resolve_kv_cache_dtype(name: str, device: torch.device) -> str:
+    """"auto" or "fp8"; fp8 needs a GPU with fp8 conversions (compute capability 8.9+) or the CPU."""
+    name = (name or "auto").lower()
+    if name not in ("auto", "fp8", "fp8_e4m3"):
+        raise ValueError(f"kv_cache_dtype {name!r} is not supported; supported: auto, fp8, fp8_e4m3.")
+    if name == "auto":
+        return "auto"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError("kv_cache_dtype='fp8' needs a GPU with compute capability 8.9 or newer (Ada, Hopper) "
+                         "or the CPU.")
+    return "fp8"
+
+
+def _resolve_lora(args: EngineArgs) -> LoRAConfig | None:
+    if not args.enable_lora:
+        return None
+    if args.max_loras < 1:
+        raise ValueError(f"max_loras must be at least 1, got {args.max_loras}.")
+    if args.max_lora_rank < 1:
+        raise ValueError(f"max_lora_rank must be at least 1, got {args.max_lora_rank}.")
+    cpu = args.max_cpu_loras if args.max_cpu_loras is not None else args.max_loras
+    if cpu < args.max_loras:
+        raise ValueError(f"max_cpu_loras ({cpu}) must be at least max_loras ({args.max_loras}).")
+    return LoRAConfig(args.max_loras, args.max_lora_rank, cpu)
 
 
 def create_engine_config(args: EngineArgs) -> EngineConfig:
@@ -313,7 +354,9 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_num_batched_tokens must be at least 1, got {budget}.")
     kv_space = float(os.environ.get("APHRODITE_CPU_KVCACHE_SPACE", args.cpu_kvcache_space))
 
+    lora = _resolve_lora(args)
     quantization, quant_settings = _resolve_quantization(args.quantization, hf_config)
+    cache_dtype = _resolve_kv_cache_dtype(args.kv_cache_dtype, device)
     tokenizer = args.tokenizer or path
     model_config = ModelConfig(
         model=model if args.model else "SmolLM2-135M-Instruct", path=path, hf_config=hf_config,
@@ -326,10 +369,11 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                           cpu_kvcache_space_bytes=int(kv_space * (1 << 30)),
                           num_blocks_override=args.num_gpu_blocks_override,
-                          enable_prefix_caching=args.enable_prefix_caching),
+                          enable_prefix_caching=args.enable_prefix_caching, cache_dtype=cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
-                                  max_model_len=max_model_len),
+                                  max_model_len=max_model_len, max_loras=lora.max_loras if lora else 0),
         parallel=parallel, device=device, enforce_eager=args.enforce_eager, log_stats=not args.disable_log_stats,
         # Pipeline stages keep several micro-batches in flight instead (see LLMEngine.step).
         async_scheduling=parallel.pipeline_parallel_size == 1 and (
-            device.type == "cuda" if args.async_scheduling is None else bool(args.async_scheduling)))
+            device.type == "cuda" if args.async_scheduling is None else bool(args.async_scheduling)),
+        lora=lora)

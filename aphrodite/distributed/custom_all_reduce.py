@@ -168,6 +168,23 @@ class CustomAllReduce:
         self.counter = torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=device)
         self.closed = False
         dist.barrier(group=cpu_group)   # nobody launches before every rank has mapped every buffer
+        self._self_test(cpu_group)
+
+    def _self_test(self, cpu_group: Any) -> None:
+        """One real all-reduce at start-up (it also compiles the kernel): a kernel that does not
+        build or a protocol that does not hold on this machine disables the custom path on every
+        rank instead of corrupting activations later."""
+        error = ""
+        try:
+            x = torch.full((4096,), float(self.rank + 1), dtype=torch.bfloat16, device=self.device)
+            out = self.all_reduce(x)
+            torch.cuda.synchronize(self.device)
+            expected = self.world_size * (self.world_size + 1) / 2
+            if not bool((out == expected).all()):
+                error = f"self-test sum is {out[:4].tolist()}, expected {expected}"
+        except Exception as e:   # a Triton compile or launch error: same on every rank
+            error = f"self-test failed: {type(e).__name__}: {e}"
+        self._agree(cpu_group, error)
 
     def _agree(self, cpu_group: Any, error: str) -> None:
         """Raise on every rank (after freeing what this one holds) if any rank saw an error."""

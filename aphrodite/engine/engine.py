@@ -25,6 +25,7 @@ from aphrodite.engine.scheduler import Scheduler, SchedulerOutput
 from aphrodite.engine.stop_checker import check_stop_token, find_stop_string
 from aphrodite.engine_args import EngineArgs
 from aphrodite.executor.base import ResultFuture, create_executor
+from aphrodite.lora.request import LoRARequest
 from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput
 from aphrodite.sampling_params import SamplingParams
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs
@@ -64,6 +65,15 @@ class _Ready:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        # Worker processes (mp) load the model while this process loads the tokenizer.
+        self.executor = create_executor(config)
+        try:
+            self._start(config)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
         m = config.model
         self.tokenizer = None
         if not m.skip_tokenizer_init:
@@ -71,7 +81,6 @@ class LLMEngine:
             self.tokenizer = get_tokenizer(m.tokenizer, gguf_file=m.gguf_file if m.tokenizer == m.path else None,
                                            revision=m.tokenizer_revision)
         self.eos_token_ids = self._eos_ids()
-        self.executor = create_executor(config)
         num_blocks = self.executor.determine_num_blocks()
         capacity = num_blocks * config.cache.block_size
         if capacity < config.scheduler.max_model_len:
@@ -99,6 +108,8 @@ class LLMEngine:
         self._inflight: deque[tuple[SchedulerOutput, ResultFuture]] = deque()
         self._finished_ids: list[str] = []      # ended since the last plan: the workers drop them
         self._step_id = 0
+        self.loras: dict[int, LoRARequest] = {}     # adapters the workers hold, by id
+        self._unloading: set[int] = set()           # removed, dropped by the workers once unused
         # Structured output: the grammar compiler (made on first use) and requests whose grammar is
         # still compiling in its thread pool (they join the scheduler once it is ready).
         self._structured = None
@@ -234,8 +245,9 @@ class LLMEngine:
             value = getattr(params, name)
             if value is not None and value > limit:
                 raise ValueError(f"{name} must be at most {limit} (max_logprobs), got {value}.")
-        if params.detokenize and self.tokenizer is None and (params.stop or params.logprobs):
-            raise ValueError("stop strings and decoded logprobs need a tokenizer (skip_tokenizer_init=True).")
+        if params.detokenize and self.tokenizer is None and params.stop:
+            # Logprobs need none: without a tokenizer their decoded_token is None, as in vLLM.
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True).")
         if params.allowed_token_ids and any(not 0 <= t < vocab for t in params.allowed_token_ids):
             raise ValueError(f"allowed_token_ids must be token ids in [0, {vocab}).")
         if any(not 0 <= t < vocab for t in params.dry_sequence_breaker_ids):
@@ -244,13 +256,55 @@ class LLMEngine:
             raise ValueError("bad_words, dry_sequence_breakers and structured outputs need a tokenizer "
                              "(skip_tokenizer_init=True is set).")
 
+    # ---- LoRA adapters ------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load an adapter into the worker (read and checked now: ``ValueError`` if it cannot serve);
+        False when its id is loaded already."""
+        if self.config.lora is None:
+            raise ValueError("LoRA adapters need the engine started with enable_lora=True (--enable-lora).")
+        if lora_request.lora_int_id in self._unloading:
+            raise ValueError(f"LoRA adapter id {lora_request.lora_int_id} is still being unloaded; use another id.")
+        known = self.loras.get(lora_request.lora_int_id)
+        if known is not None:
+            if (known.lora_name, known.lora_path) != (lora_request.lora_name, lora_request.lora_path):
+                raise ValueError(f"lora_int_id {lora_request.lora_int_id} is already used by adapter "
+                                 f"{known.lora_name!r} ({known.lora_path}).")
+            return False
+        self.executor.add_lora(lora_request)
+        self.loras[lora_request.lora_int_id] = lora_request
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Unload an adapter; False when it was not loaded. New requests cannot use it from now on;
+        the worker drops it once the requests already running with it have finished."""
+        if self.loras.pop(lora_int_id, None) is None:
+            return False
+        self._unloading.add(lora_int_id)
+        self._flush_unloads()
+        return True
+
+    def _flush_unloads(self) -> None:
+        if not self._unloading:
+            return
+        in_use = {r.lora_int_id for r in self.requests.values() if r.lora_int_id and not r.is_finished}
+        for sched, _ in self._inflight:
+            in_use.update(r.lora_int_id for r in sched.requests)
+        for lora_int_id in self._unloading - in_use:
+            self.executor.remove_lora(lora_int_id)
+            self._unloading.discard(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return set(self.loras)
+
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> None:
         params = params or SamplingParams()
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         text, prompt_ids = self.tokenize_prompt(prompt)
         self.validate(prompt_ids, params)
+        if lora_request is not None:
+            self.add_lora(lora_request)
         if params.bad_words or params.dry_sequence_breakers:
             params.update_from_tokenizer(self.tokenizer, self.config.model.hf_config.vocab_size)
         grammar = None
@@ -264,7 +318,8 @@ class LLMEngine:
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
             child_params = params if i == 0 else dataclasses.replace(params, prompt_logprobs=None)
             cid = request_id if count == 1 else f"{i}_{request_id}"
-            child = Request(cid, prompt_ids, child_params, seed, self.eos_token_ids, arrival_time, request_id)
+            child = Request(cid, prompt_ids, child_params, seed, self.eos_token_ids, arrival_time, request_id,
+                            lora_request)
             if params.best_of > params.n:
                 child.cumulative_logprob = 0.0
             if self.tokenizer is not None and params.detokenize:
@@ -314,6 +369,7 @@ class LLMEngine:
         copying every running request's token list each step would cost O(batch x length)).
         With async scheduling the outputs are those of the previous call's step.
         """
+        self._flush_unloads()
         early = self._admit_compiled(block=not self.scheduler.has_unfinished() and not self._inflight)
         if self._depth == 1:
             sched = self._schedule()
@@ -370,7 +426,7 @@ class LLMEngine:
         for r in sched.requests:
             if not r.sent_to_workers:
                 plan.new_requests.append(NewRequestData(r.request_id, r.prompt_token_ids, r.params,
-                                                        r.sample_seed, r.eos_token_ids))
+                                                        r.sample_seed, r.eos_token_ids, r.lora_int_id))
                 r.sent_to_workers = True
                 r.num_sent_tokens = r.num_prompt_tokens
             plan.req_ids.append(r.request_id)

@@ -58,8 +58,10 @@ class KVCacheManager:
         bs = self.block_size
         toks = request.all_token_ids
         hashes = request.block_hashes
+        # A LoRA adapter changes every block's keys and values: its id seeds the chain.
+        first = ("lora", request.lora_int_id) if request.lora_int_id else None
         for i in range(len(hashes), upto_tokens // bs):
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else first
             hashes.append(chain_hash(parent, tuple(toks[i * bs:(i + 1) * bs])))
 
     def find_cached_prefix(self, request: Request) -> list[int]:

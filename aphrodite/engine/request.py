@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import time
 
+from aphrodite.lora.request import LoRARequest
 from aphrodite.outputs import Logprob
 from aphrodite.sampling_params import SamplingParams
 
@@ -36,8 +37,10 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  sample_seed: int, eos_token_ids: tuple[int, ...], arrival_time: float | None = None,
-                 parent_id: str | None = None) -> None:
+                 parent_id: str | None = None, lora_request: LoRARequest | None = None) -> None:
         self.request_id = request_id
+        self.lora_request = lora_request
+        self.lora_int_id = lora_request.lora_int_id if lora_request is not None else 0
         self.parent_id = parent_id if parent_id is not None else request_id
         self.prompt_token_ids = prompt_token_ids
         self.all_token_ids: list[int] = list(prompt_token_ids)

@@ -10,6 +10,10 @@ recomputed later (its prefix often comes back from the prefix cache).
 With async scheduling a step is scheduled before the previous step's sampled tokens are
 known: those count as pending tokens (``Request.num_pending_tokens``), so a decode is
 scheduled as usual and its input token is taken from the device.
+
+With pipeline parallelism several micro-batches are in flight at once, one per stage; a
+request already in one of them is skipped (``skip_in_flight``) until its results are back,
+so the micro-batches hold disjoint requests and every input token is known to the host.
 """
 from __future__ import annotations
 
@@ -108,12 +112,19 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        # Admit new work only when nothing had to be preempted this step.
+        # Admit new work only when nothing had to be preempted this step. A request whose LoRA adapter
+        # would need a device slot when every slot holds another running adapter waits its turn.
+        max_loras = self.config.max_loras
+        loras = {r.lora_int_id for r in self.running if r.lora_int_id} if max_loras else set()
+        skipped: list[Request] = []
         while self.waiting and budget > 0 and not out.num_preempted \
                 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if self.skip_in_flight and req.num_in_flight:
                 break   # preempted while its last micro-batch is still running
+            if req.lora_int_id and req.lora_int_id not in loras and len(loras) >= max_loras:
+                skipped.append(self.waiting.popleft())
+                continue
             # Prompt log-probabilities need every prompt position computed: no prefix-cache skip.
             cached = [] if req.wants_prompt_logprobs else self.kv_cache.find_cached_prefix(req)
             num_cached = len(cached) * self.kv_cache.block_size
@@ -129,6 +140,9 @@ class Scheduler:
             self.running.append(req)
             chosen.append((req, n))
             budget -= n
+            if req.lora_int_id:
+                loras.add(req.lora_int_id)
+        self.waiting.extendleft(reversed(skipped))
 
         # Batch order: single-token chunks (decodes) first, as the attention backends expect.
         chosen.sort(key=lambda rn: rn[1] != 1)

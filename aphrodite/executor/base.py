@@ -12,6 +12,7 @@ import socket
 from typing import Protocol
 
 from aphrodite.config import EngineConfig
+from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.step_future import ModelRunnerOutput
 from aphrodite.worker.step_plan import StepPlan
 
@@ -43,6 +44,14 @@ class Executor:
 
     def shutdown(self) -> None:
         """Stop every rank; safe to call more than once."""
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load a LoRA adapter on every rank (each reads its shard from the path); ``ValueError`` if it
+        cannot be served; False when the id is loaded already."""
+        raise NotImplementedError
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        raise NotImplementedError
 
 
 def hang_timeout_s() -> float:

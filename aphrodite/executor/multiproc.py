@@ -26,6 +26,7 @@ from aphrodite.config import EngineConfig
 from aphrodite.distributed.parallel_state import disable_nvlink_multicast
 from aphrodite.executor.base import Executor, ExecutorDeadError, free_port, hang_timeout_s, step_timeout_s
 from aphrodite.executor.shm_broadcast import BroadcastHandle, ShmBroadcast
+from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.step_future import ModelRunnerOutput
 from aphrodite.worker.step_plan import StepPlan
 
@@ -68,18 +69,20 @@ class MultiprocExecutor(Executor):
         self._sent = 0                  # steps written
         self._received = 0              # step results read
         self._results: dict[int, ModelRunnerOutput] = {}
-        self.output_rank = -1
-        try:
-            ready = [self._recv(rank, timeout=step_timeout_s()) for rank in range(world)]
-        except BaseException:
-            self.shutdown()
-            raise
+        self.output_rank = -1           # known once every worker reported ready (``_wait_ready``)
+
+    def _wait_ready(self) -> None:
+        """Wait for every worker to have built its rank (the engine does its own start-up meanwhile)."""
+        if self.output_rank >= 0:
+            return
+        ready = [self._recv(rank, timeout=step_timeout_s()) for rank in range(self.world_size)]
         self.output_rank = next(rank for rank, is_output in enumerate(ready) if is_output)
-        logger.info("Started %d worker processes (output rank %d)", world, self.output_rank)
+        logger.info("Started %d worker processes (output rank %d)", self.world_size, self.output_rank)
 
     # ---- calls on every rank ---------------------------------------------------
     def _call_all(self, method: str, *args: Any) -> list[Any]:
         self._check()
+        self._wait_ready()
         self.mq.enqueue((method, args), self._alive)
         return [self._recv(rank, timeout=step_timeout_s()) for rank in range(self.world_size)]
 
@@ -89,9 +92,30 @@ class MultiprocExecutor(Executor):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._call_all("initialize_kv_cache", num_blocks)
 
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        results = self._call_all_between_steps("add_lora_or_error", lora_request)
+        error = next((e for _, e in results if e is not None), None)
+        if error is not None:
+            self._call_all("remove_lora", lora_request.lora_int_id)   # ranks that did load it drop it
+            raise ValueError(error)
+        return results[0][0]
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self._call_all_between_steps("remove_lora", lora_int_id)[0]
+
+    def _call_all_between_steps(self, method: str, *args: Any) -> list[Any]:
+        """``_call_all`` while steps may be in flight: their results (which the output rank sends
+        first) are read and kept for their futures, so the call's answers are not mixed up with them."""
+        while self._received < self._sent:
+            self._check()
+            self._received += 1
+            self._results[self._received] = self._recv(self.output_rank, timeout=step_timeout_s())
+        return self._call_all(method, *args)
+
     # ---- steps -------------------------------------------------------------------
     def execute_async(self, plan: StepPlan) -> _Future:
         self._check()
+        self._wait_ready()
         try:
             self.mq.enqueue(plan, self._alive)
         except ExecutorDeadError:

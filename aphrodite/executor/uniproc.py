@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from aphrodite.config import EngineConfig
 from aphrodite.executor.base import Executor
+from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.model_runner import ModelRunnerOutput, StepFuture
 from aphrodite.worker.step_plan import StepPlan
 from aphrodite.worker.worker import Worker
@@ -25,3 +26,9 @@ class UniProcExecutor(Executor):
     def execute_async(self, plan: StepPlan) -> StepFuture:
         """Queue the step; its results are read from the returned future later."""
         return self.worker.execute(plan)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return self.worker.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.worker.remove_lora(lora_int_id)

@@ -11,6 +11,8 @@ GPU path (one launch per GEMM for all experts, as vLLM's Triton fused-MoE):
   expert's run is padded to a multiple of ``BLOCK_M``, so every ``BLOCK_M`` rows of the sorted list
   belong to one expert (``expert_ids`` per row block). Pure tensor ops, no host sync, so a decode
   step can be captured in a CUDA graph.
+* With few pairs (decode: ``T * k`` at most half the experts) no sorting at all: row block ``i`` is
+  pair ``i`` and reads its expert from ``topk_ids``.
 * ``_grouped_gemm``: program ``(row block, column block)`` multiplies its gathered rows of A by its
   expert's weight; row blocks past the padded total, and padding rows, do nothing. The first GEMM
   reads token rows (``pair // k``), the second reads the activation rows of the pairs and scales by
@@ -76,7 +78,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
     # Each expert pads at most block_m - 1 rows, and only experts that got a pair pad at all.
     cap = min(n + num_experts * (block_m - 1), n * block_m)
     cap = cdiv(max(cap, 1), block_m) * block_m
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add rather than bincount: bincount sizes its output on the host (a sync, no CUDA graph).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
@@ -96,7 +99,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
                          stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
                          A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         IEEE: tl.constexpr, PER_PAIR: tl.constexpr):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_rows_cap, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -107,10 +110,15 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
     group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_m
     pid_n = (pid % per_group) // group_m
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+    if PER_PAIR:
+        # Few pairs (decode): row block i is pair i alone, its expert read from topk_ids directly, so
+        # routing needs no sort at all (two pairs on one expert read its weights twice, rarely).
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)
+    else:
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
     row_ok = pair < num_pairs
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,17 +155,25 @@ def _tiles(num_pairs: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     return 64, 128, 64, 8, 3
 
 
-def _launch(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, weights: torch.Tensor, sorted_ids: torch.Tensor,
-            expert_ids: torch.Tensor, num_padded: torch.Tensor, num_pairs: int, a_row_div: int, mul_weight: bool,
-            block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> None:
+def _launch(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, weights: torch.Tensor,
+            routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, topk_ids: torch.Tensor, num_pairs: int,
+            a_row_div: int, mul_weight: bool, block_m: int, block_n: int, block_k: int, warps: int,
+            stages: int) -> None:
+    """``routing``: ``moe_align_block_size``'s output, or None for one row block per pair."""
     n, k = w.shape[1], w.shape[2]
-    grid = (cdiv(sorted_ids.shape[0], block_m) * cdiv(n, block_n),)
+    if routing is None:
+        sorted_ids = num_padded = expert_ids = topk_ids
+        rows = num_pairs * block_m
+    else:
+        sorted_ids, expert_ids, num_padded = routing
+        rows = sorted_ids.shape[0]
+    grid = (cdiv(rows, block_m) * cdiv(n, block_n),)
     _grouped_gemm(a.device)[grid](
-        a, w, c, weights, sorted_ids, expert_ids, num_padded, n, k, num_pairs, sorted_ids.shape[0],
+        a, w, c, weights, sorted_ids, expert_ids, num_padded, n, k, num_pairs, rows,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         A_ROW_DIV=a_row_div, MUL_WEIGHT=mul_weight, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=min(block_k, max(16, next_pow2(k))), GROUP_M=8, IEEE=a.dtype == torch.float32,
-        num_warps=warps, num_stages=stages)
+        PER_PAIR=routing is None, num_warps=warps, num_stages=stages)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -174,17 +190,18 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     assert x.shape[1] == h and w2.shape[0] == num_experts and w2.shape[2] * 2 == two_i
     num_pairs = t * k
     block_m, block_n, block_k, warps, stages = _tiles(num_pairs, two_i, h)
-    sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, block_m, num_experts)
+    flat_ids = topk_ids.reshape(-1).contiguous()
+    routing = None if num_pairs * 2 <= num_experts else moe_align_block_size(topk_ids, block_m, num_experts)
     weights = topk_weights.reshape(-1).contiguous()
     inter = torch.empty(num_pairs, two_i, dtype=x.dtype, device=x.device)
-    _launch(x, w13, inter, weights, sorted_ids, expert_ids, num_padded, num_pairs, k, False,
-            block_m, block_n, block_k, warps, stages)
+    _launch(x, w13, inter, weights, routing, flat_ids, num_pairs, k, False, block_m, block_n, block_k, warps,
+            stages)
     if activation == "silu" and x.is_cuda:
         from aphrodite.kernels.activation import silu_and_mul
         act = silu_and_mul(inter)
     else:
         act = _act_and_mul(inter, activation)
     out = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
-    _launch(act, w2, out, weights, sorted_ids, expert_ids, num_padded, num_pairs, 1, True,
-            block_m, block_n, block_k, warps, stages)
+    _launch(act, w2, out, weights, routing, flat_ids, num_pairs, 1, True, block_m, block_n, block_k, warps,
+            stages)
     return out.view(t, k, -1).sum(dim=1)

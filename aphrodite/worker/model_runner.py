@@ -21,6 +21,7 @@ import torch
 from aphrodite.config import EngineConfig
 from aphrodite.distributed.communication import pp_recv_tensors, pp_send_tensors
 from aphrodite.distributed.parallel_state import get_pp_size, is_first_pp_rank, is_last_pp_rank
+from aphrodite.lora.request import LoRARequest
 from aphrodite.modeling.layers.attention import Attention, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
 from aphrodite.modeling.loader import load_model
@@ -82,6 +83,7 @@ class ModelRunner:
         self.config = config
         self.device = config.device
         self.dtype = config.model.dtype
+        self.kv_dtype = config.cache.kv_dtype(self.dtype)   # fp8 with --kv-cache-dtype fp8
         self.block_size = config.cache.block_size
         start = time.perf_counter()
         self.model = load_model(config.model, self.device)
@@ -95,6 +97,12 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs = StepInputs(config)
+        self.lora_manager = None
+        if config.lora is not None:
+            from aphrodite.lora.manager import LoRAManager
+            lc = config.lora
+            self.lora_manager = LoRAManager(self.model, lc.max_loras, lc.max_lora_rank, lc.max_cpu_loras,
+                                            self.inputs.max_tokens, self.device, self.dtype)
         # Graphs capture a whole forward pass; a pipeline stage's exchanges with its neighbours are not in it.
         self.graphs = DecodeGraphs(self) if (self.device.type == "cuda" and not config.enforce_eager
                                              and self.pp_size == 1) else None
@@ -109,7 +117,7 @@ class ModelRunner:
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        elem = torch.empty(0, dtype=self.dtype).element_size()
+        elem = torch.empty(0, dtype=self.kv_dtype).element_size()
         return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * elem for a in self.attn_layers)
 
     def _kv_pairs(self, num_blocks: int, alloc=torch.zeros) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -117,8 +125,8 @@ class ModelRunner:
         pairs = []
         for a in self.attn_layers:
             shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
-            pairs.append((alloc(shape, dtype=self.dtype, device=self.device),
-                          alloc(shape, dtype=self.dtype, device=self.device)))
+            pairs.append((alloc(shape, dtype=self.kv_dtype, device=self.device),
+                          alloc(shape, dtype=self.kv_dtype, device=self.device)))
         return pairs
 
     def determine_num_blocks(self) -> int:
@@ -157,6 +165,8 @@ class ModelRunner:
         host = HostBatch(np.zeros(n, np.int64), np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64),
                          [0, n], [n], np.arange(blocks, dtype=np.int32)[None, :], 0)
         ids, pos, meta = self.inputs.to_device(host)
+        if self.lora_manager is not None:   # peak memory with the LoRA kernels' buffers
+            self.lora_manager.state.active = True
         with torch.inference_mode(), set_attention_metadata(meta):
             if self.pp_size == 1:
                 hidden = self.model(ids, pos)
@@ -184,7 +194,19 @@ class ModelRunner:
         self.kv_caches = self._kv_pairs(num_blocks, lambda shape, dtype, device: zeroed(shape, dtype, device))
         self._bind(self.kv_caches)
         if self.graphs is not None:
+            if self.lora_manager is not None:   # graphs always hold the LoRA kernels (slot -1 rows skip them)
+                self.lora_manager.state.active = True
             self.graphs.capture()
+
+    # ---- LoRA -----------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read and check an adapter (``ValueError`` if it cannot serve); False if its id is loaded."""
+        if self.lora_manager is None:
+            raise ValueError("LoRA adapters need the engine started with enable_lora=True (--enable-lora).")
+        return self.lora_manager.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.lora_manager is not None and self.lora_manager.remove_lora(lora_int_id)
 
     def _bind(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for i, layer in enumerate(self.attn_layers):
@@ -262,6 +284,8 @@ class ModelRunner:
         last = None if every_row or not rows else to_device(
             [host.starts[i + 1] - 1 for i in sample_idx], torch.long, self.device)
 
+        if self.lora_manager is not None:   # activate the step's adapters, each token's slot index
+            self.lora_manager.set_step([r.lora_int_id for r in reqs], counts)
         if self.graphs is not None and self.graphs.can_run(host):
             hidden = self.graphs.run(host)
         else:

@@ -21,6 +21,7 @@ from aphrodite.distributed.parallel_state import (
     init_distributed,
     is_last_pp_rank,
 )
+from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.model_runner import ModelRunner
 from aphrodite.worker.step_future import StepFuture
 from aphrodite.worker.step_plan import StepPlan
@@ -33,7 +34,7 @@ def init_parallel_groups(config: EngineConfig, rank: int, local_rank: int, init_
     par = config.parallel
     backend = "nccl" if config.device.type == "cuda" else "gloo"
     init_distributed(par.world_size, rank, par.tensor_parallel_size, par.pipeline_parallel_size, backend,
-                     init_method, local_rank)
+                     init_method, local_rank, disable_custom_all_reduce=par.disable_custom_all_reduce)
 
 
 class Worker:
@@ -63,6 +64,21 @@ class Worker:
     def execute(self, plan: StepPlan) -> StepFuture:
         """Queue one step; only the output rank's future carries results worth reading."""
         return self.runner.queue(plan, want_result=self.is_output_rank)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load an adapter into this rank's slots' host cache; ``ValueError`` if it cannot be served."""
+        return self.runner.add_lora(lora_request)
+
+    def add_lora_or_error(self, lora_request: LoRARequest) -> tuple[bool, str | None]:
+        """``add_lora`` for worker processes: a bad adapter comes back as its message, since an exception
+        would end the process."""
+        try:
+            return self.runner.add_lora(lora_request), None
+        except ValueError as e:
+            return False, str(e)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.runner.remove_lora(lora_int_id)
 
     def shutdown(self) -> None:
         if self.distributed:

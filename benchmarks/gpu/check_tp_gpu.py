@@ -11,7 +11,8 @@
    and each TP rank reads only its slices of it.
 3. The engine (``LLM``) at TP=2, at TP=2 with ``disable_custom_all_reduce`` and at TP=1, each in
    its own process: greedy tokens for 16 random prompts (fraction identical to TP=1 and first
-   divergence), first-step logprobs (TP=2 vs TP=1, bf16 tolerance), time to ready, first-token
+   divergence), first-step logprobs (TP=2 vs TP=1 within LOGPROB_TOL, the same top token in at least
+   14 of 16 prompts), time to ready, first-token
    latency of a 128-token prompt and batch-1 decode speed (128 in / 256 out).
 A short table comes last.
 """
@@ -38,6 +39,10 @@ import torch  # noqa: E402
 SIZES = [8 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 NUM_PROMPTS = 16
 MAX_TOKENS = 32
+# First-step logprobs (about -12 for a random 128K vocabulary): bf16 activations rounded through 32
+# layers in a different reduction order; 0.25 is ~2% of their size. Greedy tokens may diverge later
+# (near-ties of a random model), which is reported, not failed.
+LOGPROB_TOL = 0.25
 
 
 # ----------------------------------------------------------------------------- all-reduce
@@ -230,7 +235,8 @@ def _engine_worker(model: str, tp: int, disable_custom: bool, out: str) -> None:
         llm = LLM(model, tensor_parallel_size=tp, disable_custom_all_reduce=disable_custom, dtype="bfloat16",
                   skip_tokenizer_init=True, max_model_len=4096, seed=0)
         ready = time.perf_counter() - start
-        greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
+        greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5,
+                                detokenize=False)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
         tokens = [o.outputs[0].token_ids for o in outs]
         first = [{str(k): v.logprob for k, v in o.outputs[0].logprobs[0].items()} for o in outs]
@@ -340,7 +346,7 @@ def main() -> int:
             print(f"{label:<16} {r['ready_s']:>8.1f} {r['ttft_ms']:>8.1f} {r['tok_s']:>7.1f} "
                   f"{r['ms_per_token']:>7.2f} {cols}")
             if cmp:
-                ok &= cmp["top1_same"] >= NUM_PROMPTS - 1 and cmp["logprob_max_diff"] <= 0.1
+                ok &= cmp["top1_same"] >= NUM_PROMPTS - 2 and cmp["logprob_max_diff"] <= LOGPROB_TOL
     print("CHECK_TP", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -6,8 +6,12 @@ raise its flag in every peer's signal array, and return the rank-ordered fp32 su
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+from spawn import spawn_ranks
 
 from aphrodite.kernels import custom_all_reduce as car
 
@@ -116,7 +120,6 @@ def test_compiles_for_h200_with_system_scope_flags_and_vector_loads() -> None:
     """Compiled ahead of time for sm_90 (no GPU needed; in a fresh process, away from the
     interpreter): the flags are system-scope release exchanges and acquire loads (the peers are
     other GPUs), and the data moves 16 bytes at a time."""
-    import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -126,3 +129,38 @@ def test_compiles_for_h200_with_system_scope_flags_and_vector_loads() -> None:
     assert ptx.count("ld.global.sys.acquire.b32") >= 2                 # polling each peer
     assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
     assert "ld.volatile" not in ptx and "bar.sync" in ptx
+
+
+SIZES = [4096, 1500, 70 * car.BLOCK, 8, 3 * car.BLOCK, 4096, 2048]
+
+
+def _rank_worker(rank: int, world_size: int, init_method: str, bufs: list[torch.Tensor],
+                 sigs: list[torch.Tensor], out_dir: str) -> None:
+    """One rank, in its own process: the shared-memory segments are mapped at this process's own
+    addresses (as CUDA IPC maps the peers' buffers), and the calls run back to back."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    buf_ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    sig_ptrs = torch.tensor([s.data_ptr() for s in sigs], dtype=torch.int64)
+    counter = torch.zeros(car.MAX_PROGRAMS, dtype=torch.int32)
+    outs = []
+    for call, n in enumerate(SIZES):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(100 * call + rank))
+        outs.append(car.one_shot_all_reduce(x, torch.empty_like(x), buf_ptrs, sig_ptrs, counter, rank,
+                                            world_size, HALF_BYTES))
+    torch.save(outs, f"{out_dir}/out{rank}.pt")
+
+
+def test_two_processes_back_to_back(tmp_path: Path) -> None:
+    """The whole protocol with real concurrency: two processes, each its own address space, seven
+    calls of changing sizes back to back (a rank may run a call ahead of its peer), every result
+    equal to the reference."""
+    world = 2
+    bufs = [torch.zeros(2 * HALF_BYTES, dtype=torch.uint8).share_memory_() for _ in range(world)]
+    sigs = [torch.zeros(world, car.MAX_PROGRAMS, dtype=torch.int32).share_memory_() for _ in range(world)]
+    spawn_ranks(_rank_worker, world, tmp_path, bufs, sigs, str(tmp_path), timeout=240)
+    outs = [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]
+    for call, n in enumerate(SIZES):
+        inputs = [torch.randn(n, generator=torch.Generator().manual_seed(100 * call + r)) for r in range(world)]
+        expected = car.one_shot_all_reduce_ref(inputs)
+        for r in range(world):
+            assert torch.equal(outs[r][call], expected), (call, r)

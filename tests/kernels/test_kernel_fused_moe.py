@@ -63,7 +63,8 @@ def test_reference_matches_oracle(t, e, k, h, i) -> None:
 @pytest.mark.parametrize("t,e,k,h,i", [(1, 8, 2, 64, 32), (5, 4, 2, 32, 48), (70, 16, 4, 64, 32),
                                        (3, 6, 1, 40, 24)])
 def test_triton_matches_oracle(device, t, e, k, h, i) -> None:
-    """Decode-sized (one row block per expert) and prefill-sized batches; experts that get no token;
+    """Decode-sized (few pairs: one row block per pair, no sort) and prefill-sized (sorted) batches; experts
+    that get no token;
     sizes that are not multiples of the tiles."""
     x, w13, w2, w, ids = make(t, e, k, h, i, torch.float32, device, seed=t)
     out = fused_experts(x, w13, w2, w, ids)

@@ -29,6 +29,9 @@ class GeluAndMul(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.approximate == "tanh":   # one fused Triton pass
+            from aphrodite.kernels.activation import gelu_tanh_and_mul
+            return gelu_tanh_and_mul(x)
         d = x.shape[-1] // 2
         return F.gelu(x[..., :d], approximate=self.approximate) * x[..., d:]
 

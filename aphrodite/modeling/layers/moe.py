@@ -138,6 +138,8 @@ class SparseMoeBlock(nn.Module):
                                           reduce_results=False)
             self.shared_expert_gate = ReplicatedLinear(hidden_size, 1, bias=False, quant_config=None,
                                                        prefix=f"{prefix}.shared_expert_gate")
+            # GGUF files store this [1, H] weight as a vector.
+            self.shared_expert_gate.weight.weight_loader = _vector_or_row_loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.experts(x, self.gate(x))
@@ -148,15 +150,20 @@ class SparseMoeBlock(nn.Module):
         return out
 
 
+def _vector_or_row_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+    copy_into(param.data, loaded_weight.reshape(param.shape))
+
+
 _EXPERT_RE = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight$")
-_STACKED_RE = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)$")
+_STACKED_RE = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj|gate_proj|up_proj)(?:\.weight)?$")
 
 
 def expert_params_mapping(gate: str = "gate_proj", up: str = "up_proj",
                           down: str = "down_proj") -> Any:
     """A function ``name -> (parameter name, shard id) | None`` for checkpoint expert tensors named
     ``...experts.{e}.{gate|up|down}.weight`` (per expert) or ``...experts.gate_up_proj``/``down_proj``
-    (stacked, as transformers 5 holds them)."""
+    (stacked, as transformers 5 holds them), or ``...experts.{gate|up|down}_proj.weight`` (stacked per
+    projection, as the GGUF loader names them)."""
     kinds = {gate: "w1", up: "w3", down: "w2"}
 
     def parse(name: str) -> tuple[str, object] | None:
@@ -166,10 +173,10 @@ def expert_params_mapping(gate: str = "gate_proj", up: str = "up_proj",
             if kind is None:
                 return None
             return f"{base}.{'w2' if kind == 'w2' else 'w13'}_weight", (int(expert), kind)
-        if m := _STACKED_RE.fullmatch(name):
+        if m := _STACKED_RE.fullmatch(name):   # [E, ...]: transformers 5 in memory, GGUF per projection
             base, proj = m.groups()
-            return (f"{base}.w13_weight", (None, "w13")) if proj == "gate_up_proj" else \
-                (f"{base}.w2_weight", (None, "w2"))
+            kind = {"gate_up_proj": "w13", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}[proj]
+            return f"{base}.{'w2' if kind == 'w2' else 'w13'}_weight", (None, kind)
         return None
 
     return parse

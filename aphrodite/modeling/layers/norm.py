@@ -64,6 +64,9 @@ class GemmaRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor,
                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.is_cuda:   # one Triton pass (add, normalise, (1 + w)) instead of several elementwise ops
+            from aphrodite.kernels.rmsnorm import gemma_rms_norm
+            return gemma_rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

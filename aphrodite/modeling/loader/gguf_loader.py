@@ -31,6 +31,7 @@ class _ArchSpec:
     global_names: dict[str, str]    # GGUF "<key>" -> HF "<value>"
     permute_qk: bool                # llama.cpp interleaves Q/K rows for its rotary layout
     ignored: frozenset[str] = frozenset()  # GGUF tensors HF derives from the config instead
+    norm_offset: float = 0.0        # added to every norm weight (Gemma files store 1 + w)
 
 
 _LLAMA = _ArchSpec(
@@ -55,8 +56,40 @@ _LLAMA = _ArchSpec(
     ignored=frozenset({"rope_freqs.weight"}),
 )
 
-# general.architecture -> spec. Mistral files are written as "llama" by llama.cpp.
-_ARCHITECTURES: dict[str, _ArchSpec] = {"llama": _LLAMA}
+# Family maps on top of Llama's (tensor names as llama.cpp's gguf-py writes them).
+_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Routed experts come stacked ([E, ...] per projection); the MoE loader splits them per expert.
+_EXPERTS = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj",
+            "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj"}
+_SHARED_EXPERT = {"ffn_gate_inp_shexp": "mlp.shared_expert_gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+                  "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+_GEMMA_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+
+
+def _family(block_extra: dict[str, str], permute_qk: bool = False, drop: tuple[str, ...] = (),
+            ignored: frozenset[str] = frozenset(), norm_offset: float = 0.0) -> _ArchSpec:
+    blocks = {k: v for k, v in _LLAMA.block_names.items() if k not in drop}
+    return _ArchSpec({**blocks, **block_extra}, dict(_LLAMA.global_names), permute_qk, ignored, norm_offset)
+
+
+# general.architecture -> spec. Mistral (and Mixtral) files are written as "llama" by llama.cpp.
+_ARCHITECTURES: dict[str, _ArchSpec] = {
+    "llama": _family({**_EXPERTS, "ffn_gate_inp": "block_sparse_moe.gate",
+                      "ffn_gate_exps": "block_sparse_moe.experts.gate_proj",
+                      "ffn_up_exps": "block_sparse_moe.experts.up_proj",
+                      "ffn_down_exps": "block_sparse_moe.experts.down_proj"}, True, ignored=_LLAMA.ignored),
+    "qwen2": _family({}),
+    "qwen3": _family(_QK_NORM),
+    "qwen2moe": _family({**_EXPERTS, **_SHARED_EXPERT}),
+    "qwen3moe": _family({**_QK_NORM, **_EXPERTS}),
+    # Phi-3 files keep the fused projections: attn_qkv, and ffn_up holding gate and up.
+    "phi3": _family({"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+                    drop=("attn_q", "attn_k", "attn_v", "ffn_gate"),
+                    ignored=frozenset({"rope_factors_long.weight", "rope_factors_short.weight"})),
+    "gemma2": _family(_GEMMA_NORMS, norm_offset=-1.0),
+    "gemma3": _family({**_GEMMA_NORMS, **_QK_NORM}, norm_offset=-1.0),
+}
 SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -288,7 +321,15 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, LazyT
             perm = _unpermute_rows(np.arange(raw.shape[0]), n_head)
         elif spec.permute_qk and ".attn_k." in info.name:
             perm = _unpermute_rows(np.arange(raw.shape[0]), n_kv)
-        yield name, LazyTensor(_gguf_reader(raw, qtype, perm, info.name), tuple(reversed(info.dims)), torch.float32)
+        read = _gguf_reader(raw, qtype, perm, info.name)
+        if spec.norm_offset and name.endswith("norm.weight"):
+            read = _offset(read, spec.norm_offset)
+        yield name, LazyTensor(read, tuple(reversed(info.dims)), torch.float32)
+
+
+def _offset(read: Callable[[tuple[slice, ...]], torch.Tensor],
+            offset: float) -> Callable[[tuple[slice, ...]], torch.Tensor]:
+    return lambda slices: read(slices) + offset
 
 
 def _gguf_reader(raw: np.ndarray, qtype: Any, perm: np.ndarray | None,

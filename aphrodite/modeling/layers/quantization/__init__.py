@@ -33,3 +33,19 @@ def get_quantization_config(method: str, config: dict[str, Any]) -> Quantization
         supported = ", ".join(sorted(QUANTIZATION_METHODS)) or "none"
         raise ValueError(f"Quantization method {method!r} is not supported. Supported methods: {supported}.")
     return cls.from_config(config)
+
+
+#: Other names users and tools give the same formats (vLLM's kernel-specific spellings).
+QUANTIZATION_ALIASES: dict[str, str] = {
+    "awq_marlin": "awq", "gptq_marlin": "gptq", "compressed_tensors": "compressed-tensors",
+}
+
+
+def canonical_method(name: str) -> str:
+    """``name`` lower-cased with aliases resolved (``awq_marlin`` -> ``awq``)."""
+    name = name.lower()
+    return QUANTIZATION_ALIASES.get(name, name)
+
+
+# The formats register themselves on import.
+from aphrodite.modeling.layers.quantization import awq, compressed_tensors, fp8, gptq  # noqa: E402,F401
