@@ -31,7 +31,7 @@ case $stage in
   serve)
     SERVER_ARGS="-tp 2" RATE_PROMPTS=400 DEADLINE_S=330 bash benchmarks/gpu/run_serve_gpu.sh ;;
   tp1)
-    CUDA_VISIBLE_DEVICES=${TP1_GPU:-0} workloads tp1 1 ;;
+    CUDA_VISIBLE_DEVICES=${TP1_GPU:-${CUDA_VISIBLE_DEVICES:-0}} workloads tp1 1 ;;
 esac
 echo "== $stage table =="
 grep -h -E "^(Avg latency|Throughput|Engine start-up)" "$OUT"/tp*_*.log 2>/dev/null
