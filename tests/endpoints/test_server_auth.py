@@ -204,14 +204,14 @@ def test_openapi_describes_the_server(auth_server, keyed):
     assert keyed.post("/detokenize", json={"tokens": [vocab]}).status_code == 400
 
 
-def test_schemathesis_finds_nothing(auth_server):
+def test_schemathesis_finds_nothing(auth_server, tmp_path):
     """Schema-driven requests to every route with every check: status codes, content types, headers and
     bodies as documented, schema-valid requests accepted, schema-violating ones refused, auth enforced."""
     cmd = [str(Path(sys.executable).with_name("schemathesis")), "run", f"{auth_server.url}/openapi.json",
            "--checks", "all", "--phases", "fuzzing", "-n", "30", "--seed", "20", "--no-shrink",
            "-H", f"Authorization: Bearer {KEY}", "--request-timeout", "30"]
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache goes there
     took = time.monotonic() - start
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
