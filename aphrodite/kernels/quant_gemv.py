@@ -1,0 +1,373 @@
+"""Quantized GEMV for decode (1..4 rows): ``y = x @ dequant(W)`` bound by reading the weight, not by ALU work.
+
+The general kernel in ``int4_matmul`` expands each int4 tile with interleaves, converts every nibble with an
+integer-to-float instruction and applies the scale and zero per element; at batch 1 that keeps it near
+0.9 TB/s on an H200. This kernel does the least work per weight element:
+
+* int4 (canonical layout ``[K, N // 8]``): the eight nibble positions of a packed word are handled as eight
+  planes (plane ``j`` holds outputs ``8w + j``), each extracted with one shift and one mask/or that builds
+  the float ``1 + q / 16`` directly from the bits (exponent of 1.0, the nibble in the top mantissa bits):
+  no interleave and no int->float conversion. With ``a = 16 s`` and ``b = -s (16 + z)`` (per group and
+  output, computed once per group) the weight is one FMA, ``w = a f + b = s (q - z)``, shared by all rows;
+  each row then costs one FMA. Accumulators keep the tile's shape, so the reduction over K (shuffles) runs
+  once per program, not per tile.
+* FP8 ``[N, K]`` (K contiguous, per-channel scales): a program owns ``BLOCK_N`` output features and reads
+  their rows along K; fp8 -> fp32 and one FMA per element and row; the scale is applied once at the end.
+
+Both split K so that there are a few programs per SM; with several splits every program stores an fp32
+partial and the last to arrive (an arrival counter per output tile, re-armed by that program, so the
+launch is CUDA-graph safe and the sum order is fixed: deterministic) adds them in split order, adds the
+bias and writes the output. Act-order int4 (``perm``/``g_idx``), FP8 block scales and K not a multiple of
+the group fall back to ``int4_matmul``'s kernel (``supports`` says which).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from aphrodite.kernels.int4_matmul import FMT_FP8, FMT_INT4, QuantWeight, _counters, _num_sms
+from aphrodite.kernels.triton_utils import LazyKernel, cdiv, tl
+
+__all__ = ["GemvConfig", "MAX_ROWS", "gemv_enabled", "quant_gemv", "supports"]
+
+MAX_ROWS = 4
+
+
+def gemv_enabled() -> bool:
+    """``APHRODITE_QUANT_GEMV``: "new" (default) uses this kernel for 1..4 rows, "old" the general one."""
+    mode = os.environ.get("APHRODITE_QUANT_GEMV", "new").strip().lower()
+    if mode not in ("new", "old"):
+        raise ValueError(f"APHRODITE_QUANT_GEMV must be 'new' or 'old', got {mode!r}")
+    return mode == "new"
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                      M, N, NW, groups_per_split, num_groups, num_splits, one,
+                      stride_xm, stride_wk, stride_sg, stride_om,
+                      ROWS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_W: tl.constexpr, SPLIT: tl.constexpr):
+    pid_w = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    w_ok = offs_w < NW
+    offs_kb = tl.arange(0, BLOCK_K)
+    g_lo = pid_k * groups_per_split
+    g_hi = tl.minimum(num_groups, g_lo + groups_per_split)
+    zero = tl.zeros([BLOCK_K, BLOCK_W], dtype=tl.float32)
+    acc0 = (zero, zero, zero, zero, zero, zero, zero, zero)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    w_cols = offs_w[None, :]
+    for g in range(g_lo, g_hi):
+        # Per output: a = 16 s and b = -s (16 + z), so that a (1 + q/16) + b = s (q - z).
+        s_base = s_ptr + g * stride_sg + offs_w * 8
+        if EVEN_W:
+            s0 = tl.load(s_base + 0).to(tl.float32)
+            s1 = tl.load(s_base + 1).to(tl.float32)
+            s2 = tl.load(s_base + 2).to(tl.float32)
+            s3 = tl.load(s_base + 3).to(tl.float32)
+            s4 = tl.load(s_base + 4).to(tl.float32)
+            s5 = tl.load(s_base + 5).to(tl.float32)
+            s6 = tl.load(s_base + 6).to(tl.float32)
+            s7 = tl.load(s_base + 7).to(tl.float32)
+        else:
+            s0 = tl.load(s_base + 0, mask=w_ok, other=0.0).to(tl.float32)
+            s1 = tl.load(s_base + 1, mask=w_ok, other=0.0).to(tl.float32)
+            s2 = tl.load(s_base + 2, mask=w_ok, other=0.0).to(tl.float32)
+            s3 = tl.load(s_base + 3, mask=w_ok, other=0.0).to(tl.float32)
+            s4 = tl.load(s_base + 4, mask=w_ok, other=0.0).to(tl.float32)
+            s5 = tl.load(s_base + 5, mask=w_ok, other=0.0).to(tl.float32)
+            s6 = tl.load(s_base + 6, mask=w_ok, other=0.0).to(tl.float32)
+            s7 = tl.load(s_base + 7, mask=w_ok, other=0.0).to(tl.float32)
+        # Plane j's float is 1 + q * 2^-11 (nibble at mantissa bits 12..15: j = 0, 2, 3, 5, 7) or 1 + q * 2^-7
+        # (bits 16..19: j = 1, 4, 6); with a = s * 2^11 (2^7) and b = -(a + s z) one FMA gives s (q - z),
+        # exactly for fp16/bf16 scales (s * (2^11 + z) fits fp32's mantissa).
+        if HAS_ZP:
+            z_base = z_ptr + g * stride_sg + offs_w * 8
+            z0 = tl.load(z_base + 0, mask=w_ok, other=0.0).to(tl.float32)
+            z1 = tl.load(z_base + 1, mask=w_ok, other=0.0).to(tl.float32)
+            z2 = tl.load(z_base + 2, mask=w_ok, other=0.0).to(tl.float32)
+            z3 = tl.load(z_base + 3, mask=w_ok, other=0.0).to(tl.float32)
+            z4 = tl.load(z_base + 4, mask=w_ok, other=0.0).to(tl.float32)
+            z5 = tl.load(z_base + 5, mask=w_ok, other=0.0).to(tl.float32)
+            z6 = tl.load(z_base + 6, mask=w_ok, other=0.0).to(tl.float32)
+            z7 = tl.load(z_base + 7, mask=w_ok, other=0.0).to(tl.float32)
+        else:
+            z0 = 8.0
+            z1 = 8.0
+            z2 = 8.0
+            z3 = 8.0
+            z4 = 8.0
+            z5 = 8.0
+            z6 = 8.0
+            z7 = 8.0
+        a = ((s0 * 2048.0)[None, :], (s1 * 128.0)[None, :], (s2 * 2048.0)[None, :], (s3 * 2048.0)[None, :],
+             (s4 * 128.0)[None, :], (s5 * 2048.0)[None, :], (s6 * 128.0)[None, :], (s7 * 2048.0)[None, :])
+        b = ((s0 * -z0)[None, :] - a[0], (s1 * -z1)[None, :] - a[1], (s2 * -z2)[None, :] - a[2],
+             (s3 * -z3)[None, :] - a[3], (s4 * -z4)[None, :] - a[4], (s5 * -z5)[None, :] - a[5],
+             (s6 * -z6)[None, :] - a[6], (s7 * -z7)[None, :] - a[7])
+        for kk in tl.static_range(GROUP // BLOCK_K):
+            offs_k = g * GROUP + kk * BLOCK_K + offs_kb
+            w_off = offs_k[:, None].to(tl.int64) * stride_wk + w_cols
+            if EVEN_W:
+                p = tl.load(w_ptr + w_off)
+            else:
+                p = tl.load(w_ptr + w_off, mask=w_ok[None, :], other=0)
+            # four shifts place all eight nibbles at bits 12..15 or 16..19; one mask-or each (``one`` is
+            # 1.0's bits, a runtime value so that the and + or fuse into one LOP3) makes the float.
+            lo = p << 12
+            mid = p << 4
+            hi = p >> 8
+            top = p >> 16
+            w0 = ((lo & 0xF000) | one).to(tl.float32, bitcast=True) * a[0] + b[0]
+            w1 = ((lo & 0xF0000) | one).to(tl.float32, bitcast=True) * a[1] + b[1]
+            w2 = ((mid & 0xF000) | one).to(tl.float32, bitcast=True) * a[2] + b[2]
+            w3 = ((p & 0xF000) | one).to(tl.float32, bitcast=True) * a[3] + b[3]
+            w4 = ((p & 0xF0000) | one).to(tl.float32, bitcast=True) * a[4] + b[4]
+            w5 = ((hi & 0xF000) | one).to(tl.float32, bitcast=True) * a[5] + b[5]
+            w6 = ((hi & 0xF0000) | one).to(tl.float32, bitcast=True) * a[6] + b[6]
+            w7 = ((top & 0xF000) | one).to(tl.float32, bitcast=True) * a[7] + b[7]
+            x0 = tl.load(x_ptr + offs_k).to(tl.float32)[:, None]
+            acc0 = (acc0[0] + x0 * w0, acc0[1] + x0 * w1, acc0[2] + x0 * w2, acc0[3] + x0 * w3,
+                    acc0[4] + x0 * w4, acc0[5] + x0 * w5, acc0[6] + x0 * w6, acc0[7] + x0 * w7)
+            if ROWS > 1:
+                x1 = tl.load(x_ptr + stride_xm + offs_k).to(tl.float32)[:, None]
+                acc1 = (acc1[0] + x1 * w0, acc1[1] + x1 * w1, acc1[2] + x1 * w2, acc1[3] + x1 * w3,
+                        acc1[4] + x1 * w4, acc1[5] + x1 * w5, acc1[6] + x1 * w6, acc1[7] + x1 * w7)
+            if ROWS > 2:
+                x2 = tl.load(x_ptr + 2 * stride_xm + offs_k).to(tl.float32)[:, None]
+                acc2 = (acc2[0] + x2 * w0, acc2[1] + x2 * w1, acc2[2] + x2 * w2, acc2[3] + x2 * w3,
+                        acc2[4] + x2 * w4, acc2[5] + x2 * w5, acc2[6] + x2 * w6, acc2[7] + x2 * w7)
+            if ROWS > 3:
+                x3 = tl.load(x_ptr + 3 * stride_xm + offs_k).to(tl.float32)[:, None]
+                acc3 = (acc3[0] + x3 * w0, acc3[1] + x3 * w1, acc3[2] + x3 * w2, acc3[3] + x3 * w3,
+                        acc3[4] + x3 * w4, acc3[5] + x3 * w5, acc3[6] + x3 * w6, acc3[7] + x3 * w7)
+
+    # One reduction over K per program; plane j holds outputs 8w + j.
+    cols = offs_w * 8
+    if SPLIT:
+        dst = part_ptr + pid_k * M * N + cols
+        row_stride = N
+    else:
+        dst = out_ptr + cols
+        row_stride = stride_om
+    for r in tl.static_range(ROWS):
+        if r == 0:
+            acc = acc0
+        elif r == 1:
+            acc = acc1
+        elif r == 2:
+            acc = acc2
+        else:
+            acc = acc3
+        for j in tl.static_range(8):
+            res = tl.sum(acc[j], axis=0)
+            if not SPLIT:
+                if HAS_BIAS:
+                    res += tl.load(bias_ptr + cols + j, mask=w_ok, other=0.0).to(tl.float32)
+                res = res.to(out_ptr.dtype.element_ty)
+            tl.store(dst + r * row_stride + j, res, mask=w_ok)
+    if SPLIT:
+        # The last program to arrive for this output tile adds the partials in split order (deterministic).
+        tl.debug_barrier()
+        cnt = cnt_ptr + pid_w
+        done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if done == num_splits - 1:
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+            offs = pid_w * (BLOCK_W * 8) + tl.arange(0, BLOCK_W * 8)
+            ok = offs < N
+            for r in tl.static_range(ROWS):
+                total = tl.zeros([BLOCK_W * 8], dtype=tl.float32)
+                for sp in range(0, num_splits):
+                    total += tl.load(part_ptr + (sp * M + r) * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+                tl.store(out_ptr + r * stride_om + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _gemv_fp8_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                     M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_om,
+                     ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = tl.where(n_ok, offs_n, 0)            # clamp instead of masking: keeps the K loads vectorized
+    offs_kb = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + offs_kb
+        if EVEN_K:
+            wt = tl.load(w_rows + offs_k[None, :]).to(tl.float32)
+            x0 = tl.load(x_ptr + offs_k).to(tl.float32)[None, :]
+        else:
+            k_ok = offs_k < k_hi
+            wt = tl.load(w_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
+            x0 = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        acc0 += wt * x0
+        if ROWS > 1:
+            if EVEN_K:
+                x1 = tl.load(x_ptr + stride_xm + offs_k).to(tl.float32)[None, :]
+            else:
+                x1 = tl.load(x_ptr + stride_xm + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            acc1 += wt * x1
+        if ROWS > 2:
+            if EVEN_K:
+                x2 = tl.load(x_ptr + 2 * stride_xm + offs_k).to(tl.float32)[None, :]
+            else:
+                x2 = tl.load(x_ptr + 2 * stride_xm + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            acc2 += wt * x2
+        if ROWS > 3:
+            if EVEN_K:
+                x3 = tl.load(x_ptr + 3 * stride_xm + offs_k).to(tl.float32)[None, :]
+            else:
+                x3 = tl.load(x_ptr + 3 * stride_xm + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            acc3 += wt * x3
+    scale = tl.load(s_ptr + rows).to(tl.float32)
+    if SPLIT:
+        dst = part_ptr + pid_k * M * N + offs_n
+        row_stride = N
+    else:
+        dst = out_ptr + offs_n
+        row_stride = stride_om
+    for r in tl.static_range(ROWS):
+        if r == 0:
+            acc = acc0
+        elif r == 1:
+            acc = acc1
+        elif r == 2:
+            acc = acc2
+        else:
+            acc = acc3
+        res = tl.sum(acc, axis=1) * scale
+        if not SPLIT:
+            if HAS_BIAS:
+                res += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            res = res.to(out_ptr.dtype.element_ty)
+        tl.store(dst + r * row_stride, res, mask=n_ok)
+    if SPLIT:
+        # The last program to arrive for this output tile adds the partials in split order (deterministic).
+        tl.debug_barrier()
+        cnt = cnt_ptr + pid_n
+        done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if done == num_splits - 1:
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+            offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            ok = offs < N
+            for r in tl.static_range(ROWS):
+                total = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for sp in range(0, num_splits):
+                    total += tl.load(part_ptr + (sp * M + r) * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+                tl.store(out_ptr + r * stride_om + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+_gemv_int4 = LazyKernel(_gemv_int4_kernel)
+_gemv_fp8 = LazyKernel(_gemv_fp8_kernel)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch shape. ``block``: packed int32 words (8 outputs each) per int4 program, output features per
+    FP8 program; ``block_k``: K rows per int4 tile (a divisor of the group), K per FP8 tile; 0 = default.
+    ``splits = 0`` picks split-K to give ``target`` programs per SM."""
+
+    block: int = 0
+    block_k: int = 0
+    splits: int = 0
+    target: int = 4
+    warps: int = 4
+
+
+def _defaults(w: QuantWeight, rows: int) -> tuple[int, int]:
+    if w.fmt == FMT_INT4:
+        return 32, 16            # 32 words = one 128-byte line per packed row; 16 rows x 32 words = 128 threads x 16 B
+    return (16 if rows == 1 else 8), 512
+
+
+def supports(x: torch.Tensor, w: QuantWeight) -> bool:
+    """Whether this kernel handles ``x @ w``: 1..4 rows; int4 without act-order and K a multiple of a group
+    of 16k rows; FP8 with per-channel scales and K-contiguous rows."""
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != w.k:
+        return False
+    if w.fmt == FMT_INT4:
+        return (w.perm is None and w.g_idx is None and w.group % 16 == 0 and w.k % w.group == 0
+                and w.n % 8 == 0 and w.weight.stride(1) == 1 and w.scales.stride(1) == 1
+                and (w.zeros is None or w.zeros.stride() == w.scales.stride()))
+    if w.fmt == FMT_FP8:
+        return w.scales.numel() == w.n and w.scale_bn == 1 and w.weight.stride(1) == 1
+    return False
+
+
+def _split_count(units: int, programs: int, cfg: GemvConfig, device: torch.device) -> int:
+    """Splits of ``units`` K chunks so the grid holds about ``target`` programs per SM."""
+    want = cfg.splits or cdiv(cfg.target * _num_sms(device), programs)
+    per = cdiv(units, max(1, min(want, units)))
+    return cdiv(units, per)
+
+
+def quant_gemv(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+               config: GemvConfig | None = None) -> torch.Tensor:
+    """``x [M, K] @ dequant(W) (+ bias) -> [M, N]`` for 1..4 rows (see ``supports``), in ``x``'s dtype."""
+    if not supports(x, w):
+        raise ValueError(f"quant_gemv does not support rows={x.shape[0]} with this weight (see supports())")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    n = w.n
+    dev = x.device
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=dev)
+    cfg = config or GemvConfig()
+    block, block_k = _defaults(w, m)
+    block, block_k = cfg.block or block, cfg.block_k or block_k
+    dummy = w.scales
+    if w.fmt == FMT_INT4:
+        block_k = min(block_k, w.group)
+        if w.group % block_k:
+            raise ValueError(f"block_k {block_k} must divide the group size {w.group}")
+        nw = n // 8
+        programs = cdiv(nw, block)
+        num_groups = k // w.group
+        splits = _split_count(num_groups, programs, cfg, dev)
+        per = cdiv(num_groups, splits)
+        part = torch.empty((splits, m, n), dtype=torch.float32, device=dev) if splits > 1 else out
+        cnt = _counters(dev, programs) if splits > 1 else out
+        _gemv_int4(dev)[(programs, splits)](
+            x, w.weight, w.scales, w.zeros if w.zeros is not None else dummy,
+            bias if bias is not None else dummy, out, part, cnt,
+            m, n, nw, per, num_groups, splits, 0x3F800000,
+            x.stride(0), w.weight.stride(0), w.scales.stride(0), out.stride(0),
+            ROWS=m, GROUP=w.group, HAS_ZP=w.zeros is not None, HAS_BIAS=bias is not None,
+            BLOCK_W=block, BLOCK_K=block_k, EVEN_W=nw % block == 0, SPLIT=splits > 1, num_warps=cfg.warps)
+        return out
+    programs = cdiv(n, block)
+    splits = _split_count(cdiv(k, block_k), programs, cfg, dev)
+    k_per_split = cdiv(cdiv(k, block_k), splits) * block_k
+    part = torch.empty((splits, m, n), dtype=torch.float32, device=dev) if splits > 1 else out
+    cnt = _counters(dev, programs) if splits > 1 else out
+    _gemv_fp8(dev)[(programs, splits)](
+        x, w.weight, w.scales.reshape(-1), bias if bias is not None else dummy, out, part, cnt,
+        m, n, k, k_per_split, splits, x.stride(0), w.weight.stride(0), out.stride(0),
+        ROWS=m, HAS_BIAS=bias is not None, BLOCK_N=block, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        SPLIT=splits > 1, num_warps=cfg.warps)
+    return out
