@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from aphrodite.kernels.int4_matmul import FMT_FP8, FMT_INT4, QuantWeight, _counters, _num_sms
+from aphrodite.kernels.int4_matmul import FMT_FP8, FMT_INT4, QuantWeight, _counters, _num_sms, _time, _tuning_enabled
 from aphrodite.kernels.triton_utils import LazyKernel, cdiv, tl
 
-__all__ = ["GemvConfig", "MAX_ROWS", "gemv_enabled", "quant_gemv", "supports"]
+__all__ = ["GemvConfig", "MAX_ROWS", "gemv_enabled", "quant_gemv", "supports", "tuned_gemv_configs"]
 
 MAX_ROWS = 4
 
@@ -51,7 +51,8 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, c
                       M, N, NW, groups_per_split, num_groups, num_splits, one,
                       stride_xm, stride_wk, stride_sg, stride_om,
                       ROWS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_W: tl.constexpr, SPLIT: tl.constexpr):
+                      BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_W: tl.constexpr, SPLIT: tl.constexpr,
+                      DEFER: tl.constexpr):
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -108,47 +109,95 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, c
             z5 = 8.0
             z6 = 8.0
             z7 = 8.0
-        a = ((s0 * 2048.0)[None, :], (s1 * 128.0)[None, :], (s2 * 2048.0)[None, :], (s3 * 2048.0)[None, :],
-             (s4 * 128.0)[None, :], (s5 * 2048.0)[None, :], (s6 * 128.0)[None, :], (s7 * 2048.0)[None, :])
-        b = ((s0 * -z0)[None, :] - a[0], (s1 * -z1)[None, :] - a[1], (s2 * -z2)[None, :] - a[2],
-             (s3 * -z3)[None, :] - a[3], (s4 * -z4)[None, :] - a[4], (s5 * -z5)[None, :] - a[5],
-             (s6 * -z6)[None, :] - a[6], (s7 * -z7)[None, :] - a[7])
-        for kk in tl.static_range(GROUP // BLOCK_K):
-            offs_k = g * GROUP + kk * BLOCK_K + offs_kb
-            w_off = offs_k[:, None].to(tl.int64) * stride_wk + w_cols
-            if EVEN_W:
-                p = tl.load(w_ptr + w_off)
-            else:
-                p = tl.load(w_ptr + w_off, mask=w_ok[None, :], other=0)
-            # four shifts place all eight nibbles at bits 12..15 or 16..19; one mask-or each (``one`` is
-            # 1.0's bits, a runtime value so that the and + or fuse into one LOP3) makes the float.
-            lo = p << 12
-            mid = p << 4
-            hi = p >> 8
-            top = p >> 16
-            w0 = ((lo & 0xF000) | one).to(tl.float32, bitcast=True) * a[0] + b[0]
-            w1 = ((lo & 0xF0000) | one).to(tl.float32, bitcast=True) * a[1] + b[1]
-            w2 = ((mid & 0xF000) | one).to(tl.float32, bitcast=True) * a[2] + b[2]
-            w3 = ((p & 0xF000) | one).to(tl.float32, bitcast=True) * a[3] + b[3]
-            w4 = ((p & 0xF0000) | one).to(tl.float32, bitcast=True) * a[4] + b[4]
-            w5 = ((hi & 0xF000) | one).to(tl.float32, bitcast=True) * a[5] + b[5]
-            w6 = ((hi & 0xF0000) | one).to(tl.float32, bitcast=True) * a[6] + b[6]
-            w7 = ((top & 0xF000) | one).to(tl.float32, bitcast=True) * a[7] + b[7]
-            x0 = tl.load(x_ptr + offs_k).to(tl.float32)[:, None]
-            acc0 = (acc0[0] + x0 * w0, acc0[1] + x0 * w1, acc0[2] + x0 * w2, acc0[3] + x0 * w3,
-                    acc0[4] + x0 * w4, acc0[5] + x0 * w5, acc0[6] + x0 * w6, acc0[7] + x0 * w7)
+        if DEFER:
+            # Scales once per group: G_j = sum_k x f_j over the group (f = 1 + q/128, nibble at bits 16..19),
+            # X = sum_k x, then acc_j += a_j G_j + b_j X with a = 128 s, b = -s (128 + z): one FMA per element.
+            g0 = (zero, zero, zero, zero, zero, zero, zero, zero)
+            g1 = g0
+            xs0 = tl.zeros([BLOCK_K, 1], dtype=tl.float32)
+            xs1 = xs0
+            for kk in tl.static_range(GROUP // BLOCK_K):
+                offs_k = g * GROUP + kk * BLOCK_K + offs_kb
+                w_off = offs_k[:, None].to(tl.int64) * stride_wk + w_cols
+                if EVEN_W:
+                    p = tl.load(w_ptr + w_off)
+                else:
+                    p = tl.load(w_ptr + w_off, mask=w_ok[None, :], other=0)
+                lo = p << 12
+                hi = p >> 8
+                f0 = (((p << 16) & 0xF0000) | one).to(tl.float32, bitcast=True)
+                f1 = ((lo & 0xF0000) | one).to(tl.float32, bitcast=True)
+                f2 = (((p << 8) & 0xF0000) | one).to(tl.float32, bitcast=True)
+                f3 = (((p << 4) & 0xF0000) | one).to(tl.float32, bitcast=True)
+                f4 = ((p & 0xF0000) | one).to(tl.float32, bitcast=True)
+                f5 = (((p >> 4) & 0xF0000) | one).to(tl.float32, bitcast=True)
+                f6 = ((hi & 0xF0000) | one).to(tl.float32, bitcast=True)
+                f7 = (((p >> 12) & 0xF0000) | one).to(tl.float32, bitcast=True)
+                x0 = tl.load(x_ptr + offs_k).to(tl.float32)[:, None]
+                xs0 += x0
+                g0 = (g0[0] + x0 * f0, g0[1] + x0 * f1, g0[2] + x0 * f2, g0[3] + x0 * f3,
+                      g0[4] + x0 * f4, g0[5] + x0 * f5, g0[6] + x0 * f6, g0[7] + x0 * f7)
+                if ROWS > 1:
+                    x1 = tl.load(x_ptr + stride_xm + offs_k).to(tl.float32)[:, None]
+                    xs1 += x1
+                    g1 = (g1[0] + x1 * f0, g1[1] + x1 * f1, g1[2] + x1 * f2, g1[3] + x1 * f3,
+                          g1[4] + x1 * f4, g1[5] + x1 * f5, g1[6] + x1 * f6, g1[7] + x1 * f7)
+            a = ((s0 * 128.0)[None, :], (s1 * 128.0)[None, :], (s2 * 128.0)[None, :], (s3 * 128.0)[None, :],
+                 (s4 * 128.0)[None, :], (s5 * 128.0)[None, :], (s6 * 128.0)[None, :], (s7 * 128.0)[None, :])
+            b = ((s0 * -z0)[None, :] - a[0], (s1 * -z1)[None, :] - a[1], (s2 * -z2)[None, :] - a[2],
+                 (s3 * -z3)[None, :] - a[3], (s4 * -z4)[None, :] - a[4], (s5 * -z5)[None, :] - a[5],
+                 (s6 * -z6)[None, :] - a[6], (s7 * -z7)[None, :] - a[7])
+            acc0 = (acc0[0] + a[0] * g0[0] + b[0] * xs0, acc0[1] + a[1] * g0[1] + b[1] * xs0,
+                    acc0[2] + a[2] * g0[2] + b[2] * xs0, acc0[3] + a[3] * g0[3] + b[3] * xs0,
+                    acc0[4] + a[4] * g0[4] + b[4] * xs0, acc0[5] + a[5] * g0[5] + b[5] * xs0,
+                    acc0[6] + a[6] * g0[6] + b[6] * xs0, acc0[7] + a[7] * g0[7] + b[7] * xs0)
             if ROWS > 1:
-                x1 = tl.load(x_ptr + stride_xm + offs_k).to(tl.float32)[:, None]
-                acc1 = (acc1[0] + x1 * w0, acc1[1] + x1 * w1, acc1[2] + x1 * w2, acc1[3] + x1 * w3,
-                        acc1[4] + x1 * w4, acc1[5] + x1 * w5, acc1[6] + x1 * w6, acc1[7] + x1 * w7)
-            if ROWS > 2:
-                x2 = tl.load(x_ptr + 2 * stride_xm + offs_k).to(tl.float32)[:, None]
-                acc2 = (acc2[0] + x2 * w0, acc2[1] + x2 * w1, acc2[2] + x2 * w2, acc2[3] + x2 * w3,
-                        acc2[4] + x2 * w4, acc2[5] + x2 * w5, acc2[6] + x2 * w6, acc2[7] + x2 * w7)
-            if ROWS > 3:
-                x3 = tl.load(x_ptr + 3 * stride_xm + offs_k).to(tl.float32)[:, None]
-                acc3 = (acc3[0] + x3 * w0, acc3[1] + x3 * w1, acc3[2] + x3 * w2, acc3[3] + x3 * w3,
-                        acc3[4] + x3 * w4, acc3[5] + x3 * w5, acc3[6] + x3 * w6, acc3[7] + x3 * w7)
+                acc1 = (acc1[0] + a[0] * g1[0] + b[0] * xs1, acc1[1] + a[1] * g1[1] + b[1] * xs1,
+                        acc1[2] + a[2] * g1[2] + b[2] * xs1, acc1[3] + a[3] * g1[3] + b[3] * xs1,
+                        acc1[4] + a[4] * g1[4] + b[4] * xs1, acc1[5] + a[5] * g1[5] + b[5] * xs1,
+                        acc1[6] + a[6] * g1[6] + b[6] * xs1, acc1[7] + a[7] * g1[7] + b[7] * xs1)
+        else:
+            a = ((s0 * 2048.0)[None, :], (s1 * 128.0)[None, :], (s2 * 2048.0)[None, :], (s3 * 2048.0)[None, :],
+                 (s4 * 128.0)[None, :], (s5 * 2048.0)[None, :], (s6 * 128.0)[None, :], (s7 * 2048.0)[None, :])
+            b = ((s0 * -z0)[None, :] - a[0], (s1 * -z1)[None, :] - a[1], (s2 * -z2)[None, :] - a[2],
+                 (s3 * -z3)[None, :] - a[3], (s4 * -z4)[None, :] - a[4], (s5 * -z5)[None, :] - a[5],
+                 (s6 * -z6)[None, :] - a[6], (s7 * -z7)[None, :] - a[7])
+            for kk in tl.static_range(GROUP // BLOCK_K):
+                offs_k = g * GROUP + kk * BLOCK_K + offs_kb
+                w_off = offs_k[:, None].to(tl.int64) * stride_wk + w_cols
+                if EVEN_W:
+                    p = tl.load(w_ptr + w_off)
+                else:
+                    p = tl.load(w_ptr + w_off, mask=w_ok[None, :], other=0)
+                # four shifts place all eight nibbles at bits 12..15 or 16..19; one mask-or each (``one`` is
+                # 1.0's bits, a runtime value so that the and + or fuse into one LOP3) makes the float.
+                lo = p << 12
+                mid = p << 4
+                hi = p >> 8
+                top = p >> 16
+                w0 = ((lo & 0xF000) | one).to(tl.float32, bitcast=True) * a[0] + b[0]
+                w1 = ((lo & 0xF0000) | one).to(tl.float32, bitcast=True) * a[1] + b[1]
+                w2 = ((mid & 0xF000) | one).to(tl.float32, bitcast=True) * a[2] + b[2]
+                w3 = ((p & 0xF000) | one).to(tl.float32, bitcast=True) * a[3] + b[3]
+                w4 = ((p & 0xF0000) | one).to(tl.float32, bitcast=True) * a[4] + b[4]
+                w5 = ((hi & 0xF000) | one).to(tl.float32, bitcast=True) * a[5] + b[5]
+                w6 = ((hi & 0xF0000) | one).to(tl.float32, bitcast=True) * a[6] + b[6]
+                w7 = ((top & 0xF000) | one).to(tl.float32, bitcast=True) * a[7] + b[7]
+                x0 = tl.load(x_ptr + offs_k).to(tl.float32)[:, None]
+                acc0 = (acc0[0] + x0 * w0, acc0[1] + x0 * w1, acc0[2] + x0 * w2, acc0[3] + x0 * w3,
+                        acc0[4] + x0 * w4, acc0[5] + x0 * w5, acc0[6] + x0 * w6, acc0[7] + x0 * w7)
+                if ROWS > 1:
+                    x1 = tl.load(x_ptr + stride_xm + offs_k).to(tl.float32)[:, None]
+                    acc1 = (acc1[0] + x1 * w0, acc1[1] + x1 * w1, acc1[2] + x1 * w2, acc1[3] + x1 * w3,
+                            acc1[4] + x1 * w4, acc1[5] + x1 * w5, acc1[6] + x1 * w6, acc1[7] + x1 * w7)
+                if ROWS > 2:
+                    x2 = tl.load(x_ptr + 2 * stride_xm + offs_k).to(tl.float32)[:, None]
+                    acc2 = (acc2[0] + x2 * w0, acc2[1] + x2 * w1, acc2[2] + x2 * w2, acc2[3] + x2 * w3,
+                            acc2[4] + x2 * w4, acc2[5] + x2 * w5, acc2[6] + x2 * w6, acc2[7] + x2 * w7)
+                if ROWS > 3:
+                    x3 = tl.load(x_ptr + 3 * stride_xm + offs_k).to(tl.float32)[:, None]
+                    acc3 = (acc3[0] + x3 * w0, acc3[1] + x3 * w1, acc3[2] + x3 * w2, acc3[3] + x3 * w3,
+                            acc3[4] + x3 * w4, acc3[5] + x3 * w5, acc3[6] + x3 * w6, acc3[7] + x3 * w7)
 
     # One reduction over K per program; plane j holds outputs 8w + j.
     cols = offs_w * 8
@@ -296,6 +345,7 @@ class GemvConfig:
     splits: int = 0
     target: int = 4
     warps: int = 4
+    defer: bool | None = None   # int4: scales once per group (None: for 1 row; more rows need the registers)
 
 
 def _defaults(w: QuantWeight, rows: int) -> tuple[int, int]:
@@ -337,7 +387,52 @@ def quant_gemv(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None
     dev = x.device
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=dev)
-    cfg = config or GemvConfig()
+    _launch(x, w, bias, out, config or _config_for(x, w, bias))
+    return out
+
+
+_TUNED: dict[tuple, GemvConfig] = {}
+
+
+def _candidates(w: QuantWeight) -> list[GemvConfig]:
+    """A few launch shapes (the first is the untuned default): programs per SM and tile width."""
+    if w.fmt == FMT_INT4:
+        return [GemvConfig(), GemvConfig(target=2), GemvConfig(target=8), GemvConfig(block=16)]
+    return [GemvConfig(), GemvConfig(target=2), GemvConfig(block=32, block_k=256), GemvConfig(block=8, target=8)]
+
+
+def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> GemvConfig:
+    """The tuned shape for this (format, rows, N, K), timing the candidates the first time a shape runs on
+    CUDA outside graph capture (``APHRODITE_QUANT_TUNE=0``: the default shape)."""
+    key = (w.fmt, x.shape[0], w.n, w.k, x.dtype, w.zeros is not None, w.group)
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    if x.device.type != "cuda" or not _tuning_enabled() or torch.cuda.is_current_stream_capturing():
+        return GemvConfig()
+    xs = torch.randn_like(x)
+    scratch = torch.empty((x.shape[0], w.n), dtype=x.dtype, device=x.device)
+    best, best_ms = GemvConfig(), float("inf")
+    for cand in _candidates(w):
+        try:
+            ms = _time(lambda c=cand: _launch(xs, w, bias, scratch, c))
+        except Exception:   # a shape the compiler rejects is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    _TUNED[key] = best
+    return best
+
+
+def tuned_gemv_configs() -> dict[tuple, GemvConfig]:
+    """What the tuner chose so far (printed by the GPU benchmark)."""
+    return dict(_TUNED)
+
+
+def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: torch.Tensor, cfg: GemvConfig) -> None:
+    m, k = x.shape
+    n = w.n
+    dev = x.device
     block, block_k = _defaults(w, m)
     block, block_k = cfg.block or block, cfg.block_k or block_k
     dummy = w.scales
@@ -358,8 +453,9 @@ def quant_gemv(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None
             m, n, nw, per, num_groups, splits, 0x3F800000,
             x.stride(0), w.weight.stride(0), w.scales.stride(0), out.stride(0),
             ROWS=m, GROUP=w.group, HAS_ZP=w.zeros is not None, HAS_BIAS=bias is not None,
-            BLOCK_W=block, BLOCK_K=block_k, EVEN_W=nw % block == 0, SPLIT=splits > 1, num_warps=cfg.warps)
-        return out
+            BLOCK_W=block, BLOCK_K=block_k, EVEN_W=nw % block == 0, SPLIT=splits > 1,
+            DEFER=m == 1 if cfg.defer is None else cfg.defer and m <= 2, num_warps=cfg.warps)
+        return
     programs = cdiv(n, block)
     splits = _split_count(cdiv(k, block_k), programs, cfg, dev)
     k_per_split = cdiv(cdiv(k, block_k), splits) * block_k
@@ -370,4 +466,3 @@ def quant_gemv(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None
         m, n, k, k_per_split, splits, x.stride(0), w.weight.stride(0), out.stride(0),
         ROWS=m, HAS_BIAS=bias is not None, BLOCK_N=block, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         SPLIT=splits > 1, num_warps=cfg.warps)
-    return out

@@ -72,9 +72,10 @@ def _err(got: torch.Tensor, ref: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--budget", type=float, default=70.0, help="seconds after which rows are skipped")
     args = ap.parse_args()
     from aphrodite.kernels.int4_matmul import dequantize, quant_matmul
-    from aphrodite.kernels.quant_gemv import GemvConfig, gemv_enabled, quant_gemv
+    from aphrodite.kernels.quant_gemv import GemvConfig, gemv_enabled, quant_gemv, tuned_gemv_configs
     t_start = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"device: {torch.cuda.get_device_name()}  APHRODITE_QUANT_GEMV default new: {gemv_enabled()}", flush=True)
@@ -87,13 +88,16 @@ def main() -> None:
         except Exception as e:      # noqa: BLE001 - report and go on
             print(f"{name}: weight setup failed: {e!r}", flush=True)
     print("== correctness and time per call (us, CUDA graph of 50) ==", flush=True)
-    for name, (k, _n) in SHAPES.items():
-        if name not in weights:
-            continue
-        w4, w8, wf = weights[name]
-        d4 = dequantize(w4, torch.float32)
-        d8 = dequantize(w8, torch.float32)
-        for m in ROWS:
+    deq = {name: (dequantize(ws[0], torch.float32), dequantize(ws[1], torch.float32)) for name, ws in weights.items()}
+    for m in ROWS:                  # one row first: what decode at batch 1 runs; later rows only while time lasts
+        for name, (k, _n) in SHAPES.items():
+            if name not in weights:
+                continue
+            if time.perf_counter() - t_start > args.budget:
+                print(f"{name} M={m}: skipped (time budget {args.budget:.0f} s)", flush=True)
+                continue
+            w4, w8, wf = weights[name]
+            d4, d8 = deq[name]
             x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
             try:
                 tb = _time_us(lambda x=x, wf=wf: torch.nn.functional.linear(x, wf))
@@ -135,7 +139,7 @@ def main() -> None:
                          GemvConfig(8, 512, target=4), GemvConfig(32, 256, target=4), GemvConfig(16, 1024, target=4),
                          GemvConfig(32, 512, target=4, warps=8)]}
         for name, (k, _n) in SHAPES.items():
-            if name not in weights or time.perf_counter() - t_start > 60:
+            if name not in weights or time.perf_counter() - t_start > args.budget - 10:
                 continue
             w4, w8, _ = weights[name]
             x = torch.randn(1, k, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -151,6 +155,9 @@ def main() -> None:
                 print(f"{name:9s} {fmt:4s} {line}", flush=True)
                 if res:
                     sweep.append((name, fmt, res[0][0], res[0][1]))
+    print("== tuner choices of the new kernel (fmt 0 int4, 1 fp8; rows, N, K, ...) ==")
+    for key, cfg in sorted(tuned_gemv_configs().items(), key=str):
+        print(f"  {key[:4]}: {cfg}")
     print(f"\n== summary (us per call; GB/s = weight bytes / new time), {time.perf_counter() - t_start:.0f} s ==")
     print(f"{'proj':9s} {'fmt':4s} {'M':>2s} {'bf16':>7s} {'old':>7s} {'new':>7s} {'x old':>6s} {'GB/s':>6s}  check")
     for name, fmt, m, tb, to, tn, gb, _eo, _en, note in rows_out:

@@ -3,6 +3,8 @@ int4 symmetric and asymmetric, groups of 32 and 128, 1..4 rows, bias, split-K wi
 reduction, N not a multiple of the tile; FP8 with per-channel scales; what falls back to the old kernel."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -31,12 +33,15 @@ def _check(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> None:
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * want.abs().max().item())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows,defer", [(1, False), (1, True), (2, False), (2, True), (3, False), (4, False)],
+                         ids=lambda v: str(v) if isinstance(v, int) else ("group-scale" if v else "element-scale"))
 @pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
 @pytest.mark.parametrize("group,cfg", [(32, GemvConfig(block=4, block_k=16, splits=3)),
                                        (128, GemvConfig(block=8, block_k=32, splits=1))],
                          ids=["g32-split3", "g128-nosplit"])
-def test_int4_gemv(rows, asym, group, cfg):
+def test_int4_gemv(rows, defer, asym, group, cfg):
+    """Both int4 paths (the per-group one runs for 1..2 rows; more rows always take the other)."""
+    cfg = dataclasses.replace(cfg, defer=defer)
     k, n = 3 * group, 72                    # 9 words: the last program is partial (masked)
     qw, ref = _int4_case(k, n, group, asym, rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
