@@ -396,9 +396,11 @@ _TUNED: dict[tuple, GemvConfig] = {}
 
 def _candidates(w: QuantWeight) -> list[GemvConfig]:
     """A few launch shapes (the first is the untuned default): programs per SM and tile width."""
-    if w.fmt == FMT_INT4:
-        return [GemvConfig(), GemvConfig(target=2), GemvConfig(target=8), GemvConfig(block=16)]
-    return [GemvConfig(), GemvConfig(target=2), GemvConfig(block=32, block_k=256), GemvConfig(block=8, target=8)]
+    if w.fmt == FMT_INT4:     # ~168 registers at one row: 3 programs of 4 warps fit an SM, so 3/SM is one wave
+        return [GemvConfig(target=3), GemvConfig(target=2), GemvConfig(target=4), GemvConfig(target=6),
+                GemvConfig(block=16, target=3), GemvConfig(block=64, target=3, warps=8)]
+    return [GemvConfig(), GemvConfig(target=2), GemvConfig(target=8), GemvConfig(block=32, block_k=256),
+            GemvConfig(block=8, target=8)]
 
 
 def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> GemvConfig:
@@ -408,11 +410,12 @@ def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> G
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
+    default = _candidates(w)[0]
     if x.device.type != "cuda" or not _tuning_enabled() or torch.cuda.is_current_stream_capturing():
-        return GemvConfig()
+        return default
     xs = torch.randn_like(x)
     scratch = torch.empty((x.shape[0], w.n), dtype=x.dtype, device=x.device)
-    best, best_ms = GemvConfig(), float("inf")
+    best, best_ms = default, float("inf")
     for cand in _candidates(w):
         try:
             ms = _time(lambda c=cand: _launch(xs, w, bias, scratch, c))
