@@ -5,20 +5,23 @@ integer-to-float instruction and applies the scale and zero per element; at batc
 0.9 TB/s on an H200. This kernel does the least work per weight element:
 
 * int4 (canonical layout ``[K, N // 8]``): the eight nibble positions of a packed word are handled as eight
-  planes (plane ``j`` holds outputs ``8w + j``), each extracted with one shift and one mask/or that builds
-  the float ``1 + q / 16`` directly from the bits (exponent of 1.0, the nibble in the top mantissa bits):
-  no interleave and no int->float conversion. With ``a = 16 s`` and ``b = -s (16 + z)`` (per group and
-  output, computed once per group) the weight is one FMA, ``w = a f + b = s (q - z)``, shared by all rows;
-  each row then costs one FMA. Accumulators keep the tile's shape, so the reduction over K (shuffles) runs
-  once per program, not per tile.
-* FP8 ``[N, K]`` (K contiguous, per-channel scales): a program owns ``BLOCK_N`` output features and reads
-  their rows along K; fp8 -> fp32 and one FMA per element and row; the scale is applied once at the end.
+  planes (plane ``j`` holds outputs ``8w + j``). A shift and one mask-or (1.0's exponent over the nibble
+  placed in mantissa bits 12..15 or 16..19) give the float ``f = 1 + q * 2^-e`` directly from the bits:
+  no interleave and no int->float conversion. Several rows: with ``a = s * 2^e`` and ``b = -(a + s z)``
+  (once per group and output) ``w = a f + b = s (q - z)`` is one FMA shared by the rows, then one FMA per
+  row. One row: ``G = sum x f`` and ``X = sum x`` per group and ``acc += a G + b X`` at the group's end,
+  so each element costs a shift, a mask-or and one FMA. Accumulators keep the tile's shape, so the
+  reduction over K (shuffles) runs once per program.
+* FP8 ``[N, K]`` (K contiguous): a program owns ``BLOCK_N`` output features and reads their rows along K;
+  fp8 -> fp32 and one FMA per element and row; a per-channel scale is applied once at the end, a block
+  scale (128 x 128) multiplies the tile's ``x`` slice.
 
 Both split K so that there are a few programs per SM; with several splits every program stores an fp32
 partial and the last to arrive (an arrival counter per output tile, re-armed by that program, so the
 launch is CUDA-graph safe and the sum order is fixed: deterministic) adds them in split order, adds the
-bias and writes the output. Act-order int4 (``perm``/``g_idx``), FP8 block scales and K not a multiple of
-the group fall back to ``int4_matmul``'s kernel (``supports`` says which).
+bias and writes the output. Act-order int4 (``perm``/``g_idx``) and K not a multiple of the group fall back
+to ``int4_matmul``'s kernel (``supports`` says which). A few launch shapes are timed per (format, rows, N,
+K) the first time one runs on CUDA outside graph capture, like ``int4_matmul``'s tuner.
 """
 from __future__ import annotations
 
@@ -242,9 +245,10 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, c
 
 
 def _gemv_fp8_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
-                     M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_om,
+                     M, N, K, k_per_split, num_splits, stride_xm, stride_wn, stride_om, stride_sg,
                      ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, SPLIT: tl.constexpr):
+                     EVEN_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_SCALE: tl.constexpr,
+                     SCALE_BK: tl.constexpr, SCALE_BN: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -267,26 +271,37 @@ def _gemv_fp8_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
             k_ok = offs_k < k_hi
             wt = tl.load(w_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
             x0 = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if BLOCK_SCALE:
+            # 128x128-style blocks: a tile lies in one scale block, so its scale multiplies x (BLOCK_K values)
+            sc = tl.load(s_ptr + (k0 // SCALE_BK) * stride_sg + (pid_n * BLOCK_N) // SCALE_BN)
+            x0 = x0 * sc
         acc0 += wt * x0
         if ROWS > 1:
             if EVEN_K:
                 x1 = tl.load(x_ptr + stride_xm + offs_k).to(tl.float32)[None, :]
             else:
                 x1 = tl.load(x_ptr + stride_xm + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            if BLOCK_SCALE:
+                x1 = x1 * sc
             acc1 += wt * x1
         if ROWS > 2:
             if EVEN_K:
                 x2 = tl.load(x_ptr + 2 * stride_xm + offs_k).to(tl.float32)[None, :]
             else:
                 x2 = tl.load(x_ptr + 2 * stride_xm + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            if BLOCK_SCALE:
+                x2 = x2 * sc
             acc2 += wt * x2
         if ROWS > 3:
             if EVEN_K:
                 x3 = tl.load(x_ptr + 3 * stride_xm + offs_k).to(tl.float32)[None, :]
             else:
                 x3 = tl.load(x_ptr + 3 * stride_xm + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            if BLOCK_SCALE:
+                x3 = x3 * sc
             acc3 += wt * x3
-    scale = tl.load(s_ptr + rows).to(tl.float32)
+    if not BLOCK_SCALE:
+        scale = tl.load(s_ptr + rows).to(tl.float32)
     if SPLIT:
         dst = part_ptr + pid_k * M * N + offs_n
         row_stride = N
@@ -302,7 +317,9 @@ def _gemv_fp8_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
             acc = acc2
         else:
             acc = acc3
-        res = tl.sum(acc, axis=1) * scale
+        res = tl.sum(acc, axis=1)
+        if not BLOCK_SCALE:
+            res = res * scale
         if not SPLIT:
             if HAS_BIAS:
                 res += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -356,16 +373,30 @@ def _defaults(w: QuantWeight, rows: int) -> tuple[int, int]:
 
 def supports(x: torch.Tensor, w: QuantWeight) -> bool:
     """Whether this kernel handles ``x @ w``: 1..4 rows; int4 without act-order and K a multiple of a group
-    of 16k rows; FP8 with per-channel scales and K-contiguous rows."""
+    of 16k rows; FP8 [N, K] with per-channel scales or scale blocks (K side a multiple of 16, N side of 8)."""
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != w.k:
         return False
     if w.fmt == FMT_INT4:
         return (w.perm is None and w.g_idx is None and w.group % 16 == 0 and w.k % w.group == 0
                 and w.n % 8 == 0 and w.weight.stride(1) == 1 and w.scales.stride(1) == 1
                 and (w.zeros is None or w.zeros.stride() == w.scales.stride()))
-    if w.fmt == FMT_FP8:
-        return w.scales.numel() == w.n and w.scale_bn == 1 and w.weight.stride(1) == 1
+    if w.fmt == FMT_FP8:      # per-channel, or blocks whose sides are multiples of 16 (8) like 128 x 128
+        per_channel = _per_channel(w)
+        blocks = w.scales.dim() == 2 and w.group % 16 == 0 and w.scale_bn % 8 == 0 and w.scales.stride(1) == 1
+        return (per_channel or blocks) and w.weight.stride(1) == 1
     return False
+
+
+def _per_channel(w: QuantWeight) -> bool:
+    return w.scale_bn == 1 and w.scales.dim() == 2 and w.scales.shape[0] == 1 and w.scales.numel() == w.n
+
+
+def _pow2_divisor(limit: int, n: int) -> int:
+    """The largest power of two <= ``limit`` that divides ``n`` (tile sizes inside scale blocks)."""
+    b = 1
+    while b * 2 <= limit and n % (b * 2) == 0:
+        b *= 2
+    return b
 
 
 def _split_count(units: int, programs: int, cfg: GemvConfig, device: torch.device) -> int:
@@ -406,7 +437,7 @@ def _candidates(w: QuantWeight) -> list[GemvConfig]:
 def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> GemvConfig:
     """The tuned shape for this (format, rows, N, K), timing the candidates the first time a shape runs on
     CUDA outside graph capture (``APHRODITE_QUANT_TUNE=0``: the default shape)."""
-    key = (w.fmt, x.shape[0], w.n, w.k, x.dtype, w.zeros is not None, w.group)
+    key = (w.fmt, x.shape[0], w.n, w.k, x.dtype, w.zeros is not None, w.group, w.scale_bn)
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
@@ -459,13 +490,18 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
             BLOCK_W=block, BLOCK_K=block_k, EVEN_W=nw % block == 0, SPLIT=splits > 1,
             DEFER=m == 1 if cfg.defer is None else cfg.defer and m <= 2, num_warps=cfg.warps)
         return
+    block_scale = not _per_channel(w)
+    if block_scale:          # tiles must not straddle scale blocks
+        block_k = _pow2_divisor(min(block_k, w.group), w.group)
+        block = _pow2_divisor(min(block, w.scale_bn), w.scale_bn)
     programs = cdiv(n, block)
     splits = _split_count(cdiv(k, block_k), programs, cfg, dev)
     k_per_split = cdiv(cdiv(k, block_k), splits) * block_k
     part = torch.empty((splits, m, n), dtype=torch.float32, device=dev) if splits > 1 else out
     cnt = _counters(dev, programs) if splits > 1 else out
     _gemv_fp8(dev)[(programs, splits)](
-        x, w.weight, w.scales.reshape(-1), bias if bias is not None else dummy, out, part, cnt,
-        m, n, k, k_per_split, splits, x.stride(0), w.weight.stride(0), out.stride(0),
-        ROWS=m, HAS_BIAS=bias is not None, BLOCK_N=block, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        SPLIT=splits > 1, num_warps=cfg.warps)
+        x, w.weight, w.scales if block_scale else w.scales.reshape(-1), bias if bias is not None else dummy,
+        out, part, cnt, m, n, k, k_per_split, splits, x.stride(0), w.weight.stride(0), out.stride(0),
+        w.scales.stride(0), ROWS=m, HAS_BIAS=bias is not None, BLOCK_N=block, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, SPLIT=splits > 1, BLOCK_SCALE=block_scale, SCALE_BK=w.group,
+        SCALE_BN=w.scale_bn, num_warps=cfg.warps)

@@ -80,6 +80,20 @@ def test_fp8_gemv(rows, cfg):
            x.double() @ ref.t() + (bias.double() if rows != 2 else 0))
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fp8_block_scales_gemv(rows):
+    """Block-wise scales (128x128 in Qwen3-FP8; 16x32 here): a tile never straddles a scale block."""
+    k, n, bn, bk = 96, 48, 16, 32
+    wq, scale = packing.quantize_fp8_block(torch.randn(n, k), bn, bk)
+    ref = packing.dequant_fp8_block(wq, scale, bn, bk)
+    qw = QuantWeight(FMT_FP8, wq, scale.t().contiguous(), k, n, bk, bn)
+    assert supports(torch.randn(rows, k), qw)
+    x = torch.randn(rows, k)
+    bias = torch.randn(n)
+    got = quant_gemv(x, qw, bias, config=GemvConfig(block=32, block_k=64, splits=2))   # clamped to 16 x 32
+    _check(got, x.double() @ ref.t() + bias.double())
+
+
 def test_fallbacks_and_env(monkeypatch):
     k, n, group = 64, 16, 32
     qw, _ = _int4_case(k, n, group, False)
@@ -88,8 +102,8 @@ def test_fallbacks_and_env(monkeypatch):
     act = repack_int4(torch.randint(0, 16, (k, n), dtype=torch.uint8), qw.scales, None, group,
                       torch.randperm(k) // group)
     assert act.perm is not None and not supports(x, act)          # act-order: the general kernel
-    wq, scale = packing.quantize_fp8_block(torch.randn(n, k), 16, 32)
-    assert not supports(x, QuantWeight(FMT_FP8, wq, scale.t().contiguous(), k, n, 32, 16))
+    wq, scale = packing.quantize_fp8_block(torch.randn(n, k), 4, 32)          # 4-row scale blocks: too thin
+    assert not supports(x, QuantWeight(FMT_FP8, wq, scale.t().contiguous(), k, n, 32, 4))
     with pytest.raises(ValueError, match="does not support"):
         quant_gemv(torch.randn(5, k), qw)
     monkeypatch.setenv("APHRODITE_QUANT_GEMV", "old")
