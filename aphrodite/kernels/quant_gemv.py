@@ -237,8 +237,13 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, c
             ok = offs < N
             for r in tl.static_range(ROWS):
                 total = tl.zeros([BLOCK_W * 8], dtype=tl.float32)
-                for sp in range(0, num_splits):
-                    total += tl.load(part_ptr + (sp * M + r) * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
+                for sp in range(0, num_splits, 4):      # four loads in flight; fixed order
+                    src = part_ptr + (sp * M + r) * N + offs
+                    p0 = tl.load(src, mask=ok, other=0.0, cache_modifier=".cg")
+                    p1 = tl.load(src + M * N, mask=ok & (sp + 1 < num_splits), other=0.0, cache_modifier=".cg")
+                    p2 = tl.load(src + 2 * M * N, mask=ok & (sp + 2 < num_splits), other=0.0, cache_modifier=".cg")
+                    p3 = tl.load(src + 3 * M * N, mask=ok & (sp + 3 < num_splits), other=0.0, cache_modifier=".cg")
+                    total += (p0 + p1) + (p2 + p3)
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
                 tl.store(out_ptr + r * stride_om + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
@@ -336,8 +341,13 @@ def _gemv_fp8_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
             ok = offs < N
             for r in tl.static_range(ROWS):
                 total = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for sp in range(0, num_splits):
-                    total += tl.load(part_ptr + (sp * M + r) * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
+                for sp in range(0, num_splits, 4):      # four loads in flight; fixed order
+                    src = part_ptr + (sp * M + r) * N + offs
+                    p0 = tl.load(src, mask=ok, other=0.0, cache_modifier=".cg")
+                    p1 = tl.load(src + M * N, mask=ok & (sp + 1 < num_splits), other=0.0, cache_modifier=".cg")
+                    p2 = tl.load(src + 2 * M * N, mask=ok & (sp + 2 < num_splits), other=0.0, cache_modifier=".cg")
+                    p3 = tl.load(src + 3 * M * N, mask=ok & (sp + 3 < num_splits), other=0.0, cache_modifier=".cg")
+                    total += (p0 + p1) + (p2 + p3)
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
                 tl.store(out_ptr + r * stride_om + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
