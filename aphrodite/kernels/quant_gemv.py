@@ -437,9 +437,13 @@ _TUNED: dict[tuple, GemvConfig] = {}
 
 def _candidates(w: QuantWeight) -> list[GemvConfig]:
     """A few launch shapes (the first is the untuned default): programs per SM and tile width."""
-    if w.fmt == FMT_INT4:     # ~168 registers at one row: 3 programs of 4 warps fit an SM, so 3/SM is one wave
-        return [GemvConfig(target=3), GemvConfig(target=2), GemvConfig(target=4), GemvConfig(target=6),
-                GemvConfig(block=16, target=3), GemvConfig(block=64, target=3, warps=8)]
+    if w.fmt == FMT_INT4:
+        # Fewer warps per program = more K rows per thread per group, so the per-group scale work is spread
+        # over more elements (4.6 -> 3.5 instructions per weight at one row, from the SASS), but fewer warps
+        # per SM where split-K (by whole groups) runs out; 4 warps: ~168 registers, 3 programs an SM.
+        return [GemvConfig(target=3), GemvConfig(block_k=8, warps=2, target=6),
+                GemvConfig(block_k=4, warps=1, target=12), GemvConfig(block_k=4, warps=1, target=24),
+                GemvConfig(target=2), GemvConfig(block=64, block_k=8, target=4)]
     return [GemvConfig(), GemvConfig(target=2), GemvConfig(target=8), GemvConfig(block=32, block_k=256),
             GemvConfig(block=8, target=8)]
 

@@ -65,6 +65,10 @@ def _old(x, w):
     return out
 
 
+def _cfg_name(c) -> str:
+    return f"b{c.block}/k{c.block_k}/t{c.target}/w{c.warps}" + ("/nodefer" if c.defer is False else "")
+
+
 def _err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref).abs().max() / ref.abs().max()).item()
 
@@ -132,9 +136,11 @@ def main() -> None:
     sweep = []
     if not args.no_sweep:
         print("== new-kernel launch shapes at M=1 (us) ==", flush=True)
-        cands = {"int4": [GemvConfig(32, 16, target=2), GemvConfig(32, 16, target=4), GemvConfig(32, 16, target=8),
-                          GemvConfig(16, 16, target=4), GemvConfig(64, 16, target=4, warps=8),
-                          GemvConfig(32, 32, target=4, warps=8)],
+        cands = {"int4": [GemvConfig(32, 16, target=3), GemvConfig(32, 16, target=6),
+                          GemvConfig(32, 8, target=6, warps=2),
+                          GemvConfig(32, 8, target=12, warps=2), GemvConfig(32, 4, target=12, warps=1),
+                          GemvConfig(32, 4, target=24, warps=1), GemvConfig(64, 8, target=4),
+                          GemvConfig(16, 16, target=3), GemvConfig(32, 16, target=3, defer=False)],
                  "fp8": [GemvConfig(16, 512, target=2), GemvConfig(16, 512, target=4), GemvConfig(16, 512, target=8),
                          GemvConfig(8, 512, target=4), GemvConfig(32, 256, target=4), GemvConfig(16, 1024, target=4),
                          GemvConfig(32, 512, target=4, warps=8)]}
@@ -151,7 +157,7 @@ def main() -> None:
                     except Exception as e:  # noqa: BLE001
                         print(f"  {name} {fmt} {c}: {e!r}"[:200], flush=True)
                 res.sort(key=lambda r: r[0])
-                line = "  ".join(f"b{c.block}/k{c.block_k}/t{c.target}/w{c.warps}:{t:.1f}" for t, c in res)
+                line = "  ".join(f"{_cfg_name(c)}:{t:.1f}" for t, c in res)
                 print(f"{name:9s} {fmt:4s} {line}", flush=True)
                 if res:
                     sweep.append((name, fmt, res[0][0], res[0][1]))

@@ -52,7 +52,7 @@ def test_int4_gemv(rows, defer, asym, group, cfg):
 
 
 def test_int4_gemv_bf16_even_tiles():
-    """bf16 activations, N a multiple of the tile (unmasked loads), default block_k, uneven split of groups."""
+    """bf16 activations, N a multiple of the tile (unmasked loads), 4-row tiles, uneven split of groups."""
     k, n, group = 5 * 32, 128, 32
     qw, _ = _int4_case(k, n, group, True)
     qw.scales = qw.scales.to(torch.bfloat16)
@@ -61,7 +61,7 @@ def test_int4_gemv_bf16_even_tiles():
     rows = torch.arange(k) // group
     wd = (codes - qw.zeros.double()[rows]) * qw.scales.double()[rows]
     x = torch.randn(2, k).to(torch.bfloat16)
-    got = quant_gemv(x, qw, config=GemvConfig(block=16, splits=2))
+    got = quant_gemv(x, qw, config=GemvConfig(block=16, block_k=4, warps=1, splits=2))
     _check(got, x.double() @ wd, tol=8e-3)   # bf16 output rounding
 
 
