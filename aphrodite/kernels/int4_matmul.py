@@ -517,5 +517,9 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = No
     out = torch.empty((x.shape[0], w.n), dtype=x.dtype, device=x.device)
     if x.shape[0] == 0:
         return out
+    if x.is_cuda and config is None and x.shape[0] <= 4:     # decode: the GEMV (APHRODITE_QUANT_GEMV=old: off)
+        from aphrodite.kernels import quant_gemv
+        if quant_gemv.gemv_enabled() and quant_gemv.supports(x, w):
+            return quant_gemv.quant_gemv(x, w, bias, out)
     _launch(x, w, bias, out, config or _config_for(x, w, bias))
     return out
