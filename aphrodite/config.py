@@ -186,14 +186,28 @@ def _model_max_len(hf_config: Any) -> int:
     return 2048
 
 
-def _resolve_quantization(requested: str | None, hf_config: Any) -> tuple[str | None, dict[str, Any] | None]:
+def _resolve_quantization(requested: str | None, hf_config: Any,
+                          gguf: bool = False) -> tuple[str | None, dict[str, Any] | None]:
     """(method, settings): the checkpoint's ``quantization_config`` decides unless the user asked for a
-    method the checkpoint does not declare (e.g. ``fp8`` to quantize a bf16 checkpoint at load)."""
+    method the checkpoint does not declare (e.g. ``fp8`` to quantize a bf16 checkpoint at load).
+
+    A GGUF file (``gguf``) keeps its blocks (``gguf``, vLLM's name) unless ``none`` asks to dequantize
+    it at load; ``none`` also loads an unquantized checkpoint as it is."""
+    if gguf:
+        method = (requested or "gguf").lower()
+        if method not in ("gguf", "none"):
+            raise ValueError(f"quantization={requested!r} does not apply to a GGUF file: use 'gguf' (keep its "
+                             "quantized blocks, the default) or 'none' (dequantize at load).")
+        return (None, None) if method == "none" else ("gguf", {"quant_method": "gguf"})
+    if requested is not None and requested.lower() == "gguf":
+        raise ValueError("quantization='gguf' needs a .gguf model file.")
     settings = getattr(hf_config, "quantization_config", None)
     if settings is not None and not isinstance(settings, dict):
         settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(vars(settings))
     declared = str(settings.get("quant_method") or "").lower() or None if settings else None
     method = (requested or declared or "").lower() or None
+    if requested and requested.lower() == "none" and not declared:
+        return None, None
     if requested and declared and requested.lower() != declared:
         raise ValueError(f"quantization={requested!r} was asked for, but the checkpoint is quantized with "
                          f"{declared!r}.")
@@ -247,7 +261,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_num_batched_tokens must be at least 1, got {budget}.")
     kv_space = float(os.environ.get("APHRODITE_CPU_KVCACHE_SPACE", args.cpu_kvcache_space))
 
-    quantization, quant_settings = _resolve_quantization(args.quantization, hf_config)
+    quantization, quant_settings = _resolve_quantization(args.quantization, hf_config, gguf=load_format == "gguf")
     tokenizer = args.tokenizer or path
     model_config = ModelConfig(
         model=model if args.model else "SmolLM2-135M-Instruct", path=path, hf_config=hf_config,

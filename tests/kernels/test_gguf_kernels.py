@@ -90,7 +90,28 @@ def c_build(request):
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("rows", [1, 3, 11])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_c_linear_matches_float64(name, rows, dtype, c_build):
+def test_c_linear_exact_matches_float64(name, rows, dtype, c_build):
+    lib, portable = c_build
+    k, n = 512, 24
+    raw = random_blocks(name, n, k, seed=rows + 100)
+    w = reference(raw, name)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    out = gguf_ops.linear(torch.from_numpy(raw), TYPES[name], x, bias, exact=True, portable=portable, lib=lib)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    ref = x.double() @ w.T + bias.double()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    else:
+        torch.testing.assert_close(out.double(), ref.to(dtype).double(), rtol=8e-3, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_c
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows", [1, 3, 11])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_linear_q8_activations_match_float64(name, rows, dtype, c_build):
     lib, portable = c_build
     k, n = 512, 24
     raw = random_blocks(name, n, k, seed=rows)
@@ -98,7 +119,7 @@ def test_c_linear_matches_float64(name, rows, dtype, c_build):
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
-    out = gguf_ops.linear(torch.from_numpy(raw), TYPES[name], x, bias, portable=portable, lib=lib)
+    out = gguf_ops.linear(torch.from_numpy(raw), TYPES[name], x, bias, exact=False, portable=portable, lib=lib)
     assert out.shape == (rows, n) and out.dtype == dtype
     exact = x.double() @ w.T + bias.double()
     xq = q8_activations(x.float())

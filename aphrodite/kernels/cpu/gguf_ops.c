@@ -433,6 +433,194 @@ static void row_dot_q6k_avx2(const uint8_t* w, const act_block* acts, int M, int
 }
 #endif
 
+/* Exact variant: acc[m] += row . x[m] with float32 activations (no 8-bit rounding of x): each
+   block is dequantized once into a float buffer in L1 and multiplied with every input row. */
+static void dequant_block(int t, const uint8_t* b, float* v) {
+    int8_t q[256];
+    float sc[16], mn[16];
+    if (t == Q8_0) {
+        const float d = h2f(b);
+        #pragma omp simd
+        for (int i = 0; i < 32; i++) v[i] = d * (float)(int8_t)b[2 + i];
+        return;
+    }
+    if (t == Q4_1 || t == Q4_0) {
+        const float d = h2f(b), m = t == Q4_1 ? h2f(b + 2) : -8.f * d;
+        const uint8_t* qs = b + (t == Q4_1 ? 4 : 2);
+        #pragma omp simd
+        for (int j = 0; j < 16; j++) {
+            v[j] = d * (float)(qs[j] & 0xF) + m;
+            v[j + 16] = d * (float)(qs[j] >> 4) + m;
+        }
+        return;
+    }
+    unpack(t, b, q, sc, mn);
+    const int QK = block_values(t);
+    for (int g = 0; g < QK / 16; g++) {
+        const float s = sc[g], o = mn[g];
+        #pragma omp simd
+        for (int l = 0; l < 16; l++) v[g * 16 + l] = s * (float)q[g * 16 + l] + o;
+    }
+}
+
+static void row_dot_exact(int t, const uint8_t* w, const float* xf, int M, int K, float* out) {
+    const int QK = block_values(t), BB = block_bytes(t);
+    float v[256] __attribute__((aligned(64)));
+    float acc[8][16] __attribute__((aligned(64)));
+    memset(acc, 0, sizeof(acc));
+    for (int b = 0; b < K / QK; b++) {
+        dequant_block(t, w + (long)b * BB, v);
+        for (int m = 0; m < M; m++) {
+            const float* xm = xf + (long)m * K + (long)b * QK;
+            for (int i = 0; i < QK; i += 16) {
+                #pragma omp simd
+                for (int j = 0; j < 16; j++) acc[m][j] += v[i + j] * xm[i + j];
+            }
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        float s = 0.f;
+        for (int j = 0; j < 16; j++) s += acc[m][j];
+        out[m] += s;
+    }
+}
+
+#if defined(__AVX512F__)
+/* Exact paths with AVX-512: codes widened to 16 float lanes, multiplied with the float
+   activations; per-block offsets (mins, -8) use the activation sums of 32-value blocks. */
+static inline __m512 u8x16_ps(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+
+static inline __attribute__((always_inline)) void exact_legacy_avx512(int t, const uint8_t* w, const float* xf,
+                                                                      const float* xsum, const int M, int K,
+                                                                      float* out) {
+    const int nb = K / 32, BB = block_bytes(t);
+    __m512 acc[8];
+    float off[8];
+    for (int m = 0; m < M; m++) { acc[m] = _mm512_setzero_ps(); off[m] = 0.f; }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t* blk = w + (long)b * BB;
+        const __m512 dv = _mm512_set1_ps(h2f(blk));
+        __m512 q0, q1;
+        float mb = 0.f;
+        if (t == Q8_0) {
+            q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 2))));
+            q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 18))));
+        } else {
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + (t == Q4_1 ? 4 : 2))));
+            q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
+            q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+            mb = t == Q4_1 ? h2f(blk + 2) : -8.f * h2f(blk);
+        }
+        for (int m = 0; m < M; m++) {
+            const float* x = xf + (long)m * K + (long)b * 32;
+            const __m512 s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(x + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(x)));
+            acc[m] = _mm512_fmadd_ps(s, dv, acc[m]);
+            off[m] += mb * xsum[(long)m * nb + b];
+        }
+    }
+    for (int m = 0; m < M; m++) out[m] += _mm512_reduce_add_ps(acc[m]) + off[m];
+}
+
+static inline __attribute__((always_inline)) void exact_q4k_avx512(const uint8_t* w, const float* xf,
+                                                                   const float* xsum, const int M, int K,
+                                                                   float* out) {
+    const int nb = K / 32;
+    __m512 acc[8];
+    float off[8];
+    for (int m = 0; m < M; m++) { acc[m] = _mm512_setzero_ps(); off[m] = 0.f; }
+    for (int b = 0; b < K / 256; b++) {
+        const uint8_t* blk = w + (long)b * 144;
+        const float d = h2f(blk), dmin = h2f(blk + 2);
+        for (int c = 0; c < 4; c++) {
+            int sc0, m0, sc1, m1;
+            scale_min_k4(2 * c, blk + 4, &sc0, &m0);
+            scale_min_k4(2 * c + 1, blk + 4, &sc1, &m1);
+            const __m512 d0 = _mm512_set1_ps(d * (float)sc0), d1 = _mm512_set1_ps(d * (float)sc1);
+            const uint8_t* qs = blk + 16 + c * 32;
+            const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));
+            const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qs + 16)));
+            const __m512i f = _mm512_set1_epi32(0xF);
+            const __m512 a0 = _mm512_cvtepi32_ps(_mm512_and_si512(v0, f));
+            const __m512 a1 = _mm512_cvtepi32_ps(_mm512_and_si512(v1, f));
+            const __m512 b0 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4));
+            const __m512 b1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4));
+            for (int m = 0; m < M; m++) {
+                const float* x = xf + (long)m * K + (long)b * 256 + c * 64;
+                const __m512 s0 = _mm512_fmadd_ps(a1, _mm512_loadu_ps(x + 16), _mm512_mul_ps(a0, _mm512_loadu_ps(x)));
+                const __m512 s1 = _mm512_fmadd_ps(b1, _mm512_loadu_ps(x + 48),
+                                                  _mm512_mul_ps(b0, _mm512_loadu_ps(x + 32)));
+                acc[m] = _mm512_fmadd_ps(s1, d1, _mm512_fmadd_ps(s0, d0, acc[m]));
+                const float* xs = xsum + (long)m * nb + b * 8 + 2 * c;
+                off[m] -= dmin * ((float)m0 * xs[0] + (float)m1 * xs[1]);
+            }
+        }
+    }
+    for (int m = 0; m < M; m++) out[m] += _mm512_reduce_add_ps(acc[m]) + off[m];
+}
+
+static inline __attribute__((always_inline)) void exact_q6k_avx512(const uint8_t* w, const float* xf, const int M,
+                                                                   int K, float* out) {
+    __m512 acc[8];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    const __m512i f = _mm512_set1_epi32(0xF), three = _mm512_set1_epi32(3), c32 = _mm512_set1_epi32(32);
+    for (int b = 0; b < K / 256; b++) {
+        const uint8_t* blk = w + (long)b * 210;
+        const int8_t* sc = (const int8_t*)(blk + 192);
+        const float d = h2f(blk + 208);
+        for (int n = 0; n < 2; n++)
+            for (int hh = 0; hh < 2; hh++) {   /* values l in [16 hh, 16 hh + 16) of each quarter */
+                const __m512i l0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + n * 64 + hh * 16)));
+                const __m512i l1 = _mm512_cvtepu8_epi32(
+                    _mm_loadu_si128((const __m128i*)(blk + n * 64 + 32 + hh * 16)));
+                const __m512i h = _mm512_cvtepu8_epi32(
+                    _mm_loadu_si128((const __m128i*)(blk + 128 + n * 32 + hh * 16)));
+                __m512 q[4];
+                q[0] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_or_si512(
+                    _mm512_and_si512(l0, f), _mm512_slli_epi32(_mm512_and_si512(h, three), 4)), c32));
+                q[1] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_or_si512(
+                    _mm512_and_si512(l1, f), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, 2), three), 4)),
+                    c32));
+                q[2] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_or_si512(
+                    _mm512_srli_epi32(l0, 4), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, 4), three), 4)),
+                    c32));
+                q[3] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_or_si512(
+                    _mm512_srli_epi32(l1, 4), _mm512_slli_epi32(_mm512_srli_epi32(h, 6), 4)), c32));
+                for (int t = 0; t < 4; t++) {
+                    const __m512 sv = _mm512_set1_ps(d * (float)sc[n * 8 + 2 * t + hh]);
+                    const __m512 qs = _mm512_mul_ps(q[t], sv);
+                    for (int m = 0; m < M; m++) {
+                        const float* x = xf + (long)m * K + (long)b * 256 + n * 128 + t * 32 + hh * 16;
+                        acc[m] = _mm512_fmadd_ps(qs, _mm512_loadu_ps(x), acc[m]);
+                    }
+                }
+            }
+    }
+    for (int m = 0; m < M; m++) out[m] += _mm512_reduce_add_ps(acc[m]);
+}
+
+#define EXACT_DISPATCH(CALL)                 \
+    switch (M) {                             \
+        case 1: { const int M_ = 1; CALL; } break; \
+        case 2: { const int M_ = 2; CALL; } break; \
+        case 3: { const int M_ = 3; CALL; } break; \
+        case 4: { const int M_ = 4; CALL; } break; \
+        default: { const int M_ = M; CALL; } break; \
+    }
+
+/* 1 when an AVX-512 exact path handled the row. */
+static int row_dot_exact_avx512(int t, const uint8_t* w, const float* xf, const float* xsum, int M, int K,
+                                float* out) {
+    switch (t) {
+        case Q4_0: case Q4_1: case Q8_0: EXACT_DISPATCH(exact_legacy_avx512(t, w, xf, xsum, M_, K, out)); return 1;
+        case Q4_K: EXACT_DISPATCH(exact_q4k_avx512(w, xf, xsum, M_, K, out)); return 1;
+        case Q6_K: EXACT_DISPATCH(exact_q6k_avx512(w, xf, M_, K, out)); return 1;
+        default: return 0;
+    }
+}
+#endif
+
 static void row_dot(int t, const uint8_t* w, const act_block* acts, int M, int K, float* acc, int portable) {
 #if defined(__AVX2__)
     if (!portable) {
@@ -452,12 +640,42 @@ static void row_dot(int t, const uint8_t* w, const act_block* acts, int M, int K
 /*
  * y[m, n] (row stride ldy) = x[m, :] . dequant(W[n, :]) (+ bias[n]) for M rows of x [M, K].
  * Returns 0 when the type or K is not supported (nothing written). portable=1 forces the
- * portable code (the tests check both paths against the same reference).
+ * portable code (the tests check both paths against the same reference); exact=1 keeps the
+ * activations in float32 (results as dequantize-then-matmul, to float32 rounding).
  */
 int aph_gguf_linear(int t, const uint8_t* W, long row_bytes, const void* x, const void* bias, void* y,
-                    long ldy, int M, int N, int K, int dtype, int portable) {
+                    long ldy, int M, int N, int K, int dtype, int portable, int exact) {
     const int QK = block_values(t);
     if (QK == 0 || K % QK != 0 || M < 1) return 0;
+    if (exact) {
+        const int nb = K / 32;
+        float* xf = (float*)aligned_alloc(64, ((size_t)M * K * sizeof(float) + 63) / 64 * 64);
+        float* xsum = (float*)malloc((size_t)M * nb * sizeof(float));   /* sums of 32-value blocks */
+        if (!xf || !xsum) { free(xf); free(xsum); return 0; }
+        for (long i = 0; i < (long)M * K; i++) xf[i] = gload(x, i, dtype);
+        for (long i = 0; i < (long)M * nb; i++) {
+            float s = 0.f;
+            for (int j = 0; j < 32; j++) s += xf[i * 32 + j];
+            xsum[i] = s;
+        }
+        for (int m0 = 0; m0 < M; m0 += 8) {
+            const int mc = M - m0 < 8 ? M - m0 : 8;
+            #pragma omp parallel for schedule(static)
+            for (int n = 0; n < N; n++) {
+                float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+                const uint8_t* wr = W + (long)n * row_bytes;
+#if defined(__AVX512F__)
+                if (portable || !row_dot_exact_avx512(t, wr, xf + (long)m0 * K, xsum + (long)m0 * nb, mc, K, acc))
+#endif
+                    row_dot_exact(t, wr, xf + (long)m0 * K, mc, K, acc);
+                const float bn = bias ? gload(bias, n, dtype) : 0.f;
+                for (int m = 0; m < mc; m++) gstore(y, (long)(m0 + m) * ldy + n, acc[m] + bn, dtype);
+            }
+        }
+        free(xf);
+        free(xsum);
+        return 1;
+    }
     const int nb = K / 32;
     act_block* acts = (act_block*)aligned_alloc(64, ((size_t)M * nb * sizeof(act_block) + 63) / 64 * 64);
     if (!acts) return 0;

@@ -31,12 +31,15 @@ def _lib(lib: ctypes.CDLL | None = None) -> ctypes.CDLL:
 
 
 def linear(qweight: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None, portable: bool = False,
+           out: torch.Tensor | None = None, exact: bool = True, portable: bool = False,
            lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """``x [M, K] @ dequant(qweight [N, row_bytes])^T (+ bias)``, activations quantized to 8 bits per
-    32 values (llama.cpp's q8 scheme). ``out`` may be a column slice of a wider ``[M, *]`` tensor
-    (its rows strided), so fused layers with blocks of several types write in place.
-    ``portable`` forces the plain-C path (tests)."""
+    """``x [M, K] @ dequant(qweight [N, row_bytes])^T (+ bias)``, reading the blocks.
+
+    ``exact``: float32 activations, so the result is dequantize-then-matmul up to float32
+    rounding; otherwise activations are quantized to 8 bits per 32 values (llama.cpp's q8
+    scheme: integer dot products, faster, ~0.5% error per product). ``out`` may be a column
+    slice of a wider ``[M, *]`` tensor (its rows strided), so fused layers with blocks of
+    several types write in place. ``portable`` forces the plain-C loops (tests)."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     m, k = x2.shape
     n = qweight.shape[0]
@@ -46,7 +49,7 @@ def linear(qweight: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tenso
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     ok = _lib(lib).aph_gguf_linear(qtype, _ptr(qweight), ctypes.c_long(qweight.shape[1]), _ptr(x2), _ptr(bias),
                                    _ptr(out), ctypes.c_long(out.stride(0)), m, n, k, _DTYPE_CODES[x.dtype],
-                                   int(portable))
+                                   int(portable), int(exact))
     if not ok:
         raise ValueError(f"GGUF type {qtype} with K={k} is not supported by the CPU kernels")
     return out

@@ -246,14 +246,22 @@ def _heads(hf_config: Any) -> tuple[int, int]:
     return n_head, n_kv
 
 
-def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_gguf_weights(path: str, hf_config: Any,
+                         keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, float32 tensor)`` for every weight in the GGUF at ``path``, one at a time.
 
     ``lm_head.weight`` appears only when the file has an ``output`` tensor (otherwise the
     embeddings are tied). Raises ``ValueError`` for an unsupported architecture or an unknown
     tensor name, before anything is yielded.
+
+    ``keep_quantized`` (``--quantization gguf``): every matrix ``<x>.weight`` is yielded as
+    ``<x>.qweight_type`` (a 0-d int tensor, the ggml type) followed by ``<x>.qweight``: the raw
+    ``uint8 [rows, row_bytes]`` blocks for the block types the kernels read, float32 values for
+    float tensors and for block types they do not (those are dequantized here, type F32).
     """
     from gguf.quants import dequantize
+
+    from aphrodite.kernels.gguf_matmul import GGML_BLOCKS
 
     arch, infos, data_offset = _read_layout(path)
     spec = _arch_spec(arch, path)
@@ -280,6 +288,17 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
     file = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
     for info, name in plan:
         raw, qtype = _tensor_data(file, info, data_offset)
+        keep = keep_quantized and len(info.dims) == 2 and name.endswith(".weight")
+        if keep and int(qtype) in GGML_BLOCKS:
+            blocks = raw
+            if spec.permute_qk and ".attn_q." in info.name:
+                blocks = _unpermute_rows(blocks, n_head)
+            elif spec.permute_qk and ".attn_k." in info.name:
+                blocks = _unpermute_rows(blocks, n_kv)
+            base = name[:-len(".weight")]
+            yield f"{base}.qweight_type", torch.tensor(int(qtype), dtype=torch.int32)
+            yield f"{base}.qweight", torch.from_numpy(np.array(blocks, dtype=np.uint8, copy=True))
+            continue
         try:
             weights = dequantize(raw, qtype)
         except NotImplementedError:
@@ -289,5 +308,9 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
             weights = _unpermute_rows(weights, n_head)
         elif spec.permute_qk and ".attn_k." in info.name:
             weights = _unpermute_rows(weights, n_kv)
+        if keep:   # float tensors (and block types without kernels) keep the same two names
+            base = name[:-len(".weight")]
+            yield f"{base}.qweight_type", torch.tensor(0, dtype=torch.int32)   # F32
+            name = f"{base}.qweight"
         # Copy out of the memory map, so no tensor keeps the file mapped.
         yield name, torch.from_numpy(np.array(weights, dtype=np.float32, copy=True))

@@ -108,7 +108,8 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, quant_config: QuantizationConfig | None = None, prefix: str = "model") -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config,
+                                                   f"{prefix}.embed_tokens")
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, quant_config, f"{prefix}.layers.{i}")
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -139,7 +140,8 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant_config,
+                                          prefix="lm_head")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``input_ids``, ``positions``: int64 ``[T]`` -> hidden states ``[T, hidden_size]``."""
@@ -185,9 +187,9 @@ class LlamaForCausalLM(nn.Module):
         if unknown:
             logger.warning("Ignored %d checkpoint tensors with no matching parameter: %s",
                            len(unknown), ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else ""))
-        if not self.tie_word_embeddings and "lm_head.weight" not in loaded:
-            if "model.embed_tokens.weight" in loaded:
-                self.lm_head.weight = self.model.embed_tokens.weight
+        if not self.tie_word_embeddings and not any(n.startswith("lm_head.") for n in loaded):
+            if any(n.startswith("model.embed_tokens.") for n in loaded):   # (plain or quantized) table
+                self.lm_head = self.model.embed_tokens
         return loaded
 
 

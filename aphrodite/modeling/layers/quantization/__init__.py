@@ -33,3 +33,7 @@ def get_quantization_config(method: str, config: dict[str, Any]) -> Quantization
         supported = ", ".join(sorted(QUANTIZATION_METHODS)) or "none"
         raise ValueError(f"Quantization method {method!r} is not supported. Supported methods: {supported}.")
     return cls.from_config(config)
+
+
+# The formats register themselves on import.
+from aphrodite.modeling.layers.quantization import gguf as _gguf  # noqa: E402,F401
