@@ -186,13 +186,14 @@ def _model_max_len(hf_config: Any) -> int:
     return 2048
 
 
-def _resolve_quantization(requested: str | None, hf_config: Any,
-                          gguf: bool = False) -> tuple[str | None, dict[str, Any] | None]:
+def _resolve_quantization(requested: str | None, hf_config: Any, gguf: bool = False,
+                          dummy: bool = False) -> tuple[str | None, dict[str, Any] | None]:
     """(method, settings): the checkpoint's ``quantization_config`` decides unless the user asked for a
     method the checkpoint does not declare (e.g. ``fp8`` to quantize a bf16 checkpoint at load).
 
     A GGUF file (``gguf``) keeps its blocks (``gguf``, vLLM's name) unless ``none`` asks to dequantize
-    it at load; ``none`` also loads an unquantized checkpoint as it is."""
+    it at load; ``none`` also loads an unquantized checkpoint as it is. ``gguf`` with dummy weights
+    makes random Q4_K_M-like blocks (benchmarks)."""
     if gguf:
         method = (requested or "gguf").lower()
         if method not in ("gguf", "none"):
@@ -200,7 +201,9 @@ def _resolve_quantization(requested: str | None, hf_config: Any,
                              "quantized blocks, the default) or 'none' (dequantize at load).")
         return (None, None) if method == "none" else ("gguf", {"quant_method": "gguf"})
     if requested is not None and requested.lower() == "gguf":
-        raise ValueError("quantization='gguf' needs a .gguf model file.")
+        if dummy:
+            return "gguf", {"quant_method": "gguf", "dummy": True}
+        raise ValueError("quantization='gguf' needs a .gguf model file (or load_format='dummy').")
     settings = getattr(hf_config, "quantization_config", None)
     if settings is not None and not isinstance(settings, dict):
         settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(vars(settings))
@@ -261,7 +264,8 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_num_batched_tokens must be at least 1, got {budget}.")
     kv_space = float(os.environ.get("APHRODITE_CPU_KVCACHE_SPACE", args.cpu_kvcache_space))
 
-    quantization, quant_settings = _resolve_quantization(args.quantization, hf_config, gguf=load_format == "gguf")
+    quantization, quant_settings = _resolve_quantization(args.quantization, hf_config, gguf=load_format == "gguf",
+                                                         dummy=load_format == "dummy")
     tokenizer = args.tokenizer or path
     model_config = ModelConfig(
         model=model if args.model else "SmolLM2-135M-Instruct", path=path, hf_config=hf_config,

@@ -17,6 +17,8 @@ values; this module does not import ``gguf`` (the GPU image has no such package)
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from aphrodite.kernels.triton_utils import HAS_TRITON, LazyKernel, tl, triton
@@ -253,14 +255,22 @@ def _gemv_kernel_fn(x_ptr, w_ptr, out_ptr, M, N, row_bytes, stride_xm, stride_om
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     offs_k = tl.arange(0, QK)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
-    for b in range(b_start, b_end):
-        w = _dequant_tile(row_base + b * BB, QTYPE, QK, BLOCK_N)   # [BLOCK_N, QK]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + b * QK + offs_k[None, :], mask=m_ok[:, None],
-                    other=0.0).to(tl.float32)   # [BLOCK_M, QK]
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    if BLOCK_M == 1:   # batch 1: elementwise products, one reduction at the end
+        acc1 = tl.zeros((BLOCK_N, QK), dtype=tl.float32)
+        for b in range(b_start, b_end):
+            w = _dequant_tile(row_base + b * BB, QTYPE, QK, BLOCK_N)
+            x = tl.load(x_ptr + b * QK + offs_k).to(tl.float32)
+            acc1 += w * x[None, :]
+        acc = tl.reshape(tl.sum(acc1, axis=1), (1, BLOCK_N))
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for b in range(b_start, b_end):
+            w = _dequant_tile(row_base + b * BB, QTYPE, QK, BLOCK_N)   # [BLOCK_N, QK]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + b * QK + offs_k[None, :], mask=m_ok[:, None],
+                        other=0.0).to(tl.float32)   # [BLOCK_M, QK]
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     ptrs = out_ptr + offs_m[:, None] * stride_om + rows[None, :]
     mask = m_ok[:, None] & row_ok[None, :]
     if ATOMIC:
@@ -297,6 +307,28 @@ _gemm_kernel = LazyKernel(_gemm_kernel_fn)
 GEMV_MAX_ROWS = 8
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def random_blocks(qtype: int, rows: int, k: int, scale: float = 1e-3, device: torch.device | str = "cpu",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Valid random blocks ``uint8 [rows, row_bytes]``: random codes, half-precision scales in
+    ``[0, scale)`` (dummy weights for benchmarks; the tests draw theirs with numpy)."""
+    qk, bb = GGML_BLOCKS[qtype]
+    raw = torch.randint(0, 256, (rows, k // qk, bb), dtype=torch.uint8, device=device, generator=generator)
+    for off in _HALF_FIELDS[qtype]:
+        halves = (torch.rand(rows, k // qk, device=device, generator=generator) * scale).to(torch.float16)
+        raw[:, :, off:off + 2] = halves.view(torch.uint8).view(rows, k // qk, 2)
+    return raw.view(rows, -1)
+
+
+# Byte offsets of the half-precision scales (d, and the min where a type has one) in each block.
+_HALF_FIELDS = {2: (0,), 3: (0, 2), 6: (0,), 7: (0, 2), 8: (0,), 10: (80, 82), 11: (108,), 12: (0, 2),
+                13: (0, 2), 14: (208,)}
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -320,7 +352,7 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.T
         block_m = _pow2(m)
         grid_n = triton.cdiv(n, block_n)
         # Enough programs to cover the GPU at batch 1: split K when there are few row tiles.
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        sms = _sm_count(x.device.index or 0) if x.is_cuda else 1
         split = max(1, min(n_blocks, (4 * sms) // grid_n)) if x.is_cuda else 1
         per_split = triton.cdiv(n_blocks, split)
         split = triton.cdiv(n_blocks, per_split)

@@ -79,8 +79,29 @@ def _shard_indices(shard_id: object, n: int) -> list[int]:
     return [int(shard_id)]
 
 
+def dummy_type(prefix: str, shard: int, k: int) -> int:
+    """The block type a Q4_K_M file gives a weight (dummy weights for benchmarks): Q6_K for the LM
+    head and, in every other layer, for ``v_proj`` and ``down_proj`` (llama.cpp picks about half the
+    layers), Q4_K elsewhere; rows of ``k`` values that are not whole K-quant blocks get Q8_0 / Q4_0."""
+    q4_k, q6_k = (12, 14) if k % 256 == 0 else (2, 8)
+    if prefix.endswith("lm_head"):
+        return q6_k
+    parts = prefix.split(".")
+    layer = next((int(p) for p in parts if p.isdigit()), 1)
+    more_bits = layer % 2 == 0
+    if more_bits and (prefix.endswith("down_proj") or (prefix.endswith("qkv_proj") and shard == 2)
+                      or prefix.endswith("v_proj")):
+        return q6_k
+    return q4_k
+
+
 class GGUFLinearMethod(LinearMethod):
-    """Linear layers (and the LM head) over GGUF blocks."""
+    """Linear layers (and the LM head) over GGUF blocks; ``dummy``: random Q4_K_M-like blocks
+    instead of loaded ones (``load_format="dummy"``)."""
+
+    def __init__(self, prefix: str = "", dummy: bool = False) -> None:
+        self.prefix = prefix
+        self.dummy = dummy
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -134,6 +155,22 @@ class GGUFLinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         staging = getattr(layer, "gguf_staging", None)
+        if staging is not None and self.dummy:
+            param = layer.qweight
+            row0 = 0
+            for i, size in enumerate(staging.sizes):
+                if i not in staging.loaded:
+                    qtype = dummy_type(self.prefix, i, staging.in_features)
+                    staging.types[i] = qtype
+                    if qtype not in staging.buffers:
+                        staging.buffers[qtype] = torch.zeros(sum(staging.sizes), row_bytes(qtype, staging.in_features),
+                                                             dtype=torch.uint8, device=param.device)
+                    staging.buffers[qtype][row0:row0 + size] = gguf_matmul.random_blocks(
+                        qtype, size, staging.in_features, scale=2e-5, device=param.device)
+                    staging.loaded.add(i)
+                row0 += size
+            _pack_segments(layer, param)
+            return
         if staging is not None:
             missing = [i for i in range(len(staging.sizes)) if i not in staging.loaded]
             raise ValueError(f"GGUF layer {getattr(layer, 'prefix', '')!r} lacks projections {missing}")
@@ -239,15 +276,18 @@ class GGUFConfig(QuantizationConfig):
 
     name = "gguf"
 
+    def __init__(self, dummy: bool = False) -> None:
+        self.dummy = dummy
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GGUFConfig:
-        return cls()
+        return cls(dummy=bool(config.get("dummy", False)))
 
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
-        return GGUFLinearMethod()
+        return GGUFLinearMethod(prefix, self.dummy)
 
     def get_embedding_method(self, layer: nn.Module, prefix: str) -> GGUFEmbeddingMethod | None:
-        return GGUFEmbeddingMethod()
+        return GGUFEmbeddingMethod(prefix, self.dummy)
 
     def supported_act_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.bfloat16, torch.float16, torch.float32)
