@@ -125,8 +125,9 @@ def _dequant_blocks(b: torch.Tensor, qtype: int) -> torch.Tensor:
         val = (_f16(u8, 0) * sc).view(*lead, 4, 2, 1) * q - (_f16(u8, 2) * mn).view(*lead, 4, 2, 1)
         return val.reshape(*lead, 256)
     if qtype == 14:   # Q6_K: [n 2, t 4, l 32]
-        ql = b[..., 0:128].view(*lead, 2, 2, 32)[..., [0, 1, 0, 1], :]
-        lo = (ql >> torch.tensor([0, 0, 4, 4], device=dev).view(4, 1)) & 0xF
+        t = torch.arange(4, device=dev)   # (no host lists: this runs inside CUDA graph capture)
+        ql = b[..., 0:128].view(*lead, 2, 2, 32).index_select(-2, t % 2)
+        lo = (ql >> (4 * (t // 2)).view(4, 1)) & 0xF
         hi = (b[..., 128:192].view(*lead, 2, 1, 32) >> (2 * torch.arange(4, device=dev)).view(4, 1)) & 3
         q = (lo | (hi << 4)) - 32
         sc = b[..., 192:208].to(torch.uint8).view(torch.int8).float().view(*lead, 2, 4, 2, 1)
