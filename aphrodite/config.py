@@ -64,6 +64,29 @@ def split_gguf(path: str) -> tuple[str, str | None]:
     return path, None
 
 
+def layer_sliding_windows(hf_config: Any) -> list[int | None]:
+    """Each decoder layer's attention window (None = full attention), from an HF config.
+
+    ``layer_types`` ("sliding_attention"/"full_attention", transformers 5: Gemma 2/3, Qwen 2/3) says
+    which layers slide; without it ``sliding_window`` applies to every layer (Mistral, Mixtral, Phi-3).
+    """
+    n = hf_config.num_hidden_layers
+    window = getattr(hf_config, "sliding_window", None) or None
+    types = getattr(hf_config, "layer_types", None)
+    if types is None:
+        return [window] * n
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+# HF model_type -> architecture, for configs built from GGUF metadata (they carry no architectures).
+_GGUF_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+}
+
+
 @dataclass
 class ModelConfig:
     model: str                 # what the user asked for (name shown to clients)
@@ -87,8 +110,14 @@ class ModelConfig:
         if archs:
             return archs[0]
         # GGUF-derived configs carry only model_type.
-        return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
-            self.hf_config.model_type, self.hf_config.model_type)
+        return _GGUF_MODEL_TYPES.get(self.hf_config.model_type, self.hf_config.model_type)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The attention window when every layer has one (then KV blocks wholly before it can be freed),
+        else None."""
+        windows = layer_sliding_windows(self.hf_config)
+        return None if not windows or None in windows else max(windows)
 
     @property
     def num_layers(self) -> int:
@@ -119,6 +148,11 @@ class CacheConfig:
     num_blocks_override: int | None
     enable_prefix_caching: bool
     num_blocks: int = 0        # set by the worker after profiling
+    cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" (e4m3, per-layer scales)
+
+    def kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The torch dtype the paged KV cache is stored in."""
+        return torch.float8_e4m3fn if self.cache_dtype == "fp8" else model_dtype
 
 
 @dataclass
@@ -126,12 +160,26 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    max_loras: int = 0          # distinct LoRA adapters one step may hold (0: LoRA off)
+
+
+@dataclass
+class LoRAConfig:
+    max_loras: int
+    max_lora_rank: int
+    max_cpu_loras: int
 
 
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"    # uni (one rank, in process) | mp | ray
+    disable_custom_all_reduce: bool = False      # all TP all-reduces through NCCL
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass
@@ -144,6 +192,7 @@ class EngineConfig:
     enforce_eager: bool
     log_stats: bool
     async_scheduling: bool = False
+    lora: LoRAConfig | None = None
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -186,6 +235,39 @@ def _model_max_len(hf_config: Any) -> int:
     return 2048
 
 
+def resolve_parallel_config(args: EngineArgs, hf_config: Any, device: torch.device) -> ParallelConfig:
+    """Check that the model splits into tp x pp ranks and pick the executor, before anything starts."""
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    world = tp * pp
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % tp:
+        raise ValueError(f"Total number of attention heads ({heads}) must be divisible by tensor parallel "
+                         f"size ({tp}).")
+    if kv_heads % tp and tp % kv_heads:
+        raise ValueError(f"Total number of KV heads ({kv_heads}) must be divisible by tensor parallel size "
+                         f"({tp}), or tensor parallel size by it (then each KV head is replicated).")
+    intermediate = getattr(hf_config, "intermediate_size", None)
+    if intermediate and intermediate % tp:
+        raise ValueError(f"The MLP's intermediate size ({intermediate}) must be divisible by tensor parallel "
+                         f"size ({tp}).")
+    layers = hf_config.num_hidden_layers
+    if pp > layers:
+        raise ValueError(f"pipeline_parallel_size ({pp}) is larger than the model's number of layers ({layers}): "
+                         "every stage needs at least one layer.")
+    backend = args.distributed_executor_backend
+    local = torch.cuda.device_count() if device.type == "cuda" else None
+    if backend is None:
+        backend = "uni" if world == 1 else "ray" if local is not None and world > local else "mp"
+    if backend == "uni" and world > 1:
+        raise ValueError(f"distributed_executor_backend='uni' runs a single rank, but tensor_parallel_size x "
+                         f"pipeline_parallel_size is {world}; use 'mp' or 'ray'.")
+    if backend == "mp" and local is not None and world > local:
+        raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} ranks, but only {local} GPU(s) "
+                         "are visible on this host; use distributed_executor_backend='ray' to span hosts.")
+    return ParallelConfig(tp, pp, backend, bool(args.disable_custom_all_reduce))
+
+
 def _resolve_quantization(requested: str | None, hf_config: Any, gguf: bool = False,
                           dummy: bool = False) -> tuple[str | None, dict[str, Any] | None]:
     """(method, settings): the checkpoint's ``quantization_config`` decides unless the user asked for a
@@ -207,20 +289,47 @@ def _resolve_quantization(requested: str | None, hf_config: Any, gguf: bool = Fa
     settings = getattr(hf_config, "quantization_config", None)
     if settings is not None and not isinstance(settings, dict):
         settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(vars(settings))
-    declared = str(settings.get("quant_method") or "").lower() or None if settings else None
-    method = (requested or declared or "").lower() or None
-    if requested and requested.lower() == "none" and not declared:
+    from aphrodite.modeling.layers.quantization import QUANTIZATION_METHODS, canonical_method
+    declared = canonical_method(str(settings.get("quant_method") or "")) or None if settings else None
+    requested = canonical_method(requested) if requested else None
+    if requested == "none" and not declared:
         return None, None
-    if requested and declared and requested.lower() != declared:
+    method = requested or declared
+    if requested and declared and requested != declared:
         raise ValueError(f"quantization={requested!r} was asked for, but the checkpoint is quantized with "
                          f"{declared!r}.")
     if method is None:
         return None, None
-    from aphrodite.modeling.layers.quantization import QUANTIZATION_METHODS
     if method not in QUANTIZATION_METHODS:
         supported = ", ".join(sorted(QUANTIZATION_METHODS)) or "none yet"
         raise ValueError(f"Quantization method {method!r} is not supported. Supported methods: {supported}.")
     return method, settings or {}
+
+
+def _resolve_kv_cache_dtype(name: str, device: torch.device) -> str:
+    """"auto" or "fp8"; fp8 needs a GPU with fp8 conversions (compute capability 8.9+) or the CPU."""
+    name = (name or "auto").lower()
+    if name not in ("auto", "fp8", "fp8_e4m3"):
+        raise ValueError(f"kv_cache_dtype {name!r} is not supported; supported: auto, fp8, fp8_e4m3.")
+    if name == "auto":
+        return "auto"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError("kv_cache_dtype='fp8' needs a GPU with compute capability 8.9 or newer (Ada, Hopper) "
+                         "or the CPU.")
+    return "fp8"
+
+
+def _resolve_lora(args: EngineArgs) -> LoRAConfig | None:
+    if not args.enable_lora:
+        return None
+    if args.max_loras < 1:
+        raise ValueError(f"max_loras must be at least 1, got {args.max_loras}.")
+    if args.max_lora_rank < 1:
+        raise ValueError(f"max_lora_rank must be at least 1, got {args.max_lora_rank}.")
+    cpu = args.max_cpu_loras if args.max_cpu_loras is not None else args.max_loras
+    if cpu < args.max_loras:
+        raise ValueError(f"max_cpu_loras ({cpu}) must be at least max_loras ({args.max_loras}).")
+    return LoRAConfig(args.max_loras, args.max_lora_rank, cpu)
 
 
 def create_engine_config(args: EngineArgs) -> EngineConfig:
@@ -229,9 +338,6 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError("trust_remote_code is not supported: Aphrodite runs only the model code it ships.")
     if args.tensor_parallel_size < 1 or args.pipeline_parallel_size < 1:
         raise ValueError("tensor_parallel_size and pipeline_parallel_size must be at least 1.")
-    if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
-        raise ValueError("Tensor and pipeline parallelism are not available in this build yet; "
-                         "use tensor_parallel_size=1 and pipeline_parallel_size=1.")
     if args.block_size < 1 or args.block_size & (args.block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {args.block_size}.")
     if not 0.0 < args.gpu_memory_utilization <= 1.0:
@@ -250,6 +356,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     hf_config = _load_hf_config(path, gguf_file, args.revision)
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, hf_config, device)
+    parallel = resolve_parallel_config(args, hf_config, device)
 
     model_len = _model_max_len(hf_config)
     max_model_len = args.max_model_len or model_len
@@ -264,8 +371,10 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_num_batched_tokens must be at least 1, got {budget}.")
     kv_space = float(os.environ.get("APHRODITE_CPU_KVCACHE_SPACE", args.cpu_kvcache_space))
 
+    lora = _resolve_lora(args)
     quantization, quant_settings = _resolve_quantization(args.quantization, hf_config, gguf=load_format == "gguf",
                                                          dummy=load_format == "dummy")
+    cache_dtype = _resolve_kv_cache_dtype(args.kv_cache_dtype, device)
     tokenizer = args.tokenizer or path
     model_config = ModelConfig(
         model=model if args.model else "SmolLM2-135M-Instruct", path=path, hf_config=hf_config,
@@ -278,9 +387,11 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                           cpu_kvcache_space_bytes=int(kv_space * (1 << 30)),
                           num_blocks_override=args.num_gpu_blocks_override,
-                          enable_prefix_caching=args.enable_prefix_caching),
+                          enable_prefix_caching=args.enable_prefix_caching, cache_dtype=cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
-                                  max_model_len=max_model_len),
-        parallel=ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size),
-        device=device, enforce_eager=args.enforce_eager, log_stats=not args.disable_log_stats,
-        async_scheduling=device.type == "cuda" if args.async_scheduling is None else bool(args.async_scheduling))
+                                  max_model_len=max_model_len, max_loras=lora.max_loras if lora else 0),
+        parallel=parallel, device=device, enforce_eager=args.enforce_eager, log_stats=not args.disable_log_stats,
+        # Pipeline stages keep several micro-batches in flight instead (see LLMEngine.step).
+        async_scheduling=parallel.pipeline_parallel_size == 1 and (
+            device.type == "cuda" if args.async_scheduling is None else bool(args.async_scheduling)),
+        lora=lora)

@@ -46,11 +46,21 @@ class EngineArgs:
                                      section="parallel_args")
     pipeline_parallel_size: int = _arg(1, "Number of pipeline stages.", aliases=("-pp",),
                                        section="parallel_args")
+    distributed_executor_backend: str | None = _arg(
+        None, "How the ranks of a tensor/pipeline-parallel run are started: mp (one process per rank on "
+        "this host), ray (one Ray actor per rank, across hosts), uni (one rank, in process). Default: uni "
+        "for one rank, mp when the ranks fit on this host, ray otherwise.", choices=["mp", "ray", "uni"],
+        section="parallel_args")
+    disable_custom_all_reduce: bool = _arg(False, "Send every tensor-parallel all-reduce through NCCL (no one-shot "
+                                           "all-reduce over CUDA IPC for small messages).", section="parallel_args")
     block_size: int = _arg(16, "Tokens per KV cache block.", section="cache_args")
     gpu_memory_utilization: float = _arg(0.9, "Fraction of the GPU memory free at start-up that the "
                                          "engine may use (weights, activations, KV cache).", section="cache_args")
     cpu_kvcache_space: float = _arg(4.0, "KV cache size in GiB when running on the CPU "
                                     "(APHRODITE_CPU_KVCACHE_SPACE overrides the default).", section="cache_args")
+    kv_cache_dtype: str = _arg("auto", "KV cache storage dtype. auto: the model dtype; fp8 (= fp8_e4m3): "
+                               "float8 e4m3 with a per-layer scale (from the checkpoint, else 1.0), half the "
+                               "memory of bf16.", choices=["auto", "fp8", "fp8_e4m3"], section="cache_args")
     num_gpu_blocks_override: int | None = _arg(None, "Use exactly this many KV cache blocks (testing).",
                                                section="cache_args")
     enable_prefix_caching: bool = _arg(True, "Reuse KV cache blocks of shared prompt prefixes.",
@@ -64,6 +74,11 @@ class EngineArgs:
                                          "step N; sampled token ids stay on the device and the host "
                                          "learns them a step later. Default: on for CUDA, off on the CPU.",
                                          section="scheduler_args")
+    enable_lora: bool = _arg(False, "Serve LoRA adapters (PEFT format) over the base model.", section="lora_args")
+    max_loras: int = _arg(1, "Most distinct LoRA adapters in one batch (device slots).", section="lora_args")
+    max_lora_rank: int = _arg(16, "Largest LoRA rank an adapter may have.", section="lora_args")
+    max_cpu_loras: int | None = _arg(None, "LoRA adapters kept in host memory (least recently used evicted); "
+                                     "defaults to max_loras.", section="lora_args")
     max_logprobs: int = _arg(20, "Largest logprobs / prompt_logprobs a request may ask for.")
     disable_log_stats: bool = _arg(False, "Do not log engine statistics.")
 

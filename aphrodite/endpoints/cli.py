@@ -24,6 +24,7 @@ _SECTIONS = {
     "parallel_args": "Splitting the model across GPUs.",
     "cache_args": "The KV cache: block size and how much memory it may take.",
     "scheduler_args": "How many sequences and tokens go into one step.",
+    "lora_args": "LoRA adapters served over the base model.",
     "server_args": "The OpenAI-compatible HTTP server.",
 }
 _RUN_USAGE = "%(prog)s [MODEL] [engine options] [server options]"
@@ -67,9 +68,14 @@ class _SectionRouter:
         return self._groups[section].add_argument(*names, **kwargs)
 
 
+SERVER_EXTRA_HINT = "the server needs its extra dependencies: pip install aphrodite[server]"
+
+
 def _server_args_adder() -> tuple[Callable[[argparse.ArgumentParser], None] | None, str]:
-    """The server's ``add_server_args``, or None and why (FastAPI missing, e.g. on a GPU box)."""
+    """The server's ``add_server_args``, or None and why (FastAPI or uvicorn missing, e.g. on a GPU box)."""
     try:
+        import uvicorn  # noqa: F401  (only checked here; the server imports it when it starts)
+
         from aphrodite.endpoints.openai.api_server import add_server_args
     except ImportError as e:
         return None, str(e)
@@ -81,7 +87,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     EngineArgs.add_cli_args(_SectionRouter(parser), positional_model=True)  # type: ignore[arg-type]
     add_server_args, why = _server_args_adder()
     if add_server_args is None:
-        parser.add_argument_group("server_args", f"Unavailable here: {why}. Install aphrodite[server].")
+        parser.add_argument_group("server_args", f"Unavailable here ({why}): {SERVER_EXTRA_HINT}.")
         return
     add_server_args(parser.add_argument_group("server_args", _SECTIONS["server_args"]))  # type: ignore[arg-type]
 
@@ -134,7 +140,7 @@ def _start_server(args: argparse.Namespace) -> int:
     try:
         from aphrodite.endpoints.openai.api_server import run_server
     except ImportError as e:
-        raise ValueError(f"the server cannot start here ({e}); install aphrodite[server].") from e
+        raise ValueError(f"{SERVER_EXTRA_HINT} ({e}).") from e
     run_server(args)
     return 0
 
@@ -223,7 +229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aphrodite`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # The top-level options take no value, so the first word that is not one is the command.
-    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "run" and not {"-h", "--help"} & set(argv):
+        add_server_args, why = _server_args_adder()
+        if add_server_args is None:  # say so, rather than "unrecognized arguments: --host --port"
+            print(f"aphrodite: error: `aphrodite run` serves over HTTP, and {SERVER_EXTRA_HINT} ({why}).",
+                  file=sys.stderr)
+            return 1
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

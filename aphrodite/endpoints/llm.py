@@ -6,6 +6,7 @@ from typing import Any
 
 from aphrodite.engine.engine import LLMEngine, PromptType
 from aphrodite.engine_args import EngineArgs
+from aphrodite.lora.request import LoRARequest
 from aphrodite.outputs import RequestOutput
 from aphrodite.sampling_params import SamplingParams
 
@@ -29,22 +30,29 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, *, prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in input order."""
+                 use_tqdm: bool = True, lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None, *,
+                 prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order.
+
+        ``lora_request``: one adapter for every prompt, or a list with one (or None) per prompt."""
         if prompt_token_ids is not None:
             prompts = [{"prompt_token_ids": ids} for ids in prompt_token_ids]
         items = _as_prompt_list(prompts)
         params = _broadcast_params(sampling_params, len(items))
-        # Validate everything first so a bad prompt fails before any work starts.
+        loras = _broadcast_loras(lora_request, len(items))
+        # Validate everything first so a bad prompt (or adapter) fails before any work starts.
         engine = self.llm_engine
         tokenized = [engine.tokenize_prompt(p) for p in items]
         for (_, ids), sp in zip(tokenized, params):
             engine.validate(ids, sp)
+        for lora in dict.fromkeys(x for x in loras if x is not None):
+            engine.add_lora(lora)
+        engine.compile_structured_outputs(params)   # a bad schema or grammar: ValueError before any work
         ids = []
-        for (text, toks), sp in zip(tokenized, params):
+        for (text, toks), sp, lora in zip(tokenized, params, loras):
             rid = str(self._counter)
             self._counter += 1
-            engine.add_request(rid, {"prompt": text, "prompt_token_ids": toks}, sp)
+            engine.add_request(rid, {"prompt": text, "prompt_token_ids": toks}, sp, lora_request=lora)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 
@@ -52,7 +60,7 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
-             ) -> list[RequestOutput]:
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Apply the chat template to each conversation, then generate."""
         from aphrodite.tokenization.chat_template import apply_chat_template
         tok = self.get_tokenizer()
@@ -67,7 +75,7 @@ class LLM:
                                        chat_template_kwargs=chat_template_kwargs)
             # The template already holds the BOS token where the model wants one.
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
@@ -101,6 +109,18 @@ def _as_prompt_list(prompts: Any) -> list[PromptType]:
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]          # one prompt given as token ids
     return prompts
+
+
+def _broadcast_loras(lora: Any, n: int) -> list[LoRARequest | None]:
+    if lora is None or isinstance(lora, LoRARequest):
+        return [lora] * n
+    loras = list(lora)
+    if len(loras) != n:
+        raise ValueError(f"Got {len(loras)} LoRA requests for {n} prompts; pass one or one per prompt.")
+    for x in loras:
+        if x is not None and not isinstance(x, LoRARequest):
+            raise ValueError(f"lora_request entries must be LoRARequest or None, got {type(x).__name__}.")
+    return loras
 
 
 def _broadcast_params(params: Any, n: int) -> list[SamplingParams]:

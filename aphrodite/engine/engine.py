@@ -6,11 +6,16 @@ building overlap the device's work; the outputs a call returns are those of the 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import random
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from aphrodite.config import EngineConfig, create_engine_config
@@ -19,10 +24,12 @@ from aphrodite.engine.request import Request, RequestStatus
 from aphrodite.engine.scheduler import Scheduler, SchedulerOutput
 from aphrodite.engine.stop_checker import check_stop_token, find_stop_string
 from aphrodite.engine_args import EngineArgs
-from aphrodite.executor.uniproc import UniProcExecutor
+from aphrodite.executor.base import ResultFuture, create_executor
+from aphrodite.lora.request import LoRARequest
 from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput
 from aphrodite.sampling_params import SamplingParams
-from aphrodite.worker.model_runner import ModelRunnerOutput, PositionLogprobs, StepFuture
+from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs
+from aphrodite.worker.step_plan import NewRequestData, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +52,28 @@ class _Parent:
         return all(c.is_finished for c in self.children)
 
 
+class _Ready:
+    """A step result already read (a ``ResultFuture`` that answers at once)."""
+
+    def __init__(self, result: ModelRunnerOutput) -> None:
+        self._result = result
+
+    def result(self) -> ModelRunnerOutput:
+        return self._result
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        # Worker processes (mp) load the model while this process loads the tokenizer.
+        self.executor = create_executor(config)
+        try:
+            self._start(config)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
         m = config.model
         self.tokenizer = None
         if not m.skip_tokenizer_init:
@@ -55,7 +81,6 @@ class LLMEngine:
             self.tokenizer = get_tokenizer(m.tokenizer, gguf_file=m.gguf_file if m.tokenizer == m.path else None,
                                            revision=m.tokenizer_revision)
         self.eos_token_ids = self._eos_ids()
-        self.executor = UniProcExecutor(config)
         num_blocks = self.executor.determine_num_blocks()
         capacity = num_blocks * config.cache.block_size
         if capacity < config.scheduler.max_model_len:
@@ -65,8 +90,11 @@ class LLMEngine:
         config.cache.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens = %d tokens of capacity", num_blocks,
                     config.cache.block_size, capacity)
-        self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+                                       sliding_window=config.model.sliding_window)
+        # Pipeline stages: micro-batches of disjoint requests, up to one per stage in flight.
+        pipeline = config.parallel.pipeline_parallel_size
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, skip_in_flight=pipeline > 1)
         self.parents: dict[str, _Parent] = {}
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(m.seed)
@@ -74,7 +102,19 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.total_preemptions = 0
         self.async_scheduling = config.async_scheduling
-        self._inflight: tuple[SchedulerOutput, StepFuture] | None = None   # queued, not yet absorbed
+        # Steps queued and not yet absorbed: one with plain scheduling, two with async scheduling (the
+        # next step is queued before the last one's tokens are read), one per stage with pipelining.
+        self._depth = pipeline if pipeline > 1 else 2 if self.async_scheduling else 1
+        self._inflight: deque[tuple[SchedulerOutput, ResultFuture]] = deque()
+        self._finished_ids: list[str] = []      # ended since the last plan: the workers drop them
+        self._step_id = 0
+        self.loras: dict[int, LoRARequest] = {}     # adapters the workers hold, by id
+        self._unloading: set[int] = set()           # removed, dropped by the workers once unused
+        # Structured output: the grammar compiler (made on first use) and requests whose grammar is
+        # still compiling in its thread pool (they join the scheduler once it is ready).
+        self._structured = None
+        self._structured_lock = threading.Lock()
+        self._grammar_waiting: list[tuple[Request, Future]] = []
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -85,6 +125,89 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return tuple(sorted(ids))
+
+    # ---- structured output --------------------------------------------------------
+    @property
+    def structured_output(self):
+        """The engine's ``StructuredOutputManager`` (xgrammar), built on first use; safe from any thread."""
+        if self._structured is None:
+            if self.tokenizer is None:
+                raise ValueError("Structured outputs need a tokenizer (skip_tokenizer_init=True is set).")
+            with self._structured_lock:
+                if self._structured is None:
+                    from aphrodite.structured_output import StructuredOutputManager
+                    # A private tokenizer copy: the engine thread keeps using its own concurrently.
+                    self._structured = StructuredOutputManager(
+                        copy.deepcopy(self.tokenizer), self.config.model.hf_config.vocab_size, self.eos_token_ids)
+        return self._structured
+
+    def compile_structured_outputs(self, params: Iterable[SamplingParams]) -> None:
+        """Compile every constraint in ``params`` (in parallel, cached); raises the first ``ValueError``.
+        Lets a caller reject a bad schema or grammar before any request is added."""
+        futures = [self.structured_output.submit(p.structured_outputs) for p in params
+                   if p.structured_outputs is not None]
+        for fut in futures:
+            fut.result()
+
+    def _admit_compiled(self, block: bool = False) -> list[RequestOutput]:
+        """Move requests whose grammar finished compiling into the scheduler; a failed compile ends its
+        request (aborted). ``block``: wait briefly for one when nothing else can run."""
+        if not self._grammar_waiting:
+            return []
+        if block:
+            wait_futures([f for _, f in self._grammar_waiting], timeout=0.05, return_when=FIRST_COMPLETED)
+        still, failed = [], {}
+        for req, fut in self._grammar_waiting:
+            if not fut.done():
+                still.append((req, fut))
+            elif req.is_finished:
+                continue
+            elif fut.exception() is not None:
+                logger.error("Request %s: %s", req.request_id, fut.exception())
+                req.status = RequestStatus.FINISHED_ABORTED
+                if (parent := self.parents.get(req.parent_id)) is not None:
+                    failed[parent.request_id] = parent
+            else:
+                req.grammar = self.structured_output.matcher(fut.result())
+                self.scheduler.add_request(req)
+        self._grammar_waiting = still
+        outputs = []
+        for parent in failed.values():
+            if parent.finished and (out := self._make_output(parent)) is not None:
+                outputs.append(out)
+                del self.parents[parent.request_id]
+                for c in parent.children:
+                    self.requests.pop(c.request_id, None)
+        return outputs
+
+    def _fill_grammar_bitmask(self, sched: SchedulerOutput) -> None:
+        """Token bitmask of the constrained requests that sample in ``sched`` (before it advances)."""
+        rows = [i for i, (r, n) in enumerate(zip(sched.requests, sched.num_tokens))
+                if r.grammar is not None and r.num_computed_tokens + n == r.num_tokens_with_pending
+                and not r.grammar.failed and not r.grammar.terminated]
+        if not rows:
+            return
+        manager = self.structured_output
+        bitmask = manager.new_bitmask(len(sched.requests))
+        for i in rows:
+            manager.fill(bitmask, i, sched.requests[i].grammar)
+        sched.grammar_bitmask = bitmask
+
+    def _accept_inflight_tokens(self, sched: SchedulerOutput) -> None:
+        """Async scheduling: a constrained request's bitmask needs its tokens still in flight, so wait for
+        the steps in flight that sampled for it and advance the matchers now (this step loses its overlap)."""
+        if not self._inflight or not any(r.grammar is not None and r.num_pending_tokens for r in sched.requests):
+            return
+        for k, (prev_sched, fut) in enumerate(self._inflight):
+            if not any(r.grammar is not None for r in prev_sched.requests):
+                continue
+            result = fut.result()
+            self._inflight[k] = (prev_sched, _Ready(result))    # a future may be read only once
+            for i, r in enumerate(prev_sched.requests):
+                tok = result.sampled[i]
+                if tok is not None and r.grammar is not None and not r.is_finished \
+                        and r.grammar.num_accepted == r.num_output_tokens:
+                    r.grammar.accept(tok)
 
     # ---- requests ---------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -122,23 +245,81 @@ class LLMEngine:
             value = getattr(params, name)
             if value is not None and value > limit:
                 raise ValueError(f"{name} must be at most {limit} (max_logprobs), got {value}.")
-        if params.detokenize and self.tokenizer is None and (params.stop or params.logprobs):
-            raise ValueError("stop strings and decoded logprobs need a tokenizer (skip_tokenizer_init=True).")
+        if params.detokenize and self.tokenizer is None and params.stop:
+            # Logprobs need none: without a tokenizer their decoded_token is None, as in vLLM.
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True).")
+        if params.allowed_token_ids and any(not 0 <= t < vocab for t in params.allowed_token_ids):
+            raise ValueError(f"allowed_token_ids must be token ids in [0, {vocab}).")
+        if any(not 0 <= t < vocab for t in params.dry_sequence_breaker_ids):
+            raise ValueError(f"dry_sequence_breaker_ids must be token ids in [0, {vocab}).")
+        if (params.bad_words or params.dry_sequence_breakers or params.structured_outputs) and self.tokenizer is None:
+            raise ValueError("bad_words, dry_sequence_breakers and structured outputs need a tokenizer "
+                             "(skip_tokenizer_init=True is set).")
+
+    # ---- LoRA adapters ------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load an adapter into the worker (read and checked now: ``ValueError`` if it cannot serve);
+        False when its id is loaded already."""
+        if self.config.lora is None:
+            raise ValueError("LoRA adapters need the engine started with enable_lora=True (--enable-lora).")
+        if lora_request.lora_int_id in self._unloading:
+            raise ValueError(f"LoRA adapter id {lora_request.lora_int_id} is still being unloaded; use another id.")
+        known = self.loras.get(lora_request.lora_int_id)
+        if known is not None:
+            if (known.lora_name, known.lora_path) != (lora_request.lora_name, lora_request.lora_path):
+                raise ValueError(f"lora_int_id {lora_request.lora_int_id} is already used by adapter "
+                                 f"{known.lora_name!r} ({known.lora_path}).")
+            return False
+        self.executor.add_lora(lora_request)
+        self.loras[lora_request.lora_int_id] = lora_request
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Unload an adapter; False when it was not loaded. New requests cannot use it from now on;
+        the worker drops it once the requests already running with it have finished."""
+        if self.loras.pop(lora_int_id, None) is None:
+            return False
+        self._unloading.add(lora_int_id)
+        self._flush_unloads()
+        return True
+
+    def _flush_unloads(self) -> None:
+        if not self._unloading:
+            return
+        in_use = {r.lora_int_id for r in self.requests.values() if r.lora_int_id and not r.is_finished}
+        for sched, _ in self._inflight:
+            in_use.update(r.lora_int_id for r in sched.requests)
+        for lora_int_id in self._unloading - in_use:
+            self.executor.remove_lora(lora_int_id)
+            self._unloading.discard(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return set(self.loras)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> None:
         params = params or SamplingParams()
         if request_id in self.parents:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         text, prompt_ids = self.tokenize_prompt(prompt)
         self.validate(prompt_ids, params)
+        if lora_request is not None:
+            self.add_lora(lora_request)
+        if params.bad_words or params.dry_sequence_breakers:
+            params.update_from_tokenizer(self.tokenizer, self.config.model.hf_config.vocab_size)
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.structured_output.submit(params.structured_outputs)
+            if grammar.done() and grammar.exception() is not None:
+                raise grammar.exception()
         count = params.best_of or params.n
         children = []
         for i in range(count):
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
             child_params = params if i == 0 else dataclasses.replace(params, prompt_logprobs=None)
             cid = request_id if count == 1 else f"{i}_{request_id}"
-            child = Request(cid, prompt_ids, child_params, seed, self.eos_token_ids, arrival_time, request_id)
+            child = Request(cid, prompt_ids, child_params, seed, self.eos_token_ids, arrival_time, request_id,
+                            lora_request)
             if params.best_of > params.n:
                 child.cumulative_logprob = 0.0
             if self.tokenizer is not None and params.detokenize:
@@ -151,7 +332,11 @@ class LLMEngine:
         self.parents[request_id] = parent
         for child in children:
             self.requests[child.request_id] = child
-            self.scheduler.add_request(child)
+            if grammar is None:
+                self.scheduler.add_request(child)
+            else:
+                self._grammar_waiting.append((child, grammar))
+        self._admit_compiled()
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Stop requests now and free their KV blocks."""
@@ -163,7 +348,12 @@ class LLMEngine:
             for child in parent.children:
                 self.requests.pop(child.request_id, None)
                 if not child.is_finished:
-                    self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+                    self._finish(child, RequestStatus.FINISHED_ABORTED)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(req, status)
+        if req.sent_to_workers:
+            self._finished_ids.append(req.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents)
@@ -179,26 +369,43 @@ class LLMEngine:
         copying every running request's token list each step would cost O(batch x length)).
         With async scheduling the outputs are those of the previous call's step.
         """
-        if not self.async_scheduling:
+        self._flush_unloads()
+        early = self._admit_compiled(block=not self.scheduler.has_unfinished() and not self._inflight)
+        if self._depth == 1:
             sched = self._schedule()
             if sched is None:
-                return []
-            result = self.executor.execute(sched)
+                return early
+            self._fill_grammar_bitmask(sched)
+            result = self.executor.execute(self._plan(sched))
             self._advance(sched)
-            return self._process(sched, result, finished_only)
+            return early + self._process(sched, result, finished_only)
         try:
-            sched = self._schedule(allow_empty=self._inflight is not None)
-            queued = None
+            sched = self._schedule(allow_empty=bool(self._inflight))
             if sched is not None:
-                queued = (sched, self.executor.execute_async(sched))
+                self._accept_inflight_tokens(sched)
+                self._fill_grammar_bitmask(sched)
+                self._inflight.append((sched, self.executor.execute_async(self._plan(sched))))
                 self._advance(sched)
-            prev, self._inflight = self._inflight, queued
-            if prev is None:
-                return []
-            return self._process(prev[0], prev[1].result(), finished_only)
+                for r in sched.requests:
+                    r.num_in_flight += 1
+                if len(self._inflight) < self._depth:
+                    return early
+            if not self._inflight:
+                return early
+            prev, future = self._inflight.popleft()
+            for r in prev.requests:
+                r.num_in_flight -= 1
+            return early + self._process(prev, future.result(), finished_only)
         except BaseException:
-            self._inflight = None
+            for prev, _ in self._inflight:
+                for r in prev.requests:
+                    r.num_in_flight -= 1
+            self._inflight.clear()
             raise
+
+    def shutdown(self) -> None:
+        """Stop the executor's ranks (worker processes or actors); the engine runs nothing afterwards."""
+        self.executor.shutdown()
 
     def _schedule(self, allow_empty: bool = False) -> SchedulerOutput | None:
         """The next step's batch, or None when there is nothing to run."""
@@ -209,6 +416,34 @@ class LLMEngine:
             return None
         self.total_preemptions += sched.num_preempted
         return sched
+
+    def _plan(self, sched: SchedulerOutput) -> StepPlan:
+        """The flat description of ``sched`` for the workers: new requests' data once, then deltas."""
+        self._step_id += 1
+        plan = StepPlan(step_id=self._step_id, finished_ids=self._finished_ids,
+                        num_scheduled=sched.num_tokens, grammar_bitmask=sched.grammar_bitmask)
+        self._finished_ids = []
+        for r in sched.requests:
+            if not r.sent_to_workers:
+                plan.new_requests.append(NewRequestData(r.request_id, r.prompt_token_ids, r.params,
+                                                        r.sample_seed, r.eos_token_ids, r.lora_int_id))
+                r.sent_to_workers = True
+                r.num_sent_tokens = r.num_prompt_tokens
+            plan.req_ids.append(r.request_id)
+            plan.num_computed.append(r.num_computed_tokens)
+            plan.num_pending.append(r.num_pending_tokens)
+            plan.num_kept_blocks.append(r.num_sent_blocks)
+            n = len(r.block_ids) - r.num_sent_blocks
+            plan.num_new_blocks.append(n)
+            if n:
+                plan.new_block_ids.extend(r.block_ids[r.num_sent_blocks:])
+                r.num_sent_blocks += n
+            n = len(r.all_token_ids) - r.num_sent_tokens
+            plan.num_new_tokens.append(n)
+            if n:
+                plan.new_token_ids.extend(r.all_token_ids[r.num_sent_tokens:])
+                r.num_sent_tokens += n
+        return plan
 
     def _advance(self, sched: SchedulerOutput) -> None:
         """Bookkeeping once a step is queued: computed tokens, pending samples, prompt-token stats."""
@@ -257,6 +492,11 @@ class LLMEngine:
             if req.logprobs is not None:
                 req.logprobs.append(self._logprob_dict(entry))
         status = check_stop_token(req, token, self.config.scheduler.max_model_len)
+        if req.grammar is not None:
+            if req.grammar.num_accepted < req.num_output_tokens and not req.grammar.accept(token):
+                status = RequestStatus.FINISHED_ABORTED
+            elif status is None and req.grammar.terminated:
+                status = RequestStatus.FINISHED_STOPPED     # the grammar is complete
         if req.detokenizer is not None:
             if status != RequestStatus.FINISHED_STOPPED or req.params.include_stop_str_in_output:
                 status = self._append_text(req, req.detokenizer.step([token]), status)
@@ -264,7 +504,7 @@ class LLMEngine:
                 # Finishing: release text the detokenizer held back (e.g. an unfinished byte run).
                 status = self._append_text(req, req.detokenizer.flush(), status)
         if status is not None:
-            self.scheduler.finish(req, status)
+            self._finish(req, status)
 
     def _append_text(self, req: Request, new: str, status: RequestStatus | None) -> RequestStatus | None:
         """Add newly decoded text and look for stop strings in it; returns the (maybe new) status."""

@@ -4,6 +4,12 @@ Blocks are fixed-size pages of the per-layer KV tensors. A full block is named b
 chained over every token before and in it, so equal prefixes map to equal hashes. Freed
 blocks keep their hash and stay findable until they are reused (least recently freed
 first), which is what makes the prefix cache survive requests that come and go.
+
+With a sliding window on every layer (Mistral, Phi-3), a block whose tokens all lie before the
+window of the next token to compute is never read again: it goes back to the pool at once. Its id
+stays in ``request.block_ids`` (positions keep their index, and the worker's copy of the table is
+only ever appended to), but attention never reads a slot before the window, so the block may hold
+another request's tokens by then.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         if num_blocks < 1:
             raise ValueError("The KV cache has no room for a single block; give it more memory.")
         self.num_blocks = num_blocks
@@ -29,6 +36,9 @@ class KVCacheManager:
         self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}    # hash -> block id
         self.prefix_hits = 0                # blocks reused from the prefix cache (a counter for tests/metrics)
+        self.sliding_window = sliding_window or None
+        # request id -> how many of its leading blocks went back to the pool (outside the window)
+        self.window_freed: dict[str, int] = {}
 
     # ---- queries ----------------------------------------------------------
     @property
@@ -48,8 +58,10 @@ class KVCacheManager:
         bs = self.block_size
         toks = request.all_token_ids
         hashes = request.block_hashes
+        # A LoRA adapter changes every block's keys and values: its id seeds the chain.
+        first = ("lora", request.lora_int_id) if request.lora_int_id else None
         for i in range(len(hashes), upto_tokens // bs):
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else first
             hashes.append(chain_hash(parent, tuple(toks[i * bs:(i + 1) * bs])))
 
     def find_cached_prefix(self, request: Request) -> list[int]:
@@ -68,6 +80,8 @@ class KVCacheManager:
     # ---- allocation -------------------------------------------------------
     def allocate(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Give ``request`` room for ``num_new_tokens`` more tokens; False (and no change) if full."""
+        if self.sliding_window:   # room first: blocks the window has passed cost no eviction
+            self._free_outside_window(request)
         for b in cached_blocks:
             if self.ref_counts[b] == 0:
                 # Reviving a free cached block takes it out of the free pool.
@@ -89,7 +103,19 @@ class KVCacheManager:
             # its block is named by a later allocate.
             self._register_full_blocks(request, min(request.num_computed_tokens + num_new_tokens,
                                                     request.num_tokens))
+        if self.sliding_window:
+            self._free_outside_window(request)
         return True
+
+    def _free_outside_window(self, request: Request) -> None:
+        """Release the blocks every future query's window has passed: the next token to compute sits
+        at ``num_computed_tokens`` and sees keys after ``num_computed_tokens - window``."""
+        first_needed = request.num_computed_tokens - self.sliding_window + 1
+        done = self.window_freed.get(request.request_id, 0)
+        upto = min(max(first_needed, 0) // self.block_size, len(request.block_ids))
+        if upto > done:
+            self._release(request.block_ids[done:upto])
+            self.window_freed[request.request_id] = upto
 
     def _take_free_block(self) -> int:
         block, _ = self.free_blocks.popitem(last=False)
@@ -114,7 +140,8 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         """Release a request's blocks; the tail goes first in eviction order (least likely shared)."""
-        self._release(reversed(request.block_ids))
+        done = self.window_freed.pop(request.request_id, 0)
+        self._release(reversed(request.block_ids[done:]))
         request.block_ids = []
         request.num_named_blocks = 0
 

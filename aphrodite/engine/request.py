@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import time
 
+from aphrodite.lora.request import LoRARequest
 from aphrodite.outputs import Logprob
 from aphrodite.sampling_params import SamplingParams
 
@@ -36,8 +37,10 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  sample_seed: int, eos_token_ids: tuple[int, ...], arrival_time: float | None = None,
-                 parent_id: str | None = None) -> None:
+                 parent_id: str | None = None, lora_request: LoRARequest | None = None) -> None:
         self.request_id = request_id
+        self.lora_request = lora_request
+        self.lora_int_id = lora_request.lora_int_id if lora_request is not None else 0
         self.parent_id = parent_id if parent_id is not None else request_id
         self.prompt_token_ids = prompt_token_ids
         self.all_token_ids: list[int] = list(prompt_token_ids)
@@ -64,7 +67,14 @@ class Request:
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.detokenizer = None             # set by the engine when text is wanted
+        self.grammar = None                 # structured output: the request's GrammarState, once compiled
         self.output_text = ""
+        # What the workers already hold (see ``worker.step_plan``): the request's fixed data, its first
+        # num_sent_tokens tokens and its first num_sent_blocks blocks (reset when a preemption frees them).
+        self.sent_to_workers = False
+        self.num_sent_tokens = 0
+        self.num_sent_blocks = 0
+        self.num_in_flight = 0              # queued steps that include it, not yet absorbed
 
     @property
     def num_tokens(self) -> int:

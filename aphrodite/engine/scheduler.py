@@ -10,11 +10,17 @@ recomputed later (its prefix often comes back from the prefix cache).
 With async scheduling a step is scheduled before the previous step's sampled tokens are
 known: those count as pending tokens (``Request.num_pending_tokens``), so a decode is
 scheduled as usual and its input token is taken from the device.
+
+With pipeline parallelism several micro-batches are in flight at once, one per stage; a
+request already in one of them is skipped (``skip_in_flight``) until its results are back,
+so the micro-batches hold disjoint requests and every input token is known to the host.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from aphrodite.config import SchedulerConfig
 from aphrodite.engine.kv_cache import KVCacheManager
@@ -28,6 +34,9 @@ class SchedulerOutput:
     requests: list[Request] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     num_preempted: int = 0
+    # Structured output: [len(requests), ceil(vocab/32)] int32 token bitmask (bit set = allowed), filled
+    # by the engine's grammar matchers; None when no scheduled request is constrained.
+    grammar_bitmask: np.ndarray | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -38,8 +47,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, skip_in_flight: bool = False) -> None:
         self.config = config
+        # Pipeline parallelism: a request already in a queued micro-batch waits for its results.
+        self.skip_in_flight = skip_in_flight
         self.kv_cache = kv_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -68,6 +79,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
+        request.num_sent_blocks = 0     # the workers drop the freed table with the next plan
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -82,6 +94,9 @@ class Scheduler:
         max_len = self.config.max_model_len
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if self.skip_in_flight and req.num_in_flight:
+                i += 1
+                continue
             if req.num_pending_tokens and _reaches_length_limit(req, max_len):
                 i += 1      # its pending token is its last: it finishes when that token arrives
                 continue
@@ -97,10 +112,19 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        # Admit new work only when nothing had to be preempted this step.
+        # Admit new work only when nothing had to be preempted this step. A request whose LoRA adapter
+        # would need a device slot when every slot holds another running adapter waits its turn.
+        max_loras = self.config.max_loras
+        loras = {r.lora_int_id for r in self.running if r.lora_int_id} if max_loras else set()
+        skipped: list[Request] = []
         while self.waiting and budget > 0 and not out.num_preempted \
                 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if self.skip_in_flight and req.num_in_flight:
+                break   # preempted while its last micro-batch is still running
+            if req.lora_int_id and req.lora_int_id not in loras and len(loras) >= max_loras:
+                skipped.append(self.waiting.popleft())
+                continue
             # Prompt log-probabilities need every prompt position computed: no prefix-cache skip.
             cached = [] if req.wants_prompt_logprobs else self.kv_cache.find_cached_prefix(req)
             num_cached = len(cached) * self.kv_cache.block_size
@@ -116,6 +140,9 @@ class Scheduler:
             self.running.append(req)
             chosen.append((req, n))
             budget -= n
+            if req.lora_int_id:
+                loras.add(req.lora_int_id)
+        self.waiting.extendleft(reversed(skipped))
 
         # Batch order: single-token chunks (decodes) first, as the attention backends expect.
         chosen.sort(key=lambda rn: rn[1] != 1)

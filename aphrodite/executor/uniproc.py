@@ -1,24 +1,34 @@
-"""The in-process executor: the model runs in the engine's own process on one device."""
+"""The in-process executor: one rank, in the engine's own process."""
 from __future__ import annotations
 
 from aphrodite.config import EngineConfig
-from aphrodite.engine.scheduler import SchedulerOutput
-from aphrodite.worker.model_runner import ModelRunner, ModelRunnerOutput, StepFuture
+from aphrodite.executor.base import Executor
+from aphrodite.lora.request import LoRARequest
+from aphrodite.worker.model_runner import ModelRunnerOutput, StepFuture
+from aphrodite.worker.step_plan import StepPlan
+from aphrodite.worker.worker import Worker
 
 
-class UniProcExecutor:
+class UniProcExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
-        self.runner = ModelRunner(config)
+        self.worker = Worker(config)
+        self.runner = self.worker.runner
 
     def determine_num_blocks(self) -> int:
-        return self.runner.determine_num_blocks()
+        return self.worker.determine_num_blocks()
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.runner.initialize_kv_cache(num_blocks)
+        self.worker.initialize_kv_cache(num_blocks)
 
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute(sched)
+    def execute(self, plan: StepPlan) -> ModelRunnerOutput:
+        return self.worker.execute(plan).result()
 
-    def execute_async(self, sched: SchedulerOutput) -> StepFuture:
+    def execute_async(self, plan: StepPlan) -> StepFuture:
         """Queue the step; its results are read from the returned future later."""
-        return self.runner.queue(sched)
+        return self.worker.execute(plan)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return self.worker.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.worker.remove_lora(lora_int_id)

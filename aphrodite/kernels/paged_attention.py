@@ -37,7 +37,7 @@ import torch
 from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
 
 if TYPE_CHECKING:
-    from aphrodite.modeling.layers.attention import AttentionMetadata
+    from aphrodite.kernels.attention_metadata import AttentionMetadata
 
 __all__ = [
     "DecodeAppend",
@@ -56,13 +56,25 @@ _LOG2E = 1.4426950408889634
 # References (the CPU path and the test oracle)
 # --------------------------------------------------------------------------------------------------
 
+def _is_fp8(cache: torch.Tensor) -> bool:
+    return cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def reshape_and_cache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          slot_mapping: torch.Tensor) -> None:
-    """Write k/v [T, Hkv, D] into their cache slots; slots < 0 are skipped."""
+                          slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Write k/v [T, Hkv, D] into their cache slots; slots < 0 are skipped. An fp8 cache stores
+    ``k / k_scale`` and ``v / v_scale`` (saturated to the format's range)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     kf = k_cache.view(-1, *k_cache.shape[2:])
     vf = v_cache.view(-1, *v_cache.shape[2:])
+    if _is_fp8(k_cache):
+        limit = torch.finfo(k_cache.dtype).max
+        kq = (k[keep].float() / k_scale).clamp(-limit, limit).to(k_cache.dtype)
+        vq = (v[keep].float() / v_scale).clamp(-limit, limit).to(v_cache.dtype)
+        kf.view(torch.uint8).index_copy_(0, slots, kq.view(torch.uint8))
+        vf.view(torch.uint8).index_copy_(0, slots, vq.view(torch.uint8))
+        return
     kf.index_copy_(0, slots, k[keep].to(k_cache.dtype))
     vf.index_copy_(0, slots, v[keep].to(v_cache.dtype))
 
@@ -83,17 +95,20 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         scale: float, max_query_len: int = 0, max_seq_len: int = 0,
                         num_decodes: int | None = None, max_decode_seq_len: int | None = None,
                         num_splits: int | None = None, append: DecodeAppend | None = None,
-                        fused_reduce: bool = True, solo_tiles: int = 0) -> torch.Tensor:
+                        fused_reduce: bool = True, solo_tiles: int = 0, sliding_window: int | None = None,
+                        logits_soft_cap: float | None = None, k_scale: float = 1.0,
+                        v_scale: float = 1.0) -> torch.Tensor:
     """Per-sequence fp32 attention over the gathered cache; reads lengths back to the host.
 
     With ``append``: rotate copies of q and k, write k/v to the cache, then attend (q, k untouched).
+    An fp8 cache's values are multiplied by ``k_scale``/``v_scale`` as they are read.
     """
     del max_query_len, max_seq_len, num_decodes, max_decode_seq_len, num_splits, fused_reduce, solo_tiles
     if append is not None:
         from aphrodite.kernels.rope_cache import rope_and_cache_ref
         q = q.clone()
         rope_and_cache_ref(append.positions, q, append.k.clone(), append.v, k_cache, v_cache,
-                           append.slot_mapping, append.cos_sin_cache)
+                           append.slot_mapping, append.cos_sin_cache, k_scale, v_scale)
     page = k_cache.shape[1]
     hq, hkv = q.shape[1], k_cache.shape[2]
     starts = query_start_loc.tolist()
@@ -105,13 +120,18 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             continue
         nblk = cdiv(seq_len, page)
         blocks = block_tables[i, :nblk].long()
-        keys = k_cache[blocks].flatten(0, 1)[:seq_len].float()        # [L, Hkv, D]
-        vals = v_cache[blocks].flatten(0, 1)[:seq_len].float()
+        keys = k_cache[blocks].flatten(0, 1)[:seq_len].float() * k_scale      # [L, Hkv, D]
+        vals = v_cache[blocks].flatten(0, 1)[:seq_len].float() * v_scale
         keys = keys.repeat_interleave(hq // hkv, dim=1)                # [L, Hq, D]
         vals = vals.repeat_interleave(hq // hkv, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), keys) * scale
+        if logits_soft_cap:
+            scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
         qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-        visible = torch.arange(seq_len, device=q.device)[None, :] <= qpos  # [q_len, L]
+        kpos = torch.arange(seq_len, device=q.device)[None, :]
+        visible = kpos <= qpos  # [q_len, L]
+        if sliding_window:
+            visible &= kpos > qpos - sliding_window
         scores = scores.masked_fill(~visible[None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[s:e] = torch.einsum("hqk,khd->qhd", probs, vals).to(out.dtype)
@@ -125,8 +145,9 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def _reshape_and_cache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, num_kv_heads,
                               stride_kt, stride_kh, stride_vt, stride_vh,
                               stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+                              k_inv_scale, v_inv_scale,
                               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-                              BLOCK_H: tl.constexpr):
+                              BLOCK_H: tl.constexpr, KV_FP8: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     valid = slot >= 0
@@ -142,6 +163,9 @@ def _reshape_and_cache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, 
         v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + offs_d[None, :], mask=mask)
         kc = k_cache_ptr + blk * stride_kcb + off * stride_kct + heads[:, None] * stride_kch + offs_d[None, :]
         vc = v_cache_ptr + blk * stride_vcb + off * stride_vct + heads[:, None] * stride_vch + offs_d[None, :]
+        if KV_FP8:
+            k = tl.minimum(tl.maximum(k.to(tl.float32) * k_inv_scale, -448.0), 448.0)   # e4m3 saturates
+            v = tl.minimum(tl.maximum(v.to(tl.float32) * v_inv_scale, -448.0), 448.0)
         tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -151,15 +175,15 @@ def _paged_attention_kernel(
         qsl_ptr, seq_lens_ptr, block_tables_ptr,
         part_o_ptr, part_m_ptr, part_l_ptr, count_ptr,
         pos_ptr, slot_ptr, kn_ptr, vn_ptr, cs_ptr,
-        qk_scale, num_seqs, num_q_heads,
+        qk_scale, num_seqs, num_q_heads, window, softcap,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
-        stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs,
+        stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs, k_scale, v_scale,
         G: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
         ROPE: tl.constexpr, HALF: tl.constexpr, FUSED_REDUCE: tl.constexpr, S_PAD: tl.constexpr,
-        SOLO_TILES: tl.constexpr):
+        SOLO_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr = False):
     kv_head = tl.program_id(1)
     if DECODE:
         # One query token per sequence, and token index == sequence index.
@@ -205,9 +229,13 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
+    # Sliding window: keys below win_lo are outside every row's window (row i sees i - window < j <= i).
+    win_lo = seq_len * 0
+    if WINDOW:
+        win_lo = tl.maximum(ctx_len + q_start - window + 1, 0)
     if NUM_SPLITS > 1:
         split = tl.program_id(2)
-        n_tiles = tl.cdiv(seq_len, BLOCK_N)
+        n_tiles = tl.cdiv(seq_len - win_lo, BLOCK_N)
         tiles_per_split = tl.maximum(tl.cdiv(n_tiles, NUM_SPLITS), 1)
         # A short context goes to one program: merging splits costs more than its few serial tiles.
         tiles_per_split = tl.where(n_tiles <= SOLO_TILES, tl.maximum(n_tiles, 1), tiles_per_split)
@@ -216,13 +244,13 @@ def _paged_attention_kernel(
         if FUSED_REDUCE:
             if split >= n_active:
                 return
-        kv_lo = split * tiles_per_split * BLOCK_N
+        kv_lo = win_lo + split * tiles_per_split * BLOCK_N
         kv_hi = tl.minimum(seq_len, kv_lo + tiles_per_split * BLOCK_N)
-        owner = (seq_len - 1) // BLOCK_N // tiles_per_split
+        owner = (seq_len - 1 - win_lo) // BLOCK_N // tiles_per_split
     else:
         split = tl.program_id(2)   # always 0 here
         owner = 0
-        kv_lo = 0
+        kv_lo = win_lo
         kv_hi = tl.minimum(seq_len, ctx_len + q_start + BLOCK_Q)
     if ROPE:
         # Decode with the rotary prologue fused in: q and this step's k arrive un-rotated; rotate them
@@ -242,14 +270,28 @@ def _paged_attention_kernel(
         kn_row = kn_ptr + seq.to(tl.int64) * stride_knt + kv_head * stride_knh
         k_x = tl.load(kn_row + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         k_pair = tl.load(kn_row + partner, mask=d_ok, other=0.0).to(tl.float32)
-        k_new = (k_x * cos + k_pair * sin).to(kn_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+        k_new = (k_x * cos + k_pair * sin).to(kn_ptr.dtype.element_ty)
         v_new = tl.load(vn_ptr + seq.to(tl.int64) * stride_vnt + kv_head * stride_vnh + offs_d,
-                        mask=d_ok, other=0.0).to(v_cache_ptr.dtype.element_ty)
+                        mask=d_ok, other=0.0)
+        if KV_FP8:   # the cache holds k / k_scale, v / v_scale; attend to what is stored, as later steps will
+            k_new = tl.minimum(tl.maximum(k_new.to(tl.float32) / k_scale, -448.0), 448.0)
+            v_new = tl.minimum(tl.maximum(v_new.to(tl.float32) / v_scale, -448.0), 448.0)
+        k_new = k_new.to(k_cache_ptr.dtype.element_ty)
+        v_new = v_new.to(v_cache_ptr.dtype.element_ty)
         kv_hi = tl.minimum(kv_hi, seq_len - 1)
     # Keys below ctx_len + q_start + 1 are visible to every row of this tile.
     all_visible = tl.minimum(kv_hi, ctx_len + q_start + 1)
     full_hi = kv_lo + tl.maximum(all_visible - kv_lo, 0) // BLOCK_N * BLOCK_N
+    # With a window, keys from the last row's window start on are also inside every row's window.
+    full_lo = kv_lo
+    if WINDOW:
+        last_row_lo = ctx_len + tl.minimum(q_start + BLOCK_Q, q_len) - window
+        full_lo = tl.minimum(kv_lo + tl.cdiv(tl.maximum(last_row_lo - kv_lo, 0), BLOCK_N) * BLOCK_N, full_hi)
 
+    if KV_FP8:
+        qk_cached = qk_scale * k_scale    # fp8 keys are k / k_scale: scale the scores instead of the keys
+    else:
+        qk_cached = qk_scale
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
@@ -257,17 +299,21 @@ def _paged_attention_kernel(
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
 
-    for phase in tl.static_range(2):
-        # phase 0: unmasked full tiles; phase 1: the (at most a few) tiles that need masking.
+    for phase in tl.static_range(3):
+        # phase 1: unmasked full tiles; phases 0 and 2: the (at most a few) tiles that need masking,
+        # at the window's start (none without a window) and at the causal end.
         if phase == 0:
             n_lo = kv_lo
+            n_hi = full_lo
+        elif phase == 1:
+            n_lo = full_lo
             n_hi = full_hi
         else:
             n_lo = full_hi
             n_hi = kv_hi
         for start in range(n_lo, n_hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            if phase == 0:
+            if phase == 1:
                 blk = tl.load(bt_row + offs_n // PAGE).to(tl.int64)
                 kv_mask_t = d_ok[:, None]
                 kv_mask = d_ok[None, :]
@@ -280,19 +326,27 @@ def _paged_attention_kernel(
             k_off = blk * stride_kb + in_page * stride_kt
             v_off = blk * stride_vb + in_page * stride_vt
             k_t = tl.load(k_head + k_off[None, :] + offs_d[:, None], mask=kv_mask_t, other=0.0)
+            if KV_FP8:
+                k_t = k_t.to(q.dtype)
             if IEEE:
                 s = tl.dot(q, k_t, input_precision="ieee")
             else:
                 s = tl.dot(q, k_t)
-            s = s * qk_scale
-            if phase == 1:
+            s = s * qk_cached
+            if SOFTCAP:   # cap * tanh(score / cap) in the base-2 units of qk_scale (softcap = cap * log2 e)
+                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+            if phase != 1:
                 visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+                if WINDOW:
+                    visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
                 s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if KV_FP8:
+                v = (v.to(tl.float32) * v_scale).to(q.dtype)
             if IEEE:
                 pv = tl.dot(p, v, input_precision="ieee")
             else:
@@ -302,12 +356,18 @@ def _paged_attention_kernel(
 
     if ROPE:
         if (split == owner) & (seq_len > 0):
-            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_cached
+            if SOFTCAP:
+                s_new = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s_new / softcap) + 1.0))
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp2(m_i - m_new)
             p_new = tl.exp2(s_new - m_new)
             l_i = l_i * alpha + p_new
-            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+            if KV_FP8:
+                v_new_f = v_new.to(tl.float32) * v_scale
+            else:
+                v_new_f = v_new.to(tl.float32)
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new_f[None, :]
             m_i = m_new
             slot = tl.load(slot_ptr + seq).to(tl.int64)
             if slot >= 0:
@@ -389,10 +449,11 @@ _split_kv_reduce = LazyKernel(_split_kv_reduce_kernel)
 # --------------------------------------------------------------------------------------------------
 
 def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
-    """Scatter k/v [T, Hkv, D] into the paged cache at ``slot_mapping`` [T] (int; -1 = skip)."""
+                      slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Scatter k/v [T, Hkv, D] into the paged cache at ``slot_mapping`` [T] (int; -1 = skip); an fp8
+    cache gets ``k / k_scale``, ``v / v_scale``."""
     if not use_triton(k):
-        reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+        reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         return
     t, hkv, d = k.shape
     if t == 0:
@@ -405,8 +466,8 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v
         k, v, k_cache, v_cache, slot_mapping, hkv,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HEAD_DIM=d, D_PAD=d_pad, PAGE=k_cache.shape[1], BLOCK_H=block_h, num_warps=4)
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 1.0 / k_scale, 1.0 / v_scale,
+        HEAD_DIM=d, D_PAD=d_pad, PAGE=k_cache.shape[1], BLOCK_H=block_h, KV_FP8=_is_fp8(k_cache), num_warps=4)
 
 
 @functools.lru_cache(maxsize=16)
@@ -479,7 +540,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scale: float, max_query_len: int, max_seq_len: int,
                     num_decodes: int | None = None, max_decode_seq_len: int | None = None,
                     num_splits: int | None = None, append: DecodeAppend | None = None,
-                    fused_reduce: bool = True, solo_tiles: int = DECODE_SOLO_TILES) -> torch.Tensor:
+                    fused_reduce: bool = True, solo_tiles: int = DECODE_SOLO_TILES,
+                    sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Attention of q [T, Hq, D] over the paged cache (already holding this step's K/V) into out.
 
     ``num_decodes``: the first sequences with exactly one query token (token i = sequence i); they go
@@ -491,11 +554,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     hold this step's k/v; the decode launch rotates both and writes k/v (q and k are left as given).
     ``fused_reduce``: merge split-KV partials in the attention launch (last split to finish) instead
     of a second launch. ``solo_tiles``: decode contexts of at most this many key tiles skip the split.
+    ``sliding_window``: a query at position i sees keys ``i - window < j <= i``; keys before every row's
+    window are not read. ``logits_soft_cap``: scores become ``cap * tanh(score / cap)`` (Gemma 2).
     Triton on CUDA (or under TRITON_INTERPRET), else ``paged_attention_ref``.
     """
     if not use_triton(q):
         return paged_attention_ref(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale,
-                                   append=append)
+                                   append=append, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                                   k_scale=k_scale, v_scale=v_scale)
     t, hq, d = q.shape
     hkv, page = k_cache.shape[2], k_cache.shape[1]
     assert hq % hkv == 0, "query heads must be a multiple of KV heads"
@@ -509,6 +575,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     d_pad = next_pow2(max(d, 16))
     ieee = q.dtype == torch.float32
     qk_scale = float(scale) * _LOG2E
+    window = int(sliding_window or 0)
+    softcap = float(logits_soft_cap or 0.0) * _LOG2E   # the kernel's scores are in base-2 units
+    variant = dict(WINDOW=window > 0, SOFTCAP=softcap > 0)
     launch = _paged_attention(q.device)
     common = (q.stride(0), q.stride(1), out.stride(0), out.stride(1),
               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -544,12 +613,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             rope_ptrs, rope_strides, half = no_rope, no_rope_strides, 1
         launch[(nd, hkv, splits)](
             q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
-            part_o, part_m, part_l, counters if fused else out, *rope_ptrs, qk_scale, nd, hq, *common,
-            *rope_strides,
+            part_o, part_m, part_l, counters if fused else out, *rope_ptrs, qk_scale, nd, hq, window, softcap, *common,
+            *rope_strides, float(k_scale), float(v_scale),
             G=g, HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m, BLOCK_Q=1, BLOCK_N=block_n,
             DECODE=True, NUM_SPLITS=splits, IEEE=ieee, ROPE=append is not None, HALF=half,
-            FUSED_REDUCE=fused, S_PAD=next_pow2(splits), SOLO_TILES=solo_tiles, num_warps=warps,
-            num_stages=stages)
+            FUSED_REDUCE=fused, S_PAD=next_pow2(splits), SOLO_TILES=solo_tiles, KV_FP8=_is_fp8(k_cache),
+            num_warps=warps, num_stages=stages, **variant)
         if splits > 1 and not fused:
             _split_kv_reduce(q.device)[(nd, hq)](
                 part_o, part_m, part_l, out, out.stride(0), out.stride(1), hq,
@@ -561,10 +630,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         grid0 = t // block_q + nseq
         launch[(grid0, hkv, 1)](
             q, k_cache, v_cache, out, query_start_loc[nd:], seq_lens[nd:], block_tables[nd:],
-            out, out, out, out, *no_rope, qk_scale, nseq, hq, *common, *no_rope_strides,
+            out, out, out, out, *no_rope, qk_scale, nseq, hq, window, softcap, *common, *no_rope_strides,
+            float(k_scale), float(v_scale),
             G=g, HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
             DECODE=False, NUM_SPLITS=1, IEEE=ieee, ROPE=False, HALF=1, FUSED_REDUCE=False, S_PAD=1,
-            SOLO_TILES=0, num_warps=warps, num_stages=stages)
+            SOLO_TILES=0, KV_FP8=_is_fp8(k_cache), num_warps=warps, num_stages=stages, **variant)
     return out
 
 
@@ -581,8 +651,10 @@ class TritonAttentionBackend:
     @staticmethod
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]; writes k/v into the cache first.
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, sliding_window: int | None = None,
+                logits_soft_cap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]; writes k/v into the cache first (an fp8 cache
+        with the layer's ``k_scale``/``v_scale``).
 
         ``rope = (positions, cos_sin_cache)``: q and k arrive un-rotated. A decode-only batch then
         rotates and appends inside the attention launch (one kernel per layer); any other batch
@@ -591,16 +663,17 @@ class TritonAttentionBackend:
         append = None
         decode_only = meta.num_decodes == meta.seq_lens.shape[0] == q.shape[0]
         if rope is None:
-            reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+            reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         elif decode_only and q.shape[0] > 0:
             append = DecodeAppend(rope[0], rope[1], k, v, meta.slot_mapping)
         else:
             from aphrodite.kernels.rope_cache import rope_and_cache
-            rope_and_cache(rope[0], q, k, v, k_cache, v_cache, meta.slot_mapping, rope[1])
+            rope_and_cache(rope[0], q, k, v, k_cache, v_cache, meta.slot_mapping, rope[1], k_scale, v_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if q.shape[0] == 0 or meta.seq_lens.shape[0] == 0:
             return out
         paged_attention(q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                         scale, meta.max_query_len, meta.max_seq_len, num_decodes=meta.num_decodes,
-                        max_decode_seq_len=meta.max_decode_seq_len, append=append)
+                        max_decode_seq_len=meta.max_decode_seq_len, append=append, sliding_window=sliding_window,
+                        logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale)
         return out

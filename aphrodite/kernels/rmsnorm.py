@@ -30,7 +30,7 @@ def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torc
 
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
                      stride_x, stride_r, stride_o, stride_ro,
-                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -42,8 +42,12 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n_cols
     rstd = 1.0 / tl.sqrt(var + eps)
-    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if GEMMA:   # Gemma: x_hat * (1 + w), all in fp32, one rounding at the end
+        normed = xf * rstd
+        w = w + 1.0
+    else:
+        normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -56,7 +60,7 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-            eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+            eps: float, gemma: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     n = x.shape[-1]
     x2 = _rows(x, n)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -74,7 +78,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         _rms_norm(x.device)[(rows,)](
             x2, r2, weight.contiguous(), o2, ro2, n, eps,
             x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0),
-            BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=warps)
+            BLOCK=block, HAS_RESIDUAL=residual is not None, GEMMA=gemma, num_warps=warps)
     return out, res_out
 
 
@@ -93,3 +97,11 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     out, res_out = _launch(x, residual, weight, eps)
     assert res_out is not None
     return out, res_out
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Gemma's RMSNorm, ``x_hat * (1 + weight)`` in fp32 (with ``residual``: of ``x + residual``, returning
+    ``(normed, x + residual)``), in one Triton pass; ``x`` must be where Triton runs."""
+    out, res_out = _launch(x, residual, weight, eps, gemma=True)
+    return out if residual is None else (out, res_out)

@@ -18,19 +18,21 @@ __all__ = ["rope_and_cache", "rope_and_cache_ref"]
 
 def rope_and_cache_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                       cos_sin_cache: torch.Tensor) -> None:
-    """q [T, Hq, D], k/v [T, Hkv, D]: rotate q and k in place, then write k and v to their slots."""
+                       cos_sin_cache: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """q [T, Hq, D], k/v [T, Hkv, D]: rotate q and k in place, then write k and v to their slots (an fp8
+    cache gets ``k / k_scale``, ``v / v_scale``)."""
     d = q.shape[-1]
     rotary_embedding_ref(positions, q, k, d, cos_sin_cache)
-    reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+    reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, k_cache_ptr, v_cache_ptr,
                        num_q_heads, num_kv_heads,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
                        stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+                       k_inv_scale, v_inv_scale,
                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
-                       BLOCK_H: tl.constexpr):
+                       BLOCK_H: tl.constexpr, KV_FP8: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -70,6 +72,9 @@ def _rope_cache_kernel(pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, k_cache_p
         tl.store(row + offs_d[None, :], k, mask=mask)
         kc = k_cache_ptr + blk * stride_kcb + off * stride_kct + heads[:, None] * stride_kch + offs_d[None, :]
         vc = v_cache_ptr + blk * stride_vcb + off * stride_vct + heads[:, None] * stride_vch + offs_d[None, :]
+        if KV_FP8:   # e4m3 saturates at 448
+            k = tl.minimum(tl.maximum(k.to(tl.float32) * k_inv_scale, -448.0), 448.0)
+            v = tl.minimum(tl.maximum(v.to(tl.float32) * v_inv_scale, -448.0), 448.0)
         tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask & valid)
         tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask & valid)
 
@@ -79,11 +84,11 @@ _rope_cache = LazyKernel(_rope_cache_kernel)
 
 def rope_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                   cos_sin_cache: torch.Tensor) -> None:
+                   cos_sin_cache: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """q [T, Hq, D], k/v [T, Hkv, D] (strided views are fine): rotate q and k in place at
     ``positions`` [T] and write k, v into the cache at ``slot_mapping`` [T]; one launch on CUDA."""
     if not use_triton(q):
-        rope_and_cache_ref(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache)
+        rope_and_cache_ref(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache, k_scale, v_scale)
         return
     t, hq, d = q.shape
     if t == 0:
@@ -101,5 +106,6 @@ def rope_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         positions, slot_mapping, q, k, v, cache, k_cache, v_cache, hq, hkv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cache.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HEAD_DIM=d, D_PAD=d_pad, HALF=rot // 2, PAGE=k_cache.shape[1], BLOCK_H=block_h, num_warps=4)
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 1.0 / k_scale, 1.0 / v_scale,
+        HEAD_DIM=d, D_PAD=d_pad, HALF=rot // 2, PAGE=k_cache.shape[1], BLOCK_H=block_h,
+        KV_FP8=k_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2), num_warps=4)

@@ -92,6 +92,7 @@ def _prepare_interpreter() -> None:
     * The interpreter holds scalars as shape-(1,) arrays and converts them with ``int()``, which
       NumPy >= 2.3 rejects, so loops bounded by loaded values fail; re-register ``__index__``.
     * Its ``tl.dot`` multiplies bf16 operands as their raw uint16 bit patterns; widen them to fp32.
+    * Its float -> fp8 conversion loses the carry of a rounded-up mantissa; convert through torch.
 
     Both go through the interpreter's own patch scope. Interpreted and compiled launches are not meant
     to be mixed in one process (the tests use one or the other).
@@ -139,6 +140,24 @@ def _prepare_interpreter() -> None:
         return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
     interp.InterpreterBuilder.create_dot = create_dot
+
+    # Its float -> fp8 rounding drops the carry when the mantissa rounds up (124.3 -> 64, not 128): convert
+    # fp8 through torch, which rounds to nearest even and saturates like the GPU's cvt.rn.satfinite.
+    fp8_torch = {"fp8e4nv": torch.float8_e4m3fn, "fp8e5": torch.float8_e5m2}
+    original_fp_to_fp = interp.InterpreterBuilder.create_fp_to_fp
+
+    def create_fp_to_fp(self: Any, src: Any, dst_type: Any, rounding_mode: Any) -> Any:
+        src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if dst_ty.name in fp8_torch and src_ty.name in ("fp32", "fp16", "bf16"):
+            values = torch.from_numpy(np.ascontiguousarray(src.data))
+            if src_ty.name == "bf16":
+                values = (values.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+            limit = torch.finfo(fp8_torch[dst_ty.name]).max
+            out = values.float().clamp(-limit, limit).to(fp8_torch[dst_ty.name]).view(torch.uint8).numpy()
+            return interp.TensorHandle(out, dst_ty)
+        return original_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    interp.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
     interp._patch_lang_core = patched_core
     interp._patch_lang_tensor = patched_tensor
     _INTERPRETER_READY = True

@@ -4,26 +4,38 @@ Rendering goes through the tokenizer's own ``apply_chat_template`` (transformers
 Jinja environment with its helpers), so a prompt is exactly what the model's authors wrote
 the template for; this module only checks and normalizes the messages first, and turns
 every failure into a ``ValueError`` the HTTP layer can answer with a 400.
+
+Jinja's sandbox stops code from escaping, not from looping: a template sent with a request can
+spin for minutes. ``time_budget_s`` bounds that: past it the rendering thread is interrupted
+(an asynchronous exception, which compiled Jinja, being Python bytecode, receives within
+milliseconds) and the call fails with a ``ValueError``.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import threading
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["ALLOWED_ROLES", "apply_chat_template", "load_chat_template"]
+__all__ = ["ALLOWED_ROLES", "REQUEST_TEMPLATE_BUDGET_S", "RESERVED_TEMPLATE_KWARGS", "TEXT_PART_TYPES",
+           "TemplateBudgetExceeded", "apply_chat_template", "load_chat_template", "time_budget"]
 
 ALLOWED_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
-_TEXT_PART_TYPES = frozenset({"text", "input_text"})
+TEXT_PART_TYPES = frozenset({"text", "input_text"})
 # Arguments of transformers' apply_chat_template that are not template variables: passing them
 # through chat_template_kwargs would change what this function returns or renders.
-_RESERVED_KWARGS = frozenset({
+RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "messages", "tools", "chat_template", "add_generation_prompt",
     "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
     "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens",
 })
 _URL_TIMEOUT_S = 30
+# How long a template sent with a request may render (vLLM's --trust-request-chat-template) before it is
+# stopped: templates render in milliseconds, a runaway one would hold a worker for minutes.
+REQUEST_TEMPLATE_BUDGET_S = 2.0
 
 
 def load_chat_template(arg: str | None) -> str | None:
@@ -53,6 +65,49 @@ def load_chat_template(arg: str | None) -> str | None:
                      "text (no '{{', '{%' or newline in it).")
 
 
+class TemplateBudgetExceeded(Exception):
+    """Raised inside a rendering thread whose time budget ran out."""
+
+
+def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                               ctypes.py_object(exc) if exc is not None else None)
+
+
+@contextlib.contextmanager
+def time_budget(seconds: float | None) -> Iterator[None]:
+    """Raise ``TemplateBudgetExceeded`` in this thread once ``seconds`` have passed inside the block.
+
+    Only pure-Python work is interrupted promptly (a single long C call finishes first). Nothing
+    stays pending after the block: a budget that runs out as the block ends still raises here.
+    """
+    if seconds is None:
+        yield
+        return
+    thread_id = threading.get_ident()
+    lock = threading.Lock()
+    state = {"armed": True, "fired": False}
+
+    def fire() -> None:
+        with lock:
+            if state["armed"]:
+                state["fired"] = True
+                _set_async_exc(thread_id, TemplateBudgetExceeded)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["armed"] = False
+        timer.cancel()
+        if state["fired"]:
+            _set_async_exc(thread_id, None)  # clear it if it has not been raised yet
+            raise TemplateBudgetExceeded
+
+
 def _content_text(content: Any, index: int) -> str:
     """A message's content as one string: OpenAI content parts have their text parts joined."""
     if content is None:
@@ -64,7 +119,7 @@ def _content_text(content: Any, index: int) -> str:
         for part in content:
             if isinstance(part, str):
                 texts.append(part)
-            elif isinstance(part, Mapping) and part.get("type") in _TEXT_PART_TYPES:
+            elif isinstance(part, Mapping) and isinstance(part.get("type"), str) and part["type"] in TEXT_PART_TYPES:
                 text = part.get("text")
                 if not isinstance(text, str):
                     raise ValueError(f"messages[{index}]: a text content part needs a string 'text'.")
@@ -97,8 +152,11 @@ def apply_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]], *
                         chat_template: str | None = None, add_generation_prompt: bool = True,
                         continue_final_message: bool = False,
                         chat_template_kwargs: Mapping[str, Any] | None = None,
-                        tools: list[dict[str, Any]] | None = None) -> str:
-    """Render ``messages`` into a prompt string with ``chat_template`` or the tokenizer's template."""
+                        tools: list[dict[str, Any]] | None = None, time_budget_s: float | None = None) -> str:
+    """Render ``messages`` into a prompt string with ``chat_template`` or the tokenizer's template.
+
+    ``time_budget_s`` (for templates from untrusted sources) stops a rendering that runs longer.
+    """
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError("The tokenizer has no chat template and none was given; pass one with "
@@ -108,16 +166,22 @@ def apply_chat_template(tokenizer: Any, messages: Sequence[Mapping[str, Any]], *
                          "start a new assistant turn or continue the last message.")
     conversation = _normalize_messages(messages)
     extra = dict(chat_template_kwargs or {})
-    clash = sorted(_RESERVED_KWARGS.intersection(extra))
+    clash = sorted(RESERVED_TEMPLATE_KWARGS.intersection(extra))
     if clash:
         raise ValueError(f"chat_template_kwargs may not set {', '.join(clash)}.")
 
     from jinja2.exceptions import TemplateError
     try:
-        rendered = tokenizer.apply_chat_template(
-            conversation, chat_template=template, tools=tools, tokenize=False,
-            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-            **extra)
+        with time_budget(time_budget_s):
+            rendered = tokenizer.apply_chat_template(
+                conversation, chat_template=template, tools=tools, tokenize=False,
+                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                **extra)
+    except TemplateBudgetExceeded:
+        raise ValueError(f"The chat template did not finish rendering within its budget of {time_budget_s:g} s "
+                         "and was stopped.") from None
+    except RecursionError as e:
+        raise ValueError(f"The chat template failed to render: {e}.") from None
     except TemplateError as e:
         raise ValueError(f"The chat template failed to render: {e}") from e
     except (TypeError, KeyError, IndexError) as e:  # a template indexing what these messages lack

@@ -19,15 +19,18 @@ import numpy as np
 import torch
 
 from aphrodite.config import EngineConfig
-from aphrodite.engine.request import Request
-from aphrodite.engine.scheduler import SchedulerOutput
+from aphrodite.distributed.communication import pp_recv_tensors, pp_send_tensors
+from aphrodite.distributed.parallel_state import get_pp_size, is_first_pp_rank, is_last_pp_rank
+from aphrodite.lora.request import LoRARequest
 from aphrodite.modeling.layers.attention import Attention, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
 from aphrodite.modeling.loader import load_model
+from aphrodite.modeling.models.pipeline import IntermediateTensors, intermediate_tensor_spec
 from aphrodite.worker.cuda_graphs import DecodeGraphs
-from aphrodite.worker.sampling_inputs import build_sampling_metadata, to_device
+from aphrodite.worker.sampling_inputs import SamplingState, build_sampling_metadata, to_device
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
 from aphrodite.worker.step_inputs import StepInputs
+from aphrodite.worker.step_plan import RequestState, StepPlan, apply_plan
 
 __all__ = ["HostBatch", "ModelRunner", "ModelRunnerOutput", "PositionLogprobs", "PrevTokens", "StepFuture"]
 
@@ -80,24 +83,51 @@ class ModelRunner:
         self.config = config
         self.device = config.device
         self.dtype = config.model.dtype
+        self.kv_dtype = config.cache.kv_dtype(self.dtype)   # fp8 with --kv-cache-dtype fp8
         self.block_size = config.cache.block_size
         start = time.perf_counter()
         self.model = load_model(config.model, self.device)
         logger.info("Loaded %s in %.1f s", config.model.model, time.perf_counter() - start)
         self.vocab_size = config.model.hf_config.vocab_size
+        self.pp_size = get_pp_size()
+        self.first_stage, self.last_stage = is_first_pp_rank(), is_last_pp_rank()
+        # This rank's attention layers (its pipeline stage's), each with its tensor-parallel share of
+        # the KV heads: what the KV cache is sized from.
+        self.attn_layers = [mod for mod in self.model.modules() if isinstance(mod, Attention)]
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs = StepInputs(config)
-        self.graphs = DecodeGraphs(self) if self.device.type == "cuda" and not config.enforce_eager else None
+        self.lora_manager = None
+        if config.lora is not None:
+            from aphrodite.lora.manager import LoRAManager
+            lc = config.lora
+            self.lora_manager = LoRAManager(self.model, lc.max_loras, lc.max_lora_rank, lc.max_cpu_loras,
+                                            self.inputs.max_tokens, self.device, self.dtype)
+        # Graphs capture a whole forward pass; a pipeline stage's exchanges with its neighbours are not in it.
+        self.graphs = DecodeGraphs(self) if (self.device.type == "cuda" and not config.enforce_eager
+                                             and self.pp_size == 1) else None
+        # This worker's records of the requests it has been sent (see ``step_plan``).
+        self.requests: dict[str, RequestState] = {}
         # The last queued step's sampled ids (device) and which row each sampled request got.
         self._prev_tokens: torch.Tensor | None = None
-        self._prev_rows: dict[Request, int] = {}
+        self._prev_rows: dict[str, int] = {}
+        # Per-request sampler state on the device (penalty counts, DRY/n-gram histories, mirostat mu);
+        # finished requests are dropped with the plan's finished_ids (see _sampling_metadata).
+        self.sampling_state = SamplingState(self.vocab_size, config.scheduler.max_model_len, self.device)
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        m = self.config.model
-        elem = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
+        elem = torch.empty(0, dtype=self.kv_dtype).element_size()
+        return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * elem for a in self.attn_layers)
+
+    def _kv_pairs(self, num_blocks: int, alloc=torch.zeros) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One (K, V) pair per attention layer of this rank, ``[num_blocks, block_size, kv_heads, head_dim]``."""
+        pairs = []
+        for a in self.attn_layers:
+            shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+            pairs.append((alloc(shape, dtype=self.kv_dtype, device=self.device),
+                          alloc(shape, dtype=self.kv_dtype, device=self.device)))
+        return pairs
 
     def determine_num_blocks(self) -> int:
         cache = self.config.cache
@@ -130,16 +160,25 @@ class ModelRunner:
         sc = self.config.scheduler
         n = min(sc.max_num_batched_tokens, sc.max_model_len)
         blocks = -(-n // self.block_size)
-        m = self.config.model
-        shape = (blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        scratch = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                    torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(m.num_layers)]
+        scratch = self._kv_pairs(blocks)
         self._bind(scratch)
         host = HostBatch(np.zeros(n, np.int64), np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64),
                          [0, n], [n], np.arange(blocks, dtype=np.int32)[None, :], 0)
         ids, pos, meta = self.inputs.to_device(host)
+        if self.lora_manager is not None:   # peak memory with the LoRA kernels' buffers
+            self.lora_manager.state.active = True
         with torch.inference_mode(), set_attention_metadata(meta):
-            hidden = self.model(ids, pos)
+            if self.pp_size == 1:
+                hidden = self.model(ids, pos)
+            else:   # a stage on its own: made-up input from the previous stage, none sent on
+                spec = intermediate_tensor_spec(n, self.config.model.hf_config.hidden_size, self.dtype)
+                inter = None if self.first_stage else IntermediateTensors.from_dict(
+                    {k: torch.zeros(shape, dtype=dt, device=self.device) for k, (shape, dt) in spec.items()})
+                hidden = self.model(ids, pos, inter)
+            if not self.last_stage:
+                del hidden, inter
+                self._bind([])
+                return sum(k.numel() * k.element_size() * 2 for k, _ in scratch)
             rows = min(sc.max_num_seqs, n)
             logits = self.model.compute_logits(hidden[-rows:].contiguous())
             probs = torch.softmax(logits, -1, dtype=torch.float64)
@@ -150,26 +189,33 @@ class ModelRunner:
         return sum(k.numel() * k.element_size() * 2 for k, _ in scratch)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        m = self.config.model
-        shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         # Zero-filled: attention reads whole blocks and masks the slots past each sequence's end,
         # and 0 * NaN from never-written memory would still poison the output.
-        self.kv_caches = [(zeroed(shape, self.dtype, self.device), zeroed(shape, self.dtype, self.device))
-                          for _ in range(m.num_layers)]
+        self.kv_caches = self._kv_pairs(num_blocks, lambda shape, dtype, device: zeroed(shape, dtype, device))
         self._bind(self.kv_caches)
         if self.graphs is not None:
+            if self.lora_manager is not None:   # graphs always hold the LoRA kernels (slot -1 rows skip them)
+                self.lora_manager.state.active = True
             self.graphs.capture()
 
+    # ---- LoRA -----------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read and check an adapter (``ValueError`` if it cannot serve); False if its id is loaded."""
+        if self.lora_manager is None:
+            raise ValueError("LoRA adapters need the engine started with enable_lora=True (--enable-lora).")
+        return self.lora_manager.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.lora_manager is not None and self.lora_manager.remove_lora(lora_int_id)
+
     def _bind(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        layers = [mod for mod in self.model.modules() if isinstance(mod, Attention)]
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(self.attn_layers):
             layer.kv_cache = caches[i] if caches else None
 
     # ---- one step -------------------------------------------------------------
-    def _prepare(self, sched: SchedulerOutput) -> HostBatch:
+    def _prepare(self, reqs: list[RequestState], counts: list[int]) -> HostBatch:
         """The step's flat batch as numpy arrays (ids, positions, slots, lengths, block tables)."""
         bs = self.block_size
-        reqs, counts = sched.requests, sched.num_tokens
         total = sum(counts)
         ids = np.empty(total, dtype=np.int64)
         pos = np.empty(total, dtype=np.int64)
@@ -208,80 +254,105 @@ class ModelRunner:
             from_prev = PrevTokens(self._prev_tokens, dst, np.asarray(gather_src, dtype=np.int64), req_rows)
         return HostBatch(ids, pos, slots, starts, seq_lens, tables, num_decodes, from_prev)
 
-    def _prev_row(self, r: Request) -> int:
-        row = self._prev_rows.get(r)
+    def _prev_row(self, r: RequestState) -> int:
+        row = self._prev_rows.get(r.request_id)
         if row is None:
             raise RuntimeError(f"Request {r.request_id} needs a token that the previous step did not sample.")
         return row
 
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, plan: StepPlan) -> ModelRunnerOutput:
         """Run one step and wait for its results."""
-        return self.queue(sched).result()
+        return self.queue(plan).result()
 
     @torch.inference_mode()
-    def queue(self, sched: SchedulerOutput) -> StepFuture:
-        """Enqueue one step's forward pass and sampling; the host reads the results later."""
-        reqs, counts = sched.requests, sched.num_tokens
+    def queue(self, plan: StepPlan, want_result: bool = True) -> StepFuture:
+        """Enqueue one step's forward pass and sampling; the host reads the results later.
+
+        ``want_result=False`` (tensor-parallel ranks other than the output rank) runs the same
+        collectives and keeps the sampled ids on the device, but copies nothing back."""
+        reqs, counts = apply_plan(self.requests, plan), plan.num_scheduled
         self.inputs.begin_step()
-        host = self._prepare(sched)
+        host = self._prepare(reqs, counts)
         # Rows that sample: requests whose scheduled chunk reaches their last token (pending ones
         # included). Their sampling tensors are copied to the device before the forward pass is
         # queued, so the sampler's kernels follow the model's without the GPU idling on copies.
         sample_idx = [i for i, (r, n) in enumerate(zip(reqs, counts))
-                      if r.num_computed_tokens + n == r.num_tokens_with_pending]
+                      if r.num_computed_tokens + n == r.num_tokens_with_pending] if self.last_stage else []
         rows = [reqs[i] for i in sample_idx]
-        md = None
-        if rows:
-            pending = self._pending_for_sampler(host, sample_idx)
-            md = build_sampling_metadata(rows, self.vocab_size, self.device, pending)
+        md = self._sampling_metadata(plan, sample_idx, rows)
         every_row = host.num_decodes == len(reqs) == len(sample_idx)   # a decode step: every row samples
         last = None if every_row or not rows else to_device(
             [host.starts[i + 1] - 1 for i in sample_idx], torch.long, self.device)
 
+        if self.lora_manager is not None:   # activate the step's adapters, each token's slot index
+            self.lora_manager.set_step([r.lora_int_id for r in reqs], counts)
         if self.graphs is not None and self.graphs.can_run(host):
             hidden = self.graphs.run(host)
         else:
             input_ids, positions, meta = self.inputs.to_device(host)
             with set_attention_metadata(meta):
-                hidden = self.model(input_ids, positions)
+                hidden = self._forward(input_ids, positions)
         self.inputs.end_step()
+        if not self.last_stage:   # hand this stage's output to the next one; nothing to sample here
+            pp_send_tensors(hidden.to_dict())
+            return StepFuture(len(reqs), [], [], None, [None] * len(reqs))
 
         out = None
         if rows:
             logits = self.model.compute_logits(hidden if last is None else hidden[last])
             out = self.sampler(logits, md)
+            # The state takes the sampled ids while they are still on the device (no wait).
+            self.sampling_state.update([r.request_id for r in rows], out.token_ids)
         self._prev_tokens = None if out is None else out.token_ids
-        self._prev_rows = dict(zip(rows, range(len(rows))))
-        prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts)
-        return StepFuture(len(reqs), sample_idx, rows, out, prompt_lps)
+        self._prev_rows = {r.request_id: j for j, r in enumerate(rows)}
+        prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts, want_result)
+        return StepFuture(len(reqs), sample_idx, [r.params.logprobs or 0 for r in rows],
+                          out if want_result else None, prompt_lps)
 
-    def _pending_for_sampler(self, host: HostBatch, sample_idx: list[int]) -> tuple[np.ndarray, PrevTokens] | None:
-        """(sample rows, where their tokens are) of the rows whose last output token is still on the
-        device: penalties count it from there."""
-        prev = host.from_prev
-        if prev is None:
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | IntermediateTensors:
+        """The model on this rank's stage: after the first stage its input is the previous stage's
+        hidden states and residual, received here (same token count as this step)."""
+        if self.pp_size == 1:
+            return self.model(input_ids, positions)
+        inter = None
+        if not self.first_stage:
+            spec = intermediate_tensor_spec(input_ids.shape[0], self.config.model.hf_config.hidden_size, self.dtype)
+            inter = IntermediateTensors.from_dict(pp_recv_tensors(spec, device=self.device))
+        return self.model(input_ids, positions, inter)
+
+    # ---- sampler inputs (i16: the one call site) --------------------------------------------------
+    def _sampling_metadata(self, plan: StepPlan, sample_idx: list[int], rows: list[RequestState]):
+        """The sampler's tensors for this step's sampling rows (None when no row samples), after dropping
+        the sampler state of requests that finished. A preempted request keeps its state: its tokens do
+        not change, and mirostat's mu cannot be rebuilt."""
+        for rid in plan.finished_ids:
+            self.sampling_state.remove(rid, finished=True)
+        if not rows:
             return None
-        if len(sample_idx) == len(host.seq_lens):
-            return prev.req_rows, prev
-        row_of = np.full(len(host.seq_lens), -1, dtype=np.int64)
-        row_of[sample_idx] = np.arange(len(sample_idx))
-        return row_of[prev.req_rows], prev
+        bitmask = None if plan.grammar_bitmask is None else plan.grammar_bitmask[sample_idx]
+        return build_sampling_metadata(rows, self.vocab_size, self.device, self.sampling_state, bitmask)
 
-    def _prompt_logprobs(self, reqs: list[Request], counts: list[int], hidden: torch.Tensor,
-                         starts: list[int]) -> list[list[PositionLogprobs] | None]:
-        """Log-probabilities of prompt tokens 1.. under the positions computed in this chunk."""
+    def _prompt_logprobs(self, reqs: list[RequestState], counts: list[int], hidden: torch.Tensor,
+                         starts: list[int], want_result: bool = True) -> list[list[PositionLogprobs] | None]:
+        """Log-probabilities of prompt tokens 1.. under the positions computed in this chunk.
+
+        Every tensor-parallel rank computes the logits (an all-gather); only a rank that reports
+        results turns them into log-probabilities."""
         result: list[list[PositionLogprobs] | None] = [None] * len(reqs)
         for i, (r, n) in enumerate(zip(reqs, counts)):
             if not r.wants_prompt_logprobs:
                 continue
             c = r.num_computed_tokens
-            first = max(c, len(r.prompt_logprobs) - 1)   # position p predicts prompt token p + 1
+            first = max(c, r.num_prompt_logprobs - 1)   # position p predicts prompt token p + 1
             last = min(c + n, r.num_prompt_tokens - 1)
             if first >= last:
                 result[i] = []
                 continue
             base = starts[i] - c
             logits = self.model.compute_logits(hidden[base + first:base + last])
+            r.num_prompt_logprobs = max(r.num_prompt_logprobs, last + 1)
+            if not want_result:
+                continue
             targets = torch.tensor(r.prompt_token_ids[first + 1:last + 1], device=self.device)
             k = r.params.prompt_logprobs
             lp, rk, ti, tv = gather_logprobs(logits, targets, k)

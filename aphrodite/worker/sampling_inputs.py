@@ -1,4 +1,9 @@
-"""Per-step sampling inputs: the scheduled requests' parameters as batch tensors.
+"""Per-step sampling inputs: the sampling rows' parameters as batch tensors.
+
+Rows are anything with the attributes of ``SamplingRequest`` (today's engine ``Request`` has
+them), so the worker can keep its own per-request records. Per-request state that outlives a
+step (token counts, histories, mirostat mu) lives in ``SamplingState``; this module only
+gathers the step's rows from it.
 
 On the GPU every tensor goes up from pinned memory with a non-blocking copy: a plain
 ``torch.tensor(..., device="cuda")`` waits for the stream to drain, which would stall the host
@@ -6,59 +11,169 @@ on the step still running (async scheduling).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from aphrodite.engine.request import Request
-from aphrodite.modeling.layers.sampler import SamplingMetadata, uniform_from_seed
+from aphrodite.modeling.layers.samplers.metadata import (
+    BadWordRows,
+    DryRows,
+    MirostatRows,
+    NgramRows,
+    SamplingMetadata,
+    uniform_from_seed,
+)
+from aphrodite.sampling_params import SamplerID, SamplingParams
+from aphrodite.worker.sampling_state import SamplingState, to_device
 
-if TYPE_CHECKING:
-    from aphrodite.worker.model_runner import PrevTokens
+__all__ = ["SamplingRequest", "SamplingState", "build_sampling_metadata", "to_device"]
+
+_XTC_SALT = 0x5851F42D4C957F2D     # a second, independent stream of uniforms for XTC's coin
 
 
-def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` (a list or numpy array) as a tensor on ``device``, without waiting on the GPU."""
-    t = torch.from_numpy(values).to(dtype) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+class SamplingRequest(Protocol):
+    """What the sampler needs to know about one row (the names of today's engine ``Request``)."""
+
+    request_id: str
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]        # known on the host (tokens still on the device excluded)
+    sample_seed: int
+    num_outputs_with_pending: int      # output tokens including those still on the device
+    eos_token_ids: tuple[int, ...]
 
 
-def build_sampling_metadata(requests: list[Request], vocab_size: int, device: torch.device,
-                            pending: tuple[np.ndarray, PrevTokens] | None = None) -> SamplingMetadata:
-    """Gather the scheduled requests' parameters into one batch of tensors.
+def sync_state(requests: list[SamplingRequest], state: SamplingState) -> None:
+    """Make sure every row that needs state has it, built from its known tokens: a new request, or one
+    that came back after preemption (its history length no longer matches)."""
+    for r in requests:
+        counts, history, _, _, miro = state.needs(r)
+        if not (counts or history or miro):
+            continue
+        rec = state.record(r.request_id)
+        expected = len(r.prompt_token_ids) + r.num_outputs_with_pending
+        if (counts or history) and (rec is None or rec.length != expected):
+            state.add(r)
+        elif miro and state.mu_slot(r.request_id) is None:
+            state.add(r)
 
-    ``pending``: (rows, where on the device) of rows whose newest output token the host does
-    not know yet (async scheduling); the penalties read it from the device.
+
+def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, device: torch.device,
+                            state: SamplingState | None = None,
+                            grammar_bitmask: np.ndarray | None = None) -> SamplingMetadata:
+    """Gather the sampling rows' parameters into one batch of tensors.
+
+    ``state``: the worker's persistent ``SamplingState`` (a throwaway one is built from the rows'
+    token lists when omitted, as in tests). ``grammar_bitmask``: [rows, ceil(V/32)] int32 from
+    the engine's grammar matchers (all bits set for unconstrained rows), or None.
     """
+    if state is None:
+        longest = max((len(r.prompt_token_ids) + r.num_outputs_with_pending for r in requests), default=0)
+        state = SamplingState(vocab_size, longest + 1, device)
+    sync_state(requests, state)
     ps = [r.params for r in requests]
-    temp = [0.0 if p.is_greedy else p.temperature for p in ps]
-    all_greedy = not any(temp)
+    n = len(ps)
+    miro = [p.mirostat_mode == 2 for p in ps]
+    greedy = [p.is_greedy and not m for p, m in zip(ps, miro)]
+    plain = [not g and not m for g, m in zip(greedy, miro)]   # rows the truncation samplers may touch
+    temp = [0.0 if g else (1.0 if m else p.temperature) for p, g, m in zip(ps, greedy, miro)]
+    all_greedy = all(greedy)
+    active: set[SamplerID] = set()
+    columns: dict[str, torch.Tensor] = {}
 
-    def column(values: list, neutral, dtype) -> torch.Tensor | None:
+    def column(name: str, values: list, neutral, sid: SamplerID | None, dtype=torch.float32) -> bool:
         if all(v == neutral for v in values):
-            return None
-        return to_device(values, dtype, device)
+            return False
+        columns[name] = to_device(values, dtype, device)
+        if sid is not None:
+            active.add(sid)
+        return True
 
-    top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps]
-    presence = column([p.presence_penalty for p in ps], 0.0, torch.float32)
-    frequency = column([p.frequency_penalty for p in ps], 0.0, torch.float32)
-    repetition = column([p.repetition_penalty for p in ps], 1.0, torch.float32)
-    output_tokens = prompt_tokens = None
-    if presence is not None or frequency is not None or repetition is not None:
-        output_tokens = _pad([r.output_token_ids for r in requests], vocab_size, device)
-        if pending is not None:
-            output_tokens = _with_pending(output_tokens, pending, vocab_size)
-        if repetition is not None:
-            prompt_tokens = _pad([r.prompt_token_ids for r in requests], vocab_size, device)
+    # Temperature (greedy and mirostat rows: 1) and dynatemp.
+    dyn = [ok and (p.dynatemp_min != 0 or p.dynatemp_max != 0) for p, ok in zip(ps, plain)]
+    column("temperature", [p.temperature if ok else 1.0 for p, ok in zip(ps, plain)], 1.0, SamplerID.TEMPERATURE)
+    if any(dyn):
+        columns.setdefault("temperature", to_device([1.0] * n, torch.float32, device))
+        active.add(SamplerID.TEMPERATURE)
+        columns["dynatemp_min"] = to_device([p.dynatemp_min if d else 0.0 for p, d in zip(ps, dyn)],
+                                            torch.float32, device)
+        columns["dynatemp_max"] = to_device([p.dynatemp_max if d else 0.0 for p, d in zip(ps, dyn)],
+                                            torch.float32, device)
+        columns["dynatemp_exponent"] = to_device([p.dynatemp_exponent if d else 1.0 for p, d in zip(ps, dyn)],
+                                                 torch.float32, device)
+    # Truncation samplers: rows with a sampler off carry a value that changes nothing.
+    on = [ok for ok in plain]
+    if column("nsigma_on", [ok and p.nsigma > 0 for p, ok in zip(ps, on)], False, SamplerID.TOP_NSIGMA, torch.bool):
+        columns["nsigma"] = to_device([p.nsigma for p in ps], torch.float32, device)
+    top_k = [p.top_k if ok and 0 < p.top_k < vocab_size else vocab_size for p, ok in zip(ps, on)]
+    has_k = column("top_k", top_k, vocab_size, SamplerID.TOP_P_TOP_K, torch.long)
+    column("top_p", [p.top_p if ok and p.top_p < 1.0 else 2.0 for p, ok in zip(ps, on)], 2.0, SamplerID.TOP_P_TOP_K)
+    column("top_a", [p.top_a if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.TOP_A)
+    column("min_p", [p.min_p if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.MIN_P)
+    if column("tfs_on", [ok and p.tfs < 1.0 for p, ok in zip(ps, on)], False, SamplerID.TFS, torch.bool):
+        columns["tfs"] = to_device([p.tfs for p in ps], torch.float32, device)
+    column("eta_cutoff", [p.eta_cutoff if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.ETA_CUTOFF)
+    column("epsilon_cutoff", [p.epsilon_cutoff if ok else 0.0 for p, ok in zip(ps, on)], 0.0,
+           SamplerID.EPSILON_CUTOFF)
+    if column("typical_p_on", [ok and p.typical_p < 1.0 for p, ok in zip(ps, on)], False, SamplerID.TYPICAL_P,
+              torch.bool):
+        columns["typical_p"] = to_device([p.typical_p for p in ps], torch.float32, device)
+    if column("smoothing_factor", [p.smoothing_factor if ok else 0.0 for p, ok in zip(ps, on)], 0.0,
+              SamplerID.QUADRATIC):
+        columns["smoothing_curve"] = to_device([p.smoothing_curve for p in ps], torch.float32, device)
+    xtc_uniforms = None
+    if column("xtc_probability", [p.xtc_probability if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.XTC):
+        columns["xtc_threshold"] = to_device([p.xtc_threshold for p in ps], torch.float32, device)
+        xtc_uniforms = to_device([uniform_from_seed(r.sample_seed ^ _XTC_SALT, r.num_outputs_with_pending)
+                                  if ok and r.params.xtc_probability > 0 else 1.0
+                                  for r, ok in zip(requests, on)], torch.float32, device)
 
+    # Repetition samplers, from the per-request state.
+    recs = [state.record(r.request_id) for r in requests]
+    slots = [rec.slot if rec is not None else 0 for rec in recs]
+    counts = seen = None
+    pen = [rec is not None and rec.counts for rec in recs]
+    if any(pen):
+        slot_t = to_device(slots, torch.long, device)
+        f = column("frequency_penalty", [p.frequency_penalty if u else 0.0 for p, u in zip(ps, pen)], 0.0, None)
+        pr = column("presence_penalty", [p.presence_penalty if u else 0.0 for p, u in zip(ps, pen)], 0.0, None)
+        r_ = column("repetition_penalty", [p.repetition_penalty if u else 1.0 for p, u in zip(ps, pen)], 1.0, None)
+        for name, neutral in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("repetition_penalty", 1.0)):
+            columns.setdefault(name, to_device([neutral] * n, torch.float32, device))
+        if f or pr:
+            counts = state.counts.index_select(0, slot_t)
+        if r_:
+            seen = state.seen.index_select(0, slot_t)
+        active.add(SamplerID.PENALTIES)
+    dry = _dry_rows(requests, recs, state, device)
+    if dry is not None:
+        active.add(SamplerID.DRY)
+    ngram = _ngram_rows(requests, recs, state, device)
+    if ngram is not None:
+        active.add(SamplerID.NO_REPEAT_NGRAM)
+    mirostat = None
+    if any(miro):
+        rows = [i for i, m in enumerate(miro) if m]
+        mslots = to_device([state.mu_slot(requests[i].request_id) for i in rows], torch.long, device)
+        mirostat = MirostatRows(to_device(rows, torch.long, device),
+                                to_device([ps[i].mirostat_tau for i in rows], torch.float32, device),
+                                to_device([ps[i].mirostat_eta for i in rows], torch.float32, device),
+                                state.mu.index_select(0, mslots), state.mu, mslots)
+    skew = None
+    if any(ok and p.skew != 0 for p, ok in zip(ps, plain)):
+        skew = to_device([p.skew if ok else 0.0 for p, ok in zip(ps, plain)], torch.float32, device)
+
+    # Logit processors.
     ban_rows: list[int] = []
     ban_ids: list[int] = []
     bias_rows: list[int] = []
     bias_ids: list[int] = []
     bias_vals: list[float] = []
+    allow_using: list[int] = []
+    allow_rows: list[int] = []
+    allow_ids: list[int] = []
+    words: list[tuple[int, int, int, list[int], list[int]]] = []
     for i, (r, p) in enumerate(zip(requests, ps)):
         if r.num_outputs_with_pending < p.min_tokens:
             stops = set(p.stop_token_ids)
@@ -72,43 +187,103 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device: to
                     bias_rows.append(i)
                     bias_ids.append(int(tok))
                     bias_vals.append(float(val))
-    banned = None
+        if p.allowed_token_ids:
+            ids = [t for t in p.allowed_token_ids if 0 <= t < vocab_size]
+            allow_using.append(i)
+            allow_rows.extend([i] * len(ids))
+            allow_ids.extend(ids)
+        for seq in p._bad_words_token_ids or ():
+            if len(seq) == 1:
+                ban_rows.append(i)
+                ban_ids.append(seq[0])
+            elif r.num_outputs_with_pending >= len(seq) - 1 and recs[i] is not None and recs[i].history:
+                L = recs[i].length
+                words.append((i, seq[-1], recs[i].slot, list(range(L - len(seq) + 1, L)), seq[:-1]))
+    banned = bias = allowed = bad_words = None
     if ban_rows:
         banned = (to_device(ban_rows, torch.long, device), to_device(ban_ids, torch.long, device))
-    bias = None
     if bias_rows:
         bias = (to_device(bias_rows, torch.long, device), to_device(bias_ids, torch.long, device),
                 to_device(bias_vals, torch.float32, device))
+    if allow_using:
+        allowed = (to_device(allow_using, torch.long, device), to_device(allow_rows, torch.long, device),
+                   to_device(allow_ids, torch.long, device))
+    if words:
+        width = max(len(w[3]) for w in words)
+        pos = np.zeros((len(words), width), dtype=np.int64)
+        pre = np.full((len(words), width), -1, dtype=np.int64)
+        for k, w in enumerate(words):
+            pos[k, :len(w[3])] = w[3]
+            pre[k, :len(w[4])] = w[4]
+        bad_words = BadWordRows(to_device([w[0] for w in words], torch.long, device),
+                                to_device([w[1] for w in words], torch.long, device),
+                                to_device([w[2] for w in words], torch.long, device),
+                                to_device(pos, torch.long, device), to_device(pre, torch.long, device))
+    mask = None
+    if grammar_bitmask is not None:
+        mask = to_device(np.ascontiguousarray(grammar_bitmask, dtype=np.int32), torch.int32, device)
+
+    # Rows grouped by sampler order (usually one group: the default order).
+    by_order: dict[tuple[SamplerID, ...], list[int]] = {}
+    for i, p in enumerate(ps):
+        by_order.setdefault(p.sampler_order, []).append(i)
+    if len(by_order) == 1:
+        groups = [(next(iter(by_order)), None, None)]
+    else:
+        groups = [(order, to_device(rows, torch.long, device), rows) for order, rows in by_order.items()]
+
     want = [p.logprobs for p in ps if p.logprobs is not None]
     need_cum = any(p.best_of > p.n for p in ps)
     max_logprobs = max(want) if want else (0 if need_cum else -1)
     return SamplingMetadata(
+        num_rows=n,
         # A greedy batch needs neither temperatures nor random draws: skip their host-to-device copies.
         temperature=None if all_greedy else to_device(temp, torch.float32, device),
         all_greedy=all_greedy, all_random=all(temp),
-        top_p=column([p.top_p for p in ps], 1.0, torch.float32),
-        top_k=column(top_k, vocab_size, torch.long),
-        top_k_max=max(top_k) if any(k != vocab_size for k in top_k) else 0,
-        min_p=column([p.min_p for p in ps], 0.0, torch.float32),
         uniforms=None if all_greedy else to_device(
             [uniform_from_seed(r.sample_seed, r.num_outputs_with_pending) for r in requests], torch.float64, device),
-        presence=presence, frequency=frequency, repetition=repetition,
-        output_tokens=output_tokens, prompt_tokens=prompt_tokens, banned=banned, bias=bias,
+        active=frozenset(active), columns=columns, groups=groups,
+        top_k_max=max(top_k) if has_k else 0,
+        banned=banned, bias=bias, allowed=allowed, bad_words=bad_words,
+        bad_words_history=state.history if bad_words is not None else None, grammar_bitmask=mask,
+        counts=counts, seen=seen, dry=dry, ngram=ngram, mirostat=mirostat, skew=skew, xtc_uniforms=xtc_uniforms,
         max_logprobs=max_logprobs)
 
 
-def _with_pending(tokens: torch.Tensor, pending: tuple[np.ndarray, PrevTokens], pad: int) -> torch.Tensor:
-    """Append one column: each row's token still on the device, or the pad id."""
-    rows, prev = pending
-    col = torch.full((tokens.shape[0],), pad, dtype=tokens.dtype, device=tokens.device)
-    dev = prev.tokens.device
-    col[to_device(rows, torch.long, dev)] = prev.tokens[to_device(prev.src, torch.long, dev)].to(tokens.dtype)
-    return torch.cat([tokens, col[:, None]], dim=1)
+def _dry_rows(requests: list[SamplingRequest], recs: list, state: SamplingState,
+              device: torch.device) -> DryRows | None:
+    rows = [i for i, rec in enumerate(recs) if rec is not None and rec.dry]
+    if not rows:
+        return None
+    ps = [requests[i].params for i in rows]
+    slots = to_device([recs[i].slot for i in rows], torch.long, device)
+    width = max(recs[i].length for i in rows)
+
+    def col(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return to_device(values, dtype, device)
+
+    return DryRows(
+        rows=col(rows, torch.long), host_rows=rows, history=state.history[:, :width].index_select(0, slots),
+        lengths=col([recs[i].length for i in rows], torch.long),
+        suffix=state.dry_suffix[:, :width].index_select(0, slots),
+        trailing=state.dry_trailing.index_select(0, slots),
+        multiplier=col([p.dry_multiplier for p in ps], torch.float32),
+        base=col([p.dry_base for p in ps], torch.float32),
+        allowed_length=col([p.dry_allowed_length for p in ps], torch.long),
+        range=col([p.dry_range for p in ps], torch.long), max_ngram=col([p.dry_max_ngram for p in ps], torch.long),
+        max_occurrences=col([p.dry_max_occurrences for p in ps], torch.long),
+        early_exit=col([p.dry_early_exit_match_len for p in ps], torch.long))
 
 
-def _pad(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=0)
-    arr = np.full((len(rows), max(width, 1)), pad, dtype=np.int64)
-    for i, r in enumerate(rows):
-        arr[i, :len(r)] = r
-    return to_device(arr, torch.long, device)
+def _ngram_rows(requests: list[SamplingRequest], recs: list, state: SamplingState,
+                device: torch.device) -> NgramRows | None:
+    rows = [i for i, rec in enumerate(recs) if rec is not None and rec.ngram]
+    if not rows:
+        return None
+    slots = to_device([recs[i].slot for i in rows], torch.long, device)
+    width = max(recs[i].length for i in rows)
+    return NgramRows(rows=to_device(rows, torch.long, device), host_rows=rows,
+                     history=state.history[:, :width].index_select(0, slots),
+                     lengths=to_device([recs[i].length for i in rows], torch.long, device),
+                     suffix=state.ngram_suffix[:, :width].index_select(0, slots),
+                     size=to_device([requests[i].params.no_repeat_ngram_size for i in rows], torch.long, device))

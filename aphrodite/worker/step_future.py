@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aphrodite.engine.request import Request
 from aphrodite.modeling.layers.sampler import SamplerOutput
 
 # (token id, logprob, rank) of the chosen token, then the top-N as (token id, logprob) pairs.
@@ -40,11 +39,11 @@ def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
 class StepFuture:
     """The host side of a queued step; ``result()`` blocks until its sampled ids have landed."""
 
-    def __init__(self, num_requests: int, sample_idx: list[int], rows: list[Request], out: SamplerOutput | None,
+    def __init__(self, num_requests: int, sample_idx: list[int], num_top: list[int], out: SamplerOutput | None,
                  prompt_logprobs: list[list[PositionLogprobs] | None]) -> None:
         self._num_requests = num_requests
         self._sample_idx = sample_idx
-        self._rows = rows                  # the sampled requests, for each one's top-N width
+        self._num_top = num_top            # each sampled row's top-N width (its request's logprobs)
         self._prompt_logprobs = prompt_logprobs
         self._event = None
         self._tensors: list[torch.Tensor | None] = []
@@ -77,7 +76,7 @@ class StepFuture:
                 top_i = top_i_t.tolist() if top_i_t is not None else None
                 top_v = top_v_t.tolist() if top_v_t is not None else None
                 for j, i in enumerate(self._sample_idx):
-                    k = self._rows[j].params.logprobs or 0
+                    k = self._num_top[j]
                     top = list(zip(top_i[j][:k], top_v[j][:k])) if top_i is not None else []
                     logprobs[i] = (tokens[j], lp[j], rk[j], top)
         return ModelRunnerOutput(sampled, logprobs, self._prompt_logprobs)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from aphrodite.config import EngineConfig
-from aphrodite.modeling.layers.attention import AttentionMetadata
+from aphrodite.kernels.attention_metadata import AttentionMetadata
 
 if TYPE_CHECKING:
     from aphrodite.worker.model_runner import HostBatch
@@ -134,6 +134,25 @@ class StepInputs:
             slot_mapping=self.slots[1][:batch], max_query_len=1, max_seq_len=self.max_model_len,
             max_decode_seq_len=self.max_model_len, query_start_loc_cpu=list(range(batch + 1)),
             seq_lens_cpu=[self.max_model_len] * batch)
+
+    def prefill_metadata(self, tokens: int) -> AttentionMetadata:
+        """Metadata of one sequence's prefill chunk of up to ``tokens`` tokens over the persistent buffers
+        (what a prefill graph captures). The kernels size their grids for ``tokens`` query tokens and
+        read the true query and context lengths from the buffers at replay; padded tokens have slot -1."""
+        return AttentionMetadata(
+            num_decodes=0, query_start_loc=self.starts[1][:2], seq_lens=self.seq_lens[1][:1],
+            block_tables=self.tables[1][:1], slot_mapping=self.slots[1][:tokens], max_query_len=tokens,
+            max_seq_len=self.max_model_len, max_decode_seq_len=0, query_start_loc_cpu=[0, tokens],
+            seq_lens_cpu=[self.max_model_len])
+
+    def fill_prefill(self, host: HostBatch, tokens: int) -> None:
+        """Write a one-sequence prefill step into the persistent buffers, padded to ``tokens`` tokens."""
+        self._put("ids", host.ids, tokens)
+        self._put("pos", host.positions, tokens)
+        self._put("slots", host.slots, tokens, pad_value=-1)
+        self._put("starts", np.asarray(host.starts, dtype=np.int32))
+        self._put("seq_lens", np.asarray(host.seq_lens, dtype=np.int32))
+        self._put("tables", host.block_tables)
 
     def fill_decode(self, host: HostBatch, batch: int) -> None:
         """Write a decode-only step into the persistent buffers, padded to ``batch`` rows."""

@@ -24,7 +24,7 @@ def _ok_body(name="smol"):
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/tokenize",
-                                  "/api/anything"])
+                                  "/v1/detokenize", "/tokenize", "/detokenize", "/api/anything", "/not-a-route"])
 def test_protected_routes_need_a_key(anon, path):
     r = anon.get(path) if path in ("/v1/models", "/api/anything") else anon.post(path, json=_ok_body())
     assert r.status_code == 401
@@ -44,10 +44,29 @@ def test_every_key_accepted_as_bearer_or_x_api_key(anon, key):
     assert anon.get("/v1/models", headers={"x-api-key": key}).status_code == 200
 
 
+def test_keys_compared_in_constant_time(monkeypatch):
+    """Every key is compared, with hmac.compare_digest, on equal-length digests, whichever matches."""
+    import hmac
+
+    from aphrodite.endpoints.openai import auth
+    calls = []
+
+    def spy(a, b):
+        calls.append((len(a), len(b)))
+        return hmac.compare_digest(a, b)
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    digests = [auth.key_digest(k) for k in ("a", "much-longer-key", "k3")]
+    for presented, ok in ((b"a", True), (b"k3", True), (b"much-longer-key", True), (b"nope", False),
+                          (b"a" * 1000, False)):
+        calls.clear()
+        assert auth.key_matches(presented, digests) is ok
+        assert calls == [(32, 32)] * 3
+
+
 def test_open_routes_and_cors_preflight(anon):
-    assert anon.get("/health").status_code == 200
-    assert anon.get("/version").status_code == 200
-    assert anon.get("/metrics").status_code == 200
+    for path in ("/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs"):
+        assert anon.get(path).status_code == 200, path
+    assert anon.post("/ping").status_code == 200
     r = anon.options("/v1/chat/completions", headers={"Origin": "http://example.com",
                                                       "Access-Control-Request-Method": "POST",
                                                       "Access-Control-Request-Headers": "authorization"})
@@ -83,7 +102,8 @@ def test_body_over_limit_gets_413(anon):
 
 
 def test_ctrl_c_shuts_down_cleanly(auth_server):
-    """Last in this file: it stops the server, with a stream open that then ends with an error event."""
+    """Last in this file: it stops the server, with a stream open that outlasts the drain
+    (--shutdown-timeout 1) and so ends with an error event."""
     body = {"model": "smol", "prompt": "Write", "max_tokens": 400, "ignore_eos": True, "stream": True}
     events, codes = [], []
     with httpx.Client(base_url=auth_server.url, timeout=60, headers={"x-api-key": "key-one"}) as c:

@@ -45,6 +45,31 @@ CASES = [
     ("empty-prompt-list", C, {"model": MODEL, "prompt": []}, 400, "prompt", []),
     ("stream-best-of", C, {"model": MODEL, "prompt": "x", "best_of": 2, "stream": True}, 400, "best_of", []),
     ("unknown-route", "/v1/nothing-here", {}, 404, None, []),
+    # Strict JSON types, as OpenAI: no NaN or Infinity, no bool for an int, no string for a number.
+    ("nan-temperature", C, f'{{"model": "{MODEL}", "prompt": "x", "temperature": NaN}}'.encode(), 400,
+     "temperature", ["finite"]),
+    ("infinity-top-p", CHAT, f'{{"model": "{MODEL}", "messages": [], "top_p": -Infinity}}'.encode(), 400, "top_p",
+     ["finite"]),
+    ("nan-logit-bias", C, f'{{"model": "{MODEL}", "prompt": "x", "logit_bias": {{"5": NaN}}}}'.encode(), 400,
+     "logit_bias", ["finite"]),
+    ("bool-token-ids", "/detokenize", {"tokens": [False, True]}, 400, "tokens", []),
+    ("bool-prompt-ids", C, {"model": MODEL, "prompt": [True, False]}, 400, "prompt", []),
+    ("bool-max-tokens", C, {"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "max_tokens", []),
+    ("string-temperature", C, {"model": MODEL, "prompt": "x", "temperature": "0.5"}, 400, "temperature", []),
+    ("fractional-n", C, {"model": MODEL, "prompt": "x", "n": 2.5}, 400, "n", []),
+    ("int-echo", C, {"model": MODEL, "prompt": "x", "echo": 1}, 400, "echo", []),
+    # Admission: n and best_of at most max_num_seqs (256 here).
+    ("n-over-max-num-seqs", C, {"model": MODEL, "prompt": "x", "n": 1000000}, 400, "n", ["max_num_seqs", "256"]),
+    ("best-of-over-max-num-seqs", C, {"model": MODEL, "prompt": "x", "best_of": 1000}, 400, "best_of",
+     ["max_num_seqs"]),
+    ("chat-n-over-max-num-seqs", CHAT, {"model": MODEL, "messages": USER, "n": 257}, 400, "n", ["max_num_seqs"]),
+    # A template sent with a request is code: refused unless the server trusts them.
+    ("untrusted-chat-template", CHAT, {"model": MODEL, "messages": USER, "chat_template": "{{ 'x' }}"}, 400,
+     "chat_template", ["--trust-request-chat-template"]),
+    ("untrusted-tokenize-template", "/tokenize", {"messages": USER, "chat_template": "{{ 'x' }}"}, 400,
+     "chat_template", ["--trust-request-chat-template"]),
+    ("tokenize-neither", "/tokenize", {}, 400, None, ["exactly one of prompt or messages"]),
+    ("tokenize-both", "/tokenize", {"prompt": "x", "messages": USER}, 400, None, ["exactly one"]),
 ]
 
 

@@ -275,3 +275,14 @@ def test_cpu_kv_cache_is_zeroed_and_page_aligned(tiny_llama_dir):
     for k, v in llm.llm_engine.executor.runner.kv_caches:
         assert k.data_ptr() % 4096 == 0 and v.data_ptr() % 4096 == 0
         assert not k.any() and not v.any()
+
+
+def test_logprobs_without_tokenizer_have_no_decoded_text(tiny_llama_dir):
+    """As in vLLM: skip_tokenizer_init allows logprobs (decoded_token None); stop strings need text."""
+    llm = LLM(tiny_llama_dir, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=64)
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=3, logprobs=2),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 3
+    assert all(len(d) >= 2 and all(lp.decoded_token is None for lp in d.values()) for d in out.logprobs)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3, stop=["x"]), use_tqdm=False)

@@ -38,8 +38,9 @@ def test_linear_keeps_leading_dims():
     torch.testing.assert_close(ops.linear(x, w), F.linear(x, w), atol=1e-4, rtol=1e-4)
 
 
-def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
-    """Gather each sequence's tokens from its blocks and run float64 softmax attention."""
+def _reference_decode(q, k_cache, v_cache, tables, lens, scale, window=0, cap=0.0):
+    """Gather each sequence's tokens from its blocks and run float64 softmax attention (the last
+    ``window`` keys only, scores soft-capped by ``cap``, when given)."""
     b, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty(b, hq, d, dtype=torch.float64)
@@ -49,6 +50,10 @@ def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
         k = k_cache.flatten(0, 1)[slots].double().repeat_interleave(hq // hkv, dim=1)   # [n, hq, d]
         v = v_cache.flatten(0, 1)[slots].double().repeat_interleave(hq // hkv, dim=1)
         s = torch.einsum("hd,nhd->hn", q[i].double(), k) * scale
+        if cap:
+            s = torch.tanh(s / cap) * cap
+        if window:
+            s[:, :max(0, n - window)] = float("-inf")
         out[i] = torch.einsum("hn,nhd->hd", s.softmax(-1), v)
     return out
 
@@ -87,6 +92,24 @@ def test_paged_decode_attention_matches_reference(dtype, hq, hkv, d, bs, kernel_
     out = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
     torch.testing.assert_close(out.double(), _reference_decode(q, k_cache, v_cache, tables, lens, scale),
                                **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,cap", [(5, 0.0), (0, 2.0), (21, 1.5)])
+@pytest.mark.parametrize("hq,hkv,d,bs", [(8, 2, 64, 16), (6, 3, 48, 8)])
+def test_paged_decode_attention_window_and_soft_cap(dtype, window, cap, hq, hkv, d, bs, kernel_build):
+    """Sliding window (Mistral, Gemma 2 local layers) and soft-capped scores (Gemma 2): the kernel must
+    skip keys before the window, which start mid-block, and squash scores before the softmax."""
+    g = torch.Generator().manual_seed(window + d)
+    k_cache = torch.randn(30, bs, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(30, bs, hkv, d, generator=g).to(dtype)
+    lens = torch.tensor([1, 4, bs + 3, 3 * bs - 2, 4 * bs], dtype=torch.int32)
+    tables = torch.randperm(30, generator=g)[:25].view(5, 5).to(torch.int32)
+    q = (3 * torch.randn(5, hq, d, generator=g)).to(dtype)   # large scores, so the cap matters
+    out = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, d ** -0.5, window, cap)
+    ref = _reference_decode(q, k_cache, v_cache, tables, lens, d ** -0.5, window, cap)
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    assert not torch.allclose(ref, _reference_decode(q, k_cache, v_cache, tables, lens, d ** -0.5), atol=1e-2)
 
 
 def _reference_rms_norm(x, weight, eps, residual=None):

@@ -110,8 +110,9 @@ def make_case(q_lens: list[int], ctx_lens: list[int], num_kv_heads: int, group: 
                 keys, vals, list(q_lens), t_real)
 
 
-def dense_attention(case: Case, scale: float) -> torch.Tensor:
-    """Naive float64 causal GQA attention over the dense per-sequence K/V: [T_real, Hq, D]."""
+def dense_attention(case: Case, scale: float, window: int = 0, cap: float = 0.0) -> torch.Tensor:
+    """Naive float64 causal GQA attention over the dense per-sequence K/V: [T_real, Hq, D] (keys
+    ``pos - window < j <= pos`` only, scores soft-capped by ``cap``, when given)."""
     hq = case.q.shape[1]
     outs = []
     start = 0
@@ -125,21 +126,26 @@ def dense_attention(case: Case, scale: float) -> torch.Tensor:
         out = torch.empty(q_len, hq, keys.shape[2], dtype=torch.float64)
         for j in range(q_len):
             pos = seq_len - q_len + j
-            s = torch.einsum("hd,khd->hk", q[j], k[:pos + 1]) * scale
+            lo = max(0, pos + 1 - window) if window else 0
+            s = torch.einsum("hd,khd->hk", q[j], k[lo:pos + 1]) * scale
+            if cap:
+                s = torch.tanh(s / cap) * cap
             p = torch.softmax(s, dim=-1)
-            out[j] = torch.einsum("hk,khd->hd", p, v[:pos + 1])
+            out[j] = torch.einsum("hk,khd->hd", p, v[lo:pos + 1])
         outs.append(out)
     return torch.cat(outs)
 
 
-def run_triton(case: Case, scale: float, num_splits: int | None = None) -> torch.Tensor:
+def run_triton(case: Case, scale: float, num_splits: int | None = None, window: int | None = None,
+               cap: float | None = None) -> torch.Tensor:
     """reshape_and_cache + paged_attention into a NaN-poisoned output (short decode contexts split too)."""
     m = case.meta
     reshape_and_cache(case.k_new, case.v_new, case.k_cache, case.v_cache, m.slot_mapping)
     out = torch.full_like(case.q, float("nan"))
     paged_attention(case.q, case.k_cache, case.v_cache, out, m.query_start_loc, m.seq_lens, m.block_tables,
                     scale, m.max_query_len, m.max_seq_len, num_decodes=m.num_decodes,
-                    max_decode_seq_len=m.max_decode_seq_len, num_splits=num_splits, solo_tiles=0)
+                    max_decode_seq_len=m.max_decode_seq_len, num_splits=num_splits, solo_tiles=0,
+                    sliding_window=window, logits_soft_cap=cap)
     return out
 
 
@@ -249,6 +255,39 @@ def test_backend_matches_torch_backend(device: torch.device, group: int) -> None
     check(out[:n], ref[:n], *TOL[torch.float32])
     torch.testing.assert_close(case.k_cache, kc, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(case.v_cache, vc, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("window,cap,splits", [(20, None, 1), (37, None, 3), (None, 5.0, 2), (16, 2.0, 1)])
+def test_sliding_window_and_soft_cap(device: torch.device, window: int | None, cap: float | None,
+                                     splits: int) -> None:
+    """Windows that start mid-tile and mid-block, in decode (split too) and in chunks longer than the
+    window; soft-capped scores. Blocks wholly before every window are poisoned (as when freed and reused)."""
+    case = make_case(q_lens=[1, 1, 9, 40], ctx_lens=[60, 11, 50, 25], num_kv_heads=2, group=2, head_dim=64,
+                     page=16, dtype=torch.float32, device=device, seed=7)
+    case.q.mul_(4)   # large scores, so the cap changes the result
+    if window:
+        m = case.meta
+        for i, ctx in enumerate([60, 11, 50, 25]):
+            for blk in range(max(0, ctx - window + 1) // 16):
+                b = int(m.block_tables[i, blk])
+                case.k_cache[b].fill_(float("nan"))
+                case.v_cache[b].fill_(float("nan"))
+    ref = dense_attention(case, 0.125, window or 0, cap or 0.0)
+    out = run_triton(case, 0.125, num_splits=splits, window=window, cap=cap)
+    check(out, ref, *TOL[torch.float32])
+    kc, vc = case.k_cache.clone(), case.v_cache.clone()   # already holds this step's k/v
+    torch_out = TorchAttentionBackend.forward(case.q.cpu(), case.k_new.cpu(), case.v_new.cpu(), kc.cpu(), vc.cpu(),
+                                              _cpu_meta(case.meta), 0.125, sliding_window=window,
+                                              logits_soft_cap=cap)
+    check(torch_out, ref, *TOL[torch.float32])
+    assert not torch.allclose(ref, dense_attention(case, 0.125), atol=1e-3)
+
+
+def _cpu_meta(m: AttentionMetadata) -> AttentionMetadata:
+    from dataclasses import replace
+    return replace(m, query_start_loc=m.query_start_loc.cpu(), seq_lens=m.seq_lens.cpu(),
+                   block_tables=m.block_tables.cpu(), slot_mapping=m.slot_mapping.cpu())
 
 
 @pytest.mark.parametrize("group", [1, 2, 4])

@@ -161,3 +161,31 @@ def test_not_a_gguf_file(tmp_path: Path) -> None:
     path.write_bytes(b"not a gguf file at all")
     with pytest.raises(ValueError, match="not a GGUF"):
         gguf_architecture(str(path))
+
+
+def test_lazy_blocks_dequantize_only_their_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor-parallel shard (a block of rows and columns) equals the same block of the whole
+    tensor, through the Q/K un-permutation and a Q8_0 matrix; the whole is never dequantized."""
+    path, expected, config = _tiny_llama(tmp_path)
+    rows_dequantized: list[int] = []
+    real_dequantize = gguf.quants.dequantize
+
+    def recording_dequantize(data: np.ndarray, qtype: Any) -> np.ndarray:
+        out = real_dequantize(data, qtype)
+        rows_dequantized.append(out.shape[0] if out.ndim > 1 else -1)
+        return out
+    monkeypatch.setattr(gguf.quants, "dequantize", recording_dequantize)
+    for name, lazy in iterate_gguf_weights(str(path), config):
+        full = expected[name]
+        assert tuple(lazy.shape) == full.shape, name
+        if full.ndim == 1:
+            np.testing.assert_array_equal(lazy[5:9].numpy(), full[5:9], err_msg=name)
+            continue
+        half = full.shape[0] // 2
+        block = lazy.narrow(0, half, half).narrow(1, 32, 32)
+        assert tuple(block.shape) == (half, 32)
+        np.testing.assert_array_equal(block.materialize().numpy(), full[half:, 32:64], err_msg=name)
+        rows_dequantized.clear()
+        _, rest = lazy.split([half // 2, full.shape[0] - half // 2])
+        np.testing.assert_array_equal(rest.materialize().numpy(), full[half // 2:], err_msg=name)
+        assert rows_dequantized == [full.shape[0] - half // 2], name

@@ -217,15 +217,15 @@ def test_rope_config_old_and_new_styles() -> None:
     old = SimpleNamespace(rope_theta=5e5, max_position_embeddings=512,
                           rope_scaling={"type": "linear", "factor": 2.0})
     assert get_rope_config(old) == RopeConfig(theta=5e5, rope_type="linear", factor=2.0,
-                                              original_max_position_embeddings=512)
+                                              original_max_position_embeddings=512, max_position_embeddings=512)
     assert get_rope_config(SimpleNamespace(rope_theta=1e4, rope_scaling=None)).rope_type == "default"
     new = SimpleNamespace(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                            "original_max_position_embeddings": 8192})
     rope = get_rope_config(new)
     assert (rope.theta, rope.rope_type, rope.original_max_position_embeddings) == (5e5, "llama3", 8192)
-    with pytest.raises(ValueError, match="yarn"):
-        get_rope_config(SimpleNamespace(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}))
+    with pytest.raises(ValueError, match="fancy"):
+        get_rope_config(SimpleNamespace(rope_parameters={"rope_type": "fancy", "rope_theta": 1e4}))
 
 
 def test_rmsnorm_fused_residual_matches_hf_in_bf16() -> None:

@@ -17,7 +17,7 @@ V = 50
 def draw_path(request, monkeypatch):
     """Every test runs the CPU's C draw and the PyTorch draw the GPU uses."""
     if request.param == "pytorch":
-        import aphrodite.modeling.layers.sampler as sampler_module
+        import aphrodite.modeling.layers.samplers.chain as sampler_module
         monkeypatch.setattr(sampler_module, "cpu_ops", types.SimpleNamespace(available=lambda dtype: False))
 
 
@@ -106,8 +106,10 @@ def test_penalties_match_reference():
     p = SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2)
     reqs = rows([p], prompt=prompt, outputs=outs)
     md = build_sampling_metadata(reqs, V, torch.device("cpu"))
-    from aphrodite.modeling.layers.sampler import apply_penalties
-    got = apply_penalties(logits.clone(), md)[0].numpy()
+    from aphrodite.modeling.layers.samplers.repetition import apply_penalties
+    c = md.columns
+    got = apply_penalties(logits.clone(), md.counts, md.seen, c["presence_penalty"], c["frequency_penalty"],
+                          c["repetition_penalty"])[0].numpy()
     ref = logits[0].numpy().astype(np.float64).copy()
     for t in set(prompt + outs):
         ref[t] = ref[t] / 1.3 if ref[t] > 0 else ref[t] * 1.3

@@ -13,6 +13,8 @@ import logging
 import os
 import signal
 import socket
+import time
+import warnings
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -23,17 +25,23 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aphrodite.endpoints.openai.auth import APIKeyMiddleware
-from aphrodite.endpoints.openai.errors import OpenAIError, error_body, error_response
+from aphrodite.endpoints.openai.auth import APIKeyMiddleware, is_protected
+from aphrodite.endpoints.openai.errors import RETRY_AFTER_S, OpenAIError, error_body, error_response
 from aphrodite.endpoints.openai.protocol import (  # module level: FastAPI resolves the route annotations here
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     ModelPermission,
     TokenizeRequest,
+    TokenizeResponse,
 )
+from aphrodite.tokenization.chat_template import REQUEST_TEMPLATE_BUDGET_S
 
 if TYPE_CHECKING:  # the engine imports torch: loaded only once a server is built, so `run -h` stays quick
     from aphrodite.engine.async_engine import AsyncLLMEngine
@@ -45,6 +53,8 @@ __all__ = ["add_server_args", "build_app", "run_server"]
 
 DEFAULT_PORT = 2242
 DEFAULT_MAX_BODY_BYTES = 16 << 20
+DEFAULT_MAX_WAITING = 1024
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 _SERVER_DEFAULTS: dict[str, Any] = {}  # filled by add_server_args: flag dest -> default
 
 
@@ -72,17 +82,37 @@ def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
         help="Chat template for /v1/chat/completions: a file, an http(s) URL, or inline Jinja. "
              "(default: the tokenizer's)")
     add("--response-role", default="assistant", help="Role of generated chat messages. (default: assistant)")
+    add("--trust-request-chat-template", action="store_true", default=False,
+        help="Accept a chat_template sent with a request (chat and tokenize). Without it such requests get a "
+             f"400; with it each renders within a {REQUEST_TEMPLATE_BUDGET_S:g} s budget.")
+    add("--enable-log-requests", action="store_true", default=False,
+        help="Log each request (prompt, parameters, token ids) at INFO.")
     add("--max-log-len", type=int, default=None, metavar="N",
-        help="Log at most N prompt characters and token ids per request. (default: unlimited)")
-    add("--disable-log-requests", action="store_true", default=False, help="Do not log each request.")
+        help="With --enable-log-requests: log at most N prompt characters and token ids. (default: unlimited)")
+    add("--disable-log-requests", action="store_true", default=False,
+        help="Deprecated: requests are not logged unless --enable-log-requests.")
+    add("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING, metavar="N",
+        help="Sequences that may wait for a slot beyond the max_num_seqs that run; more get 503 with Retry-After.")
+    add("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S, metavar="SECONDS",
+        help="On SIGTERM/SIGINT, refuse new requests (503) and let those in flight finish for up to this long; "
+             "then abort the rest and exit. 0 aborts at once; a second signal too.")
     add("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
         help="Log level of uvicorn. (default: info)")
     add("--allowed-origins", type=json.loads, default=["*"], help='CORS origins, a JSON list. (default: ["*"])')
     add("--allowed-methods", type=json.loads, default=["*"], help='CORS methods, a JSON list. (default: ["*"])')
     add("--allowed-headers", type=json.loads, default=["*"], help='CORS headers, a JSON list. (default: ["*"])')
     add("--allow-credentials", action="store_true", default=False, help="CORS: allow credentials.")
+    add("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
+        help="LoRA adapters to serve (with --enable-lora): name=path, or JSON "
+             '{"name": ..., "path": ..., "base_model_name": ...}; path is a PEFT directory or hub id. '
+             "(default: none)")
     add("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
         help=f"Refuse request bodies larger than this with 413. (default: {DEFAULT_MAX_BODY_BYTES})")
+
+
+def _lora_module(value: str) -> Any:
+    from aphrodite.endpoints.openai.serving_lora import parse_lora_module
+    return parse_lora_module(value)
 
 
 def _opt(args: argparse.Namespace, name: str) -> Any:
@@ -96,15 +126,18 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
     from aphrodite.endpoints.openai.serving_chat import ChatServing
     from aphrodite.endpoints.openai.serving_common import ServingContext, new_id
     from aphrodite.endpoints.openai.serving_completions import CompletionServing
+    from aphrodite.endpoints.openai.serving_lora import add_lora_routes, runtime_updates_allowed
     from aphrodite.endpoints.openai.serving_tokenize import detokenize, tokenize
     if not _SERVER_DEFAULTS:
         add_server_args(argparse.ArgumentParser())
     cfg = engine.config
     names = list(_opt(args, "served_model_name") or [cfg.model.model])
     ctx = ServingContext(engine, names, chat_template=chat_template, response_role=_opt(args, "response_role"),
-                         log_requests=not _opt(args, "disable_log_requests"), max_log_len=_opt(args, "max_log_len"),
-                         metrics=ServerMetrics(engine, names[0]))
+                         log_requests=_opt(args, "enable_log_requests"), max_log_len=_opt(args, "max_log_len"),
+                         metrics=ServerMetrics(engine, names[0]),
+                         trust_request_chat_template=_opt(args, "trust_request_chat_template"))
     completions, chat = CompletionServing(ctx), ChatServing(ctx)
+    _setup_loras(engine, ctx, _opt(args, "lora_modules") or [])
     log_stats = not getattr(args, "disable_log_stats", False)
 
     @contextlib.asynccontextmanager
@@ -113,13 +146,15 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
         yield
         if task is not None:
             task.cancel()
+        ctx.workers.shutdown()
 
     app = FastAPI(title="Aphrodite OpenAI-compatible API", lifespan=lifespan)
     app.state.ctx = ctx
     app.state.admin_key = _opt(args, "admin_key") or os.environ.get("APHRODITE_ADMIN_KEY") or None
+    app.state.lifecycle = lifecycle = Lifecycle()
     _add_error_handlers(app)
 
-    # Middleware: the last added runs first. CORS -> API keys -> body size limit -> JSON body -> routes.
+    # Middleware: the last added runs first. Drain -> CORS -> API keys -> body size limit -> JSON body -> routes.
     app.add_middleware(JSONBodyMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=_opt(args, "max_request_body_bytes"))
     keys = list(_opt(args, "api_keys") or [])
@@ -130,62 +165,165 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
     app.add_middleware(CORSMiddleware, allow_origins=_opt(args, "allowed_origins"),
                        allow_methods=_opt(args, "allowed_methods"), allow_headers=_opt(args, "allowed_headers"),
                        allow_credentials=_opt(args, "allow_credentials"))
+    app.add_middleware(DrainMiddleware, lifecycle=lifecycle)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET"], response_class=Response, responses=_PROBE_RESPONSES)
     async def health() -> Response:
+        """200 with an empty body while the engine runs; 503 once it has stopped."""
         if engine.is_running:
             return Response(status_code=200)
         return error_response(OpenAIError("The engine is not running.", HTTPStatus.SERVICE_UNAVAILABLE))
 
-    @app.get("/ping")
-    @app.post("/ping")
-    async def ping() -> Response:  # vLLM's (SageMaker's) name for /health
+    # vLLM's (SageMaker's) name for /health; one route for both methods, so OPTIONS lists both.
+    @app.api_route("/ping", methods=["GET", "POST"], response_class=Response, responses=_PROBE_RESPONSES)
+    async def ping() -> Response:
         return await health()
 
-    @app.get("/version")
+    @app.get("/version", responses={200: {"content": {"application/json": {"schema": {
+        "type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}}}}}})
     async def version() -> dict[str, str]:
         from aphrodite import __version__
         return {"version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
         return ModelList(data=[
             ModelCard(id=name, root=cfg.model.path, max_model_len=ctx.max_model_len,
-                      permission=[ModelPermission(id=new_id("modelperm"))]) for name in names])
+                      permission=[ModelPermission(id=new_id("modelperm"))]) for name in names]
+            + ctx.loras.model_cards())
 
-    @app.post("/v1/completions")
+    if getattr(cfg, "lora", None) is not None and runtime_updates_allowed():
+        add_lora_routes(app, ctx)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_work_responses(streams=True))
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
         _warn_ignored(request)
         return await completions.create(request, raw_request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_work_responses(streams=True))
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
         _warn_ignored(request)
         return await chat.create(request, raw_request)
 
     # vLLM serves these at the root (/tokenize); Aphrodite under /v1. Both answer.
-    @app.post("/tokenize", response_model_exclude_none=True)
-    @app.post("/v1/tokenize", response_model_exclude_none=True)
-    async def tokenize_route(request: TokenizeRequest) -> Any:
-        return tokenize(ctx, request)
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_work_responses())
+    @app.post("/v1/tokenize", response_model=TokenizeResponse, responses=_work_responses())
+    async def tokenize_route(request: TokenizeRequest) -> Response:
+        return await tokenize(ctx, request)
 
-    @app.post("/detokenize")
-    @app.post("/v1/detokenize")
-    async def detokenize_route(request: DetokenizeRequest) -> Any:
-        return detokenize(ctx, request)
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_work_responses())
+    @app.post("/v1/detokenize", response_model=DetokenizeResponse, responses=_work_responses())
+    async def detokenize_route(request: DetokenizeRequest) -> DetokenizeResponse:
+        return await detokenize(ctx, request)
 
+    vocab_size = len(ctx.tokenizer) if ctx.tokenizer is not None else None
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+            with warnings.catch_warnings():  # /ping: one route, two methods; describe_server names them apart
+                warnings.filterwarnings("ignore", message="Duplicate Operation ID ping_")
+                base = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            app.openapi_schema = describe_server(
+                base, auth=bool(keys),
+                max_num_seqs=ctx.max_num_seqs, max_logprobs=ctx.max_logprobs, vocab_size=vocab_size,
+                trust_request_chat_template=ctx.trust_request_chat_template)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _setup_loras(engine: AsyncLLMEngine, ctx: Any, modules: list[Any]) -> None:
+    """Load the ``--lora-modules`` adapters (before the engine thread starts); ValueError if one cannot be."""
+    if not modules:
+        return
+    if getattr(engine.config, "lora", None) is None:
+        raise ValueError("--lora-modules needs --enable-lora.")
+    if engine.is_running:
+        raise ValueError("--lora-modules are loaded before the engine starts.")
+    for request in ctx.loras.startup_requests(modules):
+        engine.engine.add_lora(request)
+        ctx.loras.add_loaded(request)
+
+
+# ---- the OpenAPI schema: what the server really answers -----------------------------------------
+def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": ErrorResponse, "description": description}
+    if retry_after:
+        out["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                          "schema": {"type": "integer"}}}
+    return out
+
+
+_UNAVAILABLE = _error("The engine is not running, the server is shutting down, or (for generation) too many "
+                      "sequences wait already.", retry_after=True)
+_PROBE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The server is up (empty body)."}, 503: _UNAVAILABLE}
+
+
+def _work_responses(streams: bool = False) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {
+        400: _error("Invalid request: malformed JSON, wrong types, values out of range, a prompt over the context."),
+        404: _error("The model is not served here."),
+        413: _error("The request body is over --max-request-body-bytes."),
+        503: _UNAVAILABLE}
+    if streams:
+        out[200] = {"description": "The response; with stream=true, server-sent events ending in 'data: [DONE]'.",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    return out
+
+
+def describe_server(schema: dict[str, Any], *, auth: bool, max_num_seqs: int, max_logprobs: int,
+                    vocab_size: int | None, trust_request_chat_template: bool) -> dict[str, Any]:
+    """FastAPI's schema, made to match the server: validation errors are 400s with OpenAI's error body
+    (FastAPI documents 422), limits known only at start-up, the API-key scheme when keys are set, and
+    request templates absent unless accepted."""
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    seen_ids: set[str] = set()
+    for path, item in schema.get("paths", {}).items():
+        for method, op in item.items():
+            op.get("responses", {}).pop("422", None)
+            if op.get("operationId") in seen_ids:  # one route with two methods (/ping)
+                op["operationId"] = f"{op['operationId']}_{method}"
+            seen_ids.add(op.get("operationId"))
+            if auth and is_protected(path):
+                op["security"] = [{"bearerAuth": []}, {"apiKeyAuth": []}]
+                op["responses"]["401"] = {"description": "Missing or wrong API key.", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    if auth:
+        schema["components"]["securitySchemes"] = {
+            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
+            "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "x-api-key"}}
+    limits = {"n": max_num_seqs, "best_of": max_num_seqs, "logprobs": max_logprobs, "top_logprobs": max_logprobs,
+              "prompt_logprobs": max_logprobs}
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = schemas.get(name, {}).get("properties", {})
+        for field, maximum in limits.items():
+            if field in props and not (name == "ChatCompletionRequest" and field == "logprobs"):
+                props[field]["maximum"] = maximum
+    for name in ("ChatCompletionRequest", "TokenizeRequest"):
+        props = schemas.get(name, {}).get("properties", {})
+        if not trust_request_chat_template and "chat_template" in props:
+            props["chat_template"] = False  # refused: the property may not appear
+    if vocab_size is not None and "DetokenizeRequest" in schemas:
+        schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] = vocab_size - 1
+    return schema
 
 
 def _warn_ignored(request: Any) -> None:
     ignored = request.ignored_fields()
-    if ignored:
-        logger.warning("Ignoring unsupported request fields: %s", ", ".join(ignored))
+    if ignored:  # names come from the client: quoted, cut short, and only a few, so logs stay readable
+        shown = ", ".join(ascii(name[:40]) for name in ignored[:5])
+        logger.warning("Ignoring unsupported request fields: %s%s", shown, ", ..." if len(ignored) > 5 else "")
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -287,6 +425,49 @@ class BodySizeLimitMiddleware:
         await self.app(scope, counting_receive, guarded_send)
 
 
+class Lifecycle:
+    """Requests in flight and whether the server is draining (graceful shutdown): shared by the drain
+    middleware, which counts and refuses, and the uvicorn server, which decides when to stop."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.drain_started: float | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_started is not None
+
+    def start_drain(self) -> None:
+        if self.drain_started is None:
+            self.drain_started = time.monotonic()
+
+
+class DrainMiddleware:
+    """Counts HTTP requests until their response (a stream too) has ended; while draining, answers every
+    new request 503 (with Retry-After), so load balancers move on and clients retry elsewhere."""
+
+    def __init__(self, app: Any, lifecycle: Lifecycle) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.lifecycle.draining:
+            body = json.dumps(error_body("The server is shutting down.", HTTPStatus.SERVICE_UNAVAILABLE)).encode()
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.lifecycle.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.lifecycle.in_flight -= 1
+
+
 # ---- running it ---------------------------------------------------------------------------
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
     """The ``EngineArgs`` named in ``args`` (engine flags use argparse.SUPPRESS, so absent = default)."""
@@ -338,8 +519,10 @@ def run_server(args: argparse.Namespace) -> None:
     _sigterm_to_interrupt()
     engine = None
     try:
-        engine = AsyncLLMEngine.from_engine_args(engine_args)
-        app = build_app(engine, args, chat_template)
+        engine = AsyncLLMEngine.from_engine_args(engine_args, start=False,
+                                                 max_waiting_requests=_opt(args, "max_waiting_requests"))
+        app = build_app(engine, args, chat_template)   # loads --lora-modules, so before the engine thread runs
+        engine.start()
         cfg = engine.config
         shown = "localhost" if host in ("0.0.0.0", "::", "") else host
         shown = f"[{shown}]" if ":" in shown else shown
@@ -351,7 +534,8 @@ def run_server(args: argparse.Namespace) -> None:
                     sock.getsockname()[1], "; API keys required" if _auth_on(args) else "")
         config = uvicorn.Config(app, log_level=_opt(args, "uvicorn_log_level"), timeout_keep_alive=5,
                                 timeout_graceful_shutdown=5)
-        asyncio.run(_uvicorn_server(config, engine).serve(sockets=[sock]))
+        server = _uvicorn_server(config, engine, app.state.lifecycle, _opt(args, "shutdown_timeout"))
+        asyncio.run(server.serve(sockets=[sock]))
     except KeyboardInterrupt:
         pass
     finally:
@@ -361,13 +545,34 @@ def run_server(args: argparse.Namespace) -> None:
         sock.close()
 
 
-def _uvicorn_server(config: Any, engine: AsyncLLMEngine) -> Any:
-    """uvicorn's server, stopping the engine first on exit: streams still open then end at once with an
-    error event, instead of holding the shutdown until uvicorn's grace period runs out."""
+def _uvicorn_server(config: Any, engine: AsyncLLMEngine, lifecycle: Lifecycle, shutdown_timeout: float) -> Any:
+    """uvicorn's server with a graceful shutdown: the first SIGTERM/SIGINT starts a drain (new requests
+    get 503, those in flight go on) that ends when none is left or after ``shutdown_timeout`` seconds;
+    then the engine stops, so streams still open end at once with an error event. A second signal
+    ends the drain early."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if shutdown_timeout > 0 and not lifecycle.draining and not self.should_exit:
+                self._captured_signals.append(sig)  # uvicorn raises them again once it has stopped
+                lifecycle.start_drain()
+                logger.info("Shutting down: refusing new requests, waiting up to %g s for %d in flight "
+                            "(signal again to stop now)", shutdown_timeout, lifecycle.in_flight)
+                return
+            super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if lifecycle.drain_started is not None and not self.should_exit:
+                waited = time.monotonic() - lifecycle.drain_started
+                if lifecycle.in_flight == 0 or waited >= shutdown_timeout:
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            lifecycle.start_drain()
+            if lifecycle.in_flight:
+                logger.warning("Aborting %d requests still in flight", lifecycle.in_flight)
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
             await super().shutdown(sockets)
 

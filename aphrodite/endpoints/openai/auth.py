@@ -1,11 +1,13 @@
 """API-key checks, as plain ASGI middleware so streaming responses pass through untouched.
 
-With keys configured, every ``/v1/*`` and ``/api/*`` route needs ``Authorization: Bearer KEY``
-or ``x-api-key: KEY``; ``/health``, ``/version`` and ``/metrics`` stay open, and CORS preflight
-(``OPTIONS``) passes. Keys are compared in constant time and never logged.
+With keys configured, every route needs ``Authorization: Bearer KEY`` or ``x-api-key: KEY``
+(``/v1/*``, the root ``/tokenize`` and ``/detokenize``, and any path not known yet), except the
+probes and docs in ``OPEN_PATHS``; CORS preflight (``OPTIONS``) passes. Keys are compared in
+constant time, against every key, and never logged.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 from collections.abc import Iterable
@@ -15,9 +17,11 @@ from fastapi import Request
 
 from aphrodite.endpoints.openai.errors import OpenAIError, error_body
 
-__all__ = ["APIKeyMiddleware", "key_matches", "require_admin"]
+__all__ = ["OPEN_PATHS", "APIKeyMiddleware", "is_protected", "key_digest", "key_matches", "require_admin"]
 
-_PROTECTED_PREFIXES = ("/v1", "/api")
+# Probes, metrics and the API docs (as vLLM): they take no user input.
+OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs",
+                        "/docs/oauth2-redirect", "/redoc"})
 
 
 def _presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -32,28 +36,37 @@ def _presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     return bearer if bearer is not None else api_key
 
 
-def key_matches(presented: bytes | None, keys: list[bytes]) -> bool:
-    """Constant-time check against every key (no early exit that would leak which one matched)."""
+def key_digest(key: str | bytes) -> bytes:
+    """What keys are compared as: SHA-256 digests, all 32 bytes, so a comparison's time shows not even
+    a key's length."""
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
+
+
+def key_matches(presented: bytes | None, key_digests: list[bytes]) -> bool:
+    """Constant-time check against every key: ``hmac.compare_digest`` on each, no early exit that would
+    tell which one matched."""
     if presented is None:
         return False
+    digest = key_digest(presented)
     ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(presented, key)
+    for key in key_digests:
+        ok |= hmac.compare_digest(digest, key)
     return ok
 
 
-def _protected(path: str) -> bool:
-    return any(path == p or path.startswith(p + "/") for p in _PROTECTED_PREFIXES)
+def is_protected(path: str) -> bool:
+    """Whether ``path`` needs a key when keys are set: everything but ``OPEN_PATHS``."""
+    return path not in OPEN_PATHS
 
 
 class APIKeyMiddleware:
     def __init__(self, app: Any, api_keys: Iterable[str]) -> None:
         self.app = app
-        self.keys = [k.encode() for k in api_keys]
+        self.keys = [key_digest(k) for k in api_keys]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if (scope["type"] != "http" or scope["method"] == "OPTIONS" or not self.keys
-                or not _protected(scope["path"])):
+                or not is_protected(scope["path"])):
             await self.app(scope, receive, send)
             return
         if key_matches(_presented_key(scope["headers"]), self.keys):
@@ -72,5 +85,5 @@ def require_admin(request: Request) -> None:
     admin_key: str | None = getattr(request.app.state, "admin_key", None)
     if not admin_key:
         raise OpenAIError("Admin routes are disabled: start the server with --admin-key.", 403)
-    if not key_matches(_presented_key(request.scope["headers"]), [admin_key.encode()]):
+    if not key_matches(_presented_key(request.scope["headers"]), [key_digest(admin_key)]):
         raise OpenAIError("Invalid or missing admin key.", 401, code="invalid_api_key")

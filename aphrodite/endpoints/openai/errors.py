@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-__all__ = ["OpenAIError", "error_body", "error_response", "from_value_error"]
+__all__ = ["RETRY_AFTER_S", "OpenAIError", "error_body", "error_response", "from_value_error"]
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
@@ -24,13 +24,14 @@ class OpenAIError(Exception):
     """An error to send to the client as an OpenAI error body with ``status``."""
 
     def __init__(self, message: str, status: int = 400, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:
+                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.code = code
         self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers
 
 
 def error_body(message: str, status: int = 400, *, param: str | None = None, code: str | None = None,
@@ -39,9 +40,16 @@ def error_body(message: str, status: int = 400, *, param: str | None = None, cod
     return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
 
 
+RETRY_AFTER_S = 1  # what a 503 (queue full, draining, engine down) tells clients to wait before retrying
+
+
 def error_response(err: OpenAIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON response of ``err``; every 503 carries ``Retry-After``."""
     body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
-    return JSONResponse(body, status_code=err.status, headers=headers)
+    headers = {**(err.headers or {}), **(headers or {})}
+    if err.status == 503:
+        headers.setdefault("Retry-After", str(RETRY_AFTER_S))
+    return JSONResponse(body, status_code=err.status, headers=headers or None)
 
 
 def from_value_error(e: ValueError, fields: set[str] | frozenset[str] = frozenset()) -> OpenAIError:

@@ -1,17 +1,21 @@
 """Request and response bodies of the OpenAI API, with vLLM/Aphrodite's extra sampling fields.
 
-Pydantic checks shape and types only. Limits on values (temperature >= 0, top_p <= 1, ...) are
-checked once, by ``SamplingParams``, whose ``ValueError`` the handlers turn into a 400.
-Unknown fields are accepted and ignored, as OpenAI clients add new ones over time.
+Pydantic checks shape and types, strictly as OpenAI does (a bool is not an integer, "5" is not a
+number, NaN and Infinity are not numbers). Limits on values (temperature >= 0, top_p <= 1, ...)
+are checked once, by ``SamplingParams``, whose ``ValueError`` the handlers turn into a 400; the
+fields only state them for the OpenAPI schema (``_limits``). Unknown fields are accepted and
+ignored, as OpenAI clients add new ones over time.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
-from aphrodite.sampling_params import SamplingParams
+from aphrodite.sampling_params import SamplingParams, StructuredOutputsParams
+from aphrodite.tokenization.chat_template import ALLOWED_ROLES, RESERVED_TEMPLATE_KWARGS, TEXT_PART_TYPES
 
 
 class OpenAIBaseModel(BaseModel):
@@ -19,6 +23,30 @@ class OpenAIBaseModel(BaseModel):
 
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or ())
+
+
+class OpenAIRequestModel(OpenAIBaseModel):
+    """A request body: strict JSON types (no bool for an int, no string for a number) and finite numbers."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+def _limits(default: Any, **schema: Any) -> Any:
+    """A field whose value limits ``SamplingParams`` (or the handler) checks; the OpenAPI schema states them.
+
+    Validating them here too would make two sources of truth that drift apart.
+    """
+    return Field(default, json_schema_extra=schema)
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer as JSON Schema has it: 3 or 3.0, never true or "3".
+Int = Annotated[int, BeforeValidator(_integral)]
+# JSON object keys are strings: a token id key ("50256") is read as an int, the one lax conversion.
+TokenIdKey = Annotated[int, Strict(False)]
 
 
 # ---- errors -------------------------------------------------------------------
@@ -72,7 +100,7 @@ class UsageInfo(OpenAIBaseModel):
     total_tokens: int = 0
 
 
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(OpenAIRequestModel):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
 
@@ -84,36 +112,142 @@ _PASS_THROUGH = ("n", "best_of", "temperature", "top_p", "top_k", "min_p", "pres
                  "prompt_logprobs")
 
 
-class SamplingFields(OpenAIBaseModel):
+# ---- Aphrodite's samplers and structured output (i16: every extra body field, one block) -------------------
+# Extra sampling fields under SamplingParams' own names (docs/sampling.md lists them all).
+_SAMPLER_FIELDS = ("no_repeat_ngram_size", "dynatemp_min", "dynatemp_max", "dynatemp_exponent", "temperature_last",
+                   "top_a", "tfs", "eta_cutoff", "epsilon_cutoff", "typical_p", "smoothing_factor", "smoothing_curve",
+                   "xtc_threshold", "xtc_probability", "nsigma", "skew", "mirostat_mode", "mirostat_tau",
+                   "mirostat_eta", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_sequence_breakers",
+                   "dry_sequence_breaker_ids", "dry_range", "dry_max_ngram", "dry_max_occurrences",
+                   "dry_early_exit_match_len", "sampler_priority", "allowed_token_ids", "bad_words")
+
+
+class JsonSchemaFormat(OpenAIRequestModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIRequestModel):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class AphroditeSamplingFields(OpenAIRequestModel):
+    """Aphrodite's extra samplers and the structured-output fields clients send (OpenAI's
+    ``response_format``, vLLM's ``structured_outputs``, Aphrodite 0.6's ``guided_*``)."""
+
+    no_repeat_ngram_size: Int | None = None
+    dynatemp_min: float | None = None
+    dynatemp_max: float | None = None
+    dynatemp_exponent: float | None = None
+    temperature_last: bool | None = None
+    top_a: float | None = None
+    tfs: float | None = None
+    eta_cutoff: float | None = None
+    epsilon_cutoff: float | None = None
+    typical_p: float | None = None
+    smoothing_factor: float | None = None
+    smoothing_curve: float | None = None
+    xtc_threshold: float | None = None
+    xtc_probability: float | None = None
+    nsigma: float | None = None
+    skew: float | None = None
+    mirostat_mode: Int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: Int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    dry_sequence_breaker_ids: list[Int] | None = None
+    dry_range: Int | None = None
+    dry_max_ngram: Int | None = None
+    dry_max_occurrences: Int | None = None
+    dry_early_exit_match_len: Int | None = None
+    sampler_priority: list[Int | str] | None = None
+    allowed_token_ids: list[Int] | None = None
+    bad_words: list[str] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+
+    def sampler_kwargs(self) -> dict[str, Any]:
+        """The extra fields the request set, as ``SamplingParams`` keyword arguments; raises ``ValueError``."""
+        kwargs: dict[str, Any] = {k: v for k in _SAMPLER_FIELDS if (v := getattr(self, k)) is not None}
+        so = self.structured_outputs_params()
+        if so is not None:
+            kwargs["structured_outputs"] = so
+        return kwargs
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The one constraint the request asks for, from whichever field it used."""
+        found: list[tuple[str, StructuredOutputsParams]] = []
+        if self.structured_outputs is not None:
+            try:
+                found.append(("structured_outputs", StructuredOutputsParams(**self.structured_outputs)))
+            except TypeError as e:
+                raise ValueError(f"structured_outputs: {e}") from None
+        extra: dict[str, Any] = {}
+        if self.guided_whitespace_pattern is not None:
+            extra["whitespace_pattern"] = self.guided_whitespace_pattern
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            if (value := getattr(self, name)) is not None:
+                found.append((name, StructuredOutputsParams(**{key: value}, **extra)))
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", StructuredOutputsParams(json_object=True)))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise ValueError("response_format of type json_schema needs json_schema.schema.")
+            found.append(("response_format", StructuredOutputsParams(json=rf.json_schema.schema_)))
+        if len(found) > 1:
+            raise ValueError("Only one structured output constraint may be given, got: "
+                             f"{', '.join(name for name, _ in found)}.")
+        return found[0][1] if found else None
+# ---- end of the samplers and structured output block --------------------------------------------------------
+
+
+class SamplingFields(AphroditeSamplingFields):
     """Sampling fields shared by completions and chat; ``None`` means the engine's default."""
 
-    n: int | None = 1
-    best_of: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
+    n: Int | None = _limits(1, minimum=1)  # maximum: max_num_seqs, set in the served schema
+    best_of: Int | None = _limits(None, minimum=1)
+    temperature: float | None = _limits(None, minimum=0)
+    top_p: float | None = _limits(None, exclusiveMinimum=0, maximum=1)
+    top_k: Int | None = _limits(None, minimum=-1)
+    min_p: float | None = _limits(None, minimum=0, maximum=1)
+    presence_penalty: float | None = _limits(None, minimum=-2, maximum=2)
+    frequency_penalty: float | None = _limits(None, minimum=-2, maximum=2)
+    repetition_penalty: float | None = _limits(None, exclusiveMinimum=0)
+    seed: Int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int] | None = None
     include_stop_str_in_output: bool | None = None
     ignore_eos: bool | None = None
-    min_tokens: int | None = None
+    min_tokens: Int | None = _limits(None, minimum=0)
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
-    logit_bias: dict[int, float] | None = None
-    prompt_logprobs: int | None = None
+    logit_bias: dict[TokenIdKey, float] | None = _limits(None, propertyNames={"pattern": "^-?[0-9]+$"})
+    prompt_logprobs: Int | None = _limits(None, minimum=0)  # maximum: max_logprobs
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    truncate_prompt_tokens: int | None = None  # vLLM: keep only the last k prompt tokens (-1: max_model_len)
+    # vLLM: keep only the last k prompt tokens (-1: max_model_len)
+    truncate_prompt_tokens: Int | None = _limits(None, minimum=-1)
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None, **overrides: Any) -> SamplingParams:
         """Build (and so validate) the engine's parameters; raises ``ValueError``."""
         kwargs: dict[str, Any] = {k: v for k in _PASS_THROUGH if (v := getattr(self, k)) is not None}
+        kwargs.update(self.sampler_kwargs())
         if self.logit_bias:
             # OpenAI's range, clamped as vLLM does: a huge bias would overflow the logits to inf (then NaN).
             kwargs["logit_bias"] = {t: min(100.0, max(-100.0, b)) for t, b in self.logit_bias.items()}
@@ -133,10 +267,10 @@ class SamplingFields(OpenAIBaseModel):
 # ---- completions ------------------------------------------------------------------
 class CompletionRequest(SamplingFields):
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    max_tokens: Int | None = _limits(16, minimum=0)  # 0 only with echo
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: Int | None = _limits(None, minimum=0)  # maximum: max_logprobs
     suffix: str | None = None
 
 
@@ -166,25 +300,39 @@ class CompletionResponse(OpenAIBaseModel):
 
 
 # ---- chat ------------------------------------------------------------------------
-class ChatMessage(OpenAIBaseModel):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+# What ``apply_chat_template`` accepts (it checks, with messages naming the message at fault).
+_ROLES = sorted(ALLOWED_ROLES)
+_TEXT_PARTS = {"type": "array", "items": {"anyOf": [{"type": "string"}, {
+    "type": "object", "required": ["type", "text"],
+    "properties": {"type": {"enum": sorted(TEXT_PART_TYPES)}, "text": {"type": "string"}}}]}}
+_NOT_RESERVED = {"propertyNames": {"not": {"enum": sorted(RESERVED_TEMPLATE_KWARGS)}}}
+# Both true is refused; add_generation_prompt defaults to true, so continuing needs it set to false.
+_NOT_BOTH_PROMPT_AND_CONTINUE = {"not": {"required": ["continue_final_message"], "properties": {
+    "continue_final_message": {"const": True}, "add_generation_prompt": {"not": {"const": False}}}}}
+
+
+class ChatMessage(OpenAIRequestModel):
+    role: str = _limits(..., enum=_ROLES)
+    content: str | list[str | dict[str, Any]] | None = _limits(
+        None, anyOf=[{"type": "string"}, _TEXT_PARTS, {"type": "null"}])
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra=_NOT_BOTH_PROMPT_AND_CONTINUE)
+
     model: str
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = _limits(..., minItems=1)
+    max_tokens: Int | None = _limits(None, minimum=1)
+    max_completion_tokens: Int | None = _limits(None, minimum=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = _limits(None, minimum=0)  # maximum: max_logprobs
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # only with --trust-request-chat-template
+    chat_template_kwargs: dict[str, Any] | None = _limits(None, **_NOT_RESERVED)
     tools: list[dict[str, Any]] | None = None
 
 
@@ -226,18 +374,32 @@ class ChatCompletionResponse(OpenAIBaseModel):
 
 
 # ---- tokenize ----------------------------------------------------------------------
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(OpenAIRequestModel):
     """Either ``prompt`` (text) or ``messages`` (rendered with the chat template)."""
 
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["prompt"], "not": {"required": ["messages"]}},
+                  {"required": ["messages"],
+                   "allOf": [{"not": {"required": ["prompt"]}}, _NOT_BOTH_PROMPT_AND_CONTINUE]}]})
+
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: str | SkipJsonSchema[None] = None  # one of these two, never null
+    messages: list[ChatMessage] | SkipJsonSchema[None] = _limits(None, minItems=1)
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # only with --trust-request-chat-template
+    chat_template_kwargs: dict[str, Any] | None = _limits(None, **_NOT_RESERVED)
     return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        given = [name for name in ("prompt", "messages") if name in self.model_fields_set]
+        if len(given) != 1:
+            raise ValueError("Give exactly one of prompt or messages.")
+        if getattr(self, given[0]) is None:
+            raise ValueError(f"{given[0]} must not be null.")
+        return self
 
 
 class TokenizeResponse(OpenAIBaseModel):
@@ -247,9 +409,9 @@ class TokenizeResponse(OpenAIBaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(OpenAIRequestModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int] = _limits(..., items={"type": "integer", "minimum": 0})  # maximum: the vocabulary
 
 
 class DetokenizeResponse(OpenAIBaseModel):

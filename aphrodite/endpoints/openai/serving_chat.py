@@ -33,18 +33,29 @@ from aphrodite.outputs import CompletionOutput, RequestOutput
 _FIELDS = frozenset(ChatCompletionRequest.model_fields)
 
 
-def render_chat(ctx: ServingContext, messages: list[ChatMessage], *, chat_template: str | None,
-                add_generation_prompt: bool, continue_final_message: bool,
-                chat_template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None) -> str:
-    """The prompt text of a conversation; a 400 for anything the template or the messages get wrong."""
-    from aphrodite.tokenization.chat_template import apply_chat_template
-    tok = ctx.need_tokenizer()
+async def render_chat(ctx: ServingContext, messages: list[ChatMessage], *, chat_template: str | None,
+                      add_generation_prompt: bool, continue_final_message: bool,
+                      chat_template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None) -> str:
+    """The prompt text of a conversation, rendered on a worker thread; a 400 for anything the template or
+    the messages get wrong, and for a request's own template unless the server trusts them (vLLM's
+    ``--trust-request-chat-template``), which then renders within ``REQUEST_TEMPLATE_BUDGET_S``."""
+    from aphrodite.tokenization.chat_template import REQUEST_TEMPLATE_BUDGET_S, apply_chat_template
+    ctx.need_tokenizer()
+    budget = None
+    if chat_template is not None:
+        if not ctx.trust_request_chat_template:
+            raise OpenAIError("This request sets chat_template, but the server does not accept templates from "
+                              "requests; start it with --trust-request-chat-template to allow them.",
+                              param="chat_template")
+        budget = REQUEST_TEMPLATE_BUDGET_S
+    conversation = [m.model_dump(exclude_none=True) for m in messages]
     try:
-        return apply_chat_template(
-            tok, [m.model_dump(exclude_none=True) for m in messages],
-            chat_template=chat_template if chat_template is not None else ctx.chat_template,
-            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-            chat_template_kwargs=chat_template_kwargs, tools=tools)
+        return await ctx.workers.run(
+            lambda: apply_chat_template(
+                ctx.workers.tokenizer(), conversation,
+                chat_template=chat_template if chat_template is not None else ctx.chat_template,
+                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                chat_template_kwargs=chat_template_kwargs, tools=tools, time_budget_s=budget))
     except ValueError as e:
         raise from_value_error(e, _FIELDS) from None
 
@@ -56,14 +67,16 @@ class ChatServing:
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
         ctx = self.ctx
-        ctx.check_model(request.model)
+        lora = ctx.check_model(request.model)
         ctx.check_stream_options(request)
-        prompt = render_chat(ctx, request.messages, chat_template=request.chat_template,
+        ctx.check_num_seqs(request.n, request.best_of)
+        prompt = await render_chat(ctx, request.messages, chat_template=request.chat_template,
                              add_generation_prompt=request.add_generation_prompt,
                              continue_final_message=request.continue_final_message,
                              chat_template_kwargs=request.chat_template_kwargs, tools=request.tools)
         # The template already holds the BOS token where the model wants one.
-        ids = ctx.encode(prompt, add_special_tokens=False)
+        ids = await ctx.encode(prompt, add_special_tokens=False, whole=request.truncate_prompt_tokens is not None,
+                               prompt_name="messages")
         if request.truncate_prompt_tokens is not None:
             ids = ctx.truncate(ids, request.truncate_prompt_tokens)
             prompt = ctx.tokenizer.decode(ids)
@@ -89,7 +102,7 @@ class ChatServing:
                               param="best_of")
         rid = new_id("chatcmpl")
         try:
-            streams = await ctx.add_all([(rid, prompt, ids, params)], _FIELDS)
+            streams = await ctx.add_all([(rid, prompt, ids, params)], _FIELDS, lora_request=lora)
         except OpenAIError as e:
             if e.param == "logprobs" and request.top_logprobs is not None:
                 e.param = "top_logprobs"  # the engine's name for what chat calls top_logprobs

@@ -18,7 +18,10 @@ from fastapi.responses import StreamingResponse
 from aphrodite.endpoints.openai.errors import OpenAIError, error_body, from_value_error
 from aphrodite.endpoints.openai.metrics import RequestTimer, ServerMetrics
 from aphrodite.endpoints.openai.protocol import SamplingFields
-from aphrodite.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from aphrodite.endpoints.openai.serving_lora import LoRARegistry
+from aphrodite.endpoints.openai.workers import RequestWorkers
+from aphrodite.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestStream
+from aphrodite.lora.request import LoRARequest
 from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput
 from aphrodite.sampling_params import SamplingParams
 
@@ -27,6 +30,10 @@ logger = logging.getLogger("aphrodite.endpoints.openai")
 T = TypeVar("T")
 
 SSE_DONE = "data: [DONE]\n\n"
+# A prompt this many characters per context token (or more) is first tokenized by its head alone: when
+# that already overflows the context by more than the margin, the rest (megabytes, maybe) is never read.
+_PROBE_CHARS_PER_TOKEN = 8
+_PROBE_MARGIN_TOKENS = 64
 
 
 class ServingContext:
@@ -34,30 +41,40 @@ class ServingContext:
 
     def __init__(self, engine: AsyncLLMEngine, served_model_names: Sequence[str], *,
                  chat_template: str | None = None, response_role: str = "assistant",
-                 log_requests: bool = True, max_log_len: int | None = None,
-                 metrics: ServerMetrics | None = None) -> None:
+                 log_requests: bool = False, max_log_len: int | None = None,
+                 metrics: ServerMetrics | None = None, trust_request_chat_template: bool = False,
+                 workers: RequestWorkers | None = None) -> None:
         cfg = engine.config
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.served_model_names = list(served_model_names)
         self.model_path = cfg.model.path
         self.max_model_len = cfg.scheduler.max_model_len
+        self.max_num_seqs = cfg.scheduler.max_num_seqs
         self.max_logprobs = cfg.model.max_logprobs
         self.chat_template = chat_template
+        self.trust_request_chat_template = trust_request_chat_template
         self.response_role = response_role
         self.log_requests = log_requests
         self.max_log_len = max_log_len
         self.metrics = metrics or ServerMetrics(engine, self.served_model_names[0])
+        self.loras = LoRARegistry(engine, self.served_model_names[0])   # adapters, also valid model names
+        self.workers = workers or RequestWorkers(self.tokenizer)
 
     # ---- request checks ----------------------------------------------------------
-    def check_model(self, name: str | None, required: bool = True) -> None:
+    def check_model(self, name: str | None, required: bool = True) -> LoRARequest | None:
+        """The LoRA adapter ``name`` stands for (None for the base model); 404 for an unknown name."""
         if name is None and not required:
-            return
+            return None
+        lora = self.loras.by_name.get(name) if name is not None else None
+        if lora is not None:
+            return lora
         if name not in self.served_model_names:
             # vLLM's type (NotFoundError) with OpenAI's code (model_not_found): clients check either.
             raise OpenAIError(f"The model `{name}` does not exist. Served models: "
-                              f"{', '.join(self.served_model_names)}.", HTTPStatus.NOT_FOUND,
+                              f"{', '.join([*self.served_model_names, *self.loras.by_name])}.", HTTPStatus.NOT_FOUND,
                               param="model", code="model_not_found", type="NotFoundError")
+        return None
 
     @staticmethod
     def check_stream_options(request: SamplingFields) -> None:
@@ -81,8 +98,41 @@ class ServingContext:
             raise OpenAIError("This server was started with skip_tokenizer_init: send token ids, not text.")
         return self.tokenizer
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.need_tokenizer().encode(text, add_special_tokens=add_special_tokens)
+    async def encode(self, text: str, add_special_tokens: bool = True, *, whole: bool = False,
+                     prompt_name: str = "prompt") -> list[int]:
+        """The token ids of ``text``, tokenized on a worker thread.
+
+        Unless ``whole`` (``/tokenize``, truncation), a text far longer than the context is refused
+        from its head alone: tokenizing all of a 10 MB prompt to learn it does not fit would cost
+        seconds of CPU. Tokens of a prefix can differ from the whole text's only near the cut,
+        which the margin covers.
+        """
+        self.need_tokenizer()
+        probe = self.max_model_len * _PROBE_CHARS_PER_TOKEN
+        if not whole and len(text) > probe:
+            head = await self.workers.encode(text[:probe], add_special_tokens)
+            if len(head) > self.max_model_len + _PROBE_MARGIN_TOKENS:
+                raise OpenAIError(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                    f"{prompt_name} has more than {len(head) - _PROBE_MARGIN_TOKENS} tokens ({len(text)} "
+                    f"characters). Please reduce the length of the {prompt_name}.", param=prompt_name,
+                    code="context_length_exceeded")
+        return await self.workers.encode(text, add_special_tokens)
+
+    def check_num_seqs(self, n: int | None, best_of: int | None, num_prompts: int = 1) -> None:
+        """Admission limits known before any work: ``n`` and ``best_of`` at most ``max_num_seqs``, and a
+        request's sequences (prompts x best_of) no more than the server ever admits at once."""
+        n = n if n is not None else 1
+        for name, value in (("n", n), ("best_of", best_of)):
+            if isinstance(value, int) and value > self.max_num_seqs:
+                raise OpenAIError(f"{name} must be at most max_num_seqs ({self.max_num_seqs}), got {value}.",
+                                  param=name)
+        limit = self.engine.max_seqs_in_flight
+        seqs = num_prompts * max(n, best_of or 1)
+        if limit is not None and seqs > limit:
+            raise OpenAIError(f"This request needs {seqs} sequences ({num_prompts} prompts x {max(n, best_of or 1)})"
+                              f"; the server admits at most {limit} at a time (max_num_seqs + max_waiting_requests).",
+                              param="prompt" if num_prompts > 1 else "n")
 
     def token_str(self, token_id: int, lp: Logprob | None = None) -> str:
         """A token's text for logprobs: the engine's decoding when it sent one."""
@@ -133,15 +183,18 @@ class ServingContext:
 
     # ---- engine --------------------------------------------------------------------
     async def add_all(self, items: list[tuple[str, str | None, list[int], SamplingParams]],
-                      fields: Sequence[str] = ()) -> list[RequestStream]:
-        """Add every (request id, text, ids, params) at once; all are accepted, or none stays.
+                      fields: Sequence[str] = (), lora_request: LoRARequest | None = None) -> list[RequestStream]:
+        """Add every (request id, text, ids, params) at once, with the adapter ``lora_request`` (or none);
+        all are accepted, or none stays.
 
         The engine thread takes them in one go, so a batch costs one round trip, not one per prompt.
         """
         for rid, text, ids, params in items:
             self.log_request(rid, text, ids, params)
+        await self.check_structured_outputs([params for _, _, _, params in items])
         results = await asyncio.gather(
-            *(self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": ids}, params)
+            *(self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": ids}, params,
+                                      lora_request=lora_request)
               for rid, text, ids, params in items), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -153,8 +206,23 @@ class ServingContext:
                 raise from_value_error(err, set(fields)) from None
             if isinstance(err, EngineDeadError):
                 raise OpenAIError(str(err), HTTPStatus.SERVICE_UNAVAILABLE) from None
+            if isinstance(err, QueueFullError):
+                raise OpenAIError(str(err), HTTPStatus.SERVICE_UNAVAILABLE, code="server_busy") from None
             raise err
         return results  # type: ignore[return-value]
+
+    async def check_structured_outputs(self, params: list[SamplingParams]) -> None:
+        """Compile the requests' schemas or grammars off the event loop and the engine thread (cached, so
+        the engine then finds them ready); one that does not compile is a 400 with xgrammar's message."""
+        wanted = [p for p in params if p.structured_outputs is not None]
+        if not wanted:
+            return
+        engine = self.engine.engine
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, engine.compile_structured_outputs, wanted)
+        except ValueError as e:
+            raise from_value_error(e, {"response_format", "structured_outputs", "guided_json", "guided_regex",
+                                       "guided_choice", "guided_grammar"}) from None
 
     def timer(self, arrival: float) -> RequestTimer:
         return RequestTimer(self.metrics, arrival)

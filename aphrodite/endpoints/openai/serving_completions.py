@@ -47,11 +47,13 @@ class CompletionServing:
     async def create(self, request: CompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
         ctx = self.ctx
-        ctx.check_model(request.model)
+        lora = ctx.check_model(request.model)
         ctx.check_stream_options(request)
         if request.suffix is not None:
             raise OpenAIError("suffix is not supported.", param="suffix")
-        prompts = self._prompts(request)
+        items = _prompt_items(request)
+        ctx.check_num_seqs(request.n, request.best_of, len(items))
+        prompts = await self._prompts(items, request.truncate_prompt_tokens)
         n = request.n if request.n is not None else 1
         for p in prompts:
             # echo with max_tokens 0 (vLLM): the prompt alone, with its logprobs; one token is generated
@@ -67,7 +69,7 @@ class CompletionServing:
                               param="best_of")
         rid = new_id("cmpl")
         streams = await ctx.add_all([(f"{rid}-{i}", p.text, p.ids, p.params) for i, p in enumerate(prompts)],
-                                    _FIELDS)
+                                    _FIELDS, lora_request=lora)
         created = unix_now()
         if request.stream:
             return SSEResponse(self._stream(request, rid, created, prompts, streams), closer(streams))
@@ -76,21 +78,11 @@ class CompletionServing:
             return Response(status_code=499)
         return JSONResponse(body)
 
-    def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
-        prompt = request.prompt
-        if isinstance(prompt, str):
-            items: list[Any] = [prompt]
-        elif not prompt:
-            raise OpenAIError("prompt must not be empty.", param="prompt")
-        elif isinstance(prompt[0], int):
-            items = [prompt]
-        else:
-            items = list(prompt)
+    async def _prompts(self, items: list[Any], k: int | None) -> list[_Prompt]:
         out = []
-        k = request.truncate_prompt_tokens
         for item in items:
             if isinstance(item, str):
-                ids = self.ctx.encode(item)
+                ids = await self.ctx.encode(item, whole=k is not None)
                 truncated = self.ctx.truncate(ids, k)
                 # A cut prompt is echoed as what the model saw: its text comes from the kept ids.
                 out.append(_Prompt(item if len(truncated) == len(ids) else None, truncated))
@@ -237,6 +229,18 @@ class CompletionServing:
             offset += len(token)
         return {"text_offset": text_offset, "token_logprobs": token_logprobs, "tokens": tokens,
                 "top_logprobs": top}
+
+
+def _prompt_items(request: CompletionRequest) -> list[Any]:
+    """The prompts of a request: texts or token-id lists."""
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise OpenAIError("prompt must not be empty.", param="prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
 
 
 def _echo_only(request: CompletionRequest) -> bool:

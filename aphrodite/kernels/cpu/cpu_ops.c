@@ -124,7 +124,8 @@ void aph_linear(int dtype, const void* W, const void* x, const void* bias, void*
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                                 \
     for (int b = 0; b < B; b++) {                                                                \
         for (int h = 0; h < Hkv; h++) {                                                          \
-            const int L = seq_lens[b];                                                           \
+            const int first = window > 0 && seq_lens[b] > window ? seq_lens[b] - window : 0;     \
+            const int L = seq_lens[b] - first;    /* keys [first, seq_len): the sliding window */ \
             const int32_t* table = block_tables + (long)b * max_blocks;                          \
             float* qf = (float*)malloc((size_t)G * D * sizeof(float));                           \
             float* acc = (float*)calloc((size_t)G * D, sizeof(float));                           \
@@ -133,7 +134,7 @@ void aph_linear(int dtype, const void* W, const void* x, const void* bias, void*
             const long qbase = ((long)b * Hq + (long)h * G) * D;                                 \
             for (long i = 0; i < (long)G * D; i++) qf[i] = WIDEN(qs[qbase + i]) * scale;         \
             for (int t = 0; t < L; t++) {                                                        \
-                const T* k = kc + CACHE_OFFSET(t);                                               \
+                const T* k = kc + CACHE_OFFSET(first + t);                                       \
                 _Pragma("omp simd")                                                              \
                 for (int d = 0; d < D; d++) kf[d] = WIDEN(k[d]);                                 \
                 for (int g = 0; g < G; g++) {                                                    \
@@ -147,6 +148,8 @@ void aph_linear(int dtype, const void* W, const void* x, const void* bias, void*
             for (int g = 0; g < G; g++) {                                                        \
                 float* sg = s + (long)g * L;                                                     \
                 float mx = -INFINITY, sum = 0.f;                                                 \
+                if (softcap > 0.f)                                                               \
+                    for (int t = 0; t < L; t++) sg[t] = softcap * tanhf(sg[t] / softcap);        \
                 _Pragma("omp simd reduction(max:mx)")                                            \
                 for (int t = 0; t < L; t++) mx = sg[t] > mx ? sg[t] : mx;                        \
                 _Pragma("omp simd reduction(+:sum)")                                             \
@@ -156,7 +159,7 @@ void aph_linear(int dtype, const void* W, const void* x, const void* bias, void*
                 for (int t = 0; t < L; t++) sg[t] *= inv;                                        \
             }                                                                                    \
             for (int t = 0; t < L; t++) {                                                        \
-                const T* v = vc + CACHE_OFFSET(t);                                               \
+                const T* v = vc + CACHE_OFFSET(first + t);                                       \
                 _Pragma("omp simd")                                                              \
                 for (int d = 0; d < D; d++) kf[d] = WIDEN(v[d]);                                 \
                 for (int g = 0; g < G; g++) {                                                    \
@@ -331,12 +334,13 @@ static inline __attribute__((always_inline)) void pv_rows_bf16(const char* const
 
 /* One (sequence, KV head) of decode attention; D a multiple of 32, at most 256. */
 static inline __attribute__((always_inline)) void decode_head_avx512(
-        const void* q, const char* k_base, const char* v_base, const int32_t* table, int L, int G,
-        int block_size, long row_bytes, float scale, float* out, const int D, const int bf16) {
+        const void* q, const char* k_base, const char* v_base, const int32_t* table, int first, int L, int G,
+        int block_size, long row_bytes, float scale, float softcap, float* out, const int D, const int bf16) {
     const size_t es = bf16 ? 2 : 4;
     const char** krow = (const char**)malloc((size_t)(L + 1) * 2 * sizeof(char*));
     const char** vrow = krow + L + 1;
-    for (int t = 0, blk = 0, off = 0; t < L; t++) {   /* row addresses, no division per token */
+    /* row addresses of keys [first, first + L), no division per token */
+    for (int t = 0, blk = first / block_size, off = first % block_size; t < L; t++) {
         const long slot = (long)table[blk] * block_size + off;
         krow[t] = k_base + slot * row_bytes;
         vrow[t] = v_base + slot * row_bytes;
@@ -365,6 +369,8 @@ static inline __attribute__((always_inline)) void decode_head_avx512(
             _mm512_storeu_ps(sg + t0, _mm512_mul_ps(sum16(part), _mm512_set1_ps(scale)));
         }
         float mx = -INFINITY, sum = 0.f;
+        if (softcap > 0.f)   /* Gemma 2: scores squashed to (-cap, cap) */
+            for (int t = 0; t < L; t++) sg[t] = softcap * tanhf(sg[t] / softcap);
         _Pragma("omp simd reduction(max:mx)")
         for (int t = 0; t < L; t++) mx = sg[t] > mx ? sg[t] : mx;
         _Pragma("omp simd reduction(+:sum)")
@@ -412,7 +418,7 @@ static inline __attribute__((always_inline)) void decode_head_avx512(
 static void decode_attention_avx512(int dtype, const void* q, const void* k_cache, const void* v_cache,
                                     const int32_t* block_tables, const int32_t* seq_lens, void* out,
                                     int B, int Hq, int Hkv, int D, int block_size, int max_blocks,
-                                    float scale) {
+                                    float scale, int window, float softcap) {
     const int G = Hq / Hkv, bf16 = dtype == BF16;
     const size_t es = bf16 ? 2 : 4;
     const long row_bytes = (long)Hkv * D * es;
@@ -425,13 +431,14 @@ static void decode_attention_avx512(int dtype, const void* q, const void* k_cach
             const char* kb = (const char*)k_cache + (long)h * D * es;
             const char* vb = (const char*)v_cache + (long)h * D * es;
             const int32_t* table = block_tables + (long)b * max_blocks;
-            const int L = seq_lens[b];
-            if (bf16 && D == 64) decode_head_avx512(qh, kb, vb, table, L, G, block_size, row_bytes, scale, res, 64, 1);
-            else if (bf16 && D == 128) decode_head_avx512(qh, kb, vb, table, L, G, block_size, row_bytes, scale, res, 128, 1);
-            else if (bf16) decode_head_avx512(qh, kb, vb, table, L, G, block_size, row_bytes, scale, res, D, 1);
-            else if (D == 64) decode_head_avx512(qh, kb, vb, table, L, G, block_size, row_bytes, scale, res, 64, 0);
-            else if (D == 128) decode_head_avx512(qh, kb, vb, table, L, G, block_size, row_bytes, scale, res, 128, 0);
-            else decode_head_avx512(qh, kb, vb, table, L, G, block_size, row_bytes, scale, res, D, 0);
+            const int first = window > 0 && seq_lens[b] > window ? seq_lens[b] - window : 0;
+            const int L = seq_lens[b] - first;
+            if (bf16 && D == 64) decode_head_avx512(qh, kb, vb, table, first, L, G, block_size, row_bytes, scale, softcap, res, 64, 1);
+            else if (bf16 && D == 128) decode_head_avx512(qh, kb, vb, table, first, L, G, block_size, row_bytes, scale, softcap, res, 128, 1);
+            else if (bf16) decode_head_avx512(qh, kb, vb, table, first, L, G, block_size, row_bytes, scale, softcap, res, D, 1);
+            else if (D == 64) decode_head_avx512(qh, kb, vb, table, first, L, G, block_size, row_bytes, scale, softcap, res, 64, 0);
+            else if (D == 128) decode_head_avx512(qh, kb, vb, table, first, L, G, block_size, row_bytes, scale, softcap, res, 128, 0);
+            else decode_head_avx512(qh, kb, vb, table, first, L, G, block_size, row_bytes, scale, softcap, res, D, 0);
             const long base = ((long)b * Hq + (long)h * G) * D;
             for (long i = 0; i < (long)G * D; i++) store(out, base + i, res[i], dtype);
             if (res != o) free(res);
@@ -443,12 +450,13 @@ static void decode_attention_avx512(int dtype, const void* q, const void* k_cach
 void aph_paged_decode_attention(int dtype, const void* q, const void* k_cache,
                                 const void* v_cache, const int32_t* block_tables,
                                 const int32_t* seq_lens, void* out, int B, int Hq, int Hkv,
-                                int head_dim, int block_size, int max_blocks, float scale) {
+                                int head_dim, int block_size, int max_blocks, float scale, int window,
+                                float softcap) {
     const int D = head_dim;
 #if defined(__AVX512F__)
     if (D % 32 == 0 && D <= 256) {
         decode_attention_avx512(dtype, q, k_cache, v_cache, block_tables, seq_lens, out, B, Hq, Hkv, D,
-                                block_size, max_blocks, scale);
+                                block_size, max_blocks, scale, window, softcap);
         return;
     }
 #endif
@@ -619,5 +627,102 @@ void aph_rope_write_kv(int dtype, const void* q, long q_stride, const void* k, l
         const size_t bytes = (size_t)Hkv * D * es;
         memcpy((char*)k_cache + (size_t)slots[t] * bytes, (const char*)k_out + (size_t)t * bytes, bytes);
         memcpy((char*)v_cache + (size_t)slots[t] * bytes, (const char*)v + (size_t)t * v_stride * es, bytes);
+    }
+}
+
+/*
+ * fp8 (e4m3fn) KV cache: rows hold x / scale as 8-bit floats (1 sign, 4 exponent bits with bias 7,
+ * 3 mantissa bits; no infinities, 0x7f/0xff are NaN, largest finite 448). Encoding rounds to
+ * nearest even and saturates at +-448, as PyTorch's conversion of a clamped value and the GPU's
+ * cvt.rn.satfinite do; decoding goes through a 256-entry table.
+ */
+static float e4m3_table[256];
+static int e4m3_ready = 0;
+
+static void e4m3_init(void) {
+    if (e4m3_ready) return;
+    for (int c = 0; c < 256; c++) {
+        const int e = (c >> 3) & 15, m = c & 7;
+        float v = e == 0 ? ldexpf((float)m, -9) : ldexpf(1.0f + m / 8.0f, e - 7);
+        if (e == 15 && m == 7) v = NAN;
+        e4m3_table[c] = (c & 0x80) ? -v : v;
+    }
+    e4m3_ready = 1;
+}
+
+static inline uint8_t f32_to_e4m3(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint8_t sign = (uint8_t)((u >> 24) & 0x80u);
+    float a = fabsf(f);
+    if (a != a) return (uint8_t)(sign | 0x7f);
+    if (a > 448.0f) a = 448.0f;
+    if (a < 0.015625f) return (uint8_t)(sign | (uint8_t)nearbyintf(a * 512.0f));  /* subnormal: m * 2^-9 */
+    memcpy(&u, &a, 4);
+    u += 0x7ffffu + ((u >> 20) & 1u);            /* round the 23-bit mantissa to 3 bits, ties to even */
+    const int e = (int)(u >> 23) - 127 + 7;
+    return (uint8_t)(sign | (uint8_t)(e << 3) | (uint8_t)((u >> 20) & 7u));
+}
+
+/* Rows [T, row_elems] of k/v (strided, model dtype) into fp8 cache slots, scaled by 1/scale. */
+void aph_write_kv_fp8(int dtype, const void* k, const void* v, uint8_t* k_cache, uint8_t* v_cache,
+                      const int64_t* slots, int T, int row_elems, long k_stride, long v_stride,
+                      float k_inv_scale, float v_inv_scale) {
+    for (int t = 0; t < T; t++) {
+        if (slots[t] < 0) continue;
+        uint8_t* kd = k_cache + (size_t)slots[t] * row_elems;
+        uint8_t* vd = v_cache + (size_t)slots[t] * row_elems;
+        for (int i = 0; i < row_elems; i++) {
+            kd[i] = f32_to_e4m3(load(k, (long)t * k_stride + i, dtype) * k_inv_scale);
+            vd[i] = f32_to_e4m3(load(v, (long)t * v_stride + i, dtype) * v_inv_scale);
+        }
+    }
+}
+
+/* Float32 values of n fp8 codes, times scale. */
+void aph_e4m3_to_f32(const uint8_t* src, float* dst, long n, float scale) {
+    e4m3_init();
+    for (long i = 0; i < n; i++) dst[i] = e4m3_table[src[i]] * scale;
+}
+
+/*
+ * Decode attention (one query token per sequence) over an fp8 paged cache [blocks, block_size, Hkv, D]:
+ * q/out [B, Hq, D] in the model dtype; keys and values are decoded (times k_scale / v_scale) as they are
+ * read. Softmax in float32; one (sequence, query head) per task. head_dim up to 512.
+ */
+void aph_paged_decode_attention_fp8(int dtype, const void* q, const uint8_t* k_cache, const uint8_t* v_cache,
+                                    const int32_t* block_tables, const int32_t* seq_lens, void* out, int B,
+                                    int Hq, int Hkv, int D, int block_size, int max_blocks, float scale,
+                                    float k_scale, float v_scale) {
+    e4m3_init();
+    const int G = Hq / Hkv;
+    #pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < Hq; h++) {
+            const int L = seq_lens[b], kvh = h / G;
+            float qv[512], acc[512];
+            for (int i = 0; i < D; i++) {
+                qv[i] = load(q, ((long)b * Hq + h) * D + i, dtype) * scale * k_scale;
+                acc[i] = 0.0f;
+            }
+            float m = -INFINITY, l = 0.0f;
+            for (int j = 0; j < L; j++) {
+                const long row = ((long)block_tables[(long)b * max_blocks + j / block_size] * block_size
+                                  + j % block_size) * Hkv + kvh;
+                const uint8_t* kr = k_cache + row * D;
+                const uint8_t* vr = v_cache + row * D;
+                float s = 0.0f;
+                #pragma omp simd reduction(+:s)
+                for (int i = 0; i < D; i++) s += qv[i] * e4m3_table[kr[i]];
+                const float m_new = s > m ? s : m;
+                const float alpha = expf(m - m_new), p = expf(s - m_new);
+                l = l * alpha + p;
+                #pragma omp simd
+                for (int i = 0; i < D; i++) acc[i] = acc[i] * alpha + p * e4m3_table[vr[i]];
+                m = m_new;
+            }
+            const float inv = L > 0 ? v_scale / l : 0.0f;
+            for (int i = 0; i < D; i++) store(out, ((long)b * Hq + h) * D + i, acc[i] * inv, dtype);
+        }
     }
 }

@@ -58,8 +58,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token per sequence, ``q [B, Hq, D]``, over the cache ``[blocks, block_size, Hkv, D]``."""
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           sliding_window: int = 0, soft_cap: float = 0.0) -> torch.Tensor:
+    """One query token per sequence, ``q [B, Hq, D]``, over the cache ``[blocks, block_size, Hkv, D]``.
+    ``sliding_window > 0``: only the last that many keys; ``soft_cap > 0``: scores ``cap * tanh(s / cap)``."""
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == q.dtype
@@ -69,7 +71,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q)
     _lib().aph_paged_decode_attention(
         _DTYPE_CODES[q.dtype], _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _ptr(lens),
-        _ptr(out), b, hq, hkv, d, block_size, tables.shape[1], ctypes.c_float(scale))
+        _ptr(out), b, hq, hkv, d, block_size, tables.shape[1], ctypes.c_float(scale), int(sliding_window or 0),
+        ctypes.c_float(soft_cap or 0.0))
     return out
 
 
@@ -145,3 +148,41 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
                              _ptr(pos), _ptr(table), _ptr(q_out), _ptr(k_out), _ptr(k_cache), _ptr(v_cache),
                              _ptr(slots))
     return q_out, k_out
+
+
+def write_kv_fp8(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    """Write ``k / k_scale``, ``v / v_scale`` rows ``[T, Hkv, D]`` into an fp8 (e4m3) cache at ``slot_mapping``."""
+    k, v = _rows(k), _rows(v)
+    slots = slot_mapping.to(torch.int64).contiguous()
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == torch.float8_e4m3fn
+    _lib().aph_write_kv_fp8(_DTYPE_CODES[k.dtype], _ptr(k), _ptr(v), _ptr(k_cache), _ptr(v_cache), _ptr(slots),
+                            k.shape[0], k.shape[1] * k.shape[2], ctypes.c_long(k.stride(0)),
+                            ctypes.c_long(v.stride(0)), ctypes.c_float(1.0 / k_scale), ctypes.c_float(1.0 / v_scale))
+
+
+def paged_decode_attention_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                               k_scale: float, v_scale: float) -> torch.Tensor:
+    """``paged_decode_attention`` over an fp8 (e4m3) cache holding ``k / k_scale`` and ``v / v_scale``."""
+    b, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == torch.float8_e4m3fn
+    assert d <= 512
+    q = q.contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    out = torch.empty_like(q)
+    _lib().aph_paged_decode_attention_fp8(
+        _DTYPE_CODES[q.dtype], _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(tables), _ptr(lens), _ptr(out),
+        b, hq, hkv, d, block_size, tables.shape[1], ctypes.c_float(scale), ctypes.c_float(k_scale),
+        ctypes.c_float(v_scale))
+    return out
+
+
+def e4m3_to_float(codes: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Float32 values of fp8 (e4m3) ``codes`` times ``scale`` (the C decoder, for tests)."""
+    codes = codes.contiguous()
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    _lib().aph_e4m3_to_f32(_ptr(codes), _ptr(out), ctypes.c_long(codes.numel()), ctypes.c_float(scale))
+    return out

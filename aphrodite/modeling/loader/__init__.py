@@ -55,6 +55,32 @@ def process_weights_after_loading(model: nn.Module) -> None:
             method.process_weights_after_loading(module)
 
 
+# Checkpoint names of a layer's fp8 KV-cache scales (vLLM's, llm-compressor's, older AutoFP8's), under
+# ``...self_attn``: the attribute of its ``Attention`` they set (kv_scale sets both).
+KV_SCALE_SUFFIXES = ((".k_scale", ("k_scale",)), (".v_scale", ("v_scale",)),
+                     (".k_proj.output_scale", ("k_scale",)), (".v_proj.output_scale", ("v_scale",)),
+                     (".kv_scale", ("k_scale", "v_scale")))
+
+
+def take_kv_cache_scales(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass ``weights`` through, keeping back the per-layer KV-cache scales: they set the ``k_scale`` /
+    ``v_scale`` of the layer's ``Attention`` (used when the cache is fp8; a float, so CUDA graphs bake it)."""
+    from aphrodite.modeling.layers.attention import Attention
+    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, Attention)}
+    for name, tensor in weights:
+        for suffix, attrs in KV_SCALE_SUFFIXES:
+            if name.endswith(suffix):
+                attn = layers.get(name[:-len(suffix)] + ".attn")
+                if attn is not None:
+                    value = float(tensor.materialize() if hasattr(tensor, "materialize") else tensor)
+                    for attr in attrs:
+                        setattr(attn, attr, value)
+                    break
+        else:
+            yield name, tensor
+
+
 def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     """The model with weights per ``model_config.load_format``, in eval mode, without grads."""
     fmt = model_config.load_format
@@ -73,7 +99,7 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
             weights = iterate_gguf_weights(model_config.path, model_config.hf_config,
                                            keep_quantized=model_config.quantization == "gguf")
         with torch.no_grad():
-            loaded = model.load_weights(weights)
+            loaded = model.load_weights(take_kv_cache_scales(model, weights))
         missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
         if missing:
             raise ValueError(f"The {fmt} checkpoint at {model_config.path} lacks weights for "

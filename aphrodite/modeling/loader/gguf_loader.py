@@ -1,7 +1,7 @@
 """Stream the weights of a GGUF file as Hugging Face checkpoint tensors.
 
 The model code speaks only HF parameter names, so a GGUF file is turned into
-``(hf_name, float32 tensor)`` pairs here, once: tensors are dequantized with the
+``(hf_name, float32 LazyTensor)`` pairs here, once: tensors are dequantized with the
 ``gguf`` package one at a time (the file stays memory-mapped), renamed, and the
 row permutation llama.cpp applies to Q/K projections is undone, exactly as
 transformers does, so both loaders see the same numbers.
@@ -11,12 +11,14 @@ from __future__ import annotations
 import mmap
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from aphrodite.modeling.loader.lazy_tensor import LazyTensor
 
 __all__ = ["SUPPORTED_GGUF_ARCHITECTURES", "gguf_architecture", "iterate_gguf_weights",
            "read_gguf_metadata"]
@@ -29,6 +31,7 @@ class _ArchSpec:
     global_names: dict[str, str]    # GGUF "<key>" -> HF "<value>"
     permute_qk: bool                # llama.cpp interleaves Q/K rows for its rotary layout
     ignored: frozenset[str] = frozenset()  # GGUF tensors HF derives from the config instead
+    norm_offset: float = 0.0        # added to every norm weight (Gemma files store 1 + w)
 
 
 _LLAMA = _ArchSpec(
@@ -53,8 +56,40 @@ _LLAMA = _ArchSpec(
     ignored=frozenset({"rope_freqs.weight"}),
 )
 
-# general.architecture -> spec. Mistral files are written as "llama" by llama.cpp.
-_ARCHITECTURES: dict[str, _ArchSpec] = {"llama": _LLAMA}
+# Family maps on top of Llama's (tensor names as llama.cpp's gguf-py writes them).
+_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Routed experts come stacked ([E, ...] per projection); the MoE loader splits them per expert.
+_EXPERTS = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj",
+            "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj"}
+_SHARED_EXPERT = {"ffn_gate_inp_shexp": "mlp.shared_expert_gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+                  "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+_GEMMA_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+
+
+def _family(block_extra: dict[str, str], permute_qk: bool = False, drop: tuple[str, ...] = (),
+            ignored: frozenset[str] = frozenset(), norm_offset: float = 0.0) -> _ArchSpec:
+    blocks = {k: v for k, v in _LLAMA.block_names.items() if k not in drop}
+    return _ArchSpec({**blocks, **block_extra}, dict(_LLAMA.global_names), permute_qk, ignored, norm_offset)
+
+
+# general.architecture -> spec. Mistral (and Mixtral) files are written as "llama" by llama.cpp.
+_ARCHITECTURES: dict[str, _ArchSpec] = {
+    "llama": _family({**_EXPERTS, "ffn_gate_inp": "block_sparse_moe.gate",
+                      "ffn_gate_exps": "block_sparse_moe.experts.gate_proj",
+                      "ffn_up_exps": "block_sparse_moe.experts.up_proj",
+                      "ffn_down_exps": "block_sparse_moe.experts.down_proj"}, True, ignored=_LLAMA.ignored),
+    "qwen2": _family({}),
+    "qwen3": _family(_QK_NORM),
+    "qwen2moe": _family({**_EXPERTS, **_SHARED_EXPERT}),
+    "qwen3moe": _family({**_QK_NORM, **_EXPERTS}),
+    # Phi-3 files keep the fused projections: attn_qkv, and ffn_up holding gate and up.
+    "phi3": _family({"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+                    drop=("attn_q", "attn_k", "attn_v", "ffn_gate"),
+                    ignored=frozenset({"rope_factors_long.weight", "rope_factors_short.weight"})),
+    "gemma2": _family(_GEMMA_NORMS, norm_offset=-1.0),
+    "gemma3": _family({**_GEMMA_NORMS, **_QK_NORM}, norm_offset=-1.0),
+}
 SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -247,8 +282,11 @@ def _heads(hf_config: Any) -> tuple[int, int]:
 
 
 def iterate_gguf_weights(path: str, hf_config: Any,
-                         keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, float32 tensor)`` for every weight in the GGUF at ``path``, one at a time.
+                         keep_quantized: bool = False) -> Iterator[tuple[str, LazyTensor | torch.Tensor]]:
+    """Yield ``(hf_name, float32 LazyTensor)`` for every weight in the GGUF at ``path``.
+
+    A tensor is dequantized when it is used, and of a matrix only the rows asked for (a
+    tensor-parallel shard): other pipeline stages' tensors are never dequantized.
 
     ``lm_head.weight`` appears only when the file has an ``output`` tensor (otherwise the
     embeddings are tied). Raises ``ValueError`` for an unsupported architecture or an unknown
@@ -259,8 +297,6 @@ def iterate_gguf_weights(path: str, hf_config: Any,
     ``uint8 [rows, row_bytes]`` blocks for the block types the kernels read, float32 values for
     float tensors and for block types they do not (those are dequantized here, type F32).
     """
-    from gguf.quants import dequantize
-
     from aphrodite.kernels.gguf_matmul import GGML_BLOCKS
 
     arch, infos, data_offset = _read_layout(path)
@@ -288,29 +324,57 @@ def iterate_gguf_weights(path: str, hf_config: Any,
     file = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
     for info, name in plan:
         raw, qtype = _tensor_data(file, info, data_offset)
-        keep = keep_quantized and len(info.dims) == 2 and name.endswith(".weight")
-        if keep and int(qtype) in GGML_BLOCKS:
-            blocks = raw
-            if spec.permute_qk and ".attn_q." in info.name:
-                blocks = _unpermute_rows(blocks, n_head)
-            elif spec.permute_qk and ".attn_k." in info.name:
-                blocks = _unpermute_rows(blocks, n_kv)
-            base = name[:-len(".weight")]
-            yield f"{base}.qweight_type", torch.tensor(int(qtype), dtype=torch.int32)
-            yield f"{base}.qweight", torch.from_numpy(np.array(blocks, dtype=np.uint8, copy=True))
-            continue
-        try:
-            weights = dequantize(raw, qtype)
-        except NotImplementedError:
-            raise ValueError(f"GGUF tensor {info.name} has type {qtype.name}, which the gguf package "
-                             "cannot dequantize") from None
+        perm = None
         if spec.permute_qk and ".attn_q." in info.name:
-            weights = _unpermute_rows(weights, n_head)
+            perm = _unpermute_rows(np.arange(raw.shape[0]), n_head)
         elif spec.permute_qk and ".attn_k." in info.name:
-            weights = _unpermute_rows(weights, n_kv)
-        if keep:   # float tensors (and block types without kernels) keep the same two names
+            perm = _unpermute_rows(np.arange(raw.shape[0]), n_kv)
+        if keep_quantized and len(info.dims) == 2 and name.endswith(".weight"):
+            # Every matrix travels as <x>.qweight_type + <x>.qweight (see above).
             base = name[:-len(".weight")]
-            yield f"{base}.qweight_type", torch.tensor(0, dtype=torch.int32)   # F32
+            if int(qtype) in GGML_BLOCKS:
+                yield f"{base}.qweight_type", torch.tensor(int(qtype), dtype=torch.int32)
+                yield f"{base}.qweight", LazyTensor(_raw_reader(raw, perm), raw.shape, torch.uint8)
+                continue
+            yield f"{base}.qweight_type", torch.tensor(0, dtype=torch.int32)   # F32 values follow
             name = f"{base}.qweight"
+        read = _gguf_reader(raw, qtype, perm, info.name)
+        if spec.norm_offset and name.endswith("norm.weight"):
+            read = _offset(read, spec.norm_offset)
+        yield name, LazyTensor(read, tuple(reversed(info.dims)), torch.float32)
+
+
+def _offset(read: Callable[[tuple[slice, ...]], torch.Tensor],
+            offset: float) -> Callable[[tuple[slice, ...]], torch.Tensor]:
+    return lambda slices: read(slices) + offset
+
+
+def _raw_reader(raw: np.ndarray, perm: np.ndarray | None) -> Callable[[tuple[slice, ...]], torch.Tensor]:
+    """Read a block of a quantized matrix's raw bytes ``[rows, row_bytes]`` (rows through the Q/K
+    permutation); sharding code asks for whole rows or whole blocks of bytes."""
+    def read(slices: tuple[slice, ...]) -> torch.Tensor:
+        data = raw[perm[slices[0]]] if perm is not None else raw[slices[0]]
+        return torch.from_numpy(np.array(data[(slice(None), *slices[1:])], dtype=np.uint8, copy=True))
+    return read
+
+
+def _gguf_reader(raw: np.ndarray, qtype: Any, perm: np.ndarray | None,
+                 gguf_name: str) -> Callable[[tuple[slice, ...]], torch.Tensor]:
+    """Read a block of one GGUF tensor as float32: of a matrix, only the selected rows are
+    dequantized (quantization blocks run along a row), then the columns are cut."""
+    from gguf.quants import dequantize
+
+    def read(slices: tuple[slice, ...]) -> torch.Tensor:
+        data, rest = raw, slices
+        if raw.ndim >= 2 and slices:
+            # Rows of the HF tensor are rows of the file, through llama.cpp's Q/K permutation.
+            data = raw[perm[slices[0]]] if perm is not None else raw[slices[0]]
+            rest = (slice(None), *slices[1:])
+        try:
+            weights = dequantize(data, qtype)
+        except NotImplementedError:
+            raise ValueError(f"GGUF tensor {gguf_name} has type {qtype.name}, which the gguf package "
+                             "cannot dequantize") from None
         # Copy out of the memory map, so no tensor keeps the file mapped.
-        yield name, torch.from_numpy(np.array(weights, dtype=np.float32, copy=True))
+        return torch.from_numpy(np.array(weights[rest], dtype=np.float32, copy=True))
+    return read

@@ -35,5 +35,17 @@ def get_quantization_config(method: str, config: dict[str, Any]) -> Quantization
     return cls.from_config(config)
 
 
+#: Other names users and tools give the same formats (vLLM's kernel-specific spellings).
+QUANTIZATION_ALIASES: dict[str, str] = {
+    "awq_marlin": "awq", "gptq_marlin": "gptq", "compressed_tensors": "compressed-tensors",
+}
+
+
+def canonical_method(name: str) -> str:
+    """``name`` lower-cased with aliases resolved (``awq_marlin`` -> ``awq``)."""
+    name = name.lower()
+    return QUANTIZATION_ALIASES.get(name, name)
+
+
 # The formats register themselves on import.
-from aphrodite.modeling.layers.quantization import gguf as _gguf  # noqa: E402,F401
+from aphrodite.modeling.layers.quantization import awq, compressed_tensors, fp8, gguf, gptq  # noqa: E402,F401

@@ -1,0 +1,280 @@
+"""One process per rank on this host (``spawn``), torch.distributed between them.
+
+Each step is pickled once and written once into a shared-memory ring (``ShmBroadcast``)
+that every worker reads. Only the output rank (first tensor-parallel rank of the last
+pipeline stage) answers, over its pipe; the other ranks answer only the start-up calls.
+
+Failure: each worker beats a heartbeat (a timestamp in shared memory, from a thread) and
+the engine waits on the result pipe together with every worker's process sentinel. A
+worker that exits, reports an exception, or stops beating for ``hang_timeout_s`` seconds
+fails the step with ``ExecutorDeadError``; the executor then stops every other rank. Workers
+watch the engine's process the same way and exit when it is gone.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+import traceback
+import weakref
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from aphrodite.config import EngineConfig
+from aphrodite.distributed.parallel_state import disable_nvlink_multicast
+from aphrodite.executor.base import Executor, ExecutorDeadError, free_port, hang_timeout_s, step_timeout_s
+from aphrodite.executor.shm_broadcast import BroadcastHandle, ShmBroadcast
+from aphrodite.lora.request import LoRARequest
+from aphrodite.worker.step_future import ModelRunnerOutput
+from aphrodite.worker.step_plan import StepPlan
+
+logger = logging.getLogger(__name__)
+
+_HEARTBEAT_S = 0.5
+
+
+class _Future:
+    def __init__(self, executor: MultiprocExecutor, seq: int) -> None:
+        self._executor = executor
+        self._seq = seq
+
+    def result(self) -> ModelRunnerOutput:
+        return self._executor._result(self._seq)
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        self.world_size = world = config.parallel.world_size
+        disable_nvlink_multicast()          # inherited by every process spawned below
+        ctx = mp.get_context("spawn")
+        self._dead: ExecutorDeadError | None = None
+        self.mq = ShmBroadcast.create(world, ctx)
+        self.heartbeats = ctx.Array("d", world, lock=False)
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        cuda = config.device.type == "cuda"
+        self.procs: list[Any] = []
+        self.conns: list[Connection] = []
+        for rank in range(world):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=worker_main, name=f"AphroditeWorker-{rank}", daemon=True,
+                               args=(config, rank, rank if cuda else 0, init_method, self.mq.handle, writer,
+                                     self.heartbeats))
+            proc.start()
+            writer.close()
+            self.procs.append(proc)
+            self.conns.append(reader)
+        self._finalizer = weakref.finalize(self, _stop_workers, self.procs, self.mq)
+        self._sent = 0                  # steps written
+        self._received = 0              # step results read
+        self._results: dict[int, ModelRunnerOutput] = {}
+        self.output_rank = -1           # known once every worker reported ready (``_wait_ready``)
+
+    def _wait_ready(self) -> None:
+        """Wait for every worker to have built its rank (the engine does its own start-up meanwhile)."""
+        if self.output_rank >= 0:
+            return
+        ready = [self._recv(rank, timeout=step_timeout_s()) for rank in range(self.world_size)]
+        self.output_rank = next(rank for rank, is_output in enumerate(ready) if is_output)
+        logger.info("Started %d worker processes (output rank %d)", self.world_size, self.output_rank)
+
+    # ---- calls on every rank ---------------------------------------------------
+    def _call_all(self, method: str, *args: Any) -> list[Any]:
+        self._check()
+        self._wait_ready()
+        self.mq.enqueue((method, args), self._alive)
+        return [self._recv(rank, timeout=step_timeout_s()) for rank in range(self.world_size)]
+
+    def determine_num_blocks(self) -> int:
+        return min(self._call_all("determine_num_blocks"))
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self._call_all("initialize_kv_cache", num_blocks)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        results = self._call_all_between_steps("add_lora_or_error", lora_request)
+        error = next((e for _, e in results if e is not None), None)
+        if error is not None:
+            self._call_all("remove_lora", lora_request.lora_int_id)   # ranks that did load it drop it
+            raise ValueError(error)
+        return results[0][0]
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self._call_all_between_steps("remove_lora", lora_int_id)[0]
+
+    def _call_all_between_steps(self, method: str, *args: Any) -> list[Any]:
+        """``_call_all`` while steps may be in flight: their results (which the output rank sends
+        first) are read and kept for their futures, so the call's answers are not mixed up with them."""
+        while self._received < self._sent:
+            self._check()
+            self._received += 1
+            self._results[self._received] = self._recv(self.output_rank, timeout=step_timeout_s())
+        return self._call_all(method, *args)
+
+    # ---- steps -------------------------------------------------------------------
+    def execute_async(self, plan: StepPlan) -> _Future:
+        self._check()
+        self._wait_ready()
+        try:
+            self.mq.enqueue(plan, self._alive)
+        except ExecutorDeadError:
+            raise
+        except BaseException as e:
+            self._fail(f"Sending a step to the workers failed: {type(e).__name__}: {e}")
+        self._sent += 1
+        return _Future(self, self._sent)
+
+    def _result(self, seq: int) -> ModelRunnerOutput:
+        while seq not in self._results:
+            self._check()
+            self._received += 1
+            self._results[self._received] = self._recv(self.output_rank, timeout=step_timeout_s())
+        return self._results.pop(seq)
+
+    # ---- receiving, with failure detection -------------------------------------------------
+    def _recv(self, rank: int, timeout: float) -> Any:
+        """The next message from ``rank``; raises ExecutorDeadError when any worker died or hung."""
+        conn = self.conns[rank]
+        deadline = time.monotonic() + timeout
+        sentinels = {p.sentinel: i for i, p in enumerate(self.procs)}
+        while True:
+            ready = wait([conn, *sentinels], timeout=min(_HEARTBEAT_S, max(0.0, deadline - time.monotonic())))
+            if conn in ready:
+                try:
+                    kind, payload = conn.recv()
+                except (EOFError, OSError):
+                    self._fail(self._death_message(rank))
+                if kind == "error":
+                    self._fail(f"Worker rank {rank} failed:\n{payload}")
+                return payload
+            for s in ready:
+                self._fail(self._death_message(sentinels[s]))
+            self._alive()
+            if time.monotonic() > deadline:
+                self._fail(f"Worker rank {rank} did not answer within {timeout:.0f} s "
+                           "(APHRODITE_EXECUTE_TIMEOUT_S).")
+
+    def _alive(self) -> None:
+        """Raise when a worker has exited or stopped beating its heartbeat."""
+        now = time.monotonic()
+        limit = hang_timeout_s()
+        for rank, proc in enumerate(self.procs):
+            if not proc.is_alive():
+                self._fail(self._death_message(rank))
+            beat = self.heartbeats[rank]
+            if beat and now - beat > limit:
+                self._fail(f"Worker rank {rank} (pid {proc.pid}) has been unresponsive for {now - beat:.1f} s "
+                           f"(no heartbeat within APHRODITE_WORKER_HANG_TIMEOUT_S={limit:g}).")
+
+    def _death_message(self, rank: int) -> str:
+        proc = self.procs[rank]
+        proc.join(0.2)
+        detail = ""
+        try:  # a worker that raised sends its traceback before exiting
+            while self.conns[rank].poll():
+                kind, payload = self.conns[rank].recv()
+                if kind == "error":
+                    detail = f":\n{payload}"
+        except (EOFError, OSError):
+            pass
+        return f"Worker rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}{detail}"
+
+    def _fail(self, message: str) -> None:
+        error = ExecutorDeadError(message)
+        logger.error("%s; shutting down the other ranks.", message)
+        self.shutdown()
+        self._dead = error
+        raise error
+
+    def _check(self) -> None:
+        if self._dead is not None:
+            raise ExecutorDeadError(f"The workers are gone: {self._dead}")
+
+    def shutdown(self) -> None:
+        if self._dead is None:
+            self._dead = ExecutorDeadError("The executor has shut down.")
+            deadline = time.monotonic() + 1.0
+
+            def give_up() -> None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+
+            try:  # ask politely; a full ring (a stuck reader) is not waited on for long
+                self.mq.enqueue(("shutdown", ()), give_up)
+            except Exception:
+                pass
+        self._finalizer()
+
+
+def _stop_workers(procs: list[Any], mq: ShmBroadcast) -> None:
+    """Give workers a moment to leave on their own, then terminate and finally kill them."""
+    deadline = time.monotonic() + 3.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(1.0)
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+    mq.close()
+
+
+# ---- the worker process ---------------------------------------------------------------
+def _beat(heartbeats: Any, rank: int) -> None:
+    while True:
+        heartbeats[rank] = time.monotonic()
+        time.sleep(_HEARTBEAT_S / 2)
+
+
+def worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: str, handle: BroadcastHandle,
+                conn: Connection, heartbeats: Any) -> None:
+    """A worker process: build the rank, then run every message the engine broadcasts."""
+    disable_nvlink_multicast()
+    heartbeats[rank] = time.monotonic()
+    threading.Thread(target=_beat, args=(heartbeats, rank), daemon=True, name="heartbeat").start()
+    parent = mp.parent_process()
+
+    def engine_alive() -> None:
+        if parent is not None and not parent.is_alive():
+            raise SystemExit("The engine process is gone.")
+
+    try:
+        import torch
+        if config.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.world_size))
+        from aphrodite.worker.worker import Worker
+        worker = Worker(config, rank, local_rank, init_method)
+        mq = ShmBroadcast.attach(handle, rank, spin_s=0.05 if config.device.type == "cuda" else 1e-4)
+        conn.send(("result", worker.is_output_rank))
+        pending = None
+        while True:
+            if pending is not None and not mq.ready():
+                conn.send(("result", pending.result()))   # nothing queued behind it: deliver now
+                pending = None
+            msg = mq.dequeue(engine_alive)
+            if isinstance(msg, StepPlan):
+                future = worker.execute(msg)
+                if pending is not None:
+                    conn.send(("result", pending.result()))
+                pending = future if worker.is_output_rank else None
+                continue
+            if pending is not None:
+                conn.send(("result", pending.result()))
+                pending = None
+            method, args = msg
+            if method == "shutdown":
+                break
+            conn.send(("result", getattr(worker, method)(*args)))
+    except BaseException:
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except Exception:
+            pass
+        os._exit(1)
+    worker.shutdown()
+    # Leave without the interpreter's teardown: gloo's background threads can abort it after all work is done.
+    os._exit(0)

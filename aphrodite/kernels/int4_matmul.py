@@ -1,0 +1,506 @@
+"""Weight-only quantized matmul: ``y = x @ dequant(W)`` with the dequantization fused into the GEMM.
+
+One kernel family serves every int4 format (AutoAWQ, GPTQ with or without act-order, compressed-tensors
+pack-quantized; each is repacked once at load into the canonical layout below) and FP8 weights
+(per-channel or 128x128 block scales) at the batch sizes where reading weights dominates.
+
+Canonical int4 layout (what ``repack_int4`` produces):
+* ``qweight`` int32 ``[K, N // 8]``: nibble ``j`` (bits ``4j..4j+3``) of word ``w`` of row ``k`` is the
+  unsigned 4-bit code of output feature ``8w + j`` (sequential order, no interleave);
+* ``scales`` ``[K // group, N]`` in the activation dtype; ``zeros`` the same shape holding the integer
+  zero points as floats (None: symmetric, zero point 8); ``w[k, n] = (q[k, n] - z[g, n]) * s[g, n]``;
+* act-order (GPTQ ``desc_act``): rows are stored sorted by group, ``perm[k]`` names the input column
+  row ``k`` multiplies (the kernel gathers ``x`` through it); ``g_idx[k]`` gives row ``k``'s group when the
+  groups are not runs of ``group`` rows (a tensor-parallel shard of an act-order layer).
+
+FP8 weights: ``[N, K]`` float8_e4m3fn (read through strides), ``scales`` ``[K // bk, N // bn]``-shaped
+blocks (``bk = bn = 128``) or one scale per output feature.
+
+Launch shapes: a program owns ``BLOCK_M x BLOCK_N`` outputs and a slice of K (split-K). With several
+splits every program stores an fp32 partial and the last one to finish a tile sums them and writes the
+output (an arrival counter per tile, re-armed by that program), so there is no reduce launch. A single
+row (decode at batch 1) accumulates with FMAs in a ``[BLOCK_K, BLOCK_N]`` register tile and reduces
+once at the end; more rows use ``tl.dot``. On the GPU the tile configuration comes from a small
+in-process tuner that times a few candidates per (format, rows bucket, N, K) the first time a shape runs
+outside CUDA-graph capture; large row counts may instead dequantize to a scratch weight and call cuBLAS.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
+
+__all__ = ["FMT_FP8", "FMT_INT4", "QuantWeight", "dequantize", "quant_matmul", "quant_matmul_ref",
+           "repack_int4", "unpack_int4_cols", "pack_int4_cols"]
+
+FMT_INT4 = 0
+FMT_FP8 = 1
+
+
+@dataclass
+class QuantWeight:
+    """A weight in the kernel's canonical form (see the module docstring); ``k``/``n`` are logical sizes."""
+
+    fmt: int
+    weight: torch.Tensor                 # int4: int32 [K, N/8]; fp8: [N, K] float8_e4m3fn
+    scales: torch.Tensor                 # int4: [K/group, N]; fp8: [K/bk, N/bn] (per-channel: [1, N])
+    k: int
+    n: int
+    group: int                           # K rows per scale row (fp8 per-channel: K)
+    scale_bn: int = 1                    # N features per scale column (fp8 block: 128)
+    zeros: torch.Tensor | None = None    # int4 asymmetric: [K/group, N] float zero points
+    perm: torch.Tensor | None = None     # int32 [K]: input column of stored row k (act-order)
+    g_idx: torch.Tensor | None = None    # int32 [K]: group of stored row k when groups are not runs
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.weight, self.scales, self.zeros, self.perm, self.g_idx) if t is not None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing helpers and the reference (the CPU path and the oracle)
+# --------------------------------------------------------------------------------------------------
+
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+
+
+def unpack_int4_cols(packed: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """int32 ``[R, C]`` -> uint8 codes ``[R, 8C]``; nibble ``i`` of word ``c`` holds column ``8c + order[i]``
+    (sequential when ``order`` is None)."""
+    codes = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF          # [R, C, 8] by nibble
+    if order is not None:
+        inv = [0] * 8
+        for i, col in enumerate(order):
+            inv[col] = i
+        codes = codes[..., inv]
+    return codes.reshape(packed.shape[0], -1).to(torch.uint8)
+
+
+def pack_int4_cols(codes: torch.Tensor) -> torch.Tensor:
+    """uint8/int codes ``[R, 8C]`` (0..15) -> int32 ``[R, C]`` in the canonical (sequential) order."""
+    r, c8 = codes.shape
+    if c8 % 8:
+        raise ValueError(f"int4 packing needs a multiple of 8 columns, got {c8}")
+    nib = codes.to(torch.int32).reshape(r, c8 // 8, 8) << _SHIFTS.to(codes.device)
+    return _sum_to_int32(nib)
+
+
+def _sum_to_int32(nib: torch.Tensor) -> torch.Tensor:
+    """OR the eight shifted nibbles of each word (disjoint bits, so a wrapping int32 sum is the OR)."""
+    out = nib[..., 0].clone()
+    for i in range(1, 8):
+        out |= nib[..., i]
+    return out
+
+
+def repack_int4(codes_kn: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
+                g_idx: torch.Tensor | None = None) -> QuantWeight:
+    """Canonical int4 weight from unpacked codes ``[K, N]`` (0..15), ``scales``/``zeros`` ``[groups, N]``
+    and, for act-order checkpoints, ``g_idx [K]`` (group of each input row)."""
+    k, n = codes_kn.shape
+    perm = gidx_sorted = None
+    if g_idx is not None:
+        g_idx = g_idx.to(torch.int64)
+        natural = torch.arange(k, device=g_idx.device) // group
+        if not torch.equal(g_idx, natural):
+            order = torch.argsort(g_idx, stable=True)
+            codes_kn = codes_kn[order]
+            sorted_g = g_idx[order]
+            perm = order.to(torch.int32)
+            # After sorting, rows of group g are contiguous; the kernel can compute k // group only
+            # when each group is exactly ``group`` rows starting at g * group.
+            if not torch.equal(sorted_g, natural):
+                gidx_sorted = sorted_g.to(torch.int32)
+    return QuantWeight(FMT_INT4, pack_int4_cols(codes_kn).contiguous(), scales.contiguous(), k, n, group,
+                       zeros=None if zeros is None else zeros.to(scales.dtype).contiguous(),
+                       perm=perm, g_idx=gidx_sorted)
+
+
+def dequantize(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight ``[K, N]`` in ``dtype`` (rows in stored order: pair with ``w.perm``)."""
+    if w.fmt == FMT_INT4:
+        q = unpack_int4_cols(w.weight).to(torch.float32)                     # [K, N]
+        rows = (torch.arange(w.k, device=q.device) // w.group) if w.g_idx is None else w.g_idx.long()
+        s = w.scales.to(torch.float32)[rows]
+        z = 8.0 if w.zeros is None else w.zeros.to(torch.float32)[rows]
+        return ((q - z) * s).to(dtype)
+    q = w.weight.to(torch.float32).t()                                          # [K, N]
+    s = w.scales.to(torch.float32)
+    s = s.repeat_interleave(w.group, 0)[:w.k].repeat_interleave(w.scale_bn, 1)[:, :w.n]
+    return (q * s).to(dtype)
+
+
+def quant_matmul_ref(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ dequant(W) (+ bias)`` by dequantizing the whole weight (the CPU path)."""
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm.long())
+    wd = dequantize(w, x.dtype)
+    out = x @ wd
+    return out if bias is None else out + bias
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+def _wq_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, gidx_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                    M, N, K, tiles_per_split, num_splits,
+                    stride_xm, stride_wk, stride_wn, stride_sg, stride_sn, stride_om,
+                    FMT: tl.constexpr, GROUP: tl.constexpr, SCALE_BN: tl.constexpr,
+                    HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SPLIT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_kb = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + tiles_per_split * BLOCK_K)
+    s_cols = offs_n // SCALE_BN
+    if FMT == 0:
+        offs_nw = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        nw_ok = offs_nw < N // 8
+        shifts = (tl.arange(0, BLOCK_N) % 8) * 4
+    if DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + offs_kb
+        k_ok = offs_k < k_hi
+        if HAS_PERM:
+            xk = tl.load(perm_ptr + offs_k, mask=k_ok, other=0)
+        else:
+            xk = offs_k
+        if FMT == 0:
+            packed = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_nw[None, :],
+                             mask=k_ok[:, None] & nw_ok[None, :], other=0)
+            packed = tl.interleave(packed, packed)
+            packed = tl.interleave(packed, packed)
+            packed = tl.interleave(packed, packed)                       # [BLOCK_K, BLOCK_N]
+            q = ((packed >> shifts[None, :]) & 0xF).to(tl.float32)
+        else:
+            q = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_GIDX:
+            g = tl.load(gidx_ptr + offs_k, mask=k_ok, other=0)
+            sz_off = g[:, None] * stride_sg + s_cols[None, :] * stride_sn
+            sz_mask = k_ok[:, None] & n_ok[None, :]
+        else:
+            g = k0 // GROUP
+            sz_off = (g * stride_sg + s_cols * stride_sn)[None, :]
+            sz_mask = n_ok[None, :]
+        s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+        if FMT == 0:
+            if HAS_ZP:
+                z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+                w = (q - z) * s
+            else:
+                w = (q - 8.0) * s
+        else:
+            w = q * s
+        if DOT:
+            x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + xk[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(x, w.to(x.dtype), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w.to(x.dtype), acc)
+        else:
+            x1 = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + xk, mask=k_ok, other=0.0).to(tl.float32)
+            acc += x1[:, None] * w
+    if DOT:
+        res = acc
+    else:
+        res = tl.sum(acc, 0)[None, :]
+    o_mask = m_ok[:, None] & n_ok[None, :]
+    o_off = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    if SPLIT:
+        p_off = (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        tl.store(part_ptr + p_off, res, mask=o_mask)
+        tl.debug_barrier()
+        cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
+        done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if done == num_splits - 1:
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for sp in range(0, num_splits):
+                p_off = (sp * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+                total += tl.load(part_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + o_off, total.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        if HAS_BIAS:
+            res += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + o_off, res.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr, N, K,
+                    stride_wk, stride_wn, stride_sg, stride_sn, stride_ok,
+                    FMT: tl.constexpr, GROUP: tl.constexpr, SCALE_BN: tl.constexpr,
+                    HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dense ``[K, N]`` weight in the output dtype (rows in stored order), for cuBLAS at large M."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_k < K
+    n_ok = offs_n < N
+    if FMT == 0:
+        offs_nw = tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        packed = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_nw[None, :],
+                         mask=k_ok[:, None] & (offs_nw < N // 8)[None, :], other=0)
+        packed = tl.interleave(packed, packed)
+        packed = tl.interleave(packed, packed)
+        packed = tl.interleave(packed, packed)
+        q = ((packed >> ((tl.arange(0, BLOCK_N) % 8) * 4)[None, :]) & 0xF).to(tl.float32)
+    else:
+        q = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_GIDX:
+        g = tl.load(gidx_ptr + offs_k, mask=k_ok, other=0)
+    else:
+        g = offs_k // GROUP
+    sz_off = g[:, None] * stride_sg + (offs_n // SCALE_BN)[None, :] * stride_sn
+    mask = k_ok[:, None] & n_ok[None, :]
+    s = tl.load(s_ptr + sz_off, mask=mask, other=0.0).to(tl.float32)
+    if FMT == 0:
+        if HAS_ZP:
+            w = (q - tl.load(z_ptr + sz_off, mask=mask, other=0.0).to(tl.float32)) * s
+        else:
+            w = (q - 8.0) * s
+    else:
+        w = q * s
+    tl.store(out_ptr + offs_k[:, None].to(tl.int64) * stride_ok + offs_n[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_wq_gemm = LazyKernel(_wq_gemm_kernel)
+_dequant = LazyKernel(_dequant_kernel)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    """One launch shape; ``splits = 0`` picks split-K from ``target`` programs per SM; ``dequant``: cuBLAS."""
+
+    block_m: int = 1
+    block_n: int = 64
+    block_k: int = 128
+    splits: int = 0
+    target: int = 4
+    warps: int = 4
+    stages: int = 3
+    dequant: bool = False
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    return _sm_count(device.index or 0) if device.type == "cuda" else 4
+
+
+def _rows_bucket(m: int) -> int:
+    return min(next_pow2(m), 512)
+
+
+def _candidates(m: int) -> list[Config]:
+    """Launch shapes worth timing for ``m`` rows (decode-sized M is bound by weight reads, larger M by math).
+
+    Wide tiles (256 outputs = one 128-byte line of a packed int4 row) read whole cache lines; split-K
+    brings the program count to ``target`` per SM."""
+    if m == 1:
+        return [Config(1, 64, 128, target=4), Config(1, 128, 64, target=4), Config(1, 256, 32, target=4),
+                Config(1, 256, 64, target=4, warps=8), Config(1, 128, 128, target=2, warps=8),
+                Config(16, 128, 64, target=4), Config(16, 256, 64, target=4, warps=8)]
+    if m <= 16:
+        return [Config(16, 64, 128, target=4), Config(16, 128, 64, target=4), Config(16, 256, 64, target=4, warps=8),
+                Config(16, 256, 32, target=4), Config(16, 64, 64, target=8, stages=4)]
+    bm = next_pow2(m)
+    if m <= 64:
+        return [Config(bm, 64, 64, target=2), Config(bm, 128, 64, target=2), Config(bm, 256, 64, target=2, warps=8),
+                Config(bm, 64, 128, target=1, stages=4), Config(bm, 128, 64, splits=1, warps=8)]
+    return [Config(64, 128, 64, splits=1, warps=4, stages=4), Config(128, 128, 64, splits=1, warps=8, stages=3),
+            Config(128, 64, 64, splits=1, warps=4, stages=4), Config(128, 256, 64, splits=1, warps=8, stages=3),
+            Config(64, 128, 64, target=2, warps=4, stages=4), Config(128, 128, 64, target=1, warps=8),
+            Config(dequant=True)]
+
+
+def _default_config(m: int, device: torch.device) -> Config:
+    """The untuned choice: the first candidate (decode shapes), or dequantize + cuBLAS for many rows."""
+    if m > 256 and device.type == "cuda":
+        return Config(dequant=True)
+    return _candidates(m)[0]
+
+
+_TUNED: dict[tuple, Config] = {}
+
+
+def _tuning_enabled() -> bool:
+    return os.environ.get("APHRODITE_QUANT_TUNE", "1").strip().lower() not in ("0", "false", "no")
+
+
+def _splits(cfg: Config, m: int, n: int, k: int, device: torch.device) -> int:
+    k_tiles = cdiv(k, cfg.block_k)
+    if cfg.splits:
+        return max(1, min(cfg.splits, k_tiles))
+    tiles = cdiv(n, cfg.block_n) * cdiv(m, max(cfg.block_m, 1))
+    want = cdiv(cfg.target * _num_sms(device), tiles)
+    return max(1, min(want, k_tiles, 64))
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed per-tile arrival counters, re-armed by the kernel. Allocated once, large, so CUDA-graph
+    capture never has to grow them."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("quantized matmul counters would grow during CUDA-graph capture")
+        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def _check_group(w: QuantWeight, block_k: int) -> int:
+    """BLOCK_K must stay inside one scale group unless rows carry their own group index."""
+    if w.g_idx is not None:
+        return block_k
+    while block_k > 16 and w.group % block_k:
+        block_k //= 2
+    if w.group % block_k:
+        raise ValueError(f"group size {w.group} is not a multiple of 16")
+    return block_k
+
+
+def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: torch.Tensor, cfg: Config) -> None:
+    m, k = x.shape
+    n = w.n
+    dev = x.device
+    if cfg.dequant:
+        wd = torch.empty((k, n), dtype=x.dtype, device=dev)
+        _launch_dequant(w, wd)
+        xs = x if w.perm is None else x.index_select(1, w.perm.long())
+        if bias is None:
+            torch.mm(xs, wd, out=out)
+        else:
+            torch.addmm(bias, xs, wd, out=out)
+        return
+    block_k = _check_group(w, cfg.block_k)
+    dot = cfg.block_m > 1
+    block_m = max(16, cfg.block_m) if dot else 1
+    splits = _splits(cfg, m, n, k, dev)
+    k_tiles = cdiv(k, block_k)
+    tiles_per_split = cdiv(k_tiles, splits)
+    splits = cdiv(k_tiles, tiles_per_split)
+    grid = (cdiv(n, cfg.block_n), cdiv(m, block_m), splits)
+    if splits > 1:
+        part = torch.empty((splits, m, n), dtype=torch.float32, device=dev)
+        cnt = _counters(dev, grid[0] * grid[1])
+    else:
+        part = cnt = out
+    if w.fmt == FMT_INT4:
+        stride_wk, stride_wn = w.weight.stride(0), 1
+    else:
+        stride_wk, stride_wn = w.weight.stride(1), w.weight.stride(0)
+    sg = w.scales.stride(0) if w.scales.shape[0] > 1 else 0
+    dummy = w.scales
+    _wq_gemm(dev)[grid](
+        x, w.weight, w.scales, w.zeros if w.zeros is not None else dummy,
+        w.perm if w.perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
+        bias if bias is not None else dummy, out, part, cnt,
+        m, n, k, tiles_per_split, splits,
+        x.stride(0), stride_wk, stride_wn, sg, w.scales.stride(1), out.stride(0),
+        FMT=w.fmt, GROUP=w.group if w.fmt == FMT_INT4 or w.scales.shape[0] > 1 else block_k,
+        SCALE_BN=w.scale_bn, HAS_ZP=w.zeros is not None, HAS_PERM=w.perm is not None,
+        HAS_GIDX=w.g_idx is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT=splits > 1, DOT=dot,
+        IEEE=x.dtype == torch.float32, num_warps=cfg.warps, num_stages=cfg.stages)
+
+
+def _launch_dequant(w: QuantWeight, out: torch.Tensor) -> None:
+    k, n = out.shape
+    bk, bn = 32, 128
+    if w.fmt == FMT_INT4:
+        stride_wk, stride_wn = w.weight.stride(0), 1
+    else:
+        stride_wk, stride_wn = w.weight.stride(1), w.weight.stride(0)
+    sg = w.scales.stride(0) if w.scales.shape[0] > 1 else 0
+    dummy = w.scales
+    _dequant(out.device)[(cdiv(k, bk), cdiv(n, bn))](
+        w.weight, w.scales, w.zeros if w.zeros is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
+        out, n, k, stride_wk, stride_wn, sg, w.scales.stride(1), out.stride(0),
+        FMT=w.fmt, GROUP=w.group, SCALE_BN=w.scale_bn, HAS_ZP=w.zeros is not None, HAS_GIDX=w.g_idx is not None,
+        BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
+
+
+def _time(fn, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> Config:
+    m = x.shape[0]
+    key = (w.fmt, _rows_bucket(m), w.n, w.k, x.dtype, w.zeros is not None, w.perm is not None,
+           w.g_idx is not None, w.scale_bn)
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    dev = x.device
+    if dev.type != "cuda" or not _tuning_enabled() or torch.cuda.is_current_stream_capturing():
+        return _default_config(m, dev)
+    rows = _rows_bucket(m)
+    xs = torch.randn((rows, w.k), dtype=x.dtype, device=dev)
+    scratch = torch.empty((rows, w.n), dtype=x.dtype, device=dev)
+    best, best_ms = None, float("inf")
+    for cand in _candidates(rows):
+        try:
+            ms = _time(lambda c=cand: _launch(xs, w, bias, scratch, c))
+        except Exception:   # a shape the compiler rejects (e.g. out of shared memory) is just skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    cfg = best or _default_config(m, dev)
+    _TUNED[key] = cfg
+    return cfg
+
+
+def tuned_configs() -> dict[tuple, Config]:
+    """What the tuner chose so far (printed by the GPU benchmark)."""
+    return dict(_TUNED)
+
+
+def quant_matmul(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None,
+                 config: Config | None = None) -> torch.Tensor:
+    """``x [M, K] @ dequant(W) (+ bias) -> [M, N]`` in ``x``'s dtype: the Triton kernel on CUDA (and under
+    ``TRITON_INTERPRET``), else ``quant_matmul_ref``."""
+    if not use_triton(x):
+        return quant_matmul_ref(x, w, bias)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty((x.shape[0], w.n), dtype=x.dtype, device=x.device)
+    if x.shape[0] == 0:
+        return out
+    _launch(x, w, bias, out, config or _config_for(x, w, bias))
+    return out

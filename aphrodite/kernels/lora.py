@@ -1,0 +1,200 @@
+"""LoRA shrink and expand over every adapter slot at once (punica's SGMV, as vLLM does it).
+
+A batch mixes tokens of several adapters and of the base model. Each token carries the index
+of the device slot that holds its adapter (``-1``: none). Per layer, all slots' weights are
+stacked: ``a [S, R, K]`` (each slot's ``lora_A``, rank padded to ``R``) and ``b [S, N, R]``
+(``lora_B`` with the scaling folded in; ``b`` may be a strided view, the CPU layer keeps it as
+``[N, S, R]`` storage). Two launches per layer then cover the whole batch:
+
+* ``lora_shrink``: ``buf[t] = x[t] @ a[slot[t]]^T`` (fp32, ``[T, R]``)
+* ``lora_expand``: ``y[t] += buf[t] @ b[slot[t]]^T`` (in place)
+
+On the GPU the tokens are grouped by slot once per forward pass (``lora_token_metadata``: a
+stable sort plus per-slot counts and starts, all device ops, so CUDA graphs capture them) and
+each Triton program multiplies a tile of one slot's tokens by that slot's weights; programs
+past a slot's token count exit at once. The reference (the CPU path) needs no grouping: it
+multiplies by every slot's weights and keeps each token's own slot through a one-hot mask,
+which costs ``S`` times the (small) LoRA work but has no loop over adapters.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
+
+__all__ = ["LoRAMetadata", "lora_expand", "lora_expand_ref", "lora_shrink", "lora_shrink_ref",
+           "lora_token_metadata", "lora_token_metadata_host"]
+
+LoRAMetadata = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def lora_token_metadata_host(slots: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, counts, starts) of ``lora_token_metadata`` computed on the host (the runner's path: the
+    step's slots are known there, so the device only receives the result)."""
+    keys = slots.astype(np.int64) + 1
+    order = np.argsort(keys, kind="stable")
+    counts = np.bincount(keys, minlength=num_slots + 1)
+    return order, counts, np.cumsum(counts) - counts
+
+
+def lora_token_metadata(slots: torch.Tensor, num_slots: int) -> LoRAMetadata:
+    """(slots, token ids sorted by slot, tokens per slot, first sorted position per slot).
+
+    Counts and starts have ``num_slots + 1`` entries: entry 0 is the tokens without an adapter.
+    Only device ops with fixed output sizes, so the computation can sit inside a CUDA graph."""
+    keys = slots.long() + 1
+    order = torch.argsort(keys, stable=True)
+    counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=slots.device)
+    counts.scatter_add_(0, keys, torch.ones_like(keys))
+    starts = torch.cumsum(counts, 0) - counts
+    return slots, order, counts, starts
+
+
+# ---- references (the CPU path and the test oracle) ---------------------------------------
+def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``[T, R]`` fp32: row t is ``x[t] @ a[slots[t]]^T``, zero where ``slots[t] < 0``."""
+    s, r, k = a.shape
+    t = x.shape[0]
+    full = (x @ a.reshape(s * r, k).to(x.dtype).t()).view(t, s, r).float()
+    idx = slots.long().clamp(min=0).view(t, 1, 1).expand(t, 1, r)
+    out = full.gather(1, idx).squeeze(1)
+    return out.masked_fill_((slots < 0).view(t, 1), 0.0)
+
+
+def lora_expand_ref(buf: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y[t] += buf[t] @ b[slots[t]]^T`` in place (nothing where ``slots[t] < 0``); returns ``y``."""
+    s, n, r = b.shape
+    t = buf.shape[0]
+    onehot = torch.zeros(t, s, r, dtype=b.dtype, device=buf.device)
+    idx = slots.long().clamp(min=0).view(t, 1, 1).expand(t, 1, r)
+    onehot.scatter_(1, idx, buf.to(b.dtype).masked_fill((slots < 0).view(t, 1), 0.0).unsqueeze(1))
+    flat = b.permute(1, 0, 2).reshape(n, s * r)      # free when b's storage is [N, S, R]
+    y += (onehot.view(t, s * r) @ flat.t()).to(y.dtype)
+    return y
+
+
+# ---- Triton kernels -----------------------------------------------------------------------
+def _shrink_kernel(x_ptr, a_ptr, out_ptr, order_ptr, counts_ptr, starts_ptr, N, K,
+                   sx_t, sx_k, sa_s, sa_n, sa_k, so_t, so_n,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1) // SPLIT_K
+    pid_k = tl.program_id(1) % SPLIT_K
+    slot = tl.program_id(2)
+    count = tl.load(counts_ptr + slot + 1)
+    if pid_m * BLOCK_M >= count:
+        return
+    start = tl.load(starts_ptr + slot + 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < count
+    tok = tl.load(order_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    a_base = a_ptr + slot.to(tl.int64) * sa_s
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        xt = tl.load(x_ptr + tok[:, None] * sx_t + offs_k[None, :] * sx_k,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_base + offs_n[None, :] * sa_n + offs_k[:, None] * sa_k,
+                     mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        if IEEE:
+            acc += tl.dot(xt, at.to(xt.dtype), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, at.to(xt.dtype))
+    ptrs = out_ptr + tok[:, None] * so_t + offs_n[None, :] * so_n
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
+
+
+def _expand_kernel(buf_ptr, b_ptr, y_ptr, order_ptr, counts_ptr, starts_ptr, N, R,
+                   sbuf_t, sbuf_r, sb_s, sb_n, sb_r, sy_t, sy_n,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.program_id(2)
+    count = tl.load(counts_ptr + slot + 1)
+    if pid_m * BLOCK_M >= count:
+        return
+    start = tl.load(starts_ptr + slot + 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < count
+    tok = tl.load(order_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    bt = tl.load(b_ptr + slot.to(tl.int64) * sb_s + offs_n[None, :] * sb_n + offs_r[:, None] * sb_r,
+                 mask=n_mask[None, :] & r_mask[:, None], other=0.0)
+    xt = tl.load(buf_ptr + tok[:, None] * sbuf_t + offs_r[None, :] * sbuf_r,
+                 mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(bt.dtype)
+    if IEEE:
+        delta = tl.dot(xt, bt, input_precision="ieee")
+    else:
+        delta = tl.dot(xt, bt)
+    y_ptrs = y_ptr + tok[:, None] * sy_t + offs_n[None, :] * sy_n
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_shrink = LazyKernel(_shrink_kernel)
+_expand = LazyKernel(_expand_kernel)
+
+
+def _block_m(num_tokens: int) -> int:
+    return 16 if num_tokens <= 64 else 32 if num_tokens <= 1024 else 64
+
+
+SPLIT_K_MAX_TOKENS = 1024   # up to this many tokens the shrink splits K across programs (atomic adds)
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, meta: LoRAMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[T, R]`` fp32 with ``x[t] @ a[slot[t]]^T`` on adapter rows (other rows: zero on the CPU,
+    unspecified on the GPU: ``lora_expand`` never reads them).
+
+    ``out``: an all-zero ``[T, R]`` fp32 buffer to accumulate into (the layers share one, zeroed once per
+    forward pass, so a decode step does not pay a memset per layer); by default a new one."""
+    slots = meta[0]
+    if not use_triton(x):
+        return lora_shrink_ref(x, a, slots)
+    _, order, counts, starts = meta
+    t, k = x.shape
+    s, r, _ = a.shape
+    bm = _block_m(t)
+    bn = max(16, min(64, next_pow2(r)))
+    bk = 64 if k >= 64 else max(16, next_pow2(k))
+    # Few token tiles (decode): split K across programs so the GPU has enough of them.
+    split_k = max(1, min(16, k // (bk * 4))) if t <= SPLIT_K_MAX_TOKENS else 1
+    if out is None:
+        out = (torch.zeros if split_k > 1 else torch.empty)((t, r), dtype=torch.float32, device=x.device)
+    grid = (cdiv(t, bm), cdiv(r, bn) * split_k, s)
+    _shrink(x.device)[grid](x, a, out, order, counts, starts, r, k, x.stride(0), x.stride(1),
+                            a.stride(0), a.stride(1), a.stride(2), out.stride(0), out.stride(1),
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, IEEE=x.dtype == torch.float32,
+                            num_warps=4)
+    return out
+
+
+def lora_expand(buf: torch.Tensor, b: torch.Tensor, meta: LoRAMetadata, y: torch.Tensor) -> torch.Tensor:
+    """``y[t] += buf[t] @ b[slot[t]]^T`` in place for adapter rows; returns ``y`` (``[T, N]``)."""
+    slots = meta[0]
+    if not use_triton(y):
+        return lora_expand_ref(buf, b, slots, y)
+    _, order, counts, starts = meta
+    t, r = buf.shape
+    s, n, _ = b.shape
+    bm = _block_m(t)
+    bn = 128 if n >= 128 else max(16, next_pow2(n))
+    br = max(16, next_pow2(r))
+    grid = (cdiv(t, bm), cdiv(n, bn), s)
+    _expand(y.device)[grid](buf, b, y, order, counts, starts, n, r, buf.stride(0), buf.stride(1),
+                            b.stride(0), b.stride(1), b.stride(2), y.stride(0), y.stride(1),
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, IEEE=b.dtype == torch.float32, num_warps=4)
+    return y

@@ -1,0 +1,104 @@
+"""Fused temperature + min-p + inverse-CDF draw: the sampler's common case in one kernel.
+
+The seed's ``temperature=1.1, min_p=0.1`` through separate PyTorch ops reads and writes the
+[rows, vocab] logits about ten times (scale, softmax, max, mask, softmax, cumsum, search); here
+one program per row reads its logits three times and writes one token id:
+pass 1 the max (and argmax), pass 2 the kept mass Z (min-p keeps (x - max) / T >= log(min_p)),
+pass 3 the first token whose running mass exceeds u * Z. A row with temperature <= 0 is greedy.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from aphrodite.kernels.triton_utils import LazyKernel, tl, use_triton
+
+__all__ = ["sample_temperature_min_p", "sample_temperature_min_p_ref"]
+
+
+def sample_temperature_min_p_ref(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor | None,
+                                 uniforms: torch.Tensor) -> torch.Tensor:
+    """The same draw with PyTorch ops (the CPU path and the test oracle)."""
+    x = logits.float()
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).float()[:, None]
+    m = x.max(dim=-1, keepdim=True).values
+    s = (x - m) / t
+    p = torch.exp(s)
+    if min_p is not None:
+        log_mp = torch.where(min_p > 0, torch.log(min_p.float().clamp(min=1e-30)),
+                             torch.full_like(min_p.float(), -math.inf))[:, None]
+        p = torch.where(s >= log_mp, p, torch.zeros_like(p))
+    c = torch.cumsum(p, dim=-1)
+    target = uniforms.float()[:, None] * c[:, -1:]
+    idx = torch.searchsorted(c, target, right=True).squeeze(1)
+    greedy = x.argmax(dim=-1)
+    idx = torch.where(idx < x.shape[1], idx, greedy)
+    return torch.where(temperature > 0, idx, greedy)
+
+
+def _sample_kernel(x_ptr, t_ptr, mp_ptr, u_ptr, out_ptr, n_cols, stride,
+                   BLOCK: tl.constexpr, HAS_MIN_P: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * stride
+    offs = tl.arange(0, BLOCK)
+    t_raw = tl.load(t_ptr + row)
+    t = tl.where(t_raw > 0, t_raw, 1.0)
+    # Pass 1: max and argmax.
+    m = tl.max(tl.full((BLOCK,), -float("inf"), tl.float32), 0)
+    arg = tl.min(tl.full((BLOCK,), 0, tl.int64), 0)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+        bm = tl.max(x, 0)
+        bi = tl.min(tl.where(x == bm, cols, n_cols), 0).to(tl.int64)
+        arg = tl.where(bm > m, bi, arg)
+        m = tl.maximum(m, bm)
+    if HAS_MIN_P:
+        mp = tl.load(mp_ptr + row)
+        lt = tl.where(mp > 0, tl.log(tl.maximum(mp, 1e-30)), -float("inf"))
+    else:
+        lt = -float("inf")
+    # Pass 2: the kept mass.
+    z = tl.sum(tl.zeros((BLOCK,), tl.float32), 0)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+        s = (x - m) / t
+        z += tl.sum(tl.where(s >= lt, tl.exp(s), 0.0), 0)
+    target = tl.load(u_ptr + row).to(tl.float32) * z
+    # Pass 3: the first token whose running mass exceeds the target.
+    run = tl.sum(tl.zeros((BLOCK,), tl.float32), 0)
+    found = tl.min(tl.full((BLOCK,), 0, tl.int64), 0) + n_cols
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+        s = (x - m) / t
+        p = tl.where(s >= lt, tl.exp(s), 0.0)
+        c = tl.cumsum(p, 0) + run
+        first = tl.min(tl.where((c > target) & (cols < n_cols), cols, n_cols), 0).to(tl.int64)
+        found = tl.minimum(found, first)
+        run += tl.sum(p, 0)
+    tok = tl.where(found < n_cols, found, arg)
+    tl.store(out_ptr + row, tl.where(t_raw > 0, tok, arg))
+
+
+_sample = LazyKernel(_sample_kernel)
+
+
+def sample_temperature_min_p(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor | None,
+                             uniforms: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """One token per row of ``softmax(logits / T)`` restricted to min-p, at the row's uniform.
+    ``block``: columns per loop iteration (tests force several blocks on a small vocabulary)."""
+    if not use_triton(logits):
+        return sample_temperature_min_p_ref(logits, temperature, min_p, uniforms)
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    rows, n = x.shape
+    out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    if rows:
+        t = temperature.float().contiguous()
+        mp = t if min_p is None else min_p.float().contiguous()
+        _sample(x.device)[(rows,)](x, t, mp, uniforms.contiguous(), out, n, x.stride(0),
+                                   BLOCK=block or min(4096, max(16, 1 << (n - 1).bit_length())),
+                                   HAS_MIN_P=min_p is not None, num_warps=8)
+    return out

@@ -1,0 +1,229 @@
+"""Linear layers with LoRA: the wrapped layer's own forward (any ``quant_method``) plus each token's delta.
+
+Every adaptable layer gets stacked weights with one slot per device adapter:
+``lora_a [S, n*R, in]`` and ``lora_b [S, out, n*R]`` (``n`` fused projections, e.g. q/k/v, each
+with its own rank-``R`` block: ``lora_b`` is block-diagonal across them, so one shrink and one
+expand cover a fused layer). A token's delta is ``(x @ A[slot]^T) @ B[slot]^T``; tokens of the
+base model have slot ``-1``. The slot of every token sits in one persistent buffer
+(``LoRAState.slots``) that the runner fills each step, so CUDA graphs replay with new slots.
+
+Tensor parallelism follows vLLM: column layers keep A whole and shard B's rows like the base
+weight; row layers shard A's columns like the base weight and keep B whole, and the delta is
+added to the partial output before the all-reduce. The shards are cut by the base layer's own
+``weight_loader``, so LoRA and base weights always split the same way.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from aphrodite.distributed.communication import (
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
+from aphrodite.kernels.lora import (
+    SPLIT_K_MAX_TOKENS,
+    LoRAMetadata,
+    lora_expand,
+    lora_shrink,
+    lora_token_metadata_host,
+)
+from aphrodite.kernels.triton_utils import use_triton
+from aphrodite.modeling.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+
+__all__ = ["LoRALinear", "LoRAState"]
+
+
+class LoRAState:
+    """What every LoRA layer of one model reads in a forward pass: each token's slot, grouped by slot.
+
+    One persistent int64 buffer holds ``[counts (S+1) | starts (S+1) | slots (max_tokens) | order
+    (max_tokens)]``: the runner fills it from the host before each step (``fill``), the layers read
+    views of it, so a CUDA graph replays with the new step's values and nothing is sorted on the device.
+    """
+
+    def __init__(self, num_slots: int, max_tokens: int, device: torch.device) -> None:
+        self.num_slots = num_slots
+        self.max_tokens = max_tokens
+        self.buffer = torch.zeros(2 * (num_slots + 1) + 2 * max_tokens, dtype=torch.int64, device=device)
+        s1 = num_slots + 1
+        self.counts = self.buffer[:s1]
+        self.starts = self.buffer[s1:2 * s1]
+        self.slots = self.buffer[2 * s1:2 * s1 + max_tokens]
+        self.order = self.buffer[2 * s1 + max_tokens:]
+        self.slots.fill_(-1)
+        self.counts[0] = max_tokens
+        self.order.copy_(torch.arange(max_tokens))
+        # False: no token of this step uses an adapter, the layers skip the LoRA work (eager only;
+        # CUDA graphs are captured with it on and their kernels exit early for slot -1 tokens).
+        self.active = False
+        self.meta: LoRAMetadata | None = None
+        self.num_layers = 0         # LoRA layers registered; each owns a row of ``scratch``
+        self.max_width = 0          # widest stacked rank (fused projections x max rank)
+        self.scratch: torch.Tensor | None = None
+        self._staging: list[torch.Tensor] = []
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._set = 0
+        if device.type == "cuda":   # two pinned sets: the host fills one while the other's copy may be queued
+            self._staging = [torch.empty_like(self.buffer, device="cpu").pin_memory() for _ in range(2)]
+
+    def register(self, width: int) -> int:
+        """A new layer's index into ``scratch``."""
+        self.num_layers += 1
+        self.max_width = max(self.max_width, width)
+        return self.num_layers - 1
+
+    def fill(self, slots: np.ndarray) -> None:
+        """Write one step's token slots (and, for the Triton kernels, their grouping by slot)."""
+        n = len(slots)
+        s1 = self.num_slots + 1
+        if not use_triton(self.buffer):
+            self.slots[:n] = torch.from_numpy(slots)
+            return
+        order, counts, starts = lora_token_metadata_host(slots, self.num_slots)
+        if self.buffer.device.type != "cuda":   # the Triton interpreter on the CPU
+            for dst, src in ((self.counts, counts), (self.starts, starts), (self.slots, slots), (self.order, order)):
+                dst[:len(src)] = torch.from_numpy(src)
+            return
+        self._set ^= 1
+        event = self._events[self._set]
+        if event is not None:
+            event.synchronize()
+        host = self._staging[self._set].numpy()
+        head = 2 * s1 + n
+        host[:s1], host[s1:2 * s1], host[2 * s1:head] = counts, starts, slots
+        base = 2 * s1 + self.max_tokens
+        host[base:base + n] = order
+        self.buffer[:head].copy_(self._staging[self._set][:head], non_blocking=True)
+        self.buffer[base:base + n].copy_(self._staging[self._set][base:base + n], non_blocking=True)
+        self._events[self._set] = torch.cuda.Event()
+        self._events[self._set].record()
+
+    def prepare(self, num_tokens: int) -> None:
+        """The forward pass's views of the buffer (a model forward pre-hook calls this), and one zeroed
+        shrink output for every layer when the shrink accumulates split-K partial sums."""
+        self.scratch = None
+        if not self.active:
+            self.meta = None
+            return
+        self.meta = (self.slots[:num_tokens], self.order[:num_tokens], self.counts, self.starts)
+        if use_triton(self.buffer) and num_tokens <= SPLIT_K_MAX_TOKENS:
+            self.scratch = torch.zeros(self.num_layers, num_tokens, self.max_width, dtype=torch.float32,
+                                       device=self.buffer.device)
+
+
+def _slices(layer: LinearBase) -> list[object]:
+    """The shard ids of the fused projections of ``layer`` (what its ``weight_loader`` takes)."""
+    if isinstance(layer, QKVParallelLinear):
+        return ["q", "k", "v"]
+    if isinstance(layer, MergedColumnParallelLinear):
+        return list(range(len(layer.output_sizes)))
+    return [None]
+
+
+class LoRALinear(nn.Module):
+    """``base_layer``'s output plus the LoRA delta of each token's adapter slot."""
+
+    def __init__(self, base_layer: LinearBase, state: LoRAState, max_loras: int, max_rank: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.state = state
+        self.shard_ids = _slices(base_layer)
+        self.max_rank = max_rank
+        self.is_row = isinstance(base_layer, RowParallelLinear)
+        self.is_column = isinstance(base_layer, ColumnParallelLinear)
+        nr = len(self.shard_ids) * max_rank
+        self.index = state.register(nr)
+        device = state.slots.device
+        self.lora_a = torch.zeros(max_loras, nr, base_layer.in_features, dtype=dtype, device=device)
+        if device.type == "cuda":
+            self.lora_b = torch.zeros(max_loras, base_layer.out_features, nr, dtype=dtype, device=device)
+        else:  # [out, S, R] storage: the reference multiplies by every slot with one matmul, no copy
+            self.lora_b = torch.zeros(base_layer.out_features, max_loras, nr, dtype=dtype).permute(1, 0, 2)
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_layer"], name)   # q_size, num_heads, ... of the wrapped layer
+
+    # ---- slots ----------------------------------------------------------------------
+    def _shard(self, full: torch.Tensor, dim: int, shape: tuple[int, int], shard_id: object) -> torch.Tensor:
+        """This rank's part of ``full`` cut by the base layer's loader (sharding ``dim`` as its weight)."""
+        part = torch.zeros(shape, dtype=full.dtype)
+        if dim == 0:
+            part.output_dim = 0
+        else:
+            part.input_dim = 1
+        self.base_layer.weight_loader(part, full, shard_id)
+        return part
+
+    def set_slot(self, slot: int, weights: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        """Put one adapter's (A [r, in], scaled B [out, r]) per fused projection into ``slot`` (None: zeros)."""
+        a_slot, b_slot = self.lora_a[slot], self.lora_b[slot]
+        a_slot.zero_()
+        b_slot.zero_()
+        base = self.base_layer
+        for i, (sid, ab) in enumerate(zip(self.shard_ids, weights)):
+            if ab is None:
+                continue
+            a, b = ab
+            r = a.shape[0]
+            cols = slice(i * self.max_rank, i * self.max_rank + r)
+            if self.is_row and base.tp_size > 1:
+                a = self._shard(a, 1, (r, base.in_features), sid)
+            elif self.is_column and base.tp_size > 1:
+                b = self._shard(b, 0, (base.out_features, r), sid)
+            elif len(self.shard_ids) > 1:       # one rank: place the projection's rows in the fused output
+                b = self._shard(b, 0, (base.out_features, r), sid)
+            a_slot[cols].copy_(a, non_blocking=True)
+            b_slot[:, cols].copy_(b, non_blocking=True)
+
+    def check_shapes(self, module: str, index: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """ValueError when an adapter's A/B do not fit this layer's projection ``index`` (unsharded)."""
+        base = self.base_layer
+        in_total = base.in_features * (base.tp_size if self.is_row else 1)
+        if isinstance(base, QKVParallelLinear):
+            heads = base.total_num_heads if index == 0 else base.total_num_kv_heads
+            out_total = heads * base.head_size
+        elif isinstance(base, MergedColumnParallelLinear):
+            out_total = base.output_sizes[index]
+        else:
+            out_total = base.out_features * (base.tp_size if self.is_column else 1)
+        if a.shape[1] != in_total or b.shape[0] != out_total:
+            raise ValueError(f"LoRA weights of {module} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; the model "
+                             f"needs A [r, {in_total}], B [{out_total}, r]: the adapter is for another model.")
+
+    # ---- forward ----------------------------------------------------------------------
+    def _add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        meta = self.state.meta
+        if meta is None:
+            return out
+        if not out.is_contiguous():   # the expand adds in place
+            out = out.contiguous()
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = out.view(-1, out.shape[-1])
+        scratch = self.state.scratch
+        buf = None if scratch is None else scratch[self.index, :, :self.lora_a.shape[1]]
+        lora_expand(lora_shrink(x2, self.lora_a, meta, buf), self.lora_b, meta, y2)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self.is_row and base.tp_size > 1:
+            out = self._add_delta(x, base.quant_method.apply(base, x))
+            if base.reduce_results:
+                out = tensor_model_parallel_all_reduce(out)
+            return out if base.bias is None else out + base.bias
+        out = self._add_delta(x, base.quant_method.apply(base, x, base.bias))
+        if getattr(base, "gather_output", False) and base.tp_size > 1:
+            out = tensor_model_parallel_all_gather(out, dim=-1)
+        return out

@@ -1,0 +1,161 @@
+"""The sampler: logit processors, then Aphrodite's samplers in each row's order, then one draw.
+
+Order: processors (allowed ids, bad words, min-tokens bans, logit bias, grammar bitmask) ->
+the ordered chain (default: DRY, penalties, no_repeat_ngram, temperature, top-n-sigma,
+top-p/top-k, top-a, min-p, TFS, eta, epsilon, typical-p, quadratic, XTC; ``temperature_last``
+or ``sampler_priority`` reorder it per request) -> mirostat rows -> skew -> draw.
+
+Every sampler is one batched pass over the logits and is skipped when no row uses it. Rows
+that ask for different orders run the chain as separate groups. Randomness is per request: a
+row draws its token by inverting the CDF at one uniform number derived from (request seed,
+output position), so a seeded request gets the same tokens whatever else shares the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from aphrodite.kernels.cpu import ops as cpu_ops
+from aphrodite.kernels.sampling import sample_temperature_min_p
+from aphrodite.kernels.triton_utils import use_triton
+from aphrodite.modeling.layers.samplers import repetition as rep
+from aphrodite.modeling.layers.samplers import truncation as tr
+from aphrodite.modeling.layers.samplers.metadata import SamplingMetadata
+from aphrodite.modeling.layers.samplers.processors import apply_processors
+from aphrodite.sampling_params import SamplerID
+
+
+def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: the first token whose cumulative probability exceeds the row's uniform."""
+    probs = torch.softmax(logits, dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    target = (uniforms.to(cdf.dtype) * cdf[:, -1])[:, None]
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    idx = idx.clamp(max=logits.shape[1] - 1)
+    # A zero-probability token can only be hit through rounding at its edges: step back onto mass.
+    picked = probs.gather(1, idx[:, None]).squeeze(1)
+    fallback = probs.argmax(dim=-1)
+    return torch.where(picked > 0, idx, fallback)
+
+
+def run_chain(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID, ...],
+              cache: tr.SortCache | None = None) -> torch.Tensor:
+    """Apply the active samplers in ``order`` to every row of ``logits``."""
+    c = md.columns
+    cache = cache or tr.SortCache()
+    for sid in order:
+        if sid not in md.active:
+            continue
+        if sid == SamplerID.DRY:
+            if md.dry is not None:
+                logits = rep.apply_dry(logits, md.dry)
+                cache.invalidate()
+        elif sid == SamplerID.PENALTIES:
+            logits = rep.apply_penalties(logits, md.counts, md.seen, c["presence_penalty"], c["frequency_penalty"],
+                                         c["repetition_penalty"])
+            cache.invalidate()
+        elif sid == SamplerID.NO_REPEAT_NGRAM:
+            if md.ngram is not None:
+                logits = rep.apply_no_repeat_ngram(logits, md.ngram)
+                cache.invalidate()
+        elif sid == SamplerID.TEMPERATURE:
+            logits = tr.apply_temperature(logits, c["temperature"], c.get("dynatemp_min"), c.get("dynatemp_max"),
+                                          c.get("dynatemp_exponent"))
+        elif sid == SamplerID.TOP_NSIGMA:
+            logits = tr.apply_top_nsigma(logits, c["nsigma"], c["nsigma_on"])
+        elif sid == SamplerID.TOP_P_TOP_K:
+            logits = tr.apply_top_k_top_p(logits, c.get("top_k"), c.get("top_p"), md.top_k_max, cache)
+        elif sid == SamplerID.TOP_A:
+            logits = tr.apply_top_a(logits, c["top_a"])
+        elif sid == SamplerID.MIN_P:
+            logits = tr.apply_min_p(logits, c["min_p"])
+        elif sid == SamplerID.TFS:
+            logits = tr.apply_tfs(logits, c["tfs"], c["tfs_on"], cache)
+        elif sid == SamplerID.ETA_CUTOFF:
+            logits = tr.apply_eta_cutoff(logits, c["eta_cutoff"])
+        elif sid == SamplerID.EPSILON_CUTOFF:
+            logits = tr.apply_epsilon_cutoff(logits, c["epsilon_cutoff"])
+        elif sid == SamplerID.TYPICAL_P:
+            logits = tr.apply_typical_p(logits, c["typical_p"], c["typical_p_on"])
+            cache.invalidate()
+        elif sid == SamplerID.QUADRATIC:
+            logits = tr.apply_quadratic(logits, c["smoothing_factor"], c["smoothing_curve"])
+            cache.invalidate()
+        elif sid == SamplerID.XTC:
+            logits = tr.apply_xtc(logits, c["xtc_threshold"], c["xtc_probability"], md.xtc_uniforms)
+            cache.invalidate()
+    return logits
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor                 # [N] long
+    logprobs: torch.Tensor | None           # [N] logprob of the sampled token (raw distribution)
+    ranks: torch.Tensor | None              # [N] rank of the sampled token (1 = most likely)
+    top_ids: torch.Tensor | None            # [N, K]
+    top_logprobs: torch.Tensor | None       # [N, K]
+
+
+class Sampler:
+    """Turns a batch of logits into one token per row, plus log-probabilities when asked."""
+
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        raw = logits
+        logits = apply_processors(logits, md)
+        in_c = logits.device.type == "cpu" and cpu_ops.available(torch.float32)
+        plain = "dynatemp_min" not in md.columns and md.mirostat is None and md.skew is None
+        only_temp = plain and md.active <= {SamplerID.TEMPERATURE}
+        if md.all_greedy:
+            tokens = self._chain_groups(logits, md).argmax(dim=-1)
+        elif plain and md.active <= {SamplerID.TEMPERATURE, SamplerID.MIN_P} and use_triton(logits):
+            # The common case on the GPU: one fused kernel reads each row three times, writes one id.
+            tokens = sample_temperature_min_p(logits, md.temperature, md.columns.get("min_p"), md.uniforms)
+        elif in_c and only_temp:
+            # On the CPU one C pass per row replaces softmax + cumsum + search over [N, V]
+            # temporaries, with the temperature division folded in.
+            tokens = cpu_ops.sample_inverse_cdf(logits, md.uniforms, md.temperature)
+            if not md.all_random:
+                tokens = torch.where(md.temperature > 0, tokens, logits.argmax(dim=-1))
+        else:
+            logits = self._chain_groups(logits, md)
+            surprise = None
+            if md.mirostat is not None:
+                m = md.mirostat
+                masked, surprise = tr.mirostat_mask(logits.index_select(0, m.rows), m.mu)
+                logits = logits.index_copy(0, m.rows, masked)
+            if md.skew is not None:
+                logits = torch.where((md.skew != 0)[:, None], tr.apply_skew(logits, md.skew), logits)
+            tokens = (cpu_ops.sample_inverse_cdf if in_c else sample_from_logits)(logits, md.uniforms)
+            if not md.all_random:
+                tokens = torch.where(md.temperature > 0, tokens, logits.argmax(dim=-1))
+            if surprise is not None:
+                m = md.mirostat
+                picked = surprise.gather(1, tokens.index_select(0, m.rows)[:, None]).squeeze(1)
+                m.store.index_copy_(0, m.slots, m.mu - m.eta * (picked - m.tau))
+        if md.max_logprobs < 0:
+            return SamplerOutput(tokens, None, None, None, None)
+        return SamplerOutput(tokens, *gather_logprobs(raw, tokens, md.max_logprobs))
+
+    @staticmethod
+    def _chain_groups(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        if not md.active:
+            return logits
+        if len(md.groups) == 1:
+            return run_chain(logits, md, md.groups[0][0])
+        for order, rows, host_rows in md.groups:
+            sub = run_chain(logits.index_select(0, rows), md.subset(rows, host_rows), order)
+            logits = logits.index_copy(0, rows, sub)
+        return logits
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
+    """Log-probability and rank of ``tokens`` under ``logits``, and the top-``k`` alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1)
+    ranks = (logp > chosen[:, None]).sum(dim=-1) + 1
+    if k > 0:
+        top = torch.topk(logp, k, dim=-1)
+        return chosen, ranks, top.indices, top.values
+    return chosen, ranks, None, None

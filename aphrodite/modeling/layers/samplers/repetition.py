@@ -1,0 +1,93 @@
+"""Repetition samplers: penalties (presence, frequency, repetition), DRY and no_repeat_ngram.
+
+They read per-request state kept on the device (``worker/sampling_state.py``): token counts,
+histories and, per history position, the length of the suffix it shares with the newest token.
+That suffix state is updated by one shifted compare per step, so neither sampler rescans the
+history in Python nor rebuilds it from host lists.
+"""
+from __future__ import annotations
+
+import torch
+
+from aphrodite.modeling.layers.samplers.metadata import DryRows, NgramRows
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor | None, seen: torch.Tensor | None,
+                    presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """vLLM/Aphrodite: repetition divides positive / multiplies negative logits of tokens seen in the
+    prompt or output; frequency subtracts count * f; presence subtracts p once per output token seen."""
+    if seen is not None:
+        pen = repetition[:, None]
+        scaled = torch.where(logits > 0, logits / pen, logits * pen)
+        logits = torch.where(seen, scaled, logits)
+    if counts is not None:
+        c = counts.to(logits.dtype)
+        logits = logits - frequency[:, None] * c - presence[:, None] * (c > 0).to(logits.dtype)
+    return logits
+
+
+def dry_penalty_lengths(d: DryRows, vocab_size: int) -> torch.Tensor:
+    """[R, V] per candidate token: the longest repeat it would extend (0: none), Aphrodite's DRY rules.
+
+    A token is penalized when an earlier occurrence of the newest token was followed by it and
+    the tokens before both occurrences match (no sequence breaker inside): the match length is
+    that shared run plus one. Only the last ``max_occurrences`` occurrences count (0: all), the
+    scan stops at the first (most recent) one reaching ``early_exit``, runs are capped by the
+    distance to the last breaker and ``max_ngram``, and ``range`` limits the window (0: all).
+    """
+    R, W = d.history.shape
+    dev = d.history.device
+    pos = torch.arange(W, device=dev)[None, :]
+    L = d.lengths[:, None]
+    start = torch.where(d.range[:, None] > 0, (L - d.range[:, None]).clamp(min=0), torch.zeros_like(L))
+    window = L - start
+    cur = torch.minimum(torch.minimum(d.trailing[:, None], d.max_ngram[:, None]), window - 1)
+    row_ok = (d.multiplier[:, None] > 0) & (L >= 2) & (d.trailing[:, None] > 0) & (cur > d.allowed_length[:, None])
+    last = d.history.gather(1, (L - 1).clamp(min=0))
+    ep = (d.history == last) & (pos >= start) & (pos < L - 1) & row_ok
+    rank = ep.flip(1).cumsum(1).flip(1)          # 1 = the most recent earlier occurrence
+    limit = torch.where(d.max_occurrences[:, None] > 0, d.max_occurrences[:, None], torch.full_like(L, W + 1))
+    keep = ep & (rank <= limit)
+    cap = torch.minimum(pos - start, cur)
+    match = torch.minimum(d.suffix.long() - 1, cap)
+    new_len = torch.where(keep & (match > 0), match + 1, torch.zeros_like(match))
+    hit = (new_len > 0) & (new_len >= d.early_exit[:, None])
+    big = torch.full_like(rank, W + 2)
+    first_hit = torch.where(hit, rank, big).amin(dim=1, keepdim=True)
+    new_len = torch.where(rank <= first_hit, new_len, torch.zeros_like(new_len))
+    nxt = torch.cat([d.history[:, 1:], d.history.new_full((R, 1), vocab_size)], dim=1).clamp(max=vocab_size)
+    nxt = torch.where(new_len > 0, nxt, torch.full_like(nxt, vocab_size))
+    lens = torch.zeros(R, vocab_size + 1, dtype=torch.long, device=dev)
+    lens.scatter_reduce_(1, nxt.long(), new_len, reduce="amax")
+    return lens[:, :vocab_size]
+
+
+def apply_dry(logits: torch.Tensor, d: DryRows) -> torch.Tensor:
+    """logits[token] -= multiplier * base ** (match_length - allowed_length) for every matched token."""
+    lens = dry_penalty_lengths(d, logits.shape[1]).to(logits.dtype)
+    rows = logits.index_select(0, d.rows)
+    scale = d.base[:, None] ** (lens - d.allowed_length[:, None].to(logits.dtype))
+    rows = rows - torch.where(lens > 0, d.multiplier[:, None] * scale, torch.zeros_like(rows))
+    return logits.index_copy(0, d.rows, rows)
+
+
+def no_repeat_ngram_mask(g: NgramRows, vocab_size: int) -> torch.Tensor:
+    """[R, V] bool: tokens that would complete an n-gram already in the prompt + output."""
+    R, W = g.history.shape
+    dev = g.history.device
+    pos = torch.arange(W, device=dev)[None, :]
+    L = g.lengths[:, None]
+    n = g.size[:, None]
+    # Position j's token follows an earlier copy of the last n-1 tokens when the run ending at j-1
+    # shares >= n-1 tokens with the history's end (n = 1: every token already seen).
+    prev = torch.cat([torch.zeros(R, 1, dtype=g.suffix.dtype, device=dev), g.suffix[:, :-1]], dim=1).long()
+    hit = (pos < L) & (L >= n) & (n > 0) & ((n == 1) | ((prev >= n - 1) & (pos >= 1)))
+    ids = torch.where(hit, g.history.long(), torch.full_like(g.history.long(), vocab_size))
+    mask = torch.zeros(R, vocab_size + 1, dtype=torch.bool, device=dev)
+    mask.scatter_(1, ids, True)
+    return mask[:, :vocab_size]
+
+
+def apply_no_repeat_ngram(logits: torch.Tensor, g: NgramRows) -> torch.Tensor:
+    rows = logits.index_select(0, g.rows).masked_fill(no_repeat_ngram_mask(g, logits.shape[1]), float("-inf"))
+    return logits.index_copy(0, g.rows, rows)

@@ -1,0 +1,188 @@
+"""Temperature and the samplers that reshape or truncate one distribution, Aphrodite's formulas.
+
+Each function takes the batch's logits and per-row parameter columns and is one batched pass
+(a row whose sampler is off gets a neutral value or is masked out of the change, so it is left
+bit-for-bit alone and a seeded row draws the same token whatever shares its batch).
+Samplers that need the logits in descending order share one sort through ``SortCache``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_NEG_INF = float("-inf")
+_TEMP_FLOOR = 1e-5
+
+
+class SortCache:
+    """One descending sort shared by the samplers that need it (top-k/top-p, TFS).
+
+    Temperature and threshold cuts keep the order (the tokens they mask are the sorted tail),
+    so after them the cached permutation still sorts the logits; a sampler that can reorder or
+    cut elsewhere (penalties, DRY, typical, quadratic, XTC, skew) invalidates it.
+    """
+
+    def __init__(self) -> None:
+        self.order: torch.Tensor | None = None
+        self.sorts = 0
+
+    def invalidate(self) -> None:
+        self.order = None
+
+    def sorted(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.order is None:
+            values, self.order = torch.sort(logits, dim=-1, descending=True)
+            self.sorts += 1
+            return values, self.order
+        return logits.gather(1, self.order), self.order
+
+
+def apply_temperature(logits: torch.Tensor, temp: torch.Tensor, dyn_min: torch.Tensor | None,
+                      dyn_max: torch.Tensor | None, dyn_exp: torch.Tensor | None) -> torch.Tensor:
+    """Divide by the row's temperature; dynatemp rows (min or max set) use
+    min + (max - min) * (entropy / log(#finite tokens)) ** exponent instead (Aphrodite)."""
+    t = temp
+    if dyn_min is not None:
+        dyn = (dyn_min != 0) | (dyn_max != 0)
+        logp = torch.log_softmax(logits, dim=-1)
+        ent = -(logp.exp() * logp).nansum(dim=-1)
+        max_ent = torch.log((logits > _NEG_INF).sum(dim=-1).to(logits.dtype))
+        dyn_t = dyn_min + (dyn_max - dyn_min) * (ent / max_ent).pow(dyn_exp)
+        t = torch.where(dyn, dyn_t, t)
+    t = torch.nan_to_num(t, nan=_TEMP_FLOOR).clamp(min=_TEMP_FLOOR)
+    return logits / t[:, None]
+
+
+def apply_top_nsigma(logits: torch.Tensor, nsigma: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """Keep logits >= max - nsigma * std (std over the finite logits, Bessel-corrected)."""
+    finite = logits > _NEG_INF
+    cnt = finite.sum(dim=-1, keepdim=True).to(logits.dtype)
+    x = torch.where(finite, logits, torch.zeros_like(logits))
+    mean = x.sum(dim=-1, keepdim=True) / cnt
+    var = (torch.where(finite, logits - mean, torch.zeros_like(logits)) ** 2).sum(dim=-1, keepdim=True) \
+        / (cnt - 1).clamp(min=1)
+    threshold = logits.max(dim=-1, keepdim=True).values - nsigma[:, None] * var.sqrt()
+    return logits.masked_fill(on[:, None] & (logits < threshold), _NEG_INF)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                      k_max: int, cache: SortCache) -> torch.Tensor:
+    """Mask everything outside each row's top-k and nucleus (top-p) with -inf.
+
+    A row keeps a token while the probability mass ranked strictly above it is below top_p (the
+    top token always stays). ``k_max`` (the largest top_k) comes from the host so the GPU is not
+    waited on. Rows with top_p off carry a value above 1, which no mass reaches.
+    """
+    if top_p is None:
+        # Only top-k: a partial selection is cheaper than a full sort.
+        kth = torch.topk(logits, k_max, dim=-1).values.gather(1, (top_k - 1).clamp(max=k_max - 1)[:, None])
+        return logits.masked_fill(logits < kth, _NEG_INF)
+    values, order = cache.sorted(logits)
+    if top_k is not None:
+        ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
+        values = values.masked_fill(ranks >= top_k[:, None], _NEG_INF)
+    probs = torch.softmax(values, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs
+    drop = (before >= top_p[:, None]) | (values == _NEG_INF)
+    return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), _NEG_INF)
+
+
+def apply_top_a(logits: torch.Tensor, top_a: torch.Tensor) -> torch.Tensor:
+    """Drop tokens with p < top_a * max_p ** 2."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values.pow(2) * top_a[:, None]
+    return logits.masked_fill(probs < threshold, _NEG_INF)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens with p < min_p * max_p."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+    return logits.masked_fill(probs < threshold, _NEG_INF)
+
+
+def apply_tfs(logits: torch.Tensor, z: torch.Tensor, on: torch.Tensor, cache: SortCache) -> torch.Tensor:
+    """Tail-free sampling: along the sorted probabilities, the normalized |second difference| is
+    accumulated and tokens past where it exceeds z are dropped; as in Aphrodite the first token is
+    always kept and the last always dropped."""
+    values, order = cache.sorted(logits)
+    d2 = torch.softmax(values, dim=-1).diff().diff().abs()
+    cdf = torch.cumsum(d2 / d2.sum(dim=-1, keepdim=True), dim=-1)
+    n = logits.shape[0]
+    drop = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=logits.device), cdf > z[:, None],
+                      torch.ones(n, 1, dtype=torch.bool, device=logits.device)], dim=-1) & on[:, None]
+    return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), _NEG_INF)
+
+
+def _keep_top(mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    return mask.scatter(1, probs.argmax(dim=1, keepdim=True), False)
+
+
+def apply_eta_cutoff(logits: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """Drop p < min(eta, sqrt(eta) * exp(-entropy)) (the top token stays); eta in raw probability units."""
+    logp = torch.log_softmax(logits, dim=-1)
+    probs = logp.exp()
+    neg_ent = (probs * logp).nansum(dim=-1)
+    eps = torch.minimum(eta, eta.sqrt() * neg_ent.exp())[:, None]
+    return logits.masked_fill(_keep_top(probs < eps, probs), _NEG_INF)
+
+
+def apply_epsilon_cutoff(logits: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+    """Drop p < epsilon (the top token stays)."""
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(_keep_top(probs < epsilon[:, None], probs), _NEG_INF)
+
+
+def apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling: tokens ordered by |surprisal - entropy|, kept until their mass
+    reaches typical_p (the first always stays)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    probs = logp.exp()
+    neg_ent = (probs * logp).nansum(dim=-1, keepdim=True)
+    dev = (neg_ent - logp).abs()
+    _, idx = torch.sort(dev, dim=-1)
+    drop = probs.gather(1, idx).cumsum(dim=-1) >= typical_p[:, None]
+    drop[:, 0] = False
+    drop &= on[:, None]
+    return logits.masked_fill(torch.zeros_like(drop).scatter(1, idx, drop), _NEG_INF)
+
+
+def apply_quadratic(logits: torch.Tensor, factor: torch.Tensor, curve: torch.Tensor) -> torch.Tensor:
+    """Quadratic/cubic smoothing around the top logit: x -> max + d^2 * (s*d - k) with d = x - max,
+    k = factor * (3 - curve) / 2, s = factor * (curve - 1) / 2 (kalomaze, as in Aphrodite)."""
+    k = (factor * (3 - curve) / 2)[:, None]
+    s = (factor * (curve - 1) / 2)[:, None]
+    diff = logits - logits.max(dim=-1, keepdim=True).values
+    delta = diff - diff ** 2 * (s * diff - k)
+    delta = torch.where(torch.isnan(delta), torch.zeros_like(delta), delta)   # -inf logits stay -inf
+    return torch.where((factor != 0)[:, None], logits - delta, logits)
+
+
+def apply_xtc(logits: torch.Tensor, threshold: torch.Tensor, probability: torch.Tensor,
+              uniforms: torch.Tensor) -> torch.Tensor:
+    """Exclude Top Choices: with the row's probability, when two or more tokens have p >= threshold,
+    drop all of them but the least likely one."""
+    probs = torch.softmax(logits, dim=-1)
+    above = probs >= threshold[:, None]
+    fire = (uniforms < probability) & (above.sum(dim=-1) >= 2)
+    keep = torch.where(above, probs, torch.full_like(probs, 2.0)).argmin(dim=-1, keepdim=True)
+    drop = above.scatter(1, keep, False) & fire[:, None]
+    return logits.masked_fill(drop, _NEG_INF)
+
+
+def apply_skew(logits: torch.Tensor, skew: torch.Tensor) -> torch.Tensor:
+    """Aphrodite's skew (after exllamav2): the CDF in vocabulary order raised to exp(skew), then
+    differenced back into probabilities (returned as log-probabilities)."""
+    probs = torch.softmax(logits, dim=-1)
+    cdf = torch.cumsum(probs, dim=-1).clamp(min=0).pow(skew.exp()[:, None])
+    probs = torch.diff(cdf, dim=-1, prepend=torch.zeros_like(cdf[:, :1]))
+    return torch.log(probs.clamp(min=0))
+
+
+def mirostat_mask(logits: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirostat v2: drop tokens whose surprise -log2(p) exceeds mu (the least surprising stays).
+    Returns the masked logits and the surprises, which the mu update reads after the draw."""
+    surprise = torch.log_softmax(logits, dim=-1) * (-1.0 / math.log(2.0))
+    drop = (surprise > mu[:, None]).scatter(1, surprise.argmin(dim=-1, keepdim=True), False)
+    return logits.masked_fill(drop, _NEG_INF), surprise

@@ -1,0 +1,130 @@
+"""Structured output on xgrammar: JSON Schema, JSON object, regex, choice and grammars.
+
+The engine owns one ``StructuredOutputManager``. Grammars are compiled once per key (the same
+schema twice compiles once) in a thread pool, so the engine loop keeps decoding other requests
+while a new schema compiles. Each constrained request gets its own ``GrammarMatcher``, advanced
+with every accepted token; before a step the engine fills each constrained row's token bitmask
+on the host (xgrammar's layout: bit j of int32 word i allows token 32*i + j) and the worker
+applies it to the logits on the device.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from aphrodite.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GrammarState", "StructuredOutputManager", "bitmask_width"]
+
+
+def bitmask_width(vocab_size: int) -> int:
+    """int32 words per row of a token bitmask."""
+    return (vocab_size + 31) // 32
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """An EBNF grammar that accepts exactly one of ``choices``."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class StructuredOutputManager:
+    """Compiles constraints (cached per key, off the caller's thread) and makes per-request matchers."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...] = (),
+                 max_workers: int = 2, cache_size: int = 256) -> None:
+        import xgrammar as xgr
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        self.width = bitmask_width(vocab_size)
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                       stop_token_ids=list(stop_token_ids) or None)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_workers)
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="aphrodite-grammar")
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple, Future] = OrderedDict()
+        self._cache_size = cache_size
+
+    def submit(self, so: StructuredOutputsParams) -> Future:
+        """The compiled grammar of ``so`` as a future; compiled in the pool unless already cached.
+        A grammar that cannot be compiled resolves to a ``ValueError`` with the library's message."""
+        key = so.key()
+        with self._lock:
+            fut = self._cache.get(key)
+            if fut is not None:
+                self._cache.move_to_end(key)
+                return fut
+            fut = self._pool.submit(self._compile, so)
+            self._cache[key] = fut
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return fut
+
+    def compile(self, so: StructuredOutputsParams) -> Any:
+        """Blocking ``submit``: the compiled grammar, or ``ValueError``."""
+        return self.submit(so).result()
+
+    def _compile(self, so: StructuredOutputsParams) -> Any:
+        kind = so.kind
+        try:
+            if kind == "json":
+                schema = so.json if isinstance(so.json, str) else json.dumps(so.json)
+                return self.compiler.compile_json_schema(schema, any_whitespace=not so.disable_any_whitespace)
+            if kind == "json_object":
+                return self.compiler.compile_json_schema('{"type": "object"}',
+                                                         any_whitespace=not so.disable_any_whitespace)
+            if kind == "regex":
+                return self.compiler.compile_regex(so.regex)
+            if kind == "choice":
+                return self.compiler.compile_grammar(choice_grammar(so.choice))
+            if "::=" in so.grammar:
+                return self.compiler.compile_grammar(so.grammar)
+            return self.compiler.compile_lark(so.grammar)
+        except Exception as e:  # xgrammar raises RuntimeError/ValueError subclasses with its own message
+            raise ValueError(f"Invalid structured output {kind}: {e}") from None
+
+    def matcher(self, compiled: Any) -> GrammarState:
+        return GrammarState(self._xgr.GrammarMatcher(compiled))
+
+    def new_bitmask(self, rows: int) -> np.ndarray:
+        """A [rows, width] int32 bitmask with every token allowed (unconstrained rows stay so)."""
+        return np.full((rows, self.width), -1, dtype=np.int32)
+
+    def fill(self, bitmask: np.ndarray, row: int, state: GrammarState) -> None:
+        """Write ``state``'s allowed next tokens into ``bitmask[row]``."""
+        import torch
+        view = torch.from_numpy(bitmask)
+        state.matcher.fill_next_token_bitmask(view, row)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class GrammarState:
+    """One request's matcher and how many of its output tokens it has accepted."""
+
+    def __init__(self, matcher: Any) -> None:
+        self.matcher = matcher
+        self.num_accepted = 0
+        self.failed = False
+
+    def accept(self, token: int) -> bool:
+        """Advance by one sampled token; False (and ``failed``) when the grammar rejects it."""
+        self.num_accepted += 1
+        if self.failed or self.matcher.is_terminated():
+            return not self.failed
+        if not self.matcher.accept_token(token):
+            logger.warning("The grammar rejected sampled token %d; ending the request.", token)
+            self.failed = True
+        return not self.failed
+
+    @property
+    def terminated(self) -> bool:
+        return self.matcher.is_terminated()

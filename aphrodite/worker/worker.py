@@ -1,0 +1,88 @@
+"""One rank: its device, its place in the tensor/pipeline-parallel groups, its model runner.
+
+Every executor (in-process, one process per rank, Ray actors) drives the same ``Worker``
+with the same ``StepPlan`` s. Which rank answers the engine is decided here: the first
+tensor-parallel rank of the last pipeline stage (``is_output_rank``), the one that holds
+sampled ids; the others run the same step and return nothing.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from aphrodite.config import EngineConfig
+from aphrodite.distributed.parallel_state import (
+    destroy_distributed,
+    disable_nvlink_multicast,
+    get_pp_rank,
+    get_tp_rank,
+    init_distributed,
+    is_last_pp_rank,
+)
+from aphrodite.lora.request import LoRARequest
+from aphrodite.worker.model_runner import ModelRunner
+from aphrodite.worker.step_future import StepFuture
+from aphrodite.worker.step_plan import StepPlan
+
+logger = logging.getLogger(__name__)
+
+
+def init_parallel_groups(config: EngineConfig, rank: int, local_rank: int, init_method: str) -> None:
+    """Join torch.distributed (NCCL on GPUs, gloo on the CPU) and build the TP and PP groups."""
+    par = config.parallel
+    backend = "nccl" if config.device.type == "cuda" else "gloo"
+    init_distributed(par.world_size, rank, par.tensor_parallel_size, par.pipeline_parallel_size, backend,
+                     init_method, local_rank, disable_custom_all_reduce=par.disable_custom_all_reduce)
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int = 0, local_rank: int = 0,
+                 init_method: str | None = None) -> None:
+        disable_nvlink_multicast()
+        self.rank = rank
+        if config.device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+            config = replace(config, device=torch.device("cuda", local_rank))
+        self.config = config
+        self.distributed = config.parallel.world_size > 1
+        if self.distributed:
+            if init_method is None:
+                raise ValueError("A worker of a multi-rank run needs an init_method.")
+            init_parallel_groups(config, rank, local_rank, init_method)
+        self.tp_rank, self.pp_rank = get_tp_rank(), get_pp_rank()
+        self.is_output_rank = is_last_pp_rank() and self.tp_rank == 0
+        self.runner = ModelRunner(config)
+
+    def determine_num_blocks(self) -> int:
+        return self.runner.determine_num_blocks()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.runner.initialize_kv_cache(num_blocks)
+
+    def execute(self, plan: StepPlan) -> StepFuture:
+        """Queue one step; only the output rank's future carries results worth reading."""
+        return self.runner.queue(plan, want_result=self.is_output_rank)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load an adapter into this rank's slots' host cache; ``ValueError`` if it cannot be served."""
+        return self.runner.add_lora(lora_request)
+
+    def add_lora_or_error(self, lora_request: LoRARequest) -> tuple[bool, str | None]:
+        """``add_lora`` for worker processes: a bad adapter comes back as its message, since an exception
+        would end the process."""
+        try:
+            return self.runner.add_lora(lora_request), None
+        except ValueError as e:
+            return False, str(e)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.runner.remove_lora(lora_int_id)
+
+    def shutdown(self) -> None:
+        if self.distributed:
+            try:
+                destroy_distributed()
+            except Exception:  # a peer is already gone: nothing left to tear down cleanly
+                logger.debug("destroy_distributed failed", exc_info=True)

@@ -1,0 +1,107 @@
+"""Sampler and structured-output cost on the CPU with the default model (issue 16).
+
+1. Sampler: every sampler of the chain on (plus penalties, DRY and no_repeat_ngram on 256-token
+   histories) at batch 64 over the model's vocabulary, ms per step, against the default model's
+   greedy decode step at batch 64 (target: under a fifth of it).
+2. Structured output: throughput-decode style run, 64 requests of 64 prompt tokens, every request
+   JSON-schema constrained vs unconstrained (output tok/s; target: >= 90%).
+
+    python benchmarks/cpu/bench_sampler_cpu.py [--requests 64] [--output-len 128]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from aphrodite import LLM, SamplingParams
+from aphrodite.modeling.layers.sampler import Sampler
+from aphrodite.sampling_params import StructuredOutputsParams
+from aphrodite.worker.sampling_inputs import build_sampling_metadata
+from aphrodite.worker.sampling_state import SamplingState
+
+EVERYTHING = dict(temperature=0.9, dynatemp_min=0.6, dynatemp_max=1.2, top_p=0.95, top_k=200, min_p=0.02, top_a=0.05,
+                  tfs=0.97, eta_cutoff=1e-4, epsilon_cutoff=1e-5, typical_p=0.98, smoothing_factor=0.1,
+                  xtc_threshold=0.1, xtc_probability=0.5, nsigma=3.0, skew=0.2, repetition_penalty=1.1,
+                  frequency_penalty=0.1, presence_penalty=0.1, dry_multiplier=0.8, no_repeat_ngram_size=4)
+SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string", "maxLength": 40},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 8},
+    "summary": {"type": "string", "minLength": 200, "maxLength": 400}},
+    "required": ["title", "tags", "summary"], "additionalProperties": False}
+
+
+class Row:
+    def __init__(self, i: int, params: SamplingParams, prompt: list[int], out: list[int]) -> None:
+        self.request_id, self.params, self.prompt_token_ids, self.output_token_ids = str(i), params, prompt, out
+        self.sample_seed, self.eos_token_ids = i, (2,)
+
+    @property
+    def num_outputs_with_pending(self) -> int:
+        return len(self.output_token_ids)
+
+
+def sampler_ms(vocab: int, batch: int, steps: int = 20) -> tuple[float, float]:
+    g = torch.Generator().manual_seed(0)
+    rows = [Row(i, SamplingParams(seed=i, **EVERYTHING), torch.randint(0, vocab, (128,), generator=g).tolist(),
+                torch.randint(0, vocab, (128,), generator=g).tolist()) for i in range(batch)]
+    state = SamplingState(vocab, 512, torch.device("cpu"))
+    logits = torch.randn(batch, vocab, generator=g) * 3
+    sampler = Sampler()
+    build, samp = [], []
+    for _ in range(steps + 3):
+        t0 = time.perf_counter()
+        md = build_sampling_metadata(rows, vocab, torch.device("cpu"), state)
+        t1 = time.perf_counter()
+        out = sampler(logits, md)
+        state.update([r.request_id for r in rows], out.token_ids)
+        t2 = time.perf_counter()
+        for r, t in zip(rows, out.token_ids.tolist()):
+            r.output_token_ids.append(t)
+        build.append((t1 - t0) * 1e3)
+        samp.append((t2 - t1) * 1e3)
+    return sorted(build[3:])[steps // 2], sorted(samp[3:])[steps // 2]
+
+
+def run(llm: LLM, n: int, out_len: int, params: SamplingParams) -> tuple[float, int]:
+    prompts = [{"prompt_token_ids": [1 + (i * 7 + j) % 1000 for j in range(64)]} for i in range(n)]
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t
+    return dt, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=128)
+    args = ap.parse_args()
+    llm = LLM(max_model_len=512, device="cpu", max_num_seqs=args.requests)
+    vocab = llm.llm_engine.config.model.hf_config.vocab_size
+    n, out_len = args.requests, args.output_len
+    run(llm, 4, 8, SamplingParams(max_tokens=8))     # warm-up
+    free_s, free_tok = run(llm, n, out_len, SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True))
+    step_ms = free_s / out_len * 1e3
+    build, samp = sampler_ms(vocab, n)
+    so = SamplingParams(temperature=0.7, seed=0, max_tokens=out_len,
+                        structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    llm.llm_engine.compile_structured_outputs([so])   # compile once, outside the timing (it is cached)
+    plain = SamplingParams(temperature=0.7, seed=0, max_tokens=out_len)
+    p_s, p_tok = run(llm, n, out_len, plain)
+    c_s, c_tok = run(llm, n, out_len, so)
+    print()
+    print(f"default model, batch {n}, vocab {vocab}")
+    print(f"{'measure':<46}{'value':>12}")
+    label = f"decode step (greedy, batch {n}), ms"
+    print(f"{label:<46}{step_ms:>12.1f}")
+    print(f"{'every sampler: sampler ms / step':<46}{samp:>12.2f}")
+    print(f"{'every sampler: input build ms / step':<46}{build:>12.2f}")
+    print(f"{'every sampler / decode step':<46}{(samp + build) / step_ms:>12.3f}")
+    print(f"{'unconstrained output tok/s':<46}{p_tok / p_s:>12.1f}")
+    print(f"{'JSON-schema constrained output tok/s':<46}{c_tok / c_s:>12.1f}")
+    print(f"{'constrained / unconstrained':<46}{(c_tok / c_s) / (p_tok / p_s):>12.3f}")
+
+
+if __name__ == "__main__":
+    main()

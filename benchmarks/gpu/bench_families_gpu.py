@@ -1,0 +1,47 @@
+"""Mistral-7B's and Gemma-2-9B's shapes next to Llama-3.1-8B's (bf16, dummy weights, one H200).
+
+latency-1 (1 x 128/256) and throughput-prefill (``--prefill-prompts`` x 1024/128, default 300 of DESIGN.md's
+1000 to stay near 3 minutes) for each shape, then each result per active parameter relative to Llama's:
+``(tok/s x active params) / (Llama's tok/s x Llama's active params)``; the target is within 5% (>= 0.95).
+
+    python3 benchmarks/gpu/bench_families_gpu.py [--prefill-prompts 1000]
+"""
+from __future__ import annotations
+
+import argparse
+
+from _shapes import active_params, bench
+
+SHAPES = ("llama-3.1-8b", "mistral-7b", "gemma-2-9b")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prefill-prompts", type=int, default=300)
+    args = parser.parse_args()
+    rows = {}
+    for shape in SHAPES:
+        lat = bench("latency", shape, "--batch-size", "1", "--input-len", "128", "--output-len", "256",
+                    "--num-iters-warmup", "2", "--num-iters", "3")
+        pre = bench("throughput", shape, "--num-prompts", str(args.prefill_prompts), "--input-len", "1024",
+                    "--output-len", "128")
+        rows[shape] = (lat, pre, active_params(shape)["active"])
+    base_lat, base_pre, base_p = rows["llama-3.1-8b"]
+    print("== table ==")
+    print("FAMILY shape | active params | latency-1 out tok/s | per-param vs llama | prefill total tok/s | "
+          "per-param vs llama")
+    for shape, (lat, pre, p) in rows.items():
+        if "error" in lat or "error" in pre or "error" in base_lat or "error" in base_pre:
+            print(f"FAMILY {shape} | failed: {lat.get('error') or pre.get('error') or 'llama baseline failed'}")
+            continue
+        lat_tps = 256 / lat["avg_latency"]
+        base_lat_tps = 256 / base_lat["avg_latency"]
+        pre_tps = pre["tokens_per_second"]
+        rl = lat_tps * p / (base_lat_tps * base_p)
+        rp = pre_tps * p / (base_pre["tokens_per_second"] * base_p)
+        ok = "PASS" if min(rl, rp) >= 0.95 else "BELOW"
+        print(f"FAMILY {shape} | {p / 1e9:.2f} B | {lat_tps:.1f} | {rl:.3f} | {pre_tps:.0f} | {rp:.3f} | {ok}")
+
+
+if __name__ == "__main__":
+    main()

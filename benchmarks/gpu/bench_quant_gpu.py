@@ -1,0 +1,210 @@
+"""Quantized weights on one H200, Llama-3.1-8B's shape with dummy weights: W4A16 (AutoAWQ layout), FP8
+(``--quantization fp8``, quantized at load) and bf16 in the same run.
+
+1. Kernels at real sizes: the fused dequantizing GEMM (int4 and fp8) and the FP8 W8A8 path vs dequantize +
+   cuBLAS in fp32, for the four projections of a layer at 1..1024 rows; then per-projection time at
+   batch 1 and 256 vs bf16 ``F.linear`` (and the bandwidth the int4 kernel reaches).
+2. The engine, each format in its own process: latency-1 (1 x 128 in / 256 out, ignore_eos) and
+   throughput-decode (``--num-prompts`` x 128 / 1024, default 1000), with weight memory, peak memory and
+   KV blocks. A table last.
+
+    python3 benchmarks/gpu/bench_quant_gpu.py [--num-prompts 1000] [--skip-kernels] [--modes bf16,awq,fp8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up_proj": (4096, 28672),
+          "down_proj": (14336, 4096)}      # (K in, N out)
+AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. kernels
+# ---------------------------------------------------------------------------------------------------
+
+def _time_ms(fn, reps: int = 50) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    g.replay()
+    torch.cuda.synchronize()
+    start.record()
+    g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _time_projection(x: torch.Tensor, w4, w8, wf: torch.Tensor) -> tuple[float, float, float]:
+    """Microseconds of bf16 F.linear, the int4 kernel and the FP8 path (Triton W8A16 up to 16 rows, else
+    per-token quantization + torch._scaled_mm) for one projection."""
+    from aphrodite.kernels.fp8_quant import per_token_quant_fp8, scaled_mm_fp8
+    from aphrodite.kernels.int4_matmul import quant_matmul
+
+    def fp8() -> torch.Tensor:
+        if x.shape[0] <= 16:
+            return quant_matmul(x, w8)
+        xq, xs = per_token_quant_fp8(x)
+        return scaled_mm_fp8(xq, xs, w8.weight, w8.scales, torch.bfloat16)
+
+    quant_matmul(x, w4)        # the tuner times its candidates outside the graph
+    fp8()
+    tb = _time_ms(lambda: torch.nn.functional.linear(x, wf)) * 1e3
+    return tb, _time_ms(lambda: quant_matmul(x, w4)) * 1e3, _time_ms(fp8) * 1e3
+
+
+def kernels() -> bool:
+    from aphrodite.kernels.fp8_quant import per_token_quant_fp8, quantize_weight_fp8, scaled_mm_fp8
+    from aphrodite.kernels.int4_matmul import FMT_FP8, QuantWeight, dequantize, quant_matmul, repack_int4, tuned_configs
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ok = True
+    print("== kernel correctness (max |err| / max |ref|, bf16 activations) ==", flush=True)
+    weights = {}
+    for name, (k, n) in SHAPES.items():
+        codes = torch.randint(0, 16, (k, n), dtype=torch.uint8, device=dev, generator=gen)
+        scales = (torch.rand(k // 128, n, device=dev, generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
+        zeros = torch.randint(0, 16, (k // 128, n), device=dev, generator=gen).to(torch.bfloat16)
+        w4 = repack_int4(codes, scales, zeros, 128)
+        wf = torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02
+        q8, s8 = quantize_weight_fp8(wf)
+        w8 = QuantWeight(FMT_FP8, q8, s8.reshape(1, n).contiguous(), k, n, k)
+        weights[name] = (w4, w8, wf)
+        d4 = dequantize(w4, torch.float32)
+        d8 = dequantize(w8, torch.float32)
+        for m in (1, 4, 16, 64, 256, 1024):
+            x = torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16)
+            ref4 = x.float() @ d4
+            e4 = ((quant_matmul(x, w4).float() - ref4).abs().max() / ref4.abs().max()).item()
+            if m <= 16:
+                out8 = quant_matmul(x, w8)
+                ref8 = x.float() @ d8
+            else:
+                xq, xs = per_token_quant_fp8(x)
+                out8 = scaled_mm_fp8(xq, xs, q8, s8, torch.bfloat16)
+                ref8 = (xq.float() * xs) @ d8
+            e8 = ((out8.float() - ref8).abs().max() / ref8.abs().max()).item()
+            good = e4 < 1e-2 and e8 < 2e-2
+            ok &= good
+            print(f"{name:13s} M={m:5d}  int4 {e4:.2e}  fp8 {e8:.2e}  {'ok' if good else 'FAIL'}", flush=True)
+    print("== per-projection time, us (CUDA graph of 50 launches) ==", flush=True)
+    print(f"{'proj':13s} {'M':>5s} {'bf16':>8s} {'int4':>8s} {'fp8':>8s}  int4 GB/s", flush=True)
+    for name, (k, n) in SHAPES.items():
+        for m in (1, 256):
+            tb, t4, t8 = _time_projection(torch.randn(m, k, device=dev, dtype=torch.bfloat16), *weights[name])
+            nbytes = k * n // 2 + (k // 128) * n * 4
+            print(f"{name:13s} {m:5d} {tb:8.1f} {t4:8.1f} {t8:8.1f}  {nbytes / t4 / 1e3:8.0f}", flush=True)
+    print("== tuner choices ==")
+    for key, cfg in sorted(tuned_configs().items(), key=str):
+        print(f"  fmt={key[0]} rows<={key[1]} N={key[2]} K={key[3]}: {cfg}")
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. engine
+# ---------------------------------------------------------------------------------------------------
+
+def engine_run(mode: str, num_prompts: int, out_path: str) -> None:
+    """One format: start the engine, latency-1, throughput-decode; results as JSON."""
+    import numpy as np
+
+    from aphrodite import LLM, SamplingParams
+    from aphrodite.benchmarks.model_shapes import MODEL_SHAPES
+    config = dict(MODEL_SHAPES["llama-3.1-8b"])
+    if mode == "awq":
+        config["quantization_config"] = AWQ_CONFIG
+    res: dict = {"mode": mode}
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(config, f)
+        t0 = time.perf_counter()
+        llm = LLM(d, load_format="dummy", skip_tokenizer_init=True, quantization="fp8" if mode == "fp8" else None)
+        res["startup_s"] = time.perf_counter() - t0
+        runner = llm.llm_engine.executor.runner
+        res["weights_gib"] = sum(p.numel() * p.element_size() for p in runner.model.parameters()) / 2**30
+        res["kv_blocks"] = llm.llm_engine.config.cache.num_blocks
+        res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        vocab = config["vocab_size"]
+        rng = np.random.default_rng(0)
+
+        def prompts(n: int) -> list[dict]:
+            return [{"prompt_token_ids": p} for p in rng.integers(100, vocab - 100, size=(n, 128)).tolist()]
+
+        lat = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=256, ignore_eos=True, detokenize=False)
+        llm.generate(prompts(1), lat, use_tqdm=False)
+        times = []
+        for _ in range(3):
+            p = prompts(1)
+            t = time.perf_counter()
+            out = llm.generate(p, lat, use_tqdm=False)
+            times.append(time.perf_counter() - t)
+            assert len(out[0].outputs[0].token_ids) == 256
+        res["latency1_tok_s"] = 256 / (sum(times) / len(times))
+        dec = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=1024, ignore_eos=True, detokenize=False)
+        batch = prompts(num_prompts)
+        t = time.perf_counter()
+        outs = llm.generate(batch, dec, use_tqdm=False)
+        secs = time.perf_counter() - t
+        gen = sum(len(o.outputs[0].token_ids) for o in outs)
+        res["decode_out_tok_s"] = gen / secs
+        res["decode_req_s"] = num_prompts / secs
+        res["decode_prompts"] = num_prompts
+    with open(out_path, "w") as f:
+        json.dump(res, f)
+    print(json.dumps(res), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--modes", default="awq,fp8,bf16")
+    parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--engine-mode", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.engine_mode:
+        engine_run(args.engine_mode, args.num_prompts, args.out)
+        return 0
+    print(torch.cuda.get_device_name(), flush=True)
+    ok = True if args.skip_kernels else kernels()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for mode in args.modes.split(","):
+            out = os.path.join(d, f"{mode}.json")
+            cmd = [sys.executable, __file__, "--engine-mode", mode, "--out", out,
+                   "--num-prompts", str(args.num_prompts)]
+            t = time.perf_counter()
+            rc = subprocess.run(cmd).returncode
+            print(f"[{mode}] finished rc={rc} in {time.perf_counter() - t:.0f} s", flush=True)
+            if rc == 0 and os.path.exists(out):
+                with open(out) as f:
+                    rows.append(json.load(f))
+            else:
+                ok = False
+    print("\n== results (Llama-3.1-8B shape, dummy weights; vLLM 0.26 same H200: bf16 200.9 / 16.1k, "
+          "fp8 283.4 / 18.7k, AWQ 251.6 / 17.0k) ==")
+    print(f"{'mode':6s} {'latency-1 tok/s':>16s} {'decode out tok/s':>17s} {'prompts':>8s} {'weights GiB':>12s} "
+          f"{'peak GiB':>9s} {'KV blocks':>10s} {'start s':>8s}")
+    for r in rows:
+        print(f"{r['mode']:6s} {r['latency1_tok_s']:16.1f} {r['decode_out_tok_s']:17.0f} {r['decode_prompts']:8d} "
+              f"{r['weights_gib']:12.2f} {r['peak_gib']:9.1f} {r['kv_blocks']:10d} {r['startup_s']:8.0f}")
+    print("KERNELS", "ok" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Every supported family against Hugging Face transformers, on a tiny random config built at test time.
+
+One module, parametrized over the families: logits through the paged KV cache (chunked prefill, then
+decode) equal HF's; greedy generation through the engine equals HF ``generate`` for a batch of
+mixed-length prompts; families with a sliding window get prompts longer than the window, chunked
+prefill and a prefix-cache hit.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from aphrodite import LLM, SamplingParams
+from aphrodite.modeling.layers.attention import Attention
+from tests.modeling.test_llama import check_prefill_then_decode, from_hf, hf_logits
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.1,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+WINDOW = 12
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+
+# family -> (transformers config class name, overrides). Windows shorter than the test prompts.
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mistral": ("MistralConfig", dict(sliding_window=WINDOW)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
+    "qwen2": ("Qwen2Config", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                                   "original_max_position_embeddings": 64})),
+    "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=True)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, shared_expert_intermediate_size=48, norm_topk_prob=False,
+                                         num_hidden_layers=3, mlp_only_layers=[1], **MOE)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=6, norm_topk_prob=True, head_dim=24, **MOE)),
+    "gemma2": ("Gemma2Config", dict(head_dim=24, query_pre_attn_scalar=20, sliding_window=WINDOW,
+                                    layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=3.0,
+                                    final_logit_softcapping=6.0, tie_word_embeddings=True)),
+    "gemma3": ("Gemma3TextConfig", dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}})),
+    "phi3": ("Phi3Config", dict(sliding_window=WINDOW, original_max_position_embeddings=64, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+        "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0], "original_max_position_embeddings": 64})),
+}
+SLIDING = {"mistral", "mixtral", "gemma2", "gemma3", "phi3"}
+
+
+def make_hf_model(family: str, seed: int = 0) -> torch.nn.Module:
+    import transformers
+    config_name, overrides = FAMILIES[family]
+    config = getattr(transformers, config_name)(**{**TINY, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():   # norms and biases random too, so one loaded wrong (or not at all) shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5) if family.startswith("gemma") else p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+            elif name.endswith(("mlp.gate.weight", "router.weight", "block_sparse_moe.gate.weight")):
+                p.normal_(0.0, 1.0)   # decisive routing: ties between experts would make top-k arbitrary
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The HF model of one family and its checkpoint saved as HF does (per-expert tensor names)."""
+    name = request.param
+    model = make_hf_model(name)
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    return {"name": name, "hf": model, "path": str(path)}
+
+
+def test_logits_match_hf_through_the_paged_cache(family: dict[str, Any]) -> None:
+    hf_model = family["hf"]
+    model = from_hf(hf_model)
+    ids = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(1))
+    reference = hf_logits(hf_model, ids)
+    assert reference.std() > 0.3   # logits large enough that ATOL is a real check
+    check_prefill_then_decode(model, reference, ids, prompt_len=29)
+    windows = {m.sliding_window for m in model.modules() if isinstance(m, Attention)}
+    assert windows == ({WINDOW} if family["name"] in {"mistral", "mixtral", "phi3"} else
+                       {WINDOW, None} if family["name"] in SLIDING else {None})
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def assert_hf_greedy(hf_model: torch.nn.Module, prompt: list[int], generated: list[int]) -> None:
+    """``generated`` is HF's greedy continuation of ``prompt``: each token is the argmax of HF's logits
+    after the tokens before it (one HF forward over the whole sequence instead of a generate loop)."""
+    ids = torch.tensor(prompt + generated[:-1])
+    expected = hf_logits(hf_model, ids)[len(prompt) - 1:].argmax(-1).tolist()
+    assert generated == expected
+
+
+def test_engine_greedy_matches_hf(family: dict[str, Any]) -> None:
+    """A batch of mixed-length prompts (each longer than a sliding window) through ``LLM``, with chunked
+    prefill (16-token budget), 8-token blocks and the prefix cache: each equals HF's greedy generation alone.
+    A second request sharing a prompt prefix hits the cache and still matches."""
+    llm = LLM(family["path"], device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
+              block_size=8, max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=True,
+              num_gpu_blocks_override=64)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (5, 29, 17)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(24), use_tqdm=False)
+    for p, out in zip(prompts, outs, strict=True):
+        assert_hf_greedy(family["hf"], p, list(out.outputs[0].token_ids))
+    kv = llm.llm_engine.kv_cache
+    hits = kv.prefix_hits
+    again = prompts[1][:24] + [7, 8, 9, 10, 11]
+    out = llm.generate({"prompt_token_ids": again}, greedy(24), use_tqdm=False)[0]
+    assert kv.prefix_hits > hits
+    assert_hf_greedy(family["hf"], again, list(out.outputs[0].token_ids))
+    assert kv.num_free_blocks == kv.num_blocks   # every block back in the pool (window-freed ones once)

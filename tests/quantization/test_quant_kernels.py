@@ -1,0 +1,94 @@
+"""The fused dequantizing GEMM (Triton, interpreted on the CPU) and the FP8 activation quantizer vs
+float64 recomputations, through every launch shape: one row (FMA path), several rows (tl.dot), split-K
+with the in-kernel reduction, act-order permutations, uneven groups, and dequantize + matmul."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aphrodite.kernels.fp8_quant import per_token_quant_fp8, scaled_mm_fp8
+from aphrodite.kernels.int4_matmul import FMT_FP8, Config, QuantWeight, quant_matmul, repack_int4
+from tests.quantization import packing
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _int4_case(k: int, n: int, group: int, asym: bool, g_idx: torch.Tensor | None):
+    gen = torch.Generator().manual_seed(k + n)
+    w = torch.randn(n, k, generator=gen)
+    gi = torch.arange(k) // group if g_idx is None else g_idx
+    codes, scales, zeros = packing.quantize_groups(w, group, not asym, gi)
+    ref = packing.dequant(codes, scales, zeros, gi)                        # [N, K] float64
+    qw = repack_int4(codes.t().contiguous().to(torch.uint8), scales.t().float().contiguous(),
+                     zeros.t().float().contiguous() if asym else None, group, g_idx)
+    return qw, ref
+
+
+CONFIGS = [Config(1, 16, 32, splits=1), Config(1, 32, 16, splits=3), Config(16, 16, 32, splits=1),
+           Config(16, 32, 16, splits=2), Config(dequant=True)]
+
+
+def _cfg_id(c: Config) -> str:
+    return f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.splits}d{int(c.dequant)}"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
+@pytest.mark.parametrize("layout", ["sym", "asym", "actorder", "uneven"])
+def test_int4_matmul(cfg, layout):
+    k, n, group = 128, 48, 32
+    g_idx = None
+    if layout == "actorder":
+        g_idx = torch.randperm(k, generator=torch.Generator().manual_seed(3)) // group
+    elif layout == "uneven":   # a tensor-parallel shard of an act-order layer: groups of any size
+        g_idx = torch.randint(0, 6, (k,), generator=torch.Generator().manual_seed(4))
+    qw, ref = _int4_case(k, n, group, layout != "sym", g_idx)
+    assert (qw.g_idx is not None) == (layout == "uneven")
+    assert (qw.perm is not None) == (layout in ("actorder", "uneven"))
+    rows = 1 if cfg.block_m == 1 and not cfg.dequant else 5
+    x = torch.randn(rows, k)
+    bias = torch.randn(n)
+    got = quant_matmul(x, qw, bias, config=cfg).double()
+    want = x.double() @ ref.t() + bias.double()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:4], ids=lambda c: f"m{c.block_m}s{c.splits}")
+@pytest.mark.parametrize("block", [None, (16, 32)], ids=["channel", "block"])
+def test_fp8_weight_matmul(cfg, block):
+    k, n = 96, 64
+    w = torch.randn(n, k)
+    if block is None:
+        wq, scale = packing.quantize_fp8_channel(w)
+        ref = wq.double() * scale.double()[:, None]
+        qw = QuantWeight(FMT_FP8, wq, scale.reshape(1, n), k, n, k)
+    else:
+        bn, bk = block
+        wq, scale = packing.quantize_fp8_block(w, bn, bk)
+        ref = packing.dequant_fp8_block(wq, scale, bn, bk)
+        qw = QuantWeight(FMT_FP8, wq, scale.t().contiguous(), k, n, bk, bn)
+    x = torch.randn(1 if cfg.block_m == 1 else 4, k)
+    got = quant_matmul(x, qw, config=cfg).double()
+    want = x.double() @ ref.t()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_per_token_quant_and_scaled_mm(static):
+    x = torch.randn(5, 200) * torch.tensor([0.01, 1.0, 30.0, 100.0, 3.0])[:, None]
+    s_in = torch.tensor([0.25]) if static else None
+    q, s = per_token_quant_fp8(x, s_in)
+    amax = x.double().abs().amax(1, keepdim=True)
+    want_s = torch.full_like(amax, 0.25) if static else amax / 448.0
+    torch.testing.assert_close(s.double(), want_s, rtol=1e-6, atol=0)
+    # Round-trip error of e4m3 is at most half an ulp: 2^-4 relative for normal values.
+    back = q.double() * s.double()
+    clipped = x.double().clamp(-448 * want_s, 448 * want_s)
+    assert bool(((back - clipped).abs() <= clipped.abs() * 2**-4 + want_s * 2**-9).all())
+    w = torch.randn(24, 200)
+    wq, ws = packing.quantize_fp8_channel(w)
+    out = scaled_mm_fp8(q, s, wq, ws, torch.float32)
+    want = back @ (wq.double() * ws.double()[:, None]).t()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
