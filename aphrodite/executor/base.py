@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from aphrodite.config import EngineConfig
 from aphrodite.lora.request import LoRARequest
@@ -52,6 +53,18 @@ class Executor:
 
     def remove_lora(self, lora_int_id: int) -> bool:
         raise NotImplementedError
+
+    @staticmethod
+    def _add_lora_on_ranks(call_all: Callable[..., list[Any]], lora_request: LoRARequest) -> bool:
+        """``add_lora`` through ``call_all(method, *args)`` (every rank's answer): ranks answer
+        ``Worker.add_lora_or_error``, since an exception would end a worker; the first error is raised
+        here as the ValueError it was, after the ranks that did load the adapter drop it again."""
+        results = call_all("add_lora_or_error", lora_request)
+        error = next((e for _, e in results if e is not None), None)
+        if error is not None:
+            call_all("remove_lora", lora_request.lora_int_id)
+            raise ValueError(error)
+        return results[0][0]
 
 
 def hang_timeout_s() -> float:

@@ -93,12 +93,7 @@ class MultiprocExecutor(Executor):
         self._call_all("initialize_kv_cache", num_blocks)
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
-        results = self._call_all_between_steps("add_lora_or_error", lora_request)
-        error = next((e for _, e in results if e is not None), None)
-        if error is not None:
-            self._call_all("remove_lora", lora_request.lora_int_id)   # ranks that did load it drop it
-            raise ValueError(error)
-        return results[0][0]
+        return self._add_lora_on_ranks(self._call_all_between_steps, lora_request)
 
     def remove_lora(self, lora_int_id: int) -> bool:
         return self._call_all_between_steps("remove_lora", lora_int_id)[0]
@@ -194,22 +189,25 @@ class MultiprocExecutor(Executor):
     def shutdown(self) -> None:
         if self._dead is None:
             self._dead = ExecutorDeadError("The executor has shut down.")
-            deadline = time.monotonic() + 1.0
-
-            def give_up() -> None:
-                if time.monotonic() > deadline:
-                    raise TimeoutError
-
-            try:  # ask politely; a full ring (a stuck reader) is not waited on for long
-                self.mq.enqueue(("shutdown", ()), give_up)
-            except Exception:
-                pass
         self._finalizer()
 
 
 def _stop_workers(procs: list[Any], mq: ShmBroadcast) -> None:
-    """Give workers a moment to leave on their own, then terminate and finally kill them."""
-    deadline = time.monotonic() + 3.0
+    """Ask the workers to leave (also when the engine is garbage-collected or the interpreter exits),
+    give them a moment, then terminate and finally kill them."""
+    polite = all(p.is_alive() for p in procs)   # else the survivors may be stuck waiting on the lost rank
+    if polite:
+        deadline = time.monotonic() + 1.0
+
+        def give_up() -> None:
+            if time.monotonic() > deadline:
+                raise TimeoutError
+
+        try:  # a full ring (a stuck reader) is not waited on for long
+            mq.enqueue(("shutdown", ()), give_up)
+        except Exception:
+            pass
+    deadline = time.monotonic() + (3.0 if polite else 0.2)
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
     for p in procs:
@@ -250,17 +248,29 @@ def worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: s
         worker = Worker(config, rank, local_rank, init_method)
         mq = ShmBroadcast.attach(handle, rank, spin_s=0.05 if config.device.type == "cuda" else 1e-4)
         conn.send(("result", worker.is_output_rank))
+        # With async scheduling the engine queues step N+1 before it reads step N: the output rank
+        # queues N+1 on the device before it waits for N's results, and delivers N early only once the
+        # device is done with it and nothing new has come. Without it, results go back at once.
+        overlap = config.async_scheduling
         pending = None
         while True:
-            if pending is not None and not mq.ready():
-                conn.send(("result", pending.result()))   # nothing queued behind it: deliver now
-                pending = None
+            if pending is not None:
+                while not mq.ready() and not pending.done():
+                    os.sched_yield()
+                if not mq.ready():
+                    conn.send(("result", pending.result()))
+                    pending = None
             msg = mq.dequeue(engine_alive)
             if isinstance(msg, StepPlan):
                 future = worker.execute(msg)
                 if pending is not None:
                     conn.send(("result", pending.result()))
-                pending = future if worker.is_output_rank else None
+                    pending = None
+                if worker.is_output_rank:
+                    if overlap:
+                        pending = future
+                    else:
+                        conn.send(("result", future.result()))
                 continue
             if pending is not None:
                 conn.send(("result", pending.result()))

@@ -13,6 +13,7 @@ from typing import Any
 
 from aphrodite.config import EngineConfig
 from aphrodite.executor.base import Executor, ExecutorDeadError, step_timeout_s
+from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.step_future import ModelRunnerOutput
 from aphrodite.worker.step_plan import StepPlan
 
@@ -129,6 +130,16 @@ class RayExecutor(Executor):
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._get([a.call.remote("initialize_kv_cache", num_blocks) for a in self.actors])
+
+    def _call_all(self, method: str, *args: Any) -> list[Any]:
+        """Every actor's ``Worker.method(*args)``; an actor runs its calls in order, after its queued steps."""
+        return self._get([a.call.remote(method, *args) for a in self.actors])
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return self._add_lora_on_ranks(self._call_all, lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self._call_all("remove_lora", lora_int_id)[0]
 
     def execute_async(self, plan: StepPlan) -> _Future:
         if self._dead is not None:

@@ -152,7 +152,7 @@ def _wq_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, gidx_ptr, bias_ptr, ou
                     FMT: tl.constexpr, GROUP: tl.constexpr, SCALE_BN: tl.constexpr,
                     HAS_ZP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SPLIT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr):
+                    SPLIT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -168,7 +168,9 @@ def _wq_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, gidx_ptr, bias_ptr, ou
         offs_nw = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
         nw_ok = offs_nw < N // 8
         shifts = (tl.arange(0, BLOCK_N) % 8) * 4
-    if DOT:
+    if SWAP:    # out^T = W^T x^T: the dequantized tile is the MMA's A operand, which may stay in registers
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    elif DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
@@ -206,7 +208,14 @@ def _wq_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, gidx_ptr, bias_ptr, ou
                 w = (q - 8.0) * s
         else:
             w = q * s
-        if DOT:
+        if SWAP:
+            xt = tl.load(x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + xk[:, None],
+                         mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+            if IEEE:
+                acc = tl.dot(tl.trans(w.to(xt.dtype)), xt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tl.trans(w.to(xt.dtype)), xt, acc)
+        elif DOT:
             x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + xk[None, :],
                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if IEEE:
@@ -216,7 +225,9 @@ def _wq_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, gidx_ptr, bias_ptr, ou
         else:
             x1 = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + xk, mask=k_ok, other=0.0).to(tl.float32)
             acc += x1[:, None] * w
-    if DOT:
+    if SWAP:
+        res = tl.trans(acc)
+    elif DOT:
         res = acc
     else:
         res = tl.sum(acc, 0)[None, :]
@@ -301,6 +312,7 @@ class Config:
     warps: int = 4
     stages: int = 3
     dequant: bool = False
+    swap: bool = False         # compute out^T = W^T x^T (the dequantized weight as the MMA's A operand)
 
 
 @functools.lru_cache(maxsize=8)
@@ -331,11 +343,14 @@ def _candidates(m: int) -> list[Config]:
     bm = next_pow2(m)
     if m <= 64:
         return [Config(bm, 64, 64, target=2), Config(bm, 128, 64, target=2), Config(bm, 256, 64, target=2, warps=8),
-                Config(bm, 64, 128, target=1, stages=4), Config(bm, 128, 64, splits=1, warps=8)]
+                Config(bm, 64, 128, target=1, stages=4), Config(bm, 128, 64, splits=1, warps=8),
+                Config(bm, 128, 64, target=2, swap=True)]
     return [Config(64, 128, 64, splits=1, warps=4, stages=4), Config(128, 128, 64, splits=1, warps=8, stages=3),
             Config(128, 64, 64, splits=1, warps=4, stages=4), Config(128, 256, 64, splits=1, warps=8, stages=3),
             Config(64, 128, 64, target=2, warps=4, stages=4), Config(128, 128, 64, target=1, warps=8),
-            Config(dequant=True)]
+            Config(64, 128, 64, splits=1, warps=4, stages=4, swap=True),
+            Config(128, 128, 64, splits=1, warps=8, stages=3, swap=True),
+            Config(64, 256, 64, splits=1, warps=8, stages=3, swap=True), Config(dequant=True)]
 
 
 def _default_config(m: int, device: torch.device) -> Config:
@@ -428,7 +443,7 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
         FMT=w.fmt, GROUP=w.group if w.fmt == FMT_INT4 or w.scales.shape[0] > 1 else block_k,
         SCALE_BN=w.scale_bn, HAS_ZP=w.zeros is not None, HAS_PERM=w.perm is not None,
         HAS_GIDX=w.g_idx is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT=splits > 1, DOT=dot,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT=splits > 1, DOT=dot, SWAP=cfg.swap and dot,
         IEEE=x.dtype == torch.float32, num_warps=cfg.warps, num_stages=cfg.stages)
 
 

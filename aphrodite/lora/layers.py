@@ -27,6 +27,7 @@ from aphrodite.kernels.lora import (
     LoRAMetadata,
     lora_expand,
     lora_shrink,
+    lora_token_metadata,
     lora_token_metadata_host,
 )
 from aphrodite.kernels.triton_utils import use_triton
@@ -38,7 +39,7 @@ from aphrodite.modeling.layers.linear import (
     RowParallelLinear,
 )
 
-__all__ = ["LoRALinear", "LoRAState"]
+__all__ = ["LoRAEmbedding", "LoRALinear", "LoRALogits", "LoRAState"]
 
 
 class LoRAState:
@@ -227,3 +228,103 @@ class LoRALinear(nn.Module):
         if getattr(base, "gather_output", False) and base.tp_size > 1:
             out = tensor_model_parallel_all_gather(out, dim=-1)
         return out
+
+
+def _stacked_b(max_loras: int, rows: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[S, rows, width]`` B weights; on the CPU stored ``[rows, S, width]`` (see ``LoRALinear``)."""
+    if device.type == "cuda":
+        return torch.zeros(max_loras, rows, width, dtype=dtype, device=device)
+    return torch.zeros(rows, max_loras, width, dtype=dtype).permute(1, 0, 2)
+
+
+class LoRAEmbedding(nn.Module):
+    """The token embedding plus ``B[slot] @ A[slot][:, token]`` (PEFT's ``lora_embedding_A/B``).
+
+    A and B are kept whole on every rank (the base embedding's output is already all-reduced), A
+    transposed so a token's rank vector is one row: ``lora_a [S, vocab, R]``."""
+
+    def __init__(self, base_layer: nn.Module, state: LoRAState, max_loras: int, max_rank: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.state = state
+        self.shard_ids = [None]
+        device = state.buffer.device
+        self.lora_a = torch.zeros(max_loras, base_layer.num_embeddings, max_rank, dtype=dtype, device=device)
+        self.lora_b = _stacked_b(max_loras, base_layer.embedding_dim, max_rank, dtype, device)
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_layer"], name)
+
+    def check_shapes(self, module: str, index: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        vocab, dim = self.base_layer.num_embeddings, self.base_layer.embedding_dim
+        if a.shape[1] != vocab or b.shape[0] != dim:
+            raise ValueError(f"LoRA weights of {module} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; the model "
+                             f"needs A [r, {vocab}], B [{dim}, r]: the adapter is for another model.")
+
+    def set_slot(self, slot: int, weights: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        if weights[0] is not None:
+            a, b = weights[0]
+            r = a.shape[0]
+            self.lora_a[slot, :, :r].copy_(a.t(), non_blocking=True)
+            self.lora_b[slot][:, :r].copy_(b, non_blocking=True)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(input_ids)
+        meta = self.state.meta
+        if meta is None:
+            return out
+        out = out.contiguous()
+        buf = self.lora_a[meta[0].clamp(min=0), input_ids].float()   # rows of slot -1 are never added
+        lora_expand(buf, self.lora_b, meta, out.view(-1, out.shape[-1]))
+        return out
+
+
+class LoRALogits:
+    """LoRA on the LM head: ``model.compute_logits`` then adds each row's ``(h @ A^T) @ B^T``.
+
+    The rows of a ``compute_logits`` call are the runner's choice (sampled rows, prompt-logprob
+    slices), so the runner says each row's slot first (``row_slots``). A and B are whole on every rank
+    and the delta is added to the gathered logits."""
+
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        head = model.lm_head
+        self.vocab, hidden = head.num_embeddings, head.embedding_dim
+        self.shard_ids = [None]
+        self.num_slots = max_loras
+        self.lora_a = torch.zeros(max_loras, max_rank, hidden, dtype=dtype, device=device)
+        self.lora_b = _stacked_b(max_loras, self.vocab, max_rank, dtype, device)
+        self.row_slots: torch.Tensor | None = None     # set by the runner before each call; None: no LoRA
+        self._compute = model.compute_logits
+        model.compute_logits = self.compute_logits
+
+    def check_shapes(self, module: str, index: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        hidden = self.lora_a.shape[2]
+        if a.shape[1] != hidden or b.shape[0] != self.vocab:
+            raise ValueError(f"LoRA weights of {module} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; the model "
+                             f"needs A [r, {hidden}], B [{self.vocab}, r]: the adapter is for another model.")
+
+    def set_slot(self, slot: int, weights: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        if weights[0] is not None:
+            a, b = weights[0]
+            r = a.shape[0]
+            self.lora_a[slot, :r].copy_(a, non_blocking=True)
+            self.lora_b[slot][:, :r].copy_(b, non_blocking=True)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._compute(hidden)
+        rows, self.row_slots = self.row_slots, None
+        if rows is None:
+            return logits
+        meta = (lora_token_metadata(rows, self.num_slots) if use_triton(logits)
+                else (rows, rows, rows, rows))
+        lora_expand(lora_shrink(hidden.contiguous(), self.lora_a, meta), self.lora_b, meta, logits)
+        return logits

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from aphrodite.lora.layers import LoRALinear, LoRAState
+from aphrodite.lora.layers import LoRAEmbedding, LoRALinear, LoRALogits, LoRAState
 from aphrodite.lora.models import LoRAAdapter, load_adapter
 from aphrodite.lora.request import LoRARequest
+from aphrodite.modeling.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from aphrodite.modeling.layers.linear import LinearBase
 
 __all__ = ["PACKED_MODULES", "LoRAManager"]
@@ -41,14 +42,20 @@ class LoRAManager:
         self.device = device
         self.dtype = dtype
         self.state = LoRAState(max_loras, max_tokens, device)
-        self.layers: list[tuple[LoRALinear, list[str]]] = []   # each wrapper and its HF module names
-        self.targets: dict[str, tuple[LoRALinear, int]] = {}    # HF module name -> (wrapper, projection)
+        self.logits: LoRALogits | None = None
+        self.head_ids: set[int] = set()     # adapters with LM-head weights
+        self.layers: list[tuple[Any, list[str]]] = []     # each wrapper and its HF module names
+        self.targets: dict[str, tuple[Any, int]] = {}      # HF module name -> (wrapper, projection)
         packed = getattr(model, "packed_modules_mapping", PACKED_MODULES)
         for name, module in list(model.named_modules()):
-            if not isinstance(module, LinearBase):
-                continue
             parent_name, _, leaf = name.rpartition(".")
-            wrapper = LoRALinear(module, self.state, max_loras, max_lora_rank, dtype)
+            if isinstance(module, LinearBase):
+                wrapper = LoRALinear(module, self.state, max_loras, max_lora_rank, dtype)
+            elif isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead):
+                # A tied LM head keeps pointing at the original module: the wrapper only changes the lookup.
+                wrapper = LoRAEmbedding(module, self.state, max_loras, max_lora_rank, dtype)
+            else:
+                continue
             setattr(model.get_submodule(parent_name) if parent_name else model, leaf, wrapper)
             hf = [f"{parent_name}.{p}" if parent_name else p for p in packed.get(leaf, [leaf])]
             if len(hf) != len(wrapper.shard_ids):
@@ -56,14 +63,19 @@ class LoRAManager:
             self.layers.append((wrapper, hf))
             for i, n in enumerate(hf):
                 self.targets[n] = (wrapper, i)
-        model.register_forward_pre_hook(self._pre_forward)
+        if isinstance(getattr(model, "lm_head", None), VocabParallelEmbedding):   # not on earlier pipeline stages
+            self.logits = LoRALogits(model, max_loras, max_lora_rank, dtype, device)
+            self.layers.append((self.logits, ["lm_head"]))
+            self.targets["lm_head"] = (self.logits, 0)
+        model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self.registry: dict[int, LoRARequest] = {}
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self.slot_of: OrderedDict[int, int] = OrderedDict()      # adapter id -> device slot, LRU first
         self.free_slots = list(range(max_loras))
 
-    def _pre_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self.state.prepare(args[0].shape[0])
+    def _pre_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        input_ids = args[0] if args else kwargs["input_ids"]
+        self.state.prepare(input_ids.shape[0])
 
     # ---- adapters ----------------------------------------------------------------------
     def _load(self, request: LoRARequest) -> LoRAAdapter:
@@ -85,8 +97,11 @@ class LoRAManager:
         """Read and check the adapter and keep it; False if this id is already there."""
         if request.lora_int_id in self.registry:
             return False
-        self._cache(self._load(request))
+        adapter = self._load(request)
+        self._cache(adapter)
         self.registry[request.lora_int_id] = request
+        if "lm_head" in adapter.weights:
+            self.head_ids.add(request.lora_int_id)
         logger.info("Loaded LoRA adapter %s (id %d) from %s", request.lora_name, request.lora_int_id,
                     request.lora_path)
         return True
@@ -94,6 +109,7 @@ class LoRAManager:
     def remove_lora(self, lora_int_id: int) -> bool:
         """Forget an adapter (host copy and device slot); False if it was not loaded."""
         self.host.pop(lora_int_id, None)
+        self.head_ids.discard(lora_int_id)
         slot = self.slot_of.pop(lora_int_id, None)
         if slot is not None:
             self.free_slots.append(slot)
@@ -145,3 +161,11 @@ class LoRAManager:
         self.state.active = bool(used)
         if used or self.device.type == "cuda":
             self.state.fill(slots)
+
+    def set_logit_rows(self, lora_ids: Sequence[int]) -> None:
+        """Before ``compute_logits``: the adapter of each hidden row it gets (LM-head LoRA only)."""
+        if self.logits is None or not self.head_ids.intersection(lora_ids):
+            return
+        slots = np.fromiter((self.slot_of.get(i, -1) if i in self.head_ids else -1 for i in lora_ids),
+                            dtype=np.int64, count=len(lora_ids))
+        self.logits.row_slots = torch.from_numpy(slots).to(self.device, non_blocking=True)

@@ -111,14 +111,14 @@ def load_adapter(request: LoRARequest, max_rank: int, supported: set[str], dtype
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in _read_tensors(directory).items():
         k = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        if k.endswith(".base_layer.weight"):
+            # PEFT saves a copy of the base embedding / LM head beside their LoRA ("save_embedding_layers");
+            # the base model's own weights are used (a resized vocabulary fails the shape check instead).
+            continue
         for suffix, which in ((".lora_A.weight", "A"), (".lora_B.weight", "B"),
                               (".lora_embedding_A", "A"), (".lora_embedding_B", "B")):
             if k.endswith(suffix):
-                module = k[:-len(suffix)]
-                if suffix.startswith(".lora_embedding"):
-                    raise ValueError(f"Adapter {name!r} adapts the embedding ({module}); LoRA on embeddings is "
-                                     "not supported.")
-                parts.setdefault(module, {})[which] = tensor
+                parts.setdefault(k[:-len(suffix)], {})[which] = tensor
                 break
         else:
             raise ValueError(f"Adapter {name!r} holds an unexpected tensor {key!r}.")

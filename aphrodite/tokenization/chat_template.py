@@ -6,16 +6,18 @@ the template for; this module only checks and normalizes the messages first, and
 every failure into a ``ValueError`` the HTTP layer can answer with a 400.
 
 Jinja's sandbox stops code from escaping, not from looping: a template sent with a request can
-spin for minutes. ``time_budget_s`` bounds that: past it the rendering thread is interrupted
-(an asynchronous exception, which compiled Jinja, being Python bytecode, receives within
-milliseconds) and the call fails with a ``ValueError``.
+spin for minutes, holding the GIL. ``time_budget_s`` bounds that: the compiled template's own
+lines are traced (its code is Python bytecode), so past the budget the rendering fails with a
+``ValueError``, and every couple of milliseconds it sleeps a moment so that the server's event
+loop and engine thread get the GIL at once, not when the interpreter's switch interval and the
+OS scheduler happen to favour them.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import threading
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -66,46 +68,48 @@ def load_chat_template(arg: str | None) -> str | None:
 
 
 class TemplateBudgetExceeded(Exception):
-    """Raised inside a rendering thread whose time budget ran out."""
+    """Raised inside a rendering whose time budget ran out."""
 
 
-def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
-                                               ctypes.py_object(exc) if exc is not None else None)
+_TEMPLATE_FILENAME = "<template>"  # what Jinja compiles template source under
+_CHECK_EVERY_LINES = 512
+_RUN_S, _YIELD_S = 0.002, 0.001  # at most 2 ms with the GIL, then 1 ms without
 
 
 @contextlib.contextmanager
 def time_budget(seconds: float | None) -> Iterator[None]:
-    """Raise ``TemplateBudgetExceeded`` in this thread once ``seconds`` have passed inside the block.
+    """Within the block, compiled Jinja templates run at most ``seconds`` (``TemplateBudgetExceeded``
+    after that) and give up the GIL for ``_YIELD_S`` after every ``_RUN_S`` they run.
 
-    Only pure-Python work is interrupted promptly (a single long C call finishes first). Nothing
-    stays pending after the block: a budget that runs out as the block ends still raises here.
+    Only this thread's template frames are traced, so the rest of the rendering runs at full speed.
     """
     if seconds is None:
         yield
         return
-    thread_id = threading.get_ident()
-    lock = threading.Lock()
-    state = {"armed": True, "fired": False}
+    start = time.monotonic()
+    deadline = start + seconds
+    state = {"lines": 0, "ran_since": start}
 
-    def fire() -> None:
-        with lock:
-            if state["armed"]:
-                state["fired"] = True
-                _set_async_exc(thread_id, TemplateBudgetExceeded)
+    def in_template(frame: Any, event: str, arg: Any) -> Any:
+        state["lines"] += 1
+        if state["lines"] % _CHECK_EVERY_LINES == 0:
+            now = time.monotonic()
+            if now > deadline:
+                raise TemplateBudgetExceeded
+            if now - state["ran_since"] > _RUN_S:
+                time.sleep(_YIELD_S)
+                state["ran_since"] = time.monotonic()
+        return in_template
 
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        return in_template if frame.f_code.co_filename == _TEMPLATE_FILENAME else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
     try:
         yield
     finally:
-        with lock:
-            state["armed"] = False
-        timer.cancel()
-        if state["fired"]:
-            _set_async_exc(thread_id, None)  # clear it if it has not been raised yet
-            raise TemplateBudgetExceeded
+        sys.settrace(previous)
 
 
 def _content_text(content: Any, index: int) -> str:

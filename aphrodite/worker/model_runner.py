@@ -299,6 +299,8 @@ class ModelRunner:
 
         out = None
         if rows:
+            if self.lora_manager is not None:
+                self.lora_manager.set_logit_rows([r.lora_int_id for r in rows])
             logits = self.model.compute_logits(hidden if last is None else hidden[last])
             out = self.sampler(logits, md)
             # The state takes the sampled ids while they are still on the device (no wait).
@@ -349,6 +351,8 @@ class ModelRunner:
                 result[i] = []
                 continue
             base = starts[i] - c
+            if self.lora_manager is not None:
+                self.lora_manager.set_logit_rows([r.lora_int_id] * (last - first))
             logits = self.model.compute_logits(hidden[base + first:base + last])
             r.num_prompt_logprobs = max(r.num_prompt_logprobs, last + 1)
             if not want_result:

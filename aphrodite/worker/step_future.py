@@ -55,6 +55,10 @@ class StepFuture:
                 self._event.record()
         self._result: ModelRunnerOutput | None = None
 
+    def done(self) -> bool:
+        """True when ``result()`` would not wait for the device."""
+        return self._result is not None or self._event is None or self._event.query()
+
     def result(self) -> ModelRunnerOutput:
         if self._result is None:
             self._result = self._read()

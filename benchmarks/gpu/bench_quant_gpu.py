@@ -3,7 +3,8 @@
 
 1. Kernels at real sizes: the fused dequantizing GEMM (int4 and fp8) and the FP8 W8A8 path vs dequantize +
    cuBLAS in fp32, for the four projections of a layer at 1..1024 rows; then per-projection time at
-   batch 1 and 256 vs bf16 ``F.linear`` (and the bandwidth the int4 kernel reaches).
+   batch 1 and 256 vs bf16 ``F.linear`` (and the bandwidth the int4 kernel reaches); then tiny checkpoints
+   of several formats (and the fp8 KV cache) through the engine, greedy vs transformers.
 2. The engine, each format in its own process: latency-1 (1 x 128 in / 256 out, ignore_eos) and
    throughput-decode (``--num-prompts`` x 128 / 1024, default 1000), with weight memory, peak memory and
    KV blocks. A table last.
@@ -13,12 +14,14 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -114,6 +117,58 @@ def kernels() -> bool:
     return ok
 
 
+def engine_correctness() -> bool:
+    """Tiny Llama checkpoints in several formats (written by the CPU tests' packers) on CUDA in fp32:
+    greedy tokens equal transformers on the dequantized weights; AWQ with CUDA graphs, the others eager;
+    and the fp8 KV cache vs transformers with its K/V rounded through fp8."""
+    import transformers.models.llama.modeling_llama as modeling_llama
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aphrodite import LLM, SamplingParams
+    from tests.quantization.formats import write_quantized_checkpoint
+
+    def tiny_llama() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)).float()
+    eager = modeling_llama.eager_attention_forward
+
+    def fp8_kv_attention(module, query, key, value, *args, **kwargs):   # K/V as an fp8 cache (scale 1) holds them
+        return eager(module, query, key.to(torch.float8_e4m3fn).float(), value.to(torch.float8_e4m3fn).float(),
+                     *args, **kwargs)
+
+    ok = True
+    prompts = [[5, 17, 200, 31, 8, 99, 12], list(range(40, 75)), [7] * 20]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    with tempfile.TemporaryDirectory() as d:
+        for fmt in ("awq", "gptq_actorder", "fp8_online", "fp8_block", "ct_fp8_channel", "kv_fp8"):
+            path = os.path.join(d, fmt)
+            hf = write_quantized_checkpoint(tiny_llama(), Path(path), "awq" if fmt == "kv_fp8" else fmt).cuda()
+            kw = {"quantization": "fp8"} if fmt == "fp8_online" else {}
+            if fmt == "kv_fp8":
+                kw["kv_cache_dtype"] = "fp8"
+                modeling_llama.eager_attention_forward = fp8_kv_attention
+                hf.config._attn_implementation = "eager"
+            llm = LLM(path, dtype="float32", skip_tokenizer_init=True, max_model_len=128, max_num_seqs=8,
+                      enforce_eager=fmt not in ("awq", "kv_fp8"), gpu_memory_utilization=0.3, **kw)
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            same = 0
+            for p, out in zip(prompts, outs):
+                ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=12, min_new_tokens=12,
+                                  do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+                same += out.outputs[0].token_ids == ref
+            if fmt == "kv_fp8":
+                modeling_llama.eager_attention_forward = eager
+            ok &= same == len(prompts)
+            print(f"ENGINE {fmt:15s} greedy identical to transformers on dequantized weights: {same}/{len(prompts)}",
+                  flush=True)
+            del llm, hf
+            gc.collect()
+            torch.cuda.empty_cache()
+    return ok
+
+
 # ---------------------------------------------------------------------------------------------------
 # 2. engine
 # ---------------------------------------------------------------------------------------------------
@@ -180,7 +235,7 @@ def main() -> int:
         engine_run(args.engine_mode, args.num_prompts, args.out)
         return 0
     print(torch.cuda.get_device_name(), flush=True)
-    ok = True if args.skip_kernels else kernels()
+    ok = True if args.skip_kernels else kernels() & engine_correctness()
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for mode in args.modes.split(","):

@@ -63,11 +63,6 @@ CASES = [
     ("best-of-over-max-num-seqs", C, {"model": MODEL, "prompt": "x", "best_of": 1000}, 400, "best_of",
      ["max_num_seqs"]),
     ("chat-n-over-max-num-seqs", CHAT, {"model": MODEL, "messages": USER, "n": 257}, 400, "n", ["max_num_seqs"]),
-    # A template sent with a request is code: refused unless the server trusts them.
-    ("untrusted-chat-template", CHAT, {"model": MODEL, "messages": USER, "chat_template": "{{ 'x' }}"}, 400,
-     "chat_template", ["--trust-request-chat-template"]),
-    ("untrusted-tokenize-template", "/tokenize", {"messages": USER, "chat_template": "{{ 'x' }}"}, 400,
-     "chat_template", ["--trust-request-chat-template"]),
     ("tokenize-neither", "/tokenize", {}, 400, None, ["exactly one of prompt or messages"]),
     ("tokenize-both", "/tokenize", {"prompt": "x", "messages": USER}, 400, None, ["exactly one"]),
 ]

@@ -332,3 +332,26 @@ def test_decode_cuda_graph_replay() -> None:
     graph.replay()
     torch.cuda.synchronize()
     check(out, dense_attention(new, 0.1), *TOL[torch.bfloat16])
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_append_with_window_and_soft_cap(device: torch.device, num_splits: int) -> None:
+    """The one-launch decode (rotate q/k, append k/v, attend) with a window that starts mid-block and a
+    soft cap, against the reference doing the same steps one by one."""
+    from aphrodite.kernels.paged_attention import DecodeAppend
+    from tests.kernels.test_kernel_rope_cache import cos_sin, decode_batch
+    bt = decode_batch([150, 6, 63, 200], hkv=2, group=4, d=64, page=16, dtype=torch.float32, device=device)
+    append = DecodeAppend(bt["pos"], cos_sin(64, device, torch.float32), bt["k"], bt["v"], bt["slots"])
+    args = (bt["qsl"], bt["seq_lens"], bt["tables"], 0.125, 1, bt["max_len"])
+    kw = dict(sliding_window=37, logits_soft_cap=4.0)
+    kc_ref, vc_ref = bt["kc"].clone(), bt["vc"].clone()
+    ref = torch.zeros(bt["q"].shape, dtype=torch.float32, device=device)
+    paged_attention_ref(bt["q"] * 4, kc_ref, vc_ref, ref, *args, append=append, **kw)
+    out = torch.full(bt["q"].shape, float("nan"), device=device)
+    paged_attention(bt["q"] * 4, bt["kc"], bt["vc"], out, *args, num_decodes=4, max_decode_seq_len=bt["max_len"],
+                    num_splits=num_splits, append=append, solo_tiles=0, **kw)
+    check(out, ref, *TOL[torch.float32])
+    plain = torch.zeros_like(ref)
+    paged_attention_ref(bt["q"] * 4, kc_ref.clone(), vc_ref.clone(), plain, *args, append=append)
+    assert not torch.allclose(plain, ref, atol=1e-3)   # the window and the cap changed the result

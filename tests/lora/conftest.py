@@ -12,6 +12,7 @@ import torch
 ADAPTERS = {
     "sql": (4, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False),
     "poet": (8, 4, ["q_proj", "v_proj", "down_proj", "up_proj"], True),
+    "vocab": (4, 8, ["embed_tokens", "lm_head", "o_proj"], False),     # LoRA on the embedding and the LM head
 }
 
 

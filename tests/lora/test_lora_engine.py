@@ -30,8 +30,9 @@ def test_generate_with_adapters_matches_peft(tiny_llama_dir, lora_dirs, peft_mod
     shared = torch.randint(3, 320, (20,), generator=gen).tolist()     # 20 tokens: one full block of 16
     other = torch.randint(3, 320, (7,), generator=gen).tolist()
     sql, poet = LoRARequest("sql", 1, lora_dirs["sql"]), LoRARequest("poet", 2, lora_dirs["poet"])
-    prompts = [shared, shared, shared, other, other]
-    loras = [None, sql, poet, poet, sql]
+    vocab = LoRARequest("vocab", 3, lora_dirs["vocab"])      # embedding + LM head: waits for one of two slots
+    prompts = [shared, shared, shared, other, other, other]
+    loras = [None, sql, poet, poet, sql, vocab]
     llm = LLM(tiny_llama_dir, enable_lora=True, max_loras=2, max_lora_rank=8, skip_tokenizer_init=True,
               max_model_len=128, enable_prefix_caching=True)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
@@ -43,7 +44,7 @@ def test_generate_with_adapters_matches_peft(tiny_llama_dir, lora_dirs, peft_mod
     # One adapter for every prompt, given once.
     outs = llm.generate([{"prompt_token_ids": shared}], params, use_tqdm=False, lora_request=poet)
     assert outs[0].outputs[0].token_ids == expected[2]
-    assert llm.llm_engine.list_loras() == {1, 2}
+    assert llm.llm_engine.list_loras() == {1, 2, 3}
 
 
 def test_lora_needs_enable_lora(tiny_llama_dir, lora_dirs):
@@ -99,3 +100,28 @@ def test_tensor_parallel_adapters_match_peft(tiny_llama_dir, lora_dirs, peft_mod
             _peft_greedy(peft_model, tiny_llama_dir, d, prompt) for d in (lora_dirs["sql"], None, lora_dirs["poet"])]
     finally:
         llm.llm_engine.shutdown()
+
+
+def test_adapter_over_quantized_layers_matches_peft(tmp_path, lora_dirs):
+    """LoRA wraps any linear method: a GPTQ int4 checkpoint plus the adapter equals peft over the dequantized
+    weights the checkpoint stands for."""
+    from peft import PeftModel
+
+    from tests.quantization.test_quantized_models import write_quantized_llama
+    hf = write_quantized_llama(tmp_path / "gptq", "gptq")
+    reference = PeftModel.from_pretrained(hf, lora_dirs["sql"]).eval()
+    llm = LLM(str(tmp_path / "gptq"), device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
+              enable_lora=True, max_lora_rank=8)
+    model = llm.llm_engine.executor.runner.model
+    assert type(model.model.layers[0].mlp.down_proj.quant_method).__name__ != "UnquantizedLinearMethod"
+    prompt = [17, 4, 250, 31, 9, 88, 120]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
+    out = llm.generate([prompt], params, use_tqdm=False, lora_request=LoRARequest("sql", 1, lora_dirs["sql"]))
+    with torch.inference_mode():
+        ref = reference.generate(input_ids=torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+        with reference.disable_adapter():
+            base = reference.generate(input_ids=torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)
+    assert not torch.equal(ref, base)     # the adapter changes the greedy tokens
+    assert out[0].outputs[0].token_ids == ref[0, len(prompt):].tolist()

@@ -88,6 +88,22 @@ def test_mixed_batch_matches_peft(tiny_llama_dir: str, lora_dirs: dict[str, str]
         torch.testing.assert_close(_prefill(model, [s])[0], ref, atol=ATOL, rtol=0)
 
 
+def test_embedding_and_lm_head_adapter_matches_peft(tiny_llama_dir: str, lora_dirs: dict[str, str], reference) -> None:
+    """PEFT's ``lora_embedding_A/B`` and an ``lm_head`` LoRA; the runner names each logits row's adapter."""
+    model, manager = _our_model(tiny_llama_dir)
+    manager.add_lora(LoRARequest("vocab", 3, lora_dirs["vocab"]))
+    manager.add_lora(LoRARequest("sql", 1, lora_dirs["sql"]))
+    gen = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(3, 320, (n,), generator=gen) for n in (11, 14, 6)]
+    ids = [3, 0, 1]
+    manager.set_step(ids, [len(s) for s in seqs])
+    manager.set_logit_rows([i for i, s in zip(ids, seqs) for _ in range(len(s))])
+    refs = [reference(tiny_llama_dir, lora_dirs[n] if n else None, s) for s, n in zip(seqs, ["vocab", None, "sql"])]
+    assert (refs[0] - reference(tiny_llama_dir, None, seqs[0])).abs().max() > 0.05
+    for got, ref in zip(_prefill(model, seqs), refs):
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
 def test_slot_lru_reloads_evicted_adapters(tiny_llama_dir: str, lora_dirs: dict[str, str], reference) -> None:
     """One device slot and one host copy: alternating adapters evicts and reloads them, results unchanged."""
     model, manager = _our_model(tiny_llama_dir, max_loras=1)

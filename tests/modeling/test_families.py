@@ -101,11 +101,12 @@ def assert_hf_greedy(hf_model: torch.nn.Module, prompt: list[int], generated: li
 
 def test_engine_greedy_matches_hf(family: dict[str, Any]) -> None:
     """A batch of mixed-length prompts (each longer than a sliding window) through ``LLM``, with chunked
-    prefill (16-token budget), 8-token blocks and the prefix cache: each equals HF's greedy generation alone.
+    prefill (16-token budget), 8-token blocks, the prefix cache and async scheduling (the next step scheduled
+    before this one's tokens are known): each equals HF's greedy generation alone.
     A second request sharing a prompt prefix hits the cache and still matches."""
     llm = LLM(family["path"], device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
               block_size=8, max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=True,
-              num_gpu_blocks_override=64)
+              num_gpu_blocks_override=64, async_scheduling=True)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (5, 29, 17)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(24), use_tqdm=False)
@@ -118,3 +119,26 @@ def test_engine_greedy_matches_hf(family: dict[str, Any]) -> None:
     assert kv.prefix_hits > hits
     assert_hf_greedy(family["hf"], again, list(out.outputs[0].token_ids))
     assert kv.num_free_blocks == kv.num_blocks   # every block back in the pool (window-freed ones once)
+
+
+def test_moe_tensor_parallel_2_ranks_match_hf(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Qwen2-MoE on 2 ranks (gloo): experts split along their intermediate dimension, the shared expert
+    and a dense layer split as usual, one all-reduce per MoE block: the same logits as HF."""
+    import torch.multiprocessing as mp
+
+    from tests.modeling.test_llama import ATOL, _tp_worker
+    hf_model = make_hf_model("qwen2_moe")
+    path = tmp_path_factory.mktemp("qwen2_moe_tp")
+    hf_model.save_pretrained(path)
+    out = path / "logits.pt"
+    procs = [mp.get_context("spawn").Process(target=_tp_worker, args=(r, str(path), str(path / "rdv"), str(out)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    errors = "\n".join(f.read_text() for f in sorted(path.glob("*.err")))
+    assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}\n{errors}"
+    torch.testing.assert_close(torch.load(out), hf_logits(hf_model, torch.arange(3, 23)), atol=ATOL, rtol=0)

@@ -1,6 +1,8 @@
 """One linear weight written in each supported checkpoint format, plus the float64 weight it stands for."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,3 +99,31 @@ def make_config(fmt: str, requested: str | None = None):
     cfg = quantization_config(fmt)
     method = canonical_method(cfg["quant_method"]) if cfg else "fp8"
     return get_quantization_config(method, cfg or {})
+
+
+_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_quantized_checkpoint(hf: torch.nn.Module, directory: Path, fmt: str) -> torch.nn.Module:
+    """Save transformers model ``hf`` with its projections in ``fmt`` (config.json with the tool's
+    ``quantization_config``); ``hf`` itself is given the dequantized weights and returned in eval mode."""
+    from safetensors.torch import save_file
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, param in hf.state_dict().items():
+            module, _, leaf = name.rpartition(".")
+            if leaf == "weight" and module.rsplit(".", 1)[-1] in _PROJ:
+                parts, ref = write_layer(fmt, param)
+                tensors.update({f"{module}.{k}": v.contiguous() for k, v in parts.items()})
+                param.copy_(ref.float())
+            else:
+                tensors[name] = param.contiguous()
+    directory.mkdir(parents=True)
+    save_file(tensors, str(directory / "model.safetensors"))
+    hf.config.save_pretrained(directory)
+    qcfg = quantization_config(fmt)
+    if qcfg is not None:
+        cfg = json.loads((directory / "config.json").read_text())
+        cfg["quantization_config"] = qcfg
+        (directory / "config.json").write_text(json.dumps(cfg))
+    return hf.eval()

@@ -123,8 +123,8 @@ def test_decode_append_fp8(num_splits):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("cpu_path", ["c-kernels", "pytorch"])
-@pytest.mark.parametrize("scales", [None, (0.25, 0.5)], ids=["no_scales", "checkpoint_scales"])
+@pytest.mark.parametrize("scales,cpu_path", [(None, "c-kernels"), ((0.25, 0.5), "pytorch"), ((0.25, 0.5), "c-kernels")],
+                         ids=["no_scales-c", "checkpoint_scales-pytorch", "checkpoint_scales-c"])
 def test_engine_run_with_fp8_cache(tiny_llama_dir, tmp_path, monkeypatch, scales, cpu_path):
     """Greedy tokens equal transformers' (eager attention) with its K/V rounded through fp8 as our cache
     stores them; queries stay exact. ``scales``: per-layer k/v scales saved in the checkpoint

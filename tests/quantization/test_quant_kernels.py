@@ -28,11 +28,11 @@ def _int4_case(k: int, n: int, group: int, asym: bool, g_idx: torch.Tensor | Non
 
 
 CONFIGS = [Config(1, 16, 32, splits=1), Config(1, 32, 16, splits=3), Config(16, 16, 32, splits=1),
-           Config(16, 32, 16, splits=2), Config(dequant=True)]
+           Config(16, 32, 16, splits=2), Config(16, 16, 32, splits=2, swap=True), Config(dequant=True)]
 
 
 def _cfg_id(c: Config) -> str:
-    return f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.splits}d{int(c.dequant)}"
+    return f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.splits}d{int(c.dequant)}w{int(c.swap)}"
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
@@ -55,7 +55,7 @@ def test_int4_matmul(cfg, layout):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[:4], ids=lambda c: f"m{c.block_m}s{c.splits}")
+@pytest.mark.parametrize("cfg", CONFIGS[:5], ids=_cfg_id)
 @pytest.mark.parametrize("block", [None, (16, 32)], ids=["channel", "block"])
 def test_fp8_weight_matmul(cfg, block):
     k, n = 96, 64

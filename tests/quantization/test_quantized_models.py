@@ -2,43 +2,20 @@
 ``LLM`` and generate the same greedy tokens as transformers running the weights they stand for."""
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from aphrodite import LLM, SamplingParams
 from tests.conftest import make_tiny_hf_model
-from tests.quantization.formats import FORMATS, quantization_config, write_layer
-
-_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from tests.quantization.formats import FORMATS, write_quantized_checkpoint
 
 
 def write_quantized_llama(directory: Path, fmt: str) -> torch.nn.Module:
-    """Save a tiny Llama in ``fmt``; returns the transformers model holding the dequantized weights."""
-    hf = make_tiny_hf_model()
-    tensors: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, param in hf.state_dict().items():
-            module, _, leaf = name.rpartition(".")
-            if leaf == "weight" and module.rsplit(".", 1)[-1] in _PROJ:
-                parts, ref = write_layer(fmt, param)
-                tensors.update({f"{module}.{k}": v.contiguous() for k, v in parts.items()})
-                param.copy_(ref.float())
-            else:
-                tensors[name] = param.contiguous()
-    directory.mkdir(parents=True)
-    save_file(tensors, str(directory / "model.safetensors"))
-    hf.config.save_pretrained(directory)
-    qcfg = quantization_config(fmt)
-    if qcfg is not None:
-        cfg = json.loads((directory / "config.json").read_text())
-        cfg["quantization_config"] = qcfg
-        (directory / "config.json").write_text(json.dumps(cfg))
-    return hf.eval()
+    """A tiny random Llama saved in ``fmt``; returns transformers' model holding the dequantized weights."""
+    return write_quantized_checkpoint(make_tiny_hf_model(), directory, fmt)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -69,3 +46,17 @@ def test_requested_method_must_match_checkpoint(tmp_path):
 def test_int4_needs_a_quantized_checkpoint(tiny_llama_dir):
     with pytest.raises(ValueError, match="cannot be quantized to AWQ at load"):
         LLM(tiny_llama_dir, device="cpu", skip_tokenizer_init=True, quantization="awq")
+
+
+def test_tensor_parallel_gptq_act_order(tmp_path):
+    """Two CPU ranks (gloo): each holds its shard of the act-order layers (row-parallel ones with whole
+    scales and uneven groups); greedy tokens still equal transformers on the dequantized weights."""
+    hf = write_quantized_llama(tmp_path / "m", "gptq_actorder")
+    llm = LLM(str(tmp_path / "m"), device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
+              tensor_parallel_size=2)
+    prompt = [5, 17, 200, 31, 8, 99, 12]
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                       use_tqdm=False)
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    assert out[0].outputs[0].token_ids == ref[0, len(prompt):].tolist()

@@ -15,15 +15,17 @@ import signal
 import socket
 import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from aphrodite.endpoints.openai.auth import APIKeyMiddleware, is_protected
 from aphrodite.endpoints.openai.errors import RETRY_AFTER_S, OpenAIError, error_body, error_response
@@ -201,26 +203,32 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
     if getattr(cfg, "lora", None) is not None and runtime_updates_allowed():
         add_lora_routes(app, ctx)
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=_work_responses(streams=True))
-    async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_work_responses(streams=True),
+              openapi_extra=_body_doc(CompletionRequest))
+    async def create_completion(request: Annotated[CompletionRequest, Depends(_body(CompletionRequest))],
+                                raw_request: Request) -> Response:
         _warn_ignored(request)
         return await completions.create(request, raw_request)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_work_responses(streams=True))
-    async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_work_responses(streams=True),
+              openapi_extra=_body_doc(ChatCompletionRequest))
+    async def create_chat_completion(request: Annotated[ChatCompletionRequest, Depends(_body(ChatCompletionRequest))],
+                                     raw_request: Request) -> Response:
         _warn_ignored(request)
         return await chat.create(request, raw_request)
 
     # vLLM serves these at the root (/tokenize); Aphrodite under /v1. Both answer.
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=_work_responses())
-    @app.post("/v1/tokenize", response_model=TokenizeResponse, responses=_work_responses())
-    async def tokenize_route(request: TokenizeRequest) -> Response:
-        return await tokenize(ctx, request)
+    for prefix in ("", "/v1"):
+        @app.post(f"{prefix}/tokenize", response_model=TokenizeResponse, responses=_work_responses(),
+                  openapi_extra=_body_doc(TokenizeRequest))
+        async def tokenize_route(request: Annotated[TokenizeRequest, Depends(_body(TokenizeRequest))]) -> Response:
+            return await tokenize(ctx, request)
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_work_responses())
-    @app.post("/v1/detokenize", response_model=DetokenizeResponse, responses=_work_responses())
-    async def detokenize_route(request: DetokenizeRequest) -> DetokenizeResponse:
-        return await detokenize(ctx, request)
+        @app.post(f"{prefix}/detokenize", response_model=DetokenizeResponse, responses=_work_responses(),
+                  openapi_extra=_body_doc(DetokenizeRequest))
+        async def detokenize_route(
+                request: Annotated[DetokenizeRequest, Depends(_body(DetokenizeRequest))]) -> DetokenizeResponse:
+            return await detokenize(ctx, request)
 
     vocab_size = len(ctx.tokenizer) if ctx.tokenizer is not None else None
 
@@ -238,6 +246,35 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+# ---- request bodies -----------------------------------------------------------------------------
+_INLINE_BODY_BYTES = 256 << 10  # smaller bodies are parsed on the event loop: a thread hop would cost more
+_BODY_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+
+
+def _body(model: type[BaseModel]) -> Callable[[Request], Awaitable[Any]]:
+    """A dependency that reads the body as ``model``: parsed and validated from the raw JSON bytes by
+    pydantic, on a worker thread when it is big (a million token ids take a second of validation).
+    Errors reach the same handler as FastAPI's own, so they are OpenAI-shaped 400s."""
+    async def parse(request: Request) -> Any:
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # gone, or cut off by the body size limit (which has answered already)
+            raise OpenAIError("The request body ended early.") from None
+        try:
+            if len(body) < _INLINE_BODY_BYTES:
+                return model.model_validate_json(body)
+            return await request.app.state.ctx.workers.run(model.model_validate_json, body)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors(include_url=False)) from None
+    return parse
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads it with ``_body`` (FastAPI sees no body parameter)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 def _setup_loras(engine: AsyncLLMEngine, ctx: Any, modules: list[Any]) -> None:
@@ -285,9 +322,13 @@ def describe_server(schema: dict[str, Any], *, auth: bool, max_num_seqs: int, ma
     """FastAPI's schema, made to match the server: validation errors are 400s with OpenAI's error body
     (FastAPI documents 422), limits known only at start-up, the API-key scheme when keys are set, and
     request templates absent unless accepted."""
+    from pydantic.json_schema import models_json_schema
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
+    _, bodies = models_json_schema([(m, "validation") for m in _BODY_MODELS],
+                                   ref_template="#/components/schemas/{model}")
+    schemas.update(bodies["$defs"])
     seen_ids: set[str] = set()
     for path, item in schema.get("paths", {}).items():
         for method, op in item.items():

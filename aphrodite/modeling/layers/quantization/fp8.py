@@ -134,7 +134,8 @@ class Fp8LinearMethod(LinearMethod):
         qw: QuantWeight = layer.quant_weight
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.is_cuda and x2.shape[0] > WEIGHT_ONLY_ROWS and self.scheme != "block":
+        # torch._scaled_mm's per-row scaling writes bf16 only: other activation dtypes stay weight-only.
+        if x2.is_cuda and x2.shape[0] > WEIGHT_ONLY_ROWS and self.scheme != "block" and x2.dtype == torch.bfloat16:
             xq, xs = per_token_quant_fp8(x2, layer.input_scale if self.static_input else None)
             out = scaled_mm_fp8(xq, xs, qw.weight, qw.scales, x.dtype, bias)
         elif use_triton(x2) or x2.device.type == "cpu":

@@ -26,15 +26,13 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor | None, seen: tor
     return logits
 
 
-def dry_penalty_lengths(d: DryRows, vocab_size: int) -> torch.Tensor:
-    """[R, V] per candidate token: the longest repeat it would extend (0: none), Aphrodite's DRY rules.
-
-    A token is penalized when an earlier occurrence of the newest token was followed by it and
-    the tokens before both occurrences match (no sequence breaker inside): the match length is
-    that shared run plus one. Only the last ``max_occurrences`` occurrences count (0: all), the
-    scan stops at the first (most recent) one reaching ``early_exit``, runs are capped by the
-    distance to the last breaker and ``max_ngram``, and ``range`` limits the window (0: all).
-    """
+def _dry_position_lengths(d: DryRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per history position j: (the token after j, the repeat length choosing it would extend, 0: none),
+    Aphrodite's DRY rules. A token is penalized when an earlier occurrence of the newest token was
+    followed by it and the tokens before both occurrences match (no sequence breaker inside): the
+    match length is that shared run plus one. Only the last ``max_occurrences`` occurrences count
+    (0: all), the scan stops at the first (most recent) one reaching ``early_exit``, runs are capped
+    by the distance to the last breaker and ``max_ngram``, and ``range`` limits the window (0: all)."""
     R, W = d.history.shape
     dev = d.history.device
     pos = torch.arange(W, device=dev)[None, :]
@@ -52,27 +50,37 @@ def dry_penalty_lengths(d: DryRows, vocab_size: int) -> torch.Tensor:
     match = torch.minimum(d.suffix.long() - 1, cap)
     new_len = torch.where(keep & (match > 0), match + 1, torch.zeros_like(match))
     hit = (new_len > 0) & (new_len >= d.early_exit[:, None])
-    big = torch.full_like(rank, W + 2)
-    first_hit = torch.where(hit, rank, big).amin(dim=1, keepdim=True)
+    first_hit = torch.where(hit, rank, torch.full_like(rank, W + 2)).amin(dim=1, keepdim=True)
     new_len = torch.where(rank <= first_hit, new_len, torch.zeros_like(new_len))
-    nxt = torch.cat([d.history[:, 1:], d.history.new_full((R, 1), vocab_size)], dim=1).clamp(max=vocab_size)
-    nxt = torch.where(new_len > 0, nxt, torch.full_like(nxt, vocab_size))
-    lens = torch.zeros(R, vocab_size + 1, dtype=torch.long, device=dev)
-    lens.scatter_reduce_(1, nxt.long(), new_len, reduce="amax")
-    return lens[:, :vocab_size]
+    nxt = torch.cat([d.history[:, 1:], d.history[:, -1:]], dim=1).long()
+    return nxt, new_len
 
 
 def apply_dry(logits: torch.Tensor, d: DryRows) -> torch.Tensor:
-    """logits[token] -= multiplier * base ** (match_length - allowed_length) for every matched token."""
-    lens = dry_penalty_lengths(d, logits.shape[1]).to(logits.dtype)
-    rows = logits.index_select(0, d.rows)
-    scale = d.base[:, None] ** (lens - d.allowed_length[:, None].to(logits.dtype))
-    rows = rows - torch.where(lens > 0, d.multiplier[:, None] * scale, torch.zeros_like(rows))
-    return logits.index_copy(0, d.rows, rows)
+    """logits[token] -= multiplier * base ** (match_length - allowed_length) for every matched token.
+    Only the (row, token) pairs found in the histories are read and written, never whole rows."""
+    nxt, new_len = _dry_position_lengths(d)
+    R, W = nxt.shape
+    # The longest match per (row, token), read back at every position holding that token, so that
+    # positions sharing a token write the same value.
+    lens = torch.zeros(R, logits.shape[1], dtype=torch.long, device=nxt.device)
+    lens.scatter_reduce_(1, nxt, new_len, reduce="amax")
+    n = lens.gather(1, nxt).to(logits.dtype)
+    rows = d.rows[:, None].expand(R, W)
+    cur = logits[rows, nxt]
+    scale = d.base[:, None] ** (n - d.allowed_length[:, None].to(logits.dtype))
+    return logits.index_put((rows, nxt), torch.where(n > 0, cur - d.multiplier[:, None] * scale, cur))
 
 
 def no_repeat_ngram_mask(g: NgramRows, vocab_size: int) -> torch.Tensor:
     """[R, V] bool: tokens that would complete an n-gram already in the prompt + output."""
+    ids, hit = _ngram_hits(g)
+    counts = torch.zeros(ids.shape[0], vocab_size, dtype=torch.int32, device=ids.device)
+    return counts.scatter_add_(1, ids, hit.to(torch.int32)) > 0
+
+
+def _ngram_hits(g: NgramRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per history position j: (its token, whether it follows an earlier copy of the last n - 1 tokens)."""
     R, W = g.history.shape
     dev = g.history.device
     pos = torch.arange(W, device=dev)[None, :]
@@ -82,12 +90,14 @@ def no_repeat_ngram_mask(g: NgramRows, vocab_size: int) -> torch.Tensor:
     # shares >= n-1 tokens with the history's end (n = 1: every token already seen).
     prev = torch.cat([torch.zeros(R, 1, dtype=g.suffix.dtype, device=dev), g.suffix[:, :-1]], dim=1).long()
     hit = (pos < L) & (L >= n) & (n > 0) & ((n == 1) | ((prev >= n - 1) & (pos >= 1)))
-    ids = torch.where(hit, g.history.long(), torch.full_like(g.history.long(), vocab_size))
-    mask = torch.zeros(R, vocab_size + 1, dtype=torch.bool, device=dev)
-    mask.scatter_(1, ids, True)
-    return mask[:, :vocab_size]
+    return g.history.long(), hit
 
 
 def apply_no_repeat_ngram(logits: torch.Tensor, g: NgramRows) -> torch.Tensor:
-    rows = logits.index_select(0, g.rows).masked_fill(no_repeat_ngram_mask(g, logits.shape[1]), float("-inf"))
-    return logits.index_copy(0, g.rows, rows)
+    """Ban the tokens ``_ngram_hits`` finds; only the (row, token) pairs in the histories are touched,
+    each position writing its token's verdict (so positions sharing a token agree)."""
+    ids, _ = _ngram_hits(g)
+    banned = no_repeat_ngram_mask(g, logits.shape[1]).gather(1, ids)
+    rows = g.rows[:, None].expand_as(ids)
+    cur = logits[rows, ids]
+    return logits.index_put((rows, ids), torch.where(banned, torch.full_like(cur, float("-inf")), cur))

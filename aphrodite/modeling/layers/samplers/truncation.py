@@ -88,18 +88,22 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), _NEG_INF)
 
 
+def _log(v: torch.Tensor) -> torch.Tensor:
+    """log of a per-row parameter as a [N, 1] column (0 -> -inf: the threshold drops nothing)."""
+    return torch.log(v.float())[:, None]
+
+
 def apply_top_a(logits: torch.Tensor, top_a: torch.Tensor) -> torch.Tensor:
-    """Drop tokens with p < top_a * max_p ** 2."""
-    probs = torch.softmax(logits, dim=-1)
-    threshold = probs.max(dim=-1, keepdim=True).values.pow(2) * top_a[:, None]
-    return logits.masked_fill(probs < threshold, _NEG_INF)
+    """Drop tokens with p < top_a * max_p ** 2, i.e. log p < log(top_a) + 2 log max_p (no softmax pass)."""
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    log_max = logits.max(dim=-1, keepdim=True).values - lse
+    return logits.masked_fill(logits - lse < _log(top_a) + 2 * log_max, _NEG_INF)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop tokens with p < min_p * max_p."""
-    probs = torch.softmax(logits, dim=-1)
-    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-    return logits.masked_fill(probs < threshold, _NEG_INF)
+    """Drop tokens with p < min_p * max_p, i.e. x < max + log(min_p) (no normalization needed)."""
+    threshold = logits.max(dim=-1, keepdim=True).values + _log(min_p)
+    return logits.masked_fill(logits < threshold, _NEG_INF)
 
 
 def apply_tfs(logits: torch.Tensor, z: torch.Tensor, on: torch.Tensor, cache: SortCache) -> torch.Tensor:
@@ -129,9 +133,9 @@ def apply_eta_cutoff(logits: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
 
 
 def apply_epsilon_cutoff(logits: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
-    """Drop p < epsilon (the top token stays)."""
-    probs = torch.softmax(logits, dim=-1)
-    return logits.masked_fill(_keep_top(probs < epsilon[:, None], probs), _NEG_INF)
+    """Drop p < epsilon (the top token stays): log p = x - logsumexp(x)."""
+    drop = logits - torch.logsumexp(logits, dim=-1, keepdim=True) < _log(epsilon)
+    return logits.masked_fill(drop.scatter(1, logits.argmax(dim=1, keepdim=True), False), _NEG_INF)
 
 
 def apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
@@ -163,10 +167,9 @@ def apply_xtc(logits: torch.Tensor, threshold: torch.Tensor, probability: torch.
               uniforms: torch.Tensor) -> torch.Tensor:
     """Exclude Top Choices: with the row's probability, when two or more tokens have p >= threshold,
     drop all of them but the least likely one."""
-    probs = torch.softmax(logits, dim=-1)
-    above = probs >= threshold[:, None]
+    above = logits - torch.logsumexp(logits, dim=-1, keepdim=True) >= _log(threshold)
     fire = (uniforms < probability) & (above.sum(dim=-1) >= 2)
-    keep = torch.where(above, probs, torch.full_like(probs, 2.0)).argmin(dim=-1, keepdim=True)
+    keep = torch.where(above, logits, torch.full_like(logits, float("inf"))).argmin(dim=-1, keepdim=True)
     drop = above.scatter(1, keep, False) & fire[:, None]
     return logits.masked_fill(drop, _NEG_INF)
 
