@@ -268,15 +268,32 @@ def resolve_parallel_config(args: EngineArgs, hf_config: Any, device: torch.devi
     return ParallelConfig(tp, pp, backend, bool(args.disable_custom_all_reduce))
 
 
-def _resolve_quantization(requested: str | None, hf_config: Any) -> tuple[str | None, dict[str, Any] | None]:
+def _resolve_quantization(requested: str | None, hf_config: Any, gguf: bool = False,
+                          dummy: bool = False) -> tuple[str | None, dict[str, Any] | None]:
     """(method, settings): the checkpoint's ``quantization_config`` decides unless the user asked for a
-    method the checkpoint does not declare (e.g. ``fp8`` to quantize a bf16 checkpoint at load)."""
+    method the checkpoint does not declare (e.g. ``fp8`` to quantize a bf16 checkpoint at load).
+
+    A GGUF file (``gguf``) keeps its blocks (``gguf``, vLLM's name) unless ``none`` asks to dequantize
+    it at load; ``none`` also loads an unquantized checkpoint as it is. ``gguf`` with dummy weights
+    makes random Q4_K_M-like blocks (benchmarks)."""
+    if gguf:
+        method = (requested or "gguf").lower()
+        if method not in ("gguf", "none"):
+            raise ValueError(f"quantization={requested!r} does not apply to a GGUF file: use 'gguf' (keep its "
+                             "quantized blocks, the default) or 'none' (dequantize at load).")
+        return (None, None) if method == "none" else ("gguf", {"quant_method": "gguf"})
+    if requested is not None and requested.lower() == "gguf":
+        if dummy:
+            return "gguf", {"quant_method": "gguf", "dummy": True}
+        raise ValueError("quantization='gguf' needs a .gguf model file (or load_format='dummy').")
     settings = getattr(hf_config, "quantization_config", None)
     if settings is not None and not isinstance(settings, dict):
         settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(vars(settings))
     from aphrodite.modeling.layers.quantization import QUANTIZATION_METHODS, canonical_method
     declared = canonical_method(str(settings.get("quant_method") or "")) or None if settings else None
     requested = canonical_method(requested) if requested else None
+    if requested == "none" and not declared:
+        return None, None
     method = requested or declared
     if requested and declared and requested != declared:
         raise ValueError(f"quantization={requested!r} was asked for, but the checkpoint is quantized with "
@@ -355,7 +372,8 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     kv_space = float(os.environ.get("APHRODITE_CPU_KVCACHE_SPACE", args.cpu_kvcache_space))
 
     lora = _resolve_lora(args)
-    quantization, quant_settings = _resolve_quantization(args.quantization, hf_config)
+    quantization, quant_settings = _resolve_quantization(args.quantization, hf_config, gguf=load_format == "gguf",
+                                                         dummy=load_format == "dummy")
     cache_dtype = _resolve_kv_cache_dtype(args.kv_cache_dtype, device)
     tokenizer = args.tokenizer or path
     model_config = ModelConfig(

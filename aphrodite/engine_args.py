@@ -38,7 +38,8 @@ class EngineArgs:
     load_format: str = _arg("auto", "Weight format; dummy makes random weights from config.json alone.",
                             choices=["auto", "safetensors", "gguf", "dummy"])
     quantization: str | None = _arg(None, "Weight quantization method (e.g. awq, gptq, fp8, gguf); detected from "
-                                    "the checkpoint (quantization_config in config.json) when not given.",
+                                    "the checkpoint (quantization_config in config.json; gguf for a .gguf "
+                                    "file) when not given. 'none' dequantizes a GGUF file at load.",
                                     aliases=("-q",))
     skip_tokenizer_init: bool = _arg(False, "Load no tokenizer: prompts must be token ids, no text is decoded.")
     tensor_parallel_size: int = _arg(1, "Number of tensor-parallel ranks.", aliases=("-tp",),

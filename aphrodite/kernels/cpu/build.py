@@ -1,4 +1,5 @@
-"""Build ``cpu_ops.c`` into a shared library once per machine and load it with ctypes.
+"""Build the C files of this folder (``cpu_ops.c``, ``gguf_ops.c``, ...) into one shared library once
+per machine and load it with ctypes.
 
 Plain C and the system compiler keep the build to about a second (no PyTorch headers), and
 ctypes needs no Python extension ABI. The library is compiled with ``-march=native``, so it
@@ -27,7 +28,8 @@ from aphrodite.utils import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_ops.c")
+# Every C file here goes into the one library (one build, one cache key, one ctypes handle).
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.c")))
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
 # libmvec (glibc's vector math) backs the vectorized expf on x86-64.
 _LIBS = ["-lmvec", "-lm"] if platform.machine() == "x86_64" else ["-lm"]
@@ -55,7 +57,7 @@ def _compiler() -> str | None:
 
 def _build(cc: str, target: Path, extra_flags: tuple[str, ...]) -> None:
     gomp = _torch_libgomp()
-    cmd = [cc, *_FLAGS, *extra_flags, str(SOURCE), "-o"]
+    cmd = [cc, *_FLAGS, *extra_flags, *map(str, SOURCES), "-o"]
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
@@ -81,7 +83,7 @@ def load_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         return None
     key = hashlib.sha256()
     flags = " ".join(_FLAGS + list(extra_flags) + _LIBS)
-    for part in (SOURCE.read_bytes(), cc.encode(), flags.encode(), _cpu_signature().encode(),
+    for part in (*(src.read_bytes() for src in SOURCES), cc.encode(), flags.encode(), _cpu_signature().encode(),
                  str(_torch_libgomp()).encode()):
         key.update(part)
     target = cache_dir("kernels") / f"cpu_ops-{key.hexdigest()[:16]}.so"

@@ -96,7 +96,8 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
             weights = iterate_safetensors_weights(model_config.path)
         else:
             from aphrodite.modeling.loader.gguf_loader import iterate_gguf_weights
-            weights = iterate_gguf_weights(model_config.path, model_config.hf_config)
+            weights = iterate_gguf_weights(model_config.path, model_config.hf_config,
+                                           keep_quantized=model_config.quantization == "gguf")
         with torch.no_grad():
             loaded = model.load_weights(take_kv_cache_scales(model, weights))
         missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)

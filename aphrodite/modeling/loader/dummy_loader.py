@@ -18,6 +18,8 @@ def initialize_dummy_weights(model: nn.Module, low: float = -1e-3, high: float =
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for param in model.parameters():
+            if not param.dtype.is_floating_point:   # integer codes/types: their quant method makes them
+                continue
             gen = generators.get(param.device)
             if gen is None:
                 gen = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)

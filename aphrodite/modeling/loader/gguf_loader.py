@@ -281,7 +281,8 @@ def _heads(hf_config: Any) -> tuple[int, int]:
     return n_head, n_kv
 
 
-def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, LazyTensor]]:
+def iterate_gguf_weights(path: str, hf_config: Any,
+                         keep_quantized: bool = False) -> Iterator[tuple[str, LazyTensor | torch.Tensor]]:
     """Yield ``(hf_name, float32 LazyTensor)`` for every weight in the GGUF at ``path``.
 
     A tensor is dequantized when it is used, and of a matrix only the rows asked for (a
@@ -290,7 +291,14 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, LazyT
     ``lm_head.weight`` appears only when the file has an ``output`` tensor (otherwise the
     embeddings are tied). Raises ``ValueError`` for an unsupported architecture or an unknown
     tensor name, before anything is yielded.
+
+    ``keep_quantized`` (``--quantization gguf``): every matrix ``<x>.weight`` is yielded as
+    ``<x>.qweight_type`` (a 0-d int tensor, the ggml type) followed by ``<x>.qweight``: the raw
+    ``uint8 [rows, row_bytes]`` blocks for the block types the kernels read, float32 values for
+    float tensors and for block types they do not (those are dequantized here, type F32).
     """
+    from aphrodite.kernels.gguf_matmul import GGML_BLOCKS
+
     arch, infos, data_offset = _read_layout(path)
     spec = _arch_spec(arch, path)
     n_head, n_kv = _heads(hf_config)
@@ -321,6 +329,15 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, LazyT
             perm = _unpermute_rows(np.arange(raw.shape[0]), n_head)
         elif spec.permute_qk and ".attn_k." in info.name:
             perm = _unpermute_rows(np.arange(raw.shape[0]), n_kv)
+        if keep_quantized and len(info.dims) == 2 and name.endswith(".weight"):
+            # Every matrix travels as <x>.qweight_type + <x>.qweight (see above).
+            base = name[:-len(".weight")]
+            if int(qtype) in GGML_BLOCKS:
+                yield f"{base}.qweight_type", torch.tensor(int(qtype), dtype=torch.int32)
+                yield f"{base}.qweight", LazyTensor(_raw_reader(raw, perm), raw.shape, torch.uint8)
+                continue
+            yield f"{base}.qweight_type", torch.tensor(0, dtype=torch.int32)   # F32 values follow
+            name = f"{base}.qweight"
         read = _gguf_reader(raw, qtype, perm, info.name)
         if spec.norm_offset and name.endswith("norm.weight"):
             read = _offset(read, spec.norm_offset)
@@ -330,6 +347,15 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, LazyT
 def _offset(read: Callable[[tuple[slice, ...]], torch.Tensor],
             offset: float) -> Callable[[tuple[slice, ...]], torch.Tensor]:
     return lambda slices: read(slices) + offset
+
+
+def _raw_reader(raw: np.ndarray, perm: np.ndarray | None) -> Callable[[tuple[slice, ...]], torch.Tensor]:
+    """Read a block of a quantized matrix's raw bytes ``[rows, row_bytes]`` (rows through the Q/K
+    permutation); sharding code asks for whole rows or whole blocks of bytes."""
+    def read(slices: tuple[slice, ...]) -> torch.Tensor:
+        data = raw[perm[slices[0]]] if perm is not None else raw[slices[0]]
+        return torch.from_numpy(np.array(data[(slice(None), *slices[1:])], dtype=np.uint8, copy=True))
+    return read
 
 
 def _gguf_reader(raw: np.ndarray, qtype: Any, perm: np.ndarray | None,

@@ -171,7 +171,8 @@ class DecoderModel(nn.Module):
                  prefix: str = "model") -> None:
         super().__init__()
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.embed_tokens = pp_module(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size),
+        self.embed_tokens = pp_module(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                                     quant_config, f"{prefix}.embed_tokens"),
                                       first=True, last=tied)
         self.embed_scale = config.hidden_size ** 0.5 if spec.scale_embeddings else None
         windows = layer_sliding_windows(config)
@@ -227,7 +228,8 @@ class DecoderForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens   # a PPMissingLayer too, except on the last stage
         else:
-            self.lm_head = pp_module(lambda: ParallelLMHead(config.vocab_size, config.hidden_size), last=True)
+            self.lm_head = pp_module(lambda: ParallelLMHead(config.vocab_size, config.hidden_size,
+                                                            quant_config=quant_config, prefix="lm_head"), last=True)
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None) or None
         self._experts = expert_params_mapping(*self.spec.experts) if self.spec.experts else None
 
@@ -267,7 +269,7 @@ class DecoderForCausalLM(nn.Module):
         loaded: set[str] = set()
         unknown: list[str] = []
         # An untied last stage without the embedding, if the checkpoint has no lm_head: fill it from this.
-        embed_for_head: torch.Tensor | None = None
+        embed_for_head: dict[str, torch.Tensor] = {}
         for name, tensor in weights:
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
@@ -279,8 +281,9 @@ class DecoderForCausalLM(nn.Module):
             param = params.get(name)
             if param is None:
                 if is_pp_missing_parameter(name, self):
-                    if name == "model.embed_tokens.weight" and "lm_head.weight" in params:
-                        embed_for_head = tensor
+                    suffix = name.removeprefix("model.embed_tokens.")
+                    if suffix != name and f"lm_head.{suffix}" in params:
+                        embed_for_head[suffix] = tensor
                     continue  # another pipeline stage's weight
                 unknown.append(name)
                 continue
@@ -295,10 +298,18 @@ class DecoderForCausalLM(nn.Module):
         if unknown:
             logger.warning("Ignored %d checkpoint tensors with no matching parameter: %s",
                            len(unknown), ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else ""))
-        if not self.tie_word_embeddings and "lm_head.weight" in params and "lm_head.weight" not in loaded:
-            if "model.embed_tokens.weight" in loaded:
-                self.lm_head.weight = self.model.embed_tokens.weight
-            elif embed_for_head is not None:
-                self.lm_head.weight.weight_loader(self.lm_head.weight, embed_for_head)
-                loaded.add("lm_head.weight")
+        # (a plain table, or GGUF blocks and their type: the quantized head then is the embedding module)
+        for suffix in ("weight", "qweight_type", "qweight"):
+            head = f"lm_head.{suffix}"
+            if self.tie_word_embeddings or head not in params or head in loaded:
+                continue
+            if f"model.embed_tokens.{suffix}" in loaded:
+                if suffix == "weight":
+                    self.lm_head.weight = self.model.embed_tokens.weight
+                else:
+                    self.lm_head = self.model.embed_tokens
+                    break
+            elif suffix in embed_for_head:
+                params[head].weight_loader(params[head], embed_for_head[suffix])
+                loaded.add(head)
         return loaded

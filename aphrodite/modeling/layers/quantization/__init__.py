@@ -48,4 +48,4 @@ def canonical_method(name: str) -> str:
 
 
 # The formats register themselves on import.
-from aphrodite.modeling.layers.quantization import awq, compressed_tensors, fp8, gptq  # noqa: E402,F401
+from aphrodite.modeling.layers.quantization import awq, compressed_tensors, fp8, gguf, gptq  # noqa: E402,F401

@@ -76,6 +76,11 @@ class QuantizationConfig:
         None keeps it unquantized (layers a checkpoint leaves in full precision)."""
         raise NotImplementedError
 
+    def get_embedding_method(self, layer: nn.Module, prefix: str) -> Any:
+        """The method of a token embedding / LM head (``create_embedding_weights``, ``embedding``,
+        ``apply``); None (the default) keeps the plain float table."""
+        return None
+
     def supported_act_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.bfloat16, torch.float16, torch.float32)
 

@@ -1,0 +1,68 @@
+"""PyTorch-facing wrappers of the GGUF kernels in ``gguf_ops.c`` (quantized GEMV, dequantization).
+
+Weights are ``uint8 [N, row_bytes]`` tensors of llama.cpp blocks with a ggml type code (see
+``aphrodite.kernels.gguf_matmul.GGML_BLOCKS``). Callers check ``available(dtype)`` and keep the
+PyTorch reference (``gguf_matmul.dequantize_reference``) as the fallback.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from aphrodite.kernels.cpu.build import load_library
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def available(dtype: torch.dtype) -> bool:
+    """Whether the C kernels handle activations of ``dtype`` on this machine."""
+    return dtype in _DTYPE_CODES and load_library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _lib(lib: ctypes.CDLL | None = None) -> ctypes.CDLL:
+    lib = lib or load_library()
+    assert lib is not None, "CPU kernels are not available (check available() first)"
+    return lib
+
+
+def linear(qweight: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None, exact: bool = True, portable: bool = False,
+           lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``x [M, K] @ dequant(qweight [N, row_bytes])^T (+ bias)``, reading the blocks.
+
+    ``exact``: float32 activations, so the result is dequantize-then-matmul up to float32
+    rounding; otherwise activations are quantized to 8 bits per 32 values (llama.cpp's q8
+    scheme: integer dot products, faster, ~0.5% error per product). ``out`` may be a column
+    slice of a wider ``[M, *]`` tensor (its rows strided), so fused layers with blocks of
+    several types write in place. ``portable`` forces the plain-C loops (tests)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    m, k = x2.shape
+    n = qweight.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype)
+    assert out.stride(-1) == 1 and out.dtype == x.dtype and qweight.is_contiguous()
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    ok = _lib(lib).aph_gguf_linear(qtype, _ptr(qweight), ctypes.c_long(qweight.shape[1]), _ptr(x2), _ptr(bias),
+                                   _ptr(out), ctypes.c_long(out.stride(0)), m, n, k, _DTYPE_CODES[x.dtype],
+                                   int(portable), int(exact))
+    if not ok:
+        raise ValueError(f"GGUF type {qtype} with K={k} is not supported by the CPU kernels")
+    return out
+
+
+def dequantize(qweight: torch.Tensor, qtype: int, k: int, dtype: torch.dtype = torch.float32,
+               rows: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``[R, k]`` values of the blocks of ``qweight`` (all rows, or the rows at ``rows``)."""
+    assert qweight.is_contiguous()
+    idx = None if rows is None else rows.to(torch.int64).contiguous()
+    r = qweight.shape[0] if idx is None else idx.numel()
+    out = torch.empty(r, k, dtype=dtype)
+    if r:
+        _lib(lib).aph_gguf_dequantize(qtype, _ptr(qweight), ctypes.c_long(qweight.shape[1]), _ptr(idx), r, k,
+                                      _ptr(out), _DTYPE_CODES[dtype])
+    return out

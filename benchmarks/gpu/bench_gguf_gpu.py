@@ -1,0 +1,164 @@
+"""GGUF (Q4_K_M-like) on one H200: kernel correctness at real sizes, kernel bandwidth, engine runs.
+
+    python3 benchmarks/gpu/bench_gguf_gpu.py            # ~3 minutes
+    python3 benchmarks/gpu/bench_gguf_gpu.py --full     # throughput-decode with 1000 prompts
+
+1. Every block type, Llama-3.1-8B layer shapes: the Triton kernels (GEMV for 1-8 rows, tiled GEMM
+   for more) against ``dequantize_reference`` followed by a float64 matmul.
+2. One decode step's worth of Q4_K_M-like matmuls (per layer q/k Q4_K, v Q6_K, o/gate/up Q4_K,
+   down Q6_K, LM head Q6_K): time and effective GB/s of weight reading.
+3. ``aphrodite bench latency`` (1 x 128/256) and ``bench throughput`` (128/1024 decode) on the
+   Llama-3.1-8B shape with dummy GGUF blocks (``--load-format dummy --quantization gguf``) and the
+   bf16 run of the same session, each with its weight footprint. A results table comes last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from aphrodite.kernels.gguf_matmul import (  # noqa: E402
+    GGML_BLOCKS,
+    GGML_TYPE_NAMES,
+    dequantize_reference,
+    gguf_linear,
+    random_blocks,
+)
+
+HIDDEN, INTER, VOCAB, LAYERS, Q, KV = 4096, 14336, 128256, 32, 4096, 1024
+Q4_K, Q6_K = 12, 14
+
+
+def check_kernels(rows: list[tuple[str, str]]) -> None:
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for qtype in GGML_BLOCKS:
+        worst = 0.0
+        for n, k in ((HIDDEN, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)):
+            w = random_blocks(qtype, n, k, scale=1e-3, device=dev, generator=g)
+            ref_w = dequantize_reference(w, qtype, k, torch.float64)
+            for m in (1, 4, 64, 300):
+                x = torch.randn(m, k, device=dev, generator=g, dtype=torch.float32).to(torch.bfloat16)
+                out = gguf_linear(x, w, qtype).double()
+                ref = x.double() @ ref_w.T
+                err = ((out - ref).abs().max() / ref.abs().max()).item()
+                worst = max(worst, err)
+        ok = worst < 2e-2   # bf16 output and bf16 tensor-core inputs in the GEMM
+        verdict = "OK" if ok else "FAIL"
+        rows.append((f"kernel {GGML_TYPE_NAMES[qtype]} max rel err (M=1..300)", f"{worst:.2e} {verdict}"))
+        print(rows[-1], flush=True)
+
+
+def layer_weights(dev: torch.device) -> list[tuple[torch.Tensor, int, int]]:
+    out = []
+    for i in range(LAYERS):
+        more = i % 2 == 0
+        for n, k, qtype in ((Q + KV, HIDDEN, Q4_K), (KV, HIDDEN, Q6_K if more else Q4_K), (HIDDEN, Q, Q4_K),
+                            (2 * INTER, HIDDEN, Q4_K), (HIDDEN, INTER, Q6_K if more else Q4_K)):
+            out.append((random_blocks(qtype, n, k, device=dev), qtype, k))
+    out.append((random_blocks(Q6_K, VOCAB, HIDDEN, device=dev), Q6_K, HIDDEN))
+    return out
+
+
+def bench_decode_matmuls(rows: list[tuple[str, str]]) -> None:
+    dev = torch.device("cuda")
+    ws = layer_weights(dev)
+    total = sum(w.numel() for w, _, _ in ws)
+    for m in (1, 8):
+        xs = {k: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
+
+        def step(ws=ws, xs=xs):
+            for w, qtype, k in ws:
+                gguf_linear(xs[k], w, qtype)
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        n = 20
+        for _ in range(n):
+            graph.replay()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t) / n
+        rows.append((f"Q4_K_M matmuls of one 8B step, M={m} (CUDA graph)",
+                     f"{dt * 1e3:.2f} ms, {total / dt / 1e9:.0f} GB/s of blocks, {total / 2**30:.2f} GiB"))
+        print(rows[-1], flush=True)
+    ws.clear()
+    torch.cuda.empty_cache()
+
+
+def run_cli(args: list[str], rows: list[tuple[str, str]], label: str) -> None:
+    cmd = [sys.executable, "-m", "aphrodite.endpoints.cli", "bench", *args]
+    t = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        rows.append((label, f"FAILED rc={proc.returncode}: {text.strip().splitlines()[-1:]}"))
+        print(text[-3000:], flush=True)
+        return
+    keep = [ln for ln in text.splitlines()
+            if re.search(r"Throughput|Output token|Time per output|Avg latency|[Mm]emory|weights|KV", ln)]
+    for ln in keep[-6:]:
+        print(f"  [{label}] {ln}", flush=True)
+    summary = next((ln for ln in keep if "Output token throughput" in ln or ln.startswith("Throughput")), "")
+    rows.append((label, f"{summary.strip()}  ({time.time() - t:.0f}s)"))
+
+
+def weight_footprint(quantization: str | None) -> float:
+    """GiB of parameters of the 8B shape built on the GPU with dummy weights."""
+    import tempfile
+
+    from aphrodite.benchmarks.model_shapes import write_model_shape
+    from aphrodite.config import create_engine_config
+    from aphrodite.engine_args import EngineArgs
+    from aphrodite.modeling.loader import load_model
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(write_model_shape("llama-3.1-8b", tmp))
+        cfg = create_engine_config(EngineArgs(model=path, load_format="dummy", quantization=quantization,
+                                              dtype="bfloat16", skip_tokenizer_init=True, max_model_len=2048))
+        model = load_model(cfg.model, torch.device("cuda"))
+        size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+        del model
+        torch.cuda.empty_cache()
+        return size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--full", action="store_true", help="throughput-decode with 1000 prompts")
+    parser.add_argument("--skip-engine", action="store_true")
+    opts = parser.parse_args()
+    rows: list[tuple[str, str]] = [("device", torch.cuda.get_device_name())]
+    check_kernels(rows)
+    bench_decode_matmuls(rows)
+    for quant in ("gguf", None):
+        rows.append((f"weights GiB ({quant or 'bf16'})", f"{weight_footprint(quant):.2f}"))
+    if not opts.skip_engine:
+        shape = ["--model-shape", "llama-3.1-8b", "--load-format", "dummy", "--dtype", "bfloat16"]
+        n = "1000" if opts.full else "200"
+        for quant in ("gguf", None):
+            q = ["--quantization", quant] if quant else []
+            name = "Q4_K_M gguf" if quant else "bf16"
+            run_cli(["latency", *shape, *q, "--batch-size", "1", "--input-len", "128", "--output-len", "256",
+                     "--num-iters-warmup", "1", "--num-iters", "3"], rows, f"latency-1 {name}")
+            run_cli(["throughput", *shape, *q, "--num-prompts", n, "--input-len", "128", "--output-len", "1024"],
+                    rows, f"throughput-decode {n}x128/1024 {name}")
+    print("\n== GGUF on the GPU ==")
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()
