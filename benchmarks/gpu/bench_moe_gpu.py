@@ -18,21 +18,10 @@ import argparse
 
 import torch
 from _shapes import H200_BF16_FLOPS, H200_HBM_BYTES_PER_S, active_params, bench
+from _timing import eager_us
 
 SHAPE = "qwen3-30b-a3b"
 
-
-def time_call(fn, iters: int = 20) -> float:
-    """Milliseconds per call (CUDA events, after a warm-up)."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def kernel_check() -> list[str]:
@@ -52,8 +41,8 @@ def kernel_check() -> list[str]:
         err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
         worst = max(worst, err)
         wb = weights.bfloat16()
-        ms = time_call(lambda x=x, wb=wb, ids=ids: fused_experts(x, w13, w2, wb, ids))
-        ms_ref = time_call(lambda x=x, wb=wb, ids=ids: fused_experts_ref(x, w13, w2, wb, ids), iters=5)
+        ms = eager_us(lambda x=x, wb=wb, ids=ids: fused_experts(x, w13, w2, wb, ids), 20) / 1e3
+        ms_ref = eager_us(lambda x=x, wb=wb, ids=ids: fused_experts_ref(x, w13, w2, wb, ids), 5) / 1e3
         rows.append(f"KERNEL {t:6d} | {err:.2e} | {ms:.3f} | {ms_ref:.3f} | {ms_ref / ms:.1f}x")
     rows.append(f"KERNEL {'ok' if worst < 2e-2 else 'MISMATCH'} (worst relative error {worst:.2e}, bf16)")
     return rows

@@ -16,27 +16,11 @@ import time
 import traceback
 
 import torch
+from _timing import graph_us
 
 SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672), "down_proj": (14336, 4096)}
 ROWS = (1, 2, 4)
 
-
-def _time_us(fn, reps: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
 
 
 def _weights(k: int, n: int, gen: torch.Generator):
@@ -104,7 +88,7 @@ def main() -> None:
             d4, d8 = deq[name]
             x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
             try:
-                tb = _time_us(lambda x=x, wf=wf: torch.nn.functional.linear(x, wf))
+                tb = graph_us(lambda x=x, wf=wf: torch.nn.functional.linear(x, wf))
             except Exception as e:  # noqa: BLE001
                 tb = float("nan")
                 print(f"{name} M={m} bf16 failed: {e!r}", flush=True)
@@ -114,7 +98,7 @@ def main() -> None:
                 ref = x.float() @ d
                 try:
                     eo = _err(_old(x, w), ref)
-                    to = _time_us(lambda w=w, x=x: _old(x, w))
+                    to = graph_us(lambda w=w, x=x: _old(x, w))
                 except Exception as e:  # noqa: BLE001
                     note += f" old failed: {e!r}"[:200]
                 try:
@@ -124,7 +108,7 @@ def main() -> None:
                         note += " NOT-REPEATABLE"
                     if not torch.equal(got, quant_matmul(x, w)):
                         note += " dispatch-differs"
-                    tn = _time_us(lambda w=w, x=x: quant_gemv(x, w))
+                    tn = graph_us(lambda w=w, x=x: quant_gemv(x, w))
                 except Exception:  # noqa: BLE001
                     note += " new failed: " + traceback.format_exc(limit=2)[-300:].replace("\n", " | ")
                 ok = en < 1e-2 if fmt == "int4" else en < 2e-2
@@ -153,7 +137,7 @@ def main() -> None:
                 res = []
                 for c in cands[fmt]:
                     try:
-                        res.append((_time_us(lambda c=c, w=w, x=x: quant_gemv(x, w, config=c)), c))
+                        res.append((graph_us(lambda c=c, w=w, x=x: quant_gemv(x, w, config=c)), c))
                     except Exception as e:  # noqa: BLE001
                         print(f"  {name} {fmt} {c}: {e!r}"[:200], flush=True)
                 res.sort(key=lambda r: r[0])

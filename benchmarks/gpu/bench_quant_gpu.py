@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import graph_us
 
 SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up_proj": (4096, 28672),
           "down_proj": (14336, 4096)}      # (K in, N out)
@@ -33,23 +34,6 @@ AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point":
 # ---------------------------------------------------------------------------------------------------
 # 1. kernels
 # ---------------------------------------------------------------------------------------------------
-
-def _time_ms(fn, reps: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    g.replay()
-    torch.cuda.synchronize()
-    start.record()
-    g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def _time_projection(x: torch.Tensor, w4, w8, wf: torch.Tensor) -> tuple[float, float, float]:
@@ -66,8 +50,8 @@ def _time_projection(x: torch.Tensor, w4, w8, wf: torch.Tensor) -> tuple[float, 
 
     quant_matmul(x, w4)        # the tuner times its candidates outside the graph
     fp8()
-    tb = _time_ms(lambda: torch.nn.functional.linear(x, wf)) * 1e3
-    return tb, _time_ms(lambda: quant_matmul(x, w4)) * 1e3, _time_ms(fp8) * 1e3
+    tb = graph_us(lambda: torch.nn.functional.linear(x, wf))
+    return tb, graph_us(lambda: quant_matmul(x, w4)), graph_us(fp8)
 
 
 def kernels() -> bool:

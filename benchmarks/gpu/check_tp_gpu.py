@@ -35,6 +35,7 @@ for _key, _value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST"
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
+from _timing import eager_us  # noqa: E402
 
 SIZES = [8 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 NUM_PROMPTS = 16
@@ -46,18 +47,6 @@ LOGPROB_TOL = 0.25
 
 
 # ----------------------------------------------------------------------------- all-reduce
-
-def _time_eager(fn, iters: int) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters   # us per call
 
 
 def _time_graph(fn, per_graph: int, replays: int) -> float:
@@ -120,9 +109,9 @@ def _allreduce_worker(rank: int, init_file: str, out: str) -> None:
             iters = 200 if size <= (1 << 20) else 20
             nccl_fn = functools.partial(dist.all_reduce, x.clone(), group=group)
             custom_fn = functools.partial(custom.all_reduce, x) if custom is not None else None
-            row["nccl_eager"] = _time_eager(nccl_fn, iters)
+            row["nccl_eager"] = eager_us(nccl_fn, iters, warmup=5)
             if custom_fn is not None:
-                row["custom_eager"] = _time_eager(custom_fn, iters)
+                row["custom_eager"] = eager_us(custom_fn, iters, warmup=5)
             for name, fn in (("nccl_graph", nccl_fn), ("custom_graph", custom_fn)):
                 if fn is not None:
                     row[name] = _graph_or_none(f"{name} {size} B", fn, 16 if size <= (1 << 20) else 4, failures)
