@@ -39,11 +39,46 @@ def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     return torch.where(picked > 0, idx, fallback)
 
 
-def run_chain(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID, ...],
-              cache: tr.SortCache | None = None) -> torch.Tensor:
-    """Apply the active samplers in ``order`` to every row of ``logits``."""
+# Top-k keeps ties at the k-th value (Aphrodite), so the candidates kept after it are the largest
+# top_k plus this many: room for ties without a host sync to count them.
+TIE_SLACK = 64
+_INDEXED = (SamplerID.DRY, SamplerID.PENALTIES, SamplerID.NO_REPEAT_NGRAM)
+
+
+def compact_width(md: SamplingMetadata, vocab_size: int, order: tuple[SamplerID, ...]) -> int:
+    """How many candidate columns the chain keeps after top-k (0: it keeps the whole vocabulary).
+
+    Known on the host: every row must have top-k on (or be greedy: it needs only its argmax), and
+    no sampler that addresses tokens by id (penalties, DRY, n-grams) may come after top-k."""
+    ks = md.k_host
+    if not ks or min(ks) < 0 or max(ks) <= 0 or SamplerID.TOP_P_TOP_K not in md.active:
+        return 0
+    if any(sid in md.active for sid in order[order.index(SamplerID.TOP_P_TOP_K) + 1:] if sid in _INDEXED):
+        return 0
+    width = max(ks) + TIE_SLACK
+    return width if 2 * width <= vocab_size else 0
+
+
+def _sort_columns(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values, perm = torch.sort(values, dim=-1, descending=True)
+    return values, ids.gather(1, perm)
+
+
+def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID, ...]
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply the active samplers in ``order`` to every row of ``logits``.
+
+    Returns ``(values, ids)``: ``ids`` is None when ``values`` still spans the vocabulary; otherwise
+    top-k kept only each row's best candidates, ``values[i, j]`` is the logit of token ``ids[i, j]``
+    and every token not listed is excluded. From top-k on, each sampler then costs a pass over a few
+    hundred columns instead of the vocabulary, and the samplers that need the logits in descending
+    order (top-p, TFS) share the order top-k produced until a sampler reorders them.
+    """
     c = md.columns
-    cache = cache or tr.SortCache()
+    cache = tr.SortCache()
+    width = compact_width(md, logits.shape[1], order)
+    ids: torch.Tensor | None = None
+    in_order = False                  # compact columns in descending order of their values
     for sid in order:
         if sid not in md.active:
             continue
@@ -52,9 +87,9 @@ def run_chain(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID
                 logits = rep.apply_dry(logits, md.dry)
                 cache.invalidate()
         elif sid == SamplerID.PENALTIES:
-            logits = rep.apply_penalties(logits, md.counts, md.seen, c["presence_penalty"], c["frequency_penalty"],
-                                         c["repetition_penalty"])
-            cache.invalidate()
+            if md.penalties is not None:
+                logits = rep.apply_penalties(logits, md.penalties)
+                cache.invalidate()
         elif sid == SamplerID.NO_REPEAT_NGRAM:
             if md.ngram is not None:
                 logits = rep.apply_no_repeat_ngram(logits, md.ngram)
@@ -65,27 +100,53 @@ def run_chain(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID
         elif sid == SamplerID.TOP_NSIGMA:
             logits = tr.apply_top_nsigma(logits, c["nsigma"], c["nsigma_on"])
         elif sid == SamplerID.TOP_P_TOP_K:
-            logits = tr.apply_top_k_top_p(logits, c.get("top_k"), c.get("top_p"), md.top_k_max, cache)
+            if width:
+                logits, ids = torch.topk(logits, width, dim=-1)
+                in_order = True
+                logits = tr.top_k_top_p_sorted(logits, c.get("top_k"), c.get("top_p"))
+            else:
+                logits = tr.apply_top_k_top_p(logits, c.get("top_k"), c.get("top_p"), md.top_k_max, cache)
         elif sid == SamplerID.TOP_A:
             logits = tr.apply_top_a(logits, c["top_a"])
         elif sid == SamplerID.MIN_P:
             logits = tr.apply_min_p(logits, c["min_p"])
         elif sid == SamplerID.TFS:
-            logits = tr.apply_tfs(logits, c["tfs"], c["tfs_on"], cache)
+            if ids is None:
+                logits = tr.apply_tfs(logits, c["tfs"], c["tfs_on"], cache)
+            else:
+                if not in_order:
+                    logits, ids = _sort_columns(logits, ids)
+                    in_order = True
+                logits = tr.tfs_sorted(logits, c["tfs"], c["tfs_on"], pad=True)
         elif sid == SamplerID.ETA_CUTOFF:
-            logits = tr.apply_eta_cutoff(logits, c["eta_cutoff"])
+            logits = tr.apply_eta_cutoff(logits, c["eta_cutoff"], ids)
         elif sid == SamplerID.EPSILON_CUTOFF:
-            logits = tr.apply_epsilon_cutoff(logits, c["epsilon_cutoff"])
+            logits = tr.apply_epsilon_cutoff(logits, c["epsilon_cutoff"], ids)
         elif sid == SamplerID.TYPICAL_P:
             logits = tr.apply_typical_p(logits, c["typical_p"], c["typical_p_on"])
             cache.invalidate()
+            in_order = False
         elif sid == SamplerID.QUADRATIC:
             logits = tr.apply_quadratic(logits, c["smoothing_factor"], c["smoothing_curve"])
             cache.invalidate()
+            in_order = False
         elif sid == SamplerID.XTC:
-            logits = tr.apply_xtc(logits, c["xtc_threshold"], c["xtc_probability"], md.xtc_uniforms)
+            logits = tr.apply_xtc(logits, c["xtc_threshold"], c["xtc_probability"], md.xtc_uniforms, ids)
             cache.invalidate()
-    return logits
+            in_order = False
+    return logits, ids
+
+
+def expand(values: torch.Tensor, ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """Compact candidates back to logits over the vocabulary (-inf for every token not listed)."""
+    if ids is None:
+        return values
+    return values.new_full((values.shape[0], vocab_size), float("-inf")).scatter_(1, ids, values)
+
+
+def run_chain(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID, ...]) -> torch.Tensor:
+    """Apply the active samplers in ``order`` to every row of ``logits``: logits over the vocabulary."""
+    return expand(*run_chain_compact(logits, md, order), logits.shape[1])
 
 
 @dataclass
@@ -108,7 +169,10 @@ class Sampler:
         plain = "dynatemp_min" not in md.columns and md.mirostat is None and md.skew is None
         only_temp = plain and md.active <= {SamplerID.TEMPERATURE}
         if md.all_greedy:
-            tokens = self._chain_groups(logits, md).argmax(dim=-1)
+            values, ids = self._chain_groups(logits, md)
+            tokens = tr.top_index(values, ids).squeeze(1)
+            if ids is not None:
+                tokens = ids.gather(1, tokens[:, None]).squeeze(1)
         elif plain and md.active <= {SamplerID.TEMPERATURE, SamplerID.MIN_P} and use_triton(logits):
             # The common case on the GPU: one fused kernel reads each row three times, writes one id.
             tokens = sample_temperature_min_p(logits, md.temperature, md.columns.get("min_p"), md.uniforms)
@@ -119,17 +183,24 @@ class Sampler:
             if not md.all_random:
                 tokens = torch.where(md.temperature > 0, tokens, logits.argmax(dim=-1))
         else:
-            logits = self._chain_groups(logits, md)
+            logits, ids = self._chain_groups(logits, md)
+            if ids is not None:
+                # Candidates in token-id order: the inverse CDF walks the vocabulary's order, and an argmax
+                # picks the lowest id among ties, as over the whole vocabulary.
+                ids, perm = torch.sort(ids, dim=-1)
+                logits = logits.gather(1, perm)
             surprise = None
-            if md.mirostat is not None:
+            if md.mirostat is not None:       # (never with candidates: mirostat rows keep the vocabulary)
                 m = md.mirostat
                 masked, surprise = tr.mirostat_mask(logits.index_select(0, m.rows), m.mu)
                 logits = logits.index_copy(0, m.rows, masked)
             if md.skew is not None:
                 logits = torch.where((md.skew != 0)[:, None], tr.apply_skew(logits, md.skew), logits)
-            tokens = (cpu_ops.sample_inverse_cdf if in_c else sample_from_logits)(logits, md.uniforms)
+            tokens = (cpu_ops.sample_inverse_cdf if in_c else sample_from_logits)(logits.contiguous(), md.uniforms)
             if not md.all_random:
                 tokens = torch.where(md.temperature > 0, tokens, logits.argmax(dim=-1))
+            if ids is not None:
+                tokens = ids.gather(1, tokens[:, None]).squeeze(1)
             if surprise is not None:
                 m = md.mirostat
                 picked = surprise.gather(1, tokens.index_select(0, m.rows)[:, None]).squeeze(1)
@@ -139,15 +210,15 @@ class Sampler:
         return SamplerOutput(tokens, *gather_logprobs(raw, tokens, md.max_logprobs))
 
     @staticmethod
-    def _chain_groups(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    def _chain_groups(logits: torch.Tensor, md: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not md.active:
-            return logits
+            return logits, None
         if len(md.groups) == 1:
-            return run_chain(logits, md, md.groups[0][0])
+            return run_chain_compact(logits, md, md.groups[0][0])
         for order, rows, host_rows in md.groups:
             sub = run_chain(logits.index_select(0, rows), md.subset(rows, host_rows), order)
             logits = logits.index_copy(0, rows, sub)
-        return logits
+        return logits, None
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):

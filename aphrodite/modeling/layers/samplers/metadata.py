@@ -31,6 +31,20 @@ def _ids(values: list[int], device: torch.device) -> torch.Tensor:
 
 
 @dataclass
+class PenaltyRows:
+    """Penalty inputs for the rows that use them, over their histories: only the (row, token) pairs that
+    occur in a row's prompt or output can be penalized, so the sampler touches those and never whole rows."""
+
+    rows: torch.Tensor           # [R] batch rows
+    host_rows: list[int]
+    history: torch.Tensor        # [R, W] prompt + output ids; padding repeats the row's last token
+    counts: torch.Tensor         # [R, W] int32: output count of each position's token
+    presence: torch.Tensor       # [R] float
+    frequency: torch.Tensor      # [R] float
+    repetition: torch.Tensor     # [R] float
+
+
+@dataclass
 class DryRows:
     """DRY inputs for the rows that use it (``rows`` index the batch)."""
 
@@ -106,14 +120,17 @@ class SamplingMetadata:
     bad_words_history: torch.Tensor | None = None   # the state's history buffer the bad-word slots index
     grammar_bitmask: torch.Tensor | None = None     # [N, ceil(V/32)] int32, bit set = allowed
     # Repetition state, gathered from the per-request state.
-    counts: torch.Tensor | None = None      # [N, V] output-token counts (penalties)
-    seen: torch.Tensor | None = None        # [N, V] bool: in the prompt or the output (repetition)
+    penalties: PenaltyRows | None = None
     dry: DryRows | None = None
     ngram: NgramRows | None = None
     mirostat: MirostatRows | None = None
     skew: torch.Tensor | None = None         # [N] skew; None when no random row uses it
     xtc_uniforms: torch.Tensor | None = None  # [N] float: XTC fires when below xtc_probability
     max_logprobs: int = -1                    # largest top-N any row asked for; -1 if none needs logprobs
+    # Per row, known on the host: its top_k when on, 0 for a greedy row (it only needs the argmax), -1 for a
+    # row that needs every token (sampled without top_k, or mirostat). When no row is -1, the chain keeps
+    # only the top-k candidates after top-k and every later sampler runs on those few columns.
+    k_host: list[int] = field(default_factory=list)
 
     def subset(self, rows: torch.Tensor, host_rows: list[int]) -> SamplingMetadata:
         """The same metadata restricted to ``rows`` (a group with its own sampler order)."""
@@ -127,11 +144,13 @@ class SamplingMetadata:
             return v
 
         out = {f.name: take(getattr(self, f.name)) for f in dataclasses.fields(self)
-               if f.name not in ("dry", "ngram", "mirostat", "bad_words", "banned", "bias", "allowed", "groups")}
+               if f.name not in ("penalties", "dry", "ngram", "mirostat", "bad_words", "banned", "bias", "allowed",
+                                 "groups")}
         out["num_rows"] = len(host_rows)
-        # Row-indexed pieces (DRY, n-grams) keep their rows in the group, renumbered (on the host).
+        # Row-indexed pieces (penalties, DRY, n-grams) keep their rows in the group, renumbered (on the host).
         where = {r: i for i, r in enumerate(host_rows)}
-        for name in ("dry", "ngram"):
+        out["k_host"] = [self.k_host[r] for r in host_rows] if self.k_host else []
+        for name in ("penalties", "dry", "ngram"):
             part = getattr(self, name)
             out[name] = None
             keep = [k for k, r in enumerate(part.host_rows) if r in where] if part is not None else []

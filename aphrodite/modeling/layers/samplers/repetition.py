@@ -9,21 +9,32 @@ from __future__ import annotations
 
 import torch
 
-from aphrodite.modeling.layers.samplers.metadata import DryRows, NgramRows
+from aphrodite.modeling.layers.samplers.metadata import DryRows, NgramRows, PenaltyRows
 
 
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor | None, seen: torch.Tensor | None,
-                    presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+def _lower_at(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``logits[rows[i], ids[i, j]] = min(itself, values[i, j])`` for every (i, j), out of place.
+
+    The samplers below only ever lower a logit, and every position holding the same token of a row
+    proposes a value for it: the smallest proposal is the one the sampler means (the longest DRY
+    match, a banned n-gram), whichever order the duplicates land in.
+    """
+    flat = (rows[:, None] * logits.shape[1] + ids).reshape(-1)
+    return logits.reshape(-1).scatter_reduce(0, flat, values.reshape(-1), "amin").view_as(logits)
+
+
+def apply_penalties(logits: torch.Tensor, g: PenaltyRows) -> torch.Tensor:
     """vLLM/Aphrodite: repetition divides positive / multiplies negative logits of tokens seen in the
-    prompt or output; frequency subtracts count * f; presence subtracts p once per output token seen."""
-    if seen is not None:
-        pen = repetition[:, None]
-        scaled = torch.where(logits > 0, logits / pen, logits * pen)
-        logits = torch.where(seen, scaled, logits)
-    if counts is not None:
-        c = counts.to(logits.dtype)
-        logits = logits - frequency[:, None] * c - presence[:, None] * (c > 0).to(logits.dtype)
-    return logits
+    prompt or output; frequency subtracts count * f; presence subtracts p once per output token seen.
+    Only the tokens of each row's history are read and written (positions sharing a token write the
+    same value)."""
+    rows = g.rows[:, None].expand_as(g.history)
+    cur = logits[rows, g.history]
+    pen = g.repetition[:, None]
+    new = torch.where(cur > 0, cur / pen, cur * pen)
+    c = g.counts.to(logits.dtype)
+    new = new - g.frequency[:, None] * c - g.presence[:, None] * (c > 0).to(logits.dtype)
+    return logits.index_put((rows, g.history), new)
 
 
 def _dry_position_lengths(d: DryRows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,26 +68,15 @@ def _dry_position_lengths(d: DryRows) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_dry(logits: torch.Tensor, d: DryRows) -> torch.Tensor:
-    """logits[token] -= multiplier * base ** (match_length - allowed_length) for every matched token.
-    Only the (row, token) pairs found in the histories are read and written, never whole rows."""
+    """logits[token] -= multiplier * base ** (match_length - allowed_length) for every matched token,
+    with the longest match of the token (base > 1: the lowest proposal). Only the (row, token) pairs
+    found in the histories are read and written, never whole rows."""
     nxt, new_len = _dry_position_lengths(d)
     R, W = nxt.shape
-    # The longest match per (row, token), read back at every position holding that token, so that
-    # positions sharing a token write the same value.
-    lens = torch.zeros(R, logits.shape[1], dtype=torch.long, device=nxt.device)
-    lens.scatter_reduce_(1, nxt, new_len, reduce="amax")
-    n = lens.gather(1, nxt).to(logits.dtype)
-    rows = d.rows[:, None].expand(R, W)
-    cur = logits[rows, nxt]
+    cur = logits[d.rows[:, None].expand(R, W), nxt]
+    n = new_len.to(logits.dtype)
     scale = d.base[:, None] ** (n - d.allowed_length[:, None].to(logits.dtype))
-    return logits.index_put((rows, nxt), torch.where(n > 0, cur - d.multiplier[:, None] * scale, cur))
-
-
-def no_repeat_ngram_mask(g: NgramRows, vocab_size: int) -> torch.Tensor:
-    """[R, V] bool: tokens that would complete an n-gram already in the prompt + output."""
-    ids, hit = _ngram_hits(g)
-    counts = torch.zeros(ids.shape[0], vocab_size, dtype=torch.int32, device=ids.device)
-    return counts.scatter_add_(1, ids, hit.to(torch.int32)) > 0
+    return _lower_at(logits, d.rows, nxt, torch.where(new_len > 0, cur - d.multiplier[:, None] * scale, cur))
 
 
 def _ngram_hits(g: NgramRows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,10 +94,8 @@ def _ngram_hits(g: NgramRows) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_no_repeat_ngram(logits: torch.Tensor, g: NgramRows) -> torch.Tensor:
-    """Ban the tokens ``_ngram_hits`` finds; only the (row, token) pairs in the histories are touched,
-    each position writing its token's verdict (so positions sharing a token agree)."""
-    ids, _ = _ngram_hits(g)
-    banned = no_repeat_ngram_mask(g, logits.shape[1]).gather(1, ids)
-    rows = g.rows[:, None].expand_as(ids)
-    cur = logits[rows, ids]
-    return logits.index_put((rows, ids), torch.where(banned, torch.full_like(cur, float("-inf")), cur))
+    """Ban the tokens ``_ngram_hits`` finds; only the (row, token) pairs in the histories are touched
+    (a token is banned when any of its positions hits)."""
+    ids, hit = _ngram_hits(g)
+    cur = logits[g.rows[:, None].expand_as(ids), ids]
+    return _lower_at(logits, g.rows, ids, torch.where(hit, torch.full_like(cur, float("-inf")), cur))

@@ -16,7 +16,7 @@ _TEMP_FLOOR = 1e-5
 
 
 class SortCache:
-    """One descending sort shared by the samplers that need it (top-k/top-p, TFS).
+    """One descending sort shared by the samplers that need it (top-k/top-p, TFS) over the whole vocabulary.
 
     Temperature and threshold cuts keep the order (the tokens they mask are the sorted tail),
     so after them the cached permutation still sorts the logits; a sampler that can reorder or
@@ -66,26 +66,47 @@ def apply_top_nsigma(logits: torch.Tensor, nsigma: torch.Tensor, on: torch.Tenso
     return logits.masked_fill(on[:, None] & (logits < threshold), _NEG_INF)
 
 
+def top_k_top_p_sorted(values: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+                       ) -> torch.Tensor:
+    """Top-k and nucleus (top-p) on logits already in descending order: the masked values.
+
+    As in Aphrodite, top-k keeps every token at least as likely as the k-th (ties stay), and a row
+    keeps a token while the probability mass ranked strictly above it is below top_p (the top token
+    always stays). Rows with top-k off carry k >= the width, rows with top-p off a value above 1.
+    """
+    if top_k is not None:
+        kth = values.gather(1, (top_k - 1).clamp(max=values.shape[1] - 1)[:, None])
+        values = values.masked_fill(values < kth, _NEG_INF)
+    if top_p is not None:
+        probs = torch.softmax(values, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs
+        values = values.masked_fill(before >= top_p[:, None], _NEG_INF)
+    return values
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
                       k_max: int, cache: SortCache) -> torch.Tensor:
-    """Mask everything outside each row's top-k and nucleus (top-p) with -inf.
+    """Mask everything outside each row's top-k and nucleus (top-p) with -inf, over the whole vocabulary.
 
-    A row keeps a token while the probability mass ranked strictly above it is below top_p (the
-    top token always stays). ``k_max`` (the largest top_k) comes from the host so the GPU is not
-    waited on. Rows with top_p off carry a value above 1, which no mass reaches.
+    ``k_max`` (the largest top_k) comes from the host so the GPU is not waited on.
     """
     if top_p is None:
         # Only top-k: a partial selection is cheaper than a full sort.
         kth = torch.topk(logits, k_max, dim=-1).values.gather(1, (top_k - 1).clamp(max=k_max - 1)[:, None])
         return logits.masked_fill(logits < kth, _NEG_INF)
     values, order = cache.sorted(logits)
-    if top_k is not None:
-        ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
-        values = values.masked_fill(ranks >= top_k[:, None], _NEG_INF)
-    probs = torch.softmax(values, dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs
-    drop = (before >= top_p[:, None]) | (values == _NEG_INF)
+    drop = top_k_top_p_sorted(values, top_k, top_p) == _NEG_INF
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), _NEG_INF)
+
+
+def top_index(values: torch.Tensor, ids: torch.Tensor | None, largest: bool = True) -> torch.Tensor:
+    """[N, 1] column of each row's largest (or smallest) value; among ties the lowest token id, as an
+    argmax over the whole vocabulary picks. ``ids``: the columns' token ids (None: column = token id)."""
+    idx = values.argmax(dim=1, keepdim=True) if largest else values.argmin(dim=1, keepdim=True)
+    if ids is None:
+        return idx
+    tied = values == values.gather(1, idx)
+    return torch.where(tied, ids, torch.full_like(ids, torch.iinfo(ids.dtype).max)).argmin(dim=1, keepdim=True)
 
 
 def _log(v: torch.Tensor) -> torch.Tensor:
@@ -106,36 +127,48 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, _NEG_INF)
 
 
-def apply_tfs(logits: torch.Tensor, z: torch.Tensor, on: torch.Tensor, cache: SortCache) -> torch.Tensor:
-    """Tail-free sampling: along the sorted probabilities, the normalized |second difference| is
-    accumulated and tokens past where it exceeds z are dropped; as in Aphrodite the first token is
-    always kept and the last always dropped."""
-    values, order = cache.sorted(logits)
-    d2 = torch.softmax(values, dim=-1).diff().diff().abs()
+def tfs_sorted(values: torch.Tensor, z: torch.Tensor, on: torch.Tensor, pad: bool) -> torch.Tensor:
+    """Tail-free sampling on logits in descending order (the masked values): along the sorted
+    probabilities, the normalized |second difference| is accumulated and tokens past where it
+    exceeds z are dropped; as in Aphrodite the first token is always kept and the last always
+    dropped. ``pad``: the columns are a row's top candidates only (the rest of the vocabulary has
+    probability 0), so two zero columns stand for that rest in the second differences."""
+    n, k = values.shape
+    probs = torch.softmax(values, dim=-1)
+    if pad:
+        probs = torch.cat([probs, probs.new_zeros(n, 2)], dim=1)
+    d2 = probs.diff().diff().abs()
     cdf = torch.cumsum(d2 / d2.sum(dim=-1, keepdim=True), dim=-1)
-    n = logits.shape[0]
-    drop = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=logits.device), cdf > z[:, None],
-                      torch.ones(n, 1, dtype=torch.bool, device=logits.device)], dim=-1) & on[:, None]
+    drop = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=values.device), cdf > z[:, None],
+                      torch.ones(n, 1, dtype=torch.bool, device=values.device)], dim=-1)[:, :k] & on[:, None]
+    return values.masked_fill(drop, _NEG_INF)
+
+
+def apply_tfs(logits: torch.Tensor, z: torch.Tensor, on: torch.Tensor, cache: SortCache) -> torch.Tensor:
+    """Tail-free sampling over the whole vocabulary (``tfs_sorted`` on the shared sort)."""
+    values, order = cache.sorted(logits)
+    drop = tfs_sorted(values, z, on, pad=False) == _NEG_INF
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), _NEG_INF)
 
 
-def _keep_top(mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    return mask.scatter(1, probs.argmax(dim=1, keepdim=True), False)
+def _keep_top(mask: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    return mask.scatter(1, top_index(probs, ids), False)
 
 
-def apply_eta_cutoff(logits: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+def apply_eta_cutoff(logits: torch.Tensor, eta: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Drop p < min(eta, sqrt(eta) * exp(-entropy)) (the top token stays); eta in raw probability units."""
     logp = torch.log_softmax(logits, dim=-1)
     probs = logp.exp()
     neg_ent = (probs * logp).nansum(dim=-1)
     eps = torch.minimum(eta, eta.sqrt() * neg_ent.exp())[:, None]
-    return logits.masked_fill(_keep_top(probs < eps, probs), _NEG_INF)
+    return logits.masked_fill(_keep_top(probs < eps, probs, ids), _NEG_INF)
 
 
-def apply_epsilon_cutoff(logits: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+def apply_epsilon_cutoff(logits: torch.Tensor, epsilon: torch.Tensor, ids: torch.Tensor | None = None
+                         ) -> torch.Tensor:
     """Drop p < epsilon (the top token stays): log p = x - logsumexp(x)."""
     drop = logits - torch.logsumexp(logits, dim=-1, keepdim=True) < _log(epsilon)
-    return logits.masked_fill(drop.scatter(1, logits.argmax(dim=1, keepdim=True), False), _NEG_INF)
+    return logits.masked_fill(drop.scatter(1, top_index(logits, ids), False), _NEG_INF)
 
 
 def apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
@@ -164,12 +197,12 @@ def apply_quadratic(logits: torch.Tensor, factor: torch.Tensor, curve: torch.Ten
 
 
 def apply_xtc(logits: torch.Tensor, threshold: torch.Tensor, probability: torch.Tensor,
-              uniforms: torch.Tensor) -> torch.Tensor:
+              uniforms: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Exclude Top Choices: with the row's probability, when two or more tokens have p >= threshold,
     drop all of them but the least likely one."""
     above = logits - torch.logsumexp(logits, dim=-1, keepdim=True) >= _log(threshold)
     fire = (uniforms < probability) & (above.sum(dim=-1) >= 2)
-    keep = torch.where(above, logits, torch.full_like(logits, float("inf"))).argmin(dim=-1, keepdim=True)
+    keep = top_index(torch.where(above, logits, torch.full_like(logits, float("inf"))), ids, largest=False)
     drop = above.scatter(1, keep, False) & fire[:, None]
     return logits.masked_fill(drop, _NEG_INF)
 
