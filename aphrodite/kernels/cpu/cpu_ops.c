@@ -564,6 +564,41 @@ void aph_sample_inverse_cdf(const float* logits, const float* temperature, const
 }
 
 /*
+ * Per row of [N, V] float logits: out[n] = {max, entropy of softmax (nats), finite count, std of the
+ * finite logits (Bessel)}. Two reads of the row (max, then the sums, in double), no temporaries.
+ */
+void aph_row_stats(const float* logits, float* out, int N, int V) {
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float* row = logits + (long)n * V;
+        float mx = -INFINITY;
+        #pragma omp simd reduction(max:mx)
+        for (int v = 0; v < V; v++) mx = row[v] > mx ? row[v] : mx;
+        const float shift = isinf(mx) ? 0.f : mx;
+        double s = 0.0, a = 0.0, cnt = 0.0, sx = 0.0, sxx = 0.0;
+        #pragma omp simd reduction(+:s, a, cnt, sx, sxx)
+        for (int v = 0; v < V; v++) {
+            const float x = row[v];
+            const int fin = x > -INFINITY;
+            const float d = fin ? x - shift : 0.f;
+            const float e = fin ? expf(d) : 0.f;
+            s += e;
+            a += (double)e * d;
+            cnt += fin;
+            sx += fin ? (double)d : 0.0;
+            sxx += fin ? (double)d * d : 0.0;
+        }
+        const double mean = cnt > 0 ? sx / cnt : 0.0;
+        const double m2 = sxx - mean * sx;
+        float* o = out + (long)n * 4;
+        o[0] = mx;
+        o[1] = (float)(log(s) - a / s);
+        o[2] = (float)cnt;
+        o[3] = (float)sqrt((m2 > 0 ? m2 : 0.0) / (cnt > 1 ? cnt - 1 : 1));
+    }
+}
+
+/*
  * Write this step's K/V rows into the paged cache: row t goes to slot slots[t] (-1 = skip).
  * k/v rows may be strided views of the fused qkv output (stride in elements); within a row the
  * Hkv * D values are contiguous, as in the cache.

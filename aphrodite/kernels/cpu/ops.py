@@ -114,6 +114,15 @@ def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor,
     return out
 
 
+def row_stats(logits: torch.Tensor) -> torch.Tensor:
+    """[N, 4] per row of float32 logits: max, softmax entropy, finite count, std of the finite logits
+    (``kernels.sampling.row_stats_ref``), in two reads of each row."""
+    x = logits.float().contiguous()
+    out = torch.empty(x.shape[0], 4, dtype=torch.float32)
+    _lib().aph_row_stats(_ptr(x), _ptr(out), x.shape[0], x.shape[1])
+    return out
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Copy ``k``/``v`` rows ``[T, Hkv, D]`` into the cache at ``slot_mapping`` (-1 = not written)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from aphrodite.kernels.cpu import ops as cpu_ops
-from aphrodite.kernels.sampling import sample_temperature_min_p
+from aphrodite.kernels.sampling import row_stats, sample_temperature_min_p
 from aphrodite.kernels.triton_utils import use_triton
 from aphrodite.modeling.layers.samplers import repetition as rep
 from aphrodite.modeling.layers.samplers import truncation as tr
@@ -51,7 +51,8 @@ def compact_width(md: SamplingMetadata, vocab_size: int, order: tuple[SamplerID,
     Known on the host: every row must have top-k on (or be greedy: it needs only its argmax), and
     no sampler that addresses tokens by id (penalties, DRY, n-grams) may come after top-k."""
     ks = md.k_host
-    if not ks or min(ks) < 0 or max(ks) <= 0 or SamplerID.TOP_P_TOP_K not in md.active:
+    if not ks or min(ks) < 0 or max(ks) <= 0 or SamplerID.TOP_P_TOP_K not in md.active \
+            or SamplerID.TOP_P_TOP_K not in order:
         return 0
     if any(sid in md.active for sid in order[order.index(SamplerID.TOP_P_TOP_K) + 1:] if sid in _INDEXED):
         return 0
@@ -59,8 +60,36 @@ def compact_width(md: SamplingMetadata, vocab_size: int, order: tuple[SamplerID,
     return width if 2 * width <= vocab_size else 0
 
 
+def deferred_to_top_k(md: SamplingMetadata, order: tuple[SamplerID, ...], width: int) -> frozenset[SamplerID]:
+    """Temperature and top-n-sigma running just before a compacting top-k: both keep the order of the
+    logits, so top-k can select on the raw logits and they run on its candidates instead, from one
+    ``row_stats`` read of the row (exactly: x / t < max / t - n * std / t is x < max - n * std)."""
+    if not width:
+        return frozenset()
+    tail: list[SamplerID] = []
+    for sid in reversed(order[:order.index(SamplerID.TOP_P_TOP_K)]):
+        if sid not in md.active:
+            continue
+        if sid not in (SamplerID.TEMPERATURE, SamplerID.TOP_NSIGMA):
+            break
+        tail.append(sid)
+    # Dynatemp measures the entropy of what it is given: not of logits top-n-sigma already cut.
+    if tail == [SamplerID.TEMPERATURE, SamplerID.TOP_NSIGMA] and "dynatemp_min" in md.columns:
+        return frozenset()
+    return frozenset(tail)
+
+
+def by_id(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate columns reordered by token id."""
+    ids, perm = torch.sort(ids, dim=-1)
+    return values.gather(1, perm), ids
+
+
 def _sort_columns(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    values, perm = torch.sort(values, dim=-1, descending=True)
+    """Candidate columns in descending order of value, ties by token id: the order a stable sort of the
+    whole vocabulary gives, so a cut inside a run of ties keeps the same tokens either way."""
+    values, ids = by_id(values, ids)
+    values, perm = torch.sort(values, dim=-1, descending=True, stable=True)
     return values, ids.gather(1, perm)
 
 
@@ -77,10 +106,11 @@ def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[S
     c = md.columns
     cache = tr.SortCache()
     width = compact_width(md, logits.shape[1], order)
+    deferred = deferred_to_top_k(md, order, width)
     ids: torch.Tensor | None = None
     in_order = False                  # compact columns in descending order of their values
     for sid in order:
-        if sid not in md.active:
+        if sid not in md.active or sid in deferred:
             continue
         if sid == SamplerID.DRY:
             if md.dry is not None:
@@ -101,8 +131,16 @@ def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[S
             logits = tr.apply_top_nsigma(logits, c["nsigma"], c["nsigma_on"])
         elif sid == SamplerID.TOP_P_TOP_K:
             if width:
-                logits, ids = torch.topk(logits, width, dim=-1)
+                dyn = SamplerID.TEMPERATURE in deferred and "dynatemp_min" in c
+                stats = row_stats(logits) if dyn or SamplerID.TOP_NSIGMA in deferred else None
+                logits, ids = _sort_columns(*torch.topk(logits, width, dim=-1, sorted=False))
                 in_order = True
+                if SamplerID.TOP_NSIGMA in deferred:
+                    cut = tr.nsigma_threshold(stats, c["nsigma"])
+                    logits = logits.masked_fill(c["nsigma_on"][:, None] & (logits < cut), float("-inf"))
+                if SamplerID.TEMPERATURE in deferred:
+                    logits = logits / tr.temperatures(c["temperature"], c.get("dynatemp_min"), c.get("dynatemp_max"),
+                                                      c.get("dynatemp_exponent"), stats)[:, None]
                 logits = tr.top_k_top_p_sorted(logits, c.get("top_k"), c.get("top_p"))
             else:
                 logits = tr.apply_top_k_top_p(logits, c.get("top_k"), c.get("top_p"), md.top_k_max, cache)
@@ -123,6 +161,8 @@ def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[S
         elif sid == SamplerID.EPSILON_CUTOFF:
             logits = tr.apply_epsilon_cutoff(logits, c["epsilon_cutoff"], ids)
         elif sid == SamplerID.TYPICAL_P:
+            if ids is not None:
+                logits, ids = by_id(logits, ids)
             logits = tr.apply_typical_p(logits, c["typical_p"], c["typical_p_on"])
             cache.invalidate()
             in_order = False
@@ -187,8 +227,7 @@ class Sampler:
             if ids is not None:
                 # Candidates in token-id order: the inverse CDF walks the vocabulary's order, and an argmax
                 # picks the lowest id among ties, as over the whole vocabulary.
-                ids, perm = torch.sort(ids, dim=-1)
-                logits = logits.gather(1, perm)
+                logits, ids = by_id(logits, ids)
             surprise = None
             if md.mirostat is not None:       # (never with candidates: mirostat rows keep the vocabulary)
                 m = md.mirostat

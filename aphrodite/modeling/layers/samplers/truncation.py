@@ -11,12 +11,15 @@ import math
 
 import torch
 
+from aphrodite.kernels.sampling import row_stats
+
 _NEG_INF = float("-inf")
 _TEMP_FLOOR = 1e-5
 
 
 class SortCache:
     """One descending sort shared by the samplers that need it (top-k/top-p, TFS) over the whole vocabulary.
+    Stable: among tied logits the lower token id ranks first, so a cut inside ties is reproducible.
 
     Temperature and threshold cuts keep the order (the tokens they mask are the sorted tail),
     so after them the cached permutation still sorts the logits; a sampler that can reorder or
@@ -32,37 +35,39 @@ class SortCache:
 
     def sorted(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.order is None:
-            values, self.order = torch.sort(logits, dim=-1, descending=True)
+            values, self.order = torch.sort(logits, dim=-1, descending=True, stable=True)
             self.sorts += 1
             return values, self.order
         return logits.gather(1, self.order), self.order
 
 
-def apply_temperature(logits: torch.Tensor, temp: torch.Tensor, dyn_min: torch.Tensor | None,
-                      dyn_max: torch.Tensor | None, dyn_exp: torch.Tensor | None) -> torch.Tensor:
-    """Divide by the row's temperature; dynatemp rows (min or max set) use
-    min + (max - min) * (entropy / log(#finite tokens)) ** exponent instead (Aphrodite)."""
+def temperatures(temp: torch.Tensor, dyn_min: torch.Tensor | None, dyn_max: torch.Tensor | None,
+                 dyn_exp: torch.Tensor | None, stats: torch.Tensor | None) -> torch.Tensor:
+    """Each row's temperature: its own, or for dynatemp rows (min or max set)
+    min + (max - min) * (entropy / log(#finite tokens)) ** exponent (Aphrodite), from ``row_stats``."""
     t = temp
     if dyn_min is not None:
         dyn = (dyn_min != 0) | (dyn_max != 0)
-        logp = torch.log_softmax(logits, dim=-1)
-        ent = -(logp.exp() * logp).nansum(dim=-1)
-        max_ent = torch.log((logits > _NEG_INF).sum(dim=-1).to(logits.dtype))
-        dyn_t = dyn_min + (dyn_max - dyn_min) * (ent / max_ent).pow(dyn_exp)
+        dyn_t = dyn_min + (dyn_max - dyn_min) * (stats[:, 1] / torch.log(stats[:, 2])).pow(dyn_exp)
         t = torch.where(dyn, dyn_t, t)
-    t = torch.nan_to_num(t, nan=_TEMP_FLOOR).clamp(min=_TEMP_FLOOR)
-    return logits / t[:, None]
+    return torch.nan_to_num(t, nan=_TEMP_FLOOR).clamp(min=_TEMP_FLOOR)
+
+
+def apply_temperature(logits: torch.Tensor, temp: torch.Tensor, dyn_min: torch.Tensor | None,
+                      dyn_max: torch.Tensor | None, dyn_exp: torch.Tensor | None) -> torch.Tensor:
+    """Divide by the row's temperature (``temperatures``)."""
+    stats = row_stats(logits) if dyn_min is not None else None
+    return logits / temperatures(temp, dyn_min, dyn_max, dyn_exp, stats)[:, None]
+
+
+def nsigma_threshold(stats: torch.Tensor, nsigma: torch.Tensor) -> torch.Tensor:
+    """[N, 1] top-n-sigma's cut: max - nsigma * std (over the finite logits, from ``row_stats``)."""
+    return (stats[:, 0] - nsigma * stats[:, 3])[:, None]
 
 
 def apply_top_nsigma(logits: torch.Tensor, nsigma: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
     """Keep logits >= max - nsigma * std (std over the finite logits, Bessel-corrected)."""
-    finite = logits > _NEG_INF
-    cnt = finite.sum(dim=-1, keepdim=True).to(logits.dtype)
-    x = torch.where(finite, logits, torch.zeros_like(logits))
-    mean = x.sum(dim=-1, keepdim=True) / cnt
-    var = (torch.where(finite, logits - mean, torch.zeros_like(logits)) ** 2).sum(dim=-1, keepdim=True) \
-        / (cnt - 1).clamp(min=1)
-    threshold = logits.max(dim=-1, keepdim=True).values - nsigma[:, None] * var.sqrt()
+    threshold = nsigma_threshold(row_stats(logits), nsigma)
     return logits.masked_fill(on[:, None] & (logits < threshold), _NEG_INF)
 
 
@@ -172,13 +177,13 @@ def apply_epsilon_cutoff(logits: torch.Tensor, epsilon: torch.Tensor, ids: torch
 
 
 def apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
-    """Locally typical sampling: tokens ordered by |surprisal - entropy|, kept until their mass
-    reaches typical_p (the first always stays)."""
+    """Locally typical sampling: tokens ordered by |surprisal - entropy| (ties: column order, which is
+    token-id order), kept until their mass reaches typical_p (the first always stays)."""
     logp = torch.log_softmax(logits, dim=-1)
     probs = logp.exp()
     neg_ent = (probs * logp).nansum(dim=-1, keepdim=True)
     dev = (neg_ent - logp).abs()
-    _, idx = torch.sort(dev, dim=-1)
+    _, idx = torch.sort(dev, dim=-1, stable=True)
     drop = probs.gather(1, idx).cumsum(dim=-1) >= typical_p[:, None]
     drop[:, 0] = False
     drop &= on[:, None]
