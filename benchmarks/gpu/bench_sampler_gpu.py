@@ -98,10 +98,58 @@ def md_active(rows, dev, state) -> frozenset:
     return build_sampling_metadata(rows, VOCAB, dev, state).active
 
 
+def check_and_profile(dev: torch.device) -> None:
+    """Every sampler on: the chain's tokens against the same chain over the whole vocabulary (no top-k
+    candidates) on the GPU and against the CPU, then where the device time goes (top kernels)."""
+    from aphrodite.modeling.layers.samplers import chain
+    g = torch.Generator().manual_seed(1)
+    rows = [Row(str(i), SamplingParams(seed=i, **EVERYTHING), torch.randint(0, VOCAB, (PROMPT,), generator=g).tolist(),
+                torch.randint(0, VOCAB, (OUTPUT,), generator=g).tolist(), i) for i in range(BATCH)]
+    logits = (torch.randn(BATCH, VOCAB, generator=g) * 3).bfloat16()
+    sampler = Sampler()
+
+    def tokens(device: torch.device, whole: bool = False) -> list[int]:
+        md = build_sampling_metadata(rows, VOCAB, device, SamplingState(VOCAB, PROMPT + OUTPUT + 16, device))
+        width = chain.compact_width
+        if whole:
+            chain.compact_width = lambda *a: 0
+        try:
+            return sampler(logits.to(device), md).token_ids.tolist()
+        finally:
+            chain.compact_width = width
+
+    fast, whole, cpu = tokens(dev), tokens(dev, whole=True), tokens(torch.device("cpu"))
+    same_whole = sum(a == b for a, b in zip(fast, whole))
+    same_cpu = sum(a == b for a, b in zip(fast, cpu))
+    print(f"every sampler, tokens equal to the whole-vocabulary chain (GPU): {same_whole}/{BATCH}, "
+          f"to the CPU: {same_cpu}/{BATCH}")
+    state = SamplingState(VOCAB, PROMPT + OUTPUT + 16, dev)
+    x = logits.to(dev)
+    for _ in range(3):
+        sampler(x, build_sampling_metadata(rows, VOCAB, dev, state))
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    steps = 5
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            sampler(x, build_sampling_metadata(rows, VOCAB, dev, state))
+        if cuda:
+            torch.cuda.synchronize()
+    key = "device_time_total" if cuda else "self_cpu_time_total"
+    ev = sorted((e for e in prof.key_averages() if getattr(e, key) > 0), key=lambda e: -getattr(e, key))
+    print(f"top kernels of every-sampler step (us per step, {steps} steps):")
+    for e in ev[:12]:
+        print(f"  {getattr(e, key) / steps:>9.1f}  x{e.count // steps:<3} {e.key[:90]}")
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "needs a GPU"
     print(torch.cuda.get_device_name(), f"batch {BATCH}, vocab {VOCAB}, history {PROMPT}+{OUTPUT}")
     results = [(name, *bench(name, kw)) for name, kw in CONFIGS.items()]
+    print()
+    check_and_profile(torch.device("cuda"))
     print()
     print(f"{'config':<24}{'samplers':>9}{'sampler ms':>12}{'state upd ms':>14}{'host build ms':>15}")
     for name, s, u, h, n in results:
