@@ -88,8 +88,8 @@ def main() -> None:
         return
     rows = []
     for tp in args.tp:
-        proc = subprocess.run([sys.executable, __file__, "--child", str(tp), "--shape", args.shape], capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run([sys.executable, __file__, "--child", str(tp), "--shape", args.shape],
+                              capture_output=True, text=True, timeout=300)
         out = proc.stdout + proc.stderr
         print("\n".join(line for line in out.splitlines() if not line.startswith("RESULT")), flush=True)
         rows += [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
