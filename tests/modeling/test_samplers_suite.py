@@ -441,6 +441,12 @@ def test_top_k_candidates_match_the_whole_vocabulary(monkeypatch):
         assert chain.compact_width(md, vocab, order) > 0
         fast_tokens = Sampler()(logits, md).token_ids
         fast = run_chain(logits, md, order)
+        # bf16 input: the float copy is the sampler's own, so the processors and repetition samplers write
+        # into it in place; same tokens, and the caller's tensor is left alone.
+        half = logits.bfloat16()
+        kept = half.clone()
+        assert Sampler()(half, md).token_ids.tolist() == fast_tokens.tolist()
+        assert torch.equal(half, kept)
         with monkeypatch.context() as m:
             m.setattr(chain, "compact_width", lambda *a: 0)
             slow_tokens = Sampler()(logits, md).token_ids

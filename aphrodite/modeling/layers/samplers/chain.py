@@ -93,15 +93,16 @@ def _sort_columns(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor
     return values, ids.gather(1, perm)
 
 
-def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID, ...]
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID, ...],
+                      owned: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply the active samplers in ``order`` to every row of ``logits``.
 
     Returns ``(values, ids)``: ``ids`` is None when ``values`` still spans the vocabulary; otherwise
     top-k kept only each row's best candidates, ``values[i, j]`` is the logit of token ``ids[i, j]``
     and every token not listed is excluded. From top-k on, each sampler then costs a pass over a few
     hundred columns instead of the vocabulary, and the samplers that need the logits in descending
-    order (top-p, TFS) share the order top-k produced until a sampler reorders them.
+    order (top-p, TFS) share the order top-k produced until a sampler reorders them. ``owned``: the
+    repetition samplers may write into ``logits`` (nobody else reads it).
     """
     c = md.columns
     cache = tr.SortCache()
@@ -114,15 +115,18 @@ def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[S
             continue
         if sid == SamplerID.DRY:
             if md.dry is not None:
-                logits = rep.apply_dry(logits, md.dry)
+                logits = rep.apply_dry(logits, md.dry, owned)
+                owned = True
                 cache.invalidate()
         elif sid == SamplerID.PENALTIES:
             if md.penalties is not None:
-                logits = rep.apply_penalties(logits, md.penalties)
+                logits = rep.apply_penalties(logits, md.penalties, owned)
+                owned = True
                 cache.invalidate()
         elif sid == SamplerID.NO_REPEAT_NGRAM:
             if md.ngram is not None:
-                logits = rep.apply_no_repeat_ngram(logits, md.ngram)
+                logits = rep.apply_no_repeat_ngram(logits, md.ngram, owned)
+                owned = True
                 cache.invalidate()
         elif sid == SamplerID.TEMPERATURE:
             logits = tr.apply_temperature(logits, c["temperature"], c.get("dynatemp_min"), c.get("dynatemp_max"),
@@ -184,9 +188,10 @@ def expand(values: torch.Tensor, ids: torch.Tensor | None, vocab_size: int) -> t
     return values.new_full((values.shape[0], vocab_size), float("-inf")).scatter_(1, ids, values)
 
 
-def run_chain(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID, ...]) -> torch.Tensor:
+def run_chain(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID, ...],
+              owned: bool = False) -> torch.Tensor:
     """Apply the active samplers in ``order`` to every row of ``logits``: logits over the vocabulary."""
-    return expand(*run_chain_compact(logits, md, order), logits.shape[1])
+    return expand(*run_chain_compact(logits, md, order, owned), logits.shape[1])
 
 
 @dataclass
@@ -202,14 +207,17 @@ class Sampler:
     """Turns a batch of logits into one token per row, plus log-probabilities when asked."""
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-        logits = logits.float()
-        raw = logits
-        logits = apply_processors(logits, md)
+        given = logits
+        logits = raw = logits.float()
+        # Writable in place when the float copy is ours and the logprobs do not read it afterwards.
+        owned = logits is not given and md.max_logprobs < 0
+        logits = apply_processors(logits, md, owned)
+        owned = logits is not given and (logits is not raw or md.max_logprobs < 0)
         in_c = logits.device.type == "cpu" and cpu_ops.available(torch.float32)
         plain = "dynatemp_min" not in md.columns and md.mirostat is None and md.skew is None
         only_temp = plain and md.active <= {SamplerID.TEMPERATURE}
         if md.all_greedy:
-            values, ids = self._chain_groups(logits, md)
+            values, ids = self._chain_groups(logits, md, owned)
             tokens = tr.top_index(values, ids).squeeze(1)
             if ids is not None:
                 tokens = ids.gather(1, tokens[:, None]).squeeze(1)
@@ -223,7 +231,7 @@ class Sampler:
             if not md.all_random:
                 tokens = torch.where(md.temperature > 0, tokens, logits.argmax(dim=-1))
         else:
-            logits, ids = self._chain_groups(logits, md)
+            logits, ids = self._chain_groups(logits, md, owned)
             if ids is not None:
                 # Candidates in token-id order: the inverse CDF walks the vocabulary's order, and an argmax
                 # picks the lowest id among ties, as over the whole vocabulary.
@@ -249,13 +257,14 @@ class Sampler:
         return SamplerOutput(tokens, *gather_logprobs(raw, tokens, md.max_logprobs))
 
     @staticmethod
-    def _chain_groups(logits: torch.Tensor, md: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _chain_groups(logits: torch.Tensor, md: SamplingMetadata, owned: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not md.active:
             return logits, None
         if len(md.groups) == 1:
-            return run_chain_compact(logits, md, md.groups[0][0])
+            return run_chain_compact(logits, md, md.groups[0][0], owned)
         for order, rows, host_rows in md.groups:
-            sub = run_chain(logits.index_select(0, rows), md.subset(rows, host_rows), order)
+            sub = run_chain(logits.index_select(0, rows), md.subset(rows, host_rows), order, owned=True)
             logits = logits.index_copy(0, rows, sub)
         return logits, None
 

@@ -12,18 +12,22 @@ import torch
 from aphrodite.modeling.layers.samplers.metadata import DryRows, NgramRows, PenaltyRows
 
 
-def _lower_at(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``logits[rows[i], ids[i, j]] = min(itself, values[i, j])`` for every (i, j), out of place.
+def _lower_at(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
+              inplace: bool) -> torch.Tensor:
+    """``logits[rows[i], ids[i, j]] = min(itself, values[i, j])`` for every (i, j) (``inplace``: into
+    ``logits``, else into a copy).
 
     The samplers below only ever lower a logit, and every position holding the same token of a row
     proposes a value for it: the smallest proposal is the one the sampler means (the longest DRY
     match, a banned n-gram), whichever order the duplicates land in.
     """
     flat = (rows[:, None] * logits.shape[1] + ids).reshape(-1)
-    return logits.reshape(-1).scatter_reduce(0, flat, values.reshape(-1), "amin").view_as(logits)
+    out = logits if inplace else logits.clone()
+    out.view(-1).scatter_reduce_(0, flat, values.reshape(-1), "amin")
+    return out
 
 
-def apply_penalties(logits: torch.Tensor, g: PenaltyRows) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, g: PenaltyRows, inplace: bool = False) -> torch.Tensor:
     """vLLM/Aphrodite: repetition divides positive / multiplies negative logits of tokens seen in the
     prompt or output; frequency subtracts count * f; presence subtracts p once per output token seen.
     Only the tokens of each row's history are read and written (positions sharing a token write the
@@ -34,7 +38,7 @@ def apply_penalties(logits: torch.Tensor, g: PenaltyRows) -> torch.Tensor:
     new = torch.where(cur > 0, cur / pen, cur * pen)
     c = g.counts.to(logits.dtype)
     new = new - g.frequency[:, None] * c - g.presence[:, None] * (c > 0).to(logits.dtype)
-    return logits.index_put((rows, g.history), new)
+    return (logits.index_put_ if inplace else logits.index_put)((rows, g.history), new)
 
 
 def _dry_position_lengths(d: DryRows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +71,7 @@ def _dry_position_lengths(d: DryRows) -> tuple[torch.Tensor, torch.Tensor]:
     return nxt, new_len
 
 
-def apply_dry(logits: torch.Tensor, d: DryRows) -> torch.Tensor:
+def apply_dry(logits: torch.Tensor, d: DryRows, inplace: bool = False) -> torch.Tensor:
     """logits[token] -= multiplier * base ** (match_length - allowed_length) for every matched token,
     with the longest match of the token (base > 1: the lowest proposal). Only the (row, token) pairs
     found in the histories are read and written, never whole rows."""
@@ -76,7 +80,8 @@ def apply_dry(logits: torch.Tensor, d: DryRows) -> torch.Tensor:
     cur = logits[d.rows[:, None].expand(R, W), nxt]
     n = new_len.to(logits.dtype)
     scale = d.base[:, None] ** (n - d.allowed_length[:, None].to(logits.dtype))
-    return _lower_at(logits, d.rows, nxt, torch.where(new_len > 0, cur - d.multiplier[:, None] * scale, cur))
+    return _lower_at(logits, d.rows, nxt, torch.where(new_len > 0, cur - d.multiplier[:, None] * scale, cur),
+                     inplace)
 
 
 def _ngram_hits(g: NgramRows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,9 +98,9 @@ def _ngram_hits(g: NgramRows) -> tuple[torch.Tensor, torch.Tensor]:
     return g.history.long(), hit
 
 
-def apply_no_repeat_ngram(logits: torch.Tensor, g: NgramRows) -> torch.Tensor:
+def apply_no_repeat_ngram(logits: torch.Tensor, g: NgramRows, inplace: bool = False) -> torch.Tensor:
     """Ban the tokens ``_ngram_hits`` finds; only the (row, token) pairs in the histories are touched
     (a token is banned when any of its positions hits)."""
     ids, hit = _ngram_hits(g)
     cur = logits[g.rows[:, None].expand_as(ids), ids]
-    return _lower_at(logits, g.rows, ids, torch.where(hit, torch.full_like(cur, float("-inf")), cur))
+    return _lower_at(logits, g.rows, ids, torch.where(hit, torch.full_like(cur, float("-inf")), cur), inplace)
