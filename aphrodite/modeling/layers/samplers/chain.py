@@ -101,7 +101,10 @@ def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[S
     top-k kept only each row's best candidates, ``values[i, j]`` is the logit of token ``ids[i, j]``
     and every token not listed is excluded. From top-k on, each sampler then costs a pass over a few
     hundred columns instead of the vocabulary, and the samplers that need the logits in descending
-    order (top-p, TFS) share the order top-k produced until a sampler reorders them. ``owned``: the
+    order (top-p, TFS) share the order top-k produced until a sampler reorders them. Candidate columns
+    are always either in descending order of value with ties by token id, or in token-id order, so
+    an argmax / argmin that picks the first column among ties picks the lowest token id, as it does
+    over the whole vocabulary. ``owned``: the
     repetition samplers may write into ``logits`` (nobody else reads it).
     """
     c = md.columns
@@ -161,9 +164,9 @@ def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[S
                     in_order = True
                 logits = tr.tfs_sorted(logits, c["tfs"], c["tfs_on"], pad=True)
         elif sid == SamplerID.ETA_CUTOFF:
-            logits = tr.apply_eta_cutoff(logits, c["eta_cutoff"], ids)
+            logits = tr.apply_eta_cutoff(logits, c["eta_cutoff"])
         elif sid == SamplerID.EPSILON_CUTOFF:
-            logits = tr.apply_epsilon_cutoff(logits, c["epsilon_cutoff"], ids)
+            logits = tr.apply_epsilon_cutoff(logits, c["epsilon_cutoff"])
         elif sid == SamplerID.TYPICAL_P:
             if ids is not None:
                 logits, ids = by_id(logits, ids)
@@ -175,7 +178,7 @@ def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[S
             cache.invalidate()
             in_order = False
         elif sid == SamplerID.XTC:
-            logits = tr.apply_xtc(logits, c["xtc_threshold"], c["xtc_probability"], md.xtc_uniforms, ids)
+            logits = tr.apply_xtc(logits, c["xtc_threshold"], c["xtc_probability"], md.xtc_uniforms)
             cache.invalidate()
             in_order = False
     return logits, ids
@@ -218,7 +221,7 @@ class Sampler:
         only_temp = plain and md.active <= {SamplerID.TEMPERATURE}
         if md.all_greedy:
             values, ids = self._chain_groups(logits, md, owned)
-            tokens = tr.top_index(values, ids).squeeze(1)
+            tokens = values.argmax(dim=-1)
             if ids is not None:
                 tokens = ids.gather(1, tokens[:, None]).squeeze(1)
         elif plain and md.active <= {SamplerID.TEMPERATURE, SamplerID.MIN_P} and use_triton(logits):

@@ -104,16 +104,6 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), _NEG_INF)
 
 
-def top_index(values: torch.Tensor, ids: torch.Tensor | None, largest: bool = True) -> torch.Tensor:
-    """[N, 1] column of each row's largest (or smallest) value; among ties the lowest token id, as an
-    argmax over the whole vocabulary picks. ``ids``: the columns' token ids (None: column = token id)."""
-    idx = values.argmax(dim=1, keepdim=True) if largest else values.argmin(dim=1, keepdim=True)
-    if ids is None:
-        return idx
-    tied = values == values.gather(1, idx)
-    return torch.where(tied, ids, torch.full_like(ids, torch.iinfo(ids.dtype).max)).argmin(dim=1, keepdim=True)
-
-
 def _log(v: torch.Tensor) -> torch.Tensor:
     """log of a per-row parameter as a [N, 1] column (0 -> -inf: the threshold drops nothing)."""
     return torch.log(v.float())[:, None]
@@ -156,24 +146,23 @@ def apply_tfs(logits: torch.Tensor, z: torch.Tensor, on: torch.Tensor, cache: So
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), _NEG_INF)
 
 
-def _keep_top(mask: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-    return mask.scatter(1, top_index(probs, ids), False)
+def _keep_top(mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    return mask.scatter(1, probs.argmax(dim=1, keepdim=True), False)
 
 
-def apply_eta_cutoff(logits: torch.Tensor, eta: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+def apply_eta_cutoff(logits: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
     """Drop p < min(eta, sqrt(eta) * exp(-entropy)) (the top token stays); eta in raw probability units."""
     logp = torch.log_softmax(logits, dim=-1)
     probs = logp.exp()
     neg_ent = (probs * logp).nansum(dim=-1)
     eps = torch.minimum(eta, eta.sqrt() * neg_ent.exp())[:, None]
-    return logits.masked_fill(_keep_top(probs < eps, probs, ids), _NEG_INF)
+    return logits.masked_fill(_keep_top(probs < eps, probs), _NEG_INF)
 
 
-def apply_epsilon_cutoff(logits: torch.Tensor, epsilon: torch.Tensor, ids: torch.Tensor | None = None
-                         ) -> torch.Tensor:
+def apply_epsilon_cutoff(logits: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
     """Drop p < epsilon (the top token stays): log p = x - logsumexp(x)."""
     drop = logits - torch.logsumexp(logits, dim=-1, keepdim=True) < _log(epsilon)
-    return logits.masked_fill(drop.scatter(1, top_index(logits, ids), False), _NEG_INF)
+    return logits.masked_fill(drop.scatter(1, logits.argmax(dim=1, keepdim=True), False), _NEG_INF)
 
 
 def apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
@@ -202,12 +191,12 @@ def apply_quadratic(logits: torch.Tensor, factor: torch.Tensor, curve: torch.Ten
 
 
 def apply_xtc(logits: torch.Tensor, threshold: torch.Tensor, probability: torch.Tensor,
-              uniforms: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+              uniforms: torch.Tensor) -> torch.Tensor:
     """Exclude Top Choices: with the row's probability, when two or more tokens have p >= threshold,
     drop all of them but the least likely one."""
     above = logits - torch.logsumexp(logits, dim=-1, keepdim=True) >= _log(threshold)
     fire = (uniforms < probability) & (above.sum(dim=-1) >= 2)
-    keep = top_index(torch.where(above, logits, torch.full_like(logits, float("inf"))), ids, largest=False)
+    keep = torch.where(above, logits, torch.full_like(logits, float("inf"))).argmin(dim=-1, keepdim=True)
     drop = above.scatter(1, keep, False) & fire[:, None]
     return logits.masked_fill(drop, _NEG_INF)
 
