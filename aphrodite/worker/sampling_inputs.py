@@ -274,22 +274,22 @@ def _dry_rows(requests: list[SamplingRequest], recs: list, state: SamplingState,
     if not rows:
         return None
     ps = [requests[i].params for i in rows]
-    slots, hist, lengths = _histories(recs, rows, state, device)
+    slots, hist, _ = _histories(recs, rows, state, device)
     width = hist.shape[1]
-
-    def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return to_device(values, dtype, device)
-
+    bounds = []
+    for i, p in zip(rows, ps):
+        length = recs[i].length
+        start = max(0, length - p.dry_range) if p.dry_range > 0 else 0
+        cap = min(p.dry_max_ngram, length - start - 1) if length >= 2 else -1
+        bounds.append([start, max(length - 1, 0), cap, p.dry_allowed_length,
+                       p.dry_max_occurrences if p.dry_max_occurrences > 0 else width + 1, p.dry_early_exit_match_len])
     return DryRows(
-        rows=col(rows, torch.long), host_rows=rows, history=hist, lengths=lengths,
+        rows=to_device(rows, torch.long, device), host_rows=rows, history=hist,
         suffix=state.dry_suffix[:, :width].index_select(0, slots),
         trailing=state.dry_trailing.index_select(0, slots),
-        multiplier=col([p.dry_multiplier for p in ps], torch.float32),
-        base=col([p.dry_base for p in ps], torch.float32),
-        allowed_length=col([p.dry_allowed_length for p in ps], torch.long),
-        range=col([p.dry_range for p in ps], torch.long), max_ngram=col([p.dry_max_ngram for p in ps], torch.long),
-        max_occurrences=col([p.dry_max_occurrences for p in ps], torch.long),
-        early_exit=col([p.dry_early_exit_match_len for p in ps], torch.long))
+        multiplier=to_device([p.dry_multiplier for p in ps], torch.float32, device),
+        base=to_device([p.dry_base for p in ps], torch.float32, device),
+        bounds=to_device(bounds, torch.long, device))
 
 
 def _ngram_rows(requests: list[SamplingRequest], recs: list, state: SamplingState,

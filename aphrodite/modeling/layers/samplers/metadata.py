@@ -51,16 +51,14 @@ class DryRows:
     rows: torch.Tensor           # [R] batch rows
     host_rows: list[int]         # the same rows, known on the host (a subset is taken without a GPU wait)
     history: torch.Tensor        # [R, W] prompt + output ids (W = longest history), padded
-    lengths: torch.Tensor        # [R] history lengths
     suffix: torch.Tensor         # [R, W] per position: common breaker-free suffix with the last token
     trailing: torch.Tensor       # [R] breaker-free tokens ending the history
     multiplier: torch.Tensor     # [R] float
-    base: torch.Tensor
-    allowed_length: torch.Tensor  # [R] long
-    range: torch.Tensor
-    max_ngram: torch.Tensor
-    max_occurrences: torch.Tensor
-    early_exit: torch.Tensor
+    base: torch.Tensor           # [R] float
+    # [R, 6] long, worked out on the host: window start, index of the newest token (length - 1), the
+    # match cap before the breaker distance (min(max_ngram, window - 1); -1: the row cannot match),
+    # allowed_length, how many recent occurrences count, the early-exit match length.
+    bounds: torch.Tensor
 
 
 @dataclass

@@ -49,24 +49,17 @@ def _dry_position_lengths(d: DryRows) -> tuple[torch.Tensor, torch.Tensor]:
     (0: all), the scan stops at the first (most recent) one reaching ``early_exit``, runs are capped
     by the distance to the last breaker and ``max_ngram``, and ``range`` limits the window (0: all)."""
     R, W = d.history.shape
-    dev = d.history.device
-    pos = torch.arange(W, device=dev)[None, :]
-    L = d.lengths[:, None]
-    start = torch.where(d.range[:, None] > 0, (L - d.range[:, None]).clamp(min=0), torch.zeros_like(L))
-    window = L - start
-    cur = torch.minimum(torch.minimum(d.trailing[:, None], d.max_ngram[:, None]), window - 1)
-    row_ok = (d.multiplier[:, None] > 0) & (L >= 2) & (d.trailing[:, None] > 0) & (cur > d.allowed_length[:, None])
-    last = d.history.gather(1, (L - 1).clamp(min=0))
-    ep = (d.history == last) & (pos >= start) & (pos < L - 1) & row_ok
+    pos = torch.arange(W, device=d.history.device)[None, :]
+    start, last_pos, cap0, allowed, limit, early = d.bounds.split(1, dim=1)
+    cur = torch.minimum(d.trailing[:, None], cap0)     # allowed >= 0: a row that cannot match has cur <= 0
+    last = d.history.gather(1, last_pos)
+    ep = (d.history == last) & (pos >= start) & (pos < last_pos) & (cur > allowed)
     rank = ep.flip(1).cumsum(1).flip(1)          # 1 = the most recent earlier occurrence
-    limit = torch.where(d.max_occurrences[:, None] > 0, d.max_occurrences[:, None], torch.full_like(L, W + 1))
-    keep = ep & (rank <= limit)
-    cap = torch.minimum(pos - start, cur)
-    match = torch.minimum(d.suffix.long() - 1, cap)
-    new_len = torch.where(keep & (match > 0), match + 1, torch.zeros_like(match))
-    hit = (new_len > 0) & (new_len >= d.early_exit[:, None])
-    first_hit = torch.where(hit, rank, torch.full_like(rank, W + 2)).amin(dim=1, keepdim=True)
-    new_len = torch.where(rank <= first_hit, new_len, torch.zeros_like(new_len))
+    match = torch.minimum(d.suffix - 1, torch.minimum(pos - start, cur))
+    new_len = torch.where(ep & (rank <= limit) & (match > 0), match + 1, 0)
+    hit = (new_len > 0) & (new_len >= early)
+    first_hit = torch.where(hit, rank, W + 2).amin(dim=1, keepdim=True)
+    new_len = torch.where(rank <= first_hit, new_len, 0)
     nxt = torch.cat([d.history[:, 1:], d.history[:, -1:]], dim=1).long()
     return nxt, new_len
 
@@ -79,7 +72,7 @@ def apply_dry(logits: torch.Tensor, d: DryRows, inplace: bool = False) -> torch.
     R, W = nxt.shape
     cur = logits[d.rows[:, None].expand(R, W), nxt]
     n = new_len.to(logits.dtype)
-    scale = d.base[:, None] ** (n - d.allowed_length[:, None].to(logits.dtype))
+    scale = d.base[:, None] ** (n - d.bounds[:, 3:4].to(logits.dtype))
     return _lower_at(logits, d.rows, nxt, torch.where(new_len > 0, cur - d.multiplier[:, None] * scale, cur),
                      inplace)
 
