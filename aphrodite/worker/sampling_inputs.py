@@ -25,6 +25,7 @@ from aphrodite.modeling.layers.samplers.metadata import (
     SamplingMetadata,
     uniform_from_seed,
 )
+from aphrodite.modeling.layers.samplers.truncation import quadratic_coefficients
 from aphrodite.sampling_params import SamplerID, SamplingParams
 from aphrodite.worker.sampling_state import SamplingState, to_device
 
@@ -120,9 +121,11 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
     if column("typical_p_on", [ok and p.typical_p < 1.0 for p, ok in zip(ps, on)], False, SamplerID.TYPICAL_P,
               torch.bool):
         columns["typical_p"] = to_device([p.typical_p for p in ps], torch.float32, device)
-    if column("smoothing_factor", [p.smoothing_factor if ok else 0.0 for p, ok in zip(ps, on)], 0.0,
-              SamplerID.QUADRATIC):
-        columns["smoothing_curve"] = to_device([p.smoothing_curve for p in ps], torch.float32, device)
+    if column("smoothing_on", [ok and p.smoothing_factor != 0 for p, ok in zip(ps, on)], False, SamplerID.QUADRATIC,
+              torch.bool):
+        ks = [quadratic_coefficients(p.smoothing_factor, p.smoothing_curve) for p in ps]
+        columns["smoothing_k"] = to_device([k for k, _ in ks], torch.float32, device)
+        columns["smoothing_s"] = to_device([s for _, s in ks], torch.float32, device)
     xtc_uniforms = None
     if column("xtc_probability", [p.xtc_probability if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.XTC):
         columns["xtc_threshold"] = to_device([p.xtc_threshold for p in ps], torch.float32, device)
@@ -299,6 +302,8 @@ def _ngram_rows(requests: list[SamplingRequest], recs: list, state: SamplingStat
         return None
     slots, hist, lengths = _histories(recs, rows, state, device)
     width = hist.shape[1]
+    sizes = [requests[i].params.no_repeat_ngram_size for i in rows]
+    need = [[n - 1 if recs[i].length >= n else width + 1] for i, n in zip(rows, sizes)]
     return NgramRows(rows=to_device(rows, torch.long, device), host_rows=rows, history=hist, lengths=lengths,
                      suffix=state.ngram_suffix[:, :width].index_select(0, slots),
-                     size=to_device([requests[i].params.no_repeat_ngram_size for i in rows], torch.long, device))
+                     need=to_device(need, torch.long, device))

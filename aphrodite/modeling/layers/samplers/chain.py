@@ -174,7 +174,7 @@ def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[S
             cache.invalidate()
             in_order = False
         elif sid == SamplerID.QUADRATIC:
-            logits = tr.apply_quadratic(logits, c["smoothing_factor"], c["smoothing_curve"])
+            logits = tr.apply_quadratic(logits, c["smoothing_k"], c["smoothing_s"], c["smoothing_on"])
             cache.invalidate()
             in_order = False
         elif sid == SamplerID.XTC:

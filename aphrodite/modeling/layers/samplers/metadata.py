@@ -70,7 +70,7 @@ class NgramRows:
     history: torch.Tensor        # [R, W]
     lengths: torch.Tensor        # [R]
     suffix: torch.Tensor         # [R, W] common suffix (with the last token) length per position
-    size: torch.Tensor           # [R] n
+    need: torch.Tensor           # [R, 1] long: n - 1, or more than W when the row cannot match (length < n)
 
 
 @dataclass

@@ -80,15 +80,12 @@ def apply_dry(logits: torch.Tensor, d: DryRows, inplace: bool = False) -> torch.
 def _ngram_hits(g: NgramRows) -> tuple[torch.Tensor, torch.Tensor]:
     """Per history position j: (its token, whether it follows an earlier copy of the last n - 1 tokens)."""
     R, W = g.history.shape
-    dev = g.history.device
-    pos = torch.arange(W, device=dev)[None, :]
-    L = g.lengths[:, None]
-    n = g.size[:, None]
+    pos = torch.arange(W, device=g.history.device)[None, :]
     # Position j's token follows an earlier copy of the last n-1 tokens when the run ending at j-1
-    # shares >= n-1 tokens with the history's end (n = 1: every token already seen).
-    prev = torch.cat([torch.zeros(R, 1, dtype=g.suffix.dtype, device=dev), g.suffix[:, :-1]], dim=1).long()
-    hit = (pos < L) & (L >= n) & (n > 0) & ((n == 1) | ((prev >= n - 1) & (pos >= 1)))
-    return g.history.long(), hit
+    # shares >= n-1 tokens with the history's end (n = 1: every token already seen; position 0 has
+    # no run before it, so it only hits for n = 1).
+    prev = torch.nn.functional.pad(g.suffix[:, :-1], (1, 0))
+    return g.history, (pos < g.lengths[:, None]) & (prev >= g.need)
 
 
 def apply_no_repeat_ngram(logits: torch.Tensor, g: NgramRows, inplace: bool = False) -> torch.Tensor:

@@ -179,15 +179,18 @@ def apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor, on: torch.Ten
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, idx, drop), _NEG_INF)
 
 
-def apply_quadratic(logits: torch.Tensor, factor: torch.Tensor, curve: torch.Tensor) -> torch.Tensor:
-    """Quadratic/cubic smoothing around the top logit: x -> max + d^2 * (s*d - k) with d = x - max,
-    k = factor * (3 - curve) / 2, s = factor * (curve - 1) / 2 (kalomaze, as in Aphrodite)."""
-    k = (factor * (3 - curve) / 2)[:, None]
-    s = (factor * (curve - 1) / 2)[:, None]
+def quadratic_coefficients(factor: float, curve: float) -> tuple[float, float]:
+    """(k, s) of quadratic/cubic smoothing: k = factor * (3 - curve) / 2, s = factor * (curve - 1) / 2."""
+    return factor * (3 - curve) / 2, factor * (curve - 1) / 2
+
+
+def apply_quadratic(logits: torch.Tensor, k: torch.Tensor, s: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """Quadratic/cubic smoothing around the top logit: x -> max + d^2 * (s*d - k) with d = x - max
+    (kalomaze, as in Aphrodite; ``quadratic_coefficients`` gives each row's k and s)."""
     diff = logits - logits.max(dim=-1, keepdim=True).values
-    delta = diff - diff ** 2 * (s * diff - k)
-    delta = torch.where(torch.isnan(delta), torch.zeros_like(delta), delta)   # -inf logits stay -inf
-    return torch.where((factor != 0)[:, None], logits - delta, logits)
+    delta = diff - diff * diff * (s[:, None] * diff - k[:, None])
+    delta = torch.where(torch.isnan(delta), 0.0, delta)   # -inf logits stay -inf
+    return torch.where(on[:, None], logits - delta, logits)
 
 
 def apply_xtc(logits: torch.Tensor, threshold: torch.Tensor, probability: torch.Tensor,
