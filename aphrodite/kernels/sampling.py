@@ -14,7 +14,8 @@ import torch
 
 from aphrodite.kernels.triton_utils import LazyKernel, tl, use_triton
 
-__all__ = ["row_stats", "row_stats_ref", "sample_temperature_min_p", "sample_temperature_min_p_ref"]
+__all__ = ["apply_bitmask_", "apply_bitmask_ref", "row_stats", "row_stats_ref", "sample_temperature_min_p",
+           "sample_temperature_min_p_ref"]
 
 
 def sample_temperature_min_p_ref(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor | None,
@@ -184,3 +185,47 @@ def row_stats(logits: torch.Tensor, block: int | None = None) -> torch.Tensor:
     if x.device.type == "cpu" and cpu_ops.available(torch.float32):
         return cpu_ops.row_stats(x)
     return row_stats_ref(x)
+
+
+# ---- structured output: the grammar's token bitmask ---------------------------------------------------------
+def apply_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits`` with -inf where the [N, ceil(V/32)] int32 bitmask (xgrammar's layout: bit j of word i
+    allows token 32*i + j) has a 0 bit. PyTorch ops, out of place (the oracle of the kernels)."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    allowed = bits.reshape(bitmask.shape[0], -1)[:, :logits.shape[1]].bool()
+    return logits.masked_fill(~allowed, -math.inf)
+
+
+def _bitmask_kernel(x_ptr, m_ptr, n_cols, stride, m_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < n_cols
+    word = tl.load(m_ptr + row * m_stride + cols // 32, mask=inside, other=-1)
+    banned = ((word >> (cols % 32)) & 1) == 0
+    tl.store(x_ptr + row * stride + cols, tl.full((BLOCK,), -float("inf"), tl.float32), mask=inside & banned)
+
+
+_bitmask = LazyKernel(_bitmask_kernel)
+
+
+def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """``apply_bitmask_ref`` written into float32 ``logits`` in place (one read of the mask, writes only
+    the banned entries): Triton on the GPU, a C loop on the CPU, the reference otherwise."""
+    assert logits.dtype == torch.float32 and logits.stride(-1) == 1
+    mask = bitmask.to(torch.int32).contiguous()
+    rows, n = logits.shape
+    if use_triton(logits):
+        if rows:
+            _bitmask(logits.device)[(rows, triton_cdiv(n, block))](logits, mask, n, logits.stride(0), mask.stride(0),
+                                                                   BLOCK=block)
+        return logits
+    from aphrodite.kernels.cpu import ops as cpu_ops
+    if logits.device.type == "cpu" and cpu_ops.available(torch.float32) and logits.is_contiguous():
+        cpu_ops.apply_bitmask_(logits, mask)
+        return logits
+    return logits.copy_(apply_bitmask_ref(logits, mask))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

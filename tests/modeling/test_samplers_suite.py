@@ -499,3 +499,37 @@ def test_row_stats_kernels_against_float64():
     assert got
     for out in got:
         assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5), out
+
+
+def test_grammar_bitmask_kernels_against_numpy():
+    """The structured-output bitmask (bit j of word i allows token 32*i + j) written into the logits in place:
+    the C loop and the Triton kernel (interpreted) against numpy's unpacked bits, with a partial last word."""
+    from aphrodite.kernels.cpu import ops as cpu_ops
+    from aphrodite.kernels.sampling import apply_bitmask_, apply_bitmask_ref
+    g = torch.Generator().manual_seed(4)
+    vocab = 150
+    x = torch.randn(3, vocab, generator=g)
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (3, (vocab + 31) // 32), generator=g, dtype=torch.int64)
+    words[1] = -1                                        # an unconstrained row: every bit set
+    mask = words.to(torch.int32)
+    bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little").reshape(3, -1)[:, :vocab].astype(bool)
+    ref = np.where(bits, x.numpy(), -np.inf)
+    outs = [apply_bitmask_ref(x, mask)]
+    if cpu_ops.available(torch.float32):
+        y = x.clone()
+        cpu_ops.apply_bitmask_(y, mask)
+        outs.append(y)
+    if pytest.importorskip("triton"):
+        import os
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            outs.append(apply_bitmask_(x.clone(), mask, block=64))
+        finally:
+            if old is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+    assert len(outs) >= 2
+    for out in outs:
+        assert np.array_equal(out.numpy(), ref)

@@ -598,6 +598,22 @@ void aph_row_stats(const float* logits, float* out, int N, int V) {
     }
 }
 
+/* Structured output: logits[n, v] = -inf where bit v % 32 of mask[n, v / 32] is 0 (xgrammar's layout). */
+void aph_apply_bitmask(float* logits, const int32_t* mask, int N, int V, int W) {
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float* row = logits + (long)n * V;
+        const uint32_t* m = (const uint32_t*)mask + (long)n * W;
+        for (int w = 0; w < W; w++) {
+            uint32_t word = m[w];
+            if (word == 0xFFFFFFFFu) continue;
+            const int base = w * 32, end = base + 32 < V ? base + 32 : V;
+            for (int v = base; v < end; v++)
+                if (!((word >> (v - base)) & 1u)) row[v] = -INFINITY;
+        }
+    }
+}
+
 /*
  * Write this step's K/V rows into the paged cache: row t goes to slot slots[t] (-1 = skip).
  * k/v rows may be strided views of the fused qkv output (stride in elements); within a row the

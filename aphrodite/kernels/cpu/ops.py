@@ -123,6 +123,12 @@ def row_stats(logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def apply_bitmask_(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """In place: -inf in contiguous float32 ``logits [N, V]`` where the int32 ``mask [N, ceil(V/32)]`` has a 0 bit."""
+    m = mask.to(torch.int32).contiguous()
+    _lib().aph_apply_bitmask(_ptr(logits), _ptr(m), logits.shape[0], logits.shape[1], m.shape[1])
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Copy ``k``/``v`` rows ``[T, Hkv, D]`` into the cache at ``slot_mapping`` (-1 = not written)."""

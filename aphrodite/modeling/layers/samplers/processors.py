@@ -1,19 +1,14 @@
 """Logit processors that run before the ordered chain: allowed ids, bad words, min-tokens bans,
-logit bias and the structured-output bitmask. Each is one batched write into the logits."""
+logit bias and the structured-output bitmask (``kernels.sampling.apply_bitmask_``). Each is one batched
+write into the logits."""
 from __future__ import annotations
 
 import torch
 
+from aphrodite.kernels.sampling import apply_bitmask_
 from aphrodite.modeling.layers.samplers.metadata import SamplingMetadata
 
 _NEG_INF = float("-inf")
-
-
-def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[N, ceil(V/32)] int32 (xgrammar's layout: bit j of word i allows token 32*i + j) -> [N, V] bool."""
-    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
 def apply_processors(logits: torch.Tensor, md: SamplingMetadata, owned: bool = False) -> torch.Tensor:
@@ -47,6 +42,7 @@ def apply_processors(logits: torch.Tensor, md: SamplingMetadata, owned: bool = F
         logits = (logits.index_put_ if owned else logits.index_put)((rows, ids), vals, accumulate=True)
         owned = True
     if md.grammar_bitmask is not None:
-        mask = ~unpack_bitmask(md.grammar_bitmask, logits.shape[1])
-        logits = logits.masked_fill_(mask, _NEG_INF) if owned else logits.masked_fill(mask, _NEG_INF)
+        if not owned or not logits.is_contiguous():
+            logits = logits.clone(memory_format=torch.contiguous_format)
+        logits = apply_bitmask_(logits, md.grammar_bitmask)
     return logits
