@@ -575,18 +575,24 @@ void aph_row_stats(const float* logits, float* out, int N, int V) {
         #pragma omp simd reduction(max:mx)
         for (int v = 0; v < V; v++) mx = row[v] > mx ? row[v] : mx;
         const float shift = isinf(mx) ? 0.f : mx;
+        /* float sums over chunks (they vectorize, expf included), chunk sums added in double */
         double s = 0.0, a = 0.0, cnt = 0.0, sx = 0.0, sxx = 0.0;
-        #pragma omp simd reduction(+:s, a, cnt, sx, sxx)
-        for (int v = 0; v < V; v++) {
-            const float x = row[v];
-            const int fin = x > -INFINITY;
-            const float d = fin ? x - shift : 0.f;
-            const float e = fin ? expf(d) : 0.f;
-            s += e;
-            a += (double)e * d;
-            cnt += fin;
-            sx += fin ? (double)d : 0.0;
-            sxx += fin ? (double)d * d : 0.0;
+        for (int v0 = 0; v0 < V; v0 += 1024) {
+            const int v1 = v0 + 1024 < V ? v0 + 1024 : V;
+            float cs = 0.f, ca = 0.f, cc = 0.f, cx = 0.f, cxx = 0.f;
+            #pragma omp simd reduction(+:cs, ca, cc, cx, cxx)
+            for (int v = v0; v < v1; v++) {
+                const float x = row[v];
+                const int fin = x > -INFINITY;
+                const float d = fin ? x - shift : 0.f;
+                const float e = fin ? expf(d) : 0.f;
+                cs += e;
+                ca += e * d;
+                cc += fin ? 1.f : 0.f;
+                cx += d;
+                cxx += d * d;
+            }
+            s += cs; a += ca; cnt += cc; sx += cx; sxx += cxx;
         }
         const double mean = cnt > 0 ? sx / cnt : 0.0;
         const double m2 = sxx - mean * sx;
