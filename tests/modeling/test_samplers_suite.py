@@ -533,3 +533,24 @@ def test_grammar_bitmask_kernels_against_numpy():
     assert len(outs) >= 2
     for out in outs:
         assert np.array_equal(out.numpy(), ref)
+
+
+def test_cpu_topk_against_torch():
+    """The CPU radix-select top-k (the candidates after top-k) against torch.topk: same values, indices that
+    hold them, no index twice, with bf16 ties, -inf runs, a plateau wider than k and k = V."""
+    from aphrodite.kernels.cpu import ops as cpu_ops
+    if not cpu_ops.available(torch.float32):
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(6)
+    for vocab, k in ((5000, 40), (2000, 300), (64, 64), (70, 5)):
+        x = (torch.randn(6, vocab, generator=g) * 3).bfloat16().float()
+        x[1, ::2] = -math.inf
+        x[2] = 1.0
+        x[3, :-3] = -math.inf
+        x[4, 10:10 + 2 * k] = 50.0
+        vals, idx = cpu_ops.topk(x, k)
+        assert torch.equal(vals.sort(dim=-1, descending=True).values, torch.topk(x, k, dim=-1).values)
+        assert torch.equal(x.gather(1, idx), vals)
+        assert all(len(set(r)) == k for r in idx.tolist())
+        if 10 + 2 * k <= vocab:
+            assert idx[4].sort().values.tolist() == list(range(10, 10 + k))     # ties: the lowest indices

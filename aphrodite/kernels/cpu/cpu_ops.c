@@ -604,6 +604,83 @@ void aph_row_stats(const float* logits, float* out, int N, int V) {
     }
 }
 
+/* Order-preserving map of a float onto uint32 (larger float, larger key). */
+static inline uint32_t aph_fkey(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* The key of the K-th largest of x[0], x[stride], ..., x[(m-1) * stride] (radix select, 12 + 12 + 8
+ * bits), and in *above how many of them have a larger key. */
+static uint32_t aph_kth_key(const float* x, long stride, long m, long K, long* above) {
+    uint32_t hist[4096];
+    const int shifts[3] = {20, 8, 0}, widths[3] = {12, 12, 8};
+    uint32_t prefix = 0, mask = 0;
+    long need = K;
+    for (int level = 0; level < 3; level++) {
+        const int sh = shifts[level], nb = 1 << widths[level];
+        memset(hist, 0, (size_t)nb * sizeof(uint32_t));
+        for (long j = 0; j < m; j++) {
+            const uint32_t k = aph_fkey(x[j * stride]);
+            if ((k & mask) == prefix) hist[(k >> sh) & (uint32_t)(nb - 1)]++;
+        }
+        int b = nb - 1;
+        while (b > 0 && (long)hist[b] < need) need -= hist[b--];
+        prefix |= (uint32_t)b << sh;
+        mask |= (uint32_t)(nb - 1) << sh;
+    }
+    *above = K - need;
+    return prefix;
+}
+
+/*
+ * The K largest of each row of [N, V] floats, in no particular order (as torch.topk(sorted=False));
+ * among values tied at the K-th, the lowest indices. A strided sample of the row gives a threshold
+ * that about 2K values clear; one pass keeps those (in index order), and a radix select on them
+ * finds the K-th largest exactly. If fewer than K clear it, the radix select runs on the whole row.
+ */
+void aph_topk(const float* x, float* vals, int64_t* idx, int N, int V, int K) {
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float* row = x + (long)n * V;
+        float* ov = vals + (long)n * K;
+        int64_t* oi = idx + (long)n * K;
+        const long stride = 16, m = V / stride, r = 2L * K / stride;
+        float* cv = NULL;
+        int64_t* ci = NULL;
+        long c = 0, above;
+        if (r >= 1 && m > r) {
+            const uint32_t t = aph_kth_key(row, stride, m, r, &above);
+            const long cap = 16L * K + 1024;
+            cv = (float*)malloc((size_t)cap * sizeof(float));
+            ci = (int64_t*)malloc((size_t)cap * sizeof(int64_t));
+            for (int v = 0; v < V; v++) {
+                if (aph_fkey(row[v]) >= t) {
+                    if (c == cap) { c = -1; break; }
+                    cv[c] = row[v]; ci[c] = v; c++;
+                }
+            }
+        }
+        int o = 0;
+        if (c >= K) {
+            const uint32_t kth = aph_kth_key(cv, 1, c, K, &above);
+            for (long j = 0; j < c; j++)
+                if (aph_fkey(cv[j]) > kth) { ov[o] = cv[j]; oi[o] = ci[j]; o++; }
+            for (long j = 0; j < c && o < K; j++)
+                if (aph_fkey(cv[j]) == kth) { ov[o] = cv[j]; oi[o] = ci[j]; o++; }
+        } else {
+            const uint32_t kth = aph_kth_key(row, 1, V, K, &above);
+            for (int v = 0; v < V; v++)
+                if (aph_fkey(row[v]) > kth) { ov[o] = row[v]; oi[o] = v; o++; }
+            for (int v = 0; v < V && o < K; v++)
+                if (aph_fkey(row[v]) == kth) { ov[o] = row[v]; oi[o] = v; o++; }
+        }
+        free(cv);
+        free(ci);
+    }
+}
+
 /* Structured output: logits[n, v] = -inf where bit v % 32 of mask[n, v / 32] is 0 (xgrammar's layout). */
 void aph_apply_bitmask(float* logits, const int32_t* mask, int N, int V, int W) {
     #pragma omp parallel for schedule(static)

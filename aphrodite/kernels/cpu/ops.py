@@ -123,6 +123,16 @@ def row_stats(logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(x, k, dim=-1, sorted=False)`` for [N, V] float32 rows by radix select (no sort);
+    among values tied at the k-th, the lowest indices are taken."""
+    x = x.float().contiguous()
+    vals = torch.empty(x.shape[0], k, dtype=torch.float32)
+    idx = torch.empty(x.shape[0], k, dtype=torch.int64)
+    _lib().aph_topk(_ptr(x), _ptr(vals), _ptr(idx), x.shape[0], x.shape[1], k)
+    return vals, idx
+
+
 def apply_bitmask_(logits: torch.Tensor, mask: torch.Tensor) -> None:
     """In place: -inf in contiguous float32 ``logits [N, V]`` where the int32 ``mask [N, ceil(V/32)]`` has a 0 bit."""
     m = mask.to(torch.int32).contiguous()

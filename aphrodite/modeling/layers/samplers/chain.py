@@ -85,6 +85,13 @@ def by_id(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.
     return values.gather(1, perm), ids
 
 
+def _top_candidates(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` largest logits of each row and their token ids, in no particular order."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and cpu_ops.available(torch.float32):
+        return cpu_ops.topk(logits, width)
+    return torch.topk(logits, width, dim=-1, sorted=False)
+
+
 def _sort_columns(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate columns in descending order of value, ties by token id: the order a stable sort of the
     whole vocabulary gives, so a cut inside a run of ties keeps the same tokens either way."""
@@ -140,7 +147,7 @@ def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[S
             if width:
                 dyn = SamplerID.TEMPERATURE in deferred and "dynatemp_min" in c
                 stats = row_stats(logits) if dyn or SamplerID.TOP_NSIGMA in deferred else None
-                logits, ids = _sort_columns(*torch.topk(logits, width, dim=-1, sorted=False))
+                logits, ids = _sort_columns(*_top_candidates(logits, width))
                 in_order = True
                 if SamplerID.TOP_NSIGMA in deferred:
                     cut = tr.nsigma_threshold(stats, c["nsigma"])
