@@ -5,8 +5,12 @@ the ordered chain (default: DRY, penalties, no_repeat_ngram, temperature, top-n-
 top-p/top-k, top-a, min-p, TFS, eta, epsilon, typical-p, quadratic, XTC; ``temperature_last``
 or ``sampler_priority`` reorder it per request) -> mirostat rows -> skew -> draw.
 
-Every sampler is one batched pass over the logits and is skipped when no row uses it. Rows
-that ask for different orders run the chain as separate groups. Randomness is per request: a
+Every sampler is one batched pass over the logits and is skipped when no row uses it. When
+every row has top-k on (or is greedy), top-k keeps each row's few hundred best candidates and
+every later sampler, the skew and the draw run on those columns only; the temperature and
+top-n-sigma just before it run there too, from one row-statistics read. The samplers that need
+a sorted row (top-p, TFS) share one sort. Rows that ask for different orders run the chain as
+separate groups. Randomness is per request: a
 row draws its token by inverting the CDF at one uniform number derived from (request seed,
 output position), so a seeded request gets the same tokens whatever else shares the batch.
 """
