@@ -23,6 +23,9 @@ import torch
 
 from aphrodite.kernels.triton_utils import HAS_TRITON, LazyKernel, tl, triton
 
+if HAS_TRITON:
+    from aphrodite.kernels import gguf_gpu
+
 # ggml type code -> (values per block, bytes per block)
 GGML_BLOCKS: dict[int, tuple[int, int]] = {
     2: (32, 18),     # Q4_0
@@ -336,7 +339,11 @@ def _pow2(n: int) -> int:
 
 def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ dequant(qweight)^T`` with the Triton kernels; ``out`` may be a column slice of a
-    wider ``[M, *]`` tensor (fused layers whose projections use different block types)."""
+    wider ``[M, *]`` tensor (fused layers whose projections use different block types).
+
+    Q4_K and Q6_K (the bulk of a Q4_K_M file) take the kernels of ``gguf_gpu``: a GEMV at batch 1, a
+    single pass over the weight into ``tl.dot`` up to 16 rows, and dequantize-into-scratch + cuBLAS
+    beyond; the other types the generic kernels below."""
     x = x.reshape(-1, x.shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -348,6 +355,13 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.T
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
+    if qtype in gguf_gpu.FAST_TYPES:
+        if m == 1:
+            return gguf_gpu.gemv(x, qweight, qtype, out)
+        if m <= gguf_gpu.DOT_MAX_ROWS:
+            return gguf_gpu.dot(x, qweight, qtype, out)
+        if gguf_gpu.LARGE_BATCH == "dequant":
+            return gguf_gpu.dequant_matmul(x, qweight, qtype, out)
     if m <= GEMV_MAX_ROWS:
         block_n = 16 if qk == 256 else 32
         block_m = _pow2(m)

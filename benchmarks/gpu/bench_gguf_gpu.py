@@ -5,9 +5,12 @@
 
 1. Every block type, Llama-3.1-8B layer shapes: the Triton kernels (GEMV for 1-8 rows, tiled GEMM
    for more) against ``dequantize_reference`` followed by a float64 matmul.
-2. One decode step's worth of Q4_K_M-like matmuls (per layer q/k Q4_K, v Q6_K, o/gate/up Q4_K,
-   down Q6_K, LM head Q6_K): time and effective GB/s of weight reading.
-3. ``aphrodite bench latency`` (1 x 128/256) and ``bench throughput`` (128/1024 decode) on the
+2. Batch 1, per projection of the 8B shape: the GEMV's effective GB/s of blocks (weights rotated
+   through more copies than L2 holds), best of a small sweep of launch configurations.
+3. One decode step's worth of Q4_K_M-like matmuls (per layer q/k Q4_K, v Q6_K, o/gate/up Q4_K,
+   down Q6_K, LM head Q6_K) at M = 1, 8, 64, 256 in a CUDA graph: time and GB/s of blocks; at 64
+   and 256 both large-batch paths (dequantize + cuBLAS, fused tiled GEMM) and bf16 cuBLAS.
+4. ``aphrodite bench latency`` (1 x 128/256) and ``bench throughput`` (128/1024 decode) on the
    Llama-3.1-8B shape with dummy GGUF blocks (``--load-format dummy --quantization gguf``) and the
    bf16 run of the same session, each with its weight footprint. A results table comes last.
 """
@@ -24,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from aphrodite.kernels import gguf_gpu  # noqa: E402
 from aphrodite.kernels.gguf_matmul import (  # noqa: E402
     GGML_BLOCKS,
     GGML_TYPE_NAMES,
@@ -44,16 +48,80 @@ def check_kernels(rows: list[tuple[str, str]]) -> None:
         for n, k in ((HIDDEN, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)):
             w = random_blocks(qtype, n, k, scale=1e-3, device=dev, generator=g)
             ref_w = dequantize_reference(w, qtype, k, torch.float64)
-            for m in (1, 4, 64, 300):
+            for m in (1, 4, 16, 64, 300):
                 x = torch.randn(m, k, device=dev, generator=g, dtype=torch.float32).to(torch.bfloat16)
                 out = gguf_linear(x, w, qtype).double()
                 ref = x.double() @ ref_w.T
                 err = ((out - ref).abs().max() / ref.abs().max()).item()
                 worst = max(worst, err)
+            del ref_w
         ok = worst < 2e-2   # bf16 output and bf16 tensor-core inputs in the GEMM
         verdict = "OK" if ok else "FAIL"
         rows.append((f"kernel {GGML_TYPE_NAMES[qtype]} max rel err (M=1..300)", f"{worst:.2e} {verdict}"))
         print(rows[-1], flush=True)
+    torch.cuda.empty_cache()
+
+
+def graph_time(fn, reps: int = 20) -> float:
+    """Seconds per call of ``fn`` replayed in a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
+PROJECTIONS = (("qk_proj Q4_K", Q + KV - KV, HIDDEN, Q4_K), ("v_proj Q6_K", KV, HIDDEN, Q6_K),
+               ("o_proj Q4_K", HIDDEN, Q, Q4_K), ("gate_up Q4_K", 2 * INTER, HIDDEN, Q4_K),
+               ("down Q4_K", HIDDEN, INTER, Q4_K), ("down Q6_K", HIDDEN, INTER, Q6_K),
+               ("lm_head Q6_K", VOCAB, HIDDEN, Q6_K))
+GEMV_CONFIGS = ((4, 4, 4), (2, 8, 4), (8, 2, 4), (4, 8, 8), (8, 4, 8), (2, 4, 2), (1, 8, 2), (16, 1, 4))
+
+
+def bench_projections(rows: list[tuple[str, str]]) -> None:
+    """Batch-1 GEMV per projection: GB/s of blocks for each launch configuration, best kept."""
+    dev = torch.device("cuda")
+    best_cfg: dict[int, dict[tuple[int, int, int], float]] = {Q4_K: {}, Q6_K: {}}
+    for name, n, k, qtype in PROJECTIONS:
+        one = n * GGML_BLOCKS[qtype][1] * k // GGML_BLOCKS[qtype][0]
+        copies = max(1, -(-400 * 2**20 // one))   # more than L2 holds
+        ws = [random_blocks(qtype, n, k, device=dev) for _ in range(copies)]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+        ref = (x.double() @ dequantize_reference(ws[0], qtype, k, torch.float64).T)
+        results = []
+        for cfg in GEMV_CONFIGS:
+            try:
+                gguf_gpu.gemv(x, ws[0], qtype, out, config=cfg)
+                err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+                dt = graph_time(lambda cfg=cfg, x=x, ws=ws, qtype=qtype, out=out:
+                                [gguf_gpu.gemv(x, w, qtype, out, config=cfg) for w in ws]) / copies
+            except Exception as e:  # a configuration the compiler refuses: report, keep going
+                print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            gbs = one / dt / 1e9
+            best_cfg[qtype][cfg] = best_cfg[qtype].get(cfg, 0.0) + one / gbs
+            results.append((gbs, cfg, dt, err))
+            print(f"  {name} cfg={cfg}: {dt * 1e6:.1f} us {gbs:.0f} GB/s err {err:.1e}", flush=True)
+        base = next(r for r in results if r[1] == GEMV_CONFIGS[0])
+        top = max(results)
+        rows.append((f"M=1 {name} {n}x{k}", f"default {base[0]:.0f} GB/s ({base[2] * 1e6:.1f} us); "
+                     f"best {top[0]:.0f} GB/s cfg={top[1]}; err {top[3]:.1e}"))
+        print(rows[-1], flush=True)
+        del ws
+    for qtype, table in best_cfg.items():
+        if table:
+            cfg = min(table, key=table.get)
+            rows.append((f"M=1 best overall cfg {GGML_TYPE_NAMES[qtype]}", f"{cfg}"))
+    torch.cuda.empty_cache()
 
 
 def layer_weights(dev: torch.device) -> list[tuple[torch.Tensor, int, int]]:
@@ -71,30 +139,34 @@ def bench_decode_matmuls(rows: list[tuple[str, str]]) -> None:
     dev = torch.device("cuda")
     ws = layer_weights(dev)
     total = sum(w.numel() for w, _, _ in ws)
-    for m in (1, 8):
+    for m in (1, 8, 16, 64, 256):
         xs = {k: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
+        for path in (("dequant", "fused") if m > gguf_gpu.DOT_MAX_ROWS else ("",)):
+            if path:
+                gguf_gpu.LARGE_BATCH = path
 
-        def step(ws=ws, xs=xs):
-            for w, qtype, k in ws:
-                gguf_linear(xs[k], w, qtype)
-        step()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        n = 20
-        for _ in range(n):
-            graph.replay()
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t) / n
-        rows.append((f"Q4_K_M matmuls of one 8B step, M={m} (CUDA graph)",
-                     f"{dt * 1e3:.2f} ms, {total / dt / 1e9:.0f} GB/s of blocks, {total / 2**30:.2f} GiB"))
-        print(rows[-1], flush=True)
+            def step(ws=ws, xs=xs):
+                for w, qtype, k in ws:
+                    gguf_linear(xs[k], w, qtype)
+            dt = graph_time(step, reps=10)
+            rows.append((f"Q4_K_M matmuls of one 8B step, M={m} {path}".rstrip(),
+                         f"{dt * 1e3:.2f} ms, {total / dt / 1e9:.0f} GB/s of blocks, {total / 2**30:.2f} GiB"))
+            print(rows[-1], flush=True)
+        gguf_gpu.LARGE_BATCH = "dequant"
     ws.clear()
+    torch.cuda.empty_cache()
+    # bf16 reference: the same step's matmuls as dense cuBLAS (one layer's weights reused; 32x the time)
+    dense = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.01
+             for n, k in ((Q + 2 * KV, HIDDEN), (HIDDEN, Q), (2 * INTER, HIDDEN), (HIDDEN, INTER))]
+    head = torch.randn(VOCAB, HIDDEN, device=dev, dtype=torch.bfloat16) * 0.01
+    for m in (1, 64, 256):
+        xs = {k: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
+        t_layer = graph_time(lambda xs=xs, dense=dense: [xs[w.shape[1]] @ w.T for w in dense], reps=10)
+        t_head = graph_time(lambda xs=xs, head=head: xs[HIDDEN] @ head.T, reps=10)
+        rows.append((f"bf16 cuBLAS matmuls of one 8B step, M={m}", f"{(LAYERS * t_layer + t_head) * 1e3:.2f} ms "
+                     "(L2-warm per layer)"))
+        print(rows[-1], flush=True)
+    del dense, head
     torch.cuda.empty_cache()
 
 
@@ -138,9 +210,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--full", action="store_true", help="throughput-decode with 1000 prompts")
     parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--skip-check", action="store_true", help="skip the correctness pass over all types")
+    parser.add_argument("--skip-sweep", action="store_true", help="skip the per-projection GEMV sweep")
     opts = parser.parse_args()
     rows: list[tuple[str, str]] = [("device", torch.cuda.get_device_name())]
-    check_kernels(rows)
+    if not opts.skip_check:
+        check_kernels(rows)
+    if not opts.skip_sweep:
+        bench_projections(rows)
     bench_decode_matmuls(rows)
     for quant in ("gguf", None):
         rows.append((f"weights GiB ({quant or 'bf16'})", f"{weight_footprint(quant):.2f}"))
