@@ -13,11 +13,16 @@ to that order instead (a dot product does not care about the order of its terms)
   byte ``(n, l)`` give values ``128n + 32t + l`` for ``t`` in 0..3; 16 values share an int8 scale.
 
 Codes become floats by OR-ing them into the mantissa of 2^23 (exact, full rate, no int->float
-conversion unit). Three kernels share the per-block decoding:
+conversion unit). The kernels share the per-block decoding:
 
-- ``gemv``: one activation row (decode at batch 1). Each program owns ``BLOCK_N`` weight rows and
-  walks the K blocks ``BLOCK_B`` at a time, reducing within each 32/16-value group, so registers
-  stay few and many programs keep enough bytes in flight to stream the weight at HBM speed.
+- ``gemv_q8``: one activation row (decode at batch 1) in half precision: the activations are rounded
+  to 8 bits per 32 values (llama.cpp's q8_1, exact float sums kept for the min terms) and the codes
+  meet them in ``dp4a`` integer dot products, 4 codes per instruction: few enough instructions per
+  weight byte that the kernel streams the weight at HBM speed. Q6_K blocks (210 bytes) start
+  half-way into a word every other block; those words are assembled from two aligned loads.
+- ``gemv``: one activation row, exact (float32 activations, or ``Q8_ACTIVATIONS`` off). Each program
+  owns ``BLOCK_N`` weight rows and walks the K blocks ``BLOCK_B`` at a time, reducing within each
+  32/16-value group, so registers stay few.
 - ``dot``: 2..16 activation rows, one pass over the weight: the decoded (scaled) tile feeds
   ``tl.dot`` against the activations gathered in the same order; ``SPLIT_K`` programs share a row
   range when there are few rows (float32 atomics).
@@ -27,6 +32,7 @@ conversion unit). Three kernels share the per-block decoding:
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -118,6 +124,7 @@ _q4k_codes = _DeviceFunction(_q4k_codes_fn)
 _q6k_fields = _DeviceFunction(_q6k_fields_fn)
 _q6k_scales = _DeviceFunction(_q6k_scales_fn)
 _q6k_offsets = _DeviceFunction(_q6k_offsets_fn)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +261,114 @@ def _dequant_fn(w_ptr, out_ptr, N, row_bytes, stride_on,
         tl.store(o + 96, (q3 * d3[:, :, :, None]).to(dt), mask=mk)
 
 
+# ---------------------------------------------------------------------------------------------
+# batch 1 with 8-bit activations (llama.cpp's mmvq): integer dot products of 4 codes at a time
+
+def _dp4a_fn(a, b, c, ASM: tl.constexpr):
+    """``c + sum_j a.byte[j] * b.byte[j]`` (signed bytes) per int32 element: one ``dp4a``."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        acc = c
+        for j in tl.static_range(4):
+            acc += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)
+        return acc
+
+
+_dp4a = _DeviceFunction(_dp4a_fn)
+
+
+def _quant_x_fn(x_ptr, q_ptr, d_ptr, s_ptr, n_groups, stride_xm, GROUPS: tl.constexpr):
+    """Activations -> int8 codes per 32 values with scale ``max|x| / 127`` (llama.cpp's q8_1), and
+    each group's exact float sum (for the K-quants' min terms)."""
+    m = tl.program_id(0)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    ok = g < n_groups
+    offs = g[:, None] * 32 + tl.arange(0, 32)[None, :]
+    v = tl.load(x_ptr + m.to(tl.int64) * stride_xm + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    d = tl.max(tl.abs(v), axis=1) / 127.0
+    inv = tl.where(d > 0, 1.0 / tl.where(d > 0, d, 1.0), 0.0)
+    q = tl.floor(v * inv[:, None] + 0.5).to(tl.int8)
+    row = m.to(tl.int64) * n_groups
+    tl.store(q_ptr + row * 32 + offs, q, mask=ok[:, None])
+    tl.store(d_ptr + row + g, d, mask=ok)
+    tl.store(s_ptr + row + g, tl.sum(v, axis=1), mask=ok)
+
+
+def _word_at_fn(w32_ptr, i, odd):
+    """The 4 bytes at byte ``4 * i + 2 * odd`` of a weight read as int32 words (Q6_K blocks are 210
+    bytes, so every other block starts half-way into a word)."""
+    lo = tl.load(w32_ptr + i)
+    hi = tl.load(w32_ptr + i + odd)
+    return tl.where(odd != 0, ((lo >> 16) & 0xFFFF) | (hi << 16), lo)
+
+
+_word_at = _DeviceFunction(_word_at_fn)
+
+
+def _gemv_q8_fn(xq_ptr, xd_ptr, xs_ptr, w_ptr, w32_ptr, out_ptr, N, row_bytes, n_blocks,
+                QTYPE: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                ASM: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    r = tl.where(row_ok, rows, 0).to(tl.int64)
+    rbase = w_ptr + r * row_bytes                       # byte view (scales)
+    rword = r * (row_bytes // 4)                        # word index of the row in the int32 view
+    bi = tl.arange(0, BLOCK_B)
+    acc = tl.zeros((BLOCK_N, BLOCK_B, 2 if QTYPE == 14 else 4, 2), tl.float32)
+    for b0 in range(0, n_blocks, BLOCK_B):
+        blk = b0 + bi                                   # [BB]
+        p = rbase[:, None] + blk[None, :] * BB          # [BN, BB] block pointers (bytes)
+        if QTYPE == 12:
+            c = tl.arange(0, 4)[:, None, None]
+            lw = tl.arange(0, 2)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]      # [1, 2, 4] word in chunk
+            wp = w32_ptr + (rword[:, None] + blk[None, :] * 36)[:, :, None, None, None] + 4 + c * 8 + lw
+            qw = tl.load(wp)                            # [BN, BB, 4, 2, 4] code words
+            xw = xq_ptr + blk[None, :, None, None, None] * 64 + c * 16 + lw
+            ilo = tl.sum(_dp4a(qw & 0x0F0F0F0F, tl.load(xw), 0, ASM), axis=4)              # [BN, BB, 4, 2]
+            ihi = tl.sum(_dp4a((qw >> 4) & 0x0F0F0F0F, tl.load(xw + 8), 0, ASM), axis=4)
+            c2 = tl.arange(0, 4)[:, None] * 2
+            s_lo, m_lo = _q4k_scales(p[:, :, None, None], c2)                              # [BN, BB, 4, 1]
+            s_hi, m_hi = _q4k_scales(p[:, :, None, None], c2 + 1)
+            gx = blk[None, :, None, None] * 8 + c2                                         # [1, BB, 4, 1]
+            acc += (s_lo * tl.load(xd_ptr + gx)) * ilo.to(tl.float32) \
+                + (s_hi * tl.load(xd_ptr + gx + 1)) * ihi.to(tl.float32) \
+                - 0.5 * (m_lo * tl.load(xs_ptr + gx) + m_hi * tl.load(xs_ptr + gx + 1))   # (counted twice)
+        else:
+            n = tl.arange(0, 2)[:, None, None]
+            gw = tl.arange(0, 2)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]       # [1, 2, 4] word in 32
+            ob = blk * BB                                                                   # block byte offset
+            odd = (ob % 4 != 0).to(tl.int32)[None, :, None, None, None]
+            wb = (rword[:, None] + ob[None, :] // 4)[:, :, None, None, None]
+            qa = _word_at(w32_ptr, wb + n * 16 + gw, odd)                                   # [BN, BB, 2, 2, 4]
+            qb = _word_at(w32_ptr, wb + n * 16 + 8 + gw, odd)
+            qh = _word_at(w32_ptr, wb + 32 + n * 8 + gw, odd)
+            xw = xq_ptr + blk[None, :, None, None, None] * 64 + n * 32 + gw
+            # 6-bit codes q in 0..63 as signed bytes q - 32: ((q | 0x80) - 0x20) ^ 0x80 per byte, no borrows
+            # (-0x7F7F7F80 is 0x80808080 as an int32)
+            q0 = (((qa & 0x0F0F0F0F) | ((qh & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
+            q1 = (((qb & 0x0F0F0F0F) | (((qh >> 2) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
+            q2 = ((((qa >> 4) & 0x0F0F0F0F) | (((qh >> 4) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) \
+                ^ -0x7F7F7F80
+            q3 = ((((qb >> 4) & 0x0F0F0F0F) | (((qh >> 6) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) \
+                ^ -0x7F7F7F80
+            i0 = tl.sum(_dp4a(q0, tl.load(xw), 0, ASM), axis=4).to(tl.float32)           # [BN, BB, 2, 2]
+            i1 = tl.sum(_dp4a(q1, tl.load(xw + 8), 0, ASM), axis=4).to(tl.float32)
+            i2 = tl.sum(_dp4a(q2, tl.load(xw + 16), 0, ASM), axis=4).to(tl.float32)
+            i3 = tl.sum(_dp4a(q3, tl.load(xw + 24), 0, ASM), axis=4).to(tl.float32)
+            d0, d1, d2, d3 = _q6k_scales(p[:, :, None, None])                              # [BN, BB, 2, 2]
+            gx = blk[None, :, None, None] * 8 + tl.arange(0, 2)[:, None] * 4                # [1, BB, 2, 1]
+            acc += d0 * tl.load(xd_ptr + gx) * i0 + d1 * tl.load(xd_ptr + gx + 1) * i1 \
+                + d2 * tl.load(xd_ptr + gx + 2) * i2 + d3 * tl.load(xd_ptr + gx + 3) * i3
+    res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+    tl.store(out_ptr + rows, res.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
 _gemv_kernel = LazyKernel(_gemv_fn)
+_gemv_q8_kernel = LazyKernel(_gemv_q8_fn)
+_quant_x_kernel = LazyKernel(_quant_x_fn)
 _dot_kernel = LazyKernel(_dot_fn)
 _dequant_kernel = LazyKernel(_dequant_fn)
 
@@ -275,6 +389,12 @@ def _largest_divisor(n: int, cap: int) -> int:
 GEMV_BLOCK_N = 4
 GEMV_BLOCK_B = 4
 GEMV_WARPS = 4
+Q8_BLOCK_N = 2
+Q8_BLOCK_B = 8
+Q8_WARPS = 2
+# Batch 1 with half-precision activations rounds them to 8 bits per 32 values and uses integer dot
+# products (llama.cpp's GPU kernels do the same); APHRODITE_GGUF_GPU_Q8_ACTIVATIONS=0 keeps them exact.
+Q8_ACTIVATIONS = os.environ.get("APHRODITE_GGUF_GPU_Q8_ACTIVATIONS", "1").lower() in ("1", "true", "yes", "on")
 DOT_BLOCK_N = 32
 DOT_WAVES = 4
 DEQUANT_BLOCK_N = 16
@@ -285,6 +405,7 @@ DOT_MAX_ROWS = 16
 LARGE_BATCH = "dequant"
 # Scratch band of the "dequant" path, in values (a band of rows at a time: never a whole-model copy).
 SCRATCH_VALUES = 32 * 2**20
+MIN_BAND = 256
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -306,15 +427,18 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor,
     return out
 
 
-def dot(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor) -> torch.Tensor:
-    """``out [M, N] = x [M, K] @ dequant(qweight)^T`` for M <= 16, one pass over the weight."""
+def dot(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor,
+        split: int | None = None) -> torch.Tensor:
+    """``out [M, N] = x [M, K] @ dequant(qweight)^T`` for M <= 16, one pass over the weight;
+    ``split`` programs share each row range along K (default: enough to fill the GPU)."""
     m, k = x.shape
     n = qweight.shape[0]
     n_blocks = k // _QK
     grid_n = triton.cdiv(n, DOT_BLOCK_N)
-    split = 1
-    if x.is_cuda:
-        split = max(1, min(n_blocks, (DOT_WAVES * _sm_count(x.device.index or 0)) // grid_n))
+    if split is None:
+        split = 1
+        if x.is_cuda:
+            split = max(1, min(n_blocks, (DOT_WAVES * _sm_count(x.device.index or 0)) // grid_n))
     per_split = triton.cdiv(n_blocks, split)
     split = triton.cdiv(n_blocks, per_split)
     args = (qweight.shape[1], n_blocks, per_split, x.stride(0))
@@ -344,7 +468,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torc
     """``x @ dequant(qweight)^T`` for many rows: bands of rows dequantized into scratch, then cuBLAS."""
     m, k = x.shape
     n = qweight.shape[0]
-    band = max(256, min(n, SCRATCH_VALUES // k))
+    band = max(MIN_BAND, min(n, SCRATCH_VALUES // k))
     if band >= n:
         y = torch.mm(x, dequantize(qweight, qtype, k, x.dtype).t())
         if out is None:
@@ -357,4 +481,41 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torc
         r1 = min(n, r0 + band)
         w = dequantize(qweight[r0:r1], qtype, k, x.dtype, out=scratch[:r1 - r0])
         out[:, r0:r1] = torch.mm(x, w.t())
+    return out
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` -> (int8 codes ``[M, K]``, scales ``[M, K/32]``, float sums ``[M, K/32]``)."""
+    m, k = x.shape
+    groups = k // 32
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    d = torch.empty(m, groups, dtype=torch.float32, device=x.device)
+    s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
+    per = 32
+    _quant_x_kernel(x.device)[(m, triton.cdiv(groups, per))](x, q, d, s, groups, x.stride(0), GROUPS=per)
+    return q, d, s
+
+
+def q8_supported(qtype: int, k: int) -> bool:
+    """Whether the 8-bit-activation GEMV takes this weight (Q6_K needs rows of whole words)."""
+    return qtype == Q4_K or (qtype == Q6_K and (k // _QK) % 2 == 0)
+
+
+def gemv_q8(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor,
+            config: tuple[int, int, int] | None = None,
+            xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Batch-1 GEMV with the activations rounded to 8 bits per 32 values (as llama.cpp's GPU
+    kernels do: ~0.3% relative error per product) and integer dot products over the codes."""
+    n = qweight.shape[0]
+    k = x.shape[-1]
+    n_blocks = k // _QK
+    if xq is None:
+        xq = quantize_activations(x)
+    q, d, s = xq
+    block_n, block_b, warps = config or (Q8_BLOCK_N, Q8_BLOCK_B, Q8_WARPS)
+    block_b = _largest_divisor(n_blocks, block_b)
+    kw = {"num_warps": warps} if x.is_cuda else {}
+    _gemv_q8_kernel(x.device)[(triton.cdiv(n, block_n),)](
+        q.view(torch.int32), d, s, qweight, qweight.view(torch.int32), out, n, qweight.shape[1], n_blocks,
+        QTYPE=qtype, BB=_BB[qtype], BLOCK_N=block_n, BLOCK_B=block_b, ASM=x.is_cuda, **kw)
     return out

@@ -357,6 +357,9 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.T
         return out
     if qtype in gguf_gpu.FAST_TYPES:
         if m == 1:
+            if (gguf_gpu.Q8_ACTIVATIONS and x.dtype in (torch.bfloat16, torch.float16)
+                    and gguf_gpu.q8_supported(qtype, k)):
+                return gguf_gpu.gemv_q8(x, qweight, qtype, out)
             return gguf_gpu.gemv(x, qweight, qtype, out)
         if m <= gguf_gpu.DOT_MAX_ROWS:
             return gguf_gpu.dot(x, qweight, qtype, out)
