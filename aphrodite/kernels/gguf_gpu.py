@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from aphrodite.kernels.triton_utils import LazyKernel, tl, triton
+from aphrodite.kernels.triton_utils import LazyKernel, next_pow2, tl, triton
 
 Q4_K, Q6_K = 12, 14
 FAST_TYPES = (Q4_K, Q6_K)
@@ -177,12 +177,13 @@ def _dot_fn(x_ptr, w_ptr, out_ptr, M, N, row_bytes, n_blocks, blocks_per_split, 
             ATOMIC: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rbase = w_ptr + tl.where(row_ok, rows, 0).to(tl.int64) * row_bytes     # [BN]
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    xm = x_ptr + offs_m.to(tl.int64) * stride_xm                            # [BM]
+    xm = x_ptr + tl.where(m_ok, offs_m, 0).to(tl.int64) * stride_xm        # [BM]
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, n_blocks)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -400,9 +401,12 @@ DOT_WAVES = 4
 DEQUANT_BLOCK_N = 16
 # Up to this many activation rows the ``dot`` kernel reads the blocks once for all of them.
 DOT_MAX_ROWS = 16
-# Beyond: "dequant" (a band of the weight into bf16 scratch, then cuBLAS) or "fused" (the generic tiled
-# GEMM of ``gguf_matmul``, dequantizing inside).
+# Beyond: "dequant" (a band of the weight into bf16 scratch, then cuBLAS), "tiled" (``tiled_matmul``:
+# decoded tiles into tl.dot) or "generic" (the generic tiled GEMM of ``gguf_matmul``).
 LARGE_BATCH = "dequant"
+TILED_BLOCK_M = 128
+TILED_BLOCK_N = 64
+TILED_WARPS = 8
 # Scratch band of the "dequant" path, in values (a band of rows at a time: never a whole-model copy).
 SCRATCH_VALUES = 32 * 2**20
 MIN_BAND = 256
@@ -445,10 +449,27 @@ def dot(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor,
     consts = {"QTYPE": qtype, "BB": _BB[qtype], "BLOCK_M": 16, "BLOCK_N": DOT_BLOCK_N, "PRECISION": _precision(x)}
     if split > 1:
         acc = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-        _dot_kernel(x.device)[(grid_n, split)](x, qweight, acc, m, n, *args, acc.stride(0), ATOMIC=True, **consts)
+        _dot_kernel(x.device)[(grid_n, split, 1)](x, qweight, acc, m, n, *args, acc.stride(0), ATOMIC=True, **consts)
         out.copy_(acc)
     else:
-        _dot_kernel(x.device)[(grid_n, 1)](x, qweight, out, m, n, *args, out.stride(0), ATOMIC=False, **consts)
+        _dot_kernel(x.device)[(grid_n, 1, 1)](x, qweight, out, m, n, *args, out.stride(0), ATOMIC=False, **consts)
+    return out
+
+
+def tiled_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor | None) -> torch.Tensor:
+    """``x @ dequant(qweight)^T`` for many rows: the ``dot`` kernel with row tiles of activations
+    (each weight tile decoded once per ``TILED_BLOCK_M`` activation rows, nothing written)."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    n_blocks = k // _QK
+    block_m = min(TILED_BLOCK_M, max(16, next_pow2(m)))
+    grid = (triton.cdiv(n, TILED_BLOCK_N), 1, triton.cdiv(m, block_m))
+    kw = {"num_warps": TILED_WARPS} if x.is_cuda else {}
+    _dot_kernel(x.device)[grid](x, qweight, out, m, n, qweight.shape[1], n_blocks, n_blocks, x.stride(0),
+                                out.stride(0), QTYPE=qtype, BB=_BB[qtype], BLOCK_M=block_m, BLOCK_N=TILED_BLOCK_N,
+                                ATOMIC=False, PRECISION=_precision(x), **kw)
     return out
 
 

@@ -365,6 +365,8 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.T
             return gguf_gpu.dot(x, qweight, qtype, out)
         if gguf_gpu.LARGE_BATCH == "dequant":
             return gguf_gpu.dequant_matmul(x, qweight, qtype, out)
+        if gguf_gpu.LARGE_BATCH == "tiled":
+            return gguf_gpu.tiled_matmul(x, qweight, qtype, out)
     if m <= GEMV_MAX_ROWS:
         block_n = 16 if qk == 256 else 32
         block_m = _pow2(m)

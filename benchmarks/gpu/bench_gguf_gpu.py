@@ -9,7 +9,8 @@
    through more copies than L2 holds), best of a small sweep of launch configurations.
 3. One decode step's worth of Q4_K_M-like matmuls (per layer q/k Q4_K, v Q6_K, o/gate/up Q4_K,
    down Q6_K, LM head Q6_K) at M = 1, 8, 64, 256 in a CUDA graph: time and GB/s of blocks; at 64
-   and 256 both large-batch paths (dequantize + cuBLAS, fused tiled GEMM) and bf16 cuBLAS.
+   and 256 the large-batch paths (dequantize + cuBLAS; decoded K-quant tiles into tl.dot; the generic
+   tiled GEMM) and bf16 cuBLAS.
 4. ``aphrodite bench latency`` (1 x 128/256) and ``bench throughput`` (128/1024 decode) on the
    Llama-3.1-8B shape with dummy GGUF blocks (``--load-format dummy --quantization gguf``) and the
    bf16 run of the same session, each with its weight footprint. A results table comes last.
@@ -155,9 +156,9 @@ def bench_decode_matmuls(rows: list[tuple[str, str]]) -> None:
     total = sum(w.numel() for w, _, _ in ws)
     for m in (1, 8, 16, 64, 256):
         xs = {k: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
-        paths = ("dequant", "fused") if m > gguf_gpu.DOT_MAX_ROWS else ("q8", "exact") if m == 1 else ("",)
+        paths = ("dequant", "tiled", "generic") if m > gguf_gpu.DOT_MAX_ROWS else ("q8", "exact") if m == 1 else ("",)
         for path in paths:
-            if path in ("dequant", "fused"):
+            if path in ("dequant", "tiled", "generic"):
                 gguf_gpu.LARGE_BATCH = path
             gguf_gpu.Q8_ACTIVATIONS = path != "exact"
 

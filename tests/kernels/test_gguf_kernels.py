@@ -235,3 +235,13 @@ def test_kquant_dequantize_bands(name, device, monkeypatch):
     gguf_gpu.dequant_matmul(x.to(device), w.to(device), TYPES[name], wide[:, 3:43])
     assert (wide[:, :3] == 7).all() and (wide[:, 43:] == 7).all()
     assert _rel_err(wide[:, 3:43], x.double() @ ref_w.T) < 1e-6
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_kquant_tiled_many_rows(name, device, monkeypatch):
+    """Many rows through decoded tiles into tl.dot: several row tiles of activations and of weights."""
+    monkeypatch.setattr(gguf_gpu, "TILED_BLOCK_M", 16)
+    monkeypatch.setattr(gguf_gpu, "TILED_BLOCK_N", 16)
+    w, ref_w, x = _kquant_case(name, 20, n=40, k=512, seed=13)
+    out = gguf_gpu.tiled_matmul(x.to(device), w.to(device), TYPES[name], None)
+    assert _rel_err(out, x.double() @ ref_w.T) < 1e-6
