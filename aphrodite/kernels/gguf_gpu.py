@@ -402,8 +402,11 @@ DEQUANT_BLOCK_N = 16
 # Up to this many activation rows the ``dot`` kernel reads the blocks once for all of them.
 DOT_MAX_ROWS = 16
 # Beyond: "dequant" (a band of the weight into bf16 scratch, then cuBLAS), "tiled" (``tiled_matmul``:
-# decoded tiles into tl.dot) or "generic" (the generic tiled GEMM of ``gguf_matmul``).
-LARGE_BATCH = "dequant"
+# decoded tiles into tl.dot), "generic" (the generic tiled GEMM of ``gguf_matmul``), or "auto": tiled up
+# to TILED_MAX_ROWS rows (the weight is decoded once per 128 rows, nothing written), dequant beyond
+# (prefill: decoding the weight once amortizes over many rows and cuBLAS runs at peak).
+LARGE_BATCH = "auto"
+TILED_MAX_ROWS = 256
 TILED_BLOCK_M = 128
 TILED_BLOCK_N = 64
 TILED_WARPS = 8

@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from aphrodite.kernels.triton_utils import HAS_TRITON, LazyKernel, tl, triton
+from aphrodite.kernels.triton_utils import HAS_TRITON, LazyKernel, tl, triton, use_triton
 
 if HAS_TRITON:
     from aphrodite.kernels import gguf_gpu
@@ -147,6 +147,14 @@ def dequantize_reference(qweight: torch.Tensor, qtype: int, k: int, dtype: torch
     n = qweight.shape[0]
     blocks = qweight.reshape(n, k // qk, bb).to(torch.int32)
     return _dequant_blocks(blocks, qtype).reshape(n, k).to(dtype)
+
+
+def dequantize(qweight: torch.Tensor, qtype: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``dequantize_reference``, or one Triton kernel for the K-quants of ``gguf_gpu`` where Triton runs
+    (embedding lookups: two kernels per step instead of the reference's ~30 small ones)."""
+    if HAS_TRITON and qtype in gguf_gpu.FAST_TYPES and k % 256 == 0 and use_triton(qweight):
+        return gguf_gpu.dequantize(qweight, qtype, k, dtype)
+    return dequantize_reference(qweight, qtype, k, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,9 +371,12 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.T
             return gguf_gpu.gemv(x, qweight, qtype, out)
         if m <= gguf_gpu.DOT_MAX_ROWS:
             return gguf_gpu.dot(x, qweight, qtype, out)
-        if gguf_gpu.LARGE_BATCH == "dequant":
+        path = gguf_gpu.LARGE_BATCH
+        if path == "auto":
+            path = "tiled" if m <= gguf_gpu.TILED_MAX_ROWS else "dequant"
+        if path == "dequant":
             return gguf_gpu.dequant_matmul(x, qweight, qtype, out)
-        if gguf_gpu.LARGE_BATCH == "tiled":
+        if path == "tiled":
             return gguf_gpu.tiled_matmul(x, qweight, qtype, out)
     if m <= GEMV_MAX_ROWS:
         block_n = 16 if qk == 256 else 32

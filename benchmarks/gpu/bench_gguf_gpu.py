@@ -175,7 +175,7 @@ def bench_decode_matmuls(rows: list[tuple[str, str]]) -> None:
             rows.append((f"Q4_K_M matmuls of one 8B step, M={m} {path}".rstrip(),
                          f"{dt * 1e3:.2f} ms, {total / dt / 1e9:.0f} GB/s of blocks, {total / 2**30:.2f} GiB"))
             print(rows[-1], flush=True)
-        gguf_gpu.LARGE_BATCH = "dequant"
+        gguf_gpu.LARGE_BATCH = "auto"
         gguf_gpu.Q8_ACTIVATIONS = True
     ws.clear()
     torch.cuda.empty_cache()

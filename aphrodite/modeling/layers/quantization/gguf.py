@@ -207,7 +207,7 @@ class GGUFEmbeddingMethod(GGUFLinearMethod):
         if ids.device.type == "cpu" and gguf_ops.available(dtype):
             rows = gguf_ops.dequantize(seg.data, seg.qtype, layer.embedding_dim, dtype, rows=flat)
         else:
-            rows = gguf_matmul.dequantize_reference(seg.data[flat], seg.qtype, layer.embedding_dim, dtype)
+            rows = gguf_matmul.dequantize(seg.data[flat], seg.qtype, layer.embedding_dim, dtype)
         return rows.view(*ids.shape, layer.embedding_dim)
 
 
