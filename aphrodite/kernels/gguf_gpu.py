@@ -410,6 +410,7 @@ TILED_MAX_ROWS = 256
 TILED_BLOCK_M = 128
 TILED_BLOCK_N = 64
 TILED_WARPS = 8
+TILED_STAGES = 2
 # Scratch band of the "dequant" path, in values (a band of rows at a time: never a whole-model copy).
 SCRATCH_VALUES = 32 * 2**20
 MIN_BAND = 256
@@ -459,19 +460,22 @@ def dot(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor,
     return out
 
 
-def tiled_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor | None) -> torch.Tensor:
+def tiled_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor | None,
+                 config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """``x @ dequant(qweight)^T`` for many rows: the ``dot`` kernel with row tiles of activations
-    (each weight tile decoded once per ``TILED_BLOCK_M`` activation rows, nothing written)."""
+    (each weight tile decoded once per ``BLOCK_M`` activation rows, nothing written); ``config`` =
+    (BLOCK_M, BLOCK_N, warps, stages) overrides the defaults (benchmarks)."""
     m, k = x.shape
     n = qweight.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     n_blocks = k // _QK
-    block_m = min(TILED_BLOCK_M, max(16, next_pow2(m)))
-    grid = (triton.cdiv(n, TILED_BLOCK_N), 1, triton.cdiv(m, block_m))
-    kw = {"num_warps": TILED_WARPS} if x.is_cuda else {}
+    bm, bn, warps, stages = config or (TILED_BLOCK_M, TILED_BLOCK_N, TILED_WARPS, TILED_STAGES)
+    block_m = min(bm, max(16, next_pow2(m)))
+    grid = (triton.cdiv(n, bn), 1, triton.cdiv(m, block_m))
+    kw = {"num_warps": warps, "num_stages": stages} if x.is_cuda else {}
     _dot_kernel(x.device)[grid](x, qweight, out, m, n, qweight.shape[1], n_blocks, n_blocks, x.stride(0),
-                                out.stride(0), QTYPE=qtype, BB=_BB[qtype], BLOCK_M=block_m, BLOCK_N=TILED_BLOCK_N,
+                                out.stride(0), QTYPE=qtype, BB=_BB[qtype], BLOCK_M=block_m, BLOCK_N=bn,
                                 ATOMIC=False, PRECISION=_precision(x), **kw)
     return out
 

@@ -46,7 +46,7 @@ def check_kernels(rows: list[tuple[str, str]]) -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     for qtype in GGML_BLOCKS:
         worst = 0.0
-        for n, k in ((HIDDEN, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)):
+        for n, k in ((HIDDEN, HIDDEN), (HIDDEN, INTER)):
             w = random_blocks(qtype, n, k, scale=1e-3, device=dev, generator=g)
             ref_w = dequantize_reference(w, qtype, k, torch.float64)
             for m in (1, 4, 16, 64, 300):
@@ -137,6 +137,32 @@ def bench_projections(rows: list[tuple[str, str]]) -> dict[str, bool]:
         rows.append((f"M=1 {kind} best overall cfg {GGML_TYPE_NAMES[qtype]}", f"{cfg}"))
     torch.cuda.empty_cache()
     return ok
+
+
+TILED_CONFIGS = ((128, 64, 8, 2), (128, 128, 8, 2), (256, 64, 8, 1), (64, 64, 4, 3), (128, 64, 8, 3),
+                 (64, 128, 4, 2))
+
+
+def bench_tiled(rows: list[tuple[str, str]]) -> None:
+    """M=256 (batched decode): the tiled kernel's configurations on gate_up (Q4_K) and down (Q6_K)."""
+    dev = torch.device("cuda")
+    for name, n, k, qtype in (PROJECTIONS[3], PROJECTIONS[5]):
+        w = random_blocks(qtype, n, k, device=dev)
+        x = torch.randn(256, k, device=dev, dtype=torch.bfloat16)
+        dense = dequantize_reference(w, qtype, k, torch.bfloat16)
+        t_dense = graph_time(lambda x=x, dense=dense: x @ dense.T)
+        t_deq = graph_time(lambda x=x, w=w, qtype=qtype: gguf_gpu.dequant_matmul(x, w, qtype, None))
+        res = [f"bf16 {t_dense * 1e6:.0f} us", f"dequant {t_deq * 1e6:.0f} us"]
+        for cfg in TILED_CONFIGS:
+            try:
+                t = graph_time(lambda x=x, w=w, qtype=qtype, cfg=cfg: gguf_gpu.tiled_matmul(x, w, qtype, None, cfg))
+                res.append(f"{cfg} {t * 1e6:.0f}")
+            except Exception as e:  # a configuration the GPU refuses (shared memory): report, keep going
+                res.append(f"{cfg} {type(e).__name__}")
+        rows.append((f"M=256 {name} {n}x{k}", "; ".join(res)))
+        print(rows[-1], flush=True)
+        del w, dense
+    torch.cuda.empty_cache()
 
 
 def layer_weights(dev: torch.device) -> list[tuple[torch.Tensor, int, int]]:
@@ -238,16 +264,22 @@ def main() -> None:
     parser.add_argument("--skip-sweep", action="store_true", help="skip the per-projection GEMV sweep")
     opts = parser.parse_args()
     rows: list[tuple[str, str]] = [("device", torch.cuda.get_device_name())]
+    t0 = time.time()
     if not opts.skip_check:
         check_kernels(rows)
+        print(f"[{time.time() - t0:.0f}s] checks done", flush=True)
     ok = {"q8": True}
     if not opts.skip_sweep:
         ok = bench_projections(rows)
+        print(f"[{time.time() - t0:.0f}s] GEMV sweep done", flush=True)
     if not ok["q8"]:   # the engine runs then keep exact activations
         os.environ["APHRODITE_GGUF_GPU_Q8_ACTIVATIONS"] = "0"
         gguf_gpu.Q8_ACTIVATIONS = False
         rows.append(("engine runs", "8-bit-activation GEMV failed above: exact GEMV"))
+    if not opts.skip_sweep:
+        bench_tiled(rows)
     bench_decode_matmuls(rows)
+    print(f"[{time.time() - t0:.0f}s] step times done", flush=True)
     for quant in ("gguf", None):
         rows.append((f"weights GiB ({quant or 'bf16'})", f"{weight_footprint(quant):.2f}"))
     if not opts.skip_engine:
