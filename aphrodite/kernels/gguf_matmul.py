@@ -345,9 +345,20 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def q8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The 8-bit activations batch-1 K-quant GEMVs would compute for ``x [1, K]`` (shared by the
+    segments of a fused layer), or None where that path does not apply."""
+    if (not HAS_TRITON or x.shape[0] != 1 or not gguf_gpu.Q8_ACTIVATIONS or x.shape[-1] % 256
+            or x.dtype not in (torch.bfloat16, torch.float16) or not use_triton(x)):
+        return None
+    return gguf_gpu.quantize_activations(x.reshape(1, -1))
+
+
+def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor | None = None,
+                xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x [M, K] @ dequant(qweight)^T`` with the Triton kernels; ``out`` may be a column slice of a
-    wider ``[M, *]`` tensor (fused layers whose projections use different block types).
+    wider ``[M, *]`` tensor (fused layers whose projections use different block types); ``xq``: the
+    ``q8_activations`` of ``x`` when the caller already has them.
 
     Q4_K and Q6_K (the bulk of a Q4_K_M file) take the kernels of ``gguf_gpu``: a GEMV at batch 1, a
     single pass over the weight into ``tl.dot`` up to 16 rows, and dequantize-into-scratch + cuBLAS
@@ -367,7 +378,7 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.T
         if m == 1:
             if (gguf_gpu.Q8_ACTIVATIONS and x.dtype in (torch.bfloat16, torch.float16)
                     and gguf_gpu.q8_supported(qtype, k)):
-                return gguf_gpu.gemv_q8(x, qweight, qtype, out)
+                return gguf_gpu.gemv_q8(x, qweight, qtype, out, xq=xq)
             return gguf_gpu.gemv(x, qweight, qtype, out)
         if m <= gguf_gpu.DOT_MAX_ROWS:
             return gguf_gpu.dot(x, qweight, qtype, out)

@@ -245,3 +245,15 @@ def test_kquant_tiled_many_rows(name, device, monkeypatch):
     w, ref_w, x = _kquant_case(name, 20, n=40, k=512, seed=13)
     out = gguf_gpu.tiled_matmul(x.to(device), w.to(device), TYPES[name], None)
     assert _rel_err(out, x.double() @ ref_w.T) < 1e-6
+
+
+def test_kquant_q8_activations_shared_across_segments(device):
+    """A fused layer rounds its batch-1 activations once; each segment's GEMV then gives what it
+    gives rounding them itself (bf16 activations take the 8-bit path by default)."""
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=torch.bfloat16)
+    xq = gguf_matmul.q8_activations(x)
+    assert xq is not None and gguf_matmul.q8_activations(x.float()) is None
+    for name in KQ:
+        w = torch.from_numpy(random_blocks(name, 8, 512, seed=6)).to(device)
+        torch.testing.assert_close(gguf_matmul.gguf_linear(x, w, TYPES[name], xq=xq),
+                                   gguf_matmul.gguf_linear(x, w, TYPES[name]), rtol=0, atol=0)

@@ -185,9 +185,10 @@ class GGUFLinearMethod(LinearMethod):
         else:
             n = segments[-1].row0 + segments[-1].rows
             out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+            xq = gguf_matmul.q8_activations(x2)   # batch 1 on the GPU: rounded once for all segments
             for seg in segments:
                 part = None if bias is None else bias[seg.row0:seg.row0 + seg.rows]
-                _matmul(seg, x2, part, out[:, seg.row0:seg.row0 + seg.rows])
+                _matmul(seg, x2, part, out[:, seg.row0:seg.row0 + seg.rows], xq)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -246,7 +247,7 @@ def _pack_segments(layer: nn.Module, param: nn.Parameter) -> None:
 
 
 def _matmul(seg: Segment, x: torch.Tensor, bias: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, xq: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """``x @ seg^T (+ bias)``, into ``out`` when given (a column slice of the layer's output)."""
     if seg.qtype in GGML_FLOAT_TYPES:
         y = F.linear(x, seg.data, bias)
@@ -260,7 +261,7 @@ def _matmul(seg: Segment, x: torch.Tensor, bias: torch.Tensor | None = None,
             w = gguf_matmul.dequantize_reference(seg.data, seg.qtype, k, x.dtype)
         y = F.linear(x, w, bias)
     elif use_triton(x):
-        y = gguf_matmul.gguf_linear(x, seg.data, seg.qtype, out=out)
+        y = gguf_matmul.gguf_linear(x, seg.data, seg.qtype, out=out, xq=xq)
         if bias is not None:
             y += bias
         return y
