@@ -387,12 +387,17 @@ def _largest_divisor(n: int, cap: int) -> int:
 
 
 # Launch parameters (an H200 at the Llama-3.1-8B shapes; the benchmark sweeps them).
-GEMV_BLOCK_N = 4
-GEMV_BLOCK_B = 4
-GEMV_WARPS = 4
-Q8_BLOCK_N = 2
-Q8_BLOCK_B = 8
-Q8_WARPS = 2
+# Batch-1 launch configurations, (rows per program, blocks per step, warps): measured per weight shape
+# ("exact" / "q8", ggml type, N, K) on an H200 by benchmarks/gpu/bench_gguf_gpu.py; other shapes take
+# the per-kind default (few rows per program: a layer of 4096 rows still gives every SM 8+ programs).
+GEMV_CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int]] = {}
+GEMV_DEFAULT = {"exact": (4, 4, 4), "q8": (2, 8, 2)}
+
+
+def _gemv_config(kind: str, qtype: int, n: int, k: int) -> tuple[int, int, int]:
+    return GEMV_CONFIGS.get((kind, qtype, n, k), GEMV_DEFAULT[kind])
+
+
 # Batch 1 with half-precision activations rounds them to 8 bits per 32 values and uses integer dot
 # products (llama.cpp's GPU kernels do the same); APHRODITE_GGUF_GPU_Q8_ACTIVATIONS=0 keeps them exact.
 Q8_ACTIVATIONS = os.environ.get("APHRODITE_GGUF_GPU_Q8_ACTIVATIONS", "1").lower() in ("1", "true", "yes", "on")
@@ -426,7 +431,7 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor,
     ``config`` = (rows per program, blocks per step, warps) overrides the defaults (benchmarks)."""
     n = qweight.shape[0]
     n_blocks = x.shape[-1] // _QK
-    block_n, block_b, warps = config or (GEMV_BLOCK_N, GEMV_BLOCK_B, GEMV_WARPS)
+    block_n, block_b, warps = config or _gemv_config("exact", qtype, n, x.shape[-1])
     block_b = _largest_divisor(n_blocks, block_b)
     grid = (triton.cdiv(n, block_n),)
     kw = {"num_warps": warps} if x.is_cuda else {}
@@ -540,7 +545,7 @@ def gemv_q8(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tenso
     if xq is None:
         xq = quantize_activations(x)
     q, d, s = xq
-    block_n, block_b, warps = config or (Q8_BLOCK_N, Q8_BLOCK_B, Q8_WARPS)
+    block_n, block_b, warps = config or _gemv_config("q8", qtype, n, k)
     block_b = _largest_divisor(n_blocks, block_b)
     kw = {"num_warps": warps} if x.is_cuda else {}
     _gemv_q8_kernel(x.device)[(triton.cdiv(n, block_n),)](

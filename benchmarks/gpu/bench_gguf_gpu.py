@@ -99,6 +99,7 @@ def bench_projections(rows: list[tuple[str, str]]) -> dict[str, bool]:
     dev = torch.device("cuda")
     totals: dict[tuple[str, int], dict[tuple[int, int, int], float]] = {}
     ok = {"exact": True, "q8": True}
+    best_entries: dict[tuple[str, int, int, int], tuple[int, int, int]] = {}
     for name, n, k, qtype in PROJECTIONS:
         one = n * GGML_BLOCKS[qtype][1] * k // GGML_BLOCKS[qtype][0]
         copies = max(1, -(-400 * 2**20 // one))   # more than L2 holds
@@ -128,6 +129,7 @@ def bench_projections(rows: list[tuple[str, str]]) -> dict[str, bool]:
             if results:
                 base = next((r for r in results if r[1] == configs[0]), results[0])
                 top = max(results)
+                best_entries[(kind, qtype, n, k)] = top[1]
                 rows.append((f"M=1 {kind} {name} {n}x{k}", f"first cfg {base[0]:.0f} GB/s ({base[2] * 1e6:.1f} us); "
                              f"best {top[0]:.0f} GB/s ({top[2] * 1e6:.1f} us) cfg={top[1]}; err {top[3]:.1e}"))
                 print(rows[-1], flush=True)
@@ -135,6 +137,7 @@ def bench_projections(rows: list[tuple[str, str]]) -> dict[str, bool]:
     for (kind, qtype), table in totals.items():
         cfg = min(table, key=table.get)
         rows.append((f"M=1 {kind} best overall cfg {GGML_TYPE_NAMES[qtype]}", f"{cfg}"))
+    rows.append(("GEMV_CONFIGS", repr(best_entries)))
     torch.cuda.empty_cache()
     return ok
 
