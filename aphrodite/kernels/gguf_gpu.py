@@ -1,4 +1,4 @@
-"""Fast GPU paths for GGUF K-quant weights (Q4_K, Q6_K: the bulk of a Q4_K_M / Q5_K_M file).
+"""Fast GPU paths for GGUF K-quant weights (Q4_K, Q5_K, Q6_K: the bulk of Q4_K_M / Q5_K_M files).
 
 The generic kernels of ``gguf_matmul`` dequantize a block into its natural ``[rows, 256]`` value order
 with byte loads and index arithmetic per value; at batch 1 that is instruction-bound (~0.75 TB/s on an
@@ -8,7 +8,8 @@ to that order instead (a dot product does not care about the order of its terms)
 - Q4_K: the 128 code bytes are 4 chunks ``c`` of 32 bytes ``l``; the low nibble of byte ``(c, l)``
   is value ``64c + l``, the high one value ``64c + 32 + l``. A tile ``[rows, blocks, 4, 32]`` of bytes
   is one 16-byte load per thread; the activations of the low and high nibbles are two contiguous
-  loads. Sub-block ``2c + h`` has one 6-bit scale and min, applied after the 32-term sums.
+  loads. Sub-block ``2c + h`` has one 6-bit scale and min, applied after the 32-term sums. Q5_K is
+  laid out the same, plus 32 bytes ``qh`` whose bit ``2c + h`` of byte ``l`` is the fifth bit.
 - Q6_K: two halves ``n`` of 128 values; ``ql`` bytes ``(n, l)`` and ``(n, 32 + l)`` and the ``qh``
   byte ``(n, l)`` give values ``128n + 32t + l`` for ``t`` in 0..3; 16 values share an int8 scale.
 
@@ -38,10 +39,10 @@ import torch
 
 from aphrodite.kernels.triton_utils import LazyKernel, next_pow2, tl, triton
 
-Q4_K, Q6_K = 12, 14
-FAST_TYPES = (Q4_K, Q6_K)
+Q4_K, Q5_K, Q6_K = 12, 13, 14
+FAST_TYPES = (Q4_K, Q5_K, Q6_K)
 _QK = 256
-_BB = {Q4_K: 144, Q6_K: 210}
+_BB = {Q4_K: 144, Q5_K: 176, Q6_K: 210}
 
 
 def _codes_f32_fn(q, bias):
@@ -68,13 +69,19 @@ def _q4k_scales_fn(p, sub):
     return _half_at(p) * sc, _half_at(p + 2) * mn
 
 
-def _q4k_codes_fn(p):
-    """Q4_K blocks ``p [..., 1, 1, 1]`` -> int32 codes ``(lo, hi)``, each ``[..., 4 c, 1, 32 l]``, and the
-    offsets ``[4, 1, 32]`` in the block's 256 values of the low nibbles (the high ones are 32 further)."""
+def _q4k_codes_fn(p, FIVE: tl.constexpr):
+    """Q4_K (Q5_K if ``FIVE``) blocks ``p [..., 1, 1, 1]`` -> int32 codes ``(lo, hi)``, each
+    ``[..., 4 c, 1, 32 l]``, and the offsets ``[4, 1, 32]`` in the block's 256 values of the low nibbles
+    (the high ones are 32 further). Q5_K: bit ``2c + h`` of ``qh[l]`` is the fifth bit."""
     c = tl.arange(0, 4)[:, None, None]
     ln = tl.arange(0, 32)[None, None, :]
-    q = tl.load(p + 16 + c * 32 + ln).to(tl.int32)
-    return q & 15, q >> 4, c * 64 + ln
+    if FIVE:
+        q = tl.load(p + 48 + c * 32 + ln).to(tl.int32)
+        qh = tl.load(p + 16 + ln).to(tl.int32)
+        return (q & 15) | (((qh >> (2 * c)) & 1) << 4), (q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4), c * 64 + ln
+    else:
+        q = tl.load(p + 16 + c * 32 + ln).to(tl.int32)
+        return q & 15, q >> 4, c * 64 + ln
 
 
 def _q6k_fields_fn(p):
@@ -137,7 +144,7 @@ def _gemv_fn(x_ptr, w_ptr, out_ptr, N, row_bytes, n_blocks,
     row_ok = rows < N
     rbase = w_ptr + tl.where(row_ok, rows, 0).to(tl.int64) * row_bytes
     bi = tl.arange(0, BLOCK_B)
-    if QTYPE == 12:
+    if QTYPE != 14:
         acc = tl.zeros((BLOCK_N, BLOCK_B, 4, 2), tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_B, 2, 2), tl.float32)
@@ -145,8 +152,8 @@ def _gemv_fn(x_ptr, w_ptr, out_ptr, N, row_bytes, n_blocks,
         blk = b0 + bi                                                   # [BB]
         p = rbase[:, None] + blk[None, :] * BB                          # [BN, BB]
         xb = x_ptr + blk[None, :, None, None, None] * 256               # [1, BB, 1, 1, 1]
-        if QTYPE == 12:
-            lo, hi, offs = _q4k_codes(p[:, :, None, None, None])        # [BN, BB, 4, 1, 32]
+        if QTYPE != 14:
+            lo, hi, offs = _q4k_codes(p[:, :, None, None, None], QTYPE == 13)   # [BN, BB, 4, 1, 32]
             xl = tl.load(xb + offs).to(tl.float32)                      # [1, BB, 4, 1, 32]
             xh = tl.load(xb + offs + 32).to(tl.float32)
             s_lo = tl.sum(_codes_f32(lo, 0.0) * xl, axis=4)             # [BN, BB, 4, 1]
@@ -192,8 +199,8 @@ def _dot_fn(x_ptr, w_ptr, out_ptr, M, N, row_bytes, n_blocks, blocks_per_split, 
         p = pb[:, None, None, None]                                         # [BN, 1, 1, 1]
         xb = xm[:, None, None, None] + b * 256                              # [BM, 1, 1, 1]
         mk = m_ok[:, None, None, None]
-        if QTYPE == 12:
-            lo, hi, offs = _q4k_codes(p)                                    # [BN, 4, 1, 32]
+        if QTYPE != 14:
+            lo, hi, offs = _q4k_codes(p, QTYPE == 13)                       # [BN, 4, 1, 32]
             c2 = tl.arange(0, 4)[:, None, None] * 2
             s_lo, m_lo = _q4k_scales(p, c2)                                 # [BN, 4, 1, 1]
             s_hi, m_hi = _q4k_scales(p, c2 + 1)
@@ -245,8 +252,8 @@ def _dequant_fn(w_ptr, out_ptr, N, row_bytes, stride_on,
     o = (out_ptr + rows.to(tl.int64) * stride_on + b * 256)[:, None, None, None]
     mk = row_ok[:, None, None, None]
     dt = out_ptr.dtype.element_ty
-    if QTYPE == 12:
-        lo, hi, offs = _q4k_codes(p)                                        # [BN, 4, 1, 32]
+    if QTYPE != 14:
+        lo, hi, offs = _q4k_codes(p, QTYPE == 13)                           # [BN, 4, 1, 32]
         c2 = tl.arange(0, 4)[:, None, None] * 2
         s_lo, m_lo = _q4k_scales(p, c2)
         s_hi, m_hi = _q4k_scales(p, c2 + 1)
@@ -322,14 +329,22 @@ def _gemv_q8_fn(xq_ptr, xd_ptr, xs_ptr, w_ptr, w32_ptr, out_ptr, N, row_bytes, n
     for b0 in range(0, n_blocks, BLOCK_B):
         blk = b0 + bi                                   # [BB]
         p = rbase[:, None] + blk[None, :] * BB          # [BN, BB] block pointers (bytes)
-        if QTYPE == 12:
+        if QTYPE != 14:
             c = tl.arange(0, 4)[:, None, None]
             lw = tl.arange(0, 2)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]      # [1, 2, 4] word in chunk
-            wp = w32_ptr + (rword[:, None] + blk[None, :] * 36)[:, :, None, None, None] + 4 + c * 8 + lw
-            qw = tl.load(wp)                            # [BN, BB, 4, 2, 4] code words
+            wrow = (rword[:, None] + blk[None, :] * (BB // 4))[:, :, None, None, None]
+            if QTYPE == 13:   # Q5_K: qh words 4..11, codes from word 12; bit 2c + h of each qh byte
+                qw = tl.load(w32_ptr + wrow + 12 + c * 8 + lw)                              # [BN, BB, 4, 2, 4]
+                qhw = tl.load(w32_ptr + wrow + 4 + lw)                                      # [BN, BB, 1, 2, 4]
+                wlo = (qw & 0x0F0F0F0F) | (((qhw >> (2 * c)) & 0x01010101) << 4)
+                whi = ((qw >> 4) & 0x0F0F0F0F) | (((qhw >> (2 * c + 1)) & 0x01010101) << 4)
+            else:
+                qw = tl.load(w32_ptr + wrow + 4 + c * 8 + lw)                               # [BN, BB, 4, 2, 4]
+                wlo = qw & 0x0F0F0F0F
+                whi = (qw >> 4) & 0x0F0F0F0F
             xw = xq_ptr + blk[None, :, None, None, None] * 64 + c * 16 + lw
-            ilo = tl.sum(_dp4a(qw & 0x0F0F0F0F, tl.load(xw), 0, ASM), axis=4)              # [BN, BB, 4, 2]
-            ihi = tl.sum(_dp4a((qw >> 4) & 0x0F0F0F0F, tl.load(xw + 8), 0, ASM), axis=4)
+            ilo = tl.sum(_dp4a(wlo, tl.load(xw), 0, ASM), axis=4)                          # [BN, BB, 4, 2]
+            ihi = tl.sum(_dp4a(whi, tl.load(xw + 8), 0, ASM), axis=4)
             c2 = tl.arange(0, 4)[:, None] * 2
             s_lo, m_lo = _q4k_scales(p[:, :, None, None], c2)                              # [BN, BB, 4, 1]
             s_hi, m_hi = _q4k_scales(p[:, :, None, None], c2 + 1)
@@ -531,7 +546,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 def q8_supported(qtype: int, k: int) -> bool:
     """Whether the 8-bit-activation GEMV takes this weight (Q6_K needs rows of whole words)."""
-    return qtype == Q4_K or (qtype == Q6_K and (k // _QK) % 2 == 0)
+    return qtype in (Q4_K, Q5_K) or (qtype == Q6_K and (k // _QK) % 2 == 0)
 
 
 def gemv_q8(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor,

@@ -360,9 +360,9 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.T
     wider ``[M, *]`` tensor (fused layers whose projections use different block types); ``xq``: the
     ``q8_activations`` of ``x`` when the caller already has them.
 
-    Q4_K and Q6_K (the bulk of a Q4_K_M file) take the kernels of ``gguf_gpu``: a GEMV at batch 1, a
-    single pass over the weight into ``tl.dot`` up to 16 rows, and dequantize-into-scratch + cuBLAS
-    beyond; the other types the generic kernels below."""
+    Q4_K, Q5_K and Q6_K (the bulk of Q4_K_M / Q5_K_M files) take the kernels of ``gguf_gpu``: a GEMV
+    at batch 1, a single pass over the weight into ``tl.dot`` up to 16 rows, decoded tiles into
+    ``tl.dot`` or dequantize-into-scratch + cuBLAS beyond; the other types the generic kernels below."""
     x = x.reshape(-1, x.shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
