@@ -422,10 +422,14 @@ DEQUANT_BLOCK_N = 16
 # Up to this many activation rows the ``dot`` kernel reads the blocks once for all of them.
 DOT_MAX_ROWS = 16
 # Beyond: "dequant" (a band of the weight into bf16 scratch, then cuBLAS), "tiled" (``tiled_matmul``:
-# decoded tiles into tl.dot), "generic" (the generic tiled GEMM of ``gguf_matmul``), or "auto": tiled up
-# to TILED_MAX_ROWS rows (the weight is decoded once per 128 rows, nothing written), dequant beyond
-# (prefill: decoding the weight once amortizes over many rows and cuBLAS runs at peak).
+# decoded tiles into tl.dot), "generic" (the generic tiled GEMM of ``gguf_matmul``), or "auto":
+# - up to GENERIC_MAX_ROWS the generic GEMM as before (one pass over the weight with 64-row tiles; the
+#   tiled kernel does the same work per pass there, and no GPU measurement has compared them yet);
+# - up to TILED_MAX_ROWS tiled (128-row tiles: half the passes over the weight of the generic GEMM);
+# - beyond, dequant (prefill: the weight decoded once for thousands of rows, cuBLAS at peak, where the
+#   generic GEMM decodes every weight tile again for each 64 rows).
 LARGE_BATCH = "auto"
+GENERIC_MAX_ROWS = 64
 TILED_MAX_ROWS = 256
 TILED_BLOCK_M = 128
 TILED_BLOCK_N = 64

@@ -384,7 +384,8 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.T
             return gguf_gpu.dot(x, qweight, qtype, out)
         path = gguf_gpu.LARGE_BATCH
         if path == "auto":
-            path = "tiled" if m <= gguf_gpu.TILED_MAX_ROWS else "dequant"
+            path = ("generic" if m <= gguf_gpu.GENERIC_MAX_ROWS else
+                    "tiled" if m <= gguf_gpu.TILED_MAX_ROWS else "dequant")
         if path == "dequant":
             return gguf_gpu.dequant_matmul(x, qweight, qtype, out)
         if path == "tiled":

@@ -2,6 +2,7 @@
 
     python3 benchmarks/gpu/bench_gguf_gpu.py            # ~3 minutes
     python3 benchmarks/gpu/bench_gguf_gpu.py --full     # throughput-decode with 1000 prompts
+    python3 benchmarks/gpu/bench_gguf_gpu.py --check-only   # correctness of the K-quant paths, < 1 minute
 
 1. Every block type, Llama-3.1-8B layer shapes: the Triton kernels (GEMV for 1-8 rows, tiled GEMM
    for more) against ``dequantize_reference`` followed by a float64 matmul.
@@ -66,6 +67,65 @@ def check_kernels(rows: list[tuple[str, str]]) -> None:
         rows.append((f"kernel {GGML_TYPE_NAMES[qtype]} max rel err (M=1..300)", f"{worst:.2e} {verdict}"))
         print(rows[-1], flush=True)
     torch.cuda.empty_cache()
+
+
+def check_only(deadline_s: float = 50.0, dev: torch.device | None = None) -> bool:
+    """The K-quant kernels (Q4_K, Q5_K, Q6_K) at 8B layer sizes against a float64 dequantize+matmul,
+    each path the dispatch can pick plus the linear method's fused-layer and embedding uses; one
+    PASS/FAIL line per case. Returns True when every case ran and passed."""
+    from aphrodite.kernels import gguf_matmul
+
+    dev = dev or torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    t0 = time.time()
+    results: list[tuple[str, str]] = []
+
+    def case(label: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+        err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        verdict = "PASS" if err < tol else "FAIL"
+        results.append((label, f"{verdict} rel err {err:.1e} (tol {tol:.0e})"))
+        print(f"{label:<58} {results[-1][1]}", flush=True)
+
+    weights = {}
+    for qtype in (Q4_K, 13, Q6_K):
+        for n, k in ((HIDDEN, HIDDEN), (HIDDEN, INTER)):
+            w = random_blocks(qtype, n, k, scale=1e-3, device=dev, generator=g)
+            weights[(qtype, k)] = (w, dequantize_reference(w, qtype, k, torch.float64))
+    for qtype in (Q4_K, 13, Q6_K):
+        name = GGML_TYPE_NAMES[qtype]
+        for k in (HIDDEN, INTER):   # batch 1, default dispatch (8-bit activations) and exact
+            w, ref_w = weights[(qtype, k)]
+            x = torch.randn(1, k, device=dev, generator=g).to(torch.bfloat16)
+            ref = x.double() @ ref_w.T
+            case(f"{name} {HIDDEN}x{k} M=1 default (q8 activations)", gguf_linear(x, w, qtype), ref, 3e-2)
+            out = torch.empty(1, HIDDEN, device=dev, dtype=torch.bfloat16)
+            case(f"{name} {HIDDEN}x{k} M=1 exact gemv", gguf_gpu.gemv(x, w, qtype, out), ref, 1e-2)
+        w, ref_w = weights[(qtype, HIDDEN)]
+        for m, label in ((4, "dot split-K"), (16, "dot"), (40, "generic"), (100, "tiled"), (300, "dequant+cuBLAS")):
+            if time.time() - t0 > deadline_s:
+                results.append((f"{name} M={m}", "SKIPPED (time)"))
+                continue
+            x = torch.randn(m, HIDDEN, device=dev, generator=g).to(torch.bfloat16)
+            # bf16 weights into the tensor cores and a bf16 output: the generic GEMM's bound of the old bench
+            case(f"{name} {HIDDEN}x{HIDDEN} M={m} default ({label})", gguf_linear(x, w, qtype), x.double() @ ref_w.T,
+                 2e-2)
+        rows_idx = torch.tensor([5, 0, HIDDEN - 1, 5], device=dev)   # embedding lookups
+        case(f"{name} embedding rows (dequantize kernel)", gguf_matmul.dequantize(w[rows_idx], qtype, HIDDEN,
+                                                                                  torch.float32), ref_w[rows_idx], 1e-6)
+    # a fused layer mixing types (q/k Q4_K + v Q6_K): one rounding of the activations, column slices
+    x = torch.randn(1, HIDDEN, device=dev, generator=g).to(torch.bfloat16)
+    xq = gguf_matmul.q8_activations(x)
+    fused = torch.empty(1, 2 * HIDDEN, device=dev, dtype=torch.bfloat16)
+    (wa, ra), (wb, rb) = weights[(Q4_K, HIDDEN)], weights[(Q6_K, HIDDEN)]
+    gguf_linear(x, wa, Q4_K, out=fused[:, :HIDDEN], xq=xq)
+    gguf_linear(x, wb, Q6_K, out=fused[:, HIDDEN:], xq=xq)
+    case("fused Q4_K|Q6_K M=1, shared q8 activations", fused, x.double() @ torch.cat([ra, rb]).T, 3e-2)
+    ok = all(v.startswith("PASS") for _, v in results)
+    print(f"\n== GGUF GPU check: {'ALL PASS' if ok else 'FAILURES'} ({time.time() - t0:.0f}s) ==")
+    width = max(len(k) for k, _ in results)
+    for k, v in results:
+        print(f"{k:<{width}}  {v}")
+    return ok
 
 
 def graph_time(fn, reps: int = 20) -> float:
@@ -264,8 +324,12 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="throughput-decode with 1000 prompts")
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-check", action="store_true", help="skip the correctness pass over all types")
+    parser.add_argument("--check-only", action="store_true",
+                        help="only the K-quant kernels vs a float64 reference at real sizes (under a minute)")
     parser.add_argument("--skip-sweep", action="store_true", help="skip the per-projection GEMV sweep")
     opts = parser.parse_args()
+    if opts.check_only:
+        sys.exit(0 if check_only() else 1)
     rows: list[tuple[str, str]] = [("device", torch.cuda.get_device_name())]
     t0 = time.time()
     if not opts.skip_check:
