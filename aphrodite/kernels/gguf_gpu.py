@@ -402,15 +402,20 @@ def _largest_divisor(n: int, cap: int) -> int:
 
 
 # Launch parameters (an H200 at the Llama-3.1-8B shapes; the benchmark sweeps them).
-# Batch-1 launch configurations, (rows per program, blocks per step, warps): measured per weight shape
-# ("exact" / "q8", ggml type, N, K) on an H200 by benchmarks/gpu/bench_gguf_gpu.py; other shapes take
-# the per-kind default (few rows per program: a layer of 4096 rows still gives every SM 8+ programs).
+# Batch-1 launch configurations, (rows per program, blocks per step, warps). Chosen from the compiled
+# SASS for sm_90 (no GPU timing yet): the 8-bit path at (2, 8, 2) spends 5.6 (Q4_K) / 6.7 (Q6_K)
+# instructions per weight byte with 48 registers and two 16-byte code loads per thread per step, and a
+# 4096-row layer gives every SM of an H200 ~16 programs (~32 KB of loads in flight); layers of fewer
+# than 2048 rows take one row per program to keep that many. GEMV_CONFIGS overrides per shape
+# ("exact" / "q8", ggml type, N, K), e.g. from the sweep of benchmarks/gpu/bench_gguf_gpu.py.
 GEMV_CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int]] = {}
-GEMV_DEFAULT = {"exact": (4, 4, 4), "q8": (2, 8, 2)}
+GEMV_DEFAULT = {"exact": (2, 4, 2), "q8": (2, 8, 2)}
+GEMV_SMALL_N = {"exact": (2, 4, 2), "q8": (1, 8, 2)}
 
 
 def _gemv_config(kind: str, qtype: int, n: int, k: int) -> tuple[int, int, int]:
-    return GEMV_CONFIGS.get((kind, qtype, n, k), GEMV_DEFAULT[kind])
+    default = GEMV_SMALL_N[kind] if n < 2048 else GEMV_DEFAULT[kind]
+    return GEMV_CONFIGS.get((kind, qtype, n, k), default)
 
 
 # Batch 1 with half-precision activations rounds them to 8 bits per 32 values and uses integer dot

@@ -149,7 +149,7 @@ PROJECTIONS = (("qk_proj Q4_K", Q + KV - KV, HIDDEN, Q4_K), ("v_proj Q6_K", KV, 
                ("o_proj Q4_K", HIDDEN, Q, Q4_K), ("gate_up Q4_K", 2 * INTER, HIDDEN, Q4_K),
                ("down Q4_K", HIDDEN, INTER, Q4_K), ("down Q6_K", HIDDEN, INTER, Q6_K),
                ("lm_head Q6_K", VOCAB, HIDDEN, Q6_K))
-GEMV_CONFIGS = ((4, 4, 4), (2, 8, 4), (8, 2, 4), (2, 4, 2))
+GEMV_CONFIGS = ((2, 4, 2), (4, 4, 4), (2, 8, 4), (8, 2, 4))
 Q8_CONFIGS = ((2, 8, 2), (1, 8, 2), (4, 8, 4), (16, 4, 8), (8, 8, 8), (1, 4, 1), (2, 8, 4), (4, 4, 2))
 
 
