@@ -424,15 +424,19 @@ Q8_ACTIVATIONS = os.environ.get("APHRODITE_GGUF_GPU_Q8_ACTIVATIONS", "1").lower(
 DOT_BLOCK_N = 32
 DOT_WAVES = 4
 DEQUANT_BLOCK_N = 16
-# Up to this many activation rows the ``dot`` kernel reads the blocks once for all of them.
+# Up to this many activation rows the ``dot`` kernel reads the blocks once for all of them (sm_90 code:
+# 23 / 17 instructions per Q4_K / Q6_K byte whatever the rows, where the generic GEMV spent 46-75 / 35-54
+# at 2-4 rows and the generic GEMM at 16 rows ~20 / ~24 counting its int->float conversions, on 64-row
+# tiles that leave half of an H200 idle for 4096-row layers; split-K here fills it).
 DOT_MAX_ROWS = 16
 # Beyond: "dequant" (a band of the weight into bf16 scratch, then cuBLAS), "tiled" (``tiled_matmul``:
-# decoded tiles into tl.dot), "generic" (the generic tiled GEMM of ``gguf_matmul``), or "auto":
-# - up to GENERIC_MAX_ROWS the generic GEMM as before (one pass over the weight with 64-row tiles; the
-#   tiled kernel does the same work per pass there, and no GPU measurement has compared them yet);
-# - up to TILED_MAX_ROWS tiled (128-row tiles: half the passes over the weight of the generic GEMM);
-# - beyond, dequant (prefill: the weight decoded once for thousands of rows, cuBLAS at peak, where the
-#   generic GEMM decodes every weight tile again for each 64 rows).
+# decoded tiles into tl.dot), "generic" (the generic tiled GEMM of ``gguf_matmul``), or "auto". No GPU
+# timing has compared them yet; "auto" follows the compiled sm_90 code (instructions per weight byte
+# per pass over the weight; the generic GEMM also spends 100-160 quarter-rate int->float conversions
+# per 64-96 bytes): up to GENERIC_MAX_ROWS the generic GEMM as before (one 64-row pass, ~18 effective
+# vs the tiled kernel's ~19); up to TILED_MAX_ROWS tiled (128-row tiles: half the generic GEMM's
+# passes); beyond, dequant (prefill: the weight decoded once for thousands of rows, cuBLAS at peak,
+# where the generic GEMM decodes every weight tile again for each 64 rows).
 LARGE_BATCH = "auto"
 GENERIC_MAX_ROWS = 64
 TILED_MAX_ROWS = 256
