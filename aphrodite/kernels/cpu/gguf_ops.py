@@ -40,13 +40,16 @@ def linear(qweight: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tenso
     scheme: integer dot products, faster, ~0.5% error per product). ``out`` may be a column
     slice of a wider ``[M, *]`` tensor (its rows strided), so fused layers with blocks of
     several types write in place. ``portable`` forces the plain-C loops (tests)."""
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
     m, k = x2.shape
     n = qweight.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype)
     assert out.stride(-1) == 1 and out.dtype == x.dtype and qweight.is_contiguous()
-    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        bias = bias.to(x.dtype).contiguous()   # kept alive in a local: C reads its memory
     ok = _lib(lib).aph_gguf_linear(qtype, _ptr(qweight), ctypes.c_long(qweight.shape[1]), _ptr(x2), _ptr(bias),
                                    _ptr(out), ctypes.c_long(out.stride(0)), m, n, k, _DTYPE_CODES[x.dtype],
                                    int(portable), int(exact))

@@ -180,15 +180,16 @@ class GGUFLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         segments: list[Segment] = layer.gguf_segments
         x2 = x.reshape(-1, x.shape[-1])
+        gemv = _cpu_gemv(x2)   # decided once per call, not per segment (decode runs ~120 of these a token)
         if len(segments) == 1:
-            out = _matmul(segments[0], x2, bias)
+            out = _matmul(segments[0], x2, bias, gemv=gemv)
         else:
             n = segments[-1].row0 + segments[-1].rows
             out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
             for seg in segments:
                 part = None if bias is None else bias[seg.row0:seg.row0 + seg.rows]
-                _matmul(seg, x2, part, out[:, seg.row0:seg.row0 + seg.rows])
-        return out.view(*x.shape[:-1], out.shape[-1])
+                _matmul(seg, x2, part, out[:, seg.row0:seg.row0 + seg.rows], gemv=gemv)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
 
 class GGUFEmbeddingMethod(GGUFLinearMethod):
@@ -245,14 +246,21 @@ def _pack_segments(layer: nn.Module, param: nn.Parameter) -> None:
     del layer.gguf_staging
 
 
+def _cpu_gemv(x: torch.Tensor) -> bool:
+    """Whether ``x [M, K]`` goes through the C GEMV that reads the blocks (few rows on the CPU)."""
+    return (x.device.type == "cpu" and x.shape[0] <= CPU_GEMV_MAX_ROWS and not use_triton(x)
+            and gguf_ops.available(x.dtype))
+
+
 def _matmul(seg: Segment, x: torch.Tensor, bias: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ seg^T (+ bias)``, into ``out`` when given (a column slice of the layer's output)."""
+            out: torch.Tensor | None = None, gemv: bool | None = None) -> torch.Tensor:
+    """``x @ seg^T (+ bias)``, into ``out`` when given (a column slice of the layer's output).
+    ``gemv``: the caller's ``_cpu_gemv(x)``, when it has it."""
     if seg.qtype in GGML_FLOAT_TYPES:
         y = F.linear(x, seg.data, bias)
+    elif gemv or (gemv is None and _cpu_gemv(x)):
+        return gguf_ops.linear(seg.data, seg.qtype, x, bias, out=out, exact=not CPU_Q8_ACTIVATIONS)
     elif x.device.type == "cpu" and not use_triton(x):
-        if x.shape[0] <= CPU_GEMV_MAX_ROWS and gguf_ops.available(x.dtype):
-            return gguf_ops.linear(seg.data, seg.qtype, x, bias, out=out, exact=not CPU_Q8_ACTIVATIONS)
         k = x.shape[-1]
         if gguf_ops.available(x.dtype):
             w = gguf_ops.dequantize(seg.data, seg.qtype, k, x.dtype)
