@@ -59,6 +59,7 @@ class Segment:
     rows: int
     qtype: int              # a GGML_BLOCKS code, or a float code for plain values
     data: torch.Tensor      # [rows, row_bytes] uint8 view of ``qweight``, or [rows, K] floats
+    cpu_call: gguf_ops.LinearCall | None = None   # the C GEMV bound to ``data``, made on first use
 
 
 @dataclass
@@ -246,6 +247,20 @@ def _pack_segments(layer: nn.Module, param: nn.Parameter) -> None:
     del layer.gguf_staging
 
 
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _scratch(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused ``[rows, k]`` buffer for a weight dequantized for one CPU GEMM (batches above
+    ``CPU_GEMV_MAX_ROWS``): a fresh tensor per call is a fresh mapping above glibc's mmap threshold
+    (the 49,152 x 576 LM head), page-faulted in again on every step. It is consumed by the GEMM
+    before the next call; the engine runs one forward at a time per process."""
+    buf = _SCRATCH.get(dtype)
+    if buf is None or buf.numel() < rows * k:
+        buf = _SCRATCH[dtype] = torch.empty(rows * k, dtype=dtype)
+    return buf[:rows * k].view(rows, k)
+
+
 def _cpu_gemv(x: torch.Tensor) -> bool:
     """Whether ``x [M, K]`` goes through the C GEMV that reads the blocks (few rows on the CPU)."""
     return (x.device.type == "cpu" and x.shape[0] <= CPU_GEMV_MAX_ROWS and not use_triton(x)
@@ -259,11 +274,15 @@ def _matmul(seg: Segment, x: torch.Tensor, bias: torch.Tensor | None = None,
     if seg.qtype in GGML_FLOAT_TYPES:
         y = F.linear(x, seg.data, bias)
     elif gemv or (gemv is None and _cpu_gemv(x)):
+        if bias is None and x.is_contiguous():
+            if seg.cpu_call is None:
+                seg.cpu_call = gguf_ops.LinearCall(seg.data, seg.qtype, exact=not CPU_Q8_ACTIVATIONS)
+            return seg.cpu_call(x, out)
         return gguf_ops.linear(seg.data, seg.qtype, x, bias, out=out, exact=not CPU_Q8_ACTIVATIONS)
     elif x.device.type == "cpu" and not use_triton(x):
         k = x.shape[-1]
         if gguf_ops.available(x.dtype):
-            w = gguf_ops.dequantize(seg.data, seg.qtype, k, x.dtype)
+            w = gguf_ops.dequantize(seg.data, seg.qtype, k, x.dtype, out=_scratch(seg.rows, k, x.dtype))
         else:
             w = gguf_matmul.dequantize_reference(seg.data, seg.qtype, k, x.dtype)
         y = F.linear(x, w, bias)
