@@ -257,3 +257,23 @@ def test_kquant_q8_activations_shared_across_segments(device):
         w = torch.from_numpy(random_blocks(name, 8, 512, seed=6)).to(device)
         torch.testing.assert_close(gguf_matmul.gguf_linear(x, w, TYPES[name], xq=xq),
                                    gguf_matmul.gguf_linear(x, w, TYPES[name]), rtol=0, atol=0)
+
+
+@needs_c
+def test_cpu_batch_path_reuses_its_scratch_correctly():
+    """Above ``CPU_GEMV_MAX_ROWS`` rows a weight is dequantized into one reused buffer and multiplied
+    by BLAS: consecutive layers of different shapes and types must not see each other's values."""
+    from aphrodite.modeling.layers.quantization.gguf import CPU_GEMV_MAX_ROWS, Segment, _matmul
+    rows = CPU_GEMV_MAX_ROWS + 8
+    g = torch.Generator().manual_seed(7)
+    cases = []
+    for name, n, k in (("Q4_1", 48, 256), ("Q8_0", 96, 512), ("Q6_K", 16, 256)):
+        raw = random_blocks(name, n, k, seed=n)
+        cases.append((Segment(0, n, TYPES[name], torch.from_numpy(raw)), reference(raw, name),
+                      torch.randn(rows, k, generator=g)))
+    first = [_matmul(seg, x) for seg, _, x in cases]
+    again = [_matmul(seg, x) for seg, _, x in cases]
+    for (_, w, x), a, b in zip(cases, first, again, strict=True):
+        ref = x.double() @ w.T
+        torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        assert torch.equal(a, b)
