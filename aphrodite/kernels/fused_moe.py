@@ -11,12 +11,19 @@ GPU path (one launch per GEMM for all experts, as vLLM's Triton fused-MoE):
   expert's run is padded to a multiple of ``BLOCK_M``, so every ``BLOCK_M`` rows of the sorted list
   belong to one expert (``expert_ids`` per row block). Pure tensor ops, no host sync, so a decode
   step can be captured in a CUDA graph.
-* With few pairs (decode: ``T * k`` at most half the experts) no sorting at all: row block ``i`` is
-  pair ``i`` and reads its expert from ``topk_ids``.
+  On CUDA (and under the interpreter) it is four launches (zero the counts, count with atomics,
+  prefix sums and block experts in one program, scatter with atomics) instead of ~25 tensor ops.
 * ``_grouped_gemm``: program ``(row block, column block)`` multiplies its gathered rows of A by its
   expert's weight; row blocks past the padded total, and padding rows, do nothing. The first GEMM
   reads token rows (``pair // k``), the second reads the activation rows of the pairs and scales by
   the routing weight; the ``k`` partial outputs of a token are then summed.
+* With few pairs (decode: ``T * k`` at most half the experts) no sorting and no tensor cores: two
+  GEMV-shaped launches. ``_pair_gate_up``: program ``(pair, column block)`` reads its expert from
+  ``topk_ids`` and computes gate and up columns together, writing ``act(gate) * up``;
+  ``_token_down``: program ``(token, column block)`` reads the column block of all ``k`` experts of its
+  token at once (a ``[k, BLOCK_N, BLOCK_K]`` tile, so enough bytes are in flight at batch 1), scales
+  by the routing weights and sums them, writing the token's output row. The batch-1 MoE layer is then
+  router GEMM + ``select_experts`` (one fused softmax/top-k/renormalise kernel) + these two.
 
 CPU path and oracle: ``fused_experts_ref``, a loop over the experts that received tokens.
 """
@@ -27,7 +34,9 @@ import torch.nn.functional as F
 
 from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
 
-__all__ = ["fused_experts", "fused_experts_ref", "moe_align_block_size"]
+__all__ = ["fused_experts", "fused_experts_ref", "moe_align_block_size", "select_experts", "select_experts_ref"]
+
+SCORING_FUNCTIONS = ("softmax", "sigmoid")
 
 
 def _act_and_mul(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -63,6 +72,86 @@ def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
     return out
 
 
+def select_experts_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                       scoring_func: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [T, k] float32, expert ids [T, k])``: the ``top_k`` highest-scoring experts per token,
+    scores from a float32 softmax (or sigmoid) of the router logits, renormalized to sum 1 if asked."""
+    logits = router_logits.float()
+    if scoring_func == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+    elif scoring_func == "sigmoid":
+        scores = torch.sigmoid(logits)
+    else:
+        raise ValueError(f"MoE scoring function {scoring_func!r} is not supported; supported: {SCORING_FUNCTIONS}")
+    weights, ids = torch.topk(scores, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def _select_experts_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l,
+                           TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SIGMOID: tl.constexpr, RENORM: tl.constexpr):
+    # One program per token: scores, k rounds of (max, argmax, knock out), renormalise, store.
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    ok = offs < E
+    x = tl.load(logits_ptr + t * stride_l + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    if SIGMOID:
+        s = 1.0 / (1.0 + tl.exp(-x))
+    else:
+        p = tl.exp(x - tl.max(x, 0))
+        p = tl.where(ok, p, 0.0)
+        s = p / tl.sum(p, 0)
+    s = tl.where(ok, s, -1.0)                    # scores are >= 0: padding never wins
+    offs_k = tl.arange(0, BLOCK_K)
+    w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(TOPK):
+        best = tl.max(s, 0)
+        idx = tl.min(tl.where(s == best, offs, BLOCK_E), 0)   # the lowest index among ties, as torch.topk
+        w = tl.where(offs_k == j, best, w)
+        ids = tl.where(offs_k == j, idx, ids)
+        s = tl.where(offs == idx, -2.0, s)
+    if RENORM:
+        w = w / tl.sum(w, 0)                     # entries past TOPK are 0
+    k_ok = offs_k < TOPK
+    tl.store(weights_ptr + t * TOPK + offs_k, w.to(weights_ptr.dtype.element_ty), mask=k_ok)
+    tl.store(ids_ptr + t * TOPK + offs_k, ids, mask=k_ok)
+
+
+_select_experts = LazyKernel(_select_experts_kernel)
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring_func: str = "softmax",
+                   weight_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_experts_ref`` in one launch on CUDA (or under TRITON_INTERPRET): float32 scores, top-k,
+    renormalisation, and the weights rounded once to ``weight_dtype`` (the experts' dtype, as HF casts
+    them); ids are int32 there, int64 from the reference. A decode step otherwise spends ~6 small
+    kernels per layer on routing."""
+    if scoring_func not in SCORING_FUNCTIONS:
+        raise ValueError(f"MoE scoring function {scoring_func!r} is not supported; supported: {SCORING_FUNCTIONS}")
+    t, e = router_logits.shape
+    if not use_triton(router_logits) or e > 4096 or top_k > e:
+        weights, ids = select_experts_ref(router_logits, top_k, renormalize, scoring_func)
+        return weights.to(weight_dtype), ids
+    weights = torch.empty(t, top_k, dtype=weight_dtype, device=router_logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
+    if t:
+        logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+        _select_experts(logits.device)[(t,)](
+            logits, weights, ids, e, logits.stride(0), TOPK=top_k, BLOCK_E=next_pow2(e),
+            BLOCK_K=next_pow2(top_k), SIGMOID=scoring_func == "sigmoid", RENORM=renormalize,
+            num_warps=1 if e <= 256 else 4)
+    return weights, ids
+
+
+def _align_cap(n: int, block_m: int, num_experts: int) -> int:
+    # Each expert pads at most block_m - 1 rows, and only experts that got a pair pad at all.
+    cap = min(n + num_experts * (block_m - 1), n * block_m)
+    return cdiv(max(cap, 1), block_m) * block_m
+
+
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
                          num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sorted_pair_ids, expert_ids, num_padded)`` for the grouped GEMM.
@@ -70,14 +159,79 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
     ``sorted_pair_ids [P]`` (int32): indices into the flat ``T * k`` pairs, grouped by expert, each
     group padded to a multiple of ``block_m`` with the value ``T * k`` (an invalid pair); unused tail
     entries hold it too. ``expert_ids [P // block_m]``: the expert of each row block (``num_experts``
-    past the end). ``num_padded [1]``: the padded length in use. ``P`` depends only on shapes.
+    past the end). ``num_padded [1]``: the padded length in use. ``P`` depends only on shapes, and
+    nothing syncs with the host, so a decode step can be captured in a CUDA graph. On CUDA the order of
+    the pairs inside an expert's group is arbitrary (atomics); every row's result is the same either way.
     """
+    if not use_triton(topk_ids):
+        return _align_torch(topk_ids, block_m, num_experts)
+    device = topk_ids.device
+    flat = topk_ids.reshape(-1)
+    n = flat.numel()
+    cap = _align_cap(n, block_m, num_experts)
+    counts = torch.zeros(2 * num_experts, dtype=torch.int32, device=device)   # counts, then write cursors
+    sorted_ids = torch.empty(cap, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(cap // block_m, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    block = 1024
+    grid = (cdiv(max(n, 1), block),)
+    _align_count(device)[grid](flat, counts, n, BLOCK=block)
+    _align_offsets(device)[(1,)](counts, sorted_ids, expert_ids, num_padded, n, num_experts, cap, block_m,
+                                 BLOCK_E=next_pow2(num_experts), BLOCK=256,
+                                 BLOCK_B=max(1, 4096 // next_pow2(num_experts)), num_warps=4)
+    _align_scatter(device)[grid](flat, counts, sorted_ids, n, num_experts, BLOCK=block)
+    return sorted_ids, expert_ids, num_padded
+
+
+def _align_count_kernel(ids_ptr, counts_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    e = tl.load(ids_ptr + offs, mask=ok, other=0)
+    tl.atomic_add(counts_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=ok)
+
+
+def _align_offsets_kernel(counts_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, n, E, cap, block_m,
+                          BLOCK_E: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+    # One program: padded group starts (written as the scatter's cursors), each row block's expert, the
+    # padded total, and every sorted slot preset to the invalid pair n.
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    counts = tl.load(counts_ptr + offs_e, mask=e_ok, other=0)
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = tl.cumsum(padded, 0)
+    tl.store(counts_ptr + E + offs_e, ends - padded, mask=e_ok)
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
+    ends = tl.where(e_ok, ends, 2147483647)
+    for b0 in range(0, cap // block_m, BLOCK_B):
+        blk = b0 + tl.arange(0, BLOCK_B)
+        # searchsorted(ends, blk * block_m, right=True): how many groups end at or before the block.
+        expert = tl.sum((ends[None, :] <= (blk * block_m)[:, None]).to(tl.int32), 1)
+        tl.store(expert_ids_ptr + blk, expert, mask=blk < cap // block_m)
+    offs = tl.arange(0, BLOCK)
+    for s0 in range(0, cap, BLOCK):
+        tl.store(sorted_ids_ptr + s0 + offs, tl.full([BLOCK], 0, tl.int32) + n, mask=s0 + offs < cap)
+
+
+def _align_scatter_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, n, E, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    e = tl.load(ids_ptr + offs, mask=ok, other=0)
+    dest = tl.atomic_add(counts_ptr + E + e, tl.full([BLOCK], 1, tl.int32), mask=ok)
+    tl.store(sorted_ids_ptr + dest, offs.to(tl.int32), mask=ok)
+
+
+_align_count = LazyKernel(_align_count_kernel)
+_align_offsets = LazyKernel(_align_offsets_kernel)
+_align_scatter = LazyKernel(_align_scatter_kernel)
+
+
+def _align_torch(topk_ids: torch.Tensor, block_m: int,
+                         num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``moe_align_block_size`` in tensor ops (the CPU path)."""
     device = topk_ids.device
     flat = topk_ids.reshape(-1).to(torch.int64)
     n = flat.numel()
-    # Each expert pads at most block_m - 1 rows, and only experts that got a pair pad at all.
-    cap = min(n + num_experts * (block_m - 1), n * block_m)
-    cap = cdiv(max(cap, 1), block_m) * block_m
+    cap = _align_cap(n, block_m, num_experts)
     # scatter_add rather than bincount: bincount sizes its output on the host (a sync, no CUDA graph).
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
@@ -99,7 +253,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
                          stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
                          A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         IEEE: tl.constexpr, PER_PAIR: tl.constexpr):
+                         IEEE: tl.constexpr):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_rows_cap, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -110,15 +264,10 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
     group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_m
     pid_n = (pid % per_group) // group_m
-    if PER_PAIR:
-        # Few pairs (decode): row block i is pair i alone, its expert read from topk_ids directly, so
-        # routing needs no sort at all (two pairs on one expert read its weights twice, rarely).
-        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)
-    else:
-        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-            return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
     row_ok = pair < num_pairs
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -145,42 +294,130 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
 _grouped_gemm = LazyKernel(_grouped_gemm_kernel)
 
 
-def _tiles(num_pairs: int, n: int, k: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small row blocks at decode (few pairs per
-    expert, the GEMM streams weights), larger ones for prefill."""
-    if num_pairs <= 64:
-        return 16, 64, 128, 4, 4
-    if num_pairs <= 4096:
-        return 32, 64, 64, 4, 3
-    return 64, 128, 64, 8, 3
+def _pair_gate_up_kernel(x_ptr, w_ptr, out_ptr, ids_ptr, n_inter, H, stride_xm, stride_xk, stride_we, stride_wn,
+                         stride_wk, stride_om, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GELU: tl.constexpr):
+    # Program (pair, column block): act(x_t . gate_e[n]) * (x_t . up_e[n]) for its BLOCK_N columns n.
+    pair = tl.program_id(0).to(tl.int64)
+    token = pair // TOPK
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_inter
+    offs_k = tl.arange(0, BLOCK_K)
+    gate_rows = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn
+    up_rows = gate_rows + n_inter * stride_wn
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < H
+        a = tl.load(x_ptr + token * stride_xm + kk * stride_xk, mask=k_ok, other=0.0).to(tl.float32)
+        m = n_ok[:, None] & k_ok[None, :]
+        g = tl.load(gate_rows + kk[None, :] * stride_wk, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(up_rows + kk[None, :] * stride_wk, mask=m, other=0.0).to(tl.float32)
+        acc_g += g * a[None, :]
+        acc_u += u * a[None, :]
+    gate = tl.sum(acc_g, 1)
+    up = tl.sum(acc_u, 1)
+    if GELU:   # tanh approximation, as _act_and_mul
+        v = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        y = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * v) + 1.0)) * up
+    else:
+        y = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + pair * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def _token_down_kernel(act_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, H, n_inter, stride_am, stride_we, stride_wn,
+                       stride_wk, stride_om, TOPK: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    # Program (token, column block): sum_j w_j * (act_pair_j . down_e_j[n]) over the token's TOPK experts,
+    # all of them loaded as one [BLOCK_J, BLOCK_N, BLOCK_K] tile per step.
+    token = tl.program_id(0).to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_J)
+    j_ok = offs_j < TOPK
+    pairs = token * TOPK + offs_j
+    experts = tl.load(ids_ptr + pairs, mask=j_ok, other=0).to(tl.int64)
+    wts = tl.load(weights_ptr + pairs, mask=j_ok, other=0.0).to(tl.float32)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + experts[:, None, None] * stride_we + offs_n[None, :, None] * stride_wn
+    a_rows = act_ptr + pairs[:, None] * stride_am
+    acc = tl.zeros([BLOCK_J, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, n_inter, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < n_inter
+        a = tl.load(a_rows + kk[None, :], mask=j_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        m = j_ok[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
+        w = tl.load(w_rows + kk[None, None, :] * stride_wk, mask=m, other=0.0).to(tl.float32)
+        acc += w * a[:, None, :]
+    y = tl.sum(tl.sum(acc, 2) * wts[:, None], 0)
+    tl.store(out_ptr + token * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+_pair_gate_up = LazyKernel(_pair_gate_up_kernel)
+_token_down = LazyKernel(_token_down_kernel)
+
+
+def _small_batch_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                         ids: torch.Tensor, activation: str) -> torch.Tensor:
+    """Few pairs: two GEMV-shaped launches, no sort, activation and top-k sum fused (module docstring)."""
+    t, k = ids.shape
+    i, h = w2.shape[2], w2.shape[1]
+    act = torch.empty(t * k, i, dtype=x.dtype, device=x.device)
+    block_k = min(256, max(16, next_pow2(x.shape[1])))
+    _pair_gate_up(x.device)[(t * k, cdiv(i, 16))](
+        x, w13, act, ids, i, x.shape[1], x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
+        act.stride(0), TOPK=k, BLOCK_N=16, BLOCK_K=block_k, GELU=activation == "gelu", num_warps=4)
+    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
+    block_j = next_pow2(k)
+    block_n = 16 if block_j <= 8 else 8
+    _token_down(x.device)[(t, cdiv(h, block_n))](
+        act, w2, out, ids, weights, h, i, act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
+        TOPK=k, BLOCK_J=block_j, BLOCK_N=block_n, BLOCK_K=min(128, max(16, next_pow2(i))), num_warps=8)
+    return out
+
+
+def _tiles(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by pairs per expert (vLLM's H200 table for
+    Qwen3-30B-A3B's E=128, top-8 read that way): small row blocks while each expert gets few rows (the
+    GEMM streams weights), wide ones for prefill."""
+    per_expert = num_tokens * top_k / num_experts
+    if per_expert <= 6:
+        return 16, 64, 128, 4, 3
+    if per_expert <= 12:
+        return 16, 128, 128, 4, 2
+    if per_expert <= 24:
+        return 32, 256, 128, 4, 2
+    if per_expert <= 48:
+        return 64, 128, 64, 4, 3
+    return 128, 256, 64, 8, 4
 
 
 def _launch(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, weights: torch.Tensor,
-            routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, topk_ids: torch.Tensor, num_pairs: int,
-            a_row_div: int, mul_weight: bool, block_m: int, block_n: int, block_k: int, warps: int,
-            stages: int) -> None:
-    """``routing``: ``moe_align_block_size``'s output, or None for one row block per pair."""
+            routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_pairs: int, a_row_div: int,
+            mul_weight: bool, block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> None:
+    """One grouped GEMM over ``routing`` (``moe_align_block_size``'s output)."""
     n, k = w.shape[1], w.shape[2]
-    if routing is None:
-        sorted_ids = num_padded = expert_ids = topk_ids
-        rows = num_pairs * block_m
-    else:
-        sorted_ids, expert_ids, num_padded = routing
-        rows = sorted_ids.shape[0]
+    sorted_ids, expert_ids, num_padded = routing
+    rows = sorted_ids.shape[0]
     grid = (cdiv(rows, block_m) * cdiv(n, block_n),)
     _grouped_gemm(a.device)[grid](
         a, w, c, weights, sorted_ids, expert_ids, num_padded, n, k, num_pairs, rows,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         A_ROW_DIV=a_row_div, MUL_WEIGHT=mul_weight, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=min(block_k, max(16, next_pow2(k))), GROUP_M=8, IEEE=a.dtype == torch.float32,
-        PER_PAIR=routing is None, num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """MoE output ``[T, H]`` of ``x [T, H]``: Triton on CUDA (or under TRITON_INTERPRET), else the reference.
 
-    ``topk_weights``/``topk_ids`` ``[T, k]``: each token's routing weights and experts."""
+    ``topk_weights``/``topk_ids`` ``[T, k]``: each token's routing weights (any float dtype; applied in
+    fp32) and experts (int32 or int64)."""
+    if activation not in ("silu", "gelu"):
+        raise ValueError(f"MoE activation {activation!r} is not supported; supported: silu, gelu")
     if not use_triton(x):
         return fused_experts_ref(x, w13, w2, topk_weights, topk_ids, activation)
     t, k = topk_ids.shape
@@ -189,19 +426,23 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         return torch.zeros(0, w2.shape[1], dtype=x.dtype, device=x.device)
     assert x.shape[1] == h and w2.shape[0] == num_experts and w2.shape[2] * 2 == two_i
     num_pairs = t * k
-    block_m, block_n, block_k, warps, stages = _tiles(num_pairs, two_i, h)
-    flat_ids = topk_ids.reshape(-1).contiguous()
-    routing = None if num_pairs * 2 <= num_experts else moe_align_block_size(topk_ids, block_m, num_experts)
-    weights = topk_weights.reshape(-1).contiguous()
+    flat_ids = topk_ids.reshape(-1)
+    weights = topk_weights.reshape(-1)
+    if not flat_ids.is_contiguous():
+        flat_ids = flat_ids.contiguous()
+    if not weights.is_contiguous():
+        weights = weights.contiguous()
+    if num_pairs * 2 <= num_experts:
+        return _small_batch_experts(x, w13, w2, weights, flat_ids.view(t, k), activation)
+    block_m, block_n, block_k, warps, stages = _tiles(t, k, num_experts)
+    routing = moe_align_block_size(flat_ids, block_m, num_experts)
     inter = torch.empty(num_pairs, two_i, dtype=x.dtype, device=x.device)
-    _launch(x, w13, inter, weights, routing, flat_ids, num_pairs, k, False, block_m, block_n, block_k, warps,
-            stages)
-    if activation == "silu" and x.is_cuda:
+    _launch(x, w13, inter, weights, routing, num_pairs, k, False, block_m, block_n, block_k, warps, stages)
+    if x.is_cuda:
         from aphrodite.kernels.activation import silu_and_mul
-        act = silu_and_mul(inter)
+        act = silu_and_mul(inter, gelu=activation == "gelu")
     else:
         act = _act_and_mul(inter, activation)
     out = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
-    _launch(act, w2, out, weights, routing, flat_ids, num_pairs, 1, True, block_m, block_n, block_k, warps,
-            stages)
+    _launch(act, w2, out, weights, routing, num_pairs, 1, True, block_m, block_n, block_k, warps, stages)
     return out.view(t, k, -1).sum(dim=1)

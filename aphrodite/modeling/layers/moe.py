@@ -24,29 +24,10 @@ from aphrodite.distributed.parallel_state import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
 )
-from aphrodite.kernels.fused_moe import fused_experts
+from aphrodite.kernels.fused_moe import SCORING_FUNCTIONS, fused_experts, select_experts
 from aphrodite.modeling.layers.linear import ReplicatedLinear, copy_into, new_parameter
 from aphrodite.modeling.layers.mlp import GatedMLP
 from aphrodite.modeling.layers.quantization import QuantizationConfig
-
-SCORING_FUNCTIONS = ("softmax", "sigmoid")
-
-
-def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
-                   scoring_func: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weights [T, k] float32, expert ids [T, k])``: the ``top_k`` highest-scoring experts per token,
-    scores from a float32 softmax (or sigmoid) of the router logits, renormalized to sum 1 if asked."""
-    logits = router_logits.float()
-    if scoring_func == "softmax":
-        scores = torch.softmax(logits, dim=-1)
-    elif scoring_func == "sigmoid":
-        scores = torch.sigmoid(logits)
-    else:
-        raise ValueError(f"MoE scoring function {scoring_func!r} is not supported; supported: {SCORING_FUNCTIONS}")
-    weights, ids = torch.topk(scores, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
 
 
 class FusedMoE(nn.Module):
@@ -105,8 +86,9 @@ class FusedMoE(nn.Module):
             raise ValueError(f"unknown expert shard {kind!r}")
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(router_logits, self.top_k, self.renormalize, self.scoring_func)
-        out = fused_experts(x, self.w13_weight, self.w2_weight, weights.to(x.dtype), ids, self.activation)
+        # Weights rounded to the activations' dtype, as HF multiplies each expert's output by them.
+        weights, ids = select_experts(router_logits, self.top_k, self.renormalize, self.scoring_func, x.dtype)
+        out = fused_experts(x, self.w13_weight, self.w2_weight, weights, ids, self.activation)
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         return out
