@@ -110,6 +110,7 @@ def _select_experts_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l,
     for j in tl.static_range(TOPK):
         best = tl.max(s, 0)
         idx = tl.min(tl.where(s == best, offs, BLOCK_E), 0)   # the lowest index among ties, as torch.topk
+        idx = tl.minimum(idx, E - 1)             # NaN scores match nothing: stay a valid expert
         w = tl.where(offs_k == j, best, w)
         ids = tl.where(offs_k == j, idx, ids)
         s = tl.where(offs == idx, -2.0, s)
@@ -141,7 +142,7 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, s
         logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
         _select_experts(logits.device)[(t,)](
             logits, weights, ids, e, logits.stride(0), TOPK=top_k, BLOCK_E=next_pow2(e),
-            BLOCK_K=next_pow2(top_k), SIGMOID=scoring_func == "sigmoid", RENORM=renormalize,
+            BLOCK_K=max(2, next_pow2(top_k)), SIGMOID=scoring_func == "sigmoid", RENORM=renormalize,
             num_warps=1 if e <= 256 else 4)
     return weights, ids
 
@@ -370,7 +371,7 @@ def _small_batch_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w
         x, w13, act, ids, i, x.shape[1], x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
         act.stride(0), TOPK=k, BLOCK_N=16, BLOCK_K=block_k, GELU=activation == "gelu", num_warps=4)
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
-    block_j = next_pow2(k)
+    block_j = max(2, next_pow2(k))
     block_n = 16 if block_j <= 8 else 8
     _token_down(x.device)[(t, cdiv(h, block_n))](
         act, w2, out, ids, weights, h, i, act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
