@@ -39,13 +39,14 @@ def _kernels_per_call(fn) -> int:
     return sum(1 for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def _sorted_path(x, w13, w2, weights, ids):
-    """fused_experts' sorted branch forced at any size (to compare with the GEMV-shaped small-batch path)."""
+def _sorted_path(x, w13, w2, weights, ids, tiles=None):
+    """fused_experts' sorted branch forced at any size (to compare with the GEMV-shaped small-batch path),
+    with the tile table's config or ``tiles``."""
     from aphrodite.kernels import fused_moe as fm
     from aphrodite.kernels.activation import silu_and_mul
     t, k = ids.shape
     flat, wf = ids.reshape(-1), weights.reshape(-1)
-    bm, bn, bk, warps, stages = fm._tiles(t, k, E)
+    bm, bn, bk, warps, stages = tiles or fm._tiles(t, k, E)
     routing = fm.moe_align_block_size(flat, bm, E)
     inter = torch.empty(t * k, w13.shape[1], dtype=x.dtype, device=x.device)
     fm._launch(x, w13, inter, wf, routing, t * k, k, False, bm, bn, bk, warps, stages)
@@ -129,14 +130,65 @@ def layer_check() -> list[str]:
     return rows
 
 
+SORTED_TILES = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 2), (32, 64, 64, 4, 3), (32, 128, 128, 4, 2),
+                (32, 256, 128, 4, 2), (64, 128, 64, 4, 3), (64, 128, 128, 8, 3), (128, 256, 64, 8, 4)]
+GEMV_GATE_UP = [(16, 256, 4), (8, 256, 4), (32, 128, 4), (16, 128, 2), (32, 256, 8)]
+GEMV_DOWN = [(16, 128, 8), (8, 128, 4), (16, 64, 4), (32, 64, 8), (16, 256, 8)]
+
+
+def tile_sweep() -> list[str]:
+    """Experts time per tile config (CUDA graph), to choose the tile tables: the GEMV-shaped path's two
+    kernels at 1 and 8 tokens, the sorted path's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) from 64 up."""
+    from aphrodite.kernels import fused_moe as fm
+    from aphrodite.modeling.layers.moe import select_experts
+    torch.manual_seed(1)
+    w13 = (torch.randn(E, 2 * INTER, H, device="cuda") / H ** 0.5).bfloat16()
+    w2 = (torch.randn(E, H, INTER, device="cuda") / INTER ** 0.5).bfloat16()
+    rows = []
+
+    def timed(fn, ref) -> str:
+        try:
+            err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
+            return f"{graph_us(fn, 20):.1f}" + ("" if err < 3e-2 else f"(ERR {err:.1e})")
+        except Exception as exc:
+            return f"fail:{type(exc).__name__}"
+
+    def inputs(t: int):
+        x = torch.randn(t, H, device="cuda").bfloat16()
+        w, ids = select_experts(torch.randn(t, E, device="cuda"), K, True, "softmax", torch.bfloat16)
+        return x, w, ids, fm.fused_experts_ref(x.float(), w13.float(), w2.float(), w.float(), ids.long())
+
+    def gemv(x, w, ids, **tile):
+        return lambda: fm._small_batch_experts(x, w13, w2, w.reshape(-1), ids, "silu", **tile)
+
+    def srt(x, w, ids, c):
+        return lambda: _sorted_path(x, w13, w2, w, ids, c)
+    for t in (1, 8):
+        x, w, ids, ref = inputs(t)
+        gu = [f"{c}: " + timed(gemv(x, w, ids, gate_up_tile=c), ref) for c in GEMV_GATE_UP]
+        dn = [f"{c}: " + timed(gemv(x, w, ids, down_tile=c), ref) for c in GEMV_DOWN]
+        rows.append(f"SWEEP gemv t={t} gate_up (BN,BK,warps) " + " | ".join(gu))
+        rows.append(f"SWEEP gemv t={t} down (BN,BK,warps) " + " | ".join(dn))
+    for t in (64, 256, 512, 4096):
+        x, w, ids, ref = inputs(t)
+        cells = [f"{c}: " + timed(srt(x, w, ids, c), ref) for c in SORTED_TILES]
+        rows.append(f"SWEEP sorted t={t} table {fm._tiles(t, K, E)} | " + " | ".join(cells))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--decode-prompts", type=int, default=500)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--layer-only", action="store_true", help="only the layer table (seconds, no engine)")
+    parser.add_argument("--sweep", action="store_true", help="also time the experts over candidate tile configs")
     args = parser.parse_args()
     table = layer_check()
     print("\n".join(table), flush=True)
+    if args.sweep:
+        sweep = tile_sweep()
+        print("\n".join(sweep), flush=True)
+        table = sweep + table
     if args.layer_only:
         return
 
