@@ -32,9 +32,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
+from aphrodite.kernels.triton_utils import HAS_TRITON, DeviceFunction, LazyKernel, cdiv, next_pow2, tl, use_triton
 
-__all__ = ["fused_experts", "fused_experts_ref", "moe_align_block_size", "select_experts", "select_experts_ref"]
+__all__ = ["fused_experts", "fused_experts_ref", "fused_moe", "moe_align_block_size", "select_experts",
+           "select_experts_ref"]
 
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
 
@@ -89,11 +90,11 @@ def select_experts_ref(router_logits: torch.Tensor, top_k: int, renormalize: boo
     return weights, ids
 
 
-def _select_experts_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l,
-                           TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                           SIGMOID: tl.constexpr, RENORM: tl.constexpr):
-    # One program per token: scores, k rounds of (max, argmax, knock out), renormalise, store.
-    t = tl.program_id(0).to(tl.int64)
+def _topk_route_fn(logits_ptr, t, E, stride_l, TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SIGMOID: tl.constexpr, RENORM: tl.constexpr):
+    # Token t's (weights [BLOCK_K] fp32, expert ids [BLOCK_K] int32), entries past TOPK zero: scores, then
+    # TOPK rounds of one max over (score bits << 32 | reversed index) keys (scores are >= 0, so their
+    # bits order as integers; the lowest index wins a tie, as torch.topk), renormalised if asked.
     offs = tl.arange(0, BLOCK_E)
     ok = offs < E
     x = tl.load(logits_ptr + t * stride_l + offs, mask=ok, other=float("-inf")).to(tl.float32)
@@ -103,19 +104,31 @@ def _select_experts_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l,
         p = tl.exp(x - tl.max(x, 0))
         p = tl.where(ok, p, 0.0)
         s = p / tl.sum(p, 0)
-    s = tl.where(ok, s, -1.0)                    # scores are >= 0: padding never wins
+    s = tl.where(ok, s, -1.0)                    # negative bits: padding never wins
+    key = (s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_E - 1 - offs).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     w = tl.zeros([BLOCK_K], dtype=tl.float32)
     ids = tl.zeros([BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(TOPK):
-        best = tl.max(s, 0)
-        idx = tl.min(tl.where(s == best, offs, BLOCK_E), 0)   # the lowest index among ties, as torch.topk
-        idx = tl.minimum(idx, E - 1)             # NaN scores match nothing: stay a valid expert
-        w = tl.where(offs_k == j, best, w)
+        best = tl.max(key, 0)
+        idx = BLOCK_E - 1 - (best & 0xFFFFFFFF).to(tl.int32)
+        w = tl.where(offs_k == j, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True), w)
         ids = tl.where(offs_k == j, idx, ids)
-        s = tl.where(offs == idx, -2.0, s)
+        key = tl.where(offs == idx, -9223372036854775807, key)
     if RENORM:
         w = w / tl.sum(w, 0)                     # entries past TOPK are 0
+    return w, ids
+
+
+_topk_route = DeviceFunction(_topk_route_fn) if HAS_TRITON else _topk_route_fn
+
+
+def _select_experts_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l,
+                           TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SIGMOID: tl.constexpr, RENORM: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    w, ids = _topk_route(logits_ptr, t, E, stride_l, TOPK, BLOCK_E, BLOCK_K, SIGMOID, RENORM)
+    offs_k = tl.arange(0, BLOCK_K)
     k_ok = offs_k < TOPK
     tl.store(weights_ptr + t * TOPK + offs_k, w.to(weights_ptr.dtype.element_ty), mask=k_ok)
     tl.store(ids_ptr + t * TOPK + offs_k, ids, mask=k_ok)
@@ -295,13 +308,25 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
 _grouped_gemm = LazyKernel(_grouped_gemm_kernel)
 
 
-def _pair_gate_up_kernel(x_ptr, w_ptr, out_ptr, ids_ptr, n_inter, H, stride_xm, stride_xk, stride_we, stride_wn,
-                         stride_wk, stride_om, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GELU: tl.constexpr):
+def _pair_gate_up_kernel(x_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, logits_ptr, n_inter, H, E, stride_xm,
+                         stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_l, TOPK: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GELU: tl.constexpr, ROUTE: tl.constexpr,
+                         BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr, SIGMOID: tl.constexpr,
+                         RENORM: tl.constexpr):
     # Program (pair, column block): act(x_t . gate_e[n]) * (x_t . up_e[n]) for its BLOCK_N columns n.
+    # ROUTE: the pair's expert comes from the token's router logits (top-k computed here; each pair's
+    # column-block-0 program stores its weight and id for the down kernel), else from ids_ptr.
     pair = tl.program_id(0).to(tl.int64)
     token = pair // TOPK
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    if ROUTE:
+        w_all, ids_all = _topk_route(logits_ptr, token, E, stride_l, TOPK, BLOCK_E, BLOCK_TOPK, SIGMOID, RENORM)
+        this = tl.arange(0, BLOCK_TOPK) == pair % TOPK
+        expert = tl.sum(tl.where(this, ids_all, 0), 0).to(tl.int64)
+        if tl.program_id(1) == 0:
+            tl.store(weights_ptr + pair, tl.sum(tl.where(this, w_all, 0.0), 0).to(weights_ptr.dtype.element_ty))
+            tl.store(ids_ptr + pair, expert.to(tl.int32))
+    else:
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_inter
     offs_k = tl.arange(0, BLOCK_K)
@@ -362,18 +387,24 @@ _token_down = LazyKernel(_token_down_kernel)
 
 def _small_batch_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                          ids: torch.Tensor, activation: str, gate_up_tile: tuple[int, int, int] = (16, 256, 4),
-                         down_tile: tuple[int, int, int] = (16, 128, 8)) -> torch.Tensor:
+                         down_tile: tuple[int, int, int] = (16, 128, 8),
+                         route: tuple[torch.Tensor, bool, str] | None = None) -> torch.Tensor:
     """Few pairs: two GEMV-shaped launches, no sort, activation and top-k sum fused (module docstring).
     Tiles are ``(BLOCK_N, BLOCK_K, num_warps)``; the defaults put ~2-3 programs on each of an H200's SMs
-    at one token, each streaming 16-32 KB per step."""
+    at one token, each streaming 16-32 KB per step. ``route = (router_logits, renormalize, scoring)``:
+    the first kernel also does the routing, writing ``weights``/``ids`` ``[T, k]`` for the second."""
     t, k = ids.shape
     i, h = w2.shape[2], w2.shape[1]
     act = torch.empty(t * k, i, dtype=x.dtype, device=x.device)
     bn, bk, warps = gate_up_tile
+    logits, renorm, scoring = route if route is not None else (x, False, "softmax")
+    num_experts = w13.shape[0]
     _pair_gate_up(x.device)[(t * k, cdiv(i, bn))](
-        x, w13, act, ids, i, x.shape[1], x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
-        act.stride(0), TOPK=k, BLOCK_N=bn, BLOCK_K=min(bk, max(16, next_pow2(x.shape[1]))),
-        GELU=activation == "gelu", num_warps=warps)
+        x, w13, act, ids, weights, logits, i, x.shape[1], num_experts, x.stride(0), x.stride(1), w13.stride(0),
+        w13.stride(1), w13.stride(2), act.stride(0), logits.stride(0), TOPK=k, BLOCK_N=bn,
+        BLOCK_K=min(bk, max(16, next_pow2(x.shape[1]))), GELU=activation == "gelu", ROUTE=route is not None,
+        BLOCK_E=next_pow2(num_experts), BLOCK_TOPK=max(2, next_pow2(k)), SIGMOID=scoring == "sigmoid",
+        RENORM=renorm, num_warps=warps)
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     block_j = max(2, next_pow2(k))
     bn, bk, warps = down_tile
@@ -452,3 +483,21 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     out = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
     _launch(act, w2, out, weights, routing, num_pairs, 1, True, block_m, block_n, block_k, warps, stages)
     return out.view(t, k, -1).sum(dim=1)
+
+
+def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
+              renormalize: bool, scoring_func: str = "softmax", activation: str = "silu") -> torch.Tensor:
+    """Routing and experts of one MoE layer: ``fused_experts(x, ..., *select_experts(router_logits, ...))``
+    with the weights rounded to ``x.dtype`` (as HF casts them). With few pairs the routing runs inside the
+    first experts kernel, so a decode step's layer is the router GEMM and two launches."""
+    t = x.shape[0]
+    num_experts = w13.shape[0]
+    if (use_triton(x) and t and 2 * t * top_k <= num_experts and num_experts <= 4096 and scoring_func in
+            SCORING_FUNCTIONS and activation in ("silu", "gelu")):
+        logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+        weights = torch.empty(t, top_k, dtype=x.dtype, device=x.device)
+        ids = torch.empty(t, top_k, dtype=torch.int32, device=x.device)
+        return _small_batch_experts(x, w13, w2, weights.view(-1), ids, activation,
+                                    route=(logits, renormalize, scoring_func))
+    weights, ids = select_experts(router_logits, top_k, renormalize, scoring_func, x.dtype)
+    return fused_experts(x, w13, w2, weights, ids, activation)

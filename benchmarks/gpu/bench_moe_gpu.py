@@ -140,7 +140,7 @@ def tile_sweep() -> list[str]:
     """Experts time per tile config (CUDA graph), to choose the tile tables: the GEMV-shaped path's two
     kernels at 1 and 8 tokens, the sorted path's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) from 64 up."""
     from aphrodite.kernels import fused_moe as fm
-    from aphrodite.modeling.layers.moe import select_experts
+    from aphrodite.kernels.fused_moe import select_experts
     torch.manual_seed(1)
     w13 = (torch.randn(E, 2 * INTER, H, device="cuda") / H ** 0.5).bfloat16()
     w2 = (torch.randn(E, H, INTER, device="cuda") / INTER ** 0.5).bfloat16()

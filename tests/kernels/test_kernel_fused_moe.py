@@ -9,6 +9,7 @@ from aphrodite.kernels.fused_moe import (
     _align_torch,
     fused_experts,
     fused_experts_ref,
+    fused_moe,
     moe_align_block_size,
     select_experts,
 )
@@ -135,3 +136,18 @@ def test_small_batch_path_bf16(device) -> None:
     out = fused_experts(x, w13, w2, w, ids)
     ref = oracle(*(a.cpu() for a in (x, w13, w2, w, ids)))
     torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("t,e,k,renorm,scoring,act", [(1, 16, 8, True, "softmax", "silu"),
+                                                      (2, 20, 3, False, "sigmoid", "gelu"),
+                                                      (9, 6, 2, True, "softmax", "silu")])
+def test_fused_moe_routes_and_runs_experts(device, t, e, k, renorm, scoring, act) -> None:
+    """Router logits in, layer output out: routing inside the first experts kernel at few pairs (the first
+    two cases), the routing kernel then the sorted grouped GEMM beyond (the last)."""
+    x, w13, w2, _, _ = make(t, e, k, 48, 24, torch.float32, device, seed=20 + t)
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(t))
+    out = fused_moe(x, logits.to(device), w13, w2, k, renorm, scoring, act)
+    w, ids = routing_oracle(logits, k, renorm, scoring)
+    ref = oracle(x.cpu(), w13.cpu(), w2.cpu(), w, ids, activation=act)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-4)

@@ -1,8 +1,9 @@
 """Mixture-of-experts layers: top-k routing and the experts of one layer as stacked weights.
 
 ``FusedMoE`` holds every expert's gate/up and down projections as ``w13_weight [E, 2I, H]`` and
-``w2_weight [E, H, I]`` and runs them with ``kernels.fused_moe.fused_experts`` (a Triton grouped GEMM
-on the GPU, a per-expert loop on the CPU). Under tensor parallelism every rank holds all experts and
+``w2_weight [E, H, I]`` and runs routing and experts with ``kernels.fused_moe.fused_moe`` (Triton on the
+GPU: GEMV-shaped kernels with the routing inside at decode, a grouped GEMM over expert-sorted tokens
+beyond; a per-expert loop on the CPU). Under tensor parallelism every rank holds all experts and
 a ``1 / tp`` slice of each one's intermediate dimension (gate/up rows, down columns), so the partial
 outputs are all-reduced like a row-parallel layer's.
 
@@ -24,7 +25,7 @@ from aphrodite.distributed.parallel_state import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
 )
-from aphrodite.kernels.fused_moe import SCORING_FUNCTIONS, fused_experts, select_experts
+from aphrodite.kernels.fused_moe import SCORING_FUNCTIONS, fused_moe
 from aphrodite.modeling.layers.linear import ReplicatedLinear, copy_into, new_parameter
 from aphrodite.modeling.layers.mlp import GatedMLP
 from aphrodite.modeling.layers.quantization import QuantizationConfig
@@ -86,9 +87,8 @@ class FusedMoE(nn.Module):
             raise ValueError(f"unknown expert shard {kind!r}")
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        # Weights rounded to the activations' dtype, as HF multiplies each expert's output by them.
-        weights, ids = select_experts(router_logits, self.top_k, self.renormalize, self.scoring_func, x.dtype)
-        out = fused_experts(x, self.w13_weight, self.w2_weight, weights, ids, self.activation)
+        out = fused_moe(x, router_logits, self.w13_weight, self.w2_weight, self.top_k, self.renormalize,
+                        self.scoring_func, self.activation)
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         return out
