@@ -111,7 +111,7 @@ def _topk_route_fn(logits_ptr, t, E, stride_l, TOPK: tl.constexpr, BLOCK_E: tl.c
     ids = tl.zeros([BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(TOPK):
         best = tl.max(key, 0)
-        idx = BLOCK_E - 1 - (best & 0xFFFFFFFF).to(tl.int32)
+        idx = BLOCK_E - 1 - best.to(tl.int32)   # the low 32 bits: the reversed index
         w = tl.where(offs_k == j, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True), w)
         ids = tl.where(offs_k == j, idx, ids)
         key = tl.where(offs == idx, -9223372036854775807, key)
