@@ -1,7 +1,7 @@
 """Qwen3-30B-A3B's shape (bf16, dummy weights) on one H200: the fused-MoE kernel, then the engine.
 
 1. Layer: one ``SparseMoeBlock`` at the model's sizes (128 experts, top-8, hidden 2048, expert
-   intermediate 768) for 1, 8, 64, 256, 512 and 4096 tokens: kernels per call, time per call from a
+   intermediate 768) for 1 to 4096 tokens: kernels per call, time per call from a
    CUDA graph (whole layer, routing alone, experts alone), the experts' weight bandwidth, and the
    relative max error vs the PyTorch reference with fp32 experts (and routing ids equal to torch.topk's).
 2. latency-1 (1 x 128 in / 256 out) with the HF baseline, and throughput-decode (``--decode-prompts``
@@ -82,7 +82,7 @@ def layer_check() -> list[str]:
     rows = ["LAYER tokens | kernels | layer us (graph) | route us (torch) | align us (torch) | experts us | "
             "gemv-path us | sorted-path us | experts GB/s | rel err | ids ok"]
     worst, ids_ok = 0.0, True
-    for t in (1, 8, 64, 256, 512, 4096):
+    for t in (1, 8, 16, 32, 64, 256, 512, 4096):
         try:
             x = torch.randn(t, H, device="cuda").bfloat16()
             with torch.no_grad():
