@@ -29,6 +29,8 @@ CPU path and oracle: ``fused_experts_ref``, a loop over the experts that receive
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -431,6 +433,33 @@ def _tiles(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, int, int
     return 128, 256, 64, 8, 4
 
 
+@functools.cache
+def _smem_limit(device: torch.device) -> int:
+    """Shared memory one program may use (bytes), less a margin for the epilogue's layout conversions."""
+    if device.type != "cuda":
+        return 227 * 1024 - 16 * 1024   # the interpreter: an H100/H200's, so tests see the same tiles
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 99 * 1024)) - 16 * 1024
+
+
+def _fit_smem(tiles: tuple[int, int, int, int, int], elem_size: int,
+              limit: int) -> tuple[int, int, int, int, int]:
+    """Shrink a tile config until its pipelined A and B tiles fit ``limit`` (fp32 tests, smaller GPUs)."""
+    bm, bn, bk, warps, stages = tiles
+    while (bm * bk + bk * bn) * elem_size * stages > limit:
+        if bk > 32:
+            bk //= 2
+        elif stages > 2:
+            stages -= 1
+        elif bn > 32:
+            bn //= 2
+        elif bm > 16:
+            bm //= 2
+        else:
+            break
+    return bm, bn, bk, warps, stages
+
+
 def _launch(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, weights: torch.Tensor,
             routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_pairs: int, a_row_div: int,
             mul_weight: bool, block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> None:
@@ -471,7 +500,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         weights = weights.contiguous()
     if num_pairs * 2 <= num_experts:
         return _small_batch_experts(x, w13, w2, weights, flat_ids.view(t, k), activation)
-    block_m, block_n, block_k, warps, stages = _tiles(t, k, num_experts)
+    block_m, block_n, block_k, warps, stages = _fit_smem(_tiles(t, k, num_experts), x.element_size(),
+                                                         _smem_limit(x.device))
     routing = moe_align_block_size(flat_ids, block_m, num_experts)
     inter = torch.empty(num_pairs, two_i, dtype=x.dtype, device=x.device)
     _launch(x, w13, inter, weights, routing, num_pairs, k, False, block_m, block_n, block_k, warps, stages)

@@ -151,3 +151,12 @@ def test_fused_moe_routes_and_runs_experts(device, t, e, k, renorm, scoring, act
     w, ids = routing_oracle(logits, k, renorm, scoring)
     ref = oracle(x.cpu(), w13.cpu(), w2.cpu(), w, ids, activation=act)
     torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("elem_size,limit", [(2, 211 * 1024), (4, 211 * 1024), (2, 83 * 1024), (4, 83 * 1024)])
+def test_tile_table_fits_shared_memory(elem_size, limit) -> None:
+    """Every tile of the table, shrunk for fp32 or a smaller GPU, keeps its pipelined tiles within the limit."""
+    from aphrodite.kernels.fused_moe import _fit_smem, _tiles
+    for tokens in (1, 64, 160, 320, 640, 4096):
+        bm, bn, bk, _, stages = _fit_smem(_tiles(tokens, 8, 128), elem_size, limit)
+        assert (bm * bk + bk * bn) * elem_size * stages <= limit and min(bm, bn, bk) >= 16
