@@ -273,7 +273,9 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
                          stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
                          A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         IEEE: tl.constexpr, FUSE_ACT: tl.constexpr = False, GELU: tl.constexpr = False):
+    # FUSE_ACT (first GEMM): B's rows n and N + n are gate and up; two accumulators, and the tile
+    # stores act(gate) * up, so the [pairs, 2I] intermediate and the activation launch disappear.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_rows_cap, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -296,6 +298,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
     a_rows = a_ptr + (pair // A_ROW_DIV)[:, None] * stride_am
     b_cols = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         a = tl.load(a_rows + (k0 + offs_k)[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -304,6 +307,19 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
+        if FUSE_ACT:
+            bu = tl.load(b_cols + N * stride_bn + (k0 + offs_k)[:, None] * stride_bk,
+                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if IEEE:
+                acc_up = tl.dot(a, bu, acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(a, bu, acc_up)
+    if FUSE_ACT:
+        if GELU:   # tanh approximation, as _act_and_mul
+            v = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            acc = 0.5 * acc * (2.0 - 2.0 / (tl.exp(2.0 * v) + 1.0)) * acc_up
+        else:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if MUL_WEIGHT:
         w = tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * w[:, None]
@@ -421,6 +437,10 @@ def _small_batch_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w
     return out
 
 
+#: The sorted path's first GEMM writes ``act(gate) * up`` itself (else a separate activation launch).
+FUSE_ACT_IN_GEMM = False
+
+
 def _tiles(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by pairs per expert (vLLM's H200 table for
     Qwen3-30B-A3B's E=128, top-8 read that way): small row blocks while each expert gets few rows (the
@@ -466,9 +486,11 @@ def _fit_smem(tiles: tuple[int, int, int, int, int], elem_size: int,
 
 def _launch(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, weights: torch.Tensor,
             routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_pairs: int, a_row_div: int,
-            mul_weight: bool, block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> None:
-    """One grouped GEMM over ``routing`` (``moe_align_block_size``'s output)."""
-    n, k = w.shape[1], w.shape[2]
+            mul_weight: bool, block_m: int, block_n: int, block_k: int, warps: int, stages: int,
+            fuse_act: str | None = None) -> None:
+    """One grouped GEMM over ``routing`` (``moe_align_block_size``'s output); ``fuse_act`` ("silu" or
+    "gelu"): ``w`` is w13 and ``c`` gets ``act(gate) * up`` (half the columns, two accumulators)."""
+    n, k = w.shape[1] // (2 if fuse_act else 1), w.shape[2]
     sorted_ids, expert_ids, num_padded = routing
     rows = sorted_ids.shape[0]
     grid = (cdiv(rows, block_m) * cdiv(n, block_n),)
@@ -477,7 +499,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, weights: torch.Te
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         A_ROW_DIV=a_row_div, MUL_WEIGHT=mul_weight, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=min(block_k, max(16, next_pow2(k))), GROUP_M=8, IEEE=a.dtype == torch.float32,
-        num_warps=warps, num_stages=stages)
+        FUSE_ACT=fuse_act is not None, GELU=fuse_act == "gelu", num_warps=warps, num_stages=stages)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -507,13 +529,18 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     block_m, block_n, block_k, warps, stages = _fit_smem(_tiles(t, k, num_experts), x.element_size(),
                                                          _smem_limit(x.device))
     routing = moe_align_block_size(flat_ids, block_m, num_experts)
-    inter = torch.empty(num_pairs, two_i, dtype=x.dtype, device=x.device)
-    _launch(x, w13, inter, weights, routing, num_pairs, k, False, block_m, block_n, block_k, warps, stages)
-    if x.is_cuda:
-        from aphrodite.kernels.activation import silu_and_mul
-        act = silu_and_mul(inter, gelu=activation == "gelu")
+    if FUSE_ACT_IN_GEMM:   # half the columns per tile: two accumulators hold gate and up
+        act = torch.empty(num_pairs, two_i // 2, dtype=x.dtype, device=x.device)
+        _launch(x, w13, act, weights, routing, num_pairs, k, False, block_m, max(32, block_n // 2), block_k, warps,
+                stages, fuse_act=activation)
     else:
-        act = _act_and_mul(inter, activation)
+        inter = torch.empty(num_pairs, two_i, dtype=x.dtype, device=x.device)
+        _launch(x, w13, inter, weights, routing, num_pairs, k, False, block_m, block_n, block_k, warps, stages)
+        if x.is_cuda:
+            from aphrodite.kernels.activation import silu_and_mul
+            act = silu_and_mul(inter, gelu=activation == "gelu")
+        else:
+            act = _act_and_mul(inter, activation)
     out = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
     _launch(act, w2, out, weights, routing, num_pairs, 1, True, block_m, block_n, block_k, warps, stages)
     return out.view(t, k, -1).sum(dim=1)

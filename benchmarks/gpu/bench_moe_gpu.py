@@ -39,19 +39,26 @@ def _kernels_per_call(fn) -> int:
     return sum(1 for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def _sorted_path(x, w13, w2, weights, ids, tiles=None):
+def _sorted_path(x, w13, w2, weights, ids, tiles=None, fuse_act=None):
     """fused_experts' sorted branch forced at any size (to compare with the GEMV-shaped small-batch path),
-    with the tile table's config or ``tiles``."""
+    with the tile table's config or ``tiles``; ``fuse_act``: the activation in the first GEMM or not
+    (default: as fused_experts does)."""
     from aphrodite.kernels import fused_moe as fm
     from aphrodite.kernels.activation import silu_and_mul
     t, k = ids.shape
     flat, wf = ids.reshape(-1), weights.reshape(-1)
     bm, bn, bk, warps, stages = tiles or fm._tiles(t, k, E)
     routing = fm.moe_align_block_size(flat, bm, E)
-    inter = torch.empty(t * k, w13.shape[1], dtype=x.dtype, device=x.device)
-    fm._launch(x, w13, inter, wf, routing, t * k, k, False, bm, bn, bk, warps, stages)
+    if fm.FUSE_ACT_IN_GEMM if fuse_act is None else fuse_act:
+        act = torch.empty(t * k, INTER, dtype=x.dtype, device=x.device)
+        fm._launch(x, w13, act, wf, routing, t * k, k, False, bm, max(32, bn // 2), bk, warps, stages,
+                   fuse_act="silu")
+    else:
+        inter = torch.empty(t * k, w13.shape[1], dtype=x.dtype, device=x.device)
+        fm._launch(x, w13, inter, wf, routing, t * k, k, False, bm, bn, bk, warps, stages)
+        act = silu_and_mul(inter)
     out = torch.empty(t * k, H, dtype=x.dtype, device=x.device)
-    fm._launch(silu_and_mul(inter), w2, out, wf, routing, t * k, 1, True, bm, bn, bk, warps, stages)
+    fm._launch(act, w2, out, wf, routing, t * k, 1, True, bm, bn, bk, warps, stages)
     return out.view(t, k, -1).sum(dim=1)
 
 
@@ -163,8 +170,8 @@ def tile_sweep() -> list[str]:
     def gemv(x, w, ids, **tile):
         return lambda: fm._small_batch_experts(x, w13, w2, w.reshape(-1), ids, "silu", **tile)
 
-    def srt(x, w, ids, c):
-        return lambda: _sorted_path(x, w13, w2, w, ids, c)
+    def srt(x, w, ids, c, fuse=False):
+        return lambda: _sorted_path(x, w13, w2, w, ids, c, fuse)
     for t in (1, 8):
         x, w, ids, ref = inputs(t)
         gu = [f"{c}: " + timed(gemv(x, w, ids, gate_up_tile=c), ref) for c in GEMV_GATE_UP]
@@ -175,6 +182,9 @@ def tile_sweep() -> list[str]:
         x, w, ids, ref = inputs(t)
         cells = [f"{c}: " + timed(srt(x, w, ids, c), ref) for c in SORTED_TILES]
         rows.append(f"SWEEP sorted t={t} table {fm._tiles(t, K, E)} | " + " | ".join(cells))
+        fused = [f"{c} act-in-gemm: " + timed(srt(x, w, ids, c, True), ref)
+                 for c in (fm._tiles(t, K, E), *SORTED_TILES[3:6])]
+        rows.append(f"SWEEP sorted t={t} " + " | ".join(fused))
     return rows
 
 

@@ -160,3 +160,15 @@ def test_tile_table_fits_shared_memory(elem_size, limit) -> None:
     for tokens in (1, 64, 160, 320, 640, 4096):
         bm, bn, bk, _, stages = _fit_smem(_tiles(tokens, 8, 128), elem_size, limit)
         assert (bm * bk + bk * bn) * elem_size * stages <= limit and min(bm, bn, bk) >= 16
+
+
+@needs_triton
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_sorted_path_with_activation_in_the_gemm(device, monkeypatch, act) -> None:
+    """The first grouped GEMM computing act(gate) * up in its epilogue (two accumulators)."""
+    import aphrodite.kernels.fused_moe as fm
+    monkeypatch.setattr(fm, "FUSE_ACT_IN_GEMM", True)
+    x, w13, w2, w, ids = make(40, 4, 2, 48, 40, torch.float32, device, seed=7)
+    out = fused_experts(x, w13, w2, w, ids, activation=act)
+    ref = oracle(*(a.cpu() for a in (x, w13, w2, w, ids)), activation=act)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-4)
