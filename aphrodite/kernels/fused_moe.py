@@ -273,7 +273,8 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
                          stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
                          A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         IEEE: tl.constexpr, FUSE_ACT: tl.constexpr = False, GELU: tl.constexpr = False):
+                         IEEE: tl.constexpr, FUSE_ACT: tl.constexpr = False, GELU: tl.constexpr = False,
+                         EVEN_K: tl.constexpr = False):
     # FUSE_ACT (first GEMM): B's rows n and N + n are gate and up; two accumulators, and the tile
     # stores act(gate) * up, so the [pairs, 2I] intermediate and the activation launch disappear.
     pid = tl.program_id(0)
@@ -296,20 +297,30 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_rows = a_ptr + (pair // A_ROW_DIV)[:, None] * stride_am
-    b_cols = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn
+    # Columns past N wrap onto valid rows of B (their results are never stored), so B loads need no
+    # column mask, and none at all when BLOCK_K divides K (EVEN_K), as vLLM's kernel does.
+    b_cols = b_ptr + expert * stride_be + (offs_n % N)[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + offs_k) < K
-        a = tl.load(a_rows + (k0 + offs_k)[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_cols + (k0 + offs_k)[:, None] * stride_bk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_rows + (k0 + offs_k)[None, :] * stride_ak, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_cols + (k0 + offs_k)[:, None] * stride_bk)
+        else:
+            k_ok = (k0 + offs_k) < K
+            a = tl.load(a_rows + (k0 + offs_k)[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            b = tl.load(b_cols + (k0 + offs_k)[:, None] * stride_bk, mask=k_ok[:, None], other=0.0)
         if IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
         if FUSE_ACT:
-            bu = tl.load(b_cols + N * stride_bn + (k0 + offs_k)[:, None] * stride_bk,
-                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if EVEN_K:
+                bu = tl.load(b_cols + N * stride_bn + (k0 + offs_k)[:, None] * stride_bk)
+            else:
+                bu = tl.load(b_cols + N * stride_bn + (k0 + offs_k)[:, None] * stride_bk, mask=k_ok[:, None],
+                             other=0.0)
             if IEEE:
                 acc_up = tl.dot(a, bu, acc_up, input_precision="ieee")
             else:
@@ -493,13 +504,14 @@ def _launch(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, weights: torch.Te
     n, k = w.shape[1] // (2 if fuse_act else 1), w.shape[2]
     sorted_ids, expert_ids, num_padded = routing
     rows = sorted_ids.shape[0]
+    block_k = min(block_k, max(16, next_pow2(k)))
     grid = (cdiv(rows, block_m) * cdiv(n, block_n),)
     _grouped_gemm(a.device)[grid](
         a, w, c, weights, sorted_ids, expert_ids, num_padded, n, k, num_pairs, rows,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         A_ROW_DIV=a_row_div, MUL_WEIGHT=mul_weight, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=min(block_k, max(16, next_pow2(k))), GROUP_M=8, IEEE=a.dtype == torch.float32,
-        FUSE_ACT=fuse_act is not None, GELU=fuse_act == "gelu", num_warps=warps, num_stages=stages)
+        BLOCK_K=block_k, GROUP_M=8, IEEE=a.dtype == torch.float32, FUSE_ACT=fuse_act is not None,
+        GELU=fuse_act == "gelu", EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
