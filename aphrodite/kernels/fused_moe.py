@@ -12,9 +12,9 @@ GPU path (one launch per GEMM for all experts, as vLLM's Triton fused-MoE):
 * ``moe_align_block_size``: the ``T * k`` (token, expert) pairs are sorted by expert and each
   expert's run is padded to a multiple of ``BLOCK_M``, so every ``BLOCK_M`` rows of the sorted list
   belong to one expert (``expert_ids`` per row block). No host sync, so a decode step can be captured
-  in a CUDA graph. On CUDA (and under the interpreter) it is four launches (zero the counts, count
-  with atomics, prefix sums and block experts in one program, scatter with atomics) instead of the
-  ~25 tensor ops of the CPU version. Tiles: vLLM's H200 table for E=128/top-8 keyed by pairs per
+  in a CUDA graph. On CUDA (and under the interpreter) it is two launches (one program: histogram,
+  prefix sums, each row block's expert; then a scatter with atomics) instead of the ~25 tensor ops
+  of the CPU version. Tiles: vLLM's H200 table for E=128/top-8 keyed by pairs per
   expert, shrunk to the device's shared memory.
 * ``_grouped_gemm``: program ``(row block, column block)`` multiplies its gathered rows of A by its
   expert's weight; row blocks past the padded total, and padding rows, do nothing. The first GEMM
@@ -189,37 +189,33 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int,
     flat = topk_ids.reshape(-1)
     n = flat.numel()
     cap = _align_cap(n, block_m, num_experts)
-    counts = torch.zeros(2 * num_experts, dtype=torch.int32, device=device)   # counts, then write cursors
+    cursors = torch.empty(num_experts, dtype=torch.int32, device=device)
     sorted_ids = torch.empty(cap, dtype=torch.int32, device=device)
     expert_ids = torch.empty(cap // block_m, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    block = 1024
-    grid = (cdiv(max(n, 1), block),)
-    _align_count(device)[grid](flat, counts, n, BLOCK=block)
-    _align_offsets(device)[(1,)](counts, sorted_ids, expert_ids, num_padded, n, num_experts, cap, block_m,
-                                 BLOCK_E=next_pow2(num_experts), BLOCK=256,
-                                 BLOCK_B=max(1, 4096 // next_pow2(num_experts)), num_warps=4)
-    _align_scatter(device)[grid](flat, counts, sorted_ids, n, num_experts, BLOCK=block)
+    block_e = next_pow2(num_experts)
+    _align_offsets(device)[(1,)](flat, cursors, sorted_ids, expert_ids, num_padded, n, num_experts, cap, block_m,
+                                 BLOCK_E=block_e, BLOCK=1024, BLOCK_B=max(1, 4096 // block_e), num_warps=4)
+    _align_scatter(device)[(cdiv(max(n, 1), 1024),)](flat, cursors, sorted_ids, n, BLOCK=1024)
     return sorted_ids, expert_ids, num_padded
 
 
-def _align_count_kernel(ids_ptr, counts_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    e = tl.load(ids_ptr + offs, mask=ok, other=0)
-    tl.atomic_add(counts_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=ok)
-
-
-def _align_offsets_kernel(counts_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, n, E, cap, block_m,
+def _align_offsets_kernel(ids_ptr, cursors_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, n, E, cap, block_m,
                           BLOCK_E: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
-    # One program: padded group starts (written as the scatter's cursors), each row block's expert, the
-    # padded total, and every sorted slot preset to the invalid pair n.
+    # One program: the pairs per expert (histograms of BLOCK pairs at a time), padded group starts
+    # (written as the scatter's cursors), each row block's expert, the padded total, and every sorted
+    # slot preset to the invalid pair n.
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    offs = tl.arange(0, BLOCK)
+    for p0 in range(0, n, BLOCK):
+        ok = p0 + offs < n
+        e = tl.load(ids_ptr + p0 + offs, mask=ok, other=0).to(tl.int32)
+        counts += tl.histogram(e, BLOCK_E, mask=ok)
     offs_e = tl.arange(0, BLOCK_E)
     e_ok = offs_e < E
-    counts = tl.load(counts_ptr + offs_e, mask=e_ok, other=0)
     padded = (counts + block_m - 1) // block_m * block_m
     ends = tl.cumsum(padded, 0)
-    tl.store(counts_ptr + E + offs_e, ends - padded, mask=e_ok)
+    tl.store(cursors_ptr + offs_e, ends - padded, mask=e_ok)
     tl.store(num_padded_ptr, tl.sum(padded, 0))
     ends = tl.where(e_ok, ends, 2147483647)
     for b0 in range(0, cap // block_m, BLOCK_B):
@@ -227,20 +223,18 @@ def _align_offsets_kernel(counts_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded
         # searchsorted(ends, blk * block_m, right=True): how many groups end at or before the block.
         expert = tl.sum((ends[None, :] <= (blk * block_m)[:, None]).to(tl.int32), 1)
         tl.store(expert_ids_ptr + blk, expert, mask=blk < cap // block_m)
-    offs = tl.arange(0, BLOCK)
     for s0 in range(0, cap, BLOCK):
         tl.store(sorted_ids_ptr + s0 + offs, tl.full([BLOCK], 0, tl.int32) + n, mask=s0 + offs < cap)
 
 
-def _align_scatter_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, n, E, BLOCK: tl.constexpr):
+def _align_scatter_kernel(ids_ptr, cursors_ptr, sorted_ids_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     e = tl.load(ids_ptr + offs, mask=ok, other=0)
-    dest = tl.atomic_add(counts_ptr + E + e, tl.full([BLOCK], 1, tl.int32), mask=ok)
+    dest = tl.atomic_add(cursors_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=ok)
     tl.store(sorted_ids_ptr + dest, offs.to(tl.int32), mask=ok)
 
 
-_align_count = LazyKernel(_align_count_kernel)
 _align_offsets = LazyKernel(_align_offsets_kernel)
 _align_scatter = LazyKernel(_align_scatter_kernel)
 

@@ -61,6 +61,23 @@ def test_align_block_size_groups_pairs_by_expert(align) -> None:
     assert (sorted_ids[total:] == n).all()
 
 
+def test_align_many_pairs_matches_torch_version() -> None:
+    """More pairs than one histogram step (1,024), an expert with none: the same padded groups and block
+    experts as the tensor-op version, each group holding the same pairs (in any order)."""
+    ids = torch.randint(0, 6, (700, 4), generator=torch.Generator().manual_seed(1))
+    ids[ids == 3] = 4
+    got, want = moe_align_block_size(ids, 16, 7), _align_torch(ids, 16, 7)
+    assert int(got[2]) == int(want[2])
+    total = int(want[2])
+    assert torch.equal(got[1].long()[:total // 16], want[1].long()[:total // 16])
+    block_experts = want[1].long()[:total // 16]
+    for e in block_experts.unique().tolist():
+        blocks = (block_experts == e).nonzero().flatten()
+        rows = slice(int(blocks[0]) * 16, (int(blocks[-1]) + 1) * 16)
+        assert sorted(got[0][rows].tolist()) == sorted(want[0][rows].tolist())
+    assert (got[0][total:] == ids.numel()).all()
+
+
 @pytest.mark.parametrize("t,e,k,h,i", [(1, 8, 2, 64, 32), (7, 4, 2, 32, 48), (37, 16, 4, 64, 32)])
 def test_reference_matches_oracle(t, e, k, h, i) -> None:
     x, w13, w2, w, ids = make(t, e, k, h, i, torch.float32, torch.device("cpu"))
