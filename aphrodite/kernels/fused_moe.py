@@ -262,6 +262,19 @@ def _align_torch(topk_ids: torch.Tensor, block_m: int,
     return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
 
 
+def _act_mul_fn(gate, up, GELU: tl.constexpr):
+    # act(gate) * up in fp32: SiLU, or GELU's tanh approximation (tanh(v) = 1 - 2 / (exp(2v) + 1)).
+    if GELU:
+        v = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        y = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * v) + 1.0)) * up
+    else:
+        y = gate / (1.0 + tl.exp(-gate)) * up
+    return y
+
+
+_act_mul = DeviceFunction(_act_mul_fn) if HAS_TRITON else _act_mul_fn
+
+
 def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
                          N, K, num_pairs, num_rows_cap,
                          stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
@@ -320,11 +333,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, exper
             else:
                 acc_up = tl.dot(a, bu, acc_up)
     if FUSE_ACT:
-        if GELU:   # tanh approximation, as _act_and_mul
-            v = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-            acc = 0.5 * acc * (2.0 - 2.0 / (tl.exp(2.0 * v) + 1.0)) * acc_up
-        else:
-            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+        acc = _act_mul(acc, acc_up, GELU)
     if MUL_WEIGHT:
         w = tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * w[:, None]
@@ -372,11 +381,7 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, logits_ptr
         acc_u += u * a[None, :]
     gate = tl.sum(acc_g, 1)
     up = tl.sum(acc_u, 1)
-    if GELU:   # tanh approximation, as _act_and_mul
-        v = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        y = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * v) + 1.0)) * up
-    else:
-        y = gate / (1.0 + tl.exp(-gate)) * up
+    y = _act_mul(gate, up, GELU)
     tl.store(out_ptr + pair * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
