@@ -135,12 +135,12 @@ def test_select_experts_kernel_matches_oracle(device, t, e, k, renorm, scoring) 
 
 
 @needs_triton
-@pytest.mark.parametrize("t,e,k,h,i,act", [(1, 16, 8, 48, 40, "silu"), (2, 16, 3, 64, 24, "gelu"),
-                                           (4, 32, 4, 300, 20, "silu")])
+@pytest.mark.parametrize("t,e,k,h,i,act", [(1, 32, 8, 48, 40, "silu"), (2, 24, 3, 64, 24, "gelu"),
+                                           (4, 64, 4, 300, 20, "silu")])
 def test_small_batch_path_matches_oracle(device, t, e, k, h, i, act) -> None:
-    """Few pairs (2 * T * k <= E): the GEMV-shaped path, gate/up + activation fused, the k experts of a
+    """Few pairs (4 * T * k <= E): the GEMV-shaped path, gate/up + activation fused, the k experts of a
     token weighted and summed in one program; k not a power of 2, sizes off the tiles, int32 ids."""
-    assert 2 * t * k <= e
+    assert 4 * t * k <= e
     x, w13, w2, w, ids = make(t, e, k, h, i, torch.float32, device, seed=10 + t)
     out = fused_experts(x, w13, w2, w, ids.int(), activation=act)
     ref = oracle(*(a.cpu() for a in (x, w13, w2, w, ids)), activation=act)
@@ -149,15 +149,15 @@ def test_small_batch_path_matches_oracle(device, t, e, k, h, i, act) -> None:
 
 @needs_triton
 def test_small_batch_path_bf16(device) -> None:
-    x, w13, w2, w, ids = make(1, 16, 8, 64, 32, torch.bfloat16, device, seed=5)
+    x, w13, w2, w, ids = make(1, 32, 8, 64, 32, torch.bfloat16, device, seed=5)
     out = fused_experts(x, w13, w2, w, ids)
     ref = oracle(*(a.cpu() for a in (x, w13, w2, w, ids)))
     torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2)
 
 
 @needs_triton
-@pytest.mark.parametrize("t,e,k,renorm,scoring,act", [(1, 16, 8, True, "softmax", "silu"),
-                                                      (2, 20, 3, False, "sigmoid", "gelu"),
+@pytest.mark.parametrize("t,e,k,renorm,scoring,act", [(1, 32, 8, True, "softmax", "silu"),
+                                                      (2, 24, 3, False, "sigmoid", "gelu"),
                                                       (9, 6, 2, True, "softmax", "silu")])
 def test_fused_moe_routes_and_runs_experts(device, t, e, k, renorm, scoring, act) -> None:
     """Router logits in, layer output out: routing inside the first experts kernel at few pairs (the first
@@ -181,10 +181,12 @@ def test_tile_table_fits_shared_memory(elem_size, limit) -> None:
 
 @needs_triton
 @pytest.mark.parametrize("act", ["silu", "gelu"])
-def test_sorted_path_with_activation_in_the_gemm(device, monkeypatch, act) -> None:
-    """The first grouped GEMM computing act(gate) * up in its epilogue (two accumulators)."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_sorted_path_activation_in_the_gemm_or_not(device, monkeypatch, act, fused) -> None:
+    """The first grouped GEMM computing act(gate) * up in its epilogue (two accumulators), or writing
+    gate/up for a separate activation."""
     import aphrodite.kernels.fused_moe as fm
-    monkeypatch.setattr(fm, "FUSE_ACT_IN_GEMM", True)
+    monkeypatch.setattr(fm, "FUSE_ACT_IN_GEMM", fused)
     x, w13, w2, w, ids = make(40, 4, 2, 48, 40, torch.float32, device, seed=7)
     out = fused_experts(x, w13, w2, w, ids, activation=act)
     ref = oracle(*(a.cpu() for a in (x, w13, w2, w, ids)), activation=act)
