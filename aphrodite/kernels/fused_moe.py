@@ -20,7 +20,7 @@ GPU path (one launch per GEMM for all experts, as vLLM's Triton fused-MoE):
   expert's weight; row blocks past the padded total, and padding rows, do nothing. The first GEMM
   reads token rows (``pair // k``), the second reads the activation rows of the pairs and scales by
   the routing weight; the ``k`` partial outputs of a token are then summed.
-* With few pairs (decode: ``T * k`` at most a quarter of the experts) no sorting and no tensor cores: two
+* With few pairs (decode: ``T * k`` at most half the experts) no sorting and no tensor cores: two
   GEMV-shaped launches. ``_pair_gate_up``: program ``(pair, column block)`` reads its expert from
   ``topk_ids`` and computes gate and up columns together, writing ``act(gate) * up``;
   ``_token_down``: program ``(token, column block)`` reads the column block of all ``k`` experts of its
@@ -418,12 +418,13 @@ _token_down = LazyKernel(_token_down_kernel)
 
 
 def _small_batch_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                         ids: torch.Tensor, activation: str, gate_up_tile: tuple[int, int, int] = (32, 256, 8),
-                         down_tile: tuple[int, int, int] = (16, 256, 8),
+                         ids: torch.Tensor, activation: str, gate_up_tile: tuple[int, int, int] = (16, 256, 4),
+                         down_tile: tuple[int, int, int] = (16, 128, 8),
                          route: tuple[torch.Tensor, bool, str] | None = None) -> torch.Tensor:
     """Few pairs: two GEMV-shaped launches, no sort, activation and top-k sum fused (module docstring).
-    Tiles are ``(BLOCK_N, BLOCK_K, num_warps)``; the defaults were the fastest of a sweep on an H200 at one
-    token (Qwen3-30B-A3B: 192 and 128 programs, each streaming 32-64 KB per step).
+    Tiles are ``(BLOCK_N, BLOCK_K, num_warps)``; the defaults put ~3 and 1 programs on each of an H200's
+    SMs at one token (Qwen3-30B-A3B), each streaming 16-32 KB per step. (An H200 sweep, ``bench_moe_gpu
+    --sweep``, found (32, 256, 8) and (16, 256, 8) each ~10% faster alone; not yet measured end to end.)
     ``route = (router_logits, renormalize, scoring)``: the first kernel also does the routing, writing
     ``weights``/``ids`` ``[T, k]`` for the second."""
     t, k = ids.shape
@@ -449,14 +450,15 @@ def _small_batch_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w
 
 
 #: The sorted path's first GEMM writes ``act(gate) * up`` itself (else a separate activation launch).
-FUSE_ACT_IN_GEMM = True   # H200, Qwen3-30B-A3B's layer: 2-3% faster at 64-512 tokens
+#: Off in the measured end-to-end runs; an H200 sweep found it 1-3% faster at 64-512 tokens (Qwen3-30B-A3B).
+FUSE_ACT_IN_GEMM = False
 
 
 def _use_gemv_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
-    """Few pairs: the GEMV-shaped path reads an expert once per pair, the sorted one once per expert. On
-    an H200 (E=128, top-8) they tie near 4 tokens (about 11% of the pairs repeat an expert) and the sorted
-    path is 7% faster at 8, so the GEMV path runs while the pairs are at most a quarter of the experts."""
-    return 4 * num_tokens * top_k <= num_experts
+    """Few pairs: the GEMV-shaped path reads an expert once per pair, the sorted one once per expert; it
+    runs while the pairs are at most half the experts. (On an H200, E=128 top-8, the sorted path was 7%
+    faster at 8 tokens, so a quarter may be the better bound; not yet measured end to end.)"""
+    return 2 * num_tokens * top_k <= num_experts
 
 
 def _tiles(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, int, int, int, int]:
