@@ -22,6 +22,7 @@ import functools
 import torch
 
 from aphrodite.kernels.triton_utils import HAS_TRITON, LazyKernel, tl, triton, use_triton
+from aphrodite.kernels.triton_utils import DeviceFunction as _DeviceFunction
 
 if HAS_TRITON:
     from aphrodite.kernels import gguf_gpu
@@ -240,16 +241,6 @@ def _dequant_tile_fn(blk, QTYPE: tl.constexpr, QK: tl.constexpr, BLOCK_N: tl.con
         sc = tl.load(p + 192 + n * 8 + 2 * t + ln // 16).to(tl.int8, bitcast=True).to(tl.float32)
         v = _f16_at(p + 208) * sc * ((lo | (hi << 4)) - 32).to(tl.float32)
     return tl.reshape(v, (BLOCK_N, QK))
-
-
-class _DeviceFunction(triton.runtime.jit.JITFunction if HAS_TRITON else object):  # type: ignore[misc]
-    """A ``@triton.jit`` helper that compiled kernels inline and interpreted kernels call as Python.
-
-    (``triton.jit`` picks one of the two when a module is imported; the kernels here pick at
-    launch, see ``LazyKernel``.)"""
-
-    def __call__(self, *args, **kwargs):   # reached only from a kernel run by the interpreter
-        return self.fn(*args, **kwargs)
 
 
 _f16_at = _DeviceFunction(_f16_at_fn) if HAS_TRITON else _f16_at_fn
