@@ -120,6 +120,31 @@ def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor,
     return out
 
 
+def row_stats(logits: torch.Tensor) -> torch.Tensor:
+    """[N, 4] per row of float32 logits: max, softmax entropy, finite count, std of the finite logits
+    (``kernels.sampling.row_stats_ref``), in two reads of each row."""
+    x = logits.float().contiguous()
+    out = torch.empty(x.shape[0], 4, dtype=torch.float32)
+    _lib().aph_row_stats(_ptr(x), _ptr(out), x.shape[0], x.shape[1])
+    return out
+
+
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(x, k, dim=-1, sorted=False)`` for [N, V] float32 rows by radix select (no sort);
+    among values tied at the k-th, the lowest indices are taken."""
+    x = x.float().contiguous()
+    vals = torch.empty(x.shape[0], k, dtype=torch.float32)
+    idx = torch.empty(x.shape[0], k, dtype=torch.int64)
+    _lib().aph_topk(_ptr(x), _ptr(vals), _ptr(idx), x.shape[0], x.shape[1], k)
+    return vals, idx
+
+
+def apply_bitmask_(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """In place: -inf in contiguous float32 ``logits [N, V]`` where the int32 ``mask [N, ceil(V/32)]`` has a 0 bit."""
+    m = mask.to(torch.int32).contiguous()
+    _lib().aph_apply_bitmask(_ptr(logits), _ptr(m), logits.shape[0], logits.shape[1], m.shape[1])
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Copy ``k``/``v`` rows ``[T, Hkv, D]`` into the cache at ``slot_mapping`` (-1 = not written)."""
