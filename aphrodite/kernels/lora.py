@@ -15,6 +15,15 @@ each Triton program multiplies a tile of one slot's tokens by that slot's weight
 past a slot's token count exit at once. The reference (the CPU path) needs no grouping: it
 multiplies by every slot's weights and keeps each token's own slot through a one-hot mask,
 which costs ``S`` times the (small) LoRA work but has no loop over adapters.
+
+Small batches (decode at low concurrency, ``<= FUSED_MAX_TOKENS`` tokens) take ``lora_fused``
+instead: one launch per layer does both products. The step's adapter tokens are cut into tiles
+of at most ``FUSED_BLOCK_M`` tokens of one slot (``lora_tiles_host``, on the host), and each
+program takes one tile and one block of output columns: it recomputes that tile's ``[tokens,
+rank]`` shrink in registers (only the rank block of the projection its columns belong to, since
+``B`` of fused q/k/v or gate/up is block-diagonal) and adds its columns' expand. At a handful of
+tokens the GPU time of a LoRA layer is launch latency, so one launch instead of two (and no
+zeroed scratch, no programs for empty slots) is what keeps latency close to the base model's.
 """
 from __future__ import annotations
 
@@ -23,8 +32,9 @@ import torch
 
 from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
 
-__all__ = ["LoRAMetadata", "lora_expand", "lora_expand_ref", "lora_shrink", "lora_shrink_ref",
-           "lora_token_metadata", "lora_token_metadata_host"]
+__all__ = ["FUSED_BLOCK_M", "FUSED_MAX_TOKENS", "LoRAMetadata", "fused_num_tiles", "lora_expand", "lora_expand_ref",
+           "lora_fused", "lora_shrink", "lora_shrink_ref", "lora_tiles_host", "lora_token_metadata",
+           "lora_token_metadata_host"]
 
 LoRAMetadata = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -36,6 +46,30 @@ def lora_token_metadata_host(slots: np.ndarray, num_slots: int) -> tuple[np.ndar
     order = np.argsort(keys, kind="stable")
     counts = np.bincount(keys, minlength=num_slots + 1)
     return order, counts, np.cumsum(counts) - counts
+
+
+FUSED_BLOCK_M = 16       # tokens per tile of ``lora_fused`` (tl.dot's smallest M)
+FUSED_MAX_TOKENS = 32    # up to this many tokens in a step the layers use ``lora_fused``
+
+
+def fused_num_tiles(num_tokens: int, num_slots: int) -> int:
+    """Most tiles ``num_tokens`` tokens over ``num_slots`` slots can need: a slot with ``c`` tokens needs
+    ``ceil(c / M) <= (c - 1) // M + 1`` tiles, so ``u`` used slots need at most ``(T - 1) // M + u``."""
+    return (num_tokens - 1) // FUSED_BLOCK_M + min(num_slots, num_tokens) if num_tokens > 0 else 0
+
+
+def lora_tiles_host(counts: np.ndarray, starts: np.ndarray, max_tiles: int) -> np.ndarray:
+    """``[3, max_tiles]`` int64: each tile's slot, first sorted position and token count (0: no tile).
+
+    ``counts``/``starts`` as ``lora_token_metadata_host`` gives them (entry 0: tokens without adapter)."""
+    tiles = np.zeros((3, max_tiles), dtype=np.int64)
+    i = 0
+    for slot in np.flatnonzero(counts[1:]):
+        c, st = int(counts[slot + 1]), int(starts[slot + 1])
+        for off in range(0, c, FUSED_BLOCK_M):
+            tiles[:, i] = (slot, st + off, min(FUSED_BLOCK_M, c - off))
+            i += 1
+    return tiles
 
 
 def lora_token_metadata(slots: torch.Tensor, num_slots: int) -> LoRAMetadata:
@@ -144,8 +178,59 @@ def _expand_kernel(buf_ptr, b_ptr, y_ptr, order_ptr, counts_ptr, starts_ptr, N, 
     tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, order_ptr, tiles_ptr, tile_stride, K, R, N, T1, T2, O1, O2,
+                  sx_t, sx_k, sa_s, sa_r, sa_k, sb_s, sb_n, sb_r, sy_t, sy_n,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """One tile of one slot's tokens x one block of output columns: shrink (its projection's rank
+    block, full K) then expand into those columns. Column blocks ``< T1`` belong to projection 0
+    (columns ``[0, O1)``), ``< T2`` to projection 1 (``[O1, O2)``), the rest to projection 2."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    count = tl.load(tiles_ptr + 2 * tile_stride + pid_m)
+    if count == 0:
+        return
+    slot = tl.load(tiles_ptr + pid_m)
+    start = tl.load(tiles_ptr + tile_stride + pid_m)
+    proj = (pid_n >= T1).to(tl.int32) + (pid_n >= T2).to(tl.int32)
+    col0 = tl.where(proj == 0, 0, tl.where(proj == 1, O1, O2))
+    col_end = tl.where(proj == 0, O1, tl.where(proj == 1, O2, N))
+    first_block = tl.where(proj == 0, 0, tl.where(proj == 1, T1, T2))
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < count
+    tok = tl.load(order_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    rank = proj * R + offs_r
+    a_base = a_ptr + slot.to(tl.int64) * sa_s + rank[None, :] * sa_r
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        xt = tl.load(x_ptr + tok[:, None] * sx_t + offs_k[None, :] * sx_k,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_base + offs_k[:, None] * sa_k, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(xt, at.to(xt.dtype), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, at.to(xt.dtype))
+    offs_n = col0 + (pid_n - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < col_end
+    bt = tl.load(b_ptr + slot.to(tl.int64) * sb_s + offs_n[None, :] * sb_n + rank[:, None] * sb_r,
+                 mask=n_mask[None, :] & r_mask[:, None], other=0.0)
+    if IEEE:
+        delta = tl.dot(acc.to(bt.dtype), bt, input_precision="ieee")
+    else:
+        delta = tl.dot(acc.to(bt.dtype), bt)
+    y_ptrs = y_ptr + tok[:, None] * sy_t + offs_n[None, :] * sy_n
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 _shrink = LazyKernel(_shrink_kernel)
 _expand = LazyKernel(_expand_kernel)
+_fused = LazyKernel(_fused_kernel)
 
 
 def _block_m(num_tokens: int) -> int:
@@ -197,4 +282,41 @@ def lora_expand(buf: torch.Tensor, b: torch.Tensor, meta: LoRAMetadata, y: torch
     _expand(y.device)[grid](buf, b, y, order, counts, starts, n, r, buf.stride(0), buf.stride(1),
                             b.stride(0), b.stride(1), b.stride(2), y.stride(0), y.stride(1),
                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, IEEE=b.dtype == torch.float32, num_warps=4)
+    return y
+
+
+def fused_block_n(sizes: list[int]) -> int:
+    """Output columns per program of ``lora_fused``: every program re-reads its projection's ``[R, K]``
+    block of A, so wide layers get wide blocks (about 32-64 programs per layer at one tile)."""
+    n = sum(sizes)
+    return max(16, min(512, next_pow2(max(1, n // 48))))
+
+
+def lora_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: torch.Tensor, tiles: torch.Tensor,
+               y: torch.Tensor, sizes: list[int], rank: int, block_n: int | None = None, block_k: int | None = None,
+               num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+    """``y[t] += (x[t] @ a[slot[t]]^T) @ b[slot[t]]^T`` for the tokens of ``tiles`` in one launch (Triton only).
+
+    ``a [S, P*rank, K]``, ``b [S, N, P*rank]`` hold ``P = len(sizes) <= 3`` fused projections: projection
+    ``p`` owns output columns ``sizes[p]`` wide and rank block ``p`` (``b`` is block-diagonal, so the
+    other blocks are never read). ``tiles [3, G]`` (a view of ``lora_tiles_host``'s table, ``G >=`` the step's
+    tiles: see ``fused_num_tiles``) and ``order`` come from the host; programs of empty tiles exit."""
+    t, k = x.shape
+    n = y.shape[1]
+    if len(sizes) > 3 or sum(sizes) != n:
+        raise ValueError(f"lora_fused takes 1 to 3 projections covering the {n} output columns, got {sizes}")
+    bn = block_n or fused_block_n(sizes)
+    bk = block_k or max(16, min(256, next_pow2(k)))
+    br = max(16, next_pow2(rank))
+    blocks = [cdiv(s, bn) for s in sizes] + [0] * (3 - len(sizes))
+    offsets = [sum(sizes[:i]) for i in range(1, 3)]
+    t1, t2 = blocks[0], blocks[0] + blocks[1]
+    o1, o2 = (offsets[0] if len(sizes) > 1 else n), (offsets[1] if len(sizes) > 2 else n)
+    grid = (tiles.shape[1], sum(blocks))
+    extra = {} if num_stages is None else {"num_stages": num_stages}
+    _fused(y.device)[grid](x, a, b, y, order, tiles, tiles.stride(0), k, rank, n, t1, t2, o1, o2,
+                           x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2),
+                           b.stride(0), b.stride(1), b.stride(2), y.stride(0), y.stride(1),
+                           BLOCK_M=FUSED_BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, IEEE=b.dtype == torch.float32,
+                           num_warps=num_warps, **extra)
     return y

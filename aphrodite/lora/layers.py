@@ -23,10 +23,14 @@ from aphrodite.distributed.communication import (
     tensor_model_parallel_all_reduce,
 )
 from aphrodite.kernels.lora import (
+    FUSED_MAX_TOKENS,
     SPLIT_K_MAX_TOKENS,
     LoRAMetadata,
+    fused_num_tiles,
     lora_expand,
+    lora_fused,
     lora_shrink,
+    lora_tiles_host,
     lora_token_metadata,
     lora_token_metadata_host,
 )
@@ -45,27 +49,37 @@ __all__ = ["LoRAEmbedding", "LoRALinear", "LoRALogits", "LoRAState"]
 class LoRAState:
     """What every LoRA layer of one model reads in a forward pass: each token's slot, grouped by slot.
 
-    One persistent int64 buffer holds ``[counts (S+1) | starts (S+1) | slots (max_tokens) | order
-    (max_tokens)]``: the runner fills it from the host before each step (``fill``), the layers read
-    views of it, so a CUDA graph replays with the new step's values and nothing is sorted on the device.
+    One persistent int64 buffer holds ``[counts (S+1) | starts (S+1) | tiles (3 x max_tiles) | slots
+    (max_tokens) | order (max_tokens)]``: the runner fills it from the host before each step (``fill``),
+    the layers read views of it, so a CUDA graph replays with the new step's values and nothing is
+    sorted on the device. ``tiles`` (``lora_tiles_host``) is what ``lora_fused`` reads in steps of at
+    most ``FUSED_MAX_TOKENS`` tokens; bigger steps use the per-slot ``counts``/``starts``.
     """
 
     def __init__(self, num_slots: int, max_tokens: int, device: torch.device) -> None:
         self.num_slots = num_slots
         self.max_tokens = max_tokens
-        self.buffer = torch.zeros(2 * (num_slots + 1) + 2 * max_tokens, dtype=torch.int64, device=device)
+        self.max_tiles = fused_num_tiles(min(FUSED_MAX_TOKENS, max_tokens), num_slots)
         s1 = num_slots + 1
+        self._tiles_at = 2 * s1
+        self._slots_at = self._tiles_at + 3 * self.max_tiles
+        self.buffer = torch.zeros(self._slots_at + 2 * max_tokens, dtype=torch.int64, device=device)
         self.counts = self.buffer[:s1]
         self.starts = self.buffer[s1:2 * s1]
-        self.slots = self.buffer[2 * s1:2 * s1 + max_tokens]
-        self.order = self.buffer[2 * s1 + max_tokens:]
+        self.tiles = self.buffer[self._tiles_at:self._slots_at].view(3, self.max_tiles)
+        self.slots = self.buffer[self._slots_at:self._slots_at + max_tokens]
+        self.order = self.buffer[self._slots_at + max_tokens:]
         self.slots.fill_(-1)
         self.counts[0] = max_tokens
         self.order.copy_(torch.arange(max_tokens))
         # False: no token of this step uses an adapter, the layers skip the LoRA work (eager only;
         # CUDA graphs are captured with it on and their kernels exit early for slot -1 tokens).
         self.active = False
+        # True: an adapter of this step has embedding LoRA weights. CUDA graphs are captured without
+        # the embedding's LoRA, so the runner runs such a step eagerly (``needs_eager``).
+        self.embed_active = False
         self.meta: LoRAMetadata | None = None
+        self.fused: tuple[torch.Tensor, torch.Tensor] | None = None   # (order, tiles) for lora_fused
         self.num_layers = 0         # LoRA layers registered; each owns a row of ``scratch``
         self.max_width = 0          # widest stacked rank (fused projections x max rank)
         self.scratch: torch.Tensor | None = None
@@ -82,40 +96,53 @@ class LoRAState:
         return self.num_layers - 1
 
     def fill(self, slots: np.ndarray) -> None:
-        """Write one step's token slots (and, for the Triton kernels, their grouping by slot)."""
+        """Write one step's token slots (and, for the Triton kernels, their grouping by slot and tiles)."""
         n = len(slots)
-        s1 = self.num_slots + 1
         if not use_triton(self.buffer):
             self.slots[:n] = torch.from_numpy(slots)
             return
+        s1 = self.num_slots + 1
         order, counts, starts = lora_token_metadata_host(slots, self.num_slots)
+        tiles = lora_tiles_host(counts, starts, self.max_tiles) if n <= FUSED_MAX_TOKENS else None
         if self.buffer.device.type != "cuda":   # the Triton interpreter on the CPU
             for dst, src in ((self.counts, counts), (self.starts, starts), (self.slots, slots), (self.order, order)):
                 dst[:len(src)] = torch.from_numpy(src)
+            if tiles is not None:
+                self.tiles.copy_(torch.from_numpy(tiles))
             return
         self._set ^= 1
         event = self._events[self._set]
         if event is not None:
             event.synchronize()
-        host = self._staging[self._set].numpy()
-        head = 2 * s1 + n
-        host[:s1], host[s1:2 * s1], host[2 * s1:head] = counts, starts, slots
-        base = 2 * s1 + self.max_tokens
+        staging = self._staging[self._set]
+        host = staging.numpy()
+        host[:s1], host[s1:2 * s1] = counts, starts
+        if tiles is not None:
+            host[self._tiles_at:self._slots_at] = tiles.reshape(-1)
+        head = self._slots_at + n
+        host[self._slots_at:head] = slots
+        base = self._slots_at + self.max_tokens
         host[base:base + n] = order
-        self.buffer[:head].copy_(self._staging[self._set][:head], non_blocking=True)
-        self.buffer[base:base + n].copy_(self._staging[self._set][base:base + n], non_blocking=True)
+        self.buffer[:head].copy_(staging[:head], non_blocking=True)
+        self.buffer[base:base + n].copy_(staging[base:base + n], non_blocking=True)
         self._events[self._set] = torch.cuda.Event()
         self._events[self._set].record()
 
     def prepare(self, num_tokens: int) -> None:
-        """The forward pass's views of the buffer (a model forward pre-hook calls this), and one zeroed
-        shrink output for every layer when the shrink accumulates split-K partial sums."""
+        """The forward pass's views of the buffer (a model forward pre-hook calls this): the fused
+        kernel's tiles for a small step, else the grouping plus one zeroed shrink output for every layer
+        when the shrink accumulates split-K partial sums."""
         self.scratch = None
+        self.fused = None
         if not self.active:
             self.meta = None
             return
         self.meta = (self.slots[:num_tokens], self.order[:num_tokens], self.counts, self.starts)
-        if use_triton(self.buffer) and num_tokens <= SPLIT_K_MAX_TOKENS:
+        if not use_triton(self.buffer):
+            return
+        if num_tokens <= FUSED_MAX_TOKENS:
+            self.fused = (self.order[:num_tokens], self.tiles[:, :fused_num_tiles(num_tokens, self.num_slots)])
+        elif num_tokens <= SPLIT_K_MAX_TOKENS:
             self.scratch = torch.zeros(self.num_layers, num_tokens, self.max_width, dtype=torch.float32,
                                        device=self.buffer.device)
 
@@ -129,6 +156,15 @@ def _slices(layer: LinearBase) -> list[object]:
     return [None]
 
 
+def _slice_sizes(layer: LinearBase) -> list[int]:
+    """This rank's output columns of each fused projection of ``layer``, in order."""
+    if isinstance(layer, QKVParallelLinear):
+        return [layer.q_size, layer.kv_size, layer.kv_size]
+    if isinstance(layer, MergedColumnParallelLinear):
+        return [size // layer.tp_size for size in layer.output_sizes]
+    return [layer.out_features]
+
+
 class LoRALinear(nn.Module):
     """``base_layer``'s output plus the LoRA delta of each token's adapter slot."""
 
@@ -138,6 +174,7 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.state = state
         self.shard_ids = _slices(base_layer)
+        self.slice_sizes = _slice_sizes(base_layer)
         self.max_rank = max_rank
         self.is_row = isinstance(base_layer, RowParallelLinear)
         self.is_column = isinstance(base_layer, ColumnParallelLinear)
@@ -212,6 +249,10 @@ class LoRALinear(nn.Module):
             out = out.contiguous()
         x2 = x.reshape(-1, x.shape[-1])
         y2 = out.view(-1, out.shape[-1])
+        fused = self.state.fused
+        if fused is not None and len(self.slice_sizes) <= 3:
+            lora_fused(x2, self.lora_a, self.lora_b, fused[0], fused[1], y2, self.slice_sizes, self.max_rank)
+            return out
         scratch = self.state.scratch
         buf = None if scratch is None else scratch[self.index, :, :self.lora_a.shape[1]]
         lora_expand(lora_shrink(x2, self.lora_a, meta, buf), self.lora_b, meta, y2)
@@ -277,7 +318,7 @@ class LoRAEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(input_ids)
         meta = self.state.meta
-        if meta is None:
+        if meta is None or not self.state.embed_active:
             return out
         out = out.contiguous()
         buf = self.lora_a[meta[0].clamp(min=0), input_ids].float()   # rows of slot -1 are never added

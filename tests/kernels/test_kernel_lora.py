@@ -5,10 +5,14 @@ import pytest
 import torch
 
 from aphrodite.kernels.lora import (
+    FUSED_BLOCK_M,
+    fused_num_tiles,
     lora_expand,
     lora_expand_ref,
+    lora_fused,
     lora_shrink,
     lora_shrink_ref,
+    lora_tiles_host,
     lora_token_metadata,
     lora_token_metadata_host,
 )
@@ -56,3 +60,31 @@ def test_metadata_groups_tokens_by_slot():
     assert order.tolist() == [1, 5, 2, 4, 6, 0, 3]
     host = lora_token_metadata_host(slots.numpy(), 3)     # the runner's path gives the same
     assert [x.tolist() for x in host] == [order.tolist(), counts.tolist(), starts.tolist()]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("tokens,sizes", [(1, [48]), (5, [32, 16, 16]), (21, [40, 24])])
+def test_fused_matches_float64(device, dtype, tol, tokens, sizes):
+    """One launch per layer at small batches: fused q/k/v (or gate/up) with a block-diagonal B, tiles of
+    one slot's tokens (21 tokens: a slot spans two tiles), base-model tokens left alone."""
+    s, rank, k = 3, 8, 40
+    p, n = len(sizes), sum(sizes)
+    x = torch.randn(tokens, k, dtype=dtype, device=device)
+    a = (torch.randn(s, p * rank, k) / 4).to(dtype).to(device)
+    b = torch.zeros(s, n, p * rank)
+    row = 0
+    for i, size in enumerate(sizes):     # projection i: its output rows use its own rank block only
+        b[:, row:row + size, i * rank:(i + 1) * rank] = torch.randn(s, size, rank) / 4
+        row += size
+    b = b.to(dtype).to(device)
+    slots = torch.randint(-1, s, (tokens,))
+    slots[0] = 1
+    order, counts, starts = lora_token_metadata_host(slots.numpy(), s)
+    grid = fused_num_tiles(tokens, s) + 1     # one spare program: empty tiles must exit
+    tiles = lora_tiles_host(counts, starts, grid)
+    assert tiles[2].sum() == (slots >= 0).sum() and tiles[2].max() <= FUSED_BLOCK_M
+    y0 = torch.randn(tokens, n, dtype=dtype, device=device)
+    y = lora_fused(x, a, b, torch.from_numpy(order).to(device), torch.from_numpy(tiles).to(device), y0.clone(),
+                   sizes, rank)
+    _, exp_y = _expected(x.cpu(), a.cpu(), b.cpu(), slots, y0.cpu())
+    torch.testing.assert_close(y.cpu().double(), exp_y, rtol=tol, atol=tol * 8)
