@@ -10,7 +10,9 @@
      (PEFT files on q/k/v/o/gate/up/down, non-zero B), spread round-robin over the requests.
    Workloads: throughput-decode (random prompts, 128 in / 1024 out, ignore_eos; NUM_PROMPTS=500 rather
    than DESIGN.md's 1000 so that the four runs fit in about 3 minutes) and latency-1 (1 request,
-   128 in / 256 out; the lora run uses one adapter).
+   128 in / 256 out; the lora run uses one adapter). Then the batch-1 decode CUDA graph is replayed
+   on its own: GPU microseconds per decode step and kernels per step (torch.profiler), for the base
+   engine, and for the LoRA engine with the adapter's token and with a base-model token.
 Floors: throughput-decode with 8 adapters >= 80% of base; latency-1 with one adapter >= 90% of base.
 """
 from __future__ import annotations
@@ -83,6 +85,36 @@ def kernel_check() -> str:
     return "\n".join(rows)
 
 
+def graph_step(llm, kind: str) -> dict:
+    """Replay the batch-1 decode graph as the last latency-1 step left it (its KV writes land in freed
+    blocks): microseconds per step between CUDA events, and kernels per step from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    runner = getattr(llm.llm_engine.executor, "runner", None)
+    if runner is None or runner.graphs is None or 1 not in runner.graphs.graphs:
+        return {}
+    graph, _ = runner.graphs.graphs[1]
+    out = {}
+    for label, lora_id in ([("base", None)] if kind == "base" else [("adapter", 1), ("base_token", 0)]):
+        if lora_id is not None:
+            runner.lora_manager.set_step([lora_id], [1])
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        out[f"step_us_{label}"] = start.elapsed_time(end) / 50 * 1e3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graph.replay()
+            torch.cuda.synchronize()
+        out[f"kernels_{label}"] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return out
+
+
 def run_config(kind: str, model_dir: str, adapters: list[str]) -> dict:
     """One engine (base or LoRA): throughput-decode then latency-1; returns the numbers."""
     from aphrodite import LLM, LoRARequest, SamplingParams
@@ -115,7 +147,7 @@ def run_config(kind: str, model_dir: str, adapters: list[str]) -> dict:
         times.append(time.perf_counter() - start)
     lat = sorted(times)[1]
     return {"kind": kind, "startup_s": startup, "decode_output_tok_s": decode_tps, "decode_elapsed_s": elapsed,
-            "latency1_s": lat, "latency1_tok_s": 256 / lat}
+            "latency1_s": lat, "latency1_tok_s": 256 / lat, **graph_step(llm, kind)}
 
 
 def main() -> None:
@@ -151,6 +183,10 @@ def main() -> None:
           f"{dec:.1%} | >= 80% {'OK' if dec >= 0.8 else 'MISSED'} |")
     print(f"| latency-1, 128/256, one adapter | {base['latency1_tok_s']:.1f} tok/s | {lora['latency1_tok_s']:.1f} "
           f"tok/s | {lat:.1%} | >= 90% {'OK' if lat >= 0.9 else 'MISSED'} |")
+    if "step_us_base" in base and "step_us_adapter" in lora:
+        b, a, t = base["step_us_base"], lora["step_us_adapter"], lora["step_us_base_token"]
+        print(f"| batch-1 decode graph, GPU us/step (kernels) | {b:.0f} ({base['kernels_base']}) | adapter {a:.0f} "
+              f"({lora['kernels_adapter']}); base token {t:.0f} ({lora['kernels_base_token']}) | {b / a:.1%} | - |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,189 @@
+"""LoRA's share of a small decode step on one H200, Llama-3.1-8B shapes, under CUDA graphs (about 1 minute).
+
+    python3 benchmarks/gpu/bench_lora_step.py
+
+A synthetic decode step: 32 layers of the 8B model's four linear groups (qkv 4096->6144, o 4096->4096,
+gate_up 4096->28672, down 14336->4096; each layer its own bf16 weights, so nothing stays in L2) as
+cuBLAS GEMMs, with each group's LoRA (8 device slots of rank 16, q/k/v and gate/up fused with a
+block-diagonal B) added by either path of ``aphrodite.kernels.lora``:
+
+* ``split``: ``lora_shrink`` (split-K, atomics into a scratch zeroed once per step) + ``lora_expand``;
+* ``fused``: ``lora_fused``, one launch per group (what the layers use up to ``FUSED_MAX_TOKENS``).
+
+1. Correctness at the 8B shapes: both paths against the PyTorch reference (8 slots, some base tokens).
+2. A sweep of ``lora_fused``'s block sizes (16 configs) and warps per group at 1 token, 32 distinct layers per
+   CUDA graph (weights come from HBM as in the model): microseconds per launch, best config first.
+3. Step time (one CUDA graph per step) of base GEMMs alone, + split, + fused (default config), + fused
+   (best swept config), at 1 token (one adapter) and 8/16/32/64 tokens (spread over the 8 slots),
+   and the kernels per step (torch.profiler over one eager step).
+The table last: per-step microseconds and the LoRA step as a percentage of the base step's speed.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from _timing import graph_us
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from aphrodite.kernels.lora import (  # noqa: E402
+    fused_block_n,
+    fused_num_tiles,
+    lora_expand,
+    lora_expand_ref,
+    lora_fused,
+    lora_shrink,
+    lora_shrink_ref,
+    lora_tiles_host,
+    lora_token_metadata_host,
+)
+
+LAYERS, SLOTS, RANK = 32, 8, 16
+GROUPS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]), "gate_up": (4096, [14336, 14336]),
+          "down": (14336, [4096])}
+DEV = torch.device("cuda")
+
+
+def lora_weights(k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked ``a [S, P*R, K]`` and block-diagonal ``b [S, N, P*R]`` as ``LoRALinear`` holds them."""
+    p = len(sizes)
+    a = torch.randn(SLOTS, p * RANK, k, device=DEV, dtype=torch.bfloat16) * 0.02
+    b = torch.zeros(SLOTS, sum(sizes), p * RANK, device=DEV, dtype=torch.bfloat16)
+    row = 0
+    for i, size in enumerate(sizes):
+        b[:, row:row + size, i * RANK:(i + 1) * RANK] = torch.randn(SLOTS, size, RANK, device=DEV) * 0.02
+        row += size
+    return a, b
+
+
+class Step:
+    """Per-step inputs (token slots, grouping, tiles) for ``tokens`` decode tokens."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        slots = np.zeros(tokens, dtype=np.int64) if tokens == 1 else np.arange(tokens, dtype=np.int64) % SLOTS
+        if tokens > 1:
+            slots[::5] = -1          # a few base-model tokens in the batch
+        order, counts, starts = lora_token_metadata_host(slots, SLOTS)
+        tiles = lora_tiles_host(counts, starts, fused_num_tiles(tokens, SLOTS))
+        self.slots = torch.from_numpy(slots).to(DEV)
+        self.order = torch.from_numpy(order).to(DEV)
+        self.meta = (self.slots, self.order, torch.from_numpy(counts).to(DEV), torch.from_numpy(starts).to(DEV))
+        self.tiles = torch.from_numpy(tiles).to(DEV)
+        width = max(len(s) for _, s in GROUPS.values()) * RANK
+        self.scratch = torch.zeros(LAYERS, len(GROUPS), tokens, width, dtype=torch.float32, device=DEV)
+        self.x = torch.randn(tokens, 4096, device=DEV, dtype=torch.bfloat16)
+        self.h = torch.randn(tokens, 14336, device=DEV, dtype=torch.bfloat16)
+
+
+def correctness() -> list[str]:
+    rows = []
+    for tokens in (1, 16, 64):
+        st = Step(tokens)
+        for name, (k, sizes) in GROUPS.items():
+            a, b = lora_weights(k, sizes)
+            x = st.x if k == st.x.shape[1] else st.h
+            y0 = torch.randn(tokens, sum(sizes), device=DEV, dtype=torch.bfloat16) * 0.01   # bf16 ulp << delta
+            ref = lora_expand_ref(lora_shrink_ref(x, a, st.slots), b, st.slots, y0.clone()).float()
+            scale = (ref - y0.float()).abs().max().item()
+            fused = lora_fused(x, a, b, st.order, st.tiles, y0.clone(), sizes, RANK).float()
+            split = lora_expand(lora_shrink(x, a, st.meta), b, st.meta, y0.clone()).float()
+            for label, got in (("fused", fused), ("split", split)):
+                err = (got - ref).abs().max().item()
+                ok = err <= 0.03 * scale + 1e-3
+                rows.append(f"check T={tokens} {name} {label}: max err {err:.3g} (delta {scale:.3g}) "
+                            f"{'ok' if ok else 'FAILED'}")
+                assert ok, rows[-1]
+    return rows
+
+
+def sweep(model: dict, st: Step) -> tuple[dict[str, dict], list[str]]:
+    """Best ``lora_fused`` launch config per group at ``st.tokens`` tokens, LoRA kernels only."""
+    best, rows = {}, []
+    for name, (k, sizes) in GROUPS.items():
+        x = st.x if k == st.x.shape[1] else st.h
+        ys = [torch.zeros(st.tokens, sum(sizes), device=DEV, dtype=torch.bfloat16) for _ in range(LAYERS)]
+        results = []
+        configs = [{}] + [{"block_n": bn, "block_k": bk, "num_warps": warps}
+                          for bn in (64, 128, 256, 512) for bk in (128, 256) for warps in (4, 8)]
+        for cfg in configs:
+
+            def run(cfg=cfg, layers=model[name], x=x, ys=ys, sizes=sizes) -> None:
+                for layer in range(LAYERS):
+                    a, b = layers[layer][1:]
+                    lora_fused(x, a, b, st.order, st.tiles, ys[layer], sizes, RANK, **cfg)
+            results.append((graph_us(run, reps=4) / LAYERS, cfg))
+        default = results[0][0]
+        results.sort(key=lambda r: r[0])
+        best[name] = results[0][1]
+        rows.append(f"sweep {name} T={st.tokens} (default block_n {fused_block_n(sizes)}): best "
+                    f"{results[0][0]:.2f} us {results[0][1]}, 2nd {results[1][0]:.2f} us {results[1][1]}, "
+                    f"default {default:.2f} us, worst {results[-1][0]:.2f} us")
+    return best, rows
+
+
+def step_fn(model: dict, st: Step, variant: str, cfgs: dict | None = None):
+    def run() -> None:
+        if variant == "split":
+            st.scratch.zero_()
+        for layer in range(LAYERS):
+            for g, (name, (k, sizes)) in enumerate(GROUPS.items()):
+                w, a, b = model[name][layer]
+                x = st.x if k == st.x.shape[1] else st.h
+                y = F.linear(x, w)
+                if variant == "split":
+                    buf = st.scratch[layer, g, :, :a.shape[1]]
+                    lora_expand(lora_shrink(x, a, st.meta, buf), b, st.meta, y)
+                elif variant.startswith("fused"):
+                    lora_fused(x, a, b, st.order, st.tiles, y, sizes, RANK, **((cfgs or {}).get(name, {})))
+    return run
+
+
+def kernels_per_step(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    for row in correctness():
+        print(row, flush=True)
+    model = {name: [(torch.empty(sum(sizes), k, device=DEV, dtype=torch.bfloat16).normal_(0, 0.02),
+                     *lora_weights(k, sizes)) for _ in range(LAYERS)] for name, (k, sizes) in GROUPS.items()}
+    steps = {t: Step(t) for t in (1, 8, 16, 32, 64)}
+    best, rows = sweep(model, steps[1])
+    for row in rows:
+        print(row, flush=True)
+    table = []
+    for tokens, st in steps.items():
+        base = graph_us(step_fn(model, st, "base"), reps=3)
+        line = {"T": tokens, "base": base}
+        for variant, cfgs in (("split", None), ("fused", None), ("fused-best", best)):
+            line[variant] = graph_us(step_fn(model, st, variant, cfgs), reps=3)
+        if tokens in (1, 32):
+            line["kernels"] = {v: kernels_per_step(step_fn(model, st, v)) for v in ("base", "split", "fused")}
+        table.append(line)
+        print(line, flush=True)
+    print(f"\nbest fused configs at 1 token: {best}")
+    print("\n| tokens (8B shapes, 32 layers, 1 CUDA graph) | base us/step | +split LoRA | +fused LoRA | "
+          "+fused (best cfg) | kernels base/split/fused |")
+    print("|---|---|---|---|---|---|")
+    for ln in table:
+        b = ln["base"]
+        cells = " | ".join(f"{ln[v]:.0f} ({b / ln[v]:.1%})" for v in ("split", "fused", "fused-best"))
+        k = ln.get("kernels")
+        kc = f"{k['base']}/{k['split']}/{k['fused']}" if k else "-"
+        print(f"| {ln['T']} | {b:.0f} | {cells} | {kc} |")
+
+
+if __name__ == "__main__":
+    main()
