@@ -228,9 +228,86 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, order_ptr, tiles_ptr, tile_stride,
     tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _shrink_tiles_kernel(x_ptr, a_ptr, part_ptr, order_ptr, tiles_ptr, tile_stride, K, RW, K_CHUNK,
+                         sx_t, sx_k, sa_s, sa_r, sa_k, sp_s, sp_t,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    """Partial shrink of one tile over one K chunk: ``part[pid_k, tile, row, :RW]`` (every rank block)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    count = tl.load(tiles_ptr + 2 * tile_stride + pid_m)
+    if count == 0:
+        return
+    slot = tl.load(tiles_ptr + pid_m)
+    start = tl.load(tiles_ptr + tile_stride + pid_m)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < count
+    tok = tl.load(order_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < RW
+    a_base = a_ptr + slot.to(tl.int64) * sa_s + offs_r[None, :] * sa_r
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_end = tl.minimum(K, (pid_k + 1) * K_CHUNK)
+    for k0 in range(pid_k * K_CHUNK, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
+        xt = tl.load(x_ptr + tok[:, None] * sx_t + offs_k[None, :] * sx_k,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_base + offs_k[:, None] * sa_k, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(xt, at.to(xt.dtype), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, at.to(xt.dtype))
+    ptrs = part_ptr + pid_k * sp_s + (pid_m * BLOCK_M + offs_m[:, None]) * sp_t + offs_r[None, :]
+    tl.store(ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
+
+
+def _expand_tiles_kernel(part_ptr, b_ptr, y_ptr, order_ptr, tiles_ptr, tile_stride, R, N, T1, T2, O1, O2,
+                         sp_s, sp_t, sb_s, sb_n, sb_r, sy_t, sy_n,
+                         SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                         IEEE: tl.constexpr):
+    """Sum one tile's ``SPLIT`` partial shrinks (its columns' rank block) and add the expand of one
+    block of output columns (projections as in ``_fused_kernel``)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    count = tl.load(tiles_ptr + 2 * tile_stride + pid_m)
+    if count == 0:
+        return
+    slot = tl.load(tiles_ptr + pid_m)
+    start = tl.load(tiles_ptr + tile_stride + pid_m)
+    proj = (pid_n >= T1).to(tl.int32) + (pid_n >= T2).to(tl.int32)
+    col0 = tl.where(proj == 0, 0, tl.where(proj == 1, O1, O2))
+    col_end = tl.where(proj == 0, O1, tl.where(proj == 1, O2, N))
+    first_block = tl.where(proj == 0, 0, tl.where(proj == 1, T1, T2))
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < count
+    tok = tl.load(order_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    rank = proj * R + offs_r
+    offs_n = col0 + (pid_n - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < col_end
+    bt = tl.load(b_ptr + slot.to(tl.int64) * sb_s + offs_n[None, :] * sb_n + rank[:, None] * sb_r,
+                 mask=n_mask[None, :] & r_mask[:, None], other=0.0)
+    y_ptrs = y_ptr + tok[:, None] * sy_t + offs_n[None, :] * sy_n
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    p_ptrs = part_ptr + (pid_m * BLOCK_M + offs_m[:, None]) * sp_t + rank[None, :]
+    p_mask = m_mask[:, None] & r_mask[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(p_ptrs + s * sp_s, mask=p_mask, other=0.0)
+    if IEEE:
+        delta = tl.dot(acc.to(bt.dtype), bt, input_precision="ieee")
+    else:
+        delta = tl.dot(acc.to(bt.dtype), bt)
+    tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 _shrink = LazyKernel(_shrink_kernel)
 _expand = LazyKernel(_expand_kernel)
 _fused = LazyKernel(_fused_kernel)
+_shrink_tiles = LazyKernel(_shrink_tiles_kernel)
+_expand_tiles = LazyKernel(_expand_tiles_kernel)
 
 
 def _block_m(num_tokens: int) -> int:
@@ -303,20 +380,64 @@ def lora_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: torch.T
     tiles: see ``fused_num_tiles``) and ``order`` come from the host; programs of empty tiles exit."""
     t, k = x.shape
     n = y.shape[1]
-    if len(sizes) > 3 or sum(sizes) != n:
-        raise ValueError(f"lora_fused takes 1 to 3 projections covering the {n} output columns, got {sizes}")
     bn = block_n or fused_block_n(sizes)
     bk = block_k or max(16, min(256, next_pow2(k)))
     br = max(16, next_pow2(rank))
-    blocks = [cdiv(s, bn) for s in sizes] + [0] * (3 - len(sizes))
-    offsets = [sum(sizes[:i]) for i in range(1, 3)]
-    t1, t2 = blocks[0], blocks[0] + blocks[1]
-    o1, o2 = (offsets[0] if len(sizes) > 1 else n), (offsets[1] if len(sizes) > 2 else n)
-    grid = (tiles.shape[1], sum(blocks))
+    t1, t2, o1, o2, blocks = _column_blocks(sizes, n, bn)
+    grid = (tiles.shape[1], blocks)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _fused(y.device)[grid](x, a, b, y, order, tiles, tiles.stride(0), k, rank, n, t1, t2, o1, o2,
                            x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2),
                            b.stride(0), b.stride(1), b.stride(2), y.stride(0), y.stride(1),
                            BLOCK_M=FUSED_BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, IEEE=b.dtype == torch.float32,
                            num_warps=num_warps, **extra)
+    return y
+
+
+def _column_blocks(sizes: list[int], n: int, bn: int) -> tuple[int, int, int, int, int]:
+    """(T1, T2, O1, O2, blocks): where projections 1 and 2 start, in column blocks and in columns."""
+    if len(sizes) > 3 or sum(sizes) != n:
+        raise ValueError(f"the LoRA tile kernels take 1 to 3 projections covering the {n} output columns, got {sizes}")
+    blocks = [cdiv(s, bn) for s in sizes] + [0] * (3 - len(sizes))
+    o1 = sizes[0] if len(sizes) > 1 else n
+    o2 = sizes[0] + sizes[1] if len(sizes) > 2 else n
+    return blocks[0], blocks[0] + blocks[1], o1, o2, sum(blocks)
+
+
+TILE_SPLIT_K = 32         # most K chunks of ``lora_shrink_tiles`` (one program each, 128+ columns per chunk)
+
+
+def lora_shrink_tiles(x: torch.Tensor, a: torch.Tensor, order: torch.Tensor, tiles: torch.Tensor,
+                      part: torch.Tensor, split: int | None = None, block_k: int = 128,
+                      num_warps: int = 4) -> torch.Tensor:
+    """Partial shrinks ``part[s, tile * FUSED_BLOCK_M + row, :P*R]`` of every tile's tokens over K chunk ``s``
+    (all rank blocks; ``lora_expand_tiles`` sums them). No atomics and nothing to zero: every entry
+    the expand reads is written. ``part``: fp32 ``[>= split, >= tiles * FUSED_BLOCK_M, >= P*R]``."""
+    t, k = x.shape
+    s, rw, _ = a.shape
+    split = split or max(1, min(TILE_SPLIT_K, k // 128))
+    chunk = cdiv(cdiv(k, split), block_k) * block_k
+    split = cdiv(k, chunk)
+    grid = (tiles.shape[1], split)
+    _shrink_tiles(x.device)[grid](x, a, part, order, tiles, tiles.stride(0), k, rw, chunk,
+                                  x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2),
+                                  part.stride(0), part.stride(1),
+                                  BLOCK_M=FUSED_BLOCK_M, BLOCK_K=block_k, BLOCK_R=max(16, next_pow2(rw)),
+                                  IEEE=x.dtype == torch.float32, num_warps=num_warps)
+    return part[:split]
+
+
+def lora_expand_tiles(part: torch.Tensor, b: torch.Tensor, order: torch.Tensor, tiles: torch.Tensor, y: torch.Tensor,
+                      sizes: list[int], rank: int, block_n: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """``y[t] += (sum_s part[s, row(t)]) @ b[slot[t]]^T`` per tile (``part`` as ``lora_shrink_tiles`` returns
+    it), each projection's columns from its own rank block; returns ``y``."""
+    n = y.shape[1]
+    bn = block_n or fused_block_n(sizes)
+    t1, t2, o1, o2, blocks = _column_blocks(sizes, n, bn)
+    grid = (tiles.shape[1], blocks)
+    _expand_tiles(y.device)[grid](part, b, y, order, tiles, tiles.stride(0), rank, n, t1, t2, o1, o2,
+                                  part.stride(0), part.stride(1), b.stride(0), b.stride(1), b.stride(2),
+                                  y.stride(0), y.stride(1), SPLIT=part.shape[0], BLOCK_M=FUSED_BLOCK_M, BLOCK_N=bn,
+                                  BLOCK_R=max(16, next_pow2(rank)), IEEE=b.dtype == torch.float32,
+                                  num_warps=num_warps)
     return y

@@ -14,6 +14,8 @@ added to the partial output before the all-reduce. The shards are cut by the bas
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torch import nn
@@ -23,13 +25,17 @@ from aphrodite.distributed.communication import (
     tensor_model_parallel_all_reduce,
 )
 from aphrodite.kernels.lora import (
+    FUSED_BLOCK_M,
     FUSED_MAX_TOKENS,
     SPLIT_K_MAX_TOKENS,
+    TILE_SPLIT_K,
     LoRAMetadata,
     fused_num_tiles,
     lora_expand,
+    lora_expand_tiles,
     lora_fused,
     lora_shrink,
+    lora_shrink_tiles,
     lora_tiles_host,
     lora_token_metadata,
     lora_token_metadata_host,
@@ -43,7 +49,14 @@ from aphrodite.modeling.layers.linear import (
     RowParallelLinear,
 )
 
-__all__ = ["LoRAEmbedding", "LoRALinear", "LoRALogits", "LoRAState"]
+__all__ = ["SMALL_BATCH", "LoRAEmbedding", "LoRALinear", "LoRALogits", "LoRAState"]
+
+#: How steps of at most ``FUSED_MAX_TOKENS`` tokens apply LoRA: ``"overlap"`` (a K-split partial shrink
+#: on a side stream beside the base GEMM, then one expand launch after it) or ``"fused"`` (one launch
+#: after the GEMM doing both). ``APHRODITE_LORA_SMALL_BATCH`` picks one (the GPU benchmark compares them).
+SMALL_BATCH = os.environ.get("APHRODITE_LORA_SMALL_BATCH", "overlap")
+if SMALL_BATCH not in ("overlap", "fused"):
+    raise ValueError(f"APHRODITE_LORA_SMALL_BATCH must be 'overlap' or 'fused', not {SMALL_BATCH!r}")
 
 
 class LoRAState:
@@ -83,6 +96,9 @@ class LoRAState:
         self.num_layers = 0         # LoRA layers registered; each owns a row of ``scratch``
         self.max_width = 0          # widest stacked rank (fused projections x max rank)
         self.scratch: torch.Tensor | None = None
+        self._partials: torch.Tensor | None = None
+        # Small steps shrink on this stream beside the base GEMM (fork/join edges inside CUDA graphs).
+        self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._staging: list[torch.Tensor] = []
         self._events: list[torch.cuda.Event | None] = [None, None]
         self._set = 0
@@ -94,6 +110,14 @@ class LoRAState:
         self.num_layers += 1
         self.max_width = max(self.max_width, width)
         return self.num_layers - 1
+
+    def partials(self) -> torch.Tensor:
+        """The partial-shrink buffer of small steps (``lora_shrink_tiles``), made once every layer is known;
+        layers take turns with it (a layer's shrink is queued after the previous layer's expand)."""
+        if self._partials is None:
+            self._partials = torch.zeros(TILE_SPLIT_K, self.max_tiles * FUSED_BLOCK_M, self.max_width,
+                                         dtype=torch.float32, device=self.buffer.device)
+        return self._partials
 
     def fill(self, slots: np.ndarray) -> None:
         """Write one step's token slots (and, for the Triton kernels, their grouping by slot and tiles)."""
@@ -241,17 +265,41 @@ class LoRALinear(nn.Module):
                              f"needs A [r, {in_total}], B [{out_total}, r]: the adapter is for another model.")
 
     # ---- forward ----------------------------------------------------------------------
-    def _add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _small_batch(self) -> bool:
+        return self.state.fused is not None and len(self.slice_sizes) <= 3
+
+    def _start_shrink(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Small steps (``SMALL_BATCH = "overlap"``): the K-split partial shrink, on the side stream when
+        there is one, so it runs beside the base GEMM and only the expand follows the GEMM."""
+        if SMALL_BATCH != "overlap" or not self._small_batch():
+            return None
+        state = self.state
+        order, tiles = state.fused
+        part = state.partials()
+        side = state.side_stream
+        if side is None:
+            return lora_shrink_tiles(x.reshape(-1, x.shape[-1]), self.lora_a, order, tiles, part)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            return lora_shrink_tiles(x.reshape(-1, x.shape[-1]), self.lora_a, order, tiles, part)
+
+    def _add_delta(self, x: torch.Tensor, out: torch.Tensor, part: torch.Tensor | None) -> torch.Tensor:
         meta = self.state.meta
         if meta is None:
             return out
         if not out.is_contiguous():   # the expand adds in place
             out = out.contiguous()
-        x2 = x.reshape(-1, x.shape[-1])
         y2 = out.view(-1, out.shape[-1])
-        fused = self.state.fused
-        if fused is not None and len(self.slice_sizes) <= 3:
-            lora_fused(x2, self.lora_a, self.lora_b, fused[0], fused[1], y2, self.slice_sizes, self.max_rank)
+        if part is not None:
+            if self.state.side_stream is not None:
+                torch.cuda.current_stream().wait_stream(self.state.side_stream)
+            order, tiles = self.state.fused
+            lora_expand_tiles(part, self.lora_b, order, tiles, y2, self.slice_sizes, self.max_rank)
+            return out
+        x2 = x.reshape(-1, x.shape[-1])
+        if self._small_batch():
+            order, tiles = self.state.fused
+            lora_fused(x2, self.lora_a, self.lora_b, order, tiles, y2, self.slice_sizes, self.max_rank)
             return out
         scratch = self.state.scratch
         buf = None if scratch is None else scratch[self.index, :, :self.lora_a.shape[1]]
@@ -260,12 +308,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        part = self._start_shrink(x)
         if self.is_row and base.tp_size > 1:
-            out = self._add_delta(x, base.quant_method.apply(base, x))
+            out = self._add_delta(x, base.quant_method.apply(base, x), part)
             if base.reduce_results:
                 out = tensor_model_parallel_all_reduce(out)
             return out if base.bias is None else out + base.bias
-        out = self._add_delta(x, base.quant_method.apply(base, x, base.bias))
+        out = self._add_delta(x, base.quant_method.apply(base, x, base.bias), part)
         if getattr(base, "gather_output", False) and base.tp_size > 1:
             out = tensor_model_parallel_all_gather(out, dim=-1)
         return out

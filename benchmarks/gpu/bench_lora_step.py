@@ -8,13 +8,15 @@ cuBLAS GEMMs, with each group's LoRA (8 device slots of rank 16, q/k/v and gate/
 block-diagonal B) added by either path of ``aphrodite.kernels.lora``:
 
 * ``split``: ``lora_shrink`` (split-K, atomics into a scratch zeroed once per step) + ``lora_expand``;
-* ``fused``: ``lora_fused``, one launch per group (what the layers use up to ``FUSED_MAX_TOKENS``).
+* ``fused``: ``lora_fused``, one launch per group after the GEMM;
+* ``overlap``: ``lora_shrink_tiles`` (K-split partials) on a side stream beside the GEMM, then
+  ``lora_expand_tiles`` after it (what the layers use up to ``FUSED_MAX_TOKENS`` tokens by default).
 
 1. Correctness at the 8B shapes: both paths against the PyTorch reference (8 slots, some base tokens).
 2. A sweep of ``lora_fused``'s block sizes (16 configs) and warps per group at 1 token, 32 distinct layers per
    CUDA graph (weights come from HBM as in the model): microseconds per launch, best config first.
 3. Step time (one CUDA graph per step) of base GEMMs alone, + split, + fused (default config), + fused
-   (best swept config), at 1 token (one adapter) and 8/16/32/64 tokens (spread over the 8 slots),
+   (best swept config), + overlap, at 1 token (one adapter) and 8/16/32/64 tokens (spread over the 8 slots),
    and the kernels per step (torch.profiler over one eager step).
 The table last: per-step microseconds and the LoRA step as a percentage of the base step's speed.
 """
@@ -31,13 +33,17 @@ from _timing import graph_us
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from aphrodite.kernels.lora import (  # noqa: E402
+    FUSED_BLOCK_M,
+    TILE_SPLIT_K,
     fused_block_n,
     fused_num_tiles,
     lora_expand,
     lora_expand_ref,
+    lora_expand_tiles,
     lora_fused,
     lora_shrink,
     lora_shrink_ref,
+    lora_shrink_tiles,
     lora_tiles_host,
     lora_token_metadata_host,
 )
@@ -76,6 +82,7 @@ class Step:
         self.tiles = torch.from_numpy(tiles).to(DEV)
         width = max(len(s) for _, s in GROUPS.values()) * RANK
         self.scratch = torch.zeros(LAYERS, len(GROUPS), tokens, width, dtype=torch.float32, device=DEV)
+        self.part = torch.zeros(TILE_SPLIT_K, self.tiles.shape[1] * FUSED_BLOCK_M, width, device=DEV)
         self.x = torch.randn(tokens, 4096, device=DEV, dtype=torch.bfloat16)
         self.h = torch.randn(tokens, 14336, device=DEV, dtype=torch.bfloat16)
 
@@ -91,8 +98,10 @@ def correctness() -> list[str]:
             ref = lora_expand_ref(lora_shrink_ref(x, a, st.slots), b, st.slots, y0.clone()).float()
             scale = (ref - y0.float()).abs().max().item()
             fused = lora_fused(x, a, b, st.order, st.tiles, y0.clone(), sizes, RANK).float()
+            part = lora_shrink_tiles(x, a, st.order, st.tiles, st.part)
+            overlap = lora_expand_tiles(part, b, st.order, st.tiles, y0.clone(), sizes, RANK).float()
             split = lora_expand(lora_shrink(x, a, st.meta), b, st.meta, y0.clone()).float()
-            for label, got in (("fused", fused), ("split", split)):
+            for label, got in (("fused", fused), ("split", split), ("overlap", overlap)):
                 err = (got - ref).abs().max().item()
                 ok = err <= 0.03 * scale + 1e-3
                 rows.append(f"check T={tokens} {name} {label}: max err {err:.3g} (delta {scale:.3g}) "
@@ -127,6 +136,8 @@ def sweep(model: dict, st: Step) -> tuple[dict[str, dict], list[str]]:
 
 
 def step_fn(model: dict, st: Step, variant: str, cfgs: dict | None = None):
+    side = torch.cuda.Stream() if DEV.type == "cuda" else None
+
     def run() -> None:
         if variant == "split":
             st.scratch.zero_()
@@ -134,8 +145,18 @@ def step_fn(model: dict, st: Step, variant: str, cfgs: dict | None = None):
             for g, (name, (k, sizes)) in enumerate(GROUPS.items()):
                 w, a, b = model[name][layer]
                 x = st.x if k == st.x.shape[1] else st.h
+                if variant == "overlap" and side is not None:
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        part = lora_shrink_tiles(x, a, st.order, st.tiles, st.part)
+                elif variant == "overlap":
+                    part = lora_shrink_tiles(x, a, st.order, st.tiles, st.part)
                 y = F.linear(x, w)
-                if variant == "split":
+                if variant == "overlap":
+                    if side is not None:
+                        torch.cuda.current_stream().wait_stream(side)
+                    lora_expand_tiles(part, b, st.order, st.tiles, y, sizes, RANK)
+                elif variant == "split":
                     buf = st.scratch[layer, g, :, :a.shape[1]]
                     lora_expand(lora_shrink(x, a, st.meta, buf), b, st.meta, y)
                 elif variant.startswith("fused"):
@@ -167,21 +188,22 @@ def main() -> None:
     for tokens, st in steps.items():
         base = graph_us(step_fn(model, st, "base"), reps=3)
         line = {"T": tokens, "base": base}
-        for variant, cfgs in (("split", None), ("fused", None), ("fused-best", best)):
+        for variant, cfgs in (("split", None), ("fused", None), ("fused-best", best), ("overlap", None)):
             line[variant] = graph_us(step_fn(model, st, variant, cfgs), reps=3)
         if tokens in (1, 32):
-            line["kernels"] = {v: kernels_per_step(step_fn(model, st, v)) for v in ("base", "split", "fused")}
+            line["kernels"] = {v: kernels_per_step(step_fn(model, st, v))
+                               for v in ("base", "split", "fused", "overlap")}
         table.append(line)
         print(line, flush=True)
     print(f"\nbest fused configs at 1 token: {best}")
     print("\n| tokens (8B shapes, 32 layers, 1 CUDA graph) | base us/step | +split LoRA | +fused LoRA | "
-          "+fused (best cfg) | kernels base/split/fused |")
-    print("|---|---|---|---|---|---|")
+          "+fused (best cfg) | +overlap LoRA | kernels base/split/fused/overlap |")
+    print("|---|---|---|---|---|---|---|")
     for ln in table:
         b = ln["base"]
-        cells = " | ".join(f"{ln[v]:.0f} ({b / ln[v]:.1%})" for v in ("split", "fused", "fused-best"))
+        cells = " | ".join(f"{ln[v]:.0f} ({b / ln[v]:.1%})" for v in ("split", "fused", "fused-best", "overlap"))
         k = ln.get("kernels")
-        kc = f"{k['base']}/{k['split']}/{k['fused']}" if k else "-"
+        kc = "/".join(str(k[v]) for v in ("base", "split", "fused", "overlap")) if k else "-"
         print(f"| {ln['T']} | {b:.0f} | {cells} | {kc} |")
 
 

@@ -9,9 +9,11 @@ from aphrodite.kernels.lora import (
     fused_num_tiles,
     lora_expand,
     lora_expand_ref,
+    lora_expand_tiles,
     lora_fused,
     lora_shrink,
     lora_shrink_ref,
+    lora_shrink_tiles,
     lora_tiles_host,
     lora_token_metadata,
     lora_token_metadata_host,
@@ -63,11 +65,13 @@ def test_metadata_groups_tokens_by_slot():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("tokens,sizes", [(1, [48]), (5, [32, 16, 16]), (21, [40, 24])])
-def test_fused_matches_float64(device, dtype, tol, tokens, sizes):
-    """One launch per layer at small batches: fused q/k/v (or gate/up) with a block-diagonal B, tiles of
-    one slot's tokens (21 tokens: a slot spans two tiles), base-model tokens left alone."""
-    s, rank, k = 3, 8, 40
+@pytest.mark.parametrize("tokens,sizes,k", [(1, [48], 40), (5, [32, 16, 16], 300), (21, [40, 24], 40)])
+@pytest.mark.parametrize("path", ["fused", "tiles"])
+def test_tile_kernels_match_float64(device, dtype, tol, tokens, sizes, k, path):
+    """Small batches: fused q/k/v (or gate/up) with a block-diagonal B, tiles of one slot's tokens (21
+    tokens: a slot spans two tiles), base-model tokens left alone; one fused launch, or a K-split
+    partial shrink (k=300: three chunks, the last one short) and an expand that sums the partials."""
+    s, rank = 3, 8
     p, n = len(sizes), sum(sizes)
     x = torch.randn(tokens, k, dtype=dtype, device=device)
     a = (torch.randn(s, p * rank, k) / 4).to(dtype).to(device)
@@ -84,7 +88,13 @@ def test_fused_matches_float64(device, dtype, tol, tokens, sizes):
     tiles = lora_tiles_host(counts, starts, grid)
     assert tiles[2].sum() == (slots >= 0).sum() and tiles[2].max() <= FUSED_BLOCK_M
     y0 = torch.randn(tokens, n, dtype=dtype, device=device)
-    y = lora_fused(x, a, b, torch.from_numpy(order).to(device), torch.from_numpy(tiles).to(device), y0.clone(),
-                   sizes, rank)
+    order_d, tiles_d = torch.from_numpy(order).to(device), torch.from_numpy(tiles).to(device)
+    if path == "fused":
+        y = lora_fused(x, a, b, order_d, tiles_d, y0.clone(), sizes, rank)
+    else:
+        part = torch.full((4, grid * FUSED_BLOCK_M, p * rank), float("nan"), device=device)   # only written rows read
+        part = lora_shrink_tiles(x, a, order_d, tiles_d, part, split=3, block_k=64)
+        assert part.shape[0] == (1 if k < 128 else 3)
+        y = lora_expand_tiles(part, b, order_d, tiles_d, y0.clone(), sizes, rank)
     _, exp_y = _expected(x.cpu(), a.cpu(), b.cpu(), slots, y0.cpu())
     torch.testing.assert_close(y.cpu().double(), exp_y, rtol=tol, atol=tol * 8)

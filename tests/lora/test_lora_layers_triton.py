@@ -1,8 +1,9 @@
 """The LoRA layers' Triton path (run by the CPU interpreter) against a float64 recomputation.
 
-``LoRAState.fill``/``prepare`` pick the fused one-launch kernel for small steps and shrink + expand
-for larger ones; both must give each token ``base(x) + B_p A_p x`` of its own adapter, per fused
-projection ``p`` (q/k/v, gate/up), and leave base-model tokens at ``base(x)``.
+``LoRAState.fill``/``prepare`` give small steps tiles (a K-split partial shrink and an expand that
+sums it, or one fused launch) and larger ones shrink + expand; each must give every token
+``base(x) + B_p A_p x`` of its own adapter, per fused projection ``p`` (q/k/v, gate/up), and leave
+base-model tokens at ``base(x)``.
 """
 from __future__ import annotations
 
@@ -11,15 +12,18 @@ import pytest
 import torch
 
 from aphrodite.kernels.lora import FUSED_MAX_TOKENS
+from aphrodite.lora import layers as layers_mod
 from aphrodite.lora.layers import LoRALinear, LoRAState
 from aphrodite.modeling.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
 SLOTS, MAX_RANK = 3, 8
 
 
-@pytest.mark.parametrize("tokens", [1, 7, FUSED_MAX_TOKENS + 9])     # fused, fused, shrink + expand
-def test_lora_linear_triton_matches_float64(monkeypatch: pytest.MonkeyPatch, tokens: int) -> None:
+@pytest.mark.parametrize("tokens,mode", [(1, "overlap"), (7, "overlap"), (7, "fused"), (FUSED_MAX_TOKENS + 9, "")])
+def test_lora_linear_triton_matches_float64(monkeypatch: pytest.MonkeyPatch, tokens: int, mode: str) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if mode:
+        monkeypatch.setattr(layers_mod, "SMALL_BATCH", mode)
     gen = torch.Generator().manual_seed(tokens)
     state = LoRAState(SLOTS, 64, torch.device("cpu"))
     layers = {
