@@ -13,11 +13,12 @@ block-diagonal B) added by either path of ``aphrodite.kernels.lora``:
   ``lora_expand_tiles`` after it (what the layers use up to ``FUSED_MAX_TOKENS`` tokens by default).
 
 1. Correctness at the 8B shapes: both paths against the PyTorch reference (8 slots, some base tokens).
-2. A sweep of ``lora_fused``'s block sizes (16 configs) and warps per group at 1 token, 32 distinct layers per
-   CUDA graph (weights come from HBM as in the model): microseconds per launch, best config first.
+2. Sweeps of launch configs per group at 1 token (``lora_fused``: block sizes and warps; the overlap
+   path's ``lora_expand_tiles``: block_n and warps, and ``lora_shrink_tiles``: K chunks, block_k, warps),
+   32 distinct layers per CUDA graph (weights come from HBM as in the model): microseconds per launch.
 3. Step time (one CUDA graph per step) of base GEMMs alone, + split, + fused (default config), + fused
-   (best swept config), + overlap, at 1 token (one adapter) and 8/16/32/64 tokens (spread over the 8 slots),
-   and the kernels per step (torch.profiler over one eager step).
+   (best swept config), + overlap (default and best configs), at 1 token (one adapter) and 8/16/32/64
+   tokens (spread over the 8 slots), and the kernels per step (torch.profiler over one eager step).
 The table last: per-step microseconds and the LoRA step as a percentage of the base step's speed.
 """
 from __future__ import annotations
@@ -35,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from aphrodite.kernels.lora import (  # noqa: E402
     FUSED_BLOCK_M,
     TILE_SPLIT_K,
-    fused_block_n,
     fused_num_tiles,
     lora_expand,
     lora_expand_ref,
@@ -110,28 +110,41 @@ def correctness() -> list[str]:
     return rows
 
 
-def sweep(model: dict, st: Step) -> tuple[dict[str, dict], list[str]]:
-    """Best ``lora_fused`` launch config per group at ``st.tokens`` tokens, LoRA kernels only."""
+SWEEPS = {   # kernel: launch configs tried per group ({}: the defaults)
+    "fused": [{}] + [{"block_n": bn, "block_k": bk, "num_warps": w}
+                     for bn in (64, 128, 256) for bk in (128, 256) for w in (4, 8)],
+    "expand": [{}] + [{"block_n": bn, "num_warps": w} for bn in (32, 64, 128, 256) for w in (1, 2, 4)],
+    "shrink": [{}] + [{"split": sp, "block_k": bk, "num_warps": w}
+                      for sp in (16, 32) for bk in (64, 128) for w in (2, 4)],
+}
+
+
+def sweep(model: dict, st: Step, kernel: str) -> tuple[dict[str, dict], list[str]]:
+    """Best launch config of one kernel per group at ``st.tokens`` tokens, LoRA kernels only (32 layers)."""
     best, rows = {}, []
     for name, (k, sizes) in GROUPS.items():
         x = st.x if k == st.x.shape[1] else st.h
         ys = [torch.zeros(st.tokens, sum(sizes), device=DEV, dtype=torch.bfloat16) for _ in range(LAYERS)]
+        part = lora_shrink_tiles(x, model[name][0][1], st.order, st.tiles, st.part)
         results = []
-        configs = [{}] + [{"block_n": bn, "block_k": bk, "num_warps": warps}
-                          for bn in (64, 128, 256, 512) for bk in (128, 256) for warps in (4, 8)]
-        for cfg in configs:
+        for cfg in SWEEPS[kernel]:
 
-            def run(cfg=cfg, layers=model[name], x=x, ys=ys, sizes=sizes) -> None:
+            def run(cfg=cfg, layers=model[name], x=x, ys=ys, sizes=sizes, part=part) -> None:
                 for layer in range(LAYERS):
                     a, b = layers[layer][1:]
-                    lora_fused(x, a, b, st.order, st.tiles, ys[layer], sizes, RANK, **cfg)
+                    if kernel == "fused":
+                        lora_fused(x, a, b, st.order, st.tiles, ys[layer], sizes, RANK, **cfg)
+                    elif kernel == "expand":
+                        lora_expand_tiles(part, b, st.order, st.tiles, ys[layer], sizes, RANK, **cfg)
+                    else:
+                        lora_shrink_tiles(x, a, st.order, st.tiles, st.part, **cfg)
             results.append((graph_us(run, reps=4) / LAYERS, cfg))
         default = results[0][0]
         results.sort(key=lambda r: r[0])
         best[name] = results[0][1]
-        rows.append(f"sweep {name} T={st.tokens} (default block_n {fused_block_n(sizes)}): best "
-                    f"{results[0][0]:.2f} us {results[0][1]}, 2nd {results[1][0]:.2f} us {results[1][1]}, "
-                    f"default {default:.2f} us, worst {results[-1][0]:.2f} us")
+        rows.append(f"sweep {kernel} {name} T={st.tokens}: best {results[0][0]:.2f} us {results[0][1]}, "
+                    f"2nd {results[1][0]:.2f} us {results[1][1]}, default {default:.2f} us, "
+                    f"worst {results[-1][0]:.2f} us")
     return best, rows
 
 
@@ -145,22 +158,25 @@ def step_fn(model: dict, st: Step, variant: str, cfgs: dict | None = None):
             for g, (name, (k, sizes)) in enumerate(GROUPS.items()):
                 w, a, b = model[name][layer]
                 x = st.x if k == st.x.shape[1] else st.h
-                if variant == "overlap" and side is not None:
+                overlap = variant.startswith("overlap")
+                shrink_cfg, expand_cfg = ((cfgs or {}).get(key, {}).get(name, {}) for key in ("shrink", "expand"))
+                if overlap and side is not None:
                     side.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(side):
-                        part = lora_shrink_tiles(x, a, st.order, st.tiles, st.part)
-                elif variant == "overlap":
-                    part = lora_shrink_tiles(x, a, st.order, st.tiles, st.part)
+                        part = lora_shrink_tiles(x, a, st.order, st.tiles, st.part, **shrink_cfg)
+                elif overlap:
+                    part = lora_shrink_tiles(x, a, st.order, st.tiles, st.part, **shrink_cfg)
                 y = F.linear(x, w)
-                if variant == "overlap":
+                if overlap:
                     if side is not None:
                         torch.cuda.current_stream().wait_stream(side)
-                    lora_expand_tiles(part, b, st.order, st.tiles, y, sizes, RANK)
+                    lora_expand_tiles(part, b, st.order, st.tiles, y, sizes, RANK, **expand_cfg)
                 elif variant == "split":
                     buf = st.scratch[layer, g, :, :a.shape[1]]
                     lora_expand(lora_shrink(x, a, st.meta, buf), b, st.meta, y)
                 elif variant.startswith("fused"):
-                    lora_fused(x, a, b, st.order, st.tiles, y, sizes, RANK, **((cfgs or {}).get(name, {})))
+                    fused_cfg = (cfgs or {}).get("fused", {}).get(name, {})
+                    lora_fused(x, a, b, st.order, st.tiles, y, sizes, RANK, **fused_cfg)
     return run
 
 
@@ -181,27 +197,31 @@ def main() -> None:
     model = {name: [(torch.empty(sum(sizes), k, device=DEV, dtype=torch.bfloat16).normal_(0, 0.02),
                      *lora_weights(k, sizes)) for _ in range(LAYERS)] for name, (k, sizes) in GROUPS.items()}
     steps = {t: Step(t) for t in (1, 8, 16, 32, 64)}
-    best, rows = sweep(model, steps[1])
-    for row in rows:
-        print(row, flush=True)
+    best = {}
+    for kernel in SWEEPS:
+        best[kernel], rows = sweep(model, steps[1], kernel)
+        for row in rows:
+            print(row, flush=True)
     table = []
     for tokens, st in steps.items():
         base = graph_us(step_fn(model, st, "base"), reps=3)
         line = {"T": tokens, "base": base}
-        for variant, cfgs in (("split", None), ("fused", None), ("fused-best", best), ("overlap", None)):
+        for variant, cfgs in (("split", None), ("fused", None), ("fused-best", best), ("overlap", None),
+                              ("overlap-best", best)):
             line[variant] = graph_us(step_fn(model, st, variant, cfgs), reps=3)
         if tokens in (1, 32):
             line["kernels"] = {v: kernels_per_step(step_fn(model, st, v))
                                for v in ("base", "split", "fused", "overlap")}
         table.append(line)
         print(line, flush=True)
-    print(f"\nbest fused configs at 1 token: {best}")
+    print(f"\nbest configs at 1 token: {best}")
     print("\n| tokens (8B shapes, 32 layers, 1 CUDA graph) | base us/step | +split LoRA | +fused LoRA | "
-          "+fused (best cfg) | +overlap LoRA | kernels base/split/fused/overlap |")
-    print("|---|---|---|---|---|---|---|")
+          "+fused (best cfg) | +overlap LoRA | +overlap (best cfg) | kernels base/split/fused/overlap |")
+    print("|---|---|---|---|---|---|---|---|")
     for ln in table:
         b = ln["base"]
-        cells = " | ".join(f"{ln[v]:.0f} ({b / ln[v]:.1%})" for v in ("split", "fused", "fused-best", "overlap"))
+        cells = " | ".join(f"{ln[v]:.0f} ({b / ln[v]:.1%})" for v in ("split", "fused", "fused-best", "overlap",
+                                                                         "overlap-best"))
         k = ln.get("kernels")
         kc = "/".join(str(k[v]) for v in ("base", "split", "fused", "overlap")) if k else "-"
         print(f"| {ln['T']} | {b:.0f} | {cells} | {kc} |")
