@@ -407,6 +407,12 @@ def _column_blocks(sizes: list[int], n: int, bn: int) -> tuple[int, int, int, in
 TILE_SPLIT_K = 32         # most K chunks of ``lora_shrink_tiles`` (one program each, 128+ columns per chunk)
 
 
+def expand_block_n(sizes: list[int]) -> int:
+    """Output columns per program of ``lora_expand_tiles``: nothing is re-read per program, so narrow
+    blocks (about 100-200 programs per tile) keep more of the GPU loading B and y at once."""
+    return max(32, min(256, next_pow2(max(1, sum(sizes) // 128))))
+
+
 def lora_shrink_tiles(x: torch.Tensor, a: torch.Tensor, order: torch.Tensor, tiles: torch.Tensor,
                       part: torch.Tensor, split: int | None = None, block_k: int = 128,
                       num_warps: int = 4) -> torch.Tensor:
@@ -428,11 +434,13 @@ def lora_shrink_tiles(x: torch.Tensor, a: torch.Tensor, order: torch.Tensor, til
 
 
 def lora_expand_tiles(part: torch.Tensor, b: torch.Tensor, order: torch.Tensor, tiles: torch.Tensor, y: torch.Tensor,
-                      sizes: list[int], rank: int, block_n: int | None = None, num_warps: int = 4) -> torch.Tensor:
+                      sizes: list[int], rank: int, block_n: int | None = None,
+                      num_warps: int | None = None) -> torch.Tensor:
     """``y[t] += (sum_s part[s, row(t)]) @ b[slot[t]]^T`` per tile (``part`` as ``lora_shrink_tiles`` returns
     it), each projection's columns from its own rank block; returns ``y``."""
     n = y.shape[1]
-    bn = block_n or fused_block_n(sizes)
+    bn = block_n or expand_block_n(sizes)
+    num_warps = num_warps or (4 if bn >= 128 else 2)
     t1, t2, o1, o2, blocks = _column_blocks(sizes, n, bn)
     grid = (tiles.shape[1], blocks)
     _expand_tiles(y.device)[grid](part, b, y, order, tiles, tiles.stride(0), rank, n, t1, t2, o1, o2,
