@@ -12,7 +12,8 @@
    than DESIGN.md's 1000 so that the four runs fit in about 3 minutes) and latency-1 (1 request,
    128 in / 256 out; the lora run uses one adapter). Then the batch-1 decode CUDA graph is replayed
    on its own: GPU microseconds per decode step and kernels per step (torch.profiler), for the base
-   engine, and for the LoRA engine with the adapter's token and with a base-model token.
+   engine, and for the LoRA engine with the adapter's token and with a base-model token (the graph
+   without LoRA kernels the runner replays when no token of a small step has an adapter).
 3. ``lora-fused``: latency-1 and the graph step again with ``APHRODITE_LORA_SMALL_BATCH=fused`` (one
    launch per layer after the GEMM instead of a side-stream shrink and an expand).
 Floors: throughput-decode with 8 adapters >= 80% of base; latency-1 with one adapter >= 90% of base.
@@ -95,11 +96,13 @@ def graph_step(llm, kind: str) -> dict:
     runner = getattr(llm.llm_engine.executor, "runner", None)
     if runner is None or runner.graphs is None or 1 not in runner.graphs.graphs:
         return {}
-    graph, _ = runner.graphs.graphs[1]
     out = {}
     for label, lora_id in ([("base", None)] if kind == "base" else [("adapter", 1), ("base_token", 0)]):
+        graph, _ = runner.graphs.graphs[1]
         if lora_id is not None:
             runner.lora_manager.set_step([lora_id], [1])
+            if lora_id == 0 and 1 in runner.graphs.plain_graphs:     # what the runner replays for it
+                graph, _ = runner.graphs.plain_graphs[1]
         for _ in range(5):
             graph.replay()
         torch.cuda.synchronize()
