@@ -85,8 +85,8 @@ class LoRAState:
         self.slots.fill_(-1)
         self.counts[0] = max_tokens
         self.order.copy_(torch.arange(max_tokens))
-        # False: no token of this step uses an adapter, the layers skip the LoRA work (eager only;
-        # CUDA graphs are captured with it on and their kernels exit early for slot -1 tokens).
+        # False: no token of this step uses an adapter, the layers skip the LoRA work (eagerly, or by
+        # replaying a graph captured without LoRA; larger graphs hold LoRA and skip slot -1 tokens).
         self.active = False
         # True: an adapter of this step has embedding LoRA weights. CUDA graphs are captured without
         # the embedding's LoRA, so the runner runs such a step eagerly (``needs_eager``).
@@ -126,18 +126,19 @@ class LoRAState:
         if not use_triton(self.buffer):
             self.slots[:n] = torch.from_numpy(slots)
             return
+        on_gpu = self.buffer.device.type == "cuda"
+        if on_gpu and self._last is not None and np.array_equal(self._last, slots):
+            return      # decode steps of the same requests: the device already holds these values
+        self._last = slots.copy() if on_gpu else None
         s1 = self.num_slots + 1
         order, counts, starts = lora_token_metadata_host(slots, self.num_slots)
         tiles = lora_tiles_host(counts, starts, self.max_tiles) if n <= FUSED_MAX_TOKENS else None
-        if self.buffer.device.type != "cuda":   # the Triton interpreter on the CPU
+        if not on_gpu:   # the Triton interpreter on the CPU
             for dst, src in ((self.counts, counts), (self.starts, starts), (self.slots, slots), (self.order, order)):
                 dst[:len(src)] = torch.from_numpy(src)
             if tiles is not None:
                 self.tiles.copy_(torch.from_numpy(tiles))
             return
-        if self._last is not None and np.array_equal(self._last, slots):
-            return      # decode steps of the same requests: the device already holds these values
-        self._last = slots.copy()
         self._set ^= 1
         event = self._events[self._set]
         if event is not None:
