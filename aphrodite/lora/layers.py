@@ -14,8 +14,6 @@ added to the partial output before the all-reduce. The shards are cut by the bas
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from torch import nn
@@ -25,20 +23,19 @@ from aphrodite.distributed.communication import (
     tensor_model_parallel_all_reduce,
 )
 from aphrodite.kernels.lora import (
-    FUSED_BLOCK_M,
-    FUSED_MAX_TOKENS,
     SPLIT_K_MAX_TOKENS,
-    TILE_SPLIT_K,
+    TILE_M,
+    TILE_MAX_TOKENS,
     LoRAMetadata,
-    fused_num_tiles,
     lora_expand,
     lora_expand_tiles,
-    lora_fused,
     lora_shrink,
     lora_shrink_tiles,
     lora_tiles_host,
     lora_token_metadata,
     lora_token_metadata_host,
+    num_tiles_bound,
+    partials_buffer,
 )
 from aphrodite.kernels.triton_utils import use_triton
 from aphrodite.modeling.layers.linear import (
@@ -49,37 +46,29 @@ from aphrodite.modeling.layers.linear import (
     RowParallelLinear,
 )
 
-__all__ = ["SMALL_BATCH", "LoRAEmbedding", "LoRALinear", "LoRALogits", "LoRAState"]
-
-#: How steps of at most ``FUSED_MAX_TOKENS`` tokens apply LoRA: ``"overlap"`` (a K-split partial shrink
-#: on a side stream beside the base GEMM, then one expand launch after it) or ``"fused"`` (one launch
-#: after the GEMM doing both). ``APHRODITE_LORA_SMALL_BATCH`` picks one (the GPU benchmark compares them).
-SMALL_BATCH = os.environ.get("APHRODITE_LORA_SMALL_BATCH", "overlap")
-if SMALL_BATCH not in ("overlap", "fused"):
-    raise ValueError(f"APHRODITE_LORA_SMALL_BATCH must be 'overlap' or 'fused', not {SMALL_BATCH!r}")
-
+__all__ = ["LoRAEmbedding", "LoRALinear", "LoRALogits", "LoRAState"]
 
 class LoRAState:
     """What every LoRA layer of one model reads in a forward pass: each token's slot, grouped by slot.
 
-    One persistent int64 buffer holds ``[counts (S+1) | starts (S+1) | tiles (3 x max_tiles) | slots
-    (max_tokens) | order (max_tokens)]``: the runner fills it from the host before each step (``fill``),
-    the layers read views of it, so a CUDA graph replays with the new step's values and nothing is
-    sorted on the device. ``tiles`` (``lora_tiles_host``) is what ``lora_fused`` reads in steps of at
-    most ``FUSED_MAX_TOKENS`` tokens; bigger steps use the per-slot ``counts``/``starts``.
+    One persistent int64 buffer holds ``[counts (S+1) | starts (S+1) | tiles (max_tiles x (2 + TILE_M)) |
+    slots (max_tokens) | order (max_tokens)]``: the runner fills it from the host before each step
+    (``fill``), the layers read views of it, so a CUDA graph replays with the new step's values and
+    nothing is sorted on the device. Steps of at most ``TILE_MAX_TOKENS`` tokens run the tile kernels
+    (``lora_tiles_host``'s rows); bigger ones the per-slot ``counts``/``starts``.
     """
 
     def __init__(self, num_slots: int, max_tokens: int, device: torch.device) -> None:
         self.num_slots = num_slots
         self.max_tokens = max_tokens
-        self.max_tiles = fused_num_tiles(min(FUSED_MAX_TOKENS, max_tokens), num_slots)
+        self.max_tiles = num_tiles_bound(min(TILE_MAX_TOKENS, max_tokens), num_slots)
         s1 = num_slots + 1
         self._tiles_at = 2 * s1
-        self._slots_at = self._tiles_at + 3 * self.max_tiles
+        self._slots_at = self._tiles_at + (2 + TILE_M) * self.max_tiles
         self.buffer = torch.zeros(self._slots_at + 2 * max_tokens, dtype=torch.int64, device=device)
         self.counts = self.buffer[:s1]
         self.starts = self.buffer[s1:2 * s1]
-        self.tiles = self.buffer[self._tiles_at:self._slots_at].view(3, self.max_tiles)
+        self.tiles = self.buffer[self._tiles_at:self._slots_at].view(self.max_tiles, 2 + TILE_M)
         self.slots = self.buffer[self._slots_at:self._slots_at + max_tokens]
         self.order = self.buffer[self._slots_at + max_tokens:]
         self.slots.fill_(-1)
@@ -92,7 +81,7 @@ class LoRAState:
         # the embedding's LoRA, so the runner runs such a step eagerly (``needs_eager``).
         self.embed_active = False
         self.meta: LoRAMetadata | None = None
-        self.fused: tuple[torch.Tensor, torch.Tensor] | None = None   # (order, tiles) for lora_fused
+        self.step_tiles: torch.Tensor | None = None     # this step's rows of ``tiles`` (small steps)
         self.num_layers = 0         # LoRA layers registered; each owns a row of ``scratch``
         self.max_width = 0          # widest stacked rank (fused projections x max rank)
         self.scratch: torch.Tensor | None = None
@@ -116,8 +105,7 @@ class LoRAState:
         """The partial-shrink buffer of small steps (``lora_shrink_tiles``), made once every layer is known;
         layers take turns with it (a layer's shrink is queued after the previous layer's expand)."""
         if self._partials is None:
-            self._partials = torch.zeros(TILE_SPLIT_K, self.max_tiles * FUSED_BLOCK_M, self.max_width,
-                                         dtype=torch.float32, device=self.buffer.device)
+            self._partials = partials_buffer(self.max_tiles, self.max_width, self.buffer.device)
         return self._partials
 
     def fill(self, slots: np.ndarray) -> None:
@@ -132,7 +120,7 @@ class LoRAState:
         self._last = slots.copy() if on_gpu else None
         s1 = self.num_slots + 1
         order, counts, starts = lora_token_metadata_host(slots, self.num_slots)
-        tiles = lora_tiles_host(counts, starts, self.max_tiles) if n <= FUSED_MAX_TOKENS else None
+        tiles = lora_tiles_host(slots, self.num_slots, self.max_tiles) if n <= TILE_MAX_TOKENS else None
         if not on_gpu:   # the Triton interpreter on the CPU
             for dst, src in ((self.counts, counts), (self.starts, starts), (self.slots, slots), (self.order, order)):
                 dst[:len(src)] = torch.from_numpy(src)
@@ -158,19 +146,20 @@ class LoRAState:
         self._events[self._set].record()
 
     def prepare(self, num_tokens: int) -> None:
-        """The forward pass's views of the buffer (a model forward pre-hook calls this): the fused
-        kernel's tiles for a small step, else the grouping plus one zeroed shrink output for every layer
-        when the shrink accumulates split-K partial sums."""
+        """The forward pass's views of the buffer (a model forward pre-hook calls this): the tile rows of a
+        small step, else the grouping plus one zeroed shrink output for every layer when the shrink
+        accumulates split-K partial sums."""
         self.scratch = None
-        self.fused = None
+        self.step_tiles = None
         if not self.active:
             self.meta = None
             return
         self.meta = (self.slots[:num_tokens], self.order[:num_tokens], self.counts, self.starts)
         if not use_triton(self.buffer):
             return
-        if num_tokens <= FUSED_MAX_TOKENS:
-            self.fused = (self.order[:num_tokens], self.tiles[:, :fused_num_tiles(num_tokens, self.num_slots)])
+        if num_tokens <= TILE_MAX_TOKENS:
+            self.step_tiles = self.tiles[:num_tiles_bound(num_tokens, self.num_slots)]
+            self.partials()
         elif num_tokens <= SPLIT_K_MAX_TOKENS:
             self.scratch = torch.zeros(self.num_layers, num_tokens, self.max_width, dtype=torch.float32,
                                        device=self.buffer.device)
@@ -270,23 +259,20 @@ class LoRALinear(nn.Module):
                              f"needs A [r, {in_total}], B [{out_total}, r]: the adapter is for another model.")
 
     # ---- forward ----------------------------------------------------------------------
-    def _small_batch(self) -> bool:
-        return self.state.fused is not None and len(self.slice_sizes) <= 3
-
     def _start_shrink(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Small steps (``SMALL_BATCH = "overlap"``): the K-split partial shrink, on the side stream when
-        there is one, so it runs beside the base GEMM and only the expand follows the GEMM."""
-        if SMALL_BATCH != "overlap" or not self._small_batch():
-            return None
+        """Small steps: the K-split partial shrink, queued on the side stream (CUDA) so that it runs beside
+        the base GEMM and only the expand follows the GEMM."""
         state = self.state
-        order, tiles = state.fused
-        part = state.partials()
+        tiles = state.step_tiles
+        if tiles is None or len(self.slice_sizes) > 3:
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
         side = state.side_stream
         if side is None:
-            return lora_shrink_tiles(x.reshape(-1, x.shape[-1]), self.lora_a, order, tiles, part)
+            return lora_shrink_tiles(x2, self.lora_a, tiles, state.partials())
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            return lora_shrink_tiles(x.reshape(-1, x.shape[-1]), self.lora_a, order, tiles, part)
+            return lora_shrink_tiles(x2, self.lora_a, tiles, state.partials())
 
     def _add_delta(self, x: torch.Tensor, out: torch.Tensor, part: torch.Tensor | None) -> torch.Tensor:
         meta = self.state.meta
@@ -298,17 +284,11 @@ class LoRALinear(nn.Module):
         if part is not None:
             if self.state.side_stream is not None:
                 torch.cuda.current_stream().wait_stream(self.state.side_stream)
-            order, tiles = self.state.fused
-            lora_expand_tiles(part, self.lora_b, order, tiles, y2, self.slice_sizes, self.max_rank)
-            return out
-        x2 = x.reshape(-1, x.shape[-1])
-        if self._small_batch():
-            order, tiles = self.state.fused
-            lora_fused(x2, self.lora_a, self.lora_b, order, tiles, y2, self.slice_sizes, self.max_rank)
+            lora_expand_tiles(part, self.lora_b, self.state.step_tiles, y2, self.slice_sizes, self.max_rank)
             return out
         scratch = self.state.scratch
         buf = None if scratch is None else scratch[self.index, :, :self.lora_a.shape[1]]
-        lora_expand(lora_shrink(x2, self.lora_a, meta, buf), self.lora_b, meta, y2)
+        lora_expand(lora_shrink(x.reshape(-1, x.shape[-1]), self.lora_a, meta, buf), self.lora_b, meta, y2)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

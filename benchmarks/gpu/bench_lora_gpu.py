@@ -14,8 +14,6 @@
    on its own: GPU microseconds per decode step and kernels per step (torch.profiler), for the base
    engine, and for the LoRA engine with the adapter's token and with a base-model token (the graph
    without LoRA kernels the runner replays when no token of a small step has an adapter).
-3. ``lora-fused``: latency-1 and the graph step again with ``APHRODITE_LORA_SMALL_BATCH=fused`` (one
-   launch per layer after the GEMM instead of a side-stream shrink and an expand).
 Floors: throughput-decode with 8 adapters >= 80% of base; latency-1 with one adapter >= 90% of base.
 """
 from __future__ import annotations
@@ -121,13 +119,11 @@ def graph_step(llm, kind: str) -> dict:
 
 
 def run_config(kind: str, model_dir: str, adapters: list[str]) -> dict:
-    """One engine (base or LoRA): throughput-decode then latency-1; returns the numbers. ``lora-fused``:
-    the LoRA engine with the one-launch small-batch kernel (``APHRODITE_LORA_SMALL_BATCH=fused``), latency
-    only."""
+    """One engine (base or LoRA): throughput-decode then latency-1; returns the numbers."""
     from aphrodite import LLM, LoRARequest, SamplingParams
     from aphrodite.benchmarks.common import random_token_prompts
     kwargs = dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=2048, dtype="bfloat16")
-    lora = kind.startswith("lora")
+    lora = kind == "lora"
     if lora:
         kwargs.update(enable_lora=True, max_loras=NUM_ADAPTERS, max_lora_rank=RANK)
     start = time.perf_counter()
@@ -139,12 +135,10 @@ def run_config(kind: str, model_dir: str, adapters: list[str]) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=1024, ignore_eos=True, detokenize=False)
     llm.generate(prompts[:8], SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False,
                  lora_request=per_prompt[:8] if per_prompt else None)        # warm-up (adapters loaded here)
-    decode_tps = elapsed = float("nan")
-    if kind != "lora-fused":
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False, lora_request=per_prompt)
-        elapsed = time.perf_counter() - start
-        decode_tps = sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=per_prompt)
+    elapsed = time.perf_counter() - start
+    decode_tps = sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
 
     one = [prompts[0]]
     lat_params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True, detokenize=False)
@@ -174,12 +168,9 @@ def main() -> None:
             write_adapter(Path(tmp) / f"adapter{i}", seed=i)
             adapters.append(str(Path(tmp) / f"adapter{i}"))
         results = {}
-        for kind in ("base", "lora", "lora-fused"):
-            env = {**os.environ, "PYTHONPATH": str(REPO)}
-            if kind == "lora-fused":
-                env["APHRODITE_LORA_SMALL_BATCH"] = "fused"
+        for kind in ("base", "lora"):
             proc = subprocess.run([sys.executable, __file__, "--run", kind, model_dir, *adapters],
-                                  capture_output=True, text=True, env=env)
+                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 print(proc.stdout[-3000:], proc.stderr[-6000:])
@@ -196,17 +187,11 @@ def main() -> None:
           f"{dec:.1%} | >= 80% {'OK' if dec >= 0.8 else 'MISSED'} |")
     print(f"| latency-1, 128/256, one adapter | {base['latency1_tok_s']:.1f} tok/s | {lora['latency1_tok_s']:.1f} "
           f"tok/s | {lat:.1%} | >= 90% {'OK' if lat >= 0.9 else 'MISSED'} |")
-    fused = results["lora-fused"]
-    print(f"| latency-1, one adapter, one-launch small-batch kernel | - | {fused['latency1_tok_s']:.1f} tok/s | "
-          f"{fused['latency1_tok_s'] / base['latency1_tok_s']:.1%} | >= 90% |")
     if "step_us_base" in base and "step_us_adapter" in lora:
         b, a, t = base["step_us_base"], lora["step_us_adapter"], lora["step_us_base_token"]
         print(f"| batch-1 decode graph, GPU us/step (kernels) | {b:.0f} ({base['kernels_base']}) | adapter {a:.0f} "
               f"({lora['kernels_adapter']}); base token {t:.0f} ({lora['kernels_base_token']}) | {b / a:.1%} | - |")
-        if "step_us_adapter" in fused:
-            f = fused["step_us_adapter"]
-            print(f"| same, one-launch small-batch kernel | - | adapter {f:.0f} ({fused['kernels_adapter']}) | "
-                  f"{b / f:.1%} | - |")
+
 
 
 if __name__ == "__main__":

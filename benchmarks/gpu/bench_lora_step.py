@@ -5,20 +5,21 @@
 A synthetic decode step: 32 layers of the 8B model's four linear groups (qkv 4096->6144, o 4096->4096,
 gate_up 4096->28672, down 14336->4096; each layer its own bf16 weights, so nothing stays in L2) as
 cuBLAS GEMMs, with each group's LoRA (8 device slots of rank 16, q/k/v and gate/up fused with a
-block-diagonal B) added by either path of ``aphrodite.kernels.lora``:
+block-diagonal B) added by a path of ``aphrodite.kernels.lora``:
 
-* ``split``: ``lora_shrink`` (split-K, atomics into a scratch zeroed once per step) + ``lora_expand``;
-* ``fused``: ``lora_fused``, one launch per group after the GEMM;
-* ``overlap``: ``lora_shrink_tiles`` (K-split partials) on a side stream beside the GEMM, then
-  ``lora_expand_tiles`` after it (what the layers use up to ``FUSED_MAX_TOKENS`` tokens by default).
+* ``split``: ``lora_shrink`` (split-K, atomics into a scratch zeroed once per step) + ``lora_expand``
+  (what the layers use above ``TILE_MAX_TOKENS`` tokens);
+* ``overlap``: ``lora_shrink_tiles`` on a side stream beside the GEMM, ``lora_expand_tiles`` after it
+  (what the layers use up to ``TILE_MAX_TOKENS`` tokens);
+* ``overlap-prio``: the same with a high-priority side stream;
+* ``serial``: the tile kernels on the main stream, shrink before the GEMM;
+* ``expand-only``: only ``lora_expand_tiles`` after each GEMM (the bound if the shrink were free).
 
-1. Correctness at the 8B shapes: both paths against the PyTorch reference (8 slots, some base tokens).
-2. Sweeps of launch configs per group at 1 token (``lora_fused``: block sizes and warps; the overlap
-   path's ``lora_expand_tiles``: block_n and warps, and ``lora_shrink_tiles``: K chunks, block_k, warps),
-   32 distinct layers per CUDA graph (weights come from HBM as in the model): microseconds per launch.
-3. Step time (one CUDA graph per step) of base GEMMs alone, + split, + fused (default config), + fused
-   (best swept config), + overlap (default and best configs), at 1 token (one adapter) and 8/16/32/64
-   tokens (spread over the 8 slots), and the kernels per step (torch.profiler over one eager step).
+1. Correctness at the 8B shapes: both kernel paths against the PyTorch reference (8 slots, base tokens).
+2. Sweeps of the tile kernels' launch configs per group at 1 token, 32 distinct layers per CUDA graph
+   (weights come from HBM as in the model): microseconds per launch.
+3. Step time (one CUDA graph per step) at 1 token (one adapter) and 8/16/32/64 tokens (spread over the
+   8 slots), and kernels per step (torch.profiler over one eager step).
 The table last: per-step microseconds and the LoRA step as a percentage of the base step's speed.
 """
 from __future__ import annotations
@@ -34,24 +35,23 @@ from _timing import graph_us
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from aphrodite.kernels.lora import (  # noqa: E402
-    FUSED_BLOCK_M,
-    TILE_SPLIT_K,
-    fused_num_tiles,
     lora_expand,
     lora_expand_ref,
     lora_expand_tiles,
-    lora_fused,
     lora_shrink,
     lora_shrink_ref,
     lora_shrink_tiles,
     lora_tiles_host,
     lora_token_metadata_host,
+    num_tiles_bound,
+    partials_buffer,
 )
 
 LAYERS, SLOTS, RANK = 32, 8, 16
 GROUPS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]), "gate_up": (4096, [14336, 14336]),
           "down": (14336, [4096])}
 DEV = torch.device("cuda")
+VARIANTS = ("split", "overlap", "overlap-prio", "serial", "expand-only")
 
 
 def lora_weights(k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,33 +75,35 @@ class Step:
         if tokens > 1:
             slots[::5] = -1          # a few base-model tokens in the batch
         order, counts, starts = lora_token_metadata_host(slots, SLOTS)
-        tiles = lora_tiles_host(counts, starts, fused_num_tiles(tokens, SLOTS))
+        grid = num_tiles_bound(tokens, SLOTS)
         self.slots = torch.from_numpy(slots).to(DEV)
-        self.order = torch.from_numpy(order).to(DEV)
-        self.meta = (self.slots, self.order, torch.from_numpy(counts).to(DEV), torch.from_numpy(starts).to(DEV))
-        self.tiles = torch.from_numpy(tiles).to(DEV)
+        self.meta = (self.slots, torch.from_numpy(order).to(DEV), torch.from_numpy(counts).to(DEV),
+                     torch.from_numpy(starts).to(DEV))
+        self.tiles = torch.from_numpy(lora_tiles_host(slots, SLOTS, grid)).to(DEV)
         width = max(len(s) for _, s in GROUPS.values()) * RANK
         self.scratch = torch.zeros(LAYERS, len(GROUPS), tokens, width, dtype=torch.float32, device=DEV)
-        self.part = torch.zeros(TILE_SPLIT_K, self.tiles.shape[1] * FUSED_BLOCK_M, width, device=DEV)
+        self.part = partials_buffer(grid, width, DEV)
         self.x = torch.randn(tokens, 4096, device=DEV, dtype=torch.bfloat16)
         self.h = torch.randn(tokens, 14336, device=DEV, dtype=torch.bfloat16)
+
+    def input(self, k: int) -> torch.Tensor:
+        return self.x if k == self.x.shape[1] else self.h
 
 
 def correctness() -> list[str]:
     rows = []
-    for tokens in (1, 16, 64):
+    for tokens in (1, 16, 32):
         st = Step(tokens)
         for name, (k, sizes) in GROUPS.items():
             a, b = lora_weights(k, sizes)
-            x = st.x if k == st.x.shape[1] else st.h
+            x = st.input(k)
             y0 = torch.randn(tokens, sum(sizes), device=DEV, dtype=torch.bfloat16) * 0.01   # bf16 ulp << delta
             ref = lora_expand_ref(lora_shrink_ref(x, a, st.slots), b, st.slots, y0.clone()).float()
             scale = (ref - y0.float()).abs().max().item()
-            fused = lora_fused(x, a, b, st.order, st.tiles, y0.clone(), sizes, RANK).float()
-            part = lora_shrink_tiles(x, a, st.order, st.tiles, st.part)
-            overlap = lora_expand_tiles(part, b, st.order, st.tiles, y0.clone(), sizes, RANK).float()
             split = lora_expand(lora_shrink(x, a, st.meta), b, st.meta, y0.clone()).float()
-            for label, got in (("fused", fused), ("split", split), ("overlap", overlap)):
+            part = lora_shrink_tiles(x, a, st.tiles, st.part)
+            tiles = lora_expand_tiles(part, b, st.tiles, y0.clone(), sizes, RANK).float()
+            for label, got in (("split", split), ("tiles", tiles)):
                 err = (got - ref).abs().max().item()
                 ok = err <= 0.03 * scale + 1e-3
                 rows.append(f"check T={tokens} {name} {label}: max err {err:.3g} (delta {scale:.3g}) "
@@ -111,45 +113,44 @@ def correctness() -> list[str]:
 
 
 SWEEPS = {   # kernel: launch configs tried per group ({}: the defaults)
-    "fused": [{}] + [{"block_n": bn, "block_k": bk, "num_warps": w}
-                     for bn in (64, 128, 256) for bk in (128, 256) for w in (4, 8)],
-    "expand": [{}] + [{"block_n": bn, "num_warps": w} for bn in (32, 64, 128, 256) for w in (1, 2, 4)],
+    "expand": [{}] + [{"block_n": bn, "num_warps": w} for bn in (16, 32, 64, 128) for w in (1, 2)],
     "shrink": [{}] + [{"split": sp, "block_k": bk, "num_warps": w}
-                      for sp in (16, 32) for bk in (64, 128) for w in (2, 4)],
+                      for sp in (8, 16, 32) for bk in (64, 128, 256) for w in (2, 4)],
 }
 
 
 def sweep(model: dict, st: Step, kernel: str) -> tuple[dict[str, dict], list[str]]:
-    """Best launch config of one kernel per group at ``st.tokens`` tokens, LoRA kernels only (32 layers)."""
+    """Best launch config of one tile kernel per group at ``st.tokens`` tokens, LoRA kernels only (32 layers)."""
     best, rows = {}, []
     for name, (k, sizes) in GROUPS.items():
-        x = st.x if k == st.x.shape[1] else st.h
+        x = st.input(k)
         ys = [torch.zeros(st.tokens, sum(sizes), device=DEV, dtype=torch.bfloat16) for _ in range(LAYERS)]
-        part = lora_shrink_tiles(x, model[name][0][1], st.order, st.tiles, st.part)
+        part = lora_shrink_tiles(x, model[name][0][1], st.tiles, st.part)
         results = []
         for cfg in SWEEPS[kernel]:
+            if kernel == "shrink" and cfg and cfg["block_k"] * cfg["split"] > 2 * k:
+                continue
 
             def run(cfg=cfg, layers=model[name], x=x, ys=ys, sizes=sizes, part=part) -> None:
                 for layer in range(LAYERS):
                     a, b = layers[layer][1:]
-                    if kernel == "fused":
-                        lora_fused(x, a, b, st.order, st.tiles, ys[layer], sizes, RANK, **cfg)
-                    elif kernel == "expand":
-                        lora_expand_tiles(part, b, st.order, st.tiles, ys[layer], sizes, RANK, **cfg)
+                    if kernel == "expand":
+                        lora_expand_tiles(part, b, st.tiles, ys[layer], sizes, RANK, **cfg)
                     else:
-                        lora_shrink_tiles(x, a, st.order, st.tiles, st.part, **cfg)
+                        lora_shrink_tiles(x, a, st.tiles, st.part, **cfg)
             results.append((graph_us(run, reps=4) / LAYERS, cfg))
         default = results[0][0]
         results.sort(key=lambda r: r[0])
         best[name] = results[0][1]
+        second = results[min(1, len(results) - 1)]
         rows.append(f"sweep {kernel} {name} T={st.tokens}: best {results[0][0]:.2f} us {results[0][1]}, "
-                    f"2nd {results[1][0]:.2f} us {results[1][1]}, default {default:.2f} us, "
+                    f"2nd {second[0]:.2f} us {second[1]}, default {default:.2f} us, "
                     f"worst {results[-1][0]:.2f} us")
     return best, rows
 
 
 def step_fn(model: dict, st: Step, variant: str, cfgs: dict | None = None):
-    side = torch.cuda.Stream() if DEV.type == "cuda" else None
+    side = torch.cuda.Stream(priority=-1 if variant == "overlap-prio" else 0)
 
     def run() -> None:
         if variant == "split":
@@ -157,26 +158,23 @@ def step_fn(model: dict, st: Step, variant: str, cfgs: dict | None = None):
         for layer in range(LAYERS):
             for g, (name, (k, sizes)) in enumerate(GROUPS.items()):
                 w, a, b = model[name][layer]
-                x = st.x if k == st.x.shape[1] else st.h
-                overlap = variant.startswith("overlap")
+                x = st.input(k)
                 shrink_cfg, expand_cfg = ((cfgs or {}).get(key, {}).get(name, {}) for key in ("shrink", "expand"))
-                if overlap and side is not None:
+                part = st.part[:1]
+                if variant.startswith("overlap"):
                     side.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(side):
-                        part = lora_shrink_tiles(x, a, st.order, st.tiles, st.part, **shrink_cfg)
-                elif overlap:
-                    part = lora_shrink_tiles(x, a, st.order, st.tiles, st.part, **shrink_cfg)
+                        part = lora_shrink_tiles(x, a, st.tiles, st.part, **shrink_cfg)
+                elif variant == "serial":
+                    part = lora_shrink_tiles(x, a, st.tiles, st.part, **shrink_cfg)
                 y = F.linear(x, w)
-                if overlap:
-                    if side is not None:
-                        torch.cuda.current_stream().wait_stream(side)
-                    lora_expand_tiles(part, b, st.order, st.tiles, y, sizes, RANK, **expand_cfg)
-                elif variant == "split":
+                if variant == "split":
                     buf = st.scratch[layer, g, :, :a.shape[1]]
                     lora_expand(lora_shrink(x, a, st.meta, buf), b, st.meta, y)
-                elif variant.startswith("fused"):
-                    fused_cfg = (cfgs or {}).get("fused", {}).get(name, {})
-                    lora_fused(x, a, b, st.order, st.tiles, y, sizes, RANK, **fused_cfg)
+                elif variant != "base":
+                    if variant.startswith("overlap"):
+                        torch.cuda.current_stream().wait_stream(side)
+                    lora_expand_tiles(part, b, st.tiles, y, sizes, RANK, **expand_cfg)
     return run
 
 
@@ -204,26 +202,24 @@ def main() -> None:
             print(row, flush=True)
     table = []
     for tokens, st in steps.items():
-        base = graph_us(step_fn(model, st, "base"), reps=3)
-        line = {"T": tokens, "base": base}
-        for variant, cfgs in (("split", None), ("fused", None), ("fused-best", best), ("overlap", None),
-                              ("overlap-best", best)):
-            line[variant] = graph_us(step_fn(model, st, variant, cfgs), reps=3)
+        line = {"T": tokens, "base": graph_us(step_fn(model, st, "base"), reps=3)}
+        for variant in VARIANTS:
+            line[variant] = graph_us(step_fn(model, st, variant), reps=3)
+        line["overlap-best"] = graph_us(step_fn(model, st, "overlap", best), reps=3)
         if tokens in (1, 32):
-            line["kernels"] = {v: kernels_per_step(step_fn(model, st, v))
-                               for v in ("base", "split", "fused", "overlap")}
+            line["kernels"] = {v: kernels_per_step(step_fn(model, st, v)) for v in ("base", "split", "overlap")}
         table.append(line)
-        print(line, flush=True)
+        print({k: (round(v) if isinstance(v, float) else v) for k, v in line.items()}, flush=True)
     print(f"\nbest configs at 1 token: {best}")
-    print("\n| tokens (8B shapes, 32 layers, 1 CUDA graph) | base us/step | +split LoRA | +fused LoRA | "
-          "+fused (best cfg) | +overlap LoRA | +overlap (best cfg) | kernels base/split/fused/overlap |")
-    print("|---|---|---|---|---|---|---|---|")
+    cols = (*VARIANTS, "overlap-best")
+    print("\n| tokens (8B shapes, 32 layers, 1 CUDA graph) | base us/step | " + " | ".join(f"+{c}" for c in cols)
+          + " | kernels base/split/overlap |")
+    print("|---|---|" + "---|" * len(cols) + "---|")
     for ln in table:
         b = ln["base"]
-        cells = " | ".join(f"{ln[v]:.0f} ({b / ln[v]:.1%})" for v in ("split", "fused", "fused-best", "overlap",
-                                                                         "overlap-best"))
+        cells = " | ".join(f"{ln[v]:.0f} ({b / ln[v]:.1%})" for v in cols)
         k = ln.get("kernels")
-        kc = "/".join(str(k[v]) for v in ("base", "split", "fused", "overlap")) if k else "-"
+        kc = "/".join(str(k[v]) for v in ("base", "split", "overlap")) if k else "-"
         print(f"| {ln['T']} | {b:.0f} | {cells} | {kc} |")
 
 

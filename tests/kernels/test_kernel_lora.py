@@ -5,18 +5,18 @@ import pytest
 import torch
 
 from aphrodite.kernels.lora import (
-    FUSED_BLOCK_M,
-    fused_num_tiles,
+    TILE_M,
     lora_expand,
     lora_expand_ref,
     lora_expand_tiles,
-    lora_fused,
     lora_shrink,
     lora_shrink_ref,
     lora_shrink_tiles,
     lora_tiles_host,
     lora_token_metadata,
     lora_token_metadata_host,
+    num_tiles_bound,
+    partials_buffer,
 )
 
 
@@ -66,11 +66,10 @@ def test_metadata_groups_tokens_by_slot():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("tokens,sizes,k", [(1, [48], 40), (5, [32, 16, 16], 300), (21, [40, 24], 40)])
-@pytest.mark.parametrize("path", ["fused", "tiles"])
-def test_tile_kernels_match_float64(device, dtype, tol, tokens, sizes, k, path):
+def test_tile_kernels_match_float64(device, dtype, tol, tokens, sizes, k):
     """Small batches: fused q/k/v (or gate/up) with a block-diagonal B, tiles of one slot's tokens (21
-    tokens: a slot spans two tiles), base-model tokens left alone; one fused launch, or a K-split
-    partial shrink (k=300: three chunks, the last one short) and an expand that sums the partials."""
+    tokens: a slot spans two tiles), base-model tokens left alone; a K-split partial shrink (k=300:
+    three chunks, the last one short) and an expand that sums the partials."""
     s, rank = 3, 8
     p, n = len(sizes), sum(sizes)
     x = torch.randn(tokens, k, dtype=dtype, device=device)
@@ -83,18 +82,15 @@ def test_tile_kernels_match_float64(device, dtype, tol, tokens, sizes, k, path):
     b = b.to(dtype).to(device)
     slots = torch.randint(-1, s, (tokens,))
     slots[0] = 1
-    order, counts, starts = lora_token_metadata_host(slots.numpy(), s)
-    grid = fused_num_tiles(tokens, s) + 1     # one spare program: empty tiles must exit
-    tiles = lora_tiles_host(counts, starts, grid)
-    assert tiles[2].sum() == (slots >= 0).sum() and tiles[2].max() <= FUSED_BLOCK_M
+    grid = num_tiles_bound(tokens, s) + 1     # one spare program: empty tiles must exit
+    tiles = lora_tiles_host(slots.numpy(), s, grid)
+    assert tiles[:, 1].sum() == (slots >= 0).sum() and tiles[:, 1].max() <= TILE_M
+    for slot, count, *rows in tiles.tolist():   # each tile: tokens of its slot only
+        assert all(slots[r] == slot for r in rows[:count])
     y0 = torch.randn(tokens, n, dtype=dtype, device=device)
-    order_d, tiles_d = torch.from_numpy(order).to(device), torch.from_numpy(tiles).to(device)
-    if path == "fused":
-        y = lora_fused(x, a, b, order_d, tiles_d, y0.clone(), sizes, rank)
-    else:
-        part = torch.full((4, grid * FUSED_BLOCK_M, p * rank), float("nan"), device=device)   # only written rows read
-        part = lora_shrink_tiles(x, a, order_d, tiles_d, part, split=3, block_k=64)
-        assert part.shape[0] == (1 if k < 128 else 3)
-        y = lora_expand_tiles(part, b, order_d, tiles_d, y0.clone(), sizes, rank)
+    part = partials_buffer(grid, p * rank, device)
+    part = lora_shrink_tiles(x, a, torch.from_numpy(tiles).to(device), part, split=3, block_k=64)
+    assert part.shape[0] == (1 if k < 128 else 3)
+    y = lora_expand_tiles(part, b, torch.from_numpy(tiles).to(device), y0.clone(), sizes, rank)
     _, exp_y = _expected(x.cpu(), a.cpu(), b.cpu(), slots, y0.cpu())
     torch.testing.assert_close(y.cpu().double(), exp_y, rtol=tol, atol=tol * 8)

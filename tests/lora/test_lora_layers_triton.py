@@ -1,7 +1,7 @@
 """The LoRA layers' Triton path (run by the CPU interpreter) against a float64 recomputation.
 
 ``LoRAState.fill``/``prepare`` give small steps tiles (a K-split partial shrink and an expand that
-sums it, or one fused launch) and larger ones shrink + expand; each must give every token
+sums it) and larger ones shrink + expand; each must give every token
 ``base(x) + B_p A_p x`` of its own adapter, per fused projection ``p`` (q/k/v, gate/up), and leave
 base-model tokens at ``base(x)``.
 """
@@ -11,19 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from aphrodite.kernels.lora import FUSED_MAX_TOKENS
-from aphrodite.lora import layers as layers_mod
+from aphrodite.kernels.lora import TILE_MAX_TOKENS
 from aphrodite.lora.layers import LoRALinear, LoRAState
 from aphrodite.modeling.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
 SLOTS, MAX_RANK = 3, 8
 
 
-@pytest.mark.parametrize("tokens,mode", [(1, "overlap"), (7, "overlap"), (7, "fused"), (FUSED_MAX_TOKENS + 9, "")])
-def test_lora_linear_triton_matches_float64(monkeypatch: pytest.MonkeyPatch, tokens: int, mode: str) -> None:
+@pytest.mark.parametrize("tokens", [1, 7, TILE_MAX_TOKENS + 9])      # tiles, tiles, shrink + expand
+def test_lora_linear_triton_matches_float64(monkeypatch: pytest.MonkeyPatch, tokens: int) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if mode:
-        monkeypatch.setattr(layers_mod, "SMALL_BATCH", mode)
     gen = torch.Generator().manual_seed(tokens)
     state = LoRAState(SLOTS, 64, torch.device("cpu"))
     layers = {
@@ -47,7 +44,7 @@ def test_lora_linear_triton_matches_float64(monkeypatch: pytest.MonkeyPatch, tok
         state.active = True
         state.fill(slots)
         state.prepare(tokens)
-        assert (state.fused is not None) == (tokens <= FUSED_MAX_TOKENS)
+        assert (state.step_tiles is not None) == (tokens <= TILE_MAX_TOKENS)
         got = layer(x)
         expected = x.double() @ base.weight.double().t()
         for t, slot in enumerate(slots.tolist()):
