@@ -3,9 +3,10 @@
     python3 benchmarks/gpu/profile_tp_gpu.py --tp 2 1     # nvidia-h200-x2, about 3 minutes
 
 For each TP size, in its own process: batch-1 decode (128 in / 256 out) wall time per token, then
-one profiled window on every rank (``LLM.start_profile``/``stop_profile``): device-kernel time,
-launches and the top kernels of 64 decode steps; the same for a prefill window (16 prompts of 1,024
-tokens, one output token each); and the engine process's own host time per decode step (cProfile,
+profiled windows on every rank (``LLM.start_profile``/``stop_profile``): device-kernel time,
+launches and the top kernels of 64 decode steps; the same for a prefill window (64 fresh prompts of 1,024
+tokens, one output token each: 8 full 8,192-token steps) and a batched window (256 prompts, 64 steps);
+and the engine process's own host time per decode step (cProfile,
 top functions), which async scheduling must keep under the device time. A table comes last.
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 PREFILL_LEN = int(os.environ.get("PREFILL_LEN", "1024"))
+PREFILL_PROMPTS = int(os.environ.get("PREFILL_PROMPTS", "64"))
+BATCH = int(os.environ.get("BATCH", "256"))
 
 
 def one(tp: int, shape: str) -> dict:
@@ -57,21 +60,36 @@ def one(tp: int, shape: str) -> dict:
         llm.start_profile()
         llm.generate(prompt, SamplingParams(max_tokens=64, **greedy), use_tqdm=False)
         decode = llm.stop_profile()
-        prompts = [{"prompt_token_ids": [(i * 7919 + j) % 30000 + 100 for j in range(PREFILL_LEN)]}
-                   for i in range(16)]
-        llm.generate(prompts, SamplingParams(max_tokens=1, **greedy), use_tqdm=False)
+        def fresh(n: int, length: int, seed: int) -> list[dict]:   # never a prefix-cache hit
+            return [{"prompt_token_ids": [(seed * 104729 + i * 7919 + j * 31) % 30000 + 100 for j in range(length)]}
+                    for i in range(n)]
+
+        one_token = SamplingParams(max_tokens=1, **greedy)
+        llm.generate(fresh(PREFILL_PROMPTS, PREFILL_LEN, 1), one_token, use_tqdm=False)
         t = time.perf_counter()
-        llm.generate(prompts, SamplingParams(max_tokens=1, **greedy), use_tqdm=False)
+        llm.generate(fresh(PREFILL_PROMPTS, PREFILL_LEN, 2), one_token, use_tqdm=False)
         prefill_s = time.perf_counter() - t
         llm.start_profile()
-        llm.generate(prompts, SamplingParams(max_tokens=1, **greedy), use_tqdm=False)
+        llm.generate(fresh(PREFILL_PROMPTS, PREFILL_LEN, 3), one_token, use_tqdm=False)
         prefill = llm.stop_profile()
-        for name, summaries in (("DECODE 64 steps", decode), ("PREFILL 16 x 1024", prefill)):
+        # batched decode: BATCH prompts of 128 tokens, 64 steps (the first steps prefill them)
+        llm.generate(fresh(BATCH, 128, 4), SamplingParams(max_tokens=16, **greedy), use_tqdm=False)
+        t = time.perf_counter()
+        llm.generate(fresh(BATCH, 128, 5), SamplingParams(max_tokens=64, **greedy), use_tqdm=False)
+        batch_s = time.perf_counter() - t
+        llm.start_profile()
+        llm.generate(fresh(BATCH, 128, 6), SamplingParams(max_tokens=64, **greedy), use_tqdm=False)
+        batched = llm.stop_profile()
+        for name, summaries in (("DECODE 64 steps", decode), (f"PREFILL {PREFILL_PROMPTS} x {PREFILL_LEN}", prefill),
+                                (f"BATCH {BATCH} x 128 in / 64 out", batched)):
             for summary in summaries:
                 print(f"===== TP={tp} {name} {summary}", flush=True)
         print(f"===== TP={tp} engine host cProfile, 64 decode steps\n{host}", flush=True)
         llm.llm_engine.shutdown()
-    return {"tp": tp, "ready_s": ready, "ms_per_token": per_token * 1e3, "prefill_tok_s": 16 * PREFILL_LEN / prefill_s,
+    return {"tp": tp, "ready_s": ready, "ms_per_token": per_token * 1e3,
+            "prefill_tok_s": PREFILL_PROMPTS * PREFILL_LEN / prefill_s,
+            "batch_out_tok_s": BATCH * 64 / batch_s, "batch_kernel_ms": [x.kernel_s * 1e3 for x in batched],
+            "batch_wall_ms": batched[0].wall_s * 1e3,
             "decode_kernel_ms": [x.kernel_s * 1e3 / 64 for x in decode],
             "decode_wall_ms": decode[0].wall_s * 1e3 / 64, "decode_launches": [x.kernels / 64 for x in decode],
             "prefill_kernel_ms": [x.kernel_s * 1e3 for x in prefill], "prefill_wall_ms": prefill[0].wall_s * 1e3}
@@ -94,13 +112,15 @@ def main() -> None:
         print("\n".join(line for line in out.splitlines() if not line.startswith("RESULT")), flush=True)
         rows += [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
     print("\n| TP | ready s | decode ms/token | decode kernel ms/step (per rank) | launches/step | "
-          "prefill tok/s | prefill kernel ms (per rank) / wall ms |")
-    print("|---|---|---|---|---|---|---|")
+          "prefill tok/s | prefill kernel ms (per rank) / wall ms | batch out tok/s | batch kernel / wall ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tp']} | {r['ready_s']:.1f} | {r['ms_per_token']:.2f} | "
               f"{' / '.join(f'{x:.2f}' for x in r['decode_kernel_ms'])} (wall {r['decode_wall_ms']:.2f}) | "
               f"{' / '.join(f'{x:.0f}' for x in r['decode_launches'])} | {r['prefill_tok_s']:,.0f} | "
-              f"{' / '.join(f'{x:.1f}' for x in r['prefill_kernel_ms'])} / {r['prefill_wall_ms']:.1f} |")
+              f"{' / '.join(f'{x:.1f}' for x in r['prefill_kernel_ms'])} / {r['prefill_wall_ms']:.1f} | "
+              f"{r['batch_out_tok_s']:,.0f} | {' / '.join(f'{x:.1f}' for x in r['batch_kernel_ms'])} / "
+              f"{r['batch_wall_ms']:.1f} |")
 
 
 if __name__ == "__main__":
