@@ -220,9 +220,9 @@ def _expand_tiles_kernel(part_ptr, b_ptr, y_ptr, tiles_ptr, tile_stride, R, N, T
                          IEEE: tl.constexpr):
     """Sum one tile's ``SPLIT`` partial shrinks (the rank block of its columns' projection) and add the
     expand of one block of output columns. Column blocks ``< T1`` belong to projection 0 (columns
-    ``[0, O1)``), ``< T2`` to projection 1 (``[O1, O2)``), the rest to projection 2. The partials are
-    read without a mask (their rows and the padding past the widest rank block are in bounds and
-    finite), so those loads start with the tile's own and the chain is: tile -> B, y -> store."""
+    ``[0, O1)``), ``< T2`` to projection 1 (``[O1, O2)``), the rest to projection 2. One chain of
+    dependent loads: the tile's row, then B, y and the partials together (whole power-of-two rank
+    blocks, no rank mask: the buffer is padded past the widest block and finite), then the store."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     row = tiles_ptr + pid_m * tile_stride
@@ -230,27 +230,27 @@ def _expand_tiles_kernel(part_ptr, b_ptr, y_ptr, tiles_ptr, tile_stride, R, N, T
     count = tl.load(row + 1)
     offs_m = tl.arange(0, BLOCK_M)
     tok = tl.load(row + 2 + offs_m)
-    proj = (pid_n >= T1).to(tl.int32) + (pid_n >= T2).to(tl.int32)
-    offs_r = tl.arange(0, BLOCK_R)
-    rank = proj * R + offs_r
-    p_ptrs = part_ptr + (pid_m * BLOCK_M + offs_m[:, None]) * sp_t + rank[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        acc += tl.load(p_ptrs + s * sp_s)
     if count == 0:
         return
+    proj = (pid_n >= T1).to(tl.int32) + (pid_n >= T2).to(tl.int32)
     col0 = tl.where(proj == 0, 0, tl.where(proj == 1, O1, O2))
     col_end = tl.where(proj == 0, O1, tl.where(proj == 1, O2, N))
     first_block = tl.where(proj == 0, 0, tl.where(proj == 1, T1, T2))
     offs_n = col0 + (pid_n - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < col_end
+    offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
+    rank = proj * R + offs_r
     m_mask = offs_m < count
     bt = tl.load(b_ptr + slot.to(tl.int64) * sb_s + offs_n[None, :] * sb_n + rank[:, None] * sb_r,
                  mask=n_mask[None, :] & r_mask[:, None], other=0.0)
     y_ptrs = y_ptr + tok[:, None] * sy_t + offs_n[None, :] * sy_n
     mask = m_mask[:, None] & n_mask[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    p_ptrs = part_ptr + (pid_m * BLOCK_M + offs_m[:, None]) * sp_t + rank[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(p_ptrs + s * sp_s, mask=m_mask[:, None], other=0.0)
     if IEEE:
         delta = tl.dot(acc.to(bt.dtype), bt, input_precision="ieee")
     else:

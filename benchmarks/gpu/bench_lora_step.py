@@ -112,24 +112,28 @@ def correctness() -> list[str]:
     return rows
 
 
-SWEEPS = {   # kernel: launch configs tried per group ({}: the defaults)
-    "expand": [{}] + [{"block_n": bn, "num_warps": w} for bn in (16, 32, 64, 128) for w in (1, 2)],
+SWEEPS = {   # kernel: launch configs tried per group ({}: the defaults); the expand's "split" is the shrink's
+    "expand": [{}] + [{"split": sp, "block_n": bn, "num_warps": w} for sp in (8, 16, 32) for bn in (32, 64)
+                      for w in (1, 2)],
     "shrink": [{}] + [{"split": sp, "block_k": bk, "num_warps": w}
                       for sp in (8, 16, 32) for bk in (64, 128, 256) for w in (2, 4)],
 }
 
 
-def sweep(model: dict, st: Step, kernel: str) -> tuple[dict[str, dict], list[str]]:
-    """Best launch config of one tile kernel per group at ``st.tokens`` tokens, LoRA kernels only (32 layers)."""
-    best, rows = {}, []
+def sweep(model: dict, st: Step, kernel: str) -> tuple[dict[str, list], list[str]]:
+    """Launch configs of one tile kernel per group at ``st.tokens`` tokens, fastest first (LoRA kernels
+    only, 32 layers per graph): ``{group: [(us, cfg), ...]}`` and printable rows."""
+    ranked, rows = {}, []
     for name, (k, sizes) in GROUPS.items():
         x = st.input(k)
         ys = [torch.zeros(st.tokens, sum(sizes), device=DEV, dtype=torch.bfloat16) for _ in range(LAYERS)]
-        part = lora_shrink_tiles(x, model[name][0][1], st.tiles, st.part)
         results = []
         for cfg in SWEEPS[kernel]:
             if kernel == "shrink" and cfg and cfg["block_k"] * cfg["split"] > 2 * k:
                 continue
+            cfg = dict(cfg)
+            split = cfg.pop("split", None) if kernel == "expand" else None
+            part = lora_shrink_tiles(x, model[name][0][1], st.tiles, st.part, split=split)
 
             def run(cfg=cfg, layers=model[name], x=x, ys=ys, sizes=sizes, part=part) -> None:
                 for layer in range(LAYERS):
@@ -138,15 +142,27 @@ def sweep(model: dict, st: Step, kernel: str) -> tuple[dict[str, dict], list[str
                         lora_expand_tiles(part, b, st.tiles, ys[layer], sizes, RANK, **cfg)
                     else:
                         lora_shrink_tiles(x, a, st.tiles, st.part, **cfg)
-            results.append((graph_us(run, reps=4) / LAYERS, cfg))
+            results.append((graph_us(run, reps=4) / LAYERS, cfg if split is None else {**cfg, "split": split}))
         default = results[0][0]
         results.sort(key=lambda r: r[0])
-        best[name] = results[0][1]
+        ranked[name] = results
         second = results[min(1, len(results) - 1)]
         rows.append(f"sweep {kernel} {name} T={st.tokens}: best {results[0][0]:.2f} us {results[0][1]}, "
                     f"2nd {second[0]:.2f} us {second[1]}, default {default:.2f} us, "
                     f"worst {results[-1][0]:.2f} us")
-    return best, rows
+    return ranked, rows
+
+
+def best_pair(ranked: dict) -> dict:
+    """Per group: the fastest expand config, and the fastest shrink config with the same K split."""
+    out = {"expand": {}, "shrink": {}}
+    for name, results in ranked["expand"].items():
+        cfg = dict(results[0][1])
+        split = cfg.pop("split", None)
+        out["expand"][name] = cfg
+        same = [c for _, c in ranked["shrink"][name] if c and c.get("split") == split]
+        out["shrink"][name] = same[0] if same else ({"split": split} if split else {})
+    return out
 
 
 def step_fn(model: dict, st: Step, variant: str, cfgs: dict | None = None):
@@ -195,11 +211,12 @@ def main() -> None:
     model = {name: [(torch.empty(sum(sizes), k, device=DEV, dtype=torch.bfloat16).normal_(0, 0.02),
                      *lora_weights(k, sizes)) for _ in range(LAYERS)] for name, (k, sizes) in GROUPS.items()}
     steps = {t: Step(t) for t in (1, 8, 16, 32, 64)}
-    best = {}
+    ranked = {}
     for kernel in SWEEPS:
-        best[kernel], rows = sweep(model, steps[1], kernel)
+        ranked[kernel], rows = sweep(model, steps[1], kernel)
         for row in rows:
             print(row, flush=True)
+    best = best_pair(ranked)
     table = []
     for tokens, st in steps.items():
         line = {"T": tokens, "base": graph_us(step_fn(model, st, "base"), reps=3)}
