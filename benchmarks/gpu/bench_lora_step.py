@@ -204,6 +204,31 @@ def kernels_per_step(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def shrink_hidden(fn) -> str:
+    """Replay one step's CUDA graph under torch.profiler: how many side-stream shrinks ran entirely
+    inside another kernel (the GEMM) and their mean duration."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    shrinks = [e for e in ev if "shrink_tiles" in e.name]
+    gemms = [e for e in ev if "tiles" not in e.name]
+    inside = sum(1 for s in shrinks if any(g.time_range.start <= s.time_range.start and
+                                           s.time_range.end <= g.time_range.end for g in gemms))
+    expands = [e.time_range.elapsed_us() for e in ev if "expand_tiles" in e.name]
+    mean = sum(e.time_range.elapsed_us() for e in shrinks) / max(1, len(shrinks))
+    return (f"{inside}/{len(shrinks)} shrinks inside a GEMM, shrink {mean:.2f} us, expand "
+            f"{sum(expands) / max(1, len(expands)):.2f} us (kernel time, profiled graph replay)")
+
+
 def main() -> None:
     torch.manual_seed(0)
     for row in correctness():
@@ -225,6 +250,10 @@ def main() -> None:
         line["overlap-best"] = graph_us(step_fn(model, st, "overlap", best), reps=3)
         if tokens in (1, 32):
             line["kernels"] = {v: kernels_per_step(step_fn(model, st, v)) for v in ("base", "split", "overlap")}
+            try:
+                print(f"T={tokens} overlap: {shrink_hidden(step_fn(model, st, 'overlap'))}", flush=True)
+            except Exception as e:      # a diagnostic only
+                print(f"T={tokens} overlap profile failed: {type(e).__name__}: {e}", flush=True)
         table.append(line)
         print({k: (round(v) if isinstance(v, float) else v) for k, v in line.items()}, flush=True)
     print(f"\nbest configs at 1 token: {best}")
