@@ -34,8 +34,8 @@ import torch
 from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
 
 __all__ = ["TILE_M", "TILE_MAX_TOKENS", "TILE_SPLIT_K", "LoRAMetadata", "lora_expand", "lora_expand_ref",
-           "lora_expand_tiles", "lora_shrink", "lora_shrink_ref", "lora_shrink_tiles", "lora_tiles_host",
-           "lora_token_metadata", "lora_token_metadata_host", "num_tiles_bound", "partials_buffer"]
+           "lora_expand_tiles", "lora_expand_tokens", "lora_shrink", "lora_shrink_ref", "lora_shrink_tiles",
+           "lora_tiles_host", "lora_token_metadata", "lora_token_metadata_host", "num_tiles_bound", "partials_buffer"]
 
 LoRAMetadata = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -218,11 +218,12 @@ def _expand_tiles_kernel(part_ptr, b_ptr, y_ptr, tiles_ptr, tile_stride, R, N, T
                          sp_s, sp_t, sb_s, sb_n, sb_r, sy_t, sy_n,
                          SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                          IEEE: tl.constexpr):
-    """Sum one tile's ``SPLIT`` partial shrinks (the rank block of its columns' projection) and add the
-    expand of one block of output columns. Column blocks ``< T1`` belong to projection 0 (columns
-    ``[0, O1)``), ``< T2`` to projection 1 (``[O1, O2)``), the rest to projection 2. One chain of
-    dependent loads: the tile's row, then B, y and the partials together (whole power-of-two rank
-    blocks, no rank mask: the buffer is padded past the widest block and finite), then the store."""
+    """Sum one tile's ``SPLIT`` partial shrinks (the rank block of its columns' projection; ``SPLIT=0``:
+    read its tokens' shrink values, token-major) and add the expand of one block of output columns.
+    Column blocks ``< T1`` belong to projection 0 (columns ``[0, O1)``), ``< T2`` to projection 1
+    (``[O1, O2)``), the rest to projection 2. One chain of dependent loads: the tile's row, then B, y
+    and the shrink values together (partials: whole power-of-two rank blocks, no rank mask, the
+    buffer is padded past the widest block and finite), then the store."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     row = tiles_ptr + pid_m * tile_stride
@@ -247,10 +248,14 @@ def _expand_tiles_kernel(part_ptr, b_ptr, y_ptr, tiles_ptr, tile_stride, R, N, T
     y_ptrs = y_ptr + tok[:, None] * sy_t + offs_n[None, :] * sy_n
     mask = m_mask[:, None] & n_mask[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-    p_ptrs = part_ptr + (pid_m * BLOCK_M + offs_m[:, None]) * sp_t + rank[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        acc += tl.load(p_ptrs + s * sp_s, mask=m_mask[:, None], other=0.0)
+    if SPLIT == 0:      # token-major shrink values: part[tok, slot * sp_s + rank] (a GEMM's extra columns)
+        acc = tl.load(part_ptr + tok[:, None] * sp_t + slot.to(tl.int64) * sp_s + rank[None, :],
+                      mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    else:
+        p_ptrs = part_ptr + (pid_m * BLOCK_M + offs_m[:, None]) * sp_t + rank[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(p_ptrs + s * sp_s, mask=m_mask[:, None], other=0.0)
     if IEEE:
         delta = tl.dot(acc.to(bt.dtype), bt, input_precision="ieee")
     else:
@@ -352,6 +357,20 @@ def lora_shrink_tiles(x: torch.Tensor, a: torch.Tensor, tiles: torch.Tensor, par
     return part[:split]
 
 
+def _expand_launch(part: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor, y: torch.Tensor, sizes: list[int],
+                   rank: int, split: int, sp_s: int, sp_t: int, block_n: int | None, num_warps: int) -> torch.Tensor:
+    n = y.shape[1]
+    bn = block_n or (32 if n <= 8192 else 64)
+    t1, t2, o1, o2, blocks = _column_blocks(sizes, n, bn)
+    grid = (tiles.shape[0], blocks)
+    _expand_tiles(y.device)[grid](part, b, y, tiles, tiles.stride(0), rank, n, t1, t2, o1, o2,
+                                  sp_s, sp_t, b.stride(0), b.stride(1), b.stride(2),
+                                  y.stride(0), y.stride(1), SPLIT=split, BLOCK_M=TILE_M, BLOCK_N=bn,
+                                  BLOCK_R=max(16, next_pow2(rank)), IEEE=b.dtype == torch.float32,
+                                  num_warps=num_warps)
+    return y
+
+
 def lora_expand_tiles(part: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor, y: torch.Tensor,
                       sizes: list[int], rank: int, block_n: int | None = None, num_warps: int = 1) -> torch.Tensor:
     """``y[t] += (sum_s part[s, row(t)]) @ b[slot[t]]^T`` per tile (``part`` as ``lora_shrink_tiles``
@@ -359,15 +378,16 @@ def lora_expand_tiles(part: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor, 
 
     Narrow column blocks and one warp per program: measured fastest on an H200 at one token (each
     program is a short chain of loads; more programs keep more of them in flight)."""
-    n = y.shape[1]
-    bn = block_n or (32 if n <= 8192 else 64)
-    t1, t2, o1, o2, blocks = _column_blocks(sizes, n, bn)
     br = max(16, next_pow2(rank))
     if part.shape[2] < len(sizes) * rank + br - rank:
         raise ValueError("lora_expand_tiles needs the partials padded past the widest rank block (partials_buffer)")
-    grid = (tiles.shape[0], blocks)
-    _expand_tiles(y.device)[grid](part, b, y, tiles, tiles.stride(0), rank, n, t1, t2, o1, o2,
-                                  part.stride(0), part.stride(1), b.stride(0), b.stride(1), b.stride(2),
-                                  y.stride(0), y.stride(1), SPLIT=part.shape[0], BLOCK_M=TILE_M, BLOCK_N=bn,
-                                  BLOCK_R=br, IEEE=b.dtype == torch.float32, num_warps=num_warps)
-    return y
+    return _expand_launch(part, b, tiles, y, sizes, rank, part.shape[0], part.stride(0), part.stride(1),
+                          block_n, num_warps)
+
+
+def lora_expand_tokens(shrunk: torch.Tensor, b: torch.Tensor, tiles: torch.Tensor, y: torch.Tensor,
+                       sizes: list[int], rank: int, block_n: int | None = None, num_warps: int = 1) -> torch.Tensor:
+    """``lora_expand_tiles`` from token-major shrink values: ``shrunk [T, S * P*rank]`` holds every slot's
+    ``x[t] @ a[slot]^T`` (what a GEMM over the base weight with all slots' A rows appended gives in its
+    extra columns); each tile reads its own slot's block."""
+    return _expand_launch(shrunk, b, tiles, y, sizes, rank, 0, b.shape[2], shrunk.stride(0), block_n, num_warps)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aphrodite.distributed.communication import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
+from aphrodite.distributed.parallel_state import get_pp_size
 from aphrodite.kernels.lora import (
     SPLIT_K_MAX_TOKENS,
     TILE_M,
@@ -29,6 +31,7 @@ from aphrodite.kernels.lora import (
     LoRAMetadata,
     lora_expand,
     lora_expand_tiles,
+    lora_expand_tokens,
     lora_shrink,
     lora_shrink_tiles,
     lora_tiles_host,
@@ -44,6 +47,7 @@ from aphrodite.modeling.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    UnquantizedLinearMethod,
 )
 
 __all__ = ["LoRAEmbedding", "LoRALinear", "LoRALogits", "LoRAState"]
@@ -199,7 +203,14 @@ class LoRALinear(nn.Module):
         nr = len(self.shard_ids) * max_rank
         self.index = state.register(nr)
         device = state.slots.device
-        self.lora_a = torch.zeros(max_loras, nr, base_layer.in_features, dtype=dtype, device=device)
+        # Small steps on a plain weight: every slot's A rows sit below the base weight in one matrix, so
+        # the base GEMM also gives each token's shrink for every slot (no shrink kernel on the way).
+        self.weight_cat: torch.Tensor | None = None
+        self.bias_cat: torch.Tensor | None = None
+        if self._can_append_a(dtype):
+            self.lora_a = self._append_a(max_loras, nr)
+        else:
+            self.lora_a = torch.zeros(max_loras, nr, base_layer.in_features, dtype=dtype, device=device)
         if device.type == "cuda":
             self.lora_b = torch.zeros(max_loras, base_layer.out_features, nr, dtype=dtype, device=device)
         else:  # [out, S, R] storage: the reference multiplies by every slot with one matmul, no copy
@@ -210,6 +221,33 @@ class LoRALinear(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["base_layer"], name)   # q_size, num_heads, ... of the wrapped layer
+
+    def _can_append_a(self, dtype: torch.dtype) -> bool:
+        """A plain weight in the LoRA dtype on the Triton path, and an output nobody needs contiguous (the
+        layer then returns a row-strided view): not an all-reduced/all-gathered shard, nor the last
+        layer of a pipeline stage whose hidden states are sent on."""
+        base = self.base_layer
+        weight = getattr(base, "weight", None)
+        return (isinstance(base.quant_method, UnquantizedLinearMethod) and isinstance(weight, torch.Tensor)
+                and weight.dtype == dtype and use_triton(weight) and len(self.slice_sizes) <= 3
+                and base.tp_size == 1 and get_pp_size() == 1)
+
+    def _append_a(self, max_loras: int, width: int) -> torch.Tensor:
+        """Move the base weight (and bias) into ``[out + S * width, in]`` storage, the base parameter
+        becoming a view of its first rows; returns the rest as the stacked ``lora_a [S, width, in]``."""
+        base = self.base_layer
+        w = base.weight
+        n, k = w.shape
+        cat = torch.zeros(n + max_loras * width, k, dtype=w.dtype, device=w.device)
+        cat[:n].copy_(w.data)
+        w.data = cat[:n]
+        self.weight_cat = cat
+        if base.bias is not None:
+            bias = torch.zeros(cat.shape[0], dtype=base.bias.dtype, device=base.bias.device)
+            bias[:n].copy_(base.bias.data)
+            base.bias.data = bias[:n]
+            self.bias_cat = bias
+        return cat[n:].view(max_loras, width, k)
 
     # ---- slots ----------------------------------------------------------------------
     def _shard(self, full: torch.Tensor, dim: int, shape: tuple[int, int], shard_id: object) -> torch.Tensor:
@@ -260,11 +298,11 @@ class LoRALinear(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------
     def _start_shrink(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Small steps: the K-split partial shrink, queued on the side stream (CUDA) so that it runs beside
-        the base GEMM and only the expand follows the GEMM."""
+        """Small steps without appended A rows: the K-split partial shrink, queued on the side stream (CUDA)
+        so that it can run beside the base GEMM and only the expand follows the GEMM."""
         state = self.state
         tiles = state.step_tiles
-        if tiles is None or len(self.slice_sizes) > 3:
+        if tiles is None or self.weight_cat is not None or len(self.slice_sizes) > 3:
             return None
         x2 = x.reshape(-1, x.shape[-1])
         side = state.side_stream
@@ -273,6 +311,16 @@ class LoRALinear(nn.Module):
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             return lora_shrink_tiles(x2, self.lora_a, tiles, state.partials())
+
+    def _appended_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Small step, A rows appended: one GEMM gives the base output and every slot's shrink, one expand
+        adds each tile's delta into the (row-strided) base columns."""
+        n = self.base_layer.out_features
+        x2 = x.reshape(-1, x.shape[-1])
+        wide = F.linear(x2, self.weight_cat, self.bias_cat)
+        y = wide[:, :n]
+        lora_expand_tokens(wide[:, n:], self.lora_b, self.state.step_tiles, y, self.slice_sizes, self.max_rank)
+        return y.view(*x.shape[:-1], n)
 
     def _add_delta(self, x: torch.Tensor, out: torch.Tensor, part: torch.Tensor | None) -> torch.Tensor:
         meta = self.state.meta
@@ -293,6 +341,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        if self.weight_cat is not None and self.state.step_tiles is not None:
+            return self._appended_forward(x)
         part = self._start_shrink(x)
         if self.is_row and base.tp_size > 1:
             out = self._add_delta(x, base.quant_method.apply(base, x), part)

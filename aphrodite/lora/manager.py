@@ -69,6 +69,8 @@ class LoRAManager:
             self.layers.append((self.logits, ["lm_head"]))
             self.targets["lm_head"] = (self.logits, 0)
         model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        if device.type == "cuda":   # base weights moved into storage with the A rows appended: free the old
+            torch.cuda.empty_cache()
         self.registry: dict[int, LoRARequest] = {}
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self.slot_of: OrderedDict[int, int] = OrderedDict()      # adapter id -> device slot, LRU first

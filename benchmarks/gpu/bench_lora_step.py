@@ -9,8 +9,10 @@ block-diagonal B) added by a path of ``aphrodite.kernels.lora``:
 
 * ``split``: ``lora_shrink`` (split-K, atomics into a scratch zeroed once per step) + ``lora_expand``
   (what the layers use above ``TILE_MAX_TOKENS`` tokens);
+* ``appended``: every slot's A rows appended to the base weight, so the GEMM gives the shrink too, then
+  ``lora_expand_tokens`` (what plain-weight layers use up to ``TILE_MAX_TOKENS`` tokens);
 * ``overlap``: ``lora_shrink_tiles`` on a side stream beside the GEMM, ``lora_expand_tiles`` after it
-  (what the layers use up to ``TILE_MAX_TOKENS`` tokens);
+  (what other layers use up to ``TILE_MAX_TOKENS`` tokens);
 * ``overlap-prio``: the same with a high-priority side stream;
 * ``serial``: the tile kernels on the main stream, shrink before the GEMM;
 * ``expand-only``: only ``lora_expand_tiles`` after each GEMM (the bound if the shrink were free).
@@ -18,8 +20,8 @@ block-diagonal B) added by a path of ``aphrodite.kernels.lora``:
 1. Correctness at the 8B shapes: both kernel paths against the PyTorch reference (8 slots, base tokens).
 2. Sweeps of the tile kernels' launch configs per group at 1 token, 32 distinct layers per CUDA graph
    (weights come from HBM as in the model): microseconds per launch.
-3. Step time (one CUDA graph per step) at 1 token (one adapter) and 8/16/32/64 tokens (spread over the
-   8 slots), and kernels per step (torch.profiler over one eager step).
+3. Step time (one CUDA graph per step; ``-best``: the swept configs) at 1 token (one adapter) and
+   8/16/32/64 tokens (spread over the 8 slots), and kernels per step (torch.profiler over one eager step).
 The table last: per-step microseconds and the LoRA step as a percentage of the base step's speed.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ from aphrodite.kernels.lora import (  # noqa: E402
     lora_expand,
     lora_expand_ref,
     lora_expand_tiles,
+    lora_expand_tokens,
     lora_shrink,
     lora_shrink_ref,
     lora_shrink_tiles,
@@ -51,7 +54,7 @@ LAYERS, SLOTS, RANK = 32, 8, 16
 GROUPS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]), "gate_up": (4096, [14336, 14336]),
           "down": (14336, [4096])}
 DEV = torch.device("cuda")
-VARIANTS = ("split", "overlap", "overlap-prio", "serial", "expand-only")
+VARIANTS = ("split", "appended", "overlap", "overlap-prio", "serial", "expand-only")
 
 
 def lora_weights(k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +106,9 @@ def correctness() -> list[str]:
             split = lora_expand(lora_shrink(x, a, st.meta), b, st.meta, y0.clone()).float()
             part = lora_shrink_tiles(x, a, st.tiles, st.part)
             tiles = lora_expand_tiles(part, b, st.tiles, y0.clone(), sizes, RANK).float()
-            for label, got in (("split", split), ("tiles", tiles)):
+            shrunk = F.linear(x, a.reshape(-1, k))
+            tokens_ = lora_expand_tokens(shrunk, b, st.tiles, y0.clone(), sizes, RANK).float()
+            for label, got in (("split", split), ("tiles", tiles), ("appended", tokens_)):
                 err = (got - ref).abs().max().item()
                 ok = err <= 0.03 * scale + 1e-3
                 rows.append(f"check T={tokens} {name} {label}: max err {err:.3g} (delta {scale:.3g}) "
@@ -115,6 +120,7 @@ def correctness() -> list[str]:
 SWEEPS = {   # kernel: launch configs tried per group ({}: the defaults); the expand's "split" is the shrink's
     "expand": [{}] + [{"split": sp, "block_n": bn, "num_warps": w} for sp in (8, 16, 32) for bn in (32, 64)
                       for w in (1, 2)],
+    "expand-tokens": [{}] + [{"block_n": bn, "num_warps": w} for bn in (16, 32, 64, 128) for w in (1, 2, 4)],
     "shrink": [{}] + [{"split": sp, "block_k": bk, "num_warps": w}
                       for sp in (8, 16, 32) for bk in (64, 128, 256) for w in (2, 4)],
 }
@@ -134,11 +140,14 @@ def sweep(model: dict, st: Step, kernel: str) -> tuple[dict[str, list], list[str
             cfg = dict(cfg)
             split = cfg.pop("split", None) if kernel == "expand" else None
             part = lora_shrink_tiles(x, model[name][0][1], st.tiles, st.part, split=split)
+            shrunk = F.linear(x, model[name][0][1].reshape(-1, k))
 
-            def run(cfg=cfg, layers=model[name], x=x, ys=ys, sizes=sizes, part=part) -> None:
+            def run(cfg=cfg, layers=model[name], x=x, ys=ys, sizes=sizes, part=part, shrunk=shrunk) -> None:
                 for layer in range(LAYERS):
-                    a, b = layers[layer][1:]
-                    if kernel == "expand":
+                    a, b = layers[layer][1:3]
+                    if kernel == "expand-tokens":
+                        lora_expand_tokens(shrunk, b, st.tiles, ys[layer], sizes, RANK, **cfg)
+                    elif kernel == "expand":
                         lora_expand_tiles(part, b, st.tiles, ys[layer], sizes, RANK, **cfg)
                     else:
                         lora_shrink_tiles(x, a, st.tiles, st.part, **cfg)
@@ -173,7 +182,7 @@ def step_fn(model: dict, st: Step, variant: str, cfgs: dict | None = None):
             st.scratch.zero_()
         for layer in range(LAYERS):
             for g, (name, (k, sizes)) in enumerate(GROUPS.items()):
-                w, a, b = model[name][layer]
+                w, a, b, wcat = model[name][layer]
                 x = st.input(k)
                 shrink_cfg, expand_cfg = ((cfgs or {}).get(key, {}).get(name, {}) for key in ("shrink", "expand"))
                 part = st.part[:1]
@@ -183,6 +192,12 @@ def step_fn(model: dict, st: Step, variant: str, cfgs: dict | None = None):
                         part = lora_shrink_tiles(x, a, st.tiles, st.part, **shrink_cfg)
                 elif variant == "serial":
                     part = lora_shrink_tiles(x, a, st.tiles, st.part, **shrink_cfg)
+                if variant == "appended":
+                    wide = F.linear(x, wcat)
+                    y = wide[:, :w.shape[0]]
+                    lora_expand_tokens(wide[:, w.shape[0]:], b, st.tiles, y, sizes, RANK,
+                                       **(cfgs or {}).get("expand-tokens", {}).get(name, {}))
+                    continue
                 y = F.linear(x, w)
                 if variant == "split":
                     buf = st.scratch[layer, g, :, :a.shape[1]]
@@ -233,8 +248,13 @@ def main() -> None:
     torch.manual_seed(0)
     for row in correctness():
         print(row, flush=True)
-    model = {name: [(torch.empty(sum(sizes), k, device=DEV, dtype=torch.bfloat16).normal_(0, 0.02),
-                     *lora_weights(k, sizes)) for _ in range(LAYERS)] for name, (k, sizes) in GROUPS.items()}
+    model = {}
+    for name, (k, sizes) in GROUPS.items():
+        model[name] = []
+        for _ in range(LAYERS):
+            w = torch.empty(sum(sizes), k, device=DEV, dtype=torch.bfloat16).normal_(0, 0.02)
+            a, b = lora_weights(k, sizes)
+            model[name].append((w, a, b, torch.cat([w, a.reshape(-1, k)])))   # + the A rows appended
     steps = {t: Step(t) for t in (1, 8, 16, 32, 64)}
     ranked = {}
     for kernel in SWEEPS:
@@ -242,14 +262,17 @@ def main() -> None:
         for row in rows:
             print(row, flush=True)
     best = best_pair(ranked)
+    best["expand-tokens"] = {name: results[0][1] for name, results in ranked["expand-tokens"].items()}
     table = []
     for tokens, st in steps.items():
         line = {"T": tokens, "base": graph_us(step_fn(model, st, "base"), reps=3)}
         for variant in VARIANTS:
             line[variant] = graph_us(step_fn(model, st, variant), reps=3)
         line["overlap-best"] = graph_us(step_fn(model, st, "overlap", best), reps=3)
+        line["appended-best"] = graph_us(step_fn(model, st, "appended", best), reps=3)
         if tokens in (1, 32):
-            line["kernels"] = {v: kernels_per_step(step_fn(model, st, v)) for v in ("base", "split", "overlap")}
+            line["kernels"] = {v: kernels_per_step(step_fn(model, st, v))
+                               for v in ("base", "split", "appended", "overlap")}
             try:
                 print(f"T={tokens} overlap: {shrink_hidden(step_fn(model, st, 'overlap'))}", flush=True)
             except Exception as e:      # a diagnostic only
@@ -257,15 +280,15 @@ def main() -> None:
         table.append(line)
         print({k: (round(v) if isinstance(v, float) else v) for k, v in line.items()}, flush=True)
     print(f"\nbest configs at 1 token: {best}")
-    cols = (*VARIANTS, "overlap-best")
+    cols = (*VARIANTS, "overlap-best", "appended-best")
     print("\n| tokens (8B shapes, 32 layers, 1 CUDA graph) | base us/step | " + " | ".join(f"+{c}" for c in cols)
-          + " | kernels base/split/overlap |")
+          + " | kernels base/split/appended/overlap |")
     print("|---|---|" + "---|" * len(cols) + "---|")
     for ln in table:
         b = ln["base"]
         cells = " | ".join(f"{ln[v]:.0f} ({b / ln[v]:.1%})" for v in cols)
         k = ln.get("kernels")
-        kc = "/".join(str(k[v]) for v in ("base", "split", "overlap")) if k else "-"
+        kc = "/".join(str(k[v]) for v in ("base", "split", "appended", "overlap")) if k else "-"
         print(f"| {ln['T']} | {b:.0f} | {cells} | {kc} |")
 
 

@@ -9,6 +9,7 @@ from aphrodite.kernels.lora import (
     lora_expand,
     lora_expand_ref,
     lora_expand_tiles,
+    lora_expand_tokens,
     lora_shrink,
     lora_shrink_ref,
     lora_shrink_tiles,
@@ -66,10 +67,12 @@ def test_metadata_groups_tokens_by_slot():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("tokens,sizes,k", [(1, [48], 40), (5, [32, 16, 16], 300), (21, [40, 24], 40)])
-def test_tile_kernels_match_float64(device, dtype, tol, tokens, sizes, k):
+@pytest.mark.parametrize("source", ["partials", "tokens"])
+def test_tile_kernels_match_float64(device, dtype, tol, tokens, sizes, k, source):
     """Small batches: fused q/k/v (or gate/up) with a block-diagonal B, tiles of one slot's tokens (21
-    tokens: a slot spans two tiles), base-model tokens left alone; a K-split partial shrink (k=300:
-    three chunks, the last one short) and an expand that sums the partials."""
+    tokens: a slot spans two tiles), base-model tokens left alone; the expand sums a K-split partial
+    shrink (k=300: three chunks, the last one short) or reads token-major shrink values of every slot
+    (a GEMM's extra columns)."""
     s, rank = 3, 8
     p, n = len(sizes), sum(sizes)
     x = torch.randn(tokens, k, dtype=dtype, device=device)
@@ -88,9 +91,16 @@ def test_tile_kernels_match_float64(device, dtype, tol, tokens, sizes, k):
     for slot, count, *rows in tiles.tolist():   # each tile: tokens of its slot only
         assert all(slots[r] == slot for r in rows[:count])
     y0 = torch.randn(tokens, n, dtype=dtype, device=device)
-    part = partials_buffer(grid, p * rank, device)
-    part = lora_shrink_tiles(x, a, torch.from_numpy(tiles).to(device), part, split=3, block_k=64)
-    assert part.shape[0] == (1 if k < 128 else 3)
-    y = lora_expand_tiles(part, b, torch.from_numpy(tiles).to(device), y0.clone(), sizes, rank)
+    tiles_d = torch.from_numpy(tiles).to(device)
+    if source == "partials":
+        part = partials_buffer(grid, p * rank, device)
+        part = lora_shrink_tiles(x, a, tiles_d, part, split=3, block_k=64)
+        assert part.shape[0] == (1 if k < 128 else 3)
+        y = lora_expand_tiles(part, b, tiles_d, y0.clone(), sizes, rank)
+    else:
+        shrunk = (x.double() @ a.reshape(s * p * rank, k).double().t()).to(dtype)
+        wide = torch.zeros(tokens, n + shrunk.shape[1] + 5, dtype=dtype, device=device)   # a row-strided view
+        wide[:, n:n + shrunk.shape[1]] = shrunk
+        y = lora_expand_tokens(wide[:, n:n + shrunk.shape[1]], b, tiles_d, y0.clone(), sizes, rank)
     _, exp_y = _expected(x.cpu(), a.cpu(), b.cpu(), slots, y0.cpu())
     torch.testing.assert_close(y.cpu().double(), exp_y, rtol=tol, atol=tol * 8)
