@@ -13,15 +13,13 @@ block-diagonal B) added by a path of ``aphrodite.kernels.lora``:
   ``lora_expand_tokens`` (what plain-weight layers use up to ``TILE_MAX_TOKENS`` tokens);
 * ``overlap``: ``lora_shrink_tiles`` on a side stream beside the GEMM, ``lora_expand_tiles`` after it
   (what other layers use up to ``TILE_MAX_TOKENS`` tokens);
-* ``overlap-prio``: the same with a high-priority side stream;
-* ``serial``: the tile kernels on the main stream, shrink before the GEMM;
 * ``expand-only``: only ``lora_expand_tiles`` after each GEMM (the bound if the shrink were free).
 
 1. Correctness at the 8B shapes: both kernel paths against the PyTorch reference (8 slots, base tokens).
 2. Sweeps of the tile kernels' launch configs per group at 1 token, 32 distinct layers per CUDA graph
    (weights come from HBM as in the model): microseconds per launch.
 3. Step time (one CUDA graph per step; ``-best``: the swept configs) at 1 token (one adapter) and
-   8/16/32/64 tokens (spread over the 8 slots), and kernels per step (torch.profiler over one eager step).
+   8/32 tokens (spread over the 8 slots), and kernels per step (torch.profiler over one eager step).
 The table last: per-step microseconds and the LoRA step as a percentage of the base step's speed.
 """
 from __future__ import annotations
@@ -54,7 +52,7 @@ LAYERS, SLOTS, RANK = 32, 8, 16
 GROUPS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]), "gate_up": (4096, [14336, 14336]),
           "down": (14336, [4096])}
 DEV = torch.device("cuda")
-VARIANTS = ("split", "appended", "overlap", "overlap-prio", "serial", "expand-only")
+VARIANTS = ("split", "appended", "overlap", "expand-only")
 
 
 def lora_weights(k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,11 +116,11 @@ def correctness() -> list[str]:
 
 
 SWEEPS = {   # kernel: launch configs tried per group ({}: the defaults); the expand's "split" is the shrink's
-    "expand": [{}] + [{"split": sp, "block_n": bn, "num_warps": w} for sp in (8, 16, 32) for bn in (32, 64)
+    "expand": [{}] + [{"split": sp, "block_n": bn, "num_warps": w} for sp in (16, 32) for bn in (32, 64)
                       for w in (1, 2)],
-    "expand-tokens": [{}] + [{"block_n": bn, "num_warps": w} for bn in (16, 32, 64, 128) for w in (1, 2, 4)],
+    "expand-tokens": [{}] + [{"block_n": bn, "num_warps": w} for bn in (16, 32, 64) for w in (1, 2)],
     "shrink": [{}] + [{"split": sp, "block_k": bk, "num_warps": w}
-                      for sp in (8, 16, 32) for bk in (64, 128, 256) for w in (2, 4)],
+                      for sp in (16, 32) for bk in (64, 128) for w in (2, 4)],
 }
 
 
@@ -175,7 +173,7 @@ def best_pair(ranked: dict) -> dict:
 
 
 def step_fn(model: dict, st: Step, variant: str, cfgs: dict | None = None):
-    side = torch.cuda.Stream(priority=-1 if variant == "overlap-prio" else 0)
+    side = torch.cuda.Stream()
 
     def run() -> None:
         if variant == "split":
@@ -190,8 +188,6 @@ def step_fn(model: dict, st: Step, variant: str, cfgs: dict | None = None):
                     side.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(side):
                         part = lora_shrink_tiles(x, a, st.tiles, st.part, **shrink_cfg)
-                elif variant == "serial":
-                    part = lora_shrink_tiles(x, a, st.tiles, st.part, **shrink_cfg)
                 if variant == "appended":
                     wide = F.linear(x, wcat)
                     y = wide[:, :w.shape[0]]
@@ -255,7 +251,7 @@ def main() -> None:
             w = torch.empty(sum(sizes), k, device=DEV, dtype=torch.bfloat16).normal_(0, 0.02)
             a, b = lora_weights(k, sizes)
             model[name].append((w, a, b, torch.cat([w, a.reshape(-1, k)])))   # + the A rows appended
-    steps = {t: Step(t) for t in (1, 8, 16, 32, 64)}
+    steps = {t: Step(t) for t in (1, 8, 32)}
     ranked = {}
     for kernel in SWEEPS:
         ranked[kernel], rows = sweep(model, steps[1], kernel)
