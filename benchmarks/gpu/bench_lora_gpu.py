@@ -1,6 +1,7 @@
 """LoRA on one H200: Llama-3.1-8B's shape with dummy bf16 weights, with and without adapters.
 
     python3 benchmarks/gpu/bench_lora_gpu.py            # about 3 minutes; a table last
+    NUM_PROMPTS=100 python3 benchmarks/gpu/bench_lora_gpu.py --skip-kernel-check    # under 2 minutes
 
 1. Kernel check at the 8B shapes: the Triton shrink/expand against the PyTorch reference, 8 slots of
    rank 16, decode-sized and prefill-sized batches.
@@ -160,7 +161,8 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
     from aphrodite.benchmarks.model_shapes import write_model_shape
-    print(kernel_check(), flush=True)
+    if "--skip-kernel-check" not in sys.argv:     # bench_lora_step.py checks the small-batch kernels
+        print(kernel_check(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(write_model_shape("llama-3.1-8b", Path(tmp) / "model"))
         adapters = []

@@ -16,10 +16,11 @@ block-diagonal B) added by a path of ``aphrodite.kernels.lora``:
 * ``expand-only``: only ``lora_expand_tiles`` after each GEMM (the bound if the shrink were free).
 
 1. Correctness at the 8B shapes: both kernel paths against the PyTorch reference (8 slots, base tokens).
-2. Sweeps of the tile kernels' launch configs per group at 1 token, 32 distinct layers per CUDA graph
-   (weights come from HBM as in the model): microseconds per launch.
-3. Step time (one CUDA graph per step; ``-best``: the swept configs) at 1 token (one adapter) and
-   8/32 tokens (spread over the 8 slots), and kernels per step (torch.profiler over one eager step).
+2. Step time (one CUDA graph per step) at 1 token (one adapter) and 8/32 tokens (spread over the 8
+   slots), and kernels per step at 1 token (torch.profiler over one eager step).
+3. A sweep of ``lora_expand_tokens``' launch configs per group at 1 token, 32 distinct layers per CUDA
+   graph (weights come from HBM as in the model): microseconds per launch; the appended step again
+   with the best ones.
 The table last: per-step microseconds and the LoRA step as a percentage of the base step's speed.
 """
 from __future__ import annotations
@@ -115,61 +116,34 @@ def correctness() -> list[str]:
     return rows
 
 
-SWEEPS = {   # kernel: launch configs tried per group ({}: the defaults); the expand's "split" is the shrink's
-    "expand": [{}] + [{"split": sp, "block_n": bn, "num_warps": w} for sp in (16, 32) for bn in (32, 64)
-                      for w in (1, 2)],
+SWEEPS = {   # kernel: launch configs tried per group ({}: the defaults)
     "expand-tokens": [{}] + [{"block_n": bn, "num_warps": w} for bn in (16, 32, 64) for w in (1, 2)],
-    "shrink": [{}] + [{"split": sp, "block_k": bk, "num_warps": w}
-                      for sp in (16, 32) for bk in (64, 128) for w in (2, 4)],
 }
 
 
-def sweep(model: dict, st: Step, kernel: str) -> tuple[dict[str, list], list[str]]:
-    """Launch configs of one tile kernel per group at ``st.tokens`` tokens, fastest first (LoRA kernels
-    only, 32 layers per graph): ``{group: [(us, cfg), ...]}`` and printable rows."""
+def sweep(model: dict, st: Step) -> tuple[dict[str, list], list[str]]:
+    """``lora_expand_tokens``' launch configs per group at ``st.tokens`` tokens, fastest first (the kernel
+    alone, 32 layers per graph): ``{group: [(us, cfg), ...]}`` and printable rows."""
     ranked, rows = {}, []
     for name, (k, sizes) in GROUPS.items():
         x = st.input(k)
         ys = [torch.zeros(st.tokens, sum(sizes), device=DEV, dtype=torch.bfloat16) for _ in range(LAYERS)]
+        shrunk = F.linear(x, model[name][0][1].reshape(-1, k))
         results = []
-        for cfg in SWEEPS[kernel]:
-            if kernel == "shrink" and cfg and cfg["block_k"] * cfg["split"] > 2 * k:
-                continue
-            cfg = dict(cfg)
-            split = cfg.pop("split", None) if kernel == "expand" else None
-            part = lora_shrink_tiles(x, model[name][0][1], st.tiles, st.part, split=split)
-            shrunk = F.linear(x, model[name][0][1].reshape(-1, k))
+        for cfg in SWEEPS["expand-tokens"]:
 
-            def run(cfg=cfg, layers=model[name], x=x, ys=ys, sizes=sizes, part=part, shrunk=shrunk) -> None:
+            def run(cfg=cfg, layers=model[name], ys=ys, sizes=sizes, shrunk=shrunk) -> None:
                 for layer in range(LAYERS):
-                    a, b = layers[layer][1:3]
-                    if kernel == "expand-tokens":
-                        lora_expand_tokens(shrunk, b, st.tiles, ys[layer], sizes, RANK, **cfg)
-                    elif kernel == "expand":
-                        lora_expand_tiles(part, b, st.tiles, ys[layer], sizes, RANK, **cfg)
-                    else:
-                        lora_shrink_tiles(x, a, st.tiles, st.part, **cfg)
-            results.append((graph_us(run, reps=4) / LAYERS, cfg if split is None else {**cfg, "split": split}))
+                    lora_expand_tokens(shrunk, layers[layer][2], st.tiles, ys[layer], sizes, RANK, **cfg)
+            results.append((graph_us(run, reps=4) / LAYERS, cfg))
         default = results[0][0]
         results.sort(key=lambda r: r[0])
         ranked[name] = results
         second = results[min(1, len(results) - 1)]
-        rows.append(f"sweep {kernel} {name} T={st.tokens}: best {results[0][0]:.2f} us {results[0][1]}, "
+        rows.append(f"sweep expand-tokens {name} T={st.tokens}: best {results[0][0]:.2f} us {results[0][1]}, "
                     f"2nd {second[0]:.2f} us {second[1]}, default {default:.2f} us, "
                     f"worst {results[-1][0]:.2f} us")
     return ranked, rows
-
-
-def best_pair(ranked: dict) -> dict:
-    """Per group: the fastest expand config, and the fastest shrink config with the same K split."""
-    out = {"expand": {}, "shrink": {}}
-    for name, results in ranked["expand"].items():
-        cfg = dict(results[0][1])
-        split = cfg.pop("split", None)
-        out["expand"][name] = cfg
-        same = [c for _, c in ranked["shrink"][name] if c and c.get("split") == split]
-        out["shrink"][name] = same[0] if same else ({"split": split} if split else {})
-    return out
 
 
 def step_fn(model: dict, st: Step, variant: str, cfgs: dict | None = None):
@@ -215,31 +189,6 @@ def kernels_per_step(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def shrink_hidden(fn) -> str:
-    """Replay one step's CUDA graph under torch.profiler: how many side-stream shrinks ran entirely
-    inside another kernel (the GEMM) and their mean duration."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        graph.replay()
-        torch.cuda.synchronize()
-    ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    shrinks = [e for e in ev if "shrink_tiles" in e.name]
-    gemms = [e for e in ev if "tiles" not in e.name]
-    inside = sum(1 for s in shrinks if any(g.time_range.start <= s.time_range.start and
-                                           s.time_range.end <= g.time_range.end for g in gemms))
-    expands = [e.time_range.elapsed_us() for e in ev if "expand_tiles" in e.name]
-    mean = sum(e.time_range.elapsed_us() for e in shrinks) / max(1, len(shrinks))
-    return (f"{inside}/{len(shrinks)} shrinks inside a GEMM, shrink {mean:.2f} us, expand "
-            f"{sum(expands) / max(1, len(expands)):.2f} us (kernel time, profiled graph replay)")
-
-
 def main() -> None:
     torch.manual_seed(0)
     for row in correctness():
@@ -252,39 +201,31 @@ def main() -> None:
             a, b = lora_weights(k, sizes)
             model[name].append((w, a, b, torch.cat([w, a.reshape(-1, k)])))   # + the A rows appended
     steps = {t: Step(t) for t in (1, 8, 32)}
-    ranked = {}
-    for kernel in SWEEPS:
-        ranked[kernel], rows = sweep(model, steps[1], kernel)
-        for row in rows:
-            print(row, flush=True)
-    best = best_pair(ranked)
-    best["expand-tokens"] = {name: results[0][1] for name, results in ranked["expand-tokens"].items()}
     table = []
-    for tokens, st in steps.items():
+    for tokens, st in steps.items():     # rows printed as they come: the most important first
         line = {"T": tokens, "base": graph_us(step_fn(model, st, "base"), reps=3)}
         for variant in VARIANTS:
             line[variant] = graph_us(step_fn(model, st, variant), reps=3)
-        line["overlap-best"] = graph_us(step_fn(model, st, "overlap", best), reps=3)
-        line["appended-best"] = graph_us(step_fn(model, st, "appended", best), reps=3)
-        if tokens in (1, 32):
-            line["kernels"] = {v: kernels_per_step(step_fn(model, st, v))
-                               for v in ("base", "split", "appended", "overlap")}
-            try:
-                print(f"T={tokens} overlap: {shrink_hidden(step_fn(model, st, 'overlap'))}", flush=True)
-            except Exception as e:      # a diagnostic only
-                print(f"T={tokens} overlap profile failed: {type(e).__name__}: {e}", flush=True)
+        if tokens == 1:
+            line["kernels"] = {v: kernels_per_step(step_fn(model, st, v)) for v in ("base", "split", "appended")}
         table.append(line)
         print({k: (round(v) if isinstance(v, float) else v) for k, v in line.items()}, flush=True)
+    ranked, rows = sweep(model, steps[1])
+    for row in rows:
+        print(row, flush=True)
+    best = {"expand-tokens": {name: results[0][1] for name, results in ranked.items()}}
+    table[0]["appended-best"] = graph_us(step_fn(model, steps[1], "appended", best), reps=3)
+    print(f"T=1 appended, best expand configs: {table[0]['appended-best']:.0f} us", flush=True)
     print(f"\nbest configs at 1 token: {best}")
-    cols = (*VARIANTS, "overlap-best", "appended-best")
+    cols = (*VARIANTS, "appended-best")
     print("\n| tokens (8B shapes, 32 layers, 1 CUDA graph) | base us/step | " + " | ".join(f"+{c}" for c in cols)
-          + " | kernels base/split/appended/overlap |")
+          + " | kernels base/split/appended |")
     print("|---|---|" + "---|" * len(cols) + "---|")
     for ln in table:
         b = ln["base"]
-        cells = " | ".join(f"{ln[v]:.0f} ({b / ln[v]:.1%})" for v in cols)
+        cells = " | ".join(f"{ln[v]:.0f} ({b / ln[v]:.1%})" if v in ln else "-" for v in cols)
         k = ln.get("kernels")
-        kc = "/".join(str(k[v]) for v in ("base", "split", "appended", "overlap")) if k else "-"
+        kc = "/".join(str(k[v]) for v in ("base", "split", "appended")) if k else "-"
         print(f"| {ln['T']} | {b:.0f} | {cells} | {kc} |")
 
 
