@@ -19,12 +19,15 @@ which costs ``S`` times the (small) LoRA work but has no loop over adapters.
 Small batches (decode at low concurrency, ``<= TILE_MAX_TOKENS`` tokens) take the tile kernels
 instead. The host cuts the step's adapter tokens into tiles of at most ``TILE_M`` tokens of one
 slot, each tile one row ``[slot, count, token ids...]`` (``lora_tiles_host``), so a program finds
-its tokens with one load and no program exists for an empty slot. ``lora_shrink_tiles`` writes
-K-split partial shrinks (no atomics, nothing to zero) and can run on a side stream beside the
-base GEMM; ``lora_expand_tiles`` sums them and adds each block of output columns, reading only
-the rank block of the projection those columns belong to (``B`` of fused q/k/v or gate/up is
-block-diagonal). At a handful of tokens a LoRA layer's GPU time is latency, not bandwidth: what
-is left after the base GEMM is one short chain of dependent loads.
+its tokens with one load and no program exists for an empty slot. The shrink comes either from
+the base GEMM itself (a plain weight with every slot's A rows appended below it gives each token's
+shrink for every slot in its extra columns: ``lora_expand_tokens`` reads the token's own slot) or
+from ``lora_shrink_tiles`` (K-split partials, no atomics, nothing to zero, on a side stream beside
+the base GEMM; ``lora_expand_tiles`` sums them). Both expands read only the rank block of the
+projection their columns belong to (``B`` of fused q/k/v or gate/up is block-diagonal). At a
+handful of tokens a LoRA layer's GPU time is latency, not bandwidth (on an H200 a one-launch
+shrink+expand that re-read A per program was slower than two launches): what is left after the
+base GEMM is one launch with one short chain of dependent loads.
 """
 from __future__ import annotations
 
