@@ -35,7 +35,7 @@ import torch
 from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
 
 __all__ = ["FMT_FP8", "FMT_INT4", "QuantWeight", "dequantize", "quant_matmul", "quant_matmul_ref",
-           "repack_int4", "unpack_int4_cols", "pack_int4_cols"]
+           "repack_int4", "unpack_int4_cols", "pack_int4_cols", "w4_supported"]
 
 FMT_INT4 = 0
 FMT_FP8 = 1
@@ -292,7 +292,106 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr, N, K,
              w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                    M, N, K, tiles_per_split, num_splits, magic,
+                    stride_xm, stride_wk, stride_sg, stride_om,
+                    BASE: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SPLIT: tl.constexpr, SWAP: tl.constexpr, HALF_MATH: tl.constexpr):
+    """Batched W4A16 (bf16/fp16 activations, int4 weights without act-order; N % BLOCK_N == 0 and
+    BLOCK_K divides the group): the dequantization costs a few bit operations per weight pair.
+
+    A packed word's nibble ``j`` and ``j + 4`` land in the two 16-bit halves of ``(p >> 4j) & 0x000F000F``;
+    OR-ing the exponent of ``2^7`` (bf16; ``2^10`` for fp16) makes two floats ``base + q`` without any
+    int -> float conversion (``magic`` is a runtime value so the AND and OR fuse into one LOP3). Then
+    ``w = (v - (base + z)) * s``: the subtraction is exact, the product rounds once, like the reference.
+    Scale and zero rows are loaded once per K tile (BLOCK_K never crosses a group). Rows past ``M`` read
+    row ``m % M`` (no masks in the loop). Program order puts the M tiles of one weight tile next to each
+    other so they share its reads through L2."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    BW: tl.constexpr = BLOCK_N // 8
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m % M          # (not tl.minimum: that hides the rows' alignment and costs the async copies)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = pid_n * BW + tl.arange(0, BW)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_w[None, :]
+    if SWAP:    # out^T = W^T x^T (the weight tile as the MMA's first operand)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kt in range(0, tl.minimum(tiles_per_split, K // BLOCK_K - pid_k * tiles_per_split)):
+        k0 = k_lo + kt * BLOCK_K
+        x = tl.load(x_ptrs)
+        p = tl.load(w_ptrs)
+        g = k0 // GROUP
+        s = tl.load(s_ptr + g * stride_sg + offs_n)
+        if HAS_ZP:
+            zb = tl.load(z_ptr + g * stride_sg + offs_n).to(tl.float32) + BASE
+        else:
+            zb = tl.zeros([BLOCK_N], dtype=tl.float32) + (BASE + 8.0)
+        t0 = (p & 0x000F000F) | magic
+        t1 = ((p >> 4) & 0x000F000F) | magic
+        t2 = ((p >> 8) & 0x000F000F) | magic
+        t3 = ((p >> 12) & 0x000F000F) | magic
+        # [BLOCK_K, BW, 8] in nibble order: join(a, b) puts a new last axis; three of them give index
+        # 4 i0 + 2 i1 + i2 with i0 the first join's axis, so the first joins pair nibble j with j + 4.
+        v = tl.join(tl.join(tl.join(t0.to(tl.int16), (t0 >> 16).to(tl.int16)),
+                            tl.join(t2.to(tl.int16), (t2 >> 16).to(tl.int16))),
+                    tl.join(tl.join(t1.to(tl.int16), (t1 >> 16).to(tl.int16)),
+                            tl.join(t3.to(tl.int16), (t3 >> 16).to(tl.int16))))
+        v = tl.reshape(v, [BLOCK_K, BLOCK_N])
+        if HALF_MATH:       # packed bf16x2 / f16x2 arithmetic on the GPU
+            w = (v.to(x.dtype, bitcast=True) - zb.to(x.dtype)[None, :]) * s[None, :]
+        else:               # the CPU interpreter has no bf16 arithmetic: the same values through fp32
+            if x.dtype == tl.bfloat16:
+                vf = (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+            else:
+                vf = v.to(x.dtype, bitcast=True).to(tl.float32)
+            w = ((vf - zb[None, :]) * s.to(tl.float32)[None, :]).to(x.dtype)
+        if SWAP:
+            acc = tl.dot(tl.trans(w), tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, w, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    if SWAP:
+        res = tl.trans(acc)
+    else:
+        res = acc
+    m_ok = offs_m < M
+    o_mask = m_ok[:, None]
+    o_off = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    if SPLIT:
+        # Every split stores an fp32 partial; the last to arrive for this tile adds them in split order.
+        p_off = (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        tl.store(part_ptr + p_off, res, mask=o_mask)
+        tl.debug_barrier()
+        cnt = cnt_ptr + pid
+        done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if done == num_splits - 1:
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for sp in range(0, num_splits):
+                p_off = (sp * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+                total += tl.load(part_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+            tl.store(out_ptr + o_off, total.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        if HAS_BIAS:
+            res += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        tl.store(out_ptr + o_off, res.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
 _wq_gemm = LazyKernel(_wq_gemm_kernel)
+_w4_gemm = LazyKernel(_w4_gemm_kernel)
 _dequant = LazyKernel(_dequant_kernel)
 
 
@@ -313,6 +412,7 @@ class Config:
     stages: int = 3
     dequant: bool = False
     swap: bool = False         # compute out^T = W^T x^T (the dequantized weight as the MMA's A operand)
+    w4: bool = False           # the batched W4A16 kernel (``_w4_gemm_kernel``) where ``w4_supported`` says so
 
 
 @functools.lru_cache(maxsize=8)
@@ -353,11 +453,73 @@ def _candidates(m: int) -> list[Config]:
             Config(64, 256, 64, splits=1, warps=8, stages=3, swap=True), Config(dequant=True)]
 
 
-def _default_config(m: int, device: torch.device) -> Config:
-    """The untuned choice: the first candidate (decode shapes), or dequantize + cuBLAS for many rows."""
-    if m > 256 and device.type == "cuda":
+def _w4_candidates(m: int) -> list[Config]:
+    """Launch shapes of the batched W4A16 kernel for a rows bucket; the first is the untuned default.
+
+    From the sm_90 SASS (``nvdisasm`` of the compiled kernel): tiles where each thread dequantizes 32 weights
+    a K step issue ~215-250 instructions a thread, i.e. ~20 weights per cycle per SM, so 8 warps on
+    BK x BN = 64 x 128 (4 warps on 64 x 64); larger shares per thread fall into a layout that reads scales
+    2 bytes at a time (~1.8x the instructions). A 128 x 128 x 64 tile on 8 warps costs ~430 issue cycles
+    against 512 of MMA and 256 x 128 x 64 ~500 against 1024, so big M is MMA-bound and each weight tile is
+    dequantized once per M tile (keep one or two). ``target`` adds split-K where the output tiles alone
+    would leave SMs idle (N = 4096 at 16..256 rows); ``swap`` (out^T = W^T x^T) lets 16..32 rows be the
+    MMA's N."""
+    if m <= 16:
+        return [Config(16, 128, 64, target=2, warps=8, stages=4, swap=True, w4=True),
+                Config(16, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True),
+                Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True)]
+    if m <= 32:
+        return [Config(32, 128, 64, target=2, warps=8, stages=4, swap=True, w4=True),
+                Config(32, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True),
+                Config(32, 128, 64, target=1, warps=8, stages=4, swap=True, w4=True)]
+    if m <= 64:
+        return [Config(64, 128, 64, target=2, warps=4, stages=4, w4=True),
+                Config(64, 64, 64, target=2, warps=4, stages=4, w4=True),
+                Config(64, 128, 64, target=2, warps=8, stages=4, w4=True)]
+    if m <= 128:
+        return [Config(128, 128, 64, target=1, warps=8, stages=3, w4=True),
+                Config(128, 64, 64, target=1, warps=8, stages=4, w4=True),
+                Config(128, 128, 64, target=1, warps=8, stages=3, swap=True, w4=True)]
+    if m <= 256:
+        return [Config(256, 128, 64, target=1, warps=8, stages=3, w4=True),
+                Config(128, 128, 64, target=1, warps=8, stages=3, w4=True),
+                Config(256, 128, 64, target=1, warps=8, stages=3, swap=True, w4=True)]
+    return [Config(256, 128, 64, splits=1, warps=8, stages=3, w4=True),
+            Config(128, 128, 64, splits=1, warps=8, stages=3, w4=True),
+            Config(256, 128, 64, splits=1, warps=8, stages=4, w4=True), Config(dequant=True)]
+
+
+def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> bool:
+    """Whether ``_w4_gemm_kernel`` handles ``x @ w`` (with ``cfg``'s tile): int4 without act-order, fp16/bf16
+    activations, whole groups, N a multiple of the tile width and contiguous packed rows."""
+    if w.fmt != FMT_INT4 or w.perm is not None or w.g_idx is not None or x.dtype not in (torch.bfloat16,
+                                                                                       torch.float16):
+        return False
+    block_n, block_k = (cfg.block_n, cfg.block_k) if cfg is not None else (64, 16)
+    return (w.k % w.group == 0 and w.group % 16 == 0 and w.n % block_n == 0 and w.weight.stride(1) == 1
+            and w.scales.stride(1) == 1 and (w.zeros is None or w.zeros.stride() == w.scales.stride())
+            and (cfg is None or w.group % min(block_k, w.group) == 0))
+
+
+def _candidates_for(m: int, x: torch.Tensor, w: QuantWeight) -> list[Config]:
+    """The W4A16 kernel's shapes (those whose tile fits the weight) ahead of the general kernel's, or only the
+    general kernel's where the W4A16 kernel does not apply."""
+    if m > 1:
+        fast = [c for c in _w4_candidates(m) if c.dequant or w4_supported(x, w, c)]
+        if any(not c.dequant for c in fast):
+            return fast
+    return _candidates(m)
+
+
+def _default_config(m: int, x: torch.Tensor, w: QuantWeight) -> Config:
+    """The untuned choice: the W4A16 kernel's first shape where it applies, else the general kernel's first
+    (decode shapes) or dequantize + cuBLAS for many rows."""
+    cands = _candidates_for(m, x, w)
+    if cands[0].w4:
+        return cands[0]
+    if m > 256 and x.device.type == "cuda":
         return Config(dequant=True)
-    return _candidates(m)[0]
+    return cands[0]
 
 
 _TUNED: dict[tuple, Config] = {}
@@ -415,6 +577,9 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
         else:
             torch.addmm(bias, xs, wd, out=out)
         return
+    if cfg.w4 and w4_supported(x, w, cfg):
+        _launch_w4(x, w, bias, out, cfg)
+        return
     block_k = _check_group(w, cfg.block_k)
     dot = cfg.block_m > 1
     block_m = max(16, cfg.block_m) if dot else 1
@@ -445,6 +610,38 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
         HAS_GIDX=w.g_idx is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT=splits > 1, DOT=dot, SWAP=cfg.swap and dot,
         IEEE=x.dtype == torch.float32, num_warps=cfg.warps, num_stages=cfg.stages)
+
+
+#: (magic exponent bits OR-ed over two nibbles, the float those bits make with a zero nibble) per dtype
+_W4_MAGIC = {torch.bfloat16: (0x43004300, 128.0), torch.float16: (0x64006400, 1024.0)}
+
+
+def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: torch.Tensor, cfg: Config) -> None:
+    m, k = x.shape
+    n = w.n
+    dev = x.device
+    block_m = max(16, cfg.block_m)
+    block_k = min(cfg.block_k, w.group)
+    splits = _splits(Config(block_m, cfg.block_n, block_k, cfg.splits, cfg.target), m, n, k, dev)
+    k_tiles = k // block_k
+    tiles_per_split = cdiv(k_tiles, splits)
+    splits = cdiv(k_tiles, tiles_per_split)
+    grid = (cdiv(n, cfg.block_n) * cdiv(m, block_m), splits)
+    if splits > 1:
+        part = torch.empty((splits, m, n), dtype=torch.float32, device=dev)
+        cnt = _counters(dev, grid[0])
+    else:
+        part = cnt = out
+    magic, base = _W4_MAGIC[x.dtype]
+    magic -= 1 << 32       # the int32 bit pattern
+    dummy = w.scales
+    _w4_gemm(dev)[grid](
+        x, w.weight, w.scales, w.zeros if w.zeros is not None else dummy, bias if bias is not None else dummy,
+        out, part, cnt, m, n, k, tiles_per_split, splits, magic,
+        x.stride(0), w.weight.stride(0), w.scales.stride(0), out.stride(0), BASE=base,
+        GROUP=w.group, HAS_ZP=w.zeros is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT=splits > 1, SWAP=cfg.swap,
+        HALF_MATH=x.is_cuda, num_warps=cfg.warps, num_stages=cfg.stages)
 
 
 def _launch_dequant(w: QuantWeight, out: torch.Tensor) -> None:
@@ -484,19 +681,19 @@ def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> C
         return cfg
     dev = x.device
     if dev.type != "cuda" or not _tuning_enabled() or torch.cuda.is_current_stream_capturing():
-        return _default_config(m, dev)
+        return _default_config(m, x, w)
     rows = _rows_bucket(m)
     xs = torch.randn((rows, w.k), dtype=x.dtype, device=dev)
     scratch = torch.empty((rows, w.n), dtype=x.dtype, device=dev)
     best, best_ms = None, float("inf")
-    for cand in _candidates(rows):
+    for cand in _candidates_for(rows, x, w):
         try:
             ms = _time(lambda c=cand: _launch(xs, w, bias, scratch, c))
         except Exception:   # a shape the compiler rejects (e.g. out of shared memory) is just skipped
             continue
         if ms < best_ms:
             best, best_ms = cand, ms
-    cfg = best or _default_config(m, dev)
+    cfg = best or _default_config(m, x, w)
     _TUNED[key] = cfg
     return cfg
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aphrodite.kernels.fp8_quant import per_token_quant_fp8, scaled_mm_fp8
-from aphrodite.kernels.int4_matmul import FMT_FP8, Config, QuantWeight, quant_matmul, repack_int4
+from aphrodite.kernels.int4_matmul import FMT_FP8, Config, QuantWeight, quant_matmul, repack_int4, w4_supported
 from tests.quantization import packing
 
 
@@ -53,6 +53,54 @@ def test_int4_matmul(cfg, layout):
     got = quant_matmul(x, qw, bias, config=cfg).double()
     want = x.double() @ ref.t() + bias.double()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+W4_CONFIGS = [Config(16, 32, 32, splits=1, w4=True), Config(16, 16, 16, splits=3, swap=True, w4=True),
+              Config(32, 64, 32, splits=2, w4=True), Config(32, 32, 16, target=1, swap=True, w4=True)]
+
+
+@pytest.mark.parametrize("cfg", W4_CONFIGS, ids=_cfg_id)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_w4_gemm(cfg, dtype, asym):
+    """The batched W4A16 kernel (exponent-bits dequantization, split-K, swapped operands, rows that do not
+    fill a tile) vs the float64 dequantized weight rounded to the activation dtype as the kernel rounds it:
+    only the output rounding and fp32 accumulation may differ."""
+    k, n, group = 128, 64, 32 if cfg.block_k == 32 else 64
+    gen = torch.Generator().manual_seed(7)
+    codes, scales, zeros = packing.quantize_groups(torch.randn(n, k, generator=gen), group, not asym)
+    scales = scales.to(dtype).double()
+    gi = torch.arange(k) // group
+    ref = packing.dequant(codes, scales, zeros, gi).to(dtype).double()     # [N, K]
+    qw = repack_int4(codes.t().contiguous().to(torch.uint8), scales.t().to(dtype).contiguous(),
+                     zeros.t().to(dtype).contiguous() if asym else None, group)
+    rows = 5 if cfg.block_m == 16 else 40
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    assert w4_supported(x, qw, cfg)
+    got = quant_matmul(x, qw, bias, config=cfg).double()
+    want = x.double() @ ref.t() + bias.double()
+    ulp = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
+    torch.testing.assert_close(got, want, rtol=ulp, atol=1e-5 * want.abs().max().item())
+
+
+def test_w4_gemm_dispatch():
+    """Untuned dispatch picks the W4A16 kernel where it applies and the general kernel elsewhere (act-order,
+    fp32 activations, N not a multiple of any tile): all match the reference."""
+    from aphrodite.kernels.int4_matmul import _default_config
+    k, n, group = 64, 72, 32
+    codes, scales, zeros = packing.quantize_groups(torch.randn(n, k), group, False)
+    qw = repack_int4(codes.t().contiguous().to(torch.uint8), scales.t().half().contiguous(),
+                     zeros.t().half().contiguous(), group)
+    ref = packing.dequant(codes, scales, zeros, torch.arange(k) // group).half().double()
+    x = torch.randn(20, k).half()
+    assert not w4_supported(x, qw, Config(32, 64, 64, w4=True)) and not _default_config(20, x, qw).w4
+    torch.testing.assert_close(quant_matmul(x, qw).double(), x.double() @ ref.t(), rtol=2**-10, atol=1e-3)
+    qw64, _ = _int4_case(64, 64, 32, True, None)
+    xh = torch.randn(20, 64).half()
+    assert _default_config(20, xh, qw64).w4 and not _default_config(20, xh.float(), qw64).w4
+    qa, _ = _int4_case(64, 64, 32, True, torch.randperm(64, generator=torch.Generator().manual_seed(1)) // 32)
+    assert not w4_supported(xh, qa) and not _default_config(20, xh, qa).w4
 
 
 @pytest.mark.parametrize("cfg", CONFIGS[:5], ids=_cfg_id)

@@ -1,0 +1,173 @@
+"""Batched quantized GEMMs on one H200: Llama-3.1-8B's four projections at M = 1, 16, 64, 128, 256, 1024 rows,
+bf16 ``F.linear`` (cuBLAS) vs int4 W4A16 (group 128, asymmetric like AutoAWQ; ``quant_matmul`` as the engine
+calls it: the GEMV at M <= 4, the batched W4A16 kernel above) vs FP8 (per-channel weights, the path
+``Fp8LinearMethod.apply`` takes: weight-only kernel at M <= 16, else the per-token quantizer +
+``torch._scaled_mm``). Dummy weights.
+
+Every row: max |err| / max |ref| against dequantize + matmul in fp32 (int4, fp8 weight-only) or the
+fp8-quantized activations' product (W8A8), and microseconds per call (a CUDA graph of 50 calls). Then a
+sweep of the W4A16 kernel's launch shapes (``_w4_candidates``) at 16..1024 rows, so the table of shapes
+can be tuned from the results, and the summary table last. Runs in about two minutes:
+
+    python3 benchmarks/gpu/bench_quant_gemm.py [--no-sweep] [--old]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+import traceback
+
+import torch
+from _timing import graph_us
+
+SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672), "down_proj": (14336, 4096)}
+ROWS = (1, 16, 64, 128, 256, 1024)
+SWEEP_ROWS = (16, 64, 128, 256, 1024)
+
+
+def _weights(k: int, n: int, gen: torch.Generator):
+    from aphrodite.kernels.fp8_quant import quantize_weight_fp8
+    from aphrodite.kernels.int4_matmul import FMT_FP8, QuantWeight, repack_int4
+    dev = torch.device("cuda")
+    codes = torch.randint(0, 16, (k, n), dtype=torch.uint8, device=dev, generator=gen)
+    scales = (torch.rand(k // 128, n, device=dev, generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (k // 128, n), device=dev, generator=gen).to(torch.bfloat16)
+    w4 = repack_int4(codes, scales, zeros, 128)
+    wf = torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02
+    q8, s8 = quantize_weight_fp8(wf)
+    w8 = QuantWeight(FMT_FP8, q8, s8.reshape(1, n).contiguous(), k, n, k)
+    return w4, w8, wf
+
+
+def _fp8(x, w8):
+    """What Fp8LinearMethod.apply runs for an online-quantized (per-channel) weight."""
+    from aphrodite.kernels.fp8_quant import per_token_quant_fp8, scaled_mm_fp8
+    from aphrodite.kernels.int4_matmul import quant_matmul
+    from aphrodite.modeling.layers.quantization.fp8 import WEIGHT_ONLY_ROWS
+    if x.shape[0] > WEIGHT_ONLY_ROWS:
+        xq, xs = per_token_quant_fp8(x)
+        return scaled_mm_fp8(xq, xs, w8.weight, w8.scales, x.dtype)
+    return quant_matmul(x, w8)
+
+
+def _fp8_ref(x, w8):
+    from aphrodite.kernels.fp8_quant import per_token_quant_fp8_ref
+    from aphrodite.kernels.int4_matmul import dequantize
+    from aphrodite.modeling.layers.quantization.fp8 import WEIGHT_ONLY_ROWS
+    d = dequantize(w8, torch.float32)
+    if x.shape[0] > WEIGHT_ONLY_ROWS:
+        xq, xs = per_token_quant_fp8_ref(x)
+        return (xq.float() * xs) @ d
+    return x.float() @ d
+
+
+def _err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _name(c) -> str:
+    if c.dequant:
+        return "dequant+mm"
+    return (f"m{c.block_m}n{c.block_n}k{c.block_k}w{c.warps}s{c.stages}" + ("S" if c.swap else "")
+            + (f"/t{c.target}" if not c.splits else f"/k{c.splits}"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--old", action="store_true", help="also time the general kernel (APHRODITE_QUANT_GEMV=old path)")
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds after which the sweep stops")
+    args = ap.parse_args()
+    from aphrodite.kernels import int4_matmul as im
+    from aphrodite.kernels.fp8_quant import per_token_quant_fp8
+    t_start = time.perf_counter()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    weights = {name: _weights(k, n, gen) for name, (k, n) in SHAPES.items()}
+    deq = {name: im.dequantize(ws[0], torch.float32) for name, ws in weights.items()}
+    rows_out = []   # (proj, M, bf16, int4, int4 old, fp8, fp8 quant-only, err4, err8, note)
+    print("== correctness and time per call (us, CUDA graph of 50) ==", flush=True)
+    for m in ROWS:
+        for name, (k, n) in SHAPES.items():
+            w4, w8, wf = weights[name]
+            x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+            note = ""
+            tb = t4 = to = t8 = tq = e4 = e8 = float("nan")
+            try:
+                tb = graph_us(lambda x=x, wf=wf: torch.nn.functional.linear(x, wf))
+            except Exception as e:  # noqa: BLE001 - report and go on
+                note += f" bf16 failed {e!r}"[:120]
+            try:
+                got = im.quant_matmul(x, w4)
+                e4 = _err(got, x.float() @ deq[name])
+                if not torch.equal(got, im.quant_matmul(x, w4)):
+                    note += " int4-NOT-REPEATABLE"
+                t4 = graph_us(lambda x=x, w=w4: im.quant_matmul(x, w))
+            except Exception:  # noqa: BLE001
+                note += " int4 failed: " + traceback.format_exc(limit=3)[-400:].replace("\n", " | ")
+            if args.old and m > 4:
+                try:
+                    out = torch.empty((m, n), dtype=x.dtype, device="cuda")
+                    cands = im._candidates(im._rows_bucket(m))
+                    run = functools.partial(im._launch, x, w4, None, out)
+                    best = min(cands, key=lambda c: graph_us(functools.partial(run, c), reps=10))
+                    to = graph_us(functools.partial(run, best))
+                except Exception as e:  # noqa: BLE001
+                    note += f" old failed {e!r}"[:120]
+            try:
+                got = _fp8(x, w8)
+                e8 = _err(got, _fp8_ref(x, w8))
+                t8 = graph_us(lambda x=x, w=w8: _fp8(x, w))
+                tq = graph_us(lambda x=x: per_token_quant_fp8(x))
+            except Exception:  # noqa: BLE001
+                note += " fp8 failed: " + traceback.format_exc(limit=3)[-400:].replace("\n", " | ")
+            bad = (e4 == e4 and e4 > 1e-2) or (e8 == e8 and e8 > 3e-2) or e4 != e4 or e8 != e8
+            note = ("FAIL" if bad else "ok") + note
+            rows_out.append((name, m, tb, t4, to, t8, tq, e4, e8, note))
+            print(f"{name:9s} M={m:4d}  bf16 {tb:8.1f}  int4 {t4:8.1f}  old {to:8.1f}  fp8 {t8:8.1f} "
+                  f"(quant {tq:5.1f})  err int4 {e4:.1e} fp8 {e8:.1e}  {note}", flush=True)
+    print("== tuner choices (fmt, rows bucket, N, K) ==", flush=True)
+    for key, cfg in sorted(im.tuned_configs().items(), key=str):
+        print(f"  {key[:4]}: {_name(cfg)}", flush=True)
+    sweep = []
+    if not args.no_sweep:
+        print("== W4A16 launch shapes (us; * = within 3% of best) ==", flush=True)
+        for m in SWEEP_ROWS:
+            for name, (k, n) in SHAPES.items():
+                if time.perf_counter() - t_start > args.budget:
+                    print(f"{name} M={m}: sweep skipped (budget {args.budget:.0f} s)", flush=True)
+                    continue
+                w4 = weights[name][0]
+                x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+                out = torch.empty((m, n), dtype=x.dtype, device="cuda")
+                ref = x.float() @ deq[name]
+                res = []
+                for c in im._w4_candidates(im._rows_bucket(m)):
+                    if not c.dequant and not im.w4_supported(x, w4, c):
+                        continue
+                    try:
+                        run = functools.partial(im._launch, x, w4, None, out, c)
+                        run()
+                        err = _err(out, ref)
+                        res.append((graph_us(run, reps=20), c, err))
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  {name} M={m} {_name(c)}: {e!r}"[:300], flush=True)
+                res.sort(key=lambda r: r[0])
+                if res:
+                    line = "  ".join(f"{_name(c)}:{t:.1f}{'!' if err > 1e-2 else ''}" for t, c, err in res)
+                    print(f"{name:9s} M={m:4d} {line}", flush=True)
+                    sweep.append((name, m, res[0][0], _name(res[0][1])))
+    print(f"\n== summary: us per call, x = bf16 time / quantized time ({time.perf_counter() - t_start:.0f} s) ==")
+    print(f"{'proj':9s} {'M':>4s} {'bf16':>7s} {'int4':>7s} {'x':>5s} {'old':>7s} {'fp8':>7s} {'x':>5s} "
+          f"{'fp8q':>5s}  check")
+    for name, m, tb, t4, to, t8, tq, _e4, _e8, note in rows_out:
+        print(f"{name:9s} {m:4d} {tb:7.1f} {t4:7.1f} {tb / t4:5.2f} {to:7.1f} {t8:7.1f} {tb / t8:5.2f} {tq:5.1f}  "
+              f"{note[:50]}")
+    for name, m, t, c in sweep:
+        print(f"best w4 {name:9s} M={m:4d} {t:7.1f} us  {c}")
+
+
+if __name__ == "__main__":
+    main()
