@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 from _timing import graph_us
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672), "down_proj": (14336, 4096)}
 ROWS = (1, 16, 64, 128, 256, 1024)
