@@ -490,15 +490,16 @@ def _w4_candidates(m: int) -> list[Config]:
 
 
 def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> bool:
-    """Whether ``_w4_gemm_kernel`` handles ``x @ w`` (with ``cfg``'s tile): int4 without act-order, fp16/bf16
-    activations, whole groups, N a multiple of the tile width and contiguous packed rows."""
-    if w.fmt != FMT_INT4 or w.perm is not None or w.g_idx is not None or x.dtype not in (torch.bfloat16,
-                                                                                       torch.float16):
+    """Whether ``_w4_gemm_kernel`` handles ``x @ w`` (with ``cfg``'s tile): int4 whose groups are runs of
+    ``group`` stored rows (act-order is fine: ``x``'s columns are gathered first), fp16/bf16 activations with
+    scales and zeros of the same dtype (the layers store them so), whole groups, N a multiple of the tile
+    width and contiguous packed rows."""
+    if w.fmt != FMT_INT4 or w.g_idx is not None or x.dtype not in (torch.bfloat16, torch.float16):
         return False
-    block_n, block_k = (cfg.block_n, cfg.block_k) if cfg is not None else (64, 16)
+    block_n = cfg.block_n if cfg is not None else 64
     return (w.k % w.group == 0 and w.group % 16 == 0 and w.n % block_n == 0 and w.weight.stride(1) == 1
-            and w.scales.stride(1) == 1 and (w.zeros is None or w.zeros.stride() == w.scales.stride())
-            and (cfg is None or w.group % min(block_k, w.group) == 0))
+            and w.scales.dtype == x.dtype and w.scales.stride(1) == 1
+            and (w.zeros is None or (w.zeros.stride() == w.scales.stride() and w.zeros.dtype == x.dtype)))
 
 
 def _candidates_for(m: int, x: torch.Tensor, w: QuantWeight) -> list[Config]:
@@ -617,11 +618,13 @@ _W4_MAGIC = {torch.bfloat16: (0x43004300, 128.0), torch.float16: (0x64006400, 10
 
 
 def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: torch.Tensor, cfg: Config) -> None:
+    if w.perm is not None:     # act-order: one gather of x's columns into stored-row order (M x K, small)
+        x = x.index_select(1, w.perm.long())
     m, k = x.shape
     n = w.n
     dev = x.device
     block_m = max(16, cfg.block_m)
-    block_k = min(cfg.block_k, w.group)
+    block_k = _check_group(w, cfg.block_k)      # a power of two inside one group
     splits = _splits(Config(block_m, cfg.block_n, block_k, cfg.splits, cfg.target), m, n, k, dev)
     k_tiles = k // block_k
     tiles_per_split = cdiv(k_tiles, splits)

@@ -3,6 +3,8 @@ float64 recomputations, through every launch shape: one row (FMA path), several 
 with the in-kernel reduction, act-order permutations, uneven groups, and dequantize + matmul."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -96,11 +98,23 @@ def test_w4_gemm_dispatch():
     x = torch.randn(20, k).half()
     assert not w4_supported(x, qw, Config(32, 64, 64, w4=True)) and not _default_config(20, x, qw).w4
     torch.testing.assert_close(quant_matmul(x, qw).double(), x.double() @ ref.t(), rtol=2**-10, atol=1e-3)
+    def half(q: QuantWeight) -> QuantWeight:     # the layers keep scales and zeros in the activation dtype
+        return dataclasses.replace(q, scales=q.scales.half(), zeros=q.zeros.half())
+
     qw64, _ = _int4_case(64, 64, 32, True, None)
+    assert not w4_supported(torch.randn(20, 64).half(), qw64)           # fp32 scales: the general kernel
+    qw64 = half(qw64)
     xh = torch.randn(20, 64).half()
     assert _default_config(20, xh, qw64).w4 and not _default_config(20, xh.float(), qw64).w4
-    qa, _ = _int4_case(64, 64, 32, True, torch.randperm(64, generator=torch.Generator().manual_seed(1)) // 32)
-    assert not w4_supported(xh, qa) and not _default_config(20, xh, qa).w4
+    # act-order: x's columns are gathered, then the same kernel; uneven groups (g_idx) stay on the general one
+    qa, ref_a = _int4_case(64, 64, 32, True, torch.randperm(64, generator=torch.Generator().manual_seed(1)) // 32)
+    qa = half(qa)
+    assert qa.perm is not None and _default_config(20, xh, qa).w4
+    want = xh.double() @ ref_a.t().half().double()
+    torch.testing.assert_close(quant_matmul(xh, qa).double(), want, rtol=2**-10, atol=1e-3)
+    qu, _ = _int4_case(64, 64, 32, True, torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(2)))
+    qu = half(qu)
+    assert qu.g_idx is not None and not w4_supported(xh, qu) and not _default_config(20, xh, qu).w4
 
 
 @pytest.mark.parametrize("cfg", CONFIGS[:5], ids=_cfg_id)
