@@ -44,23 +44,24 @@ def _weights(k: int, n: int, gen: torch.Generator):
     return w4, w8, wf
 
 
-def _fp8(x, w8):
-    """What Fp8LinearMethod.apply runs for an online-quantized (per-channel) weight."""
+def _fp8(x, w8, w8a8: bool | None = None):
+    """What Fp8LinearMethod.apply runs for an online-quantized (per-channel) weight (``w8a8``: force the
+    activation-quantized path or the weight-only one)."""
     from aphrodite.kernels.fp8_quant import per_token_quant_fp8, scaled_mm_fp8
     from aphrodite.kernels.int4_matmul import quant_matmul
     from aphrodite.modeling.layers.quantization.fp8 import WEIGHT_ONLY_ROWS
-    if x.shape[0] > WEIGHT_ONLY_ROWS:
+    if (x.shape[0] > WEIGHT_ONLY_ROWS) if w8a8 is None else w8a8:
         xq, xs = per_token_quant_fp8(x)
         return scaled_mm_fp8(xq, xs, w8.weight, w8.scales, x.dtype)
     return quant_matmul(x, w8)
 
 
-def _fp8_ref(x, w8):
+def _fp8_ref(x, w8, w8a8: bool | None = None):
     from aphrodite.kernels.fp8_quant import per_token_quant_fp8_ref
     from aphrodite.kernels.int4_matmul import dequantize
     from aphrodite.modeling.layers.quantization.fp8 import WEIGHT_ONLY_ROWS
     d = dequantize(w8, torch.float32)
-    if x.shape[0] > WEIGHT_ONLY_ROWS:
+    if (x.shape[0] > WEIGHT_ONLY_ROWS) if w8a8 is None else w8a8:
         xq, xs = per_token_quant_fp8_ref(x)
         return (xq.float() * xs) @ d
     return x.float() @ d
@@ -91,14 +92,14 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     weights = {name: _weights(k, n, gen) for name, (k, n) in SHAPES.items()}
     deq = {name: im.dequantize(ws[0], torch.float32) for name, ws in weights.items()}
-    rows_out = []   # (proj, M, bf16, int4, int4 old, fp8, fp8 quant-only, err4, err8, note)
+    rows_out = []   # (proj, M, bf16, int4, int4 old, fp8, fp8 the other path, fp8 quant-only, err4, err8, note)
     print("== correctness and time per call (us, CUDA graph of 50) ==", flush=True)
     for m in ROWS:
         for name, (k, n) in SHAPES.items():
             w4, w8, wf = weights[name]
             x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
             note = ""
-            tb = t4 = to = t8 = tq = e4 = e8 = float("nan")
+            tb = t4 = to = t8 = t8o = tq = e4 = e8 = float("nan")
             try:
                 tb = graph_us(lambda x=x, wf=wf: torch.nn.functional.linear(x, wf))
             except Exception as e:  # noqa: BLE001 - report and go on
@@ -127,17 +128,27 @@ def main() -> None:
                 tq = graph_us(lambda x=x: per_token_quant_fp8(x))
             except Exception:  # noqa: BLE001
                 note += " fp8 failed: " + traceback.format_exc(limit=3)[-400:].replace("\n", " | ")
+            try:
+                from aphrodite.modeling.layers.quantization.fp8 import WEIGHT_ONLY_ROWS
+                if m > 64:
+                    raise RuntimeError("not timed above 64 rows")
+                other = m <= WEIGHT_ONLY_ROWS         # the path the engine does not take at this M
+                if _err(_fp8(x, w8, other), _fp8_ref(x, w8, other)) > 3e-2:
+                    note += " fp8-other-FAIL"
+                t8o = graph_us(lambda x=x, w=w8, o=other: _fp8(x, w, o))
+            except Exception as e:  # noqa: BLE001
+                note += f" fp8-other failed {e!r}"[:100]
             bad = (e4 == e4 and e4 > 1e-2) or (e8 == e8 and e8 > 3e-2) or e4 != e4 or e8 != e8
             note = ("FAIL" if bad else "ok") + note
-            rows_out.append((name, m, tb, t4, to, t8, tq, e4, e8, note))
+            rows_out.append((name, m, tb, t4, to, t8, t8o, tq, e4, e8, note))
             print(f"{name:9s} M={m:4d}  bf16 {tb:8.1f}  int4 {t4:8.1f}  old {to:8.1f}  fp8 {t8:8.1f} "
-                  f"(quant {tq:5.1f})  err int4 {e4:.1e} fp8 {e8:.1e}  {note}", flush=True)
+                  f"(other path {t8o:7.1f}, quant {tq:5.1f})  err int4 {e4:.1e} fp8 {e8:.1e}  {note}", flush=True)
     print("== tuner choices (fmt, rows bucket, N, K) ==", flush=True)
     for key, cfg in sorted(im.tuned_configs().items(), key=str):
         print(f"  {key[:4]}: {_name(cfg)}", flush=True)
     sweep = []
     if not args.no_sweep:
-        print("== W4A16 launch shapes (us; * = within 3% of best) ==", flush=True)
+        print("== W4A16 launch shapes, fastest first (us; ! = error over 1e-2) ==", flush=True)
         for m in SWEEP_ROWS:
             for name, (k, n) in SHAPES.items():
                 if time.perf_counter() - t_start > args.budget:
@@ -164,11 +175,13 @@ def main() -> None:
                     print(f"{name:9s} M={m:4d} {line}", flush=True)
                     sweep.append((name, m, res[0][0], _name(res[0][1])))
     print(f"\n== summary: us per call, x = bf16 time / quantized time ({time.perf_counter() - t_start:.0f} s) ==")
+    print("(fp8 = the engine's path: weight-only kernel at M <= WEIGHT_ONLY_ROWS, else per-token quant + "
+          "_scaled_mm; fp8o = the other one; fp8q = the quant kernel alone)")
     print(f"{'proj':9s} {'M':>4s} {'bf16':>7s} {'int4':>7s} {'x':>5s} {'old':>7s} {'fp8':>7s} {'x':>5s} "
-          f"{'fp8q':>5s}  check")
-    for name, m, tb, t4, to, t8, tq, _e4, _e8, note in rows_out:
-        print(f"{name:9s} {m:4d} {tb:7.1f} {t4:7.1f} {tb / t4:5.2f} {to:7.1f} {t8:7.1f} {tb / t8:5.2f} {tq:5.1f}  "
-              f"{note[:50]}")
+          f"{'fp8o':>7s} {'fp8q':>5s}  check")
+    for name, m, tb, t4, to, t8, t8o, tq, _e4, _e8, note in rows_out:
+        print(f"{name:9s} {m:4d} {tb:7.1f} {t4:7.1f} {tb / t4:5.2f} {to:7.1f} {t8:7.1f} {tb / t8:5.2f} {t8o:7.1f} "
+              f"{tq:5.1f}  {note[:40]}")
     for name, m, t, c in sweep:
         print(f"best w4 {name:9s} M={m:4d} {t:7.1f} us  {c}")
 
