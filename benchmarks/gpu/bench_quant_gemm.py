@@ -30,6 +30,20 @@ ROWS = (1, 16, 64, 128, 256, 1024)
 SWEEP_ROWS = (16, 64, 128, 256, 1024)
 
 
+def _explore():
+    """Shapes outside the tuner's table, timed in the sweep at 64+ rows to find better ones (CTAs per SM vs
+    dequantizing each weight tile once: 2 stages fit two 256-row CTAs on an SM)."""
+    from aphrodite.kernels.int4_matmul import Config
+    return [Config(128, 128, 64, target=1, warps=8, stages=2, w4=True),
+            Config(128, 128, 64, target=1, warps=8, stages=4, w4=True),
+            Config(256, 128, 64, target=1, warps=8, stages=2, w4=True),
+            Config(128, 128, 128, target=1, warps=8, stages=2, w4=True),
+            Config(128, 64, 64, target=1, warps=4, stages=4, w4=True),
+            Config(64, 128, 64, target=1, warps=8, stages=3, w4=True),
+            Config(64, 64, 64, target=1, warps=4, stages=3, w4=True),
+            Config(128, 256, 64, target=1, warps=8, stages=2, w4=True)]
+
+
 def _weights(k: int, n: int, gen: torch.Generator):
     from aphrodite.kernels.fp8_quant import quantize_weight_fp8
     from aphrodite.kernels.int4_matmul import FMT_FP8, QuantWeight, repack_int4
@@ -159,7 +173,8 @@ def main() -> None:
                 out = torch.empty((m, n), dtype=x.dtype, device="cuda")
                 ref = x.float() @ deq[name]
                 res = []
-                for c in im._w4_candidates(im._rows_bucket(m)):
+                cands = im._w4_candidates(im._rows_bucket(m))
+                for c in cands + ([c for c in _explore() if c not in cands] if m >= 64 else []):
                     if not c.dequant and not im.w4_supported(x, w4, c):
                         continue
                     try:
