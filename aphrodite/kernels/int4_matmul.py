@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
+from aphrodite.kernels.triton_utils import HAS_TRITON, DeviceFunction, LazyKernel, cdiv, next_pow2, tl, use_triton
 
 __all__ = ["FMT_FP8", "FMT_INT4", "QuantWeight", "dequantize", "quant_matmul", "quant_matmul_ref",
            "repack_int4", "unpack_int4_cols", "pack_int4_cols", "w4_supported"]
@@ -292,22 +292,59 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr, N, K,
              w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _w4_dequant_fn(p, s, z, magic, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BASE: tl.constexpr,
+                   HAS_ZP: tl.constexpr, HALF_MATH: tl.constexpr):
+    """int32 ``[BLOCK_K, BLOCK_N // 8]`` packed codes + scale/zero rows ``[BLOCK_N]`` -> ``[BLOCK_K, BLOCK_N]``
+    weights in the scales' dtype (bf16/fp16).
+
+    A packed word's nibbles ``j`` and ``j + 4`` land in the two 16-bit halves of ``(p >> 4j) & 0x000F000F``;
+    OR-ing the exponent of ``2^7`` (bf16; ``2^10`` for fp16) makes two floats ``BASE + q`` without any
+    int -> float conversion (``magic`` is a runtime value so the AND and OR fuse into one LOP3). Then
+    ``w = (v - (BASE + z)) * s``: the subtraction is exact, the product rounds once, like the reference."""
+    t0 = (p & 0x000F000F) | magic
+    t1 = ((p >> 4) & 0x000F000F) | magic
+    t2 = ((p >> 8) & 0x000F000F) | magic
+    t3 = ((p >> 12) & 0x000F000F) | magic
+    # [BLOCK_K, BLOCK_N // 8, 8] in nibble order: join(a, b) adds a last axis; three give index
+    # 4 i0 + 2 i1 + i2 with i0 the first join's axis, so the first joins pair nibble j with j + 4.
+    v = tl.join(tl.join(tl.join(t0.to(tl.int16), (t0 >> 16).to(tl.int16)),
+                        tl.join(t2.to(tl.int16), (t2 >> 16).to(tl.int16))),
+                tl.join(tl.join(t1.to(tl.int16), (t1 >> 16).to(tl.int16)),
+                        tl.join(t3.to(tl.int16), (t3 >> 16).to(tl.int16))))
+    v = tl.reshape(v, [BLOCK_K, BLOCK_N])
+    if HAS_ZP:
+        zb = z.to(tl.float32) + BASE
+    else:
+        zb = tl.zeros([BLOCK_N], dtype=tl.float32) + (BASE + 8.0)
+    if HALF_MATH:       # packed bf16x2 / f16x2 arithmetic on the GPU
+        w = (v.to(s.dtype, bitcast=True) - zb.to(s.dtype)[None, :]) * s[None, :]
+    else:               # the CPU interpreter has no bf16 arithmetic: the same values through fp32
+        if s.dtype == tl.bfloat16:
+            vf = (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        else:
+            vf = v.to(s.dtype, bitcast=True).to(tl.float32)
+        w = ((vf - zb[None, :]) * s.to(tl.float32)[None, :]).to(s.dtype)
+    return w
+
+
+_w4_dequant = DeviceFunction(_w4_dequant_fn) if HAS_TRITON else _w4_dequant_fn
+
+
 def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
                     M, N, K, tiles_per_split, num_splits, magic,
                     stride_xm, stride_wk, stride_sg, stride_om,
                     BASE: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SPLIT: tl.constexpr, SWAP: tl.constexpr, HALF_MATH: tl.constexpr):
-    """Batched W4A16 (bf16/fp16 activations, int4 weights without act-order; N % BLOCK_N == 0 and
-    BLOCK_K divides the group): the dequantization costs a few bit operations per weight pair.
+    """Batched W4A16 (bf16/fp16 activations, int4 weights whose groups are runs of GROUP rows; N % BLOCK_N
+    == 0, BLOCK_K divides the group): a few bit operations per weight pair (``_w4_dequant``).
 
-    A packed word's nibble ``j`` and ``j + 4`` land in the two 16-bit halves of ``(p >> 4j) & 0x000F000F``;
-    OR-ing the exponent of ``2^7`` (bf16; ``2^10`` for fp16) makes two floats ``base + q`` without any
-    int -> float conversion (``magic`` is a runtime value so the AND and OR fuse into one LOP3). Then
-    ``w = (v - (base + z)) * s``: the subtraction is exact, the product rounds once, like the reference.
-    Scale and zero rows are loaded once per K tile (BLOCK_K never crosses a group). Rows past ``M`` read
-    row ``m % M`` (no masks in the loop). Program order puts the M tiles of one weight tile next to each
-    other so they share its reads through L2."""
+    The weight tile of step k + 1 is dequantized right after step k's MMA is issued, so the ALU work runs
+    while the tensor cores do (from the sm_90 SASS: the dequantization sits between the HGMMA issues and
+    their wait); its packed codes, scales and zeros are loaded into registers two steps ahead (indices
+    clamped to the split's last tile: no masks), ``x`` goes through Triton's pipelined async copies. Rows
+    past ``M`` read row ``m % M`` (no masks in the loop). Program order puts the M tiles of one weight tile
+    next to each other so they share its reads through L2."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -319,48 +356,45 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = pid_n * BW + tl.arange(0, BW)
     k_lo = pid_k * tiles_per_split * BLOCK_K
-    offs_k = k_lo + tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_w[None, :]
+    n_tiles = tl.minimum(tiles_per_split, K // BLOCK_K - pid_k * tiles_per_split)
+    offs_kb = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k_lo + offs_kb)[None, :]
+    w_tile = w_ptr + offs_kb[:, None] * stride_wk + offs_w[None, :]
     if SWAP:    # out^T = W^T x^T (the weight tile as the MMA's first operand)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kt in range(0, tl.minimum(tiles_per_split, K // BLOCK_K - pid_k * tiles_per_split)):
-        k0 = k_lo + kt * BLOCK_K
+    # Step 0's weights, dequantized; step 1's raw codes/scales/zeros in registers.
+    p0 = tl.load(w_tile + k_lo * stride_wk)
+    s0 = tl.load(s_ptr + (k_lo // GROUP) * stride_sg + offs_n)
+    k1 = k_lo + tl.minimum(1, n_tiles - 1) * BLOCK_K
+    p1 = tl.load(w_tile + k1 * stride_wk)
+    s1 = tl.load(s_ptr + (k1 // GROUP) * stride_sg + offs_n)
+    if HAS_ZP:
+        z0 = tl.load(z_ptr + (k_lo // GROUP) * stride_sg + offs_n)
+        z1 = tl.load(z_ptr + (k1 // GROUP) * stride_sg + offs_n)
+    else:
+        z0 = s0
+        z1 = s1
+    w = _w4_dequant(p0, s0, z0, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+    for kt in range(0, n_tiles):
         x = tl.load(x_ptrs)
-        p = tl.load(w_ptrs)
-        g = k0 // GROUP
-        s = tl.load(s_ptr + g * stride_sg + offs_n)
-        if HAS_ZP:
-            zb = tl.load(z_ptr + g * stride_sg + offs_n).to(tl.float32) + BASE
-        else:
-            zb = tl.zeros([BLOCK_N], dtype=tl.float32) + (BASE + 8.0)
-        t0 = (p & 0x000F000F) | magic
-        t1 = ((p >> 4) & 0x000F000F) | magic
-        t2 = ((p >> 8) & 0x000F000F) | magic
-        t3 = ((p >> 12) & 0x000F000F) | magic
-        # [BLOCK_K, BW, 8] in nibble order: join(a, b) puts a new last axis; three of them give index
-        # 4 i0 + 2 i1 + i2 with i0 the first join's axis, so the first joins pair nibble j with j + 4.
-        v = tl.join(tl.join(tl.join(t0.to(tl.int16), (t0 >> 16).to(tl.int16)),
-                            tl.join(t2.to(tl.int16), (t2 >> 16).to(tl.int16))),
-                    tl.join(tl.join(t1.to(tl.int16), (t1 >> 16).to(tl.int16)),
-                            tl.join(t3.to(tl.int16), (t3 >> 16).to(tl.int16))))
-        v = tl.reshape(v, [BLOCK_K, BLOCK_N])
-        if HALF_MATH:       # packed bf16x2 / f16x2 arithmetic on the GPU
-            w = (v.to(x.dtype, bitcast=True) - zb.to(x.dtype)[None, :]) * s[None, :]
-        else:               # the CPU interpreter has no bf16 arithmetic: the same values through fp32
-            if x.dtype == tl.bfloat16:
-                vf = (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-            else:
-                vf = v.to(x.dtype, bitcast=True).to(tl.float32)
-            w = ((vf - zb[None, :]) * s.to(tl.float32)[None, :]).to(x.dtype)
         if SWAP:
             acc = tl.dot(tl.trans(w), tl.trans(x), acc)
         else:
             acc = tl.dot(x, w, acc)
         x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
+        k2 = k_lo + tl.minimum(kt + 2, n_tiles - 1) * BLOCK_K
+        p2 = tl.load(w_tile + k2 * stride_wk)
+        s2 = tl.load(s_ptr + (k2 // GROUP) * stride_sg + offs_n)
+        if HAS_ZP:
+            z2 = tl.load(z_ptr + (k2 // GROUP) * stride_sg + offs_n)
+        else:
+            z2 = s2
+        w = _w4_dequant(p1, s1, z1, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+        p1 = p2
+        s1 = s2
+        z1 = z2
     if SWAP:
         res = tl.trans(acc)
     else:

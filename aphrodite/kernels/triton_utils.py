@@ -29,7 +29,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = _TLStub()  # type: ignore[assignment]
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "LazyKernel", "cdiv", "interpret_mode", "next_pow2", "tl", "triton", "use_triton"]
+__all__ = ["HAS_TRITON", "DeviceFunction", "LazyKernel", "cdiv", "interpret_mode", "next_pow2", "tl", "triton",
+           "use_triton"]
 
 
 def interpret_mode() -> bool:
@@ -76,6 +77,16 @@ class LazyKernel:
             _prepare_interpreter()
             self._interpreted = InterpretedFunction(self.fn)
         return self._interpreted
+
+
+class DeviceFunction(triton.runtime.jit.JITFunction if HAS_TRITON else object):  # type: ignore[misc]
+    """A ``@triton.jit`` helper that compiled kernels inline and interpreted kernels call as Python.
+
+    (``triton.jit`` picks one of the two when a module is imported; the kernels here pick at
+    launch, see ``LazyKernel``.)"""
+
+    def __call__(self, *args, **kwargs):   # reached only from a kernel run by the interpreter
+        return self.fn(*args, **kwargs)
 
 
 _INTERPRETER_READY = False
