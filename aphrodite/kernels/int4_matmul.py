@@ -23,6 +23,12 @@ row (decode at batch 1) accumulates with FMAs in a ``[BLOCK_K, BLOCK_N]`` regist
 once at the end; more rows use ``tl.dot``. On the GPU the tile configuration comes from a small
 in-process tuner that times a few candidates per (format, rows bucket, N, K) the first time a shape runs
 outside CUDA-graph capture; large row counts may instead dequantize to a scratch weight and call cuBLAS.
+
+int4 with fp16/bf16 activations at 5+ rows (decode batches, prefill) has its own kernel,
+``_w4_gemm_kernel``: the codes become half floats by OR-ing exponent bits over nibble pairs (no int -> float
+conversion), scale and zero are applied with packed half arithmetic, and each step's dequantization
+overlaps the previous step's tensor-core MMA. Its tile table (``_w4_candidates``) is keyed on rows buckets;
+the general kernel keeps FP8 weight-only, fp32 activations and uneven act-order groups.
 """
 from __future__ import annotations
 
