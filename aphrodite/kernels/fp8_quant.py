@@ -2,8 +2,9 @@
 
 ``per_token_quant_fp8`` scales each row of ``x`` by its own ``amax / 448`` (dynamic, per token) or by a
 given per-tensor scale (static, from a checkpoint's ``input_scale``) and rounds to float8_e4m3fn in one
-launch (one program per row, two passes over it). ``scaled_mm_fp8`` multiplies that by an fp8 weight with
-per-output-channel scales through ``torch._scaled_mm`` (rowwise scaling: cuBLASLt/CUTLASS on Hopper).
+launch (one program per row, read once when it fits in registers: up to 16k features). ``scaled_mm_fp8``
+multiplies that by an fp8 weight with per-output-channel scales through ``torch._scaled_mm`` (rowwise
+scaling: cuBLASLt/CUTLASS on Hopper).
 """
 from __future__ import annotations
 
@@ -43,21 +44,31 @@ def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, strid
                             MIN_SCALE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    if STATIC:
-        scale = tl.load(static_ptr).to(tl.float32)
+    if BLOCK >= K:      # the whole row in registers: one read
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if STATIC:
+            scale = tl.load(static_ptr).to(tl.float32)
+        else:
+            scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8MAX, MIN_SCALE)
+        tl.store(s_ptr + row, scale)
+        q = tl.minimum(tl.maximum(x * (1.0 / scale), -FP8MAX), FP8MAX)
+        tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
     else:
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        if STATIC:
+            scale = tl.load(static_ptr).to(tl.float32)
+        else:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(x))
+            scale = tl.maximum(tl.max(amax, 0) / FP8MAX, MIN_SCALE)
+        tl.store(s_ptr + row, scale)
+        inv = 1.0 / scale
         for k0 in range(0, K, BLOCK):
-            x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, 0) / FP8MAX, MIN_SCALE)
-    tl.store(s_ptr + row, scale)
-    inv = 1.0 / scale
-    for k0 in range(0, K, BLOCK):
-        m = k0 + offs < K
-        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=m, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x * inv, -FP8MAX), FP8MAX)
-        tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=m)
+            m = k0 + offs < K
+            x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=m, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(x * inv, -FP8MAX), FP8MAX)
+            tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=m)
 
 
 _per_token_quant = LazyKernel(_per_token_quant_kernel)
@@ -74,11 +85,11 @@ def per_token_quant_fp8(x: torch.Tensor, static_scale: torch.Tensor | None = Non
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        block = min(4096, next_pow2(k))
+        block = min(16384, next_pow2(k))        # rows up to 16k (all of Llama's) are read once
         _per_token_quant(x.device)[(m,)](
             x, q, s, static_scale if static_scale is not None else s, k, x.stride(0), q.stride(0),
             STATIC=static_scale is not None, BLOCK=block, FP8MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE,
-            num_warps=4 if block <= 2048 else 8)
+            num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
     return q, s
 
 
