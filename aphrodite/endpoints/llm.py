@@ -25,6 +25,18 @@ class LLM:
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._counter = 0
 
+    def start_profile(self) -> None:
+        """Start torch.profiler on every rank (vLLM's method); see ``aphrodite.worker.profiler``."""
+        self.llm_engine.executor.collective_rpc("start_profile")
+
+    def stop_profile(self) -> list[Any]:
+        """Stop it; every rank's ``ProfileSummary`` (wall, kernel time, launches, top kernels)."""
+        return self.llm_engine.executor.collective_rpc("stop_profile")
+
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        """Call ``Worker.method(*args)`` on every rank, between steps (vLLM's method)."""
+        return self.llm_engine.executor.collective_rpc(method, *args)
+
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 

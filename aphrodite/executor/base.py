@@ -54,6 +54,10 @@ class Executor:
     def remove_lora(self, lora_int_id: int) -> bool:
         raise NotImplementedError
 
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        """Every rank's ``Worker.method(*args)``, in rank order, run between steps (vLLM's name)."""
+        raise NotImplementedError
+
     @staticmethod
     def _add_lora_on_ranks(call_all: Callable[..., list[Any]], lora_request: LoRARequest) -> bool:
         """``add_lora`` through ``call_all(method, *args)`` (every rank's answer): ranks answer

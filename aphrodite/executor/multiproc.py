@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import threading
 import time
 import traceback
@@ -84,7 +85,17 @@ class MultiprocExecutor(Executor):
         self._check()
         self._wait_ready()
         self.mq.enqueue((method, args), self._alive)
-        return [self._recv(rank, timeout=step_timeout_s()) for rank in range(self.world_size)]
+        answers, error = [], None
+        for rank in range(self.world_size):   # read every rank's answer before raising one's exception
+            try:
+                answers.append(self._recv(rank, timeout=step_timeout_s()))
+            except ExecutorDeadError:
+                raise
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
+        return answers
 
     def determine_num_blocks(self) -> int:
         return min(self._call_all("determine_num_blocks"))
@@ -97,6 +108,9 @@ class MultiprocExecutor(Executor):
 
     def remove_lora(self, lora_int_id: int) -> bool:
         return self._call_all_between_steps("remove_lora", lora_int_id)[0]
+
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        return self._call_all_between_steps(method, *args)
 
     def _call_all_between_steps(self, method: str, *args: Any) -> list[Any]:
         """``_call_all`` while steps may be in flight: their results (which the output rank sends
@@ -142,6 +156,8 @@ class MultiprocExecutor(Executor):
                     self._fail(self._death_message(rank))
                 if kind == "error":
                     self._fail(f"Worker rank {rank} failed:\n{payload}")
+                if kind == "exception":
+                    raise payload
                 return payload
             for s in ready:
                 self._fail(self._death_message(sentinels[s]))
@@ -221,6 +237,15 @@ def _stop_workers(procs: list[Any], mq: ShmBroadcast) -> None:
     mq.close()
 
 
+def _picklable(e: Exception) -> Exception:
+    """``e`` itself when it survives pickling, else a RuntimeError with its message."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
 # ---- the worker process ---------------------------------------------------------------
 def _beat(heartbeats: Any, rank: int) -> None:
     while True:
@@ -278,7 +303,11 @@ def worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: s
             method, args = msg
             if method == "shutdown":
                 break
-            conn.send(("result", getattr(worker, method)(*args)))
+            try:
+                answer = ("result", getattr(worker, method)(*args))
+            except Exception as e:  # a call that failed (not a broken rank): the caller gets the exception
+                answer = ("exception", _picklable(e))
+            conn.send(answer)
     except BaseException:
         try:
             conn.send(("error", traceback.format_exc()))

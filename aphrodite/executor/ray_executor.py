@@ -135,6 +135,9 @@ class RayExecutor(Executor):
         """Every actor's ``Worker.method(*args)``; an actor runs its calls in order, after its queued steps."""
         return self._get([a.call.remote(method, *args) for a in self.actors])
 
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        return self._call_all(method, *args)
+
     def add_lora(self, lora_request: LoRARequest) -> bool:
         return self._add_lora_on_ranks(self._call_all, lora_request)
 

@@ -1,6 +1,8 @@
 """The in-process executor: one rank, in the engine's own process."""
 from __future__ import annotations
 
+from typing import Any
+
 from aphrodite.config import EngineConfig
 from aphrodite.executor.base import Executor
 from aphrodite.lora.request import LoRARequest
@@ -32,3 +34,6 @@ class UniProcExecutor(Executor):
 
     def remove_lora(self, lora_int_id: int) -> bool:
         return self.worker.remove_lora(lora_int_id)
+
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(self.worker, method)(*args)]

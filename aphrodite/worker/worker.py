@@ -23,6 +23,7 @@ from aphrodite.distributed.parallel_state import (
 )
 from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.model_runner import ModelRunner
+from aphrodite.worker.profiler import ProfileSummary, RankProfiler
 from aphrodite.worker.step_future import StepFuture
 from aphrodite.worker.step_plan import StepPlan
 
@@ -54,6 +55,7 @@ class Worker:
         self.tp_rank, self.pp_rank = get_tp_rank(), get_pp_rank()
         self.is_output_rank = is_last_pp_rank() and self.tp_rank == 0
         self.runner = ModelRunner(config)
+        self.profiler = RankProfiler(rank, config.device)
 
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()
@@ -79,6 +81,12 @@ class Worker:
 
     def remove_lora(self, lora_int_id: int) -> bool:
         return self.runner.remove_lora(lora_int_id)
+
+    def start_profile(self) -> None:
+        self.profiler.start()
+
+    def stop_profile(self) -> ProfileSummary:
+        return self.profiler.stop()
 
     def shutdown(self) -> None:
         if self.distributed:

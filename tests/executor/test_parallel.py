@@ -109,6 +109,21 @@ def test_tp2_mp_matches_one_rank(tp2: LLM, reference) -> None:
     _check_against(tp2, reference)
 
 
+def test_profile_reports_every_rank(tp2: LLM) -> None:
+    """``start_profile``/``stop_profile`` run torch.profiler on both worker processes; each rank's summary
+    counts the ops its shard ran (the all-reduce included) and cannot be started twice."""
+    tp2.start_profile()
+    generate(tp2)
+    summaries = tp2.stop_profile()
+    assert [s.rank for s in summaries] == [0, 1]
+    for s in summaries:
+        assert s.wall_s > 0 and s.kernel_s > 0 and s.kernels > 100
+        assert "all_reduce" in s.table or "allreduce" in s.table.lower() or "aten::" in s.table
+    with pytest.raises(RuntimeError, match="not running"):   # a failed call leaves the ranks serving
+        tp2.collective_rpc("stop_profile")
+    assert all(p.is_alive() for p in tp2.llm_engine.executor.procs)
+
+
 def test_tp2_x_pp2_matches_one_rank_and_a_killed_worker_fails_generate(tiny_llama_dir: str, reference) -> None:
     """Two pipeline stages of two ranks each, micro-batches in flight; then a rank is killed."""
     llm = LLM(tiny_llama_dir, pipeline_parallel_size=2, tensor_parallel_size=2, **ENGINE)
