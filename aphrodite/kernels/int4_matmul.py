@@ -341,14 +341,15 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt
                     stride_xm, stride_wk, stride_sg, stride_om,
                     BASE: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SPLIT: tl.constexpr, SWAP: tl.constexpr, HALF_MATH: tl.constexpr):
+                    SPLIT: tl.constexpr, SWAP: tl.constexpr, HALF_MATH: tl.constexpr, AHEAD: tl.constexpr):
     """Batched W4A16 (bf16/fp16 activations, int4 weights whose groups are runs of GROUP rows; N % BLOCK_N
     == 0, BLOCK_K divides the group): a few bit operations per weight pair (``_w4_dequant``).
 
     The weight tile of step k + 1 is dequantized right after step k's MMA is issued, so the ALU work runs
     while the tensor cores do (from the sm_90 SASS: the dequantization sits between the HGMMA issues and
-    their wait); its packed codes, scales and zeros are loaded into registers two steps ahead (indices
-    clamped to the split's last tile: no masks), ``x`` goes through Triton's pipelined async copies. Rows
+    their wait); its packed codes, scales and zeros are loaded into registers one step ahead (``AHEAD=1``) or
+    two (``AHEAD=2``: two steps per iteration, twice the pipelined ``x`` buffers); ``x`` goes through
+    Triton's pipelined async copies. Rows
     past ``M`` read row ``m % M`` (no masks in the loop). Program order puts the M tiles of one weight tile
     next to each other so they share its reads through L2."""
     pid = tl.program_id(0)
@@ -370,37 +371,72 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # Step 0's weights, dequantized; step 1's raw codes/scales/zeros in registers.
     p0 = tl.load(w_tile + k_lo * stride_wk)
     s0 = tl.load(s_ptr + (k_lo // GROUP) * stride_sg + offs_n)
-    k1 = k_lo + tl.minimum(1, n_tiles - 1) * BLOCK_K
-    p1 = tl.load(w_tile + k1 * stride_wk)
-    s1 = tl.load(s_ptr + (k1 // GROUP) * stride_sg + offs_n)
     if HAS_ZP:
         z0 = tl.load(z_ptr + (k_lo // GROUP) * stride_sg + offs_n)
-        z1 = tl.load(z_ptr + (k1 // GROUP) * stride_sg + offs_n)
     else:
         z0 = s0
-        z1 = s1
-    w = _w4_dequant(p0, s0, z0, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
-    for kt in range(0, n_tiles):
-        x = tl.load(x_ptrs)
-        if SWAP:
-            acc = tl.dot(tl.trans(w), tl.trans(x), acc)
-        else:
-            acc = tl.dot(x, w, acc)
-        x_ptrs += BLOCK_K
-        k2 = k_lo + tl.minimum(kt + 2, n_tiles - 1) * BLOCK_K
-        p2 = tl.load(w_tile + k2 * stride_wk)
-        s2 = tl.load(s_ptr + (k2 // GROUP) * stride_sg + offs_n)
+    if AHEAD == 1:
+        # Step k + 1's raw codes/scales/zeros are loaded right after step k's MMA is issued and dequantized
+        # while it runs (the load latency is hidden by the MMA and by the SM's other programs).
+        w = _w4_dequant(p0, s0, z0, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+        for kt in range(0, n_tiles):
+            x = tl.load(x_ptrs)
+            if SWAP:
+                acc = tl.dot(tl.trans(w), tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, w, acc)
+            x_ptrs += BLOCK_K
+            ka = k_lo + tl.minimum(kt + 1, n_tiles - 1) * BLOCK_K
+            pa = tl.load(w_tile + ka * stride_wk)
+            sa = tl.load(s_ptr + (ka // GROUP) * stride_sg + offs_n)
+            if HAS_ZP:
+                za = tl.load(z_ptr + (ka // GROUP) * stride_sg + offs_n)
+            else:
+                za = sa
+            w = _w4_dequant(pa, sa, za, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+    else:
+        # Two steps per iteration so the prefetched raw tiles alternate between two register sets (a loop-carried
+        # rotation costs ~36 register moves a step). w: the next step's dequantized weights; p/s/z B: the raw
+        # codes, scales and zeros of the step after it, loaded two steps ahead (indices clamped to the split's
+        # last tile: no masks). An odd count runs one extra step whose x and scales read as zero.
+        kb = k_lo + tl.minimum(1, n_tiles - 1) * BLOCK_K
+        pb = tl.load(w_tile + kb * stride_wk)
+        sb = tl.load(s_ptr + (kb // GROUP) * stride_sg + offs_n, mask=n_tiles > 1, other=0.0)
         if HAS_ZP:
-            z2 = tl.load(z_ptr + (k2 // GROUP) * stride_sg + offs_n)
+            zb = tl.load(z_ptr + (kb // GROUP) * stride_sg + offs_n)
         else:
-            z2 = s2
-        w = _w4_dequant(p1, s1, z1, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
-        p1 = p2
-        s1 = s2
-        z1 = z2
+            zb = sb
+        w = _w4_dequant(p0, s0, z0, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+        for kt in range(0, n_tiles, 2):
+            x = tl.load(x_ptrs)
+            if SWAP:
+                acc = tl.dot(tl.trans(w), tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, w, acc)
+            ka = k_lo + tl.minimum(kt + 2, n_tiles - 1) * BLOCK_K
+            pa = tl.load(w_tile + ka * stride_wk)
+            sa = tl.load(s_ptr + (ka // GROUP) * stride_sg + offs_n)
+            if HAS_ZP:
+                za = tl.load(z_ptr + (ka // GROUP) * stride_sg + offs_n)
+            else:
+                za = sa
+            w = _w4_dequant(pb, sb, zb, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+            x = tl.load(x_ptrs + BLOCK_K, mask=kt + 1 < n_tiles, other=0.0)
+            if SWAP:
+                acc = tl.dot(tl.trans(w), tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, w, acc)
+            kb = k_lo + tl.minimum(kt + 3, n_tiles - 1) * BLOCK_K
+            pb = tl.load(w_tile + kb * stride_wk)
+            sb = tl.load(s_ptr + (kb // GROUP) * stride_sg + offs_n, mask=kt + 3 < n_tiles, other=0.0)
+            if HAS_ZP:
+                zb = tl.load(z_ptr + (kb // GROUP) * stride_sg + offs_n)
+            else:
+                zb = sb
+            w = _w4_dequant(pa, sa, za, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+            x_ptrs += 2 * BLOCK_K
     if SWAP:
         res = tl.trans(acc)
     else:
@@ -453,6 +489,7 @@ class Config:
     dequant: bool = False
     swap: bool = False         # compute out^T = W^T x^T (the dequantized weight as the MMA's A operand)
     w4: bool = False           # the batched W4A16 kernel (``_w4_gemm_kernel``) where ``w4_supported`` says so
+    ahead: int = 1             # W4A16: raw weight tiles prefetched 1 or 2 steps ahead
 
 
 @functools.lru_cache(maxsize=8)
@@ -513,20 +550,20 @@ def _w4_candidates(m: int) -> list[Config]:
                 Config(32, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True),
                 Config(32, 128, 64, target=1, warps=8, stages=4, swap=True, w4=True)]
     if m <= 64:
-        return [Config(64, 128, 64, target=2, warps=4, stages=4, w4=True),
+        return [Config(64, 128, 64, target=2, warps=8, stages=4, w4=True),
                 Config(64, 64, 64, target=2, warps=4, stages=4, w4=True),
-                Config(64, 128, 64, target=2, warps=8, stages=4, w4=True)]
+                Config(64, 64, 64, target=2, warps=4, stages=2, w4=True, ahead=2)]
     if m <= 128:
         return [Config(128, 128, 64, target=1, warps=8, stages=3, w4=True),
                 Config(128, 64, 64, target=1, warps=8, stages=4, w4=True),
-                Config(128, 128, 64, target=1, warps=8, stages=3, swap=True, w4=True)]
+                Config(128, 128, 64, target=1, warps=8, stages=2, w4=True, ahead=2)]
     if m <= 256:
         return [Config(256, 128, 64, target=1, warps=8, stages=3, w4=True),
                 Config(128, 128, 64, target=1, warps=8, stages=3, w4=True),
-                Config(256, 128, 64, target=1, warps=8, stages=3, swap=True, w4=True)]
+                Config(256, 128, 64, target=1, warps=8, stages=2, w4=True, ahead=2)]
     return [Config(256, 128, 64, splits=1, warps=8, stages=3, w4=True),
             Config(128, 128, 64, splits=1, warps=8, stages=3, w4=True),
-            Config(256, 128, 64, splits=1, warps=8, stages=4, w4=True), Config(dequant=True)]
+            Config(256, 128, 64, splits=1, warps=8, stages=2, w4=True, ahead=2), Config(dequant=True)]
 
 
 def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> bool:
@@ -684,7 +721,7 @@ def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: 
         x.stride(0), w.weight.stride(0), w.scales.stride(0), out.stride(0), BASE=base,
         GROUP=w.group, HAS_ZP=w.zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT=splits > 1, SWAP=cfg.swap,
-        HALF_MATH=x.is_cuda, num_warps=cfg.warps, num_stages=cfg.stages)
+        HALF_MATH=x.is_cuda, AHEAD=cfg.ahead, num_warps=cfg.warps, num_stages=cfg.stages)
 
 
 def _launch_dequant(w: QuantWeight, out: torch.Tensor) -> None:

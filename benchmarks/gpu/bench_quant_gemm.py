@@ -38,10 +38,10 @@ def _explore():
             Config(128, 128, 64, target=1, warps=8, stages=4, w4=True),
             Config(256, 128, 64, target=1, warps=8, stages=2, w4=True),
             Config(128, 128, 128, target=1, warps=8, stages=2, w4=True),
-            Config(128, 64, 64, target=1, warps=4, stages=4, w4=True),
+            Config(128, 64, 64, target=1, warps=8, stages=2, w4=True, ahead=2),
             Config(64, 128, 64, target=1, warps=8, stages=3, w4=True),
-            Config(64, 64, 64, target=1, warps=4, stages=3, w4=True),
-            Config(128, 256, 64, target=1, warps=8, stages=2, w4=True)]
+            Config(128, 128, 64, target=1, warps=8, stages=3, swap=True, w4=True),
+            Config(256, 128, 64, target=1, warps=8, stages=3, swap=True, w4=True, ahead=2)]
 
 
 def _weights(k: int, n: int, gen: torch.Generator):
@@ -89,6 +89,7 @@ def _name(c) -> str:
     if c.dequant:
         return "dequant+mm"
     return (f"m{c.block_m}n{c.block_n}k{c.block_k}w{c.warps}s{c.stages}" + ("S" if c.swap else "")
+            + ("A2" if c.ahead == 2 else "")
             + (f"/t{c.target}" if not c.splits else f"/k{c.splits}"))
 
 

@@ -34,7 +34,7 @@ CONFIGS = [Config(1, 16, 32, splits=1), Config(1, 32, 16, splits=3), Config(16, 
 
 
 def _cfg_id(c: Config) -> str:
-    return f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.splits}d{int(c.dequant)}w{int(c.swap)}"
+    return f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.splits}d{int(c.dequant)}w{int(c.swap)}a{c.ahead}"
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
@@ -58,7 +58,8 @@ def test_int4_matmul(cfg, layout):
 
 
 W4_CONFIGS = [Config(16, 32, 32, splits=1, w4=True), Config(16, 16, 16, splits=3, swap=True, w4=True),
-              Config(32, 64, 32, splits=2, w4=True), Config(32, 32, 16, target=1, swap=True, w4=True)]
+              Config(16, 16, 16, splits=3, w4=True, ahead=2), Config(32, 64, 32, splits=2, w4=True, ahead=2),
+              Config(32, 32, 16, target=1, swap=True, w4=True)]
 
 
 @pytest.mark.parametrize("cfg", W4_CONFIGS, ids=_cfg_id)
