@@ -740,14 +740,28 @@ def _launch_dequant(w: QuantWeight, out: torch.Tensor) -> None:
         BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
 
 
-def _time(fn, reps: int = 5) -> float:
+def _time(fn, reps: int = 10) -> float:
+    """Milliseconds per call of ``fn`` replayed from a CUDA graph of ``reps`` calls, as decode runs it: a
+    Triton launch from Python costs more than many of these kernels take, so eager timing would rank
+    launch overhead. Falls back to eager timing where capture fails."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        graph.replay()
+        start.record()
+        graph.replay()
+        end.record()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
 
