@@ -502,7 +502,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _rows_bucket(m: int) -> int:
-    return min(next_pow2(m), 512)
+    """Rows buckets the tuner keys on: powers of two up to 2048 (prefill chunks get their own choice between
+    the fused kernel and dequantize + cuBLAS, which wins as M grows)."""
+    return min(next_pow2(m), 2048)
 
 
 def _candidates(m: int) -> list[Config]:
