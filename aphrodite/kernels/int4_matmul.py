@@ -715,7 +715,6 @@ def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: 
     else:
         part = cnt = out
     magic, base = _W4_MAGIC[x.dtype]
-    magic -= 1 << 32       # the int32 bit pattern
     dummy = w.scales
     _w4_gemm(dev)[grid](
         x, w.weight, w.scales, w.zeros if w.zeros is not None else dummy, bias if bias is not None else dummy,
