@@ -6,7 +6,9 @@ pack-quantized; each is repacked once at load into the canonical layout below) a
 
 Canonical int4 layout (what ``repack_int4`` produces):
 * ``qweight`` int32 ``[K, N // 8]``: nibble ``j`` (bits ``4j..4j+3``) of word ``w`` of row ``k`` is the
-  unsigned 4-bit code of output feature ``8w + j`` (sequential order, no interleave);
+  unsigned 4-bit code of output feature ``8w + INT4_ORDER[j]``, ``INT4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)``
+  (AutoAWQ's order): ``(word >> 4i) & 0x000F000F`` holds features ``2i`` and ``2i + 1`` in its two 16-bit
+  halves, the pair a packed half-precision register wants;
 * ``scales`` ``[K // group, N]`` in the activation dtype; ``zeros`` the same shape holding the integer
   zero points as floats (None: symmetric, zero point 8); ``w[k, n] = (q[k, n] - z[g, n]) * s[g, n]``;
 * act-order (GPTQ ``desc_act``): rows are stored sorted by group, ``perm[k]`` names the input column
@@ -40,11 +42,14 @@ import torch
 
 from aphrodite.kernels.triton_utils import HAS_TRITON, DeviceFunction, LazyKernel, cdiv, next_pow2, tl, use_triton
 
-__all__ = ["FMT_FP8", "FMT_INT4", "QuantWeight", "dequantize", "quant_matmul", "quant_matmul_ref",
+__all__ = ["FMT_FP8", "FMT_INT4", "INT4_ORDER", "QuantWeight", "dequantize", "quant_matmul", "quant_matmul_ref",
            "repack_int4", "unpack_int4_cols", "pack_int4_cols", "w4_supported"]
 
 FMT_INT4 = 0
 FMT_FP8 = 1
+
+#: canonical int4 packing: nibble j of a word holds output feature 8w + INT4_ORDER[j]
+INT4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 @dataclass
@@ -85,12 +90,16 @@ def unpack_int4_cols(packed: torch.Tensor, order: tuple[int, ...] | None = None)
     return codes.reshape(packed.shape[0], -1).to(torch.uint8)
 
 
-def pack_int4_cols(codes: torch.Tensor) -> torch.Tensor:
-    """uint8/int codes ``[R, 8C]`` (0..15) -> int32 ``[R, C]`` in the canonical (sequential) order."""
+def pack_int4_cols(codes: torch.Tensor, order: tuple[int, ...] | None = INT4_ORDER) -> torch.Tensor:
+    """uint8/int codes ``[R, 8C]`` (0..15) -> int32 ``[R, C]``; nibble ``i`` of word ``c`` holds column
+    ``8c + order[i]`` (the canonical ``INT4_ORDER`` by default, sequential when ``order`` is None)."""
     r, c8 = codes.shape
     if c8 % 8:
         raise ValueError(f"int4 packing needs a multiple of 8 columns, got {c8}")
-    nib = codes.to(torch.int32).reshape(r, c8 // 8, 8) << _SHIFTS.to(codes.device)
+    cols = codes.to(torch.int32).reshape(r, c8 // 8, 8)
+    if order is not None:
+        cols = cols[..., list(order)]
+    nib = cols << _SHIFTS.to(codes.device)
     return _sum_to_int32(nib)
 
 
@@ -128,7 +137,7 @@ def repack_int4(codes_kn: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 def dequantize(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight ``[K, N]`` in ``dtype`` (rows in stored order: pair with ``w.perm``)."""
     if w.fmt == FMT_INT4:
-        q = unpack_int4_cols(w.weight).to(torch.float32)                     # [K, N]
+        q = unpack_int4_cols(w.weight, INT4_ORDER).to(torch.float32)         # [K, N]
         rows = (torch.arange(w.k, device=q.device) // w.group) if w.g_idx is None else w.g_idx.long()
         s = w.scales.to(torch.float32)[rows]
         z = 8.0 if w.zeros is None else w.zeros.to(torch.float32)[rows]
@@ -173,7 +182,7 @@ def _wq_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, gidx_ptr, bias_ptr, ou
     if FMT == 0:
         offs_nw = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
         nw_ok = offs_nw < N // 8
-        shifts = (tl.arange(0, BLOCK_N) % 8) * 4
+        shifts = ((tl.arange(0, BLOCK_N) % 8) // 2 + (tl.arange(0, BLOCK_N) % 2) * 4) * 4    # INT4_ORDER
     if SWAP:    # out^T = W^T x^T: the dequantized tile is the MMA's A operand, which may stay in registers
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     elif DOT:
@@ -276,7 +285,8 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr, N, K,
         packed = tl.interleave(packed, packed)
         packed = tl.interleave(packed, packed)
         packed = tl.interleave(packed, packed)
-        q = ((packed >> ((tl.arange(0, BLOCK_N) % 8) * 4)[None, :]) & 0xF).to(tl.float32)
+        shifts = ((tl.arange(0, BLOCK_N) % 8) // 2 + (tl.arange(0, BLOCK_N) % 2) * 4) * 4    # INT4_ORDER
+        q = ((packed >> shifts[None, :]) & 0xF).to(tl.float32)
     else:
         q = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
@@ -303,20 +313,21 @@ def _w4_dequant_fn(p, s, z, magic, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     """int32 ``[BLOCK_K, BLOCK_N // 8]`` packed codes + scale/zero rows ``[BLOCK_N]`` -> ``[BLOCK_K, BLOCK_N]``
     weights in the scales' dtype (bf16/fp16).
 
-    A packed word's nibbles ``j`` and ``j + 4`` land in the two 16-bit halves of ``(p >> 4j) & 0x000F000F``;
-    OR-ing the exponent of ``2^7`` (bf16; ``2^10`` for fp16) makes two floats ``BASE + q`` without any
-    int -> float conversion (``magic`` is a runtime value so the AND and OR fuse into one LOP3). Then
-    ``w = (v - (BASE + z)) * s``: the subtraction is exact, the product rounds once, like the reference."""
+    A packed word's nibbles ``j`` and ``j + 4`` (columns ``2j``, ``2j + 1``) land in the two 16-bit halves of
+    ``(p >> 4j) & 0x000F000F``; OR-ing the exponent of ``2^7`` (bf16; ``2^10`` for fp16) makes two floats
+    ``BASE + q`` without any int -> float conversion (``magic`` is a runtime value so the AND and OR fuse
+    into one LOP3). Then ``w = (v - (BASE + z)) * s``: the subtraction is exact, the product rounds once,
+    like the reference."""
     t0 = (p & 0x000F000F) | magic
     t1 = ((p >> 4) & 0x000F000F) | magic
     t2 = ((p >> 8) & 0x000F000F) | magic
     t3 = ((p >> 12) & 0x000F000F) | magic
-    # [BLOCK_K, BLOCK_N // 8, 8] in nibble order: join(a, b) adds a last axis; three give index
-    # 4 i0 + 2 i1 + i2 with i0 the first join's axis, so the first joins pair nibble j with j + 4.
-    v = tl.join(tl.join(tl.join(t0.to(tl.int16), (t0 >> 16).to(tl.int16)),
-                        tl.join(t2.to(tl.int16), (t2 >> 16).to(tl.int16))),
-                tl.join(tl.join(t1.to(tl.int16), (t1 >> 16).to(tl.int16)),
-                        tl.join(t3.to(tl.int16), (t3 >> 16).to(tl.int16))))
+    # [BLOCK_K, BLOCK_N // 8, 8] in column order: t_i's halves are columns 2i, 2i + 1 (INT4_ORDER). join(a, b)
+    # adds a last axis; three give index 4 i0 + 2 i1 + i2 with i0 the first join's axis, so the last join
+    # (low vs high half) is the pair inside one 32-bit register: no byte permutes (from the SASS).
+    v = tl.join(tl.join(tl.join(t0.to(tl.int16), t2.to(tl.int16)), tl.join(t1.to(tl.int16), t3.to(tl.int16))),
+                tl.join(tl.join((t0 >> 16).to(tl.int16), (t2 >> 16).to(tl.int16)),
+                        tl.join((t1 >> 16).to(tl.int16), (t3 >> 16).to(tl.int16))))
     v = tl.reshape(v, [BLOCK_K, BLOCK_N])
     if HAS_ZP:
         zb = z.to(tl.float32) + BASE
@@ -546,7 +557,7 @@ def _w4_candidates(m: int) -> list[Config]:
     if m <= 16:
         return [Config(16, 128, 64, target=2, warps=8, stages=4, swap=True, w4=True),
                 Config(16, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True),
-                Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True)]
+                Config(16, 128, 64, target=4, warps=8, stages=4, swap=True, w4=True)]
     if m <= 32:
         return [Config(32, 128, 64, target=2, warps=8, stages=4, swap=True, w4=True),
                 Config(32, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True),
