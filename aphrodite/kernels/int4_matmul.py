@@ -358,9 +358,10 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt
 
     The weight tile of step k + 1 is dequantized right after step k's MMA is issued, so the ALU work runs
     while the tensor cores do (from the sm_90 SASS: the dequantization sits between the HGMMA issues and
-    their wait); its packed codes, scales and zeros are loaded into registers one step ahead (``AHEAD=1``) or
-    two (``AHEAD=2``: two steps per iteration, twice the pipelined ``x`` buffers); ``x`` goes through
-    Triton's pipelined async copies. Rows
+    their wait) when its packed codes, scales and zeros are loaded into registers one step ahead (``AHEAD=1``)
+    or two (``AHEAD=2``: two steps per iteration, twice the pipelined ``x`` buffers); ``AHEAD=0`` leaves all
+    loads to Triton's pipeline (``num_stages`` deep async copies: the most bytes in flight, measured faster
+    at 16..256 rows on an H200 where the kernel is latency-bound); ``x`` always goes through it. Rows
     past ``M`` read row ``m % M`` (no masks in the loop). Program order puts the M tiles of one weight tile
     next to each other so they share its reads through L2."""
     pid = tl.program_id(0)
@@ -382,6 +383,26 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if AHEAD == 0:
+        # Codes, scales and zeros loaded in the step that uses them: Triton pipelines them with x through
+        # shared memory (``num_stages`` deep async copies), the most loads in flight.
+        w_ptrs = w_tile + k_lo * stride_wk
+        for kt in range(0, n_tiles):
+            k0 = k_lo + kt * BLOCK_K
+            x = tl.load(x_ptrs)
+            p = tl.load(w_ptrs)
+            s = tl.load(s_ptr + (k0 // GROUP) * stride_sg + offs_n)
+            if HAS_ZP:
+                z = tl.load(z_ptr + (k0 // GROUP) * stride_sg + offs_n)
+            else:
+                z = s
+            w = _w4_dequant(p, s, z, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+            if SWAP:
+                acc = tl.dot(tl.trans(w), tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, w, acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
     p0 = tl.load(w_tile + k_lo * stride_wk)
     s0 = tl.load(s_ptr + (k_lo // GROUP) * stride_sg + offs_n)
     if HAS_ZP:
@@ -407,7 +428,7 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt
             else:
                 za = sa
             w = _w4_dequant(pa, sa, za, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
-    else:
+    elif AHEAD == 2:
         # Two steps per iteration so the prefetched raw tiles alternate between two register sets (a loop-carried
         # rotation costs ~36 register moves a step). w: the next step's dequantized weights; p/s/z B: the raw
         # codes, scales and zeros of the step after it, loaded two steps ahead (indices clamped to the split's
@@ -477,7 +498,28 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt
         tl.store(out_ptr + o_off, res.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
+def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, stride_wk, stride_sg, stride_ok, magic,
+                       BASE: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HALF_MATH: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dense ``[K, N]`` weight for cuBLAS at large M, through the W4A16 kernel's dequantization (no int ->
+    float conversions; K % BLOCK_K == 0, N % BLOCK_N == 0, BLOCK_K inside one group)."""
+    BW: tl.constexpr = BLOCK_N // 8
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.program_id(1) * BW + tl.arange(0, BW)
+    p = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_w[None, :])
+    g = (tl.program_id(0) * BLOCK_K) // GROUP
+    s = tl.load(s_ptr + g * stride_sg + offs_n)
+    if HAS_ZP:
+        z = tl.load(z_ptr + g * stride_sg + offs_n)
+    else:
+        z = s
+    w = _w4_dequant(p, s, z, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+    tl.store(out_ptr + offs_k[:, None].to(tl.int64) * stride_ok + offs_n[None, :], w)
+
+
 _wq_gemm = LazyKernel(_wq_gemm_kernel)
+_w4_dequant_tiles = LazyKernel(_w4_dequant_kernel)
 _w4_gemm = LazyKernel(_w4_gemm_kernel)
 _dequant = LazyKernel(_dequant_kernel)
 
@@ -500,7 +542,7 @@ class Config:
     dequant: bool = False
     swap: bool = False         # compute out^T = W^T x^T (the dequantized weight as the MMA's A operand)
     w4: bool = False           # the batched W4A16 kernel (``_w4_gemm_kernel``) where ``w4_supported`` says so
-    ahead: int = 1             # W4A16: raw weight tiles prefetched 1 or 2 steps ahead
+    ahead: int = 0             # W4A16: codes loaded by Triton's pipeline (0) or 1 / 2 steps ahead in registers
 
 
 @functools.lru_cache(maxsize=8)
@@ -546,37 +588,36 @@ def _candidates(m: int) -> list[Config]:
 def _w4_candidates(m: int) -> list[Config]:
     """Launch shapes of the batched W4A16 kernel for a rows bucket; the first is the untuned default.
 
-    From the sm_90 SASS (``nvdisasm`` of the compiled kernel): tiles where each thread dequantizes 32 weights
-    a K step issue ~215-250 instructions a thread, i.e. ~20 weights per cycle per SM, so 8 warps on
-    BK x BN = 64 x 128 (4 warps on 64 x 64); larger shares per thread fall into a layout that reads scales
-    2 bytes at a time (~1.8x the instructions). A 128 x 128 x 64 tile on 8 warps costs ~430 issue cycles
-    against 512 of MMA and 256 x 128 x 64 ~500 against 1024, so big M is MMA-bound and each weight tile is
-    dequantized once per M tile (keep one or two). ``target`` adds split-K where the output tiles alone
-    would leave SMs idle (N = 4096 at 16..256 rows); ``swap`` (out^T = W^T x^T) lets 16..32 rows be the
-    MMA's N."""
+    From an H200 sweep (``benchmarks/gpu/bench_quant_gemm.py``, 2026-11-29): the kernel is latency-bound
+    rather than issue- or bandwidth-bound at 16..256 rows, so narrow tiles (BLOCK_N = 64, 4 warps) with
+    more programs per SM win everywhere but the widest projection, where 128-256 wide tiles that
+    dequantize each weight tile once win; at 1024 rows dequantize + cuBLAS wins. ``ahead=0`` (loads left
+    to Triton's pipeline) and ``ahead=1`` (codes one step ahead in registers, dequantized under the MMA)
+    are both offered; ``target`` adds split-K where output tiles alone leave SMs idle; ``swap``
+    (out^T = W^T x^T) lets 16..32 rows be the MMA's N."""
     if m <= 16:
-        return [Config(16, 128, 64, target=2, warps=8, stages=4, swap=True, w4=True),
-                Config(16, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True),
-                Config(16, 128, 64, target=4, warps=8, stages=4, swap=True, w4=True)]
+        return [Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True),
+                Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True, ahead=1),
+                Config(16, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True)]
     if m <= 32:
-        return [Config(32, 128, 64, target=2, warps=8, stages=4, swap=True, w4=True),
+        return [Config(32, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True),
                 Config(32, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True),
-                Config(32, 128, 64, target=1, warps=8, stages=4, swap=True, w4=True)]
+                Config(32, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True, ahead=1)]
     if m <= 64:
-        return [Config(64, 128, 64, target=2, warps=8, stages=4, w4=True),
-                Config(64, 64, 64, target=2, warps=4, stages=4, w4=True),
-                Config(64, 64, 64, target=2, warps=4, stages=2, w4=True, ahead=2)]
+        return [Config(64, 64, 64, target=2, warps=4, stages=4, w4=True),
+                Config(64, 128, 64, target=2, warps=4, stages=4, w4=True),
+                Config(64, 64, 64, target=2, warps=4, stages=4, w4=True, ahead=1)]
     if m <= 128:
-        return [Config(128, 128, 64, target=1, warps=8, stages=3, w4=True),
-                Config(128, 64, 64, target=1, warps=8, stages=4, w4=True),
-                Config(128, 128, 64, target=1, warps=8, stages=2, w4=True, ahead=2)]
+        return [Config(128, 64, 64, target=1, warps=4, stages=4, w4=True),
+                Config(128, 128, 128, target=1, warps=8, stages=2, w4=True),
+                Config(128, 64, 64, target=1, warps=4, stages=4, w4=True, ahead=1)]
     if m <= 256:
-        return [Config(256, 128, 64, target=1, warps=8, stages=3, w4=True),
-                Config(128, 128, 64, target=1, warps=8, stages=3, w4=True),
-                Config(256, 128, 64, target=1, warps=8, stages=2, w4=True, ahead=2)]
-    return [Config(256, 128, 64, splits=1, warps=8, stages=3, w4=True),
-            Config(128, 128, 64, splits=1, warps=8, stages=3, w4=True),
-            Config(256, 128, 64, splits=1, warps=8, stages=2, w4=True, ahead=2), Config(dequant=True)]
+        return [Config(128, 64, 64, target=1, warps=4, stages=4, w4=True),
+                Config(256, 128, 64, target=1, warps=8, stages=3, w4=True),
+                Config(128, 64, 64, target=1, warps=4, stages=4, w4=True, ahead=1),
+                Config(256, 128, 64, target=1, warps=8, stages=3, w4=True, ahead=1)]
+    return [Config(dequant=True), Config(256, 128, 64, splits=1, warps=8, stages=4, w4=True),
+            Config(128, 128, 128, splits=1, warps=8, stages=2, w4=True)]
 
 
 def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> bool:
@@ -661,7 +702,10 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
     dev = x.device
     if cfg.dequant:
         wd = torch.empty((k, n), dtype=x.dtype, device=dev)
-        _launch_dequant(w, wd)
+        if w4_supported(x, w):
+            _launch_w4_dequant(w, wd)
+        else:
+            _launch_dequant(w, wd)
         xs = x if w.perm is None else x.index_select(1, w.perm.long())
         if bias is None:
             torch.mm(xs, wd, out=out)
@@ -734,6 +778,17 @@ def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: 
         GROUP=w.group, HAS_ZP=w.zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT=splits > 1, SWAP=cfg.swap,
         HALF_MATH=x.is_cuda, AHEAD=cfg.ahead, num_warps=cfg.warps, num_stages=cfg.stages)
+
+
+def _launch_w4_dequant(w: QuantWeight, out: torch.Tensor) -> None:
+    k, n = out.shape
+    bk = _check_group(w, 32)
+    bn = 128 if n % 128 == 0 else 64
+    magic, base = _W4_MAGIC[out.dtype]
+    _w4_dequant_tiles(out.device)[(k // bk, n // bn)](
+        w.weight, w.scales, w.zeros if w.zeros is not None else w.scales, out,
+        w.weight.stride(0), w.scales.stride(0), out.stride(0), magic, BASE=base, GROUP=w.group,
+        HAS_ZP=w.zeros is not None, HALF_MATH=out.is_cuda, BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
 
 
 def _launch_dequant(w: QuantWeight, out: torch.Tensor) -> None:

@@ -31,17 +31,18 @@ SWEEP_ROWS = (16, 64, 128, 256, 1024)
 
 
 def _explore():
-    """Shapes outside the tuner's table, timed in the sweep at 64+ rows to find better ones (CTAs per SM vs
-    dequantizing each weight tile once: 2 stages fit two 256-row CTAs on an SM)."""
+    """Shapes outside the tuner's table, timed in the sweep at 64+ rows to find better ones (narrow tiles and
+    more programs per SM vs dequantizing each weight tile once)."""
     from aphrodite.kernels.int4_matmul import Config
-    return [Config(128, 128, 64, target=1, warps=8, stages=2, w4=True),
-            Config(128, 128, 64, target=1, warps=8, stages=4, w4=True),
-            Config(256, 128, 64, target=1, warps=8, stages=2, w4=True),
-            Config(128, 128, 128, target=1, warps=8, stages=2, w4=True),
-            Config(128, 64, 64, target=1, warps=8, stages=2, w4=True, ahead=2),
-            Config(64, 128, 64, target=1, warps=8, stages=3, w4=True),
-            Config(128, 128, 64, target=1, warps=8, stages=3, swap=True, w4=True),
-            Config(256, 128, 64, target=1, warps=8, stages=3, swap=True, w4=True, ahead=2)]
+    return [Config(64, 64, 64, target=1, warps=4, stages=3, w4=True),
+            Config(64, 64, 128, target=1, warps=4, stages=3, w4=True),
+            Config(128, 64, 64, target=1, warps=8, stages=4, w4=True),
+            Config(128, 64, 128, target=1, warps=4, stages=3, w4=True),
+            Config(256, 64, 64, target=1, warps=8, stages=3, w4=True),
+            Config(128, 128, 64, target=1, warps=8, stages=3, w4=True),
+            Config(128, 128, 128, target=1, warps=8, stages=2, w4=True, ahead=1),
+            Config(256, 128, 64, target=1, warps=8, stages=4, w4=True),
+            Config(128, 64, 64, target=2, warps=4, stages=4, w4=True)]
 
 
 def _weights(k: int, n: int, gen: torch.Generator):
@@ -89,7 +90,7 @@ def _name(c) -> str:
     if c.dequant:
         return "dequant+mm"
     return (f"m{c.block_m}n{c.block_n}k{c.block_k}w{c.warps}s{c.stages}" + ("S" if c.swap else "")
-            + ("A2" if c.ahead == 2 else "")
+            + (f"A{c.ahead}" if c.ahead else "")
             + (f"/t{c.target}" if not c.splits else f"/k{c.splits}"))
 
 

@@ -166,3 +166,21 @@ def test_per_token_quant_long_rows():
     torch.testing.assert_close(s.double(), want_s, rtol=1e-6, atol=0)
     want_q = (x.double() / want_s).float().to(torch.float8_e4m3fn)
     assert (q.float() != want_q.float()).float().mean().item() < 1e-3     # ties may round apart
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_w4_dequantize_then_matmul(dtype):
+    """Many rows dequantize to a dense weight (the W4A16 dequantization, one tile per program) and multiply:
+    the weight equals the float64 dequantization rounded to the activation dtype."""
+    k, n, group = 128, 64, 64
+    codes, scales, zeros = packing.quantize_groups(torch.randn(n, k), group, False)
+    scales = scales.to(dtype).double()
+    ref = packing.dequant(codes, scales, zeros, torch.arange(k) // group).to(dtype).double()
+    qw = repack_int4(codes.t().contiguous().to(torch.uint8), scales.t().to(dtype).contiguous(),
+                     zeros.t().to(dtype).contiguous(), group)
+    x = torch.randn(6, k).to(dtype)
+    assert w4_supported(x, qw)
+    got = quant_matmul(x, qw, config=Config(dequant=True)).double()
+    want = x.double() @ ref.t()
+    ulp = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
+    torch.testing.assert_close(got, want, rtol=ulp, atol=1e-4 * want.abs().max().item())
