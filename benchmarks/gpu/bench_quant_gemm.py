@@ -1,8 +1,8 @@
 """Batched quantized GEMMs on one H200: Llama-3.1-8B's four projections at M = 1, 16, 64, 128, 256, 1024 rows,
 bf16 ``F.linear`` (cuBLAS) vs int4 W4A16 (group 128, asymmetric like AutoAWQ; ``quant_matmul`` as the engine
 calls it: the GEMV at M <= 4, the batched W4A16 kernel above) vs FP8 (per-channel weights, the path
-``Fp8LinearMethod.apply`` takes: weight-only kernel at M <= 16, else the per-token quantizer +
-``torch._scaled_mm``). Dummy weights.
+``Fp8LinearMethod.apply`` takes: weight-only kernel at M <= 16, else the per-token quantizer + the faster
+of ``torch._scaled_mm`` and the Triton W8A8 kernel). Dummy weights.
 
 Every row: max |err| / max |ref| against dequantize + matmul in fp32 (int4, fp8 weight-only) or the
 fp8-quantized activations' product (W8A8), and microseconds per call (a CUDA graph of 50 calls). Then a
@@ -162,6 +162,11 @@ def main() -> None:
     print("== tuner choices (fmt, rows bucket, N, K) ==", flush=True)
     for key, cfg in sorted(im.tuned_configs().items(), key=str):
         print(f"  {key[:4]}: {_name(cfg)}", flush=True)
+    from aphrodite.kernels.fp8_quant import tuned_w8a8_configs
+    for key, cfg in sorted(tuned_w8a8_configs().items(), key=str):
+        print(f"  W8A8 {key[:3]}: " + ("torch._scaled_mm" if cfg.cublas else
+                                       f"triton m{cfg.block_m}n{cfg.block_n}k{cfg.block_k}w{cfg.warps}"
+                                       f"s{cfg.stages}/t{cfg.target}"), flush=True)
     sweep = []
     if not args.no_sweep:
         print("== W4A16 launch shapes, fastest first (us; ! = error over 1e-2) ==", flush=True)

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from aphrodite.kernels.fp8_quant import per_token_quant_fp8, scaled_mm_fp8
+from aphrodite.kernels.fp8_quant import W8A8Config, per_token_quant_fp8, scaled_mm_fp8
 from aphrodite.kernels.int4_matmul import FMT_FP8, Config, QuantWeight, quant_matmul, repack_int4, w4_supported
 from tests.quantization import packing
 
@@ -184,3 +184,21 @@ def test_w4_dequantize_then_matmul(dtype):
     want = x.double() @ ref.t()
     ulp = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
     torch.testing.assert_close(got, want, rtol=ulp, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("cfg", [W8A8Config(16, 32, 128, target=1), W8A8Config(16, 16, 64, target=8)],
+                         ids=["nosplit", "split"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_w8a8_kernel(cfg, bias):
+    """The Triton W8A8 kernel (fp8 MMA, scales in the epilogue, split-K, rows/columns past a tile) vs the
+    float64 product of the dequantized operands."""
+    x = torch.randn(5, 128) * torch.tensor([0.1, 1.0, 8.0, 30.0, 2.0])[:, None]
+    q, s = per_token_quant_fp8(x)
+    w = torch.randn(40, 128)
+    wq, ws = packing.quantize_fp8_channel(w)
+    b = torch.randn(40) if bias else None
+    got = scaled_mm_fp8(q, s, wq, ws, torch.float32, b, config=cfg).double()
+    want = (q.double() * s.double()) @ (wq.double() * ws.double()[:, None]).t()
+    if bias:
+        want = want + b.double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
