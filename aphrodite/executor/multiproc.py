@@ -61,7 +61,7 @@ class MultiprocExecutor(Executor):
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=worker_main, name=f"AphroditeWorker-{rank}", daemon=True,
                                args=(config, rank, rank if cuda else 0, init_method, self.mq.handle, writer,
-                                     self.heartbeats))
+                                     self.heartbeats, _log_level()))
             proc.start()
             writer.close()
             self.procs.append(proc)
@@ -253,9 +253,19 @@ def _beat(heartbeats: Any, rank: int) -> None:
         time.sleep(_HEARTBEAT_S / 2)
 
 
+def _log_level() -> int | None:
+    """The engine process's logging level when it shows log records (the CLI and server configure it),
+    so that spawned workers log the same way; None leaves them unconfigured."""
+    root = logging.getLogger()
+    return root.getEffectiveLevel() if root.handlers else None
+
+
 def worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: str, handle: BroadcastHandle,
-                conn: Connection, heartbeats: Any) -> None:
+                conn: Connection, heartbeats: Any, log_level: int | None = None) -> None:
     """A worker process: build the rank, then run every message the engine broadcasts."""
+    if log_level is not None:
+        logging.basicConfig(level=log_level,
+                            format=f"%(levelname)s %(asctime)s [rank {rank}] %(name)s: %(message)s")
     disable_nvlink_multicast()
     heartbeats[rank] = time.monotonic()
     threading.Thread(target=_beat, args=(heartbeats, rank), daemon=True, name="heartbeat").start()

@@ -24,9 +24,13 @@ from aphrodite.kernels.triton_utils import LazyKernel, cdiv, tl
 
 __all__ = ["BLOCK", "EPOCH_MASK", "MAX_PROGRAMS", "launch_layout", "one_shot_all_reduce", "one_shot_all_reduce_ref"]
 
-MAX_PROGRAMS = 64          # signal slots per rank; programs of one launch
+# Programs of one launch (one signal slot each) and elements per tile: enough programs and bytes
+# in flight that reading the peers' halves over NVLink is bandwidth-bound, not latency-bound (a
+# 2 MB message, batch-256 decode's, is 4 tiles per program; 8 warps load 16 bytes per thread).
+MAX_PROGRAMS = 128
 EPOCH_MASK = (1 << 30) - 1  # epochs wrap here (even, so the half parity survives the wrap)
-BLOCK = 1024
+BLOCK = 2048
+NUM_WARPS = 8
 
 
 def one_shot_all_reduce_ref(inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -104,5 +108,5 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, buf_ptrs: torch.Tens
     _one_shot(x.device)[(programs,)](
         x, out, buf_ptrs, sig_ptrs, counter, n, half_bytes // x.element_size(), tiles,
         RANK=rank, WORLD=world_size, MAX_PROGRAMS=MAX_PROGRAMS, EPOCH_MASK=EPOCH_MASK, BLOCK=BLOCK,
-        num_warps=4)
+        num_warps=NUM_WARPS)
     return out

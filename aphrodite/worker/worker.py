@@ -8,6 +8,7 @@ sampled ids; the others run the same step and return nothing.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 
 import torch
@@ -51,7 +52,10 @@ class Worker:
         if self.distributed:
             if init_method is None:
                 raise ValueError("A worker of a multi-rank run needs an init_method.")
+            start = time.perf_counter()
             init_parallel_groups(config, rank, local_rank, init_method)
+            logger.info("Joined the parallel groups (world size %d) in %.1f s", config.parallel.world_size,
+                        time.perf_counter() - start)
         self.tp_rank, self.pp_rank = get_tp_rank(), get_pp_rank()
         self.is_output_rank = is_last_pp_rank() and self.tp_rank == 0
         self.runner = ModelRunner(config)

@@ -12,7 +12,7 @@
 3. The engine (``LLM``) at TP=2, at TP=2 with ``disable_custom_all_reduce`` and at TP=1, each in
    its own process: greedy tokens for 16 random prompts (fraction identical to TP=1 and first
    divergence), first-step logprobs (TP=2 vs TP=1 within LOGPROB_TOL, the same top token in at least
-   14 of 16 prompts), time to ready, first-token
+   14 of 16 prompts, a near tie of TP=1's own counting as the same), time to ready, first-token
    latency of a 128-token prompt and batch-1 decode speed (128 in / 256 out).
 A short table comes last.
 """
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from _timing import eager_us  # noqa: E402
 
-SIZES = [8 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+SIZES = [8 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20, 8 << 20, 16 << 20, 64 << 20]
 NUM_PROMPTS = 16
 MAX_TOKENS = 32
 # First-step logprobs (about -12 for a random 128K vocabulary): bf16 activations rounded through 32
@@ -272,7 +272,10 @@ def compare(a: dict, b: dict) -> dict:
     diffs, top1 = [], 0
     for fa, fb in zip(a["first"], b["first"], strict=True):
         diffs += [abs(fa[k] - fb[k]) for k in fb if k in fa]
-        top1 += max(fa, key=fa.get) == max(fb, key=fb.get)
+        ka, kb = max(fa, key=fa.get), max(fb, key=fb.get)
+        # The same greedy token, or a near tie in the reference itself: TP=2's choice is within the bf16
+        # tolerance of TP=1's best there (a random model's top tokens are often that close).
+        top1 += ka == kb or (ka in fb and fb[kb] - fb[ka] <= LOGPROB_TOL)
     return {"identical": same / total, "first_divergence_min": min(divergences),
             "first_divergence_mean": sum(divergences) / len(divergences),
             "prompts_identical": sum(d == MAX_TOKENS for d in divergences),

@@ -15,7 +15,7 @@ from spawn import spawn_ranks
 
 from aphrodite.kernels import custom_all_reduce as car
 
-HALF_BYTES = 4 * 80 * 1024
+HALF_BYTES = 4 * 300 * car.BLOCK
 # The interpreter rounds fp32 -> bf16/fp16 by truncation, the GPU (and the reference) to nearest:
 # one unit in the last place apart at most. fp32 is exact.
 TOL = {torch.float32: dict(atol=0, rtol=0), torch.bfloat16: dict(atol=0, rtol=2 ** -7),
@@ -67,11 +67,11 @@ class _World:
 def test_one_shot_matches_reference_over_epochs(world: int, rank: int, dtype: torch.dtype) -> None:
     w = _World(world, rank)
     gen = torch.Generator().manual_seed(world + rank)
-    # One tile; a partial tile; many tiles over fewer programs than tiles (2 tiles each).
-    for n in [4096, 1500, 70 * car.BLOCK, 3 * car.BLOCK]:
+    # Two tiles; a partial tile; many tiles over fewer programs than tiles (3 tiles each).
+    for n in [4096, 1500, 300 * car.BLOCK, 3 * car.BLOCK]:
         inputs = [torch.randn(n, generator=gen).to(dtype) for _ in range(world)]
         chunks = w.chunks(n)
-        assert len(chunks) == {4096: 4, 1500: 2, 70 * car.BLOCK: 35, 3 * car.BLOCK: 3}[n]
+        assert len(chunks) == {4096: 2, 1500: 1, 300 * car.BLOCK: 100, 3 * car.BLOCK: 3}[n]
         w.peers_arrive(inputs)
         out = w.run(inputs[rank])
         torch.testing.assert_close(out.float(), car.one_shot_all_reduce_ref(inputs).float(), **TOL[dtype])
@@ -84,7 +84,7 @@ def test_one_shot_matches_reference_over_epochs(world: int, rank: int, dtype: to
 
 def test_peer_one_call_ahead_and_epoch_wrap() -> None:
     w = _World(2, 0)
-    x = [torch.randn(2048), torch.randn(2048)]
+    x = [torch.randn(2 * car.BLOCK), torch.randn(2 * car.BLOCK)]   # two programs
     w.counter.fill_(car.EPOCH_MASK)          # the next epoch wraps to 0 (an even half)
     w.peers_arrive(x, ahead=True)            # the peer already raised the flag of the call after
     torch.testing.assert_close(w.run(x[0]), x[0] + x[1], atol=0, rtol=0)
