@@ -21,6 +21,8 @@ import traceback
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 from _timing import graph_us
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -43,6 +45,55 @@ def _explore():
             Config(128, 128, 128, target=1, warps=8, stages=2, w4=True, ahead=1),
             Config(256, 128, 64, target=1, warps=8, stages=4, w4=True),
             Config(128, 64, 64, target=2, warps=4, stages=4, w4=True)]
+
+
+def _bf16_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wk, stride_om, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Calibration: the W4A16 kernel's loop with a dense bf16 ``[K, N]`` weight and no dequantization (same
+    program order, tiles and pipeline), so the sweep shows what the dequantization costs."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for _ in range(0, K // BLOCK_K):
+        acc = tl.dot(tl.load(x_ptrs), tl.load(w_ptrs), acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m < M)[:, None])
+
+
+def _calibrate(weights, gen) -> list[str]:
+    """Dense-bf16 twin of the W4A16 loop at a few tiles (us); errors are reported, not raised."""
+    kern = triton.jit(_bf16_gemm_kernel)
+    lines = []
+    for m in (64, 256):
+        for name in ("o_proj", "gate_up"):
+            k, n = SHAPES[name]
+            wd = weights[name][2].t().contiguous()                 # [K, N] bf16
+            x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+            out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+            res = []
+            for bm, bn, bk, nw, ns in ((64, 64, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
+                                       (256, 128, 64, 8, 3)):
+                grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+                try:
+                    def run(bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, grid=grid, x=x, wd=wd, out=out, m=m, n=n, k=k):
+                        kern[grid](x, wd, out, m, n, k, x.stride(0), wd.stride(0), out.stride(0), BLOCK_M=bm,
+                                   BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+                    run()
+                    err = _err(out, x.float() @ wd.float())
+                    res.append(f"m{bm}n{bn}k{bk}w{nw}s{ns}:{graph_us(run, reps=20):.1f}" + ("!" if err > 1e-2 else ""))
+                except Exception as e:  # noqa: BLE001
+                    res.append(f"m{bm}n{bn}: {e!r}"[:80])
+            lines.append(f"{name:9s} M={m:4d} " + "  ".join(res))
+    return lines
 
 
 def _weights(k: int, n: int, gen: torch.Generator):
@@ -196,6 +247,13 @@ def main() -> None:
                     line = "  ".join(f"{_name(c)}:{t:.1f}{'!' if err > 1e-2 else ''}" for t, c, err in res)
                     print(f"{name:9s} M={m:4d} {line}", flush=True)
                     sweep.append((name, m, res[0][0], _name(res[0][1])))
+    if not args.no_sweep and time.perf_counter() - t_start < args.budget + 20:
+        print("== calibration: the same loop on a dense bf16 weight, no dequantization (us) ==", flush=True)
+        try:
+            for line in _calibrate(weights, gen):
+                print(line, flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"calibration failed: {e!r}", flush=True)
     print(f"\n== summary: us per call, x = bf16 time / quantized time ({time.perf_counter() - t_start:.0f} s) ==")
     print("(fp8 = the engine's path: weight-only kernel at M <= WEIGHT_ONLY_ROWS, else per-token quant + "
           "_scaled_mm; fp8o = the other one; fp8q = the quant kernel alone)")
