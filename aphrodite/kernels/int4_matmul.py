@@ -591,30 +591,34 @@ def _w4_candidates(m: int) -> list[Config]:
     From an H200 sweep (``benchmarks/gpu/bench_quant_gemm.py``, 2026-11-29): the kernel is latency-bound
     rather than issue- or bandwidth-bound at 16..256 rows, so narrow tiles (BLOCK_N = 64, 4 warps) with
     more programs per SM win everywhere but the widest projection, where 128-256 wide tiles that
-    dequantize each weight tile once win; at 1024 rows dequantize + cuBLAS wins. ``ahead=0`` (loads left
+    dequantize each weight tile once win, and BLOCK_K = 128 (half the steps) helps where the per-step latency
+    dominates; at 1024 rows dequantize + cuBLAS wins. ``ahead=0`` (loads left
     to Triton's pipeline) and ``ahead=1`` (codes one step ahead in registers, dequantized under the MMA)
     are both offered; ``target`` adds split-K where output tiles alone leave SMs idle; ``swap``
     (out^T = W^T x^T) lets 16..32 rows be the MMA's N."""
     if m <= 16:
         return [Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True),
+                Config(16, 64, 128, target=2, warps=8, stages=4, swap=True, w4=True),
                 Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True, ahead=1),
                 Config(16, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True)]
     if m <= 32:
         return [Config(32, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True),
-                Config(32, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True),
-                Config(32, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True, ahead=1)]
+                Config(32, 64, 128, target=2, warps=8, stages=4, swap=True, w4=True),
+                Config(32, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True)]
     if m <= 64:
-        return [Config(64, 64, 64, target=2, warps=4, stages=4, w4=True),
+        return [Config(64, 64, 128, target=2, warps=8, stages=3, w4=True),
+                Config(64, 64, 64, target=2, warps=4, stages=4, w4=True),
                 Config(64, 128, 64, target=2, warps=4, stages=4, w4=True),
-                Config(64, 64, 64, target=2, warps=4, stages=4, w4=True, ahead=1)]
+                Config(64, 128, 128, target=2, warps=8, stages=3, w4=True)]
     if m <= 128:
         return [Config(128, 64, 64, target=1, warps=4, stages=4, w4=True),
+                Config(128, 64, 128, target=1, warps=8, stages=3, w4=True),
                 Config(128, 128, 128, target=1, warps=8, stages=2, w4=True),
-                Config(128, 64, 64, target=1, warps=4, stages=4, w4=True, ahead=1)]
+                Config(64, 64, 128, target=1, warps=8, stages=3, w4=True)]
     if m <= 256:
         return [Config(128, 64, 64, target=1, warps=4, stages=4, w4=True),
+                Config(128, 64, 128, target=1, warps=8, stages=3, w4=True),
                 Config(256, 128, 64, target=1, warps=8, stages=3, w4=True),
-                Config(128, 64, 64, target=1, warps=4, stages=4, w4=True, ahead=1),
                 Config(256, 128, 64, target=1, warps=8, stages=3, w4=True, ahead=1)]
     return [Config(dequant=True), Config(256, 128, 64, splits=1, warps=8, stages=4, w4=True),
             Config(128, 128, 128, splits=1, warps=8, stages=2, w4=True)]

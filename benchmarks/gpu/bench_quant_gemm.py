@@ -37,14 +37,14 @@ def _explore():
     more programs per SM vs dequantizing each weight tile once)."""
     from aphrodite.kernels.int4_matmul import Config
     return [Config(64, 64, 64, target=1, warps=4, stages=3, w4=True),
-            Config(64, 64, 128, target=1, warps=4, stages=3, w4=True),
+            Config(64, 64, 128, target=2, warps=8, stages=4, w4=True),
+            Config(64, 64, 128, target=2, warps=4, stages=3, w4=True),
+            Config(128, 64, 128, target=1, warps=8, stages=2, w4=True),
             Config(128, 64, 64, target=1, warps=8, stages=4, w4=True),
-            Config(128, 64, 128, target=1, warps=4, stages=3, w4=True),
-            Config(256, 64, 64, target=1, warps=8, stages=3, w4=True),
             Config(128, 128, 64, target=1, warps=8, stages=3, w4=True),
+            Config(256, 64, 64, target=1, warps=8, stages=3, w4=True),
             Config(128, 128, 128, target=1, warps=8, stages=2, w4=True, ahead=1),
-            Config(256, 128, 64, target=1, warps=8, stages=4, w4=True),
-            Config(128, 64, 64, target=2, warps=4, stages=4, w4=True)]
+            Config(256, 128, 64, target=1, warps=8, stages=4, w4=True)]
 
 
 def _bf16_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wk, stride_om, BLOCK_M: tl.constexpr,
