@@ -638,24 +638,23 @@ def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> 
 
 
 def _candidates_for(m: int, x: torch.Tensor, w: QuantWeight) -> list[Config]:
-    """The W4A16 kernel's shapes (those whose tile fits the weight) ahead of the general kernel's, or only the
-    general kernel's where the W4A16 kernel does not apply."""
+    """What the tuner times for ``m`` rows: the general kernel's shapes (its first stays the untuned default,
+    as before the W4A16 kernel existed) plus the W4A16 kernel's where it applies, so a tuned choice is never
+    slower than the general kernel was."""
+    cands = _candidates(m)
     if m > 1:
-        fast = [c for c in _w4_candidates(m) if c.dequant or w4_supported(x, w, c)]
-        if any(not c.dequant for c in fast):
-            return fast
-    return _candidates(m)
+        cands = cands + [c for c in _w4_candidates(m) if not c.dequant and w4_supported(x, w, c)]
+        if not any(c.dequant for c in cands) and m > 256:
+            cands.append(Config(dequant=True))
+    return cands
 
 
 def _default_config(m: int, x: torch.Tensor, w: QuantWeight) -> Config:
-    """The untuned choice: the W4A16 kernel's first shape where it applies, else the general kernel's first
-    (decode shapes) or dequantize + cuBLAS for many rows."""
-    cands = _candidates_for(m, x, w)
-    if cands[0].w4:
-        return cands[0]
+    """The untuned choice (tuning off, or a shape first met inside CUDA-graph capture): the general kernel's
+    first shape, or dequantize + cuBLAS for many rows on the GPU."""
     if m > 256 and x.device.type == "cuda":
         return Config(dequant=True)
-    return cands[0]
+    return _candidates(m)[0]
 
 
 _TUNED: dict[tuple, Config] = {}

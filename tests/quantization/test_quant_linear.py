@@ -92,9 +92,9 @@ def test_qkv_and_row_parallel_two_ranks(ranks, monkeypatch, fmt):
 
 @pytest.mark.parametrize("fmt", INT4_FORMATS)
 def test_int4_layer_batched_half_kernel(ranks, monkeypatch, fmt):
-    """Every int4 format's layer in fp16 with a decode-batch of rows runs the batched W4A16 kernel (act-order
-    included) and matches the float64 weight the checkpoint stands for."""
-    from aphrodite.kernels.int4_matmul import w4_supported
+    """Every int4 format's layer in fp16 with a decode batch of rows is eligible for the batched W4A16 kernel
+    (act-order included); the layer's forward and that kernel both match the checkpoint's float64 weight."""
+    from aphrodite.kernels.int4_matmul import _candidates_for, quant_matmul, w4_supported
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch.manual_seed(3)
     k, sizes = 64, [64, 64]
@@ -113,7 +113,8 @@ def test_int4_layer_batched_half_kernel(ranks, monkeypatch, fmt):
     x = torch.randn(20, k).half()
     process_weights_after_loading(layer)
     assert w4_supported(x, layer.quant_weight)
-    with torch.no_grad():
-        out = layer.quant_method.apply(layer, x, layer.bias).double()
     ref = x.double() @ torch.cat([w for _, w in ckpts]).t()
-    torch.testing.assert_close(out, ref, rtol=2**-9, atol=2**-9 * ref.abs().max().item())
+    cfg = next(c for c in _candidates_for(x.shape[0], x, layer.quant_weight) if c.w4)
+    with torch.no_grad():
+        for out in (layer.quant_method.apply(layer, x, layer.bias), quant_matmul(x, layer.quant_weight, config=cfg)):
+            torch.testing.assert_close(out.double(), ref, rtol=2**-9, atol=2**-9 * ref.abs().max().item())
