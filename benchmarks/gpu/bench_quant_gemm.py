@@ -10,10 +10,12 @@ sweep of the W4A16 kernel's launch shapes (``_w4_candidates``) at 16..1024 rows,
 can be tuned from the results, and the summary table last. Runs in about two minutes:
 
     python3 benchmarks/gpu/bench_quant_gemm.py [--no-sweep] [--old]
+    python3 benchmarks/gpu/bench_quant_gemm.py --check-only     # PASS/FAIL per kernel path, < 60 s
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import time
@@ -145,12 +147,114 @@ def _name(c) -> str:
             + (f"/t{c.target}" if not c.splits else f"/k{c.splits}"))
 
 
+def check_only(budget: float) -> None:
+    """Correctness of every kernel path this branch can dispatch, at real sizes, against dequantize + matmul
+    in fp32: PASS/FAIL per case, no timing. Cases run in priority order; past ``budget`` seconds the rest
+    print SKIP."""
+    import os
+    os.environ["APHRODITE_QUANT_TUNE"] = "0"       # dispatch cases take the untuned defaults: no timing runs
+    from aphrodite.kernels import int4_matmul as im
+    from aphrodite.kernels.fp8_quant import (
+        W8A8Config,
+        _w8a8_candidates,
+        per_token_quant_fp8,
+        per_token_quant_fp8_ref,
+        scaled_mm_fp8,
+    )
+    t0 = time.perf_counter()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    wts = {name: _weights(*SHAPES[name], gen) for name in ("qkv_proj", "down_proj", "o_proj")}
+    cases = []      # (label, thunk returning (got, ref, tol))
+
+    def int4_case(name, m, cfg, dtype=torch.bfloat16):
+        def run():
+            w4 = wts[name][0]
+            x = torch.randn(m, SHAPES[name][0], device="cuda", generator=gen, dtype=dtype)
+            if dtype != torch.bfloat16:
+                w4 = dataclasses.replace(w4, scales=w4.scales.to(dtype), zeros=w4.zeros.to(dtype))
+            return im.quant_matmul(x, w4, config=cfg), x.float() @ im.dequantize(w4, torch.float32), 1e-2
+        cases.append((f"int4 {name} M={m} {_name(cfg) if cfg else 'dispatch'} {str(dtype)[6:]}", run))
+
+    # First what the engine runs untuned or most likely tuned, then the other shapes the tuner may pick.
+    for m in (16, 32, 64, 128, 256):
+        int4_case("qkv_proj", m, im._w4_candidates(m)[0])
+    for m in (1, 3, 16, 100):                   # GEMV and the general kernel's default (the nibble order changed)
+        int4_case("qkv_proj", m, None)
+    int4_case("qkv_proj", 1024, im.Config(dequant=True))
+    int4_case("qkv_proj", 48, im._w4_candidates(64)[0], torch.float16)
+    int4_case("down_proj", 64, im._w4_candidates(64)[0])
+    def actorder():
+        k, n = SHAPES["qkv_proj"]
+        codes = torch.randint(0, 16, (k, n), dtype=torch.uint8, device="cuda", generator=gen)
+        scales = (torch.rand(k // 128, n, device="cuda", generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
+        zeros = torch.randint(0, 16, (k // 128, n), device="cuda", generator=gen).to(torch.bfloat16)
+        g_idx = torch.randperm(k, device="cuda", generator=gen) // 128
+        w = im.repack_int4(codes, scales, zeros, 128, g_idx)
+        x = torch.randn(64, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+        ref = x.float().index_select(1, w.perm.long()) @ im.dequantize(w, torch.float32)
+        return im.quant_matmul(x, w, config=im._w4_candidates(64)[0]), ref, 1e-2
+    cases.append(("int4 act-order qkv_proj M=64 W4A16", actorder))
+
+    def fp8_case(name, m, cfg):
+        def run():
+            w8 = wts[name][1]
+            x = torch.randn(m, SHAPES[name][0], device="cuda", generator=gen, dtype=torch.bfloat16)
+            if cfg is None:         # weight-only (GEMV / general kernel)
+                return im.quant_matmul(x, w8), x.float() @ im.dequantize(w8, torch.float32), 1e-2
+            xq, xs = per_token_quant_fp8(x)
+            rq, rs = per_token_quant_fp8_ref(x)
+            bad = (xq.float() != rq.float()).float().mean().item()      # x * (1/s) vs x / s: rare ties
+            if bad > 1e-2 or not torch.allclose(xs, rs, rtol=1e-6, atol=0):
+                raise AssertionError(f"per-token quantization differs from the reference ({bad:.1e} of codes)")
+            ref = (xq.float() * xs) @ im.dequantize(w8, torch.float32)
+            return scaled_mm_fp8(xq, xs, w8.weight, w8.scales, torch.bfloat16, config=cfg), ref, 2e-2
+        label = "weight-only" if cfg is None else ("_scaled_mm" if cfg.cublas else
+                                                  f"triton m{cfg.block_m}n{cfg.block_n}k{cfg.block_k}t{cfg.target}")
+        cases.append((f"fp8 {name} M={m} {label}", run))
+
+    for c in _w8a8_candidates(64):
+        fp8_case("o_proj", 64, c)
+    fp8_case("down_proj", 256, W8A8Config(64, 128, 128, target=1))
+    fp8_case("down_proj", 1024, _w8a8_candidates(1024)[1])
+    for m in (1, 16):
+        fp8_case("qkv_proj", m, None)
+    for m in (16, 32, 64, 128, 256):            # the remaining W4A16 shapes of the tuner's table
+        for c in im._w4_candidates(m)[1:]:
+            if not c.dequant:
+                int4_case("qkv_proj", m, c)
+    for m in (16, 256):
+        int4_case("down_proj", m, im._w4_candidates(m)[0])
+    int4_case("qkv_proj", 128, im._candidates(128)[1])
+
+    fails = 0
+    for label, run in cases:
+        if time.perf_counter() - t0 > budget:
+            print(f"SKIP  {label} (budget {budget:.0f} s)", flush=True)
+            continue
+        try:
+            got, ref, tol = run()
+            err = _err(got, ref)
+            ok = err < tol and bool(torch.isfinite(got).all())
+            fails += not ok
+            print(f"{'PASS' if ok else 'FAIL'}  {label}  err {err:.1e} (tol {tol:.0e})", flush=True)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            fails += 1
+            print(f"FAIL  {label}  {e!r}"[:300], flush=True)
+    print(f"== {len(cases)} cases, {fails} failed, {time.perf_counter() - t0:.0f} s ==")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--old", action="store_true", help="also time the general kernel (APHRODITE_QUANT_GEMV=old path)")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds after which the sweep stops")
+    ap.add_argument("--check-only", action="store_true", help="correctness of every path at real sizes, no timing")
     args = ap.parse_args()
+    if args.check_only:
+        check_only(min(args.budget, 50.0))
+        return
     from aphrodite.kernels import int4_matmul as im
     from aphrodite.kernels.fp8_quant import per_token_quant_fp8
     t_start = time.perf_counter()
