@@ -639,10 +639,10 @@ def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> 
 
 def _candidates_for(m: int, x: torch.Tensor, w: QuantWeight) -> list[Config]:
     """What the tuner times for ``m`` rows: the general kernel's shapes (its first stays the untuned default,
-    as before the W4A16 kernel existed) plus the W4A16 kernel's where it applies, so a tuned choice is never
-    slower than the general kernel was."""
+    as before the W4A16 kernel existed) plus the W4A16 kernel's where it applies (``APHRODITE_W4A16=0``: not
+    offered), so a tuned choice is never slower than the general kernel was."""
     cands = _candidates(m)
-    if m > 1:
+    if m > 1 and os.environ.get("APHRODITE_W4A16", "1").strip().lower() not in ("0", "false", "no"):
         cands = cands + [c for c in _w4_candidates(m) if not c.dequant and w4_supported(x, w, c)]
         if not any(c.dequant for c in cands) and m > 256:
             cands.append(Config(dequant=True))

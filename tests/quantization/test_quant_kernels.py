@@ -87,7 +87,7 @@ def test_w4_gemm(cfg, dtype, asym):
     torch.testing.assert_close(got, want, rtol=ulp, atol=1e-5 * want.abs().max().item())
 
 
-def test_w4_gemm_dispatch():
+def test_w4_gemm_dispatch(monkeypatch):
     """The tuner is offered the W4A16 shapes next to the general kernel's (never fewer choices than before, so
     a tuned choice is never slower) only where the W4A16 kernel applies; untuned dispatch stays the general
     kernel. Act-order weights run the W4A16 kernel after one gather of x's columns; uneven groups do not."""
@@ -105,6 +105,9 @@ def test_w4_gemm_dispatch():
     assert cands[:len(_candidates(20))] == _candidates(20) and any(c.w4 for c in cands)
     assert not any(c.w4 for c in _candidates_for(20, xh.float(), qw64))
     assert not _default_config(20, xh, qw64).w4
+    monkeypatch.setenv("APHRODITE_W4A16", "0")
+    assert _candidates_for(20, xh, qw64) == _candidates(20)
+    monkeypatch.delenv("APHRODITE_W4A16")
     k, n, group = 64, 72, 32                                            # N a multiple of no W4A16 tile
     codes, scales, zeros = packing.quantize_groups(torch.randn(n, k), group, False)
     qn = repack_int4(codes.t().contiguous().to(torch.uint8), scales.t().half().contiguous(),
