@@ -30,7 +30,9 @@ int4 with fp16/bf16 activations at 5+ rows (decode batches, prefill) has its own
 ``_w4_gemm_kernel``: the codes become half floats by OR-ing exponent bits over nibble pairs (no int -> float
 conversion), scale and zero are applied with packed half arithmetic, and each step's dequantization
 overlaps the previous step's tensor-core MMA. Its tile table (``_w4_candidates``) is keyed on rows buckets;
-the general kernel keeps FP8 weight-only, fp32 activations and uneven act-order groups.
+the general kernel keeps FP8 weight-only, fp32 activations and uneven act-order groups. The tuner times its
+shapes next to the general kernel's (untuned, the general kernel runs as before); ``APHRODITE_W4A16=0``
+leaves them out, ``APHRODITE_QUANT_TUNE=0`` turns the tuner off.
 """
 from __future__ import annotations
 
