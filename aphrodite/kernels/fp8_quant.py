@@ -4,8 +4,8 @@
 given per-tensor scale (static, from a checkpoint's ``input_scale``) and rounds to float8_e4m3fn in one
 launch (one program per row, read once when it fits in registers: up to 16k features). ``scaled_mm_fp8``
 multiplies that by an fp8 weight with per-output-channel scales through ``torch._scaled_mm`` (rowwise
-scaling: cuBLASLt/CUTLASS on Hopper) or ``_w8a8_kernel`` (Triton, split-K for decode batches), whichever
-a one-time CUDA-graph timing per rows bucket and shape finds faster.
+scaling: cuBLASLt/CUTLASS on Hopper); with ``APHRODITE_QUANT_TUNE=1`` a one-time CUDA-graph timing per rows
+bucket and shape may pick ``_w8a8_kernel`` (Triton, split-K for decode batches) instead.
 """
 from __future__ import annotations
 
@@ -223,8 +223,8 @@ _W8A8_TUNED: dict[tuple, W8A8Config] = {}
 
 def _w8a8_config(xq: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> W8A8Config:
-    """The faster of ``torch._scaled_mm`` and the Triton shapes for this (rows bucket, N, K), timed from a CUDA
-    graph the first time a shape runs outside capture (``APHRODITE_QUANT_TUNE=0``: ``torch._scaled_mm``)."""
+    """``torch._scaled_mm`` (the default), or with ``APHRODITE_QUANT_TUNE=1`` the faster of it and the Triton
+    shapes for this (rows bucket, N, K), timed from a CUDA graph the first time a shape runs outside capture."""
     from aphrodite.kernels.int4_matmul import _rows_bucket, _time, _tuning_enabled
     m, k = xq.shape
     n = w.shape[0]
@@ -259,9 +259,9 @@ def tuned_w8a8_configs() -> dict[tuple, W8A8Config]:
 def scaled_mm_fp8(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                   out_dtype: torch.dtype, bias: torch.Tensor | None = None,
                   config: W8A8Config | None = None) -> torch.Tensor:
-    """W8A8 matmul with per-token activation and per-channel weight scales: on CUDA the faster (tuned per
-    rows bucket and shape) of ``torch._scaled_mm`` and ``_w8a8_kernel``; the Triton kernel under the
-    interpreter when ``config`` names it; else the reference."""
+    """W8A8 matmul with per-token activation and per-channel weight scales: on CUDA ``torch._scaled_mm`` (or,
+    tuned, ``_w8a8_kernel``); the Triton kernel under the interpreter when ``config`` names it; else the
+    reference."""
     if not xq.is_cuda and not (config is not None and not config.cublas and use_triton(xq)):
         return scaled_mm_fp8_ref(xq, x_scale, w, w_scale, out_dtype, bias)
     if not xq.shape[0]:

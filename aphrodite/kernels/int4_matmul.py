@@ -22,17 +22,17 @@ Launch shapes: a program owns ``BLOCK_M x BLOCK_N`` outputs and a slice of K (sp
 splits every program stores an fp32 partial and the last one to finish a tile sums them and writes the
 output (an arrival counter per tile, re-armed by that program), so there is no reduce launch. A single
 row (decode at batch 1) accumulates with FMAs in a ``[BLOCK_K, BLOCK_N]`` register tile and reduces
-once at the end; more rows use ``tl.dot``. On the GPU the tile configuration comes from a small
-in-process tuner that times a few candidates per (format, rows bucket, N, K) the first time a shape runs
-outside CUDA-graph capture; large row counts may instead dequantize to a scratch weight and call cuBLAS.
+once at the end; more rows use ``tl.dot``. On the GPU the tile configuration comes from fixed tables per
+rows bucket (an opt-in in-process tuner, ``APHRODITE_QUANT_TUNE=1``, times candidates instead); large row
+counts dequantize to a scratch weight and call cuBLAS.
 
 int4 with fp16/bf16 activations at 5+ rows (decode batches, prefill) has its own kernel,
 ``_w4_gemm_kernel``: the codes become half floats by OR-ing exponent bits over nibble pairs (no int -> float
 conversion), scale and zero are applied with packed half arithmetic, and each step's dequantization
 overlaps the previous step's tensor-core MMA. Its tile table (``_w4_candidates``) is keyed on rows buckets;
-the general kernel keeps FP8 weight-only, fp32 activations and uneven act-order groups. The tuner times its
-shapes next to the general kernel's (untuned, the general kernel runs as before); ``APHRODITE_W4A16=0``
-leaves them out, ``APHRODITE_QUANT_TUNE=0`` turns the tuner off.
+the general kernel keeps FP8 weight-only, fp32 activations and uneven act-order groups. The engine dispatches
+from fixed tables (``_w4_table``, ``_default_config``); ``APHRODITE_QUANT_TUNE=1`` times candidates instead
+(GPU benchmarks), ``APHRODITE_W4A16=0`` keeps int4 on the general kernel.
 """
 from __future__ import annotations
 
@@ -640,22 +640,48 @@ def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> 
 
 
 def _candidates_for(m: int, x: torch.Tensor, w: QuantWeight) -> list[Config]:
-    """What the tuner times for ``m`` rows: the general kernel's shapes (its first stays the untuned default,
-    as before the W4A16 kernel existed) plus the W4A16 kernel's where it applies (``APHRODITE_W4A16=0``: not
-    offered), so a tuned choice is never slower than the general kernel was."""
+    """What the tuner (``APHRODITE_QUANT_TUNE=1``) times for ``m`` rows: the general kernel's shapes plus the
+    W4A16 kernel's where it applies (``APHRODITE_W4A16=0``: not offered)."""
     cands = _candidates(m)
-    if m > 1 and os.environ.get("APHRODITE_W4A16", "1").strip().lower() not in ("0", "false", "no"):
+    if m > 1 and _w4_enabled():
         cands = cands + [c for c in _w4_candidates(m) if not c.dequant and w4_supported(x, w, c)]
         if not any(c.dequant for c in cands) and m > 256:
             cands.append(Config(dequant=True))
     return cands
 
 
+def _w4_enabled() -> bool:
+    return os.environ.get("APHRODITE_W4A16", "1").strip().lower() not in ("0", "false", "no")
+
+
+def _w4_table(m: int, n: int) -> Config:
+    """The W4A16 shape the engine dispatches for ``m`` rows (5..256) and ``n`` outputs: the fastest of each
+    rows bucket in the H200 sweep of Llama-3.1-8B's projections (2026-11-29, ``bench_quant_gemm.py``), with
+    the widest projection (gate_up, N >= 16384) on its own column. One shape per cell keeps the kernels the
+    engine can meet few, so warm-up and graph capture compile all of them."""
+    wide = n >= 16384
+    if m <= 16:
+        return Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True)
+    if m <= 64:
+        return (Config(64, 128, 64, target=2, warps=4, stages=4, w4=True) if wide
+                else Config(64, 64, 64, target=2, warps=4, stages=4, w4=True))
+    if m <= 128:
+        return (Config(128, 128, 128, target=1, warps=8, stages=2, w4=True) if wide
+                else Config(128, 64, 64, target=1, warps=4, stages=4, w4=True))
+    return (Config(256, 128, 64, target=1, warps=8, stages=3, w4=True) if wide
+            else Config(128, 64, 64, target=1, warps=4, stages=4, w4=True))
+
+
 def _default_config(m: int, x: torch.Tensor, w: QuantWeight) -> Config:
-    """The untuned choice (tuning off, or a shape first met inside CUDA-graph capture): the general kernel's
-    first shape, or dequantize + cuBLAS for many rows on the GPU."""
+    """What runs without the tuner (the engine's default): dequantize + cuBLAS above 256 rows on the GPU (the
+    sweep's best at 1024), the W4A16 table where that kernel applies (``APHRODITE_W4A16=0``: not), else the
+    general kernel's first shape."""
     if m > 256 and x.device.type == "cuda":
         return Config(dequant=True)
+    if m > 1 and _w4_enabled():
+        cfg = _w4_table(m, w.n)
+        if w4_supported(x, w, cfg):
+            return cfg
     return _candidates(m)[0]
 
 
@@ -663,7 +689,10 @@ _TUNED: dict[tuple, Config] = {}
 
 
 def _tuning_enabled() -> bool:
-    return os.environ.get("APHRODITE_QUANT_TUNE", "1").strip().lower() not in ("0", "false", "no")
+    """``APHRODITE_QUANT_TUNE=1`` times candidate shapes the first time each (rows bucket, N, K) runs. Off by
+    default: in an engine that means Triton compiles in the middle of serving (minutes on a fresh machine);
+    the fixed tables below are what the engine dispatches, the GPU benchmarks turn tuning on to refresh them."""
+    return os.environ.get("APHRODITE_QUANT_TUNE", "0").strip().lower() in ("1", "true", "yes")
 
 
 def _splits(cfg: Config, m: int, n: int, k: int, device: torch.device) -> int:

@@ -21,7 +21,8 @@ partial and the last to arrive (an arrival counter per output tile, re-armed by 
 launch is CUDA-graph safe and the sum order is fixed: deterministic) adds them in split order, adds the
 bias and writes the output. Act-order int4 (``perm``/``g_idx``) and K not a multiple of the group fall back
 to ``int4_matmul``'s kernel (``supports`` says which). A few launch shapes are timed per (format, rows, N,
-K) the first time one runs on CUDA outside graph capture, like ``int4_matmul``'s tuner.
+K) the first time one runs on CUDA outside graph capture when ``APHRODITE_QUANT_TUNE=1``, like
+``int4_matmul``'s tuner; by default the first candidate runs.
 """
 from __future__ import annotations
 
@@ -451,7 +452,7 @@ def _candidates(w: QuantWeight) -> list[GemvConfig]:
 
 def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> GemvConfig:
     """The tuned shape for this (format, rows, N, K), timing the candidates the first time a shape runs on
-    CUDA outside graph capture (``APHRODITE_QUANT_TUNE=0``: the default shape)."""
+    CUDA outside graph capture with ``APHRODITE_QUANT_TUNE=1`` (default off: the default shape)."""
     key = (w.fmt, x.shape[0], w.n, w.k, x.dtype, w.zeros is not None, w.group, w.scale_bn)
     cfg = _TUNED.get(key)
     if cfg is not None:

@@ -88,41 +88,43 @@ def test_w4_gemm(cfg, dtype, asym):
 
 
 def test_w4_gemm_dispatch(monkeypatch):
-    """The tuner is offered the W4A16 shapes next to the general kernel's (never fewer choices than before, so
-    a tuned choice is never slower) only where the W4A16 kernel applies; untuned dispatch stays the general
-    kernel. Act-order weights run the W4A16 kernel after one gather of x's columns; uneven groups do not."""
-    from aphrodite.kernels.int4_matmul import _candidates, _candidates_for, _default_config
+    """Dispatch is a fixed table (no tuner unless asked for): the W4A16 shape of the rows bucket where that kernel
+    applies, the general kernel's first shape elsewhere (fp32 activations, fp32 scales, N a multiple of no
+    W4A16 tile, uneven act-order groups, ``APHRODITE_W4A16=0``). Act-order weights run the W4A16 kernel after
+    one gather of x's columns. The opt-in tuner is offered both kernels' shapes."""
+    from aphrodite.kernels.int4_matmul import _candidates, _candidates_for, _default_config, _tuning_enabled
+    assert not _tuning_enabled()
 
     def half(q: QuantWeight) -> QuantWeight:     # the layers keep scales and zeros in the activation dtype
         return dataclasses.replace(q, scales=q.scales.half(), zeros=q.zeros.half())
 
     qw64, _ = _int4_case(64, 64, 32, True, None)
     xh = torch.randn(20, 64).half()
-    assert not w4_supported(xh, qw64)                                   # fp32 scales: the general kernel only
+    assert not w4_supported(xh, qw64) and not _default_config(20, xh, qw64).w4        # fp32 scales
     assert _candidates_for(20, xh, qw64) == _candidates(20)
     qw64 = half(qw64)
+    assert _default_config(20, xh, qw64).w4 and _default_config(5, xh[:5], qw64).w4
+    assert not _default_config(20, xh.float(), qw64).w4
     cands = _candidates_for(20, xh, qw64)
     assert cands[:len(_candidates(20))] == _candidates(20) and any(c.w4 for c in cands)
-    assert not any(c.w4 for c in _candidates_for(20, xh.float(), qw64))
-    assert not _default_config(20, xh, qw64).w4
     monkeypatch.setenv("APHRODITE_W4A16", "0")
-    assert _candidates_for(20, xh, qw64) == _candidates(20)
+    assert _candidates_for(20, xh, qw64) == _candidates(20) and not _default_config(20, xh, qw64).w4
     monkeypatch.delenv("APHRODITE_W4A16")
     k, n, group = 64, 72, 32                                            # N a multiple of no W4A16 tile
     codes, scales, zeros = packing.quantize_groups(torch.randn(n, k), group, False)
     qn = repack_int4(codes.t().contiguous().to(torch.uint8), scales.t().half().contiguous(),
                      zeros.t().half().contiguous(), group)
-    assert not any(c.w4 for c in _candidates_for(20, xh, qn))
+    assert not _default_config(20, xh, qn).w4
     ref = packing.dequant(codes, scales, zeros, torch.arange(k) // group).half().double()
     torch.testing.assert_close(quant_matmul(xh, qn).double(), xh.double() @ ref.t(), rtol=2**-10, atol=1e-3)
     qa, ref_a = _int4_case(64, 64, 32, True, torch.randperm(64, generator=torch.Generator().manual_seed(1)) // 32)
     qa = half(qa)
-    cfg = next(c for c in _candidates_for(20, xh, qa) if c.w4)
+    assert _default_config(20, xh, qa).w4
     want = xh.double() @ ref_a.t().half().double()
-    torch.testing.assert_close(quant_matmul(xh, qa, config=cfg).double(), want, rtol=2**-10, atol=1e-3)
+    torch.testing.assert_close(quant_matmul(xh, qa).double(), want, rtol=2**-10, atol=1e-3)
     qu, _ = _int4_case(64, 64, 32, True, torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(2)))
     qu = half(qu)
-    assert qu.g_idx is not None and not w4_supported(xh, qu) and not any(c.w4 for c in _candidates_for(20, xh, qu))
+    assert qu.g_idx is not None and not w4_supported(xh, qu) and not _default_config(20, xh, qu).w4
 
 
 @pytest.mark.parametrize("cfg", CONFIGS[:5], ids=_cfg_id)

@@ -92,9 +92,9 @@ def test_qkv_and_row_parallel_two_ranks(ranks, monkeypatch, fmt):
 
 @pytest.mark.parametrize("fmt", INT4_FORMATS)
 def test_int4_layer_batched_half_kernel(ranks, monkeypatch, fmt):
-    """Every int4 format's layer in fp16 with a decode batch of rows is eligible for the batched W4A16 kernel
-    (act-order included); the layer's forward and that kernel both match the checkpoint's float64 weight."""
-    from aphrodite.kernels.int4_matmul import _candidates_for, quant_matmul, w4_supported
+    """Every int4 format's layer in fp16 with a decode batch of rows dispatches to the batched W4A16 kernel
+    (act-order included) and matches the checkpoint's float64 weight, as does another W4A16 shape."""
+    from aphrodite.kernels.int4_matmul import _candidates_for, _default_config, quant_matmul, w4_supported
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch.manual_seed(3)
     k, sizes = 64, [64, 64]
@@ -112,7 +112,7 @@ def test_int4_layer_batched_half_kernel(ranks, monkeypatch, fmt):
         _load(layer, tensors, i)
     x = torch.randn(20, k).half()
     process_weights_after_loading(layer)
-    assert w4_supported(x, layer.quant_weight)
+    assert w4_supported(x, layer.quant_weight) and _default_config(x.shape[0], x, layer.quant_weight).w4
     ref = x.double() @ torch.cat([w for _, w in ckpts]).t()
     cfg = next(c for c in _candidates_for(x.shape[0], x, layer.quant_weight) if c.w4)
     with torch.no_grad():
