@@ -332,8 +332,22 @@ def _resolve_lora(args: EngineArgs) -> LoRAConfig | None:
     return LoRAConfig(args.max_loras, args.max_lora_rank, cpu)
 
 
-def create_engine_config(args: EngineArgs) -> EngineConfig:
-    """Validate ``args`` and resolve them into an ``EngineConfig``; raises ``ValueError`` on bad input."""
+def default_batch_limits(device: torch.device, usage_context: str = "llm") -> tuple[int, int]:
+    """``(max_num_batched_tokens, max_num_seqs)`` when the user sets neither: vLLM's defaults, so a script
+    moved over batches the same. Large GPUs (70 GiB or more, not an A100, where vLLM measured a loss) get
+    16384 tokens offline and 8192 for the server with 1024 sequences; other GPUs 8192 and 256; the CPU
+    2048 and 256. ``usage_context``: "llm" (offline) or "server"."""
+    if device.type != "cuda":
+        return 2048, 256
+    props = torch.cuda.get_device_properties(device.index or 0)
+    if props.total_memory >= 70 * (1 << 30) and "a100" not in props.name.lower():
+        return (16384 if usage_context == "llm" else 8192), 1024
+    return 8192, 256
+
+
+def create_engine_config(args: EngineArgs, usage_context: str = "llm") -> EngineConfig:
+    """Validate ``args`` and resolve them into an ``EngineConfig``; raises ``ValueError`` on bad input.
+    ``usage_context`` ("llm" or "server") picks vLLM's default batch limits (``default_batch_limits``)."""
     if args.trust_remote_code:
         raise ValueError("trust_remote_code is not supported: Aphrodite runs only the model code it ships.")
     if args.tensor_parallel_size < 1 or args.pipeline_parallel_size < 1:
@@ -342,7 +356,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"block_size must be a power of two, got {args.block_size}.")
     if not 0.0 < args.gpu_memory_utilization <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}.")
-    if args.max_num_seqs < 1:
+    if args.max_num_seqs is not None and args.max_num_seqs < 1:
         raise ValueError(f"max_num_seqs must be at least 1, got {args.max_num_seqs}.")
 
     model = args.model or default_model_path()
@@ -366,7 +380,9 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_model_len ({max_model_len}) is larger than the model's context "
                          f"length ({model_len}).")
 
-    budget = args.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+    default_budget, default_seqs = default_batch_limits(device, usage_context)
+    budget = args.max_num_batched_tokens or default_budget
+    max_num_seqs = args.max_num_seqs or default_seqs
     if budget < 1:
         raise ValueError(f"max_num_batched_tokens must be at least 1, got {budget}.")
     kv_space = float(os.environ.get("APHRODITE_CPU_KVCACHE_SPACE", args.cpu_kvcache_space))
@@ -388,7 +404,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
                           cpu_kvcache_space_bytes=int(kv_space * (1 << 30)),
                           num_blocks_override=args.num_gpu_blocks_override,
                           enable_prefix_caching=args.enable_prefix_caching, cache_dtype=cache_dtype),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                                   max_model_len=max_model_len, max_loras=lora.max_loras if lora else 0),
         parallel=parallel, device=device, enforce_eager=args.enforce_eager, log_stats=not args.disable_log_stats,
         # Pipeline stages keep several micro-batches in flight instead (see LLMEngine.step).

@@ -65,10 +65,12 @@ class EngineArgs:
                                                section="cache_args")
     enable_prefix_caching: bool = _arg(True, "Reuse KV cache blocks of shared prompt prefixes.",
                                        section="cache_args")
-    max_num_seqs: int = _arg(256, "Most sequences in one step.", section="scheduler_args")
+    max_num_seqs: int | None = _arg(None, "Most sequences in one step. Default (vLLM's): 1024 on GPUs with "
+                                    "70 GiB or more (A100 excepted), else 256.", section="scheduler_args")
     max_num_batched_tokens: int | None = _arg(None, "Token budget of one step (chunked prefill splits "
-                                              "longer prompts). Default 8192 on GPUs, 2048 on the CPU.",
-                                              section="scheduler_args")
+                                              "longer prompts). Default (vLLM's): on GPUs with 70 GiB or more "
+                                              "(A100 excepted) 16384 offline and 8192 for the server, on other "
+                                              "GPUs 8192, on the CPU 2048.", section="scheduler_args")
     enforce_eager: bool = _arg(False, "Run eagerly: no CUDA graphs.")
     async_scheduling: bool | None = _arg(None, "Schedule and build step N+1 while the device still runs "
                                          "step N; sampled token ids stay on the device and the host "

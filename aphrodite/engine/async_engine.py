@@ -147,9 +147,10 @@ class AsyncLLMEngine:
             self.start()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, start: bool = True,
-                         max_waiting_requests: int | None = None) -> AsyncLLMEngine:
-        return cls(LLMEngine.from_engine_args(args), start=start, max_waiting_requests=max_waiting_requests)
+    def from_engine_args(cls, args: EngineArgs, start: bool = True, max_waiting_requests: int | None = None,
+                         usage_context: str = "server") -> AsyncLLMEngine:
+        return cls(LLMEngine.from_engine_args(args, usage_context), start=start,
+                   max_waiting_requests=max_waiting_requests)
 
     # ---- lifecycle ------------------------------------------------------------
     def start(self) -> None:

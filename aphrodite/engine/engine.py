@@ -117,8 +117,8 @@ class LLMEngine:
         self._grammar_waiting: list[tuple[Request, Future]] = []
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
-        return cls(create_engine_config(args))
+    def from_engine_args(cls, args: EngineArgs, usage_context: str = "llm") -> LLMEngine:
+        return cls(create_engine_config(args, usage_context))
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.config.model.eos_token_ids)

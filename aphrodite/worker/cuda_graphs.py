@@ -27,10 +27,15 @@ logger = logging.getLogger(__name__)
 MAX_PREFILL_GRAPH_TOKENS = 512
 
 
+MAX_CAPTURE_SIZE = 512   # vLLM's cap too: bigger decode batches run eagerly, where launches cost ~nothing
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every 8 up to 64, every 16 up to 256, every 32 beyond, capped at max_num_seqs."""
+    """1, 2, 4, 8, then every 8 up to 64, every 16 up to 256, every 32 beyond, capped at max_num_seqs
+    and at ``MAX_CAPTURE_SIZE``."""
+    top = min(max_num_seqs, MAX_CAPTURE_SIZE)
     ladder = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 257, 16)) + list(range(288, 1025, 32))
-    sizes = [s for s in ladder if s < max_num_seqs] + [max_num_seqs]
+    sizes = [s for s in ladder if s < top] + [top]
     return sorted(set(sizes))
 
 

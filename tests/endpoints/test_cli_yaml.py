@@ -83,7 +83,8 @@ def test_run_help_lists_every_option_in_groups(capsys: pytest.CaptureFixture[str
     assert positions == sorted(positions), "groups out of order"
     assert out.index("--port") > positions[-1] and positions[2] < out.index("-tp") < positions[3]
     words = " ".join(out.split())
-    assert "(default: 256)" in words and "(default: 2242)" in words
+    assert "(default: 16)" in words and "(default: 2242)" in words
+    assert "1024 on GPUs with 70 GiB or more" in words   # max_num_seqs: a device-dependent default, explained
 
 
 def test_run_help_subprocess_is_light() -> None:
