@@ -6,7 +6,9 @@ pack-quantized; each is repacked once at load into the canonical layout below) a
 
 Canonical int4 layout (what ``repack_int4`` produces):
 * ``qweight`` int32 ``[K, N // 8]``: nibble ``j`` (bits ``4j..4j+3``) of word ``w`` of row ``k`` is the
-  unsigned 4-bit code of output feature ``8w + j`` (sequential order, no interleave);
+  unsigned 4-bit code of output feature ``8w + INT4_ORDER[j]``, ``INT4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)``
+  (AutoAWQ's order): ``(word >> 4i) & 0x000F000F`` holds features ``2i`` and ``2i + 1`` in its two 16-bit
+  halves, the pair a packed half-precision register wants;
 * ``scales`` ``[K // group, N]`` in the activation dtype; ``zeros`` the same shape holding the integer
   zero points as floats (None: symmetric, zero point 8); ``w[k, n] = (q[k, n] - z[g, n]) * s[g, n]``;
 * act-order (GPTQ ``desc_act``): rows are stored sorted by group, ``perm[k]`` names the input column
@@ -20,9 +22,17 @@ Launch shapes: a program owns ``BLOCK_M x BLOCK_N`` outputs and a slice of K (sp
 splits every program stores an fp32 partial and the last one to finish a tile sums them and writes the
 output (an arrival counter per tile, re-armed by that program), so there is no reduce launch. A single
 row (decode at batch 1) accumulates with FMAs in a ``[BLOCK_K, BLOCK_N]`` register tile and reduces
-once at the end; more rows use ``tl.dot``. On the GPU the tile configuration comes from a small
-in-process tuner that times a few candidates per (format, rows bucket, N, K) the first time a shape runs
-outside CUDA-graph capture; large row counts may instead dequantize to a scratch weight and call cuBLAS.
+once at the end; more rows use ``tl.dot``. On the GPU the tile configuration comes from fixed tables per
+rows bucket (an opt-in in-process tuner, ``APHRODITE_QUANT_TUNE=1``, times candidates instead); large row
+counts dequantize to a scratch weight and call cuBLAS.
+
+int4 with fp16/bf16 activations at 5+ rows (decode batches, prefill) has its own kernel,
+``_w4_gemm_kernel``: the codes become half floats by OR-ing exponent bits over nibble pairs (no int -> float
+conversion), scale and zero are applied with packed half arithmetic, and each step's dequantization
+overlaps the previous step's tensor-core MMA. Its tile table (``_w4_candidates``) is keyed on rows buckets;
+the general kernel keeps FP8 weight-only, fp32 activations and uneven act-order groups. The engine dispatches
+from fixed tables (``_w4_table``, ``_default_config``); ``APHRODITE_QUANT_TUNE=1`` times candidates instead
+(GPU benchmarks), ``APHRODITE_W4A16=0`` keeps int4 on the general kernel.
 """
 from __future__ import annotations
 
@@ -32,13 +42,16 @@ from dataclasses import dataclass
 
 import torch
 
-from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
+from aphrodite.kernels.triton_utils import HAS_TRITON, DeviceFunction, LazyKernel, cdiv, next_pow2, tl, use_triton
 
-__all__ = ["FMT_FP8", "FMT_INT4", "QuantWeight", "dequantize", "quant_matmul", "quant_matmul_ref",
-           "repack_int4", "unpack_int4_cols", "pack_int4_cols"]
+__all__ = ["FMT_FP8", "FMT_INT4", "INT4_ORDER", "QuantWeight", "dequantize", "quant_matmul", "quant_matmul_ref",
+           "repack_int4", "unpack_int4_cols", "pack_int4_cols", "w4_supported"]
 
 FMT_INT4 = 0
 FMT_FP8 = 1
+
+#: canonical int4 packing: nibble j of a word holds output feature 8w + INT4_ORDER[j]
+INT4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 @dataclass
@@ -79,12 +92,16 @@ def unpack_int4_cols(packed: torch.Tensor, order: tuple[int, ...] | None = None)
     return codes.reshape(packed.shape[0], -1).to(torch.uint8)
 
 
-def pack_int4_cols(codes: torch.Tensor) -> torch.Tensor:
-    """uint8/int codes ``[R, 8C]`` (0..15) -> int32 ``[R, C]`` in the canonical (sequential) order."""
+def pack_int4_cols(codes: torch.Tensor, order: tuple[int, ...] | None = INT4_ORDER) -> torch.Tensor:
+    """uint8/int codes ``[R, 8C]`` (0..15) -> int32 ``[R, C]``; nibble ``i`` of word ``c`` holds column
+    ``8c + order[i]`` (the canonical ``INT4_ORDER`` by default, sequential when ``order`` is None)."""
     r, c8 = codes.shape
     if c8 % 8:
         raise ValueError(f"int4 packing needs a multiple of 8 columns, got {c8}")
-    nib = codes.to(torch.int32).reshape(r, c8 // 8, 8) << _SHIFTS.to(codes.device)
+    cols = codes.to(torch.int32).reshape(r, c8 // 8, 8)
+    if order is not None:
+        cols = cols[..., list(order)]
+    nib = cols << _SHIFTS.to(codes.device)
     return _sum_to_int32(nib)
 
 
@@ -122,7 +139,7 @@ def repack_int4(codes_kn: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 def dequantize(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight ``[K, N]`` in ``dtype`` (rows in stored order: pair with ``w.perm``)."""
     if w.fmt == FMT_INT4:
-        q = unpack_int4_cols(w.weight).to(torch.float32)                     # [K, N]
+        q = unpack_int4_cols(w.weight, INT4_ORDER).to(torch.float32)         # [K, N]
         rows = (torch.arange(w.k, device=q.device) // w.group) if w.g_idx is None else w.g_idx.long()
         s = w.scales.to(torch.float32)[rows]
         z = 8.0 if w.zeros is None else w.zeros.to(torch.float32)[rows]
@@ -167,7 +184,7 @@ def _wq_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, gidx_ptr, bias_ptr, ou
     if FMT == 0:
         offs_nw = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
         nw_ok = offs_nw < N // 8
-        shifts = (tl.arange(0, BLOCK_N) % 8) * 4
+        shifts = ((tl.arange(0, BLOCK_N) % 8) // 2 + (tl.arange(0, BLOCK_N) % 2) * 4) * 4    # INT4_ORDER
     if SWAP:    # out^T = W^T x^T: the dequantized tile is the MMA's A operand, which may stay in registers
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     elif DOT:
@@ -270,7 +287,8 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr, N, K,
         packed = tl.interleave(packed, packed)
         packed = tl.interleave(packed, packed)
         packed = tl.interleave(packed, packed)
-        q = ((packed >> ((tl.arange(0, BLOCK_N) % 8) * 4)[None, :]) & 0xF).to(tl.float32)
+        shifts = ((tl.arange(0, BLOCK_N) % 8) // 2 + (tl.arange(0, BLOCK_N) % 2) * 4) * 4    # INT4_ORDER
+        q = ((packed >> shifts[None, :]) & 0xF).to(tl.float32)
     else:
         q = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
@@ -292,7 +310,219 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr, N, K,
              w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _w4_dequant_fn(p, s, z, magic, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BASE: tl.constexpr,
+                   HAS_ZP: tl.constexpr, HALF_MATH: tl.constexpr):
+    """int32 ``[BLOCK_K, BLOCK_N // 8]`` packed codes + scale/zero rows ``[BLOCK_N]`` -> ``[BLOCK_K, BLOCK_N]``
+    weights in the scales' dtype (bf16/fp16).
+
+    A packed word's nibbles ``j`` and ``j + 4`` (columns ``2j``, ``2j + 1``) land in the two 16-bit halves of
+    ``(p >> 4j) & 0x000F000F``; OR-ing the exponent of ``2^7`` (bf16; ``2^10`` for fp16) makes two floats
+    ``BASE + q`` without any int -> float conversion (``magic`` is a runtime value so the AND and OR fuse
+    into one LOP3). Then ``w = (v - (BASE + z)) * s``: the subtraction is exact, the product rounds once,
+    like the reference."""
+    t0 = (p & 0x000F000F) | magic
+    t1 = ((p >> 4) & 0x000F000F) | magic
+    t2 = ((p >> 8) & 0x000F000F) | magic
+    t3 = ((p >> 12) & 0x000F000F) | magic
+    # [BLOCK_K, BLOCK_N // 8, 8] in column order: t_i's halves are columns 2i, 2i + 1 (INT4_ORDER). join(a, b)
+    # adds a last axis; three give index 4 i0 + 2 i1 + i2 with i0 the first join's axis, so the last join
+    # (low vs high half) is the pair inside one 32-bit register: no byte permutes (from the SASS).
+    v = tl.join(tl.join(tl.join(t0.to(tl.int16), t2.to(tl.int16)), tl.join(t1.to(tl.int16), t3.to(tl.int16))),
+                tl.join(tl.join((t0 >> 16).to(tl.int16), (t2 >> 16).to(tl.int16)),
+                        tl.join((t1 >> 16).to(tl.int16), (t3 >> 16).to(tl.int16))))
+    v = tl.reshape(v, [BLOCK_K, BLOCK_N])
+    if HAS_ZP:
+        zb = z.to(tl.float32) + BASE
+    else:
+        zb = tl.zeros([BLOCK_N], dtype=tl.float32) + (BASE + 8.0)
+    if HALF_MATH:       # packed bf16x2 / f16x2 arithmetic on the GPU
+        w = (v.to(s.dtype, bitcast=True) - zb.to(s.dtype)[None, :]) * s[None, :]
+    else:               # the CPU interpreter has no bf16 arithmetic: the same values through fp32
+        if s.dtype == tl.bfloat16:
+            vf = (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        else:
+            vf = v.to(s.dtype, bitcast=True).to(tl.float32)
+        w = ((vf - zb[None, :]) * s.to(tl.float32)[None, :]).to(s.dtype)
+    return w
+
+
+_w4_dequant = DeviceFunction(_w4_dequant_fn) if HAS_TRITON else _w4_dequant_fn
+
+
+def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                    M, N, K, tiles_per_split, num_splits, magic,
+                    stride_xm, stride_wk, stride_sg, stride_om,
+                    BASE: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SPLIT: tl.constexpr, SWAP: tl.constexpr, HALF_MATH: tl.constexpr, AHEAD: tl.constexpr):
+    """Batched W4A16 (bf16/fp16 activations, int4 weights whose groups are runs of GROUP rows; N % BLOCK_N
+    == 0, BLOCK_K divides the group): a few bit operations per weight pair (``_w4_dequant``).
+
+    The weight tile of step k + 1 is dequantized right after step k's MMA is issued, so the ALU work runs
+    while the tensor cores do (from the sm_90 SASS: the dequantization sits between the HGMMA issues and
+    their wait) when its packed codes, scales and zeros are loaded into registers one step ahead (``AHEAD=1``)
+    or two (``AHEAD=2``: two steps per iteration, twice the pipelined ``x`` buffers); ``AHEAD=0`` leaves all
+    loads to Triton's pipeline (``num_stages`` deep async copies: the most bytes in flight, measured faster
+    at 16..256 rows on an H200 where the kernel is latency-bound); ``x`` always goes through it. Rows
+    past ``M`` read row ``m % M`` (no masks in the loop). Program order puts the M tiles of one weight tile
+    next to each other so they share its reads through L2."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    BW: tl.constexpr = BLOCK_N // 8
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m % M          # (not tl.minimum: that hides the rows' alignment and costs the async copies)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = pid_n * BW + tl.arange(0, BW)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    n_tiles = tl.minimum(tiles_per_split, K // BLOCK_K - pid_k * tiles_per_split)
+    offs_kb = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k_lo + offs_kb)[None, :]
+    w_tile = w_ptr + offs_kb[:, None] * stride_wk + offs_w[None, :]
+    if SWAP:    # out^T = W^T x^T (the weight tile as the MMA's first operand)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if AHEAD == 0:
+        # Codes, scales and zeros loaded in the step that uses them: Triton pipelines them with x through
+        # shared memory (``num_stages`` deep async copies), the most loads in flight.
+        w_ptrs = w_tile + k_lo * stride_wk
+        for kt in range(0, n_tiles):
+            k0 = k_lo + kt * BLOCK_K
+            x = tl.load(x_ptrs)
+            p = tl.load(w_ptrs)
+            s = tl.load(s_ptr + (k0 // GROUP) * stride_sg + offs_n)
+            if HAS_ZP:
+                z = tl.load(z_ptr + (k0 // GROUP) * stride_sg + offs_n)
+            else:
+                z = s
+            w = _w4_dequant(p, s, z, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+            if SWAP:
+                acc = tl.dot(tl.trans(w), tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, w, acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+    p0 = tl.load(w_tile + k_lo * stride_wk)
+    s0 = tl.load(s_ptr + (k_lo // GROUP) * stride_sg + offs_n)
+    if HAS_ZP:
+        z0 = tl.load(z_ptr + (k_lo // GROUP) * stride_sg + offs_n)
+    else:
+        z0 = s0
+    if AHEAD == 1:
+        # Step k + 1's raw codes/scales/zeros are loaded right after step k's MMA is issued and dequantized
+        # while it runs (the load latency is hidden by the MMA and by the SM's other programs).
+        w = _w4_dequant(p0, s0, z0, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+        for kt in range(0, n_tiles):
+            x = tl.load(x_ptrs)
+            if SWAP:
+                acc = tl.dot(tl.trans(w), tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, w, acc)
+            x_ptrs += BLOCK_K
+            ka = k_lo + tl.minimum(kt + 1, n_tiles - 1) * BLOCK_K
+            pa = tl.load(w_tile + ka * stride_wk)
+            sa = tl.load(s_ptr + (ka // GROUP) * stride_sg + offs_n)
+            if HAS_ZP:
+                za = tl.load(z_ptr + (ka // GROUP) * stride_sg + offs_n)
+            else:
+                za = sa
+            w = _w4_dequant(pa, sa, za, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+    elif AHEAD == 2:
+        # Two steps per iteration so the prefetched raw tiles alternate between two register sets (a loop-carried
+        # rotation costs ~36 register moves a step). w: the next step's dequantized weights; p/s/z B: the raw
+        # codes, scales and zeros of the step after it, loaded two steps ahead (indices clamped to the split's
+        # last tile: no masks). An odd count runs one extra step whose x and scales read as zero.
+        kb = k_lo + tl.minimum(1, n_tiles - 1) * BLOCK_K
+        pb = tl.load(w_tile + kb * stride_wk)
+        sb = tl.load(s_ptr + (kb // GROUP) * stride_sg + offs_n, mask=n_tiles > 1, other=0.0)
+        if HAS_ZP:
+            zb = tl.load(z_ptr + (kb // GROUP) * stride_sg + offs_n)
+        else:
+            zb = sb
+        w = _w4_dequant(p0, s0, z0, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+        for kt in range(0, n_tiles, 2):
+            x = tl.load(x_ptrs)
+            if SWAP:
+                acc = tl.dot(tl.trans(w), tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, w, acc)
+            ka = k_lo + tl.minimum(kt + 2, n_tiles - 1) * BLOCK_K
+            pa = tl.load(w_tile + ka * stride_wk)
+            sa = tl.load(s_ptr + (ka // GROUP) * stride_sg + offs_n)
+            if HAS_ZP:
+                za = tl.load(z_ptr + (ka // GROUP) * stride_sg + offs_n)
+            else:
+                za = sa
+            w = _w4_dequant(pb, sb, zb, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+            x = tl.load(x_ptrs + BLOCK_K, mask=kt + 1 < n_tiles, other=0.0)
+            if SWAP:
+                acc = tl.dot(tl.trans(w), tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, w, acc)
+            kb = k_lo + tl.minimum(kt + 3, n_tiles - 1) * BLOCK_K
+            pb = tl.load(w_tile + kb * stride_wk)
+            sb = tl.load(s_ptr + (kb // GROUP) * stride_sg + offs_n, mask=kt + 3 < n_tiles, other=0.0)
+            if HAS_ZP:
+                zb = tl.load(z_ptr + (kb // GROUP) * stride_sg + offs_n)
+            else:
+                zb = sb
+            w = _w4_dequant(pa, sa, za, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+            x_ptrs += 2 * BLOCK_K
+    if SWAP:
+        res = tl.trans(acc)
+    else:
+        res = acc
+    m_ok = offs_m < M
+    o_mask = m_ok[:, None]
+    o_off = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    if SPLIT:
+        # Every split stores an fp32 partial; the last to arrive for this tile adds them in split order.
+        p_off = (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        tl.store(part_ptr + p_off, res, mask=o_mask)
+        tl.debug_barrier()
+        cnt = cnt_ptr + pid
+        done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if done == num_splits - 1:
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for sp in range(0, num_splits):
+                p_off = (sp * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+                total += tl.load(part_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+            tl.store(out_ptr + o_off, total.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        if HAS_BIAS:
+            res += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        tl.store(out_ptr + o_off, res.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def _w4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, stride_wk, stride_sg, stride_ok, magic,
+                       BASE: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HALF_MATH: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dense ``[K, N]`` weight for cuBLAS at large M, through the W4A16 kernel's dequantization (no int ->
+    float conversions; K % BLOCK_K == 0, N % BLOCK_N == 0, BLOCK_K inside one group)."""
+    BW: tl.constexpr = BLOCK_N // 8
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.program_id(1) * BW + tl.arange(0, BW)
+    p = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_w[None, :])
+    g = (tl.program_id(0) * BLOCK_K) // GROUP
+    s = tl.load(s_ptr + g * stride_sg + offs_n)
+    if HAS_ZP:
+        z = tl.load(z_ptr + g * stride_sg + offs_n)
+    else:
+        z = s
+    w = _w4_dequant(p, s, z, magic, BLOCK_K, BLOCK_N, BASE, HAS_ZP, HALF_MATH)
+    tl.store(out_ptr + offs_k[:, None].to(tl.int64) * stride_ok + offs_n[None, :], w)
+
+
 _wq_gemm = LazyKernel(_wq_gemm_kernel)
+_w4_dequant_tiles = LazyKernel(_w4_dequant_kernel)
+_w4_gemm = LazyKernel(_w4_gemm_kernel)
 _dequant = LazyKernel(_dequant_kernel)
 
 
@@ -313,6 +543,8 @@ class Config:
     stages: int = 3
     dequant: bool = False
     swap: bool = False         # compute out^T = W^T x^T (the dequantized weight as the MMA's A operand)
+    w4: bool = False           # the batched W4A16 kernel (``_w4_gemm_kernel``) where ``w4_supported`` says so
+    ahead: int = 0             # W4A16: codes loaded by Triton's pipeline (0) or 1 / 2 steps ahead in registers
 
 
 @functools.lru_cache(maxsize=8)
@@ -325,7 +557,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _rows_bucket(m: int) -> int:
-    return min(next_pow2(m), 512)
+    """Rows buckets the tuner keys on: powers of two up to 2048 (prefill chunks get their own choice between
+    the fused kernel and dequantize + cuBLAS, which wins as M grows)."""
+    return min(next_pow2(m), 2048)
 
 
 def _candidates(m: int) -> list[Config]:
@@ -353,10 +587,101 @@ def _candidates(m: int) -> list[Config]:
             Config(64, 256, 64, splits=1, warps=8, stages=3, swap=True), Config(dequant=True)]
 
 
-def _default_config(m: int, device: torch.device) -> Config:
-    """The untuned choice: the first candidate (decode shapes), or dequantize + cuBLAS for many rows."""
-    if m > 256 and device.type == "cuda":
+def _w4_candidates(m: int) -> list[Config]:
+    """Launch shapes of the batched W4A16 kernel for a rows bucket; the first is the untuned default.
+
+    From an H200 sweep (``benchmarks/gpu/bench_quant_gemm.py``, 2026-11-29): the kernel is latency-bound
+    rather than issue- or bandwidth-bound at 16..256 rows, so narrow tiles (BLOCK_N = 64, 4 warps) with
+    more programs per SM win everywhere but the widest projection, where 128-256 wide tiles that
+    dequantize each weight tile once win, and BLOCK_K = 128 (half the steps) helps where the per-step latency
+    dominates; at 1024 rows dequantize + cuBLAS wins. ``ahead=0`` (loads left
+    to Triton's pipeline) and ``ahead=1`` (codes one step ahead in registers, dequantized under the MMA)
+    are both offered; ``target`` adds split-K where output tiles alone leave SMs idle; ``swap``
+    (out^T = W^T x^T) lets 16..32 rows be the MMA's N."""
+    if m <= 16:
+        return [Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True),
+                Config(16, 64, 128, target=2, warps=8, stages=4, swap=True, w4=True),
+                Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True, ahead=1),
+                Config(16, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True)]
+    if m <= 32:
+        return [Config(32, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True),
+                Config(32, 64, 128, target=2, warps=8, stages=4, swap=True, w4=True),
+                Config(32, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True)]
+    if m <= 64:
+        return [Config(64, 64, 128, target=2, warps=8, stages=3, w4=True),
+                Config(64, 64, 64, target=2, warps=4, stages=4, w4=True),
+                Config(64, 128, 64, target=2, warps=4, stages=4, w4=True),
+                Config(64, 128, 128, target=2, warps=8, stages=3, w4=True)]
+    if m <= 128:
+        return [Config(128, 64, 64, target=1, warps=4, stages=4, w4=True),
+                Config(128, 64, 128, target=1, warps=8, stages=3, w4=True),
+                Config(128, 128, 128, target=1, warps=8, stages=2, w4=True),
+                Config(64, 64, 128, target=1, warps=8, stages=3, w4=True)]
+    if m <= 256:
+        return [Config(128, 64, 64, target=1, warps=4, stages=4, w4=True),
+                Config(128, 64, 128, target=1, warps=8, stages=3, w4=True),
+                Config(256, 128, 64, target=1, warps=8, stages=3, w4=True),
+                Config(256, 128, 64, target=1, warps=8, stages=3, w4=True, ahead=1)]
+    return [Config(dequant=True), Config(256, 128, 64, splits=1, warps=8, stages=4, w4=True),
+            Config(128, 128, 128, splits=1, warps=8, stages=2, w4=True)]
+
+
+def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> bool:
+    """Whether ``_w4_gemm_kernel`` handles ``x @ w`` (with ``cfg``'s tile): int4 whose groups are runs of
+    ``group`` stored rows (act-order is fine: ``x``'s columns are gathered first), fp16/bf16 activations with
+    scales and zeros of the same dtype (the layers store them so), whole groups, N a multiple of the tile
+    width and contiguous packed rows."""
+    if w.fmt != FMT_INT4 or w.g_idx is not None or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    block_n = cfg.block_n if cfg is not None else 64
+    return (w.k % w.group == 0 and w.group % 16 == 0 and w.n % block_n == 0 and w.weight.stride(1) == 1
+            and w.scales.dtype == x.dtype and w.scales.stride(1) == 1
+            and (w.zeros is None or (w.zeros.stride() == w.scales.stride() and w.zeros.dtype == x.dtype)))
+
+
+def _candidates_for(m: int, x: torch.Tensor, w: QuantWeight) -> list[Config]:
+    """What the tuner (``APHRODITE_QUANT_TUNE=1``) times for ``m`` rows: the general kernel's shapes plus the
+    W4A16 kernel's where it applies (``APHRODITE_W4A16=0``: not offered)."""
+    cands = _candidates(m)
+    if m > 1 and _w4_enabled():
+        cands = cands + [c for c in _w4_candidates(m) if not c.dequant and w4_supported(x, w, c)]
+        if not any(c.dequant for c in cands) and m > 256:
+            cands.append(Config(dequant=True))
+    return cands
+
+
+def _w4_enabled() -> bool:
+    return os.environ.get("APHRODITE_W4A16", "1").strip().lower() not in ("0", "false", "no")
+
+
+def _w4_table(m: int, n: int) -> Config:
+    """The W4A16 shape the engine dispatches for ``m`` rows (5..256) and ``n`` outputs: the fastest of each
+    rows bucket in the H200 sweep of Llama-3.1-8B's projections (2026-11-29, ``bench_quant_gemm.py``), with
+    the widest projection (gate_up, N >= 16384) on its own column. One shape per cell keeps the kernels the
+    engine can meet few, so warm-up and graph capture compile all of them."""
+    wide = n >= 16384
+    if m <= 16:
+        return Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True)
+    if m <= 64:
+        return (Config(64, 128, 64, target=2, warps=4, stages=4, w4=True) if wide
+                else Config(64, 64, 64, target=2, warps=4, stages=4, w4=True))
+    if m <= 128:
+        return (Config(128, 128, 128, target=1, warps=8, stages=2, w4=True) if wide
+                else Config(128, 64, 64, target=1, warps=4, stages=4, w4=True))
+    return (Config(256, 128, 64, target=1, warps=8, stages=3, w4=True) if wide
+            else Config(128, 64, 64, target=1, warps=4, stages=4, w4=True))
+
+
+def _default_config(m: int, x: torch.Tensor, w: QuantWeight) -> Config:
+    """What runs without the tuner (the engine's default): dequantize + cuBLAS above 256 rows on the GPU (the
+    sweep's best at 1024), the W4A16 table where that kernel applies (``APHRODITE_W4A16=0``: not), else the
+    general kernel's first shape."""
+    if m > 256 and x.device.type == "cuda":
         return Config(dequant=True)
+    if m > 1 and _w4_enabled():
+        cfg = _w4_table(m, w.n)
+        if w4_supported(x, w, cfg):
+            return cfg
     return _candidates(m)[0]
 
 
@@ -364,7 +689,10 @@ _TUNED: dict[tuple, Config] = {}
 
 
 def _tuning_enabled() -> bool:
-    return os.environ.get("APHRODITE_QUANT_TUNE", "1").strip().lower() not in ("0", "false", "no")
+    """``APHRODITE_QUANT_TUNE=1`` times candidate shapes the first time each (rows bucket, N, K) runs. Off by
+    default: in an engine that means Triton compiles in the middle of serving (minutes on a fresh machine);
+    the fixed tables below are what the engine dispatches, the GPU benchmarks turn tuning on to refresh them."""
+    return os.environ.get("APHRODITE_QUANT_TUNE", "0").strip().lower() in ("1", "true", "yes")
 
 
 def _splits(cfg: Config, m: int, n: int, k: int, device: torch.device) -> int:
@@ -408,12 +736,18 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
     dev = x.device
     if cfg.dequant:
         wd = torch.empty((k, n), dtype=x.dtype, device=dev)
-        _launch_dequant(w, wd)
+        if w4_supported(x, w):
+            _launch_w4_dequant(w, wd)
+        else:
+            _launch_dequant(w, wd)
         xs = x if w.perm is None else x.index_select(1, w.perm.long())
         if bias is None:
             torch.mm(xs, wd, out=out)
         else:
             torch.addmm(bias, xs, wd, out=out)
+        return
+    if cfg.w4 and w4_supported(x, w, cfg):
+        _launch_w4(x, w, bias, out, cfg)
         return
     block_k = _check_group(w, cfg.block_k)
     dot = cfg.block_m > 1
@@ -447,6 +781,50 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
         IEEE=x.dtype == torch.float32, num_warps=cfg.warps, num_stages=cfg.stages)
 
 
+#: (magic exponent bits OR-ed over two nibbles, the float those bits make with a zero nibble) per dtype
+_W4_MAGIC = {torch.bfloat16: (0x43004300, 128.0), torch.float16: (0x64006400, 1024.0)}
+
+
+def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: torch.Tensor, cfg: Config) -> None:
+    if w.perm is not None:     # act-order: one gather of x's columns into stored-row order (M x K, small)
+        x = x.index_select(1, w.perm.long())
+    m, k = x.shape
+    n = w.n
+    dev = x.device
+    block_m = max(16, cfg.block_m)
+    block_k = _check_group(w, cfg.block_k)      # a power of two inside one group
+    splits = _splits(Config(block_m, cfg.block_n, block_k, cfg.splits, cfg.target), m, n, k, dev)
+    k_tiles = k // block_k
+    tiles_per_split = cdiv(k_tiles, splits)
+    splits = cdiv(k_tiles, tiles_per_split)
+    grid = (cdiv(n, cfg.block_n) * cdiv(m, block_m), splits)
+    if splits > 1:
+        part = torch.empty((splits, m, n), dtype=torch.float32, device=dev)
+        cnt = _counters(dev, grid[0])
+    else:
+        part = cnt = out
+    magic, base = _W4_MAGIC[x.dtype]
+    dummy = w.scales
+    _w4_gemm(dev)[grid](
+        x, w.weight, w.scales, w.zeros if w.zeros is not None else dummy, bias if bias is not None else dummy,
+        out, part, cnt, m, n, k, tiles_per_split, splits, magic,
+        x.stride(0), w.weight.stride(0), w.scales.stride(0), out.stride(0), BASE=base,
+        GROUP=w.group, HAS_ZP=w.zeros is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT=splits > 1, SWAP=cfg.swap,
+        HALF_MATH=x.is_cuda, AHEAD=cfg.ahead, num_warps=cfg.warps, num_stages=cfg.stages)
+
+
+def _launch_w4_dequant(w: QuantWeight, out: torch.Tensor) -> None:
+    k, n = out.shape
+    bk = _check_group(w, 32)
+    bn = 128 if n % 128 == 0 else 64
+    magic, base = _W4_MAGIC[out.dtype]
+    _w4_dequant_tiles(out.device)[(k // bk, n // bn)](
+        w.weight, w.scales, w.zeros if w.zeros is not None else w.scales, out,
+        w.weight.stride(0), w.scales.stride(0), out.stride(0), magic, BASE=base, GROUP=w.group,
+        HAS_ZP=w.zeros is not None, HALF_MATH=out.is_cuda, BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
+
+
 def _launch_dequant(w: QuantWeight, out: torch.Tensor) -> None:
     k, n = out.shape
     bk, bn = 32, 128
@@ -463,14 +841,28 @@ def _launch_dequant(w: QuantWeight, out: torch.Tensor) -> None:
         BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
 
 
-def _time(fn, reps: int = 5) -> float:
+def _time(fn, reps: int = 10) -> float:
+    """Milliseconds per call of ``fn`` replayed from a CUDA graph of ``reps`` calls, as decode runs it: a
+    Triton launch from Python costs more than many of these kernels take, so eager timing would rank
+    launch overhead. Falls back to eager timing where capture fails."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        graph.replay()
+        start.record()
+        graph.replay()
+        end.record()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
 
@@ -484,19 +876,19 @@ def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> C
         return cfg
     dev = x.device
     if dev.type != "cuda" or not _tuning_enabled() or torch.cuda.is_current_stream_capturing():
-        return _default_config(m, dev)
+        return _default_config(m, x, w)
     rows = _rows_bucket(m)
     xs = torch.randn((rows, w.k), dtype=x.dtype, device=dev)
     scratch = torch.empty((rows, w.n), dtype=x.dtype, device=dev)
     best, best_ms = None, float("inf")
-    for cand in _candidates(rows):
+    for cand in _candidates_for(rows, x, w):
         try:
             ms = _time(lambda c=cand: _launch(xs, w, bias, scratch, c))
         except Exception:   # a shape the compiler rejects (e.g. out of shared memory) is just skipped
             continue
         if ms < best_ms:
             best, best_ms = cand, ms
-    cfg = best or _default_config(m, dev)
+    cfg = best or _default_config(m, x, w)
     _TUNED[key] = cfg
     return cfg
 

@@ -5,8 +5,8 @@ integer-to-float instruction and applies the scale and zero per element; at batc
 0.9 TB/s on an H200. This kernel does the least work per weight element:
 
 * int4 (canonical layout ``[K, N // 8]``): the eight nibble positions of a packed word are handled as eight
-  planes (plane ``j`` holds outputs ``8w + j``). A shift and one mask-or (1.0's exponent over the nibble
-  placed in mantissa bits 12..15 or 16..19) give the float ``f = 1 + q * 2^-e`` directly from the bits:
+  planes (plane ``j`` holds outputs ``8w + INT4_ORDER[j]``). A shift and one mask-or (1.0's exponent over
+  the nibble placed in mantissa bits 12..15 or 16..19) give the float ``f = 1 + q * 2^-e`` directly from the bits:
   no interleave and no int->float conversion. Several rows: with ``a = s * 2^e`` and ``b = -(a + s z)``
   (once per group and output) ``w = a f + b = s (q - z)`` is one FMA shared by the rows, then one FMA per
   row. One row: ``G = sum x f`` and ``X = sum x`` per group and ``acc += a G + b X`` at the group's end,
@@ -21,7 +21,8 @@ partial and the last to arrive (an arrival counter per output tile, re-armed by 
 launch is CUDA-graph safe and the sum order is fixed: deterministic) adds them in split order, adds the
 bias and writes the output. Act-order int4 (``perm``/``g_idx``) and K not a multiple of the group fall back
 to ``int4_matmul``'s kernel (``supports`` says which). A few launch shapes are timed per (format, rows, N,
-K) the first time one runs on CUDA outside graph capture, like ``int4_matmul``'s tuner.
+K) the first time one runs on CUDA outside graph capture when ``APHRODITE_QUANT_TUNE=1``, like
+``int4_matmul``'s tuner; by default the first candidate runs.
 """
 from __future__ import annotations
 
@@ -74,21 +75,21 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, c
         s_base = s_ptr + g * stride_sg + offs_w * 8
         if EVEN_W:
             s0 = tl.load(s_base + 0).to(tl.float32)
-            s1 = tl.load(s_base + 1).to(tl.float32)
-            s2 = tl.load(s_base + 2).to(tl.float32)
-            s3 = tl.load(s_base + 3).to(tl.float32)
-            s4 = tl.load(s_base + 4).to(tl.float32)
-            s5 = tl.load(s_base + 5).to(tl.float32)
-            s6 = tl.load(s_base + 6).to(tl.float32)
+            s1 = tl.load(s_base + 2).to(tl.float32)
+            s2 = tl.load(s_base + 4).to(tl.float32)
+            s3 = tl.load(s_base + 6).to(tl.float32)
+            s4 = tl.load(s_base + 1).to(tl.float32)
+            s5 = tl.load(s_base + 3).to(tl.float32)
+            s6 = tl.load(s_base + 5).to(tl.float32)
             s7 = tl.load(s_base + 7).to(tl.float32)
         else:
             s0 = tl.load(s_base + 0, mask=w_ok, other=0.0).to(tl.float32)
-            s1 = tl.load(s_base + 1, mask=w_ok, other=0.0).to(tl.float32)
-            s2 = tl.load(s_base + 2, mask=w_ok, other=0.0).to(tl.float32)
-            s3 = tl.load(s_base + 3, mask=w_ok, other=0.0).to(tl.float32)
-            s4 = tl.load(s_base + 4, mask=w_ok, other=0.0).to(tl.float32)
-            s5 = tl.load(s_base + 5, mask=w_ok, other=0.0).to(tl.float32)
-            s6 = tl.load(s_base + 6, mask=w_ok, other=0.0).to(tl.float32)
+            s1 = tl.load(s_base + 2, mask=w_ok, other=0.0).to(tl.float32)
+            s2 = tl.load(s_base + 4, mask=w_ok, other=0.0).to(tl.float32)
+            s3 = tl.load(s_base + 6, mask=w_ok, other=0.0).to(tl.float32)
+            s4 = tl.load(s_base + 1, mask=w_ok, other=0.0).to(tl.float32)
+            s5 = tl.load(s_base + 3, mask=w_ok, other=0.0).to(tl.float32)
+            s6 = tl.load(s_base + 5, mask=w_ok, other=0.0).to(tl.float32)
             s7 = tl.load(s_base + 7, mask=w_ok, other=0.0).to(tl.float32)
         # Plane j's float is 1 + q * 2^-11 (nibble at mantissa bits 12..15: j = 0, 2, 3, 5, 7) or 1 + q * 2^-7
         # (bits 16..19: j = 1, 4, 6); with a = s * 2^11 (2^7) and b = -(a + s z) one FMA gives s (q - z),
@@ -96,12 +97,12 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, c
         if HAS_ZP:
             z_base = z_ptr + g * stride_sg + offs_w * 8
             z0 = tl.load(z_base + 0, mask=w_ok, other=0.0).to(tl.float32)
-            z1 = tl.load(z_base + 1, mask=w_ok, other=0.0).to(tl.float32)
-            z2 = tl.load(z_base + 2, mask=w_ok, other=0.0).to(tl.float32)
-            z3 = tl.load(z_base + 3, mask=w_ok, other=0.0).to(tl.float32)
-            z4 = tl.load(z_base + 4, mask=w_ok, other=0.0).to(tl.float32)
-            z5 = tl.load(z_base + 5, mask=w_ok, other=0.0).to(tl.float32)
-            z6 = tl.load(z_base + 6, mask=w_ok, other=0.0).to(tl.float32)
+            z1 = tl.load(z_base + 2, mask=w_ok, other=0.0).to(tl.float32)
+            z2 = tl.load(z_base + 4, mask=w_ok, other=0.0).to(tl.float32)
+            z3 = tl.load(z_base + 6, mask=w_ok, other=0.0).to(tl.float32)
+            z4 = tl.load(z_base + 1, mask=w_ok, other=0.0).to(tl.float32)
+            z5 = tl.load(z_base + 3, mask=w_ok, other=0.0).to(tl.float32)
+            z6 = tl.load(z_base + 5, mask=w_ok, other=0.0).to(tl.float32)
             z7 = tl.load(z_base + 7, mask=w_ok, other=0.0).to(tl.float32)
         else:
             z0 = 8.0
@@ -202,7 +203,7 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, c
                     acc3 = (acc3[0] + x3 * w0, acc3[1] + x3 * w1, acc3[2] + x3 * w2, acc3[3] + x3 * w3,
                             acc3[4] + x3 * w4, acc3[5] + x3 * w5, acc3[6] + x3 * w6, acc3[7] + x3 * w7)
 
-    # One reduction over K per program; plane j holds outputs 8w + j.
+    # One reduction over K per program; plane j holds outputs 8w + INT4_ORDER[j].
     cols = offs_w * 8
     if SPLIT:
         dst = part_ptr + pid_k * M * N + cols
@@ -220,12 +221,13 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, c
         else:
             acc = acc3
         for j in tl.static_range(8):
+            col = (j % 4) * 2 + j // 4          # plane j (nibble j) holds output 8w + col (canonical order)
             res = tl.sum(acc[j], axis=0)
             if not SPLIT:
                 if HAS_BIAS:
-                    res += tl.load(bias_ptr + cols + j, mask=w_ok, other=0.0).to(tl.float32)
+                    res += tl.load(bias_ptr + cols + col, mask=w_ok, other=0.0).to(tl.float32)
                 res = res.to(out_ptr.dtype.element_ty)
-            tl.store(dst + r * row_stride + j, res, mask=w_ok)
+            tl.store(dst + r * row_stride + col, res, mask=w_ok)
     if SPLIT:
         # The last program to arrive for this output tile adds the partials in split order (deterministic).
         tl.debug_barrier()
@@ -450,7 +452,7 @@ def _candidates(w: QuantWeight) -> list[GemvConfig]:
 
 def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> GemvConfig:
     """The tuned shape for this (format, rows, N, K), timing the candidates the first time a shape runs on
-    CUDA outside graph capture (``APHRODITE_QUANT_TUNE=0``: the default shape)."""
+    CUDA outside graph capture with ``APHRODITE_QUANT_TUNE=1`` (default off: the default shape)."""
     key = (w.fmt, x.shape[0], w.n, w.k, x.dtype, w.zeros is not None, w.group, w.scale_bn)
     cfg = _TUNED.get(key)
     if cfg is not None:

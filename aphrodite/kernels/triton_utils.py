@@ -29,7 +29,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = _TLStub()  # type: ignore[assignment]
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "LazyKernel", "cdiv", "interpret_mode", "next_pow2", "tl", "triton", "use_triton"]
+__all__ = ["HAS_TRITON", "DeviceFunction", "LazyKernel", "cdiv", "interpret_mode", "next_pow2", "tl", "triton",
+           "use_triton"]
 
 
 def interpret_mode() -> bool:
@@ -78,6 +79,16 @@ class LazyKernel:
         return self._interpreted
 
 
+class DeviceFunction(triton.runtime.jit.JITFunction if HAS_TRITON else object):  # type: ignore[misc]
+    """A ``@triton.jit`` helper that compiled kernels inline and interpreted kernels call as Python.
+
+    (``triton.jit`` picks one of the two when a module is imported; the kernels here pick at
+    launch, see ``LazyKernel``.)"""
+
+    def __call__(self, *args, **kwargs):   # reached only from a kernel run by the interpreter
+        return self.fn(*args, **kwargs)
+
+
 _INTERPRETER_READY = False
 
 
@@ -92,7 +103,8 @@ def _prepare_interpreter() -> None:
     * The interpreter holds scalars as shape-(1,) arrays and converts them with ``int()``, which
       NumPy >= 2.3 rejects, so loops bounded by loaded values fail; re-register ``__index__``.
     * Its ``tl.dot`` multiplies bf16 operands as their raw uint16 bit patterns; widen them to fp32.
-    * Its float -> fp8 conversion loses the carry of a rounded-up mantissa; convert through torch.
+    * Its float -> fp8 conversion loses the carry of a rounded-up mantissa, and its fp32 -> bf16 cast
+      truncates; convert both through torch (round to nearest even, like the GPU).
 
     Both go through the interpreter's own patch scope. Interpreted and compiled launches are not meant
     to be mixed in one process (the tests use one or the other).
@@ -158,6 +170,17 @@ def _prepare_interpreter() -> None:
         return original_fp_to_fp(self, src, dst_type, rounding_mode)
 
     interp.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
+
+    # Its fp32 -> bf16 cast (``.to(tl.bfloat16)``) truncates the mantissa; the GPU rounds to nearest even.
+    original_cast = interp.InterpreterBuilder.cast_impl
+
+    def cast_impl(self: Any, src: Any, dst_type: Any) -> Any:
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            values = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return interp.TensorHandle(values.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    interp.InterpreterBuilder.cast_impl = cast_impl
     interp._patch_lang_core = patched_core
     interp._patch_lang_tensor = patched_tensor
     _INTERPRETER_READY = True

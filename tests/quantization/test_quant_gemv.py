@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from aphrodite.kernels.int4_matmul import FMT_FP8, QuantWeight, repack_int4, unpack_int4_cols
+from aphrodite.kernels.int4_matmul import FMT_FP8, INT4_ORDER, QuantWeight, repack_int4, unpack_int4_cols
 from aphrodite.kernels.quant_gemv import GemvConfig, gemv_enabled, quant_gemv, supports
 from tests.quantization import packing
 
@@ -57,7 +57,7 @@ def test_int4_gemv_bf16_even_tiles():
     qw, _ = _int4_case(k, n, group, True)
     qw.scales = qw.scales.to(torch.bfloat16)
     qw.zeros = qw.zeros.to(torch.bfloat16)
-    codes = unpack_int4_cols(qw.weight).double()                           # the reference with bf16 scales
+    codes = unpack_int4_cols(qw.weight, INT4_ORDER).double()               # the reference with bf16 scales
     rows = torch.arange(k) // group
     wd = (codes - qw.zeros.double()[rows]) * qw.scales.double()[rows]
     x = torch.randn(2, k).to(torch.bfloat16)

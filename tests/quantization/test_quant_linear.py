@@ -8,7 +8,7 @@ import torch
 from aphrodite.distributed.parallel_state import set_tensor_model_parallel
 from aphrodite.modeling.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from aphrodite.modeling.loader import process_weights_after_loading
-from tests.quantization.formats import FORMATS, make_config, write_layer
+from tests.quantization.formats import FORMATS, INT4_FORMATS, make_config, write_layer
 
 
 @pytest.fixture
@@ -88,3 +88,33 @@ def test_qkv_and_row_parallel_two_ranks(ranks, monkeypatch, fmt):
         ref = sum(xo[:, r * 64:(r + 1) * 64].double() @ write_layer(fmt, wo[:, r * 64:(r + 1) * 64])[1].t()
                   for r in range(2))
     torch.testing.assert_close(row_sum, ref, rtol=0, atol=2e-5 * ref.abs().max().item() + 1e-5)
+
+
+@pytest.mark.parametrize("fmt", INT4_FORMATS)
+def test_int4_layer_batched_half_kernel(ranks, monkeypatch, fmt):
+    """Every int4 format's layer in fp16 with a decode batch of rows dispatches to the batched W4A16 kernel
+    (act-order included) and matches the checkpoint's float64 weight, as does another W4A16 shape."""
+    from aphrodite.kernels.int4_matmul import _candidates_for, _default_config, quant_matmul, w4_supported
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(3)
+    k, sizes = 64, [64, 64]
+    ws = [torch.randn(n, k) * 0.2 for n in sizes]
+    ckpts = [write_layer(fmt, w) for w in ws]
+    set_tensor_model_parallel(0, 1)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        layer = MergedColumnParallelLinear(k, sizes, quant_config=make_config(fmt),
+                                           prefix="model.layers.0.mlp.gate_up_proj")
+    finally:
+        torch.set_default_dtype(default)
+    for i, (tensors, _) in enumerate(ckpts):
+        _load(layer, tensors, i)
+    x = torch.randn(20, k).half()
+    process_weights_after_loading(layer)
+    assert w4_supported(x, layer.quant_weight) and _default_config(x.shape[0], x, layer.quant_weight).w4
+    ref = x.double() @ torch.cat([w for _, w in ckpts]).t()
+    cfg = next(c for c in _candidates_for(x.shape[0], x, layer.quant_weight) if c.w4)
+    with torch.no_grad():
+        for out in (layer.quant_method.apply(layer, x, layer.bias), quant_matmul(x, layer.quant_weight, config=cfg)):
+            torch.testing.assert_close(out.double(), ref, rtol=2**-9, atol=2**-9 * ref.abs().max().item())
