@@ -21,7 +21,11 @@ import functools
 
 import torch
 
-from aphrodite.kernels.triton_utils import HAS_TRITON, LazyKernel, tl, triton
+from aphrodite.kernels.triton_utils import HAS_TRITON, LazyKernel, tl, triton, use_triton
+from aphrodite.kernels.triton_utils import DeviceFunction as _DeviceFunction
+
+if HAS_TRITON:
+    from aphrodite.kernels import gguf_gpu
 
 # ggml type code -> (values per block, bytes per block)
 GGML_BLOCKS: dict[int, tuple[int, int]] = {
@@ -146,6 +150,14 @@ def dequantize_reference(qweight: torch.Tensor, qtype: int, k: int, dtype: torch
     return _dequant_blocks(blocks, qtype).reshape(n, k).to(dtype)
 
 
+def dequantize(qweight: torch.Tensor, qtype: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``dequantize_reference``, or one Triton kernel for the K-quants of ``gguf_gpu`` where Triton runs
+    (embedding lookups: two kernels per step instead of the reference's ~30 small ones)."""
+    if HAS_TRITON and qtype in gguf_gpu.FAST_TYPES and k % 256 == 0 and use_triton(qweight):
+        return gguf_gpu.dequantize(qweight, qtype, k, dtype)
+    return dequantize_reference(qweight, qtype, k, dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton
 
@@ -229,16 +241,6 @@ def _dequant_tile_fn(blk, QTYPE: tl.constexpr, QK: tl.constexpr, BLOCK_N: tl.con
         sc = tl.load(p + 192 + n * 8 + 2 * t + ln // 16).to(tl.int8, bitcast=True).to(tl.float32)
         v = _f16_at(p + 208) * sc * ((lo | (hi << 4)) - 32).to(tl.float32)
     return tl.reshape(v, (BLOCK_N, QK))
-
-
-class _DeviceFunction(triton.runtime.jit.JITFunction if HAS_TRITON else object):  # type: ignore[misc]
-    """A ``@triton.jit`` helper that compiled kernels inline and interpreted kernels call as Python.
-
-    (``triton.jit`` picks one of the two when a module is imported; the kernels here pick at
-    launch, see ``LazyKernel``.)"""
-
-    def __call__(self, *args, **kwargs):   # reached only from a kernel run by the interpreter
-        return self.fn(*args, **kwargs)
 
 
 _f16_at = _DeviceFunction(_f16_at_fn) if HAS_TRITON else _f16_at_fn
@@ -334,9 +336,24 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def q8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The 8-bit activations batch-1 K-quant GEMVs would compute for ``x [1, K]`` (shared by the
+    segments of a fused layer), or None where that path does not apply."""
+    if (not HAS_TRITON or x.shape[0] != 1 or not gguf_gpu.Q8_ACTIVATIONS or x.shape[-1] % 256
+            or x.dtype not in (torch.bfloat16, torch.float16) or not use_triton(x)):
+        return None
+    return gguf_gpu.quantize_activations(x.reshape(1, -1))
+
+
+def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor | None = None,
+                xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x [M, K] @ dequant(qweight)^T`` with the Triton kernels; ``out`` may be a column slice of a
-    wider ``[M, *]`` tensor (fused layers whose projections use different block types)."""
+    wider ``[M, *]`` tensor (fused layers whose projections use different block types); ``xq``: the
+    ``q8_activations`` of ``x`` when the caller already has them.
+
+    Q4_K, Q5_K and Q6_K (the bulk of Q4_K_M / Q5_K_M files) take the kernels of ``gguf_gpu``: a GEMV
+    at batch 1, a single pass over the weight into ``tl.dot`` up to 16 rows, decoded tiles into
+    ``tl.dot`` or dequantize-into-scratch + cuBLAS beyond; the other types the generic kernels below."""
     x = x.reshape(-1, x.shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -348,6 +365,22 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.T
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
+    if qtype in gguf_gpu.FAST_TYPES:
+        if m == 1:
+            if (gguf_gpu.Q8_ACTIVATIONS and x.dtype in (torch.bfloat16, torch.float16)
+                    and gguf_gpu.q8_supported(qtype, k)):
+                return gguf_gpu.gemv_q8(x, qweight, qtype, out, xq=xq)
+            return gguf_gpu.gemv(x, qweight, qtype, out)
+        if m <= gguf_gpu.DOT_MAX_ROWS:
+            return gguf_gpu.dot(x, qweight, qtype, out)
+        path = gguf_gpu.LARGE_BATCH
+        if path == "auto":
+            path = ("generic" if m <= gguf_gpu.GENERIC_MAX_ROWS else
+                    "tiled" if m <= gguf_gpu.TILED_MAX_ROWS else "dequant")
+        if path == "dequant":
+            return gguf_gpu.dequant_matmul(x, qweight, qtype, out)
+        if path == "tiled":
+            return gguf_gpu.tiled_matmul(x, qweight, qtype, out)
     if m <= GEMV_MAX_ROWS:
         block_n = 16 if qk == 256 else 32
         block_m = _pow2(m)

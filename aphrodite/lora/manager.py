@@ -44,6 +44,7 @@ class LoRAManager:
         self.state = LoRAState(max_loras, max_tokens, device)
         self.logits: LoRALogits | None = None
         self.head_ids: set[int] = set()     # adapters with LM-head weights
+        self.embed_ids: set[int] = set()    # adapters with embedding weights (their steps run eagerly)
         self.layers: list[tuple[Any, list[str]]] = []     # each wrapper and its HF module names
         self.targets: dict[str, tuple[Any, int]] = {}      # HF module name -> (wrapper, projection)
         packed = getattr(model, "packed_modules_mapping", PACKED_MODULES)
@@ -68,6 +69,8 @@ class LoRAManager:
             self.layers.append((self.logits, ["lm_head"]))
             self.targets["lm_head"] = (self.logits, 0)
         model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        if device.type == "cuda":   # base weights moved into storage with the A rows appended: free the old
+            torch.cuda.empty_cache()
         self.registry: dict[int, LoRARequest] = {}
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self.slot_of: OrderedDict[int, int] = OrderedDict()      # adapter id -> device slot, LRU first
@@ -102,6 +105,8 @@ class LoRAManager:
         self.registry[request.lora_int_id] = request
         if "lm_head" in adapter.weights:
             self.head_ids.add(request.lora_int_id)
+        if any(isinstance(self.targets[m][0], LoRAEmbedding) for m in adapter.weights):
+            self.embed_ids.add(request.lora_int_id)
         logger.info("Loaded LoRA adapter %s (id %d) from %s", request.lora_name, request.lora_int_id,
                     request.lora_path)
         return True
@@ -110,6 +115,7 @@ class LoRAManager:
         """Forget an adapter (host copy and device slot); False if it was not loaded."""
         self.host.pop(lora_int_id, None)
         self.head_ids.discard(lora_int_id)
+        self.embed_ids.discard(lora_int_id)
         slot = self.slot_of.pop(lora_int_id, None)
         if slot is not None:
             self.free_slots.append(slot)
@@ -159,8 +165,15 @@ class LoRAManager:
         per_req = np.fromiter((slot_of.get(i, -1) for i in lora_ids), dtype=np.int64, count=len(lora_ids))
         slots = np.repeat(per_req, num_tokens) if len(per_req) != sum(num_tokens) else per_req
         self.state.active = bool(used)
+        self.state.embed_active = bool(used & self.embed_ids)
         if used or self.device.type == "cuda":
             self.state.fill(slots)
+
+    @property
+    def needs_eager(self) -> bool:
+        """The step set by ``set_step`` cannot replay a CUDA graph: the graphs leave out the embedding's
+        LoRA (one launch chain fewer per step for the adapters that have none)."""
+        return self.state.embed_active
 
     def set_logit_rows(self, lora_ids: Sequence[int]) -> None:
         """Before ``compute_logits``: the adapter of each hidden row it gets (LM-head LoRA only)."""

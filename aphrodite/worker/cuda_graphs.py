@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 #: Largest prefill chunk replayed from a graph; past it the GPU work dwarfs the launches.
 MAX_PREFILL_GRAPH_TOKENS = 512
+#: With LoRA on, decode batches up to this size also get graphs without the LoRA kernels, replayed when
+#: no token of the step uses an adapter (base-model requests keep the base model's latency).
+MAX_PLAIN_LORA_BATCH = 32
 
 
 MAX_CAPTURE_SIZE = 512   # vLLM's cap too: bigger decode batches run eagerly, where launches cost ~nothing
@@ -55,6 +58,7 @@ class DecodeGraphs:
         self.prefill_sizes = prefill_capture_sizes(sc.max_num_batched_tokens)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.plain_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def can_run(self, host: HostBatch) -> bool:
         if host.num_decodes == host.num_seqs:
@@ -77,6 +81,12 @@ class DecodeGraphs:
                 self.prefill_graphs[tokens] = self._capture_one(inputs.prefill_metadata(tokens), tokens, pool, stream)
             for batch in reversed(self.sizes):
                 self.graphs[batch] = self._capture_one(inputs.decode_metadata(batch), batch, pool, stream)
+            lora = self.runner.lora_manager
+            if lora is not None:
+                lora.state.active = False     # the layers skip LoRA while these are captured
+                for batch in reversed([s for s in self.sizes if s <= MAX_PLAIN_LORA_BATCH]):
+                    self.plain_graphs[batch] = self._capture_one(inputs.decode_metadata(batch), batch, pool, stream)
+                lora.state.active = True
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         logger.info("Captured %d decode CUDA graphs (batch 1..%d) and %d prefill graphs (up to %d tokens) in "
@@ -99,7 +109,9 @@ class DecodeGraphs:
         n = len(host.ids)
         if host.num_decodes == host.num_seqs:
             size = next(s for s in self.sizes if s >= n)
-            graph, hidden = self.graphs[size]
+            lora = self.runner.lora_manager
+            plain = lora is not None and not lora.state.active and size in self.plain_graphs
+            graph, hidden = (self.plain_graphs if plain else self.graphs)[size]
             self.runner.inputs.fill_decode(host, size)
         else:
             size = next(s for s in self.prefill_sizes if s >= n)

@@ -286,7 +286,8 @@ class ModelRunner:
 
         if self.lora_manager is not None:   # activate the step's adapters, each token's slot index
             self.lora_manager.set_step([r.lora_int_id for r in reqs], counts)
-        if self.graphs is not None and self.graphs.can_run(host):
+        eager_lora = self.lora_manager is not None and self.lora_manager.needs_eager
+        if self.graphs is not None and not eager_lora and self.graphs.can_run(host):
             hidden = self.graphs.run(host)
         else:
             input_ids, positions, meta = self.inputs.to_device(host)

@@ -21,9 +21,11 @@ from aphrodite.modeling.layers.samplers.metadata import (
     DryRows,
     MirostatRows,
     NgramRows,
+    PenaltyRows,
     SamplingMetadata,
     uniform_from_seed,
 )
+from aphrodite.modeling.layers.samplers.truncation import quadratic_coefficients
 from aphrodite.sampling_params import SamplerID, SamplingParams
 from aphrodite.worker.sampling_state import SamplingState, to_device
 
@@ -119,9 +121,11 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
     if column("typical_p_on", [ok and p.typical_p < 1.0 for p, ok in zip(ps, on)], False, SamplerID.TYPICAL_P,
               torch.bool):
         columns["typical_p"] = to_device([p.typical_p for p in ps], torch.float32, device)
-    if column("smoothing_factor", [p.smoothing_factor if ok else 0.0 for p, ok in zip(ps, on)], 0.0,
-              SamplerID.QUADRATIC):
-        columns["smoothing_curve"] = to_device([p.smoothing_curve for p in ps], torch.float32, device)
+    if column("smoothing_on", [ok and p.smoothing_factor != 0 for p, ok in zip(ps, on)], False, SamplerID.QUADRATIC,
+              torch.bool):
+        ks = [quadratic_coefficients(p.smoothing_factor, p.smoothing_curve) for p in ps]
+        columns["smoothing_k"] = to_device([k for k, _ in ks], torch.float32, device)
+        columns["smoothing_s"] = to_device([s for _, s in ks], torch.float32, device)
     xtc_uniforms = None
     if column("xtc_probability", [p.xtc_probability if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.XTC):
         columns["xtc_threshold"] = to_device([p.xtc_threshold for p in ps], torch.float32, device)
@@ -131,20 +135,8 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
 
     # Repetition samplers, from the per-request state.
     recs = [state.record(r.request_id) for r in requests]
-    slots = [rec.slot if rec is not None else 0 for rec in recs]
-    counts = seen = None
-    pen = [rec is not None and rec.counts for rec in recs]
-    if any(pen):
-        slot_t = to_device(slots, torch.long, device)
-        f = column("frequency_penalty", [p.frequency_penalty if u else 0.0 for p, u in zip(ps, pen)], 0.0, None)
-        pr = column("presence_penalty", [p.presence_penalty if u else 0.0 for p, u in zip(ps, pen)], 0.0, None)
-        r_ = column("repetition_penalty", [p.repetition_penalty if u else 1.0 for p, u in zip(ps, pen)], 1.0, None)
-        for name, neutral in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("repetition_penalty", 1.0)):
-            columns.setdefault(name, to_device([neutral] * n, torch.float32, device))
-        if f or pr:
-            counts = state.counts.index_select(0, slot_t)
-        if r_:
-            seen = state.seen.index_select(0, slot_t)
+    penalties = _penalty_rows(requests, recs, state, device)
+    if penalties is not None:
         active.add(SamplerID.PENALTIES)
     dry = _dry_rows(requests, recs, state, device)
     if dry is not None:
@@ -246,8 +238,37 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
         top_k_max=max(top_k) if has_k else 0,
         banned=banned, bias=bias, allowed=allowed, bad_words=bad_words,
         bad_words_history=state.history if bad_words is not None else None, grammar_bitmask=mask,
-        counts=counts, seen=seen, dry=dry, ngram=ngram, mirostat=mirostat, skew=skew, xtc_uniforms=xtc_uniforms,
-        max_logprobs=max_logprobs)
+        penalties=penalties, dry=dry, ngram=ngram, mirostat=mirostat, skew=skew, xtc_uniforms=xtc_uniforms,
+        max_logprobs=max_logprobs,
+        k_host=[0 if g else (p.top_k if not m and 0 < p.top_k < vocab_size else -1)
+                for p, g, m in zip(ps, greedy, miro)])
+
+
+def _histories(recs: list, rows: list[int], state: SamplingState, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(state slots, [R, W] histories of ``rows`` (W: the longest), their lengths) gathered on the device."""
+    slots = to_device([recs[i].slot for i in rows], torch.long, device)
+    width = max(recs[i].length for i in rows)
+    lengths = to_device([recs[i].length for i in rows], torch.long, device)
+    return slots, state.history[:, :width].index_select(0, slots), lengths
+
+
+def _penalty_rows(requests: list[SamplingRequest], recs: list, state: SamplingState,
+                  device: torch.device) -> PenaltyRows | None:
+    rows = [i for i, rec in enumerate(recs) if rec is not None and rec.counts]
+    if not rows:
+        return None
+    ps = [requests[i].params for i in rows]
+    slots, hist, lengths = _histories(recs, rows, state, device)
+    # Padding repeats the row's last token, so its write is that token's own (identical) value.
+    pos = torch.arange(hist.shape[1], device=device)[None, :]
+    hist = torch.where(pos < lengths[:, None], hist, hist.gather(1, (lengths - 1)[:, None]))
+    return PenaltyRows(
+        rows=to_device(rows, torch.long, device), host_rows=rows, history=hist,
+        counts=state.counts[slots[:, None], hist],
+        presence=to_device([p.presence_penalty for p in ps], torch.float32, device),
+        frequency=to_device([p.frequency_penalty for p in ps], torch.float32, device),
+        repetition=to_device([p.repetition_penalty for p in ps], torch.float32, device))
 
 
 def _dry_rows(requests: list[SamplingRequest], recs: list, state: SamplingState,
@@ -256,23 +277,22 @@ def _dry_rows(requests: list[SamplingRequest], recs: list, state: SamplingState,
     if not rows:
         return None
     ps = [requests[i].params for i in rows]
-    slots = to_device([recs[i].slot for i in rows], torch.long, device)
-    width = max(recs[i].length for i in rows)
-
-    def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return to_device(values, dtype, device)
-
+    slots, hist, _ = _histories(recs, rows, state, device)
+    width = hist.shape[1]
+    bounds = []
+    for i, p in zip(rows, ps):
+        length = recs[i].length
+        start = max(0, length - p.dry_range) if p.dry_range > 0 else 0
+        cap = min(p.dry_max_ngram, length - start - 1) if length >= 2 else -1
+        bounds.append([start, max(length - 1, 0), cap, p.dry_allowed_length,
+                       p.dry_max_occurrences if p.dry_max_occurrences > 0 else width + 1, p.dry_early_exit_match_len])
     return DryRows(
-        rows=col(rows, torch.long), host_rows=rows, history=state.history[:, :width].index_select(0, slots),
-        lengths=col([recs[i].length for i in rows], torch.long),
+        rows=to_device(rows, torch.long, device), host_rows=rows, history=hist,
         suffix=state.dry_suffix[:, :width].index_select(0, slots),
         trailing=state.dry_trailing.index_select(0, slots),
-        multiplier=col([p.dry_multiplier for p in ps], torch.float32),
-        base=col([p.dry_base for p in ps], torch.float32),
-        allowed_length=col([p.dry_allowed_length for p in ps], torch.long),
-        range=col([p.dry_range for p in ps], torch.long), max_ngram=col([p.dry_max_ngram for p in ps], torch.long),
-        max_occurrences=col([p.dry_max_occurrences for p in ps], torch.long),
-        early_exit=col([p.dry_early_exit_match_len for p in ps], torch.long))
+        multiplier=to_device([p.dry_multiplier for p in ps], torch.float32, device),
+        base=to_device([p.dry_base for p in ps], torch.float32, device),
+        bounds=to_device(bounds, torch.long, device))
 
 
 def _ngram_rows(requests: list[SamplingRequest], recs: list, state: SamplingState,
@@ -280,10 +300,10 @@ def _ngram_rows(requests: list[SamplingRequest], recs: list, state: SamplingStat
     rows = [i for i, rec in enumerate(recs) if rec is not None and rec.ngram]
     if not rows:
         return None
-    slots = to_device([recs[i].slot for i in rows], torch.long, device)
-    width = max(recs[i].length for i in rows)
-    return NgramRows(rows=to_device(rows, torch.long, device), host_rows=rows,
-                     history=state.history[:, :width].index_select(0, slots),
-                     lengths=to_device([recs[i].length for i in rows], torch.long, device),
+    slots, hist, lengths = _histories(recs, rows, state, device)
+    width = hist.shape[1]
+    sizes = [requests[i].params.no_repeat_ngram_size for i in rows]
+    need = [[n - 1 if recs[i].length >= n else width + 1] for i, n in zip(rows, sizes)]
+    return NgramRows(rows=to_device(rows, torch.long, device), host_rows=rows, history=hist, lengths=lengths,
                      suffix=state.ngram_suffix[:, :width].index_select(0, slots),
-                     size=to_device([requests[i].params.no_repeat_ngram_size for i in rows], torch.long, device))
+                     need=to_device(need, torch.long, device))

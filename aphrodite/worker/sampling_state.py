@@ -1,6 +1,6 @@
 """Per-request sampling state that lives on the device between steps.
 
-Penalties need each request's token counts, DRY and no_repeat_ngram its history and, per
+Penalties need each request's history and output-token counts, DRY and no_repeat_ngram its history and, per
 history position, how long a run ending there matches the history's end; mirostat needs
 its running ``mu``. Rebuilding these from Python lists every step would cost O(history) host
 work per request per step, so they are kept here, keyed by request id:
@@ -63,7 +63,7 @@ class _Record:
     slot: int
     length: int              # tokens in the history so far (prompt + outputs)
     counts: bool             # presence / frequency / repetition penalty
-    history: bool            # DRY, no_repeat_ngram, multi-token bad words
+    history: bool            # penalties, DRY, no_repeat_ngram, multi-token bad words
     dry: bool
     ngram: bool
 
@@ -80,7 +80,6 @@ class SamplingState:
         self._next_slot = 1              # slot 0: all zeros for rows without state
         self._capacity = capacity
         self.counts: torch.Tensor | None = None      # [S, V] int32 output-token counts
-        self.seen: torch.Tensor | None = None        # [S, V] bool, in prompt or output
         self.history: torch.Tensor | None = None     # [S, max_len] int64
         self.dry_suffix: torch.Tensor | None = None  # [S, max_len] int32
         self.dry_trailing: torch.Tensor | None = None  # [S] int64: breaker-free tokens at the end
@@ -115,7 +114,7 @@ class SamplingState:
         miro = p.mirostat_mode == 2
         if miro:
             counts = dry = ngram = False      # Aphrodite: mirostat rows skip the other samplers
-        return counts, dry or ngram or words, dry, ngram, miro
+        return counts, counts or dry or ngram or words, dry, ngram, miro
 
     def _grow(self, name: str, tail: tuple[int, ...], dtype: torch.dtype, fill: int = 0) -> torch.Tensor:
         """Buffer ``name`` with a row for every slot up to the capacity (grown by doubling)."""
@@ -161,13 +160,9 @@ class SamplingState:
         V = self.vocab_size
         if counts:
             c = self._grow("counts", (V,), torch.int32)
-            s = self._grow("seen", (V,), torch.bool)
             row = np.zeros(V, dtype=np.int32)
             np.add.at(row, np.asarray(out, dtype=np.int64), 1)
-            seen = row > 0
-            seen[np.asarray(prompt, dtype=np.int64)] = True
             c[slot].copy_(to_device(row, torch.int32, self.device))
-            s[slot].copy_(to_device(seen, torch.bool, self.device))
         if history:
             if len(tokens) > self.max_len:
                 raise ValueError(f"History of {len(tokens)} tokens exceeds max_model_len.")
@@ -211,7 +206,6 @@ class SamplingState:
             self._free.append(rec.slot)
             if rec.counts:
                 self.counts[rec.slot].zero_()
-                self.seen[rec.slot].zero_()
         if finished and request_id in self._mu:
             self._mu_free.append(self._mu.pop(request_id))
 
@@ -239,7 +233,6 @@ class SamplingState:
         if (c := part("counts")) is not None:
             slots, t, _ = c
             self.counts.index_put_((slots, t), torch.ones_like(t, dtype=torch.int32), accumulate=True)
-            self.seen.index_put_((slots, t), torch.ones_like(t, dtype=torch.bool))
         if (h := part("history")) is not None:
             slots, t, recs = h
             pos = to_device([r.length for r in recs], torch.long, dev)

@@ -4,6 +4,10 @@ torch.profiler misses the ctypes C kernels and inflates small ops, so this wraps
 functions themselves with ``perf_counter``. Usage (default model, 64 x 128/128 bf16):
 
     python benchmarks/cpu/profile_step.py --dtype bfloat16 --num-prompts 64 --input-len 128 --output-len 128
+
+Latency-1 of the default model from its GGUF blocks (``--quantization none`` dequantizes at load):
+
+    python benchmarks/cpu/profile_step.py --dtype float32 --num-prompts 1 --input-len 128 --output-len 256
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from collections import defaultdict
 
 import numpy as np
 
+import aphrodite.kernels.cpu.gguf_ops as gguf_ops
 import aphrodite.kernels.cpu.ops as cpu_ops
 import aphrodite.modeling.layers.attention as attention
 import aphrodite.modeling.layers.embedding as embedding
@@ -44,8 +49,10 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--quantization", default=None, help="none: dequantize the GGUF at load")
     args = p.parse_args()
-    llm = LLM(dtype=args.dtype, skip_tokenizer_init=True)
+    kwargs = {} if args.quantization is None else {"quantization": args.quantization}
+    llm = LLM(dtype=args.dtype, skip_tokenizer_init=True, **kwargs)
     vocab = llm.llm_engine.config.model.hf_config.vocab_size
     rng = np.random.default_rng(0)
     prompts = [{"prompt_token_ids": rng.integers(0, vocab, args.input_len).tolist()}
@@ -65,6 +72,20 @@ def main() -> None:
             TIMES[(PHASE[0], label)] += time.perf_counter() - t
     linear.dense = dense
     embedding.dense = dense
+    orig_gguf = gguf_ops.linear
+
+    def gguf_linear(qweight, qtype, x, *a, **kw):
+        rows = x.numel() // x.shape[-1]
+        label = "gguf lm_head" if qweight.shape[0] == vocab else f"gguf N={qweight.shape[0]}"
+        label += "" if rows <= 8 else " (M>8)"
+        t = time.perf_counter()
+        try:
+            return orig_gguf(qweight, qtype, x, *a, **kw)
+        finally:
+            TIMES[(PHASE[0], label)] += time.perf_counter() - t
+    gguf_ops.linear = gguf_linear
+    timed(gguf_ops, "dequantize", "gguf dequantize")
+    timed(model_runner.ModelRunner, "_forward", "FORWARD")
     timed(cpu_ops, "write_kv", "write_kv")
     timed(attention, "_decode_attention", "decode_attn")
     timed(cpu_ops, "paged_decode_attention", "  (C kernel)")
@@ -77,11 +98,11 @@ def main() -> None:
     runner_cls = model_runner.ModelRunner
     orig_queue = runner_cls.queue
 
-    def queue(self, sched):
-        PHASE[0] = "decode" if all(n == 1 for n in sched.num_tokens) else "prefill"
+    def queue(self, plan, *args, **kwargs):
+        PHASE[0] = "decode" if all(n == 1 for n in plan.num_scheduled) else "prefill"
         t = time.perf_counter()
         try:
-            return orig_queue(self, sched)
+            return orig_queue(self, plan, *args, **kwargs)
         finally:
             TIMES[(PHASE[0], "STEP")] += time.perf_counter() - t
             TIMES[(PHASE[0], "steps")] += 1

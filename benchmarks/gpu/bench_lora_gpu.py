@@ -1,6 +1,7 @@
 """LoRA on one H200: Llama-3.1-8B's shape with dummy bf16 weights, with and without adapters.
 
     python3 benchmarks/gpu/bench_lora_gpu.py            # about 3 minutes; a table last
+    NUM_PROMPTS=100 python3 benchmarks/gpu/bench_lora_gpu.py --skip-kernel-check    # under 2 minutes
 
 1. Kernel check at the 8B shapes: the Triton shrink/expand against the PyTorch reference, 8 slots of
    rank 16, decode-sized and prefill-sized batches.
@@ -10,7 +11,10 @@
      (PEFT files on q/k/v/o/gate/up/down, non-zero B), spread round-robin over the requests.
    Workloads: throughput-decode (random prompts, 128 in / 1024 out, ignore_eos; NUM_PROMPTS=500 rather
    than DESIGN.md's 1000 so that the four runs fit in about 3 minutes) and latency-1 (1 request,
-   128 in / 256 out; the lora run uses one adapter).
+   128 in / 256 out; the lora run uses one adapter). Then the batch-1 decode CUDA graph is replayed
+   on its own: GPU microseconds per decode step and kernels per step (torch.profiler), for the base
+   engine, and for the LoRA engine with the adapter's token and with a base-model token (the graph
+   without LoRA kernels the runner replays when no token of a small step has an adapter).
 Floors: throughput-decode with 8 adapters >= 80% of base; latency-1 with one adapter >= 90% of base.
 """
 from __future__ import annotations
@@ -83,17 +87,50 @@ def kernel_check() -> str:
     return "\n".join(rows)
 
 
+def graph_step(llm, kind: str) -> dict:
+    """Replay the batch-1 decode graph as the last latency-1 step left it (its KV writes land in freed
+    blocks): microseconds per step between CUDA events, and kernels per step from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    runner = getattr(llm.llm_engine.executor, "runner", None)
+    if runner is None or runner.graphs is None or 1 not in runner.graphs.graphs:
+        return {}
+    out = {}
+    for label, lora_id in ([("base", None)] if kind == "base" else [("adapter", 1), ("base_token", 0)]):
+        graph, _ = runner.graphs.graphs[1]
+        if lora_id is not None:
+            runner.lora_manager.set_step([lora_id], [1])
+            if lora_id == 0 and 1 in runner.graphs.plain_graphs:     # what the runner replays for it
+                graph, _ = runner.graphs.plain_graphs[1]
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        out[f"step_us_{label}"] = start.elapsed_time(end) / 50 * 1e3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graph.replay()
+            torch.cuda.synchronize()
+        out[f"kernels_{label}"] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return out
+
+
 def run_config(kind: str, model_dir: str, adapters: list[str]) -> dict:
     """One engine (base or LoRA): throughput-decode then latency-1; returns the numbers."""
     from aphrodite import LLM, LoRARequest, SamplingParams
     from aphrodite.benchmarks.common import random_token_prompts
     kwargs = dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=2048, dtype="bfloat16")
-    if kind == "lora":
+    lora = kind == "lora"
+    if lora:
         kwargs.update(enable_lora=True, max_loras=NUM_ADAPTERS, max_lora_rank=RANK)
     start = time.perf_counter()
     llm = LLM(model_dir, **kwargs)
     startup = time.perf_counter() - start
-    loras = [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(adapters)] if kind == "lora" else []
+    loras = [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(adapters)] if lora else []
     prompts = [{"prompt_token_ids": p} for p in random_token_prompts(NUM_PROMPTS, 128, 128256, 0)]
     per_prompt = [loras[i % len(loras)] for i in range(len(prompts))] if loras else None
     params = SamplingParams(temperature=0.0, max_tokens=1024, ignore_eos=True, detokenize=False)
@@ -115,7 +152,7 @@ def run_config(kind: str, model_dir: str, adapters: list[str]) -> dict:
         times.append(time.perf_counter() - start)
     lat = sorted(times)[1]
     return {"kind": kind, "startup_s": startup, "decode_output_tok_s": decode_tps, "decode_elapsed_s": elapsed,
-            "latency1_s": lat, "latency1_tok_s": 256 / lat}
+            "latency1_s": lat, "latency1_tok_s": 256 / lat, **graph_step(llm, kind)}
 
 
 def main() -> None:
@@ -124,7 +161,8 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
     from aphrodite.benchmarks.model_shapes import write_model_shape
-    print(kernel_check(), flush=True)
+    if "--skip-kernel-check" not in sys.argv:     # bench_lora_step.py checks the small-batch kernels
+        print(kernel_check(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(write_model_shape("llama-3.1-8b", Path(tmp) / "model"))
         adapters = []
@@ -151,6 +189,11 @@ def main() -> None:
           f"{dec:.1%} | >= 80% {'OK' if dec >= 0.8 else 'MISSED'} |")
     print(f"| latency-1, 128/256, one adapter | {base['latency1_tok_s']:.1f} tok/s | {lora['latency1_tok_s']:.1f} "
           f"tok/s | {lat:.1%} | >= 90% {'OK' if lat >= 0.9 else 'MISSED'} |")
+    if "step_us_base" in base and "step_us_adapter" in lora:
+        b, a, t = base["step_us_base"], lora["step_us_adapter"], lora["step_us_base_token"]
+        print(f"| batch-1 decode graph, GPU us/step (kernels) | {b:.0f} ({base['kernels_base']}) | adapter {a:.0f} "
+              f"({lora['kernels_adapter']}); base token {t:.0f} ({lora['kernels_base_token']}) | {b / a:.1%} | - |")
+
 
 
 if __name__ == "__main__":

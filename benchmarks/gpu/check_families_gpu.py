@@ -3,7 +3,7 @@ dots, CUDA graphs, async scheduling, chunked prefill, prefix caching) against Hu
 each generated token must be HF's argmax after the tokens before it. Uses the families and tiny configs of
 ``tests/modeling/test_families.py`` (needs pytest importable). About a minute.
 
-    python3 benchmarks/gpu/check_families_gpu.py
+    python3 benchmarks/gpu/check_families_gpu.py [family ...]
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (5, 29, 17, 60)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    for name in FAMILIES:
+    names = sys.argv[1:] or list(FAMILIES)   # optional: only the families named on the command line
+    for name in names:
         hf = make_hf_model(name)
         with tempfile.TemporaryDirectory() as tmp:
             hf.save_pretrained(tmp)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from aphrodite.kernels import gguf_matmul
+from aphrodite.kernels import gguf_gpu, gguf_matmul
 from aphrodite.kernels.cpu import gguf_ops
 from aphrodite.kernels.cpu.build import load_library
 
@@ -153,3 +153,127 @@ def test_triton_linear_matches_float64(name, rows, device):
     out = gguf_matmul.gguf_linear(x.to(device), torch.from_numpy(raw).to(device), TYPES[name])
     assert out.shape == (rows, n)
     torch.testing.assert_close(out.cpu().double(), x.double() @ w.T, rtol=1e-4, atol=1e-4)
+
+
+# The K-quant kernels of gguf_gpu (Q4_K, Q5_K, Q6_K), each path called directly.
+KQ = ["Q4_K", "Q5_K", "Q6_K"]
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _kquant_case(name: str, rows: int, n: int = 24, k: int = 1024, seed: int = 0):
+    raw = random_blocks(name, n, k, seed=seed)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))
+    return torch.from_numpy(raw), reference(raw, name), x
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_kquant_gemv_exact_into_column_slice(name, device):
+    w, ref_w, x = _kquant_case(name, 1, seed=3)
+    wide = torch.full((1, 40), 7.0, device=device)
+    # rows per program that do not divide N, several blocks per step
+    gguf_gpu.gemv(x.to(device), w.to(device), TYPES[name], wide[:, 5:29], config=(16, 2, 4))
+    assert (wide[:, :5] == 7).all() and (wide[:, 29:] == 7).all()
+    assert _rel_err(wide[:, 5:29], x.double() @ ref_w.T) < 1e-6
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_kquant_gemv_q8_matches_rounded_activations(name, device):
+    """8-bit activations: equal to the product with the rounded activations (the min terms of Q4_K
+    use the exact activation sums, so within their rounding), and close to the exact product."""
+    w, ref_w, x = _kquant_case(name, 1, seed=4)
+    assert gguf_gpu.q8_supported(TYPES[name], x.shape[1])
+    out = torch.empty(1, 24, device=device)
+    gguf_gpu.gemv_q8(x.to(device), w.to(device), TYPES[name], out, config=(4, 2, 4))
+    exact = x.double() @ ref_w.T
+    rounded = q8_activations(x) @ ref_w.T
+    scale = exact.abs().max()
+    got = out.cpu().double()
+    assert (got - rounded).abs().max() / scale < (1e-5 if name == "Q6_K" else 2e-3)
+    assert (got - exact).abs().max() / scale < 3e-2
+    # the activation codes are llama.cpp's q8_1 rounding of x
+    q, d, sums = gguf_gpu.quantize_activations(x.to(device))
+    torch.testing.assert_close((q.cpu().double().view(1, -1, 32) * d.cpu().double()[..., None]).view(1, -1),
+                               q8_activations(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sums.cpu().double(), x.double().view(1, -1, 32).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_kquant_q6k_odd_block_count_not_q8():
+    """Q6_K rows of an odd number of blocks are not whole int32 words: the exact kernel takes them."""
+    assert not gguf_gpu.q8_supported(TYPES["Q6_K"], 768)
+    assert gguf_gpu.q8_supported(TYPES["Q6_K"], 512) and gguf_gpu.q8_supported(TYPES["Q4_K"], 768)
+
+
+@pytest.mark.parametrize("name", KQ)
+@pytest.mark.parametrize("rows", [2, 16])
+def test_kquant_dot_one_pass(name, rows, device):
+    w, ref_w, x = _kquant_case(name, rows, n=40, seed=rows)
+    out = torch.empty(rows, 40, device=device)
+    gguf_gpu.dot(x.to(device), w.to(device), TYPES[name], out)
+    assert _rel_err(out, x.double() @ ref_w.T) < 1e-6
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_kquant_dot_split_k_atomics(name, device):
+    w, ref_w, x = _kquant_case(name, 5, n=40, seed=9)
+    out = torch.empty(5, 40, device=device)
+    gguf_gpu.dot(x.to(device), w.to(device), TYPES[name], out, split=3)
+    assert _rel_err(out, x.double() @ ref_w.T) < 1e-6
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_kquant_dequantize_bands(name, device, monkeypatch):
+    """Many rows: the weight is dequantized a band of rows at a time (scratch smaller than the layer)."""
+    w, ref_w, x = _kquant_case(name, 20, n=40, k=512, seed=11)
+    torch.testing.assert_close(gguf_gpu.dequantize(w.to(device), TYPES[name], 512, torch.float32).cpu().double(),
+                               ref_w, rtol=0, atol=0)
+    monkeypatch.setattr(gguf_gpu, "SCRATCH_VALUES", 512 * 16)   # bands of 256 rows minimum -> force below
+    monkeypatch.setattr(gguf_gpu, "MIN_BAND", 16)
+    wide = torch.full((20, 50), 7.0, device=device)
+    gguf_gpu.dequant_matmul(x.to(device), w.to(device), TYPES[name], wide[:, 3:43])
+    assert (wide[:, :3] == 7).all() and (wide[:, 43:] == 7).all()
+    assert _rel_err(wide[:, 3:43], x.double() @ ref_w.T) < 1e-6
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_kquant_tiled_many_rows(name, device, monkeypatch):
+    """Many rows through decoded tiles into tl.dot: several row tiles of activations and of weights."""
+    monkeypatch.setattr(gguf_gpu, "TILED_BLOCK_M", 16)
+    monkeypatch.setattr(gguf_gpu, "TILED_BLOCK_N", 16)
+    w, ref_w, x = _kquant_case(name, 20, n=40, k=512, seed=13)
+    out = gguf_gpu.tiled_matmul(x.to(device), w.to(device), TYPES[name], None)
+    assert _rel_err(out, x.double() @ ref_w.T) < 1e-6
+
+
+def test_kquant_q8_activations_shared_across_segments(device):
+    """A fused layer rounds its batch-1 activations once; each segment's GEMV then gives what it
+    gives rounding them itself (bf16 activations take the 8-bit path by default)."""
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=torch.bfloat16)
+    xq = gguf_matmul.q8_activations(x)
+    assert xq is not None and gguf_matmul.q8_activations(x.float()) is None
+    for name in KQ:
+        w = torch.from_numpy(random_blocks(name, 8, 512, seed=6)).to(device)
+        torch.testing.assert_close(gguf_matmul.gguf_linear(x, w, TYPES[name], xq=xq),
+                                   gguf_matmul.gguf_linear(x, w, TYPES[name]), rtol=0, atol=0)
+
+
+@needs_c
+def test_cpu_batch_path_reuses_its_scratch_correctly():
+    """Above ``CPU_GEMV_MAX_ROWS`` rows a weight is dequantized into one reused buffer and multiplied
+    by BLAS: consecutive layers of different shapes and types must not see each other's values."""
+    from aphrodite.modeling.layers.quantization.gguf import CPU_GEMV_MAX_ROWS, Segment, _matmul
+    rows = CPU_GEMV_MAX_ROWS + 8
+    g = torch.Generator().manual_seed(7)
+    cases = []
+    for name, n, k in (("Q4_1", 48, 256), ("Q8_0", 96, 512), ("Q6_K", 16, 256)):
+        raw = random_blocks(name, n, k, seed=n)
+        cases.append((Segment(0, n, TYPES[name], torch.from_numpy(raw)), reference(raw, name),
+                      torch.randn(rows, k, generator=g)))
+    first = [_matmul(seg, x) for seg, _, x in cases]
+    again = [_matmul(seg, x) for seg, _, x in cases]
+    for (_, w, x), a, b in zip(cases, first, again, strict=True):
+        ref = x.double() @ w.T
+        torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        assert torch.equal(a, b)

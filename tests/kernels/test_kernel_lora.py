@@ -5,12 +5,19 @@ import pytest
 import torch
 
 from aphrodite.kernels.lora import (
+    TILE_M,
     lora_expand,
     lora_expand_ref,
+    lora_expand_tiles,
+    lora_expand_tokens,
     lora_shrink,
     lora_shrink_ref,
+    lora_shrink_tiles,
+    lora_tiles_host,
     lora_token_metadata,
     lora_token_metadata_host,
+    num_tiles_bound,
+    partials_buffer,
 )
 
 
@@ -56,3 +63,44 @@ def test_metadata_groups_tokens_by_slot():
     assert order.tolist() == [1, 5, 2, 4, 6, 0, 3]
     host = lora_token_metadata_host(slots.numpy(), 3)     # the runner's path gives the same
     assert [x.tolist() for x in host] == [order.tolist(), counts.tolist(), starts.tolist()]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("tokens,sizes,k", [(1, [48], 40), (5, [32, 16, 16], 300), (21, [40, 24], 40)])
+@pytest.mark.parametrize("source", ["partials", "tokens"])
+def test_tile_kernels_match_float64(device, dtype, tol, tokens, sizes, k, source):
+    """Small batches: fused q/k/v (or gate/up) with a block-diagonal B, tiles of one slot's tokens (21
+    tokens: a slot spans two tiles), base-model tokens left alone; the expand sums a K-split partial
+    shrink (k=300: three chunks, the last one short) or reads token-major shrink values of every slot
+    (a GEMM's extra columns)."""
+    s, rank = 3, 8
+    p, n = len(sizes), sum(sizes)
+    x = torch.randn(tokens, k, dtype=dtype, device=device)
+    a = (torch.randn(s, p * rank, k) / 4).to(dtype).to(device)
+    b = torch.zeros(s, n, p * rank)
+    row = 0
+    for i, size in enumerate(sizes):     # projection i: its output rows use its own rank block only
+        b[:, row:row + size, i * rank:(i + 1) * rank] = torch.randn(s, size, rank) / 4
+        row += size
+    b = b.to(dtype).to(device)
+    slots = torch.randint(-1, s, (tokens,))
+    slots[0] = 1
+    grid = num_tiles_bound(tokens, s) + 1     # one spare program: empty tiles must exit
+    tiles = lora_tiles_host(slots.numpy(), s, grid)
+    assert tiles[:, 1].sum() == (slots >= 0).sum() and tiles[:, 1].max() <= TILE_M
+    for slot, count, *rows in tiles.tolist():   # each tile: tokens of its slot only
+        assert all(slots[r] == slot for r in rows[:count])
+    y0 = torch.randn(tokens, n, dtype=dtype, device=device)
+    tiles_d = torch.from_numpy(tiles).to(device)
+    if source == "partials":
+        part = partials_buffer(grid, p * rank, device)
+        part = lora_shrink_tiles(x, a, tiles_d, part, split=3, block_k=64)
+        assert part.shape[0] == (1 if k < 128 else 3)
+        y = lora_expand_tiles(part, b, tiles_d, y0.clone(), sizes, rank)
+    else:
+        shrunk = (x.double() @ a.reshape(s * p * rank, k).double().t()).to(dtype)
+        wide = torch.zeros(tokens, n + shrunk.shape[1] + 5, dtype=dtype, device=device)   # a row-strided view
+        wide[:, n:n + shrunk.shape[1]] = shrunk
+        y = lora_expand_tokens(wide[:, n:n + shrunk.shape[1]], b, tiles_d, y0.clone(), sizes, rank)
+    _, exp_y = _expected(x.cpu(), a.cpu(), b.cpu(), slots, y0.cpu())
+    torch.testing.assert_close(y.cpu().double(), exp_y, rtol=tol, atol=tol * 8)

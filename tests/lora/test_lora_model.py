@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig
 
 from aphrodite.config import ModelConfig
+from aphrodite.lora.layers import LoRALinear
 from aphrodite.lora.manager import LoRAManager
 from aphrodite.lora.request import LoRARequest
 from aphrodite.modeling.layers.attention import Attention, AttentionMetadata, set_attention_metadata
@@ -140,3 +141,22 @@ def test_bad_adapters_are_value_errors(tiny_llama_dir: str, lora_dirs: dict[str,
     with pytest.raises(ValueError, match="modules_to_save"):
         manager.add_lora(LoRARequest("z", 5, str(saved)))
     assert manager.list_loras() == set()
+
+
+def test_small_step_triton_path_matches_peft(tiny_llama_dir: str, lora_dirs: dict[str, str], reference,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step of at most ``TILE_MAX_TOKENS`` tokens on the Triton path (CPU interpreter): every slot's A
+    rows appended to the base weights, one expand per layer, row-strided layer outputs flowing into
+    the model's own kernels; base and two adapters in one batch, each equal to peft."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model, manager = _our_model(tiny_llama_dir)
+    assert all(w.weight_cat is not None for w, _ in manager.layers if isinstance(w, LoRALinear))
+    manager.add_lora(LoRARequest("sql", 1, lora_dirs["sql"]))
+    manager.add_lora(LoRARequest("poet", 2, lora_dirs["poet"]))
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, 320, (n,), generator=gen) for n in (9, 7, 6)]
+    lora_ids = [1, 0, 2]
+    manager.set_step(lora_ids, [len(s) for s in seqs])
+    for got, s, name in zip(_prefill(model, seqs), seqs, ["sql", None, "poet"]):
+        torch.testing.assert_close(got, reference(tiny_llama_dir, lora_dirs[name] if name else None, s),
+                                   atol=ATOL, rtol=0)

@@ -107,9 +107,7 @@ def test_penalties_match_reference():
     reqs = rows([p], prompt=prompt, outputs=outs)
     md = build_sampling_metadata(reqs, V, torch.device("cpu"))
     from aphrodite.modeling.layers.samplers.repetition import apply_penalties
-    c = md.columns
-    got = apply_penalties(logits.clone(), md.counts, md.seen, c["presence_penalty"], c["frequency_penalty"],
-                          c["repetition_penalty"])[0].numpy()
+    got = apply_penalties(logits.clone(), md.penalties)[0].numpy()
     ref = logits[0].numpy().astype(np.float64).copy()
     for t in set(prompt + outs):
         ref[t] = ref[t] / 1.3 if ref[t] > 0 else ref[t] * 1.3

@@ -413,3 +413,144 @@ def test_fused_temperature_min_p_kernel_matches_reference(block, monkeypatch):
     monkeypatch.setattr("aphrodite.modeling.layers.samplers.chain.cpu_ops.available", lambda dtype: False)
     assert Sampler()(x, md).token_ids.tolist() == sample_temperature_min_p_ref(x, md.temperature, md.columns["min_p"],
                                                                               u).tolist()
+
+
+def test_top_k_candidates_match_the_whole_vocabulary(monkeypatch):
+    """After top-k the chain keeps only each row's candidates (and runs temperature and top-n-sigma on them
+    from one row-statistics read): same tokens and same surviving logits as the chain over the whole
+    vocabulary, with bf16-rounded logits (ties at the k-th value), greedy rows and custom orders mixed in."""
+    from aphrodite.modeling.layers.samplers import chain
+    vocab, n = 1500, 24
+    g = torch.Generator().manual_seed(11)
+    logits = (torch.randn(n, vocab, generator=g) * 2.5).bfloat16().float()
+    base = dict(EVERYTHING, top_k=40, xtc_probability=0.5, xtc_threshold=0.05, epsilon_cutoff=1e-3, tfs=0.9)
+    greedy = dict(temperature=0.0, repetition_penalty=1.2)
+    kinds = [base, dict(base, top_p=1.0, typical_p=1.0, tfs=1.0), dict(base, temperature_last=True, top_k=7),
+             dict(top_k=90, temperature=0.8),
+             dict(base, dynatemp_min=0.0, dynatemp_max=0.0, sampler_priority=[
+                 SamplerID.DRY, SamplerID.PENALTIES, SamplerID.NO_REPEAT_NGRAM, SamplerID.TOP_NSIGMA,
+                 SamplerID.TEMPERATURE, SamplerID.TOP_P_TOP_K, SamplerID.XTC, SamplerID.TFS, SamplerID.TOP_A,
+                 SamplerID.MIN_P, SamplerID.ETA_CUTOFF, SamplerID.EPSILON_CUTOFF, SamplerID.TYPICAL_P,
+                 SamplerID.QUADRATIC])]
+    hist = torch.randint(0, vocab, (n, 30), generator=g).tolist()
+    for kind in range(len(kinds)):
+        rows = [req(SamplingParams(**(kinds[kind] if i % 5 else greedy)), rid=str(i), prompt=hist[i][:10],
+                    outputs=hist[i][10:], seed=i) for i in range(n)]
+        md = build_sampling_metadata(rows, vocab, CPU)
+        order = md.groups[0][0]
+        assert chain.compact_width(md, vocab, order) > 0
+        fast_tokens = Sampler()(logits, md).token_ids
+        fast = run_chain(logits, md, order)
+        # bf16 input: the float copy is the sampler's own, so the processors and repetition samplers write
+        # into it in place; same tokens, and the caller's tensor is left alone.
+        half = logits.bfloat16()
+        kept = half.clone()
+        assert Sampler()(half, md).token_ids.tolist() == fast_tokens.tolist()
+        assert torch.equal(half, kept)
+        with monkeypatch.context() as m:
+            m.setattr(chain, "compact_width", lambda *a: 0)
+            slow_tokens = Sampler()(logits, md).token_ids
+            slow = run_chain(logits, md, order)
+        sampled = [i for i in range(n) if i % 5]      # greedy rows keep only candidates: their argmax is one
+        fast, slow = fast[sampled], slow[sampled]
+        assert torch.equal(torch.isinf(fast), torch.isinf(slow)), kind
+        fin = torch.isfinite(slow)
+        assert torch.allclose(fast[fin], slow[fin], rtol=1e-5, atol=1e-5), kind
+        assert fast_tokens.tolist() == slow_tokens.tolist(), kind
+    # Ties at the k-th value stay (Aphrodite's top-k): a row with 5 tokens tied at its 3rd value keeps 7.
+    x = torch.full((1, vocab), -5.0)
+    x[0, :2] = torch.tensor([3.0, 2.5])
+    x[0, 100:105] = 1.0
+    md = build_sampling_metadata([req(SamplingParams(top_k=3))], vocab, CPU)
+    assert torch.isfinite(run_chain(x, md, md.groups[0][0])).sum() == 7
+
+
+def test_row_stats_kernels_against_float64():
+    """Dynatemp's and top-n-sigma's row statistics (max, entropy, finite count, std) in one read: the Triton
+    kernel (interpreted) and the C loop against a float64 recomputation, with -inf entries."""
+    from aphrodite.kernels.cpu import ops as cpu_ops
+    from aphrodite.kernels.sampling import row_stats
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 700, generator=g) * 3 + 20
+    x[1, ::3] = -math.inf
+    x[2, :] = -math.inf
+    x[2, [5, 9]] = torch.tensor([4.0, 3.0])
+    rows = []
+    for r in x.double().numpy():
+        f = r[np.isfinite(r)]
+        q = softmax(r)
+        q = q[q > 0]
+        rows.append([r.max(), -(q * np.log(q)).sum(), len(f), f.std(ddof=1)])
+    ref = torch.tensor(rows)
+    got = []
+    if cpu_ops.available(torch.float32):
+        got.append(cpu_ops.row_stats(x))
+    if pytest.importorskip("triton"):
+        import os
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            got.append(row_stats(x, block=128))
+        finally:
+            if old is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+    assert got
+    for out in got:
+        assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5), out
+
+
+def test_grammar_bitmask_kernels_against_numpy():
+    """The structured-output bitmask (bit j of word i allows token 32*i + j) written into the logits in place:
+    the C loop and the Triton kernel (interpreted) against numpy's unpacked bits, with a partial last word."""
+    from aphrodite.kernels.cpu import ops as cpu_ops
+    from aphrodite.kernels.sampling import apply_bitmask_, apply_bitmask_ref
+    g = torch.Generator().manual_seed(4)
+    vocab = 150
+    x = torch.randn(3, vocab, generator=g)
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (3, (vocab + 31) // 32), generator=g, dtype=torch.int64)
+    words[1] = -1                                        # an unconstrained row: every bit set
+    mask = words.to(torch.int32)
+    bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little").reshape(3, -1)[:, :vocab].astype(bool)
+    ref = np.where(bits, x.numpy(), -np.inf)
+    outs = [apply_bitmask_ref(x, mask)]
+    if cpu_ops.available(torch.float32):
+        y = x.clone()
+        cpu_ops.apply_bitmask_(y, mask)
+        outs.append(y)
+    if pytest.importorskip("triton"):
+        import os
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            outs.append(apply_bitmask_(x.clone(), mask, block=64))
+        finally:
+            if old is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+    assert len(outs) >= 2
+    for out in outs:
+        assert np.array_equal(out.numpy(), ref)
+
+
+def test_cpu_topk_against_torch():
+    """The CPU radix-select top-k (the candidates after top-k) against torch.topk: same values, indices that
+    hold them, no index twice, with bf16 ties, -inf runs, a plateau wider than k and k = V."""
+    from aphrodite.kernels.cpu import ops as cpu_ops
+    if not cpu_ops.available(torch.float32):
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(6)
+    for vocab, k in ((5000, 40), (2000, 300), (64, 64), (70, 5)):
+        x = (torch.randn(6, vocab, generator=g) * 3).bfloat16().float()
+        x[1, ::2] = -math.inf
+        x[2] = 1.0
+        x[3, :-3] = -math.inf
+        x[4, 10:10 + 2 * k] = 50.0
+        vals, idx = cpu_ops.topk(x, k)
+        assert torch.equal(vals.sort(dim=-1, descending=True).values, torch.topk(x, k, dim=-1).values)
+        assert torch.equal(x.gather(1, idx), vals)
+        assert all(len(set(r)) == k for r in idx.tolist())
+        if 10 + 2 * k <= vocab:
+            assert idx[4].sort().values.tolist() == list(range(10, 10 + k))     # ties: the lowest indices

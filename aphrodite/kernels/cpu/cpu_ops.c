@@ -564,6 +564,140 @@ void aph_sample_inverse_cdf(const float* logits, const float* temperature, const
 }
 
 /*
+ * Per row of [N, V] float logits: out[n] = {max, entropy of softmax (nats), finite count, std of the
+ * finite logits (Bessel)}. Two reads of the row (max, then the sums, in double), no temporaries.
+ */
+void aph_row_stats(const float* logits, float* out, int N, int V) {
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float* row = logits + (long)n * V;
+        float mx = -INFINITY;
+        #pragma omp simd reduction(max:mx)
+        for (int v = 0; v < V; v++) mx = row[v] > mx ? row[v] : mx;
+        const float shift = isinf(mx) ? 0.f : mx;
+        /* float sums over chunks (they vectorize, expf included), chunk sums added in double */
+        double s = 0.0, a = 0.0, cnt = 0.0, sx = 0.0, sxx = 0.0;
+        for (int v0 = 0; v0 < V; v0 += 1024) {
+            const int v1 = v0 + 1024 < V ? v0 + 1024 : V;
+            float cs = 0.f, ca = 0.f, cc = 0.f, cx = 0.f, cxx = 0.f;
+            #pragma omp simd reduction(+:cs, ca, cc, cx, cxx)
+            for (int v = v0; v < v1; v++) {
+                const float x = row[v];
+                const int fin = x > -INFINITY;
+                const float d = fin ? x - shift : 0.f;
+                const float e = fin ? expf(d) : 0.f;
+                cs += e;
+                ca += e * d;
+                cc += fin ? 1.f : 0.f;
+                cx += d;
+                cxx += d * d;
+            }
+            s += cs; a += ca; cnt += cc; sx += cx; sxx += cxx;
+        }
+        const double mean = cnt > 0 ? sx / cnt : 0.0;
+        const double m2 = sxx - mean * sx;
+        float* o = out + (long)n * 4;
+        o[0] = mx;
+        o[1] = (float)(log(s) - a / s);
+        o[2] = (float)cnt;
+        o[3] = (float)sqrt((m2 > 0 ? m2 : 0.0) / (cnt > 1 ? cnt - 1 : 1));
+    }
+}
+
+/* Order-preserving map of a float onto uint32 (larger float, larger key). */
+static inline uint32_t aph_fkey(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* The key of the K-th largest of x[0], x[stride], ..., x[(m-1) * stride] (radix select, 12 + 12 + 8
+ * bits), and in *above how many of them have a larger key. */
+static uint32_t aph_kth_key(const float* x, long stride, long m, long K, long* above) {
+    uint32_t hist[4096];
+    const int shifts[3] = {20, 8, 0}, widths[3] = {12, 12, 8};
+    uint32_t prefix = 0, mask = 0;
+    long need = K;
+    for (int level = 0; level < 3; level++) {
+        const int sh = shifts[level], nb = 1 << widths[level];
+        memset(hist, 0, (size_t)nb * sizeof(uint32_t));
+        for (long j = 0; j < m; j++) {
+            const uint32_t k = aph_fkey(x[j * stride]);
+            if ((k & mask) == prefix) hist[(k >> sh) & (uint32_t)(nb - 1)]++;
+        }
+        int b = nb - 1;
+        while (b > 0 && (long)hist[b] < need) need -= hist[b--];
+        prefix |= (uint32_t)b << sh;
+        mask |= (uint32_t)(nb - 1) << sh;
+    }
+    *above = K - need;
+    return prefix;
+}
+
+/*
+ * The K largest of each row of [N, V] floats, in no particular order (as torch.topk(sorted=False));
+ * among values tied at the K-th, the lowest indices. A strided sample of the row gives a threshold
+ * that about 2K values clear; one pass keeps those (in index order), and a radix select on them
+ * finds the K-th largest exactly. If fewer than K clear it, the radix select runs on the whole row.
+ */
+void aph_topk(const float* x, float* vals, int64_t* idx, int N, int V, int K) {
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float* row = x + (long)n * V;
+        float* ov = vals + (long)n * K;
+        int64_t* oi = idx + (long)n * K;
+        const long stride = 16, m = V / stride, r = 2L * K / stride;
+        float* cv = NULL;
+        int64_t* ci = NULL;
+        long c = 0, above;
+        if (r >= 1 && m > r) {
+            const uint32_t t = aph_kth_key(row, stride, m, r, &above);
+            const long cap = 16L * K + 1024;
+            cv = (float*)malloc((size_t)cap * sizeof(float));
+            ci = (int64_t*)malloc((size_t)cap * sizeof(int64_t));
+            for (int v = 0; v < V; v++) {
+                if (aph_fkey(row[v]) >= t) {
+                    if (c == cap) { c = -1; break; }
+                    cv[c] = row[v]; ci[c] = v; c++;
+                }
+            }
+        }
+        int o = 0;
+        if (c >= K) {
+            const uint32_t kth = aph_kth_key(cv, 1, c, K, &above);
+            for (long j = 0; j < c; j++)
+                if (aph_fkey(cv[j]) > kth) { ov[o] = cv[j]; oi[o] = ci[j]; o++; }
+            for (long j = 0; j < c && o < K; j++)
+                if (aph_fkey(cv[j]) == kth) { ov[o] = cv[j]; oi[o] = ci[j]; o++; }
+        } else {
+            const uint32_t kth = aph_kth_key(row, 1, V, K, &above);
+            for (int v = 0; v < V; v++)
+                if (aph_fkey(row[v]) > kth) { ov[o] = row[v]; oi[o] = v; o++; }
+            for (int v = 0; v < V && o < K; v++)
+                if (aph_fkey(row[v]) == kth) { ov[o] = row[v]; oi[o] = v; o++; }
+        }
+        free(cv);
+        free(ci);
+    }
+}
+
+/* Structured output: logits[n, v] = -inf where bit v % 32 of mask[n, v / 32] is 0 (xgrammar's layout). */
+void aph_apply_bitmask(float* logits, const int32_t* mask, int N, int V, int W) {
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float* row = logits + (long)n * V;
+        const uint32_t* m = (const uint32_t*)mask + (long)n * W;
+        for (int w = 0; w < W; w++) {
+            uint32_t word = m[w];
+            if (word == 0xFFFFFFFFu) continue;
+            const int base = w * 32, end = base + 32 < V ? base + 32 : V;
+            for (int v = base; v < end; v++)
+                if (!((word >> (v - base)) & 1u)) row[v] = -INFINITY;
+        }
+    }
+}
+
+/*
  * Write this step's K/V rows into the paged cache: row t goes to slot slots[t] (-1 = skip).
  * k/v rows may be strided views of the fused qkv output (stride in elements); within a row the
  * Hkv * D values are contiguous, as in the cache.

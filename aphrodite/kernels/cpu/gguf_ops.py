@@ -40,13 +40,16 @@ def linear(qweight: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tenso
     scheme: integer dot products, faster, ~0.5% error per product). ``out`` may be a column
     slice of a wider ``[M, *]`` tensor (its rows strided), so fused layers with blocks of
     several types write in place. ``portable`` forces the plain-C loops (tests)."""
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
     m, k = x2.shape
     n = qweight.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype)
     assert out.stride(-1) == 1 and out.dtype == x.dtype and qweight.is_contiguous()
-    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        bias = bias.to(x.dtype).contiguous()   # kept alive in a local: C reads its memory
     ok = _lib(lib).aph_gguf_linear(qtype, _ptr(qweight), ctypes.c_long(qweight.shape[1]), _ptr(x2), _ptr(bias),
                                    _ptr(out), ctypes.c_long(out.stride(0)), m, n, k, _DTYPE_CODES[x.dtype],
                                    int(portable), int(exact))
@@ -55,13 +58,41 @@ def linear(qweight: torch.Tensor, qtype: int, x: torch.Tensor, bias: torch.Tenso
     return out
 
 
+class LinearCall:
+    """``linear`` for one fixed weight, with the weight's ctypes arguments built once: decode calls
+    ~120 of these per token, and the generic wrapper's checks and conversions cost microseconds each.
+    Call ``(x, out=None)`` with ``x [M, K]`` contiguous in a dtype ``available`` accepts."""
+
+    def __init__(self, qweight: torch.Tensor, qtype: int, exact: bool = True) -> None:
+        assert qweight.is_contiguous() and qweight.dim() == 2
+        self.qweight = qweight   # kept alive: C reads its memory
+        self.n = qweight.shape[0]
+        self._fn = _lib().aph_gguf_linear
+        self._head = (qtype, _ptr(qweight), ctypes.c_long(qweight.shape[1]))
+        self._exact = int(exact)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        m, k = x.shape
+        if out is None:
+            out = torch.empty(m, self.n, dtype=x.dtype)
+        ok = self._fn(*self._head, ctypes.c_void_p(x.data_ptr()), None, ctypes.c_void_p(out.data_ptr()),
+                      ctypes.c_long(out.stride(0)), m, self.n, k, _DTYPE_CODES[x.dtype], 0, self._exact)
+        if not ok:
+            raise ValueError(f"GGUF type {self._head[0]} with K={k} is not supported by the CPU kernels")
+        return out
+
+
 def dequantize(qweight: torch.Tensor, qtype: int, k: int, dtype: torch.dtype = torch.float32,
-               rows: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """``[R, k]`` values of the blocks of ``qweight`` (all rows, or the rows at ``rows``)."""
+               rows: torch.Tensor | None = None, lib: ctypes.CDLL | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[R, k]`` values of the blocks of ``qweight`` (all rows, or the rows at ``rows``), into ``out``
+    (contiguous ``[R, k]`` of ``dtype``) when given."""
     assert qweight.is_contiguous()
     idx = None if rows is None else rows.to(torch.int64).contiguous()
     r = qweight.shape[0] if idx is None else idx.numel()
-    out = torch.empty(r, k, dtype=dtype)
+    if out is None:
+        out = torch.empty(r, k, dtype=dtype)
+    assert out.shape == (r, k) and out.dtype == dtype and out.is_contiguous()
     if r:
         _lib(lib).aph_gguf_dequantize(qtype, _ptr(qweight), ctypes.c_long(qweight.shape[1]), _ptr(idx), r, k,
                                       _ptr(out), _DTYPE_CODES[dtype])

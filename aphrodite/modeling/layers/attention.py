@@ -105,7 +105,7 @@ class TorchAttentionBackend:
         ``logits_soft_cap``: scores become ``cap * tanh(score / cap)`` before the softmax;
         ``k_scale``/``v_scale``: the layer's fp8 KV cache scales (unused for other cache dtypes)."""
         in_c = q.device.type == "cpu" and cpu_ops.available(q.dtype) and k_cache.dtype == q.dtype
-        fp8_c = _fp8_in_c(q, k_cache)
+        fp8_c = not in_c and _fp8_in_c(q, k_cache)
         if rope is not None and in_c:
             q, k = cpu_ops.rope_write_kv(q, k, v, rope[0], rope[1], k_cache, v_cache, meta.slot_mapping)
         else:

@@ -1,8 +1,9 @@
 """Mixture-of-experts layers: top-k routing and the experts of one layer as stacked weights.
 
 ``FusedMoE`` holds every expert's gate/up and down projections as ``w13_weight [E, 2I, H]`` and
-``w2_weight [E, H, I]`` and runs them with ``kernels.fused_moe.fused_experts`` (a Triton grouped GEMM
-on the GPU, a per-expert loop on the CPU). Under tensor parallelism every rank holds all experts and
+``w2_weight [E, H, I]`` and runs routing and experts with ``kernels.fused_moe.fused_moe`` (Triton on the
+GPU: GEMV-shaped kernels with the routing inside at decode, a grouped GEMM over expert-sorted tokens
+beyond; a per-expert loop on the CPU). Under tensor parallelism every rank holds all experts and
 a ``1 / tp`` slice of each one's intermediate dimension (gate/up rows, down columns), so the partial
 outputs are all-reduced like a row-parallel layer's.
 
@@ -24,29 +25,10 @@ from aphrodite.distributed.parallel_state import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
 )
-from aphrodite.kernels.fused_moe import fused_experts
+from aphrodite.kernels.fused_moe import SCORING_FUNCTIONS, fused_moe
 from aphrodite.modeling.layers.linear import ReplicatedLinear, copy_into, new_parameter
 from aphrodite.modeling.layers.mlp import GatedMLP
 from aphrodite.modeling.layers.quantization import QuantizationConfig
-
-SCORING_FUNCTIONS = ("softmax", "sigmoid")
-
-
-def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
-                   scoring_func: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weights [T, k] float32, expert ids [T, k])``: the ``top_k`` highest-scoring experts per token,
-    scores from a float32 softmax (or sigmoid) of the router logits, renormalized to sum 1 if asked."""
-    logits = router_logits.float()
-    if scoring_func == "softmax":
-        scores = torch.softmax(logits, dim=-1)
-    elif scoring_func == "sigmoid":
-        scores = torch.sigmoid(logits)
-    else:
-        raise ValueError(f"MoE scoring function {scoring_func!r} is not supported; supported: {SCORING_FUNCTIONS}")
-    weights, ids = torch.topk(scores, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
 
 
 class FusedMoE(nn.Module):
@@ -105,8 +87,8 @@ class FusedMoE(nn.Module):
             raise ValueError(f"unknown expert shard {kind!r}")
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(router_logits, self.top_k, self.renormalize, self.scoring_func)
-        out = fused_experts(x, self.w13_weight, self.w2_weight, weights.to(x.dtype), ids, self.activation)
+        out = fused_moe(x, router_logits, self.w13_weight, self.w2_weight, self.top_k, self.renormalize,
+                        self.scoring_func, self.activation)
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         return out

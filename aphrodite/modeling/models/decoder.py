@@ -28,12 +28,13 @@ import torch
 from torch import nn
 
 from aphrodite.config import layer_sliding_windows
+from aphrodite.kernels.qk_norm import qk_rms_norm
 from aphrodite.modeling.layers.attention import Attention
 from aphrodite.modeling.layers.embedding import ParallelLMHead, VocabParallelEmbedding, compute_lm_logits
 from aphrodite.modeling.layers.linear import QKVParallelLinear, RowParallelLinear
 from aphrodite.modeling.layers.mlp import GatedMLP
 from aphrodite.modeling.layers.moe import expert_params_mapping
-from aphrodite.modeling.layers.norm import RMSNorm
+from aphrodite.modeling.layers.norm import GemmaRMSNorm, RMSNorm
 from aphrodite.modeling.layers.quantization import QuantizationConfig
 from aphrodite.modeling.layers.rotary import RotaryEmbedding, get_rope_config
 from aphrodite.modeling.models.pipeline import (
@@ -124,8 +125,13 @@ class DecoderAttention(nn.Module):
             return self.o_proj(self.attn(q, k, v))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t, d = hidden.shape[0], self.head_dim
-        q = self.q_norm(q.reshape(t, -1, d)).view(t, -1)
-        k = self.k_norm(k.reshape(t, -1, d)).view(t, -1)
+        if qkv.is_cuda and isinstance(self.q_norm, RMSNorm):
+            # One launch for both: normalising the strided q/k views one at a time copies each first.
+            q, k = qk_rms_norm(qkv, self.q_norm.weight, self.k_norm.weight, self.q_size // d, self.kv_size // d, d,
+                               self.q_norm.eps, gemma=isinstance(self.q_norm, GemmaRMSNorm))
+        else:
+            q = self.q_norm(q.reshape(t, -1, d)).view(t, -1)
+            k = self.k_norm(k.reshape(t, -1, d)).view(t, -1)
         if fused is not None:
             return self.o_proj(self.attn(q, k, v, rope=fused))
         q, k = rotary.rotate_qk(torch.cat([q, k], dim=-1), self.q_size, rope)

@@ -59,6 +59,7 @@ class Segment:
     rows: int
     qtype: int              # a GGML_BLOCKS code, or a float code for plain values
     data: torch.Tensor      # [rows, row_bytes] uint8 view of ``qweight``, or [rows, K] floats
+    cpu_call: gguf_ops.LinearCall | None = None   # the C GEMV bound to ``data``, made on first use
 
 
 @dataclass
@@ -180,15 +181,18 @@ class GGUFLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         segments: list[Segment] = layer.gguf_segments
         x2 = x.reshape(-1, x.shape[-1])
+        gemv = _cpu_gemv(x2)   # decided once per call, not per segment (decode runs ~120 of these a token)
         if len(segments) == 1:
-            out = _matmul(segments[0], x2, bias)
+            out = _matmul(segments[0], x2, bias, gemv=gemv)
         else:
             n = segments[-1].row0 + segments[-1].rows
             out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+            # batch 1 on the GPU: the activations rounded once for all segments
+            xq = None if gemv else gguf_matmul.q8_activations(x2)
             for seg in segments:
                 part = None if bias is None else bias[seg.row0:seg.row0 + seg.rows]
-                _matmul(seg, x2, part, out[:, seg.row0:seg.row0 + seg.rows])
-        return out.view(*x.shape[:-1], out.shape[-1])
+                _matmul(seg, x2, part, out[:, seg.row0:seg.row0 + seg.rows], gemv=gemv, xq=xq)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
 
 class GGUFEmbeddingMethod(GGUFLinearMethod):
@@ -207,7 +211,7 @@ class GGUFEmbeddingMethod(GGUFLinearMethod):
         if ids.device.type == "cpu" and gguf_ops.available(dtype):
             rows = gguf_ops.dequantize(seg.data, seg.qtype, layer.embedding_dim, dtype, rows=flat)
         else:
-            rows = gguf_matmul.dequantize_reference(seg.data[flat], seg.qtype, layer.embedding_dim, dtype)
+            rows = gguf_matmul.dequantize(seg.data[flat], seg.qtype, layer.embedding_dim, dtype)
         return rows.view(*ids.shape, layer.embedding_dim)
 
 
@@ -245,22 +249,49 @@ def _pack_segments(layer: nn.Module, param: nn.Parameter) -> None:
     del layer.gguf_staging
 
 
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _scratch(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused ``[rows, k]`` buffer for a weight dequantized for one CPU GEMM (batches above
+    ``CPU_GEMV_MAX_ROWS``): a fresh tensor per call is a fresh mapping above glibc's mmap threshold
+    (the 49,152 x 576 LM head), page-faulted in again on every step. It is consumed by the GEMM
+    before the next call; the engine runs one forward at a time per process."""
+    buf = _SCRATCH.get(dtype)
+    if buf is None or buf.numel() < rows * k:
+        buf = _SCRATCH[dtype] = torch.empty(rows * k, dtype=dtype)
+    return buf[:rows * k].view(rows, k)
+
+
+def _cpu_gemv(x: torch.Tensor) -> bool:
+    """Whether ``x [M, K]`` goes through the C GEMV that reads the blocks (few rows on the CPU)."""
+    return (x.device.type == "cpu" and x.shape[0] <= CPU_GEMV_MAX_ROWS and not use_triton(x)
+            and gguf_ops.available(x.dtype))
+
+
 def _matmul(seg: Segment, x: torch.Tensor, bias: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ seg^T (+ bias)``, into ``out`` when given (a column slice of the layer's output)."""
+            out: torch.Tensor | None = None, gemv: bool | None = None,
+            xq: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """``x @ seg^T (+ bias)``, into ``out`` when given (a column slice of the layer's output).
+    ``gemv``: the caller's ``_cpu_gemv(x)``, when it has it; ``xq``: the GPU's 8-bit activations of
+    ``x`` (``gguf_matmul.q8_activations``), when the caller has them."""
     if seg.qtype in GGML_FLOAT_TYPES:
         y = F.linear(x, seg.data, bias)
+    elif gemv or (gemv is None and _cpu_gemv(x)):
+        if bias is None and x.is_contiguous():
+            if seg.cpu_call is None:
+                seg.cpu_call = gguf_ops.LinearCall(seg.data, seg.qtype, exact=not CPU_Q8_ACTIVATIONS)
+            return seg.cpu_call(x, out)
+        return gguf_ops.linear(seg.data, seg.qtype, x, bias, out=out, exact=not CPU_Q8_ACTIVATIONS)
     elif x.device.type == "cpu" and not use_triton(x):
-        if x.shape[0] <= CPU_GEMV_MAX_ROWS and gguf_ops.available(x.dtype):
-            return gguf_ops.linear(seg.data, seg.qtype, x, bias, out=out, exact=not CPU_Q8_ACTIVATIONS)
         k = x.shape[-1]
         if gguf_ops.available(x.dtype):
-            w = gguf_ops.dequantize(seg.data, seg.qtype, k, x.dtype)
+            w = gguf_ops.dequantize(seg.data, seg.qtype, k, x.dtype, out=_scratch(seg.rows, k, x.dtype))
         else:
             w = gguf_matmul.dequantize_reference(seg.data, seg.qtype, k, x.dtype)
         y = F.linear(x, w, bias)
     elif use_triton(x):
-        y = gguf_matmul.gguf_linear(x, seg.data, seg.qtype, out=out)
+        y = gguf_matmul.gguf_linear(x, seg.data, seg.qtype, out=out, xq=xq)
         if bias is not None:
             y += bias
         return y

@@ -5,8 +5,12 @@ the ordered chain (default: DRY, penalties, no_repeat_ngram, temperature, top-n-
 top-p/top-k, top-a, min-p, TFS, eta, epsilon, typical-p, quadratic, XTC; ``temperature_last``
 or ``sampler_priority`` reorder it per request) -> mirostat rows -> skew -> draw.
 
-Every sampler is one batched pass over the logits and is skipped when no row uses it. Rows
-that ask for different orders run the chain as separate groups. Randomness is per request: a
+Every sampler is one batched pass over the logits and is skipped when no row uses it. When
+every row has top-k on (or is greedy), top-k keeps each row's few hundred best candidates and
+every later sampler, the skew and the draw run on those columns only; the temperature and
+top-n-sigma just before it run there too, from one row-statistics read. The samplers that need
+a sorted row (top-p, TFS) share one sort. Rows that ask for different orders run the chain as
+separate groups. Randomness is per request: a
 row draws its token by inverting the CDF at one uniform number derived from (request seed,
 output position), so a seeded request gets the same tokens whatever else shares the batch.
 """
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from aphrodite.kernels.cpu import ops as cpu_ops
-from aphrodite.kernels.sampling import sample_temperature_min_p
+from aphrodite.kernels.sampling import row_stats, sample_temperature_min_p
 from aphrodite.kernels.triton_utils import use_triton
 from aphrodite.modeling.layers.samplers import repetition as rep
 from aphrodite.modeling.layers.samplers import truncation as tr
@@ -39,25 +43,104 @@ def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     return torch.where(picked > 0, idx, fallback)
 
 
-def run_chain(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID, ...],
-              cache: tr.SortCache | None = None) -> torch.Tensor:
-    """Apply the active samplers in ``order`` to every row of ``logits``."""
-    c = md.columns
-    cache = cache or tr.SortCache()
-    for sid in order:
+# Top-k keeps ties at the k-th value (Aphrodite), so the candidates kept after it are the largest
+# top_k plus this many: room for ties without a host sync to count them.
+TIE_SLACK = 64
+_INDEXED = (SamplerID.DRY, SamplerID.PENALTIES, SamplerID.NO_REPEAT_NGRAM)
+
+
+def compact_width(md: SamplingMetadata, vocab_size: int, order: tuple[SamplerID, ...]) -> int:
+    """How many candidate columns the chain keeps after top-k (0: it keeps the whole vocabulary).
+
+    Known on the host: every row must have top-k on (or be greedy: it needs only its argmax), and
+    no sampler that addresses tokens by id (penalties, DRY, n-grams) may come after top-k."""
+    ks = md.k_host
+    if not ks or min(ks) < 0 or max(ks) <= 0 or SamplerID.TOP_P_TOP_K not in md.active \
+            or SamplerID.TOP_P_TOP_K not in order:
+        return 0
+    if any(sid in md.active for sid in order[order.index(SamplerID.TOP_P_TOP_K) + 1:] if sid in _INDEXED):
+        return 0
+    width = max(ks) + TIE_SLACK
+    return width if 2 * width <= vocab_size else 0
+
+
+def deferred_to_top_k(md: SamplingMetadata, order: tuple[SamplerID, ...], width: int) -> frozenset[SamplerID]:
+    """Temperature and top-n-sigma running just before a compacting top-k: both keep the order of the
+    logits, so top-k can select on the raw logits and they run on its candidates instead, from one
+    ``row_stats`` read of the row (exactly: x / t < max / t - n * std / t is x < max - n * std)."""
+    if not width:
+        return frozenset()
+    tail: list[SamplerID] = []
+    for sid in reversed(order[:order.index(SamplerID.TOP_P_TOP_K)]):
         if sid not in md.active:
+            continue
+        if sid not in (SamplerID.TEMPERATURE, SamplerID.TOP_NSIGMA):
+            break
+        tail.append(sid)
+    # Dynatemp measures the entropy of what it is given: not of logits top-n-sigma already cut.
+    if tail == [SamplerID.TEMPERATURE, SamplerID.TOP_NSIGMA] and "dynatemp_min" in md.columns:
+        return frozenset()
+    return frozenset(tail)
+
+
+def by_id(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate columns reordered by token id."""
+    ids, perm = torch.sort(ids, dim=-1)
+    return values.gather(1, perm), ids
+
+
+def _top_candidates(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` largest logits of each row and their token ids, in no particular order."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and cpu_ops.available(torch.float32):
+        return cpu_ops.topk(logits, width)
+    return torch.topk(logits, width, dim=-1, sorted=False)
+
+
+def _sort_columns(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate columns in descending order of value, ties by token id: the order a stable sort of the
+    whole vocabulary gives, so a cut inside a run of ties keeps the same tokens either way."""
+    values, ids = by_id(values, ids)
+    values, perm = torch.sort(values, dim=-1, descending=True, stable=True)
+    return values, ids.gather(1, perm)
+
+
+def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID, ...],
+                      owned: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply the active samplers in ``order`` to every row of ``logits``.
+
+    Returns ``(values, ids)``: ``ids`` is None when ``values`` still spans the vocabulary; otherwise
+    top-k kept only each row's best candidates, ``values[i, j]`` is the logit of token ``ids[i, j]``
+    and every token not listed is excluded. From top-k on, each sampler then costs a pass over a few
+    hundred columns instead of the vocabulary, and the samplers that need the logits in descending
+    order (top-p, TFS) share the order top-k produced until a sampler reorders them. Candidate columns
+    are always either in descending order of value with ties by token id, or in token-id order, so
+    an argmax / argmin that picks the first column among ties picks the lowest token id, as it does
+    over the whole vocabulary. ``owned``: the
+    repetition samplers may write into ``logits`` (nobody else reads it).
+    """
+    c = md.columns
+    cache = tr.SortCache()
+    width = compact_width(md, logits.shape[1], order)
+    deferred = deferred_to_top_k(md, order, width)
+    ids: torch.Tensor | None = None
+    in_order = False                  # compact columns in descending order of their values
+    for sid in order:
+        if sid not in md.active or sid in deferred:
             continue
         if sid == SamplerID.DRY:
             if md.dry is not None:
-                logits = rep.apply_dry(logits, md.dry)
+                logits = rep.apply_dry(logits, md.dry, owned)
+                owned = True
                 cache.invalidate()
         elif sid == SamplerID.PENALTIES:
-            logits = rep.apply_penalties(logits, md.counts, md.seen, c["presence_penalty"], c["frequency_penalty"],
-                                         c["repetition_penalty"])
-            cache.invalidate()
+            if md.penalties is not None:
+                logits = rep.apply_penalties(logits, md.penalties, owned)
+                owned = True
+                cache.invalidate()
         elif sid == SamplerID.NO_REPEAT_NGRAM:
             if md.ngram is not None:
-                logits = rep.apply_no_repeat_ngram(logits, md.ngram)
+                logits = rep.apply_no_repeat_ngram(logits, md.ngram, owned)
+                owned = True
                 cache.invalidate()
         elif sid == SamplerID.TEMPERATURE:
             logits = tr.apply_temperature(logits, c["temperature"], c.get("dynatemp_min"), c.get("dynatemp_max"),
@@ -65,27 +148,64 @@ def run_chain(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID
         elif sid == SamplerID.TOP_NSIGMA:
             logits = tr.apply_top_nsigma(logits, c["nsigma"], c["nsigma_on"])
         elif sid == SamplerID.TOP_P_TOP_K:
-            logits = tr.apply_top_k_top_p(logits, c.get("top_k"), c.get("top_p"), md.top_k_max, cache)
+            if width:
+                dyn = SamplerID.TEMPERATURE in deferred and "dynatemp_min" in c
+                stats = row_stats(logits) if dyn or SamplerID.TOP_NSIGMA in deferred else None
+                logits, ids = _sort_columns(*_top_candidates(logits, width))
+                in_order = True
+                if SamplerID.TOP_NSIGMA in deferred:
+                    cut = tr.nsigma_threshold(stats, c["nsigma"])
+                    logits = logits.masked_fill(c["nsigma_on"][:, None] & (logits < cut), float("-inf"))
+                if SamplerID.TEMPERATURE in deferred:
+                    logits = logits / tr.temperatures(c["temperature"], c.get("dynatemp_min"), c.get("dynatemp_max"),
+                                                      c.get("dynatemp_exponent"), stats)[:, None]
+                logits = tr.top_k_top_p_sorted(logits, c.get("top_k"), c.get("top_p"))
+            else:
+                logits = tr.apply_top_k_top_p(logits, c.get("top_k"), c.get("top_p"), md.top_k_max, cache)
         elif sid == SamplerID.TOP_A:
             logits = tr.apply_top_a(logits, c["top_a"])
         elif sid == SamplerID.MIN_P:
             logits = tr.apply_min_p(logits, c["min_p"])
         elif sid == SamplerID.TFS:
-            logits = tr.apply_tfs(logits, c["tfs"], c["tfs_on"], cache)
+            if ids is None:
+                logits = tr.apply_tfs(logits, c["tfs"], c["tfs_on"], cache)
+            else:
+                if not in_order:
+                    logits, ids = _sort_columns(logits, ids)
+                    in_order = True
+                logits = tr.tfs_sorted(logits, c["tfs"], c["tfs_on"], pad=True)
         elif sid == SamplerID.ETA_CUTOFF:
             logits = tr.apply_eta_cutoff(logits, c["eta_cutoff"])
         elif sid == SamplerID.EPSILON_CUTOFF:
             logits = tr.apply_epsilon_cutoff(logits, c["epsilon_cutoff"])
         elif sid == SamplerID.TYPICAL_P:
+            if ids is not None:
+                logits, ids = by_id(logits, ids)
             logits = tr.apply_typical_p(logits, c["typical_p"], c["typical_p_on"])
             cache.invalidate()
+            in_order = False
         elif sid == SamplerID.QUADRATIC:
-            logits = tr.apply_quadratic(logits, c["smoothing_factor"], c["smoothing_curve"])
+            logits = tr.apply_quadratic(logits, c["smoothing_k"], c["smoothing_s"], c["smoothing_on"])
             cache.invalidate()
+            in_order = False
         elif sid == SamplerID.XTC:
             logits = tr.apply_xtc(logits, c["xtc_threshold"], c["xtc_probability"], md.xtc_uniforms)
             cache.invalidate()
-    return logits
+            in_order = False
+    return logits, ids
+
+
+def expand(values: torch.Tensor, ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """Compact candidates back to logits over the vocabulary (-inf for every token not listed)."""
+    if ids is None:
+        return values
+    return values.new_full((values.shape[0], vocab_size), float("-inf")).scatter_(1, ids, values)
+
+
+def run_chain(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID, ...],
+              owned: bool = False) -> torch.Tensor:
+    """Apply the active samplers in ``order`` to every row of ``logits``: logits over the vocabulary."""
+    return expand(*run_chain_compact(logits, md, order, owned), logits.shape[1])
 
 
 @dataclass
@@ -101,14 +221,20 @@ class Sampler:
     """Turns a batch of logits into one token per row, plus log-probabilities when asked."""
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-        logits = logits.float()
-        raw = logits
-        logits = apply_processors(logits, md)
+        given = logits
+        logits = raw = logits.float()
+        # Writable in place when the float copy is ours and the logprobs do not read it afterwards.
+        owned = logits is not given and md.max_logprobs < 0
+        logits = apply_processors(logits, md, owned)
+        owned = logits is not given and (logits is not raw or md.max_logprobs < 0)
         in_c = logits.device.type == "cpu" and cpu_ops.available(torch.float32)
         plain = "dynatemp_min" not in md.columns and md.mirostat is None and md.skew is None
         only_temp = plain and md.active <= {SamplerID.TEMPERATURE}
         if md.all_greedy:
-            tokens = self._chain_groups(logits, md).argmax(dim=-1)
+            values, ids = self._chain_groups(logits, md, owned)
+            tokens = values.argmax(dim=-1)
+            if ids is not None:
+                tokens = ids.gather(1, tokens[:, None]).squeeze(1)
         elif plain and md.active <= {SamplerID.TEMPERATURE, SamplerID.MIN_P} and use_triton(logits):
             # The common case on the GPU: one fused kernel reads each row three times, writes one id.
             tokens = sample_temperature_min_p(logits, md.temperature, md.columns.get("min_p"), md.uniforms)
@@ -119,17 +245,23 @@ class Sampler:
             if not md.all_random:
                 tokens = torch.where(md.temperature > 0, tokens, logits.argmax(dim=-1))
         else:
-            logits = self._chain_groups(logits, md)
+            logits, ids = self._chain_groups(logits, md, owned)
+            if ids is not None:
+                # Candidates in token-id order: the inverse CDF walks the vocabulary's order, and an argmax
+                # picks the lowest id among ties, as over the whole vocabulary.
+                logits, ids = by_id(logits, ids)
             surprise = None
-            if md.mirostat is not None:
+            if md.mirostat is not None:       # (never with candidates: mirostat rows keep the vocabulary)
                 m = md.mirostat
                 masked, surprise = tr.mirostat_mask(logits.index_select(0, m.rows), m.mu)
                 logits = logits.index_copy(0, m.rows, masked)
             if md.skew is not None:
                 logits = torch.where((md.skew != 0)[:, None], tr.apply_skew(logits, md.skew), logits)
-            tokens = (cpu_ops.sample_inverse_cdf if in_c else sample_from_logits)(logits, md.uniforms)
+            tokens = (cpu_ops.sample_inverse_cdf if in_c else sample_from_logits)(logits.contiguous(), md.uniforms)
             if not md.all_random:
                 tokens = torch.where(md.temperature > 0, tokens, logits.argmax(dim=-1))
+            if ids is not None:
+                tokens = ids.gather(1, tokens[:, None]).squeeze(1)
             if surprise is not None:
                 m = md.mirostat
                 picked = surprise.gather(1, tokens.index_select(0, m.rows)[:, None]).squeeze(1)
@@ -139,15 +271,16 @@ class Sampler:
         return SamplerOutput(tokens, *gather_logprobs(raw, tokens, md.max_logprobs))
 
     @staticmethod
-    def _chain_groups(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    def _chain_groups(logits: torch.Tensor, md: SamplingMetadata, owned: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not md.active:
-            return logits
+            return logits, None
         if len(md.groups) == 1:
-            return run_chain(logits, md, md.groups[0][0])
+            return run_chain_compact(logits, md, md.groups[0][0], owned)
         for order, rows, host_rows in md.groups:
-            sub = run_chain(logits.index_select(0, rows), md.subset(rows, host_rows), order)
+            sub = run_chain(logits.index_select(0, rows), md.subset(rows, host_rows), order, owned=True)
             logits = logits.index_copy(0, rows, sub)
-        return logits
+        return logits, None
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):

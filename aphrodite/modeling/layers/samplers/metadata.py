@@ -31,22 +31,34 @@ def _ids(values: list[int], device: torch.device) -> torch.Tensor:
 
 
 @dataclass
+class PenaltyRows:
+    """Penalty inputs for the rows that use them, over their histories: only the (row, token) pairs that
+    occur in a row's prompt or output can be penalized, so the sampler touches those and never whole rows."""
+
+    rows: torch.Tensor           # [R] batch rows
+    host_rows: list[int]
+    history: torch.Tensor        # [R, W] prompt + output ids; padding repeats the row's last token
+    counts: torch.Tensor         # [R, W] int32: output count of each position's token
+    presence: torch.Tensor       # [R] float
+    frequency: torch.Tensor      # [R] float
+    repetition: torch.Tensor     # [R] float
+
+
+@dataclass
 class DryRows:
     """DRY inputs for the rows that use it (``rows`` index the batch)."""
 
     rows: torch.Tensor           # [R] batch rows
     host_rows: list[int]         # the same rows, known on the host (a subset is taken without a GPU wait)
     history: torch.Tensor        # [R, W] prompt + output ids (W = longest history), padded
-    lengths: torch.Tensor        # [R] history lengths
     suffix: torch.Tensor         # [R, W] per position: common breaker-free suffix with the last token
     trailing: torch.Tensor       # [R] breaker-free tokens ending the history
     multiplier: torch.Tensor     # [R] float
-    base: torch.Tensor
-    allowed_length: torch.Tensor  # [R] long
-    range: torch.Tensor
-    max_ngram: torch.Tensor
-    max_occurrences: torch.Tensor
-    early_exit: torch.Tensor
+    base: torch.Tensor           # [R] float
+    # [R, 6] long, worked out on the host: window start, index of the newest token (length - 1), the
+    # match cap before the breaker distance (min(max_ngram, window - 1); -1: the row cannot match),
+    # allowed_length, how many recent occurrences count, the early-exit match length.
+    bounds: torch.Tensor
 
 
 @dataclass
@@ -58,7 +70,7 @@ class NgramRows:
     history: torch.Tensor        # [R, W]
     lengths: torch.Tensor        # [R]
     suffix: torch.Tensor         # [R, W] common suffix (with the last token) length per position
-    size: torch.Tensor           # [R] n
+    need: torch.Tensor           # [R, 1] long: n - 1, or more than W when the row cannot match (length < n)
 
 
 @dataclass
@@ -106,14 +118,17 @@ class SamplingMetadata:
     bad_words_history: torch.Tensor | None = None   # the state's history buffer the bad-word slots index
     grammar_bitmask: torch.Tensor | None = None     # [N, ceil(V/32)] int32, bit set = allowed
     # Repetition state, gathered from the per-request state.
-    counts: torch.Tensor | None = None      # [N, V] output-token counts (penalties)
-    seen: torch.Tensor | None = None        # [N, V] bool: in the prompt or the output (repetition)
+    penalties: PenaltyRows | None = None
     dry: DryRows | None = None
     ngram: NgramRows | None = None
     mirostat: MirostatRows | None = None
     skew: torch.Tensor | None = None         # [N] skew; None when no random row uses it
     xtc_uniforms: torch.Tensor | None = None  # [N] float: XTC fires when below xtc_probability
     max_logprobs: int = -1                    # largest top-N any row asked for; -1 if none needs logprobs
+    # Per row, known on the host: its top_k when on, 0 for a greedy row (it only needs the argmax), -1 for a
+    # row that needs every token (sampled without top_k, or mirostat). When no row is -1, the chain keeps
+    # only the top-k candidates after top-k and every later sampler runs on those few columns.
+    k_host: list[int] = field(default_factory=list)
 
     def subset(self, rows: torch.Tensor, host_rows: list[int]) -> SamplingMetadata:
         """The same metadata restricted to ``rows`` (a group with its own sampler order)."""
@@ -127,11 +142,13 @@ class SamplingMetadata:
             return v
 
         out = {f.name: take(getattr(self, f.name)) for f in dataclasses.fields(self)
-               if f.name not in ("dry", "ngram", "mirostat", "bad_words", "banned", "bias", "allowed", "groups")}
+               if f.name not in ("penalties", "dry", "ngram", "mirostat", "bad_words", "banned", "bias", "allowed",
+                                 "groups")}
         out["num_rows"] = len(host_rows)
-        # Row-indexed pieces (DRY, n-grams) keep their rows in the group, renumbered (on the host).
+        # Row-indexed pieces (penalties, DRY, n-grams) keep their rows in the group, renumbered (on the host).
         where = {r: i for i, r in enumerate(host_rows)}
-        for name in ("dry", "ngram"):
+        out["k_host"] = [self.k_host[r] for r in host_rows] if self.k_host else []
+        for name in ("penalties", "dry", "ngram"):
             part = getattr(self, name)
             out[name] = None
             keep = [k for k, r in enumerate(part.host_rows) if r in where] if part is not None else []

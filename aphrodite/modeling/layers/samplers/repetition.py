@@ -9,21 +9,36 @@ from __future__ import annotations
 
 import torch
 
-from aphrodite.modeling.layers.samplers.metadata import DryRows, NgramRows
+from aphrodite.modeling.layers.samplers.metadata import DryRows, NgramRows, PenaltyRows
 
 
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor | None, seen: torch.Tensor | None,
-                    presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+def _lower_at(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
+              inplace: bool) -> torch.Tensor:
+    """``logits[rows[i], ids[i, j]] = min(itself, values[i, j])`` for every (i, j) (``inplace``: into
+    ``logits``, else into a copy).
+
+    The samplers below only ever lower a logit, and every position holding the same token of a row
+    proposes a value for it: the smallest proposal is the one the sampler means (the longest DRY
+    match, a banned n-gram), whichever order the duplicates land in.
+    """
+    flat = (rows[:, None] * logits.shape[1] + ids).reshape(-1)
+    out = logits if inplace else logits.clone()
+    out.view(-1).scatter_reduce_(0, flat, values.reshape(-1), "amin")
+    return out
+
+
+def apply_penalties(logits: torch.Tensor, g: PenaltyRows, inplace: bool = False) -> torch.Tensor:
     """vLLM/Aphrodite: repetition divides positive / multiplies negative logits of tokens seen in the
-    prompt or output; frequency subtracts count * f; presence subtracts p once per output token seen."""
-    if seen is not None:
-        pen = repetition[:, None]
-        scaled = torch.where(logits > 0, logits / pen, logits * pen)
-        logits = torch.where(seen, scaled, logits)
-    if counts is not None:
-        c = counts.to(logits.dtype)
-        logits = logits - frequency[:, None] * c - presence[:, None] * (c > 0).to(logits.dtype)
-    return logits
+    prompt or output; frequency subtracts count * f; presence subtracts p once per output token seen.
+    Only the tokens of each row's history are read and written (positions sharing a token write the
+    same value)."""
+    rows = g.rows[:, None].expand_as(g.history)
+    cur = logits[rows, g.history]
+    pen = g.repetition[:, None]
+    new = torch.where(cur > 0, cur / pen, cur * pen)
+    c = g.counts.to(logits.dtype)
+    new = new - g.frequency[:, None] * c - g.presence[:, None] * (c > 0).to(logits.dtype)
+    return (logits.index_put_ if inplace else logits.index_put)((rows, g.history), new)
 
 
 def _dry_position_lengths(d: DryRows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,70 +49,48 @@ def _dry_position_lengths(d: DryRows) -> tuple[torch.Tensor, torch.Tensor]:
     (0: all), the scan stops at the first (most recent) one reaching ``early_exit``, runs are capped
     by the distance to the last breaker and ``max_ngram``, and ``range`` limits the window (0: all)."""
     R, W = d.history.shape
-    dev = d.history.device
-    pos = torch.arange(W, device=dev)[None, :]
-    L = d.lengths[:, None]
-    start = torch.where(d.range[:, None] > 0, (L - d.range[:, None]).clamp(min=0), torch.zeros_like(L))
-    window = L - start
-    cur = torch.minimum(torch.minimum(d.trailing[:, None], d.max_ngram[:, None]), window - 1)
-    row_ok = (d.multiplier[:, None] > 0) & (L >= 2) & (d.trailing[:, None] > 0) & (cur > d.allowed_length[:, None])
-    last = d.history.gather(1, (L - 1).clamp(min=0))
-    ep = (d.history == last) & (pos >= start) & (pos < L - 1) & row_ok
+    pos = torch.arange(W, device=d.history.device)[None, :]
+    start, last_pos, cap0, allowed, limit, early = d.bounds.split(1, dim=1)
+    cur = torch.minimum(d.trailing[:, None], cap0)     # allowed >= 0: a row that cannot match has cur <= 0
+    last = d.history.gather(1, last_pos)
+    ep = (d.history == last) & (pos >= start) & (pos < last_pos) & (cur > allowed)
     rank = ep.flip(1).cumsum(1).flip(1)          # 1 = the most recent earlier occurrence
-    limit = torch.where(d.max_occurrences[:, None] > 0, d.max_occurrences[:, None], torch.full_like(L, W + 1))
-    keep = ep & (rank <= limit)
-    cap = torch.minimum(pos - start, cur)
-    match = torch.minimum(d.suffix.long() - 1, cap)
-    new_len = torch.where(keep & (match > 0), match + 1, torch.zeros_like(match))
-    hit = (new_len > 0) & (new_len >= d.early_exit[:, None])
-    first_hit = torch.where(hit, rank, torch.full_like(rank, W + 2)).amin(dim=1, keepdim=True)
-    new_len = torch.where(rank <= first_hit, new_len, torch.zeros_like(new_len))
+    match = torch.minimum(d.suffix - 1, torch.minimum(pos - start, cur))
+    new_len = torch.where(ep & (rank <= limit) & (match > 0), match + 1, 0)
+    hit = (new_len > 0) & (new_len >= early)
+    first_hit = torch.where(hit, rank, W + 2).amin(dim=1, keepdim=True)
+    new_len = torch.where(rank <= first_hit, new_len, 0)
     nxt = torch.cat([d.history[:, 1:], d.history[:, -1:]], dim=1).long()
     return nxt, new_len
 
 
-def apply_dry(logits: torch.Tensor, d: DryRows) -> torch.Tensor:
-    """logits[token] -= multiplier * base ** (match_length - allowed_length) for every matched token.
-    Only the (row, token) pairs found in the histories are read and written, never whole rows."""
+def apply_dry(logits: torch.Tensor, d: DryRows, inplace: bool = False) -> torch.Tensor:
+    """logits[token] -= multiplier * base ** (match_length - allowed_length) for every matched token,
+    with the longest match of the token (base > 1: the lowest proposal). Only the (row, token) pairs
+    found in the histories are read and written, never whole rows."""
     nxt, new_len = _dry_position_lengths(d)
     R, W = nxt.shape
-    # The longest match per (row, token), read back at every position holding that token, so that
-    # positions sharing a token write the same value.
-    lens = torch.zeros(R, logits.shape[1], dtype=torch.long, device=nxt.device)
-    lens.scatter_reduce_(1, nxt, new_len, reduce="amax")
-    n = lens.gather(1, nxt).to(logits.dtype)
-    rows = d.rows[:, None].expand(R, W)
-    cur = logits[rows, nxt]
-    scale = d.base[:, None] ** (n - d.allowed_length[:, None].to(logits.dtype))
-    return logits.index_put((rows, nxt), torch.where(n > 0, cur - d.multiplier[:, None] * scale, cur))
-
-
-def no_repeat_ngram_mask(g: NgramRows, vocab_size: int) -> torch.Tensor:
-    """[R, V] bool: tokens that would complete an n-gram already in the prompt + output."""
-    ids, hit = _ngram_hits(g)
-    counts = torch.zeros(ids.shape[0], vocab_size, dtype=torch.int32, device=ids.device)
-    return counts.scatter_add_(1, ids, hit.to(torch.int32)) > 0
+    cur = logits[d.rows[:, None].expand(R, W), nxt]
+    n = new_len.to(logits.dtype)
+    scale = d.base[:, None] ** (n - d.bounds[:, 3:4].to(logits.dtype))
+    return _lower_at(logits, d.rows, nxt, torch.where(new_len > 0, cur - d.multiplier[:, None] * scale, cur),
+                     inplace)
 
 
 def _ngram_hits(g: NgramRows) -> tuple[torch.Tensor, torch.Tensor]:
     """Per history position j: (its token, whether it follows an earlier copy of the last n - 1 tokens)."""
     R, W = g.history.shape
-    dev = g.history.device
-    pos = torch.arange(W, device=dev)[None, :]
-    L = g.lengths[:, None]
-    n = g.size[:, None]
+    pos = torch.arange(W, device=g.history.device)[None, :]
     # Position j's token follows an earlier copy of the last n-1 tokens when the run ending at j-1
-    # shares >= n-1 tokens with the history's end (n = 1: every token already seen).
-    prev = torch.cat([torch.zeros(R, 1, dtype=g.suffix.dtype, device=dev), g.suffix[:, :-1]], dim=1).long()
-    hit = (pos < L) & (L >= n) & (n > 0) & ((n == 1) | ((prev >= n - 1) & (pos >= 1)))
-    return g.history.long(), hit
+    # shares >= n-1 tokens with the history's end (n = 1: every token already seen; position 0 has
+    # no run before it, so it only hits for n = 1).
+    prev = torch.nn.functional.pad(g.suffix[:, :-1], (1, 0))
+    return g.history, (pos < g.lengths[:, None]) & (prev >= g.need)
 
 
-def apply_no_repeat_ngram(logits: torch.Tensor, g: NgramRows) -> torch.Tensor:
-    """Ban the tokens ``_ngram_hits`` finds; only the (row, token) pairs in the histories are touched,
-    each position writing its token's verdict (so positions sharing a token agree)."""
-    ids, _ = _ngram_hits(g)
-    banned = no_repeat_ngram_mask(g, logits.shape[1]).gather(1, ids)
-    rows = g.rows[:, None].expand_as(ids)
-    cur = logits[rows, ids]
-    return logits.index_put((rows, ids), torch.where(banned, torch.full_like(cur, float("-inf")), cur))
+def apply_no_repeat_ngram(logits: torch.Tensor, g: NgramRows, inplace: bool = False) -> torch.Tensor:
+    """Ban the tokens ``_ngram_hits`` finds; only the (row, token) pairs in the histories are touched
+    (a token is banned when any of its positions hits)."""
+    ids, hit = _ngram_hits(g)
+    cur = logits[g.rows[:, None].expand_as(ids), ids]
+    return _lower_at(logits, g.rows, ids, torch.where(hit, torch.full_like(cur, float("-inf")), cur), inplace)

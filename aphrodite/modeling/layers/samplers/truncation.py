@@ -11,12 +11,15 @@ import math
 
 import torch
 
+from aphrodite.kernels.sampling import row_stats
+
 _NEG_INF = float("-inf")
 _TEMP_FLOOR = 1e-5
 
 
 class SortCache:
-    """One descending sort shared by the samplers that need it (top-k/top-p, TFS).
+    """One descending sort shared by the samplers that need it (top-k/top-p, TFS) over the whole vocabulary.
+    Stable: among tied logits the lower token id ranks first, so a cut inside ties is reproducible.
 
     Temperature and threshold cuts keep the order (the tokens they mask are the sorted tail),
     so after them the cached permutation still sorts the logits; a sampler that can reorder or
@@ -32,59 +35,72 @@ class SortCache:
 
     def sorted(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.order is None:
-            values, self.order = torch.sort(logits, dim=-1, descending=True)
+            values, self.order = torch.sort(logits, dim=-1, descending=True, stable=True)
             self.sorts += 1
             return values, self.order
         return logits.gather(1, self.order), self.order
 
 
-def apply_temperature(logits: torch.Tensor, temp: torch.Tensor, dyn_min: torch.Tensor | None,
-                      dyn_max: torch.Tensor | None, dyn_exp: torch.Tensor | None) -> torch.Tensor:
-    """Divide by the row's temperature; dynatemp rows (min or max set) use
-    min + (max - min) * (entropy / log(#finite tokens)) ** exponent instead (Aphrodite)."""
+def temperatures(temp: torch.Tensor, dyn_min: torch.Tensor | None, dyn_max: torch.Tensor | None,
+                 dyn_exp: torch.Tensor | None, stats: torch.Tensor | None) -> torch.Tensor:
+    """Each row's temperature: its own, or for dynatemp rows (min or max set)
+    min + (max - min) * (entropy / log(#finite tokens)) ** exponent (Aphrodite), from ``row_stats``."""
     t = temp
     if dyn_min is not None:
         dyn = (dyn_min != 0) | (dyn_max != 0)
-        logp = torch.log_softmax(logits, dim=-1)
-        ent = -(logp.exp() * logp).nansum(dim=-1)
-        max_ent = torch.log((logits > _NEG_INF).sum(dim=-1).to(logits.dtype))
-        dyn_t = dyn_min + (dyn_max - dyn_min) * (ent / max_ent).pow(dyn_exp)
+        dyn_t = dyn_min + (dyn_max - dyn_min) * (stats[:, 1] / torch.log(stats[:, 2])).pow(dyn_exp)
         t = torch.where(dyn, dyn_t, t)
-    t = torch.nan_to_num(t, nan=_TEMP_FLOOR).clamp(min=_TEMP_FLOOR)
-    return logits / t[:, None]
+    return torch.nan_to_num(t, nan=_TEMP_FLOOR).clamp(min=_TEMP_FLOOR)
+
+
+def apply_temperature(logits: torch.Tensor, temp: torch.Tensor, dyn_min: torch.Tensor | None,
+                      dyn_max: torch.Tensor | None, dyn_exp: torch.Tensor | None) -> torch.Tensor:
+    """Divide by the row's temperature (``temperatures``)."""
+    stats = row_stats(logits) if dyn_min is not None else None
+    return logits / temperatures(temp, dyn_min, dyn_max, dyn_exp, stats)[:, None]
+
+
+def nsigma_threshold(stats: torch.Tensor, nsigma: torch.Tensor) -> torch.Tensor:
+    """[N, 1] top-n-sigma's cut: max - nsigma * std (over the finite logits, from ``row_stats``)."""
+    return (stats[:, 0] - nsigma * stats[:, 3])[:, None]
 
 
 def apply_top_nsigma(logits: torch.Tensor, nsigma: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
     """Keep logits >= max - nsigma * std (std over the finite logits, Bessel-corrected)."""
-    finite = logits > _NEG_INF
-    cnt = finite.sum(dim=-1, keepdim=True).to(logits.dtype)
-    x = torch.where(finite, logits, torch.zeros_like(logits))
-    mean = x.sum(dim=-1, keepdim=True) / cnt
-    var = (torch.where(finite, logits - mean, torch.zeros_like(logits)) ** 2).sum(dim=-1, keepdim=True) \
-        / (cnt - 1).clamp(min=1)
-    threshold = logits.max(dim=-1, keepdim=True).values - nsigma[:, None] * var.sqrt()
+    threshold = nsigma_threshold(row_stats(logits), nsigma)
     return logits.masked_fill(on[:, None] & (logits < threshold), _NEG_INF)
+
+
+def top_k_top_p_sorted(values: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+                       ) -> torch.Tensor:
+    """Top-k and nucleus (top-p) on logits already in descending order: the masked values.
+
+    As in Aphrodite, top-k keeps every token at least as likely as the k-th (ties stay), and a row
+    keeps a token while the probability mass ranked strictly above it is below top_p (the top token
+    always stays). Rows with top-k off carry k >= the width, rows with top-p off a value above 1.
+    """
+    if top_k is not None:
+        kth = values.gather(1, (top_k - 1).clamp(max=values.shape[1] - 1)[:, None])
+        values = values.masked_fill(values < kth, _NEG_INF)
+    if top_p is not None:
+        probs = torch.softmax(values, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs
+        values = values.masked_fill(before >= top_p[:, None], _NEG_INF)
+    return values
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
                       k_max: int, cache: SortCache) -> torch.Tensor:
-    """Mask everything outside each row's top-k and nucleus (top-p) with -inf.
+    """Mask everything outside each row's top-k and nucleus (top-p) with -inf, over the whole vocabulary.
 
-    A row keeps a token while the probability mass ranked strictly above it is below top_p (the
-    top token always stays). ``k_max`` (the largest top_k) comes from the host so the GPU is not
-    waited on. Rows with top_p off carry a value above 1, which no mass reaches.
+    ``k_max`` (the largest top_k) comes from the host so the GPU is not waited on.
     """
     if top_p is None:
         # Only top-k: a partial selection is cheaper than a full sort.
         kth = torch.topk(logits, k_max, dim=-1).values.gather(1, (top_k - 1).clamp(max=k_max - 1)[:, None])
         return logits.masked_fill(logits < kth, _NEG_INF)
     values, order = cache.sorted(logits)
-    if top_k is not None:
-        ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
-        values = values.masked_fill(ranks >= top_k[:, None], _NEG_INF)
-    probs = torch.softmax(values, dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs
-    drop = (before >= top_p[:, None]) | (values == _NEG_INF)
+    drop = top_k_top_p_sorted(values, top_k, top_p) == _NEG_INF
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), _NEG_INF)
 
 
@@ -106,16 +122,27 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, _NEG_INF)
 
 
-def apply_tfs(logits: torch.Tensor, z: torch.Tensor, on: torch.Tensor, cache: SortCache) -> torch.Tensor:
-    """Tail-free sampling: along the sorted probabilities, the normalized |second difference| is
-    accumulated and tokens past where it exceeds z are dropped; as in Aphrodite the first token is
-    always kept and the last always dropped."""
-    values, order = cache.sorted(logits)
-    d2 = torch.softmax(values, dim=-1).diff().diff().abs()
+def tfs_sorted(values: torch.Tensor, z: torch.Tensor, on: torch.Tensor, pad: bool) -> torch.Tensor:
+    """Tail-free sampling on logits in descending order (the masked values): along the sorted
+    probabilities, the normalized |second difference| is accumulated and tokens past where it
+    exceeds z are dropped; as in Aphrodite the first token is always kept and the last always
+    dropped. ``pad``: the columns are a row's top candidates only (the rest of the vocabulary has
+    probability 0), so two zero columns stand for that rest in the second differences."""
+    n, k = values.shape
+    probs = torch.softmax(values, dim=-1)
+    if pad:
+        probs = torch.cat([probs, probs.new_zeros(n, 2)], dim=1)
+    d2 = probs.diff().diff().abs()
     cdf = torch.cumsum(d2 / d2.sum(dim=-1, keepdim=True), dim=-1)
-    n = logits.shape[0]
-    drop = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=logits.device), cdf > z[:, None],
-                      torch.ones(n, 1, dtype=torch.bool, device=logits.device)], dim=-1) & on[:, None]
+    drop = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=values.device), cdf > z[:, None],
+                      torch.ones(n, 1, dtype=torch.bool, device=values.device)], dim=-1)[:, :k] & on[:, None]
+    return values.masked_fill(drop, _NEG_INF)
+
+
+def apply_tfs(logits: torch.Tensor, z: torch.Tensor, on: torch.Tensor, cache: SortCache) -> torch.Tensor:
+    """Tail-free sampling over the whole vocabulary (``tfs_sorted`` on the shared sort)."""
+    values, order = cache.sorted(logits)
+    drop = tfs_sorted(values, z, on, pad=False) == _NEG_INF
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), _NEG_INF)
 
 
@@ -139,28 +166,31 @@ def apply_epsilon_cutoff(logits: torch.Tensor, epsilon: torch.Tensor) -> torch.T
 
 
 def apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
-    """Locally typical sampling: tokens ordered by |surprisal - entropy|, kept until their mass
-    reaches typical_p (the first always stays)."""
+    """Locally typical sampling: tokens ordered by |surprisal - entropy| (ties: column order, which is
+    token-id order), kept until their mass reaches typical_p (the first always stays)."""
     logp = torch.log_softmax(logits, dim=-1)
     probs = logp.exp()
     neg_ent = (probs * logp).nansum(dim=-1, keepdim=True)
     dev = (neg_ent - logp).abs()
-    _, idx = torch.sort(dev, dim=-1)
+    _, idx = torch.sort(dev, dim=-1, stable=True)
     drop = probs.gather(1, idx).cumsum(dim=-1) >= typical_p[:, None]
     drop[:, 0] = False
     drop &= on[:, None]
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, idx, drop), _NEG_INF)
 
 
-def apply_quadratic(logits: torch.Tensor, factor: torch.Tensor, curve: torch.Tensor) -> torch.Tensor:
-    """Quadratic/cubic smoothing around the top logit: x -> max + d^2 * (s*d - k) with d = x - max,
-    k = factor * (3 - curve) / 2, s = factor * (curve - 1) / 2 (kalomaze, as in Aphrodite)."""
-    k = (factor * (3 - curve) / 2)[:, None]
-    s = (factor * (curve - 1) / 2)[:, None]
+def quadratic_coefficients(factor: float, curve: float) -> tuple[float, float]:
+    """(k, s) of quadratic/cubic smoothing: k = factor * (3 - curve) / 2, s = factor * (curve - 1) / 2."""
+    return factor * (3 - curve) / 2, factor * (curve - 1) / 2
+
+
+def apply_quadratic(logits: torch.Tensor, k: torch.Tensor, s: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """Quadratic/cubic smoothing around the top logit: x -> max + d^2 * (s*d - k) with d = x - max
+    (kalomaze, as in Aphrodite; ``quadratic_coefficients`` gives each row's k and s)."""
     diff = logits - logits.max(dim=-1, keepdim=True).values
-    delta = diff - diff ** 2 * (s * diff - k)
-    delta = torch.where(torch.isnan(delta), torch.zeros_like(delta), delta)   # -inf logits stay -inf
-    return torch.where((factor != 0)[:, None], logits - delta, logits)
+    delta = diff - diff * diff * (s[:, None] * diff - k[:, None])
+    delta = torch.where(torch.isnan(delta), 0.0, delta)   # -inf logits stay -inf
+    return torch.where(on[:, None], logits - delta, logits)
 
 
 def apply_xtc(logits: torch.Tensor, threshold: torch.Tensor, probability: torch.Tensor,
