@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--latency-output-len", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's (vLLM's)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's")
     args = parser.parse_args()
 
     import tempfile
@@ -40,7 +42,8 @@ def main() -> None:
         path = write_model_shape(args.shape, d)
         t0 = time.perf_counter()
         llm = LLM(str(path), load_format="dummy", skip_tokenizer_init=True,
-                  tensor_parallel_size=args.tensor_parallel_size, enable_prefix_caching=False)
+                  tensor_parallel_size=args.tensor_parallel_size, enable_prefix_caching=False,
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
         ready = time.perf_counter() - t0
         print(f"Engine start-up: {ready:.2f} s", flush=True)
         vocab = llm.llm_engine.config.model.hf_config.vocab_size
