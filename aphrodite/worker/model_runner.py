@@ -27,7 +27,7 @@ from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
 from aphrodite.modeling.loader import load_model
 from aphrodite.modeling.models.pipeline import IntermediateTensors, intermediate_tensor_spec
 from aphrodite.worker.cuda_graphs import DecodeGraphs
-from aphrodite.worker.sampling_inputs import SamplingState, build_sampling_metadata, to_device
+from aphrodite.worker.sampling_inputs import SamplingState, StaticRowsCache, build_sampling_metadata, to_device
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
 from aphrodite.worker.step_inputs import StepInputs
 from aphrodite.worker.step_plan import RequestState, StepPlan, apply_plan
@@ -114,6 +114,7 @@ class ModelRunner:
         # Per-request sampler state on the device (penalty counts, DRY/n-gram histories, mirostat mu);
         # finished requests are dropped with the plan's finished_ids (see _sampling_metadata).
         self.sampling_state = SamplingState(self.vocab_size, config.scheduler.max_model_len, self.device)
+        self.sampling_rows = StaticRowsCache()   # the parameter-only sampling tensors of the last batch
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -333,7 +334,8 @@ class ModelRunner:
         if not rows:
             return None
         bitmask = None if plan.grammar_bitmask is None else plan.grammar_bitmask[sample_idx]
-        return build_sampling_metadata(rows, self.vocab_size, self.device, self.sampling_state, bitmask)
+        return build_sampling_metadata(rows, self.vocab_size, self.device, self.sampling_state, bitmask,
+                                       self.sampling_rows)
 
     def _prompt_logprobs(self, reqs: list[RequestState], counts: list[int], hidden: torch.Tensor,
                          starts: list[int], want_result: bool = True) -> list[list[PositionLogprobs] | None]:

@@ -29,7 +29,7 @@ from aphrodite.modeling.layers.samplers.truncation import quadratic_coefficients
 from aphrodite.sampling_params import SamplerID, SamplingParams
 from aphrodite.worker.sampling_state import SamplingState, to_device
 
-__all__ = ["SamplingRequest", "SamplingState", "build_sampling_metadata", "to_device"]
+__all__ = ["SamplingRequest", "SamplingState", "StaticRowsCache", "build_sampling_metadata", "to_device"]
 
 _XTC_SALT = 0x5851F42D4C957F2D     # a second, independent stream of uniforms for XTC's coin
 
@@ -61,77 +61,161 @@ def sync_state(requests: list[SamplingRequest], state: SamplingState) -> None:
             state.add(r)
 
 
+class _StaticRows:
+    """What a batch's sampling parameters alone decide: the per-sampler columns, the active samplers,
+    the temperature and the processors that never change (bias, allowed ids). A decode batch usually
+    holds the same requests step after step, so this is built once per batch composition and kept
+    (``StaticRowsCache``); only the history- and step-dependent parts are rebuilt each step."""
+
+    def __init__(self, ps: list[SamplingParams], vocab_size: int, device: torch.device) -> None:
+        self.params = ps            # held so that the ids in the cache key stay unique
+        n = len(ps)
+        self.miro = miro = [p.mirostat_mode == 2 for p in ps]
+        greedy = [p.is_greedy and not m for p, m in zip(ps, miro)]
+        self.plain = plain = [not g and not m for g, m in zip(greedy, miro)]   # rows truncation may touch
+        temp = [0.0 if g else (1.0 if m else p.temperature) for p, g, m in zip(ps, greedy, miro)]
+        self.all_greedy = all(greedy)
+        self.all_random = all(temp)
+        self.temperature = None if self.all_greedy else to_device(temp, torch.float32, device)
+        active: set[SamplerID] = set()
+        columns: dict[str, torch.Tensor] = {}
+
+        def column(name: str, values: list, neutral, sid: SamplerID | None, dtype=torch.float32) -> bool:
+            if all(v == neutral for v in values):
+                return False
+            columns[name] = to_device(values, dtype, device)
+            if sid is not None:
+                active.add(sid)
+            return True
+
+        # Temperature (greedy and mirostat rows: 1) and dynatemp.
+        dyn = [ok and (p.dynatemp_min != 0 or p.dynatemp_max != 0) for p, ok in zip(ps, plain)]
+        column("temperature", [p.temperature if ok else 1.0 for p, ok in zip(ps, plain)], 1.0,
+               SamplerID.TEMPERATURE)
+        if any(dyn):
+            columns.setdefault("temperature", to_device([1.0] * n, torch.float32, device))
+            active.add(SamplerID.TEMPERATURE)
+            columns["dynatemp_min"] = to_device([p.dynatemp_min if d else 0.0 for p, d in zip(ps, dyn)],
+                                                torch.float32, device)
+            columns["dynatemp_max"] = to_device([p.dynatemp_max if d else 0.0 for p, d in zip(ps, dyn)],
+                                                torch.float32, device)
+            columns["dynatemp_exponent"] = to_device([p.dynatemp_exponent if d else 1.0 for p, d in zip(ps, dyn)],
+                                                     torch.float32, device)
+        # Truncation samplers: rows with a sampler off carry a value that changes nothing.
+        on = plain
+        if column("nsigma_on", [ok and p.nsigma > 0 for p, ok in zip(ps, on)], False, SamplerID.TOP_NSIGMA,
+                  torch.bool):
+            columns["nsigma"] = to_device([p.nsigma for p in ps], torch.float32, device)
+        top_k = [p.top_k if ok and 0 < p.top_k < vocab_size else vocab_size for p, ok in zip(ps, on)]
+        has_k = column("top_k", top_k, vocab_size, SamplerID.TOP_P_TOP_K, torch.long)
+        self.top_k_max = max(top_k) if has_k else 0
+        column("top_p", [p.top_p if ok and p.top_p < 1.0 else 2.0 for p, ok in zip(ps, on)], 2.0,
+               SamplerID.TOP_P_TOP_K)
+        column("top_a", [p.top_a if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.TOP_A)
+        column("min_p", [p.min_p if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.MIN_P)
+        if column("tfs_on", [ok and p.tfs < 1.0 for p, ok in zip(ps, on)], False, SamplerID.TFS, torch.bool):
+            columns["tfs"] = to_device([p.tfs for p in ps], torch.float32, device)
+        column("eta_cutoff", [p.eta_cutoff if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.ETA_CUTOFF)
+        column("epsilon_cutoff", [p.epsilon_cutoff if ok else 0.0 for p, ok in zip(ps, on)], 0.0,
+               SamplerID.EPSILON_CUTOFF)
+        if column("typical_p_on", [ok and p.typical_p < 1.0 for p, ok in zip(ps, on)], False,
+                  SamplerID.TYPICAL_P, torch.bool):
+            columns["typical_p"] = to_device([p.typical_p for p in ps], torch.float32, device)
+        if column("smoothing_on", [ok and p.smoothing_factor != 0 for p, ok in zip(ps, on)], False,
+                  SamplerID.QUADRATIC, torch.bool):
+            ks = [quadratic_coefficients(p.smoothing_factor, p.smoothing_curve) for p in ps]
+            columns["smoothing_k"] = to_device([k for k, _ in ks], torch.float32, device)
+            columns["smoothing_s"] = to_device([s for _, s in ks], torch.float32, device)
+        self.xtc = column("xtc_probability", [p.xtc_probability if ok else 0.0 for p, ok in zip(ps, on)], 0.0,
+                          SamplerID.XTC)
+        if self.xtc:
+            columns["xtc_threshold"] = to_device([p.xtc_threshold for p in ps], torch.float32, device)
+        self.columns, self.active = columns, frozenset(active)
+        self.skew = None
+        if any(ok and p.skew != 0 for p, ok in zip(ps, plain)):
+            self.skew = to_device([p.skew if ok else 0.0 for p, ok in zip(ps, plain)], torch.float32, device)
+        # Processors fixed by the parameters; rows whose bans depend on the step are listed for later.
+        bias_rows: list[int] = []
+        bias_ids: list[int] = []
+        bias_vals: list[float] = []
+        allow_using: list[int] = []
+        allow_rows: list[int] = []
+        allow_ids: list[int] = []
+        self.step_rows = []     # rows with min_tokens or bad words: looked at every step
+        for i, p in enumerate(ps):
+            if p.min_tokens > 0 or p._bad_words_token_ids:
+                self.step_rows.append(i)
+            if p.logit_bias:
+                for tok, val in p.logit_bias.items():
+                    if 0 <= int(tok) < vocab_size:
+                        bias_rows.append(i)
+                        bias_ids.append(int(tok))
+                        bias_vals.append(float(val))
+            if p.allowed_token_ids:
+                ids = [t for t in p.allowed_token_ids if 0 <= t < vocab_size]
+                allow_using.append(i)
+                allow_rows.extend([i] * len(ids))
+                allow_ids.extend(ids)
+        self.bias = self.allowed = None
+        if bias_rows:
+            self.bias = (to_device(bias_rows, torch.long, device), to_device(bias_ids, torch.long, device),
+                         to_device(bias_vals, torch.float32, device))
+        if allow_using:
+            self.allowed = (to_device(allow_using, torch.long, device), to_device(allow_rows, torch.long, device),
+                            to_device(allow_ids, torch.long, device))
+        # Rows grouped by sampler order (usually one group: the default order).
+        by_order: dict[tuple[SamplerID, ...], list[int]] = {}
+        for i, p in enumerate(ps):
+            by_order.setdefault(p.sampler_order, []).append(i)
+        if len(by_order) == 1:
+            self.groups = [(next(iter(by_order)), None, None)]
+        else:
+            self.groups = [(order, to_device(rows, torch.long, device), rows) for order, rows in by_order.items()]
+        want = [p.logprobs for p in ps if p.logprobs is not None]
+        need_cum = any(p.best_of > p.n for p in ps)
+        self.max_logprobs = max(want) if want else (0 if need_cum else -1)
+        self.k_host = [0 if g else (p.top_k if not m and 0 < p.top_k < vocab_size else -1)
+                       for p, g, m in zip(ps, greedy, miro)]
+
+
+class StaticRowsCache:
+    """The last batch composition's ``_StaticRows`` (keyed by the rows' parameter objects, which a
+    request keeps for its lifetime), for one worker's device and vocabulary."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._rows: _StaticRows | None = None
+
+    def get(self, ps: list[SamplingParams], vocab_size: int, device: torch.device) -> _StaticRows:
+        key = (vocab_size, device, tuple(map(id, ps)))
+        if key != self._key or self._rows is None:
+            self._rows, self._key = _StaticRows(ps, vocab_size, device), key
+        return self._rows
+
+
 def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, device: torch.device,
                             state: SamplingState | None = None,
-                            grammar_bitmask: np.ndarray | None = None) -> SamplingMetadata:
+                            grammar_bitmask: np.ndarray | None = None,
+                            cache: StaticRowsCache | None = None) -> SamplingMetadata:
     """Gather the sampling rows' parameters into one batch of tensors.
 
     ``state``: the worker's persistent ``SamplingState`` (a throwaway one is built from the rows'
     token lists when omitted, as in tests). ``grammar_bitmask``: [rows, ceil(V/32)] int32 from
-    the engine's grammar matchers (all bits set for unconstrained rows), or None.
+    the engine's grammar matchers (all bits set for unconstrained rows), or None. ``cache``: keeps
+    the parameter-only part between steps of the same batch.
     """
     if state is None:
         longest = max((len(r.prompt_token_ids) + r.num_outputs_with_pending for r in requests), default=0)
         state = SamplingState(vocab_size, longest + 1, device)
     sync_state(requests, state)
     ps = [r.params for r in requests]
-    n = len(ps)
-    miro = [p.mirostat_mode == 2 for p in ps]
-    greedy = [p.is_greedy and not m for p, m in zip(ps, miro)]
-    plain = [not g and not m for g, m in zip(greedy, miro)]   # rows the truncation samplers may touch
-    temp = [0.0 if g else (1.0 if m else p.temperature) for p, g, m in zip(ps, greedy, miro)]
-    all_greedy = all(greedy)
-    active: set[SamplerID] = set()
-    columns: dict[str, torch.Tensor] = {}
-
-    def column(name: str, values: list, neutral, sid: SamplerID | None, dtype=torch.float32) -> bool:
-        if all(v == neutral for v in values):
-            return False
-        columns[name] = to_device(values, dtype, device)
-        if sid is not None:
-            active.add(sid)
-        return True
-
-    # Temperature (greedy and mirostat rows: 1) and dynatemp.
-    dyn = [ok and (p.dynatemp_min != 0 or p.dynatemp_max != 0) for p, ok in zip(ps, plain)]
-    column("temperature", [p.temperature if ok else 1.0 for p, ok in zip(ps, plain)], 1.0, SamplerID.TEMPERATURE)
-    if any(dyn):
-        columns.setdefault("temperature", to_device([1.0] * n, torch.float32, device))
-        active.add(SamplerID.TEMPERATURE)
-        columns["dynatemp_min"] = to_device([p.dynatemp_min if d else 0.0 for p, d in zip(ps, dyn)],
-                                            torch.float32, device)
-        columns["dynatemp_max"] = to_device([p.dynatemp_max if d else 0.0 for p, d in zip(ps, dyn)],
-                                            torch.float32, device)
-        columns["dynatemp_exponent"] = to_device([p.dynatemp_exponent if d else 1.0 for p, d in zip(ps, dyn)],
-                                                 torch.float32, device)
-    # Truncation samplers: rows with a sampler off carry a value that changes nothing.
-    on = [ok for ok in plain]
-    if column("nsigma_on", [ok and p.nsigma > 0 for p, ok in zip(ps, on)], False, SamplerID.TOP_NSIGMA, torch.bool):
-        columns["nsigma"] = to_device([p.nsigma for p in ps], torch.float32, device)
-    top_k = [p.top_k if ok and 0 < p.top_k < vocab_size else vocab_size for p, ok in zip(ps, on)]
-    has_k = column("top_k", top_k, vocab_size, SamplerID.TOP_P_TOP_K, torch.long)
-    column("top_p", [p.top_p if ok and p.top_p < 1.0 else 2.0 for p, ok in zip(ps, on)], 2.0, SamplerID.TOP_P_TOP_K)
-    column("top_a", [p.top_a if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.TOP_A)
-    column("min_p", [p.min_p if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.MIN_P)
-    if column("tfs_on", [ok and p.tfs < 1.0 for p, ok in zip(ps, on)], False, SamplerID.TFS, torch.bool):
-        columns["tfs"] = to_device([p.tfs for p in ps], torch.float32, device)
-    column("eta_cutoff", [p.eta_cutoff if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.ETA_CUTOFF)
-    column("epsilon_cutoff", [p.epsilon_cutoff if ok else 0.0 for p, ok in zip(ps, on)], 0.0,
-           SamplerID.EPSILON_CUTOFF)
-    if column("typical_p_on", [ok and p.typical_p < 1.0 for p, ok in zip(ps, on)], False, SamplerID.TYPICAL_P,
-              torch.bool):
-        columns["typical_p"] = to_device([p.typical_p for p in ps], torch.float32, device)
-    if column("smoothing_on", [ok and p.smoothing_factor != 0 for p, ok in zip(ps, on)], False, SamplerID.QUADRATIC,
-              torch.bool):
-        ks = [quadratic_coefficients(p.smoothing_factor, p.smoothing_curve) for p in ps]
-        columns["smoothing_k"] = to_device([k for k, _ in ks], torch.float32, device)
-        columns["smoothing_s"] = to_device([s for _, s in ks], torch.float32, device)
+    st = cache.get(ps, vocab_size, device) if cache is not None else _StaticRows(ps, vocab_size, device)
+    active = set(st.active)
     xtc_uniforms = None
-    if column("xtc_probability", [p.xtc_probability if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.XTC):
-        columns["xtc_threshold"] = to_device([p.xtc_threshold for p in ps], torch.float32, device)
+    if st.xtc:
         xtc_uniforms = to_device([uniform_from_seed(r.sample_seed ^ _XTC_SALT, r.num_outputs_with_pending)
                                   if ok and r.params.xtc_probability > 0 else 1.0
-                                  for r, ok in zip(requests, on)], torch.float32, device)
+                                  for r, ok in zip(requests, st.plain)], torch.float32, device)
 
     # Repetition samplers, from the per-request state.
     recs = [state.record(r.request_id) for r in requests]
@@ -145,45 +229,26 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
     if ngram is not None:
         active.add(SamplerID.NO_REPEAT_NGRAM)
     mirostat = None
-    if any(miro):
-        rows = [i for i, m in enumerate(miro) if m]
+    if any(st.miro):
+        rows = [i for i, m in enumerate(st.miro) if m]
         mslots = to_device([state.mu_slot(requests[i].request_id) for i in rows], torch.long, device)
         mirostat = MirostatRows(to_device(rows, torch.long, device),
                                 to_device([ps[i].mirostat_tau for i in rows], torch.float32, device),
                                 to_device([ps[i].mirostat_eta for i in rows], torch.float32, device),
                                 state.mu.index_select(0, mslots), state.mu, mslots)
-    skew = None
-    if any(ok and p.skew != 0 for p, ok in zip(ps, plain)):
-        skew = to_device([p.skew if ok else 0.0 for p, ok in zip(ps, plain)], torch.float32, device)
 
-    # Logit processors.
+    # Logit processors that depend on the step: min_tokens bans and bad words.
     ban_rows: list[int] = []
     ban_ids: list[int] = []
-    bias_rows: list[int] = []
-    bias_ids: list[int] = []
-    bias_vals: list[float] = []
-    allow_using: list[int] = []
-    allow_rows: list[int] = []
-    allow_ids: list[int] = []
     words: list[tuple[int, int, int, list[int], list[int]]] = []
-    for i, (r, p) in enumerate(zip(requests, ps)):
+    for i in st.step_rows:
+        r, p = requests[i], ps[i]
         if r.num_outputs_with_pending < p.min_tokens:
             stops = set(p.stop_token_ids)
             if not p.ignore_eos:
                 stops.update(r.eos_token_ids)
             ban_ids.extend(stops)
             ban_rows.extend([i] * len(stops))
-        if p.logit_bias:
-            for tok, val in p.logit_bias.items():
-                if 0 <= int(tok) < vocab_size:
-                    bias_rows.append(i)
-                    bias_ids.append(int(tok))
-                    bias_vals.append(float(val))
-        if p.allowed_token_ids:
-            ids = [t for t in p.allowed_token_ids if 0 <= t < vocab_size]
-            allow_using.append(i)
-            allow_rows.extend([i] * len(ids))
-            allow_ids.extend(ids)
         for seq in p._bad_words_token_ids or ():
             if len(seq) == 1:
                 ban_rows.append(i)
@@ -191,15 +256,9 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
             elif r.num_outputs_with_pending >= len(seq) - 1 and recs[i] is not None and recs[i].history:
                 L = recs[i].length
                 words.append((i, seq[-1], recs[i].slot, list(range(L - len(seq) + 1, L)), seq[:-1]))
-    banned = bias = allowed = bad_words = None
+    banned = bad_words = None
     if ban_rows:
         banned = (to_device(ban_rows, torch.long, device), to_device(ban_ids, torch.long, device))
-    if bias_rows:
-        bias = (to_device(bias_rows, torch.long, device), to_device(bias_ids, torch.long, device),
-                to_device(bias_vals, torch.float32, device))
-    if allow_using:
-        allowed = (to_device(allow_using, torch.long, device), to_device(allow_rows, torch.long, device),
-                   to_device(allow_ids, torch.long, device))
     if words:
         width = max(len(w[3]) for w in words)
         pos = np.zeros((len(words), width), dtype=np.int64)
@@ -215,33 +274,19 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
     if grammar_bitmask is not None:
         mask = to_device(np.ascontiguousarray(grammar_bitmask, dtype=np.int32), torch.int32, device)
 
-    # Rows grouped by sampler order (usually one group: the default order).
-    by_order: dict[tuple[SamplerID, ...], list[int]] = {}
-    for i, p in enumerate(ps):
-        by_order.setdefault(p.sampler_order, []).append(i)
-    if len(by_order) == 1:
-        groups = [(next(iter(by_order)), None, None)]
-    else:
-        groups = [(order, to_device(rows, torch.long, device), rows) for order, rows in by_order.items()]
-
-    want = [p.logprobs for p in ps if p.logprobs is not None]
-    need_cum = any(p.best_of > p.n for p in ps)
-    max_logprobs = max(want) if want else (0 if need_cum else -1)
     return SamplingMetadata(
-        num_rows=n,
+        num_rows=len(ps),
         # A greedy batch needs neither temperatures nor random draws: skip their host-to-device copies.
-        temperature=None if all_greedy else to_device(temp, torch.float32, device),
-        all_greedy=all_greedy, all_random=all(temp),
-        uniforms=None if all_greedy else to_device(
+        temperature=st.temperature,
+        all_greedy=st.all_greedy, all_random=st.all_random,
+        uniforms=None if st.all_greedy else to_device(
             [uniform_from_seed(r.sample_seed, r.num_outputs_with_pending) for r in requests], torch.float64, device),
-        active=frozenset(active), columns=columns, groups=groups,
-        top_k_max=max(top_k) if has_k else 0,
-        banned=banned, bias=bias, allowed=allowed, bad_words=bad_words,
+        active=frozenset(active), columns=dict(st.columns), groups=st.groups,
+        top_k_max=st.top_k_max,
+        banned=banned, bias=st.bias, allowed=st.allowed, bad_words=bad_words,
         bad_words_history=state.history if bad_words is not None else None, grammar_bitmask=mask,
-        penalties=penalties, dry=dry, ngram=ngram, mirostat=mirostat, skew=skew, xtc_uniforms=xtc_uniforms,
-        max_logprobs=max_logprobs,
-        k_host=[0 if g else (p.top_k if not m and 0 < p.top_k < vocab_size else -1)
-                for p, g, m in zip(ps, greedy, miro)])
+        penalties=penalties, dry=dry, ngram=ngram, mirostat=mirostat, skew=st.skew, xtc_uniforms=xtc_uniforms,
+        max_logprobs=st.max_logprobs, k_host=st.k_host)
 
 
 def _histories(recs: list, rows: list[int], state: SamplingState, device: torch.device

@@ -554,3 +554,47 @@ def test_cpu_topk_against_torch():
         assert all(len(set(r)) == k for r in idx.tolist())
         if 10 + 2 * k <= vocab:
             assert idx[4].sort().values.tolist() == list(range(10, 10 + k))     # ties: the lowest indices
+
+
+def _same(a, b) -> bool:
+    """Deep equality of metadata fields: tensors by value, containers element-wise."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+            and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if hasattr(a, "__dataclass_fields__"):
+        return type(a) is type(b) and all(_same(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+    return a == b
+
+
+def test_cached_parameter_rows_equal_a_fresh_build_every_step() -> None:
+    """The model runner keeps a batch's parameter-only tensors between steps (``StaticRowsCache``):
+    each step's metadata must equal one built from scratch, also as min_tokens bans lapse, bad-word
+    prefixes appear, penalties grow and the batch changes."""
+    from aphrodite.worker.sampling_inputs import StaticRowsCache
+    bad = SamplingParams(temperature=0.7, top_k=5)
+    bad._bad_words_token_ids = [[0], [8, 2]]
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.1, min_p=0.1, min_tokens=2),
+              SamplingParams(temperature=0.9, top_p=0.8, repetition_penalty=1.3, logit_bias={3: 2.0}), bad,
+              SamplingParams(temperature=1.0, xtc_threshold=0.1, xtc_probability=0.5, typical_p=0.9),
+              SamplingParams(mirostat_mode=2, mirostat_tau=3.0), SamplingParams(temperature=0.8, dry_multiplier=0.8,
+                                                                              allowed_token_ids=[1, 2, 3, 8])]
+    reqs = [req(p, rid=str(i), seed=i) for i, p in enumerate(params)]
+    state = SamplingState(V, 16, CPU)
+    cache = StaticRowsCache()
+    sampler = Sampler()
+    rng = np.random.default_rng(0)
+    for step in range(6):
+        if step == 4:
+            reqs = reqs[1:]                       # a request finished: the batch changes
+        md = build_sampling_metadata(reqs, V, CPU, state, cache=cache)
+        fresh = build_sampling_metadata(reqs, V, CPU, state)
+        assert _same(md, fresh), step
+        x = torch.tensor(rng.normal(size=(len(reqs), V)), dtype=torch.float32)
+        toks = sampler(x, md).token_ids
+        state.update([r.request_id for r in reqs], toks)
+        for r, t in zip(reqs, toks.tolist()):
+            r.append_token(t)

@@ -22,7 +22,11 @@ def _lower_at(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, value
     match, a banned n-gram), whichever order the duplicates land in.
     """
     flat = (rows[:, None] * logits.shape[1] + ids).reshape(-1)
-    out = logits if inplace else logits.clone()
+    # A flat view needs contiguous rows (an earlier step may hand over a strided tensor).
+    if inplace and logits.is_contiguous():
+        out = logits
+    else:
+        out = logits.clone(memory_format=torch.contiguous_format)
     out.view(-1).scatter_reduce_(0, flat, values.reshape(-1), "amin")
     return out
 
