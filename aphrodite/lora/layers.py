@@ -52,6 +52,13 @@ from aphrodite.modeling.layers.linear import (
 
 __all__ = ["LoRAEmbedding", "LoRALinear", "LoRALogits", "LoRAState"]
 
+
+def _require_shapes(module: str, a: torch.Tensor, b: torch.Tensor, a_cols: int, b_rows: int) -> None:
+    """ValueError unless an adapter's ``A [r, a_cols]`` and ``B [b_rows, r]`` fit the layer."""
+    if a.shape[1] != a_cols or b.shape[0] != b_rows:
+        raise ValueError(f"LoRA weights of {module} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; the model "
+                         f"needs A [r, {a_cols}], B [{b_rows}, r]: the adapter is for another model.")
+
 class LoRAState:
     """What every LoRA layer of one model reads in a forward pass: each token's slot, grouped by slot.
 
@@ -292,9 +299,7 @@ class LoRALinear(nn.Module):
             out_total = base.output_sizes[index]
         else:
             out_total = base.out_features * (base.tp_size if self.is_column else 1)
-        if a.shape[1] != in_total or b.shape[0] != out_total:
-            raise ValueError(f"LoRA weights of {module} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; the model "
-                             f"needs A [r, {in_total}], B [{out_total}, r]: the adapter is for another model.")
+        _require_shapes(module, a, b, in_total, out_total)
 
     # ---- forward ----------------------------------------------------------------------
     def _start_shrink(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -385,10 +390,7 @@ class LoRAEmbedding(nn.Module):
             return getattr(self._modules["base_layer"], name)
 
     def check_shapes(self, module: str, index: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        vocab, dim = self.base_layer.num_embeddings, self.base_layer.embedding_dim
-        if a.shape[1] != vocab or b.shape[0] != dim:
-            raise ValueError(f"LoRA weights of {module} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; the model "
-                             f"needs A [r, {vocab}], B [{dim}, r]: the adapter is for another model.")
+        _require_shapes(module, a, b, self.base_layer.num_embeddings, self.base_layer.embedding_dim)
 
     def set_slot(self, slot: int, weights: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         self.lora_a[slot].zero_()
@@ -430,10 +432,7 @@ class LoRALogits:
         model.compute_logits = self.compute_logits
 
     def check_shapes(self, module: str, index: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        hidden = self.lora_a.shape[2]
-        if a.shape[1] != hidden or b.shape[0] != self.vocab:
-            raise ValueError(f"LoRA weights of {module} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; the model "
-                             f"needs A [r, {hidden}], B [{self.vocab}, r]: the adapter is for another model.")
+        _require_shapes(module, a, b, self.lora_a.shape[2], self.vocab)
 
     def set_slot(self, slot: int, weights: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         self.lora_a[slot].zero_()

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from _quant_weights import random_weights
 from _timing import graph_us
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -98,20 +99,6 @@ def _calibrate(weights, gen) -> list[str]:
     return lines
 
 
-def _weights(k: int, n: int, gen: torch.Generator):
-    from aphrodite.kernels.fp8_quant import quantize_weight_fp8
-    from aphrodite.kernels.int4_matmul import FMT_FP8, QuantWeight, repack_int4
-    dev = torch.device("cuda")
-    codes = torch.randint(0, 16, (k, n), dtype=torch.uint8, device=dev, generator=gen)
-    scales = (torch.rand(k // 128, n, device=dev, generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
-    zeros = torch.randint(0, 16, (k // 128, n), device=dev, generator=gen).to(torch.bfloat16)
-    w4 = repack_int4(codes, scales, zeros, 128)
-    wf = torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02
-    q8, s8 = quantize_weight_fp8(wf)
-    w8 = QuantWeight(FMT_FP8, q8, s8.reshape(1, n).contiguous(), k, n, k)
-    return w4, w8, wf
-
-
 def _fp8(x, w8, w8a8: bool | None = None):
     """What Fp8LinearMethod.apply runs for an online-quantized (per-channel) weight (``w8a8``: force the
     activation-quantized path or the weight-only one)."""
@@ -165,7 +152,7 @@ def check_only(budget: float) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    wts = {name: _weights(*SHAPES[name], gen) for name in ("qkv_proj", "down_proj", "o_proj")}
+    wts = {name: random_weights(*SHAPES[name], gen) for name in ("qkv_proj", "down_proj", "o_proj")}
     cases = []      # (label, thunk returning (got, ref, tol))
 
     def int4_case(name, m, cfg, dtype=torch.bfloat16):
@@ -279,7 +266,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    weights = {name: _weights(k, n, gen) for name, (k, n) in SHAPES.items()}
+    weights = {name: random_weights(k, n, gen) for name, (k, n) in SHAPES.items()}
     deq = {name: im.dequantize(ws[0], torch.float32) for name, ws in weights.items()}
     rows_out = []   # (proj, M, bf16, int4, int4 old, fp8, fp8 the other path, fp8 quant-only, err4, err8, note)
     print("== correctness and time per call (us, CUDA graph of 50) ==", flush=True)

@@ -16,25 +16,12 @@ import time
 import traceback
 
 import torch
+from _quant_weights import random_weights
 from _timing import graph_us
 
 SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672), "down_proj": (14336, 4096)}
 ROWS = (1, 2, 4)
 
-
-
-def _weights(k: int, n: int, gen: torch.Generator):
-    from aphrodite.kernels.fp8_quant import quantize_weight_fp8
-    from aphrodite.kernels.int4_matmul import FMT_FP8, QuantWeight, repack_int4
-    dev = torch.device("cuda")
-    codes = torch.randint(0, 16, (k, n), dtype=torch.uint8, device=dev, generator=gen)
-    scales = (torch.rand(k // 128, n, device=dev, generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
-    zeros = torch.randint(0, 16, (k // 128, n), device=dev, generator=gen).to(torch.bfloat16)
-    w4 = repack_int4(codes, scales, zeros, 128)
-    wf = torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02
-    q8, s8 = quantize_weight_fp8(wf)
-    w8 = QuantWeight(FMT_FP8, q8, s8.reshape(1, n).contiguous(), k, n, k)
-    return w4, w8, wf
 
 
 def _nbytes(w) -> int:
@@ -72,7 +59,7 @@ def main() -> None:
     weights = {}
     for name, (k, n) in SHAPES.items():
         try:
-            weights[name] = _weights(k, n, gen)
+            weights[name] = random_weights(k, n, gen)
         except Exception as e:      # noqa: BLE001 - report and go on
             print(f"{name}: weight setup failed: {e!r}", flush=True)
     print("== correctness and time per call (us, CUDA graph of 50) ==", flush=True)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _quant_weights import random_weights
 from _timing import graph_us
 
 SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up_proj": (4096, 28672),
@@ -55,21 +56,15 @@ def _time_projection(x: torch.Tensor, w4, w8, wf: torch.Tensor) -> tuple[float, 
 
 
 def kernels() -> bool:
-    from aphrodite.kernels.fp8_quant import per_token_quant_fp8, quantize_weight_fp8, scaled_mm_fp8
-    from aphrodite.kernels.int4_matmul import FMT_FP8, QuantWeight, dequantize, quant_matmul, repack_int4, tuned_configs
+    from aphrodite.kernels.fp8_quant import per_token_quant_fp8, scaled_mm_fp8
+    from aphrodite.kernels.int4_matmul import dequantize, quant_matmul, tuned_configs
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     ok = True
     print("== kernel correctness (max |err| / max |ref|, bf16 activations) ==", flush=True)
     weights = {}
     for name, (k, n) in SHAPES.items():
-        codes = torch.randint(0, 16, (k, n), dtype=torch.uint8, device=dev, generator=gen)
-        scales = (torch.rand(k // 128, n, device=dev, generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
-        zeros = torch.randint(0, 16, (k // 128, n), device=dev, generator=gen).to(torch.bfloat16)
-        w4 = repack_int4(codes, scales, zeros, 128)
-        wf = torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02
-        q8, s8 = quantize_weight_fp8(wf)
-        w8 = QuantWeight(FMT_FP8, q8, s8.reshape(1, n).contiguous(), k, n, k)
+        w4, w8, wf = random_weights(k, n, gen)
         weights[name] = (w4, w8, wf)
         d4 = dequantize(w4, torch.float32)
         d8 = dequantize(w8, torch.float32)
@@ -82,7 +77,7 @@ def kernels() -> bool:
                 ref8 = x.float() @ d8
             else:
                 xq, xs = per_token_quant_fp8(x)
-                out8 = scaled_mm_fp8(xq, xs, q8, s8, torch.bfloat16)
+                out8 = scaled_mm_fp8(xq, xs, w8.weight, w8.scales, torch.bfloat16)
                 ref8 = (xq.float() * xs) @ d8
             e8 = ((out8.float() - ref8).abs().max() / ref8.abs().max()).item()
             good = e4 < 1e-2 and e8 < 2e-2

@@ -117,8 +117,9 @@ def test_profile_reports_every_rank(tp2: LLM) -> None:
     summaries = tp2.stop_profile()
     assert [s.rank for s in summaries] == [0, 1]
     for s in summaries:
-        assert s.wall_s > 0 and s.kernel_s > 0 and s.kernels > 100
-        assert "all_reduce" in s.table or "allreduce" in s.table.lower() or "aten::" in s.table
+        assert s.wall_s > 0 and 0 < s.kernel_s and s.kernels > 100 and "aten::" in s.table
+    # Both ranks run the same forward on their shards (and the same sampler): about the same op count.
+    assert 0.8 < summaries[0].kernels / summaries[1].kernels < 1.25
     with pytest.raises(RuntimeError, match="not running"):   # a failed call leaves the ranks serving
         tp2.collective_rpc("stop_profile")
     assert all(p.is_alive() for p in tp2.llm_engine.executor.procs)
