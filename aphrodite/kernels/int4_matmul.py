@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from aphrodite.kernels.triton_utils import HAS_TRITON, DeviceFunction, LazyKernel, cdiv, next_pow2, tl, use_triton
+from aphrodite.kernels.w4_wgmma import w4_wgmma_launch, wgmma_supported
 
 __all__ = ["FMT_FP8", "FMT_INT4", "INT4_ORDER", "QuantWeight", "dequantize", "quant_matmul", "quant_matmul_ref",
            "repack_int4", "unpack_int4_cols", "pack_int4_cols", "w4_supported"]
@@ -545,6 +546,7 @@ class Config:
     swap: bool = False         # compute out^T = W^T x^T (the dequantized weight as the MMA's A operand)
     w4: bool = False           # the batched W4A16 kernel (``_w4_gemm_kernel``) where ``w4_supported`` says so
     ahead: int = 0             # W4A16: codes loaded by Triton's pipeline (0) or 1 / 2 steps ahead in registers
+    wgmma: bool = False        # W4A16 through the Gluon kernel (``w4_wgmma``, Hopper): ``stages`` = its ring depth
 
 
 @functools.lru_cache(maxsize=8)
@@ -588,42 +590,64 @@ def _candidates(m: int) -> list[Config]:
 
 
 def _w4_candidates(m: int) -> list[Config]:
-    """Launch shapes of the batched W4A16 kernel for a rows bucket; the first is the untuned default.
+    """Launch shapes of the batched W4A16 kernels for a rows bucket: the Triton kernel's (the first is its
+    untuned default), then the Gluon wgmma kernel's (``_wgmma_candidates``, Hopper only).
 
-    From an H200 sweep (``benchmarks/gpu/bench_quant_gemm.py``, 2026-11-29): the kernel is latency-bound
-    rather than issue- or bandwidth-bound at 16..256 rows, so narrow tiles (BLOCK_N = 64, 4 warps) with
-    more programs per SM win everywhere but the widest projection, where 128-256 wide tiles that
-    dequantize each weight tile once win, and BLOCK_K = 128 (half the steps) helps where the per-step latency
-    dominates; at 1024 rows dequantize + cuBLAS wins. ``ahead=0`` (loads left
-    to Triton's pipeline) and ``ahead=1`` (codes one step ahead in registers, dequantized under the MMA)
-    are both offered; ``target`` adds split-K where output tiles alone leave SMs idle; ``swap``
-    (out^T = W^T x^T) lets 16..32 rows be the MMA's N."""
+    From an H200 sweep (``benchmarks/gpu/bench_quant_gemm.py``, 2026-11-29): the Triton kernel is
+    latency-bound rather than issue- or bandwidth-bound at 16..256 rows, so narrow tiles (BLOCK_N = 64,
+    4 warps) with more programs per SM win everywhere but the widest projection, where 128-256 wide tiles
+    that dequantize each weight tile once win, and BLOCK_K = 128 (half the steps) helps where the per-step
+    latency dominates; at 1024 rows dequantize + cuBLAS wins. ``ahead=0`` (loads left to Triton's pipeline)
+    and ``ahead=1`` (codes one step ahead in registers) are both offered; ``target`` adds split-K where
+    output tiles alone leave SMs idle; ``swap`` (out^T = W^T x^T) lets 16..32 rows be the MMA's N."""
     if m <= 16:
-        return [Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True),
-                Config(16, 64, 128, target=2, warps=8, stages=4, swap=True, w4=True),
-                Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True, ahead=1),
-                Config(16, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True)]
+        triton_cfgs = [Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True),
+                       Config(16, 64, 128, target=2, warps=8, stages=4, swap=True, w4=True),
+                       Config(16, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True, ahead=1),
+                       Config(16, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True)]
+    elif m <= 32:
+        triton_cfgs = [Config(32, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True),
+                       Config(32, 64, 128, target=2, warps=8, stages=4, swap=True, w4=True),
+                       Config(32, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True)]
+    elif m <= 64:
+        triton_cfgs = [Config(64, 64, 128, target=2, warps=8, stages=3, w4=True),
+                       Config(64, 64, 64, target=2, warps=4, stages=4, w4=True),
+                       Config(64, 128, 64, target=2, warps=4, stages=4, w4=True),
+                       Config(64, 128, 128, target=2, warps=8, stages=3, w4=True)]
+    elif m <= 128:
+        triton_cfgs = [Config(128, 64, 64, target=1, warps=4, stages=4, w4=True),
+                       Config(128, 64, 128, target=1, warps=8, stages=3, w4=True),
+                       Config(128, 128, 128, target=1, warps=8, stages=2, w4=True),
+                       Config(64, 64, 128, target=1, warps=8, stages=3, w4=True)]
+    elif m <= 256:
+        triton_cfgs = [Config(128, 64, 64, target=1, warps=4, stages=4, w4=True),
+                       Config(128, 64, 128, target=1, warps=8, stages=3, w4=True),
+                       Config(256, 128, 64, target=1, warps=8, stages=3, w4=True),
+                       Config(256, 128, 64, target=1, warps=8, stages=3, w4=True, ahead=1)]
+    else:
+        triton_cfgs = [Config(dequant=True), Config(256, 128, 64, splits=1, warps=8, stages=4, w4=True),
+                       Config(128, 128, 128, splits=1, warps=8, stages=2, w4=True)]
+    return triton_cfgs + _wgmma_candidates(m)
+
+
+def _wgmma_candidates(m: int) -> list[Config]:
+    """Shapes of the Gluon W4A16 kernel (``w4_wgmma``) per rows bucket. A warpgroup's MMA is 64 rows tall,
+    so BLOCK_M >= 64 (below 64 rows the tile is partly empty: those buckets are weight-read bound);
+    ``stages`` is the depth of the cp.async ring, ``target`` the programs per SM that split-K aims for."""
+    def c(bm, bn, bk, stages, warps, target=1, splits=0):
+        return Config(bm, bn, bk, splits=splits, target=target, warps=warps, stages=stages, w4=True, wgmma=True)
     if m <= 32:
-        return [Config(32, 64, 128, target=2, warps=4, stages=4, swap=True, w4=True),
-                Config(32, 64, 128, target=2, warps=8, stages=4, swap=True, w4=True),
-                Config(32, 64, 64, target=4, warps=4, stages=4, swap=True, w4=True)]
+        return [c(64, 128, 64, 4, 4, target=2), c(64, 64, 64, 6, 4, target=3), c(64, 64, 64, 4, 4, target=2)]
     if m <= 64:
-        return [Config(64, 64, 128, target=2, warps=8, stages=3, w4=True),
-                Config(64, 64, 64, target=2, warps=4, stages=4, w4=True),
-                Config(64, 128, 64, target=2, warps=4, stages=4, w4=True),
-                Config(64, 128, 128, target=2, warps=8, stages=3, w4=True)]
+        return [c(64, 128, 64, 4, 4, target=2), c(64, 64, 64, 6, 4, target=3), c(64, 128, 128, 3, 4, target=2),
+                c(64, 256, 64, 4, 8, target=1)]
     if m <= 128:
-        return [Config(128, 64, 64, target=1, warps=4, stages=4, w4=True),
-                Config(128, 64, 128, target=1, warps=8, stages=3, w4=True),
-                Config(128, 128, 128, target=1, warps=8, stages=2, w4=True),
-                Config(64, 64, 128, target=1, warps=8, stages=3, w4=True)]
+        return [c(128, 128, 64, 4, 8, target=1), c(128, 128, 64, 3, 8, target=2), c(64, 128, 64, 4, 4, target=2),
+                c(128, 64, 64, 4, 4, target=2)]
     if m <= 256:
-        return [Config(128, 64, 64, target=1, warps=4, stages=4, w4=True),
-                Config(128, 64, 128, target=1, warps=8, stages=3, w4=True),
-                Config(256, 128, 64, target=1, warps=8, stages=3, w4=True),
-                Config(256, 128, 64, target=1, warps=8, stages=3, w4=True, ahead=1)]
-    return [Config(dequant=True), Config(256, 128, 64, splits=1, warps=8, stages=4, w4=True),
-            Config(128, 128, 128, splits=1, warps=8, stages=2, w4=True)]
+        return [c(128, 128, 64, 4, 8, target=1), c(128, 256, 64, 3, 8, target=1), c(256, 128, 64, 3, 8, target=1),
+                c(128, 128, 64, 3, 8, target=1)]
+    return [c(128, 256, 64, 3, 8, splits=1), c(256, 128, 64, 3, 8, splits=1), c(128, 128, 64, 4, 8, splits=1)]
 
 
 def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> bool:
@@ -634,6 +658,8 @@ def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> 
     if w.fmt != FMT_INT4 or w.g_idx is not None or x.dtype not in (torch.bfloat16, torch.float16):
         return False
     block_n = cfg.block_n if cfg is not None else 64
+    if cfg is not None and cfg.wgmma and (cfg.block_m < 64 or w.k % cfg.block_k or w.group % cfg.block_k):
+        return False
     return (w.k % w.group == 0 and w.group % 16 == 0 and w.n % block_n == 0 and w.weight.stride(1) == 1
             and w.scales.dtype == x.dtype and w.scales.stride(1) == 1
             and (w.zeros is None or (w.zeros.stride() == w.scales.stride() and w.zeros.dtype == x.dtype)))
@@ -644,7 +670,8 @@ def _candidates_for(m: int, x: torch.Tensor, w: QuantWeight) -> list[Config]:
     W4A16 kernel's where it applies (``APHRODITE_W4A16=0``: not offered)."""
     cands = _candidates(m)
     if m > 1 and _w4_enabled():
-        cands = cands + [c for c in _w4_candidates(m) if not c.dequant and w4_supported(x, w, c)]
+        cands = cands + [c for c in _w4_candidates(m) if not c.dequant and w4_supported(x, w, c)
+                         and (not c.wgmma or wgmma_supported(x.device))]
         if not any(c.dequant for c in cands) and m > 256:
             cands.append(Config(dequant=True))
     return cands
@@ -746,7 +773,7 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
         else:
             torch.addmm(bias, xs, wd, out=out)
         return
-    if cfg.w4 and w4_supported(x, w, cfg):
+    if cfg.w4 and w4_supported(x, w, cfg) and (not cfg.wgmma or wgmma_supported(dev)):
         _launch_w4(x, w, bias, out, cfg)
         return
     block_k = _check_group(w, cfg.block_k)
@@ -804,6 +831,12 @@ def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: 
     else:
         part = cnt = out
     magic, base = _W4_MAGIC[x.dtype]
+    if cfg.wgmma:
+        w4_wgmma_launch(x, w.weight, w.scales, w.zeros, bias, out, part if splits > 1 else None,
+                        cnt if splits > 1 else None, k=k, n=n, group=w.group, magic=magic, base=base,
+                        block_m=block_m, block_n=cfg.block_n, block_k=block_k, stages=cfg.stages, warps=cfg.warps,
+                        splits=splits, tiles_per_split=tiles_per_split)
+        return
     dummy = w.scales
     _w4_gemm(dev)[grid](
         x, w.weight, w.scales, w.zeros if w.zeros is not None else dummy, bias if bias is not None else dummy,

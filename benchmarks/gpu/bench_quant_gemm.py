@@ -130,7 +130,7 @@ def _name(c) -> str:
     if c.dequant:
         return "dequant+mm"
     return (f"m{c.block_m}n{c.block_n}k{c.block_k}w{c.warps}s{c.stages}" + ("S" if c.swap else "")
-            + (f"A{c.ahead}" if c.ahead else "")
+            + ("G" if c.wgmma else "") + (f"A{c.ahead}" if c.ahead else "")
             + (f"/t{c.target}" if not c.splits else f"/k{c.splits}"))
 
 
@@ -213,6 +213,8 @@ def check_only(budget: float) -> None:
                 int4_case("qkv_proj", m, c)
     for m in (16, 256):
         int4_case("down_proj", m, im._w4_candidates(m)[0])
+    for name, m in (("down_proj", 64), ("o_proj", 200), ("o_proj", 1000)):     # the Gluon wgmma kernel
+        int4_case(name, m, im._wgmma_candidates(im._rows_bucket(m))[0])
     int4_case("qkv_proj", 128, im._candidates(128)[1])
 
     fails = 0

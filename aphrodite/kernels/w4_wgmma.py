@@ -1,0 +1,251 @@
+"""Batched W4A16 GEMM for Hopper written in Gluon (Triton's explicit-layout dialect): ``out = x @ dequant(W)``.
+
+Why a second W4A16 kernel: the Triton kernel (``int4_matmul._w4_gemm_kernel``) leaves the pipeline to Triton,
+which on sm_90 serializes every tensor-core MMA with the dequantization (the dequantized tile is a fresh
+shared-memory buffer, so the compiler waits for each wgmma before the next step; with the tile as a
+register operand ptxas reuses the operand registers and waits too). At 64+ rows that halves its speed
+next to cuBLAS. Here the software pipeline is explicit:
+
+* ``x``, the packed codes, scales and zeros of each K step arrive by ``cp.async`` in a ring of
+  ``STAGES`` shared-memory slots (one commit group a step), issued ``STAGES - 1`` steps ahead;
+* step k's codes are dequantized in registers (the exponent-bits trick of ``_w4_dequant``) and stored
+  into one of two bf16 ``[BLOCK_K, BLOCK_N]`` shared tiles, then ``wgmma`` runs asynchronously on
+  ``x``'s slot and that tile while step k + 1 is dequantized: one MMA is left in flight
+  (``warpgroup_mma_wait(1)``), so the ALU work of a step hides under the previous step's MMA.
+
+Same canonical int4 layout and the same arguments as the Triton kernel (no repacking, no extra memory);
+fp16/bf16 activations, groups that are runs of ``GROUP`` stored rows, ``N % BLOCK_N == 0``,
+``K % BLOCK_K == 0``. Split-K (fp32 partials + an arrival counter, the last program sums) as there.
+
+Gluon has no CPU interpreter, so this kernel runs on Hopper GPUs only; its correctness is checked at
+real sizes by ``benchmarks/gpu/bench_quant_gemm.py --check-only`` against dequantize + matmul, and on the
+CPU the same arithmetic (the dequantization) is covered through the Triton kernel's interpreter tests.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    HAS_GLUON = True
+except ImportError:  # pragma: no cover - Triton without Gluon (or no Triton)
+    HAS_GLUON = False
+
+__all__ = ["HAS_GLUON", "wgmma_supported", "w4_wgmma_launch"]
+
+
+def wgmma_supported(device: torch.device) -> bool:
+    """Gluon present and an sm_90 device (wgmma is Hopper-only; Blackwell has tcgen05 instead)."""
+    return HAS_GLUON and device.type == "cuda" and _capability(device.index or 0) == (9, 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+if HAS_GLUON:
+
+    @gluon.constexpr_function
+    def _warps_per_cta(block_m, num_warps):
+        """Warpgroups stacked along M (64 rows each) first, then side by side along N."""
+        wm = 4
+        while wm * 2 <= num_warps and block_m > 16 * wm:
+            wm *= 2
+        return [wm, num_warps // wm]
+
+    @gluon.constexpr_function
+    def _instr_n(block_m, block_n, num_warps):
+        wm = 4
+        while wm * 2 <= num_warps and block_m > 16 * wm:
+            wm *= 2
+        per_warp_n = block_n // (num_warps // wm)
+        n = 256
+        while n > per_warp_n or per_warp_n % n:
+            n -= 8
+        return n
+
+    @gluon.constexpr_function
+    def _threads(cols, vec):
+        """Threads of a warp along a row of ``cols`` elements read ``vec`` at a time (a power of two <= 32)."""
+        t = max(1, cols // vec)
+        return min(t, 32)
+
+    @gluon.jit
+    def _dequant_tile(p, s, z, magic, W_LAYOUT: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
+                      BASE: gl.constexpr, HAS_ZP: gl.constexpr):
+        """Packed int32 ``[BLOCK_K, BLOCK_N // 8]`` -> ``[BLOCK_K, BLOCK_N]`` in the scales' dtype, as
+        ``int4_matmul._w4_dequant``: OR-ing exponent bits over nibble pairs makes ``BASE + q`` in each half
+        of a 32-bit register, then ``(v - (BASE + z)) * s`` in packed half arithmetic (exact subtraction,
+        one rounding, like the reference)."""
+        t0 = (p & 0x000F000F) | magic
+        t1 = ((p >> 4) & 0x000F000F) | magic
+        t2 = ((p >> 8) & 0x000F000F) | magic
+        t3 = ((p >> 12) & 0x000F000F) | magic
+        v = gl.join(gl.join(gl.join(t0.to(gl.int16), t2.to(gl.int16)), gl.join(t1.to(gl.int16), t3.to(gl.int16))),
+                    gl.join(gl.join((t0 >> 16).to(gl.int16), (t2 >> 16).to(gl.int16)),
+                            gl.join((t1 >> 16).to(gl.int16), (t3 >> 16).to(gl.int16))))
+        v = gl.reshape(v, [BLOCK_K, BLOCK_N])
+        v = gl.convert_layout(v, W_LAYOUT, assert_trivial=True)
+        if HAS_ZP:
+            zb = (z.to(gl.float32) + BASE).to(s.dtype)
+        else:
+            zb = gl.full([BLOCK_N], BASE + 8.0, s.dtype, s.type.layout)
+        return (v.to(s.dtype, bitcast=True) - gl.expand_dims(zb, 0)) * gl.expand_dims(s, 0)
+
+    @gluon.jit
+    def _issue_loads(x_ptrs, w_ptrs, s_ptrs, z_ptrs, x_buf, p_buf, s_buf, z_buf, slot, kt, n_tiles, k_lo,
+                     stride_wk, stride_sg, BLOCK_K: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr):
+        """One K step's ``x``, codes, scales and zeros into ring slot ``slot`` (one commit group; past the
+        split's last step the copies are masked off so every step commits a group)."""
+        ok = kt < n_tiles
+        k0 = kt * BLOCK_K
+        cp.async_copy_global_to_shared(x_buf.index(slot), x_ptrs + k0, mask=ok)
+        cp.async_copy_global_to_shared(p_buf.index(slot), w_ptrs + k0 * stride_wk, mask=ok)
+        g = ((k_lo + k0) // GROUP) * stride_sg
+        cp.async_copy_global_to_shared(s_buf.index(slot), s_ptrs + g, mask=ok)
+        if HAS_ZP:
+            cp.async_copy_global_to_shared(z_buf.index(slot), z_ptrs + g, mask=ok)
+        cp.commit_group()
+
+    @gluon.jit
+    def _w4_wgmma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                         M, N, K, tiles_per_split, num_splits, magic,
+                         stride_xm, stride_wk, stride_sg, stride_om,
+                         BASE: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr, HAS_BIAS: gl.constexpr,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                         STAGES: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+        BW: gl.constexpr = BLOCK_N // 8
+        dtype: gl.constexpr = s_ptr.dtype.element_ty
+        # Register layouts: async-copy sources (16-byte vectors), the packed codes as dequantized (one word a
+        # thread per row, so the dequantized tile holds 8 consecutive outputs a thread: 16-byte shared
+        # stores) and the wgmma accumulator.
+        TXK: gl.constexpr = _threads(BLOCK_K, 8)
+        X_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TXK, TXK], [num_warps, 1], [1, 0])
+        TPC: gl.constexpr = _threads(BW, 4)
+        PC_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPC, TPC], [num_warps, 1], [1, 0])
+        TPW: gl.constexpr = _threads(BW, 1)
+        P_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 1], [32 // TPW, TPW], [num_warps, 1], [1, 0])
+        W_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW, TPW], [num_warps, 1], [1, 0])
+        S_LAYOUT: gl.constexpr = gl.SliceLayout(0, W_LAYOUT)
+        SC_LAYOUT: gl.constexpr = gl.BlockedLayout([8], [32], [num_warps], [0])
+        MMA_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=_warps_per_cta(BLOCK_M, num_warps),
+            instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 16])
+        X_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
+        B_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
+        P_SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        V_SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+
+        pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        num_m = gl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_m
+        pid_n = pid // num_m
+        k_lo = pid_k * tiles_per_split * BLOCK_K
+        n_tiles = gl.minimum(tiles_per_split, K // BLOCK_K - pid_k * tiles_per_split)
+
+        # Source pointers of step 0 of this split (later steps add kt * BLOCK_K rows / columns). Rows past M
+        # read row m % M: no masks, and the stores drop them.
+        xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_LAYOUT))
+        xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, X_LAYOUT))
+        x_ptrs = x_ptr + gl.expand_dims((xm % M).to(gl.int64) * stride_xm, 1) + gl.expand_dims(k_lo + xk, 0)
+        pk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, PC_LAYOUT))
+        pw = pid_n * BW + gl.arange(0, BW, layout=gl.SliceLayout(0, PC_LAYOUT))
+        w_ptrs = w_ptr + gl.expand_dims((k_lo + pk).to(gl.int64) * stride_wk, 1) + gl.expand_dims(pw, 0)
+        sn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=SC_LAYOUT)
+        s_ptrs = s_ptr + sn
+        z_ptrs = z_ptr + sn
+
+        x_buf = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], X_SMEM)
+        p_buf = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_K, BW], P_SMEM)
+        s_buf = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N], V_SMEM)
+        if HAS_ZP:
+            z_buf = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N], V_SMEM)
+        else:
+            z_buf = s_buf
+        b_buf = gl.allocate_shared_memory(dtype, [2, BLOCK_K, BLOCK_N], B_SMEM)
+
+        for i in gl.static_range(STAGES - 1):
+            _issue_loads(x_ptrs, w_ptrs, s_ptrs, z_ptrs, x_buf, p_buf, s_buf, z_buf, i, i, n_tiles, k_lo,
+                         stride_wk, stride_sg, BLOCK_K, GROUP, HAS_ZP)
+
+        acc = gl.zeros([BLOCK_M, BLOCK_N], dtype=gl.float32, layout=MMA_LAYOUT)
+        slot = 0
+        for kt in range(0, n_tiles):
+            cp.wait_group(STAGES - 2)           # step kt's group has landed (this thread's copies)
+            gl.thread_barrier()                 # ... and every thread's
+            p = p_buf.index(slot).load(P_LAYOUT)
+            s = s_buf.index(slot).load(S_LAYOUT)
+            if HAS_ZP:
+                z = z_buf.index(slot).load(S_LAYOUT)
+            else:
+                z = s
+            w = _dequant_tile(p, s, z, magic, W_LAYOUT, BLOCK_K, BLOCK_N, BASE, HAS_ZP)
+            b = b_buf.index(kt % 2)             # read by the MMA of step kt - 2, finished (at most one in flight)
+            b.store(w)
+            fence_async_shared()                # generic-proxy writes (the tile, the cp.async data) -> wgmma
+            gl.thread_barrier()
+            acc = warpgroup_mma(x_buf.index(slot), b, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            # Every warpgroup's MMA of step kt - 1 is done (the barrier), so its ring slot (slot - 1) takes
+            # step kt + STAGES - 1 and its dequantized tile is free for step kt + 1.
+            gl.thread_barrier()
+            nxt = slot + STAGES - 1
+            nxt = gl.where(nxt >= STAGES, nxt - STAGES, nxt)
+            _issue_loads(x_ptrs, w_ptrs, s_ptrs, z_ptrs, x_buf, p_buf, s_buf, z_buf, nxt, kt + STAGES - 1,
+                         n_tiles, k_lo, stride_wk, stride_sg, BLOCK_K, GROUP, HAS_ZP)
+            slot = gl.where(slot + 1 >= STAGES, 0, slot + 1)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        cp.wait_group(0)
+
+        om = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA_LAYOUT))
+        on = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA_LAYOUT))
+        o_mask = gl.expand_dims(om < M, 1)
+        o_off = gl.expand_dims(om.to(gl.int64) * stride_om, 1) + gl.expand_dims(on, 0)
+        if SPLIT:
+            p_off = gl.expand_dims((pid_k * M + om).to(gl.int64) * N, 1) + gl.expand_dims(on, 0)
+            gl.store(part_ptr + p_off, acc, mask=o_mask)
+            gl.thread_barrier()
+            cnt = cnt_ptr + pid
+            done = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:
+                gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+                total = gl.zeros([BLOCK_M, BLOCK_N], dtype=gl.float32, layout=MMA_LAYOUT)
+                for sp in range(0, num_splits):
+                    p_off = gl.expand_dims((sp * M + om).to(gl.int64) * N, 1) + gl.expand_dims(on, 0)
+                    total += gl.load(part_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += gl.expand_dims(gl.load(bias_ptr + on).to(gl.float32), 0)
+                gl.store(out_ptr + o_off, total.to(dtype), mask=o_mask)
+        else:
+            if HAS_BIAS:
+                acc += gl.expand_dims(gl.load(bias_ptr + on).to(gl.float32), 0)
+            gl.store(out_ptr + o_off, acc.to(dtype), mask=o_mask)
+
+
+def w4_wgmma_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    bias: torch.Tensor | None, out: torch.Tensor, part: torch.Tensor | None,
+                    cnt: torch.Tensor | None, *, k: int, n: int, group: int, magic: int, base: float,
+                    block_m: int, block_n: int, block_k: int, stages: int, warps: int, splits: int,
+                    tiles_per_split: int) -> None:
+    """Launch ``_w4_wgmma_kernel`` (the caller picked the tile, split-K and buffers; see
+    ``int4_matmul._launch_w4``)."""
+    m = x.shape[0]
+    grid = ((n // block_n) * ((m + block_m - 1) // block_m), splits)
+    dummy = scales
+    _w4_wgmma_kernel[grid](
+        x, weight, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy, out,
+        part if part is not None else out, cnt if cnt is not None else out,
+        m, n, k, tiles_per_split, splits, magic, x.stride(0), weight.stride(0), scales.stride(0), out.stride(0),
+        BASE=base, GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=splits > 1, num_warps=warps)

@@ -1,0 +1,95 @@
+"""The Gluon W4A16 kernel (``aphrodite/kernels/w4_wgmma.py``) has no CPU interpreter, so on the CPU it is
+compiled ahead of time for sm_90 (Triton's bundled ptxas) and its machine code is checked for what the kernel
+exists for: the tensor-core MMAs stay asynchronous with one group left in flight across the loop (ptxas
+serializes them when it cannot prove the accumulators untouched, which silently halves the speed), no
+register spills, and shared memory within an H100/H200's 227 KB. Its numbers are checked on the GPU
+(``benchmarks/gpu/bench_w4_wgmma.py``, ``bench_quant_gemm.py --check-only``) against dequantize + matmul."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+
+from aphrodite.kernels import int4_matmul as im
+from aphrodite.kernels.w4_wgmma import HAS_GLUON
+
+pytestmark = pytest.mark.skipif(not HAS_GLUON, reason="Triton without Gluon")
+
+
+def _tool(name: str) -> str | None:
+    import triton.backends.nvidia as nv
+    path = os.path.join(os.path.dirname(nv.__file__), "bin", name)
+    return path if os.path.exists(path) else None
+
+
+def _compile(cfg: im.Config, split: bool, zp: bool = True, dtype: str = "bf16"):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from aphrodite.kernels.w4_wgmma import _w4_wgmma_kernel
+    ptrs = {"x_ptr": f"*{dtype}", "w_ptr": "*i32", "s_ptr": f"*{dtype}", "z_ptr": f"*{dtype}",
+            "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
+    ints = ["M", "N", "K", "tiles_per_split", "num_splits", "magic", "stride_xm", "stride_wk", "stride_sg",
+            "stride_om"]
+    const = dict(BASE=128.0 if dtype == "bf16" else 1024.0, GROUP=128, HAS_ZP=zp, HAS_BIAS=False,
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.stages, SPLIT=split,
+                 num_warps=cfg.warps)
+    sig = {**ptrs, **dict.fromkeys(ints, "i32"), **dict.fromkeys(const, "constexpr")}
+    aligned = set(ptrs) | {"N", "K", "stride_xm", "stride_wk", "stride_sg", "stride_om"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in aligned}
+    return triton.compile(GluonASTSource(_w4_wgmma_kernel, sig, const, attrs),
+                          target=GPUTarget("cuda", 90, 128), options=dict(num_warps=cfg.warps))
+
+
+def _shapes() -> list[tuple[im.Config, bool]]:
+    """The engine-facing shapes: the first of each rows bucket (split-K where it may split) and the largest."""
+    picks = []
+    for rows in (64, 256, 1024):
+        cfg = im._wgmma_candidates(rows)[0]
+        picks.append((cfg, cfg.splits != 1 and rows <= 64))
+    return picks
+
+
+@pytest.mark.skipif(_tool("cuobjdump") is None, reason="no bundled cuobjdump")
+@pytest.mark.parametrize("cfg,split", _shapes(), ids=lambda v: str(v) if isinstance(v, bool) else
+                         f"m{v.block_m}n{v.block_n}k{v.block_k}s{v.stages}w{v.warps}")
+def test_int4_wgmma_kernel_keeps_mma_in_flight(cfg: im.Config, split: bool):
+    kernel = _compile(cfg, split)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    assert "HGMMA" in sass
+    # One wait that leaves a group in flight (the loop's) and one full wait (after it); a serialized
+    # pipeline shows a full wait after every MMA instead.
+    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x1") == 1
+    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0") == 1
+    assert re.search(r"LOCAL:0\b", usage), usage
+    assert kernel.metadata.shared <= 227 * 1024
+
+
+def test_int4_wgmma_compiles_fp16_symmetric():
+    """fp16 activations and symmetric weights (no zero points) take the other constexpr branches."""
+    kernel = _compile(im._wgmma_candidates(64)[0], split=True, zp=False, dtype="fp16")
+    assert "wgmma.mma_async" in kernel.asm["ptx"]
+
+
+def test_int4_wgmma_shapes_are_offered_only_where_they_apply():
+    """w4_supported refuses wgmma shapes below 64 rows a tile or with K / the group not a multiple of BLOCK_K,
+    and the tuner offers them only on sm_90 (here: none, the tensors are on the CPU)."""
+    import torch
+    x = torch.zeros(64, 256, dtype=torch.bfloat16)
+    w = im.repack_int4(torch.zeros(256, 128, dtype=torch.uint8), torch.ones(2, 128, dtype=torch.bfloat16),
+                       None, 128)
+    ok = im.Config(64, 64, 64, w4=True, wgmma=True)
+    assert im.w4_supported(x, w, ok)
+    assert not im.w4_supported(x, w, im.Config(32, 64, 64, w4=True, wgmma=True))
+    assert not im.w4_supported(x, w, im.Config(64, 64, 256, w4=True, wgmma=True))
+    assert not any(c.wgmma for c in im._candidates_for(64, x, w))
