@@ -31,8 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
+from aphrodite.kernels.gemv_gluon import gemv_w4_launch, gemv_w4_supported
 from aphrodite.kernels.int4_matmul import FMT_FP8, FMT_INT4, QuantWeight, _counters, _num_sms, _time, _tuning_enabled
 from aphrodite.kernels.triton_utils import LazyKernel, cdiv, tl
+from aphrodite.kernels.w4_wgmma import wgmma_supported
 
 __all__ = ["GemvConfig", "MAX_ROWS", "gemv_enabled", "quant_gemv", "supports", "tuned_gemv_configs"]
 
@@ -375,6 +377,8 @@ class GemvConfig:
     target: int = 4
     warps: int = 4
     defer: bool | None = None   # int4: scales once per group (None: for 1 row; more rows need the registers)
+    gluon: bool = False         # int4 on sm_90: the cp.async-ring kernel (``gemv_gluon``); block_k = rows a step
+    stages: int = 4             # gluon: ring depth
 
 
 def _defaults(w: QuantWeight, rows: int) -> tuple[int, int]:
@@ -397,6 +401,13 @@ def supports(x: torch.Tensor, w: QuantWeight) -> bool:
         blocks = w.scales.dim() == 2 and w.group % 16 == 0 and w.scale_bn % 8 == 0 and w.scales.stride(1) == 1
         return (per_channel or blocks) and w.weight.stride(1) == 1
     return False
+
+
+def gluon_gemv_ok(x: torch.Tensor, w: QuantWeight, cfg: GemvConfig) -> bool:
+    """Whether ``cfg``'s Gluon kernel runs here: an sm_90 GPU, int4 as ``supports`` takes it, whole column
+    blocks and steps inside a group."""
+    return (cfg.gluon and w.fmt == FMT_INT4 and wgmma_supported(x.device) and cfg.block_k > 0
+            and gemv_w4_supported(w.n, w.k, w.group, cfg.block_k, cfg.warps))
 
 
 def _per_channel(w: QuantWeight) -> bool:
@@ -445,9 +456,17 @@ def _candidates(w: QuantWeight) -> list[GemvConfig]:
         # per SM where split-K (by whole groups) runs out; 4 warps: ~168 registers, 3 programs an SM.
         return [GemvConfig(target=3), GemvConfig(block_k=8, warps=2, target=6),
                 GemvConfig(block_k=4, warps=1, target=12), GemvConfig(block_k=4, warps=1, target=24),
-                GemvConfig(target=2), GemvConfig(block=64, block_k=8, target=4)]
+                GemvConfig(target=2), GemvConfig(block=64, block_k=8, target=4)] + gluon_gemv_candidates()
     return [GemvConfig(), GemvConfig(target=2), GemvConfig(target=8), GemvConfig(block=32, block_k=256),
             GemvConfig(block=8, target=8)]
+
+
+def gluon_gemv_candidates() -> list[GemvConfig]:
+    """Shapes of the Gluon int4 GEMV (sm_90): warps (32 packed columns each), rows a step, ring depth, programs
+    per SM (split-K, at most 16 splits)."""
+    def g(ks: int, warps: int, target: int, stages: int = 4) -> GemvConfig:
+        return GemvConfig(block_k=ks, warps=warps, target=target, stages=stages, gluon=True)
+    return [g(32, 1, 4), g(64, 1, 4), g(32, 2, 3), g(32, 4, 2), g(32, 1, 8, stages=6), g(64, 2, 2, stages=3)]
 
 
 def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> GemvConfig:
@@ -464,6 +483,8 @@ def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> G
     scratch = torch.empty((x.shape[0], w.n), dtype=x.dtype, device=x.device)
     best, best_ms = default, float("inf")
     for cand in _candidates(w):
+        if cand.gluon and not gluon_gemv_ok(x, w, cand):
+            continue
         try:
             ms = _time(lambda c=cand: _launch(xs, w, bias, scratch, c))
         except Exception:   # a shape the compiler rejects is skipped
@@ -486,6 +507,11 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
     block, block_k = _defaults(w, m)
     block, block_k = cfg.block or block, cfg.block_k or block_k
     dummy = w.scales
+    if w.fmt == FMT_INT4 and cfg.gluon and gluon_gemv_ok(x, w, cfg):
+        gemv_w4_launch(x, w.weight, w.scales, w.zeros, bias, out, n=n, group=w.group, ks=cfg.block_k,
+                       stages=cfg.stages, warps=cfg.warps, target=cfg.target, num_sms=_num_sms(dev),
+                       counters=_counters)
+        return
     if w.fmt == FMT_INT4:
         block_k = min(block_k, w.group)
         if w.group % block_k:

@@ -93,3 +93,39 @@ def test_int4_wgmma_shapes_are_offered_only_where_they_apply():
     assert not im.w4_supported(x, w, im.Config(32, 64, 64, w4=True, wgmma=True))
     assert not im.w4_supported(x, w, im.Config(64, 64, 256, w4=True, wgmma=True))
     assert not any(c.wgmma for c in im._candidates_for(64, x, w))
+
+
+def _compile_gemv(cfg, rows: int, split: bool):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from aphrodite.kernels.gemv_gluon import _gemv_w4_kernel
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "bias_ptr": "*bf16",
+            "out_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
+    ints = ["M", "N", "steps_per_split", "total_steps", "num_splits", "one", "stride_xm", "stride_wk", "stride_sg",
+            "stride_om"]
+    const = dict(ROWS=rows, GROUP=128, HAS_ZP=True, HAS_BIAS=True, KS=cfg.block_k, STAGES=cfg.stages, SPLIT=split,
+                 num_warps=cfg.warps)
+    sig = {**ptrs, **dict.fromkeys(ints, "i32"), **dict.fromkeys(const, "constexpr")}
+    aligned = set(ptrs) | {"N", "stride_xm", "stride_wk", "stride_sg", "stride_om"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in aligned}
+    return triton.compile(GluonASTSource(_gemv_w4_kernel, sig, const, attrs),
+                          target=GPUTarget("cuda", 90, 128), options=dict(num_warps=cfg.warps))
+
+
+@pytest.mark.skipif(_tool("cuobjdump") is None, reason="no bundled cuobjdump")
+@pytest.mark.parametrize("rows,split", [(1, True), (4, False)])
+def test_int4_gluon_gemv_compiles_without_spills(rows: int, split: bool):
+    """The Gluon GEMV's first shape at 1 and 4 rows: cp.async copies (16-byte) in the loop, no local memory."""
+    from aphrodite.kernels.quant_gemv import gluon_gemv_candidates
+    kernel = _compile_gemv(gluon_gemv_candidates()[0], rows, split)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    assert "LDGSTS.E.BYPASS.128" in sass
+    assert re.search(r"LOCAL:0\b", usage), usage

@@ -1,0 +1,217 @@
+"""int4 decode GEMV (1..4 rows) in Gluon: the packed weight streams through a ``cp.async`` ring.
+
+Why: the Triton GEMV (``quant_gemv._gemv_int4_kernel``) issues one group's loads, waits, computes, then the
+next group's loads, so at batch 1 an H200 sees ~1.1-1.6 TB/s of its ~4.8. Here each program owns
+``BLOCK_W = 32 * num_warps`` packed columns (8 outputs a thread, all ``KS`` rows of a step in-thread: no
+cross-thread sums) and a split of K, and ``cp.async`` copies ``STAGES - 1`` steps of ``KS`` rows ahead into
+shared memory (16-byte copies; one barrier a step publishes them and ``x``'s slice).
+
+Arithmetic as the Triton GEMV: a nibble moved to mantissa bits 16..19 of 1.0 is ``f = 1 + q / 128`` with a
+shift and one mask-or; per step ``G_j = sum_k x_k f_j`` (one FMA per weight and row) and ``X = sum_k x_k``,
+then ``acc += a G + b X`` with ``a = 128 s`` and ``b = -s (128 + z)``, which is ``sum_k x_k s (q - z)``.
+Split-K as everywhere here: fp32 partials and an arrival counter, the last program adds them in split order.
+
+Gluon has no CPU interpreter: on the CPU this kernel is compiled for sm_90 by the tests; its results are checked
+on the GPU (``benchmarks/gpu/bench_quant_gemv.py``) against dequantize + matmul.
+"""
+from __future__ import annotations
+
+import torch
+
+from aphrodite.kernels.w4_wgmma import HAS_GLUON
+
+if HAS_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+
+__all__ = ["gemv_w4_launch", "gemv_w4_supported"]
+
+
+if HAS_GLUON:
+
+    @gluon.jit
+    def _plane(p, x2, j: gl.constexpr, one):
+        """sum_k x_k f_j[k, w] for nibble j of every word: f = 1 + q/128 (nibble at bits 16..19 of 1.0)."""
+        if j < 4:
+            t = p << (16 - 4 * j)
+        elif j == 4:
+            t = p
+        else:
+            t = p >> (4 * j - 16)
+        f = ((t & 0xF0000) | one).to(gl.float32, bitcast=True)
+        return gl.sum(f * x2, axis=0)
+
+    @gluon.jit
+    def _cols(g0, g1, g2, g3, g4, g5, g6, g7):
+        """Eight ``[BW]`` planes -> ``[BW, 8]`` in output order (plane j holds column INT4_ORDER[j])."""
+        q0 = gl.join(g0, g4)        # columns 0, 1
+        q1 = gl.join(g1, g5)        # 2, 3
+        q2 = gl.join(g2, g6)        # 4, 5
+        q3 = gl.join(g3, g7)        # 6, 7
+        r0 = gl.permute(gl.join(q0, q1), (0, 2, 1))          # [BW, h, e] -> column 2h + e
+        r1 = gl.permute(gl.join(q2, q3), (0, 2, 1))
+        full = gl.permute(gl.join(r0, r1), (0, 3, 1, 2))      # [BW, t, h, e] -> 4t + 2h + e
+        return gl.reshape(full, [full.shape[0], 8])
+
+    @gluon.jit
+    def _row_step(p, x_row, s, zb, one, O_LAYOUT: gl.constexpr):
+        """One step's contribution for one row of x: ``a G + b X`` as a ``[BW, 8]`` tile."""
+        x2 = gl.expand_dims(x_row.to(gl.float32), 1)
+        g = _cols(_plane(p, x2, 0, one), _plane(p, x2, 1, one), _plane(p, x2, 2, one), _plane(p, x2, 3, one),
+                  _plane(p, x2, 4, one), _plane(p, x2, 5, one), _plane(p, x2, 6, one), _plane(p, x2, 7, one))
+        g = gl.convert_layout(g, O_LAYOUT)
+        xs = gl.sum(x_row.to(gl.float32), axis=0)
+        return (s * 128.0) * g - (s * zb) * xs
+
+    @gluon.jit
+    def _issue(w_ptrs, x_ptrs, s_ptrs, z_ptrs, p_buf, x_buf, s_buf, z_buf, slot, st, n_steps, k_lo, stride_wk,
+               stride_xm, stride_sg, ROWS: gl.constexpr, KS: gl.constexpr, GROUP: gl.constexpr,
+               HAS_ZP: gl.constexpr):
+        ok = st < n_steps
+        k0 = k_lo + st * KS
+        cp.async_copy_global_to_shared(p_buf.index(slot), w_ptrs + k0 * stride_wk, mask=ok)
+        for r in gl.static_range(ROWS):
+            cp.async_copy_global_to_shared(x_buf.index(slot * ROWS + r), x_ptrs + r * stride_xm + k0, mask=ok)
+        g = (k0 // GROUP) * stride_sg
+        cp.async_copy_global_to_shared(s_buf.index(slot), s_ptrs + g, mask=ok)
+        if HAS_ZP:
+            cp.async_copy_global_to_shared(z_buf.index(slot), z_ptrs + g, mask=ok)
+        cp.commit_group()
+
+    @gluon.jit
+    def _gemv_w4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                        M, N, steps_per_split, total_steps, num_splits, one,
+                        stride_xm, stride_wk, stride_sg, stride_om,
+                        ROWS: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr, HAS_BIAS: gl.constexpr,
+                        KS: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+        BW: gl.constexpr = 32 * num_warps
+        dtype: gl.constexpr = s_ptr.dtype.element_ty
+        # A thread owns one packed column (8 outputs) and every row of a step: the K sums stay in-thread.
+        P_LAYOUT: gl.constexpr = gl.BlockedLayout([KS, 1], [1, 32], [1, num_warps], [0, 1])
+        # ... but the copies move 16-byte rows of 4 words (the barrier that publishes x publishes them too).
+        TW: gl.constexpr = 8 * num_warps if num_warps < 4 else 32
+        PC_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TW, TW], [num_warps, 1], [1, 0])
+        O_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
+        XC_LAYOUT: gl.constexpr = gl.BlockedLayout([8], [32], [num_warps], [0])
+        FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        FLAT1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+
+        pid_w = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        st_lo = pid_k * steps_per_split
+        n_steps = gl.minimum(steps_per_split, total_steps - st_lo)
+        k_lo = st_lo * KS
+
+        pk = gl.arange(0, KS, layout=gl.SliceLayout(1, PC_LAYOUT))
+        pw = pid_w * BW + gl.arange(0, BW, layout=gl.SliceLayout(0, PC_LAYOUT))
+        w_ptrs = w_ptr + gl.expand_dims(pk.to(gl.int64) * stride_wk, 1) + gl.expand_dims(pw, 0)
+        x_ptrs = x_ptr + gl.arange(0, KS, layout=XC_LAYOUT)
+        ow = pid_w * BW + gl.arange(0, BW, layout=gl.SliceLayout(1, O_LAYOUT))
+        oc = gl.arange(0, 8, layout=gl.SliceLayout(0, O_LAYOUT))
+        cols = gl.expand_dims(ow * 8, 1) + gl.expand_dims(oc, 0)             # [BW, 8] output features
+        s_ptrs = s_ptr + cols
+        z_ptrs = z_ptr + cols
+
+        p_buf = gl.allocate_shared_memory(gl.int32, [STAGES, KS, BW], FLAT)
+        x_buf = gl.allocate_shared_memory(dtype, [STAGES * ROWS, KS], FLAT1)
+        s_buf = gl.allocate_shared_memory(dtype, [STAGES, BW, 8], FLAT)
+        if HAS_ZP:
+            z_buf = gl.allocate_shared_memory(dtype, [STAGES, BW, 8], FLAT)
+        else:
+            z_buf = s_buf
+
+        for i in gl.static_range(STAGES - 1):
+            _issue(w_ptrs, x_ptrs, s_ptrs, z_ptrs, p_buf, x_buf, s_buf, z_buf, i, i, n_steps, k_lo, stride_wk,
+                   stride_xm, stride_sg, ROWS, KS, GROUP, HAS_ZP)
+
+        acc0 = gl.zeros([BW, 8], dtype=gl.float32, layout=O_LAYOUT)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
+        slot = 0
+        for st in range(0, n_steps):
+            cp.wait_group(STAGES - 2)
+            gl.thread_barrier()          # x's slice was copied by other threads; slot - 1 is free for everyone
+            nxt = slot + STAGES - 1
+            nxt = gl.where(nxt >= STAGES, nxt - STAGES, nxt)
+            _issue(w_ptrs, x_ptrs, s_ptrs, z_ptrs, p_buf, x_buf, s_buf, z_buf, nxt, st + STAGES - 1, n_steps, k_lo,
+                   stride_wk, stride_xm, stride_sg, ROWS, KS, GROUP, HAS_ZP)
+            p = p_buf.index(slot).load(P_LAYOUT)
+            s = s_buf.index(slot).load(O_LAYOUT).to(gl.float32)
+            if HAS_ZP:
+                zb = z_buf.index(slot).load(O_LAYOUT).to(gl.float32) + 128.0
+            else:
+                zb = gl.full([BW, 8], 136.0, gl.float32, O_LAYOUT)
+            XR_LAYOUT: gl.constexpr = gl.SliceLayout(1, P_LAYOUT)
+            acc0 += _row_step(p, x_buf.index(slot * ROWS).load(XR_LAYOUT), s, zb, one, O_LAYOUT)
+            if ROWS > 1:
+                acc1 += _row_step(p, x_buf.index(slot * ROWS + 1).load(XR_LAYOUT), s, zb, one, O_LAYOUT)
+            if ROWS > 2:
+                acc2 += _row_step(p, x_buf.index(slot * ROWS + 2).load(XR_LAYOUT), s, zb, one, O_LAYOUT)
+            if ROWS > 3:
+                acc3 += _row_step(p, x_buf.index(slot * ROWS + 3).load(XR_LAYOUT), s, zb, one, O_LAYOUT)
+            slot = gl.where(slot + 1 >= STAGES, 0, slot + 1)
+        cp.wait_group(0)
+
+        ok = gl.expand_dims(ow * 8 < N, 1)
+        for r in gl.static_range(ROWS):
+            if r == 0:
+                acc = acc0
+            elif r == 1:
+                acc = acc1
+            elif r == 2:
+                acc = acc2
+            else:
+                acc = acc3
+            if SPLIT:
+                gl.store(part_ptr + (pid_k * M + r).to(gl.int64) * N + cols, acc, mask=ok)
+            else:
+                if HAS_BIAS:
+                    acc += gl.load(bias_ptr + cols, mask=ok, other=0.0).to(gl.float32)
+                gl.store(out_ptr + r * stride_om + cols, acc.to(dtype), mask=ok)
+        if SPLIT:
+            gl.thread_barrier()
+            cnt = cnt_ptr + pid_w
+            done = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:
+                gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+                for r in gl.static_range(ROWS):
+                    total = gl.zeros([BW, 8], dtype=gl.float32, layout=O_LAYOUT)
+                    for sp0 in range(0, num_splits, 8):        # eight loads in flight; fixed order
+                        for u in gl.static_range(8):
+                            sp = sp0 + u
+                            total += gl.load(part_ptr + (sp * M + r).to(gl.int64) * N + cols,
+                                             mask=ok & (sp < num_splits), other=0.0, cache_modifier=".cg")
+                    if HAS_BIAS:
+                        total += gl.load(bias_ptr + cols, mask=ok, other=0.0).to(gl.float32)
+                    gl.store(out_ptr + r * stride_om + cols, total.to(dtype), mask=ok)
+
+
+def gemv_w4_supported(n: int, k: int, group: int, ks: int, warps: int) -> bool:
+    """Shapes ``_gemv_w4_kernel`` takes: whole ``32 * warps``-word column blocks (no column masks on the
+    copies) and steps of ``ks`` rows inside one group."""
+    return n % (256 * warps) == 0 and group % ks == 0 and k % group == 0
+
+
+def gemv_w4_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                   bias: torch.Tensor | None, out: torch.Tensor, *, n: int, group: int, ks: int, stages: int,
+                   warps: int, target: int, num_sms: int, counters, max_splits: int = 16) -> None:
+    """Launch ``_gemv_w4_kernel`` for ``x [M <= 4, K]`` (``gemv_w4_supported`` shapes); split-K by whole steps
+    to reach ``target`` programs per SM, at most ``max_splits`` (the last program of a column block reads
+    every split's partial)."""
+    m, k = x.shape
+    bw = 32 * warps
+    programs = n // 8 // bw
+    total_steps = k // ks
+    want = max(1, min(total_steps, max_splits, -(-target * num_sms // programs)))
+    per = -(-total_steps // want)
+    splits = -(-total_steps // per)
+    part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+    cnt = counters(x.device, programs) if splits > 1 else out
+    dummy = scales
+    _gemv_w4_kernel[(programs, splits)](
+        x, weight, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy, out, part,
+        cnt, m, n, per, total_steps, splits, 0x3F800000, x.stride(0), weight.stride(0), scales.stride(0),
+        out.stride(0), ROWS=m, GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, KS=ks,
+        STAGES=stages, SPLIT=splits > 1, num_warps=warps)
