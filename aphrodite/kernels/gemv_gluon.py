@@ -25,7 +25,7 @@ if HAS_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
-__all__ = ["gemv_w4_launch", "gemv_w4_supported"]
+__all__ = ["gemv_fp8_launch", "gemv_fp8_supported", "gemv_w4_launch", "gemv_w4_supported"]
 
 
 if HAS_GLUON:
@@ -188,6 +188,80 @@ if HAS_GLUON:
                     gl.store(out_ptr + r * stride_om + cols, total.to(dtype), mask=ok)
 
 
+    @gluon.jit
+    def _gemv_fp8_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_om,
+                         ROWS: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                         num_warps: gl.constexpr):
+        """FP8 ``[N, K]`` weight with one scale per output: a program owns ``BLOCK_N`` rows of W and streams
+        them along K in steps of 512 (a warp spans a step, 16 bytes a thread) through a cp.async ring; a
+        thread reads back exactly the bytes it copied, so the loop has no barrier. ``x``'s next step is
+        loaded into registers one step ahead. fp32 FMAs; one reduction across the warp at the end."""
+        KS: gl.constexpr = 512
+        dtype: gl.constexpr = out_ptr.dtype.element_ty
+        W_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 16], [1, 32], [num_warps, 1], [1, 0])
+        XL: gl.constexpr = gl.SliceLayout(0, W_LAYOUT)
+        NL: gl.constexpr = gl.SliceLayout(1, W_LAYOUT)
+        FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        pid = gl.program_id(0)
+        rows = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=NL)
+        kk = gl.arange(0, KS, layout=XL)
+        w_ptrs = w_ptr + gl.expand_dims(rows.to(gl.int64) * stride_wn, 1) + gl.expand_dims(kk, 0)
+        n_steps = K // KS
+        w_buf = gl.allocate_shared_memory(w_ptr.dtype.element_ty, [STAGES, BLOCK_N, KS], FLAT)
+        for i in gl.static_range(STAGES - 1):
+            cp.async_copy_global_to_shared(w_buf.index(i), w_ptrs + i * KS, mask=i < n_steps)
+            cp.commit_group()
+        acc0 = gl.zeros([BLOCK_N, KS], dtype=gl.float32, layout=W_LAYOUT)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
+        x0 = gl.load(x_ptr + kk)
+        if ROWS > 1:
+            x1 = gl.load(x_ptr + stride_xm + kk)
+        if ROWS > 2:
+            x2 = gl.load(x_ptr + 2 * stride_xm + kk)
+        if ROWS > 3:
+            x3 = gl.load(x_ptr + 3 * stride_xm + kk)
+        slot = 0
+        for st in range(0, n_steps):
+            cp.wait_group(STAGES - 2)
+            nxt = slot + STAGES - 1
+            nxt = gl.where(nxt >= STAGES, nxt - STAGES, nxt)
+            ahead = st + STAGES - 1
+            cp.async_copy_global_to_shared(w_buf.index(nxt), w_ptrs + ahead * KS, mask=ahead < n_steps)
+            cp.commit_group()
+            w = w_buf.index(slot).load(W_LAYOUT).to(gl.float32)
+            more = st + 1 < n_steps
+            k1 = (st + 1) * KS + kk
+            acc0 += w * gl.expand_dims(x0.to(gl.float32), 0)
+            x0 = gl.load(x_ptr + k1, mask=more, other=0.0)
+            if ROWS > 1:
+                acc1 += w * gl.expand_dims(x1.to(gl.float32), 0)
+                x1 = gl.load(x_ptr + stride_xm + k1, mask=more, other=0.0)
+            if ROWS > 2:
+                acc2 += w * gl.expand_dims(x2.to(gl.float32), 0)
+                x2 = gl.load(x_ptr + 2 * stride_xm + k1, mask=more, other=0.0)
+            if ROWS > 3:
+                acc3 += w * gl.expand_dims(x3.to(gl.float32), 0)
+                x3 = gl.load(x_ptr + 3 * stride_xm + k1, mask=more, other=0.0)
+            slot = gl.where(slot + 1 >= STAGES, 0, slot + 1)
+        cp.wait_group(0)
+        scale = gl.load(s_ptr + rows).to(gl.float32)
+        for r in gl.static_range(ROWS):
+            if r == 0:
+                acc = acc0
+            elif r == 1:
+                acc = acc1
+            elif r == 2:
+                acc = acc2
+            else:
+                acc = acc3
+            res = gl.sum(acc, axis=1) * scale
+            if HAS_BIAS:
+                res += gl.load(bias_ptr + rows).to(gl.float32)
+            gl.store(out_ptr + r * stride_om + rows, res.to(dtype))
+
+
 def gemv_w4_supported(n: int, k: int, group: int, ks: int, warps: int) -> bool:
     """Shapes ``_gemv_w4_kernel`` takes: whole ``32 * warps``-word column blocks (no column masks on the
     copies) and steps of ``ks`` rows inside one group."""
@@ -215,3 +289,19 @@ def gemv_w4_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, 
         cnt, m, n, per, total_steps, splits, 0x3F800000, x.stride(0), weight.stride(0), scales.stride(0),
         out.stride(0), ROWS=m, GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, KS=ks,
         STAGES=stages, SPLIT=splits > 1, num_warps=warps)
+
+
+def gemv_fp8_supported(n: int, k: int, block_n: int, warps: int) -> bool:
+    """Shapes ``_gemv_fp8_kernel`` takes: whole ``block_n``-row programs (split over the warps) and K in steps
+    of 512."""
+    return n % block_n == 0 and block_n % warps == 0 and k % 512 == 0
+
+
+def gemv_fp8_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                    out: torch.Tensor, *, block_n: int, stages: int, warps: int) -> None:
+    """Launch ``_gemv_fp8_kernel``: ``weight [N, K]`` fp8 (K contiguous), ``scales [N]`` fp32 per output."""
+    m, k = x.shape
+    n = weight.shape[0]
+    _gemv_fp8_kernel[(n // block_n,)](
+        x, weight, scales, bias if bias is not None else scales, out, n, k, x.stride(0), weight.stride(0),
+        out.stride(0), ROWS=m, HAS_BIAS=bias is not None, BLOCK_N=block_n, STAGES=stages, num_warps=warps)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aphrodite.kernels.gemv_gluon import gemv_w4_launch, gemv_w4_supported
+from aphrodite.kernels.gemv_gluon import gemv_fp8_launch, gemv_fp8_supported, gemv_w4_launch, gemv_w4_supported
 from aphrodite.kernels.int4_matmul import FMT_FP8, FMT_INT4, QuantWeight, _counters, _num_sms, _time, _tuning_enabled
 from aphrodite.kernels.triton_utils import LazyKernel, cdiv, tl
 from aphrodite.kernels.w4_wgmma import wgmma_supported
@@ -404,10 +404,13 @@ def supports(x: torch.Tensor, w: QuantWeight) -> bool:
 
 
 def gluon_gemv_ok(x: torch.Tensor, w: QuantWeight, cfg: GemvConfig) -> bool:
-    """Whether ``cfg``'s Gluon kernel runs here: an sm_90 GPU, int4 as ``supports`` takes it, whole column
-    blocks and steps inside a group."""
-    return (cfg.gluon and w.fmt == FMT_INT4 and wgmma_supported(x.device) and cfg.block_k > 0
-            and gemv_w4_supported(w.n, w.k, w.group, cfg.block_k, cfg.warps))
+    """Whether ``cfg``'s Gluon kernel runs here: an sm_90 GPU; int4 in whole column blocks and steps inside a
+    group, or FP8 with per-channel scales in whole row blocks and 512-wide K steps."""
+    if not (cfg.gluon and wgmma_supported(x.device) and supports(x, w)):
+        return False
+    if w.fmt == FMT_INT4:
+        return cfg.block_k > 0 and gemv_w4_supported(w.n, w.k, w.group, cfg.block_k, cfg.warps)
+    return _per_channel(w) and cfg.block > 0 and gemv_fp8_supported(w.n, w.k, cfg.block, cfg.warps)
 
 
 def _per_channel(w: QuantWeight) -> bool:
@@ -456,14 +459,18 @@ def _candidates(w: QuantWeight) -> list[GemvConfig]:
         # per SM where split-K (by whole groups) runs out; 4 warps: ~168 registers, 3 programs an SM.
         return [GemvConfig(target=3), GemvConfig(block_k=8, warps=2, target=6),
                 GemvConfig(block_k=4, warps=1, target=12), GemvConfig(block_k=4, warps=1, target=24),
-                GemvConfig(target=2), GemvConfig(block=64, block_k=8, target=4)] + gluon_gemv_candidates()
+                GemvConfig(target=2), GemvConfig(block=64, block_k=8, target=4)] + gluon_gemv_candidates(FMT_INT4)
     return [GemvConfig(), GemvConfig(target=2), GemvConfig(target=8), GemvConfig(block=32, block_k=256),
-            GemvConfig(block=8, target=8)]
+            GemvConfig(block=8, target=8)] + gluon_gemv_candidates(FMT_FP8)
 
 
-def gluon_gemv_candidates() -> list[GemvConfig]:
-    """Shapes of the Gluon int4 GEMV (sm_90): warps (32 packed columns each), rows a step, ring depth, programs
-    per SM (split-K, at most 16 splits)."""
+def gluon_gemv_candidates(fmt: int) -> list[GemvConfig]:
+    """Shapes of the Gluon GEMVs (sm_90). int4: warps (32 packed columns each), rows a step, ring depth, programs
+    per SM (split-K, at most 16 splits). FP8: output rows a program, warps, ring depth (no split-K)."""
+    if fmt == FMT_FP8:
+        return [GemvConfig(block=16, warps=4, stages=4, gluon=True), GemvConfig(block=8, warps=4, stages=4, gluon=True),
+                GemvConfig(block=32, warps=4, stages=3, gluon=True), GemvConfig(block=8, warps=2, stages=6, gluon=True),
+                GemvConfig(block=16, warps=8, stages=4, gluon=True)]
     def g(ks: int, warps: int, target: int, stages: int = 4) -> GemvConfig:
         return GemvConfig(block_k=ks, warps=warps, target=target, stages=stages, gluon=True)
     return [g(32, 1, 4), g(64, 1, 4), g(32, 2, 3), g(32, 4, 2), g(32, 1, 8, stages=6), g(64, 2, 2, stages=3)]
@@ -507,7 +514,11 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
     block, block_k = _defaults(w, m)
     block, block_k = cfg.block or block, cfg.block_k or block_k
     dummy = w.scales
-    if w.fmt == FMT_INT4 and cfg.gluon and gluon_gemv_ok(x, w, cfg):
+    if w.fmt == FMT_FP8 and gluon_gemv_ok(x, w, cfg):
+        gemv_fp8_launch(x, w.weight, w.scales.reshape(-1), bias, out, block_n=cfg.block, stages=cfg.stages,
+                        warps=cfg.warps)
+        return
+    if w.fmt == FMT_INT4 and gluon_gemv_ok(x, w, cfg):
         gemv_w4_launch(x, w.weight, w.scales, w.zeros, bias, out, n=n, group=w.group, ks=cfg.block_k,
                        stages=cfg.stages, warps=cfg.warps, target=cfg.target, num_sms=_num_sms(dev),
                        counters=_counters)

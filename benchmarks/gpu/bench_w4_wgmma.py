@@ -8,7 +8,7 @@ max |ref| < 1e-2, else FAIL) and timed from a CUDA graph; the table at the end g
 rows, bf16 / table / the best wgmma shape in microseconds and bf16 time / wgmma time. Under 3 minutes:
 
     python3 benchmarks/gpu/bench_w4_wgmma.py [--rows 16,64,128,256,512,1024] [--budget 150]
-    python3 benchmarks/gpu/bench_w4_wgmma.py --gemv       # the Gluon int4 GEMV (1, 2, 4 rows) instead
+    python3 benchmarks/gpu/bench_w4_wgmma.py --gemv       # the Gluon int4/FP8 GEMVs (1, 2, 4 rows) instead
 """
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ def _name(c) -> str:
 
 
 def gemv(budget: float) -> None:
-    """``--gemv``: the Gluon int4 GEMV (``gemv_gluon``, cp.async ring) at 1, 2 and 4 rows vs the Triton GEMV the
-    engine runs today and bf16, every shape of ``gluon_gemv_candidates`` checked and timed."""
+    """``--gemv``: the Gluon GEMVs (``gemv_gluon``, cp.async rings; int4 and FP8 per-channel) at 1, 2 and 4 rows
+    vs the Triton GEMV the engine runs today and bf16, every shape of ``gluon_gemv_candidates`` checked and
+    timed."""
     from aphrodite.kernels import int4_matmul as im
     from aphrodite.kernels import quant_gemv as qg
     t0 = time.perf_counter()
@@ -50,39 +51,43 @@ def gemv(budget: float) -> None:
             if time.perf_counter() - t0 > budget:
                 print(f"{name} M={m}: skipped (budget {budget:.0f} s)", flush=True)
                 continue
-            w4, _, wf = weights[name]
-            nbytes = sum(t.numel() * t.element_size() for t in w4.tensors())
+            w4, w8, wf = weights[name]
             x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
-            ref = x.float() @ im.dequantize(w4, torch.float32)
             tb = graph_us(lambda x=x, wf=wf: torch.nn.functional.linear(x, wf))
-            tt = graph_us(lambda x=x, w=w4: qg.quant_gemv(x, w))
-            et = _err(qg.quant_gemv(x, w4), ref)
-            res = []
-            for c in qg.gluon_gemv_candidates():
-                if not qg.gluon_gemv_ok(x, w4, c):
-                    continue
-                cname = f"k{c.block_k}w{c.warps}t{c.target}s{c.stages}"
-                try:
-                    got = qg.quant_gemv(x, w4, config=c)
-                    err = _err(got, ref)
-                    same = torch.equal(got, qg.quant_gemv(x, w4, config=c))
-                    if err > 1e-2 or not same or not torch.isfinite(got).all():
-                        fails += 1
-                        print(f"FAIL gemv {name} M={m} {cname} err {err:.1e} repeatable {same}", flush=True)
+            for fmt, wq in (("int4", w4), ("fp8", w8)):
+                nbytes = sum(t.numel() * t.element_size() for t in wq.tensors())
+                ref = x.float() @ im.dequantize(wq, torch.float32)
+                tt = graph_us(lambda x=x, w=wq: qg.quant_gemv(x, w))
+                et = _err(qg.quant_gemv(x, wq), ref)
+                res = []
+                for c in qg.gluon_gemv_candidates(wq.fmt):
+                    if not qg.gluon_gemv_ok(x, wq, c):
                         continue
-                    res.append((graph_us(lambda c=c, x=x, w=w4: qg.quant_gemv(x, w, config=c)), cname, err))
-                except Exception:  # noqa: BLE001
-                    fails += 1
-                    print(f"FAIL gemv {name} M={m} {cname}: " + traceback.format_exc(limit=4)[-600:], flush=True)
-            res.sort()
-            print(f"{name:9s} M={m} bf16 {tb:6.1f} triton {tt:6.1f} (err {et:.1e}) | gluon "
-                  + "  ".join(f"{c}:{t:.1f}" for t, c, _ in res), flush=True)
-            best = res[0] if res else (float("nan"), "-", float("nan"))
-            summary.append((name, m, tb, tt, best[0], best[1], nbytes))
-    print(f"\n== GEMV summary ({time.perf_counter() - t0:.0f} s, {fails} failures): us per call, GB/s of int4 bytes ==")
-    print(f"{'proj':9s} {'M':>2s} {'bf16':>6s} {'triton':>6s} {'GB/s':>5s} {'gluon':>6s} {'GB/s':>5s}  best shape")
-    for name, m, tb, tt, tg, cname, nb in summary:
-        print(f"{name:9s} {m:2d} {tb:6.1f} {tt:6.1f} {nb / tt / 1e3:5.0f} {tg:6.1f} {nb / tg / 1e3:5.0f}  {cname}")
+                    cname = (f"k{c.block_k}w{c.warps}t{c.target}s{c.stages}" if fmt == "int4"
+                             else f"n{c.block}w{c.warps}s{c.stages}")
+                    try:
+                        got = qg.quant_gemv(x, wq, config=c)
+                        err = _err(got, ref)
+                        same = torch.equal(got, qg.quant_gemv(x, wq, config=c))
+                        if err > 1e-2 or not same or not torch.isfinite(got).all():
+                            fails += 1
+                            print(f"FAIL gemv {fmt} {name} M={m} {cname} err {err:.1e} repeatable {same}", flush=True)
+                            continue
+                        res.append((graph_us(lambda c=c, x=x, w=wq: qg.quant_gemv(x, w, config=c)), cname, err))
+                    except Exception:  # noqa: BLE001
+                        fails += 1
+                        print(f"FAIL gemv {fmt} {name} M={m} {cname}: " + traceback.format_exc(limit=4)[-600:],
+                              flush=True)
+                res.sort()
+                print(f"{name:9s} {fmt:4s} M={m} bf16 {tb:6.1f} triton {tt:6.1f} (err {et:.1e}) | gluon "
+                      + "  ".join(f"{c}:{t:.1f}" for t, c, _ in res), flush=True)
+                best = res[0] if res else (float("nan"), "-", float("nan"))
+                summary.append((name, fmt, m, tb, tt, best[0], best[1], nbytes))
+    print(f"\n== GEMV ({time.perf_counter() - t0:.0f} s, {fails} failures): us per call; GB/s of weight bytes")
+    print(f"{'proj':9s} {'fmt':4s} {'M':>2s} {'bf16':>6s} {'triton':>6s} {'GB/s':>5s} {'gluon':>6s} {'GB/s':>5s}  best")
+    for name, fmt, m, tb, tt, tg, cname, nb in summary:
+        print(f"{name:9s} {fmt:4s} {m:2d} {tb:6.1f} {tt:6.1f} {nb / tt / 1e3:5.0f} {tg:6.1f} {nb / tg / 1e3:5.0f}  "
+              f"{cname}")
 
 
 def main() -> None:

@@ -118,8 +118,9 @@ def _compile_gemv(cfg, rows: int, split: bool):
 @pytest.mark.parametrize("rows,split", [(1, True), (4, False)])
 def test_int4_gluon_gemv_compiles_without_spills(rows: int, split: bool):
     """The Gluon GEMV's first shape at 1 and 4 rows: cp.async copies (16-byte) in the loop, no local memory."""
+    from aphrodite.kernels.int4_matmul import FMT_INT4
     from aphrodite.kernels.quant_gemv import gluon_gemv_candidates
-    kernel = _compile_gemv(gluon_gemv_candidates()[0], rows, split)
+    kernel = _compile_gemv(gluon_gemv_candidates(FMT_INT4)[0], rows, split)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -128,4 +129,35 @@ def test_int4_gluon_gemv_compiles_without_spills(rows: int, split: bool):
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
                                check=True).stdout
     assert "LDGSTS.E.BYPASS.128" in sass
+    assert re.search(r"LOCAL:0\b", usage), usage
+
+
+def test_fp8_gluon_gemv_compiles_without_spills():
+    """The FP8 GEMV's first shape at one row, compiled for sm_90: 16-byte cp.async copies, fp8 -> f16x2
+    unpacking, no local memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from aphrodite.kernels.gemv_gluon import _gemv_fp8_kernel
+    from aphrodite.kernels.int4_matmul import FMT_FP8
+    from aphrodite.kernels.quant_gemv import gluon_gemv_candidates
+    if _tool("cuobjdump") is None:
+        pytest.skip("no bundled cuobjdump")
+    cfg = gluon_gemv_candidates(FMT_FP8)[0]
+    sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+           "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32"}
+    const = dict(ROWS=1, HAS_BIAS=False, BLOCK_N=cfg.block, STAGES=cfg.stages, num_warps=cfg.warps)
+    sig.update(dict.fromkeys(const, "constexpr"))
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if sig[name] != "constexpr"}
+    kernel = triton.compile(GluonASTSource(_gemv_fp8_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 128),
+                            options=dict(num_warps=cfg.warps))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    assert "LDGSTS.E.BYPASS.128" in sass and "E4M3" in sass
     assert re.search(r"LOCAL:0\b", usage), usage
