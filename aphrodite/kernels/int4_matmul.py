@@ -699,10 +699,31 @@ def _w4_table(m: int, n: int) -> Config:
             else Config(128, 64, 64, target=1, warps=4, stages=4, w4=True))
 
 
+def _wgmma_c(bm: int, bn: int, bk: int, stages: int, warps: int, target: int = 1, splits: int = 0) -> Config:
+    return Config(bm, bn, bk, splits=splits, target=target, warps=warps, stages=stages, w4=True, wgmma=True)
+
+
+#: The Gluon wgmma W4A16 shape the engine dispatches on sm_90, per rows bucket, with the widest projection
+#: (N >= 16384, gate_up) on its own column: (default, wide). A bucket missing here keeps the Triton table /
+#: dequantize + cuBLAS. Filled from ``benchmarks/gpu/bench_w4_wgmma.py`` on an H200.
+_WGMMA_TABLE: dict[int, tuple[Config, Config]] = {}
+
+
+def _wgmma_table(m: int, n: int) -> Config | None:
+    cell = _WGMMA_TABLE.get(_rows_bucket(m))
+    if cell is None:
+        return None
+    return cell[1] if n >= 16384 else cell[0]
+
+
 def _default_config(m: int, x: torch.Tensor, w: QuantWeight) -> Config:
-    """What runs without the tuner (the engine's default): dequantize + cuBLAS above 256 rows on the GPU (the
-    sweep's best at 1024), the W4A16 table where that kernel applies (``APHRODITE_W4A16=0``: not), else the
-    general kernel's first shape."""
+    """What runs without the tuner (the engine's default): on sm_90 the Gluon wgmma kernel where its table has
+    the rows bucket; else dequantize + cuBLAS above 256 rows on the GPU (the sweep's best at 1024), the W4A16
+    table where that kernel applies (``APHRODITE_W4A16=0``: neither), else the general kernel's first shape."""
+    if m > 1 and _w4_enabled() and x.device.type == "cuda":
+        cfg = _wgmma_table(m, w.n)
+        if cfg is not None and w4_supported(x, w, cfg) and wgmma_supported(x.device):
+            return cfg
     if m > 256 and x.device.type == "cuda":
         return Config(dequant=True)
     if m > 1 and _w4_enabled():

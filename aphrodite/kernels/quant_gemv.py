@@ -476,6 +476,11 @@ def gluon_gemv_candidates(fmt: int) -> list[GemvConfig]:
     return [g(32, 1, 4), g(64, 1, 4), g(32, 2, 3), g(32, 4, 2), g(32, 1, 8, stages=6), g(64, 2, 2, stages=3)]
 
 
+#: The Gluon GEMV shape the engine runs on sm_90 per (format, rows); missing: the Triton GEMV's default. Filled
+#: from ``benchmarks/gpu/bench_w4_wgmma.py --gemv`` on an H200.
+_GLUON_DEFAULT: dict[tuple[int, int], GemvConfig] = {}
+
+
 def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> GemvConfig:
     """The tuned shape for this (format, rows, N, K), timing the candidates the first time a shape runs on
     CUDA outside graph capture with ``APHRODITE_QUANT_TUNE=1`` (default off: the default shape)."""
@@ -484,6 +489,9 @@ def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> G
     if cfg is not None:
         return cfg
     default = _candidates(w)[0]
+    gluon = _GLUON_DEFAULT.get((w.fmt, x.shape[0]))
+    if gluon is not None and gluon_gemv_ok(x, w, gluon):
+        default = gluon
     if x.device.type != "cuda" or not _tuning_enabled() or torch.cuda.is_current_stream_capturing():
         return default
     xs = torch.randn_like(x)
