@@ -10,6 +10,7 @@ step is padded up to the nearest captured size and replayed from the persistent 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,9 @@ MAX_PREFILL_GRAPH_TOKENS = 512
 MAX_PLAIN_LORA_BATCH = 32
 
 
-MAX_CAPTURE_SIZE = 512   # vLLM's cap too: bigger decode batches run eagerly, where launches cost ~nothing
+#: vLLM's cap too (its ``max_cudagraph_capture_size``): bigger decode batches run eagerly, where launches
+#: cost little next to the step. ``APHRODITE_MAX_CUDAGRAPH_CAPTURE_SIZE`` moves it.
+MAX_CAPTURE_SIZE = int(os.environ.get("APHRODITE_MAX_CUDAGRAPH_CAPTURE_SIZE", "512"))
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
