@@ -659,11 +659,19 @@ def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> 
     if w.fmt != FMT_INT4 or w.g_idx is not None or x.dtype not in (torch.bfloat16, torch.float16):
         return False
     block_n = cfg.block_n if cfg is not None else 64
-    if cfg is not None and cfg.wgmma and (cfg.block_m < 64 or w.k % cfg.block_k or w.group % cfg.block_k):
+    if cfg is not None and cfg.wgmma and (cfg.block_m < 64 or w.k % cfg.block_k or w.group % cfg.block_k
+                                          or not _aligned16(x if w.perm is None else None, w.scales, w.zeros)):
         return False
     return (w.k % w.group == 0 and w.group % 16 == 0 and w.n % block_n == 0 and w.weight.stride(1) == 1
             and w.scales.dtype == x.dtype and w.scales.stride(1) == 1
             and (w.zeros is None or (w.zeros.stride() == w.scales.stride() and w.zeros.dtype == x.dtype)))
+
+
+def _aligned16(*ts: torch.Tensor | None) -> bool:
+    """Rows start on 16 bytes (base and row stride): the Gluon kernels copy them with 16-byte cp.async, which
+    Triton only emits when it can prove that alignment (it fails to compile narrower half copies)."""
+    return all(t is None or (t.data_ptr() % 16 == 0 and (t.dim() < 2 or t.stride(0) * t.element_size() % 16 == 0))
+               for t in ts)
 
 
 def _candidates_for(m: int, x: torch.Tensor, w: QuantWeight) -> list[Config]:

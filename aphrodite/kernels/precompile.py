@@ -62,7 +62,10 @@ def _source_and_options(jit_fn, data: str, target):
 
     signature, constexprs, attrs, options = _parse(jit_fn, data)
     backend = make_backend(target)
-    from triton.compiler import ASTSource
+    if jit_fn.is_gluon():     # Gluon kernels (w4_wgmma, gemv_gluon) compile from their own source type
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
+    else:
+        from triton.compiler import ASTSource
 
     return ASTSource(jit_fn, signature, constexprs, attrs), backend, backend.parse_options(options)
 

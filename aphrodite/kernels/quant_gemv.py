@@ -32,7 +32,16 @@ from dataclasses import dataclass
 import torch
 
 from aphrodite.kernels.gemv_gluon import gemv_fp8_launch, gemv_fp8_supported, gemv_w4_launch, gemv_w4_supported
-from aphrodite.kernels.int4_matmul import FMT_FP8, FMT_INT4, QuantWeight, _counters, _num_sms, _time, _tuning_enabled
+from aphrodite.kernels.int4_matmul import (
+    FMT_FP8,
+    FMT_INT4,
+    QuantWeight,
+    _aligned16,
+    _counters,
+    _num_sms,
+    _time,
+    _tuning_enabled,
+)
 from aphrodite.kernels.triton_utils import LazyKernel, cdiv, tl
 from aphrodite.kernels.w4_wgmma import wgmma_supported
 
@@ -409,8 +418,10 @@ def gluon_gemv_ok(x: torch.Tensor, w: QuantWeight, cfg: GemvConfig) -> bool:
     if not (cfg.gluon and wgmma_supported(x.device) and supports(x, w)):
         return False
     if w.fmt == FMT_INT4:
-        return cfg.block_k > 0 and gemv_w4_supported(w.n, w.k, w.group, cfg.block_k, cfg.warps)
-    return _per_channel(w) and cfg.block > 0 and gemv_fp8_supported(w.n, w.k, cfg.block, cfg.warps)
+        return (cfg.block_k > 0 and gemv_w4_supported(w.n, w.k, w.group, cfg.block_k, cfg.warps)
+                and _aligned16(x, w.weight, w.scales, w.zeros))
+    return (_per_channel(w) and cfg.block > 0 and gemv_fp8_supported(w.n, w.k, cfg.block, cfg.warps)
+            and _aligned16(w.weight))
 
 
 def _per_channel(w: QuantWeight) -> bool:

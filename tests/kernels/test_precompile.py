@@ -34,3 +34,31 @@ def test_recorded_specialization_compiles_in_a_child_into_the_shared_cache(tmp_p
 
     assert precompile._on_disk(jit_fn, data, GPUTarget(*target))
     assert list((tmp_path / "cache").rglob("*.cubin")), "the child wrote no binary"
+
+
+def test_gluon_kernel_compiles_ahead_into_the_cache_its_launch_reads(tmp_path, monkeypatch):
+    """Gluon kernels (the Hopper W4A16/GEMV kernels) go through their own source type, so the dry pass finds
+    them cached after the child compiled them instead of recompiling them on every start."""
+    pytest.importorskip("triton.experimental.gluon")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import serialize_specialization_data
+
+    from aphrodite.kernels import precompile
+    from aphrodite.kernels.gemv_gluon import _gemv_fp8_kernel
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    target = ("cuda", 90, 32)
+    names = _gemv_fp8_kernel.arg_names
+    types = ["*bf16", "*fp8e4nv", "*fp32", "*bf16", "*bf16"] + ["i32"] * 5 + ["constexpr"] * 5
+    signature = dict(zip(names, types))
+    constants = {(names.index(k),): v for k, v in
+                 dict(ROWS=1, HAS_BIAS=False, BLOCK_N=16, STAGES=4, num_warps=4).items()}
+    options = make_backend(GPUTarget(*target)).parse_options({"num_warps": 4})
+    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types) if t != "constexpr"}   # as launched
+    data = serialize_specialization_data(f"{_gemv_fp8_kernel.__module__}.{_gemv_fp8_kernel.__name__}",
+                                         signature, constants, aligned, options, "key")
+    assert not precompile._on_disk(_gemv_fp8_kernel, data, GPUTarget(*target))
+    pending = precompile.PendingCompiles(target, {data: (_gemv_fp8_kernel.__module__, "_gemv_fp8_kernel", data)})
+    precompile.compile_pending(pending, processes=1)
+    assert precompile._on_disk(_gemv_fp8_kernel, data, GPUTarget(*target))

@@ -82,8 +82,8 @@ def test_int4_wgmma_compiles_fp16_symmetric():
 
 
 def test_int4_wgmma_shapes_are_offered_only_where_they_apply():
-    """w4_supported refuses wgmma shapes below 64 rows a tile or with K / the group not a multiple of BLOCK_K,
-    and the tuner offers them only on sm_90 (here: none, the tensors are on the CPU)."""
+    """w4_supported refuses wgmma shapes below 64 rows a tile, with K / the group not a multiple of BLOCK_K or
+    with x's rows off 16-byte alignment, and the tuner offers them only on sm_90 (here: none, on the CPU)."""
     import torch
     x = torch.zeros(64, 256, dtype=torch.bfloat16)
     w = im.repack_int4(torch.zeros(256, 128, dtype=torch.uint8), torch.ones(2, 128, dtype=torch.bfloat16),
@@ -93,6 +93,8 @@ def test_int4_wgmma_shapes_are_offered_only_where_they_apply():
     assert not im.w4_supported(x, w, im.Config(32, 64, 64, w4=True, wgmma=True))
     assert not im.w4_supported(x, w, im.Config(64, 64, 256, w4=True, wgmma=True))
     assert not any(c.wgmma for c in im._candidates_for(64, x, w))
+    # rows that do not start on 16 bytes (the kernel's cp.async copies need it): refused, not a compile error
+    assert not im.w4_supported(torch.zeros(64, 264, dtype=torch.bfloat16)[:, 4:], w, ok)
 
 
 def _compile_gemv(cfg, rows: int, split: bool):
