@@ -170,6 +170,8 @@ def check_only(budget: float) -> None:
     for m in (1, 3, 16, 100):                   # GEMV and the general kernel's default (the nibble order changed)
         int4_case("qkv_proj", m, None)
     int4_case("qkv_proj", 1024, im.Config(dequant=True))
+    for name, m in (("down_proj", 64), ("o_proj", 200), ("o_proj", 1000)):     # the Gluon wgmma kernel
+        int4_case(name, m, im._wgmma_candidates(im._rows_bucket(m))[0])
     int4_case("qkv_proj", 48, im._w4_candidates(64)[0], torch.float16)
     int4_case("down_proj", 64, im._w4_candidates(64)[0])
     def actorder():
@@ -213,8 +215,6 @@ def check_only(budget: float) -> None:
                 int4_case("qkv_proj", m, c)
     for m in (16, 256):
         int4_case("down_proj", m, im._w4_candidates(m)[0])
-    for name, m in (("down_proj", 64), ("o_proj", 200), ("o_proj", 1000)):     # the Gluon wgmma kernel
-        int4_case(name, m, im._wgmma_candidates(im._rows_bucket(m))[0])
     int4_case("qkv_proj", 128, im._candidates(128)[1])
 
     fails = 0

@@ -94,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="16,64,128,200,256,512,1024,2048")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds after which remaining rows are skipped")
-    ap.add_argument("--gemv", action="store_true", help="the Gluon int4 GEMV at 1, 2, 4 rows instead")
+    ap.add_argument("--gemv", action="store_true", help="the Gluon int4 / FP8 GEMVs at 1, 2, 4 rows instead")
     args = ap.parse_args()
     if args.gemv:
         gemv(args.budget)
