@@ -633,12 +633,16 @@ def _w4_candidates(m: int) -> list[Config]:
 
 def _wgmma_candidates(m: int) -> list[Config]:
     """Shapes of the Gluon W4A16 kernel (``w4_wgmma``) per rows bucket. A warpgroup's MMA is 64 rows tall,
-    so BLOCK_M >= 64 (below 64 rows the tile is partly empty: those buckets are weight-read bound);
+    so BLOCK_M >= 64, or ``swap`` puts the weight tile on that side and 16..32 rows of x on the MMA's N;
     ``stages`` is the depth of the cp.async ring, ``target`` the programs per SM that split-K aims for."""
-    def c(bm, bn, bk, stages, warps, target=1, splits=0):
-        return Config(bm, bn, bk, splits=splits, target=target, warps=warps, stages=stages, w4=True, wgmma=True)
-    if m <= 32:
-        return [c(64, 128, 64, 4, 4, target=2), c(64, 64, 64, 6, 4, target=3), c(64, 64, 64, 4, 4, target=2)]
+    def c(bm, bn, bk, stages, warps, target=1, splits=0, swap=False):
+        return Config(bm, bn, bk, splits=splits, target=target, warps=warps, stages=stages, w4=True, wgmma=True,
+                      swap=swap)
+    if m <= 32:     # swap: out^T = W^T x^T, x's rows are the MMA's N (16 or 32), no 64-row padding
+        bm = 16 if m <= 16 else 32
+        return [c(bm, 128, 64, 4, 4, target=2, swap=True), c(bm, 128, 128, 3, 4, target=2, swap=True),
+                c(bm, 64, 64, 6, 4, target=3, swap=True), c(bm, 128, 64, 4, 8, target=2, swap=True),
+                c(64, 128, 64, 4, 4, target=2), c(64, 64, 64, 6, 4, target=3)]
     if m <= 64:
         return [c(64, 128, 64, 4, 4, target=2), c(64, 64, 64, 6, 4, target=3), c(64, 128, 128, 3, 4, target=2),
                 c(64, 256, 64, 4, 8, target=1)]
@@ -660,7 +664,8 @@ def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> 
     if w.fmt != FMT_INT4 or w.g_idx is not None or x.dtype not in (torch.bfloat16, torch.float16):
         return False
     block_n = cfg.block_n if cfg is not None else 64
-    if cfg is not None and cfg.wgmma and (cfg.block_m < 64 or w.k % cfg.block_k or w.group % cfg.block_k
+    if cfg is not None and cfg.wgmma and (cfg.block_m < (16 if cfg.swap else 64) or w.k % cfg.block_k
+                                          or w.group % cfg.block_k
                                           or not _aligned16(x if w.perm is None else None, w.scales, w.zeros)):
         return False
     return (w.k % w.group == 0 and w.group % 16 == 0 and w.n % block_n == 0 and w.weight.stride(1) == 1
@@ -866,7 +871,7 @@ def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: 
         w4_wgmma_launch(x, w.weight, w.scales, w.zeros, bias, out, part if splits > 1 else None,
                         cnt if splits > 1 else None, k=k, n=n, group=w.group, magic=magic, base=base,
                         block_m=block_m, block_n=cfg.block_n, block_k=block_k, stages=cfg.stages, warps=cfg.warps,
-                        splits=splits, tiles_per_split=tiles_per_split)
+                        splits=splits, tiles_per_split=tiles_per_split, swap=cfg.swap)
         return
     dummy = w.scales
     _w4_gemm(dev)[grid](

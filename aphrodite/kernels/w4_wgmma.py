@@ -123,7 +123,7 @@ if HAS_GLUON:
                          stride_xm, stride_wk, stride_sg, stride_om,
                          BASE: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr, HAS_BIAS: gl.constexpr,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                         STAGES: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+                         STAGES: gl.constexpr, SPLIT: gl.constexpr, SWAP: gl.constexpr, num_warps: gl.constexpr):
         BW: gl.constexpr = BLOCK_N // 8
         dtype: gl.constexpr = s_ptr.dtype.element_ty
         # Register layouts: async-copy sources (16-byte vectors), the packed codes as dequantized (one word a
@@ -138,9 +138,14 @@ if HAS_GLUON:
         W_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW, TPW], [num_warps, 1], [1, 0])
         S_LAYOUT: gl.constexpr = gl.SliceLayout(0, W_LAYOUT)
         SC_LAYOUT: gl.constexpr = gl.BlockedLayout([8], [32], [num_warps], [0])
-        MMA_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=_warps_per_cta(BLOCK_M, num_warps),
-            instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 16])
+        if SWAP:    # out^T = W^T x^T: the weight tile is the MMA's 64-row side, the rows of x its N (16..32)
+            MMA_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+                version=[3, 0], warps_per_cta=_warps_per_cta(BLOCK_N, num_warps),
+                instr_shape=[16, _instr_n(BLOCK_N, BLOCK_M, num_warps), 16])
+        else:
+            MMA_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+                version=[3, 0], warps_per_cta=_warps_per_cta(BLOCK_M, num_warps),
+                instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 16])
         X_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
         B_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
         P_SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
@@ -179,7 +184,10 @@ if HAS_GLUON:
             _issue_loads(x_ptrs, w_ptrs, s_ptrs, z_ptrs, x_buf, p_buf, s_buf, z_buf, i, i, n_tiles, k_lo,
                          stride_wk, stride_sg, BLOCK_K, GROUP, HAS_ZP)
 
-        acc = gl.zeros([BLOCK_M, BLOCK_N], dtype=gl.float32, layout=MMA_LAYOUT)
+        if SWAP:
+            acc = gl.zeros([BLOCK_N, BLOCK_M], dtype=gl.float32, layout=MMA_LAYOUT)
+        else:
+            acc = gl.zeros([BLOCK_M, BLOCK_N], dtype=gl.float32, layout=MMA_LAYOUT)
         slot = 0
         for kt in range(0, n_tiles):
             cp.wait_group(STAGES - 2)           # step kt's group has landed (this thread's copies)
@@ -195,7 +203,10 @@ if HAS_GLUON:
             b.store(w)
             fence_async_shared()                # generic-proxy writes (the tile, the cp.async data) -> wgmma
             gl.thread_barrier()
-            acc = warpgroup_mma(x_buf.index(slot), b, acc, is_async=True)
+            if SWAP:
+                acc = warpgroup_mma(b.permute((1, 0)), x_buf.index(slot).permute((1, 0)), acc, is_async=True)
+            else:
+                acc = warpgroup_mma(x_buf.index(slot), b, acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             # Every warpgroup's MMA of step kt - 1 is done (the barrier), so its ring slot (slot - 1) takes
             # step kt + STAGES - 1 and its dequantized tile is free for step kt + 1.
@@ -208,28 +219,32 @@ if HAS_GLUON:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         cp.wait_group(0)
 
-        om = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA_LAYOUT))
-        on = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA_LAYOUT))
-        o_mask = gl.expand_dims(om < M, 1)
-        o_off = gl.expand_dims(om.to(gl.int64) * stride_om, 1) + gl.expand_dims(on, 0)
+        if SWAP:    # acc[n, m]
+            om = gl.expand_dims(pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA_LAYOUT)), 0)
+            on = gl.expand_dims(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA_LAYOUT)), 1)
+        else:
+            om = gl.expand_dims(pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA_LAYOUT)), 1)
+            on = gl.expand_dims(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA_LAYOUT)), 0)
+        o_mask = om < M
+        o_off = om.to(gl.int64) * stride_om + on
         if SPLIT:
-            p_off = gl.expand_dims((pid_k * M + om).to(gl.int64) * N, 1) + gl.expand_dims(on, 0)
+            p_off = (pid_k * M + om).to(gl.int64) * N + on
             gl.store(part_ptr + p_off, acc, mask=o_mask)
             gl.thread_barrier()
             cnt = cnt_ptr + pid
             done = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
             if done == num_splits - 1:
                 gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
-                total = gl.zeros([BLOCK_M, BLOCK_N], dtype=gl.float32, layout=MMA_LAYOUT)
+                total = gl.zeros_like(acc)
                 for sp in range(0, num_splits):
-                    p_off = gl.expand_dims((sp * M + om).to(gl.int64) * N, 1) + gl.expand_dims(on, 0)
+                    p_off = (sp * M + om).to(gl.int64) * N + on
                     total += gl.load(part_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
-                    total += gl.expand_dims(gl.load(bias_ptr + on).to(gl.float32), 0)
+                    total += gl.load(bias_ptr + on).to(gl.float32)
                 gl.store(out_ptr + o_off, total.to(dtype), mask=o_mask)
         else:
             if HAS_BIAS:
-                acc += gl.expand_dims(gl.load(bias_ptr + on).to(gl.float32), 0)
+                acc += gl.load(bias_ptr + on).to(gl.float32)
             gl.store(out_ptr + o_off, acc.to(dtype), mask=o_mask)
 
 
@@ -237,7 +252,7 @@ def w4_wgmma_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
                     bias: torch.Tensor | None, out: torch.Tensor, part: torch.Tensor | None,
                     cnt: torch.Tensor | None, *, k: int, n: int, group: int, magic: int, base: float,
                     block_m: int, block_n: int, block_k: int, stages: int, warps: int, splits: int,
-                    tiles_per_split: int) -> None:
+                    tiles_per_split: int, swap: bool = False) -> None:
     """Launch ``_w4_wgmma_kernel`` (the caller picked the tile, split-K and buffers; see
     ``int4_matmul._launch_w4``)."""
     m = x.shape[0]
@@ -248,4 +263,4 @@ def w4_wgmma_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
         part if part is not None else out, cnt if cnt is not None else out,
         m, n, k, tiles_per_split, splits, magic, x.stride(0), weight.stride(0), scales.stride(0), out.stride(0),
         BASE=base, GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=splits > 1, num_warps=warps)
+        BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=splits > 1, SWAP=swap, num_warps=warps)

@@ -37,7 +37,7 @@ def _compile(cfg: im.Config, split: bool, zp: bool = True, dtype: str = "bf16"):
             "stride_om"]
     const = dict(BASE=128.0 if dtype == "bf16" else 1024.0, GROUP=128, HAS_ZP=zp, HAS_BIAS=False,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.stages, SPLIT=split,
-                 num_warps=cfg.warps)
+                 SWAP=cfg.swap, num_warps=cfg.warps)
     sig = {**ptrs, **dict.fromkeys(ints, "i32"), **dict.fromkeys(const, "constexpr")}
     aligned = set(ptrs) | {"N", "K", "stride_xm", "stride_wk", "stride_sg", "stride_om"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in aligned}
@@ -48,7 +48,7 @@ def _compile(cfg: im.Config, split: bool, zp: bool = True, dtype: str = "bf16"):
 def _shapes() -> list[tuple[im.Config, bool]]:
     """The engine-facing shapes: the first of each rows bucket (split-K where it may split) and the largest."""
     picks = []
-    for rows in (64, 256, 1024):
+    for rows in (16, 64, 256, 1024):
         cfg = im._wgmma_candidates(rows)[0]
         picks.append((cfg, cfg.splits != 1 and rows <= 64))
     return picks
@@ -56,7 +56,7 @@ def _shapes() -> list[tuple[im.Config, bool]]:
 
 @pytest.mark.skipif(_tool("cuobjdump") is None, reason="no bundled cuobjdump")
 @pytest.mark.parametrize("cfg,split", _shapes(), ids=lambda v: str(v) if isinstance(v, bool) else
-                         f"m{v.block_m}n{v.block_n}k{v.block_k}s{v.stages}w{v.warps}")
+                         f"m{v.block_m}n{v.block_n}k{v.block_k}s{v.stages}w{v.warps}" + ("S" if v.swap else ""))
 def test_int4_wgmma_kernel_keeps_mma_in_flight(cfg: im.Config, split: bool):
     kernel = _compile(cfg, split)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
