@@ -421,7 +421,7 @@ def gluon_gemv_ok(x: torch.Tensor, w: QuantWeight, cfg: GemvConfig) -> bool:
         return (cfg.block_k > 0 and gemv_w4_supported(w.n, w.k, w.group, cfg.block_k, cfg.warps)
                 and _aligned16(x, w.weight, w.scales, w.zeros))
     return (_per_channel(w) and cfg.block > 0 and gemv_fp8_supported(w.n, w.k, cfg.block, cfg.warps)
-            and _aligned16(w.weight))
+            and _aligned16(w.weight) and cfg.block // cfg.warps * 16 * x.shape[0] <= 256)   # fp32 sums a thread
 
 
 def _per_channel(w: QuantWeight) -> bool:
