@@ -653,7 +653,7 @@ def _wgmma_candidates(m: int) -> list[Config]:
         return [c(128, 128, 64, 4, 8, target=1), c(128, 256, 64, 3, 8, target=1), c(256, 128, 64, 3, 8, target=1),
                 c(128, 128, 64, 3, 8, target=1)]
     return [c(128, 256, 64, 3, 8, splits=1), c(256, 128, 64, 3, 8, splits=1), c(128, 128, 64, 4, 8, splits=1),
-            c(128, 128, 128, 3, 8, splits=1)]
+            c(128, 128, 128, 3, 8, splits=1), c(128, 128, 64, 3, 8, splits=1)]
 
 
 def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> bool:
