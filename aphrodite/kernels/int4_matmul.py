@@ -635,9 +635,7 @@ def _wgmma_candidates(m: int) -> list[Config]:
     """Shapes of the Gluon W4A16 kernel (``w4_wgmma``) per rows bucket. A warpgroup's MMA is 64 rows tall,
     so BLOCK_M >= 64, or ``swap`` puts the weight tile on that side and 16..32 rows of x on the MMA's N;
     ``stages`` is the depth of the cp.async ring, ``target`` the programs per SM that split-K aims for."""
-    def c(bm, bn, bk, stages, warps, target=1, splits=0, swap=False):
-        return Config(bm, bn, bk, splits=splits, target=target, warps=warps, stages=stages, w4=True, wgmma=True,
-                      swap=swap)
+    c = _wgmma_c
     if m <= 32:     # swap: out^T = W^T x^T, x's rows are the MMA's N (16 or 32), no 64-row padding
         bm = 16 if m <= 16 else 32
         return [c(bm, 128, 64, 4, 4, target=2, swap=True), c(bm, 128, 128, 3, 4, target=2, swap=True),
@@ -714,14 +712,26 @@ def _w4_table(m: int, n: int) -> Config:
             else Config(128, 64, 64, target=1, warps=4, stages=4, w4=True))
 
 
-def _wgmma_c(bm: int, bn: int, bk: int, stages: int, warps: int, target: int = 1, splits: int = 0) -> Config:
-    return Config(bm, bn, bk, splits=splits, target=target, warps=warps, stages=stages, w4=True, wgmma=True)
+def _wgmma_c(bm: int, bn: int, bk: int, stages: int, warps: int, target: int = 1, splits: int = 0,
+             swap: bool = False) -> Config:
+    return Config(bm, bn, bk, splits=splits, target=target, warps=warps, stages=stages, w4=True, wgmma=True,
+                  swap=swap)
 
 
-#: The Gluon wgmma W4A16 shape the engine dispatches on sm_90, per rows bucket, with the widest projection
-#: (N >= 16384, gate_up) on its own column: (default, wide). A bucket missing here keeps the Triton table /
-#: dequantize + cuBLAS. Filled from ``benchmarks/gpu/bench_w4_wgmma.py`` on an H200.
-_WGMMA_TABLE: dict[int, tuple[Config, Config]] = {}
+#: The Gluon wgmma W4A16 shape the engine dispatches on sm_90, per rows bucket: (N < 16384, N >= 16384 i.e.
+#: gate_up); None keeps the Triton table / dequantize + cuBLAS. From ``benchmarks/gpu/bench_w4_wgmma.py`` on an
+#: H200 (2026-11-30, Llama-3.1-8B projections, us): at 16 rows the swap form beats both bf16 and the Triton
+#: kernel on every projection (qkv 13.0 vs 16.5 Triton / 16.8 bf16, o 11.2 / 11.7, gate_up 45.9 / 50.3, down
+#: 30.8 / 31.0); at 64..256 rows it wins on gate_up only (64: 66.8 vs 93.9, 128: 90.2 vs 151.7, 256: 137.7 vs
+#: 190.9), the narrower projections having too few output tiles; from 512 rows dequantize + cuBLAS wins
+#: (1024: 0.79x bf16 vs 0.64x). The 8-row bucket runs the 16-row shape (the same weight-bound work).
+_WGMMA_TABLE: dict[int, tuple[Config | None, Config | None]] = {
+    8: (_wgmma_c(16, 128, 128, 3, 4, target=2, swap=True), _wgmma_c(16, 128, 128, 3, 4, target=2, swap=True)),
+    16: (_wgmma_c(16, 128, 128, 3, 4, target=2, swap=True), _wgmma_c(16, 128, 128, 3, 4, target=2, swap=True)),
+    64: (None, _wgmma_c(64, 128, 64, 4, 4, target=2)),
+    128: (None, _wgmma_c(128, 128, 64, 4, 8, target=1)),
+    256: (None, _wgmma_c(256, 128, 64, 3, 8, target=1)),
+}
 
 
 def _wgmma_table(m: int, n: int) -> Config | None:

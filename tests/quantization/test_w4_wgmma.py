@@ -46,12 +46,11 @@ def _compile(cfg: im.Config, split: bool, zp: bool = True, dtype: str = "bf16"):
 
 
 def _shapes() -> list[tuple[im.Config, bool]]:
-    """The engine-facing shapes: the first of each rows bucket (split-K where it may split) and the largest."""
-    picks = []
-    for rows in (16, 64, 256, 1024):
-        cfg = im._wgmma_candidates(rows)[0]
-        picks.append((cfg, cfg.splits != 1 and rows <= 64))
-    return picks
+    """What the engine dispatches (the table's shapes; split-K where the bucket splits) and the largest
+    candidate."""
+    picks = {(cfg, bucket <= 64) for bucket, cell in im._WGMMA_TABLE.items() for cfg in cell if cfg is not None}
+    picks.add((im._wgmma_candidates(1024)[0], False))
+    return sorted(picks, key=str)
 
 
 @pytest.mark.skipif(_tool("cuobjdump") is None, reason="no bundled cuobjdump")
@@ -163,3 +162,13 @@ def test_fp8_gluon_gemv_compiles_without_spills():
                                check=True).stdout
     assert "LDGSTS.E.BYPASS.128" in sass and "E4M3" in sass
     assert re.search(r"LOCAL:0\b", usage), usage
+
+
+def test_int4_wgmma_table_by_rows_and_width():
+    """The H200 table: the swap form for 5..16 rows on every projection, 33..256 rows on the widest (gate_up)
+    only, nothing from 257 rows (dequantize + cuBLAS wins there)."""
+    for m in (5, 8, 12, 16):
+        assert im._wgmma_table(m, 6144).swap and im._wgmma_table(m, 28672).swap
+    for m in (40, 64, 100, 128, 200, 256):
+        assert im._wgmma_table(m, 4096) is None and im._wgmma_table(m, 28672).wgmma
+    assert im._wgmma_table(20, 28672) is None and im._wgmma_table(257, 28672) is None
