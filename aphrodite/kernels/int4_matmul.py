@@ -636,22 +636,24 @@ def _wgmma_candidates(m: int) -> list[Config]:
     so BLOCK_M >= 64, or ``swap`` puts the weight tile on that side and 16..32 rows of x on the MMA's N;
     ``stages`` is the depth of the cp.async ring, ``target`` the programs per SM that split-K aims for."""
     c = _wgmma_c
+    # The first H200 sweep (2026-11-30) ran 3..4-deep rings; a CTA's time a K step tracked the load latency
+    # divided by the ring's lookahead (stages - 1) rather than its MMA time (4 stages: 0.71 us a step, 3 stages:
+    # 1.14 us at 1024 rows), so the deeper rings that still fit shared memory are offered next to the table's.
     if m <= 32:     # swap: out^T = W^T x^T, x's rows are the MMA's N (16 or 32), no 64-row padding
         bm = 16 if m <= 16 else 32
-        return [c(bm, 128, 64, 4, 4, target=2, swap=True), c(bm, 128, 128, 3, 4, target=2, swap=True),
-                c(bm, 64, 64, 6, 4, target=3, swap=True), c(bm, 128, 64, 4, 8, target=2, swap=True),
-                c(64, 128, 64, 4, 4, target=2), c(64, 64, 64, 6, 4, target=3)]
+        return [c(bm, 128, 128, 3, 4, target=2, swap=True), c(bm, 64, 64, 6, 4, target=3, swap=True),
+                c(bm, 128, 64, 8, 4, target=2, swap=True), c(bm, 128, 128, 5, 4, target=2, swap=True)]
     if m <= 64:
-        return [c(64, 128, 64, 4, 4, target=2), c(64, 64, 64, 6, 4, target=3), c(64, 128, 128, 3, 4, target=2),
-                c(64, 256, 64, 4, 8, target=1)]
+        return [c(64, 128, 64, 4, 4, target=2), c(64, 128, 64, 6, 4, target=2), c(64, 128, 64, 8, 4, target=2),
+                c(64, 64, 64, 6, 4, target=3)]
     if m <= 128:
-        return [c(128, 128, 64, 4, 8, target=1), c(128, 128, 64, 3, 8, target=2), c(64, 128, 64, 4, 4, target=2),
+        return [c(128, 128, 64, 4, 8, target=1), c(128, 128, 64, 8, 8, target=1), c(64, 128, 64, 6, 4, target=2),
                 c(128, 64, 64, 4, 4, target=2)]
     if m <= 256:
-        return [c(128, 128, 64, 4, 8, target=1), c(128, 256, 64, 3, 8, target=1), c(256, 128, 64, 3, 8, target=1),
-                c(128, 128, 64, 3, 8, target=1)]
-    return [c(128, 256, 64, 3, 8, splits=1), c(256, 128, 64, 3, 8, splits=1), c(128, 128, 64, 4, 8, splits=1),
-            c(128, 128, 128, 3, 8, splits=1), c(128, 128, 64, 3, 8, splits=1)]
+        return [c(256, 128, 64, 3, 8, target=1), c(256, 128, 64, 5, 8, target=1), c(128, 256, 64, 6, 8, target=1),
+                c(128, 128, 64, 8, 8, target=1)]
+    return [c(256, 128, 64, 5, 8, splits=1), c(128, 256, 64, 6, 8, splits=1), c(128, 128, 64, 8, 8, splits=1),
+            c(256, 128, 64, 3, 8, splits=1), c(128, 128, 64, 5, 8, splits=1)]
 
 
 def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> bool:
