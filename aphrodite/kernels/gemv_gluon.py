@@ -32,7 +32,8 @@ if HAS_GLUON:
 
     @gluon.jit
     def _plane(p, x2, j: gl.constexpr, one):
-        """sum_k x_k f_j[k, w] for nibble j of every word: f = 1 + q/128 (nibble at bits 16..19 of 1.0)."""
+        """sum_k x_k f_j[.., k, w] for nibble j of every word (``p [WK, KS, BW]``, the sum over KS in-thread):
+        f = 1 + q/128 (nibble at bits 16..19 of 1.0)."""
         if j < 4:
             t = p << (16 - 4 * j)
         elif j == 4:
@@ -40,34 +41,38 @@ if HAS_GLUON:
         else:
             t = p >> (4 * j - 16)
         f = ((t & 0xF0000) | one).to(gl.float32, bitcast=True)
-        return gl.sum(f * x2, axis=0)
+        return gl.sum(f * x2, axis=1)
 
     @gluon.jit
     def _cols(g0, g1, g2, g3, g4, g5, g6, g7):
-        """Eight ``[BW]`` planes -> ``[BW, 8]`` in output order (plane j holds column INT4_ORDER[j])."""
+        """Eight ``[WK, BW]`` planes -> ``[WK, BW, 8]`` in output order (plane j holds column INT4_ORDER[j])."""
         q0 = gl.join(g0, g4)        # columns 0, 1
         q1 = gl.join(g1, g5)        # 2, 3
         q2 = gl.join(g2, g6)        # 4, 5
         q3 = gl.join(g3, g7)        # 6, 7
-        r0 = gl.permute(gl.join(q0, q1), (0, 2, 1))          # [BW, h, e] -> column 2h + e
-        r1 = gl.permute(gl.join(q2, q3), (0, 2, 1))
-        full = gl.permute(gl.join(r0, r1), (0, 3, 1, 2))      # [BW, t, h, e] -> 4t + 2h + e
-        return gl.reshape(full, [full.shape[0], 8])
+        r0 = gl.permute(gl.join(q0, q1), (0, 1, 3, 2))          # [WK, BW, h, e] -> column 2h + e
+        r1 = gl.permute(gl.join(q2, q3), (0, 1, 3, 2))
+        full = gl.permute(gl.join(r0, r1), (0, 1, 4, 2, 3))      # [WK, BW, t, h, e] -> 4t + 2h + e
+        return gl.reshape(full, [full.shape[0], full.shape[1], 8])
 
     @gluon.jit
     def _row_step(p, x_row, s, zb, one, O_LAYOUT: gl.constexpr):
-        """One step's contribution for one row of x: ``a G + b X`` as a ``[BW, 8]`` tile."""
-        x2 = gl.expand_dims(x_row.to(gl.float32), 1)
+        """One step's contribution for one row of x (``[WK, KS]``, each warp row its K part): ``a G + b X`` as a
+        ``[WK, BW, 8]`` tile of per-warp partial sums."""
+        xf = x_row.to(gl.float32)
+        x2 = gl.expand_dims(xf, 2)
         g = _cols(_plane(p, x2, 0, one), _plane(p, x2, 1, one), _plane(p, x2, 2, one), _plane(p, x2, 3, one),
                   _plane(p, x2, 4, one), _plane(p, x2, 5, one), _plane(p, x2, 6, one), _plane(p, x2, 7, one))
         g = gl.convert_layout(g, O_LAYOUT)
-        xs = gl.sum(x_row.to(gl.float32), axis=0)
-        return (s * 128.0) * g - (s * zb) * xs
+        xs = gl.convert_layout(gl.sum(xf, axis=1), gl.SliceLayout(1, gl.SliceLayout(2, O_LAYOUT)))
+        xs3 = gl.expand_dims(gl.expand_dims(xs, 1), 2)
+        return gl.expand_dims(s * 128.0, 0) * g - gl.expand_dims(s * zb, 0) * xs3
 
     @gluon.jit
     def _issue(w_ptrs, x_ptrs, s_ptrs, z_ptrs, p_buf, x_buf, s_buf, z_buf, slot, st, n_steps, k_lo, stride_wk,
                stride_xm, stride_sg, ROWS: gl.constexpr, KS: gl.constexpr, GROUP: gl.constexpr,
                HAS_ZP: gl.constexpr):
+        """Step ``st`` (``KS`` = all rows of a step) into ring slot ``slot``: one commit group."""
         ok = st < n_steps
         k0 = k_lo + st * KS
         cp.async_copy_global_to_shared(p_buf.index(slot), w_ptrs + k0 * stride_wk, mask=ok)
@@ -84,15 +89,21 @@ if HAS_GLUON:
                         M, N, steps_per_split, total_steps, num_splits, one,
                         stride_xm, stride_wk, stride_sg, stride_om,
                         ROWS: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr, HAS_BIAS: gl.constexpr,
-                        KS: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
-        BW: gl.constexpr = 32 * num_warps
+                        KS: gl.constexpr, WK: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr,
+                        num_warps: gl.constexpr):
+        WW: gl.constexpr = num_warps // WK
+        BW: gl.constexpr = 32 * WW
+        KT: gl.constexpr = KS * WK          # rows a step: WK groups of warps take KS rows each
         dtype: gl.constexpr = s_ptr.dtype.element_ty
-        # A thread owns one packed column (8 outputs) and every row of a step: the K sums stay in-thread.
-        P_LAYOUT: gl.constexpr = gl.BlockedLayout([KS, 1], [1, 32], [1, num_warps], [0, 1])
+        # A thread owns one packed column (8 outputs) and KS rows of a step: the K sums stay in-thread; the WK
+        # warp rows keep separate sums, added once at the end.
+        P_LAYOUT: gl.constexpr = gl.BlockedLayout([1, KS, 1], [1, 1, 32], [WK, 1, WW], [1, 2, 0])
         # ... but the copies move 16-byte rows of 4 words (the barrier that publishes x publishes them too).
         TW: gl.constexpr = 8 * num_warps if num_warps < 4 else 32
         PC_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TW, TW], [num_warps, 1], [1, 0])
-        O_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
+        O_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [WK, WW, 1], [2, 1, 0])
+        S_LAYOUT: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
+        SC_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
         XC_LAYOUT: gl.constexpr = gl.BlockedLayout([8], [32], [num_warps], [0])
         FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         FLAT1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
@@ -103,18 +114,17 @@ if HAS_GLUON:
         n_steps = gl.minimum(steps_per_split, total_steps - st_lo)
         k_lo = st_lo * KS
 
-        pk = gl.arange(0, KS, layout=gl.SliceLayout(1, PC_LAYOUT))
+        pk = gl.arange(0, KT, layout=gl.SliceLayout(1, PC_LAYOUT))
         pw = pid_w * BW + gl.arange(0, BW, layout=gl.SliceLayout(0, PC_LAYOUT))
         w_ptrs = w_ptr + gl.expand_dims(pk.to(gl.int64) * stride_wk, 1) + gl.expand_dims(pw, 0)
-        x_ptrs = x_ptr + gl.arange(0, KS, layout=XC_LAYOUT)
-        ow = pid_w * BW + gl.arange(0, BW, layout=gl.SliceLayout(1, O_LAYOUT))
-        oc = gl.arange(0, 8, layout=gl.SliceLayout(0, O_LAYOUT))
-        cols = gl.expand_dims(ow * 8, 1) + gl.expand_dims(oc, 0)             # [BW, 8] output features
-        s_ptrs = s_ptr + cols
-        z_ptrs = z_ptr + cols
+        x_ptrs = x_ptr + gl.arange(0, KT, layout=XC_LAYOUT)
+        sw = pid_w * BW + gl.arange(0, BW, layout=gl.SliceLayout(1, SC_LAYOUT))
+        sc = gl.arange(0, 8, layout=gl.SliceLayout(0, SC_LAYOUT))
+        s_ptrs = s_ptr + gl.expand_dims(sw * 8, 1) + gl.expand_dims(sc, 0)   # [BW, 8] output features
+        z_ptrs = z_ptr + gl.expand_dims(sw * 8, 1) + gl.expand_dims(sc, 0)
 
-        p_buf = gl.allocate_shared_memory(gl.int32, [STAGES, KS, BW], FLAT)
-        x_buf = gl.allocate_shared_memory(dtype, [STAGES * ROWS, KS], FLAT1)
+        p_buf = gl.allocate_shared_memory(gl.int32, [STAGES, KT, BW], FLAT)
+        x_buf = gl.allocate_shared_memory(dtype, [STAGES * ROWS, KT], FLAT1)
         s_buf = gl.allocate_shared_memory(dtype, [STAGES, BW, 8], FLAT)
         if HAS_ZP:
             z_buf = gl.allocate_shared_memory(dtype, [STAGES, BW, 8], FLAT)
@@ -123,9 +133,9 @@ if HAS_GLUON:
 
         for i in gl.static_range(STAGES - 1):
             _issue(w_ptrs, x_ptrs, s_ptrs, z_ptrs, p_buf, x_buf, s_buf, z_buf, i, i, n_steps, k_lo, stride_wk,
-                   stride_xm, stride_sg, ROWS, KS, GROUP, HAS_ZP)
+                   stride_xm, stride_sg, ROWS, KT, GROUP, HAS_ZP)
 
-        acc0 = gl.zeros([BW, 8], dtype=gl.float32, layout=O_LAYOUT)
+        acc0 = gl.zeros([WK, BW, 8], dtype=gl.float32, layout=O_LAYOUT)
         acc1 = acc0
         acc2 = acc0
         acc3 = acc0
@@ -136,34 +146,40 @@ if HAS_GLUON:
             nxt = slot + STAGES - 1
             nxt = gl.where(nxt >= STAGES, nxt - STAGES, nxt)
             _issue(w_ptrs, x_ptrs, s_ptrs, z_ptrs, p_buf, x_buf, s_buf, z_buf, nxt, st + STAGES - 1, n_steps, k_lo,
-                   stride_wk, stride_xm, stride_sg, ROWS, KS, GROUP, HAS_ZP)
-            p = p_buf.index(slot).load(P_LAYOUT)
-            s = s_buf.index(slot).load(O_LAYOUT).to(gl.float32)
+                   stride_wk, stride_xm, stride_sg, ROWS, KT, GROUP, HAS_ZP)
+            p = p_buf.index(slot).reshape([WK, KS, BW]).load(P_LAYOUT)
+            s = s_buf.index(slot).load(S_LAYOUT).to(gl.float32)
             if HAS_ZP:
-                zb = z_buf.index(slot).load(O_LAYOUT).to(gl.float32) + 128.0
+                zb = z_buf.index(slot).load(S_LAYOUT).to(gl.float32) + 128.0
             else:
-                zb = gl.full([BW, 8], 136.0, gl.float32, O_LAYOUT)
-            XR_LAYOUT: gl.constexpr = gl.SliceLayout(1, P_LAYOUT)
-            acc0 += _row_step(p, x_buf.index(slot * ROWS).load(XR_LAYOUT), s, zb, one, O_LAYOUT)
+                zb = gl.full([BW, 8], 136.0, gl.float32, S_LAYOUT)
+            XR_LAYOUT: gl.constexpr = gl.SliceLayout(2, P_LAYOUT)
+            acc0 += _row_step(p, x_buf.index(slot * ROWS).reshape([WK, KS]).load(XR_LAYOUT), s, zb, one, O_LAYOUT)
             if ROWS > 1:
-                acc1 += _row_step(p, x_buf.index(slot * ROWS + 1).load(XR_LAYOUT), s, zb, one, O_LAYOUT)
+                acc1 += _row_step(p, x_buf.index(slot * ROWS + 1).reshape([WK, KS]).load(XR_LAYOUT), s, zb, one,
+                                  O_LAYOUT)
             if ROWS > 2:
-                acc2 += _row_step(p, x_buf.index(slot * ROWS + 2).load(XR_LAYOUT), s, zb, one, O_LAYOUT)
+                acc2 += _row_step(p, x_buf.index(slot * ROWS + 2).reshape([WK, KS]).load(XR_LAYOUT), s, zb, one,
+                                  O_LAYOUT)
             if ROWS > 3:
-                acc3 += _row_step(p, x_buf.index(slot * ROWS + 3).load(XR_LAYOUT), s, zb, one, O_LAYOUT)
+                acc3 += _row_step(p, x_buf.index(slot * ROWS + 3).reshape([WK, KS]).load(XR_LAYOUT), s, zb, one,
+                                  O_LAYOUT)
             slot = gl.where(slot + 1 >= STAGES, 0, slot + 1)
         cp.wait_group(0)
 
+        ow = pid_w * BW + gl.arange(0, BW, layout=gl.SliceLayout(1, S_LAYOUT))
+        oc = gl.arange(0, 8, layout=gl.SliceLayout(0, S_LAYOUT))
+        cols = gl.expand_dims(ow * 8, 1) + gl.expand_dims(oc, 0)             # [BW, 8] output features
         ok = gl.expand_dims(ow * 8 < N, 1)
         for r in gl.static_range(ROWS):
             if r == 0:
-                acc = acc0
+                acc = gl.sum(acc0, axis=0)          # the WK warp rows' sums (through shared memory when WK > 1)
             elif r == 1:
-                acc = acc1
+                acc = gl.sum(acc1, axis=0)
             elif r == 2:
-                acc = acc2
+                acc = gl.sum(acc2, axis=0)
             else:
-                acc = acc3
+                acc = gl.sum(acc3, axis=0)
             if SPLIT:
                 gl.store(part_ptr + (pid_k * M + r).to(gl.int64) * N + cols, acc, mask=ok)
             else:
@@ -177,7 +193,7 @@ if HAS_GLUON:
             if done == num_splits - 1:
                 gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
                 for r in gl.static_range(ROWS):
-                    total = gl.zeros([BW, 8], dtype=gl.float32, layout=O_LAYOUT)
+                    total = gl.zeros([BW, 8], dtype=gl.float32, layout=S_LAYOUT)
                     for sp0 in range(0, num_splits, 8):        # eight loads in flight; fixed order
                         for u in gl.static_range(8):
                             sp = sp0 + u
@@ -262,22 +278,24 @@ if HAS_GLUON:
             gl.store(out_ptr + r * stride_om + rows, res.to(dtype))
 
 
-def gemv_w4_supported(n: int, k: int, group: int, ks: int, warps: int) -> bool:
-    """Shapes ``_gemv_w4_kernel`` takes: whole ``32 * warps``-word column blocks (no column masks on the
-    copies) and steps of ``ks`` rows inside one group."""
-    return n % (256 * warps) == 0 and group % ks == 0 and k % group == 0
+def gemv_w4_supported(n: int, k: int, group: int, ks: int, warps: int, wk: int = 1) -> bool:
+    """Shapes ``_gemv_w4_kernel`` takes: ``wk`` rows of warps splitting each step's K, whole
+    ``32 * warps / wk``-word column blocks (no column masks on the copies) and steps of ``ks * wk`` rows inside one
+    group."""
+    return (warps % wk == 0 and n % (256 * (warps // wk)) == 0 and group % (ks * wk) == 0
+            and k % group == 0)
 
 
 def gemv_w4_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                    bias: torch.Tensor | None, out: torch.Tensor, *, n: int, group: int, ks: int, stages: int,
-                   warps: int, target: int, num_sms: int, counters, max_splits: int = 16) -> None:
+                   warps: int, target: int, num_sms: int, counters, max_splits: int = 16, wk: int = 1) -> None:
     """Launch ``_gemv_w4_kernel`` for ``x [M <= 4, K]`` (``gemv_w4_supported`` shapes); split-K by whole steps
     to reach ``target`` programs per SM, at most ``max_splits`` (the last program of a column block reads
     every split's partial)."""
     m, k = x.shape
-    bw = 32 * warps
+    bw = 32 * (warps // wk)
     programs = n // 8 // bw
-    total_steps = k // ks
+    total_steps = k // (ks * wk)
     want = max(1, min(total_steps, max_splits, -(-target * num_sms // programs)))
     per = -(-total_steps // want)
     splits = -(-total_steps // per)
@@ -287,7 +305,7 @@ def gemv_w4_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, 
     _gemv_w4_kernel[(programs, splits)](
         x, weight, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy, out, part,
         cnt, m, n, per, total_steps, splits, 0x3F800000, x.stride(0), weight.stride(0), scales.stride(0),
-        out.stride(0), ROWS=m, GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, KS=ks,
+        out.stride(0), ROWS=m, GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, KS=ks, WK=wk,
         STAGES=stages, SPLIT=splits > 1, num_warps=warps)
 
 

@@ -388,6 +388,7 @@ class GemvConfig:
     defer: bool | None = None   # int4: scales once per group (None: for 1 row; more rows need the registers)
     gluon: bool = False         # int4 on sm_90: the cp.async-ring kernel (``gemv_gluon``); block_k = rows a step
     stages: int = 4             # gluon: ring depth
+    wk: int = 1                 # gluon int4: rows of warps that split each step's K (more warps, same columns)
 
 
 def _defaults(w: QuantWeight, rows: int) -> tuple[int, int]:
@@ -418,7 +419,7 @@ def gluon_gemv_ok(x: torch.Tensor, w: QuantWeight, cfg: GemvConfig) -> bool:
     if not (cfg.gluon and wgmma_supported(x.device) and supports(x, w)):
         return False
     if w.fmt == FMT_INT4:
-        return (cfg.block_k > 0 and gemv_w4_supported(w.n, w.k, w.group, cfg.block_k, cfg.warps)
+        return (cfg.block_k > 0 and gemv_w4_supported(w.n, w.k, w.group, cfg.block_k, cfg.warps, cfg.wk)
                 and _aligned16(x, w.weight, w.scales, w.zeros))
     return (_per_channel(w) and cfg.block > 0 and gemv_fp8_supported(w.n, w.k, cfg.block, cfg.warps)
             and _aligned16(w.weight) and cfg.block // cfg.warps * 16 * x.shape[0] <= 256)   # fp32 sums a thread
@@ -476,15 +477,18 @@ def _candidates(w: QuantWeight) -> list[GemvConfig]:
 
 
 def gluon_gemv_candidates(fmt: int) -> list[GemvConfig]:
-    """Shapes of the Gluon GEMVs (sm_90). int4: warps (32 packed columns each), rows a step, ring depth, programs
-    per SM (split-K, at most 16 splits). FP8: output rows a program, warps, ring depth (no split-K)."""
+    """Shapes of the Gluon GEMVs (sm_90). int4: rows a warp takes a step, warps, programs per SM (split-K, at
+    most 16 splits), ring depth, rows of warps along K. FP8: output rows a program, warps, ring depth."""
     if fmt == FMT_FP8:
         return [GemvConfig(block=16, warps=4, stages=4, gluon=True), GemvConfig(block=8, warps=4, stages=4, gluon=True),
                 GemvConfig(block=32, warps=4, stages=3, gluon=True), GemvConfig(block=8, warps=2, stages=6, gluon=True),
                 GemvConfig(block=16, warps=8, stages=4, gluon=True)]
-    def g(ks: int, warps: int, target: int, stages: int = 4) -> GemvConfig:
-        return GemvConfig(block_k=ks, warps=warps, target=target, stages=stages, gluon=True)
-    return [g(32, 1, 4), g(64, 1, 4), g(32, 2, 3), g(32, 4, 2), g(32, 1, 8, stages=6), g(64, 2, 2, stages=3)]
+    def g(ks: int, warps: int, target: int, stages: int = 4, wk: int = 1) -> GemvConfig:
+        return GemvConfig(block_k=ks, warps=warps, target=target, stages=stages, gluon=True, wk=wk)
+    # The work is one FMA-ish chain per weight (~4 instructions), so it needs many warps an SM: wk rows of warps
+    # share a column block (and a 128-row step), which adds warps without more split-K partials.
+    return [g(32, 4, 4, wk=4), g(16, 8, 3, wk=8), g(32, 8, 2, wk=4), g(32, 4, 3, wk=2), g(32, 2, 4),
+            g(32, 1, 8, stages=6)]
 
 
 #: The Gluon GEMV shape the engine runs on sm_90 per (format, rows); missing: the Triton GEMV's default. Filled
@@ -540,7 +544,7 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
     if w.fmt == FMT_INT4 and gluon_gemv_ok(x, w, cfg):
         gemv_w4_launch(x, w.weight, w.scales, w.zeros, bias, out, n=n, group=w.group, ks=cfg.block_k,
                        stages=cfg.stages, warps=cfg.warps, target=cfg.target, num_sms=_num_sms(dev),
-                       counters=_counters)
+                       counters=_counters, wk=cfg.wk)
         return
     if w.fmt == FMT_INT4:
         block_k = min(block_k, w.group)

@@ -106,8 +106,8 @@ def _compile_gemv(cfg, rows: int, split: bool):
             "out_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
     ints = ["M", "N", "steps_per_split", "total_steps", "num_splits", "one", "stride_xm", "stride_wk", "stride_sg",
             "stride_om"]
-    const = dict(ROWS=rows, GROUP=128, HAS_ZP=True, HAS_BIAS=True, KS=cfg.block_k, STAGES=cfg.stages, SPLIT=split,
-                 num_warps=cfg.warps)
+    const = dict(ROWS=rows, GROUP=128, HAS_ZP=True, HAS_BIAS=True, KS=cfg.block_k, WK=cfg.wk, STAGES=cfg.stages,
+                 SPLIT=split, num_warps=cfg.warps)
     sig = {**ptrs, **dict.fromkeys(ints, "i32"), **dict.fromkeys(const, "constexpr")}
     aligned = set(ptrs) | {"N", "stride_xm", "stride_wk", "stride_sg", "stride_om"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in aligned}
