@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from aphrodite.kernels.triton_utils import LazyKernel, tl, use_triton
+from aphrodite.kernels.triton_utils import HAS_TRITON, DeviceFunction, LazyKernel, next_pow2, tl, use_triton
 
 __all__ = ["apply_bitmask_", "apply_bitmask_ref", "row_stats", "row_stats_ref", "sample_temperature_min_p",
            "sample_temperature_min_p_ref"]
@@ -229,3 +229,282 @@ def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, block: int = 102
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# ---- the sampler chain's tail on each row's top-k candidates, in one kernel -----------------------------------
+# After top-k every later sampler, the skew and the draw read only each row's few hundred candidates; run one by
+# one that is ~250 tiny launches per step. Here one program per row holds its candidates (value, token id) in
+# registers and applies the stages of a plan in order (the plan is a compile-time constant: the sampler order
+# with the re-sorts it needs). The PyTorch reference is the chain's candidate path (``samplers/chain.py``,
+# ``run_chain_compact`` then the draw), which runs the same formulas sampler by sampler.
+TAIL_TEMPERATURE, TAIL_NSIGMA, TAIL_SORT_DESC, TAIL_SORT_ID, TAIL_TOP_K_TOP_P, TAIL_TOP_A, TAIL_MIN_P, TAIL_TFS, \
+    TAIL_ETA, TAIL_EPSILON, TAIL_TYPICAL, TAIL_QUADRATIC, TAIL_XTC, TAIL_SKEW = range(1, 15)
+_PLAN_SLOTS = 15                 # stages per constexpr int (4 bits each)
+_TAIL_MAX_BLOCK = 4096
+
+
+def _ordered_fn(x):
+    """float32 -> int32 with the same order (-0.0 counted as 0.0), for sort keys."""
+    b = (x + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+def _sort_by_fn(hi, ids, cols, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
+    """Columns ordered by (hi, token id) ascending: returns (the old column now at each place, its token id)."""
+    key = (hi.to(tl.int64) << 32) + (ids.to(tl.int64) * BLOCK + cols.to(tl.int64))
+    key = tl.sort(key, 0)
+    lo = key - ((key >> 32) << 32)
+    return (lo & (BLOCK - 1)).to(tl.int32), (lo >> LOG_BLOCK).to(tl.int32)
+
+
+def _gather_fn(scr, x, at, cols):
+    """``x`` read at columns ``at`` (through the row's scratch: registers cannot be indexed)."""
+    tl.debug_barrier()
+    tl.store(scr + cols, x)
+    tl.debug_barrier()
+    return tl.load(scr + at)
+
+
+def _scatter_fn(scr, x, at, cols):
+    """The inverse of ``_gather_fn``: y[at[j]] = x[j]."""
+    tl.debug_barrier()
+    tl.store(scr + at, x)
+    tl.debug_barrier()
+    return tl.load(scr + cols)
+
+
+def _shifted_fn(scr, x, cols, delta, BLOCK: tl.constexpr):
+    """x[j + delta] (0 outside the row)."""
+    tl.debug_barrier()
+    tl.store(scr + cols, x)
+    tl.debug_barrier()
+    at = cols + delta
+    return tl.load(scr + at, mask=(at >= 0) & (at < BLOCK), other=0.0)
+
+
+def _pow_fn(b, e):
+    """b ** e for b >= 0 (torch.pow's values at 0 and nan)."""
+    return tl.where(e == 0, 1.0, tl.exp2(e * tl.log2(b)))
+
+
+def _lowest_id_fn(cond, ids):
+    return tl.min(tl.where(cond, ids, 2147483647), 0)
+
+
+def _temperature_fn(t, dmin_ptr, dmax_ptr, dexp_ptr, row, ent, cnt, DYN: tl.constexpr):
+    """``truncation.temperatures`` for one row (``ent``, ``cnt``: its entropy and finite count, read when DYN)."""
+    if DYN:
+        dmin = tl.load(dmin_ptr + row)
+        dmax = tl.load(dmax_ptr + row)
+        dyn_t = dmin + (dmax - dmin) * _pow(ent / tl.log(cnt), tl.load(dexp_ptr + row))
+        t = tl.where((dmin != 0) | (dmax != 0), dyn_t, t)
+    t = tl.where(t != t, 1e-5, t)
+    return tl.maximum(t, 1e-5)
+
+
+def _entropy_count_std_fn(v):
+    """``row_stats`` of the candidates: (max, entropy, finite count, Bessel std)."""
+    fin = v > -float("inf")
+    m = tl.max(v, 0)
+    e = tl.exp(v - m)
+    s = tl.sum(e, 0)
+    logp = v - m - tl.log(s)
+    ent = -tl.sum(tl.where(fin, tl.exp(logp) * logp, 0.0), 0)
+    cnt = tl.sum(fin.to(tl.float32), 0)
+    mean = tl.sum(tl.where(fin, v, 0.0), 0) / cnt
+    d = tl.where(fin, v - mean, 0.0)
+    std = tl.sqrt(tl.sum(d * d, 0) / tl.maximum(cnt - 1.0, 1.0))
+    return m, ent, cnt, std
+
+
+def _tail_kernel(val_ptr, id_ptr, val_stride, id_stride, n_cols, vocab, stats_ptr,
+                 temp_ptr, dmin_ptr, dmax_ptr, dexp_ptr, nsig_ptr, nsig_on_ptr, k_ptr, p_ptr, a_ptr, minp_ptr,
+                 tfs_ptr, tfs_on_ptr, eta_ptr, eps_ptr, typ_ptr, typ_on_ptr, qk_ptr, qs_ptr, q_on_ptr,
+                 xthr_ptr, xprob_ptr, xu_ptr, skew_ptr, greedy_t_ptr, u_ptr, scratch_ptr, out_ptr,
+                 PLAN0: tl.constexpr, PLAN1: tl.constexpr, DEF_NSIGMA: tl.constexpr, DEF_TEMP: tl.constexpr,
+                 DYN: tl.constexpr, HAS_K: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr,
+                 LOG_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < n_cols
+    v = tl.load(val_ptr + row * val_stride + cols, mask=inside, other=-float("inf")).to(tl.float32)
+    ids = tl.load(id_ptr + row * id_stride + cols, mask=inside, other=0).to(tl.int32)
+    ids = tl.where(inside, ids, vocab + cols)          # padding: ids past the vocabulary, each its own
+    scr = scratch_ptr + row * BLOCK
+    neg_inf = -float("inf")
+    # Temperature and top-n-sigma deferred to here from just before top-k, on the row statistics of the
+    # whole-vocabulary logits (their cuts and divisions keep the order top-k selected on).
+    if DEF_NSIGMA:
+        cut = tl.load(stats_ptr + row * 4) - tl.load(nsig_ptr + row) * tl.load(stats_ptr + row * 4 + 3)
+        v = tl.where((tl.load(nsig_on_ptr + row) != 0) & (v < cut), neg_inf, v)
+    if DEF_TEMP:
+        if DYN:
+            ent = tl.load(stats_ptr + row * 4 + 1)
+            cnt = tl.load(stats_ptr + row * 4 + 2)
+        else:
+            ent = 0.0
+            cnt = 1.0
+        v = v / _temperature(tl.load(temp_ptr + row), dmin_ptr, dmax_ptr, dexp_ptr, row, ent, cnt, DYN)
+    for i in tl.static_range(2 * 15):
+        if i < 15:
+            code = (PLAN0 >> (4 * i)) & 15
+        else:
+            code = (PLAN1 >> (4 * (i - 15))) & 15
+        if code == 1:      # TAIL_TEMPERATURE
+            m, ent, cnt, std = _entropy_count_std(v)
+            v = v / _temperature(tl.load(temp_ptr + row), dmin_ptr, dmax_ptr, dexp_ptr, row, ent, cnt, DYN)
+        if code == 2:      # TAIL_NSIGMA
+            m, ent, cnt, std = _entropy_count_std(v)
+            v = tl.where((tl.load(nsig_on_ptr + row) != 0) & (v < m - tl.load(nsig_ptr + row) * std), neg_inf, v)
+        if code == 3:      # TAIL_SORT_DESC: by value descending, ties by token id (a stable sort's order)
+            at, ids = _sort_by(-1 - _ordered(v), ids, cols, BLOCK, LOG_BLOCK)
+            v = _gather(scr, v, at, cols)
+        if code == 4:      # TAIL_SORT_ID
+            at, ids = _sort_by(tl.zeros((BLOCK,), tl.int32), ids, cols, BLOCK, LOG_BLOCK)
+            v = _gather(scr, v, at, cols)
+        if code == 5:      # TAIL_TOP_K_TOP_P (sorted): ties at the k-th value stay; then the nucleus
+            if HAS_K:
+                kk = tl.minimum(tl.load(k_ptr + row) - 1, n_cols - 1)
+                kth = tl.max(tl.where(cols == kk, v, neg_inf), 0)
+                v = tl.where(v < kth, neg_inf, v)
+            if HAS_P:
+                m = tl.max(v, 0)
+                e = tl.exp(v - m)
+                p = e / tl.sum(e, 0)
+                before = tl.cumsum(p, 0) - p
+                v = tl.where(before >= tl.load(p_ptr + row), neg_inf, v)
+        if code == 6:      # TAIL_TOP_A
+            m = tl.max(v, 0)
+            lse = m + tl.log(tl.sum(tl.exp(v - m), 0))
+            v = tl.where(v - lse < tl.log(tl.load(a_ptr + row)) + 2 * (m - lse), neg_inf, v)
+        if code == 7:      # TAIL_MIN_P
+            v = tl.where(v < tl.max(v, 0) + tl.log(tl.load(minp_ptr + row)), neg_inf, v)
+        if code == 8:      # TAIL_TFS (sorted; columns past the row stand for the rest of the vocabulary: p = 0)
+            m = tl.max(v, 0)
+            e = tl.exp(v - m)
+            p = e / tl.sum(e, 0)
+            p1 = _shifted(scr, p, cols, 1, BLOCK)
+            p2 = _shifted(scr, p, cols, 2, BLOCK)
+            d2 = tl.abs((p2 - p1) - (p1 - p))
+            cdf = tl.cumsum(d2 / tl.sum(d2, 0), 0)
+            prev = _shifted(scr, cdf, cols, -1, BLOCK)
+            drop = (cols >= 1) & (prev > tl.load(tfs_ptr + row)) & (tl.load(tfs_on_ptr + row) != 0)
+            v = tl.where(drop, neg_inf, v)
+        if code == 9:      # TAIL_ETA
+            m = tl.max(v, 0)
+            logp = v - m - tl.log(tl.sum(tl.exp(v - m), 0))
+            p = tl.exp(logp)
+            pl = p * logp
+            neg_ent = tl.sum(tl.where(pl == pl, pl, 0.0), 0)
+            eta = tl.load(eta_ptr + row)
+            eps = tl.minimum(eta, tl.sqrt(eta) * tl.exp(neg_ent))
+            keep = _lowest_id(p == tl.max(p, 0), ids)
+            v = tl.where((p < eps) & (ids != keep), neg_inf, v)
+        if code == 10:     # TAIL_EPSILON
+            m = tl.max(v, 0)
+            lse = m + tl.log(tl.sum(tl.exp(v - m), 0))
+            keep = _lowest_id(v == m, ids)
+            v = tl.where((v - lse < tl.log(tl.load(eps_ptr + row))) & (ids != keep), neg_inf, v)
+        if code == 11:     # TAIL_TYPICAL: by |surprisal - entropy| (ties: token id) until the mass reaches p
+            m = tl.max(v, 0)
+            logp = v - m - tl.log(tl.sum(tl.exp(v - m), 0))
+            p = tl.exp(logp)
+            pl = p * logp
+            neg_ent = tl.sum(tl.where(pl == pl, pl, 0.0), 0)
+            at, _unused = _sort_by(_ordered(tl.abs(neg_ent - logp)), ids, cols, BLOCK, LOG_BLOCK)
+            mass = tl.cumsum(_gather(scr, p, at, cols), 0)
+            drop = (mass >= tl.load(typ_ptr + row)) & (cols > 0)
+            drop = _scatter(scr, drop.to(tl.float32), at, cols) != 0
+            v = tl.where(drop & (tl.load(typ_on_ptr + row) != 0), neg_inf, v)
+        if code == 12:     # TAIL_QUADRATIC
+            diff = v - tl.max(v, 0)
+            delta = diff - diff * diff * (tl.load(qs_ptr + row) * diff - tl.load(qk_ptr + row))
+            delta = tl.where(delta != delta, 0.0, delta)
+            v = tl.where(tl.load(q_on_ptr + row) != 0, v - delta, v)
+        if code == 13:     # TAIL_XTC
+            m = tl.max(v, 0)
+            lse = m + tl.log(tl.sum(tl.exp(v - m), 0))
+            above = v - lse >= tl.log(tl.load(xthr_ptr + row))
+            fire = (tl.load(xu_ptr + row) < tl.load(xprob_ptr + row)) & (tl.sum(above.to(tl.int32), 0) >= 2)
+            low = tl.min(tl.where(above, v, float("inf")), 0)
+            keep = _lowest_id(above & (v == low), ids)
+            v = tl.where(above & (ids != keep), tl.where(fire, neg_inf, v), v)
+        if code == 14:     # TAIL_SKEW (token-id order): the CDF raised to exp(skew), differenced back
+            sk = tl.load(skew_ptr + row)
+            m = tl.max(v, 0)
+            e = tl.exp(v - m)
+            cdf = _pow(tl.maximum(tl.cumsum(e / tl.sum(e, 0), 0), 0.0), tl.exp(sk))
+            q = cdf - _shifted(scr, cdf, cols, -1, BLOCK)
+            v = tl.where(sk != 0, tl.log(tl.maximum(q, 0.0)), v)
+    # The draw (token-id order): the first candidate whose running mass exceeds u * total (``sample_from_logits``).
+    m = tl.max(v, 0)
+    e = tl.exp(v - m)
+    p = e / tl.sum(e, 0)
+    cdf = tl.cumsum(p, 0)
+    total = tl.max(tl.where(cols == n_cols - 1, cdf, neg_inf), 0)
+    target = tl.load(u_ptr + row).to(tl.float32) * total
+    idx = tl.minimum(tl.min(tl.where((cdf > target) & inside, cols, n_cols), 0), n_cols - 1)
+    picked = tl.max(tl.where(cols == idx, p, neg_inf), 0)
+    drawn = tl.where(picked > 0, tl.min(tl.where(cols == idx, ids, 2147483647), 0),
+                     _lowest_id(p == tl.max(p, 0), ids))
+    tok = tl.where(tl.load(greedy_t_ptr + row) > 0, drawn, _lowest_id(v == m, ids))
+    tl.store(out_ptr + row, tok.to(tl.int64))
+
+
+if HAS_TRITON:
+    _ordered = DeviceFunction(_ordered_fn)
+    _sort_by = DeviceFunction(_sort_by_fn)
+    _gather = DeviceFunction(_gather_fn)
+    _scatter = DeviceFunction(_scatter_fn)
+    _shifted = DeviceFunction(_shifted_fn)
+    _pow = DeviceFunction(_pow_fn)
+    _lowest_id = DeviceFunction(_lowest_id_fn)
+    _temperature = DeviceFunction(_temperature_fn)
+    _entropy_count_std = DeviceFunction(_entropy_count_std_fn)
+_tail = LazyKernel(_tail_kernel)
+
+
+def tail_block(width: int, vocab_size: int) -> int:
+    """Columns one program of ``sample_candidates`` holds for ``width`` candidates; 0 when the kernel cannot
+    take them (too many for one program, or token ids too large for its sort keys)."""
+    block = next_pow2(max(width, 16))
+    return block if block <= _TAIL_MAX_BLOCK and (vocab_size + block) * block < 2 ** 31 else 0
+
+
+def sample_candidates(values: torch.Tensor, ids: torch.Tensor, vocab_size: int, plan: list[int],
+                      columns: dict[str, torch.Tensor], uniforms: torch.Tensor, temperature: torch.Tensor,
+                      stats: torch.Tensor | None = None, xtc_uniforms: torch.Tensor | None = None,
+                      skew: torch.Tensor | None = None, deferred_nsigma: bool = False,
+                      deferred_temperature: bool = False) -> torch.Tensor:
+    """One token per row from its top-k candidates (``values[i, j]`` the logit of token ``ids[i, j]``, in any
+    order) after the stages of ``plan`` (``TAIL_*`` codes, in order; ``TAIL_SORT_DESC`` before the stages that
+    need the candidates by value, ``TAIL_SORT_ID`` before ``TAIL_SKEW`` and the draw, which walk token-id
+    order). ``columns``: the sampler parameters by ``SamplingMetadata.columns`` name. ``stats``: ``row_stats``
+    of the whole-vocabulary logits for the deferred temperature / top-n-sigma. ``temperature``: 0 marks a
+    greedy row (its argmax). Triton (compiled or interpreted) only: the CPU runs the chain."""
+    rows, width = values.shape
+    block = tail_block(width, vocab_size)
+    assert block and len(plan) <= 2 * _PLAN_SLOTS and all(0 < c < 16 for c in plan)
+    out = torch.empty(rows, dtype=torch.int64, device=values.device)
+    if not rows:
+        return out
+    codes = [0] * (2 * _PLAN_SLOTS)
+    codes[:len(plan)] = plan
+    plan0 = sum(c << (4 * i) for i, c in enumerate(codes[:_PLAN_SLOTS]))
+    plan1 = sum(c << (4 * i) for i, c in enumerate(codes[_PLAN_SLOTS:]))
+    dummy = uniforms
+    col = lambda name: columns.get(name, dummy)  # noqa: E731
+    scratch = torch.empty(rows, block, dtype=torch.float32, device=values.device)
+    x = values if values.stride(-1) == 1 else values.contiguous()
+    i = ids if ids.stride(-1) == 1 else ids.contiguous()
+    _tail(x.device)[(rows,)](
+        x, i, x.stride(0), i.stride(0), width, vocab_size, dummy if stats is None else stats,
+        col("temperature"), col("dynatemp_min"), col("dynatemp_max"), col("dynatemp_exponent"), col("nsigma"),
+        col("nsigma_on"), col("top_k"), col("top_p"), col("top_a"), col("min_p"), col("tfs"), col("tfs_on"),
+        col("eta_cutoff"), col("epsilon_cutoff"), col("typical_p"), col("typical_p_on"), col("smoothing_k"),
+        col("smoothing_s"), col("smoothing_on"), col("xtc_threshold"), col("xtc_probability"),
+        dummy if xtc_uniforms is None else xtc_uniforms, dummy if skew is None else skew, temperature, uniforms,
+        scratch, out, PLAN0=plan0, PLAN1=plan1, DEF_NSIGMA=deferred_nsigma, DEF_TEMP=deferred_temperature,
+        DYN="dynatemp_min" in columns, HAS_K="top_k" in columns, HAS_P="top_p" in columns, BLOCK=block,
+        LOG_BLOCK=block.bit_length() - 1, num_warps=4 if block <= 512 else 8)
+    return out
