@@ -320,10 +320,11 @@ def _entropy_count_std_fn(v):
 def _tail_kernel(val_ptr, id_ptr, val_stride, id_stride, n_cols, vocab, stats_ptr,
                  temp_ptr, dmin_ptr, dmax_ptr, dexp_ptr, nsig_ptr, nsig_on_ptr, k_ptr, p_ptr, a_ptr, minp_ptr,
                  tfs_ptr, tfs_on_ptr, eta_ptr, eps_ptr, typ_ptr, typ_on_ptr, qk_ptr, qs_ptr, q_on_ptr,
-                 xthr_ptr, xprob_ptr, xu_ptr, skew_ptr, greedy_t_ptr, u_ptr, scratch_ptr, out_ptr,
-                 PLAN0: tl.constexpr, PLAN1: tl.constexpr, DEF_NSIGMA: tl.constexpr, DEF_TEMP: tl.constexpr,
+                 xthr_ptr, xprob_ptr, xu_ptr, skew_ptr, greedy_t_ptr, u_ptr, scratch_ptr, out_ptr, final_ptr,
+                 final_id_ptr, PLAN0: tl.constexpr, PLAN1: tl.constexpr, DEF_NSIGMA: tl.constexpr,
+                 DEF_TEMP: tl.constexpr,
                  DYN: tl.constexpr, HAS_K: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr,
-                 LOG_BLOCK: tl.constexpr):
+                 LOG_BLOCK: tl.constexpr, KEEP_FINAL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
@@ -449,6 +450,9 @@ def _tail_kernel(val_ptr, id_ptr, val_stride, id_stride, n_cols, vocab, stats_pt
                      _lowest_id(p == tl.max(p, 0), ids))
     tok = tl.where(tl.load(greedy_t_ptr + row) > 0, drawn, _lowest_id(v == m, ids))
     tl.store(out_ptr + row, tok.to(tl.int64))
+    if KEEP_FINAL:        # the logits the draw read (tests)
+        tl.store(final_ptr + row * BLOCK + cols, v)
+        tl.store(final_id_ptr + row * BLOCK + cols, ids)
 
 
 if HAS_TRITON:
@@ -475,13 +479,14 @@ def sample_candidates(values: torch.Tensor, ids: torch.Tensor, vocab_size: int, 
                       columns: dict[str, torch.Tensor], uniforms: torch.Tensor, temperature: torch.Tensor,
                       stats: torch.Tensor | None = None, xtc_uniforms: torch.Tensor | None = None,
                       skew: torch.Tensor | None = None, deferred_nsigma: bool = False,
-                      deferred_temperature: bool = False) -> torch.Tensor:
+                      deferred_temperature: bool = False, final: list | None = None) -> torch.Tensor:
     """One token per row from its top-k candidates (``values[i, j]`` the logit of token ``ids[i, j]``, in any
     order) after the stages of ``plan`` (``TAIL_*`` codes, in order; ``TAIL_SORT_DESC`` before the stages that
     need the candidates by value, ``TAIL_SORT_ID`` before ``TAIL_SKEW`` and the draw, which walk token-id
     order). ``columns``: the sampler parameters by ``SamplingMetadata.columns`` name. ``stats``: ``row_stats``
     of the whole-vocabulary logits for the deferred temperature / top-n-sigma. ``temperature``: 0 marks a
-    greedy row (its argmax). Triton (compiled or interpreted) only: the CPU runs the chain."""
+    greedy row (its argmax). ``final``: a list that receives the logits the draw read, as [rows, vocab]
+    (tests). Triton (compiled or interpreted) only: the CPU runs the chain."""
     rows, width = values.shape
     block = tail_block(width, vocab_size)
     assert block and len(plan) <= 2 * _PLAN_SLOTS and all(0 < c < 16 for c in plan)
@@ -495,6 +500,9 @@ def sample_candidates(values: torch.Tensor, ids: torch.Tensor, vocab_size: int, 
     dummy = uniforms
     col = lambda name: columns.get(name, dummy)  # noqa: E731
     scratch = torch.empty(rows, block, dtype=torch.float32, device=values.device)
+    keep = final is not None
+    fin = torch.empty(rows, block if keep else 1, dtype=torch.float32, device=values.device)
+    fin_ids = torch.empty(rows, block if keep else 1, dtype=torch.int32, device=values.device)
     x = values if values.stride(-1) == 1 else values.contiguous()
     i = ids if ids.stride(-1) == 1 else ids.contiguous()
     _tail(x.device)[(rows,)](
@@ -504,7 +512,12 @@ def sample_candidates(values: torch.Tensor, ids: torch.Tensor, vocab_size: int, 
         col("eta_cutoff"), col("epsilon_cutoff"), col("typical_p"), col("typical_p_on"), col("smoothing_k"),
         col("smoothing_s"), col("smoothing_on"), col("xtc_threshold"), col("xtc_probability"),
         dummy if xtc_uniforms is None else xtc_uniforms, dummy if skew is None else skew, temperature, uniforms,
-        scratch, out, PLAN0=plan0, PLAN1=plan1, DEF_NSIGMA=deferred_nsigma, DEF_TEMP=deferred_temperature,
+        scratch, out, fin, fin_ids, PLAN0=plan0, PLAN1=plan1, DEF_NSIGMA=deferred_nsigma, DEF_TEMP=deferred_temperature,
         DYN="dynatemp_min" in columns, HAS_K="top_k" in columns, HAS_P="top_p" in columns, BLOCK=block,
-        LOG_BLOCK=block.bit_length() - 1, num_warps=4 if block <= 512 else 8)
+        LOG_BLOCK=block.bit_length() - 1, KEEP_FINAL=keep, num_warps=4 if block <= 512 else 8)
+    if keep:
+        real = fin_ids < vocab_size
+        full = fin.new_full((rows, vocab_size + block), float("-inf"))
+        final.append(full.scatter_(1, torch.where(real, fin_ids, vocab_size + torch.arange(block, device=fin.device)
+                                                  ).long(), fin)[:, :vocab_size])
     return out

@@ -598,3 +598,38 @@ def test_cached_parameter_rows_equal_a_fresh_build_every_step() -> None:
         state.update([r.request_id for r in reqs], toks)
         for r, t in zip(reqs, toks.tolist()):
             r.append_token(t)
+
+
+def test_fused_tail_matches_the_samplers_one_by_one(monkeypatch):
+    """On the GPU everything after top-k runs as one kernel (interpreted here): the same tokens as the chain's
+    samplers launched one by one and as the chain over the whole vocabulary, for the default order, a custom
+    order mixed with greedy rows (two groups) and the skew."""
+    pytest.importorskip("triton")
+    from aphrodite.modeling.layers.samplers import chain
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(chain, "TIE_SLACK", 6)          # few candidates: a short interpreted run
+    vocab, n = 300, 10
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(n, vocab, generator=g) * 2.5).bfloat16().float()
+    base = dict(EVERYTHING, top_k=12, xtc_probability=0.6, xtc_threshold=0.08, epsilon_cutoff=2e-3, tfs=0.9)
+    custom = dict(base, sampler_priority=[
+        SamplerID.DRY, SamplerID.PENALTIES, SamplerID.NO_REPEAT_NGRAM, SamplerID.TOP_NSIGMA, SamplerID.TOP_P_TOP_K,
+        SamplerID.XTC, SamplerID.TFS, SamplerID.TOP_A, SamplerID.MIN_P, SamplerID.ETA_CUTOFF, SamplerID.EPSILON_CUTOFF,
+        SamplerID.TYPICAL_P, SamplerID.QUADRATIC, SamplerID.TEMPERATURE])
+    hist = torch.randint(0, vocab, (n, 20), generator=g).tolist()
+    calls: list[int] = []
+    real = chain.sample_fused
+    monkeypatch.setattr(chain, "sample_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for kinds in ([base], [custom, dict(temperature=0.0, repetition_penalty=1.2)]):
+        rows = [req(SamplingParams(**kinds[i % len(kinds)]), rid=str(i), prompt=hist[i][:8], outputs=hist[i][8:],
+                    seed=i) for i in range(n)]
+        md = build_sampling_metadata(rows, vocab, CPU)
+        calls.clear()
+        fused = Sampler()(logits, md).token_ids.tolist()
+        assert calls
+        monkeypatch.setattr(chain, "FUSED_TAIL", False)
+        assert fused == Sampler()(logits, md).token_ids.tolist()
+        with monkeypatch.context() as m:
+            m.setattr(chain, "compact_width", lambda *a: 0)
+            assert fused == Sampler()(logits, md).token_ids.tolist()
+        monkeypatch.setattr(chain, "FUSED_TAIL", True)

@@ -342,12 +342,15 @@ class Sampler:
         if len(md.groups) == 1:
             return sample_fused(logits, md, md.groups[0][0], owned)
         vocab = logits.shape[1]
-        for order, _, host_rows in md.groups:
-            if not compact_width(md, vocab, order, [md.k_host[r] for r in host_rows]):
+        greedy = [all(md.k_host[r] == 0 for r in host_rows) for _, _, host_rows in md.groups]
+        for (order, _, host_rows), g in zip(md.groups, greedy):
+            if not g and not compact_width(md, vocab, order, [md.k_host[r] for r in host_rows]):
                 return None
         tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-        for order, rows, host_rows in md.groups:
-            part = sample_fused(logits.index_select(0, rows), md.subset(rows, host_rows), order, owned=True)
+        for (order, rows, host_rows), g in zip(md.groups, greedy):
+            sub, sub_md = logits.index_select(0, rows), md.subset(rows, host_rows)
+            part = run_chain(sub, sub_md, order, owned=True).argmax(dim=-1) if g else \
+                sample_fused(sub, sub_md, order, owned=True)
             if part is None:
                 return None
             tokens.index_copy_(0, rows, part)
