@@ -172,7 +172,8 @@ def check_and_profile(dev: torch.device, kw: dict, label: str, profile_it: bool 
     print(f"top kernels of every-sampler step (us per step, {steps} steps):")
     for e in ev[:12]:
         print(f"  {getattr(e, key) / steps:>9.1f}  x{e.count // steps:<3} {e.key[:90]}")
-    print(f"  kernel launches per step: {sum(e.count for e in ev) / steps:.0f}")
+    launches = sum(e.count for e in ev if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    print(f"  kernel launches per step: {launches / steps:.0f}")
     return ok
 
 
