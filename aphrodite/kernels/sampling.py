@@ -521,3 +521,117 @@ def sample_candidates(values: torch.Tensor, ids: torch.Tensor, vocab_size: int, 
         final.append(full.scatter_(1, torch.where(real, fin_ids, vocab_size + torch.arange(block, device=fin.device)
                                                   ).long(), fin)[:, :vocab_size])
     return out
+
+
+# ---- DRY: per history position, the token it would repeat and its lowered logit -------------------------------
+_DRY_BLOCK = 1024      # history positions per loop iteration of ``dry_proposals``
+
+
+def dry_proposals_ref(logits: torch.Tensor, rows: torch.Tensor, history: torch.Tensor, suffix: torch.Tensor,
+                      trailing: torch.Tensor, bounds: torch.Tensor, multiplier: torch.Tensor, base: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per history position j of each DRY row: (the token after j, the logit DRY proposes for it), Aphrodite's
+    rules. A token is penalized when an earlier occurrence of the newest token was followed by it and the
+    tokens before both occurrences match (no sequence breaker inside): the match length n is that shared run
+    plus one and the logit drops by multiplier * base ** (n - allowed_length). Only the last ``max_occurrences``
+    occurrences count (0: all), the scan stops at the first (most recent) one reaching ``early_exit``, runs are
+    capped by the distance to the last breaker and ``max_ngram``, and ``range`` limits the window (0: all).
+    ``bounds`` [R, 6]: window start, newest position, match cap, allowed length, occurrences, early exit.
+    A position proposing nothing proposes the token's own logit; the lowest proposal per token is the one
+    meant (the longest match). PyTorch ops: the CPU path and the oracle of the kernel."""
+    R, W = history.shape
+    pos = torch.arange(W, device=history.device)[None, :]
+    start, last_pos, cap0, allowed, limit, early = bounds.split(1, dim=1)
+    cur = torch.minimum(trailing[:, None], cap0)     # allowed >= 0: a row that cannot match has cur <= 0
+    last = history.gather(1, last_pos)
+    ep = (history == last) & (pos >= start) & (pos < last_pos) & (cur > allowed)
+    rank = ep.flip(1).cumsum(1).flip(1)          # 1 = the most recent earlier occurrence
+    match = torch.minimum(suffix - 1, torch.minimum(pos - start, cur))
+    new_len = torch.where(ep & (rank <= limit) & (match > 0), match + 1, 0)
+    hit = (new_len > 0) & (new_len >= early)
+    first_hit = torch.where(hit, rank, W + 2).amin(dim=1, keepdim=True)
+    new_len = torch.where(rank <= first_hit, new_len, 0)
+    nxt = torch.cat([history[:, 1:], history[:, -1:]], dim=1).long()
+    cur_logit = logits[rows[:, None].expand(R, W), nxt]
+    n = new_len.to(logits.dtype)
+    scale = base[:, None] ** (n - allowed.to(logits.dtype))
+    return nxt, torch.where(new_len > 0, cur_logit - multiplier[:, None] * scale, cur_logit)
+
+
+def _dry_kernel(x_ptr, x_stride, rows_ptr, hist_ptr, hist_stride, suf_ptr, suf_stride, trail_ptr, bounds_ptr,
+                mult_ptr, base_ptr, nxt_ptr, val_ptr, W, BLOCK: tl.constexpr):
+    """One program per DRY row, two passes over its history from the newest position back (the occurrence
+    rank is a reversed running count): pass 1 finds the first occurrence reaching the early exit, pass 2
+    writes every position's proposal."""
+    r = tl.program_id(0).to(tl.int64)
+    b = bounds_ptr + r * 6
+    start = tl.load(b)
+    last_pos = tl.load(b + 1)
+    cur = tl.minimum(tl.load(trail_ptr + r).to(tl.int64), tl.load(b + 2))
+    allowed = tl.load(b + 3)
+    limit = tl.load(b + 4)
+    early = tl.load(b + 5)
+    hrow = hist_ptr + r * hist_stride
+    srow = suf_ptr + r * suf_stride
+    last = tl.load(hrow + last_pos)
+    offs = tl.arange(0, BLOCK)
+    n_chunks = tl.cdiv(W, BLOCK)
+    zero = tl.sum(tl.zeros((BLOCK,), tl.int32), 0)
+    first_hit = zero + W + 2
+    carry = zero
+    for i in range(0, n_chunks):
+        pos = (n_chunks - 1 - i) * BLOCK + offs
+        inside = pos < W
+        h = tl.load(hrow + pos, mask=inside, other=0)
+        s = tl.load(srow + pos, mask=inside, other=0).to(tl.int64)
+        ep = (h == last) & (pos >= start) & (pos < last_pos) & (cur > allowed) & inside
+        e = ep.to(tl.int32)
+        rank = tl.cumsum(e, 0, reverse=True) + carry
+        carry += tl.sum(e, 0)
+        match = tl.minimum(s - 1, tl.minimum(pos - start, cur))
+        new_len = tl.where(ep & (rank <= limit) & (match > 0), match + 1, 0)
+        hit = (new_len > 0) & (new_len >= early)
+        first_hit = tl.minimum(first_hit, tl.min(tl.where(hit, rank, W + 2), 0))
+    xrow = x_ptr + tl.load(rows_ptr + r) * x_stride
+    mult = tl.load(mult_ptr + r)
+    base = tl.load(base_ptr + r)
+    carry = zero
+    for i in range(0, n_chunks):
+        pos = (n_chunks - 1 - i) * BLOCK + offs
+        inside = pos < W
+        h = tl.load(hrow + pos, mask=inside, other=0)
+        s = tl.load(srow + pos, mask=inside, other=0).to(tl.int64)
+        ep = (h == last) & (pos >= start) & (pos < last_pos) & (cur > allowed) & inside
+        e = ep.to(tl.int32)
+        rank = tl.cumsum(e, 0, reverse=True) + carry
+        carry += tl.sum(e, 0)
+        match = tl.minimum(s - 1, tl.minimum(pos - start, cur))
+        new_len = tl.where(ep & (rank <= limit) & (match > 0), match + 1, 0)
+        new_len = tl.where(rank <= first_hit, new_len, 0)
+        nxt = tl.load(hrow + tl.minimum(pos + 1, W - 1), mask=inside, other=0).to(tl.int64)
+        x = tl.load(xrow + nxt, mask=inside, other=0.0)
+        scale = tl.exp2((new_len - allowed).to(tl.float32) * tl.log2(base))
+        val = tl.where(new_len > 0, x - mult * scale, x)
+        tl.store(nxt_ptr + r * W + pos, nxt, mask=inside)
+        tl.store(val_ptr + r * W + pos, val, mask=inside)
+
+
+_dry = LazyKernel(_dry_kernel)
+
+
+def dry_proposals(logits: torch.Tensor, rows: torch.Tensor, history: torch.Tensor, suffix: torch.Tensor,
+                  trailing: torch.Tensor, bounds: torch.Tensor, multiplier: torch.Tensor, base: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dry_proposals_ref`` in one kernel launch on the GPU (its ~30 small ops per step otherwise)."""
+    R, W = history.shape
+    if not use_triton(logits) or logits.dtype != torch.float32 or logits.stride(-1) != 1 or not R or not W:
+        return dry_proposals_ref(logits, rows, history, suffix, trailing, bounds, multiplier, base)
+    nxt = torch.empty(R, W, dtype=torch.long, device=logits.device)
+    vals = torch.empty(R, W, dtype=torch.float32, device=logits.device)
+    h = history if history.stride(-1) == 1 else history.contiguous()
+    s = suffix if suffix.stride(-1) == 1 else suffix.contiguous()
+    _dry(logits.device)[(R,)](logits, logits.stride(0), rows.contiguous(), h, h.stride(0), s, s.stride(0),
+                              trailing.contiguous(), bounds.contiguous(), multiplier.float().contiguous(),
+                              base.float().contiguous(), nxt, vals, W, BLOCK=min(_DRY_BLOCK, next_pow2(max(W, 16))),
+                              num_warps=4)
+    return nxt, vals

@@ -199,7 +199,13 @@ def dry_reference(hist: list[int], p: SamplingParams) -> dict[int, int]:
 @pytest.mark.parametrize("kw", [dict(), dict(dry_range=9), dict(dry_sequence_breaker_ids=[9]),
                                 dict(dry_max_occurrences=1), dict(dry_early_exit_match_len=3),
                                 dict(dry_allowed_length=1, dry_max_ngram=3)])
-def test_dry_on_known_histories(kw):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_dry_on_known_histories(kw, kernel, monkeypatch):
+    """The PyTorch path (CPU) and the GPU's kernel (interpreted, in 8-position chunks) against the plain scan."""
+    if kernel:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr("aphrodite.kernels.sampling._DRY_BLOCK", 8)
     hist = [5, 6, 7, 8, 1, 5, 6, 7, 9, 2, 5, 6, 7, 8, 3, 4, 5, 6, 7]
     p = SamplingParams(dry_multiplier=0.8, dry_base=1.75, **kw)
     lens = dry_reference(hist, p)

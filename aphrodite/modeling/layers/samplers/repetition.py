@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from aphrodite.kernels.sampling import dry_proposals
 from aphrodite.modeling.layers.samplers.metadata import DryRows, NgramRows, PenaltyRows
 
 
@@ -45,40 +46,12 @@ def apply_penalties(logits: torch.Tensor, g: PenaltyRows, inplace: bool = False)
     return (logits.index_put_ if inplace else logits.index_put)((rows, g.history), new)
 
 
-def _dry_position_lengths(d: DryRows) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per history position j: (the token after j, the repeat length choosing it would extend, 0: none),
-    Aphrodite's DRY rules. A token is penalized when an earlier occurrence of the newest token was
-    followed by it and the tokens before both occurrences match (no sequence breaker inside): the
-    match length is that shared run plus one. Only the last ``max_occurrences`` occurrences count
-    (0: all), the scan stops at the first (most recent) one reaching ``early_exit``, runs are capped
-    by the distance to the last breaker and ``max_ngram``, and ``range`` limits the window (0: all)."""
-    R, W = d.history.shape
-    pos = torch.arange(W, device=d.history.device)[None, :]
-    start, last_pos, cap0, allowed, limit, early = d.bounds.split(1, dim=1)
-    cur = torch.minimum(d.trailing[:, None], cap0)     # allowed >= 0: a row that cannot match has cur <= 0
-    last = d.history.gather(1, last_pos)
-    ep = (d.history == last) & (pos >= start) & (pos < last_pos) & (cur > allowed)
-    rank = ep.flip(1).cumsum(1).flip(1)          # 1 = the most recent earlier occurrence
-    match = torch.minimum(d.suffix - 1, torch.minimum(pos - start, cur))
-    new_len = torch.where(ep & (rank <= limit) & (match > 0), match + 1, 0)
-    hit = (new_len > 0) & (new_len >= early)
-    first_hit = torch.where(hit, rank, W + 2).amin(dim=1, keepdim=True)
-    new_len = torch.where(rank <= first_hit, new_len, 0)
-    nxt = torch.cat([d.history[:, 1:], d.history[:, -1:]], dim=1).long()
-    return nxt, new_len
-
-
 def apply_dry(logits: torch.Tensor, d: DryRows, inplace: bool = False) -> torch.Tensor:
     """logits[token] -= multiplier * base ** (match_length - allowed_length) for every matched token,
-    with the longest match of the token (base > 1: the lowest proposal). Only the (row, token) pairs
-    found in the histories are read and written, never whole rows."""
-    nxt, new_len = _dry_position_lengths(d)
-    R, W = nxt.shape
-    cur = logits[d.rows[:, None].expand(R, W), nxt]
-    n = new_len.to(logits.dtype)
-    scale = d.base[:, None] ** (n - d.bounds[:, 3:4].to(logits.dtype))
-    return _lower_at(logits, d.rows, nxt, torch.where(new_len > 0, cur - d.multiplier[:, None] * scale, cur),
-                     inplace)
+    with the longest match of the token (base > 1: the lowest proposal; ``kernels.sampling.dry_proposals``).
+    Only the (row, token) pairs found in the histories are read and written, never whole rows."""
+    nxt, vals = dry_proposals(logits, d.rows, d.history, d.suffix, d.trailing, d.bounds, d.multiplier, d.base)
+    return _lower_at(logits, d.rows, nxt, vals, inplace)
 
 
 def _ngram_hits(g: NgramRows) -> tuple[torch.Tensor, torch.Tensor]:
