@@ -635,3 +635,88 @@ def dry_proposals(logits: torch.Tensor, rows: torch.Tensor, history: torch.Tenso
                               base.float().contiguous(), nxt, vals, W, BLOCK=min(_DRY_BLOCK, next_pow2(max(W, 16))),
                               num_warps=4)
     return nxt, vals
+
+
+# ---- penalties and no_repeat_ngram: the new logit of every history position's token ---------------------------
+def penalty_values_ref(logits: torch.Tensor, rows: torch.Tensor, history: torch.Tensor, counts: torch.Tensor,
+                       presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """[R, W]: the penalized logit of each history position's token (vLLM/Aphrodite: repetition divides a
+    positive / multiplies a negative logit of a token seen in the prompt or output; frequency subtracts
+    count * f; presence subtracts p once per output token seen). Positions sharing a token get the same
+    value. PyTorch ops: the CPU path and the oracle of the kernel."""
+    cur = logits[rows[:, None].expand_as(history), history]
+    pen = repetition[:, None]
+    new = torch.where(cur > 0, cur / pen, cur * pen)
+    c = counts.to(logits.dtype)
+    return new - frequency[:, None] * c - presence[:, None] * (c > 0).to(logits.dtype)
+
+
+def ngram_values_ref(logits: torch.Tensor, rows: torch.Tensor, history: torch.Tensor, suffix: torch.Tensor,
+                     lengths: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """[R, W]: -inf where history position j's token follows an earlier copy of the last n - 1 tokens (the
+    run ending at j - 1 shares >= n - 1 = ``need`` tokens with the history's end; n = 1: every token already
+    seen), else the token's own logit. PyTorch ops: the CPU path and the oracle of the kernel."""
+    W = history.shape[1]
+    pos = torch.arange(W, device=history.device)[None, :]
+    prev = torch.nn.functional.pad(suffix[:, :-1], (1, 0))
+    hit = (pos < lengths[:, None]) & (prev >= need)
+    cur = logits[rows[:, None].expand_as(history), history]
+    return torch.where(hit, torch.full_like(cur, float("-inf")), cur)
+
+
+def _history_values_kernel(x_ptr, x_stride, rows_ptr, hist_ptr, hist_stride, aux_ptr, aux_stride, p0_ptr, p1_ptr,
+                           p2_ptr, out_ptr, W, NGRAM: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (row, block of history positions): ``penalty_values_ref`` (aux: counts; p0, p1, p2:
+    presence, frequency, repetition) or, with NGRAM, ``ngram_values_ref`` (aux: suffix; p0: lengths, p1: need)."""
+    r = tl.program_id(0).to(tl.int64)
+    pos = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = pos < W
+    tok = tl.load(hist_ptr + r * hist_stride + pos, mask=inside, other=0).to(tl.int64)
+    cur = tl.load(x_ptr + tl.load(rows_ptr + r) * x_stride + tok, mask=inside, other=0.0)
+    if NGRAM:
+        prev = tl.load(aux_ptr + r * aux_stride + pos - 1, mask=inside & (pos >= 1), other=0).to(tl.int64)
+        hit = (pos < tl.load(p0_ptr + r)) & (prev >= tl.load(p1_ptr + r))
+        val = tl.where(hit, -float("inf"), cur)
+    else:
+        c = tl.load(aux_ptr + r * aux_stride + pos, mask=inside, other=0).to(tl.float32)
+        pen = tl.load(p2_ptr + r)
+        new = tl.where(cur > 0, cur / pen, cur * pen)
+        val = new - tl.load(p1_ptr + r) * c - tl.load(p0_ptr + r) * (c > 0).to(tl.float32)
+    tl.store(out_ptr + r * W + pos, val, mask=inside)
+
+
+_history_values = LazyKernel(_history_values_kernel)
+
+
+def _launch_history_values(logits: torch.Tensor, rows: torch.Tensor, history: torch.Tensor, aux: torch.Tensor,
+                           p0: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, ngram: bool) -> torch.Tensor:
+    R, W = history.shape
+    out = torch.empty(R, W, dtype=torch.float32, device=logits.device)
+    h = history if history.stride(-1) == 1 else history.contiguous()
+    a = aux if aux.stride(-1) == 1 else aux.contiguous()
+    block = min(1024, next_pow2(max(W, 16)))
+    _history_values(logits.device)[(R, triton_cdiv(W, block))](
+        logits, logits.stride(0), rows.contiguous(), h, h.stride(0), a, a.stride(0), p0.contiguous(),
+        p1.contiguous(), p2.contiguous(), out, W, NGRAM=ngram, BLOCK=block, num_warps=4)
+    return out
+
+
+def _history_kernel_ok(logits: torch.Tensor, history: torch.Tensor) -> bool:
+    return use_triton(logits) and logits.dtype == torch.float32 and logits.stride(-1) == 1 and history.numel() > 0
+
+
+def penalty_values(logits: torch.Tensor, rows: torch.Tensor, history: torch.Tensor, counts: torch.Tensor,
+                   presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """``penalty_values_ref`` in one kernel launch on the GPU."""
+    if not _history_kernel_ok(logits, history):
+        return penalty_values_ref(logits, rows, history, counts, presence, frequency, repetition)
+    return _launch_history_values(logits, rows, history, counts, presence.float(), frequency.float(),
+                                  repetition.float(), ngram=False)
+
+
+def ngram_values(logits: torch.Tensor, rows: torch.Tensor, history: torch.Tensor, suffix: torch.Tensor,
+                 lengths: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """``ngram_values_ref`` in one kernel launch on the GPU."""
+    if not _history_kernel_ok(logits, history):
+        return ngram_values_ref(logits, rows, history, suffix, lengths, need)
+    return _launch_history_values(logits, rows, history, suffix, lengths, need.reshape(-1), need, ngram=True)

@@ -154,7 +154,17 @@ def test_skew_and_mirostat_mask():
     same(got[0].double().numpy(), masked(LOGITS, surprise > 2.5))
 
 
-def test_penalties_on_known_history():
+def _kernels(on: bool, monkeypatch) -> None:
+    """Run the repetition samplers through the GPU's kernels (Triton's interpreter) instead of PyTorch ops."""
+    if on:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr("aphrodite.kernels.sampling._DRY_BLOCK", 8)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_penalties_on_known_history(kernel, monkeypatch):
+    _kernels(kernel, monkeypatch)
     prompt, outs = [1, 2, 3], [3, 4, 4, 5]
     p = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2)
     ref = LOGITS.copy()
@@ -202,10 +212,7 @@ def dry_reference(hist: list[int], p: SamplingParams) -> dict[int, int]:
 @pytest.mark.parametrize("kernel", [False, True])
 def test_dry_on_known_histories(kw, kernel, monkeypatch):
     """The PyTorch path (CPU) and the GPU's kernel (interpreted, in 8-position chunks) against the plain scan."""
-    if kernel:
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setattr("aphrodite.kernels.sampling._DRY_BLOCK", 8)
+    _kernels(kernel, monkeypatch)
     hist = [5, 6, 7, 8, 1, 5, 6, 7, 9, 2, 5, 6, 7, 8, 3, 4, 5, 6, 7]
     p = SamplingParams(dry_multiplier=0.8, dry_base=1.75, **kw)
     lens = dry_reference(hist, p)
@@ -216,7 +223,9 @@ def test_dry_on_known_histories(kw, kernel, monkeypatch):
     same(chain_out(p, SamplerID.DRY, prompt=hist[:6], outputs=hist[6:]), ref)
 
 
-def test_no_repeat_ngram_against_ngram_table():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_no_repeat_ngram_against_ngram_table(kernel, monkeypatch):
+    _kernels(kernel, monkeypatch)
     hist = [4, 5, 6, 4, 5, 7, 4, 5]
     for n in (1, 2, 3):
         table: dict[tuple, set] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from aphrodite.kernels.sampling import dry_proposals
+from aphrodite.kernels.sampling import dry_proposals, ngram_values, penalty_values
 from aphrodite.modeling.layers.samplers.metadata import DryRows, NgramRows, PenaltyRows
 
 
@@ -33,16 +33,10 @@ def _lower_at(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, value
 
 
 def apply_penalties(logits: torch.Tensor, g: PenaltyRows, inplace: bool = False) -> torch.Tensor:
-    """vLLM/Aphrodite: repetition divides positive / multiplies negative logits of tokens seen in the
-    prompt or output; frequency subtracts count * f; presence subtracts p once per output token seen.
-    Only the tokens of each row's history are read and written (positions sharing a token write the
-    same value)."""
+    """Presence, frequency and repetition penalties (``kernels.sampling.penalty_values``). Only the tokens of
+    each row's history are read and written (positions sharing a token write the same value)."""
+    new = penalty_values(logits, g.rows, g.history, g.counts, g.presence, g.frequency, g.repetition)
     rows = g.rows[:, None].expand_as(g.history)
-    cur = logits[rows, g.history]
-    pen = g.repetition[:, None]
-    new = torch.where(cur > 0, cur / pen, cur * pen)
-    c = g.counts.to(logits.dtype)
-    new = new - g.frequency[:, None] * c - g.presence[:, None] * (c > 0).to(logits.dtype)
     return (logits.index_put_ if inplace else logits.index_put)((rows, g.history), new)
 
 
@@ -54,20 +48,8 @@ def apply_dry(logits: torch.Tensor, d: DryRows, inplace: bool = False) -> torch.
     return _lower_at(logits, d.rows, nxt, vals, inplace)
 
 
-def _ngram_hits(g: NgramRows) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per history position j: (its token, whether it follows an earlier copy of the last n - 1 tokens)."""
-    R, W = g.history.shape
-    pos = torch.arange(W, device=g.history.device)[None, :]
-    # Position j's token follows an earlier copy of the last n-1 tokens when the run ending at j-1
-    # shares >= n-1 tokens with the history's end (n = 1: every token already seen; position 0 has
-    # no run before it, so it only hits for n = 1).
-    prev = torch.nn.functional.pad(g.suffix[:, :-1], (1, 0))
-    return g.history, (pos < g.lengths[:, None]) & (prev >= g.need)
-
-
 def apply_no_repeat_ngram(logits: torch.Tensor, g: NgramRows, inplace: bool = False) -> torch.Tensor:
-    """Ban the tokens ``_ngram_hits`` finds; only the (row, token) pairs in the histories are touched
-    (a token is banned when any of its positions hits)."""
-    ids, hit = _ngram_hits(g)
-    cur = logits[g.rows[:, None].expand_as(ids), ids]
-    return _lower_at(logits, g.rows, ids, torch.where(hit, torch.full_like(cur, float("-inf")), cur), inplace)
+    """Ban the tokens ``kernels.sampling.ngram_values`` finds; only the (row, token) pairs in the histories
+    are touched (a token is banned when any of its positions hits)."""
+    return _lower_at(logits, g.rows, g.history, ngram_values(logits, g.rows, g.history, g.suffix, g.lengths, g.need),
+                     inplace)
