@@ -234,9 +234,10 @@ def triton_cdiv(a: int, b: int) -> int:
 # ---- the sampler chain's tail on each row's top-k candidates, in one kernel -----------------------------------
 # After top-k every later sampler, the skew and the draw read only each row's few hundred candidates; run one by
 # one that is ~250 tiny launches per step. Here one program per row holds its candidates (value, token id) in
-# registers and applies the stages of a plan in order (the plan is a compile-time constant: the sampler order
-# with the re-sorts it needs). The PyTorch reference is the chain's candidate path (``samplers/chain.py``,
-# ``run_chain_compact`` then the draw), which runs the same formulas sampler by sampler.
+# registers and applies the stages of a plan in order (the sampler order with the re-sorts it needs, passed as two
+# integers at launch, so one compiled kernel serves every order and every set of samplers). The PyTorch reference
+# is the chain's candidate path (``samplers/chain.py``, ``run_chain_compact`` then the draw), which runs the same
+# formulas sampler by sampler.
 TAIL_TEMPERATURE, TAIL_NSIGMA, TAIL_SORT_DESC, TAIL_SORT_ID, TAIL_TOP_K_TOP_P, TAIL_TOP_A, TAIL_MIN_P, TAIL_TFS, \
     TAIL_ETA, TAIL_EPSILON, TAIL_TYPICAL, TAIL_QUADRATIC, TAIL_XTC, TAIL_SKEW = range(1, 15)
 _PLAN_SLOTS = 15                 # stages per constexpr int (4 bits each)
@@ -321,7 +322,7 @@ def _tail_kernel(val_ptr, id_ptr, val_stride, id_stride, n_cols, vocab, stats_pt
                  temp_ptr, dmin_ptr, dmax_ptr, dexp_ptr, nsig_ptr, nsig_on_ptr, k_ptr, p_ptr, a_ptr, minp_ptr,
                  tfs_ptr, tfs_on_ptr, eta_ptr, eps_ptr, typ_ptr, typ_on_ptr, qk_ptr, qs_ptr, q_on_ptr,
                  xthr_ptr, xprob_ptr, xu_ptr, skew_ptr, greedy_t_ptr, u_ptr, scratch_ptr, out_ptr, final_ptr,
-                 final_id_ptr, PLAN0: tl.constexpr, PLAN1: tl.constexpr, DEF_NSIGMA: tl.constexpr,
+                 final_id_ptr, PLAN0, PLAN1, DEF_NSIGMA: tl.constexpr,
                  DEF_TEMP: tl.constexpr,
                  DYN: tl.constexpr, HAS_K: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr,
                  LOG_BLOCK: tl.constexpr, KEEP_FINAL: tl.constexpr):
@@ -346,11 +347,12 @@ def _tail_kernel(val_ptr, id_ptr, val_stride, id_stride, n_cols, vocab, stats_pt
             ent = 0.0
             cnt = 1.0
         v = v / _temperature(tl.load(temp_ptr + row), dmin_ptr, dmax_ptr, dexp_ptr, row, ent, cnt, DYN)
-    for i in tl.static_range(2 * 15):
-        if i < 15:
-            code = (PLAN0 >> (4 * i)) & 15
-        else:
-            code = (PLAN1 >> (4 * (i - 15))) & 15
+    # The plan is a run-time argument (4 bits a stage, 0: nothing): one compiled kernel serves every sampler
+    # order and every set of samplers (a new combination in a batch never waits for a compile).
+    plan = PLAN0.to(tl.int64)
+    for i in range(0, 30):
+        code = (plan & 15).to(tl.int32)
+        plan = tl.where(i == 14, PLAN1.to(tl.int64), plan >> 4)
         if code == 1:      # TAIL_TEMPERATURE
             m, ent, cnt, std = _entropy_count_std(v)
             v = v / _temperature(tl.load(temp_ptr + row), dmin_ptr, dmax_ptr, dexp_ptr, row, ent, cnt, DYN)
@@ -495,8 +497,9 @@ def sample_candidates(values: torch.Tensor, ids: torch.Tensor, vocab_size: int, 
         return out
     codes = [0] * (2 * _PLAN_SLOTS)
     codes[:len(plan)] = plan
-    plan0 = sum(c << (4 * i) for i, c in enumerate(codes[:_PLAN_SLOTS]))
-    plan1 = sum(c << (4 * i) for i, c in enumerate(codes[_PLAN_SLOTS:]))
+    # Bit 62 is never decoded: it keeps Triton from specializing a plan word equal to 1 into a constant.
+    plan0 = sum(c << (4 * i) for i, c in enumerate(codes[:_PLAN_SLOTS])) | 1 << 62
+    plan1 = sum(c << (4 * i) for i, c in enumerate(codes[_PLAN_SLOTS:])) | 1 << 62
     dummy = uniforms
     col = lambda name: columns.get(name, dummy)  # noqa: E731
     scratch = torch.empty(rows, block, dtype=torch.float32, device=values.device)
