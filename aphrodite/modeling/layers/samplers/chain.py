@@ -9,8 +9,10 @@ Every sampler is one batched pass over the logits and is skipped when no row use
 every row has top-k on (or is greedy), top-k keeps each row's few hundred best candidates and
 every later sampler, the skew and the draw run on those columns only; the temperature and
 top-n-sigma just before it run there too, from one row-statistics read. The samplers that need
-a sorted row (top-p, TFS) share one sort. Rows that ask for different orders run the chain as
-separate groups. Randomness is per request: a
+a sorted row (top-p, TFS) share one sort. On the GPU everything from top-k to the draw is one
+Triton kernel (``sample_fused``), and DRY, the penalties and no_repeat_ngram one kernel each, so
+a step with every sampler on is a few tens of launches instead of a few hundred. Rows that ask
+for different orders run the chain as separate groups. Randomness is per request: a
 row draws its token by inverting the CDF at one uniform number derived from (request seed,
 output position), so a seeded request gets the same tokens whatever else shares the batch.
 """
