@@ -667,6 +667,9 @@ def ngram_values_ref(logits: torch.Tensor, rows: torch.Tensor, history: torch.Te
     return torch.where(hit, torch.full_like(cur, float("-inf")), cur)
 
 
+_HISTORY_BLOCK = 1024    # history positions per program of the penalty / n-gram kernel
+
+
 def _history_values_kernel(x_ptr, x_stride, rows_ptr, hist_ptr, hist_stride, aux_ptr, aux_stride, p0_ptr, p1_ptr,
                            p2_ptr, out_ptr, W, NGRAM: tl.constexpr, BLOCK: tl.constexpr):
     """One program per (row, block of history positions): ``penalty_values_ref`` (aux: counts; p0, p1, p2:
@@ -697,7 +700,7 @@ def _launch_history_values(logits: torch.Tensor, rows: torch.Tensor, history: to
     out = torch.empty(R, W, dtype=torch.float32, device=logits.device)
     h = history if history.stride(-1) == 1 else history.contiguous()
     a = aux if aux.stride(-1) == 1 else aux.contiguous()
-    block = min(1024, next_pow2(max(W, 16)))
+    block = min(_HISTORY_BLOCK, next_pow2(max(W, 16)))
     _history_values(logits.device)[(R, triton_cdiv(W, block))](
         logits, logits.stride(0), rows.contiguous(), h, h.stride(0), a, a.stride(0), p0.contiguous(),
         p1.contiguous(), p2.contiguous(), out, W, NGRAM=ngram, BLOCK=block, num_warps=4)

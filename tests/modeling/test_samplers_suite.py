@@ -159,7 +159,8 @@ def _kernels(on: bool, monkeypatch) -> None:
     if on:
         pytest.importorskip("triton")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setattr("aphrodite.kernels.sampling._DRY_BLOCK", 8)
+        monkeypatch.setattr("aphrodite.kernels.sampling._DRY_BLOCK", 8)        # several blocks per history
+        monkeypatch.setattr("aphrodite.kernels.sampling._HISTORY_BLOCK", 4)
 
 
 @pytest.mark.parametrize("kernel", [False, True])
