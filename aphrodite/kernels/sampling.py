@@ -500,8 +500,12 @@ def sample_candidates(values: torch.Tensor, ids: torch.Tensor, vocab_size: int, 
     # Bit 62 is never decoded: it keeps Triton from specializing a plan word equal to 1 into a constant.
     plan0 = sum(c << (4 * i) for i, c in enumerate(codes[:_PLAN_SLOTS])) | 1 << 62
     plan1 = sum(c << (4 * i) for i, c in enumerate(codes[_PLAN_SLOTS:])) | 1 << 62
-    dummy = uniforms
-    col = lambda name: columns.get(name, dummy)  # noqa: E731
+    # Absent columns: never read (their stages are not in the plan), but of the dtype a present one has, so
+    # every batch launches the same compiled kernel (pointer dtypes are part of its signature).
+    f32, b8 = values.new_empty(rows, dtype=torch.float32), values.new_empty(rows, dtype=torch.bool)
+    dummy = {"nsigma_on": b8, "tfs_on": b8, "typical_p_on": b8, "smoothing_on": b8,
+             "top_k": values.new_empty(rows, dtype=torch.int64)}
+    col = lambda name: columns.get(name, dummy.get(name, f32))  # noqa: E731
     scratch = torch.empty(rows, block, dtype=torch.float32, device=values.device)
     keep = final is not None
     fin = torch.empty(rows, block if keep else 1, dtype=torch.float32, device=values.device)
@@ -509,12 +513,12 @@ def sample_candidates(values: torch.Tensor, ids: torch.Tensor, vocab_size: int, 
     x = values if values.stride(-1) == 1 else values.contiguous()
     i = ids if ids.stride(-1) == 1 else ids.contiguous()
     _tail(x.device)[(rows,)](
-        x, i, x.stride(0), i.stride(0), width, vocab_size, dummy if stats is None else stats,
+        x, i, x.stride(0), i.stride(0), width, vocab_size, f32 if stats is None else stats,
         col("temperature"), col("dynatemp_min"), col("dynatemp_max"), col("dynatemp_exponent"), col("nsigma"),
         col("nsigma_on"), col("top_k"), col("top_p"), col("top_a"), col("min_p"), col("tfs"), col("tfs_on"),
         col("eta_cutoff"), col("epsilon_cutoff"), col("typical_p"), col("typical_p_on"), col("smoothing_k"),
         col("smoothing_s"), col("smoothing_on"), col("xtc_threshold"), col("xtc_probability"),
-        dummy if xtc_uniforms is None else xtc_uniforms, dummy if skew is None else skew, temperature, uniforms,
+        f32 if xtc_uniforms is None else xtc_uniforms, f32 if skew is None else skew, temperature, uniforms,
         scratch, out, fin, fin_ids, PLAN0=plan0, PLAN1=plan1, DEF_NSIGMA=deferred_nsigma, DEF_TEMP=deferred_temperature,
         DYN="dynatemp_min" in columns, HAS_K="top_k" in columns, HAS_P="top_p" in columns, BLOCK=block,
         LOG_BLOCK=block.bit_length() - 1, KEEP_FINAL=keep, num_warps=4 if block <= 512 else 8)
