@@ -730,3 +730,79 @@ def ngram_values(logits: torch.Tensor, rows: torch.Tensor, history: torch.Tensor
     if not _history_kernel_ok(logits, history):
         return ngram_values_ref(logits, rows, history, suffix, lengths, need)
     return _launch_history_values(logits, rows, history, suffix, lengths, need.reshape(-1), need, ngram=True)
+
+
+# ---- the per-request sampling state after a step: one launch instead of a few dozen ---------------------------
+STATE_COUNTS, STATE_HISTORY, STATE_DRY, STATE_NGRAM = 1, 2, 4, 8     # flags of ``update_sampling_state``
+_STATE_BLOCK = 1024
+
+
+def _suffix_update_fn(buf_row, hist_row, tok, length, cap, brk, BLOCK: tl.constexpr):
+    """buf[p] = min(buf[p - 1] + 1, cap) where history[p] == tok (p < length, no breaker), else 0, in place:
+    blocks from the newest position back, so each reads its predecessor before that is rewritten."""
+    offs = tl.arange(0, BLOCK)
+    n_chunks = tl.cdiv(length + 1, BLOCK)
+    for i in range(0, n_chunks):
+        p = (n_chunks - 1 - i) * BLOCK + offs
+        inside = p <= length
+        h = tl.load(hist_row + p, mask=p < length, other=-1)
+        prev = tl.load(buf_row + p - 1, mask=(p >= 1) & inside, other=0)
+        shifted = tl.minimum(prev + 1, cap)
+        new = tl.where((h == tok) & (p < length) & (brk == 0), shifted, 0)
+        tl.debug_barrier()
+        tl.store(buf_row + p, new.to(tl.int32), mask=inside)
+        tl.debug_barrier()
+
+
+def _state_update_kernel(info_ptr, sampled_ptr, counts_ptr, counts_stride, hist_ptr, hist_stride, dsuf_ptr,
+                         dsuf_stride, nsuf_ptr, nsuf_stride, trail_ptr, brk_ptr, brk_stride, n_brk, cap_ptr,
+                         BLOCK: tl.constexpr, NB: tl.constexpr):
+    """One program per tracked row: its output count, its history, DRY's trailing run and suffix lengths and
+    no_repeat_ngram's suffix lengths after appending the sampled token (the flags say which it keeps)."""
+    h = tl.program_id(0).to(tl.int64)
+    row = tl.load(info_ptr + h * 4)
+    slot = tl.load(info_ptr + h * 4 + 1)
+    length = tl.load(info_ptr + h * 4 + 2)
+    flags = tl.load(info_ptr + h * 4 + 3)
+    tok = tl.load(sampled_ptr + row).to(tl.int64)
+    if (flags & 1) != 0:
+        c = counts_ptr + slot * counts_stride + tok
+        tl.store(c, tl.load(c) + 1)
+    if (flags & 2) != 0:
+        tl.store(hist_ptr + slot * hist_stride + length, tok)
+    if (flags & 4) != 0:
+        b = tl.arange(0, NB)
+        brk = tl.max((tl.load(brk_ptr + slot * brk_stride + b, mask=b < n_brk, other=-1) == tok).to(tl.int32), 0)
+        t = trail_ptr + slot
+        tl.store(t, tl.where(brk != 0, 0, tl.load(t) + 1))
+        _suffix_update(dsuf_ptr + slot * dsuf_stride, hist_ptr + slot * hist_stride, tok, length,
+                       tl.load(cap_ptr + slot), brk, BLOCK)
+    if (flags & 8) != 0:
+        # (no cap: a suffix never exceeds the history's length; no breakers)
+        _suffix_update(nsuf_ptr + slot * nsuf_stride, hist_ptr + slot * hist_stride, tok, length,
+                       (length + 2).to(tl.int32), flags & 0, BLOCK)
+
+
+if HAS_TRITON:
+    _suffix_update = DeviceFunction(_suffix_update_fn)
+_state_update = LazyKernel(_state_update_kernel)
+
+
+def update_sampling_state(info: torch.Tensor, sampled: torch.Tensor, counts: torch.Tensor | None,
+                          history: torch.Tensor | None, dry_suffix: torch.Tensor | None,
+                          ngram_suffix: torch.Tensor | None, dry_trailing: torch.Tensor | None,
+                          dry_breakers: torch.Tensor | None, dry_cap: torch.Tensor | None) -> None:
+    """Append each tracked row's sampled token to its state in one launch (Triton; the caller's PyTorch ops
+    are the CPU path and the reference). ``info`` [H, 4] int64: batch row, slot, history length before the
+    token, ``STATE_*`` flags. Buffers a flag does not use may be None."""
+    H = info.shape[0]
+    if not H:
+        return
+    any_buf = next(t for t in (counts, history, dry_suffix, ngram_suffix) if t is not None)
+    pick = lambda t: any_buf if t is None else t  # noqa: E731
+    stride = lambda t: 0 if t is None else t.stride(0)  # noqa: E731
+    n_brk = 0 if dry_breakers is None else dry_breakers.shape[1]
+    _state_update(sampled.device)[(H,)](
+        info, sampled, pick(counts), stride(counts), pick(history), stride(history), pick(dry_suffix),
+        stride(dry_suffix), pick(ngram_suffix), stride(ngram_suffix), pick(dry_trailing), pick(dry_breakers),
+        stride(dry_breakers), n_brk, pick(dry_cap), BLOCK=_STATE_BLOCK, NB=next_pow2(max(n_brk, 2)), num_warps=4)

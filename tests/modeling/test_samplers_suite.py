@@ -309,8 +309,9 @@ def test_limits_and_non_finite_values_rejected():
             SamplingParams(**kw)
 
 
-def run_steps(params: list[SamplingParams], steps: int, next_logits, seeds=None, prompt=(1, 2, 3)):
-    """Decode ``steps`` tokens per row with a persistent SamplingState, like the model runner does."""
+def run_steps(params: list[SamplingParams], steps: int, next_logits, seeds=None, prompt=(1, 2, 3), after=None):
+    """Decode ``steps`` tokens per row with a persistent SamplingState, like the model runner does
+    (``after(reqs, state)`` after every step)."""
     reqs = [req(p, rid=str(i), prompt=prompt, seed=(seeds[i] if seeds else i)) for i, p in enumerate(params)]
     state = SamplingState(V, len(prompt) + steps + 2, CPU)
     sampler = Sampler()
@@ -321,26 +322,39 @@ def run_steps(params: list[SamplingParams], steps: int, next_logits, seeds=None,
         state.update([r.request_id for r in reqs], toks)
         for r, t in zip(reqs, toks.tolist()):
             r.append_token(t)
+        if after is not None:
+            after(reqs, state)
     return reqs, state
 
 
-def test_incremental_state_matches_a_rebuild():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_incremental_state_matches_a_rebuild(kernel, monkeypatch):
+    """The per-step state update (PyTorch ops on the CPU; on the GPU one kernel, interpreted here in 4-position
+    blocks) against the state rebuilt from the whole history on the host."""
+    _kernels(kernel, monkeypatch)
+    if kernel:
+        monkeypatch.setattr("aphrodite.kernels.sampling._STATE_BLOCK", 4)
     rng = np.random.default_rng(0)
     p = SamplingParams(dry_multiplier=0.5, dry_sequence_breaker_ids=[3], no_repeat_ngram_size=3,
                        frequency_penalty=0.1, seed=1)
     loop = [4, 5, 3, 6]
-    reqs, state = run_steps([p], 40, lambda r: rng.normal(size=V) * 0.1 + np.eye(V)[loop[len(r.all_token_ids) % 4]])
-    r = reqs[0]
-    rec = state.record(r.request_id)
-    hist = np.asarray(r.all_token_ids)
-    assert rec.length == len(hist)
-    assert (state.history[rec.slot, :len(hist)].numpy() == hist).all()
-    assert (state.dry_suffix[rec.slot, :len(hist)].numpy() ==
-            np.minimum(suffix_matches(hist, frozenset([3]), 10 ** 6), p.dry_max_ngram + 2)).all()
-    assert (state.ngram_suffix[rec.slot, :len(hist)].numpy() ==
-            np.minimum(suffix_matches(hist, None, 10 ** 6), 4)).all()
-    counts = np.bincount(r.output_token_ids, minlength=V)
-    assert (state.counts[rec.slot].numpy() == counts).all()
+
+    def same_as_rebuilt(reqs, state) -> None:        # after every step: the newest token changes every step
+        r = reqs[0]
+        rec = state.record(r.request_id)
+        hist = np.asarray(r.all_token_ids)
+        assert rec.length == len(hist)
+        assert (state.history[rec.slot, :len(hist)].numpy() == hist).all()
+        assert (state.dry_suffix[rec.slot, :len(hist)].numpy() ==
+                np.minimum(suffix_matches(hist, frozenset([3]), 10 ** 6), p.dry_max_ngram + 2)).all()
+        assert (state.ngram_suffix[rec.slot, :len(hist)].numpy() == suffix_matches(hist, None, 10 ** 6)).all()
+        assert (state.counts[rec.slot].numpy() == np.bincount(r.output_token_ids, minlength=V)).all()
+        seen.append(int(state.ngram_suffix[rec.slot, :len(hist)].max()))
+
+    seen: list[int] = []
+    run_steps([p], 30, lambda r: rng.normal(size=V) * 0.1 + 4 * np.eye(V)[loop[len(r.all_token_ids) % 4]],
+              after=same_as_rebuilt)
+    assert max(seen) >= 2          # runs of matches happened
 
 
 def test_dry_stops_a_repeated_sequence():
