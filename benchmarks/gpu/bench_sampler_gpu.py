@@ -25,6 +25,7 @@ from aphrodite.worker.sampling_state import SamplingState  # noqa: E402
 BATCH, VOCAB, PROMPT, OUTPUT = 256, 128256, 512, 512
 CPU_ROWS = 64
 SYNC_FOUND: list[str] = []
+STATE_CHECKS: list[str] = []
 
 
 @dataclass
@@ -109,7 +110,31 @@ def _bench(name: str, kw: dict, steps: int) -> tuple[float, float, float, int]:
         samp.append(a.elapsed_time(b))
         upd.append(b.elapsed_time(c))
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    if state.history is not None:
+        STATE_CHECKS.append(f"{name}: {state_matches_rebuild(rows[:16], state)}")
     return med(samp), med(upd), med(hosts), len(md_active(rows, dev, state))
+
+
+def state_matches_rebuild(rows: list[Row], state: SamplingState) -> str:
+    """The device state after the timed steps (updated in place each step) against one built from the rows'
+    token lists on the host (the CPU code): history, output counts, DRY and n-gram suffix lengths."""
+    ref = SamplingState(VOCAB, state.max_len - 1, torch.device("cpu"))
+    bad = []
+    for r in rows:
+        ref.add(r)
+        a, b = state.record(r.request_id), ref.record(r.request_id)
+        n = b.length
+        if a.length != n or not torch.equal(state.history[a.slot, :n].cpu(), ref.history[b.slot, :n]):
+            bad.append(f"{r.request_id}: history")
+        if b.counts and not torch.equal(state.counts[a.slot].cpu(), ref.counts[b.slot]):
+            bad.append(f"{r.request_id}: counts")
+        if b.dry and not torch.equal(state.dry_suffix[a.slot, :n].cpu(), ref.dry_suffix[b.slot, :n]):
+            bad.append(f"{r.request_id}: dry suffix")
+        cap = r.params.no_repeat_ngram_size + 1      # the rebuild caps n-gram runs where they stop mattering
+        if b.ngram and not torch.equal(state.ngram_suffix[a.slot, :n].cpu().clamp(max=cap),
+                                       ref.ngram_suffix[b.slot, :n]):
+            bad.append(f"{r.request_id}: ngram suffix")
+    return "state equal to a rebuild" if not bad else "state differs: " + ", ".join(bad[:4])
 
 
 def md_active(rows, dev, state) -> frozenset:
@@ -192,6 +217,7 @@ def main() -> None:
     print("targets: temp 1.1 + min_p 0.1 < 0.3 ms, every sampler < 2 ms (sampler ms column); no host sync: "
           + ("passed" if not SYNC_FOUND else "FAILED: " + "; ".join(SYNC_FOUND))
           + "; tokens equal to the references: " + ("all" if ok else "NOT ALL (see above)"))
+    print("state after the timed steps: " + "; ".join(STATE_CHECKS))
 
 
 if __name__ == "__main__":
