@@ -46,10 +46,11 @@ class SamplingRequest(Protocol):
     eos_token_ids: tuple[int, ...]
 
 
-def sync_state(requests: list[SamplingRequest], state: SamplingState) -> None:
+def sync_state(requests: list[SamplingRequest], state: SamplingState, rows: list[int] | None = None) -> None:
     """Make sure every row that needs state has it, built from its known tokens: a new request, or one
-    that came back after preemption (its history length no longer matches)."""
-    for r in requests:
+    that came back after preemption (its history length no longer matches). ``rows``: the only rows
+    whose parameters use state, when known (``_StaticRows.stateful``)."""
+    for r in (requests if rows is None else [requests[i] for i in rows]):
         counts, history, _, _, miro = state.needs(r)
         if not (counts or history or miro):
             continue
@@ -176,6 +177,10 @@ class _StaticRows:
         self.max_logprobs = max(want) if want else (0 if need_cum else -1)
         self.k_host = [0 if g else (p.top_k if not m and 0 < p.top_k < vocab_size else -1)
                        for p, g, m in zip(ps, greedy, miro)]
+        # Rows whose parameters use per-request state (repetition samplers, mirostat): the only ones
+        # ``sync_state`` has to look at.
+        needs = {id(p): any(SamplingState.params_need(p)) for p in ps}
+        self.stateful = [i for i, p in enumerate(ps) if needs[id(p)]]
 
 
 class StaticRowsCache:
@@ -207,9 +212,9 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
     if state is None:
         longest = max((len(r.prompt_token_ids) + r.num_outputs_with_pending for r in requests), default=0)
         state = SamplingState(vocab_size, longest + 1, device)
-    sync_state(requests, state)
     ps = [r.params for r in requests]
     st = cache.get(ps, vocab_size, device) if cache is not None else _StaticRows(ps, vocab_size, device)
+    sync_state(requests, state, st.stateful)
     active = set(st.active)
     xtc_uniforms = None
     if st.xtc:
@@ -217,17 +222,19 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
                                   if ok and r.params.xtc_probability > 0 else 1.0
                                   for r, ok in zip(requests, st.plain)], torch.float32, device)
 
-    # Repetition samplers, from the per-request state.
-    recs = [state.record(r.request_id) for r in requests]
-    penalties = _penalty_rows(requests, recs, state, device)
-    if penalties is not None:
-        active.add(SamplerID.PENALTIES)
-    dry = _dry_rows(requests, recs, state, device)
-    if dry is not None:
-        active.add(SamplerID.DRY)
-    ngram = _ngram_rows(requests, recs, state, device)
-    if ngram is not None:
-        active.add(SamplerID.NO_REPEAT_NGRAM)
+    # Repetition samplers, from the per-request state (none to look up when no request holds any).
+    penalties = dry = ngram = None
+    recs = [state.record(r.request_id) for r in requests] if len(state) else [None] * len(requests)
+    if len(state):
+        penalties = _penalty_rows(requests, recs, state, device)
+        if penalties is not None:
+            active.add(SamplerID.PENALTIES)
+        dry = _dry_rows(requests, recs, state, device)
+        if dry is not None:
+            active.add(SamplerID.DRY)
+        ngram = _ngram_rows(requests, recs, state, device)
+        if ngram is not None:
+            active.add(SamplerID.NO_REPEAT_NGRAM)
     mirostat = None
     if any(st.miro):
         rows = [i for i, m in enumerate(st.miro) if m]
@@ -280,13 +287,30 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
         temperature=st.temperature,
         all_greedy=st.all_greedy, all_random=st.all_random,
         uniforms=None if st.all_greedy else to_device(
-            [uniform_from_seed(r.sample_seed, r.num_outputs_with_pending) for r in requests], torch.float64, device),
+            uniforms_from_seeds([r.sample_seed for r in requests], [r.num_outputs_with_pending for r in requests]),
+            torch.float64, device),
         active=frozenset(active), columns=dict(st.columns), groups=st.groups,
         top_k_max=st.top_k_max,
         banned=banned, bias=st.bias, allowed=st.allowed, bad_words=bad_words,
         bad_words_history=state.history if bad_words is not None else None, grammar_bitmask=mask,
         penalties=penalties, dry=dry, ngram=ngram, mirostat=mirostat, skew=st.skew, xtc_uniforms=xtc_uniforms,
         max_logprobs=st.max_logprobs, k_host=st.k_host)
+
+
+_M64 = (1 << 64) - 1
+
+
+def uniforms_from_seeds(seeds: list[int], counters: list[int]) -> np.ndarray:
+    """``uniform_from_seed(seeds[i], counters[i])`` for every row at once, bit for bit: the same
+    splitmix64 steps in uint64 arithmetic, which wraps modulo 2**64 as the scalar version's masks do."""
+    with np.errstate(over="ignore"):
+        s = np.array([x & _M64 for x in seeds], dtype=np.uint64)
+        c = np.array(counters, dtype=np.uint64) + np.uint64(1)
+        z = s * np.uint64(0x9E3779B97F4A7C15) + c * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def _histories(recs: list, rows: list[int], state: SamplingState, device: torch.device

@@ -10,11 +10,17 @@ from the same message, which the executor broadcasts once.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from aphrodite.sampling_params import SamplingParams
+
+# StepPlan's pickled form: these int lists travel as int64 bytes, the request ids as one string.
+_INT_FIELDS = ("num_scheduled", "num_computed", "num_pending", "num_kept_blocks", "num_new_blocks", "new_block_ids",
+               "num_new_tokens", "new_token_ids")
+_ID_SEP = "\x1f"     # request ids that contain it are sent as a list
 
 
 @dataclass
@@ -63,6 +69,28 @@ class StepPlan:
     def total_tokens(self) -> int:
         return sum(self.num_scheduled)
 
+    # Pickling (the mp and Ray executors send every step): a list of 1,000 ints or ids costs tens of
+    # objects' work per entry to pickle and to unpickle, so the int lists travel as int64 bytes and the ids
+    # as one joined string, and come back as the same lists.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for name in _INT_FIELDS:
+            state[name] = array("q", state[name]).tobytes()
+        ids = state["req_ids"]
+        joined = _ID_SEP.join(ids)
+        if ids and joined.count(_ID_SEP) == len(ids) - 1:
+            state["req_ids"] = joined
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for name in _INT_FIELDS:
+            values = array("q")
+            values.frombytes(state[name])
+            state[name] = values.tolist()
+        if isinstance(state["req_ids"], str):
+            state["req_ids"] = state["req_ids"].split(_ID_SEP)
+        self.__dict__.update(state)
+
     def __len__(self) -> int:
         return len(self.req_ids)
 
@@ -76,10 +104,10 @@ class RequestState:
     """
 
     __slots__ = ("request_id", "params", "prompt_token_ids", "all_token_ids", "num_prompt_tokens", "sample_seed",
-                 "eos_token_ids", "lora_int_id", "num_computed_tokens", "num_pending_tokens", "block_ids",
+                 "eos_token_ids", "lora_int_id", "num_computed_tokens", "num_pending_tokens", "num_blocks", "row",
                  "num_prompt_logprobs")
 
-    def __init__(self, data: NewRequestData) -> None:
+    def __init__(self, data: NewRequestData, row: int = -1) -> None:
         self.request_id = data.request_id
         self.params = data.params
         self.prompt_token_ids = data.prompt_token_ids
@@ -90,7 +118,9 @@ class RequestState:
         self.lora_int_id = data.lora_int_id
         self.num_computed_tokens = 0
         self.num_pending_tokens = 0
-        self.block_ids: list[int] = []
+        # Its block table is row ``row`` of the worker's ``BlockTables`` (first ``num_blocks`` entries).
+        self.num_blocks = 0
+        self.row = row
         # Prompt positions whose log-probabilities were produced (position 0 has none).
         self.num_prompt_logprobs = 1
 
@@ -112,28 +142,81 @@ class RequestState:
         return self.params.prompt_logprobs is not None and self.num_prompt_logprobs < self.num_prompt_tokens
 
 
-def apply_plan(states: dict[str, RequestState], plan: StepPlan) -> list[RequestState]:
-    """Fold ``plan`` into a worker's records; returns the scheduled requests' records in batch order."""
+class BlockTables:
+    """Every live request's block table as one row of a persistent int32 array, zero past its blocks.
+
+    A plan only carries block-table deltas, so the rows are updated where they change and a step's
+    tables are one fancy-indexed gather (``gather``) instead of a list-to-array copy per request.
+    Rows and columns grow by doubling; a freed row is zeroed and reused."""
+
+    def __init__(self, rows: int = 64, cols: int = 16) -> None:
+        self.table = np.zeros((rows, cols), dtype=np.int32)
+        self._free: list[int] = []
+        self._next = 0
+
+    def add(self) -> int:
+        if self._free:
+            return self._free.pop()
+        row = self._next
+        self._next += 1
+        if row >= self.table.shape[0]:
+            self.table = np.concatenate([self.table, np.zeros_like(self.table)])
+        return row
+
+    def free(self, row: int, num_blocks: int) -> None:
+        self.table[row, :num_blocks] = 0
+        self._free.append(row)
+
+    def truncate(self, row: int, keep: int, num_blocks: int) -> None:
+        self.table[row, keep:num_blocks] = 0
+
+    def write(self, row: int, start: int, block_ids: list[int]) -> None:
+        end = start + len(block_ids)
+        if end > self.table.shape[1]:
+            cols = self.table.shape[1]
+            while cols < end:
+                cols *= 2
+            grown = np.zeros((self.table.shape[0], cols), dtype=np.int32)
+            grown[:, :self.table.shape[1]] = self.table
+            self.table = grown
+        self.table[row, start:end] = block_ids
+
+    def gather(self, rows: np.ndarray, width: int) -> np.ndarray:
+        """``[len(rows), width]`` tables of these rows (a copy)."""
+        return self.table[rows, :width]
+
+
+def apply_plan(states: dict[str, RequestState], plan: StepPlan, tables: BlockTables) -> list[RequestState]:
+    """Fold ``plan`` into a worker's records and block tables; returns the scheduled requests' records in
+    batch order."""
     for rid in plan.finished_ids:
-        states.pop(rid, None)
+        s = states.pop(rid, None)
+        if s is not None:
+            tables.free(s.row, s.num_blocks)
     for data in plan.new_requests:
-        states[data.request_id] = RequestState(data)
-    scheduled = []
-    tok = blk = 0
-    for i, rid in enumerate(plan.req_ids):
-        s = states[rid]
-        n = plan.num_new_tokens[i]
+        old = states.get(data.request_id)
+        if old is not None:
+            tables.free(old.row, old.num_blocks)
+        states[data.request_id] = RequestState(data, tables.add())
+    scheduled = [states[rid] for rid in plan.req_ids]
+    new_tokens, new_blocks, kept_blocks = plan.num_new_tokens, plan.num_new_blocks, plan.num_kept_blocks
+    if any(new_tokens):
+        tok = 0
+        token_ids = plan.new_token_ids
+        for s, n in zip(scheduled, new_tokens):
+            if n:
+                s.all_token_ids.extend(token_ids[tok:tok + n])
+                tok += n
+    blk = 0
+    block_ids = plan.new_block_ids
+    for s, c, p, kept, n in zip(scheduled, plan.num_computed, plan.num_pending, kept_blocks, new_blocks):
+        s.num_computed_tokens = c
+        s.num_pending_tokens = p
+        if kept != s.num_blocks:     # fewer: a preemption freed the table (kept 0)
+            tables.truncate(s.row, kept, s.num_blocks)
+            s.num_blocks = kept
         if n:
-            s.all_token_ids.extend(plan.new_token_ids[tok:tok + n])
-            tok += n
-        s.num_computed_tokens = plan.num_computed[i]
-        s.num_pending_tokens = plan.num_pending[i]
-        kept = plan.num_kept_blocks[i]
-        if kept != len(s.block_ids):
-            del s.block_ids[kept:]
-        n = plan.num_new_blocks[i]
-        if n:
-            s.block_ids.extend(plan.new_block_ids[blk:blk + n])
+            tables.write(s.row, kept, block_ids[blk:blk + n])
+            s.num_blocks = kept + n
             blk += n
-        scheduled.append(s)
     return scheduled
