@@ -82,7 +82,7 @@ class _StaticRows:
         columns: dict[str, torch.Tensor] = {}
 
         def column(name: str, values: list, neutral, sid: SamplerID | None, dtype=torch.float32) -> bool:
-            if all(v == neutral for v in values):
+            if values.count(neutral) == len(values):     # every row neutral (list.count: == in C)
                 return False
             columns[name] = to_device(values, dtype, device)
             if sid is not None:
@@ -179,7 +179,8 @@ class _StaticRows:
                        for p, g, m in zip(ps, greedy, miro)]
         # Rows whose parameters use per-request state (repetition samplers, mirostat): the only ones
         # ``sync_state`` has to look at.
-        needs = {id(p): any(SamplingState.params_need(p)) for p in ps}
+        needs = {id(p): p for p in ps}      # once per distinct parameters object
+        needs = {k: any(SamplingState.params_need(p)) for k, p in needs.items()}
         self.stateful = [i for i, p in enumerate(ps) if needs[id(p)]]
 
 

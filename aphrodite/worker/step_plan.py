@@ -170,8 +170,14 @@ class BlockTables:
     def truncate(self, row: int, keep: int, num_blocks: int) -> None:
         self.table[row, keep:num_blocks] = 0
 
-    def write(self, row: int, start: int, block_ids: list[int]) -> None:
-        end = start + len(block_ids)
+    def write(self, rows: list[int], starts: list[int], counts: list[int], block_ids: list[int]) -> None:
+        """Write ``counts[i]`` ids from ``block_ids`` (in order) into row ``rows[i]`` from column ``starts[i]``,
+        for all rows with one scatter."""
+        counts_np = np.array(counts, dtype=np.int64)
+        first = np.cumsum(counts_np) - counts_np        # each row's first id in ``block_ids``
+        rr = np.repeat(np.array(rows, dtype=np.int64), counts_np)
+        cc = np.repeat(np.array(starts, dtype=np.int64) - first, counts_np) + np.arange(len(block_ids))
+        end = int(cc.max()) + 1
         if end > self.table.shape[1]:
             cols = self.table.shape[1]
             while cols < end:
@@ -179,7 +185,7 @@ class BlockTables:
             grown = np.zeros((self.table.shape[0], cols), dtype=np.int32)
             grown[:, :self.table.shape[1]] = self.table
             self.table = grown
-        self.table[row, start:end] = block_ids
+        self.table[rr, cc] = block_ids
 
     def gather(self, rows: np.ndarray, width: int) -> np.ndarray:
         """``[len(rows), width]`` tables of these rows (a copy)."""
@@ -207,8 +213,7 @@ def apply_plan(states: dict[str, RequestState], plan: StepPlan, tables: BlockTab
             if n:
                 s.all_token_ids.extend(token_ids[tok:tok + n])
                 tok += n
-    blk = 0
-    block_ids = plan.new_block_ids
+    rows, starts, counts = [], [], []     # the table rows that grow: written with one scatter below
     for s, c, p, kept, n in zip(scheduled, plan.num_computed, plan.num_pending, kept_blocks, new_blocks):
         s.num_computed_tokens = c
         s.num_pending_tokens = p
@@ -216,7 +221,10 @@ def apply_plan(states: dict[str, RequestState], plan: StepPlan, tables: BlockTab
             tables.truncate(s.row, kept, s.num_blocks)
             s.num_blocks = kept
         if n:
-            tables.write(s.row, kept, block_ids[blk:blk + n])
+            rows.append(s.row)
+            starts.append(kept)
+            counts.append(n)
             s.num_blocks = kept + n
-            blk += n
+    if rows:
+        tables.write(rows, starts, counts, plan.new_block_ids)
     return scheduled
