@@ -10,17 +10,11 @@ from the same message, which the executor broadcasts once.
 """
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from aphrodite.sampling_params import SamplingParams
-
-# StepPlan's pickled form: these int lists travel as int64 bytes, the request ids as one string.
-_INT_FIELDS = ("num_scheduled", "num_computed", "num_pending", "num_kept_blocks", "num_new_blocks", "new_block_ids",
-               "num_new_tokens", "new_token_ids")
-_ID_SEP = "\x1f"     # request ids that contain it are sent as a list
 
 
 @dataclass
@@ -68,28 +62,6 @@ class StepPlan:
     @property
     def total_tokens(self) -> int:
         return sum(self.num_scheduled)
-
-    # Pickling (the mp and Ray executors send every step): a list of 1,000 ints or ids costs tens of
-    # objects' work per entry to pickle and to unpickle, so the int lists travel as int64 bytes and the ids
-    # as one joined string, and come back as the same lists.
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        for name in _INT_FIELDS:
-            state[name] = array("q", state[name]).tobytes()
-        ids = state["req_ids"]
-        joined = _ID_SEP.join(ids)
-        if ids and joined.count(_ID_SEP) == len(ids) - 1:
-            state["req_ids"] = joined
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        for name in _INT_FIELDS:
-            values = array("q")
-            values.frombytes(state[name])
-            state[name] = values.tolist()
-        if isinstance(state["req_ids"], str):
-            state["req_ids"] = state["req_ids"].split(_ID_SEP)
-        self.__dict__.update(state)
 
     def __len__(self) -> int:
         return len(self.req_ids)

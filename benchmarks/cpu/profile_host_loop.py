@@ -75,7 +75,11 @@ def instrument(runner) -> None:
     timed(engine_mod.LLMEngine, "_plan", "engine: _plan")
     timed(engine_mod.LLMEngine, "_advance", "engine: _advance")
     timed(engine_mod.LLMEngine, "_process", "engine: _process")
-    if runner is None:
+    if runner is None:      # the mp executor: what sending a step and reading its result cost the engine
+        import aphrodite.executor.multiproc as multiproc
+        from aphrodite.executor.shm_broadcast import ShmBroadcast
+        timed(ShmBroadcast, "enqueue", "engine: broadcast the step (pickle)")
+        timed(multiproc.MultiprocExecutor, "_recv", "engine: read the result (unpickle)")
         return
     import aphrodite.modeling.layers.sampler as sampler
     import aphrodite.worker.model_runner as model_runner

@@ -183,14 +183,3 @@ def test_finish_many_equals_finishing_one_at_a_time():
     assert [r.status for r in ra] == [r.status for r in rb]
     assert list(a.kv_cache.free_blocks) == list(b.kv_cache.free_blocks)
 
-
-@pytest.mark.parametrize("ids", [["a", "cmpl-1", "", "0_x"], ["one"], [], ["has\x1fsep", "b"]])
-def test_step_plan_pickles_to_the_same_lists(ids):
-    import pickle
-    n = len(ids)
-    plan = StepPlan(step_id=7, new_requests=[NewRequestData("a", [1, 2, 3], SamplingParams(), 5, (2,))],
-                    req_ids=ids, num_scheduled=[1] * n, num_computed=[2**40 + i for i in range(n)],
-                    num_pending=[1] * n, num_kept_blocks=[3] * n, num_new_blocks=[1] * n,
-                    new_block_ids=list(range(n)), num_new_tokens=[1] * n, new_token_ids=[9] * n, finished_ids=["z"])
-    back = pickle.loads(pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL))
-    assert back == plan and type(back.num_computed) is list and type(back.req_ids) is list
