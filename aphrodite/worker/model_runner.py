@@ -297,6 +297,8 @@ class ModelRunner:
 
         ``want_result=False`` (tensor-parallel ranks other than the output rank) runs the same
         collectives and keeps the sampled ids on the device, but copies nothing back."""
+        if len(self.requests) == len(plan.finished_ids):    # every earlier request has ended
+            self.sampling_rows.clear()
         reqs, counts = apply_plan(self.requests, plan, self.block_tables), plan.num_scheduled
         self.inputs.begin_step()
         host = self._prepare(reqs, plan)

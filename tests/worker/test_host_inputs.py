@@ -51,9 +51,13 @@ def _reference(refs: list[_Ref], counts: list[int], prev_rows: dict[str, int]):
 
 
 @pytest.fixture(scope="module")
-def runner(tiny_llama_dir):
-    llm = LLM(tiny_llama_dir, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=256,
-              block_size=BS)
+def llm(tiny_llama_dir):
+    return LLM(tiny_llama_dir, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=256,
+               block_size=BS)
+
+
+@pytest.fixture
+def runner(llm):
     return llm.llm_engine.executor.runner
 
 
@@ -183,3 +187,16 @@ def test_finish_many_equals_finishing_one_at_a_time():
     assert [r.status for r in ra] == [r.status for r in rb]
     assert list(a.kv_cache.free_blocks) == list(b.kv_cache.free_blocks)
 
+
+
+def test_parameters_changed_in_place_between_calls_take_effect(llm):
+    """The worker keeps each parameters object's sampling rows while its requests run; a caller that edits
+    the object before the next ``generate`` must get the new behaviour, as with a fresh object."""
+    prompts = [{"prompt_token_ids": [5 + i, 17, 42, 7 * i + 3]} for i in range(6)]
+    p = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    greedy = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
+    p.temperature, p.top_k, p.seed = 1.0, 5, 3
+    edited = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
+    fresh = SamplingParams(temperature=1.0, top_k=5, seed=3, max_tokens=8, ignore_eos=True)
+    assert edited == [o.outputs[0].token_ids for o in llm.generate(prompts, fresh, use_tqdm=False)]
+    assert edited != greedy
