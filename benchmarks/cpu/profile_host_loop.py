@@ -11,6 +11,8 @@ With ``--tp 2`` the workers run in their own processes: only the engine's side i
     python benchmarks/cpu/profile_host_loop.py [--num-prompts 1000 --input-len 32 --output-len 128 --repeat 3]
     python benchmarks/cpu/profile_host_loop.py --tp 2    # mp executor, two gloo ranks
     python benchmarks/cpu/profile_host_loop.py --cprofile 25    # plus the top functions by own time
+    # throughput-prefill's shape scaled down: 16 new prompts join ~1000 running ones every step
+    python benchmarks/cpu/profile_host_loop.py --input-len 256 --output-len 32 --max-num-batched-tokens 4096
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def instrument(runner) -> None:
 
     def step(self, finished_only=False):
         running = len(self.scheduler.running)
-        PHASE[0] = "decode" if running and not self.scheduler.waiting else "prefill"
+        PHASE[0] = "decode" if running and not self.scheduler.waiting else "prefill"     # prefill: mixed steps
         t = CLOCK[0]()
         try:
             return orig_step(self, finished_only)
@@ -113,6 +115,8 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384,
+                   help="the GPU default; with --input-len 256 use 4096 for throughput-prefill's 16 prompts a step")
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (2: the mp executor on gloo)")
     p.add_argument("--no-async", action="store_true", help="plain scheduling instead of async scheduling")
     p.add_argument("--cprofile", type=int, default=0, help="also print the top N functions by own time")
@@ -128,7 +132,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = tiny_llama(tmp, args.vocab)
         llm = LLM(model=path, skip_tokenizer_init=True, dtype="float32", tensor_parallel_size=args.tp,
-                  max_num_seqs=1024, max_num_batched_tokens=16384, max_model_len=1024,
+                  max_num_seqs=1024, max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=1024,
                   async_scheduling=not args.no_async, enforce_eager=True)
         rng = np.random.default_rng(0)
 
