@@ -248,8 +248,8 @@ class ModelRunner:
         num_decodes = counts.count(1)
         all_decodes = num_decodes == n
         # Each request's known tokens: with the pending ones, whether its chunk ends where a sample is due.
-        known = np.array([len(r.all_token_ids) for r in reqs], dtype=np.int64)
-        samples = seq_lens_np == known + np.array(plan.num_pending, dtype=np.int64)
+        known = [len(r.all_token_ids) for r in reqs]
+        samples = seq_lens_np == np.array(known, dtype=np.int64) + np.array(plan.num_pending, dtype=np.int64)
         if all_decodes:
             pos = comp
             row_of_token = np.arange(n)
@@ -258,14 +258,16 @@ class ModelRunner:
             pos = np.arange(total, dtype=np.int64) + (comp - starts_np[:-1])[row_of_token]
         ids = np.empty(total, dtype=np.int64)
         # Decodes: the token at their position, or -1 when only the step in flight knows it (it sampled it).
-        dec_rows = range(n) if all_decodes else np.flatnonzero(cnt == 1).tolist()
-        dec_ids = [t[c] if c < len(t) else -1 for t, c in
-                   ((reqs[i].all_token_ids, comp_list[i]) for i in dec_rows)] if not all_decodes else \
-            [r.all_token_ids[c] if c < k else -1 for r, c, k in zip(reqs, comp_list, known.tolist())]
+        if all_decodes:
+            dec_rows = np.arange(n)
+            dec_ids = [r.all_token_ids[c] if c < k else -1 for r, c, k in zip(reqs, comp_list, known)]
+        else:
+            dec_rows = np.flatnonzero(cnt == 1)
+            dec_ids = [reqs[i].all_token_ids[comp_list[i]] if comp_list[i] < known[i] else -1
+                       for i in dec_rows.tolist()]
         dec_ids_np = np.array(dec_ids, dtype=np.int64)
-        dec_at = starts_np[:-1] if all_decodes else starts_np[np.asarray(dec_rows, dtype=np.int64)]
-        ids[dec_at] = dec_ids_np
-        if not all_decodes:
+        ids[starts_np[dec_rows]] = dec_ids_np
+        if not all_decodes:     # prefill chunks: a slice of known tokens each
             for i in np.flatnonzero(cnt != 1).tolist():
                 c, k, t = comp_list[i], counts[i], int(starts_np[i])
                 ids[t:t + k] = reqs[i].all_token_ids[c:c + k]
@@ -275,7 +277,7 @@ class ModelRunner:
         from_prev = None
         missing = np.flatnonzero(dec_ids_np < 0)
         if len(missing):
-            req_rows = missing if all_decodes else np.asarray(dec_rows, dtype=np.int64)[missing]
+            req_rows = dec_rows[missing]
             prev_rows = self._prev_rows
             src = [prev_rows.get(reqs[i].request_id, -1) for i in req_rows.tolist()]
             if -1 in src:
