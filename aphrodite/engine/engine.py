@@ -50,7 +50,10 @@ class _Parent:
 
     @property
     def finished(self) -> bool:
-        return all(c.is_finished for c in self.children)
+        for c in self.children:     # a loop, not all(generator): asked for every output of every step
+            if c.status not in _FINISHED:
+                return False
+        return True
 
 
 class _Ready:
@@ -571,23 +574,22 @@ class LLMEngine:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     def _make_output(self, parent: _Parent) -> RequestOutput | None:
+        """The parent's RequestOutput so far. Built for every running request every step when streaming, so
+        it reads Request attributes directly (no properties) and passes arguments by position."""
         params = parent.params
         children = parent.children
+        finished = parent.finished
         if params.best_of > params.n:
-            if not parent.finished:
+            if not finished:
                 return None
             children = sorted(children, key=lambda c: c.cumulative_logprob, reverse=True)[:params.n]
-        outs = []
-        for idx, c in enumerate(children):
-            outs.append(CompletionOutput(
-                index=idx, text=c.output_text, token_ids=c.output_token_ids,
-                cumulative_logprob=c.cumulative_logprob if params.logprobs is not None else None,
-                logprobs=c.logprobs, finish_reason=c.status.finish_reason if c.is_finished else None,
-                stop_reason=c.stop_reason))
+        with_cumulative = params.logprobs is not None
+        outs = [CompletionOutput(idx, c.output_text, c.all_token_ids[c.num_prompt_tokens:],
+                                 c.cumulative_logprob if with_cumulative else None, c.logprobs,
+                                 c.status.finish_reason if c.status in _FINISHED else None, c.stop_reason)
+                for idx, c in enumerate(children)]
         first = parent.children[0]
-        return RequestOutput(
-            request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_ids,
-            outputs=outs, finished=parent.finished, prompt_logprobs=first.prompt_logprobs,
-            num_cached_tokens=first.num_cached_tokens,
-            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time})
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_ids, outs, finished,
+                             first.prompt_logprobs, first.num_cached_tokens,
+                             {"arrival_time": first.arrival_time, "first_token_time": first.first_token_time})
 

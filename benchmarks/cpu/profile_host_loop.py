@@ -119,6 +119,8 @@ def main() -> None:
                    help="the GPU default; with --input-len 256 use 4096 for throughput-prefill's 16 prompts a step")
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (2: the mp executor on gloo)")
     p.add_argument("--no-async", action="store_true", help="plain scheduling instead of async scheduling")
+    p.add_argument("--stream", action="store_true",
+                   help="step the engine as the server does (outputs of every running request, every step)")
     p.add_argument("--cprofile", type=int, default=0, help="also print the top N functions by own time")
     p.add_argument("--repeat", type=int, default=3, help="runs; each figure is its best over them")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
@@ -151,7 +153,15 @@ def main() -> None:
             start = time.perf_counter()
             if prof is not None:
                 prof.enable()
-            outs = llm.generate(random_prompts(), params, use_tqdm=False)
+            if args.stream:     # as the server's engine loop does: every step's outputs, not only the finished
+                engine, done = llm.llm_engine, {}
+                for k, prompt in enumerate(random_prompts()):
+                    engine.add_request(f"{len(runs)}-{k}", prompt, params)
+                while engine.has_unfinished_requests():
+                    done.update((o.request_id, o) for o in engine.step() if o.finished)
+                outs = list(done.values())
+            else:
+                outs = llm.generate(random_prompts(), params, use_tqdm=False)
             if prof is not None:
                 prof.disable()
             total = time.perf_counter() - start
@@ -163,8 +173,9 @@ def main() -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.cprofile)
     # On a shared machine other work only ever adds time: each figure is its best over the repeats.
     total = min(r[0] for r in runs)
-    print(f"\n{args.num_prompts} x {args.input_len}/{args.output_len} greedy, tp={args.tp}, "
-          f"async={not args.no_async}: {total:.2f} s, {n_out / total:.0f} output tok/s (best of {len(runs)})")
+    mode = f"async={not args.no_async}" + (", streamed" if args.stream else "")
+    print(f"\n{args.num_prompts} x {args.input_len}/{args.output_len} greedy, tp={args.tp}, {mode}: "
+          f"{total:.2f} s, {n_out / total:.0f} output tok/s (best of {len(runs)})")
     for phase in ("prefill", "decode"):
         steps = runs[0][2].get(phase, 0)
         if not steps:
