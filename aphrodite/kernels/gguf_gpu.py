@@ -382,8 +382,178 @@ def _gemv_q8_fn(xq_ptr, xd_ptr, xs_ptr, w_ptr, w32_ptr, out_ptr, N, row_bytes, n
     tl.store(out_ptr + rows, res.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+# ---------------------------------------------------------------------------------------------
+# batch 1, 8-bit activations, v2: every tensor of a step has one shape, so no layout conversions
+# (shared memory, barriers) sit between the loads and the math, and all of a step's loads are
+# independent of each other (one round trip to memory per step)
+
+def _half_lo_fn(w):
+    """The half-precision number in the low 16 bits of int32 ``w``, as float32."""
+    return (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+_half_lo = _DeviceFunction(_half_lo_fn)
+
+
+def _lane_fn(t, k, j4):
+    """Element ``k`` of each group of 4 along the last axis of int32 ``t`` (4 consecutive words one
+    thread loaded at once), reduced out of that axis: a reduction, so the result lands in the layout
+    of the other step reductions (no shared-memory conversion)."""
+    return tl.max(tl.where(j4 == k, t, -2147483648), axis=3)
+
+
+_lane = _DeviceFunction(_lane_fn)
+
+
+def _gemv_q8k_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, N, row_quads, n_blocks,
+                 QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr):
+    """Q4_K / Q5_K. Loads ``[rows, blocks, 4 c, 8 j]``, each 4 consecutive words along ``j`` per thread:
+    code word j of chunk c (bytes 4j..4j+3: low nibbles values 64c + 4j.., high nibbles 32 further),
+    the activation words they meet, the block's 4 header words (d, dmin, 12 scale bytes) and the
+    activation scales and sums of groups 4(c // 2)..+3. Reduced over ``j``, everything meets in one
+    layout: no shared memory, no barriers, one round trip to memory per step."""
+    BW: tl.constexpr = 36 if QTYPE == 12 else 44       # words per block
+    CO: tl.constexpr = 4 if QTYPE == 12 else 12        # first code word
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    r = tl.where(row_ok, rows, 0).to(tl.int64)
+    shape: tl.constexpr = (BLOCK_N, BLOCK_B, 4, 8)
+    rw = (r * row_quads * 4)[:, None, None, None]                      # word offset of each row
+    bi = tl.arange(0, BLOCK_B)[None, :, None, None]
+    c = tl.arange(0, 4)[None, None, :, None]
+    j = tl.arange(0, 8)[None, None, None, :]
+    j4 = j % 4
+    c3 = tl.arange(0, 4)[None, None, :]
+    sh = (c3 % 2) * 16                                                 # byte 2c % 4 of a scale word
+    low = c3 < 2
+    gsel = (c % 2) * 2                                                 # group 2c within its 4
+    acc = tl.zeros((BLOCK_N, BLOCK_B, 4), tl.float32)
+    for b0 in range(0, n_blocks, BLOCK_B):
+        blk = b0 + bi
+        wb = w32_ptr + rw + blk * BW                                   # [BN, BB, 1, 1] block start
+        qw = tl.load(wb + CO + c * 8 + j)
+        hdr = tl.load(tl.broadcast_to(wb + j4, shape))
+        xb = tl.broadcast_to(xq_ptr + blk * 64 + c * 16 + j, shape)
+        xl = tl.load(xb)
+        xh = tl.load(xb + 8)
+        gb = tl.broadcast_to(blk * 8 + (c // 2) * 4 + j4, shape)
+        xd = tl.load(xd_ptr + gb)
+        xs = tl.load(xs_ptr + gb)
+        if QTYPE == 13:
+            qh = tl.load(tl.broadcast_to(wb + 4 + j, shape))
+        lo = qw & 0x0F0F0F0F
+        hi = (qw >> 4) & 0x0F0F0F0F
+        if QTYPE == 13:
+            lo = lo | (((qh >> (2 * c)) & 0x01010101) << 4)
+            hi = hi | (((qh >> (2 * c + 1)) & 0x01010101) << 4)
+        il = tl.sum(_dp4a(lo, xl, 0, ASM), axis=3).to(tl.float32)      # [BN, BB, 4] sub-block 2c
+        ih = tl.sum(_dp4a(hi, xh, 0, ASM), axis=3).to(tl.float32)      # sub-block 2c + 1
+        w0 = _lane(hdr, 0, j4)
+        a1 = _lane(hdr, 1, j4) >> sh
+        a2 = _lane(hdr, 2, j4) >> sh
+        a3 = _lane(hdr, 3, j4) >> sh
+        xdf = xd.to(tl.int32, bitcast=True)
+        xsf = xs.to(tl.int32, bitcast=True)
+        xd0 = _lane(xdf, gsel, j4).to(tl.float32, bitcast=True)
+        xd1 = _lane(xdf, gsel + 1, j4).to(tl.float32, bitcast=True)
+        xs0 = _lane(xsf, gsel, j4).to(tl.float32, bitcast=True)
+        xs1 = _lane(xsf, gsel + 1, j4).to(tl.float32, bitcast=True)
+        sc0 = tl.where(low, a1 & 63, (a3 & 15) | ((a1 >> 2) & 48)).to(tl.float32)
+        mn0 = tl.where(low, a2 & 63, ((a3 >> 4) & 15) | ((a2 >> 2) & 48)).to(tl.float32)
+        sc1 = tl.where(low, (a1 >> 8) & 63, ((a3 >> 8) & 15) | ((a1 >> 10) & 48)).to(tl.float32)
+        mn1 = tl.where(low, (a2 >> 8) & 63, ((a3 >> 12) & 15) | ((a2 >> 10) & 48)).to(tl.float32)
+        acc += _half_lo(w0) * (il * (sc0 * xd0) + ih * (sc1 * xd1)) - _half_lo(w0 >> 16) * (mn0 * xs0 + mn1 * xs1)
+    res = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(out_ptr + rows, res.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+
+def _funnel_fn(lo, hi, shift, ASM: tl.constexpr):
+    """``(hi:lo) >> shift`` (shift 0 or 16), the low 32 bits: a word that starts half-way into ``lo``."""
+    if ASM:
+        return tl.inline_asm_elementwise("shf.r.clamp.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, shift],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.where(shift != 0, ((lo >> 16) & 0xFFFF) | (hi << 16), lo)
+
+
+_funnel = _DeviceFunction(_funnel_fn)
+
+
+def _lane6_fn(t, k, jl):
+    """``_lane`` for the Q6_K step tensors (groups of 4 words along axis 5)."""
+    return tl.max(tl.where(jl == k, t, -2147483648), axis=5)
+
+
+_lane6 = _DeviceFunction(_lane6_fn)
+
+
+def _gemv_q8k6_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, N, row_words, n_blocks,
+                  BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ASM: tl.constexpr):
+    """Q6_K by pairs of blocks (420 bytes: whole words; the odd block starts 2 bytes into word 52, its
+    words are funnel-shifted from two loads). Loads ``[rows, pairs, 2 e, 2 n, 2 jh, 4 jl]``, 4
+    consecutive words along ``jl`` per thread: element (e, n, j = 4jh + jl) of block 2p + e holds ql
+    words 16n + j and 16n + 8 + j and qh word 32 + 8n + j (values 128n + 32t + 4j.. for t = 0..3, scale
+    bytes 8n + 2t + jh), the block's 4 scale words, the words around d and the 4 activation scales of
+    groups 4n..4n+3. Reduced over ``jl`` everything meets in one layout (no shared memory)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    r = tl.where(row_ok, rows, 0).to(tl.int64)
+    shape: tl.constexpr = (BLOCK_N, BLOCK_P, 2, 2, 2, 4)
+    rw = (r * row_words)[:, None, None, None, None, None]
+    pi = tl.arange(0, BLOCK_P)[None, :, None, None, None, None]
+    e = tl.arange(0, 2)[None, None, :, None, None, None]
+    n = tl.arange(0, 2)[None, None, None, :, None, None]
+    jh = tl.arange(0, 2)[None, None, None, None, :, None]
+    jl = tl.arange(0, 4)[None, None, None, None, None, :]
+    sh = tl.broadcast_to(e * 16, shape)
+    jh5 = tl.arange(0, 2)[None, None, None, None, :]
+    sh5 = tl.arange(0, 2)[None, None, :, None, None] * 16
+    acc = tl.zeros((BLOCK_N, BLOCK_P, 2, 2, 2), tl.float32)
+    for p0 in range(0, n_blocks // 2, BLOCK_P):
+        pair = p0 + pi
+        blk = pair * 2 + e
+        pw = w32_ptr + rw + pair * 105 + e * 52                         # [BN, BP, 2, 1, 1, 1] block's first word
+        pa = pw + 16 * n + 4 * jh + jl
+        ph = pw + 32 + 8 * n + 4 * jh + jl
+        ps = tl.broadcast_to(pw + 48 + jl, shape)
+        qa = _funnel(tl.load(pa), tl.load(pa + e), sh, ASM)
+        qb = _funnel(tl.load(pa + 8), tl.load(pa + 8 + e), sh, ASM)
+        qh = _funnel(tl.load(ph), tl.load(ph + e), sh, ASM)
+        sw = _funnel(tl.load(ps), tl.load(ps + e), sh, ASM)             # the 16 scale bytes
+        dw = tl.load(tl.broadcast_to(pw + 49 + jl, shape))              # lane 3: word 52 (even), 104 (odd)
+        xb = tl.broadcast_to(xq_ptr + blk * 64 + 32 * n + 4 * jh + jl, shape)
+        xd = tl.load(tl.broadcast_to(xd_ptr + blk * 8 + 4 * n + jl, shape)).to(tl.int32, bitcast=True)
+        # 6-bit codes q in 0..63 as signed bytes q - 32: ((q | 0x80) - 0x20) ^ 0x80 per byte, no borrows
+        # (-0x7F7F7F80 is 0x80808080 as an int32)
+        q0 = (((qa & 0x0F0F0F0F) | ((qh & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
+        q1 = (((qb & 0x0F0F0F0F) | (((qh >> 2) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
+        q2 = ((((qa >> 4) & 0x0F0F0F0F) | (((qh >> 4) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) \
+            ^ -0x7F7F7F80
+        q3 = ((((qb >> 4) & 0x0F0F0F0F) | (((qh >> 6) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) \
+            ^ -0x7F7F7F80
+        i0 = tl.sum(_dp4a(q0, tl.load(xb), 0, ASM), axis=5).to(tl.float32)        # [BN, BP, 2, 2, 2]
+        i1 = tl.sum(_dp4a(q1, tl.load(xb + 8), 0, ASM), axis=5).to(tl.float32)
+        i2 = tl.sum(_dp4a(q2, tl.load(xb + 16), 0, ASM), axis=5).to(tl.float32)
+        i3 = tl.sum(_dp4a(q3, tl.load(xb + 24), 0, ASM), axis=5).to(tl.float32)
+        s01 = _lane6(sw, 2 * n, jl)                                     # scale bytes 8n + 0..3
+        s23 = _lane6(sw, 2 * n + 1, jl)                                 # scale bytes 8n + 4..7
+        bsh = jh5 * 8
+        v = i0 * (((s01 << (24 - bsh)) >> 24).to(tl.float32) * _lane6(xd, 0, jl).to(tl.float32, bitcast=True)) \
+            + i1 * (((s01 << (8 - bsh)) >> 24).to(tl.float32) * _lane6(xd, 1, jl).to(tl.float32, bitcast=True)) \
+            + i2 * (((s23 << (24 - bsh)) >> 24).to(tl.float32) * _lane6(xd, 2, jl).to(tl.float32, bitcast=True)) \
+            + i3 * (((s23 << (8 - bsh)) >> 24).to(tl.float32) * _lane6(xd, 3, jl).to(tl.float32, bitcast=True))
+        acc += _half_lo(_lane6(dw, 3, jl) >> sh5) * v
+    res = tl.sum(tl.sum(tl.sum(tl.sum(acc, axis=4), axis=3), axis=2), axis=1)
+    tl.store(out_ptr + rows, res.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
 _gemv_kernel = LazyKernel(_gemv_fn)
 _gemv_q8_kernel = LazyKernel(_gemv_q8_fn)
+_gemv_q8k_kernel = LazyKernel(_gemv_q8k_fn)
+_gemv_q8k6_kernel = LazyKernel(_gemv_q8k6_fn)
 _quant_x_kernel = LazyKernel(_quant_x_fn)
 _dot_kernel = LazyKernel(_dot_fn)
 _dequant_kernel = LazyKernel(_dequant_fn)
@@ -409,8 +579,8 @@ def _largest_divisor(n: int, cap: int) -> int:
 # than 2048 rows take one row per program to keep that many. GEMV_CONFIGS overrides per shape
 # ("exact" / "q8", ggml type, N, K), e.g. from the sweep of benchmarks/gpu/bench_gguf_gpu.py.
 GEMV_CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int]] = {}
-GEMV_DEFAULT = {"exact": (2, 4, 2), "q8": (2, 8, 2)}
-GEMV_SMALL_N = {"exact": (2, 4, 2), "q8": (1, 8, 2)}
+GEMV_DEFAULT = {"exact": (2, 4, 2), "q8": (2, 8, 2), "q8v2": (4, 8, 4)}
+GEMV_SMALL_N = {"exact": (2, 4, 2), "q8": (1, 8, 2), "q8v2": (2, 8, 2)}
 
 
 def _gemv_config(kind: str, qtype: int, n: int, k: int) -> tuple[int, int, int]:
@@ -421,6 +591,10 @@ def _gemv_config(kind: str, qtype: int, n: int, k: int) -> tuple[int, int, int]:
 # Batch 1 with half-precision activations rounds them to 8 bits per 32 values and uses integer dot
 # products (llama.cpp's GPU kernels do the same); APHRODITE_GGUF_GPU_Q8_ACTIVATIONS=0 keeps them exact.
 Q8_ACTIVATIONS = os.environ.get("APHRODITE_GGUF_GPU_Q8_ACTIVATIONS", "1").lower() in ("1", "true", "yes", "on")
+# Which 8-bit-activation GEMV: "v2" (``_gemv_q8k`` / ``_gemv_q8k6``: one layout for every load of a step,
+# no shared memory or barriers, all loads of a step independent) or "v1" (``_gemv_q8``, whose compiled
+# loop converts layouts through shared memory between dependent loads: ~1.2 TB/s of blocks on an H200).
+GEMV_Q8_IMPL = os.environ.get("APHRODITE_GGUF_GPU_GEMV", "v2")
 DOT_BLOCK_N = 32
 DOT_WAVES = 4
 DEQUANT_BLOCK_N = 16
@@ -573,6 +747,20 @@ def gemv_q8(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tenso
     if xq is None:
         xq = quantize_activations(x)
     q, d, s = xq
+    if GEMV_Q8_IMPL == "v2":
+        block_n, block_b, warps = config or _gemv_config("q8v2", qtype, n, k)
+        kw = {"num_warps": warps} if x.is_cuda else {}
+        row_quads = qweight.shape[1] // 16
+        grid = (triton.cdiv(n, block_n),)
+        if qtype == Q6_K:
+            _gemv_q8k6_kernel(x.device)[grid](
+                q.view(torch.int32), d, s, qweight.view(torch.int32), out, n, qweight.shape[1] // 4, n_blocks,
+                BLOCK_N=block_n, BLOCK_P=_largest_divisor(n_blocks // 2, max(1, block_b // 2)), ASM=x.is_cuda, **kw)
+        else:
+            _gemv_q8k_kernel(x.device)[grid](
+                q.view(torch.int32), d, s, qweight.view(torch.int32), out, n, row_quads, n_blocks,
+                QTYPE=qtype, BLOCK_N=block_n, BLOCK_B=_largest_divisor(n_blocks, block_b), ASM=x.is_cuda, **kw)
+        return out
     block_n, block_b, warps = config or _gemv_config("q8", qtype, n, k)
     block_b = _largest_divisor(n_blocks, block_b)
     kw = {"num_warps": warps} if x.is_cuda else {}

@@ -200,6 +200,21 @@ def test_kquant_gemv_q8_matches_rounded_activations(name, device):
     torch.testing.assert_close(sums.cpu().double(), x.double().view(1, -1, 32).sum(-1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", KQ)
+@pytest.mark.parametrize("impl", ["v1", "v2"])
+def test_kquant_gemv_q8_steps_and_ragged_rows(name, impl, device, monkeypatch):
+    """Both 8-bit GEMVs over several steps of several blocks (pairs of Q6_K blocks), rows per program
+    not dividing N, written into a column slice: the product with the rounded activations."""
+    monkeypatch.setattr(gguf_gpu, "GEMV_Q8_IMPL", impl)
+    w, ref_w, x = _kquant_case(name, 1, n=26, k=2048, seed=8)
+    wide = torch.full((1, 30), 7.0, device=device)
+    gguf_gpu.gemv_q8(x.to(device), w.to(device), TYPES[name], wide[:, 2:28], config=(4, 4, 4))
+    assert (wide[:, :2] == 7).all() and (wide[:, 28:] == 7).all()
+    rounded = q8_activations(x) @ ref_w.T
+    got = wide[:, 2:28].cpu().double()
+    assert (got - rounded).abs().max() / rounded.abs().max() < (1e-5 if name == "Q6_K" else 2e-3)
+
+
 def test_kquant_q6k_odd_block_count_not_q8():
     """Q6_K rows of an odd number of blocks are not whole int32 words: the exact kernel takes them."""
     assert not gguf_gpu.q8_supported(TYPES["Q6_K"], 768)
