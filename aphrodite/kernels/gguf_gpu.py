@@ -395,51 +395,57 @@ def _half_lo_fn(w):
 _half_lo = _DeviceFunction(_half_lo_fn)
 
 
-def _lane_fn(t, k, j4):
-    """Element ``k`` of each group of 4 along the last axis of int32 ``t`` (4 consecutive words one
-    thread loaded at once), reduced out of that axis: a reduction, so the result lands in the layout
-    of the other step reductions (no shared-memory conversion)."""
-    return tl.max(tl.where(j4 == k, t, -2147483648), axis=3)
+def _lane_fn(t, k, jl, AXIS: tl.constexpr):
+    """Element ``k`` of each group of 4 along axis ``AXIS`` (the last) of int32 ``t`` (4 consecutive
+    words one thread loaded at once), reduced out of that axis: a reduction, so the result lands in
+    the layout of the step's other reductions (no shared-memory conversion)."""
+    return tl.max(tl.where(jl == k, t, -2147483648), axis=AXIS)
 
 
 _lane = _DeviceFunction(_lane_fn)
 
 
-def _gemv_q8k_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, N, row_quads, n_blocks,
-                 QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr):
-    """Q4_K / Q5_K. Loads ``[rows, blocks, 4 c, 8 j]``, each 4 consecutive words along ``j`` per thread:
-    code word j of chunk c (bytes 4j..4j+3: low nibbles values 64c + 4j.., high nibbles 32 further),
-    the activation words they meet, the block's 4 header words (d, dmin, 12 scale bytes) and the
-    activation scales and sums of groups 4(c // 2)..+3. Reduced over ``j``, everything meets in one
-    layout: no shared memory, no barriers, one round trip to memory per step."""
+def _gemv_q8k_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, M, N, row_quads, n_blocks, stride_om,
+                 QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                 ASM: tl.constexpr):
+    """Q4_K / Q5_K, ``M <= BLOCK_M`` activation rows (8-bit, ``[M, K]``) against one read of the weight.
+    Loads ``[m, rows, blocks, 4 c, 8 j]``, 4 consecutive words along ``j`` per thread: code word j of
+    chunk c (bytes 4j..4j+3: low nibbles values 64c + 4j.., high nibbles 32 further), the activation
+    words they meet, the block's 4 header words (d, dmin, 12 scale bytes) and the activation scales and
+    sums of groups 4(c // 2)..+3. Reduced over ``j`` everything meets in one layout: no shared memory,
+    no barriers, one round trip to memory per step."""
     BW: tl.constexpr = 36 if QTYPE == 12 else 44       # words per block
     CO: tl.constexpr = 4 if QTYPE == 12 else 12        # first code word
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     r = tl.where(row_ok, rows, 0).to(tl.int64)
-    shape: tl.constexpr = (BLOCK_N, BLOCK_B, 4, 8)
-    rw = (r * row_quads * 4)[:, None, None, None]                      # word offset of each row
-    bi = tl.arange(0, BLOCK_B)[None, :, None, None]
-    c = tl.arange(0, 4)[None, None, :, None]
-    j = tl.arange(0, 8)[None, None, None, :]
+    shape: tl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_B, 4, 8)
+    m = tl.minimum(tl.arange(0, BLOCK_M), M - 1)[:, None, None, None, None]
+    xrow = m * (n_blocks * 64)                                           # words of 8-bit activations
+    grow = m * (n_blocks * 8)                                            # groups of 32
+    rw = (r * row_quads * 4)[None, :, None, None, None]                 # word offset of each row
+    bi = tl.arange(0, BLOCK_B)[None, None, :, None, None]
+    c = tl.arange(0, 4)[None, None, None, :, None]
+    j = tl.arange(0, 8)[None, None, None, None, :]
     j4 = j % 4
-    c3 = tl.arange(0, 4)[None, None, :]
-    sh = (c3 % 2) * 16                                                 # byte 2c % 4 of a scale word
-    low = c3 < 2
+    c4 = tl.arange(0, 4)[None, None, None, :]
+    sh = (c4 % 2) * 16                                                 # byte 2c % 4 of a scale word
+    low = c4 < 2
     gsel = (c % 2) * 2                                                 # group 2c within its 4
-    acc = tl.zeros((BLOCK_N, BLOCK_B, 4), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_B, 4), tl.float32)
     for b0 in range(0, n_blocks, BLOCK_B):
         blk = b0 + bi
-        wb = w32_ptr + rw + blk * BW                                   # [BN, BB, 1, 1] block start
-        qw = tl.load(wb + CO + c * 8 + j)
+        wb = w32_ptr + rw + blk * BW                                   # [1, BN, BB, 1, 1] block start
+        # the weight's pointers broadcast over the activation rows: every load of the step gets one layout
+        qw = tl.load(tl.broadcast_to(wb + CO + c * 8 + j, shape))
         hdr = tl.load(tl.broadcast_to(wb + j4, shape))
-        xb = tl.broadcast_to(xq_ptr + blk * 64 + c * 16 + j, shape)
+        xb = tl.broadcast_to(xq_ptr + xrow + blk * 64 + c * 16 + j, shape)
         xl = tl.load(xb)
         xh = tl.load(xb + 8)
-        gb = tl.broadcast_to(blk * 8 + (c // 2) * 4 + j4, shape)
-        xd = tl.load(xd_ptr + gb)
-        xs = tl.load(xs_ptr + gb)
+        gb = tl.broadcast_to(grow + blk * 8 + (c // 2) * 4 + j4, shape)
+        xd = tl.load(xd_ptr + gb).to(tl.int32, bitcast=True)
+        xs = tl.load(xs_ptr + gb).to(tl.int32, bitcast=True)
         if QTYPE == 13:
             qh = tl.load(tl.broadcast_to(wb + 4 + j, shape))
         lo = qw & 0x0F0F0F0F
@@ -447,26 +453,25 @@ def _gemv_q8k_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, N, row_quads, n_block
         if QTYPE == 13:
             lo = lo | (((qh >> (2 * c)) & 0x01010101) << 4)
             hi = hi | (((qh >> (2 * c + 1)) & 0x01010101) << 4)
-        il = tl.sum(_dp4a(lo, xl, 0, ASM), axis=3).to(tl.float32)      # [BN, BB, 4] sub-block 2c
-        ih = tl.sum(_dp4a(hi, xh, 0, ASM), axis=3).to(tl.float32)      # sub-block 2c + 1
-        w0 = _lane(hdr, 0, j4)
-        a1 = _lane(hdr, 1, j4) >> sh
-        a2 = _lane(hdr, 2, j4) >> sh
-        a3 = _lane(hdr, 3, j4) >> sh
-        xdf = xd.to(tl.int32, bitcast=True)
-        xsf = xs.to(tl.int32, bitcast=True)
-        xd0 = _lane(xdf, gsel, j4).to(tl.float32, bitcast=True)
-        xd1 = _lane(xdf, gsel + 1, j4).to(tl.float32, bitcast=True)
-        xs0 = _lane(xsf, gsel, j4).to(tl.float32, bitcast=True)
-        xs1 = _lane(xsf, gsel + 1, j4).to(tl.float32, bitcast=True)
+        il = tl.sum(_dp4a(lo, xl, 0, ASM), axis=4).to(tl.float32)      # [BM, BN, BB, 4] sub-block 2c
+        ih = tl.sum(_dp4a(hi, xh, 0, ASM), axis=4).to(tl.float32)      # sub-block 2c + 1
+        w0 = _lane(hdr, 0, j4, 4)
+        a1 = _lane(hdr, 1, j4, 4) >> sh
+        a2 = _lane(hdr, 2, j4, 4) >> sh
+        a3 = _lane(hdr, 3, j4, 4) >> sh
+        xd0 = _lane(xd, gsel, j4, 4).to(tl.float32, bitcast=True)
+        xd1 = _lane(xd, gsel + 1, j4, 4).to(tl.float32, bitcast=True)
+        xs0 = _lane(xs, gsel, j4, 4).to(tl.float32, bitcast=True)
+        xs1 = _lane(xs, gsel + 1, j4, 4).to(tl.float32, bitcast=True)
         sc0 = tl.where(low, a1 & 63, (a3 & 15) | ((a1 >> 2) & 48)).to(tl.float32)
         mn0 = tl.where(low, a2 & 63, ((a3 >> 4) & 15) | ((a2 >> 2) & 48)).to(tl.float32)
         sc1 = tl.where(low, (a1 >> 8) & 63, ((a3 >> 8) & 15) | ((a1 >> 10) & 48)).to(tl.float32)
         mn1 = tl.where(low, (a2 >> 8) & 63, ((a3 >> 12) & 15) | ((a2 >> 10) & 48)).to(tl.float32)
         acc += _half_lo(w0) * (il * (sc0 * xd0) + ih * (sc1 * xd1)) - _half_lo(w0 >> 16) * (mn0 * xs0 + mn1 * xs1)
-    res = tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(out_ptr + rows, res.to(out_ptr.dtype.element_ty), mask=row_ok)
-
+    res = tl.sum(tl.sum(acc, axis=3), axis=2)                           # [BM, BN]
+    om = tl.arange(0, BLOCK_M)[:, None]
+    tl.store(out_ptr + om * stride_om + rows[None, :], res.to(out_ptr.dtype.element_ty),
+             mask=(om < M) & row_ok[None, :])
 
 
 def _funnel_fn(lo, hi, shift, ASM: tl.constexpr):
@@ -481,51 +486,47 @@ def _funnel_fn(lo, hi, shift, ASM: tl.constexpr):
 _funnel = _DeviceFunction(_funnel_fn)
 
 
-def _lane6_fn(t, k, jl):
-    """``_lane`` for the Q6_K step tensors (groups of 4 words along axis 5)."""
-    return tl.max(tl.where(jl == k, t, -2147483648), axis=5)
-
-
-_lane6 = _DeviceFunction(_lane6_fn)
-
-
-def _gemv_q8k6_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, N, row_words, n_blocks,
-                  BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ASM: tl.constexpr):
+def _gemv_q8k6_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, M, N, row_words, n_blocks, stride_om,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ASM: tl.constexpr):
     """Q6_K by pairs of blocks (420 bytes: whole words; the odd block starts 2 bytes into word 52, its
-    words are funnel-shifted from two loads). Loads ``[rows, pairs, 2 e, 2 n, 2 jh, 4 jl]``, 4
-    consecutive words along ``jl`` per thread: element (e, n, j = 4jh + jl) of block 2p + e holds ql
-    words 16n + j and 16n + 8 + j and qh word 32 + 8n + j (values 128n + 32t + 4j.. for t = 0..3, scale
-    bytes 8n + 2t + jh), the block's 4 scale words, the words around d and the 4 activation scales of
-    groups 4n..4n+3. Reduced over ``jl`` everything meets in one layout (no shared memory)."""
+    words are funnel-shifted from two loads), ``M <= BLOCK_M`` activation rows. Loads ``[m, rows,
+    pairs, 2 e, 2 n, 2 jh, 4 jl]``, 4 consecutive words along ``jl`` per thread: element (e, n, j = 4jh
+    + jl) of block 2p + e holds ql words 16n + j and 16n + 8 + j and qh word 32 + 8n + j (values 128n +
+    32t + 4j.. for t = 0..3, scale bytes 8n + 2t + jh), the block's 4 scale words, the words around d
+    and the 4 activation scales of groups 4n..4n+3. Reduced over ``jl`` everything meets in one layout."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     r = tl.where(row_ok, rows, 0).to(tl.int64)
-    shape: tl.constexpr = (BLOCK_N, BLOCK_P, 2, 2, 2, 4)
-    rw = (r * row_words)[:, None, None, None, None, None]
-    pi = tl.arange(0, BLOCK_P)[None, :, None, None, None, None]
-    e = tl.arange(0, 2)[None, None, :, None, None, None]
-    n = tl.arange(0, 2)[None, None, None, :, None, None]
-    jh = tl.arange(0, 2)[None, None, None, None, :, None]
-    jl = tl.arange(0, 4)[None, None, None, None, None, :]
+    shape: tl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_P, 2, 2, 2, 4)
+    m = tl.minimum(tl.arange(0, BLOCK_M), M - 1)[:, None, None, None, None, None, None]
+    xrow = m * (n_blocks * 64)
+    grow = m * (n_blocks * 8)
+    rw = (r * row_words)[None, :, None, None, None, None, None]
+    pi = tl.arange(0, BLOCK_P)[None, None, :, None, None, None, None]
+    e = tl.arange(0, 2)[None, None, None, :, None, None, None]
+    n = tl.arange(0, 2)[None, None, None, None, :, None, None]
+    jh = tl.arange(0, 2)[None, None, None, None, None, :, None]
+    jl = tl.arange(0, 4)[None, None, None, None, None, None, :]
     sh = tl.broadcast_to(e * 16, shape)
-    jh5 = tl.arange(0, 2)[None, None, None, None, :]
-    sh5 = tl.arange(0, 2)[None, None, :, None, None] * 16
-    acc = tl.zeros((BLOCK_N, BLOCK_P, 2, 2, 2), tl.float32)
+    jh6 = tl.arange(0, 2)[None, None, None, None, None, :]
+    sh6 = tl.arange(0, 2)[None, None, None, :, None, None] * 16
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_P, 2, 2, 2), tl.float32)
     for p0 in range(0, n_blocks // 2, BLOCK_P):
         pair = p0 + pi
         blk = pair * 2 + e
-        pw = w32_ptr + rw + pair * 105 + e * 52                         # [BN, BP, 2, 1, 1, 1] block's first word
-        pa = pw + 16 * n + 4 * jh + jl
-        ph = pw + 32 + 8 * n + 4 * jh + jl
+        pw = w32_ptr + rw + pair * 105 + e * 52                         # [1, BN, BP, 2, 1, 1, 1] block's first word
+        # the weight's pointers broadcast over the activation rows: every load of the step gets one layout
+        pa = tl.broadcast_to(pw + 16 * n + 4 * jh + jl, shape)
+        ph = tl.broadcast_to(pw + 32 + 8 * n + 4 * jh + jl, shape)
         ps = tl.broadcast_to(pw + 48 + jl, shape)
         qa = _funnel(tl.load(pa), tl.load(pa + e), sh, ASM)
         qb = _funnel(tl.load(pa + 8), tl.load(pa + 8 + e), sh, ASM)
         qh = _funnel(tl.load(ph), tl.load(ph + e), sh, ASM)
         sw = _funnel(tl.load(ps), tl.load(ps + e), sh, ASM)             # the 16 scale bytes
-        dw = tl.load(tl.broadcast_to(pw + 49 + jl, shape))              # lane 3: word 52 (even), 104 (odd)
-        xb = tl.broadcast_to(xq_ptr + blk * 64 + 32 * n + 4 * jh + jl, shape)
-        xd = tl.load(tl.broadcast_to(xd_ptr + blk * 8 + 4 * n + jl, shape)).to(tl.int32, bitcast=True)
+        dw = tl.load(tl.broadcast_to(pw + 49 + jl, shape))               # lane 3: word 52 (even), 104 (odd)
+        xb = tl.broadcast_to(xq_ptr + xrow + blk * 64 + 32 * n + 4 * jh + jl, shape)
+        xd = tl.load(tl.broadcast_to(xd_ptr + grow + blk * 8 + 4 * n + jl, shape)).to(tl.int32, bitcast=True)
         # 6-bit codes q in 0..63 as signed bytes q - 32: ((q | 0x80) - 0x20) ^ 0x80 per byte, no borrows
         # (-0x7F7F7F80 is 0x80808080 as an int32)
         q0 = (((qa & 0x0F0F0F0F) | ((qh & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
@@ -534,20 +535,22 @@ def _gemv_q8k6_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, N, row_words, n_bloc
             ^ -0x7F7F7F80
         q3 = ((((qb >> 4) & 0x0F0F0F0F) | (((qh >> 6) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) \
             ^ -0x7F7F7F80
-        i0 = tl.sum(_dp4a(q0, tl.load(xb), 0, ASM), axis=5).to(tl.float32)        # [BN, BP, 2, 2, 2]
-        i1 = tl.sum(_dp4a(q1, tl.load(xb + 8), 0, ASM), axis=5).to(tl.float32)
-        i2 = tl.sum(_dp4a(q2, tl.load(xb + 16), 0, ASM), axis=5).to(tl.float32)
-        i3 = tl.sum(_dp4a(q3, tl.load(xb + 24), 0, ASM), axis=5).to(tl.float32)
-        s01 = _lane6(sw, 2 * n, jl)                                     # scale bytes 8n + 0..3
-        s23 = _lane6(sw, 2 * n + 1, jl)                                 # scale bytes 8n + 4..7
-        bsh = jh5 * 8
-        v = i0 * (((s01 << (24 - bsh)) >> 24).to(tl.float32) * _lane6(xd, 0, jl).to(tl.float32, bitcast=True)) \
-            + i1 * (((s01 << (8 - bsh)) >> 24).to(tl.float32) * _lane6(xd, 1, jl).to(tl.float32, bitcast=True)) \
-            + i2 * (((s23 << (24 - bsh)) >> 24).to(tl.float32) * _lane6(xd, 2, jl).to(tl.float32, bitcast=True)) \
-            + i3 * (((s23 << (8 - bsh)) >> 24).to(tl.float32) * _lane6(xd, 3, jl).to(tl.float32, bitcast=True))
-        acc += _half_lo(_lane6(dw, 3, jl) >> sh5) * v
-    res = tl.sum(tl.sum(tl.sum(tl.sum(acc, axis=4), axis=3), axis=2), axis=1)
-    tl.store(out_ptr + rows, res.to(out_ptr.dtype.element_ty), mask=row_ok)
+        i0 = tl.sum(_dp4a(q0, tl.load(xb), 0, ASM), axis=6).to(tl.float32)        # [BM, BN, BP, 2, 2, 2]
+        i1 = tl.sum(_dp4a(q1, tl.load(xb + 8), 0, ASM), axis=6).to(tl.float32)
+        i2 = tl.sum(_dp4a(q2, tl.load(xb + 16), 0, ASM), axis=6).to(tl.float32)
+        i3 = tl.sum(_dp4a(q3, tl.load(xb + 24), 0, ASM), axis=6).to(tl.float32)
+        s01 = _lane(sw, 2 * n, jl, 6)                                   # scale bytes 8n + 0..3
+        s23 = _lane(sw, 2 * n + 1, jl, 6)                               # scale bytes 8n + 4..7
+        bsh = jh6 * 8
+        v = i0 * (((s01 << (24 - bsh)) >> 24).to(tl.float32) * _lane(xd, 0, jl, 6).to(tl.float32, bitcast=True)) \
+            + i1 * (((s01 << (8 - bsh)) >> 24).to(tl.float32) * _lane(xd, 1, jl, 6).to(tl.float32, bitcast=True)) \
+            + i2 * (((s23 << (24 - bsh)) >> 24).to(tl.float32) * _lane(xd, 2, jl, 6).to(tl.float32, bitcast=True)) \
+            + i3 * (((s23 << (8 - bsh)) >> 24).to(tl.float32) * _lane(xd, 3, jl, 6).to(tl.float32, bitcast=True))
+        acc += _half_lo(_lane(dw, 3, jl, 6) >> sh6) * v
+    res = tl.sum(tl.sum(tl.sum(tl.sum(acc, axis=5), axis=4), axis=3), axis=2)   # [BM, BN]
+    om = tl.arange(0, BLOCK_M)[:, None]
+    tl.store(out_ptr + om * stride_om + rows[None, :], res.to(out_ptr.dtype.element_ty),
+             mask=(om < M) & row_ok[None, :])
 
 
 _gemv_kernel = LazyKernel(_gemv_fn)
@@ -579,8 +582,8 @@ def _largest_divisor(n: int, cap: int) -> int:
 # than 2048 rows take one row per program to keep that many. GEMV_CONFIGS overrides per shape
 # ("exact" / "q8", ggml type, N, K), e.g. from the sweep of benchmarks/gpu/bench_gguf_gpu.py.
 GEMV_CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int]] = {}
-GEMV_DEFAULT = {"exact": (2, 4, 2), "q8": (2, 8, 2), "q8v2": (4, 8, 4)}
-GEMV_SMALL_N = {"exact": (2, 4, 2), "q8": (1, 8, 2), "q8v2": (2, 8, 2)}
+GEMV_DEFAULT = {"exact": (2, 4, 2), "q8": (2, 8, 2), "q8v2": (4, 8, 4), "q8v2-rows": (4, 4, 4)}
+GEMV_SMALL_N = {"exact": (2, 4, 2), "q8": (1, 8, 2), "q8v2": (2, 8, 2), "q8v2-rows": (2, 4, 2)}
 
 
 def _gemv_config(kind: str, qtype: int, n: int, k: int) -> tuple[int, int, int]:
@@ -591,6 +594,10 @@ def _gemv_config(kind: str, qtype: int, n: int, k: int) -> tuple[int, int, int]:
 # Batch 1 with half-precision activations rounds them to 8 bits per 32 values and uses integer dot
 # products (llama.cpp's GPU kernels do the same); APHRODITE_GGUF_GPU_Q8_ACTIVATIONS=0 keeps them exact.
 Q8_ACTIVATIONS = os.environ.get("APHRODITE_GGUF_GPU_Q8_ACTIVATIONS", "1").lower() in ("1", "true", "yes", "on")
+# Up to this many activation rows (bf16/fp16) the 8-bit-activation kernels (v2) read the weight once for
+# all of them (sm_90 code: ~0.8-1 instructions per weight byte per warp at 8 rows, vs the float
+# ``dot`` kernel's layout conversions); beyond, or with Q8_ACTIVATIONS off, ``dot``.
+Q8_MAX_ROWS = 16
 # Which 8-bit-activation GEMV: "v2" (``_gemv_q8k`` / ``_gemv_q8k6``: one layout for every load of a step,
 # no shared memory or barriers, all loads of a step independent) or "v1" (``_gemv_q8``, whose compiled
 # loop converts layouts through shared memory between dependent loads: ~1.2 TB/s of blocks on an H200).
@@ -736,31 +743,43 @@ def q8_supported(qtype: int, k: int) -> bool:
     return qtype in (Q4_K, Q5_K) or (qtype == Q6_K and (k // _QK) % 2 == 0)
 
 
+def _gemv_q8_v2(q: torch.Tensor, d: torch.Tensor, s: torch.Tensor, qweight: torch.Tensor, qtype: int,
+                out: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``out [M, N]`` from the 8-bit activations ``(q, d, s)`` of ``M <= 16`` rows, one read of the weight."""
+    m, k = q.shape
+    n = qweight.shape[0]
+    n_blocks = k // _QK
+    kind = "q8v2" if m == 1 else "q8v2-rows"
+    block_n, block_b, warps = config or _gemv_config(kind, qtype, n, k)
+    kw = {"num_warps": warps} if q.is_cuda else {}
+    grid = (triton.cdiv(n, block_n),)
+    args = (q.view(torch.int32), d, s, qweight.view(torch.int32), out, m, n)
+    if qtype == Q6_K:
+        _gemv_q8k6_kernel(q.device)[grid](*args, qweight.shape[1] // 4, n_blocks, out.stride(0),
+                                          BLOCK_M=next_pow2(m), BLOCK_N=block_n,
+                                          BLOCK_P=_largest_divisor(n_blocks // 2, max(1, block_b // 2)), ASM=q.is_cuda,
+                                          **kw)
+    else:
+        _gemv_q8k_kernel(q.device)[grid](*args, qweight.shape[1] // 16, n_blocks, out.stride(0), QTYPE=qtype,
+                                         BLOCK_M=next_pow2(m), BLOCK_N=block_n,
+                                         BLOCK_B=_largest_divisor(n_blocks, block_b), ASM=q.is_cuda, **kw)
+    return out
+
+
 def gemv_q8(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor,
             config: tuple[int, int, int] | None = None,
             xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Batch-1 GEMV with the activations rounded to 8 bits per 32 values (as llama.cpp's GPU
-    kernels do: ~0.3% relative error per product) and integer dot products over the codes."""
+    """``out [M, N] = x [M, K] @ dequant(qweight)^T`` for ``M <= Q8_MAX_ROWS`` with the activations
+    rounded to 8 bits per 32 values (as llama.cpp's GPU kernels do: ~0.3% relative error per product)
+    and integer dot products over the codes, one read of the weight (v1: batch 1 only)."""
     n = qweight.shape[0]
     k = x.shape[-1]
     n_blocks = k // _QK
     if xq is None:
-        xq = quantize_activations(x)
+        xq = quantize_activations(x.reshape(-1, k))
     q, d, s = xq
-    if GEMV_Q8_IMPL == "v2":
-        block_n, block_b, warps = config or _gemv_config("q8v2", qtype, n, k)
-        kw = {"num_warps": warps} if x.is_cuda else {}
-        row_quads = qweight.shape[1] // 16
-        grid = (triton.cdiv(n, block_n),)
-        if qtype == Q6_K:
-            _gemv_q8k6_kernel(x.device)[grid](
-                q.view(torch.int32), d, s, qweight.view(torch.int32), out, n, qweight.shape[1] // 4, n_blocks,
-                BLOCK_N=block_n, BLOCK_P=_largest_divisor(n_blocks // 2, max(1, block_b // 2)), ASM=x.is_cuda, **kw)
-        else:
-            _gemv_q8k_kernel(x.device)[grid](
-                q.view(torch.int32), d, s, qweight.view(torch.int32), out, n, row_quads, n_blocks,
-                QTYPE=qtype, BLOCK_N=block_n, BLOCK_B=_largest_divisor(n_blocks, block_b), ASM=x.is_cuda, **kw)
-        return out
+    if GEMV_Q8_IMPL == "v2" or q.shape[0] > 1:
+        return _gemv_q8_v2(q, d, s, qweight, qtype, out, config)
     block_n, block_b, warps = config or _gemv_config("q8", qtype, n, k)
     block_b = _largest_divisor(n_blocks, block_b)
     kw = {"num_warps": warps} if x.is_cuda else {}

@@ -35,6 +35,7 @@ from aphrodite.kernels.gguf_matmul import (  # noqa: E402
     GGML_TYPE_NAMES,
     dequantize_reference,
     gguf_linear,
+    q8_activations,
     random_blocks,
 )
 
@@ -202,6 +203,46 @@ def bench_projections(rows: list[tuple[str, str]]) -> dict[str, bool]:
     return ok
 
 
+V2_CONFIGS = ((4, 8, 4), (2, 8, 2), (4, 16, 4), (8, 8, 8), (2, 16, 4), (8, 4, 4), (1, 8, 1))
+
+
+def bench_m1_table(rows: list[tuple[str, str]]) -> None:
+    """Batch 1, per projection of the 8B shape: the 8-bit GEMV v1 (its default) against v2 in a few
+    launch configurations, weights rotated through more copies than L2 holds; us, GB/s of blocks and
+    the error against the float64 product. One line per projection."""
+    dev = torch.device("cuda")
+    for name, n, k, qtype in PROJECTIONS:
+        one = n * GGML_BLOCKS[qtype][1] * k // GGML_BLOCKS[qtype][0]
+        copies = max(1, -(-400 * 2**20 // one))
+        ws = [random_blocks(qtype, n, k, device=dev) for _ in range(copies)]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        xq = gguf_gpu.quantize_activations(x)
+        out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+        ref = x.double() @ dequantize_reference(ws[0], qtype, k, torch.float64).T
+        res = []
+        for impl, cfgs in (("v1", (None,)), ("v2", V2_CONFIGS)):
+            gguf_gpu.GEMV_Q8_IMPL = impl
+            for cfg in cfgs:
+                try:
+                    gguf_gpu.gemv_q8(x, ws[0], qtype, out, config=cfg, xq=xq)
+                    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+                    dt = graph_time(lambda cfg=cfg, ws=ws, out=out, xq=xq, x=x, qtype=qtype:
+                                    [gguf_gpu.gemv_q8(x, w, qtype, out, config=cfg, xq=xq) for w in ws]) / copies
+                except Exception as e:  # a configuration the compiler refuses: report, keep going
+                    res.append(f"{impl}{cfg or ''} {type(e).__name__}")
+                    print(f"  {name} {impl} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                bad = "" if err < 3e-2 else " BAD"
+                res.append(f"{impl}{cfg or ''} {dt * 1e6:.1f}us {one / dt / 1e9:.0f}GB/s{bad}")
+        gguf_gpu.GEMV_Q8_IMPL = "v2"
+        dq = graph_time(lambda x=x: gguf_gpu.quantize_activations(x), reps=50)
+        res.append(f"quantize x {dq * 1e6:.1f}us")
+        rows.append((f"M=1 {name} {n}x{k}", "; ".join(res)))
+        print(rows[-1], flush=True)
+        del ws
+    torch.cuda.empty_cache()
+
+
 TILED_CONFIGS = ((128, 64, 8, 2), (128, 128, 8, 2), (256, 64, 8, 1), (64, 64, 4, 3), (128, 64, 8, 3),
                  (64, 128, 4, 2))
 
@@ -243,17 +284,26 @@ def bench_decode_matmuls(rows: list[tuple[str, str]]) -> None:
     dev = torch.device("cuda")
     ws = layer_weights(dev)
     total = sum(w.numel() for w, _, _ in ws)
+    scratch, dot_rows = gguf_gpu.SCRATCH_VALUES, gguf_gpu.DOT_MAX_ROWS
     for m in (1, 8, 16, 64, 256):
         xs = {k: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
-        paths = ("dequant", "tiled", "generic") if m > gguf_gpu.DOT_MAX_ROWS else ("q8", "exact") if m == 1 else ("",)
+        paths = (("dequant", "dequant 8M scratch", "generic") if m > gguf_gpu.DOT_MAX_ROWS else
+                 ("q8 v2", "q8 v2 x rounded once", "q8 v1", "exact") if m == 1 else ("", "dequant"))
         for path in paths:
-            if path in ("dequant", "tiled", "generic"):
-                gguf_gpu.LARGE_BATCH = path
+            gguf_gpu.DOT_MAX_ROWS = dot_rows
+            if path.startswith(("dequant", "tiled", "generic")):
+                gguf_gpu.LARGE_BATCH = path.split()[0]
+            if path == "dequant" and m <= gguf_gpu.DOT_MAX_ROWS:
+                gguf_gpu.DOT_MAX_ROWS = 0
+            gguf_gpu.SCRATCH_VALUES = 8 * 2**20 if "8M" in path else scratch
             gguf_gpu.Q8_ACTIVATIONS = path != "exact"
+            gguf_gpu.GEMV_Q8_IMPL = "v1" if path == "q8 v1" else "v2"
+            once = "once" in path   # one rounding per distinct input (the engine: one per layer input)
 
-            def step(ws=ws, xs=xs):
+            def step(ws=ws, xs=xs, once=once):
+                xq = {k: q8_activations(x) for k, x in xs.items()} if once else {}
                 for w, qtype, k in ws:
-                    gguf_linear(xs[k], w, qtype)
+                    gguf_linear(xs[k], w, qtype, xq=xq.get(k))
             try:
                 dt = graph_time(step, reps=10)
             except Exception as e:  # report and keep going
@@ -264,8 +314,11 @@ def bench_decode_matmuls(rows: list[tuple[str, str]]) -> None:
             rows.append((f"Q4_K_M matmuls of one 8B step, M={m} {path}".rstrip(),
                          f"{dt * 1e3:.2f} ms, {total / dt / 1e9:.0f} GB/s of blocks, {total / 2**30:.2f} GiB"))
             print(rows[-1], flush=True)
+        gguf_gpu.DOT_MAX_ROWS = dot_rows
         gguf_gpu.LARGE_BATCH = "auto"
         gguf_gpu.Q8_ACTIVATIONS = True
+        gguf_gpu.GEMV_Q8_IMPL = "v2"
+        gguf_gpu.SCRATCH_VALUES = scratch
     ws.clear()
     torch.cuda.empty_cache()
     # bf16 reference: the same step's matmuls as dense cuBLAS (one layer's weights reused; 32x the time)
@@ -327,6 +380,9 @@ def main() -> None:
     parser.add_argument("--check-only", action="store_true",
                         help="only the K-quant kernels vs a float64 reference at real sizes (under a minute)")
     parser.add_argument("--skip-sweep", action="store_true", help="skip the per-projection GEMV sweep")
+    parser.add_argument("--m1-table", action="store_true", help="batch-1 GEMV v1 vs v2 per projection (~1 min)")
+    parser.add_argument("--skip-steps", action="store_true", help="skip the decode-step matmul timings")
+    parser.add_argument("--latency-only", action="store_true", help="engine: latency-1 only (no throughput)")
     opts = parser.parse_args()
     if opts.check_only:
         sys.exit(0 if check_only() else 1)
@@ -343,12 +399,17 @@ def main() -> None:
         os.environ["APHRODITE_GGUF_GPU_Q8_ACTIVATIONS"] = "0"
         gguf_gpu.Q8_ACTIVATIONS = False
         rows.append(("engine runs", "8-bit-activation GEMV failed above: exact GEMV"))
+    if opts.m1_table:
+        bench_m1_table(rows)
+        print(f"[{time.time() - t0:.0f}s] M=1 table done", flush=True)
     if not opts.skip_sweep:
         bench_tiled(rows)
-    bench_decode_matmuls(rows)
-    print(f"[{time.time() - t0:.0f}s] step times done", flush=True)
-    for quant in ("gguf", None):
-        rows.append((f"weights GiB ({quant or 'bf16'})", f"{weight_footprint(quant):.2f}"))
+    if not opts.skip_steps:
+        bench_decode_matmuls(rows)
+        print(f"[{time.time() - t0:.0f}s] step times done", flush=True)
+    if not opts.skip_engine:
+        for quant in ("gguf", None):
+            rows.append((f"weights GiB ({quant or 'bf16'})", f"{weight_footprint(quant):.2f}"))
     if not opts.skip_engine:
         shape = ["--model-shape", "llama-3.1-8b", "--load-format", "dummy", "--dtype", "bfloat16"]
         n = "1000" if opts.full else "200"
@@ -357,8 +418,9 @@ def main() -> None:
             name = "Q4_K_M gguf" if quant else "bf16"
             run_cli(["latency", *shape, *q, "--batch-size", "1", "--input-len", "128", "--output-len", "256",
                      "--num-iters-warmup", "1", "--num-iters", "3"], rows, f"latency-1 {name}")
-            run_cli(["throughput", *shape, *q, "--num-prompts", n, "--input-len", "128", "--output-len", "1024"],
-                    rows, f"throughput-decode {n}x128/1024 {name}")
+            if not opts.latency_only:
+                run_cli(["throughput", *shape, *q, "--num-prompts", n, "--input-len", "128", "--output-len", "1024"],
+                        rows, f"throughput-decode {n}x128/1024 {name}")
     print("\n== GGUF on the GPU ==")
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
