@@ -611,14 +611,11 @@ DEQUANT_BLOCK_N = 16
 # tiles that leave half of an H200 idle for 4096-row layers; split-K here fills it).
 DOT_MAX_ROWS = 16
 # Beyond: "dequant" (a band of the weight into bf16 scratch, then cuBLAS), "tiled" (``tiled_matmul``:
-# decoded tiles into tl.dot), "generic" (the generic tiled GEMM of ``gguf_matmul``), or "auto". No GPU
-# timing has compared them yet; "auto" follows the compiled sm_90 code (instructions per weight byte
-# per pass over the weight; the generic GEMM also spends 100-160 quarter-rate int->float conversions
-# per 64-96 bytes): up to GENERIC_MAX_ROWS the generic GEMM as before (one 64-row pass, ~18 effective
-# vs the tiled kernel's ~19); up to TILED_MAX_ROWS tiled (128-row tiles: half the generic GEMM's
-# passes); beyond, dequant (prefill: the weight decoded once for thousands of rows, cuBLAS at peak,
-# where the generic GEMM decodes every weight tile again for each 64 rows).
-LARGE_BATCH = "auto"
+# decoded tiles into tl.dot), "generic" (the generic tiled GEMM of ``gguf_matmul``), or "auto" (up to
+# GENERIC_MAX_ROWS generic, up to TILED_MAX_ROWS tiled, beyond dequant). The H200 (lead call 1, one 8B
+# step of Q4_K_M matmuls): M=64 dequant 14.0 ms, generic 16.9, tiled 36.6; M=256 dequant 18.2, generic
+# 42.7, tiled 45.4: dequant everywhere.
+LARGE_BATCH = "dequant"
 GENERIC_MAX_ROWS = 64
 TILED_MAX_ROWS = 256
 TILED_BLOCK_M = 128
@@ -626,7 +623,10 @@ TILED_BLOCK_N = 64
 TILED_WARPS = 8
 TILED_STAGES = 2
 # Scratch band of the "dequant" path, in values (a band of rows at a time: never a whole-model copy).
-SCRATCH_VALUES = 32 * 2**20
+# 8M bf16 values are 16 MB: the band cuBLAS reads right after it was written, and rewrites of the same
+# scratch, stay in the H200's 50 MB L2 (a 64 MB band went through HBM: written, read back, ~2.3x the
+# traffic of the bf16 model it stands for; M=64 took 14 ms against bf16's 4.5).
+SCRATCH_VALUES = 8 * 2**20
 MIN_BAND = 256
 
 

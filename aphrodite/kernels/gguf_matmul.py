@@ -358,9 +358,11 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.T
     wider ``[M, *]`` tensor (fused layers whose projections use different block types); ``xq``: the
     ``q8_activations`` of ``x`` when the caller already has them.
 
-    Q4_K, Q5_K and Q6_K (the bulk of Q4_K_M / Q5_K_M files) take the kernels of ``gguf_gpu``: a GEMV
-    at batch 1, a single pass over the weight into ``tl.dot`` up to 16 rows, decoded tiles into
-    ``tl.dot`` or dequantize-into-scratch + cuBLAS beyond; the other types the generic kernels below."""
+    Q4_K, Q5_K and Q6_K (the bulk of Q4_K_M / Q5_K_M files) take the kernels of ``gguf_gpu``: up to 16
+    bf16/fp16 rows the 8-bit-activation GEMV (one read of the weight for all rows; float32 rows or
+    ``Q8_ACTIVATIONS`` off: the exact GEMV at batch 1, a single pass into ``tl.dot`` up to 16 rows),
+    beyond, bands of the weight dequantized into scratch + cuBLAS; the other types the generic kernels
+    below."""
     x = x.reshape(-1, x.shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()

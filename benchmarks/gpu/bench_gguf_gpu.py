@@ -102,14 +102,20 @@ def check_only(deadline_s: float = 50.0, dev: torch.device | None = None) -> boo
             out = torch.empty(1, HIDDEN, device=dev, dtype=torch.bfloat16)
             case(f"{name} {HIDDEN}x{k} M=1 exact gemv", gguf_gpu.gemv(x, w, qtype, out), ref, 1e-2)
         w, ref_w = weights[(qtype, HIDDEN)]
-        for m, label in ((4, "dot split-K"), (16, "dot"), (40, "generic"), (100, "tiled"), (300, "dequant+cuBLAS")):
+        for m, label in ((4, "q8 v2 rows"), (16, "q8 v2 rows"), (4, "dot split-K"), (16, "dot"), (40, "dequant"),
+                         (300, "dequant+cuBLAS")):
             if time.time() - t0 > deadline_s:
                 results.append((f"{name} M={m}", "SKIPPED (time)"))
                 continue
             x = torch.randn(m, HIDDEN, device=dev, generator=g).to(torch.bfloat16)
+            ref = x.double() @ ref_w.T
+            if label.startswith("dot"):
+                out = torch.empty(m, HIDDEN, device=dev, dtype=torch.bfloat16)
+                case(f"{name} {HIDDEN}x{HIDDEN} M={m} {label}", gguf_gpu.dot(x, w, qtype, out), ref, 2e-2)
+                continue
             # bf16 weights into the tensor cores and a bf16 output: the generic GEMM's bound of the old bench
-            case(f"{name} {HIDDEN}x{HIDDEN} M={m} default ({label})", gguf_linear(x, w, qtype), x.double() @ ref_w.T,
-                 2e-2)
+            case(f"{name} {HIDDEN}x{HIDDEN} M={m} default ({label})", gguf_linear(x, w, qtype), ref,
+                 3e-2 if "q8" in label else 2e-2)
         rows_idx = torch.tensor([5, 0, HIDDEN - 1, 5], device=dev)   # embedding lookups
         case(f"{name} embedding rows (dequantize kernel)", gguf_matmul.dequantize(w[rows_idx], qtype, HIDDEN,
                                                                                   torch.float32), ref_w[rows_idx], 1e-6)
@@ -284,19 +290,19 @@ def bench_decode_matmuls(rows: list[tuple[str, str]]) -> None:
     dev = torch.device("cuda")
     ws = layer_weights(dev)
     total = sum(w.numel() for w, _, _ in ws)
-    scratch, dot_rows = gguf_gpu.SCRATCH_VALUES, gguf_gpu.DOT_MAX_ROWS
+    scratch, dot_rows, large = gguf_gpu.SCRATCH_VALUES, gguf_gpu.DOT_MAX_ROWS, gguf_gpu.LARGE_BATCH
     for m in (1, 8, 16, 64, 256):
         xs = {k: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
-        paths = (("dequant", "dequant 8M scratch", "generic") if m > gguf_gpu.DOT_MAX_ROWS else
-                 ("q8 v2", "q8 v2 x rounded once", "q8 v1", "exact") if m == 1 else ("", "dequant"))
+        paths = (("dequant", "dequant 32M scratch", "generic") if m > gguf_gpu.DOT_MAX_ROWS else
+                 ("q8 v2", "q8 v2 x rounded once", "q8 v1", "exact") if m == 1 else ("q8 v2 rows", "dot", "dequant"))
         for path in paths:
             gguf_gpu.DOT_MAX_ROWS = dot_rows
             if path.startswith(("dequant", "tiled", "generic")):
                 gguf_gpu.LARGE_BATCH = path.split()[0]
             if path == "dequant" and m <= gguf_gpu.DOT_MAX_ROWS:
                 gguf_gpu.DOT_MAX_ROWS = 0
-            gguf_gpu.SCRATCH_VALUES = 8 * 2**20 if "8M" in path else scratch
-            gguf_gpu.Q8_ACTIVATIONS = path != "exact"
+            gguf_gpu.SCRATCH_VALUES = 32 * 2**20 if "32M" in path else scratch
+            gguf_gpu.Q8_ACTIVATIONS = path.startswith("q8")
             gguf_gpu.GEMV_Q8_IMPL = "v1" if path == "q8 v1" else "v2"
             once = "once" in path   # one rounding per distinct input (the engine: one per layer input)
 
@@ -315,7 +321,7 @@ def bench_decode_matmuls(rows: list[tuple[str, str]]) -> None:
                          f"{dt * 1e3:.2f} ms, {total / dt / 1e9:.0f} GB/s of blocks, {total / 2**30:.2f} GiB"))
             print(rows[-1], flush=True)
         gguf_gpu.DOT_MAX_ROWS = dot_rows
-        gguf_gpu.LARGE_BATCH = "auto"
+        gguf_gpu.LARGE_BATCH = large
         gguf_gpu.Q8_ACTIVATIONS = True
         gguf_gpu.GEMV_Q8_IMPL = "v2"
         gguf_gpu.SCRATCH_VALUES = scratch
@@ -383,6 +389,8 @@ def main() -> None:
     parser.add_argument("--m1-table", action="store_true", help="batch-1 GEMV v1 vs v2 per projection (~1 min)")
     parser.add_argument("--skip-steps", action="store_true", help="skip the decode-step matmul timings")
     parser.add_argument("--latency-only", action="store_true", help="engine: latency-1 only (no throughput)")
+    parser.add_argument("--throughput-only", action="store_true", help="engine: throughput-decode only")
+    parser.add_argument("--no-bf16", action="store_true", help="engine: the GGUF runs only (no bf16 baseline)")
     opts = parser.parse_args()
     if opts.check_only:
         sys.exit(0 if check_only() else 1)
@@ -407,17 +415,19 @@ def main() -> None:
     if not opts.skip_steps:
         bench_decode_matmuls(rows)
         print(f"[{time.time() - t0:.0f}s] step times done", flush=True)
-    if not opts.skip_engine:
-        for quant in ("gguf", None):
+    quants = ("gguf",) if opts.no_bf16 else ("gguf", None)
+    if not (opts.skip_engine or opts.latency_only or opts.throughput_only):
+        for quant in quants:
             rows.append((f"weights GiB ({quant or 'bf16'})", f"{weight_footprint(quant):.2f}"))
     if not opts.skip_engine:
         shape = ["--model-shape", "llama-3.1-8b", "--load-format", "dummy", "--dtype", "bfloat16"]
         n = "1000" if opts.full else "200"
-        for quant in ("gguf", None):
+        for quant in quants:
             q = ["--quantization", quant] if quant else []
             name = "Q4_K_M gguf" if quant else "bf16"
-            run_cli(["latency", *shape, *q, "--batch-size", "1", "--input-len", "128", "--output-len", "256",
-                     "--num-iters-warmup", "1", "--num-iters", "3"], rows, f"latency-1 {name}")
+            if not opts.throughput_only:
+                run_cli(["latency", *shape, *q, "--batch-size", "1", "--input-len", "128", "--output-len", "256",
+                         "--num-iters-warmup", "1", "--num-iters", "3"], rows, f"latency-1 {name}")
             if not opts.latency_only:
                 run_cli(["throughput", *shape, *q, "--num-prompts", n, "--input-len", "128", "--output-len", "1024"],
                         rows, f"throughput-decode {n}x128/1024 {name}")
