@@ -16,17 +16,21 @@ to that order instead (a dot product does not care about the order of its terms)
 Codes become floats by OR-ing them into the mantissa of 2^23 (exact, full rate, no int->float
 conversion unit). The kernels share the per-block decoding:
 
-- ``gemv_q8``: one activation row (decode at batch 1) in half precision: the activations are rounded
-  to 8 bits per 32 values (llama.cpp's q8_1, exact float sums kept for the min terms) and the codes
-  meet them in ``dp4a`` integer dot products, 4 codes per instruction: few enough instructions per
-  weight byte that the kernel streams the weight at HBM speed. Q6_K blocks (210 bytes) start
-  half-way into a word every other block; those words are assembled from two aligned loads.
+- ``gemv_q8``: 1..16 activation rows in half precision: the activations are rounded to 8 bits per 32
+  values (llama.cpp's q8_1, exact float sums kept for the min terms) and the codes meet them in
+  ``dp4a`` integer dot products, 4 codes per instruction, one read of the weight for all rows. Q6_K
+  blocks (210 bytes) start half-way into a word every other block; those words are assembled from
+  two aligned loads. v2 (default, ``_gemv_q8k`` / ``_gemv_q8k6``): every load of a step has the same
+  shape and 4 consecutive words per thread (even the block header and the activation scales, picked
+  out afterwards by reductions), so the compiled loop has no shared-memory layout conversions or
+  barriers and issues all of a step's loads at once; v1 (``_gemv_q8``, batch 1 only) converted
+  layouts between dependent loads and streamed ~1.2 TB/s of blocks on an H200.
 - ``gemv``: one activation row, exact (float32 activations, or ``Q8_ACTIVATIONS`` off). Each program
   owns ``BLOCK_N`` weight rows and walks the K blocks ``BLOCK_B`` at a time, reducing within each
   32/16-value group, so registers stay few.
-- ``dot``: 2..16 activation rows, one pass over the weight: the decoded (scaled) tile feeds
-  ``tl.dot`` against the activations gathered in the same order; ``SPLIT_K`` programs share a row
-  range when there are few rows (float32 atomics).
+- ``dot``: 2..16 float activation rows (or ``Q8_ACTIVATIONS`` off), one pass over the weight: the
+  decoded (scaled) tile feeds ``tl.dot`` against the activations gathered in the same order;
+  ``SPLIT_K`` programs share a row range when there are few rows (float32 atomics).
 - ``dequantize``: the weight (or a band of its rows) to bf16/fp16 in natural order, for cuBLAS at
   larger batches (the band is scratch, reused per call; no whole-model copy).
 """
