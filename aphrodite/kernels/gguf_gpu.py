@@ -586,8 +586,12 @@ def _largest_divisor(n: int, cap: int) -> int:
 # than 2048 rows take one row per program to keep that many. GEMV_CONFIGS overrides per shape
 # ("exact" / "q8", ggml type, N, K), e.g. from the sweep of benchmarks/gpu/bench_gguf_gpu.py.
 GEMV_CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int]] = {}
-GEMV_DEFAULT = {"exact": (2, 4, 2), "q8": (2, 8, 2), "q8v2": (4, 8, 4), "q8v2-rows": (4, 4, 4)}
-GEMV_SMALL_N = {"exact": (2, 4, 2), "q8": (1, 8, 2), "q8v2": (2, 8, 2), "q8v2-rows": (2, 4, 2)}
+GEMV_DEFAULT = {"exact": (2, 4, 2), "q8": (2, 8, 2), "q8v2": (4, 8, 4)}
+GEMV_SMALL_N = {"exact": (2, 4, 2), "q8": (1, 8, 2), "q8v2": (2, 8, 2)}
+# v2 with 2..16 activation rows, by rows rounded up to a power of 2: weight rows x blocks per step
+# shrink as the rows grow, so that each thread holds ~64 weight bytes' worth of work (sm_90 code:
+# 72-88 registers, no spills; ~0.13 warp instructions per weight byte per extra row).
+Q8_ROWS_CONFIGS = {2: (4, 8, 4), 4: (4, 4, 4), 8: (2, 4, 4), 16: (2, 2, 4)}
 
 
 def _gemv_config(kind: str, qtype: int, n: int, k: int) -> tuple[int, int, int]:
@@ -716,17 +720,15 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torc
     n = qweight.shape[0]
     band = max(MIN_BAND, min(n, SCRATCH_VALUES // k))
     if band >= n:
-        y = torch.mm(x, dequantize(qweight, qtype, k, x.dtype).t())
-        if out is None:
-            return y
-        return out.copy_(y)
+        w = dequantize(qweight, qtype, k, x.dtype)
+        return torch.mm(x, w.t()) if out is None else torch.mm(x, w.t(), out=out)
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     scratch = torch.empty(band, k, dtype=x.dtype, device=x.device)
     for r0 in range(0, n, band):
         r1 = min(n, r0 + band)
         w = dequantize(qweight[r0:r1], qtype, k, x.dtype, out=scratch[:r1 - r0])
-        out[:, r0:r1] = torch.mm(x, w.t())
+        torch.mm(x, w.t(), out=out[:, r0:r1])   # cuBLAS writes the column band in place (ldc = row stride)
     return out
 
 
@@ -753,8 +755,10 @@ def _gemv_q8_v2(q: torch.Tensor, d: torch.Tensor, s: torch.Tensor, qweight: torc
     m, k = q.shape
     n = qweight.shape[0]
     n_blocks = k // _QK
-    kind = "q8v2" if m == 1 else "q8v2-rows"
-    block_n, block_b, warps = config or _gemv_config(kind, qtype, n, k)
+    if config is None:
+        config = (_gemv_config("q8v2", qtype, n, k) if m == 1 else
+                  GEMV_CONFIGS.get(("q8v2-rows", qtype, n, k), Q8_ROWS_CONFIGS[next_pow2(m)]))
+    block_n, block_b, warps = config
     kw = {"num_warps": warps} if q.is_cuda else {}
     grid = (triton.cdiv(n, block_n),)
     args = (q.view(torch.int32), d, s, qweight.view(torch.int32), out, m, n)
