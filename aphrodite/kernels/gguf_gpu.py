@@ -596,16 +596,21 @@ Q8_ROWS_CONFIGS = {2: (4, 8, 4), 4: (4, 4, 4), 8: (2, 4, 4), 16: (2, 2, 4)}
 
 def _gemv_config(kind: str, qtype: int, n: int, k: int) -> tuple[int, int, int]:
     default = GEMV_SMALL_N[kind] if n < 2048 else GEMV_DEFAULT[kind]
+    if kind == "q8v2" and n >= 2048:
+        # H200, lead call 2 (us per call; the table of bench_gguf_gpu.py --m1-table): Q6_K (2, 8, 2)
+        # lm_head 280 vs 394 at (4, 8, 4), down 35.3 vs 46.2; Q4_K/Q5_K (4, 8, 4), 16 blocks a step for
+        # wide layers (gate_up 28672x4096: 24.9 vs 29.5)
+        default = (2, 8, 2) if qtype == Q6_K else (4, 16, 4) if n >= 16384 else (4, 8, 4)
     return GEMV_CONFIGS.get((kind, qtype, n, k), default)
 
 
 # Batch 1 with half-precision activations rounds them to 8 bits per 32 values and uses integer dot
 # products (llama.cpp's GPU kernels do the same); APHRODITE_GGUF_GPU_Q8_ACTIVATIONS=0 keeps them exact.
 Q8_ACTIVATIONS = os.environ.get("APHRODITE_GGUF_GPU_Q8_ACTIVATIONS", "1").lower() in ("1", "true", "yes", "on")
-# Up to this many activation rows (bf16/fp16) the 8-bit-activation kernels (v2) read the weight once for
-# all of them (sm_90 code: ~0.8-1 instructions per weight byte per warp at 8 rows, vs the float
-# ``dot`` kernel's layout conversions); beyond, or with Q8_ACTIVATIONS off, ``dot``.
-Q8_MAX_ROWS = 16
+# Up to this many activation rows (bf16/fp16) the 8-bit-activation kernels (v2) take them, one read of the
+# weight for all rows; beyond, ``dot``. The v2 kernels take up to 16 rows, but on the H200 (lead call 2,
+# one 8B step) 8 rows took 16.9 ms and 16 rows 32.3 against ``dot``'s 14.1 and 14.3: batch 1 only.
+Q8_MAX_ROWS = 1
 # Which 8-bit-activation GEMV: "v2" (``_gemv_q8k`` / ``_gemv_q8k6``: one layout for every load of a step,
 # no shared memory or barriers, all loads of a step independent) or "v1" (``_gemv_q8``, whose compiled
 # loop converts layouts through shared memory between dependent loads: ~1.2 TB/s of blocks on an H200).
@@ -631,10 +636,9 @@ TILED_BLOCK_N = 64
 TILED_WARPS = 8
 TILED_STAGES = 2
 # Scratch band of the "dequant" path, in values (a band of rows at a time: never a whole-model copy).
-# 8M bf16 values are 16 MB: the band cuBLAS reads right after it was written, and rewrites of the same
-# scratch, stay in the H200's 50 MB L2 (a 64 MB band went through HBM: written, read back, ~2.3x the
-# traffic of the bf16 model it stands for; M=64 took 14 ms against bf16's 4.5).
-SCRATCH_VALUES = 8 * 2**20
+# H200, lead call 2 (one 8B step): 32M values M=64 13.3 ms, M=256 17.0; 8M values (16 MB, meant to
+# stay in L2) 23.0 and 30.3: four times the launches, and the small GEMMs cost more than the traffic saved.
+SCRATCH_VALUES = 32 * 2**20
 MIN_BAND = 256
 
 
