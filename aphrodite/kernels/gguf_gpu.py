@@ -490,6 +490,21 @@ def _funnel_fn(lo, hi, shift, ASM: tl.constexpr):
 _funnel = _DeviceFunction(_funnel_fn)
 
 
+def _words_at_fn(p, e, jl, sh, ASM: tl.constexpr):
+    """The 4 words at ``p + jl`` of a Q6_K block, ``e``: whether it is the odd one of its pair (starting
+    2 bytes into a word: each word funnel-shifted with the next). The next words are the thread's own
+    (moved down one lane by in-thread reductions, no loads) plus one load of word ``p + 4`` (odd blocks)."""
+    lo = tl.load(p + jl)
+    x = tl.load(p + 4 + jl * 0, mask=(jl == 3) & (e == 1), other=0)
+    hi = tl.where(jl == 0, tl.expand_dims(_lane(lo, 1, jl, 6), 6),
+                  tl.where(jl == 1, tl.expand_dims(_lane(lo, 2, jl, 6), 6),
+                           tl.where(jl == 2, tl.expand_dims(_lane(lo, 3, jl, 6), 6), x)))
+    return _funnel(lo, hi, sh, ASM)
+
+
+_words_at = _DeviceFunction(_words_at_fn)
+
+
 def _gemv_q8k6_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, M, N, row_words, n_blocks, stride_om,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ASM: tl.constexpr):
     """Q6_K by pairs of blocks (420 bytes: whole words; the odd block starts 2 bytes into word 52, its
@@ -521,14 +536,15 @@ def _gemv_q8k6_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, M, N, row_words, n_b
         blk = pair * 2 + e
         pw = w32_ptr + rw + pair * 105 + e * 52                         # [1, BN, BP, 2, 1, 1, 1] block's first word
         # the weight's pointers broadcast over the activation rows: every load of the step gets one layout
-        pa = tl.broadcast_to(pw + 16 * n + 4 * jh + jl, shape)
-        ph = tl.broadcast_to(pw + 32 + 8 * n + 4 * jh + jl, shape)
-        ps = tl.broadcast_to(pw + 48 + jl, shape)
-        qa = _funnel(tl.load(pa), tl.load(pa + e), sh, ASM)
-        qb = _funnel(tl.load(pa + 8), tl.load(pa + 8 + e), sh, ASM)
-        qh = _funnel(tl.load(ph), tl.load(ph + e), sh, ASM)
-        sw = _funnel(tl.load(ps), tl.load(ps + e), sh, ASM)             # the 16 scale bytes
-        dw = tl.load(tl.broadcast_to(pw + 49 + jl, shape))               # lane 3: word 52 (even), 104 (odd)
+        pa = tl.broadcast_to(pw + 16 * n + 4 * jh, shape)
+        ph = tl.broadcast_to(pw + 32 + 8 * n + 4 * jh, shape)
+        ps = tl.broadcast_to(pw + 48, shape)
+        qa = _words_at(pa, e, jl, sh, ASM)
+        qb = _words_at(pa + 8, e, jl, sh, ASM)
+        qh = _words_at(ph, e, jl, sh, ASM)
+        sw = _words_at(ps, e, jl, sh, ASM)                              # the 16 scale bytes
+        # lane 3: word 52 (even), 104 (odd); the other lanes are not loaded
+        dw = tl.load(tl.broadcast_to(pw + 49, shape) + jl, mask=tl.broadcast_to(jl == 3, shape), other=0)
         xb = tl.broadcast_to(xq_ptr + xrow + blk * 64 + 32 * n + 4 * jh + jl, shape)
         xd = tl.load(tl.broadcast_to(xd_ptr + grow + blk * 8 + 4 * n + jl, shape)).to(tl.int32, bitcast=True)
         # 6-bit codes q in 0..63 as signed bytes q - 32: ((q | 0x80) - 0x20) ^ 0x80 per byte, no borrows
