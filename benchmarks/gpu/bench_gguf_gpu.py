@@ -208,7 +208,7 @@ def bench_projections(rows: list[tuple[str, str]]) -> dict[str, bool]:
     return ok
 
 
-V2_CONFIGS = ((4, 8, 4), (2, 8, 2), (4, 16, 4), (8, 8, 8), (2, 16, 4))
+V2_CONFIGS = ((4, 8, 4), (2, 8, 2), (4, 16, 4), (2, 16, 4), (1, 8, 1), (2, 4, 2))
 
 
 def bench_m1_table(rows: list[tuple[str, str]]) -> None:
