@@ -624,9 +624,10 @@ def _gemv_config(kind: str, qtype: int, n: int, k: int) -> tuple[int, int, int]:
 # products (llama.cpp's GPU kernels do the same); APHRODITE_GGUF_GPU_Q8_ACTIVATIONS=0 keeps them exact.
 Q8_ACTIVATIONS = os.environ.get("APHRODITE_GGUF_GPU_Q8_ACTIVATIONS", "1").lower() in ("1", "true", "yes", "on")
 # Up to this many activation rows (bf16/fp16) the 8-bit-activation kernels (v2) take them, one read of the
-# weight for all rows; beyond, ``dot``. The v2 kernels take up to 16 rows, but on the H200 (lead call 2,
-# one 8B step) 8 rows took 16.9 ms and 16 rows 32.3 against ``dot``'s 14.1 and 14.3: batch 1 only.
-Q8_MAX_ROWS = 1
+# weight for all rows. On the H200 (lead call 2, one 8B step of Q4_K_M matmuls) they took 3.2 ms at 1 row,
+# 16.9 at 8 and 32.3 at 16 (~2 ms a row), ``dot`` ~14 ms at any 2..16 rows, dequantize + cuBLAS ~13 ms
+# (13.3 at 64 rows): v2 up to 4 rows (~9 ms by that line), dequantize + cuBLAS from 5 (DOT_MAX_ROWS).
+Q8_MAX_ROWS = 4
 # Which 8-bit-activation GEMV: "v2" (``_gemv_q8k`` / ``_gemv_q8k6``: one layout for every load of a step,
 # no shared memory or barriers, all loads of a step independent) or "v1" (``_gemv_q8``, whose compiled
 # loop converts layouts through shared memory between dependent loads: ~1.2 TB/s of blocks on an H200).
@@ -634,11 +635,10 @@ GEMV_Q8_IMPL = os.environ.get("APHRODITE_GGUF_GPU_GEMV", "v2")
 DOT_BLOCK_N = 32
 DOT_WAVES = 4
 DEQUANT_BLOCK_N = 16
-# Up to this many activation rows the ``dot`` kernel reads the blocks once for all of them (sm_90 code:
-# 23 / 17 instructions per Q4_K / Q6_K byte whatever the rows, where the generic GEMV spent 46-75 / 35-54
-# at 2-4 rows and the generic GEMM at 16 rows ~20 / ~24 counting its int->float conversions, on 64-row
-# tiles that leave half of an H200 idle for 4096-row layers; split-K here fills it).
-DOT_MAX_ROWS = 16
+# Up to this many float rows (or bf16/fp16 rows the 8-bit path does not take) the ``dot`` kernel reads the
+# blocks once for all of them; beyond, LARGE_BATCH. On the H200 ``dot`` took ~14 ms for one 8B step at
+# 8 or 16 rows (latency-bound: barriers between its loads and their use), dequantize + cuBLAS ~13 ms.
+DOT_MAX_ROWS = 4
 # Beyond: "dequant" (a band of the weight into bf16 scratch, then cuBLAS), "tiled" (``tiled_matmul``:
 # decoded tiles into tl.dot), "generic" (the generic tiled GEMM of ``gguf_matmul``), or "auto" (up to
 # GENERIC_MAX_ROWS generic, up to TILED_MAX_ROWS tiled, beyond dequant). The H200 (lead call 1, one 8B

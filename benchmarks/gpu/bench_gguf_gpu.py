@@ -102,7 +102,7 @@ def check_only(deadline_s: float = 120.0, dev: torch.device | None = None) -> bo
             out = torch.empty(1, HIDDEN, device=dev, dtype=torch.bfloat16)
             case(f"{name} {HIDDEN}x{k} M=1 exact gemv", gguf_gpu.gemv(x, w, qtype, out), ref, 1e-2)
         w, ref_w = weights[(qtype, HIDDEN)]
-        for m, label in ((4, "dot split-K"), (16, "dot"), (40, "dequant"), (300, "dequant+cuBLAS")):
+        for m, label in ((3, "q8 v2 rows"), (4, "dot split-K"), (16, "dot"), (8, "dequant"), (300, "dequant+cuBLAS")):
             if time.time() - t0 > deadline_s:
                 results.append((f"{name} M={m}", "SKIPPED (time)"))
                 continue
@@ -291,16 +291,18 @@ def bench_decode_matmuls(rows: list[tuple[str, str]]) -> None:
     total = sum(w.numel() for w, _, _ in ws)
     scratch, dot_rows, large = gguf_gpu.SCRATCH_VALUES, gguf_gpu.DOT_MAX_ROWS, gguf_gpu.LARGE_BATCH
     q8_rows = gguf_gpu.Q8_MAX_ROWS
-    for m in (1, 8, 16, 64, 256):
+    for m in (1, 4, 8, 16, 64, 256):
         xs = {k: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
-        paths = (("dequant", "dequant 64M scratch", "generic") if m > gguf_gpu.DOT_MAX_ROWS else
+        paths = (("dequant", "dequant 64M scratch", "generic") if m > 16 else
                  ("q8 v2", "q8 v2 x rounded once", "q8 v1", "exact") if m == 1 else ("q8 v2 rows", "dot", "dequant"))
         for path in paths:
             gguf_gpu.DOT_MAX_ROWS = dot_rows
             if path.startswith(("dequant", "tiled", "generic")):
                 gguf_gpu.LARGE_BATCH = path.split()[0]
-            if path == "dequant" and m <= gguf_gpu.DOT_MAX_ROWS:
+            if path == "dequant":
                 gguf_gpu.DOT_MAX_ROWS = 0
+            if path == "dot":
+                gguf_gpu.DOT_MAX_ROWS = 16
             gguf_gpu.SCRATCH_VALUES = 64 * 2**20 if "64M" in path else scratch
             gguf_gpu.Q8_ACTIVATIONS = path.startswith("q8")
             gguf_gpu.Q8_MAX_ROWS = 16 if path == "q8 v2 rows" else q8_rows

@@ -276,18 +276,14 @@ def test_kquant_tiled_many_rows(name, device, monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_kquant_q8_activations_shared_across_segments(rows, device, monkeypatch):
+def test_kquant_q8_activations_shared_across_segments(rows, device):
     """A fused layer rounds its activations once; each segment's GEMV then gives what it gives
-    rounding them itself (bf16 activations take the 8-bit path by default at batch 1; 3 rows with
-    the few-row path switched on)."""
-    assert gguf_gpu.Q8_MAX_ROWS == 1
-    if rows > 1:
-        assert gguf_matmul.q8_activations(torch.zeros(rows, 512, device=device, dtype=torch.bfloat16)) is None
-        monkeypatch.setattr(gguf_gpu, "Q8_MAX_ROWS", 16)
+    rounding them itself (bf16 activations take the 8-bit path by default up to Q8_MAX_ROWS rows)."""
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=torch.bfloat16)
     xq = gguf_matmul.q8_activations(x)
     assert xq is not None and gguf_matmul.q8_activations(x.float()) is None
-    assert gguf_matmul.q8_activations(torch.zeros(17, 512, device=device, dtype=torch.bfloat16)) is None
+    too_many = torch.zeros(gguf_gpu.Q8_MAX_ROWS + 1, 512, device=device, dtype=torch.bfloat16)
+    assert gguf_matmul.q8_activations(too_many) is None
     for name in KQ:
         w = torch.from_numpy(random_blocks(name, 8, 512, seed=6)).to(device)
         torch.testing.assert_close(gguf_matmul.gguf_linear(x, w, TYPES[name], xq=xq),
