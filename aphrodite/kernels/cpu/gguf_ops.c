@@ -624,6 +624,179 @@ static int row_dot_exact_avx512(int t, const uint8_t* w, const float* xf, const 
 }
 #endif
 
+/* A buffer that lives as long as the calling thread and only grows: the activations of every
+   call go here instead of a malloc/free per matmul (decode makes ~120 calls a token). Used only
+   by the thread that calls aph_gguf_linear, before and after its parallel region. */
+static void* thread_scratch(int slot, size_t bytes) {
+    static __thread void* buf[2];
+    static __thread size_t cap[2];
+    if (cap[slot] < bytes) {
+        free(buf[slot]);
+        cap[slot] = (bytes + 4095) / 4096 * 4096;
+        buf[slot] = aligned_alloc(64, cap[slot]);
+        if (!buf[slot]) cap[slot] = 0;
+    }
+    return buf[slot];
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define GGUF_VNNI512 1
+/*
+ * Q4_0 / Q4_1 / Q8_0 with 8-bit activations on AVX-512 VNNI: two 32-value blocks per 512-bit
+ * vpdpbusd (64 products). The 16 nibble bytes of blocks b0, b1 unpack to the byte order
+ * [b0 0-15 | b1 0-15 | b0 16-31 | b1 16-31]; the activation codes are stored in that order, so
+ * int32 lanes 0-3 and 8-11 belong to b0, 4-7 and 12-15 to b1, and one vector of lane scales
+ * [d0 x4, d1 x4, d0 x4, d1 x4] turns the pair's products into floats in one FMA. vpdpbusd
+ * multiplies unsigned by signed bytes: Q4 codes (0..15) are the unsigned side; for Q8_0 the
+ * activation codes are stored with their top bit flipped (c + 128, unsigned) and the extra
+ * 128 * sum(w) is subtracted through the accumulator's start value.
+ * Per pair of blocks and activation row: sc = the activation scales in lane order, sum =
+ * [0, d0 * sum(c of b0), 0, d1 * sum(c of b1)] (multiplied by [d, m, d, m] of the weights:
+ * the Q4_1 minimums, Q4_0's -8 d).
+ */
+typedef struct {
+    float sc[16];
+    float sum[4];
+} vnni_pair;
+
+/* Row m of x [M, K] -> K codes (pair order) at codes + m * K and K / 64 pair scales. */
+static void quantize_acts_vnni(const void* x, int dtype, int M, int K, int flip, int8_t* codes, vnni_pair* ps) {
+    const int np = K / 64;
+    for (int m = 0; m < M; m++)
+        for (int p = 0; p < np; p++) {
+            vnni_pair* s = ps + (long)m * np + p;
+            for (int b = 0; b < 2; b++) {
+                const long i0 = (long)m * K + (long)p * 64 + b * 32;
+                __m512 x0, x1;
+                if (dtype == GBF16) {
+                    const uint16_t* xb = (const uint16_t*)x + i0;
+                    x0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)xb)), 16));
+                    x1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xb + 16))), 16));
+                } else {
+                    x0 = _mm512_loadu_ps((const float*)x + i0);
+                    x1 = _mm512_loadu_ps((const float*)x + i0 + 16);
+                }
+                const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+                const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+                const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(id)));   /* round to even */
+                const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
+                const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+                __m128i c0 = _mm512_cvtsepi32_epi8(q0), c1 = _mm512_cvtsepi32_epi8(q1);
+                if (flip) {
+                    c0 = _mm_xor_si128(c0, _mm_set1_epi8((char)0x80));
+                    c1 = _mm_xor_si128(c1, _mm_set1_epi8((char)0x80));
+                }
+                int8_t* c = codes + (long)m * K + (long)p * 64 + b * 16;
+                _mm_storeu_si128((__m128i*)c, c0);
+                _mm_storeu_si128((__m128i*)(c + 32), c1);
+                for (int l = 0; l < 4; l++) s->sc[b * 4 + l] = s->sc[8 + b * 4 + l] = d;
+                s->sum[2 * b] = 0.f;
+                s->sum[2 * b + 1] = d * (float)sum;
+            }
+        }
+}
+
+static inline __attribute__((always_inline)) void vnni_legacy_rows(const int t, const uint8_t* w, const int8_t* codes,
+                                                                   const vnni_pair* ps, const int M, int K,
+                                                                   float* out) {
+    const int np = K / 64, BB = t == Q8_0 ? 34 : t == Q4_1 ? 20 : 18;
+    const __m512i lane_idx = _mm512_set_epi32(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0);
+    const __m512i f = _mm512_set1_epi8(0x0F);
+    __m512 acc[8];
+    __m128 off[8];
+    for (int m = 0; m < M; m++) { acc[m] = _mm512_setzero_ps(); off[m] = _mm_setzero_ps(); }
+    for (int p = 0; p < np; p++) {
+        const uint8_t* b0 = w + (long)(2 * p) * BB;
+        const uint8_t* b1 = b0 + BB;
+        uint16_t d0, d1;
+        memcpy(&d0, b0, 2);
+        memcpy(&d1, b1, 2);
+        __m128i halves;
+        __m512i u, start = _mm512_setzero_si512();
+        if (t == Q4_1) {
+            uint32_t h0, h1;
+            memcpy(&h0, b0, 4);
+            memcpy(&h1, b1, 4);
+            halves = _mm_set_epi32(0, 0, (int)h1, (int)h0);    /* [d0, m0, d1, m1] */
+        } else if (t == Q4_0) {
+            halves = _mm_set_epi32(0, 0, (int)(d1 | ((uint32_t)d1 << 16)), (int)(d0 | ((uint32_t)d0 << 16)));
+        } else {
+            halves = _mm_set_epi32(0, 0, (int)d1, (int)d0);    /* [d0, 0, d1, 0] */
+        }
+        __m128 dm = _mm_cvtph_ps(halves);
+        if (t == Q4_0) dm = _mm_mul_ps(dm, _mm_set_ps(-8.f, 1.f, -8.f, 1.f));
+        const __m512 wsc = _mm512_permutexvar_ps(lane_idx, _mm512_castps128_ps512(dm));
+        if (t == Q8_0) {
+            const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(b0 + 2))),
+                                                 _mm256_loadu_si256((const __m256i*)(b1 + 2)), 1);
+            u = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
+            start = _mm512_sub_epi32(start, _mm512_dpbusd_epi32(start, _mm512_set1_epi8((char)0x80), u));
+        } else {
+            const int o = t == Q4_1 ? 4 : 2;
+            const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(b0 + o))),
+                                                      _mm_loadu_si128((const __m128i*)(b1 + o)), 1);
+            u = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), f);
+        }
+        for (int m = 0; m < M; m++) {
+            const __m512i a = _mm512_loadu_si512((const void*)(codes + (long)m * K + (long)p * 64));
+            const vnni_pair* s = ps + (long)m * np + p;
+            const __m512i dot = t == Q8_0 ? _mm512_dpbusd_epi32(start, a, u) : _mm512_dpbusd_epi32(start, u, a);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wsc, _mm512_loadu_ps(s->sc)), acc[m]);
+            if (t != Q8_0) off[m] = _mm_fmadd_ps(dm, _mm_loadu_ps(s->sum), off[m]);
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        __m128 o = _mm_add_ps(off[m], _mm_movehl_ps(off[m], off[m]));
+        o = _mm_add_ss(o, _mm_movehdup_ps(o));
+        out[m] += _mm512_reduce_add_ps(acc[m]) + _mm_cvtss_f32(o);
+    }
+}
+
+#define VNNI_ROWS(T)                                                                  \
+    switch (mc) {                                                                     \
+        case 1: vnni_legacy_rows(T, w, codes, ps, 1, K, acc); break;                  \
+        case 2: vnni_legacy_rows(T, w, codes, ps, 2, K, acc); break;                  \
+        case 3: vnni_legacy_rows(T, w, codes, ps, 3, K, acc); break;                  \
+        case 4: vnni_legacy_rows(T, w, codes, ps, 4, K, acc); break;                  \
+        default: vnni_legacy_rows(T, w, codes, ps, mc, K, acc); break;                \
+    }
+
+/* acc[0..mc) += row w . activation rows (codes / ps already offset to the first row). */
+static void vnni_row(int t, const uint8_t* w, const int8_t* codes, const vnni_pair* ps, int mc, int K, float* acc) {
+    switch (t) {
+        case Q4_0: VNNI_ROWS(Q4_0) break;
+        case Q4_1: VNNI_ROWS(Q4_1) break;
+        default: VNNI_ROWS(Q8_0) break;
+    }
+}
+
+/* The whole 8-bit-activation product for Q4_0 / Q4_1 / Q8_0 with K a multiple of 64: the
+   activations are quantized once, and each weight row is read once for all M rows (the rows
+   go 8 at a time through its blocks while they are in L1). */
+static int linear_vnni(int t, const uint8_t* W, long row_bytes, const void* x, const void* bias, void* y, long ldy,
+                       int M, int N, int K, int dtype) {
+    const int np = K / 64;
+    int8_t* codes = (int8_t*)thread_scratch(0, (size_t)M * K);
+    vnni_pair* ps = (vnni_pair*)thread_scratch(1, (size_t)M * np * sizeof(vnni_pair));
+    if (!codes || !ps) return 0;
+    quantize_acts_vnni(x, dtype, M, K, t == Q8_0, codes, ps);
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t* w = W + (long)n * row_bytes;
+        const float bn = bias ? gload(bias, n, dtype) : 0.f;
+        for (int m0 = 0; m0 < M; m0 += 8) {
+            const int mc = M - m0 < 8 ? M - m0 : 8;
+            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            vnni_row(t, w, codes + (long)m0 * K, ps + (long)m0 * np, mc, K, acc);
+            for (int m = 0; m < mc; m++) gstore(y, (long)(m0 + m) * ldy + n, acc[m] + bn, dtype);
+        }
+    }
+    return 1;
+}
+#endif
+
 static void row_dot(int t, const uint8_t* w, const act_block* acts, int M, int K, float* acc, int portable) {
 #if defined(__AVX2__)
     if (!portable) {
@@ -652,9 +825,9 @@ int aph_gguf_linear(int t, const uint8_t* W, long row_bytes, const void* x, cons
     if (QK == 0 || K % QK != 0 || M < 1) return 0;
     if (exact) {
         const int nb = K / 32;
-        float* xf = (float*)aligned_alloc(64, ((size_t)M * K * sizeof(float) + 63) / 64 * 64);
-        float* xsum = (float*)malloc((size_t)M * nb * sizeof(float));   /* sums of 32-value blocks */
-        if (!xf || !xsum) { free(xf); free(xsum); return 0; }
+        float* xf = (float*)thread_scratch(0, ((size_t)M * K + (size_t)M * nb) * sizeof(float));
+        if (!xf) return 0;
+        float* xsum = xf + (long)M * K;   /* sums of 32-value blocks */
         for (long i = 0; i < (long)M * K; i++) xf[i] = gload(x, i, dtype);
         for (long i = 0; i < (long)M * nb; i++) {
             float s = 0.f;
@@ -675,12 +848,14 @@ int aph_gguf_linear(int t, const uint8_t* W, long row_bytes, const void* x, cons
                 for (int m = 0; m < mc; m++) gstore(y, (long)(m0 + m) * ldy + n, acc[m] + bn, dtype);
             }
         }
-        free(xf);
-        free(xsum);
         return 1;
     }
+#if defined(GGUF_VNNI512)
+    if (!portable && (t == Q4_0 || t == Q4_1 || t == Q8_0) && K % 64 == 0)
+        return linear_vnni(t, W, row_bytes, x, bias, y, ldy, M, N, K, dtype);
+#endif
     const int nb = K / 32;
-    act_block* acts = (act_block*)aligned_alloc(64, ((size_t)M * nb * sizeof(act_block) + 63) / 64 * 64);
+    act_block* acts = (act_block*)thread_scratch(0, (size_t)M * nb * sizeof(act_block));
     if (!acts) return 0;
     quantize_acts(x, dtype, M, K, acts);
     for (int m0 = 0; m0 < M; m0 += 8) {
@@ -694,6 +869,5 @@ int aph_gguf_linear(int t, const uint8_t* W, long row_bytes, const void* x, cons
             for (int m = 0; m < mc; m++) gstore(y, (long)(m0 + m) * ldy + n, acc[m] + bn, dtype);
         }
     }
-    free(acts);
     return 1;
 }
