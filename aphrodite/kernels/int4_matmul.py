@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aphrodite.kernels.precompile import deferring
 from aphrodite.kernels.triton_utils import HAS_TRITON, DeviceFunction, LazyKernel, cdiv, next_pow2, tl, use_triton
 
 __all__ = ["FMT_FP8", "FMT_INT4", "INT4_ORDER", "QuantWeight", "dequantize", "quant_matmul", "quant_matmul_ref",
@@ -875,8 +876,8 @@ def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> C
     if cfg is not None:
         return cfg
     dev = x.device
-    if dev.type != "cuda" or not _tuning_enabled() or torch.cuda.is_current_stream_capturing():
-        return _default_config(m, x, w)
+    if dev.type != "cuda" or not _tuning_enabled() or torch.cuda.is_current_stream_capturing() or deferring():
+        return _default_config(m, x, w)   # (no timing while compiles are deferred: launches may be skipped)
     rows = _rows_bucket(m)
     xs = torch.randn((rows, w.k), dtype=x.dtype, device=dev)
     scratch = torch.empty((rows, w.n), dtype=x.dtype, device=dev)

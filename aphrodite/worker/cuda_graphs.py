@@ -10,12 +10,14 @@ step is padded up to the nearest captured size and replayed from the persistent 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
 import torch
 
 from aphrodite.kernels.attention_metadata import AttentionMetadata
+from aphrodite.kernels.precompile import compile_ahead
 from aphrodite.modeling.layers.attention import set_attention_metadata
 
 if TYPE_CHECKING:
@@ -30,7 +32,9 @@ MAX_PREFILL_GRAPH_TOKENS = 512
 MAX_PLAIN_LORA_BATCH = 32
 
 
-MAX_CAPTURE_SIZE = 512   # vLLM's cap too: bigger decode batches run eagerly, where launches cost ~nothing
+#: vLLM's cap too (its ``max_cudagraph_capture_size``): bigger decode batches run eagerly, where launches
+#: cost little next to the step. ``APHRODITE_MAX_CUDAGRAPH_CAPTURE_SIZE`` moves it.
+MAX_CAPTURE_SIZE = int(os.environ.get("APHRODITE_MAX_CUDAGRAPH_CAPTURE_SIZE", "512"))
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -73,6 +77,7 @@ class DecodeGraphs:
         inputs.slots[1].fill_(-1)          # capture writes nothing into the KV cache
         inputs.seq_lens[1].zero_()
         inputs.starts[1].zero_()
+        compile_ahead(self._dry_forwards, self.runner.compile_processes())
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -92,6 +97,22 @@ class DecodeGraphs:
         logger.info("Captured %d decode CUDA graphs (batch 1..%d) and %d prefill graphs (up to %d tokens) in "
                     "%.1f s", len(self.sizes), self.sizes[-1], len(self.prefill_sizes),
                     self.prefill_sizes[-1] if self.prefill_sizes else 0, time.perf_counter() - start)
+
+    def _dry_forwards(self) -> None:
+        """The forward of every graph about to be captured, run once outside capture (see ``capture``):
+        under ``compile_ahead`` it only collects the Triton kernels to compile in parallel."""
+        inputs, model, lora = self.runner.inputs, self.runner.model, self.runner.lora_manager
+        plain = [s for s in self.sizes if s <= MAX_PLAIN_LORA_BATCH] if lora is not None else []
+        runs = ([(inputs.prefill_metadata(t), t, True) for t in self.prefill_sizes]
+                + [(inputs.decode_metadata(b), b, True) for b in self.sizes]
+                + [(inputs.decode_metadata(b), b, False) for b in plain])
+        for meta, tokens, lora_on in runs:
+            if lora is not None:
+                lora.state.active = lora_on
+            with set_attention_metadata(meta):
+                model(inputs.ids[1][:tokens], inputs.pos[1][:tokens])
+        if lora is not None:
+            lora.state.active = True
 
     def _capture_one(self, meta: AttentionMetadata, tokens: int, pool: object,
                      stream: torch.cuda.Stream) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

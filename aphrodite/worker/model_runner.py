@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch
 from aphrodite.config import EngineConfig
 from aphrodite.distributed.communication import pp_recv_tensors, pp_send_tensors
 from aphrodite.distributed.parallel_state import get_pp_size, is_first_pp_rank, is_last_pp_rank
+from aphrodite.kernels.precompile import compile_ahead
 from aphrodite.lora.request import LoRARequest
 from aphrodite.modeling.layers.attention import Attention, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
@@ -145,6 +147,8 @@ class ModelRunner:
         free_now, _ = torch.cuda.mem_get_info()
         ours = torch.cuda.memory_allocated()            # the weights, loaded after start-up
         allowed = self.config.cache.gpu_memory_utilization * (free_now + ours)
+        compile_ahead(self.profile_run, self.compile_processes())
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         scratch_cache = self.profile_run()
         torch.cuda.synchronize()
@@ -154,6 +158,11 @@ class ModelRunner:
         logger.info("Memory: %.2f GiB usable, weights %.2f GiB, peak activations %.2f GiB -> %d KV blocks",
                     allowed / 2**30, ours / 2**30, (peak - ours) / 2**30, blocks)
         return max(0, blocks)
+
+    def compile_processes(self) -> int:
+        """Processes for compiling kernels ahead (``aphrodite.kernels.precompile``): this host's cores
+        shared among the ranks, which all compile at the same time."""
+        return max(1, (os.cpu_count() or 2) // max(1, self.config.parallel.world_size))
 
     def profile_run(self) -> int:
         """One forward pass of a full token budget and a sampler pass over a full batch of rows,

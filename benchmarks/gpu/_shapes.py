@@ -19,9 +19,10 @@ H200_BF16_FLOPS = 989e12           # dense bf16 tensor-core peak
 
 
 def active_params(shape: str) -> dict[str, float]:
-    """Parameters of ``shape`` (built on the meta device with our model code): total, and the ones one
-    token reads: everything but the embedding table (the LM head is read whole, the embedding one row),
-    with routed experts counted at ``top_k / num_experts``."""
+    """Parameters of ``shape`` (built on the meta device with our model code): total, the ones one
+    decoded token reads: everything but the embedding table (the LM head is read whole, the embedding one
+    row), with routed experts counted at ``top_k / num_experts``; and ``lm_head``, which a prompt token
+    whose logits nobody samples never multiplies (see ``prefill_active``)."""
     from transformers import AutoConfig
 
     from aphrodite.benchmarks.model_shapes import write_model_shape
@@ -31,6 +32,7 @@ def active_params(shape: str) -> dict[str, float]:
     with torch.device("meta"):
         model = get_model_class(config.architectures[0])(config)
     total = active = 0.0
+    head = float(config.vocab_size * config.hidden_size)
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
@@ -45,7 +47,16 @@ def active_params(shape: str) -> dict[str, float]:
             continue
         else:
             active += n
-    return {"total": total, "active": active}
+    return {"total": total, "active": active, "lm_head": head}
+
+
+def prefill_active(params: dict[str, float], input_len: int, output_len: int) -> float:
+    """Parameters multiplied per token of an ``input_len``/``output_len`` workload: a prompt token's
+    forward skips the LM head (only the last position of a prompt is sampled), so the head counts at
+    the share of tokens that are sampled. Comparing prefill per ``active`` parameter instead would
+    charge a 128k-vocabulary Llama for a head its prompt tokens never touch."""
+    sampled = output_len / (input_len + output_len)
+    return params["active"] - params["lm_head"] * (1.0 - sampled)
 
 
 def bench(kind: str, shape: str, *args: str, timeout: int = 400) -> dict[str, Any]:

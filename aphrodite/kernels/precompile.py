@@ -1,0 +1,201 @@
+"""Compile a start-up's Triton kernels in parallel processes instead of one after another.
+
+A cold start (empty Triton cache, as on a fresh machine) spends most of its time compiling kernel
+variants one at a time: every graph-captured batch size and the peak-size profiling pass each meet a
+few new specializations. ``deferred_compiles()`` runs such a pass "dry": a Triton launch whose kernel is
+not in the on-disk cache is skipped and its specialization recorded (Triton's ``jit_cache_hook``);
+``compile_pending()`` then compiles every recorded specialization in a pool of processes (compiling needs
+no GPU), filling the same on-disk cache, so the real pass that follows only loads binaries. Launches of
+kernels already cached run normally during the dry pass. Kernels that synchronize ranks (the custom
+all-reduce) are never skipped: a rank that skipped one while its peer launched it would leave the peer
+waiting. Any failure here only means the kernel compiles later, in the real pass, as it always did.
+Off with ``APHRODITE_PARALLEL_COMPILE=0``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+# Kernels that wait on other ranks: they must launch on every rank or on none.
+NEVER_DEFER = ("custom_all_reduce",)
+_DEFERRING = False
+
+
+def enabled() -> bool:
+    return os.environ.get("APHRODITE_PARALLEL_COMPILE", "1").strip().lower() not in ("0", "false", "no", "")
+
+
+@dataclass
+class PendingCompiles:
+    """Specializations recorded during a dry pass: (module, function name, Triton's JSON data)."""
+    target: tuple[str, int, int] | None = None
+    specs: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+
+
+def _parse(jit_fn, data: str) -> tuple[dict, dict, dict, dict]:
+    """Triton's ``JITFunction.preload`` parsing of serialized specialization data, without a device."""
+    import triton.language as tl
+
+    obj = json.loads(data)
+    constexprs = {tuple(k): (tl.dtype(v) if tl.dtype.is_dtype(v) else
+                             tl.constexpr(v["constexpr"]) if isinstance(v, dict) and "constexpr" in v else v)
+                  for k, v in zip(obj["constant_keys"], obj["constant_vals"])}
+    attrs = dict(zip(map(tuple, obj["attrs_keys"]), obj["attrs_vals"]))
+    signature = {k: tuple(v) if isinstance(v, list) else v for k, v in obj["signature"].items()}
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in obj["options"].items()}
+    return signature, constexprs, attrs, options
+
+
+def _source_and_options(jit_fn, data: str, target):
+    from triton.compiler.compiler import make_backend
+
+    signature, constexprs, attrs, options = _parse(jit_fn, data)
+    backend = make_backend(target)
+    from triton.compiler import ASTSource
+
+    return ASTSource(jit_fn, signature, constexprs, attrs), backend, backend.parse_options(options)
+
+
+def _on_disk(jit_fn, data: str, target) -> bool:
+    """Whether Triton's cache already holds this specialization (then the dry pass may just launch it)."""
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.runtime.cache import get_cache_key, get_cache_manager
+
+    src, backend, options = _source_and_options(jit_fn, data, target)
+    key = get_cache_key(src, backend, options, get_cache_invalidating_env_vars())
+    manager = get_cache_manager(hashlib.sha256(key.encode("utf-8")).hexdigest())
+    return manager.get_group(f"{src.name[:150]}.json") is not None
+
+
+@contextmanager
+def deferred_compiles() -> Iterator[PendingCompiles]:
+    """Within the block, Triton launches of uncached kernels are skipped and recorded (see the module doc)."""
+    pending = PendingCompiles()
+    if not enabled():
+        yield pending
+        return
+    try:
+        from triton import knobs
+        from triton.runtime.driver import driver
+    except ImportError:   # pragma: no cover - CPU installs without Triton
+        yield pending
+        return
+    target = driver.active.get_current_target()
+    pending.target = (target.backend, target.arch, target.warp_size)
+    previous = knobs.runtime.jit_cache_hook
+
+    def hook(**kw) -> bool:
+        try:
+            fn, data = kw["fn"], kw["compile"]["specialization_data"]
+            if any(name in fn.module for name in NEVER_DEFER) or _on_disk(fn.jit_function, data, target):
+                return False
+        except Exception:   # an internal Triton change: compile here, as without this module
+            return False
+        pending.specs[data] = (fn.module, fn.name, data)
+        return True      # skip: no compile now, no launch
+
+    global _DEFERRING
+    knobs.runtime.jit_cache_hook = hook
+    _DEFERRING = True
+    try:
+        yield pending
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+        _DEFERRING = False
+
+
+def deferring() -> bool:
+    """True inside ``deferred_compiles``: kernel launches may be skipped, so nothing may be timed."""
+    return _DEFERRING
+
+
+def compile_ahead(dry_pass: Callable[[], object], processes: int) -> None:
+    """Run ``dry_pass`` with uncached Triton launches skipped, then compile what it met in parallel, so
+    that running the pass for real afterwards only loads binaries."""
+    if not enabled():
+        return
+    with deferred_compiles() as pending:
+        dry_pass()
+    compile_pending(pending, processes)
+
+
+def _compile_one(module: str, name: str, data: str, target: tuple[str, int, int]) -> float:
+    """Compile one specialization into the on-disk cache; its seconds."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import JITFunction
+
+    start = time.perf_counter()
+    fn = getattr(importlib.import_module(module), name)
+    jit_fn = fn if isinstance(fn, JITFunction) else JITFunction(fn)
+    gpu = GPUTarget(*target)
+    src, _, options = _source_and_options(jit_fn, data, gpu)
+    triton.compile(src, target=gpu, options=options.__dict__)
+    return time.perf_counter() - start
+
+
+def compile_pending(pending: PendingCompiles, processes: int) -> None:
+    """Compile what a dry pass recorded in ``processes`` child processes (``python -m`` this module, so no
+    user script is re-imported); a failure is logged and left to the real pass."""
+    if not pending.specs or pending.target is None:
+        return
+    start = time.perf_counter()
+    specs = list(pending.specs.values())
+    processes = max(1, min(processes, len(specs)))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"target": pending.target, "specs": specs}, f)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # compile for the GPU
+    try:
+        children = [subprocess.Popen([sys.executable, "-m", __name__, f.name, str(i), str(processes)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                    for i in range(processes)]
+        done = failures = 0
+        serial = 0.0
+        for child in children:
+            out, err = child.communicate()
+            if err.strip():
+                logger.debug("Compile process: %s", err[-2000:])
+            for line in out.splitlines():
+                if line.startswith("{"):
+                    r = json.loads(line)
+                    done, failures, serial = done + r["done"], failures + r["failed"], serial + r["seconds"]
+    finally:
+        os.unlink(f.name)
+    logger.info("Compiled %d Triton kernel variants in %.1f s on %d processes (%.1f s one after another)%s",
+                done, time.perf_counter() - start, processes, serial,
+                f"; {len(specs) - done} left to compile on first use" if done < len(specs) else "")
+
+
+def _main(path: str, shard: int, shards: int) -> None:
+    with open(path) as f:
+        job = json.load(f)
+    target = tuple(job["target"])
+    done = failed = 0
+    seconds = 0.0
+    for i, (module, name, data) in enumerate(job["specs"]):
+        if i % shards != shard:
+            continue
+        try:
+            seconds += _compile_one(module, name, data, target)
+            done += 1
+        except Exception as e:
+            print(f"{module}.{name}: {type(e).__name__}: {e}", file=sys.stderr)
+            failed += 1
+    print(json.dumps({"done": done, "failed": failed, "seconds": seconds}), flush=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -1,0 +1,36 @@
+"""Kernels compiled ahead in child processes land in Triton's on-disk cache, where the engine's
+real pass finds them (``aphrodite.kernels.precompile``). Compiling needs no GPU: the child builds
+an sm_90 binary here on the CPU, and the test reads the cache Triton itself would consult."""
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+
+def test_recorded_specialization_compiles_in_a_child_into_the_shared_cache(tmp_path, monkeypatch):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import JITFunction, serialize_specialization_data
+
+    from aphrodite.kernels import precompile
+    from aphrodite.kernels.rmsnorm import _rms_norm_kernel
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    target = ("cuda", 90, 32)
+    jit_fn = JITFunction(_rms_norm_kernel)
+    names = jit_fn.arg_names
+    signature = {n: t for n, t in zip(names, ["*bf16"] * 5 + ["i32", "fp32"] + ["i32"] * 4
+                                      + ["constexpr"] * 3)}
+    constants = {(names.index("BLOCK"),): 4096, (names.index("HAS_RESIDUAL"),): True,
+                 (names.index("GEMMA"),): False}
+    options = make_backend(GPUTarget(*target)).parse_options({"num_warps": 8})
+    data = serialize_specialization_data(f"{_rms_norm_kernel.__module__}.{_rms_norm_kernel.__qualname__}",
+                                         signature, constants, {}, options, "key")
+    assert not precompile._on_disk(jit_fn, data, GPUTarget(*target))
+
+    pending = precompile.PendingCompiles(target, {data: (_rms_norm_kernel.__module__, "_rms_norm_kernel", data)})
+    precompile.compile_pending(pending, processes=1)
+
+    assert precompile._on_disk(jit_fn, data, GPUTarget(*target))
+    assert list((tmp_path / "cache").rglob("*.cubin")), "the child wrote no binary"
