@@ -647,6 +647,57 @@ static inline __attribute__((always_inline)) void exact_q6k_avx512(const uint8_t
     for (int m = 0; m < M; m++) out[m] += _mm512_reduce_add_ps(acc[m]);
 }
 
+/* One activation row against Q4_0 / Q4_1 / Q8_0, two blocks per step: the pair's [d0, m0, d1, m1]
+   come from one half-to-float conversion, and the offsets (minimums, Q4_0's -8 d) accumulate in a
+   4-wide vector against [0, sum0, 0, sum1] of the activations (batch-1 decode: ~1/3 fewer
+   instructions per block than exact_legacy_avx512, same products). K a multiple of 64. */
+static inline __attribute__((always_inline)) void exact_legacy_pairs_avx512(const int t, const uint8_t* w,
+                                                                            const float* xf, const float* xsum,
+                                                                            int K, float* out) {
+    const int BB = t == Q8_0 ? 34 : t == Q4_1 ? 20 : 18;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m128 off = _mm_setzero_ps();
+    const __m512i f = _mm512_set1_epi32(0xF);
+    for (int p = 0; p < K / 64; p++) {
+        const uint8_t* b0 = w + (long)(2 * p) * BB;
+        const uint8_t* b1 = b0 + BB;
+        uint32_t h0, h1;
+        memcpy(&h0, b0, 4);
+        memcpy(&h1, b1, 4);
+        if (t == Q4_0) { h0 = (h0 & 0xFFFFu) * 0x10001u; h1 = (h1 & 0xFFFFu) * 0x10001u; }
+        if (t == Q8_0) { h0 &= 0xFFFFu; h1 &= 0xFFFFu; }
+        __m128 dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, (int)h1, (int)h0));
+        if (t == Q4_0) dm = _mm_mul_ps(dm, _mm_set_ps(-8.f, 1.f, -8.f, 1.f));
+        const float* x = xf + (long)p * 64;
+        __m512 s0, s1;
+        if (t == Q8_0) {
+            s0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b0 + 18)))),
+                                 _mm512_loadu_ps(x + 16),
+                                 _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                     _mm_loadu_si128((const __m128i*)(b0 + 2)))), _mm512_loadu_ps(x)));
+            s1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b1 + 18)))),
+                                 _mm512_loadu_ps(x + 48),
+                                 _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                     _mm_loadu_si128((const __m128i*)(b1 + 2)))), _mm512_loadu_ps(x + 32)));
+        } else {
+            const int o = t == Q4_1 ? 4 : 2;
+            const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(b0 + o)));
+            const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(b1 + o)));
+            s0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4)), _mm512_loadu_ps(x + 16),
+                                 _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v0, f)), _mm512_loadu_ps(x)));
+            s1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4)), _mm512_loadu_ps(x + 48),
+                                 _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v1, f)), _mm512_loadu_ps(x + 32)));
+            const __m128 xs = _mm_set_ps(xsum[2 * p + 1], 0.f, xsum[2 * p], 0.f);
+            off = _mm_fmadd_ps(dm, xs, off);
+        }
+        acc0 = _mm512_fmadd_ps(s0, _mm512_broadcastss_ps(dm), acc0);
+        acc1 = _mm512_fmadd_ps(s1, _mm512_broadcastss_ps(_mm_movehl_ps(dm, dm)), acc1);
+    }
+    __m128 o = _mm_add_ps(off, _mm_movehl_ps(off, off));
+    o = _mm_add_ss(o, _mm_movehdup_ps(o));
+    out[0] += _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + _mm_cvtss_f32(o);
+}
+
 #define EXACT_DISPATCH(CALL)                 \
     switch (M) {                             \
         case 1: { const int M_ = 1; CALL; } break; \
@@ -660,7 +711,15 @@ static inline __attribute__((always_inline)) void exact_q6k_avx512(const uint8_t
 static int row_dot_exact_avx512(int t, const uint8_t* w, const float* xf, const float* xsum, int M, int K,
                                 float* out) {
     switch (t) {
-        case Q4_0: case Q4_1: case Q8_0: EXACT_DISPATCH(exact_legacy_avx512(t, w, xf, xsum, M_, K, out)); return 1;
+        case Q4_0: case Q4_1: case Q8_0:
+            if (M == 1 && K % 64 == 0) {
+                if (t == Q4_1) exact_legacy_pairs_avx512(Q4_1, w, xf, xsum, K, out);
+                else if (t == Q4_0) exact_legacy_pairs_avx512(Q4_0, w, xf, xsum, K, out);
+                else exact_legacy_pairs_avx512(Q8_0, w, xf, xsum, K, out);
+                return 1;
+            }
+            EXACT_DISPATCH(exact_legacy_avx512(t, w, xf, xsum, M_, K, out));
+            return 1;
         case Q4_K: EXACT_DISPATCH(exact_q4k_avx512(w, xf, xsum, M_, K, out)); return 1;
         case Q6_K: EXACT_DISPATCH(exact_q6k_avx512(w, xf, M_, K, out)); return 1;
         default: return 0;
