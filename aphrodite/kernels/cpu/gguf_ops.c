@@ -704,6 +704,10 @@ static inline __attribute__((always_inline)) void exact_legacy_pairs_avx512(cons
         case 2: { const int M_ = 2; CALL; } break; \
         case 3: { const int M_ = 3; CALL; } break; \
         case 4: { const int M_ = 4; CALL; } break; \
+        case 5: { const int M_ = 5; CALL; } break; \
+        case 6: { const int M_ = 6; CALL; } break; \
+        case 7: { const int M_ = 7; CALL; } break; \
+        case 8: { const int M_ = 8; CALL; } break; \
         default: { const int M_ = M; CALL; } break; \
     }
 

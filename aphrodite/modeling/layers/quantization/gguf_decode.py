@@ -5,8 +5,8 @@ At batch 1 the default model's 30 small layers spend ~100 us each in Python betw
 this runs every decoder layer and the final norm in C with the kernels the modules call, in the
 same order and roundings, so the result is the module path's bit for bit; anything the C stack
 does not cover (other families' extras, LoRA, tensor or pipeline parallelism, mixed block types
-in one projection, fp8 caches, prefill) takes the module path. ``APHRODITE_GGUF_FUSED_DECODE=0``
-turns it off.
+in one projection, fp8 caches, prefill, batches above the GEMV's rows) takes the module path.
+``APHRODITE_GGUF_FUSED_DECODE=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def fused_decode(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor
     if not ENABLED or hidden.device.type != "cpu" or hidden.dtype not in _DTYPE_CODES:
         return None
     b = hidden.shape[0]
-    if not (meta.num_decodes == meta.num_seqs == b) or b > gguf_method.CPU_GEMV_MAX_ROWS:
+    if not (meta.num_decodes == meta.num_seqs == b) or b > gguf_method.cpu_gemv_max_rows(hidden.dtype):
         return None
     state = model.__dict__.get("_gguf_decode_plan")
     if state is False:
