@@ -9,6 +9,7 @@ from aphrodite.engine_args import EngineArgs
 from aphrodite.lora.request import LoRARequest
 from aphrodite.outputs import RequestOutput
 from aphrodite.sampling_params import SamplingParams
+from aphrodite.utils import configure_default_logging
 
 Messages = list[dict[str, Any]]
 
@@ -21,6 +22,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        configure_default_logging()
         self.engine_args = EngineArgs.from_dict({"model": model, **kwargs})
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._counter = 0

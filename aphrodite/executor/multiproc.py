@@ -256,8 +256,10 @@ def _beat(heartbeats: Any, rank: int) -> None:
 def _log_level() -> int | None:
     """The engine process's logging level when it shows log records (the CLI and server configure it),
     so that spawned workers log the same way; None leaves them unconfigured."""
-    root = logging.getLogger()
-    return root.getEffectiveLevel() if root.handlers else None
+    root, ours = logging.getLogger(), logging.getLogger("aphrodite")
+    if root.handlers:
+        return root.getEffectiveLevel()
+    return ours.getEffectiveLevel() if ours.handlers else None
 
 
 def worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: str, handle: BroadcastHandle,

@@ -131,7 +131,10 @@ def compile_ahead(dry_pass: Callable[[], object], processes: int) -> None:
 
 
 def _compile_one(module: str, name: str, data: str, target: tuple[str, int, int]) -> float:
-    """Compile one specialization into the on-disk cache; its seconds."""
+    """Compile one specialization into the on-disk cache, then its host-side launcher (a small C module
+    Triton builds with the system compiler the first time a signature is launched), which lands in the
+    same cache; its seconds. The launcher needs the GPU driver's library on this host: without it (a
+    machine with no GPU) only the kernel is built, and the engine builds the launcher at first launch."""
     import importlib
 
     import triton
@@ -143,7 +146,14 @@ def _compile_one(module: str, name: str, data: str, target: tuple[str, int, int]
     jit_fn = fn if isinstance(fn, JITFunction) else JITFunction(fn)
     gpu = GPUTarget(*target)
     src, _, options = _source_and_options(jit_fn, data, gpu)
-    triton.compile(src, target=gpu, options=options.__dict__)
+    kernel = triton.compile(src, target=gpu, options=options.__dict__)
+    if gpu.backend == "cuda":
+        try:
+            from triton.backends.nvidia.driver import CudaLauncher
+
+            CudaLauncher(src, kernel.metadata)
+        except Exception:
+            pass
     return time.perf_counter() - start
 
 

@@ -32,9 +32,11 @@ MAX_PREFILL_GRAPH_TOKENS = 512
 MAX_PLAIN_LORA_BATCH = 32
 
 
-#: vLLM's cap too (its ``max_cudagraph_capture_size``): bigger decode batches run eagerly, where launches
-#: cost little next to the step. ``APHRODITE_MAX_CUDAGRAPH_CAPTURE_SIZE`` moves it.
-MAX_CAPTURE_SIZE = int(os.environ.get("APHRODITE_MAX_CUDAGRAPH_CAPTURE_SIZE", "512"))
+#: Decode batches up to this size replay graphs. vLLM stops at 512 because its bigger batches still run
+#: torch.compile'd code; ours would run the eager forward, whose Python and launches left the GPUs of
+#: 2 x H200 idle 35-60% of a 1,000-sequence step (profile_workload_gpu.py). Covers the 1,024-sequence
+#: default; ``APHRODITE_MAX_CUDAGRAPH_CAPTURE_SIZE`` moves it.
+MAX_CAPTURE_SIZE = int(os.environ.get("APHRODITE_MAX_CUDAGRAPH_CAPTURE_SIZE", "1024"))
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:

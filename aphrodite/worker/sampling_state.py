@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from aphrodite.kernels import sampling as ks
+from aphrodite.kernels.triton_utils import use_triton
+
 if TYPE_CHECKING:
     from aphrodite.worker.sampling_inputs import SamplingRequest
 
@@ -218,6 +221,18 @@ class SamplingState:
         if not hits:
             return
         dev = self.device
+        here = torch.device(dev)
+        if use_triton(sampled) and self.history is not None and sampled.device.type == here.type \
+                and here.index in (None, sampled.device.index):
+            # The GPU: one kernel for every row and buffer (the PyTorch ops below are a few dozen launches).
+            flags = [(i, rec.slot, rec.length, ks.STATE_COUNTS * rec.counts + ks.STATE_HISTORY * rec.history
+                      + ks.STATE_DRY * rec.dry + ks.STATE_NGRAM * rec.ngram) for i, rec in hits]
+            ks.update_sampling_state(to_device(flags, torch.long, dev), sampled.long(), self.counts, self.history,
+                                     self.dry_suffix, self.ngram_suffix, self.dry_trailing, self.dry_breakers,
+                                     self.dry_cap)
+            for _, rec in hits:
+                rec.length += 1
+            return
         rows = to_device([i for i, _ in hits], torch.long, dev)
         toks = sampled.index_select(0, rows.to(sampled.device)).to(dev).long()
         slots_l = [rec.slot for _, rec in hits]

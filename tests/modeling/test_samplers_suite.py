@@ -154,7 +154,18 @@ def test_skew_and_mirostat_mask():
     same(got[0].double().numpy(), masked(LOGITS, surprise > 2.5))
 
 
-def test_penalties_on_known_history():
+def _kernels(on: bool, monkeypatch) -> None:
+    """Run the repetition samplers through the GPU's kernels (Triton's interpreter) instead of PyTorch ops."""
+    if on:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr("aphrodite.kernels.sampling._DRY_BLOCK", 8)        # several blocks per history
+        monkeypatch.setattr("aphrodite.kernels.sampling._HISTORY_BLOCK", 4)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_penalties_on_known_history(kernel, monkeypatch):
+    _kernels(kernel, monkeypatch)
     prompt, outs = [1, 2, 3], [3, 4, 4, 5]
     p = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2)
     ref = LOGITS.copy()
@@ -199,7 +210,10 @@ def dry_reference(hist: list[int], p: SamplingParams) -> dict[int, int]:
 @pytest.mark.parametrize("kw", [dict(), dict(dry_range=9), dict(dry_sequence_breaker_ids=[9]),
                                 dict(dry_max_occurrences=1), dict(dry_early_exit_match_len=3),
                                 dict(dry_allowed_length=1, dry_max_ngram=3)])
-def test_dry_on_known_histories(kw):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_dry_on_known_histories(kw, kernel, monkeypatch):
+    """The PyTorch path (CPU) and the GPU's kernel (interpreted, in 8-position chunks) against the plain scan."""
+    _kernels(kernel, monkeypatch)
     hist = [5, 6, 7, 8, 1, 5, 6, 7, 9, 2, 5, 6, 7, 8, 3, 4, 5, 6, 7]
     p = SamplingParams(dry_multiplier=0.8, dry_base=1.75, **kw)
     lens = dry_reference(hist, p)
@@ -210,7 +224,9 @@ def test_dry_on_known_histories(kw):
     same(chain_out(p, SamplerID.DRY, prompt=hist[:6], outputs=hist[6:]), ref)
 
 
-def test_no_repeat_ngram_against_ngram_table():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_no_repeat_ngram_against_ngram_table(kernel, monkeypatch):
+    _kernels(kernel, monkeypatch)
     hist = [4, 5, 6, 4, 5, 7, 4, 5]
     for n in (1, 2, 3):
         table: dict[tuple, set] = {}
@@ -293,8 +309,9 @@ def test_limits_and_non_finite_values_rejected():
             SamplingParams(**kw)
 
 
-def run_steps(params: list[SamplingParams], steps: int, next_logits, seeds=None, prompt=(1, 2, 3)):
-    """Decode ``steps`` tokens per row with a persistent SamplingState, like the model runner does."""
+def run_steps(params: list[SamplingParams], steps: int, next_logits, seeds=None, prompt=(1, 2, 3), after=None):
+    """Decode ``steps`` tokens per row with a persistent SamplingState, like the model runner does
+    (``after(reqs, state)`` after every step)."""
     reqs = [req(p, rid=str(i), prompt=prompt, seed=(seeds[i] if seeds else i)) for i, p in enumerate(params)]
     state = SamplingState(V, len(prompt) + steps + 2, CPU)
     sampler = Sampler()
@@ -305,26 +322,39 @@ def run_steps(params: list[SamplingParams], steps: int, next_logits, seeds=None,
         state.update([r.request_id for r in reqs], toks)
         for r, t in zip(reqs, toks.tolist()):
             r.append_token(t)
+        if after is not None:
+            after(reqs, state)
     return reqs, state
 
 
-def test_incremental_state_matches_a_rebuild():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_incremental_state_matches_a_rebuild(kernel, monkeypatch):
+    """The per-step state update (PyTorch ops on the CPU; on the GPU one kernel, interpreted here in 4-position
+    blocks) against the state rebuilt from the whole history on the host."""
+    _kernels(kernel, monkeypatch)
+    if kernel:
+        monkeypatch.setattr("aphrodite.kernels.sampling._STATE_BLOCK", 4)
     rng = np.random.default_rng(0)
     p = SamplingParams(dry_multiplier=0.5, dry_sequence_breaker_ids=[3], no_repeat_ngram_size=3,
                        frequency_penalty=0.1, seed=1)
     loop = [4, 5, 3, 6]
-    reqs, state = run_steps([p], 40, lambda r: rng.normal(size=V) * 0.1 + np.eye(V)[loop[len(r.all_token_ids) % 4]])
-    r = reqs[0]
-    rec = state.record(r.request_id)
-    hist = np.asarray(r.all_token_ids)
-    assert rec.length == len(hist)
-    assert (state.history[rec.slot, :len(hist)].numpy() == hist).all()
-    assert (state.dry_suffix[rec.slot, :len(hist)].numpy() ==
-            np.minimum(suffix_matches(hist, frozenset([3]), 10 ** 6), p.dry_max_ngram + 2)).all()
-    assert (state.ngram_suffix[rec.slot, :len(hist)].numpy() ==
-            np.minimum(suffix_matches(hist, None, 10 ** 6), 4)).all()
-    counts = np.bincount(r.output_token_ids, minlength=V)
-    assert (state.counts[rec.slot].numpy() == counts).all()
+
+    def same_as_rebuilt(reqs, state) -> None:        # after every step: the newest token changes every step
+        r = reqs[0]
+        rec = state.record(r.request_id)
+        hist = np.asarray(r.all_token_ids)
+        assert rec.length == len(hist)
+        assert (state.history[rec.slot, :len(hist)].numpy() == hist).all()
+        assert (state.dry_suffix[rec.slot, :len(hist)].numpy() ==
+                np.minimum(suffix_matches(hist, frozenset([3]), 10 ** 6), p.dry_max_ngram + 2)).all()
+        assert (state.ngram_suffix[rec.slot, :len(hist)].numpy() == suffix_matches(hist, None, 10 ** 6)).all()
+        assert (state.counts[rec.slot].numpy() == np.bincount(r.output_token_ids, minlength=V)).all()
+        seen.append(int(state.ngram_suffix[rec.slot, :len(hist)].max()))
+
+    seen: list[int] = []
+    run_steps([p], 30, lambda r: rng.normal(size=V) * 0.1 + 4 * np.eye(V)[loop[len(r.all_token_ids) % 4]],
+              after=same_as_rebuilt)
+    assert max(seen) >= 2          # runs of matches happened
 
 
 def test_dry_stops_a_repeated_sequence():
@@ -598,3 +628,38 @@ def test_cached_parameter_rows_equal_a_fresh_build_every_step() -> None:
         state.update([r.request_id for r in reqs], toks)
         for r, t in zip(reqs, toks.tolist()):
             r.append_token(t)
+
+
+def test_fused_tail_matches_the_samplers_one_by_one(monkeypatch):
+    """On the GPU everything after top-k runs as one kernel (interpreted here): the same tokens as the chain's
+    samplers launched one by one and as the chain over the whole vocabulary, for the default order, a custom
+    order mixed with greedy rows (two groups) and the skew."""
+    pytest.importorskip("triton")
+    from aphrodite.modeling.layers.samplers import chain
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(chain, "TIE_SLACK", 6)          # few candidates: a short interpreted run
+    vocab, n = 300, 10
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(n, vocab, generator=g) * 2.5).bfloat16().float()
+    base = dict(EVERYTHING, top_k=12, xtc_probability=0.6, xtc_threshold=0.08, epsilon_cutoff=2e-3, tfs=0.9)
+    custom = dict(base, sampler_priority=[
+        SamplerID.DRY, SamplerID.PENALTIES, SamplerID.NO_REPEAT_NGRAM, SamplerID.TOP_NSIGMA, SamplerID.TOP_P_TOP_K,
+        SamplerID.XTC, SamplerID.TFS, SamplerID.TOP_A, SamplerID.MIN_P, SamplerID.ETA_CUTOFF, SamplerID.EPSILON_CUTOFF,
+        SamplerID.TYPICAL_P, SamplerID.QUADRATIC, SamplerID.TEMPERATURE])
+    hist = torch.randint(0, vocab, (n, 20), generator=g).tolist()
+    calls: list[int] = []
+    real = chain.sample_fused
+    monkeypatch.setattr(chain, "sample_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for kinds in ([base], [custom, dict(temperature=0.0, repetition_penalty=1.2)]):
+        rows = [req(SamplingParams(**kinds[i % len(kinds)]), rid=str(i), prompt=hist[i][:8], outputs=hist[i][8:],
+                    seed=i) for i in range(n)]
+        md = build_sampling_metadata(rows, vocab, CPU)
+        calls.clear()
+        fused = Sampler()(logits, md).token_ids.tolist()
+        assert calls
+        monkeypatch.setattr(chain, "FUSED_TAIL", False)
+        assert fused == Sampler()(logits, md).token_ids.tolist()
+        with monkeypatch.context() as m:
+            m.setattr(chain, "compact_width", lambda *a: 0)
+            assert fused == Sampler()(logits, md).token_ids.tolist()
+        monkeypatch.setattr(chain, "FUSED_TAIL", True)

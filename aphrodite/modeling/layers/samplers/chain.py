@@ -9,8 +9,10 @@ Every sampler is one batched pass over the logits and is skipped when no row use
 every row has top-k on (or is greedy), top-k keeps each row's few hundred best candidates and
 every later sampler, the skew and the draw run on those columns only; the temperature and
 top-n-sigma just before it run there too, from one row-statistics read. The samplers that need
-a sorted row (top-p, TFS) share one sort. Rows that ask for different orders run the chain as
-separate groups. Randomness is per request: a
+a sorted row (top-p, TFS) share one sort. On the GPU everything from top-k to the draw is one
+Triton kernel (``sample_fused``), and DRY, the penalties and no_repeat_ngram one kernel each, so
+a step with every sampler on is a few tens of launches instead of a few hundred. Rows that ask
+for different orders run the chain as separate groups. Randomness is per request: a
 row draws its token by inverting the CDF at one uniform number derived from (request seed,
 output position), so a seeded request gets the same tokens whatever else shares the batch.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aphrodite.kernels import sampling as ksamp
 from aphrodite.kernels.cpu import ops as cpu_ops
 from aphrodite.kernels.sampling import row_stats, sample_temperature_min_p
 from aphrodite.kernels.triton_utils import use_triton
@@ -49,12 +52,14 @@ TIE_SLACK = 64
 _INDEXED = (SamplerID.DRY, SamplerID.PENALTIES, SamplerID.NO_REPEAT_NGRAM)
 
 
-def compact_width(md: SamplingMetadata, vocab_size: int, order: tuple[SamplerID, ...]) -> int:
+def compact_width(md: SamplingMetadata, vocab_size: int, order: tuple[SamplerID, ...],
+                  ks: list[int] | None = None) -> int:
     """How many candidate columns the chain keeps after top-k (0: it keeps the whole vocabulary).
 
     Known on the host: every row must have top-k on (or be greedy: it needs only its argmax), and
-    no sampler that addresses tokens by id (penalties, DRY, n-grams) may come after top-k."""
-    ks = md.k_host
+    no sampler that addresses tokens by id (penalties, DRY, n-grams) may come after top-k. ``ks``: the
+    rows' ``k_host`` when not all of ``md``'s rows (a group)."""
+    ks = md.k_host if ks is None else ks
     if not ks or min(ks) < 0 or max(ks) <= 0 or SamplerID.TOP_P_TOP_K not in md.active \
             or SamplerID.TOP_P_TOP_K not in order:
         return 0
@@ -195,6 +200,65 @@ def run_chain_compact(logits: torch.Tensor, md: SamplingMetadata, order: tuple[S
     return logits, ids
 
 
+# The GPU runs everything from top-k to the draw as one kernel per step (``kernels.sampling.sample_candidates``)
+# instead of a few hundred small launches; off, it runs the same samplers one by one (the benchmark's reference).
+FUSED_TAIL = True
+_TAIL_CODE = {SamplerID.TEMPERATURE: ksamp.TAIL_TEMPERATURE, SamplerID.TOP_NSIGMA: ksamp.TAIL_NSIGMA,
+              SamplerID.TOP_A: ksamp.TAIL_TOP_A, SamplerID.MIN_P: ksamp.TAIL_MIN_P, SamplerID.TFS: ksamp.TAIL_TFS,
+              SamplerID.ETA_CUTOFF: ksamp.TAIL_ETA, SamplerID.EPSILON_CUTOFF: ksamp.TAIL_EPSILON,
+              SamplerID.TYPICAL_P: ksamp.TAIL_TYPICAL, SamplerID.QUADRATIC: ksamp.TAIL_QUADRATIC,
+              SamplerID.XTC: ksamp.TAIL_XTC}
+# Cuts that drop only the least likely candidates (and temperature): candidates sorted by value stay sorted.
+_KEEP_SORTED = frozenset({SamplerID.TEMPERATURE, SamplerID.TOP_NSIGMA, SamplerID.TOP_A, SamplerID.MIN_P,
+                          SamplerID.TFS, SamplerID.ETA_CUTOFF, SamplerID.EPSILON_CUTOFF})
+
+
+def tail_plan(md: SamplingMetadata, order: tuple[SamplerID, ...]) -> list[int]:
+    """The stages of ``sample_candidates`` for the samplers after top-k in ``order``, then the skew: the same
+    samplers ``run_chain_compact`` runs there, with a sort by value wherever it would sort (top-k/top-p, and
+    TFS after a sampler that may reorder), and one by token id before the skew and the draw."""
+    plan = [ksamp.TAIL_SORT_DESC, ksamp.TAIL_TOP_K_TOP_P]
+    in_order = True
+    for sid in order[order.index(SamplerID.TOP_P_TOP_K) + 1:]:
+        if sid not in md.active:
+            continue
+        if sid == SamplerID.TFS and not in_order:
+            plan.append(ksamp.TAIL_SORT_DESC)
+            in_order = True
+        plan.append(_TAIL_CODE[sid])
+        in_order = in_order and sid in _KEEP_SORTED
+    plan.append(ksamp.TAIL_SORT_ID)
+    if md.skew is not None:
+        plan.append(ksamp.TAIL_SKEW)
+    return plan
+
+
+def sample_fused(logits: torch.Tensor, md: SamplingMetadata, order: tuple[SamplerID, ...],
+                 owned: bool = False) -> torch.Tensor | None:
+    """The chain and the draw with everything from top-k on in one kernel (``sample_candidates``): the
+    samplers before top-k run as in ``run_chain_compact``, then one ``row_stats`` read when temperature or
+    top-n-sigma was deferred to the candidates, one top-k selection and the kernel. None when it does not
+    apply (no Triton, rows without top-k, a sampler addressing token ids after top-k, mirostat): the
+    caller runs the chain."""
+    vocab = logits.shape[1]
+    width = compact_width(md, vocab, order)
+    if not FUSED_TAIL or not width or md.mirostat is not None or not use_triton(logits) \
+            or not ksamp.tail_block(width, vocab):
+        return None
+    plan = tail_plan(md, order)
+    if len(plan) > 2 * ksamp._PLAN_SLOTS:
+        return None
+    c = md.columns
+    deferred = deferred_to_top_k(md, order, width)
+    cut = order.index(SamplerID.TOP_P_TOP_K)
+    logits, _ = run_chain_compact(logits, md, tuple(s for s in order[:cut] if s not in deferred), owned)
+    dyn = SamplerID.TEMPERATURE in deferred and "dynatemp_min" in c
+    stats = row_stats(logits) if dyn or SamplerID.TOP_NSIGMA in deferred else None
+    values, ids = _top_candidates(logits, width)
+    return ksamp.sample_candidates(values, ids, vocab, plan, c, md.uniforms, md.temperature, stats, md.xtc_uniforms,
+                                md.skew, SamplerID.TOP_NSIGMA in deferred, SamplerID.TEMPERATURE in deferred)
+
+
 def expand(values: torch.Tensor, ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
     """Compact candidates back to logits over the vocabulary (-inf for every token not listed)."""
     if ids is None:
@@ -244,6 +308,8 @@ class Sampler:
             tokens = cpu_ops.sample_inverse_cdf(logits, md.uniforms, md.temperature)
             if not md.all_random:
                 tokens = torch.where(md.temperature > 0, tokens, logits.argmax(dim=-1))
+        elif (tokens := self._sample_fused(logits, md, owned)) is not None:
+            pass
         else:
             logits, ids = self._chain_groups(logits, md, owned)
             if ids is not None:
@@ -269,6 +335,28 @@ class Sampler:
         if md.max_logprobs < 0:
             return SamplerOutput(tokens, None, None, None, None)
         return SamplerOutput(tokens, *gather_logprobs(raw, tokens, md.max_logprobs))
+
+    @staticmethod
+    def _sample_fused(logits: torch.Tensor, md: SamplingMetadata, owned: bool) -> torch.Tensor | None:
+        """``sample_fused`` for each group of rows sharing a sampler order; None unless it applies to all."""
+        if not FUSED_TAIL or not md.active or md.mirostat is not None or not use_triton(logits):
+            return None
+        if len(md.groups) == 1:
+            return sample_fused(logits, md, md.groups[0][0], owned)
+        vocab = logits.shape[1]
+        greedy = [all(md.k_host[r] == 0 for r in host_rows) for _, _, host_rows in md.groups]
+        for (order, _, host_rows), g in zip(md.groups, greedy):
+            if not g and not compact_width(md, vocab, order, [md.k_host[r] for r in host_rows]):
+                return None
+        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        for (order, rows, host_rows), g in zip(md.groups, greedy):
+            sub, sub_md = logits.index_select(0, rows), md.subset(rows, host_rows)
+            part = run_chain(sub, sub_md, order, owned=True).argmax(dim=-1) if g else \
+                sample_fused(sub, sub_md, order, owned=True)
+            if part is None:
+                return None
+            tokens.index_copy_(0, rows, part)
+        return tokens
 
     @staticmethod
     def _chain_groups(logits: torch.Tensor, md: SamplingMetadata, owned: bool
