@@ -308,3 +308,22 @@ def test_cpu_batch_path_reuses_its_scratch_correctly():
         ref = x.double() @ w.T
         torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
         assert torch.equal(a, b)
+
+
+def test_cpu_batch_path_row_tiles(monkeypatch):
+    """A weight above ``CPU_DEQUANT_TILE`` values goes in row tiles (the LM head): every tile, the ragged
+    last one included, lands in its columns, with its part of the bias, also into a column slice."""
+    from aphrodite.modeling.layers.quantization import gguf as gguf_method
+    monkeypatch.setattr(gguf_method, "CPU_DEQUANT_TILE", 256 * 10)
+    rows = gguf_method.CPU_GEMV_MAX_ROWS + 3
+    g = torch.Generator().manual_seed(3)
+    for name in ("Q8_0", "Q4_K"):
+        raw = random_blocks(name, 37, 256, seed=11)
+        seg = gguf_method.Segment(0, 37, TYPES[name], torch.from_numpy(raw))
+        x, bias = torch.randn(rows, 256, generator=g), torch.randn(37, generator=g)
+        ref = x.double() @ reference(raw, name).T + bias.double()
+        wide = torch.zeros(rows, 40)
+        got = gguf_method._matmul(seg, x, bias, out=wide[:, 2:39])
+        for out in (got, wide[:, 2:39]):
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        assert (wide[:, :2] == 0).all() and (wide[:, 39:] == 0).all()
