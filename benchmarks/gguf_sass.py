@@ -48,7 +48,7 @@ def compile_stats(fn, signature: dict[str, str], consts: dict, aligned: tuple[in
         if m and int(m.group(1), 16) < int(addr, 16) and int(addr, 16) - int(m.group(1), 16) > hi - lo:
             lo, hi = int(m.group(1), 16), int(addr, 16)
     body = [ins.split()[1] if ins.startswith("@") else ins.split()[0] for a, ins in lines if lo <= int(a, 16) <= hi]
-    return len(body), Counter(b.split(".")[0] for b in body)
+    return len(body), Counter(b.split(".")[0] for b in body) + Counter(b for b in body if b.startswith("LDG"))
 
 
 def main() -> None:
@@ -62,10 +62,19 @@ def main() -> None:
     old_sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "out_ptr": "*fp32", "M": "i32", "N": "i32", "row_bytes": "i32",
                "stride_xm": "i32", "stride_om": "i32", "n_blocks": "i32", "blocks_per_split": "i32"}
     old_gemm_sig = {k: v for k, v in old_sig.items() if k != "blocks_per_split"} | {"out_ptr": "*bf16"}
+    v2_sig = {"xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "w32_ptr": "*i32", "out_ptr": "*bf16",
+              "M": "i32", "N": "i32", "row_quads": "i32", "n_blocks": "i32", "stride_om": "i32"}
+    v2_sig6 = {("row_words" if k == "row_quads" else k): v for k, v in v2_sig.items()}
     for qtype in (12, 13, 14):
         name, bb = gguf_matmul.GGML_TYPE_NAMES[qtype], BLOCK_BYTES[qtype]
-        cases = [
-            ("new M=1 gemv_q8 (2,8,2)", gguf_gpu._gemv_q8_fn, gemv_q8_sig,
+        if qtype == 14:
+            v2 = ("M=1 gemv_q8 v2 (2,8,2)", gguf_gpu._gemv_q8k6_fn, v2_sig6,
+                  {"BLOCK_M": 1, "BLOCK_N": 2, "BLOCK_P": 4, "ASM": True}, (0, 1, 2, 3, 4, 6), 2, 2 * 8)
+        else:
+            v2 = ("M=1 gemv_q8 v2 (4,8,4)", gguf_gpu._gemv_q8k_fn, v2_sig,
+                  {"QTYPE": qtype, "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_B": 8, "ASM": True}, (0, 1, 2, 3, 4, 7), 4, 4 * 8)
+        cases = [v2,
+            ("M=1 gemv_q8 v1 (2,8,2)", gguf_gpu._gemv_q8_fn, gemv_q8_sig,
              {"QTYPE": qtype, "BB": bb, "BLOCK_N": 2, "BLOCK_B": 8, "ASM": True}, (0, 1, 2, 3, 4, 5, 7), 2, 2 * 8),
             ("new M=1 gemv exact (2,4,2)", gguf_gpu._gemv_fn, gemv_sig,
              {"QTYPE": qtype, "BB": bb, "BLOCK_N": 2, "BLOCK_B": 4}, (0, 1, 2, 4), 2, 2 * 4),
@@ -84,8 +93,10 @@ def main() -> None:
             n, mix = compile_stats(fn, sig, consts, aligned, warps)
             per_thread = blocks_per_iter * CODE_BYTES[qtype] / (warps * 32)
             slow = mix["I2F"] + mix["I2FP"]   # int->float conversions: quarter rate on sm_90
+            loads = sum(v for k, v in mix.items() if k.startswith("LDG."))
             rows.append((f"{name} {label}", f"{n / per_thread:5.1f} instr/B, of which {slow / per_thread:4.1f} "
-                         "int->float conversions"))
+                         f"int->float conversions; {loads / per_thread:4.2f} global loads/B; "
+                         f"{mix['BAR']} barriers, {mix['STS']} shared stores per step"))
             print(rows[-1], flush=True)
     print("\n== GGUF kernels, sm_90 main loop: instructions per weight code byte ==")
     width = max(len(k) for k, _ in rows)

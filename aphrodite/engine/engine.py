@@ -20,6 +20,7 @@ from typing import Any
 
 from aphrodite.config import EngineConfig, create_engine_config
 from aphrodite.engine.kv_cache import KVCacheManager
+from aphrodite.engine.request import FINISHED_STATUSES as _FINISHED
 from aphrodite.engine.request import Request, RequestStatus
 from aphrodite.engine.scheduler import Scheduler, SchedulerOutput
 from aphrodite.engine.stop_checker import check_stop_token, find_stop_string
@@ -49,7 +50,10 @@ class _Parent:
 
     @property
     def finished(self) -> bool:
-        return all(c.is_finished for c in self.children)
+        for c in self.children:     # a loop, not all(generator): asked for every output of every step
+            if c.status not in _FINISHED:
+                return False
+        return True
 
 
 class _Ready:
@@ -182,6 +186,8 @@ class LLMEngine:
 
     def _fill_grammar_bitmask(self, sched: SchedulerOutput) -> None:
         """Token bitmask of the constrained requests that sample in ``sched`` (before it advances)."""
+        if self._structured is None:    # no grammar was ever compiled: no request is constrained
+            return
         rows = [i for i, (r, n) in enumerate(zip(sched.requests, sched.num_tokens))
                 if r.grammar is not None and r.num_computed_tokens + n == r.num_tokens_with_pending
                 and not r.grammar.failed and not r.grammar.terminated]
@@ -196,7 +202,8 @@ class LLMEngine:
     def _accept_inflight_tokens(self, sched: SchedulerOutput) -> None:
         """Async scheduling: a constrained request's bitmask needs its tokens still in flight, so wait for
         the steps in flight that sampled for it and advance the matchers now (this step loses its overlap)."""
-        if not self._inflight or not any(r.grammar is not None and r.num_pending_tokens for r in sched.requests):
+        if not self._inflight or self._structured is None or \
+                not any(r.grammar is not None and r.num_pending_tokens for r in sched.requests):
             return
         for k, (prev_sched, fut) in enumerate(self._inflight):
             if not any(r.grammar is not None for r in prev_sched.requests):
@@ -420,48 +427,81 @@ class LLMEngine:
     def _plan(self, sched: SchedulerOutput) -> StepPlan:
         """The flat description of ``sched`` for the workers: new requests' data once, then deltas."""
         self._step_id += 1
+        reqs = sched.requests
         plan = StepPlan(step_id=self._step_id, finished_ids=self._finished_ids,
-                        num_scheduled=sched.num_tokens, grammar_bitmask=sched.grammar_bitmask)
+                        num_scheduled=sched.num_tokens, grammar_bitmask=sched.grammar_bitmask,
+                        req_ids=[r.request_id for r in reqs],
+                        num_computed=[r.num_computed_tokens for r in reqs],
+                        num_pending=[r.num_pending_tokens for r in reqs],
+                        num_kept_blocks=[r.num_sent_blocks for r in reqs])
         self._finished_ids = []
-        for r in sched.requests:
+        num_new_blocks, new_block_ids = plan.num_new_blocks, plan.new_block_ids
+        num_new_tokens, new_token_ids = plan.num_new_tokens, plan.new_token_ids
+        for r in reqs:
             if not r.sent_to_workers:
                 plan.new_requests.append(NewRequestData(r.request_id, r.prompt_token_ids, r.params,
                                                         r.sample_seed, r.eos_token_ids, r.lora_int_id))
                 r.sent_to_workers = True
                 r.num_sent_tokens = r.num_prompt_tokens
-            plan.req_ids.append(r.request_id)
-            plan.num_computed.append(r.num_computed_tokens)
-            plan.num_pending.append(r.num_pending_tokens)
-            plan.num_kept_blocks.append(r.num_sent_blocks)
-            n = len(r.block_ids) - r.num_sent_blocks
-            plan.num_new_blocks.append(n)
+            blocks, sent = r.block_ids, r.num_sent_blocks
+            n = len(blocks) - sent
+            num_new_blocks.append(n)
             if n:
-                plan.new_block_ids.extend(r.block_ids[r.num_sent_blocks:])
-                r.num_sent_blocks += n
-            n = len(r.all_token_ids) - r.num_sent_tokens
-            plan.num_new_tokens.append(n)
+                new_block_ids.extend(blocks[sent:])
+                r.num_sent_blocks = sent + n
+            tokens, sent = r.all_token_ids, r.num_sent_tokens
+            n = len(tokens) - sent
+            num_new_tokens.append(n)
             if n:
-                plan.new_token_ids.extend(r.all_token_ids[r.num_sent_tokens:])
-                r.num_sent_tokens += n
+                new_token_ids.extend(tokens[sent:])
+                r.num_sent_tokens = sent + n
         return plan
 
     def _advance(self, sched: SchedulerOutput) -> None:
         """Bookkeeping once a step is queued: computed tokens, pending samples, prompt-token stats."""
-        self.scheduler.update_after_step(sched)
-        self.num_prompt_tokens += sum(min(n, max(0, r.num_prompt_tokens - r.num_computed_tokens + n))
-                                      for r, n in zip(sched.requests, sched.num_tokens))
+        self.num_prompt_tokens += self.scheduler.update_after_step(sched)
 
     def _process(self, sched: SchedulerOutput, result: ModelRunnerOutput, finished_only: bool) -> list[RequestOutput]:
         """Absorb a finished step's results; requests that ended (or were aborted) before it are skipped,
-        so a token sampled after a stop is dropped."""
+        so a token sampled after a stop is dropped.
+
+        This runs once per step over the whole batch, so a request that needs nothing but its new token
+        and the stop checks (no logprobs, text, grammar) takes a short inline path; any other goes through
+        ``_absorb``. With ``finished_only`` only the requests that ended can complete a user request, so
+        only their parents are looked at."""
+        sampled, logprobs = result.sampled, result.logprobs
+        prompt_lps = result.prompt_logprobs if any(result.prompt_logprobs) else None
+        max_len = self.config.scheduler.max_model_len
+        parents = self.parents
         touched: dict[str, _Parent] = {}
+        ended: list[tuple[Request, RequestStatus]] = []
+        generated = 0
         for i, req in enumerate(sched.requests):
-            if req.is_finished:
+            if req.status in _FINISHED:
                 continue
-            self._absorb(req, result, i)
-            parent = self.parents.get(req.parent_id)
+            token = sampled[i]
+            if token is None or logprobs[i] is not None or req.grammar is not None or req.detokenizer is not None \
+                    or (prompt_lps is not None and prompt_lps[i]):
+                status = self._absorb(req, result, i)
+                generated += token is not None
+            else:
+                if req.first_token_time is None:
+                    req.first_token_time = time.monotonic()
+                req.all_token_ids.append(token)     # Request.append_token, inline
+                if req.num_pending_tokens:
+                    req.num_pending_tokens -= 1
+                generated += 1
+                status = check_stop_token(req, token, max_len)
+            if status is not None:
+                ended.append((req, status))
+            elif finished_only:
+                continue
+            parent = parents.get(req.parent_id)
             if parent is not None:
                 touched[parent.request_id] = parent
+        self.num_generated_tokens += generated
+        if ended:
+            self._finish_many(ended)
         outputs = []
         for parent in touched.values():
             if finished_only and not parent.finished:
@@ -475,17 +515,22 @@ class LLMEngine:
                     self.requests.pop(c.request_id, None)
         return outputs
 
-    def _absorb(self, req: Request, result: ModelRunnerOutput, i: int) -> None:
-        """Fold one request's step result into it: prompt logprobs, new token, text, stop checks."""
+    def _finish_many(self, ended: list[tuple[Request, RequestStatus]]) -> None:
+        """``_finish`` for each (request, status), in order."""
+        self.scheduler.finish_many(ended)
+        self._finished_ids.extend(r.request_id for r, _ in ended if r.sent_to_workers)
+
+    def _absorb(self, req: Request, result: ModelRunnerOutput, i: int) -> RequestStatus | None:
+        """Fold one request's step result into it: prompt logprobs, new token, text, stop checks.
+        Returns the status to finish it with, or None while it goes on."""
         if result.prompt_logprobs and result.prompt_logprobs[i]:
             req.prompt_logprobs.extend(self._logprob_dict(e) for e in result.prompt_logprobs[i])
         token = result.sampled[i]
         if token is None:
-            return
+            return None
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         req.append_token(token)
-        self.num_generated_tokens += 1
         entry = result.logprobs[i]
         if entry is not None:
             req.cumulative_logprob += entry[1]
@@ -503,8 +548,7 @@ class LLMEngine:
             if status is not None and not isinstance(req.stop_reason, str):
                 # Finishing: release text the detokenizer held back (e.g. an unfinished byte run).
                 status = self._append_text(req, req.detokenizer.flush(), status)
-        if status is not None:
-            self._finish(req, status)
+        return status
 
     def _append_text(self, req: Request, new: str, status: RequestStatus | None) -> RequestStatus | None:
         """Add newly decoded text and look for stop strings in it; returns the (maybe new) status."""
@@ -530,23 +574,22 @@ class LLMEngine:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     def _make_output(self, parent: _Parent) -> RequestOutput | None:
+        """The parent's RequestOutput so far. Built for every running request every step when streaming, so
+        it reads Request attributes directly (no properties) and passes arguments by position."""
         params = parent.params
         children = parent.children
+        finished = parent.finished
         if params.best_of > params.n:
-            if not parent.finished:
+            if not finished:
                 return None
             children = sorted(children, key=lambda c: c.cumulative_logprob, reverse=True)[:params.n]
-        outs = []
-        for idx, c in enumerate(children):
-            outs.append(CompletionOutput(
-                index=idx, text=c.output_text, token_ids=c.output_token_ids,
-                cumulative_logprob=c.cumulative_logprob if params.logprobs is not None else None,
-                logprobs=c.logprobs, finish_reason=c.status.finish_reason if c.is_finished else None,
-                stop_reason=c.stop_reason))
+        with_cumulative = params.logprobs is not None
+        outs = [CompletionOutput(idx, c.output_text, c.all_token_ids[c.num_prompt_tokens:],
+                                 c.cumulative_logprob if with_cumulative else None, c.logprobs,
+                                 c.status.finish_reason if c.status in _FINISHED else None, c.stop_reason)
+                for idx, c in enumerate(children)]
         first = parent.children[0]
-        return RequestOutput(
-            request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_ids,
-            outputs=outs, finished=parent.finished, prompt_logprobs=first.prompt_logprobs,
-            num_cached_tokens=first.num_cached_tokens,
-            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time})
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_ids, outs, finished,
+                             first.prompt_logprobs, first.num_cached_tokens,
+                             {"arrival_time": first.arrival_time, "first_token_time": first.first_token_time})
 

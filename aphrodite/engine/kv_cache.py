@@ -80,6 +80,14 @@ class KVCacheManager:
     # ---- allocation -------------------------------------------------------
     def allocate(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Give ``request`` room for ``num_new_tokens`` more tokens; False (and no change) if full."""
+        if not cached_blocks and not self.sliding_window:
+            # The common decode step: the tokens fit in the blocks held and no block fills up, so there
+            # is nothing to take or to name (what the general path below would conclude, cheaply).
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(request.block_ids) * self.block_size and (
+                    not self.enable_prefix_caching
+                    or min(total, len(request.all_token_ids)) // self.block_size <= request.num_named_blocks):
+                return True
         if self.sliding_window:   # room first: blocks the window has passed cost no eviction
             self._free_outside_window(request)
         for b in cached_blocks:

@@ -7,15 +7,17 @@ from aphrodite.engine.request import Request, RequestStatus
 def check_stop_token(req: Request, token: int, max_model_len: int) -> RequestStatus | None:
     """Status to finish with after ``token`` was appended, judged on token ids alone."""
     p = req.params
-    if req.num_output_tokens >= p.min_tokens:
+    num_tokens = len(req.all_token_ids)     # attributes, not Request's properties: runs per token
+    num_output = num_tokens - req.num_prompt_tokens
+    if num_output >= p.min_tokens:
         if not p.ignore_eos and token in req.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
-        if token in p.stop_token_ids:
+        if p.stop_token_ids and token in p.stop_token_ids:
             req.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
-    if req.max_tokens is not None and req.num_output_tokens >= req.max_tokens:
+    if req.max_tokens is not None and num_output >= req.max_tokens:
         return RequestStatus.FINISHED_LENGTH
-    if req.num_tokens >= max_model_len:
+    if num_tokens >= max_model_len:
         return RequestStatus.FINISHED_LENGTH
     return None
 

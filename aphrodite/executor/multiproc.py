@@ -34,6 +34,7 @@ from aphrodite.worker.step_plan import StepPlan
 logger = logging.getLogger(__name__)
 
 _HEARTBEAT_S = 0.5
+_PEER_GRACE_S = 0.5     # how long a rank's failure waits for news of a dead peer before being reported
 
 
 class _Future:
@@ -155,6 +156,12 @@ class MultiprocExecutor(Executor):
                 except (EOFError, OSError):
                     self._fail(self._death_message(rank))
                 if kind == "error":
+                    # A rank whose peer died fails inside a collective, often before the engine sees the
+                    # death: name the dead peer (the cause) when one goes down within a moment.
+                    others = {p.sentinel: i for i, p in enumerate(self.procs) if i != rank}
+                    dead = wait(list(others), timeout=_PEER_GRACE_S) if others else []
+                    if dead:
+                        self._fail(f"{self._death_message(others[dead[0]])}; rank {rank} failed with it:\n{payload}")
                     self._fail(f"Worker rank {rank} failed:\n{payload}")
                 if kind == "exception":
                     raise payload

@@ -16,17 +16,21 @@ to that order instead (a dot product does not care about the order of its terms)
 Codes become floats by OR-ing them into the mantissa of 2^23 (exact, full rate, no int->float
 conversion unit). The kernels share the per-block decoding:
 
-- ``gemv_q8``: one activation row (decode at batch 1) in half precision: the activations are rounded
-  to 8 bits per 32 values (llama.cpp's q8_1, exact float sums kept for the min terms) and the codes
-  meet them in ``dp4a`` integer dot products, 4 codes per instruction: few enough instructions per
-  weight byte that the kernel streams the weight at HBM speed. Q6_K blocks (210 bytes) start
-  half-way into a word every other block; those words are assembled from two aligned loads.
+- ``gemv_q8``: 1..16 activation rows in half precision: the activations are rounded to 8 bits per 32
+  values (llama.cpp's q8_1, exact float sums kept for the min terms) and the codes meet them in
+  ``dp4a`` integer dot products, 4 codes per instruction, one read of the weight for all rows. Q6_K
+  blocks (210 bytes) start half-way into a word every other block; those words are assembled from
+  two aligned loads. v2 (default, ``_gemv_q8k`` / ``_gemv_q8k6``): every load of a step has the same
+  shape and 4 consecutive words per thread (even the block header and the activation scales, picked
+  out afterwards by reductions), so the compiled loop has no shared-memory layout conversions or
+  barriers and issues all of a step's loads at once; v1 (``_gemv_q8``, batch 1 only) converted
+  layouts between dependent loads and streamed ~1.2 TB/s of blocks on an H200.
 - ``gemv``: one activation row, exact (float32 activations, or ``Q8_ACTIVATIONS`` off). Each program
   owns ``BLOCK_N`` weight rows and walks the K blocks ``BLOCK_B`` at a time, reducing within each
   32/16-value group, so registers stay few.
-- ``dot``: 2..16 activation rows, one pass over the weight: the decoded (scaled) tile feeds
-  ``tl.dot`` against the activations gathered in the same order; ``SPLIT_K`` programs share a row
-  range when there are few rows (float32 atomics).
+- ``dot``: 2..16 float activation rows (or ``Q8_ACTIVATIONS`` off), one pass over the weight: the
+  decoded (scaled) tile feeds ``tl.dot`` against the activations gathered in the same order;
+  ``SPLIT_K`` programs share a row range when there are few rows (float32 atomics).
 - ``dequantize``: the weight (or a band of its rows) to bf16/fp16 in natural order, for cuBLAS at
   larger batches (the band is scratch, reused per call; no whole-model copy).
 """
@@ -382,8 +386,197 @@ def _gemv_q8_fn(xq_ptr, xd_ptr, xs_ptr, w_ptr, w32_ptr, out_ptr, N, row_bytes, n
     tl.store(out_ptr + rows, res.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+# ---------------------------------------------------------------------------------------------
+# batch 1, 8-bit activations, v2: every tensor of a step has one shape, so no layout conversions
+# (shared memory, barriers) sit between the loads and the math, and all of a step's loads are
+# independent of each other (one round trip to memory per step)
+
+def _half_lo_fn(w):
+    """The half-precision number in the low 16 bits of int32 ``w``, as float32."""
+    return (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+_half_lo = _DeviceFunction(_half_lo_fn)
+
+
+def _lane_fn(t, k, jl, AXIS: tl.constexpr):
+    """Element ``k`` of each group of 4 along axis ``AXIS`` (the last) of int32 ``t`` (4 consecutive
+    words one thread loaded at once), reduced out of that axis: a reduction, so the result lands in
+    the layout of the step's other reductions (no shared-memory conversion)."""
+    return tl.max(tl.where(jl == k, t, -2147483648), axis=AXIS)
+
+
+_lane = _DeviceFunction(_lane_fn)
+
+
+def _gemv_q8k_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, M, N, row_quads, n_blocks, stride_om,
+                 QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                 ASM: tl.constexpr):
+    """Q4_K / Q5_K, ``M <= BLOCK_M`` activation rows (8-bit, ``[M, K]``) against one read of the weight.
+    Loads ``[m, rows, blocks, 4 c, 8 j]``, 4 consecutive words along ``j`` per thread: code word j of
+    chunk c (bytes 4j..4j+3: low nibbles values 64c + 4j.., high nibbles 32 further), the activation
+    words they meet, the block's 4 header words (d, dmin, 12 scale bytes) and the activation scales and
+    sums of groups 4(c // 2)..+3. Reduced over ``j`` everything meets in one layout: no shared memory,
+    no barriers, one round trip to memory per step."""
+    BW: tl.constexpr = 36 if QTYPE == 12 else 44       # words per block
+    CO: tl.constexpr = 4 if QTYPE == 12 else 12        # first code word
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    r = tl.where(row_ok, rows, 0).to(tl.int64)
+    shape: tl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_B, 4, 8)
+    m = tl.minimum(tl.arange(0, BLOCK_M), M - 1)[:, None, None, None, None]
+    xrow = m * (n_blocks * 64)                                           # words of 8-bit activations
+    grow = m * (n_blocks * 8)                                            # groups of 32
+    rw = (r * row_quads * 4)[None, :, None, None, None]                 # word offset of each row
+    bi = tl.arange(0, BLOCK_B)[None, None, :, None, None]
+    c = tl.arange(0, 4)[None, None, None, :, None]
+    j = tl.arange(0, 8)[None, None, None, None, :]
+    j4 = j % 4
+    c4 = tl.arange(0, 4)[None, None, None, :]
+    sh = (c4 % 2) * 16                                                 # byte 2c % 4 of a scale word
+    low = c4 < 2
+    gsel = (c % 2) * 2                                                 # group 2c within its 4
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_B, 4), tl.float32)
+    for b0 in range(0, n_blocks, BLOCK_B):
+        blk = b0 + bi
+        wb = w32_ptr + rw + blk * BW                                   # [1, BN, BB, 1, 1] block start
+        # the weight's pointers broadcast over the activation rows: every load of the step gets one layout
+        qw = tl.load(tl.broadcast_to(wb + CO + c * 8 + j, shape))
+        hdr = tl.load(tl.broadcast_to(wb + j4, shape))
+        xb = tl.broadcast_to(xq_ptr + xrow + blk * 64 + c * 16 + j, shape)
+        xl = tl.load(xb)
+        xh = tl.load(xb + 8)
+        gb = tl.broadcast_to(grow + blk * 8 + (c // 2) * 4 + j4, shape)
+        xd = tl.load(xd_ptr + gb).to(tl.int32, bitcast=True)
+        xs = tl.load(xs_ptr + gb).to(tl.int32, bitcast=True)
+        if QTYPE == 13:
+            qh = tl.load(tl.broadcast_to(wb + 4 + j, shape))
+        lo = qw & 0x0F0F0F0F
+        hi = (qw >> 4) & 0x0F0F0F0F
+        if QTYPE == 13:
+            lo = lo | (((qh >> (2 * c)) & 0x01010101) << 4)
+            hi = hi | (((qh >> (2 * c + 1)) & 0x01010101) << 4)
+        il = tl.sum(_dp4a(lo, xl, 0, ASM), axis=4).to(tl.float32)      # [BM, BN, BB, 4] sub-block 2c
+        ih = tl.sum(_dp4a(hi, xh, 0, ASM), axis=4).to(tl.float32)      # sub-block 2c + 1
+        w0 = _lane(hdr, 0, j4, 4)
+        a1 = _lane(hdr, 1, j4, 4) >> sh
+        a2 = _lane(hdr, 2, j4, 4) >> sh
+        a3 = _lane(hdr, 3, j4, 4) >> sh
+        xd0 = _lane(xd, gsel, j4, 4).to(tl.float32, bitcast=True)
+        xd1 = _lane(xd, gsel + 1, j4, 4).to(tl.float32, bitcast=True)
+        xs0 = _lane(xs, gsel, j4, 4).to(tl.float32, bitcast=True)
+        xs1 = _lane(xs, gsel + 1, j4, 4).to(tl.float32, bitcast=True)
+        sc0 = tl.where(low, a1 & 63, (a3 & 15) | ((a1 >> 2) & 48)).to(tl.float32)
+        mn0 = tl.where(low, a2 & 63, ((a3 >> 4) & 15) | ((a2 >> 2) & 48)).to(tl.float32)
+        sc1 = tl.where(low, (a1 >> 8) & 63, ((a3 >> 8) & 15) | ((a1 >> 10) & 48)).to(tl.float32)
+        mn1 = tl.where(low, (a2 >> 8) & 63, ((a3 >> 12) & 15) | ((a2 >> 10) & 48)).to(tl.float32)
+        acc += _half_lo(w0) * (il * (sc0 * xd0) + ih * (sc1 * xd1)) - _half_lo(w0 >> 16) * (mn0 * xs0 + mn1 * xs1)
+    res = tl.sum(tl.sum(acc, axis=3), axis=2)                           # [BM, BN]
+    om = tl.arange(0, BLOCK_M)[:, None]
+    tl.store(out_ptr + om * stride_om + rows[None, :], res.to(out_ptr.dtype.element_ty),
+             mask=(om < M) & row_ok[None, :])
+
+
+def _funnel_fn(lo, hi, shift, ASM: tl.constexpr):
+    """``(hi:lo) >> shift`` (shift 0 or 16), the low 32 bits: a word that starts half-way into ``lo``."""
+    if ASM:
+        return tl.inline_asm_elementwise("shf.r.clamp.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, shift],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.where(shift != 0, ((lo >> 16) & 0xFFFF) | (hi << 16), lo)
+
+
+_funnel = _DeviceFunction(_funnel_fn)
+
+
+def _words_at_fn(p, e, jl, sh, ASM: tl.constexpr):
+    """The 4 words at ``p + jl`` of a Q6_K block, ``e``: whether it is the odd one of its pair (starting
+    2 bytes into a word: each word funnel-shifted with the next). The next words are the thread's own
+    (moved down one lane by in-thread reductions, no loads) plus one load of word ``p + 4`` (odd blocks)."""
+    lo = tl.load(p + jl)
+    x = tl.load(p + 4 + jl * 0, mask=(jl == 3) & (e == 1), other=0)
+    hi = tl.where(jl == 0, tl.expand_dims(_lane(lo, 1, jl, 6), 6),
+                  tl.where(jl == 1, tl.expand_dims(_lane(lo, 2, jl, 6), 6),
+                           tl.where(jl == 2, tl.expand_dims(_lane(lo, 3, jl, 6), 6), x)))
+    return _funnel(lo, hi, sh, ASM)
+
+
+_words_at = _DeviceFunction(_words_at_fn)
+
+
+def _gemv_q8k6_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, M, N, row_words, n_blocks, stride_om,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ASM: tl.constexpr):
+    """Q6_K by pairs of blocks (420 bytes: whole words; the odd block starts 2 bytes into word 52, its
+    words are funnel-shifted from two loads), ``M <= BLOCK_M`` activation rows. Loads ``[m, rows,
+    pairs, 2 e, 2 n, 2 jh, 4 jl]``, 4 consecutive words along ``jl`` per thread: element (e, n, j = 4jh
+    + jl) of block 2p + e holds ql words 16n + j and 16n + 8 + j and qh word 32 + 8n + j (values 128n +
+    32t + 4j.. for t = 0..3, scale bytes 8n + 2t + jh), the block's 4 scale words, the words around d
+    and the 4 activation scales of groups 4n..4n+3. Reduced over ``jl`` everything meets in one layout."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    r = tl.where(row_ok, rows, 0).to(tl.int64)
+    shape: tl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_P, 2, 2, 2, 4)
+    m = tl.minimum(tl.arange(0, BLOCK_M), M - 1)[:, None, None, None, None, None, None]
+    xrow = m * (n_blocks * 64)
+    grow = m * (n_blocks * 8)
+    rw = (r * row_words)[None, :, None, None, None, None, None]
+    pi = tl.arange(0, BLOCK_P)[None, None, :, None, None, None, None]
+    e = tl.arange(0, 2)[None, None, None, :, None, None, None]
+    n = tl.arange(0, 2)[None, None, None, None, :, None, None]
+    jh = tl.arange(0, 2)[None, None, None, None, None, :, None]
+    jl = tl.arange(0, 4)[None, None, None, None, None, None, :]
+    sh = tl.broadcast_to(e * 16, shape)
+    jh6 = tl.arange(0, 2)[None, None, None, None, None, :]
+    sh6 = tl.arange(0, 2)[None, None, None, :, None, None] * 16
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_P, 2, 2, 2), tl.float32)
+    for p0 in range(0, n_blocks // 2, BLOCK_P):
+        pair = p0 + pi
+        blk = pair * 2 + e
+        pw = w32_ptr + rw + pair * 105 + e * 52                         # [1, BN, BP, 2, 1, 1, 1] block's first word
+        # the weight's pointers broadcast over the activation rows: every load of the step gets one layout
+        pa = tl.broadcast_to(pw + 16 * n + 4 * jh, shape)
+        ph = tl.broadcast_to(pw + 32 + 8 * n + 4 * jh, shape)
+        ps = tl.broadcast_to(pw + 48, shape)
+        qa = _words_at(pa, e, jl, sh, ASM)
+        qb = _words_at(pa + 8, e, jl, sh, ASM)
+        qh = _words_at(ph, e, jl, sh, ASM)
+        sw = _words_at(ps, e, jl, sh, ASM)                              # the 16 scale bytes
+        # lane 3: word 52 (even), 104 (odd); the other lanes are not loaded
+        dw = tl.load(tl.broadcast_to(pw + 49, shape) + jl, mask=tl.broadcast_to(jl == 3, shape), other=0)
+        xb = tl.broadcast_to(xq_ptr + xrow + blk * 64 + 32 * n + 4 * jh + jl, shape)
+        xd = tl.load(tl.broadcast_to(xd_ptr + grow + blk * 8 + 4 * n + jl, shape)).to(tl.int32, bitcast=True)
+        # 6-bit codes q in 0..63 as signed bytes q - 32: ((q | 0x80) - 0x20) ^ 0x80 per byte, no borrows
+        # (-0x7F7F7F80 is 0x80808080 as an int32)
+        q0 = (((qa & 0x0F0F0F0F) | ((qh & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
+        q1 = (((qb & 0x0F0F0F0F) | (((qh >> 2) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
+        q2 = ((((qa >> 4) & 0x0F0F0F0F) | (((qh >> 4) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) \
+            ^ -0x7F7F7F80
+        q3 = ((((qb >> 4) & 0x0F0F0F0F) | (((qh >> 6) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) \
+            ^ -0x7F7F7F80
+        i0 = tl.sum(_dp4a(q0, tl.load(xb), 0, ASM), axis=6).to(tl.float32)        # [BM, BN, BP, 2, 2, 2]
+        i1 = tl.sum(_dp4a(q1, tl.load(xb + 8), 0, ASM), axis=6).to(tl.float32)
+        i2 = tl.sum(_dp4a(q2, tl.load(xb + 16), 0, ASM), axis=6).to(tl.float32)
+        i3 = tl.sum(_dp4a(q3, tl.load(xb + 24), 0, ASM), axis=6).to(tl.float32)
+        s01 = _lane(sw, 2 * n, jl, 6)                                   # scale bytes 8n + 0..3
+        s23 = _lane(sw, 2 * n + 1, jl, 6)                               # scale bytes 8n + 4..7
+        bsh = jh6 * 8
+        v = i0 * (((s01 << (24 - bsh)) >> 24).to(tl.float32) * _lane(xd, 0, jl, 6).to(tl.float32, bitcast=True)) \
+            + i1 * (((s01 << (8 - bsh)) >> 24).to(tl.float32) * _lane(xd, 1, jl, 6).to(tl.float32, bitcast=True)) \
+            + i2 * (((s23 << (24 - bsh)) >> 24).to(tl.float32) * _lane(xd, 2, jl, 6).to(tl.float32, bitcast=True)) \
+            + i3 * (((s23 << (8 - bsh)) >> 24).to(tl.float32) * _lane(xd, 3, jl, 6).to(tl.float32, bitcast=True))
+        acc += _half_lo(_lane(dw, 3, jl, 6) >> sh6) * v
+    res = tl.sum(tl.sum(tl.sum(tl.sum(acc, axis=5), axis=4), axis=3), axis=2)   # [BM, BN]
+    om = tl.arange(0, BLOCK_M)[:, None]
+    tl.store(out_ptr + om * stride_om + rows[None, :], res.to(out_ptr.dtype.element_ty),
+             mask=(om < M) & row_ok[None, :])
+
+
 _gemv_kernel = LazyKernel(_gemv_fn)
 _gemv_q8_kernel = LazyKernel(_gemv_q8_fn)
+_gemv_q8k_kernel = LazyKernel(_gemv_q8k_fn)
+_gemv_q8k6_kernel = LazyKernel(_gemv_q8k6_fn)
 _quant_x_kernel = LazyKernel(_quant_x_fn)
 _dot_kernel = LazyKernel(_dot_fn)
 _dequant_kernel = LazyKernel(_dequant_fn)
@@ -409,35 +602,49 @@ def _largest_divisor(n: int, cap: int) -> int:
 # than 2048 rows take one row per program to keep that many. GEMV_CONFIGS overrides per shape
 # ("exact" / "q8", ggml type, N, K), e.g. from the sweep of benchmarks/gpu/bench_gguf_gpu.py.
 GEMV_CONFIGS: dict[tuple[str, int, int, int], tuple[int, int, int]] = {}
-GEMV_DEFAULT = {"exact": (2, 4, 2), "q8": (2, 8, 2)}
-GEMV_SMALL_N = {"exact": (2, 4, 2), "q8": (1, 8, 2)}
+GEMV_DEFAULT = {"exact": (2, 4, 2), "q8": (2, 8, 2), "q8v2": (4, 8, 4)}
+GEMV_SMALL_N = {"exact": (2, 4, 2), "q8": (1, 8, 2), "q8v2": (2, 8, 2)}
+# v2 with 2..16 activation rows, by rows rounded up to a power of 2: weight rows x blocks per step
+# shrink as the rows grow, so that each thread holds ~64 weight bytes' worth of work (sm_90 code:
+# 72-88 registers, no spills; ~0.13 warp instructions per weight byte per extra row).
+Q8_ROWS_CONFIGS = {2: (4, 8, 4), 4: (4, 4, 4), 8: (2, 4, 4), 16: (2, 2, 4)}
 
 
 def _gemv_config(kind: str, qtype: int, n: int, k: int) -> tuple[int, int, int]:
     default = GEMV_SMALL_N[kind] if n < 2048 else GEMV_DEFAULT[kind]
+    if kind == "q8v2" and n >= 2048:
+        # H200, lead call 2 (us per call; the table of bench_gguf_gpu.py --m1-table): Q6_K (2, 8, 2)
+        # lm_head 280 vs 394 at (4, 8, 4), down 35.3 vs 46.2; Q4_K/Q5_K (4, 8, 4), 16 blocks a step for
+        # wide layers (gate_up 28672x4096: 24.9 vs 29.5)
+        default = (2, 8, 2) if qtype == Q6_K else (4, 16, 4) if n >= 16384 else (4, 8, 4)
     return GEMV_CONFIGS.get((kind, qtype, n, k), default)
 
 
 # Batch 1 with half-precision activations rounds them to 8 bits per 32 values and uses integer dot
 # products (llama.cpp's GPU kernels do the same); APHRODITE_GGUF_GPU_Q8_ACTIVATIONS=0 keeps them exact.
 Q8_ACTIVATIONS = os.environ.get("APHRODITE_GGUF_GPU_Q8_ACTIVATIONS", "1").lower() in ("1", "true", "yes", "on")
+# Up to this many activation rows (bf16/fp16) the 8-bit-activation kernels (v2) take them, one read of the
+# weight for all rows. On the H200 (lead call 2, one 8B step of Q4_K_M matmuls) they took 3.2 ms at 1 row,
+# 16.9 at 8 and 32.3 at 16 (~2 ms a row), ``dot`` ~14 ms at any 2..16 rows, dequantize + cuBLAS ~13 ms
+# (13.3 at 64 rows): v2 up to 4 rows (~9 ms by that line), dequantize + cuBLAS from 5 (DOT_MAX_ROWS).
+Q8_MAX_ROWS = 4
+# Which 8-bit-activation GEMV: "v2" (``_gemv_q8k`` / ``_gemv_q8k6``: one layout for every load of a step,
+# no shared memory or barriers, all loads of a step independent) or "v1" (``_gemv_q8``, whose compiled
+# loop converts layouts through shared memory between dependent loads: ~1.2 TB/s of blocks on an H200).
+GEMV_Q8_IMPL = os.environ.get("APHRODITE_GGUF_GPU_GEMV", "v2")
 DOT_BLOCK_N = 32
 DOT_WAVES = 4
 DEQUANT_BLOCK_N = 16
-# Up to this many activation rows the ``dot`` kernel reads the blocks once for all of them (sm_90 code:
-# 23 / 17 instructions per Q4_K / Q6_K byte whatever the rows, where the generic GEMV spent 46-75 / 35-54
-# at 2-4 rows and the generic GEMM at 16 rows ~20 / ~24 counting its int->float conversions, on 64-row
-# tiles that leave half of an H200 idle for 4096-row layers; split-K here fills it).
-DOT_MAX_ROWS = 16
+# Up to this many float rows (or bf16/fp16 rows the 8-bit path does not take) the ``dot`` kernel reads the
+# blocks once for all of them; beyond, LARGE_BATCH. On the H200 ``dot`` took ~14 ms for one 8B step at
+# 8 or 16 rows (latency-bound: barriers between its loads and their use), dequantize + cuBLAS ~13 ms.
+DOT_MAX_ROWS = 4
 # Beyond: "dequant" (a band of the weight into bf16 scratch, then cuBLAS), "tiled" (``tiled_matmul``:
-# decoded tiles into tl.dot), "generic" (the generic tiled GEMM of ``gguf_matmul``), or "auto". No GPU
-# timing has compared them yet; "auto" follows the compiled sm_90 code (instructions per weight byte
-# per pass over the weight; the generic GEMM also spends 100-160 quarter-rate int->float conversions
-# per 64-96 bytes): up to GENERIC_MAX_ROWS the generic GEMM as before (one 64-row pass, ~18 effective
-# vs the tiled kernel's ~19); up to TILED_MAX_ROWS tiled (128-row tiles: half the generic GEMM's
-# passes); beyond, dequant (prefill: the weight decoded once for thousands of rows, cuBLAS at peak,
-# where the generic GEMM decodes every weight tile again for each 64 rows).
-LARGE_BATCH = "auto"
+# decoded tiles into tl.dot), "generic" (the generic tiled GEMM of ``gguf_matmul``), or "auto" (up to
+# GENERIC_MAX_ROWS generic, up to TILED_MAX_ROWS tiled, beyond dequant). The H200 (lead call 1, one 8B
+# step of Q4_K_M matmuls): M=64 dequant 14.0 ms, generic 16.9, tiled 36.6; M=256 dequant 18.2, generic
+# 42.7, tiled 45.4: dequant everywhere.
+LARGE_BATCH = "dequant"
 GENERIC_MAX_ROWS = 64
 TILED_MAX_ROWS = 256
 TILED_BLOCK_M = 128
@@ -445,6 +652,8 @@ TILED_BLOCK_N = 64
 TILED_WARPS = 8
 TILED_STAGES = 2
 # Scratch band of the "dequant" path, in values (a band of rows at a time: never a whole-model copy).
+# H200, lead call 2 (one 8B step): 32M values M=64 13.3 ms, M=256 17.0; 8M values (16 MB, meant to
+# stay in L2) 23.0 and 30.3: four times the launches, and the small GEMMs cost more than the traffic saved.
 SCRATCH_VALUES = 32 * 2**20
 MIN_BAND = 256
 
@@ -531,17 +740,15 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torc
     n = qweight.shape[0]
     band = max(MIN_BAND, min(n, SCRATCH_VALUES // k))
     if band >= n:
-        y = torch.mm(x, dequantize(qweight, qtype, k, x.dtype).t())
-        if out is None:
-            return y
-        return out.copy_(y)
+        w = dequantize(qweight, qtype, k, x.dtype)
+        return torch.mm(x, w.t()) if out is None else torch.mm(x, w.t(), out=out)
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     scratch = torch.empty(band, k, dtype=x.dtype, device=x.device)
     for r0 in range(0, n, band):
         r1 = min(n, r0 + band)
         w = dequantize(qweight[r0:r1], qtype, k, x.dtype, out=scratch[:r1 - r0])
-        out[:, r0:r1] = torch.mm(x, w.t())
+        torch.mm(x, w.t(), out=out[:, r0:r1])   # cuBLAS writes the column band in place (ldc = row stride)
     return out
 
 
@@ -562,17 +769,45 @@ def q8_supported(qtype: int, k: int) -> bool:
     return qtype in (Q4_K, Q5_K) or (qtype == Q6_K and (k // _QK) % 2 == 0)
 
 
+def _gemv_q8_v2(q: torch.Tensor, d: torch.Tensor, s: torch.Tensor, qweight: torch.Tensor, qtype: int,
+                out: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``out [M, N]`` from the 8-bit activations ``(q, d, s)`` of ``M <= 16`` rows, one read of the weight."""
+    m, k = q.shape
+    n = qweight.shape[0]
+    n_blocks = k // _QK
+    if config is None:
+        config = (_gemv_config("q8v2", qtype, n, k) if m == 1 else
+                  GEMV_CONFIGS.get(("q8v2-rows", qtype, n, k), Q8_ROWS_CONFIGS[next_pow2(m)]))
+    block_n, block_b, warps = config
+    kw = {"num_warps": warps} if q.is_cuda else {}
+    grid = (triton.cdiv(n, block_n),)
+    args = (q.view(torch.int32), d, s, qweight.view(torch.int32), out, m, n)
+    if qtype == Q6_K:
+        _gemv_q8k6_kernel(q.device)[grid](*args, qweight.shape[1] // 4, n_blocks, out.stride(0),
+                                          BLOCK_M=next_pow2(m), BLOCK_N=block_n,
+                                          BLOCK_P=_largest_divisor(n_blocks // 2, max(1, block_b // 2)), ASM=q.is_cuda,
+                                          **kw)
+    else:
+        _gemv_q8k_kernel(q.device)[grid](*args, qweight.shape[1] // 16, n_blocks, out.stride(0), QTYPE=qtype,
+                                         BLOCK_M=next_pow2(m), BLOCK_N=block_n,
+                                         BLOCK_B=_largest_divisor(n_blocks, block_b), ASM=q.is_cuda, **kw)
+    return out
+
+
 def gemv_q8(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor,
             config: tuple[int, int, int] | None = None,
             xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Batch-1 GEMV with the activations rounded to 8 bits per 32 values (as llama.cpp's GPU
-    kernels do: ~0.3% relative error per product) and integer dot products over the codes."""
+    """``out [M, N] = x [M, K] @ dequant(qweight)^T`` for ``M <= Q8_MAX_ROWS`` with the activations
+    rounded to 8 bits per 32 values (as llama.cpp's GPU kernels do: ~0.3% relative error per product)
+    and integer dot products over the codes, one read of the weight (v1: batch 1 only)."""
     n = qweight.shape[0]
     k = x.shape[-1]
     n_blocks = k // _QK
     if xq is None:
-        xq = quantize_activations(x)
+        xq = quantize_activations(x.reshape(-1, k))
     q, d, s = xq
+    if GEMV_Q8_IMPL == "v2" or q.shape[0] > 1:
+        return _gemv_q8_v2(q, d, s, qweight, qtype, out, config)
     block_n, block_b, warps = config or _gemv_config("q8", qtype, n, k)
     block_b = _largest_divisor(n_blocks, block_b)
     kw = {"num_warps": warps} if x.is_cuda else {}

@@ -337,12 +337,19 @@ def _pow2(n: int) -> int:
 
 
 def q8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The 8-bit activations batch-1 K-quant GEMVs would compute for ``x [1, K]`` (shared by the
-    segments of a fused layer), or None where that path does not apply."""
-    if (not HAS_TRITON or x.shape[0] != 1 or not gguf_gpu.Q8_ACTIVATIONS or x.shape[-1] % 256
-            or x.dtype not in (torch.bfloat16, torch.float16) or not use_triton(x)):
+    """The 8-bit activations the K-quant GEMVs would compute for ``x [M, K]`` (shared by the segments
+    of a fused layer), or None where that path does not apply."""
+    if not _q8_rows(x):
         return None
-    return gguf_gpu.quantize_activations(x.reshape(1, -1))
+    return gguf_gpu.quantize_activations(x.reshape(-1, x.shape[-1]))
+
+
+def _q8_rows(x: torch.Tensor) -> bool:
+    """Whether the 8-bit-activation K-quant GEMVs take ``x [M, K]`` (few rows of bf16/fp16)."""
+    m = x.reshape(-1, x.shape[-1]).shape[0]
+    return (HAS_TRITON and gguf_gpu.Q8_ACTIVATIONS and x.shape[-1] % 256 == 0
+            and x.dtype in (torch.bfloat16, torch.float16) and use_triton(x)
+            and (m == 1 or (1 < m <= gguf_gpu.Q8_MAX_ROWS and gguf_gpu.GEMV_Q8_IMPL == "v2")))
 
 
 def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.Tensor | None = None,
@@ -351,9 +358,11 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.T
     wider ``[M, *]`` tensor (fused layers whose projections use different block types); ``xq``: the
     ``q8_activations`` of ``x`` when the caller already has them.
 
-    Q4_K, Q5_K and Q6_K (the bulk of Q4_K_M / Q5_K_M files) take the kernels of ``gguf_gpu``: a GEMV
-    at batch 1, a single pass over the weight into ``tl.dot`` up to 16 rows, decoded tiles into
-    ``tl.dot`` or dequantize-into-scratch + cuBLAS beyond; the other types the generic kernels below."""
+    Q4_K, Q5_K and Q6_K (the bulk of Q4_K_M / Q5_K_M files) take the kernels of ``gguf_gpu``: up to 16
+    bf16/fp16 rows the 8-bit-activation GEMV (one read of the weight for all rows; float32 rows or
+    ``Q8_ACTIVATIONS`` off: the exact GEMV at batch 1, a single pass into ``tl.dot`` up to 16 rows),
+    beyond, bands of the weight dequantized into scratch + cuBLAS; the other types the generic kernels
+    below."""
     x = x.reshape(-1, x.shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -366,10 +375,9 @@ def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: int, out: torch.T
     if m == 0:
         return out
     if qtype in gguf_gpu.FAST_TYPES:
+        if _q8_rows(x) and gguf_gpu.q8_supported(qtype, k):
+            return gguf_gpu.gemv_q8(x, qweight, qtype, out, xq=xq)
         if m == 1:
-            if (gguf_gpu.Q8_ACTIVATIONS and x.dtype in (torch.bfloat16, torch.float16)
-                    and gguf_gpu.q8_supported(qtype, k)):
-                return gguf_gpu.gemv_q8(x, qweight, qtype, out, xq=xq)
             return gguf_gpu.gemv(x, qweight, qtype, out)
         if m <= gguf_gpu.DOT_MAX_ROWS:
             return gguf_gpu.dot(x, qweight, qtype, out)

@@ -32,7 +32,7 @@ from aphrodite.worker.cuda_graphs import DecodeGraphs
 from aphrodite.worker.sampling_inputs import SamplingState, StaticRowsCache, build_sampling_metadata, to_device
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
 from aphrodite.worker.step_inputs import StepInputs
-from aphrodite.worker.step_plan import RequestState, StepPlan, apply_plan
+from aphrodite.worker.step_plan import BlockTables, RequestState, StepPlan, apply_plan
 
 __all__ = ["HostBatch", "ModelRunner", "ModelRunnerOutput", "PositionLogprobs", "PrevTokens", "StepFuture"]
 
@@ -74,6 +74,11 @@ class HostBatch:
     block_tables: np.ndarray
     num_decodes: int
     from_prev: PrevTokens | None = None
+    samples: np.ndarray | None = None   # [num_seqs] bool: the rows whose chunk ends where a sample is due
+    # ``starts`` / ``seq_lens`` as int32 arrays and the longest chunk, when ``_prepare`` built them already.
+    starts_np: np.ndarray | None = None
+    seq_lens_np: np.ndarray | None = None
+    max_query_len: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -110,6 +115,7 @@ class ModelRunner:
                                              and self.pp_size == 1) else None
         # This worker's records of the requests it has been sent (see ``step_plan``).
         self.requests: dict[str, RequestState] = {}
+        self.block_tables = BlockTables()      # their block tables, one persistent row each
         # The last queued step's sampled ids (device) and which row each sampled request got.
         self._prev_tokens: torch.Tensor | None = None
         self._prev_rows: dict[str, int] = {}
@@ -223,52 +229,65 @@ class ModelRunner:
             layer.kv_cache = caches[i] if caches else None
 
     # ---- one step -------------------------------------------------------------
-    def _prepare(self, reqs: list[RequestState], counts: list[int]) -> HostBatch:
-        """The step's flat batch as numpy arrays (ids, positions, slots, lengths, block tables)."""
-        bs = self.block_size
-        total = sum(counts)
-        ids = np.empty(total, dtype=np.int64)
-        pos = np.empty(total, dtype=np.int64)
-        starts = [0]
-        seq_lens = []
-        width = max(len(r.block_ids) for r in reqs)
-        tables = np.zeros((len(reqs), width), dtype=np.int32)
-        num_decodes = 0
-        t = 0
-        gather_rows: list[int] = []     # decodes whose input token the step in flight sampled
-        gather_src: list[int] = []      # and its row in that step's sampled ids
-        for i, (r, n) in enumerate(zip(reqs, counts)):
-            c = r.num_computed_tokens
-            if n == 1:
-                if c < len(r.all_token_ids):
-                    ids[t] = r.all_token_ids[c]
-                else:
-                    gather_rows.append(i)
-                    gather_src.append(self._prev_row(r))
-                pos[t] = c
-                num_decodes += 1
-            else:
-                ids[t:t + n] = r.all_token_ids[c:c + n]
-                pos[t:t + n] = np.arange(c, c + n)
-            tables[i, :len(r.block_ids)] = r.block_ids
-            t += n
-            starts.append(t)
-            seq_lens.append(c + n)
-        rows = np.repeat(np.arange(len(reqs)), counts) if num_decodes < len(reqs) else np.arange(len(reqs))
-        slots = tables[rows, pos // bs].astype(np.int64) * bs + pos % bs
-        from_prev = None
-        if gather_rows:
-            req_rows = np.asarray(gather_rows, dtype=np.int64)
-            dst = np.asarray(starts, dtype=np.int64)[req_rows]
-            ids[dst] = 0     # placeholders, overwritten on the device
-            from_prev = PrevTokens(self._prev_tokens, dst, np.asarray(gather_src, dtype=np.int64), req_rows)
-        return HostBatch(ids, pos, slots, starts, seq_lens, tables, num_decodes, from_prev)
+    def _prepare(self, reqs: list[RequestState], plan: StepPlan) -> HostBatch:
+        """The step's flat batch as numpy arrays (ids, positions, slots, lengths, block tables).
 
-    def _prev_row(self, r: RequestState) -> int:
-        row = self._prev_rows.get(r.request_id)
-        if row is None:
-            raise RuntimeError(f"Request {r.request_id} needs a token that the previous step did not sample.")
-        return row
+        Built with array operations over the plan's per-request numbers; the only per-request Python
+        work left is reading each decode's input token (or noting that the step in flight samples it)
+        and copying prefill chunks' token slices."""
+        bs = self.block_size
+        counts = plan.num_scheduled
+        n = len(reqs)
+        comp_list = plan.num_computed
+        comp = np.array(comp_list, dtype=np.int64)
+        cnt = np.array(counts, dtype=np.int64)
+        starts_np = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(cnt, out=starts_np[1:])
+        total = int(starts_np[-1])
+        seq_lens_np = comp + cnt
+        num_decodes = counts.count(1)
+        all_decodes = num_decodes == n
+        # Each request's known tokens: with the pending ones, whether its chunk ends where a sample is due.
+        known = [len(r.all_token_ids) for r in reqs]
+        samples = seq_lens_np == np.array(known, dtype=np.int64) + np.array(plan.num_pending, dtype=np.int64)
+        if all_decodes:
+            pos = comp
+            row_of_token = np.arange(n)
+        else:
+            row_of_token = np.repeat(np.arange(n), cnt)
+            pos = np.arange(total, dtype=np.int64) + (comp - starts_np[:-1])[row_of_token]
+        ids = np.empty(total, dtype=np.int64)
+        # Decodes: the token at their position, or -1 when only the step in flight knows it (it sampled it).
+        if all_decodes:
+            dec_rows = np.arange(n)
+            dec_ids = [r.all_token_ids[c] if c < k else -1 for r, c, k in zip(reqs, comp_list, known)]
+        else:
+            dec_rows = np.flatnonzero(cnt == 1)
+            dec_ids = [reqs[i].all_token_ids[comp_list[i]] if comp_list[i] < known[i] else -1
+                       for i in dec_rows.tolist()]
+        dec_ids_np = np.array(dec_ids, dtype=np.int64)
+        ids[starts_np[dec_rows]] = dec_ids_np
+        if not all_decodes:     # prefill chunks: a slice of known tokens each
+            for i in np.flatnonzero(cnt != 1).tolist():
+                c, k, t = comp_list[i], counts[i], int(starts_np[i])
+                ids[t:t + k] = reqs[i].all_token_ids[c:c + k]
+        width = max(r.num_blocks for r in reqs)
+        tables = self.block_tables.gather(np.array([r.row for r in reqs], dtype=np.int64), width)
+        slots = tables[row_of_token, pos // bs].astype(np.int64) * bs + pos % bs
+        from_prev = None
+        missing = np.flatnonzero(dec_ids_np < 0)
+        if len(missing):
+            req_rows = dec_rows[missing]
+            prev_rows = self._prev_rows
+            src = [prev_rows.get(reqs[i].request_id, -1) for i in req_rows.tolist()]
+            if -1 in src:
+                r = reqs[int(req_rows[src.index(-1)])]
+                raise RuntimeError(f"Request {r.request_id} needs a token that the previous step did not sample.")
+            dst = starts_np[req_rows]
+            ids[dst] = 0     # placeholders, overwritten on the device
+            from_prev = PrevTokens(self._prev_tokens, dst, np.array(src, dtype=np.int64), req_rows)
+        return HostBatch(ids, pos, slots, starts_np.tolist(), seq_lens_np.tolist(), tables, num_decodes, from_prev,
+                         samples, starts_np.astype(np.int32), seq_lens_np.astype(np.int32), max(counts))
 
     def execute(self, plan: StepPlan) -> ModelRunnerOutput:
         """Run one step and wait for its results."""
@@ -280,19 +299,23 @@ class ModelRunner:
 
         ``want_result=False`` (tensor-parallel ranks other than the output rank) runs the same
         collectives and keeps the sampled ids on the device, but copies nothing back."""
-        reqs, counts = apply_plan(self.requests, plan), plan.num_scheduled
+        if len(self.requests) == len(plan.finished_ids):    # every earlier request has ended
+            self.sampling_rows.clear()
+        reqs, counts = apply_plan(self.requests, plan, self.block_tables), plan.num_scheduled
         self.inputs.begin_step()
-        host = self._prepare(reqs, counts)
+        host = self._prepare(reqs, plan)
         # Rows that sample: requests whose scheduled chunk reaches their last token (pending ones
         # included). Their sampling tensors are copied to the device before the forward pass is
         # queued, so the sampler's kernels follow the model's without the GPU idling on copies.
-        sample_idx = [i for i, (r, n) in enumerate(zip(reqs, counts))
-                      if r.num_computed_tokens + n == r.num_tokens_with_pending] if self.last_stage else []
-        rows = [reqs[i] for i in sample_idx]
+        every_row = self.last_stage and bool(host.samples.all())
+        sample_idx = (list(range(len(reqs))) if every_row else np.flatnonzero(host.samples).tolist()) \
+            if self.last_stage else []
+        rows = reqs if every_row else [reqs[i] for i in sample_idx]
         md = self._sampling_metadata(plan, sample_idx, rows)
-        every_row = host.num_decodes == len(reqs) == len(sample_idx)   # a decode step: every row samples
+        every_row = every_row and host.num_decodes == len(reqs)   # a decode step: every row samples
         last = None if every_row or not rows else to_device(
-            [host.starts[i + 1] - 1 for i in sample_idx], torch.long, self.device)
+            np.asarray(host.starts, dtype=np.int64)[np.asarray(sample_idx, dtype=np.int64) + 1] - 1,
+            torch.long, self.device)
 
         if self.lora_manager is not None:   # activate the step's adapters, each token's slot index
             self.lora_manager.set_step([r.lora_int_id for r in reqs], counts)
@@ -314,13 +337,15 @@ class ModelRunner:
                 self.lora_manager.set_logit_rows([r.lora_int_id for r in rows])
             logits = self.model.compute_logits(hidden if last is None else hidden[last])
             out = self.sampler(logits, md)
+        row_ids = [r.request_id for r in rows]
+        if out is not None:
             # The state takes the sampled ids while they are still on the device (no wait).
-            self.sampling_state.update([r.request_id for r in rows], out.token_ids)
+            self.sampling_state.update(row_ids, out.token_ids)
         self._prev_tokens = None if out is None else out.token_ids
-        self._prev_rows = {r.request_id: j for j, r in enumerate(rows)}
+        self._prev_rows = dict(zip(row_ids, range(len(row_ids))))
         prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts, want_result)
-        return StepFuture(len(reqs), sample_idx, [r.params.logprobs or 0 for r in rows],
-                          out if want_result else None, prompt_lps)
+        num_top = [r.params.logprobs or 0 for r in rows] if out is not None and out.logprobs is not None else []
+        return StepFuture(len(reqs), sample_idx, num_top, out if want_result else None, prompt_lps)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | IntermediateTensors:
         """The model on this rank's stage: after the first stage its input is the previous stage's
@@ -353,7 +378,8 @@ class ModelRunner:
         Every tensor-parallel rank computes the logits (an all-gather); only a rank that reports
         results turns them into log-probabilities."""
         result: list[list[PositionLogprobs] | None] = [None] * len(reqs)
-        for i, (r, n) in enumerate(zip(reqs, counts)):
+        for i in [i for i, r in enumerate(reqs) if r.params.prompt_logprobs is not None]:
+            r, n = reqs[i], counts[i]
             if not r.wants_prompt_logprobs:
                 continue
             c = r.num_computed_tokens

@@ -46,10 +46,11 @@ class SamplingRequest(Protocol):
     eos_token_ids: tuple[int, ...]
 
 
-def sync_state(requests: list[SamplingRequest], state: SamplingState) -> None:
+def sync_state(requests: list[SamplingRequest], state: SamplingState, rows: list[int] | None = None) -> None:
     """Make sure every row that needs state has it, built from its known tokens: a new request, or one
-    that came back after preemption (its history length no longer matches)."""
-    for r in requests:
+    that came back after preemption (its history length no longer matches). ``rows``: the only rows
+    whose parameters use state, when known (``_StaticRows.stateful``)."""
+    for r in (requests if rows is None else [requests[i] for i in rows]):
         counts, history, _, _, miro = state.needs(r)
         if not (counts or history or miro):
             continue
@@ -61,27 +62,52 @@ def sync_state(requests: list[SamplingRequest], state: SamplingState) -> None:
             state.add(r)
 
 
+def _row_values(p: SamplingParams, vocab_size: int) -> tuple:
+    """One row's parameter-only values, in ``_StaticRows``' column order (see there). Computed once per
+    parameters object and kept (``StaticRowsCache``), so a batch whose composition changes (a request
+    joins or leaves) is rebuilt by transposing cached rows instead of re-deriving every row."""
+    miro = p.mirostat_mode == 2
+    greedy = p.is_greedy and not miro
+    ok = not greedy and not miro     # rows truncation may touch
+    V = vocab_size
+    return (miro, greedy, ok, 0.0 if greedy else (1.0 if miro else p.temperature),
+            p.temperature if ok else 1.0, ok and (p.dynatemp_min != 0 or p.dynatemp_max != 0),
+            ok and p.nsigma > 0, p.top_k if ok and 0 < p.top_k < V else V,
+            p.top_p if ok and p.top_p < 1.0 else 2.0, p.top_a if ok else 0.0, p.min_p if ok else 0.0,
+            ok and p.tfs < 1.0, p.eta_cutoff if ok else 0.0, p.epsilon_cutoff if ok else 0.0,
+            ok and p.typical_p < 1.0, ok and p.smoothing_factor != 0, p.xtc_probability if ok else 0.0,
+            p.skew if ok else 0.0, p.min_tokens > 0 or bool(p._bad_words_token_ids),
+            bool(p.logit_bias) or bool(p.allowed_token_ids), p.sampler_order, p.logprobs, p.best_of > p.n,
+            0 if greedy else (p.top_k if not miro and 0 < p.top_k < V else -1),
+            any(SamplingState.params_need(p)))
+
+
 class _StaticRows:
     """What a batch's sampling parameters alone decide: the per-sampler columns, the active samplers,
     the temperature and the processors that never change (bias, allowed ids). A decode batch usually
     holds the same requests step after step, so this is built once per batch composition and kept
-    (``StaticRowsCache``); only the history- and step-dependent parts are rebuilt each step."""
+    (``StaticRowsCache``); only the history- and step-dependent parts are rebuilt each step.
 
-    def __init__(self, ps: list[SamplingParams], vocab_size: int, device: torch.device) -> None:
+    ``rows``: each row's ``_row_values`` (computed here when not given)."""
+
+    def __init__(self, ps: list[SamplingParams], vocab_size: int, device: torch.device,
+                 rows: list[tuple] | None = None) -> None:
         self.params = ps            # held so that the ids in the cache key stay unique
         n = len(ps)
-        self.miro = miro = [p.mirostat_mode == 2 for p in ps]
-        greedy = [p.is_greedy and not m for p, m in zip(ps, miro)]
-        self.plain = plain = [not g and not m for g, m in zip(greedy, miro)]   # rows truncation may touch
-        temp = [0.0 if g else (1.0 if m else p.temperature) for p, g, m in zip(ps, greedy, miro)]
+        if rows is None:
+            rows = [_row_values(p, vocab_size) for p in ps]
+        (miro, greedy, plain, temp, temperature, dyn, nsigma_on, top_k, top_p, top_a, min_p, tfs_on, eta, epsilon,
+         typical_on, smoothing_on, xtc_p, skew, step_row, fixed_proc, orders, logprobs, need_cum, k_host,
+         stateful) = zip(*rows) if rows else ((),) * 25
+        self.miro, self.plain = miro, plain
         self.all_greedy = all(greedy)
         self.all_random = all(temp)
         self.temperature = None if self.all_greedy else to_device(temp, torch.float32, device)
         active: set[SamplerID] = set()
         columns: dict[str, torch.Tensor] = {}
 
-        def column(name: str, values: list, neutral, sid: SamplerID | None, dtype=torch.float32) -> bool:
-            if all(v == neutral for v in values):
+        def column(name: str, values: tuple, neutral, sid: SamplerID | None, dtype=torch.float32) -> bool:
+            if values.count(neutral) == len(values):     # every row neutral (count: == in C)
                 return False
             columns[name] = to_device(values, dtype, device)
             if sid is not None:
@@ -89,9 +115,7 @@ class _StaticRows:
             return True
 
         # Temperature (greedy and mirostat rows: 1) and dynatemp.
-        dyn = [ok and (p.dynatemp_min != 0 or p.dynatemp_max != 0) for p, ok in zip(ps, plain)]
-        column("temperature", [p.temperature if ok else 1.0 for p, ok in zip(ps, plain)], 1.0,
-               SamplerID.TEMPERATURE)
+        column("temperature", temperature, 1.0, SamplerID.TEMPERATURE)
         if any(dyn):
             columns.setdefault("temperature", to_device([1.0] * n, torch.float32, device))
             active.add(SamplerID.TEMPERATURE)
@@ -102,38 +126,30 @@ class _StaticRows:
             columns["dynatemp_exponent"] = to_device([p.dynatemp_exponent if d else 1.0 for p, d in zip(ps, dyn)],
                                                      torch.float32, device)
         # Truncation samplers: rows with a sampler off carry a value that changes nothing.
-        on = plain
-        if column("nsigma_on", [ok and p.nsigma > 0 for p, ok in zip(ps, on)], False, SamplerID.TOP_NSIGMA,
-                  torch.bool):
+        if column("nsigma_on", nsigma_on, False, SamplerID.TOP_NSIGMA, torch.bool):
             columns["nsigma"] = to_device([p.nsigma for p in ps], torch.float32, device)
-        top_k = [p.top_k if ok and 0 < p.top_k < vocab_size else vocab_size for p, ok in zip(ps, on)]
         has_k = column("top_k", top_k, vocab_size, SamplerID.TOP_P_TOP_K, torch.long)
         self.top_k_max = max(top_k) if has_k else 0
-        column("top_p", [p.top_p if ok and p.top_p < 1.0 else 2.0 for p, ok in zip(ps, on)], 2.0,
-               SamplerID.TOP_P_TOP_K)
-        column("top_a", [p.top_a if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.TOP_A)
-        column("min_p", [p.min_p if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.MIN_P)
-        if column("tfs_on", [ok and p.tfs < 1.0 for p, ok in zip(ps, on)], False, SamplerID.TFS, torch.bool):
+        column("top_p", top_p, 2.0, SamplerID.TOP_P_TOP_K)
+        column("top_a", top_a, 0.0, SamplerID.TOP_A)
+        column("min_p", min_p, 0.0, SamplerID.MIN_P)
+        if column("tfs_on", tfs_on, False, SamplerID.TFS, torch.bool):
             columns["tfs"] = to_device([p.tfs for p in ps], torch.float32, device)
-        column("eta_cutoff", [p.eta_cutoff if ok else 0.0 for p, ok in zip(ps, on)], 0.0, SamplerID.ETA_CUTOFF)
-        column("epsilon_cutoff", [p.epsilon_cutoff if ok else 0.0 for p, ok in zip(ps, on)], 0.0,
-               SamplerID.EPSILON_CUTOFF)
-        if column("typical_p_on", [ok and p.typical_p < 1.0 for p, ok in zip(ps, on)], False,
-                  SamplerID.TYPICAL_P, torch.bool):
+        column("eta_cutoff", eta, 0.0, SamplerID.ETA_CUTOFF)
+        column("epsilon_cutoff", epsilon, 0.0, SamplerID.EPSILON_CUTOFF)
+        if column("typical_p_on", typical_on, False, SamplerID.TYPICAL_P, torch.bool):
             columns["typical_p"] = to_device([p.typical_p for p in ps], torch.float32, device)
-        if column("smoothing_on", [ok and p.smoothing_factor != 0 for p, ok in zip(ps, on)], False,
-                  SamplerID.QUADRATIC, torch.bool):
+        if column("smoothing_on", smoothing_on, False, SamplerID.QUADRATIC, torch.bool):
             ks = [quadratic_coefficients(p.smoothing_factor, p.smoothing_curve) for p in ps]
             columns["smoothing_k"] = to_device([k for k, _ in ks], torch.float32, device)
             columns["smoothing_s"] = to_device([s for _, s in ks], torch.float32, device)
-        self.xtc = column("xtc_probability", [p.xtc_probability if ok else 0.0 for p, ok in zip(ps, on)], 0.0,
-                          SamplerID.XTC)
+        self.xtc = column("xtc_probability", xtc_p, 0.0, SamplerID.XTC)
         if self.xtc:
             columns["xtc_threshold"] = to_device([p.xtc_threshold for p in ps], torch.float32, device)
         self.columns, self.active = columns, frozenset(active)
         self.skew = None
-        if any(ok and p.skew != 0 for p, ok in zip(ps, plain)):
-            self.skew = to_device([p.skew if ok else 0.0 for p, ok in zip(ps, plain)], torch.float32, device)
+        if skew.count(0.0) != n:
+            self.skew = to_device(skew, torch.float32, device)
         # Processors fixed by the parameters; rows whose bans depend on the step are listed for later.
         bias_rows: list[int] = []
         bias_ids: list[int] = []
@@ -141,10 +157,9 @@ class _StaticRows:
         allow_using: list[int] = []
         allow_rows: list[int] = []
         allow_ids: list[int] = []
-        self.step_rows = []     # rows with min_tokens or bad words: looked at every step
-        for i, p in enumerate(ps):
-            if p.min_tokens > 0 or p._bad_words_token_ids:
-                self.step_rows.append(i)
+        self.step_rows = [i for i, f in enumerate(step_row) if f]     # min_tokens or bad words: every step
+        for i in (i for i, f in enumerate(fixed_proc) if f):
+            p = ps[i]
             if p.logit_bias:
                 for tok, val in p.logit_bias.items():
                     if 0 <= int(tok) < vocab_size:
@@ -165,31 +180,54 @@ class _StaticRows:
                             to_device(allow_ids, torch.long, device))
         # Rows grouped by sampler order (usually one group: the default order).
         by_order: dict[tuple[SamplerID, ...], list[int]] = {}
-        for i, p in enumerate(ps):
-            by_order.setdefault(p.sampler_order, []).append(i)
+        if n and orders.count(orders[0]) == n:
+            by_order[orders[0]] = list(range(n))
+        else:
+            for i, order in enumerate(orders):
+                by_order.setdefault(order, []).append(i)
         if len(by_order) == 1:
             self.groups = [(next(iter(by_order)), None, None)]
         else:
             self.groups = [(order, to_device(rows, torch.long, device), rows) for order, rows in by_order.items()]
-        want = [p.logprobs for p in ps if p.logprobs is not None]
-        need_cum = any(p.best_of > p.n for p in ps)
-        self.max_logprobs = max(want) if want else (0 if need_cum else -1)
-        self.k_host = [0 if g else (p.top_k if not m and 0 < p.top_k < vocab_size else -1)
-                       for p, g, m in zip(ps, greedy, miro)]
+        want = [x for x in logprobs if x is not None]
+        self.max_logprobs = max(want) if want else (0 if any(need_cum) else -1)
+        self.k_host = list(k_host)
+        # Rows whose parameters use per-request state (repetition samplers, mirostat): the only ones
+        # ``sync_state`` has to look at.
+        self.stateful = [i for i, f in enumerate(stateful) if f]
 
 
 class StaticRowsCache:
     """The last batch composition's ``_StaticRows`` (keyed by the rows' parameter objects, which a
-    request keeps for its lifetime), for one worker's device and vocabulary."""
+    request keeps for its lifetime), for one worker's device and vocabulary, and each of that batch's
+    parameters objects' ``_row_values`` (so that a new composition only derives its new requests' rows)."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._rows: _StaticRows | None = None
+        self._values: dict[int, tuple[SamplingParams, tuple]] = {}     # id -> (params, its row values)
+        self._vocab_size: int | None = None
+
+    def clear(self) -> None:
+        """Forget everything: called when no request is left, since a caller may change a parameters object
+        in place before reusing it (the cache trusts an object not to change while its requests run)."""
+        self._key = self._rows = None
+        self._values = {}
 
     def get(self, ps: list[SamplingParams], vocab_size: int, device: torch.device) -> _StaticRows:
         key = (vocab_size, device, tuple(map(id, ps)))
         if key != self._key or self._rows is None:
-            self._rows, self._key = _StaticRows(ps, vocab_size, device), key
+            known = self._values if vocab_size == self._vocab_size else {}
+            values: dict[int, tuple[SamplingParams, tuple]] = {}
+            rows = []
+            for p in ps:
+                entry = values.get(id(p)) or known.get(id(p))
+                if entry is None or entry[0] is not p:
+                    entry = (p, _row_values(p, vocab_size))
+                values[id(p)] = entry
+                rows.append(entry[1])
+            self._values, self._vocab_size = values, vocab_size
+            self._rows, self._key = _StaticRows(ps, vocab_size, device, rows), key
         return self._rows
 
 
@@ -207,9 +245,9 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
     if state is None:
         longest = max((len(r.prompt_token_ids) + r.num_outputs_with_pending for r in requests), default=0)
         state = SamplingState(vocab_size, longest + 1, device)
-    sync_state(requests, state)
     ps = [r.params for r in requests]
     st = cache.get(ps, vocab_size, device) if cache is not None else _StaticRows(ps, vocab_size, device)
+    sync_state(requests, state, st.stateful)
     active = set(st.active)
     xtc_uniforms = None
     if st.xtc:
@@ -217,17 +255,19 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
                                   if ok and r.params.xtc_probability > 0 else 1.0
                                   for r, ok in zip(requests, st.plain)], torch.float32, device)
 
-    # Repetition samplers, from the per-request state.
-    recs = [state.record(r.request_id) for r in requests]
-    penalties = _penalty_rows(requests, recs, state, device)
-    if penalties is not None:
-        active.add(SamplerID.PENALTIES)
-    dry = _dry_rows(requests, recs, state, device)
-    if dry is not None:
-        active.add(SamplerID.DRY)
-    ngram = _ngram_rows(requests, recs, state, device)
-    if ngram is not None:
-        active.add(SamplerID.NO_REPEAT_NGRAM)
+    # Repetition samplers, from the per-request state (none to look up when no request holds any).
+    penalties = dry = ngram = None
+    recs = [state.record(r.request_id) for r in requests] if len(state) else [None] * len(requests)
+    if len(state):
+        penalties = _penalty_rows(requests, recs, state, device)
+        if penalties is not None:
+            active.add(SamplerID.PENALTIES)
+        dry = _dry_rows(requests, recs, state, device)
+        if dry is not None:
+            active.add(SamplerID.DRY)
+        ngram = _ngram_rows(requests, recs, state, device)
+        if ngram is not None:
+            active.add(SamplerID.NO_REPEAT_NGRAM)
     mirostat = None
     if any(st.miro):
         rows = [i for i, m in enumerate(st.miro) if m]
@@ -280,13 +320,30 @@ def build_sampling_metadata(requests: list[SamplingRequest], vocab_size: int, de
         temperature=st.temperature,
         all_greedy=st.all_greedy, all_random=st.all_random,
         uniforms=None if st.all_greedy else to_device(
-            [uniform_from_seed(r.sample_seed, r.num_outputs_with_pending) for r in requests], torch.float64, device),
+            uniforms_from_seeds([r.sample_seed for r in requests], [r.num_outputs_with_pending for r in requests]),
+            torch.float64, device),
         active=frozenset(active), columns=dict(st.columns), groups=st.groups,
         top_k_max=st.top_k_max,
         banned=banned, bias=st.bias, allowed=st.allowed, bad_words=bad_words,
         bad_words_history=state.history if bad_words is not None else None, grammar_bitmask=mask,
         penalties=penalties, dry=dry, ngram=ngram, mirostat=mirostat, skew=st.skew, xtc_uniforms=xtc_uniforms,
         max_logprobs=st.max_logprobs, k_host=st.k_host)
+
+
+_M64 = (1 << 64) - 1
+
+
+def uniforms_from_seeds(seeds: list[int], counters: list[int]) -> np.ndarray:
+    """``uniform_from_seed(seeds[i], counters[i])`` for every row at once, bit for bit: the same
+    splitmix64 steps in uint64 arithmetic, which wraps modulo 2**64 as the scalar version's masks do."""
+    with np.errstate(over="ignore"):
+        s = np.array([x & _M64 for x in seeds], dtype=np.uint64)
+        c = np.array(counters, dtype=np.uint64) + np.uint64(1)
+        z = s * np.uint64(0x9E3779B97F4A7C15) + c * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def _histories(recs: list, rows: list[int], state: SamplingState, device: torch.device

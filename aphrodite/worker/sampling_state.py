@@ -27,6 +27,7 @@ from aphrodite.kernels import sampling as ks
 from aphrodite.kernels.triton_utils import use_triton
 
 if TYPE_CHECKING:
+    from aphrodite.sampling_params import SamplingParams
     from aphrodite.worker.sampling_inputs import SamplingRequest
 
 
@@ -109,7 +110,11 @@ class SamplingState:
     @staticmethod
     def needs(req: SamplingRequest) -> tuple[bool, bool, bool, bool, bool]:
         """(counts, history, dry, ngram, mirostat) that ``req``'s parameters use."""
-        p = req.params
+        return SamplingState.params_need(req.params)
+
+    @staticmethod
+    def params_need(p: SamplingParams) -> tuple[bool, bool, bool, bool, bool]:
+        """(counts, history, dry, ngram, mirostat) that requests with these parameters use."""
         counts = p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1.0
         dry = p.dry_multiplier > 0
         ngram = p.no_repeat_ngram_size > 0
@@ -217,6 +222,8 @@ class SamplingState:
 
     def update(self, request_ids: list[str], sampled: torch.Tensor) -> None:
         """Append each row's sampled token (``sampled[i]`` for ``request_ids[i]``, on the device)."""
+        if not self._records:
+            return
         hits = [(i, rec) for i, rid in enumerate(request_ids) if (rec := self._records.get(rid)) is not None]
         if not hits:
             return

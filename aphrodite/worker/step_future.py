@@ -73,8 +73,11 @@ class StepFuture:
                 self._event.synchronize()
             ids_t, lp_t, rank_t, top_i_t, top_v_t = self._tensors
             tokens = ids_t.tolist()
-            for j, i in enumerate(self._sample_idx):
-                sampled[i] = tokens[j]
+            if len(tokens) == n:    # every row sampled (the indices are ascending and distinct)
+                sampled = list(tokens)
+            else:
+                for j, i in enumerate(self._sample_idx):
+                    sampled[i] = tokens[j]
             if lp_t is not None:
                 lp, rk = lp_t.tolist(), rank_t.tolist()
                 top_i = top_i_t.tolist() if top_i_t is not None else None

@@ -100,23 +100,23 @@ class StepInputs:
 
     def to_device(self, host: HostBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input ids, positions, attention metadata) of an eagerly run step."""
-        max_decode = max(host.seq_lens[:host.num_decodes], default=0)
-        max_q = max(b - a for a, b in zip(host.starts, host.starts[1:]))
+        starts, seq_lens = _int32(host.starts_np, host.starts), _int32(host.seq_lens_np, host.seq_lens)
+        max_decode = int(seq_lens[:host.num_decodes].max()) if host.num_decodes else 0
+        max_q = host.max_query_len or int(np.diff(starts).max())
         common = dict(num_decodes=host.num_decodes, max_query_len=max_q,
-                      max_seq_len=max(host.seq_lens), max_decode_seq_len=max_decode,
+                      max_seq_len=int(seq_lens.max()), max_decode_seq_len=max_decode,
                       query_start_loc_cpu=host.starts, seq_lens_cpu=host.seq_lens)
         if self.device.type != "cuda":
             meta = AttentionMetadata(
-                query_start_loc=torch.tensor(host.starts, dtype=torch.int32),
-                seq_lens=torch.tensor(host.seq_lens, dtype=torch.int32),
+                query_start_loc=torch.from_numpy(starts), seq_lens=torch.from_numpy(seq_lens),
                 block_tables=torch.from_numpy(host.block_tables), slot_mapping=torch.from_numpy(host.slots),
                 **common)
             ids = torch.from_numpy(host.ids)
             self._gather_prev(host, ids)
             return ids, torch.from_numpy(host.positions), meta
         meta = AttentionMetadata(
-            query_start_loc=self._put("starts", np.asarray(host.starts, dtype=np.int32)),
-            seq_lens=self._put("seq_lens", np.asarray(host.seq_lens, dtype=np.int32)),
+            query_start_loc=self._put("starts", starts),
+            seq_lens=self._put("seq_lens", seq_lens),
             block_tables=self._put("tables", host.block_tables),
             slot_mapping=self._put("slots", host.slots), **common)
         ids = self._put("ids", host.ids)
@@ -150,8 +150,8 @@ class StepInputs:
         self._put("ids", host.ids, tokens)
         self._put("pos", host.positions, tokens)
         self._put("slots", host.slots, tokens, pad_value=-1)
-        self._put("starts", np.asarray(host.starts, dtype=np.int32))
-        self._put("seq_lens", np.asarray(host.seq_lens, dtype=np.int32))
+        self._put("starts", _int32(host.starts_np, host.starts))
+        self._put("seq_lens", _int32(host.seq_lens_np, host.seq_lens))
         self._put("tables", host.block_tables)
 
     def fill_decode(self, host: HostBatch, batch: int) -> None:
@@ -159,5 +159,10 @@ class StepInputs:
         self._gather_prev(host, self._put("ids", host.ids, batch))
         self._put("pos", host.positions, batch)
         self._put("slots", host.slots, batch, pad_value=-1)
-        self._put("seq_lens", np.asarray(host.seq_lens, dtype=np.int32), batch)
+        self._put("seq_lens", _int32(host.seq_lens_np, host.seq_lens), batch)
         self._put("tables", host.block_tables)
+
+
+def _int32(array: np.ndarray | None, values: list[int]) -> np.ndarray:
+    """``array`` when the batch built it already, else ``values`` as an int32 array."""
+    return array if array is not None else np.asarray(values, dtype=np.int32)

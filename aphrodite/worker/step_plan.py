@@ -76,10 +76,10 @@ class RequestState:
     """
 
     __slots__ = ("request_id", "params", "prompt_token_ids", "all_token_ids", "num_prompt_tokens", "sample_seed",
-                 "eos_token_ids", "lora_int_id", "num_computed_tokens", "num_pending_tokens", "block_ids",
+                 "eos_token_ids", "lora_int_id", "num_computed_tokens", "num_pending_tokens", "num_blocks", "row",
                  "num_prompt_logprobs")
 
-    def __init__(self, data: NewRequestData) -> None:
+    def __init__(self, data: NewRequestData, row: int = -1) -> None:
         self.request_id = data.request_id
         self.params = data.params
         self.prompt_token_ids = data.prompt_token_ids
@@ -90,7 +90,9 @@ class RequestState:
         self.lora_int_id = data.lora_int_id
         self.num_computed_tokens = 0
         self.num_pending_tokens = 0
-        self.block_ids: list[int] = []
+        # Its block table is row ``row`` of the worker's ``BlockTables`` (first ``num_blocks`` entries).
+        self.num_blocks = 0
+        self.row = row
         # Prompt positions whose log-probabilities were produced (position 0 has none).
         self.num_prompt_logprobs = 1
 
@@ -112,28 +114,89 @@ class RequestState:
         return self.params.prompt_logprobs is not None and self.num_prompt_logprobs < self.num_prompt_tokens
 
 
-def apply_plan(states: dict[str, RequestState], plan: StepPlan) -> list[RequestState]:
-    """Fold ``plan`` into a worker's records; returns the scheduled requests' records in batch order."""
+class BlockTables:
+    """Every live request's block table as one row of a persistent int32 array, zero past its blocks.
+
+    A plan only carries block-table deltas, so the rows are updated where they change and a step's
+    tables are one fancy-indexed gather (``gather``) instead of a list-to-array copy per request.
+    Rows and columns grow by doubling; a freed row is zeroed and reused."""
+
+    def __init__(self, rows: int = 64, cols: int = 16) -> None:
+        self.table = np.zeros((rows, cols), dtype=np.int32)
+        self._free: list[int] = []
+        self._next = 0
+
+    def add(self) -> int:
+        if self._free:
+            return self._free.pop()
+        row = self._next
+        self._next += 1
+        if row >= self.table.shape[0]:
+            self.table = np.concatenate([self.table, np.zeros_like(self.table)])
+        return row
+
+    def free(self, row: int, num_blocks: int) -> None:
+        self.table[row, :num_blocks] = 0
+        self._free.append(row)
+
+    def truncate(self, row: int, keep: int, num_blocks: int) -> None:
+        self.table[row, keep:num_blocks] = 0
+
+    def write(self, rows: list[int], starts: list[int], counts: list[int], block_ids: list[int]) -> None:
+        """Write ``counts[i]`` ids from ``block_ids`` (in order) into row ``rows[i]`` from column ``starts[i]``,
+        for all rows with one scatter."""
+        counts_np = np.array(counts, dtype=np.int64)
+        first = np.cumsum(counts_np) - counts_np        # each row's first id in ``block_ids``
+        rr = np.repeat(np.array(rows, dtype=np.int64), counts_np)
+        cc = np.repeat(np.array(starts, dtype=np.int64) - first, counts_np) + np.arange(len(block_ids))
+        end = int(cc.max()) + 1
+        if end > self.table.shape[1]:
+            cols = self.table.shape[1]
+            while cols < end:
+                cols *= 2
+            grown = np.zeros((self.table.shape[0], cols), dtype=np.int32)
+            grown[:, :self.table.shape[1]] = self.table
+            self.table = grown
+        self.table[rr, cc] = block_ids
+
+    def gather(self, rows: np.ndarray, width: int) -> np.ndarray:
+        """``[len(rows), width]`` tables of these rows (a copy)."""
+        return self.table[rows, :width]
+
+
+def apply_plan(states: dict[str, RequestState], plan: StepPlan, tables: BlockTables) -> list[RequestState]:
+    """Fold ``plan`` into a worker's records and block tables; returns the scheduled requests' records in
+    batch order."""
     for rid in plan.finished_ids:
-        states.pop(rid, None)
+        s = states.pop(rid, None)
+        if s is not None:
+            tables.free(s.row, s.num_blocks)
     for data in plan.new_requests:
-        states[data.request_id] = RequestState(data)
-    scheduled = []
-    tok = blk = 0
-    for i, rid in enumerate(plan.req_ids):
-        s = states[rid]
-        n = plan.num_new_tokens[i]
+        old = states.get(data.request_id)
+        if old is not None:
+            tables.free(old.row, old.num_blocks)
+        states[data.request_id] = RequestState(data, tables.add())
+    scheduled = [states[rid] for rid in plan.req_ids]
+    new_tokens, new_blocks, kept_blocks = plan.num_new_tokens, plan.num_new_blocks, plan.num_kept_blocks
+    if any(new_tokens):
+        tok = 0
+        token_ids = plan.new_token_ids
+        for s, n in zip(scheduled, new_tokens):
+            if n:
+                s.all_token_ids.extend(token_ids[tok:tok + n])
+                tok += n
+    rows, starts, counts = [], [], []     # the table rows that grow: written with one scatter below
+    for s, c, p, kept, n in zip(scheduled, plan.num_computed, plan.num_pending, kept_blocks, new_blocks):
+        s.num_computed_tokens = c
+        s.num_pending_tokens = p
+        if kept != s.num_blocks:     # fewer: a preemption freed the table (kept 0)
+            tables.truncate(s.row, kept, s.num_blocks)
+            s.num_blocks = kept
         if n:
-            s.all_token_ids.extend(plan.new_token_ids[tok:tok + n])
-            tok += n
-        s.num_computed_tokens = plan.num_computed[i]
-        s.num_pending_tokens = plan.num_pending[i]
-        kept = plan.num_kept_blocks[i]
-        if kept != len(s.block_ids):
-            del s.block_ids[kept:]
-        n = plan.num_new_blocks[i]
-        if n:
-            s.block_ids.extend(plan.new_block_ids[blk:blk + n])
-            blk += n
-        scheduled.append(s)
+            rows.append(s.row)
+            starts.append(kept)
+            counts.append(n)
+            s.num_blocks = kept + n
+    if rows:
+        tables.write(rows, starts, counts, plan.new_block_ids)
     return scheduled

@@ -22,13 +22,15 @@ from aphrodite.worker.step_plan import NewRequestData, StepPlan
 
 
 def decode_plan(batch: int, step: int) -> StepPlan:
-    """A steady-state decode step: one token per request, a new block every 16 steps."""
-    ids = [f"req-{i}" for i in range(batch)]
-    return StepPlan(step_id=step, req_ids=ids, num_scheduled=[1] * batch, num_computed=[500 + step] * batch,
-                    num_pending=[1] * batch, num_kept_blocks=[32] * batch,
+    """A steady-state decode step: one token per request, a new block every 16 steps (distinct values, as in
+    a real batch: requests of different lengths, ids from a 32k vocabulary)."""
+    ids = [f"cmpl-{i:08x}-0" for i in range(batch)]
+    return StepPlan(step_id=step, req_ids=ids, num_scheduled=[1] * batch,
+                    num_computed=[300 + 7 * i + step for i in range(batch)], num_pending=[1] * batch,
+                    num_kept_blocks=[(300 + 7 * i + step) // 16 for i in range(batch)],
                     num_new_blocks=[1 if step % 16 == 0 else 0] * batch,
                     new_block_ids=list(range(1000, 1000 + batch)) if step % 16 == 0 else [],
-                    num_new_tokens=[1] * batch, new_token_ids=[7] * batch)
+                    num_new_tokens=[1] * batch, new_token_ids=[(i * 7919 + step) % 32000 for i in range(batch)])
 
 
 def prefill_plan(batch: int, prompt_len: int) -> StepPlan:
@@ -113,6 +115,7 @@ def main() -> None:
     cases = [("decode, batch 1", [decode_plan(1, s) for s in range(args.steps)]),
              ("decode, batch 64", [decode_plan(64, s) for s in range(args.steps)]),
              ("decode, batch 256", [decode_plan(256, s) for s in range(args.steps)]),
+             ("decode, batch 1000", [decode_plan(1000, s) for s in range(args.steps // 4)]),
              ("prefill, 8 new x 1024 tokens", [prefill_plan(8, 1024)] * max(1, args.steps // 10))]
     rows = []
     for name, plans in cases:

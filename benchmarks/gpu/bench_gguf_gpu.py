@@ -2,7 +2,7 @@
 
     python3 benchmarks/gpu/bench_gguf_gpu.py            # ~3 minutes
     python3 benchmarks/gpu/bench_gguf_gpu.py --full     # throughput-decode with 1000 prompts
-    python3 benchmarks/gpu/bench_gguf_gpu.py --check-only   # correctness of the K-quant paths, < 1 minute
+    python3 benchmarks/gpu/bench_gguf_gpu.py --check-only   # correctness of the K-quant paths, < 2 minutes
 
 1. Every block type, Llama-3.1-8B layer shapes: the Triton kernels (GEMV for 1-8 rows, tiled GEMM
    for more) against ``dequantize_reference`` followed by a float64 matmul.
@@ -35,6 +35,7 @@ from aphrodite.kernels.gguf_matmul import (  # noqa: E402
     GGML_TYPE_NAMES,
     dequantize_reference,
     gguf_linear,
+    q8_activations,
     random_blocks,
 )
 
@@ -69,7 +70,7 @@ def check_kernels(rows: list[tuple[str, str]]) -> None:
     torch.cuda.empty_cache()
 
 
-def check_only(deadline_s: float = 50.0, dev: torch.device | None = None) -> bool:
+def check_only(deadline_s: float = 120.0, dev: torch.device | None = None) -> bool:
     """The K-quant kernels (Q4_K, Q5_K, Q6_K) at 8B layer sizes against a float64 dequantize+matmul,
     each path the dispatch can pick plus the linear method's fused-layer and embedding uses; one
     PASS/FAIL line per case. Returns True when every case ran and passed."""
@@ -101,14 +102,19 @@ def check_only(deadline_s: float = 50.0, dev: torch.device | None = None) -> boo
             out = torch.empty(1, HIDDEN, device=dev, dtype=torch.bfloat16)
             case(f"{name} {HIDDEN}x{k} M=1 exact gemv", gguf_gpu.gemv(x, w, qtype, out), ref, 1e-2)
         w, ref_w = weights[(qtype, HIDDEN)]
-        for m, label in ((4, "dot split-K"), (16, "dot"), (40, "generic"), (100, "tiled"), (300, "dequant+cuBLAS")):
+        for m, label in ((3, "q8 v2 rows"), (4, "dot split-K"), (16, "dot"), (8, "dequant"), (300, "dequant+cuBLAS")):
             if time.time() - t0 > deadline_s:
                 results.append((f"{name} M={m}", "SKIPPED (time)"))
                 continue
             x = torch.randn(m, HIDDEN, device=dev, generator=g).to(torch.bfloat16)
+            ref = x.double() @ ref_w.T
+            if label.startswith("dot"):
+                out = torch.empty(m, HIDDEN, device=dev, dtype=torch.bfloat16)
+                case(f"{name} {HIDDEN}x{HIDDEN} M={m} {label}", gguf_gpu.dot(x, w, qtype, out), ref, 2e-2)
+                continue
             # bf16 weights into the tensor cores and a bf16 output: the generic GEMM's bound of the old bench
-            case(f"{name} {HIDDEN}x{HIDDEN} M={m} default ({label})", gguf_linear(x, w, qtype), x.double() @ ref_w.T,
-                 2e-2)
+            case(f"{name} {HIDDEN}x{HIDDEN} M={m} default ({label})", gguf_linear(x, w, qtype), ref,
+                 3e-2 if "q8" in label else 2e-2)
         rows_idx = torch.tensor([5, 0, HIDDEN - 1, 5], device=dev)   # embedding lookups
         case(f"{name} embedding rows (dequantize kernel)", gguf_matmul.dequantize(w[rows_idx], qtype, HIDDEN,
                                                                                   torch.float32), ref_w[rows_idx], 1e-6)
@@ -202,6 +208,46 @@ def bench_projections(rows: list[tuple[str, str]]) -> dict[str, bool]:
     return ok
 
 
+V2_CONFIGS = ((4, 8, 4), (2, 8, 2), (4, 16, 4), (2, 16, 4), (1, 8, 1), (2, 4, 2))
+
+
+def bench_m1_table(rows: list[tuple[str, str]]) -> None:
+    """Batch 1, per projection of the 8B shape: the 8-bit GEMV v1 (its default) against v2 in a few
+    launch configurations, weights rotated through more copies than L2 holds; us, GB/s of blocks and
+    the error against the float64 product. One line per projection."""
+    dev = torch.device("cuda")
+    for name, n, k, qtype in PROJECTIONS:
+        one = n * GGML_BLOCKS[qtype][1] * k // GGML_BLOCKS[qtype][0]
+        copies = max(1, -(-400 * 2**20 // one))
+        ws = [random_blocks(qtype, n, k, device=dev) for _ in range(copies)]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        xq = gguf_gpu.quantize_activations(x)
+        out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+        ref = x.double() @ dequantize_reference(ws[0], qtype, k, torch.float64).T
+        res = []
+        for impl, cfgs in (("v1", (None,)), ("v2", V2_CONFIGS)):
+            gguf_gpu.GEMV_Q8_IMPL = impl
+            for cfg in cfgs:
+                try:
+                    gguf_gpu.gemv_q8(x, ws[0], qtype, out, config=cfg, xq=xq)
+                    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+                    dt = graph_time(lambda cfg=cfg, ws=ws, out=out, xq=xq, x=x, qtype=qtype:
+                                    [gguf_gpu.gemv_q8(x, w, qtype, out, config=cfg, xq=xq) for w in ws]) / copies
+                except Exception as e:  # a configuration the compiler refuses: report, keep going
+                    res.append(f"{impl}{cfg or ''} {type(e).__name__}")
+                    print(f"  {name} {impl} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                bad = "" if err < 3e-2 else " BAD"
+                res.append(f"{impl}{cfg or ''} {dt * 1e6:.1f}us {one / dt / 1e9:.0f}GB/s{bad}")
+        gguf_gpu.GEMV_Q8_IMPL = "v2"
+        dq = graph_time(lambda x=x: gguf_gpu.quantize_activations(x), reps=50)
+        res.append(f"quantize x {dq * 1e6:.1f}us")
+        rows.append((f"M=1 {name} {n}x{k}", "; ".join(res)))
+        print(rows[-1], flush=True)
+        del ws
+    torch.cuda.empty_cache()
+
+
 TILED_CONFIGS = ((128, 64, 8, 2), (128, 128, 8, 2), (256, 64, 8, 1), (64, 64, 4, 3), (128, 64, 8, 3),
                  (64, 128, 4, 2))
 
@@ -243,17 +289,30 @@ def bench_decode_matmuls(rows: list[tuple[str, str]]) -> None:
     dev = torch.device("cuda")
     ws = layer_weights(dev)
     total = sum(w.numel() for w, _, _ in ws)
-    for m in (1, 8, 16, 64, 256):
+    scratch, dot_rows, large = gguf_gpu.SCRATCH_VALUES, gguf_gpu.DOT_MAX_ROWS, gguf_gpu.LARGE_BATCH
+    q8_rows = gguf_gpu.Q8_MAX_ROWS
+    for m in (1, 4, 8, 16, 64, 256):
         xs = {k: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
-        paths = ("dequant", "tiled", "generic") if m > gguf_gpu.DOT_MAX_ROWS else ("q8", "exact") if m == 1 else ("",)
+        paths = (("dequant", "dequant 64M scratch", "generic") if m > 16 else
+                 ("q8 v2", "q8 v2 x rounded once", "q8 v1", "exact") if m == 1 else ("q8 v2 rows", "dot", "dequant"))
         for path in paths:
-            if path in ("dequant", "tiled", "generic"):
-                gguf_gpu.LARGE_BATCH = path
-            gguf_gpu.Q8_ACTIVATIONS = path != "exact"
+            gguf_gpu.DOT_MAX_ROWS = dot_rows
+            if path.startswith(("dequant", "tiled", "generic")):
+                gguf_gpu.LARGE_BATCH = path.split()[0]
+            if path == "dequant":
+                gguf_gpu.DOT_MAX_ROWS = 0
+            if path == "dot":
+                gguf_gpu.DOT_MAX_ROWS = 16
+            gguf_gpu.SCRATCH_VALUES = 64 * 2**20 if "64M" in path else scratch
+            gguf_gpu.Q8_ACTIVATIONS = path.startswith("q8")
+            gguf_gpu.Q8_MAX_ROWS = 16 if path == "q8 v2 rows" else q8_rows
+            gguf_gpu.GEMV_Q8_IMPL = "v1" if path == "q8 v1" else "v2"
+            once = "once" in path   # one rounding per distinct input (the engine: one per layer input)
 
-            def step(ws=ws, xs=xs):
+            def step(ws=ws, xs=xs, once=once):
+                xq = {k: q8_activations(x) for k, x in xs.items()} if once else {}
                 for w, qtype, k in ws:
-                    gguf_linear(xs[k], w, qtype)
+                    gguf_linear(xs[k], w, qtype, xq=xq.get(k))
             try:
                 dt = graph_time(step, reps=10)
             except Exception as e:  # report and keep going
@@ -264,8 +323,12 @@ def bench_decode_matmuls(rows: list[tuple[str, str]]) -> None:
             rows.append((f"Q4_K_M matmuls of one 8B step, M={m} {path}".rstrip(),
                          f"{dt * 1e3:.2f} ms, {total / dt / 1e9:.0f} GB/s of blocks, {total / 2**30:.2f} GiB"))
             print(rows[-1], flush=True)
-        gguf_gpu.LARGE_BATCH = "auto"
+        gguf_gpu.DOT_MAX_ROWS = dot_rows
+        gguf_gpu.LARGE_BATCH = large
         gguf_gpu.Q8_ACTIVATIONS = True
+        gguf_gpu.GEMV_Q8_IMPL = "v2"
+        gguf_gpu.SCRATCH_VALUES = scratch
+        gguf_gpu.Q8_MAX_ROWS = q8_rows
     ws.clear()
     torch.cuda.empty_cache()
     # bf16 reference: the same step's matmuls as dense cuBLAS (one layer's weights reused; 32x the time)
@@ -325,8 +388,13 @@ def main() -> None:
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-check", action="store_true", help="skip the correctness pass over all types")
     parser.add_argument("--check-only", action="store_true",
-                        help="only the K-quant kernels vs a float64 reference at real sizes (under a minute)")
+                        help="only the K-quant kernels vs a float64 reference at real sizes (under 2 minutes)")
     parser.add_argument("--skip-sweep", action="store_true", help="skip the per-projection GEMV sweep")
+    parser.add_argument("--m1-table", action="store_true", help="batch-1 GEMV v1 vs v2 per projection (~1 min)")
+    parser.add_argument("--skip-steps", action="store_true", help="skip the decode-step matmul timings")
+    parser.add_argument("--latency-only", action="store_true", help="engine: latency-1 only (no throughput)")
+    parser.add_argument("--throughput-only", action="store_true", help="engine: throughput-decode only")
+    parser.add_argument("--no-bf16", action="store_true", help="engine: the GGUF runs only (no bf16 baseline)")
     opts = parser.parse_args()
     if opts.check_only:
         sys.exit(0 if check_only() else 1)
@@ -343,22 +411,30 @@ def main() -> None:
         os.environ["APHRODITE_GGUF_GPU_Q8_ACTIVATIONS"] = "0"
         gguf_gpu.Q8_ACTIVATIONS = False
         rows.append(("engine runs", "8-bit-activation GEMV failed above: exact GEMV"))
+    if opts.m1_table:
+        bench_m1_table(rows)
+        print(f"[{time.time() - t0:.0f}s] M=1 table done", flush=True)
     if not opts.skip_sweep:
         bench_tiled(rows)
-    bench_decode_matmuls(rows)
-    print(f"[{time.time() - t0:.0f}s] step times done", flush=True)
-    for quant in ("gguf", None):
-        rows.append((f"weights GiB ({quant or 'bf16'})", f"{weight_footprint(quant):.2f}"))
+    if not opts.skip_steps:
+        bench_decode_matmuls(rows)
+        print(f"[{time.time() - t0:.0f}s] step times done", flush=True)
+    quants = ("gguf",) if opts.no_bf16 else ("gguf", None)
+    if not (opts.skip_engine or opts.latency_only or opts.throughput_only):
+        for quant in quants:
+            rows.append((f"weights GiB ({quant or 'bf16'})", f"{weight_footprint(quant):.2f}"))
     if not opts.skip_engine:
         shape = ["--model-shape", "llama-3.1-8b", "--load-format", "dummy", "--dtype", "bfloat16"]
         n = "1000" if opts.full else "200"
-        for quant in ("gguf", None):
+        for quant in quants:
             q = ["--quantization", quant] if quant else []
             name = "Q4_K_M gguf" if quant else "bf16"
-            run_cli(["latency", *shape, *q, "--batch-size", "1", "--input-len", "128", "--output-len", "256",
-                     "--num-iters-warmup", "1", "--num-iters", "3"], rows, f"latency-1 {name}")
-            run_cli(["throughput", *shape, *q, "--num-prompts", n, "--input-len", "128", "--output-len", "1024"],
-                    rows, f"throughput-decode {n}x128/1024 {name}")
+            if not opts.throughput_only:
+                run_cli(["latency", *shape, *q, "--batch-size", "1", "--input-len", "128", "--output-len", "256",
+                         "--num-iters-warmup", "1", "--num-iters", "3"], rows, f"latency-1 {name}")
+            if not opts.latency_only:
+                run_cli(["throughput", *shape, *q, "--num-prompts", n, "--input-len", "128", "--output-len", "1024"],
+                        rows, f"throughput-decode {n}x128/1024 {name}")
     print("\n== GGUF on the GPU ==")
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -200,6 +200,34 @@ def test_kquant_gemv_q8_matches_rounded_activations(name, device):
     torch.testing.assert_close(sums.cpu().double(), x.double().view(1, -1, 32).sum(-1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", KQ)
+@pytest.mark.parametrize("impl", ["v1", "v2"])
+def test_kquant_gemv_q8_steps_and_ragged_rows(name, impl, device, monkeypatch):
+    """Both 8-bit GEMVs over several steps of several blocks (pairs of Q6_K blocks), rows per program
+    not dividing N, written into a column slice: the product with the rounded activations."""
+    monkeypatch.setattr(gguf_gpu, "GEMV_Q8_IMPL", impl)
+    w, ref_w, x = _kquant_case(name, 1, n=26, k=2048, seed=8)
+    wide = torch.full((1, 30), 7.0, device=device)
+    gguf_gpu.gemv_q8(x.to(device), w.to(device), TYPES[name], wide[:, 2:28], config=(4, 4, 4))
+    assert (wide[:, :2] == 7).all() and (wide[:, 28:] == 7).all()
+    rounded = q8_activations(x) @ ref_w.T
+    got = wide[:, 2:28].cpu().double()
+    assert (got - rounded).abs().max() / rounded.abs().max() < (1e-5 if name == "Q6_K" else 2e-3)
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_kquant_gemv_q8_few_rows(name, device):
+    """2..16 activation rows through the 8-bit kernels (one read of the weight for all of them): each
+    row equals its product with the rounded activations, into a column slice of a wider output."""
+    w, ref_w, x = _kquant_case(name, 3, n=20, k=1024, seed=12)
+    wide = torch.full((3, 24), 7.0, device=device)
+    gguf_gpu.gemv_q8(x.to(device), w.to(device), TYPES[name], wide[:, 1:21], config=(4, 2, 4))
+    assert (wide[:, :1] == 7).all() and (wide[:, 21:] == 7).all()
+    rounded = q8_activations(x) @ ref_w.T
+    got = wide[:, 1:21].cpu().double()
+    assert (got - rounded).abs().max() / rounded.abs().max() < (1e-5 if name == "Q6_K" else 2e-3)
+
+
 def test_kquant_q6k_odd_block_count_not_q8():
     """Q6_K rows of an odd number of blocks are not whole int32 words: the exact kernel takes them."""
     assert not gguf_gpu.q8_supported(TYPES["Q6_K"], 768)
@@ -247,12 +275,15 @@ def test_kquant_tiled_many_rows(name, device, monkeypatch):
     assert _rel_err(out, x.double() @ ref_w.T) < 1e-6
 
 
-def test_kquant_q8_activations_shared_across_segments(device):
-    """A fused layer rounds its batch-1 activations once; each segment's GEMV then gives what it
-    gives rounding them itself (bf16 activations take the 8-bit path by default)."""
-    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=torch.bfloat16)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_kquant_q8_activations_shared_across_segments(rows, device):
+    """A fused layer rounds its activations once; each segment's GEMV then gives what it gives
+    rounding them itself (bf16 activations take the 8-bit path by default up to Q8_MAX_ROWS rows)."""
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=torch.bfloat16)
     xq = gguf_matmul.q8_activations(x)
     assert xq is not None and gguf_matmul.q8_activations(x.float()) is None
+    too_many = torch.zeros(gguf_gpu.Q8_MAX_ROWS + 1, 512, device=device, dtype=torch.bfloat16)
+    assert gguf_matmul.q8_activations(too_many) is None
     for name in KQ:
         w = torch.from_numpy(random_blocks(name, 8, 512, seed=6)).to(device)
         torch.testing.assert_close(gguf_matmul.gguf_linear(x, w, TYPES[name], xq=xq),
@@ -277,3 +308,22 @@ def test_cpu_batch_path_reuses_its_scratch_correctly():
         ref = x.double() @ w.T
         torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
         assert torch.equal(a, b)
+
+
+def test_cpu_batch_path_row_tiles(monkeypatch):
+    """A weight above ``CPU_DEQUANT_TILE`` values goes in row tiles (the LM head): every tile, the ragged
+    last one included, lands in its columns, with its part of the bias, also into a column slice."""
+    from aphrodite.modeling.layers.quantization import gguf as gguf_method
+    monkeypatch.setattr(gguf_method, "CPU_DEQUANT_TILE", 256 * 10)
+    rows = gguf_method.CPU_GEMV_MAX_ROWS + 3
+    g = torch.Generator().manual_seed(3)
+    for name in ("Q8_0", "Q4_K"):
+        raw = random_blocks(name, 37, 256, seed=11)
+        seg = gguf_method.Segment(0, 37, TYPES[name], torch.from_numpy(raw))
+        x, bias = torch.randn(rows, 256, generator=g), torch.randn(37, generator=g)
+        ref = x.double() @ reference(raw, name).T + bias.double()
+        wide = torch.zeros(rows, 40)
+        got = gguf_method._matmul(seg, x, bias, out=wide[:, 2:39])
+        for out in (got, wide[:, 2:39]):
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        assert (wide[:, :2] == 0).all() and (wide[:, 39:] == 0).all()

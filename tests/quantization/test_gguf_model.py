@@ -51,14 +51,17 @@ def _tensor(rng: np.random.Generator, name: str, rows: int, k: int, scale: float
     return _blocks(rng, name, rows, k, scale), Q[name]
 
 
-def write_tiny_gguf(path: Path, embed_type: str = "Q6_K", head_type: str | None = "Q8_0") -> Path:
-    """A 2-layer Llama GGUF; ``head_type=None`` ties the LM head to the embedding."""
+def write_tiny_gguf(path: Path, embed_type: str = "Q6_K", head_type: str | None = "Q8_0",
+                    layer_types: list[dict[str, str]] | None = None) -> Path:
+    """A Llama GGUF of ``len(layer_types)`` layers (default ``LAYER_TYPES``); ``head_type=None`` ties the
+    LM head to the embedding."""
+    layer_types = LAYER_TYPES if layer_types is None else layer_types
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(128)
     writer.add_embedding_length(HIDDEN)
     writer.add_feed_forward_length(INTER)
-    writer.add_block_count(len(LAYER_TYPES))
+    writer.add_block_count(len(layer_types))
     writer.add_head_count(N_HEAD)
     writer.add_head_count_kv(N_KV)
     writer.add_layer_norm_rms_eps(1e-5)
@@ -74,7 +77,7 @@ def write_tiny_gguf(path: Path, embed_type: str = "Q6_K", head_type: str | None 
     shapes = {"attn_q": (N_HEAD * HEAD_DIM, HIDDEN), "attn_k": (N_KV * HEAD_DIM, HIDDEN),
               "attn_v": (N_KV * HEAD_DIM, HIDDEN), "attn_output": (HIDDEN, N_HEAD * HEAD_DIM),
               "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN), "ffn_down": (HIDDEN, INTER)}
-    for i, types in enumerate(LAYER_TYPES):
+    for i, types in enumerate(layer_types):
         for key, qtype in types.items():
             tensors[f"blk.{i}.{key}.weight"] = _tensor(rng, qtype, *shapes[key])
         tensors[f"blk.{i}.attn_norm.weight"] = (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32), None

@@ -29,13 +29,14 @@ from torch import nn
 
 from aphrodite.config import layer_sliding_windows
 from aphrodite.kernels.qk_norm import qk_rms_norm
-from aphrodite.modeling.layers.attention import Attention
+from aphrodite.modeling.layers.attention import Attention, get_attention_metadata
 from aphrodite.modeling.layers.embedding import ParallelLMHead, VocabParallelEmbedding, compute_lm_logits
 from aphrodite.modeling.layers.linear import QKVParallelLinear, RowParallelLinear
 from aphrodite.modeling.layers.mlp import GatedMLP
 from aphrodite.modeling.layers.moe import expert_params_mapping
 from aphrodite.modeling.layers.norm import GemmaRMSNorm, RMSNorm
 from aphrodite.modeling.layers.quantization import QuantizationConfig
+from aphrodite.modeling.layers.quantization.gguf_decode import fused_decode
 from aphrodite.modeling.layers.rotary import RotaryEmbedding, get_rope_config
 from aphrodite.modeling.models.pipeline import (
     IntermediateTensors,
@@ -211,6 +212,10 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
         hidden, residual = stage_input(self.embed, input_ids, intermediate_tensors)
+        if residual is None and hidden.device.type == "cpu":   # GGUF blocks: a decode step in one C call
+            out = fused_decode(self, hidden, positions, get_attention_metadata())
+            if out is not None:
+                return out
         states = [r.prepare(positions) for r in self.rotary_embs]
         for i in range(self.start_layer, self.end_layer):
             r = self.rope_index[i]

@@ -40,10 +40,20 @@ from aphrodite.modeling.layers.quantization.base import LinearMethod, Quantizati
 WeightLoader = Callable[..., None]
 
 # Up to this many rows the CPU reads the blocks (C GEMV, 8 rows per pass over the weight); more
-# rows dequantize the weight once per call and run a BLAS GEMM (compute-bound there, the
-# dequantization is amortized). Measured on the CI machine (SmolLM2-135M Q4_1, bf16, CPU time
-# per forward): 16 rows GEMV 97 ms vs dequantize+GEMM 228 ms; 64 rows 384 ms vs 292 ms.
-CPU_GEMV_MAX_ROWS = 32
+# rows dequantize the weight (AVX-512, in cache-sized row tiles for the LM head) and run a BLAS GEMM.
+# Measured on the CI machine (SmolLM2-135M Q4_1, all matmuls of a step, one thread, CPU time):
+# float32 8 rows GEMV 47 ms vs dequantize+GEMM 67 ms, 16 rows 94 vs 109, 32 rows 178 vs 132;
+# bfloat16 8 rows 55 vs 64, 16 rows 105 vs 76, 32 rows 242 vs 88.
+CPU_GEMV_MAX_ROWS = 16
+CPU_GEMV_MAX_ROWS_BF16 = 8
+
+
+def cpu_gemv_max_rows(dtype: torch.dtype) -> int:
+    """The most rows of ``dtype`` activations that take the C GEMV on the CPU."""
+    return CPU_GEMV_MAX_ROWS_BF16 if dtype == torch.bfloat16 else CPU_GEMV_MAX_ROWS
+# Above that, a weight of more than this many values (the LM head) is dequantized and multiplied in
+# row tiles of about this size (4 MB in bf16), which stay in L3 between the two passes.
+CPU_DEQUANT_TILE = 1 << 21
 # The CPU GEMV keeps activations in float32 (results equal dequantize-then-matmul, so greedy
 # output matches transformers on the same file). APHRODITE_GGUF_Q8_ACTIVATIONS=1 rounds them to
 # 8 bits per 32 values first, as llama.cpp does (integer dot products, ~0.5% error per product).
@@ -265,7 +275,7 @@ def _scratch(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _cpu_gemv(x: torch.Tensor) -> bool:
     """Whether ``x [M, K]`` goes through the C GEMV that reads the blocks (few rows on the CPU)."""
-    return (x.device.type == "cpu" and x.shape[0] <= CPU_GEMV_MAX_ROWS and not use_triton(x)
+    return (x.device.type == "cpu" and x.shape[0] <= cpu_gemv_max_rows(x.dtype) and not use_triton(x)
             and gguf_ops.available(x.dtype))
 
 
@@ -286,6 +296,14 @@ def _matmul(seg: Segment, x: torch.Tensor, bias: torch.Tensor | None = None,
     elif x.device.type == "cpu" and not use_triton(x):
         k = x.shape[-1]
         if gguf_ops.available(x.dtype):
+            step = max(1, CPU_DEQUANT_TILE // k)
+            if seg.rows > step:   # the LM head: tiles that stay in cache between dequantize and GEMM
+                y = torch.empty(x.shape[0], seg.rows, dtype=x.dtype) if out is None else out
+                for r0 in range(0, seg.rows, step):
+                    r1 = min(seg.rows, r0 + step)
+                    w = gguf_ops.dequantize(seg.data[r0:r1], seg.qtype, k, x.dtype, out=_scratch(r1 - r0, k, x.dtype))
+                    y[:, r0:r1] = F.linear(x, w, None if bias is None else bias[r0:r1])
+                return y
             w = gguf_ops.dequantize(seg.data, seg.qtype, k, x.dtype, out=_scratch(seg.rows, k, x.dtype))
         else:
             w = gguf_matmul.dequantize_reference(seg.data, seg.qtype, k, x.dtype)
