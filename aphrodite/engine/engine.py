@@ -195,8 +195,7 @@ class LLMEngine:
             return
         manager = self.structured_output
         bitmask = manager.new_bitmask(len(sched.requests))
-        for i in rows:
-            manager.fill(bitmask, i, sched.requests[i].grammar)
+        manager.fill_many(bitmask, rows, [sched.requests[i].grammar for i in rows])
         sched.grammar_bitmask = bitmask
 
     def _accept_inflight_tokens(self, sched: SchedulerOutput) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +49,9 @@ class StructuredOutputManager:
                                                        stop_token_ids=list(stop_token_ids) or None)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_workers)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="aphrodite-grammar")
+        # Fills many rows' bitmasks in one call on xgrammar's own threads (the GIL released): the fill sits
+        # on the engine loop's critical path, where one Python call per row cost the GPU most of its steps.
+        self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, os.cpu_count() or 1)))
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self._cache_size = cache_size
@@ -99,9 +103,13 @@ class StructuredOutputManager:
 
     def fill(self, bitmask: np.ndarray, row: int, state: GrammarState) -> None:
         """Write ``state``'s allowed next tokens into ``bitmask[row]``."""
+        self.fill_many(bitmask, [row], [state])
+
+    def fill_many(self, bitmask: np.ndarray, rows: list[int], states: list[GrammarState]) -> None:
+        """Write each state's allowed next tokens into its row of ``bitmask``, all in one call."""
         import torch
-        view = torch.from_numpy(bitmask)
-        state.matcher.fill_next_token_bitmask(view, row)
+        self._batch.batch_fill_next_token_bitmask([s.matcher for s in states], torch.from_numpy(bitmask),
+                                                  indices=rows)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
