@@ -22,6 +22,9 @@ Kernels:
     ``DECODE_SOLO_TILES`` tiles is not split at all). This keeps the GPU busy when few
     sequences have long contexts. With ``DecodeAppend`` the decode launch also rotates q and k and
     appends this step's k/v to the cache, so a decode layer's attention is a single launch.
+    The split factor is a run-time argument (only its power-of-two bound is compiled in): the factor
+    follows the batch and its longest context, and as a compile-time constant every new value met while
+    serving cost a kernel compile of seconds inside a step.
 Softmax is online in fp32 (base 2); fp32 inputs use IEEE dots so results match the reference to ~1e-5.
 
 Everything launched for a decode step depends only on tensor shapes and the Python ints of the
@@ -175,13 +178,13 @@ def _paged_attention_kernel(
         qsl_ptr, seq_lens_ptr, block_tables_ptr,
         part_o_ptr, part_m_ptr, part_l_ptr, count_ptr,
         pos_ptr, slot_ptr, kn_ptr, vn_ptr, cs_ptr,
-        qk_scale, num_seqs, num_q_heads, window, softcap,
+        qk_scale, num_seqs, num_q_heads, window, softcap, num_splits,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
         stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs, k_scale, v_scale,
         G: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-        DECODE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+        DECODE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
         ROPE: tl.constexpr, HALF: tl.constexpr, FUSED_REDUCE: tl.constexpr, S_PAD: tl.constexpr,
         SOLO_TILES: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr = False):
     kv_head = tl.program_id(1)
@@ -233,10 +236,10 @@ def _paged_attention_kernel(
     win_lo = seq_len * 0
     if WINDOW:
         win_lo = tl.maximum(ctx_len + q_start - window + 1, 0)
-    if NUM_SPLITS > 1:
+    if SPLIT:
         split = tl.program_id(2)
         n_tiles = tl.cdiv(seq_len - win_lo, BLOCK_N)
-        tiles_per_split = tl.maximum(tl.cdiv(n_tiles, NUM_SPLITS), 1)
+        tiles_per_split = tl.maximum(tl.cdiv(n_tiles, num_splits), 1)
         # A short context goes to one program: merging splits costs more than its few serial tiles.
         tiles_per_split = tl.where(n_tiles <= SOLO_TILES, tl.maximum(n_tiles, 1), tiles_per_split)
         # Splits past the last tile hold no keys; with the in-kernel reduce they skip everything.
@@ -379,12 +382,12 @@ def _paged_attention_kernel(
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     st_mask = row_ok[:, None] & d_ok[None, :]
     out_rows = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-    if NUM_SPLITS > 1:
+    if SPLIT:
         if FUSED_REDUCE:
             if n_active == 1:
                 tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=st_mask)
             else:
-                idx = (seq * num_q_heads + head).to(tl.int64) * NUM_SPLITS + split
+                idx = (seq * num_q_heads + head).to(tl.int64) * num_splits + split
                 tl.store(part_o_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], o, mask=st_mask)
                 tl.store(part_m_ptr + idx, m_i, mask=row_ok)
                 tl.store(part_l_ptr + idx, l_i, mask=row_ok)
@@ -399,7 +402,7 @@ def _paged_attention_kernel(
                     s_ok = offs_s < n_active
                     for gh in tl.static_range(G):
                         hh = kv_head * G + gh
-                        base = (seq * num_q_heads + hh).to(tl.int64) * NUM_SPLITS
+                        base = (seq * num_q_heads + hh).to(tl.int64) * num_splits
                         pm = tl.load(part_m_ptr + base + offs_s, mask=s_ok, other=-1.0e30, cache_modifier=".cg")
                         pl = tl.load(part_l_ptr + base + offs_s, mask=s_ok, other=0.0, cache_modifier=".cg")
                         po = tl.load(part_o_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
@@ -410,7 +413,7 @@ def _paged_attention_kernel(
                         tl.store(out_ptr + seq.to(tl.int64) * stride_ot + hh * stride_oh + offs_d,
                                  res.to(out_ptr.dtype.element_ty), mask=d_ok)
         else:
-            idx = (seq * num_q_heads + head).to(tl.int64) * NUM_SPLITS + split
+            idx = (seq * num_q_heads + head).to(tl.int64) * num_splits + split
             tl.store(part_o_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], o, mask=st_mask)
             tl.store(part_m_ptr + idx, m_i, mask=row_ok)
             tl.store(part_l_ptr + idx, l_i, mask=row_ok)
@@ -419,13 +422,13 @@ def _paged_attention_kernel(
 
 
 def _split_kv_reduce_kernel(part_o_ptr, part_m_ptr, part_l_ptr, out_ptr, stride_ot, stride_oh, num_q_heads,
-                            NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            num_splits, S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                             D_PAD: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    base = (seq * num_q_heads + head).to(tl.int64) * NUM_SPLITS
+    base = (seq * num_q_heads + head).to(tl.int64) * num_splits
     offs_s = tl.arange(0, S_PAD)
-    s_ok = offs_s < NUM_SPLITS
+    s_ok = offs_s < num_splits
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     m = tl.load(part_m_ptr + base + offs_s, mask=s_ok, other=-1.0e30)
@@ -613,16 +616,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             rope_ptrs, rope_strides, half = no_rope, no_rope_strides, 1
         launch[(nd, hkv, splits)](
             q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
-            part_o, part_m, part_l, counters if fused else out, *rope_ptrs, qk_scale, nd, hq, window, softcap, *common,
+            part_o, part_m, part_l, counters if fused else out, *rope_ptrs, qk_scale, nd, hq, window, softcap, splits,
+            *common,
             *rope_strides, float(k_scale), float(v_scale),
             G=g, HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m, BLOCK_Q=1, BLOCK_N=block_n,
-            DECODE=True, NUM_SPLITS=splits, IEEE=ieee, ROPE=append is not None, HALF=half,
+            DECODE=True, SPLIT=splits > 1, IEEE=ieee, ROPE=append is not None, HALF=half,
             FUSED_REDUCE=fused, S_PAD=next_pow2(splits), SOLO_TILES=solo_tiles, KV_FP8=_is_fp8(k_cache),
             num_warps=warps, num_stages=stages, **variant)
         if splits > 1 and not fused:
             _split_kv_reduce(q.device)[(nd, hq)](
-                part_o, part_m, part_l, out, out.stride(0), out.stride(1), hq,
-                NUM_SPLITS=splits, S_PAD=next_pow2(splits), HEAD_DIM=d, D_PAD=d_pad, num_warps=4)
+                part_o, part_m, part_l, out, out.stride(0), out.stride(1), hq, splits,
+                S_PAD=next_pow2(splits), HEAD_DIM=d, D_PAD=d_pad, num_warps=4)
 
     if nd < b:
         nseq = b - nd
@@ -630,10 +634,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         grid0 = t // block_q + nseq
         launch[(grid0, hkv, 1)](
             q, k_cache, v_cache, out, query_start_loc[nd:], seq_lens[nd:], block_tables[nd:],
-            out, out, out, out, *no_rope, qk_scale, nseq, hq, window, softcap, *common, *no_rope_strides,
+            out, out, out, out, *no_rope, qk_scale, nseq, hq, window, softcap, 1, *common, *no_rope_strides,
             float(k_scale), float(v_scale),
             G=g, HEAD_DIM=d, D_PAD=d_pad, PAGE=page, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-            DECODE=False, NUM_SPLITS=1, IEEE=ieee, ROPE=False, HALF=1, FUSED_REDUCE=False, S_PAD=1,
+            DECODE=False, SPLIT=False, IEEE=ieee, ROPE=False, HALF=1, FUSED_REDUCE=False, S_PAD=1,
             SOLO_TILES=0, KV_FP8=_is_fp8(k_cache), num_warps=warps, num_stages=stages, **variant)
     return out
 
