@@ -25,6 +25,9 @@ def main() -> None:
     for shape in SHAPES:
         lat = bench("latency", shape, "--batch-size", "1", "--input-len", "128", "--output-len", "256",
                     "--num-iters-warmup", "2", "--num-iters", "3")
+        # A short run first, so the timed one meets no first-use kernel compiles (they land in Triton's disk
+        # cache); on a cold cache they dominated a 100-prompt run (BENCHMARKS.md, third session, call 4).
+        bench("throughput", shape, "--num-prompts", "32", "--input-len", "1024", "--output-len", "128")
         pre = bench("throughput", shape, "--num-prompts", str(args.prefill_prompts), "--input-len", "1024",
                     "--output-len", "128")
         params = active_params(shape)
