@@ -41,7 +41,7 @@ import os
 
 import torch
 
-from aphrodite.kernels.triton_utils import LazyKernel, next_pow2, tl, triton
+from aphrodite.kernels.triton_utils import DeviceFunction, LazyKernel, next_pow2, tl, triton
 
 Q4_K, Q5_K, Q6_K = 12, 13, 14
 FAST_TYPES = (Q4_K, Q5_K, Q6_K)
@@ -121,20 +121,13 @@ def _q6k_scales_fn(p):
     return s0, s1, s2, s3
 
 
-class _DeviceFunction(triton.runtime.jit.JITFunction):  # type: ignore[misc]
-    """A ``@triton.jit`` helper that compiled kernels inline and interpreted kernels call as Python."""
-
-    def __call__(self, *args, **kwargs):   # reached only from a kernel run by the interpreter
-        return self.fn(*args, **kwargs)
-
-
-_codes_f32 = _DeviceFunction(_codes_f32_fn)
-_half_at = _DeviceFunction(_half_at_fn)
-_q4k_scales = _DeviceFunction(_q4k_scales_fn)
-_q4k_codes = _DeviceFunction(_q4k_codes_fn)
-_q6k_fields = _DeviceFunction(_q6k_fields_fn)
-_q6k_scales = _DeviceFunction(_q6k_scales_fn)
-_q6k_offsets = _DeviceFunction(_q6k_offsets_fn)
+_codes_f32 = DeviceFunction(_codes_f32_fn)
+_half_at = DeviceFunction(_half_at_fn)
+_q4k_scales = DeviceFunction(_q4k_scales_fn)
+_q4k_codes = DeviceFunction(_q4k_codes_fn)
+_q6k_fields = DeviceFunction(_q6k_fields_fn)
+_q6k_scales = DeviceFunction(_q6k_scales_fn)
+_q6k_offsets = DeviceFunction(_q6k_offsets_fn)
 
 
 
@@ -276,6 +269,20 @@ def _dequant_fn(w_ptr, out_ptr, N, row_bytes, stride_on,
 # ---------------------------------------------------------------------------------------------
 # batch 1 with 8-bit activations (llama.cpp's mmvq): integer dot products of 4 codes at a time
 
+def _q6k_signed_bytes_fn(qa, qb, qh):
+    """Q6_K's four 32-bit words of 6-bit codes q (0..63) as signed bytes q - 32, from the low-nibble words
+    ``qa``/``qb`` and the high-bit word ``qh``: ((q | 0x80) - 0x20) ^ 0x80 per byte, so no byte borrows from
+    its neighbour (-0x7F7F7F80 is 0x80808080 as an int32)."""
+    q0 = (((qa & 0x0F0F0F0F) | ((qh & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
+    q1 = (((qb & 0x0F0F0F0F) | (((qh >> 2) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
+    q2 = ((((qa >> 4) & 0x0F0F0F0F) | (((qh >> 4) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
+    q3 = ((((qb >> 4) & 0x0F0F0F0F) | (((qh >> 6) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
+    return q0, q1, q2, q3
+
+
+_q6k_signed_bytes = DeviceFunction(_q6k_signed_bytes_fn)
+
+
 def _dp4a_fn(a, b, c, ASM: tl.constexpr):
     """``c + sum_j a.byte[j] * b.byte[j]`` (signed bytes) per int32 element: one ``dp4a``."""
     if ASM:
@@ -288,7 +295,7 @@ def _dp4a_fn(a, b, c, ASM: tl.constexpr):
         return acc
 
 
-_dp4a = _DeviceFunction(_dp4a_fn)
+_dp4a = DeviceFunction(_dp4a_fn)
 
 
 def _quant_x_fn(x_ptr, q_ptr, d_ptr, s_ptr, n_groups, stride_xm, GROUPS: tl.constexpr):
@@ -316,7 +323,7 @@ def _word_at_fn(w32_ptr, i, odd):
     return tl.where(odd != 0, ((lo >> 16) & 0xFFFF) | (hi << 16), lo)
 
 
-_word_at = _DeviceFunction(_word_at_fn)
+_word_at = DeviceFunction(_word_at_fn)
 
 
 def _gemv_q8_fn(xq_ptr, xd_ptr, xs_ptr, w_ptr, w32_ptr, out_ptr, N, row_bytes, n_blocks,
@@ -366,14 +373,7 @@ def _gemv_q8_fn(xq_ptr, xd_ptr, xs_ptr, w_ptr, w32_ptr, out_ptr, N, row_bytes, n
             qb = _word_at(w32_ptr, wb + n * 16 + 8 + gw, odd)
             qh = _word_at(w32_ptr, wb + 32 + n * 8 + gw, odd)
             xw = xq_ptr + blk[None, :, None, None, None] * 64 + n * 32 + gw
-            # 6-bit codes q in 0..63 as signed bytes q - 32: ((q | 0x80) - 0x20) ^ 0x80 per byte, no borrows
-            # (-0x7F7F7F80 is 0x80808080 as an int32)
-            q0 = (((qa & 0x0F0F0F0F) | ((qh & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
-            q1 = (((qb & 0x0F0F0F0F) | (((qh >> 2) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
-            q2 = ((((qa >> 4) & 0x0F0F0F0F) | (((qh >> 4) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) \
-                ^ -0x7F7F7F80
-            q3 = ((((qb >> 4) & 0x0F0F0F0F) | (((qh >> 6) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) \
-                ^ -0x7F7F7F80
+            q0, q1, q2, q3 = _q6k_signed_bytes(qa, qb, qh)
             i0 = tl.sum(_dp4a(q0, tl.load(xw), 0, ASM), axis=4).to(tl.float32)           # [BN, BB, 2, 2]
             i1 = tl.sum(_dp4a(q1, tl.load(xw + 8), 0, ASM), axis=4).to(tl.float32)
             i2 = tl.sum(_dp4a(q2, tl.load(xw + 16), 0, ASM), axis=4).to(tl.float32)
@@ -396,7 +396,7 @@ def _half_lo_fn(w):
     return (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
-_half_lo = _DeviceFunction(_half_lo_fn)
+_half_lo = DeviceFunction(_half_lo_fn)
 
 
 def _lane_fn(t, k, jl, AXIS: tl.constexpr):
@@ -406,7 +406,7 @@ def _lane_fn(t, k, jl, AXIS: tl.constexpr):
     return tl.max(tl.where(jl == k, t, -2147483648), axis=AXIS)
 
 
-_lane = _DeviceFunction(_lane_fn)
+_lane = DeviceFunction(_lane_fn)
 
 
 def _gemv_q8k_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, M, N, row_quads, n_blocks, stride_om,
@@ -487,7 +487,7 @@ def _funnel_fn(lo, hi, shift, ASM: tl.constexpr):
         return tl.where(shift != 0, ((lo >> 16) & 0xFFFF) | (hi << 16), lo)
 
 
-_funnel = _DeviceFunction(_funnel_fn)
+_funnel = DeviceFunction(_funnel_fn)
 
 
 def _words_at_fn(p, e, jl, sh, ASM: tl.constexpr):
@@ -502,7 +502,7 @@ def _words_at_fn(p, e, jl, sh, ASM: tl.constexpr):
     return _funnel(lo, hi, sh, ASM)
 
 
-_words_at = _DeviceFunction(_words_at_fn)
+_words_at = DeviceFunction(_words_at_fn)
 
 
 def _gemv_q8k6_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, M, N, row_words, n_blocks, stride_om,
@@ -547,14 +547,7 @@ def _gemv_q8k6_fn(xq_ptr, xd_ptr, xs_ptr, w32_ptr, out_ptr, M, N, row_words, n_b
         dw = tl.load(tl.broadcast_to(pw + 49, shape) + jl, mask=tl.broadcast_to(jl == 3, shape), other=0)
         xb = tl.broadcast_to(xq_ptr + xrow + blk * 64 + 32 * n + 4 * jh + jl, shape)
         xd = tl.load(tl.broadcast_to(xd_ptr + grow + blk * 8 + 4 * n + jl, shape)).to(tl.int32, bitcast=True)
-        # 6-bit codes q in 0..63 as signed bytes q - 32: ((q | 0x80) - 0x20) ^ 0x80 per byte, no borrows
-        # (-0x7F7F7F80 is 0x80808080 as an int32)
-        q0 = (((qa & 0x0F0F0F0F) | ((qh & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
-        q1 = (((qb & 0x0F0F0F0F) | (((qh >> 2) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) ^ -0x7F7F7F80
-        q2 = ((((qa >> 4) & 0x0F0F0F0F) | (((qh >> 4) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) \
-            ^ -0x7F7F7F80
-        q3 = ((((qb >> 4) & 0x0F0F0F0F) | (((qh >> 6) & 0x03030303) << 4) | -0x7F7F7F80) - 0x20202020) \
-            ^ -0x7F7F7F80
+        q0, q1, q2, q3 = _q6k_signed_bytes(qa, qb, qh)
         i0 = tl.sum(_dp4a(q0, tl.load(xb), 0, ASM), axis=6).to(tl.float32)        # [BM, BN, BP, 2, 2, 2]
         i1 = tl.sum(_dp4a(q1, tl.load(xb + 8), 0, ASM), axis=6).to(tl.float32)
         i2 = tl.sum(_dp4a(q2, tl.load(xb + 16), 0, ASM), axis=6).to(tl.float32)

@@ -565,6 +565,24 @@ def dry_proposals_ref(logits: torch.Tensor, rows: torch.Tensor, history: torch.T
     return nxt, torch.where(new_len > 0, cur_logit - multiplier[:, None] * scale, cur_logit)
 
 
+def _dry_match_fn(hrow, srow, pos, inside, last, start, last_pos, cur, allowed, limit, carry):
+    """One chunk of a DRY row's history: each position's occurrence rank (``carry`` occurrences are newer) and
+    its proposed match length (0: none), and how many occurrences the chunk holds; both passes of
+    ``_dry_kernel`` read the history through this, so they cannot disagree."""
+    h = tl.load(hrow + pos, mask=inside, other=0)
+    s = tl.load(srow + pos, mask=inside, other=0).to(tl.int64)
+    ep = (h == last) & (pos >= start) & (pos < last_pos) & (cur > allowed) & inside
+    e = ep.to(tl.int32)
+    rank = tl.cumsum(e, 0, reverse=True) + carry
+    match = tl.minimum(s - 1, tl.minimum(pos - start, cur))
+    new_len = tl.where(ep & (rank <= limit) & (match > 0), match + 1, 0)
+    return rank, new_len, tl.sum(e, 0)
+
+
+if HAS_TRITON:
+    _dry_match = DeviceFunction(_dry_match_fn)
+
+
 def _dry_kernel(x_ptr, x_stride, rows_ptr, hist_ptr, hist_stride, suf_ptr, suf_stride, trail_ptr, bounds_ptr,
                 mult_ptr, base_ptr, nxt_ptr, val_ptr, W, BLOCK: tl.constexpr):
     """One program per DRY row, two passes over its history from the newest position back (the occurrence
@@ -589,14 +607,8 @@ def _dry_kernel(x_ptr, x_stride, rows_ptr, hist_ptr, hist_stride, suf_ptr, suf_s
     for i in range(0, n_chunks):
         pos = (n_chunks - 1 - i) * BLOCK + offs
         inside = pos < W
-        h = tl.load(hrow + pos, mask=inside, other=0)
-        s = tl.load(srow + pos, mask=inside, other=0).to(tl.int64)
-        ep = (h == last) & (pos >= start) & (pos < last_pos) & (cur > allowed) & inside
-        e = ep.to(tl.int32)
-        rank = tl.cumsum(e, 0, reverse=True) + carry
-        carry += tl.sum(e, 0)
-        match = tl.minimum(s - 1, tl.minimum(pos - start, cur))
-        new_len = tl.where(ep & (rank <= limit) & (match > 0), match + 1, 0)
+        rank, new_len, found = _dry_match(hrow, srow, pos, inside, last, start, last_pos, cur, allowed, limit, carry)
+        carry += found
         hit = (new_len > 0) & (new_len >= early)
         first_hit = tl.minimum(first_hit, tl.min(tl.where(hit, rank, W + 2), 0))
     xrow = x_ptr + tl.load(rows_ptr + r) * x_stride
@@ -606,14 +618,8 @@ def _dry_kernel(x_ptr, x_stride, rows_ptr, hist_ptr, hist_stride, suf_ptr, suf_s
     for i in range(0, n_chunks):
         pos = (n_chunks - 1 - i) * BLOCK + offs
         inside = pos < W
-        h = tl.load(hrow + pos, mask=inside, other=0)
-        s = tl.load(srow + pos, mask=inside, other=0).to(tl.int64)
-        ep = (h == last) & (pos >= start) & (pos < last_pos) & (cur > allowed) & inside
-        e = ep.to(tl.int32)
-        rank = tl.cumsum(e, 0, reverse=True) + carry
-        carry += tl.sum(e, 0)
-        match = tl.minimum(s - 1, tl.minimum(pos - start, cur))
-        new_len = tl.where(ep & (rank <= limit) & (match > 0), match + 1, 0)
+        rank, new_len, found = _dry_match(hrow, srow, pos, inside, last, start, last_pos, cur, allowed, limit, carry)
+        carry += found
         new_len = tl.where(rank <= first_hit, new_len, 0)
         nxt = tl.load(hrow + tl.minimum(pos + 1, W - 1), mask=inside, other=0).to(tl.int64)
         x = tl.load(xrow + nxt, mask=inside, other=0.0)

@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-for _key, _value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                     "NVSHMEM_DISABLE_NVLS": "1"}.items():
-    os.environ[_key] = _value
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from aphrodite.distributed.parallel_state import disable_nvlink_multicast  # noqa: E402
+
+disable_nvlink_multicast()   # NVLink multicast stays off in this process and the ranks it starts
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pstats
 import sys
 import tempfile
@@ -21,10 +20,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-for _key, _value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                     "NVSHMEM_DISABLE_NVLS": "1"}.items():
-    os.environ[_key] = _value
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from aphrodite.distributed.parallel_state import disable_nvlink_multicast  # noqa: E402
+
+disable_nvlink_multicast()   # NVLink multicast stays off in this process and the ranks it starts
 
 WORKLOADS = {"decode": (128, 1024), "prefill": (1024, 128)}
 
