@@ -35,6 +35,16 @@ def test_recorded_specialization_compiles_in_a_child_into_the_shared_cache(tmp_p
     assert precompile._on_disk(jit_fn, data, GPUTarget(*target))
     assert list((tmp_path / "cache").rglob("*.cubin")), "the child wrote no binary"
 
+    # Triton itself, given what its JIT passes to compile() (the original values, not the JSON round trip),
+    # must report a cache hit: the real pass then only loads the child's binary.
+    from triton import knobs
+    from triton.compiler import ASTSource
+
+    hits = []
+    monkeypatch.setattr(knobs.compilation, "listener", lambda **kw: hits.append(kw["cache_hit"]))
+    triton.compile(ASTSource(jit_fn, signature, constants, {}), target=GPUTarget(*target), options=options.__dict__)
+    assert hits == [True]
+
 
 def test_gluon_kernel_compiles_ahead_into_the_cache_its_launch_reads(tmp_path, monkeypatch):
     """Gluon kernels (the Hopper W4A16/GEMV kernels) go through their own source type, so the dry pass finds
