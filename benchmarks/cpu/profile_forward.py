@@ -24,6 +24,7 @@ import torch
 
 import aphrodite.kernels.cpu.gguf_ops as gguf_ops
 import aphrodite.kernels.cpu.ops as cpu_ops
+import aphrodite.kernels.cpu.packed_linear as packed_linear
 import aphrodite.modeling.layers.quantization.gguf_decode as gguf_decode
 from aphrodite import LLM, SamplingParams
 from aphrodite.modeling.layers.attention import get_attention_metadata, set_attention_metadata
@@ -71,6 +72,7 @@ def main() -> None:
     timed(gguf_ops.LinearCall, "__call__", "gguf matmul")
     timed(gguf_ops, "dequantize", "gguf dequantize")
     timed(gguf_decode._Plan, "run", "C decoder stack (all)")
+    timed(packed_linear, "linear", "dense matmul (oneDNN, packed)")
     for name in ("linear", "paged_decode_attention", "rms_norm", "silu_and_mul", "rope_write_kv"):
         timed(cpu_ops, name, name if name != "linear" else "dense matmul")
 

@@ -7,6 +7,7 @@ PyTorch reference (``gguf_matmul.dequantize_reference``) as the fallback.
 from __future__ import annotations
 
 import ctypes
+from functools import cache
 
 import torch
 
@@ -18,6 +19,17 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 def available(dtype: torch.dtype) -> bool:
     """Whether the C kernels handle activations of ``dtype`` on this machine."""
     return dtype in _DTYPE_CODES and load_library() is not None
+
+
+# Block types the blocked 8-bit GEMM (gguf_gemm.c) covers; others keep dequantize + BLAS for many rows.
+GEMM_Q8_TYPES = frozenset((2, 3, 8))   # Q4_0, Q4_1, Q8_0
+
+
+@cache
+def gemm_q8_available() -> bool:
+    """Whether the blocked 8-bit-activation GEMM runs here (a C build with AVX-512 VNNI)."""
+    lib = load_library()
+    return lib is not None and bool(lib.aph_gguf_gemm_q8_supported())
 
 
 def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:

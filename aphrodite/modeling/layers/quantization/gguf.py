@@ -15,8 +15,9 @@ arrived the layer's rows are packed into one flat ``qweight`` of *segments*: run
 consecutive output rows of one type. A matmul runs one kernel per segment, writing its
 columns of the output in place (one segment for uniform layers).
 
-Kernels: on the CPU the C GEMV reads the blocks (decode), larger batches dequantize the
-weight and use BLAS; on CUDA (or under ``TRITON_INTERPRET=1``) the
+Kernels: on the CPU the C GEMV reads the blocks (decode); larger batches run the blocked 8-bit
+GEMM on the blocks (bfloat16 activations, Q4_0/Q4_1/Q8_0, AVX-512 VNNI) or dequantize the weight
+and use BLAS; on CUDA (or under ``TRITON_INTERPRET=1``) the
 Triton kernels of ``aphrodite.kernels.gguf_matmul``; elsewhere the PyTorch reference.
 """
 from __future__ import annotations
@@ -54,10 +55,15 @@ def cpu_gemv_max_rows(dtype: torch.dtype) -> int:
 # Above that, a weight of more than this many values (the LM head) is dequantized and multiplied in
 # row tiles of about this size (4 MB in bf16), which stay in L3 between the two passes.
 CPU_DEQUANT_TILE = 1 << 21
-# The CPU GEMV keeps activations in float32 (results equal dequantize-then-matmul, so greedy
-# output matches transformers on the same file). APHRODITE_GGUF_Q8_ACTIVATIONS=1 rounds them to
-# 8 bits per 32 values first, as llama.cpp does (integer dot products, ~0.5% error per product).
-CPU_Q8_ACTIVATIONS = os.environ.get("APHRODITE_GGUF_Q8_ACTIVATIONS", "0").lower() in ("1", "true", "yes", "on")
+# 8-bit activations: rounded to 8 bits per 32 values as llama.cpp does (integer dot products, ~0.5%
+# error per product). APHRODITE_GGUF_Q8_ACTIVATIONS: "1" everywhere; "0" nowhere (float32 products,
+# results as dequantize-then-matmul); unset ("auto"): bfloat16 activations above the GEMV's rows
+# (prefill, decode at batch 9+), where the blocked VNNI GEMM (gguf_gemm.c, Q4_0/Q4_1/Q8_0) is ~1.35x
+# the dense bf16 GEMM, whose ~90% of the bf16 peak a dequantize + BLAS path can at best tie. float32
+# stays exact by default (greedy output equal to transformers on the same file).
+_Q8_SETTING = os.environ.get("APHRODITE_GGUF_Q8_ACTIVATIONS", "auto").lower()
+CPU_Q8_ACTIVATIONS = _Q8_SETTING in ("1", "true", "yes", "on")
+CPU_Q8_BATCH_BF16 = CPU_Q8_ACTIVATIONS or _Q8_SETTING == "auto"
 _FLOAT_CODES = {dtype: code for code, dtype in GGML_FLOAT_TYPES.items()}
 _ALIGN = 64   # segment starts in the flat buffer (float views need aligned storage)
 
@@ -70,6 +76,7 @@ class Segment:
     qtype: int              # a GGML_BLOCKS code, or a float code for plain values
     data: torch.Tensor      # [rows, row_bytes] uint8 view of ``qweight``, or [rows, K] floats
     cpu_call: gguf_ops.LinearCall | None = None   # the C GEMV bound to ``data``, made on first use
+    cpu_gemm: gguf_ops.LinearCall | None = None   # the 8-bit-activation C GEMM (many rows), made on first use
 
 
 @dataclass
@@ -279,6 +286,13 @@ def _cpu_gemv(x: torch.Tensor) -> bool:
             and gguf_ops.available(x.dtype))
 
 
+def _cpu_gemm_q8(seg: Segment, x: torch.Tensor) -> bool:
+    """Whether many rows ``x [M, K]`` (above the GEMV's) take the blocked 8-bit-activation C GEMM."""
+    return ((CPU_Q8_ACTIVATIONS or (CPU_Q8_BATCH_BF16 and x.dtype == torch.bfloat16))
+            and seg.qtype in gguf_ops.GEMM_Q8_TYPES and x.shape[-1] % 32 == 0 and x.device.type == "cpu"
+            and not use_triton(x) and gguf_ops.available(x.dtype) and gguf_ops.gemm_q8_available())
+
+
 def _matmul(seg: Segment, x: torch.Tensor, bias: torch.Tensor | None = None,
             out: torch.Tensor | None = None, gemv: bool | None = None,
             xq: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
@@ -293,6 +307,12 @@ def _matmul(seg: Segment, x: torch.Tensor, bias: torch.Tensor | None = None,
                 seg.cpu_call = gguf_ops.LinearCall(seg.data, seg.qtype, exact=not CPU_Q8_ACTIVATIONS)
             return seg.cpu_call(x, out)
         return gguf_ops.linear(seg.data, seg.qtype, x, bias, out=out, exact=not CPU_Q8_ACTIVATIONS)
+    elif _cpu_gemm_q8(seg, x):
+        if bias is None and x.is_contiguous():
+            if seg.cpu_gemm is None:
+                seg.cpu_gemm = gguf_ops.LinearCall(seg.data, seg.qtype, exact=False)
+            return seg.cpu_gemm(x, out)
+        return gguf_ops.linear(seg.data, seg.qtype, x, bias, out=out, exact=False)
     elif x.device.type == "cpu" and not use_triton(x):
         k = x.shape[-1]
         if gguf_ops.available(x.dtype):
