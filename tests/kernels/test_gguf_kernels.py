@@ -49,6 +49,15 @@ def q8_activations(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(x.shape)
 
 
+def q8_activations_f32(x: torch.Tensor) -> torch.Tensor:
+    """``q8_activations`` in the kernels' float32 steps (code = rint(x * (1 / d)), d = max|x| / 127), so
+    values that land on a tie between two codes (common with bfloat16 inputs) round as they do."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / torch.where(d > 0, d, 1), 0)
+    return (torch.round(blocks * inv).double() * d.double()).reshape(x.shape)
+
+
 @pytest.mark.parametrize("name", TYPES)
 def test_reference_dequantize_matches_gguf(name):
     k = 512
@@ -141,6 +150,60 @@ def test_c_linear_writes_into_column_slice():
     gguf_ops.linear(raw, TYPES["Q4_K"], x, out=full[:, 5:13])
     assert (full[:, :5] == 7).all() and (full[:, 13:] == 7).all()
     torch.testing.assert_close(full[:, 5:13], gguf_ops.linear(raw, TYPES["Q4_K"], x))
+
+
+needs_gemm = pytest.mark.skipif(not gguf_ops.gemm_q8_available(), reason="no AVX-512 VNNI build")
+
+
+@needs_gemm
+@pytest.mark.parametrize("name", sorted(gguf_ops.GEMM_Q8_TYPES_BY_NAME))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,n,k", [(37, 100, 96), (64, 48, 576)])
+def test_c_gemm_q8_matches_float64(name, dtype, rows, n, k):
+    """The blocked VNNI GEMM (3+ rows, 8-bit activations) against the gguf library's dequantized weight
+    times the same 8-bit activations in float64, with bias, into a column slice (its row stride): panels
+    of 48 columns with a ragged last one (100 = 2 x 48 + 4), tiles of 4 rows with one left (37), K of
+    an odd number of 32-value blocks (96), and activations with outlier channels."""
+    raw = random_blocks(name, n, k, seed=rows + n)
+    w = reference(raw, name)
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, k, generator=g) * (1 + 20 * (torch.rand(k, generator=g) < 0.05))).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    wide = torch.full((rows, n + 7), 7.0, dtype=dtype)
+    out = gguf_ops.linear(torch.from_numpy(raw), TYPES[name], x, bias, out=wide[:, 3:3 + n], exact=False)
+    assert (wide[:, :3] == 7).all() and (wide[:, 3 + n:] == 7).all()
+    ref = q8_activations_f32(x) @ w.T + bias.double()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    else:
+        torch.testing.assert_close(out.double(), ref.to(dtype).double(), rtol=8e-3, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_gemm
+def test_cpu_batch_path_bf16_takes_the_q8_gemm(monkeypatch):
+    """bfloat16 rows above the GEMV's take the 8-bit GEMM by default (Q4_0/Q4_1/Q8_0; a K-quant keeps
+    dequantize + BLAS); APHRODITE_GGUF_Q8_ACTIVATIONS=0 keeps float products; float32 stays exact."""
+    from aphrodite.modeling.layers.quantization import gguf as gguf_method
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the C path, not the interpreted Triton kernels
+    rows = gguf_method.CPU_GEMV_MAX_ROWS + 5
+    g = torch.Generator().manual_seed(9)
+    monkeypatch.setattr(gguf_method, "CPU_Q8_ACTIVATIONS", False)
+    for name in ("Q4_1", "Q8_0", "Q4_K"):
+        raw = random_blocks(name, 40, 256, seed=4)
+        seg = gguf_method.Segment(0, 40, TYPES[name], torch.from_numpy(raw))
+        w = reference(raw, name)
+        x = torch.randn(rows, 256, generator=g)
+        q8 = gguf_ops.linear(seg.data, seg.qtype, x.bfloat16(), exact=False)
+        monkeypatch.setattr(gguf_method, "CPU_Q8_BATCH_BF16", True)
+        got = gguf_method._matmul(seg, x.bfloat16())
+        assert torch.equal(got, q8) == (name != "Q4_K")
+        monkeypatch.setattr(gguf_method, "CPU_Q8_BATCH_BF16", False)
+        exact = (x.bfloat16().double() @ w.to(torch.bfloat16).double().T).to(torch.bfloat16)
+        torch.testing.assert_close(gguf_method._matmul(seg, x.bfloat16()), exact, rtol=8e-3, atol=1e-3)
+        monkeypatch.setattr(gguf_method, "CPU_Q8_BATCH_BF16", True)
+        ref = x.double() @ w.T
+        torch.testing.assert_close(gguf_method._matmul(seg, x).double(), ref, rtol=1e-5,
+                                   atol=1e-5 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("name", TYPES)

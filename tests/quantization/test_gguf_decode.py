@@ -32,9 +32,9 @@ def _generate(llm: LLM, fused: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[l
     calls = []
     run = gguf_decode._Plan.run
 
-    def counted(self, hidden, positions, meta):
+    def counted(self, hidden, *args, **kwargs):
         calls.append(hidden.shape[0])
-        return run(self, hidden, positions, meta)
+        return run(self, hidden, *args, **kwargs)
     monkeypatch.setattr(gguf_decode._Plan, "run", counted)
     monkeypatch.setattr(gguf_decode, "ENABLED", fused)
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3, detokenize=False)
@@ -60,6 +60,42 @@ def test_fused_stack_equals_module_path(tmp_path: Path, monkeypatch: pytest.Monk
                   quantization="none")
         ref, _ = _generate(deq, False, monkeypatch)
         assert [r[0] for r in fused] == [r[0] for r in ref]
+
+
+LEGACY = [
+    {"attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q4_1", "attn_output": "Q8_0",
+     "ffn_gate": "Q4_0", "ffn_up": "Q4_0", "ffn_down": "Q4_1"},
+    {"attn_q": "Q8_0", "attn_k": "Q8_0", "attn_v": "Q8_0", "attn_output": "Q4_1",
+     "ffn_gate": "Q4_1", "ffn_up": "Q4_1", "ffn_down": "Q4_0"},
+]
+
+
+@pytest.mark.skipif(not gguf_ops.gemm_q8_available(), reason="no AVX-512 VNNI build")
+def test_fused_stack_many_rows_equals_module_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """bfloat16 decode of more rows than the GEMV takes: every projection takes the 8-bit GEMM, in the C
+    stack as in the modules, so tokens and logprobs are bit-identical; a model with a K-quant projection
+    leaves those steps to the module path."""
+    monkeypatch.setattr(gguf_method, "CPU_Q8_ACTIVATIONS", False)
+    monkeypatch.setattr(gguf_method, "CPU_Q8_BATCH_BF16", True)
+    rows = gguf_method.cpu_gemv_max_rows(__import__("torch").bfloat16) + 4
+    prompts = [[1, 7 + i, 30 + 2 * i, 90 - i] for i in range(rows)]
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3, detokenize=False)
+    results = []
+    run = gguf_decode._Plan.run
+    for types in (LEGACY, UNIFORM):
+        llm = LLM(str(write_tiny_gguf(tmp_path / f"m{len(results)}.gguf", layer_types=types)), device="cpu",
+                  dtype="bfloat16", skip_tokenizer_init=True, max_model_len=128, enable_prefix_caching=False)
+        for fused in (True, False):
+            calls = []
+            monkeypatch.setattr(gguf_decode._Plan, "run", lambda self, h, *a, _calls=calls, **k: (
+                _calls.append(h.shape[0]), run(self, h, *a, **k))[1])
+            monkeypatch.setattr(gguf_decode, "ENABLED", fused)
+            outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
+            results.append(([(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()}
+                                                        for d in o.outputs[0].logprobs]) for o in outs], calls))
+    (legacy_fused, legacy_calls), (legacy_module, _), (_, kquant_calls), _ = results
+    assert legacy_fused == legacy_module
+    assert rows in legacy_calls and rows not in kquant_calls
 
 
 def test_mixed_types_take_the_module_path(tmp_path: Path):

@@ -30,49 +30,37 @@
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };
 enum { GEMM_NR = 3, GEMM_MR = 4, VEC_PER_BLOCK = 10 };   /* 8 code vectors, scales, offsets */
 
-/* Grows only; one per thread (the calling thread's activations, each worker's panel). */
-static void* tls_buffer(int slot, size_t bytes) {
-    static __thread void* buf[2];
-    static __thread size_t cap[2];
-    if (cap[slot] < bytes) {
-        free(buf[slot]);
-        cap[slot] = (bytes + 4095) / 4096 * 4096;
-        buf[slot] = aligned_alloc(64, cap[slot]);
-        if (!buf[slot]) cap[slot] = 0;
-    }
-    return buf[slot];
-}
+void* aph_gguf_thread_scratch(int slot, size_t bytes);   /* gguf_ops.c: per-thread buffers that only grow */
 
-/* Rows x [M, K] (float32, or bfloat16 when bf16) to int8 codes [M, K] and per 32-value block the
+/* Row m of x [M, K] (float32, or bfloat16 when bf16) to int8 codes [M, K] and per 32-value block the
    scale as = max|x| / 127 and the offset term's factor: xs = as * (sum of the block's codes), or,
    when ioff is not 0 (a weight offset of ioff times the block's scale), the int32 ioff * sum. */
-static void quantize_rows(const void* x, int bf16, int M, int K, int ioff, int8_t* codes, float* as, float* xs) {
+static void quantize_row(const void* x, int bf16, int m, int K, int ioff, int8_t* codes, float* as, float* xs) {
     const int nb = K / 32;
-    for (int m = 0; m < M; m++)
-        for (int b = 0; b < nb; b++) {
-            const long i0 = (long)m * K + (long)b * 32;
-            __m512 x0, x1;
-            if (bf16) {
-                const uint16_t* xb = (const uint16_t*)x + i0;
-                x0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                    _mm256_loadu_si256((const __m256i*)xb)), 16));
-                x1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                    _mm256_loadu_si256((const __m256i*)(xb + 16))), 16));
-            } else {
-                x0 = _mm512_loadu_ps((const float*)x + i0);
-                x1 = _mm512_loadu_ps((const float*)x + i0 + 16);
-            }
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-            const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(id)));   /* round to even */
-            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
-            _mm_storeu_si128((__m128i*)(codes + i0), _mm512_cvtsepi32_epi8(q0));
-            _mm_storeu_si128((__m128i*)(codes + i0 + 16), _mm512_cvtsepi32_epi8(q1));
-            as[(long)m * nb + b] = d;
-            const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-            if (ioff) ((int32_t*)xs)[(long)m * nb + b] = ioff * sum;
-            else xs[(long)m * nb + b] = d * (float)sum;
+    for (int b = 0; b < nb; b++) {
+        const long i0 = (long)m * K + (long)b * 32;
+        __m512 x0, x1;
+        if (bf16) {
+            const uint16_t* xb = (const uint16_t*)x + i0;
+            x0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256((const __m256i*)xb)), 16));
+            x1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256((const __m256i*)(xb + 16))), 16));
+        } else {
+            x0 = _mm512_loadu_ps((const float*)x + i0);
+            x1 = _mm512_loadu_ps((const float*)x + i0 + 16);
         }
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(id)));   /* round to even */
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
+        _mm_storeu_si128((__m128i*)(codes + i0), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i*)(codes + i0 + 16), _mm512_cvtsepi32_epi8(q1));
+        as[(long)m * nb + b] = d;
+        const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        if (ioff) ((int32_t*)xs)[(long)m * nb + b] = ioff * sum;
+        else xs[(long)m * nb + b] = d * (float)sum;
+    }
 }
 
 /* Lane l of a packed vector holds weight row PERM[l] of its 16 (the 4 x 4 transpose below). */
@@ -234,18 +222,19 @@ int aph_gguf_gemm_q8(int t, const uint8_t* W, long row_bytes, const void* x, con
     if ((t != T_Q4_0 && t != T_Q4_1 && t != T_Q8_0) || K % 32 != 0 || M < 1 || N < 1 || dtype < 0 || dtype > 1)
         return 0;
     const int nb = K / 32, bf16 = dtype == 1;
-    int8_t* codes = (int8_t*)tls_buffer(0, (size_t)M * K + 2 * (size_t)M * nb * sizeof(float) + 64);
+    int8_t* codes = (int8_t*)aph_gguf_thread_scratch(0, (size_t)M * K + 2 * (size_t)M * nb * sizeof(float) + 64);
     if (!codes) return 0;
     float* as = (float*)(codes + ((size_t)M * K + 63) / 64 * 64);
     float* xs = as + (size_t)M * nb;
     const int ioff = t == T_Q4_1 ? 0 : t == T_Q8_0 ? -128 : -8;
-    quantize_rows(x, bf16, M, K, ioff, codes, as, xs);
     const int cols = 16 * GEMM_NR, panels = (N + cols - 1) / cols;
     const size_t es = bf16 ? 2 : 4;
     int ok = 1;
     #pragma omp parallel
     {
-        __m512i* panel = (__m512i*)tls_buffer(1, (size_t)nb * GEMM_NR * VEC_PER_BLOCK * 64);
+        #pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) quantize_row(x, bf16, m, K, ioff, codes, as, xs);
+        __m512i* panel = (__m512i*)aph_gguf_thread_scratch(1, (size_t)nb * GEMM_NR * VEC_PER_BLOCK * 64);
         if (!panel) {
             #pragma omp atomic write
             ok = 0;

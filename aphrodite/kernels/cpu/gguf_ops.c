@@ -732,9 +732,10 @@ static int row_dot_exact_avx512(int t, const uint8_t* w, const float* xf, const 
 #endif
 
 /* A buffer that lives as long as the calling thread and only grows: the activations of every
-   call go here instead of a malloc/free per matmul (decode makes ~120 calls a token). Used only
-   by the thread that calls aph_gguf_linear, before and after its parallel region. */
-static void* thread_scratch(int slot, size_t bytes) {
+   call go here instead of a malloc/free per matmul (decode makes ~120 calls a token). Slots 0 and 1
+   of the thread that calls aph_gguf_linear hold its activations; gguf_gemm.c also keeps each OpenMP
+   thread's weight panel in slot 1 (inside its parallel region, after the caller's last use). */
+void* aph_gguf_thread_scratch(int slot, size_t bytes) {
     static __thread void* buf[2];
     static __thread size_t cap[2];
     if (cap[slot] < bytes) {
@@ -887,8 +888,8 @@ static void vnni_tile_any(int t, int nr, int mr, const uint8_t* w, long row_byte
 static int linear_vnni(int t, const uint8_t* W, long row_bytes, const void* x, const void* bias, void* y, long ldy,
                        int M, int N, int K, int dtype) {
     const int np = K / 64;
-    int8_t* codes = (int8_t*)thread_scratch(0, (size_t)M * K);
-    float* asc = (float*)thread_scratch(1, (size_t)M * np * 4 * sizeof(float));
+    int8_t* codes = (int8_t*)aph_gguf_thread_scratch(0, (size_t)M * K);
+    float* asc = (float*)aph_gguf_thread_scratch(1, (size_t)M * np * 4 * sizeof(float));
     if (!codes || !asc) return 0;
     quantize_acts_vnni(x, dtype, M, K, t == Q8_0, codes, asc);
     const int NT = M <= 2 ? 1 : 4;   /* one row at a time streams fastest at batch 1 (measured) */
@@ -944,7 +945,7 @@ int aph_gguf_linear(int t, const uint8_t* W, long row_bytes, const void* x, cons
     if (QK == 0 || K % QK != 0 || M < 1) return 0;
     if (exact) {
         const int nb = K / 32;
-        float* xf = (float*)thread_scratch(0, ((size_t)M * K + (size_t)M * nb) * sizeof(float));
+        float* xf = (float*)aph_gguf_thread_scratch(0, ((size_t)M * K + (size_t)M * nb) * sizeof(float));
         if (!xf) return 0;
         float* xsum = xf + (long)M * K;   /* sums of 32-value blocks */
         for (long i = 0; i < (long)M * K; i++) xf[i] = gload(x, i, dtype);
@@ -977,7 +978,7 @@ int aph_gguf_linear(int t, const uint8_t* W, long row_bytes, const void* x, cons
         return linear_vnni(t, W, row_bytes, x, bias, y, ldy, M, N, K, dtype);
 #endif
     const int nb = K / 32;
-    act_block* acts = (act_block*)thread_scratch(0, (size_t)M * nb * sizeof(act_block));
+    act_block* acts = (act_block*)aph_gguf_thread_scratch(0, (size_t)M * nb * sizeof(act_block));
     if (!acts) return 0;
     quantize_acts(x, dtype, M, K, acts);
     for (int m0 = 0; m0 < M; m0 += 8) {

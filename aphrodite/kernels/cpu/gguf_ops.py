@@ -22,7 +22,8 @@ def available(dtype: torch.dtype) -> bool:
 
 
 # Block types the blocked 8-bit GEMM (gguf_gemm.c) covers; others keep dequantize + BLAS for many rows.
-GEMM_Q8_TYPES = frozenset((2, 3, 8))   # Q4_0, Q4_1, Q8_0
+GEMM_Q8_TYPES_BY_NAME = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+GEMM_Q8_TYPES = frozenset(GEMM_Q8_TYPES_BY_NAME.values())
 
 
 @cache

@@ -286,11 +286,16 @@ def _cpu_gemv(x: torch.Tensor) -> bool:
             and gguf_ops.available(x.dtype))
 
 
+def cpu_batch_q8(dtype: torch.dtype) -> bool:
+    """Whether CPU batches above the GEMV's rows round ``dtype`` activations to 8 bits (the VNNI GEMM)."""
+    return CPU_Q8_ACTIVATIONS or (CPU_Q8_BATCH_BF16 and dtype == torch.bfloat16)
+
+
 def _cpu_gemm_q8(seg: Segment, x: torch.Tensor) -> bool:
     """Whether many rows ``x [M, K]`` (above the GEMV's) take the blocked 8-bit-activation C GEMM."""
-    return ((CPU_Q8_ACTIVATIONS or (CPU_Q8_BATCH_BF16 and x.dtype == torch.bfloat16))
-            and seg.qtype in gguf_ops.GEMM_Q8_TYPES and x.shape[-1] % 32 == 0 and x.device.type == "cpu"
-            and not use_triton(x) and gguf_ops.available(x.dtype) and gguf_ops.gemm_q8_available())
+    return (cpu_batch_q8(x.dtype) and seg.qtype in gguf_ops.GEMM_Q8_TYPES and x.shape[-1] % 32 == 0
+            and x.device.type == "cpu" and not use_triton(x) and gguf_ops.available(x.dtype)
+            and gguf_ops.gemm_q8_available())
 
 
 def _matmul(seg: Segment, x: torch.Tensor, bias: torch.Tensor | None = None,

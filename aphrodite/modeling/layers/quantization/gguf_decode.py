@@ -5,7 +5,9 @@ At batch 1 the default model's 30 small layers spend ~100 us each in Python betw
 this runs every decoder layer and the final norm in C with the kernels the modules call, in the
 same order and roundings, so the result is the module path's bit for bit; anything the C stack
 does not cover (other families' extras, LoRA, tensor or pipeline parallelism, mixed block types
-in one projection, fp8 caches, prefill, batches above the GEMV's rows) takes the module path.
+in one projection, fp8 caches, prefill) takes the module path. Batches above the GEMV's rows run
+here when every projection takes the 8-bit VNNI GEMM there (bfloat16 by default, Q4_0/Q4_1/Q8_0):
+at batch 64 the module path's Python is ~10 ms of a ~120 ms step.
 ``APHRODITE_GGUF_FUSED_DECODE=0`` turns it off.
 """
 from __future__ import annotations
@@ -65,6 +67,9 @@ class _Plan:
             a.window = int(ly.self_attn.attn.sliding_window or 0)
             self.keep += [table, k_cache, v_cache]
         self.layers = arr
+        # batches above the GEMV's rows: only where every projection takes the 8-bit GEMM in the module path
+        self.gemm_ok = gguf_ops.gemm_q8_available() and all(
+            a.type[j] in gguf_ops.GEMM_Q8_TYPES for a in arr for j in range(4))
         self.final_norm = self._param(model.norm.weight, dtype)
         self.final_eps = ctypes.c_float(model.norm.eps)
         self.block_size = self.caches[0][0].shape[1]
@@ -84,7 +89,8 @@ class _Plan:
             self._work = torch.empty(n, dtype=self.dtype)
         return self._work
 
-    def run(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def run(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            exact: bool = True) -> torch.Tensor:
         b = hidden.shape[0]
         tables = _as(meta.block_tables, torch.int32)
         lens = _as(meta.seq_lens, torch.int32)
@@ -96,7 +102,7 @@ class _Plan:
                       ctypes.c_void_p(tables.data_ptr()), ctypes.c_void_p(lens.data_ptr()), self.block_size,
                       tables.shape[1], ctypes.c_void_p(self.final_norm.data_ptr()), self.final_eps,
                       ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(self.work(b).data_ptr()),
-                      int(not gguf_method.CPU_Q8_ACTIVATIONS))
+                      int(exact))
         if not ok:
             raise RuntimeError("the fused GGUF decode stack refused a projection it was planned for")
         return out
@@ -146,7 +152,8 @@ def fused_decode(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor
     if not ENABLED or hidden.device.type != "cpu" or hidden.dtype not in _DTYPE_CODES:
         return None
     b = hidden.shape[0]
-    if not (meta.num_decodes == meta.num_seqs == b) or b > gguf_method.cpu_gemv_max_rows(hidden.dtype):
+    many = b > gguf_method.cpu_gemv_max_rows(hidden.dtype)
+    if not (meta.num_decodes == meta.num_seqs == b) or (many and not gguf_method.cpu_batch_q8(hidden.dtype)):
         return None
     state = model.__dict__.get("_gguf_decode_plan")
     if state is False:
@@ -166,4 +173,6 @@ def fused_decode(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor
         if any(r.cos_sin_cache.dtype != hidden.dtype for r in model.rotary_embs):
             return None
         plan = state[hidden.dtype] = _Plan(model, hidden.dtype, load_library())
-    return plan.run(hidden, positions, meta)
+    if many and not plan.gemm_ok:
+        return None
+    return plan.run(hidden, positions, meta, exact=not (many or gguf_method.CPU_Q8_ACTIVATIONS))
