@@ -1,5 +1,5 @@
 /*
- * GGUF Q4_0 / Q4_1 / Q8_0 weights times many activation rows (prefill chunks, decode at batch 16+)
+ * GGUF Q4_0 / Q4_1 / Q8_0 weights times many activation rows (prefill chunks, decode batches above the GEMV's)
  * on AVX-512 VNNI: a blocked GEMM that reads the blocks and multiplies 8-bit codes.
  *
  * Why: at 64+ rows a matmul is compute-bound, and the dense bfloat16 GEMM (oneDNN, vdpbf16ps)
@@ -79,7 +79,7 @@ static inline void transpose16x4(const __m512i z[4], __m512i v[4]) {
     v[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
-/* 16 bytes at offset off of the block b of 16 rows (row r at w + rows[r] * row_bytes). */
+/* The 16 bytes at offset off of each of 16 rows (row r at rowp[r]), rows 4r..4r+3 in z[r]. */
 static inline void load16x16(const uint8_t* const* rowp, long off, __m512i z[4]) {
     for (int r = 0; r < 4; r++) {
         __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(rowp[4 * r] + off)));
@@ -133,6 +133,20 @@ static void pack_panel(int t, const uint8_t* W, long row_bytes, int n0, int N, i
     }
 }
 
+/* 16 floats to bfloat16, rounded to nearest even (NaN stays NaN), with or without AVX512-BF16. */
+static inline __m256i to_bf16(__m512 v) {
+#if defined(__AVX512BF16__)
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+#endif
+}
+
 /* 16 floats (lanes in panel order) + bias to row y[0 .. cols) as float32 or bfloat16. */
 static inline void store_out(__m512 v, const void* bias, int n, int cols, void* y, int bf16) {
     const __mmask16 k = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
@@ -143,7 +157,7 @@ static inline void store_out(__m512 v, const void* bias, int n, int cols, void* 
                                : _mm512_maskz_loadu_ps(k, (const float*)bias + n);
         v = _mm512_add_ps(v, bv);
     }
-    if (bf16) _mm256_mask_storeu_epi16(y, k, (__m256i)_mm512_cvtneps_pbh(v));
+    if (bf16) _mm256_mask_storeu_epi16(y, k, to_bf16(v));
     else _mm512_mask_storeu_ps(y, k, v);
 }
 
