@@ -259,8 +259,18 @@ int aph_gguf_gemm_q8(int t, const uint8_t* W, long row_bytes, const void* x, con
             const int n0 = pi * cols;
             const int nr = (N - n0 + 15) / 16 < GEMM_NR ? (N - n0 + 15) / 16 : GEMM_NR;
             pack_panel(t, W, row_bytes, n0, N, nr, nb, panel);
+            /* the next panel's blocks (this thread's, schedule static) into L2 while this one computes:
+               streaming them at pack time costs a third of the LM head's time at 64 rows */
+            const char* next = (const char*)W + (long)(n0 + cols) * row_bytes;
+            const int next_rows = pi + 1 < panels ? (N - n0 - cols < cols ? N - n0 - cols : cols) : 0;
+            const long next_bytes = (long)next_rows * row_bytes;
+            const int groups = (M + GEMM_MR - 1) / GEMM_MR;
+            const long per_group = (next_bytes / groups + 63) / 64 * 64;
+            long fetched = 0;
             for (int m0 = 0; m0 < M; m0 += GEMM_MR) {
                 const int mr = M - m0 < GEMM_MR ? M - m0 : GEMM_MR;
+                for (long e = fetched + per_group; fetched < e && fetched < next_bytes; fetched += 64)
+                    _mm_prefetch(next + fetched, _MM_HINT_T1);
                 const int8_t* c = codes + (long)m0 * K;
                 const float* a = as + (long)m0 * nb;
                 const float* s = xs + (long)m0 * nb;
