@@ -174,7 +174,8 @@ static inline __attribute__((always_inline)) void tile(const int MR, const int N
         const __m512i* p = panel + (long)b * NR * VEC_PER_BLOCK;
         __m512i s[GEMM_MR][GEMM_NR];
         for (int i = 0; i < MR; i++) {   /* Q4_0 / Q8_0: the offset, an integer, starts the sum */
-            const __m512i s0 = IOFF ? _mm512_set1_epi32(((const int32_t*)xs)[(long)i * nb + b]) : _mm512_setzero_si512();
+            const __m512i s0 = IOFF ? _mm512_set1_epi32(((const int32_t*)xs)[(long)i * nb + b])
+                                    : _mm512_setzero_si512();
             for (int j = 0; j < NR; j++) s[i][j] = s0;
         }
         _Pragma("GCC unroll 8")
