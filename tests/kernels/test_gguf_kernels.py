@@ -152,41 +152,44 @@ def test_c_linear_writes_into_column_slice():
     torch.testing.assert_close(full[:, 5:13], gguf_ops.linear(raw, TYPES["Q4_K"], x))
 
 
-needs_gemm = pytest.mark.skipif(not gguf_ops.gemm_q8_available(), reason="no AVX-512 VNNI build")
+needs_gemm = pytest.mark.skipif(not gguf_ops.gemm_available(), reason="no AVX-512 VNNI build")
 
 
 @needs_gemm
-@pytest.mark.parametrize("name", sorted(gguf_ops.GEMM_Q8_TYPES_BY_NAME))
+@pytest.mark.parametrize("name", sorted(gguf_ops.GEMM_TYPES_BY_NAME))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,n,k", [(37, 100, 96), (64, 48, 576)])
-def test_c_gemm_q8_matches_float64(name, dtype, rows, n, k):
-    """The blocked VNNI GEMM (3+ rows, 8-bit activations) against the gguf library's dequantized weight
-    times the same 8-bit activations in float64, with bias, into a column slice (its row stride): panels
-    of 48 columns with a ragged last one (100 = 2 x 48 + 4), tiles of 4 rows with one left (37), K of
-    an odd number of 32-value blocks (96), and activations with outlier channels."""
+@pytest.mark.parametrize("exact", [False, True])
+def test_c_gemm_matches_float64(name, dtype, rows, n, k, exact):
+    """The blocked GEMMs (8-bit activations from 3 rows; float32 activations from 8) against the gguf
+    library's dequantized weight times the same activations (8-bit rounded, or not) in float64, with
+    bias, into a column slice (its row stride): panels of 48 columns with a ragged last one (100 = 2 x
+    48 + 4), tiles of 4 rows with one left (37), K of an odd number of 32-value blocks (96), and
+    activations with outlier channels."""
     raw = random_blocks(name, n, k, seed=rows + n)
     w = reference(raw, name)
     g = torch.Generator().manual_seed(rows)
     x = (torch.randn(rows, k, generator=g) * (1 + 20 * (torch.rand(k, generator=g) < 0.05))).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
     wide = torch.full((rows, n + 7), 7.0, dtype=dtype)
-    out = gguf_ops.linear(torch.from_numpy(raw), TYPES[name], x, bias, out=wide[:, 3:3 + n], exact=False)
+    out = gguf_ops.linear(torch.from_numpy(raw), TYPES[name], x, bias, out=wide[:, 3:3 + n], exact=exact)
     assert (wide[:, :3] == 7).all() and (wide[:, 3 + n:] == 7).all()
-    ref = q8_activations_f32(x) @ w.T + bias.double()
+    ref = (x.double() if exact else q8_activations_f32(x)) @ w.T + bias.double()
     if dtype == torch.float32:
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     else:
         torch.testing.assert_close(out.double(), ref.to(dtype).double(), rtol=8e-3, atol=1e-5 * ref.abs().max().item())
         # CPUs with VNNI but not AVX512-BF16 (Ice Lake) round the output in integer steps: same bits
         no_bf16 = load_library(("-mno-avx512bf16",))
-        assert torch.equal(gguf_ops.linear(torch.from_numpy(raw), TYPES[name], x, bias, exact=False, lib=no_bf16),
+        assert torch.equal(gguf_ops.linear(torch.from_numpy(raw), TYPES[name], x, bias, exact=exact, lib=no_bf16),
                            out)
 
 
 @needs_gemm
 def test_cpu_batch_path_bf16_takes_the_q8_gemm(monkeypatch):
     """bfloat16 rows above the GEMV's take the 8-bit GEMM by default (Q4_0/Q4_1/Q8_0; a K-quant keeps
-    dequantize + BLAS); APHRODITE_GGUF_Q8_ACTIVATIONS=0 keeps float products; float32 stays exact."""
+    dequantize + BLAS); APHRODITE_GGUF_Q8_ACTIVATIONS=0 keeps float products; float32 stays exact (the
+    float32 GEMM for those types)."""
     from aphrodite.modeling.layers.quantization import gguf as gguf_method
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the C path, not the interpreted Triton kernels
     rows = gguf_method.CPU_GEMV_MAX_ROWS + 5
@@ -206,8 +209,9 @@ def test_cpu_batch_path_bf16_takes_the_q8_gemm(monkeypatch):
         torch.testing.assert_close(gguf_method._matmul(seg, x.bfloat16()), exact, rtol=8e-3, atol=1e-3)
         monkeypatch.setattr(gguf_method, "CPU_Q8_BATCH_BF16", True)
         ref = x.double() @ w.T
-        torch.testing.assert_close(gguf_method._matmul(seg, x).double(), ref, rtol=1e-5,
-                                   atol=1e-5 * ref.abs().max().item())
+        got = gguf_method._matmul(seg, x)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        assert torch.equal(got, gguf_ops.linear(seg.data, seg.qtype, x)) == (name != "Q4_K")
 
 
 @pytest.mark.parametrize("name", TYPES)

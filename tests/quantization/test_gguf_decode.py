@@ -70,7 +70,7 @@ LEGACY = [
 ]
 
 
-@pytest.mark.skipif(not gguf_ops.gemm_q8_available(), reason="no AVX-512 VNNI build")
+@pytest.mark.skipif(not gguf_ops.gemm_available(), reason="no AVX-512 VNNI build")
 def test_fused_stack_many_rows_equals_module_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """bfloat16 decode of more rows than the GEMV takes: every projection takes the 8-bit GEMM, in the C
     stack as in the modules, so tokens and logprobs are bit-identical; a model with a K-quant projection

@@ -89,46 +89,74 @@ static inline void load16x16(const uint8_t* const* rowp, long off, __m512i z[4])
     }
 }
 
-/* The panel of weight rows n0 .. n0 + 16 nr (rows past N repeat row N - 1) as
-   [block][vector j][8 code vectors, scales, offsets]. */
-static void pack_panel(int t, const uint8_t* W, long row_bytes, int n0, int N, int nr, int nb, __m512i* out) {
+/* Lane pointers of the 16 weight rows of vector j of the panel at n0 (rows past N repeat row N - 1),
+   and the gather offsets of their rows (lane l: row PERM[l]) relative to the first. */
+static inline __m512i panel_rows(const uint8_t* W, long row_bytes, int n0, int j, int N, const uint8_t* rowp[16]) {
+    int32_t offs[16];
+    for (int r = 0; r < 16; r++) {
+        const int n = n0 + 16 * j + r < N ? n0 + 16 * j + r : N - 1;
+        rowp[r] = W + (long)n * row_bytes;
+        offs[r] = (int32_t)(rowp[r] - rowp[0]);
+    }
+    return _mm512_permutexvar_epi32(perm_lanes(), _mm512_loadu_si512((const void*)offs));
+}
+
+/* Block b of 16 rows as 8 code vectors (unsigned, 4 consecutive values a lane), scales and offsets. */
+static inline void pack_block(int t, const uint8_t* const* rowp, __m512i gidx, int b, __m512i* o) {
     const int BB = t == T_Q8_0 ? 34 : t == T_Q4_1 ? 20 : 18;
-    const __m512i perm = perm_lanes(), nib = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+    const __m512i nib = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+    const long base = (long)b * BB;
+    __m512i z[4], v[4];
+    if (t == T_Q8_0) {
+        load16x16(rowp, base + 2, z);
+        transpose16x4(z, v);
+        for (int g = 0; g < 4; g++) o[g] = _mm512_xor_si512(v[g], flip);
+        load16x16(rowp, base + 18, z);
+        transpose16x4(z, v);
+        for (int g = 0; g < 4; g++) o[4 + g] = _mm512_xor_si512(v[g], flip);
+    } else {
+        load16x16(rowp, base + (t == T_Q4_1 ? 4 : 2), z);
+        transpose16x4(z, v);
+        for (int g = 0; g < 4; g++) {
+            o[g] = _mm512_and_si512(v[g], nib);                             /* values 4g .. 4g+3 */
+            o[4 + g] = _mm512_and_si512(_mm512_srli_epi16(v[g], 4), nib);   /* 16+4g .. */
+        }
+    }
+    const __m512i h = _mm512_i32gather_epi32(gidx, (const void*)(rowp[0] + base), 1);
+    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+    __m512 m;
+    if (t == T_Q4_1) m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16)));
+    else m = _mm512_mul_ps(d, _mm512_set1_ps(t == T_Q8_0 ? -128.f : -8.f));
+    o[8] = _mm512_castps_si512(d);
+    o[9] = _mm512_castps_si512(m);
+}
+
+/* The panel of weight rows n0 .. n0 + 16 nr as [block][vector j][8 code vectors, scales, offsets]. */
+static void pack_panel(int t, const uint8_t* W, long row_bytes, int n0, int N, int nr, int nb, __m512i* out) {
     for (int j = 0; j < nr; j++) {
         const uint8_t* rowp[16];
-        for (int r = 0; r < 16; r++) {
-            const int n = n0 + 16 * j + r < N ? n0 + 16 * j + r : N - 1;
-            rowp[r] = W + (long)n * row_bytes;
-        }
-        int32_t offs[16];   /* lane l's row, relative to the first (the scales are gathered per lane) */
-        for (int r = 0; r < 16; r++) offs[r] = (int32_t)(rowp[r] - rowp[0]);
-        const __m512i gidx = _mm512_permutexvar_epi32(perm, _mm512_loadu_si512((const void*)offs));
+        const __m512i gidx = panel_rows(W, row_bytes, n0, j, N, rowp);
+        for (int b = 0; b < nb; b++) pack_block(t, rowp, gidx, b, out + ((long)b * nr + j) * VEC_PER_BLOCK);
+    }
+}
+
+/* The same panel dequantized, for float products: [block][vector j][32 values][16 lanes] floats
+   (value = scale * code + offset in one rounding, code unsigned as packed). */
+static void pack_panel_f32(int t, const uint8_t* W, long row_bytes, int n0, int N, int nr, int nb, __m512* out) {
+    const __m512i byte = _mm512_set1_epi32(0xFF);
+    for (int j = 0; j < nr; j++) {
+        const uint8_t* rowp[16];
+        const __m512i gidx = panel_rows(W, row_bytes, n0, j, N, rowp);
         for (int b = 0; b < nb; b++) {
-            __m512i* o = out + ((long)b * nr + j) * VEC_PER_BLOCK;
-            const long base = (long)b * BB;
-            __m512i z[4], v[4];
-            if (t == T_Q8_0) {
-                load16x16(rowp, base + 2, z);
-                transpose16x4(z, v);
-                for (int g = 0; g < 4; g++) o[g] = _mm512_xor_si512(v[g], flip);
-                load16x16(rowp, base + 18, z);
-                transpose16x4(z, v);
-                for (int g = 0; g < 4; g++) o[4 + g] = _mm512_xor_si512(v[g], flip);
-            } else {
-                load16x16(rowp, base + (t == T_Q4_1 ? 4 : 2), z);
-                transpose16x4(z, v);
-                for (int g = 0; g < 4; g++) {
-                    o[g] = _mm512_and_si512(v[g], nib);                          /* values 4g .. 4g+3 */
-                    o[4 + g] = _mm512_and_si512(_mm512_srli_epi16(v[g], 4), nib);   /* 16+4g .. */
+            __m512i o[VEC_PER_BLOCK];
+            pack_block(t, rowp, gidx, b, o);
+            const __m512 d = _mm512_castsi512_ps(o[8]), m = _mm512_castsi512_ps(o[9]);
+            __m512* f = out + ((long)b * nr + j) * 32;
+            for (int g = 0; g < 8; g++)
+                for (int c = 0; c < 4; c++) {
+                    const __m512i q = _mm512_and_si512(_mm512_srli_epi32(o[g], 8 * c), byte);
+                    f[4 * g + c] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q), m);
                 }
-            }
-            const __m512i h = _mm512_i32gather_epi32(gidx, (const void*)(rowp[0] + base), 1);
-            const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
-            __m512 m;
-            if (t == T_Q4_1) m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16)));
-            else m = _mm512_mul_ps(d, _mm512_set1_ps(t == T_Q8_0 ? -128.f : -8.f));
-            o[8] = _mm512_castps_si512(d);
-            o[9] = _mm512_castps_si512(m);
         }
     }
 }
@@ -210,9 +238,36 @@ static inline __attribute__((always_inline)) void tile(const int MR, const int N
         }
 }
 
+/* Float products: rows m0 .. m0 + MR of x (float32, row stride K) times the dequantized panel. */
+static inline __attribute__((always_inline)) void tile_f32(const int MR, const int NR, const __m512* panel,
+                                                           const float* xf, int K, int nb, const void* bias, int n0,
+                                                           int N, void* y, long ldy, int bf16) {
+    __m512 acc[GEMM_MR][GEMM_NR];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const __m512* p = panel + (long)b * NR * 32;
+        _Pragma("GCC unroll 4")
+        for (int kk = 0; kk < 32; kk++) {
+            __m512 w[GEMM_NR];
+            for (int j = 0; j < NR; j++) w[j] = _mm512_load_ps((const float*)(p + j * 32 + kk));
+            for (int i = 0; i < MR; i++) {
+                const __m512 a = _mm512_set1_ps(xf[(long)i * K + b * 32 + kk]);
+                for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(w[j], a, acc[i][j]);
+            }
+        }
+    }
+    const size_t es = bf16 ? 2 : 4;
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) {
+            const int n = n0 + 16 * j;
+            if (n < N) store_out(acc[i][j], bias, n, N - n, (char*)y + ((long)i * ldy + n) * es, bf16);
+        }
+}
+
 #define MIN_(a, b) ((a) < (b) ? (a) : (b))
 #define TILE_CALL(MR_, NR_, IOFF_) \
-    tile(MIN_(MR_, GEMM_MR), MIN_(NR_, GEMM_NR), IOFF_, panel, c, a, s, K, nb, bias, n0, N, yy, ldy, bf16)
+    tile(MIN_(MR_, GEMM_MR), MIN_(NR_, GEMM_NR), IOFF_, qpanel, c, a, s, K, nb, bias, n0, N, yy, ldy, bf16)
 #define TILE_MR(NR_, IOFF_)                            \
     switch (mr) {                                      \
         case 1: TILE_CALL(1, NR_, IOFF_); break;       \
@@ -226,30 +281,38 @@ static inline __attribute__((always_inline)) void tile(const int MR, const int N
         case 2: TILE_MR(2, IOFF_) break;               \
         default: TILE_MR(3, IOFF_) break;              \
     }
+#define TILE_F32(MR_, NR_) \
+    tile_f32(MIN_(MR_, GEMM_MR), MIN_(NR_, GEMM_NR), fpanel, xf + (long)m0 * K, K, nb, bias, n0, N, yy, ldy, bf16)
+#define TILE_F32_MR(NR_)                               \
+    switch (mr) {                                      \
+        case 1: TILE_F32(1, NR_); break;               \
+        case 2: TILE_F32(2, NR_); break;               \
+        case 3: TILE_F32(3, NR_); break;               \
+        default: TILE_F32(4, NR_); break;              \
+    }
 
-/*
- * y[m, n] (row stride ldy) = q8(x[m, :]) . dequant(W[n, :]) (+ bias[n]) for M rows of x [M, K]
- * (float32, dtype 0, or bfloat16, dtype 1), W rows of Q4_0 / Q4_1 / Q8_0 blocks. Returns 0 (nothing
- * written) for other types, K not a multiple of 32, or a CPU without AVX-512 VNNI.
- */
-int aph_gguf_gemm_q8(int t, const uint8_t* W, long row_bytes, const void* x, const void* bias, void* y, long ldy,
-                     int M, int N, int K, int dtype) {
-    if ((t != T_Q4_0 && t != T_Q4_1 && t != T_Q8_0) || K % 32 != 0 || M < 1 || N < 1 || dtype < 0 || dtype > 1)
-        return 0;
-    const int nb = K / 32, bf16 = dtype == 1;
-    int8_t* codes = (int8_t*)aph_gguf_thread_scratch(0, (size_t)M * K + 2 * (size_t)M * nb * sizeof(float) + 64);
-    if (!codes) return 0;
-    float* as = (float*)(codes + ((size_t)M * K + 63) / 64 * 64);
-    float* xs = as + (size_t)M * nb;
-    const int ioff = t == T_Q4_1 ? 0 : t == T_Q8_0 ? -128 : -8;
+/* The panel loop of both GEMMs: exact = 0, the 8-bit one (activations rounded into codes/as/xs);
+   exact = 1, float products (activations as float32 in xf). */
+static int run_panels(int exact, int t, const uint8_t* W, long row_bytes, const void* x, const void* bias, void* y,
+                      long ldy, int M, int N, int K, int bf16, int8_t* codes, float* as, float* xs, float* xf) {
+    const int nb = K / 32, ioff = t == T_Q4_1 ? 0 : t == T_Q8_0 ? -128 : -8;
     const int cols = 16 * GEMM_NR, panels = (N + cols - 1) / cols;
     const size_t es = bf16 ? 2 : 4;
     int ok = 1;
     #pragma omp parallel
     {
         #pragma omp for schedule(static)
-        for (int m = 0; m < M; m++) quantize_row(x, bf16, m, K, ioff, codes, as, xs);
-        __m512i* panel = (__m512i*)aph_gguf_thread_scratch(1, (size_t)nb * GEMM_NR * VEC_PER_BLOCK * 64);
+        for (int m = 0; m < M; m++) {
+            if (!exact) {
+                quantize_row(x, bf16, m, K, ioff, codes, as, xs);
+            } else if (bf16) {
+                for (int k = 0; k < K; k += 16)
+                    _mm512_storeu_ps(xf + (long)m * K + k, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                        _mm256_loadu_si256((const __m256i*)((const uint16_t*)x + (long)m * K + k))), 16)));
+            }
+        }
+        const size_t panel_bytes = exact ? (size_t)K * GEMM_NR * 64 : (size_t)nb * GEMM_NR * VEC_PER_BLOCK * 64;
+        void* panel = aph_gguf_thread_scratch(1, panel_bytes);
         if (!panel) {
             #pragma omp atomic write
             ok = 0;
@@ -259,7 +322,8 @@ int aph_gguf_gemm_q8(int t, const uint8_t* W, long row_bytes, const void* x, con
             if (!panel) continue;
             const int n0 = pi * cols;
             const int nr = (N - n0 + 15) / 16 < GEMM_NR ? (N - n0 + 15) / 16 : GEMM_NR;
-            pack_panel(t, W, row_bytes, n0, N, nr, nb, panel);
+            if (exact) pack_panel_f32(t, W, row_bytes, n0, N, nr, nb, (__m512*)panel);
+            else pack_panel(t, W, row_bytes, n0, N, nr, nb, (__m512i*)panel);
             /* the next panel's blocks (this thread's, schedule static) into L2 while this one computes:
                streaming them at pack time costs a third of the LM head's time at 64 rows */
             const char* next = (const char*)W + (long)(n0 + cols) * row_bytes;
@@ -272,15 +336,56 @@ int aph_gguf_gemm_q8(int t, const uint8_t* W, long row_bytes, const void* x, con
                 const int mr = M - m0 < GEMM_MR ? M - m0 : GEMM_MR;
                 for (long e = fetched + per_group; fetched < e && fetched < next_bytes; fetched += 64)
                     _mm_prefetch(next + fetched, _MM_HINT_T1);
-                const int8_t* c = codes + (long)m0 * K;
-                const float* a = as + (long)m0 * nb;
-                const float* s = xs + (long)m0 * nb;
                 char* yy = (char*)y + (long)m0 * ldy * es;
-                if (ioff) TILE_NR(1) else TILE_NR(0)
+                if (exact) {
+                    const __m512* fpanel = (const __m512*)panel;
+                    switch (nr) {
+                        case 1: TILE_F32_MR(1) break;
+                        case 2: TILE_F32_MR(2) break;
+                        default: TILE_F32_MR(3) break;
+                    }
+                } else {
+                    const __m512i* qpanel = (const __m512i*)panel;
+                    const int8_t* c = codes + (long)m0 * K;
+                    const float* a = as + (long)m0 * nb;
+                    const float* s = xs + (long)m0 * nb;
+                    if (ioff) TILE_NR(1) else TILE_NR(0)
+                }
             }
         }
     }
     return ok;
+}
+
+static int gemm_args_ok(int t, int M, int N, int K, int dtype) {
+    return (t == T_Q4_0 || t == T_Q4_1 || t == T_Q8_0) && K % 32 == 0 && M >= 1 && N >= 1 && (dtype == 0 || dtype == 1);
+}
+
+/*
+ * y[m, n] (row stride ldy) = q8(x[m, :]) . dequant(W[n, :]) (+ bias[n]) for M rows of x [M, K]
+ * (float32, dtype 0, or bfloat16, dtype 1), W rows of Q4_0 / Q4_1 / Q8_0 blocks. Returns 0 (nothing
+ * written) for other types, K not a multiple of 32, or a CPU without AVX-512 VNNI.
+ */
+int aph_gguf_gemm_q8(int t, const uint8_t* W, long row_bytes, const void* x, const void* bias, void* y, long ldy,
+                     int M, int N, int K, int dtype) {
+    if (!gemm_args_ok(t, M, N, K, dtype)) return 0;
+    const int nb = K / 32;
+    int8_t* codes = (int8_t*)aph_gguf_thread_scratch(0, (size_t)M * K + 2 * (size_t)M * nb * sizeof(float) + 64);
+    if (!codes) return 0;
+    float* as = (float*)(codes + ((size_t)M * K + 63) / 64 * 64);
+    return run_panels(0, t, W, row_bytes, x, bias, y, ldy, M, N, K, dtype == 1, codes, as, as + (size_t)M * nb, NULL);
+}
+
+/* The same product with float activations (no rounding of x; float32 sums): the exact batch path. */
+int aph_gguf_gemm_f32(int t, const uint8_t* W, long row_bytes, const void* x, const void* bias, void* y, long ldy,
+                      int M, int N, int K, int dtype) {
+    if (!gemm_args_ok(t, M, N, K, dtype)) return 0;
+    const float* xf = (const float*)x;
+    if (dtype == 1) {
+        xf = (const float*)aph_gguf_thread_scratch(0, (size_t)M * K * sizeof(float));
+        if (!xf) return 0;
+    }
+    return run_panels(1, t, W, row_bytes, x, bias, y, ldy, M, N, K, dtype == 1, NULL, NULL, NULL, (float*)xf);
 }
 
 #else
@@ -292,10 +397,15 @@ int aph_gguf_gemm_q8(int t, const uint8_t* W, long row_bytes, const void* x, con
     return 0;
 }
 
+int aph_gguf_gemm_f32(int t, const uint8_t* W, long row_bytes, const void* x, const void* bias, void* y, long ldy,
+                      int M, int N, int K, int dtype) {
+    return aph_gguf_gemm_q8(t, W, row_bytes, x, bias, y, ldy, M, N, K, dtype);
+}
+
 #endif
 
-/* 1 when this build has the blocked 8-bit GEMM (AVX-512 VNNI). */
-int aph_gguf_gemm_q8_supported(void) {
+/* 1 when this build has the blocked GEMMs (AVX-512 with VNNI). */
+int aph_gguf_gemm_supported(void) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
     return 1;
 #else

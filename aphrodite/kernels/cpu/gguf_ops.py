@@ -21,16 +21,17 @@ def available(dtype: torch.dtype) -> bool:
     return dtype in _DTYPE_CODES and load_library() is not None
 
 
-# Block types the blocked 8-bit GEMM (gguf_gemm.c) covers; others keep dequantize + BLAS for many rows.
-GEMM_Q8_TYPES_BY_NAME = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
-GEMM_Q8_TYPES = frozenset(GEMM_Q8_TYPES_BY_NAME.values())
+# Block types the blocked GEMMs (gguf_gemm.c) cover; others keep dequantize + BLAS for many rows.
+# ``linear`` takes them for many rows by itself: 8-bit activations from 3 rows, float32 ones from 8.
+GEMM_TYPES_BY_NAME = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+GEMM_TYPES = frozenset(GEMM_TYPES_BY_NAME.values())
 
 
 @cache
-def gemm_q8_available() -> bool:
-    """Whether the blocked 8-bit-activation GEMM runs here (a C build with AVX-512 VNNI)."""
+def gemm_available() -> bool:
+    """Whether the blocked GEMMs run here (a C build with AVX-512 VNNI)."""
     lib = load_library()
-    return lib is not None and bool(lib.aph_gguf_gemm_q8_supported())
+    return lib is not None and bool(lib.aph_gguf_gemm_supported())
 
 
 def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:

@@ -76,7 +76,7 @@ class Segment:
     qtype: int              # a GGML_BLOCKS code, or a float code for plain values
     data: torch.Tensor      # [rows, row_bytes] uint8 view of ``qweight``, or [rows, K] floats
     cpu_call: gguf_ops.LinearCall | None = None   # the C GEMV bound to ``data``, made on first use
-    cpu_gemm: gguf_ops.LinearCall | None = None   # the 8-bit-activation C GEMM (many rows), made on first use
+    cpu_gemm: gguf_ops.LinearCall | None = None   # the 8-bit-activation C call (GEMM for many rows), first use
 
 
 @dataclass
@@ -291,11 +291,17 @@ def cpu_batch_q8(dtype: torch.dtype) -> bool:
     return CPU_Q8_ACTIVATIONS or (CPU_Q8_BATCH_BF16 and dtype == torch.bfloat16)
 
 
-def _cpu_gemm_q8(seg: Segment, x: torch.Tensor) -> bool:
-    """Whether many rows ``x [M, K]`` (above the GEMV's) take the blocked 8-bit-activation C GEMM."""
-    return (cpu_batch_q8(x.dtype) and seg.qtype in gguf_ops.GEMM_Q8_TYPES and x.shape[-1] % 32 == 0
-            and x.device.type == "cpu" and not use_triton(x) and gguf_ops.available(x.dtype)
-            and gguf_ops.gemm_q8_available())
+def _cpu_gemm(seg: Segment, x: torch.Tensor) -> bool | None:
+    """For many rows ``x [M, K]`` (above the GEMV's): False when they take the blocked 8-bit-activation C
+    GEMM, True when the blocked float32 one (exact: float32 activations, one rounding per product as
+    dequantize-then-matmul; ties oneDNN's packed float32 GEMM at 64 rows, where dequantize + BLAS is
+    ~20% slower), None when neither (dequantize + BLAS)."""
+    if not (seg.qtype in gguf_ops.GEMM_TYPES and x.shape[-1] % 32 == 0 and x.device.type == "cpu"
+            and not use_triton(x) and gguf_ops.available(x.dtype) and gguf_ops.gemm_available()):
+        return None
+    if cpu_batch_q8(x.dtype):
+        return False
+    return True if x.dtype == torch.float32 else None
 
 
 def _matmul(seg: Segment, x: torch.Tensor, bias: torch.Tensor | None = None,
@@ -312,12 +318,14 @@ def _matmul(seg: Segment, x: torch.Tensor, bias: torch.Tensor | None = None,
                 seg.cpu_call = gguf_ops.LinearCall(seg.data, seg.qtype, exact=not CPU_Q8_ACTIVATIONS)
             return seg.cpu_call(x, out)
         return gguf_ops.linear(seg.data, seg.qtype, x, bias, out=out, exact=not CPU_Q8_ACTIVATIONS)
-    elif _cpu_gemm_q8(seg, x):
+    elif (exact := _cpu_gemm(seg, x)) is not None:   # the C GEMMs: gguf_ops.linear routes many rows there
         if bias is None and x.is_contiguous():
-            if seg.cpu_gemm is None:
+            if exact and seg.cpu_call is None:
+                seg.cpu_call = gguf_ops.LinearCall(seg.data, seg.qtype, exact=True)
+            if not exact and seg.cpu_gemm is None:
                 seg.cpu_gemm = gguf_ops.LinearCall(seg.data, seg.qtype, exact=False)
-            return seg.cpu_gemm(x, out)
-        return gguf_ops.linear(seg.data, seg.qtype, x, bias, out=out, exact=False)
+            return (seg.cpu_call if exact else seg.cpu_gemm)(x, out)
+        return gguf_ops.linear(seg.data, seg.qtype, x, bias, out=out, exact=exact)
     elif x.device.type == "cpu" and not use_triton(x):
         k = x.shape[-1]
         if gguf_ops.available(x.dtype):

@@ -68,8 +68,8 @@ class _Plan:
             self.keep += [table, k_cache, v_cache]
         self.layers = arr
         # batches above the GEMV's rows: only where every projection takes the 8-bit GEMM in the module path
-        self.gemm_ok = gguf_ops.gemm_q8_available() and all(
-            a.type[j] in gguf_ops.GEMM_Q8_TYPES for a in arr for j in range(4))
+        self.gemm_ok = gguf_ops.gemm_available() and all(
+            a.type[j] in gguf_ops.GEMM_TYPES for a in arr for j in range(4))
         self.final_norm = self._param(model.norm.weight, dtype)
         self.final_eps = ctypes.c_float(model.norm.eps)
         self.block_size = self.caches[0][0].shape[1]
