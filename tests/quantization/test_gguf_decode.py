@@ -71,20 +71,21 @@ LEGACY = [
 
 
 @pytest.mark.skipif(not gguf_ops.gemm_available(), reason="no AVX-512 VNNI build")
-def test_fused_stack_many_rows_equals_module_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """bfloat16 decode of more rows than the GEMV takes: every projection takes the 8-bit GEMM, in the C
-    stack as in the modules, so tokens and logprobs are bit-identical; a model with a K-quant projection
-    leaves those steps to the module path."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fused_stack_many_rows_equals_module_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str):
+    """Decode of more rows than the GEMV takes: every projection takes a blocked GEMM (8-bit activations
+    in bfloat16, float ones in float32), in the C stack as in the modules, so tokens and logprobs are
+    bit-identical; a model with a K-quant projection leaves those steps to the module path."""
     monkeypatch.setattr(gguf_method, "CPU_Q8_ACTIVATIONS", False)
     monkeypatch.setattr(gguf_method, "CPU_Q8_BATCH_BF16", True)
-    rows = gguf_method.cpu_gemv_max_rows(__import__("torch").bfloat16) + 4
+    rows = gguf_method.cpu_gemv_max_rows(getattr(__import__("torch"), dtype)) + 4
     prompts = [[1, 7 + i, 30 + 2 * i, 90 - i] for i in range(rows)]
     sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3, detokenize=False)
     results = []
     run = gguf_decode._Plan.run
     for types in (LEGACY, UNIFORM):
         llm = LLM(str(write_tiny_gguf(tmp_path / f"m{len(results)}.gguf", layer_types=types)), device="cpu",
-                  dtype="bfloat16", skip_tokenizer_init=True, max_model_len=128, enable_prefix_caching=False)
+                  dtype=dtype, skip_tokenizer_init=True, max_model_len=128, enable_prefix_caching=False)
         for fused in (True, False):
             calls = []
             monkeypatch.setattr(gguf_decode._Plan, "run", lambda self, h, *a, _calls=calls, **k: (

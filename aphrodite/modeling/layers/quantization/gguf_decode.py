@@ -6,8 +6,9 @@ this runs every decoder layer and the final norm in C with the kernels the modul
 same order and roundings, so the result is the module path's bit for bit; anything the C stack
 does not cover (other families' extras, LoRA, tensor or pipeline parallelism, mixed block types
 in one projection, fp8 caches, prefill) takes the module path. Batches above the GEMV's rows run
-here when every projection takes the 8-bit VNNI GEMM there (bfloat16 by default, Q4_0/Q4_1/Q8_0):
-at batch 64 the module path's Python is ~10 ms of a ~120 ms step.
+here when every projection takes a blocked C GEMM there (Q4_0/Q4_1/Q8_0; 8-bit activations for
+bfloat16 by default, float ones for float32): at batch 64 the module path's Python is ~10 ms of a
+~120 ms bfloat16 step.
 ``APHRODITE_GGUF_FUSED_DECODE=0`` turns it off.
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ class _Plan:
             a.window = int(ly.self_attn.attn.sliding_window or 0)
             self.keep += [table, k_cache, v_cache]
         self.layers = arr
-        # batches above the GEMV's rows: only where every projection takes the 8-bit GEMM in the module path
+        # batches above the GEMV's rows: only where every projection takes a C GEMM in the module path
         self.gemm_ok = gguf_ops.gemm_available() and all(
             a.type[j] in gguf_ops.GEMM_TYPES for a in arr for j in range(4))
         self.final_norm = self._param(model.norm.weight, dtype)
@@ -153,7 +154,8 @@ def fused_decode(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor
         return None
     b = hidden.shape[0]
     many = b > gguf_method.cpu_gemv_max_rows(hidden.dtype)
-    if not (meta.num_decodes == meta.num_seqs == b) or (many and not gguf_method.cpu_batch_q8(hidden.dtype)):
+    q8_many = gguf_method.cpu_batch_q8(hidden.dtype)   # else float32 rows take the float GEMM, bf16 ones BLAS
+    if not (meta.num_decodes == meta.num_seqs == b) or (many and not q8_many and hidden.dtype != torch.float32):
         return None
     state = model.__dict__.get("_gguf_decode_plan")
     if state is False:
@@ -175,4 +177,4 @@ def fused_decode(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor
         plan = state[hidden.dtype] = _Plan(model, hidden.dtype, load_library())
     if many and not plan.gemm_ok:
         return None
-    return plan.run(hidden, positions, meta, exact=not (many or gguf_method.CPU_Q8_ACTIVATIONS))
+    return plan.run(hidden, positions, meta, exact=not (q8_many if many else gguf_method.CPU_Q8_ACTIVATIONS))
