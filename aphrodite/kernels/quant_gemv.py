@@ -31,7 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
-from aphrodite.kernels.gemv_gluon import gemv_fp8_launch, gemv_fp8_supported, gemv_w4_launch, gemv_w4_supported
+from aphrodite.kernels.gemv_gluon import (
+    gemv_fp8_launch,
+    gemv_fp8_supported,
+    gemv_w4_launch,
+    gemv_w4_supported,
+    gemv_w4v2_launch,
+    gemv_w4v2_supported,
+)
 from aphrodite.kernels.int4_matmul import (
     FMT_FP8,
     FMT_INT4,
@@ -389,6 +396,8 @@ class GemvConfig:
     gluon: bool = False         # int4 on sm_90: the cp.async-ring kernel (``gemv_gluon``); block_k = rows a step
     stages: int = 4             # gluon: ring depth
     wk: int = 1                 # gluon int4: rows of warps that split each step's K (more warps, same columns)
+    tk: int = 0                 # gluon int4: > 0 picks the version-2 kernel with tk lanes along K (block_k = rows a
+    vec: int = 4                # thread a step, vec = adjacent words a thread); 0: the first Gluon kernel
 
 
 def _defaults(w: QuantWeight, rows: int) -> tuple[int, int]:
@@ -419,8 +428,11 @@ def gluon_gemv_ok(x: torch.Tensor, w: QuantWeight, cfg: GemvConfig) -> bool:
     if not (cfg.gluon and wgmma_supported(x.device) and supports(x, w)):
         return False
     if w.fmt == FMT_INT4:
-        return (cfg.block_k > 0 and gemv_w4_supported(w.n, w.k, w.group, cfg.block_k, cfg.warps, cfg.wk)
-                and _aligned16(x, w.weight, w.scales, w.zeros))
+        if cfg.block_k <= 0 or not _aligned16(x, w.weight, w.scales, w.zeros):
+            return False
+        if cfg.tk:
+            return gemv_w4v2_supported(w.n, w.k, w.group, cfg.block_k, cfg.vec, cfg.tk, cfg.warps, cfg.wk)
+        return gemv_w4_supported(w.n, w.k, w.group, cfg.block_k, cfg.warps, cfg.wk)
     return (_per_channel(w) and cfg.block > 0 and gemv_fp8_supported(w.n, w.k, cfg.block, cfg.warps)
             and _aligned16(w.weight) and cfg.block // cfg.warps * 16 * x.shape[0] <= 256)   # fp32 sums a thread
 
@@ -485,10 +497,14 @@ def gluon_gemv_candidates(fmt: int) -> list[GemvConfig]:
                 GemvConfig(block=16, warps=8, stages=4, gluon=True)]
     def g(ks: int, warps: int, target: int, stages: int = 4, wk: int = 1) -> GemvConfig:
         return GemvConfig(block_k=ks, warps=warps, target=target, stages=stages, gluon=True, wk=wk)
-    # The work is one FMA-ish chain per weight (~4 instructions), so it needs many warps an SM: wk rows of warps
-    # share a column block (and a 128-row step), which adds warps without more split-K partials.
-    return [g(32, 4, 4, wk=4), g(16, 8, 3, wk=8), g(32, 8, 2, wk=4), g(32, 4, 3, wk=2), g(32, 2, 4),
-            g(32, 1, 8, stages=6)]
+
+    def v2(r: int, vec: int, tk: int, warps: int, target: int, stages: int = 8, wk: int = 1) -> GemvConfig:
+        return GemvConfig(block_k=r, vec=vec, tk=tk, warps=warps, target=target, stages=stages, gluon=True, wk=wk)
+    # Version 2 (a thread reads back what it copied; small steps, many programs an SM): r rows x vec words a
+    # thread, tk lanes along K. Version 1: wk rows of warps share a column block (and a 128-row step).
+    return [g(32, 4, 4, wk=4), g(16, 8, 3, wk=8), g(32, 2, 4), g(32, 1, 8, stages=6),
+            v2(2, 2, 4, 4, 8), v2(4, 1, 8, 4, 8), v2(2, 2, 4, 4, 4), v2(2, 2, 4, 8, 4, stages=6, wk=2),
+            v2(2, 1, 4, 4, 8), v2(4, 1, 4, 4, 8)]
 
 
 #: The Gluon GEMV shape the engine runs on sm_90 per (format, rows); missing: the Triton GEMV's default. Filled
@@ -543,6 +559,11 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
     if w.fmt == FMT_FP8 and gluon_gemv_ok(x, w, cfg):
         gemv_fp8_launch(x, w.weight, w.scales.reshape(-1), bias, out, block_n=cfg.block, stages=cfg.stages,
                         warps=cfg.warps)
+        return
+    if w.fmt == FMT_INT4 and cfg.tk and gluon_gemv_ok(x, w, cfg):
+        gemv_w4v2_launch(x, w.weight, w.scales, w.zeros, bias, out, n=n, group=w.group, r=cfg.block_k, v=cfg.vec,
+                         tk=cfg.tk, wk=cfg.wk, stages=cfg.stages, warps=cfg.warps, target=cfg.target,
+                         num_sms=_num_sms(dev), counters=_counters, splits=cfg.splits)
         return
     if w.fmt == FMT_INT4 and gluon_gemv_ok(x, w, cfg):
         gemv_w4_launch(x, w.weight, w.scales, w.zeros, bias, out, n=n, group=w.group, ks=cfg.block_k,
