@@ -194,15 +194,22 @@ if HAS_GLUON:
 
     @gluon.jit
     def _w4_issue(w_buf, w_ptrs, slot, st, n_steps, k_lo, stride_wk, KS: gl.constexpr):
-        """Step ``st`` of ``KS`` packed rows into ring slot ``slot``: one commit group (16/8/4-byte copies)."""
-        cp.async_copy_global_to_shared(w_buf.index(slot), w_ptrs + (k_lo + st * KS) * stride_wk, mask=st < n_steps)
+        """Step ``st`` of ``KS`` packed rows into ring slot ``slot``: one commit group (16/8/4-byte copies). Steps
+        past the split re-read its last step (cache hits, never used): no masks in the loop."""
+        st = gl.minimum(st, n_steps - 1)
+        cp.async_copy_global_to_shared(w_buf.index(slot), w_ptrs + (k_lo + st * KS) * stride_wk)
         cp.commit_group()
 
     @gluon.jit
-    def _w4_x(x_ptr, rows, k0, ok, ROW: gl.constexpr, ROWS: gl.constexpr, stride_xm, X_L: gl.constexpr):
-        """Row ``ROW`` of x at K rows ``k0 + rows`` (zeros past the split, or for a row past ``ROWS``)."""
+    def _w4_load(w_ptrs, st, n_steps, k_lo, stride_wk, KS: gl.constexpr):
+        """Step ``st``'s packed words into registers (past the split: its last step again, never used)."""
+        return gl.load(w_ptrs + (k_lo + gl.minimum(st, n_steps - 1) * KS) * stride_wk)
+
+    @gluon.jit
+    def _w4_x(x_ptr, rows, k0, ROW: gl.constexpr, ROWS: gl.constexpr, stride_xm, X_L: gl.constexpr):
+        """Row ``ROW`` of x at K rows ``k0 + rows`` (zeros for a row past ``ROWS``)."""
         if ROW < ROWS:
-            return gl.load(x_ptr + ROW * stride_xm + k0 + rows, mask=ok, other=0.0).to(gl.float32)
+            return gl.load(x_ptr + ROW * stride_xm + k0 + rows).to(gl.float32)
         else:
             return gl.zeros(rows.shape, gl.float32, X_L)
 
@@ -228,7 +235,7 @@ if HAS_GLUON:
                           stride_xm, stride_wk, stride_sg, stride_om,
                           ROWS: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr, HAS_BIAS: gl.constexpr,
                           R: gl.constexpr, V: gl.constexpr, TK: gl.constexpr, WK: gl.constexpr,
-                          STAGES: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+                          STAGES: gl.constexpr, RING: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
         """int4 GEMV, version 2: the thread that copies a packed word is the one that reads it back (no
         cross-thread data in the loop, so a step is small and many programs fit an SM). A thread owns ``V``
         adjacent words (8 V outputs) on ``R`` adjacent K rows of a step; ``TK`` lanes and ``WK`` warps stack
@@ -236,13 +243,16 @@ if HAS_GLUON:
         words (``BW`` a program). Per group (``GROUP / KS`` steps) the thread keeps ``G = sum_k x f`` and
         ``X = sum_k x`` for its outputs (f = 1 + q/128: the nibble moved to mantissa bits 16..19, one shift
         and one mask-or), then ``acc += 128 s G - s (128 + z) X``; the ``KO`` partial sums are added once at the
-        end. Split-K by whole groups with the arrival counter (the last program adds the partials in order)."""
+        end. Split-K by whole groups with the arrival counter (the last program adds the partials in order).
+        ``RING``: the words stream through a ``STAGES``-deep cp.async ring in shared memory; else they are loaded
+        into registers ``STAGES - 1`` (1..3) steps ahead (no shared memory, no barriers)."""
         WW: gl.constexpr = num_warps // WK
         LW: gl.constexpr = 32 // TK
         BW: gl.constexpr = V * LW * WW
         KO: gl.constexpr = TK * WK
         KS: gl.constexpr = KO * R
         SPG: gl.constexpr = GROUP // KS
+        UNROLL: gl.constexpr = 2 if SPG % 2 == 0 else 1          # steps a loop trip (register rotation unrolled)
         dtype: gl.constexpr = out_ptr.dtype.element_ty
         # [KO, R, BW, 8]: the nibbles of a thread's words stay in its registers, in output order on the last axis
         L4: gl.constexpr = gl.BlockedLayout([1, R, V, 8], [TK, 1, LW, 1], [WK, 1, WW, 1], [3, 2, 1, 0])
@@ -280,19 +290,31 @@ if HAS_GLUON:
         sw = pid_w * BW + gl.arange(0, BW, layout=gl.SliceLayout(1, S_L))
         cols = gl.expand_dims(sw * 8, 1) + gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, S_L)), 0)
 
-        w_buf = gl.allocate_shared_memory(gl.int32, [STAGES, KO, R, BW], SMEM)
-        for i in gl.static_range(STAGES - 1):
-            _w4_issue(w_buf, w_ptrs, i, i, n_steps, k_lo, stride_wk, KS)
+        if RING:
+            w_buf = gl.allocate_shared_memory(gl.int32, [STAGES, KO, R, BW], SMEM)
+            for i in gl.static_range(STAGES - 1):
+                _w4_issue(w_buf, w_ptrs, i, i, n_steps, k_lo, stride_wk, KS)
+            q0 = gl.zeros([KO, R, BW], gl.int32, P_L)
+            q1 = q0
+            q2 = q0
+        else:
+            q0 = _w4_load(w_ptrs, 0, n_steps, k_lo, stride_wk, KS)
+            q1 = q0
+            q2 = q0
+            if STAGES > 2:
+                q1 = _w4_load(w_ptrs, 1, n_steps, k_lo, stride_wk, KS)
+            if STAGES > 3:
+                q2 = _w4_load(w_ptrs, 2, n_steps, k_lo, stride_wk, KS)
 
         acc0 = gl.zeros([KO, BW, 8], dtype=gl.float32, layout=G_L)
         zero4 = gl.zeros([KO, R, BW, 8], dtype=gl.float32, layout=L4)
         acc1 = acc0
         acc2 = acc0
         acc3 = acc0
-        xn0 = _w4_x(x_ptr, rows, k_lo, n_steps > 0, 0, ROWS, stride_xm, X_L)
-        xn1 = _w4_x(x_ptr, rows, k_lo, n_steps > 0, 1, ROWS, stride_xm, X_L)
-        xn2 = _w4_x(x_ptr, rows, k_lo, n_steps > 0, 2, ROWS, stride_xm, X_L)
-        xn3 = _w4_x(x_ptr, rows, k_lo, n_steps > 0, 3, ROWS, stride_xm, X_L)
+        xn0 = _w4_x(x_ptr, rows, k_lo, 0, ROWS, stride_xm, X_L)
+        xn1 = _w4_x(x_ptr, rows, k_lo, 1, ROWS, stride_xm, X_L)
+        xn2 = _w4_x(x_ptr, rows, k_lo, 2, ROWS, stride_xm, X_L)
+        xn3 = _w4_x(x_ptr, rows, k_lo, 3, ROWS, stride_xm, X_L)
         slot = 0
         for gi in range(0, n_groups):
             g_off = (g_lo + gi) * stride_sg
@@ -309,36 +331,48 @@ if HAS_GLUON:
             xs1 = xs0
             xs2 = xs0
             xs3 = xs0
-            for i in gl.static_range(SPG):
-                st = gi * SPG + i
-                cp.wait_group(STAGES - 2)
-                nxt = slot + STAGES - 1
-                nxt = gl.where(nxt >= STAGES, nxt - STAGES, nxt)
-                _w4_issue(w_buf, w_ptrs, nxt, st + STAGES - 1, n_steps, k_lo, stride_wk, KS)
-                p = gl.expand_dims(w_buf.index(slot).load(P_L), 3)
-                f = ((((p << lsh) >> rsh) & msk) | one).to(gl.float32, bitcast=True)    # [KO, R, BW, 8]
-                x0 = xn0
-                x1 = xn1
-                x2 = xn2
-                x3 = xn3
-                more = st + 1 < n_steps
-                k1 = k_lo + (st + 1) * KS
-                xn0 = _w4_x(x_ptr, rows, k1, more, 0, ROWS, stride_xm, X_L)
-                g0 += f * _bx(x0)
-                xs0 += x0
-                if ROWS > 1:
-                    xn1 = _w4_x(x_ptr, rows, k1, more, 1, ROWS, stride_xm, X_L)
-                    g1 += f * _bx(x1)
-                    xs1 += x1
-                if ROWS > 2:
-                    xn2 = _w4_x(x_ptr, rows, k1, more, 2, ROWS, stride_xm, X_L)
-                    g2 += f * _bx(x2)
-                    xs2 += x2
-                if ROWS > 3:
-                    xn3 = _w4_x(x_ptr, rows, k1, more, 3, ROWS, stride_xm, X_L)
-                    g3 += f * _bx(x3)
-                    xs3 += x3
-                slot = gl.where(slot + 1 >= STAGES, 0, slot + 1)
+            for j0 in range(0, SPG, UNROLL):
+                for j1 in gl.static_range(UNROLL):
+                    st = gi * SPG + j0 + j1
+                    if RING:
+                        cp.wait_group(STAGES - 2)
+                        nxt = slot + STAGES - 1
+                        nxt = gl.where(nxt >= STAGES, nxt - STAGES, nxt)
+                        _w4_issue(w_buf, w_ptrs, nxt, st + STAGES - 1, n_steps, k_lo, stride_wk, KS)
+                        p = gl.expand_dims(w_buf.index(slot).load(P_L), 3)
+                        slot = gl.where(slot + 1 >= STAGES, 0, slot + 1)
+                    else:                     # registers: step st was loaded STAGES - 1 steps ago
+                        p = gl.expand_dims(q0, 3)
+                        if STAGES == 2:
+                            q0 = _w4_load(w_ptrs, st + 1, n_steps, k_lo, stride_wk, KS)
+                        elif STAGES == 3:
+                            q0 = q1
+                            q1 = _w4_load(w_ptrs, st + 2, n_steps, k_lo, stride_wk, KS)
+                        else:
+                            q0 = q1
+                            q1 = q2
+                            q2 = _w4_load(w_ptrs, st + 3, n_steps, k_lo, stride_wk, KS)
+                    f = ((((p << lsh) >> rsh) & msk) | one).to(gl.float32, bitcast=True)    # [KO, R, BW, 8]
+                    x0 = xn0
+                    x1 = xn1
+                    x2 = xn2
+                    x3 = xn3
+                    k1 = k_lo + gl.minimum(st + 1, n_steps - 1) * KS       # past the split: the last step again
+                    xn0 = _w4_x(x_ptr, rows, k1, 0, ROWS, stride_xm, X_L)
+                    g0 += f * _bx(x0)
+                    xs0 += x0
+                    if ROWS > 1:
+                        xn1 = _w4_x(x_ptr, rows, k1, 1, ROWS, stride_xm, X_L)
+                        g1 += f * _bx(x1)
+                        xs1 += x1
+                    if ROWS > 2:
+                        xn2 = _w4_x(x_ptr, rows, k1, 2, ROWS, stride_xm, X_L)
+                        g2 += f * _bx(x2)
+                        xs2 += x2
+                    if ROWS > 3:
+                        xn3 = _w4_x(x_ptr, rows, k1, 3, ROWS, stride_xm, X_L)
+                        g3 += f * _bx(x3)
+                        xs3 += x3
             a = gl.expand_dims(s * mult, 0)                 # acc += a G + b X = s sum x (q - z)
             b = gl.expand_dims(s * (zb + mult), 0)
             acc0 += a * gl.sum(g0, axis=1) - b * _bxs(xs0, G_L)
@@ -348,7 +382,8 @@ if HAS_GLUON:
                 acc2 += a * gl.sum(g2, axis=1) - b * _bxs(xs2, G_L)
             if ROWS > 3:
                 acc3 += a * gl.sum(g3, axis=1) - b * _bxs(xs3, G_L)
-        cp.wait_group(0)
+        if RING:
+            cp.wait_group(0)
 
         ok = gl.expand_dims(sw * 8 < N, 1)
         for r in gl.static_range(ROWS):
@@ -509,7 +544,7 @@ def gemv_w4v2_supported(n: int, k: int, group: int, r: int, v: int, tk: int, war
 def gemv_w4v2_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                      bias: torch.Tensor | None, out: torch.Tensor, *, n: int, group: int, r: int, v: int, tk: int,
                      wk: int, stages: int, warps: int, target: int, num_sms: int, counters, splits: int = 0,
-                     max_splits: int = 64) -> None:
+                     max_splits: int = 64, ring: bool = True) -> None:
     """Launch ``_gemv_w4v2_kernel`` for ``x [M <= 4, K]`` (``gemv_w4v2_supported`` shapes); split-K by whole
     groups to reach ``target`` programs per SM (or ``splits``), at most ``max_splits``."""
     m, k = x.shape
@@ -525,7 +560,7 @@ def gemv_w4v2_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
         x, weight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, part,
         cnt, m, n, per, num_groups, splits, 0x3F800000, x.stride(0), weight.stride(0), scales.stride(0),
         out.stride(0), ROWS=m, GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, R=r, V=v, TK=tk,
-        WK=wk, STAGES=stages, SPLIT=splits > 1, num_warps=warps)
+        WK=wk, STAGES=stages, RING=ring, SPLIT=splits > 1, num_warps=warps)
 
 
 def gemv_fp8_supported(n: int, k: int, block_n: int, warps: int) -> bool:
