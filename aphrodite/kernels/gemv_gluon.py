@@ -11,8 +11,13 @@ shift and one mask-or; per step ``G_j = sum_k x_k f_j`` (one FMA per weight and 
 then ``acc += a G + b X`` with ``a = 128 s`` and ``b = -s (128 + z)``, which is ``sum_k x_k s (q - z)``.
 Split-K as everywhere here: fp32 partials and an arrival counter, the last program adds them in split order.
 
-Gluon has no CPU interpreter: on the CPU this kernel is compiled for sm_90 by the tests; its results are checked
-on the GPU (``benchmarks/gpu/bench_quant_gemv.py``) against dequantize + matmul.
+Version 2 (``_gemv_w4v2_kernel``): a thread owns a few adjacent words on a few adjacent K rows of each small
+step and reads back exactly what it loaded (a cp.async ring, or plain loads a few steps ahead into registers), so
+steps are a few KB and many programs fit an SM; the four shared shifts of the Triton GEMV put each nibble at
+mantissa bits 12..15 or 16..19 (one mask-or and one FMA a weight).
+
+Gluon has no CPU interpreter: on the CPU these kernels are compiled for sm_90 by the tests; their results are
+checked on the GPU (``benchmarks/gpu/check_w4_gemv.py``) against float64 dequantize + matmul.
 """
 from __future__ import annotations
 
