@@ -177,24 +177,8 @@ if HAS_GLUON:
         oc = gl.arange(0, 8, layout=gl.SliceLayout(0, S_LAYOUT))
         cols = gl.expand_dims(ow * 8, 1) + gl.expand_dims(oc, 0)             # [BW, 8] output features
         ok = gl.expand_dims(ow * 8 < N, 1)
-        for r in gl.static_range(ROWS):
-            if r == 0:
-                acc = gl.sum(acc0, axis=0)          # the WK warp rows' sums (through shared memory when WK > 1)
-            elif r == 1:
-                acc = gl.sum(acc1, axis=0)
-            elif r == 2:
-                acc = gl.sum(acc2, axis=0)
-            else:
-                acc = gl.sum(acc3, axis=0)
-            if SPLIT:
-                gl.store(part_ptr + (pid_k * M + r).to(gl.int64) * N + cols, acc, mask=ok)
-            else:
-                if HAS_BIAS:
-                    acc += gl.load(bias_ptr + cols, mask=ok, other=0.0).to(gl.float32)
-                gl.store(out_ptr + r * stride_om + cols, acc.to(dtype), mask=ok)
-        if SPLIT:
-            _split_finish(part_ptr, cnt_ptr, bias_ptr, out_ptr, cols, ok, pid_w, M, N, num_splits, stride_om,
-                          ROWS, HAS_BIAS, S_LAYOUT)
+        _store_rows(acc0, acc1, acc2, acc3, part_ptr, cnt_ptr, bias_ptr, out_ptr, cols, ok, pid_w, pid_k, M, N,
+                    num_splits, stride_om, ROWS, HAS_BIAS, SPLIT, S_LAYOUT)   # WK warp rows summed (shared memory)
 
 
     @gluon.jit
@@ -258,7 +242,6 @@ if HAS_GLUON:
         KS: gl.constexpr = KO * R
         SPG: gl.constexpr = GROUP // KS
         UNROLL: gl.constexpr = 2 if SPG % 2 == 0 else 1          # steps a loop trip (register rotation unrolled)
-        dtype: gl.constexpr = out_ptr.dtype.element_ty
         # [KO, R, BW, 8]: the nibbles of a thread's words stay in its registers, in output order on the last axis
         L4: gl.constexpr = gl.BlockedLayout([1, R, V, 8], [TK, 1, LW, 1], [WK, 1, WW, 1], [3, 2, 1, 0])
         P_L: gl.constexpr = gl.SliceLayout(3, L4)                    # [KO, R, BW] packed words
@@ -391,9 +374,18 @@ if HAS_GLUON:
             cp.wait_group(0)
 
         ok = gl.expand_dims(sw * 8 < N, 1)
+        _store_rows(acc0, acc1, acc2, acc3, part_ptr, cnt_ptr, bias_ptr, out_ptr, cols, ok, pid_w, pid_k, M, N,
+                    num_splits, stride_om, ROWS, HAS_BIAS, SPLIT, S_L)        # KO row blocks summed (lanes, warps)
+
+    @gluon.jit
+    def _store_rows(acc0, acc1, acc2, acc3, part_ptr, cnt_ptr, bias_ptr, out_ptr, cols, ok, pid_w, pid_k, M, N,
+                    num_splits, stride_om, ROWS: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr,
+                    S_L: gl.constexpr):
+        """Each row's ``[K parts, BW, 8]`` sums added over the K parts: the output (+ bias), or this split's fp32
+        partial and then ``_split_finish``."""
         for r in gl.static_range(ROWS):
             if r == 0:
-                acc = gl.sum(acc0, axis=0)          # the KO row blocks' sums (lanes, then warps)
+                acc = gl.sum(acc0, axis=0)
             elif r == 1:
                 acc = gl.sum(acc1, axis=0)
             elif r == 2:
@@ -405,7 +397,7 @@ if HAS_GLUON:
             else:
                 if HAS_BIAS:
                     acc += gl.load(bias_ptr + cols, mask=ok, other=0.0).to(gl.float32)
-                gl.store(out_ptr + r * stride_om + cols, acc.to(dtype), mask=ok)
+                gl.store(out_ptr + r * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
         if SPLIT:
             _split_finish(part_ptr, cnt_ptr, bias_ptr, out_ptr, cols, ok, pid_w, M, N, num_splits, stride_om,
                           ROWS, HAS_BIAS, S_L)

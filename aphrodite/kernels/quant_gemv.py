@@ -509,6 +509,7 @@ def gluon_gemv_candidates(fmt: int) -> list[GemvConfig]:
             v2(2, 2, 4, 4, 8), v2(2, 2, 4, 4, 4), v2(2, 2, 4, 4, 8, stages=3, ring=False),
             v2(2, 2, 4, 4, 4, stages=4, ring=False), v2(4, 1, 8, 4, 8, stages=4, ring=False), v2(4, 1, 8, 4, 8),
             v2(2, 2, 4, 8, 4, stages=6, wk=2), v2(4, 2, 4, 4, 6, stages=3, ring=False),
+            v2(2, 2, 4, 2, 12, stages=3, ring=False), v2(2, 2, 4, 8, 4, stages=3, ring=False),
             v2(2, 1, 4, 4, 8), v2(2, 1, 4, 4, 8, stages=3, ring=False)]
 
 
