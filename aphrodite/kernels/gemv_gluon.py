@@ -541,7 +541,7 @@ def gemv_w4v2_supported(n: int, k: int, group: int, r: int, v: int, tk: int, war
 def gemv_w4v2_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                      bias: torch.Tensor | None, out: torch.Tensor, *, n: int, group: int, r: int, v: int, tk: int,
                      wk: int, stages: int, warps: int, target: int, num_sms: int, counters, splits: int = 0,
-                     max_splits: int = 64, ring: bool = True) -> None:
+                     max_splits: int = 64, ring: bool = True, maxnreg: int = 0) -> None:
     """Launch ``_gemv_w4v2_kernel`` for ``x [M <= 4, K]`` (``gemv_w4v2_supported`` shapes); split-K by whole
     groups to reach ``target`` programs per SM (or ``splits``), at most ``max_splits``."""
     m, k = x.shape
@@ -557,7 +557,8 @@ def gemv_w4v2_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
         x, weight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, part,
         cnt, m, n, per, num_groups, splits, 0x3F800000, x.stride(0), weight.stride(0), scales.stride(0),
         out.stride(0), ROWS=m, GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, R=r, V=v, TK=tk,
-        WK=wk, STAGES=stages, RING=ring, SPLIT=splits > 1, num_warps=warps)
+        WK=wk, STAGES=stages, RING=ring, SPLIT=splits > 1, num_warps=warps,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
 
 
 def gemv_fp8_supported(n: int, k: int, block_n: int, warps: int) -> bool:

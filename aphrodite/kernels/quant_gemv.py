@@ -399,6 +399,7 @@ class GemvConfig:
     tk: int = 0                 # gluon int4: > 0 picks the version-2 kernel with tk lanes along K (block_k = rows a
     vec: int = 4                # thread a step, vec = adjacent words a thread); 0: the first Gluon kernel
     ring: bool = True           # gluon int4 v2: a cp.async ring in shared memory (else register prefetch)
+    maxnreg: int = 0            # gluon int4 v2: ptxas .maxnreg (0: its choice); fewer = more programs an SM
 
 
 def _defaults(w: QuantWeight, rows: int) -> tuple[int, int]:
@@ -500,9 +501,9 @@ def gluon_gemv_candidates(fmt: int) -> list[GemvConfig]:
         return GemvConfig(block_k=ks, warps=warps, target=target, stages=stages, gluon=True, wk=wk)
 
     def v2(r: int, vec: int, tk: int, warps: int, target: int, stages: int = 8, wk: int = 1,
-           ring: bool = True) -> GemvConfig:
+           ring: bool = True, regs: int = 0) -> GemvConfig:
         return GemvConfig(block_k=r, vec=vec, tk=tk, warps=warps, target=target, stages=stages, gluon=True, wk=wk,
-                          ring=ring)
+                          ring=ring, maxnreg=regs)
     # Version 2 (a thread reads back what it copied; small steps, many programs an SM): r rows x vec words a
     # thread, tk lanes along K. Version 1: wk rows of warps share a column block (and a 128-row step).
     return [g(32, 4, 4, wk=4), g(32, 2, 4), g(32, 1, 8, stages=6),
@@ -510,6 +511,8 @@ def gluon_gemv_candidates(fmt: int) -> list[GemvConfig]:
             v2(2, 2, 4, 4, 4, stages=4, ring=False), v2(4, 1, 8, 4, 8, stages=4, ring=False), v2(4, 1, 8, 4, 8),
             v2(2, 2, 4, 8, 4, stages=6, wk=2), v2(4, 2, 4, 4, 6, stages=3, ring=False),
             v2(2, 2, 4, 2, 12, stages=3, ring=False), v2(2, 2, 4, 8, 4, stages=3, ring=False),
+            v2(2, 2, 4, 4, 8, stages=3, ring=False, regs=64), v2(2, 2, 4, 4, 16, stages=4, ring=False, regs=80),
+            v2(2, 2, 4, 4, 8, stages=8, regs=80), v2(4, 1, 8, 4, 8, stages=4, ring=False, regs=64),
             v2(2, 1, 4, 4, 8), v2(2, 1, 4, 4, 8, stages=3, ring=False)]
 
 
@@ -569,7 +572,8 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
     if w.fmt == FMT_INT4 and cfg.tk and gluon_gemv_ok(x, w, cfg):
         gemv_w4v2_launch(x, w.weight, w.scales, w.zeros, bias, out, n=n, group=w.group, r=cfg.block_k, v=cfg.vec,
                          tk=cfg.tk, wk=cfg.wk, stages=cfg.stages, warps=cfg.warps, target=cfg.target,
-                         num_sms=_num_sms(dev), counters=_counters, splits=cfg.splits, ring=cfg.ring)
+                         num_sms=_num_sms(dev), counters=_counters, splits=cfg.splits, ring=cfg.ring,
+                         maxnreg=cfg.maxnreg)
         return
     if w.fmt == FMT_INT4 and gluon_gemv_ok(x, w, cfg):
         gemv_w4_launch(x, w.weight, w.scales, w.zeros, bias, out, n=n, group=w.group, ks=cfg.block_k,

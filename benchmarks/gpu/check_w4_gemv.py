@@ -40,7 +40,8 @@ def cname(c: qg.GemvConfig) -> str:
     if not c.gluon:
         return f"tri:b{c.block}k{c.block_k}w{c.warps}t{c.target}"
     if c.tk:
-        return f"v2:r{c.block_k}v{c.vec}tk{c.tk}wk{c.wk}w{c.warps}{'s' if c.ring else 'd'}{c.stages}t{c.target}"
+        return (f"v2:r{c.block_k}v{c.vec}tk{c.tk}wk{c.wk}w{c.warps}{'s' if c.ring else 'd'}{c.stages}t{c.target}"
+                + (f"r{c.maxnreg}" if c.maxnreg else ""))
     return f"v1:k{c.block_k}w{c.warps}wk{c.wk}s{c.stages}t{c.target}"
 
 

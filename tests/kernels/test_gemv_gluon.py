@@ -42,14 +42,17 @@ def _compile_v2(cfg: GemvConfig, rows: int, split: bool, zp: bool):
     sig = {**ptrs, **dict.fromkeys(ints, "i32"), **dict.fromkeys(const, "constexpr")}
     aligned = set(ptrs) | {"N", "one", "stride_xm", "stride_wk", "stride_sg", "stride_om"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in aligned}
+    options = dict(num_warps=cfg.warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return triton.compile(GluonASTSource(_gemv_w4v2_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 128),
-                          options=dict(num_warps=cfg.warps))
+                          options=options)
 
 
 @pytest.mark.skipif(not HAS_GLUON or _tool("cuobjdump") is None, reason="Triton without Gluon or cuobjdump")
-@pytest.mark.parametrize("rows,split,zp", [(1, True, True), (2, False, False)])
-def test_int4_gemv_v2_compiles_to_cp_async_without_spills(rows: int, split: bool, zp: bool):
-    cfg = V2[0]
+@pytest.mark.parametrize("rows,split,zp,ring", [(1, True, True, True), (2, False, False, True), (1, True, True, False)])
+def test_int4_gemv_v2_compiles_without_spills(rows: int, split: bool, zp: bool, ring: bool):
+    """The cp.async ring (16/8-byte copies) and the register-prefetch form capped at 64 registers a thread
+    (8 programs of 4 warps an SM): no local memory either way."""
+    cfg = next(c for c in V2 if c.ring == ring and (ring or c.maxnreg == 64))
     kernel = _compile_v2(cfg, rows, split, zp)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -58,7 +61,11 @@ def test_int4_gemv_v2_compiles_to_cp_async_without_spills(rows: int, split: bool
                               check=True).stdout
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
                                check=True).stdout
-    assert {4: "LDGSTS.E.BYPASS.128", 2: "LDGSTS.E.64", 1: "LDGSTS.E "}[cfg.vec] in sass
+    if ring:
+        assert {4: "LDGSTS.E.BYPASS.128", 2: "LDGSTS.E.64", 1: "LDGSTS.E "}[cfg.vec] in sass
+    else:
+        assert "LDGSTS" not in sass                         # plain loads into registers, no shared memory ring
+        assert int(re.search(r"REG:(\d+)", usage).group(1)) <= cfg.maxnreg
     assert re.search(r"LOCAL:0\b", usage), usage
     assert kernel.metadata.shared <= 227 * 1024
     # the per-nibble work is one mask-or (LOP3) and one FMA: a kernel without them is not this kernel
