@@ -100,3 +100,11 @@ def test_gluon_shapes_take_the_triton_gemv_off_sm90(monkeypatch, cfg: GemvConfig
     ref = x.double() @ ((q - zeros.double()[rows]) * scales.double()[rows])
     got = quant_gemv(x, w, config=cfg)
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+def test_gluon_defaults_are_gpu_checked_candidates():
+    """Every Gluon shape the engine runs by default is one that ``benchmarks/gpu/check_w4_gemv.py`` (int4) or
+    ``bench_w4_wgmma.py --gemv`` (FP8) checks on the GPU: a candidate of its format."""
+    from aphrodite.kernels.quant_gemv import _GLUON_DEFAULT
+    for (fmt, rows), cfg in _GLUON_DEFAULT.items():
+        assert 1 <= rows <= 4 and cfg in gluon_gemv_candidates(fmt), (fmt, rows, cfg)
