@@ -506,14 +506,10 @@ def gluon_gemv_candidates(fmt: int) -> list[GemvConfig]:
                           ring=ring, maxnreg=regs)
     # Version 2 (a thread reads back what it copied; small steps, many programs an SM): r rows x vec words a
     # thread, tk lanes along K. Version 1: wk rows of warps share a column block (and a 128-row step).
-    return [g(32, 4, 4, wk=4), g(32, 2, 4), g(32, 1, 8, stages=6),
-            v2(2, 2, 4, 4, 8), v2(2, 2, 4, 4, 4), v2(2, 2, 4, 4, 8, stages=3, ring=False),
-            v2(2, 2, 4, 4, 4, stages=4, ring=False), v2(4, 1, 8, 4, 8, stages=4, ring=False), v2(4, 1, 8, 4, 8),
-            v2(2, 2, 4, 8, 4, stages=6, wk=2), v2(4, 2, 4, 4, 6, stages=3, ring=False),
-            v2(2, 2, 4, 2, 12, stages=3, ring=False), v2(2, 2, 4, 8, 4, stages=3, ring=False),
-            v2(2, 2, 4, 4, 8, stages=3, ring=False, regs=64), v2(2, 2, 4, 4, 16, stages=4, ring=False, regs=80),
-            v2(2, 2, 4, 4, 8, stages=8, regs=80), v2(4, 1, 8, 4, 8, stages=4, ring=False, regs=64),
-            v2(2, 1, 4, 4, 8), v2(2, 1, 4, 4, 8, stages=3, ring=False)]
+    # Measured on an H200 (benchmarks/gpu/check_w4_gemv.py, weights cycled past the L2): version 1 is the
+    # fastest at 1..4 rows; version 2's best shapes (narrow: 32 or 16 words a program) trail it by 5-15 %.
+    return [g(32, 2, 4), g(32, 4, 4, wk=4), g(32, 1, 8, stages=6),
+            v2(2, 1, 4, 4, 8, stages=3, ring=False), v2(4, 1, 8, 4, 8, stages=4, ring=False)]
 
 
 #: The Gluon GEMV shape the engine runs on sm_90 per (format, rows); missing: the Triton GEMV's default. Filled
@@ -521,7 +517,27 @@ def gluon_gemv_candidates(fmt: int) -> list[GemvConfig]:
 #: the Triton GEMV's 8.5 / 7.1 / 35.8 / 22.8 on the 8B shape's qkv / o / gate_up / down).
 _GLUON_DEFAULT: dict[tuple[int, int], GemvConfig] = {
     (FMT_FP8, 1): GemvConfig(block=8, warps=4, stages=4, gluon=True),
+    # int4 (check_w4_gemv.py on an H200, us, weights cycled past the L2; M=1: qkv / o / gate_up 11.2 / 10.5 /
+    # 29.1 against the Triton GEMV's 12.5 / 10.8 / 37.1; M=2: qkv 14.7 vs 19.8, o 13.2 vs 17.4, gate_up 39.2
+    # vs 84.4; M=4: qkv 24.5 vs 36.2, gate_up 62.8 vs 94.0, o 23.1 vs 20.3)
+    (FMT_INT4, 1): GemvConfig(block_k=32, warps=2, target=4, stages=4, gluon=True),
+    (FMT_INT4, 2): GemvConfig(block_k=32, warps=2, target=4, stages=4, gluon=True),
+    (FMT_INT4, 4): GemvConfig(block_k=32, warps=2, target=4, stages=4, gluon=True),
 }
+
+#: int4 with a long K (down_proj: 14336), where two warps a 32-word column block leave too few warps an SM:
+#: four warp rows share each 128-row step (M=1: 20.2 us against the Triton GEMV's 22.0 and 25.0 for the shape
+#: above); at 2 and 4 rows the Triton GEMV is as fast (28.9 / 57.1 vs 31.1 / 58.8 us), so it stays.
+_LONG_K = 8192
+_GLUON_DEFAULT_LONG_K: dict[tuple[int, int], GemvConfig] = {
+    (FMT_INT4, 1): GemvConfig(block_k=32, warps=4, target=4, stages=4, gluon=True, wk=4),
+}
+
+
+def _gluon_default(fmt: int, rows: int, k: int) -> GemvConfig | None:
+    """The Gluon shape the engine runs for (format, rows, K) on sm_90; None: the Triton GEMV's default."""
+    table = _GLUON_DEFAULT_LONG_K if fmt == FMT_INT4 and k > _LONG_K else _GLUON_DEFAULT
+    return table.get((fmt, rows))
 
 
 def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> GemvConfig:
@@ -532,7 +548,7 @@ def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> G
     if cfg is not None:
         return cfg
     default = _candidates(w)[0]
-    gluon = _GLUON_DEFAULT.get((w.fmt, x.shape[0]))
+    gluon = _gluon_default(w.fmt, x.shape[0], w.k)
     if gluon is not None and gluon_gemv_ok(x, w, gluon):
         default = gluon
     if x.device.type != "cuda" or not _tuning_enabled() or torch.cuda.is_current_stream_capturing():

@@ -17,6 +17,8 @@ from aphrodite.kernels.quant_gemv import GemvConfig, gluon_gemv_candidates, gluo
 from aphrodite.kernels.w4_wgmma import HAS_GLUON
 
 V2 = [c for c in gluon_gemv_candidates(FMT_INT4) if c.tk]
+RING = GemvConfig(block_k=2, vec=2, tk=4, warps=4, stages=8, gluon=True)               # the cp.async-ring form
+CAPPED = GemvConfig(block_k=2, vec=2, tk=4, warps=4, stages=3, gluon=True, ring=False, maxnreg=64)
 
 
 def _tool(name: str) -> str | None:
@@ -48,11 +50,14 @@ def _compile_v2(cfg: GemvConfig, rows: int, split: bool, zp: bool):
 
 
 @pytest.mark.skipif(not HAS_GLUON or _tool("cuobjdump") is None, reason="Triton without Gluon or cuobjdump")
-@pytest.mark.parametrize("rows,split,zp,ring", [(1, True, True, True), (2, False, False, True), (1, True, True, False)])
-def test_int4_gemv_v2_compiles_without_spills(rows: int, split: bool, zp: bool, ring: bool):
-    """The cp.async ring (16/8-byte copies) and the register-prefetch form capped at 64 registers a thread
-    (8 programs of 4 warps an SM): no local memory either way."""
-    cfg = next(c for c in V2 if c.ring == ring and (ring or c.maxnreg == 64))
+@pytest.mark.parametrize("rows,split,zp,cfg",
+                         [(1, True, True, V2[0]), (2, False, False, V2[0]), (1, True, True, RING),
+                          (1, True, True, CAPPED)],
+                         ids=["cand-split", "cand-2rows", "ring", "capped"])
+def test_int4_gemv_v2_compiles_without_spills(rows: int, split: bool, zp: bool, cfg: GemvConfig):
+    """The register-prefetch form (the candidates), the cp.async ring (8-byte copies) and the register-prefetch
+    form capped at 64 registers a thread (8 programs of 4 warps an SM): no local memory in any."""
+    ring = cfg.ring
     kernel = _compile_v2(cfg, rows, split, zp)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -65,7 +70,7 @@ def test_int4_gemv_v2_compiles_without_spills(rows: int, split: bool, zp: bool, 
         assert {4: "LDGSTS.E.BYPASS.128", 2: "LDGSTS.E.64", 1: "LDGSTS.E "}[cfg.vec] in sass
     else:
         assert "LDGSTS" not in sass                         # plain loads into registers, no shared memory ring
-        assert int(re.search(r"REG:(\d+)", usage).group(1)) <= cfg.maxnreg
+        assert int(re.search(r"REG:(\d+)", usage).group(1)) <= (cfg.maxnreg or 255)
     assert re.search(r"LOCAL:0\b", usage), usage
     assert kernel.metadata.shared <= 227 * 1024
     # the per-nibble work is one mask-or (LOP3) and one FMA: a kernel without them is not this kernel
@@ -105,6 +110,10 @@ def test_gluon_shapes_take_the_triton_gemv_off_sm90(monkeypatch, cfg: GemvConfig
 def test_gluon_defaults_are_gpu_checked_candidates():
     """Every Gluon shape the engine runs by default is one that ``benchmarks/gpu/check_w4_gemv.py`` (int4) or
     ``bench_w4_wgmma.py --gemv`` (FP8) checks on the GPU: a candidate of its format."""
-    from aphrodite.kernels.quant_gemv import _GLUON_DEFAULT
-    for (fmt, rows), cfg in _GLUON_DEFAULT.items():
-        assert 1 <= rows <= 4 and cfg in gluon_gemv_candidates(fmt), (fmt, rows, cfg)
+    from aphrodite.kernels.quant_gemv import _GLUON_DEFAULT, _GLUON_DEFAULT_LONG_K, _LONG_K, _gluon_default
+    for table in (_GLUON_DEFAULT, _GLUON_DEFAULT_LONG_K):
+        for (fmt, rows), cfg in table.items():
+            assert 1 <= rows <= 4 and cfg in gluon_gemv_candidates(fmt), (fmt, rows, cfg)
+    # a long K (down_proj) at one row takes the four-warp-row shape; at 2 rows the Triton GEMV (None)
+    assert _gluon_default(FMT_INT4, 1, 4 * _LONG_K).wk == 4 and _gluon_default(FMT_INT4, 1, 4096).wk == 1
+    assert _gluon_default(FMT_INT4, 2, 4 * _LONG_K) is None and _gluon_default(FMT_INT4, 3, 4096) is None
