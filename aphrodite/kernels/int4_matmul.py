@@ -44,7 +44,7 @@ import torch
 
 from aphrodite.kernels.precompile import deferring
 from aphrodite.kernels.triton_utils import HAS_TRITON, DeviceFunction, LazyKernel, cdiv, next_pow2, tl, use_triton
-from aphrodite.kernels.w4_wgmma import w4_wgmma_launch, wgmma_supported
+from aphrodite.kernels.w4_wgmma import w4_wgmma_launch, w4_ws_launch, wgmma_supported
 
 __all__ = ["FMT_FP8", "FMT_INT4", "INT4_ORDER", "QuantWeight", "dequantize", "quant_matmul", "quant_matmul_ref",
            "repack_int4", "unpack_int4_cols", "pack_int4_cols", "w4_supported"]
@@ -548,6 +548,7 @@ class Config:
     w4: bool = False           # the batched W4A16 kernel (``_w4_gemm_kernel``) where ``w4_supported`` says so
     ahead: int = 0             # W4A16: codes loaded by Triton's pipeline (0) or 1 / 2 steps ahead in registers
     wgmma: bool = False        # W4A16 through the Gluon kernel (``w4_wgmma``, Hopper): ``stages`` = its ring depth
+    ws: int = 0                # with ``wgmma``: warp-specialized (``w4_ws_launch``), this many dequantized tiles
 
 
 @functools.lru_cache(maxsize=8)
@@ -668,6 +669,9 @@ def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> 
                                           or w.group % cfg.block_k
                                           or not _aligned16(x if w.perm is None else None, w.scales, w.zeros)):
         return False
+    if cfg is not None and cfg.ws and (cfg.block_m != 16 * cfg.warps or cfg.block_k * x.element_size() > 128
+                                       or cfg.block_n // 8 * 4 > 128 or not _aligned16(w.weight)):
+        return False    # one 64-row consumer warpgroup per 4 warps; TMA boxes within a 128-byte swizzle row
     return (w.k % w.group == 0 and w.group % 16 == 0 and w.n % block_n == 0 and w.weight.stride(1) == 1
             and w.scales.dtype == x.dtype and w.scales.stride(1) == 1
             and (w.zeros is None or (w.zeros.stride() == w.scales.stride() and w.zeros.dtype == x.dtype)))
@@ -715,9 +719,27 @@ def _w4_table(m: int, n: int) -> Config:
 
 
 def _wgmma_c(bm: int, bn: int, bk: int, stages: int, warps: int, target: int = 1, splits: int = 0,
-             swap: bool = False) -> Config:
+             swap: bool = False, ws: int = 0) -> Config:
     return Config(bm, bn, bk, splits=splits, target=target, warps=warps, stages=stages, w4=True, wgmma=True,
-                  swap=swap)
+                  swap=swap, ws=ws)
+
+
+def _ws_candidates(m: int) -> list[Config]:
+    """Shapes of the warp-specialized Gluon W4A16 kernel (``w4_ws_launch``) per rows bucket (64+): ``warps``
+    consumer warps (64 rows a warpgroup, so ``block_m = 16 * warps``), a ``stages``-deep TMA ring, ``ws``
+    dequantized tiles; every shape fits an H200's 227 KB of shared memory."""
+    c = _wgmma_c
+    if m <= 64:
+        return [c(64, 128, 64, 6, 4, target=2, ws=3), c(64, 256, 64, 4, 4, target=2, ws=2),
+                c(64, 128, 64, 6, 4, target=4, ws=3)]
+    if m <= 128:
+        return [c(128, 128, 64, 6, 8, target=1, ws=3), c(64, 128, 64, 6, 4, target=2, ws=3),
+                c(128, 256, 64, 4, 8, target=1, ws=2)]
+    if m <= 256:
+        return [c(128, 256, 64, 4, 8, target=1, ws=2), c(128, 128, 64, 6, 8, target=1, ws=3),
+                c(64, 256, 64, 4, 4, target=1, ws=2)]
+    return [c(128, 256, 64, 4, 8, splits=1, ws=2), c(128, 256, 64, 4, 8, splits=1, ws=3),
+            c(128, 128, 64, 6, 8, splits=1, ws=3)]
 
 
 #: The Gluon wgmma W4A16 shape the engine dispatches on sm_90, per rows bucket: (N < 16384, N >= 16384 i.e.
@@ -879,6 +901,12 @@ def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: 
     else:
         part = cnt = out
     magic, base = _W4_MAGIC[x.dtype]
+    if cfg.wgmma and cfg.ws:
+        w4_ws_launch(x, w.weight, w.scales, w.zeros, bias, out, part if splits > 1 else None,
+                     cnt if splits > 1 else None, k=k, n=n, group=w.group, magic=magic, base=base,
+                     block_m=block_m, block_n=cfg.block_n, block_k=block_k, stages=cfg.stages, nb=cfg.ws,
+                     warps=cfg.warps, splits=splits, tiles_per_split=tiles_per_split)
+        return
     if cfg.wgmma:
         w4_wgmma_launch(x, w.weight, w.scales, w.zeros, bias, out, part if splits > 1 else None,
                         cnt if splits > 1 else None, k=k, n=n, group=w.group, magic=magic, base=base,

@@ -264,3 +264,181 @@ def w4_wgmma_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
         m, n, k, tiles_per_split, splits, magic, x.stride(0), weight.stride(0), scales.stride(0), out.stride(0),
         BASE=base, GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=splits > 1, SWAP=swap, num_warps=warps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Warp-specialized form for 64+ rows: TMA producer + dequant warpgroup, consumer warpgroups run wgmma only
+# --------------------------------------------------------------------------------------------------
+
+if HAS_GLUON:
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+
+    @gluon.jit
+    def _ws_producer(x_desc, w_desc, s_ptr, z_ptr, x_buf, p_buf, b_buf, ready, empty, b_ready, b_empty,
+                     off_m, off_n, k_lo, n_tiles, stride_sg,
+                     MAGIC: gl.constexpr, BASE: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr,
+                     BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr,
+                     NB: gl.constexpr):
+        """One warpgroup: TMA of ``x`` and the packed codes ``STAGES - 1`` steps ahead, then each step's
+        dequantization into the bf16 ring ``b_buf`` (``NB`` tiles) that the consumers' wgmma reads."""
+        BW: gl.constexpr = BLOCK_N // 8
+        PW: gl.constexpr = 4
+        TPW: gl.constexpr = _threads(BW, 1)
+        P_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 1], [32 // TPW, TPW], [PW, 1], [1, 0])
+        W_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW, TPW], [PW, 1], [1, 0])
+        S_LAYOUT: gl.constexpr = gl.SliceLayout(0, W_LAYOUT)
+        NBYTES: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
+        for i in gl.static_range(STAGES - 1):
+            ok = i < n_tiles
+            mbarrier.expect(ready.index(i), NBYTES, pred=ok)
+            tma.async_copy_global_to_shared(x_desc, [off_m, k_lo + i * BLOCK_K], ready.index(i), x_buf.index(i),
+                                            pred=ok)
+            tma.async_copy_global_to_shared(w_desc, [k_lo + i * BLOCK_K, off_n // 8], ready.index(i),
+                                            p_buf.index(i), pred=ok)
+        sn = off_n + gl.arange(0, BLOCK_N, layout=S_LAYOUT)
+        for kt in range(0, n_tiles):
+            slot = kt % STAGES
+            g = ((k_lo + kt * BLOCK_K) // GROUP) * stride_sg
+            s = gl.load(s_ptr + g + sn)
+            if HAS_ZP:
+                z = gl.load(z_ptr + g + sn)
+            else:
+                z = s
+            mbarrier.wait(ready.index(slot), (kt // STAGES) & 1)
+            j = kt % NB
+            mbarrier.wait(b_empty.index(j), ((kt // NB) & 1) ^ 1)
+            for c in gl.static_range(BLOCK_K // CHUNK):
+                p = p_buf.index(slot).slice(c * CHUNK, CHUNK, dim=0).load(P_LAYOUT)
+                w = _dequant_tile(p, s, z, MAGIC, W_LAYOUT, CHUNK, BLOCK_N, BASE, HAS_ZP)
+                b_buf.index(j).slice(c * CHUNK, CHUNK, dim=0).store(w)
+            fence_async_shared()            # the tile (generic proxy) -> wgmma; our code reads -> later TMA writes
+            gl.thread_barrier()             # every producer thread's stores and reads are done
+            mbarrier.arrive(b_ready.index(j))
+            # Refill the slot of step kt - 1 (its x was read by the consumers' MMA kt - 1, its codes by us).
+            nk = kt + STAGES - 1
+            ok = nk < n_tiles
+            ns = nk % STAGES
+            mbarrier.wait(empty.index(ns), ((nk // STAGES) & 1) ^ 1, pred=ok)
+            mbarrier.expect(ready.index(ns), NBYTES, pred=ok)
+            tma.async_copy_global_to_shared(x_desc, [off_m, k_lo + nk * BLOCK_K], ready.index(ns), x_buf.index(ns),
+                                            pred=ok)
+            tma.async_copy_global_to_shared(w_desc, [k_lo + nk * BLOCK_K, off_n // 8], ready.index(ns),
+                                            p_buf.index(ns), pred=ok)
+
+    @gluon.jit
+    def _ws_consumer(x_buf, b_buf, ready, empty, b_ready, b_empty, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                     M, N, off_m, off_n, n_tiles, pid, pid_k, num_splits, stride_om,
+                     HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     STAGES: gl.constexpr, NB: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+        """The default partition (``num_warps // 4`` warpgroups stacked along M, 64 rows each): waits for a
+        step's ``x`` and dequantized tile, issues its wgmma, and once the previous step's MMA is done releases
+        that step's slots; then the epilogue (split-K as in ``_w4_wgmma_kernel``)."""
+        MMA_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+        acc = gl.zeros([BLOCK_M, BLOCK_N], dtype=gl.float32, layout=MMA_LAYOUT)
+        for kt in range(0, n_tiles):
+            slot = kt % STAGES
+            j = kt % NB
+            mbarrier.wait(ready.index(slot), (kt // STAGES) & 1)
+            mbarrier.wait(b_ready.index(j), (kt // NB) & 1)
+            acc = warpgroup_mma(x_buf.index(slot), b_buf.index(j), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            gl.thread_barrier()             # every consumer warpgroup's MMA kt - 1 is done
+            prev = kt - 1
+            mbarrier.arrive(empty.index((prev + STAGES) % STAGES), pred=kt > 0)
+            mbarrier.arrive(b_empty.index((prev + NB) % NB), pred=kt > 0)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+        dtype: gl.constexpr = out_ptr.dtype.element_ty
+        om = gl.expand_dims(off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA_LAYOUT)), 1)
+        on = gl.expand_dims(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA_LAYOUT)), 0)
+        o_mask = om < M
+        o_off = om.to(gl.int64) * stride_om + on
+        if SPLIT:
+            p_off = (pid_k * M + om).to(gl.int64) * N + on
+            gl.store(part_ptr + p_off, acc, mask=o_mask)
+            gl.thread_barrier()
+            cnt = cnt_ptr + pid
+            done = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:
+                gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+                total = gl.zeros_like(acc)
+                for sp in range(0, num_splits):
+                    p_off = (sp * M + om).to(gl.int64) * N + on
+                    total += gl.load(part_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += gl.load(bias_ptr + on).to(gl.float32)
+                gl.store(out_ptr + o_off, total.to(dtype), mask=o_mask)
+        else:
+            if HAS_BIAS:
+                acc += gl.load(bias_ptr + on).to(gl.float32)
+            gl.store(out_ptr + o_off, acc.to(dtype), mask=o_mask)
+
+    @gluon.jit
+    def _w4_ws_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                      M, N, K, tiles_per_split, num_splits, stride_sg, stride_om,
+                      MAGIC: gl.constexpr, BASE: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                      CHUNK: gl.constexpr, STAGES: gl.constexpr, NB: gl.constexpr, SPLIT: gl.constexpr,
+                      PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """``out = x @ dequant(W)`` with warp specialization (see ``w4_ws_launch``)."""
+        dtype: gl.constexpr = x_desc.dtype
+        pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        num_m = gl.cdiv(M, BLOCK_M)
+        off_m = (pid % num_m) * BLOCK_M
+        off_n = (pid // num_m) * BLOCK_N
+        k_lo = pid_k * tiles_per_split * BLOCK_K
+        n_tiles = gl.minimum(tiles_per_split, K // BLOCK_K - pid_k * tiles_per_split)
+
+        B_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
+        x_buf = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+        p_buf = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        b_buf = gl.allocate_shared_memory(dtype, [NB, BLOCK_K, BLOCK_N], B_SMEM)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        b_ready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        b_empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(NB):
+            mbarrier.init(b_ready.index(i), count=1)
+            mbarrier.init(b_empty.index(i), count=1)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_ws_consumer, (x_buf, b_buf, ready, empty, b_ready, b_empty, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                            M, N, off_m, off_n, n_tiles, pid, pid_k, num_splits, stride_om,
+                            HAS_BIAS, BLOCK_M, BLOCK_N, STAGES, NB, SPLIT, num_warps)),
+            (_ws_producer, (x_desc, w_desc, s_ptr, z_ptr, x_buf, p_buf, b_buf, ready, empty, b_ready, b_empty,
+                            off_m, off_n, k_lo, n_tiles, stride_sg, MAGIC, BASE, GROUP, HAS_ZP,
+                            BLOCK_N, BLOCK_K, CHUNK, STAGES, NB)),
+        ], [4], [PRODUCER_REGS])
+
+
+def w4_ws_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None, out: torch.Tensor, part: torch.Tensor | None, cnt: torch.Tensor | None,
+                 *, k: int, n: int, group: int, magic: int, base: float, block_m: int, block_n: int, block_k: int,
+                 stages: int, nb: int, warps: int, splits: int, tiles_per_split: int) -> None:
+    """Launch ``_w4_ws_kernel``: ``warps // 4`` consumer warpgroups (64 rows each, ``block_m = 16 * warps``)
+    plus one producer warpgroup that loads ``x`` and the packed codes by TMA into a ``stages``-deep ring and
+    dequantizes into ``nb`` bf16/fp16 tiles."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    m = x.shape[0]
+    gdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k],
+                                          gl.NVMMASharedLayout.get_default_for([block_m, block_k], gdt))
+    w_desc = TensorDescriptor.from_tensor(weight, [block_k, block_n // 8],
+                                          gl.NVMMASharedLayout.get_default_for([block_k, block_n // 8], gl.int32))
+    grid = ((n // block_n) * ((m + block_m - 1) // block_m), splits)
+    dummy = scales
+    # Registers: the consumers get what the 24-register producer floor leaves of 64K over all the warps.
+    maxnreg = min(240, 65536 // ((warps + 4) * 32) // 8 * 8)
+    _w4_ws_kernel[grid](
+        x_desc, w_desc, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy, out,
+        part if part is not None else out, cnt if cnt is not None else out,
+        m, n, k, tiles_per_split, splits, scales.stride(0), out.stride(0),
+        MAGIC=magic, BASE=base, GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, CHUNK=16 if block_n >= 256 else 32, STAGES=stages,
+        NB=nb, SPLIT=splits > 1, PRODUCER_REGS=112, num_warps=warps, maxnreg=maxnreg)
