@@ -890,7 +890,12 @@ def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: 
     dev = x.device
     block_m = max(16, cfg.block_m)
     block_k = _check_group(w, cfg.block_k)      # a power of two inside one group
-    splits = _splits(Config(block_m, cfg.block_n, block_k, cfg.splits, cfg.target), m, n, k, dev)
+    if cfg.ws and not cfg.splits:
+        # One program per SM (its rings fill shared memory): split-K rounds down so the last wave stays whole.
+        tiles = cdiv(n, cfg.block_n) * cdiv(m, block_m)
+        splits = max(1, min(cfg.target * _num_sms(dev) // tiles, k // block_k, 64))
+    else:
+        splits = _splits(Config(block_m, cfg.block_n, block_k, cfg.splits, cfg.target), m, n, k, dev)
     k_tiles = k // block_k
     tiles_per_split = cdiv(k_tiles, splits)
     splits = cdiv(k_tiles, tiles_per_split)

@@ -74,6 +74,69 @@ def test_int4_wgmma_kernel_keeps_mma_in_flight(cfg: im.Config, split: bool):
     assert kernel.metadata.shared <= 227 * 1024
 
 
+def _compile_ws(cfg: im.Config, split: bool, zp: bool = True, dtype: str = "bf16"):
+    import torch
+    import triton
+    import triton.experimental.gluon.language as gl
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from aphrodite.kernels.w4_wgmma import _w4_ws_kernel
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    xl = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16 if dtype == "bf16" else gl.float16)
+    wl = gl.NVMMASharedLayout.get_default_for([bk, bn // 8], gl.int32)
+    sig = {"x_desc": f"tensordesc<{dtype}[{bm}, {bk}],{xl!r}>", "w_desc": f"tensordesc<i32[{bk}, {bn // 8}],{wl!r}>",
+           "s_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+           "part_ptr": "*fp32", "cnt_ptr": "*i32"}
+    ints = ["M", "N", "K", "tiles_per_split", "num_splits", "stride_sg", "stride_om"]
+    magic, base = im._W4_MAGIC[torch.bfloat16 if dtype == "bf16" else torch.float16]
+    const = dict(MAGIC=magic, BASE=base, GROUP=128, HAS_ZP=zp, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                 CHUNK=16 if bn >= 256 else 32, STAGES=cfg.stages, NB=cfg.ws, SPLIT=split, PRODUCER_REGS=112,
+                 num_warps=cfg.warps)
+    sig.update(dict.fromkeys(ints, "i32"))
+    sig.update(dict.fromkeys(const, "constexpr"))
+    aligned = {"s_ptr", "z_ptr", "bias_ptr", "out_ptr", "part_ptr", "cnt_ptr", "N", "K", "stride_sg", "stride_om"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in aligned}
+    maxnreg = min(240, 65536 // ((cfg.warps + 4) * 32) // 8 * 8)
+    return triton.compile(GluonASTSource(_w4_ws_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 128),
+                          options=dict(num_warps=cfg.warps, maxnreg=maxnreg))
+
+
+def _ws_shapes() -> list[im.Config]:
+    seen = {}
+    for bucket in (64, 128, 256, 1024):
+        for c in im._ws_candidates(bucket):
+            seen.setdefault((c.block_m, c.block_n, c.stages, c.warps, c.ws), c)
+    return list(seen.values())
+
+
+@pytest.mark.skipif(_tool("cuobjdump") is None, reason="no bundled cuobjdump")
+@pytest.mark.parametrize("cfg", _ws_shapes(), ids=lambda c: f"m{c.block_m}n{c.block_n}s{c.stages}w{c.warps}b{c.ws}")
+def test_int4_ws_kernel_shapes(cfg: im.Config):
+    """The warp-specialized kernel (split-K epilogue with bias): TMA loads, one MMA group left in flight in the
+    consumers' loop, registers moved from the producer warpgroup to the consumers, no spills, shared memory
+    within 227 KB."""
+    kernel = _compile_ws(cfg, split=True)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    assert "UTMALDG.2D" in sass and f"HGMMA.64x{cfg.block_n}x16.F32.BF16" in sass
+    assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x1") == 1
+    assert "setmaxnreg.inc" in kernel.asm["ptx"] and "setmaxnreg.dec" in kernel.asm["ptx"]
+    assert re.search(r"LOCAL:0\b", usage), usage
+    assert kernel.metadata.shared <= 227 * 1024
+
+
+def test_int4_ws_compiles_fp16_symmetric():
+    """fp16 activations, no zero points, no split: the other constexpr branches of the warp-specialized kernel."""
+    kernel = _compile_ws(im._ws_candidates(1024)[0], split=False, zp=False, dtype="fp16")
+    assert "wgmma.mma_async" in kernel.asm["ptx"]
+
+
 def test_int4_wgmma_compiles_fp16_symmetric():
     """fp16 activations and symmetric weights (no zero points) take the other constexpr branches."""
     kernel = _compile(im._wgmma_candidates(64)[0], split=True, zp=False, dtype="fp16")
