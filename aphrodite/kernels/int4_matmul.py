@@ -549,6 +549,7 @@ class Config:
     ahead: int = 0             # W4A16: codes loaded by Triton's pipeline (0) or 1 / 2 steps ahead in registers
     wgmma: bool = False        # W4A16 through the Gluon kernel (``w4_wgmma``, Hopper): ``stages`` = its ring depth
     ws: int = 0                # with ``wgmma``: warp-specialized (``w4_ws_launch``), this many dequantized tiles
+    dq: int = 1                # ws: dequantization in PTX pair arithmetic (1) or Gluon's (0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -719,27 +720,28 @@ def _w4_table(m: int, n: int) -> Config:
 
 
 def _wgmma_c(bm: int, bn: int, bk: int, stages: int, warps: int, target: int = 1, splits: int = 0,
-             swap: bool = False, ws: int = 0) -> Config:
+             swap: bool = False, ws: int = 0, dq: int = 1) -> Config:
     return Config(bm, bn, bk, splits=splits, target=target, warps=warps, stages=stages, w4=True, wgmma=True,
-                  swap=swap, ws=ws)
+                  swap=swap, ws=ws, dq=dq)
 
 
 def _ws_candidates(m: int) -> list[Config]:
     """Shapes of the warp-specialized Gluon W4A16 kernel (``w4_ws_launch``) per rows bucket (64+): ``warps``
     consumer warps (64 rows a warpgroup, so ``block_m = 16 * warps``), a ``stages``-deep TMA ring, ``ws``
-    dequantized tiles; every shape fits an H200's 227 KB of shared memory."""
+    dequantized tiles; every shape fits an H200's 227 KB of shared memory. ``dq=0`` (Gluon's dequantization
+    arithmetic instead of the PTX pair form) is offered once per bucket as the cross-check."""
     c = _wgmma_c
     if m <= 64:
         return [c(64, 128, 64, 6, 4, target=2, ws=3), c(64, 256, 64, 4, 4, target=2, ws=2),
-                c(64, 128, 64, 6, 4, target=4, ws=3)]
+                c(64, 128, 64, 6, 4, target=2, ws=3, dq=0)]
     if m <= 128:
         return [c(128, 128, 64, 6, 8, target=1, ws=3), c(64, 128, 64, 6, 4, target=2, ws=3),
                 c(128, 256, 64, 4, 8, target=1, ws=2)]
     if m <= 256:
         return [c(128, 256, 64, 4, 8, target=1, ws=2), c(128, 128, 64, 6, 8, target=1, ws=3),
-                c(64, 256, 64, 4, 4, target=1, ws=2)]
+                c(128, 256, 64, 4, 8, target=1, ws=2, dq=0)]
     return [c(128, 256, 64, 4, 8, splits=1, ws=2), c(128, 256, 64, 4, 8, splits=1, ws=3),
-            c(128, 128, 64, 6, 8, splits=1, ws=3)]
+            c(128, 128, 64, 6, 8, splits=1, ws=3), c(128, 256, 64, 4, 8, splits=1, ws=2, dq=0)]
 
 
 #: The Gluon wgmma W4A16 shape the engine dispatches on sm_90, per rows bucket: (N < 16384, N >= 16384 i.e.
@@ -910,7 +912,7 @@ def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: 
         w4_ws_launch(x, w.weight, w.scales, w.zeros, bias, out, part if splits > 1 else None,
                      cnt if splits > 1 else None, k=k, n=n, group=w.group, magic=magic, base=base,
                      block_m=block_m, block_n=cfg.block_n, block_k=block_k, stages=cfg.stages, nb=cfg.ws,
-                     warps=cfg.warps, splits=splits, tiles_per_split=tiles_per_split)
+                     warps=cfg.warps, splits=splits, tiles_per_split=tiles_per_split, dq=cfg.dq)
         return
     if cfg.wgmma:
         w4_wgmma_launch(x, w.weight, w.scales, w.zeros, bias, out, part if splits > 1 else None,

@@ -274,11 +274,77 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
     @gluon.jit
+    def _pairs_dequant(p, zb0, zb1, zb2, zb3, s0, s1, s2, s3, magic, HALF: gl.constexpr):
+        """Packed int32 codes -> four int32 registers, each two dequantized half floats (columns 2i, 2i + 1 of
+        the word, ``INT4_ORDER``): per pair one LOP3 makes ``BASE + q``, then ``(v - (BASE + z)) * s`` in packed
+        bf16x2 / f16x2 arithmetic (exact subtraction, one rounding) with ``zb``/``s`` pairs as int32 words."""
+        if HALF == 0:
+            ops: gl.constexpr = "bf16x2"
+        else:
+            ops: gl.constexpr = "f16x2"
+        return gl.inline_asm_elementwise(
+            "{ .reg .b32 t1, t2, t3;\n"
+            "lop3.b32 $0, $4, 0x000f000f, $13, 0xea;\n"
+            "shr.u32 t1, $4, 4;\n shr.u32 t2, $4, 8;\n shr.u32 t3, $4, 12;\n"
+            "lop3.b32 $1, t1, 0x000f000f, $13, 0xea;\n"
+            "lop3.b32 $2, t2, 0x000f000f, $13, 0xea;\n"
+            "lop3.b32 $3, t3, 0x000f000f, $13, 0xea;\n"
+            "sub.rn." + ops + " $0, $0, $5;\n sub.rn." + ops + " $1, $1, $6;\n"
+            "sub.rn." + ops + " $2, $2, $7;\n sub.rn." + ops + " $3, $3, $8;\n"
+            "mul.rn." + ops + " $0, $0, $9;\n mul.rn." + ops + " $1, $1, $10;\n"
+            "mul.rn." + ops + " $2, $2, $11;\n mul.rn." + ops + " $3, $3, $12;\n }",
+            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+            [p, zb0, zb1, zb2, zb3, s0, s1, s2, s3, magic],
+            (gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _half_pair_add(a, b, HALF: gl.constexpr):
+        """``a + b`` on int32 words read as two bf16 / fp16 values each (``BASE + z`` for a pair of columns)."""
+        if HALF == 0:
+            asm: gl.constexpr = "add.rn.bf16x2 $0, $1, $2;"
+        else:
+            asm: gl.constexpr = "add.rn.f16x2 $0, $1, $2;"
+        return gl.inline_asm_elementwise(asm, "=r,r,r", [a, b], gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _ws_dequant_pairs(p_smem, b_smem, s32_ptr, z32_ptr, g, pw, magic, zconst, HAS_ZP: gl.constexpr,
+                          HALF: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, CHUNK: gl.constexpr,
+                          P_LAYOUT: gl.constexpr):
+        """One K step in the producer with ``_pairs_dequant``: scale / zero pairs loaded as int32 words, the
+        result stored through an int32 view of the (byte-identical, 128-byte swizzled) bf16 tile."""
+        BW: gl.constexpr = BLOCK_N // 8
+        Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], P_LAYOUT.threads_per_warp, P_LAYOUT.warps_per_cta, [1, 0])
+        sp = s32_ptr + g + pw * 4
+        s0 = gl.expand_dims(gl.load(sp), 0)
+        s1 = gl.expand_dims(gl.load(sp + 1), 0)
+        s2 = gl.expand_dims(gl.load(sp + 2), 0)
+        s3 = gl.expand_dims(gl.load(sp + 3), 0)
+        if HAS_ZP:
+            zp = z32_ptr + g + pw * 4
+            z0 = gl.expand_dims(_half_pair_add(gl.load(zp), magic, HALF), 0)
+            z1 = gl.expand_dims(_half_pair_add(gl.load(zp + 1), magic, HALF), 0)
+            z2 = gl.expand_dims(_half_pair_add(gl.load(zp + 2), magic, HALF), 0)
+            z3 = gl.expand_dims(_half_pair_add(gl.load(zp + 3), magic, HALF), 0)
+        else:
+            z0 = gl.expand_dims(gl.full([BW], 0, gl.int32, pw.type.layout) + zconst, 0)
+            z1 = z0
+            z2 = z0
+            z3 = z0
+        B32: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+        b32 = b_smem._reinterpret(gl.int32, [BLOCK_K, BLOCK_N // 2], B32)
+        for c in gl.static_range(BLOCK_K // CHUNK):
+            p = p_smem.slice(c * CHUNK, CHUNK, dim=0).load(P_LAYOUT)
+            o0, o1, o2, o3 = _pairs_dequant(p, z0, z1, z2, z3, s0, s1, s2, s3, magic, HALF)
+            o = gl.reshape(gl.join(gl.join(o0, o2), gl.join(o1, o3)), [CHUNK, BLOCK_N // 2])
+            o = gl.convert_layout(o, Q_LAYOUT, assert_trivial=True)
+            b32.slice(c * CHUNK, CHUNK, dim=0).store(o)
+
+    @gluon.jit
     def _ws_producer(x_desc, w_desc, s_ptr, z_ptr, x_buf, p_buf, b_buf, ready, empty, b_ready, b_empty,
-                     off_m, off_n, k_lo, n_tiles, stride_sg,
+                     off_m, off_n, k_lo, n_tiles, stride_sg, magic, zconst,
                      MAGIC: gl.constexpr, BASE: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr,
-                     NB: gl.constexpr):
+                     NB: gl.constexpr, DQ: gl.constexpr):
         """One warpgroup: TMA of ``x`` and the packed codes ``STAGES - 1`` steps ahead, then each step's
         dequantization into the bf16 ring ``b_buf`` (``NB`` tiles) that the consumers' wgmma reads."""
         BW: gl.constexpr = BLOCK_N // 8
@@ -296,21 +362,30 @@ if HAS_GLUON:
             tma.async_copy_global_to_shared(w_desc, [k_lo + i * BLOCK_K, off_n // 8], ready.index(i),
                                             p_buf.index(i), pred=ok)
         sn = off_n + gl.arange(0, BLOCK_N, layout=S_LAYOUT)
+        pw = off_n // 8 + gl.arange(0, BW, layout=gl.SliceLayout(0, P_LAYOUT))
+        s32_ptr = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+        z32_ptr = z_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+        HALF: gl.constexpr = 0 if s_ptr.dtype.element_ty == gl.bfloat16 else 1
         for kt in range(0, n_tiles):
             slot = kt % STAGES
             g = ((k_lo + kt * BLOCK_K) // GROUP) * stride_sg
-            s = gl.load(s_ptr + g + sn)
-            if HAS_ZP:
-                z = gl.load(z_ptr + g + sn)
-            else:
-                z = s
+            if DQ == 0:
+                s = gl.load(s_ptr + g + sn)
+                if HAS_ZP:
+                    z = gl.load(z_ptr + g + sn)
+                else:
+                    z = s
             mbarrier.wait(ready.index(slot), (kt // STAGES) & 1)
             j = kt % NB
             mbarrier.wait(b_empty.index(j), ((kt // NB) & 1) ^ 1)
-            for c in gl.static_range(BLOCK_K // CHUNK):
-                p = p_buf.index(slot).slice(c * CHUNK, CHUNK, dim=0).load(P_LAYOUT)
-                w = _dequant_tile(p, s, z, MAGIC, W_LAYOUT, CHUNK, BLOCK_N, BASE, HAS_ZP)
-                b_buf.index(j).slice(c * CHUNK, CHUNK, dim=0).store(w)
+            if DQ == 0:
+                for c in gl.static_range(BLOCK_K // CHUNK):
+                    p = p_buf.index(slot).slice(c * CHUNK, CHUNK, dim=0).load(P_LAYOUT)
+                    w = _dequant_tile(p, s, z, MAGIC, W_LAYOUT, CHUNK, BLOCK_N, BASE, HAS_ZP)
+                    b_buf.index(j).slice(c * CHUNK, CHUNK, dim=0).store(w)
+            else:
+                _ws_dequant_pairs(p_buf.index(slot), b_buf.index(j), s32_ptr, z32_ptr, g // 2, pw, magic, zconst,
+                                  HAS_ZP, HALF, BLOCK_N, BLOCK_K, CHUNK, P_LAYOUT)
             fence_async_shared()            # the tile (generic proxy) -> wgmma; our code reads -> later TMA writes
             gl.thread_barrier()             # every producer thread's stores and reads are done
             mbarrier.arrive(b_ready.index(j))
@@ -376,11 +451,11 @@ if HAS_GLUON:
 
     @gluon.jit
     def _w4_ws_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
-                      M, N, K, tiles_per_split, num_splits, stride_sg, stride_om,
+                      M, N, K, tiles_per_split, num_splits, stride_sg, stride_om, magic, zconst,
                       MAGIC: gl.constexpr, BASE: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr,
                       HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                       CHUNK: gl.constexpr, STAGES: gl.constexpr, NB: gl.constexpr, SPLIT: gl.constexpr,
-                      PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                      DQ: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """``out = x @ dequant(W)`` with warp specialization (see ``w4_ws_launch``)."""
         dtype: gl.constexpr = x_desc.dtype
         pid = gl.program_id(0)
@@ -412,18 +487,19 @@ if HAS_GLUON:
                             M, N, off_m, off_n, n_tiles, pid, pid_k, num_splits, stride_om,
                             HAS_BIAS, BLOCK_M, BLOCK_N, STAGES, NB, SPLIT, num_warps)),
             (_ws_producer, (x_desc, w_desc, s_ptr, z_ptr, x_buf, p_buf, b_buf, ready, empty, b_ready, b_empty,
-                            off_m, off_n, k_lo, n_tiles, stride_sg, MAGIC, BASE, GROUP, HAS_ZP,
-                            BLOCK_N, BLOCK_K, CHUNK, STAGES, NB)),
+                            off_m, off_n, k_lo, n_tiles, stride_sg, magic, zconst, MAGIC, BASE, GROUP, HAS_ZP,
+                            BLOCK_N, BLOCK_K, CHUNK, STAGES, NB, DQ)),
         ], [4], [PRODUCER_REGS])
 
 
 def w4_ws_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  bias: torch.Tensor | None, out: torch.Tensor, part: torch.Tensor | None, cnt: torch.Tensor | None,
                  *, k: int, n: int, group: int, magic: int, base: float, block_m: int, block_n: int, block_k: int,
-                 stages: int, nb: int, warps: int, splits: int, tiles_per_split: int) -> None:
+                 stages: int, nb: int, warps: int, splits: int, tiles_per_split: int, dq: int = 1) -> None:
     """Launch ``_w4_ws_kernel``: ``warps // 4`` consumer warpgroups (64 rows each, ``block_m = 16 * warps``)
     plus one producer warpgroup that loads ``x`` and the packed codes by TMA into a ``stages``-deep ring and
-    dequantizes into ``nb`` bf16/fp16 tiles."""
+    dequantizes into ``nb`` bf16/fp16 tiles (``dq=1``: packed PTX arithmetic on column pairs, ``dq=0``: the
+    Gluon arithmetic of ``_dequant_tile``)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     m = x.shape[0]
     gdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
@@ -438,7 +514,11 @@ def w4_ws_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, ze
     _w4_ws_kernel[grid](
         x_desc, w_desc, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy, out,
         part if part is not None else out, cnt if cnt is not None else out,
-        m, n, k, tiles_per_split, splits, scales.stride(0), out.stride(0),
+        m, n, k, tiles_per_split, splits, scales.stride(0), out.stride(0), magic, _ZCONST[x.dtype],
         MAGIC=magic, BASE=base, GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, CHUNK=16 if block_n >= 256 else 32, STAGES=stages,
-        NB=nb, SPLIT=splits > 1, PRODUCER_REGS=112, num_warps=warps, maxnreg=maxnreg)
+        NB=nb, SPLIT=splits > 1, DQ=dq, PRODUCER_REGS=112, num_warps=warps, maxnreg=maxnreg)
+
+
+#: ``BASE + 8`` twice as one word (the zero point of symmetric weights, for ``_pairs_dequant``)
+_ZCONST = {torch.bfloat16: 0x43084308, torch.float16: 0x64086408}

@@ -31,7 +31,7 @@ TOL = 1e-2
 
 
 def _name(c) -> str:
-    s = f"m{c.block_m}n{c.block_n}s{c.stages}w{c.warps}" + (f"b{c.ws}" if c.ws else "")
+    s = f"m{c.block_m}n{c.block_n}s{c.stages}w{c.warps}" + (f"b{c.ws}" + ("" if c.dq else "q0") if c.ws else "")
     return s + (f"/t{c.target}" if not c.splits else f"/k{c.splits}")
 
 

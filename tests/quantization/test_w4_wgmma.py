@@ -88,10 +88,10 @@ def _compile_ws(cfg: im.Config, split: bool, zp: bool = True, dtype: str = "bf16
     sig = {"x_desc": f"tensordesc<{dtype}[{bm}, {bk}],{xl!r}>", "w_desc": f"tensordesc<i32[{bk}, {bn // 8}],{wl!r}>",
            "s_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
            "part_ptr": "*fp32", "cnt_ptr": "*i32"}
-    ints = ["M", "N", "K", "tiles_per_split", "num_splits", "stride_sg", "stride_om"]
+    ints = ["M", "N", "K", "tiles_per_split", "num_splits", "stride_sg", "stride_om", "magic", "zconst"]
     magic, base = im._W4_MAGIC[torch.bfloat16 if dtype == "bf16" else torch.float16]
     const = dict(MAGIC=magic, BASE=base, GROUP=128, HAS_ZP=zp, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                 CHUNK=16 if bn >= 256 else 32, STAGES=cfg.stages, NB=cfg.ws, SPLIT=split, PRODUCER_REGS=112,
+                 CHUNK=16 if bn >= 256 else 32, STAGES=cfg.stages, NB=cfg.ws, SPLIT=split, DQ=cfg.dq, PRODUCER_REGS=112,
                  num_warps=cfg.warps)
     sig.update(dict.fromkeys(ints, "i32"))
     sig.update(dict.fromkeys(const, "constexpr"))
@@ -106,12 +106,13 @@ def _ws_shapes() -> list[im.Config]:
     seen = {}
     for bucket in (64, 128, 256, 1024):
         for c in im._ws_candidates(bucket):
-            seen.setdefault((c.block_m, c.block_n, c.stages, c.warps, c.ws), c)
+            seen.setdefault((c.block_m, c.block_n, c.stages, c.warps, c.ws, c.dq), c)
     return list(seen.values())
 
 
 @pytest.mark.skipif(_tool("cuobjdump") is None, reason="no bundled cuobjdump")
-@pytest.mark.parametrize("cfg", _ws_shapes(), ids=lambda c: f"m{c.block_m}n{c.block_n}s{c.stages}w{c.warps}b{c.ws}")
+@pytest.mark.parametrize("cfg", _ws_shapes(),
+                         ids=lambda c: f"m{c.block_m}n{c.block_n}s{c.stages}w{c.warps}b{c.ws}q{c.dq}")
 def test_int4_ws_kernel_shapes(cfg: im.Config):
     """The warp-specialized kernel (split-K epilogue with bias): TMA loads, one MMA group left in flight in the
     consumers' loop, registers moved from the producer warpgroup to the consumers, no spills, shared memory
