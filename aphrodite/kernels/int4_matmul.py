@@ -550,6 +550,7 @@ class Config:
     wgmma: bool = False        # W4A16 through the Gluon kernel (``w4_wgmma``, Hopper): ``stages`` = its ring depth
     ws: int = 0                # with ``wgmma``: warp-specialized (``w4_ws_launch``), this many dequantized tiles
     dq: int = 1                # ws: dequantization in PTX pair arithmetic (1) or Gluon's (0)
+    persist: bool = False      # ws: one program per SM walking the work units (the persistent kernel)
 
 
 @functools.lru_cache(maxsize=8)
@@ -720,28 +721,29 @@ def _w4_table(m: int, n: int) -> Config:
 
 
 def _wgmma_c(bm: int, bn: int, bk: int, stages: int, warps: int, target: int = 1, splits: int = 0,
-             swap: bool = False, ws: int = 0, dq: int = 1) -> Config:
+             swap: bool = False, ws: int = 0, dq: int = 1, persist: bool = False) -> Config:
     return Config(bm, bn, bk, splits=splits, target=target, warps=warps, stages=stages, w4=True, wgmma=True,
-                  swap=swap, ws=ws, dq=dq)
+                  swap=swap, ws=ws, dq=dq, persist=persist)
 
 
 def _ws_candidates(m: int) -> list[Config]:
     """Shapes of the warp-specialized Gluon W4A16 kernel (``w4_ws_launch``) per rows bucket (64+): ``warps``
     consumer warps (64 rows a warpgroup, so ``block_m = 16 * warps``), a ``stages``-deep TMA ring, ``ws``
-    dequantized tiles; every shape fits an H200's 227 KB of shared memory. ``dq=0`` (Gluon's dequantization
-    arithmetic instead of the PTX pair form) is offered once per bucket as the cross-check."""
+    dequantized tiles, ``persist`` the persistent form; every shape fits an H200's 227 KB of shared memory.
+    ``dq=0`` (Gluon's dequantization arithmetic instead of the PTX pair form) is offered as a cross-check."""
     c = _wgmma_c
     if m <= 64:
         return [c(64, 128, 64, 6, 4, target=2, ws=3), c(64, 256, 64, 4, 4, target=2, ws=2),
-                c(64, 128, 64, 6, 4, target=2, ws=3, dq=0)]
+                c(64, 128, 64, 6, 4, target=2, ws=3, persist=True)]
     if m <= 128:
         return [c(128, 128, 64, 6, 8, target=1, ws=3), c(64, 128, 64, 6, 4, target=2, ws=3),
-                c(128, 256, 64, 4, 8, target=1, ws=2)]
+                c(128, 256, 64, 4, 8, target=1, ws=2, persist=True)]
     if m <= 256:
         return [c(128, 256, 64, 4, 8, target=1, ws=2), c(128, 128, 64, 6, 8, target=1, ws=3),
-                c(128, 256, 64, 4, 8, target=1, ws=2, dq=0)]
+                c(128, 256, 64, 4, 8, target=1, ws=2, persist=True)]
     return [c(128, 256, 64, 4, 8, splits=1, ws=2), c(128, 256, 64, 4, 8, splits=1, ws=3),
-            c(128, 128, 64, 6, 8, splits=1, ws=3), c(128, 256, 64, 4, 8, splits=1, ws=2, dq=0)]
+            c(128, 256, 64, 4, 8, splits=1, ws=2, persist=True), c(128, 128, 64, 6, 8, splits=1, ws=3, persist=True),
+            c(128, 256, 64, 4, 8, splits=1, ws=2, dq=0)]
 
 
 #: The Gluon wgmma W4A16 shape the engine dispatches on sm_90, per rows bucket: (N < 16384, N >= 16384 i.e.
@@ -896,6 +898,9 @@ def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: 
         # One program per SM (its rings fill shared memory): split-K rounds down so the last wave stays whole.
         tiles = cdiv(n, cfg.block_n) * cdiv(m, block_m)
         splits = max(1, min(cfg.target * _num_sms(dev) // tiles, k // block_k, 64))
+        if cfg.persist:
+            while (k // block_k) % splits:      # every unit the same number of K steps
+                splits -= 1
     else:
         splits = _splits(Config(block_m, cfg.block_n, block_k, cfg.splits, cfg.target), m, n, k, dev)
     k_tiles = k // block_k
@@ -912,7 +917,8 @@ def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: 
         w4_ws_launch(x, w.weight, w.scales, w.zeros, bias, out, part if splits > 1 else None,
                      cnt if splits > 1 else None, k=k, n=n, group=w.group, magic=magic, base=base,
                      block_m=block_m, block_n=cfg.block_n, block_k=block_k, stages=cfg.stages, nb=cfg.ws,
-                     warps=cfg.warps, splits=splits, tiles_per_split=tiles_per_split, dq=cfg.dq)
+                     warps=cfg.warps, splits=splits, tiles_per_split=tiles_per_split, dq=cfg.dq,
+                     programs=_num_sms(dev) if cfg.persist else 0)
         return
     if cfg.wgmma:
         w4_wgmma_launch(x, w.weight, w.scales, w.zeros, bias, out, part if splits > 1 else None,

@@ -401,6 +401,37 @@ if HAS_GLUON:
                                             p_buf.index(ns), pred=ok)
 
     @gluon.jit
+    def _ws_epilogue(acc, bias_ptr, out_ptr, part_ptr, cnt_ptr, M, N, off_m, off_n, tile, pid_k, num_splits,
+                     stride_om, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     SPLIT: gl.constexpr, MMA_LAYOUT: gl.constexpr):
+        """Store a finished accumulator: directly, or (split-K) as an fp32 partial that the last of the tile's
+        splits to arrive (counter ``tile``, re-armed by it) sums into the output."""
+        dtype: gl.constexpr = out_ptr.dtype.element_ty
+        om = gl.expand_dims(off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA_LAYOUT)), 1)
+        on = gl.expand_dims(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA_LAYOUT)), 0)
+        o_mask = om < M
+        o_off = om.to(gl.int64) * stride_om + on
+        if SPLIT:
+            p_off = (pid_k * M + om).to(gl.int64) * N + on
+            gl.store(part_ptr + p_off, acc, mask=o_mask)
+            gl.thread_barrier()
+            cnt = cnt_ptr + tile
+            done = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:
+                gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+                total = gl.zeros_like(acc)
+                for sp in range(0, num_splits):
+                    p_off = (sp * M + om).to(gl.int64) * N + on
+                    total += gl.load(part_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += gl.load(bias_ptr + on).to(gl.float32)
+                gl.store(out_ptr + o_off, total.to(dtype), mask=o_mask)
+        else:
+            if HAS_BIAS:
+                acc += gl.load(bias_ptr + on).to(gl.float32)
+            gl.store(out_ptr + o_off, acc.to(dtype), mask=o_mask)
+
+    @gluon.jit
     def _ws_consumer(x_buf, b_buf, ready, empty, b_ready, b_empty, bias_ptr, out_ptr, part_ptr, cnt_ptr,
                      M, N, off_m, off_n, n_tiles, pid, pid_k, num_splits, stride_om,
                      HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -423,31 +454,8 @@ if HAS_GLUON:
             mbarrier.arrive(empty.index((prev + STAGES) % STAGES), pred=kt > 0)
             mbarrier.arrive(b_empty.index((prev + NB) % NB), pred=kt > 0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-
-        dtype: gl.constexpr = out_ptr.dtype.element_ty
-        om = gl.expand_dims(off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA_LAYOUT)), 1)
-        on = gl.expand_dims(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA_LAYOUT)), 0)
-        o_mask = om < M
-        o_off = om.to(gl.int64) * stride_om + on
-        if SPLIT:
-            p_off = (pid_k * M + om).to(gl.int64) * N + on
-            gl.store(part_ptr + p_off, acc, mask=o_mask)
-            gl.thread_barrier()
-            cnt = cnt_ptr + pid
-            done = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-            if done == num_splits - 1:
-                gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
-                total = gl.zeros_like(acc)
-                for sp in range(0, num_splits):
-                    p_off = (sp * M + om).to(gl.int64) * N + on
-                    total += gl.load(part_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += gl.load(bias_ptr + on).to(gl.float32)
-                gl.store(out_ptr + o_off, total.to(dtype), mask=o_mask)
-        else:
-            if HAS_BIAS:
-                acc += gl.load(bias_ptr + on).to(gl.float32)
-            gl.store(out_ptr + o_off, acc.to(dtype), mask=o_mask)
+        _ws_epilogue(acc, bias_ptr, out_ptr, part_ptr, cnt_ptr, M, N, off_m, off_n, pid, pid_k, num_splits,
+                     stride_om, HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT, MMA_LAYOUT)
 
     @gluon.jit
     def _w4_ws_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
@@ -491,15 +499,171 @@ if HAS_GLUON:
                             BLOCK_N, BLOCK_K, CHUNK, STAGES, NB, DQ)),
         ], [4], [PRODUCER_REGS])
 
+    # ----------------------------------------------------------------------------------------------
+    # Persistent form: one program per SM walks work units (output tile x K split) with a stride of the
+    # grid; the producer's ring runs on into the next unit while the consumers store the previous one.
+    # ----------------------------------------------------------------------------------------------
+
+    @gluon.jit
+    def _wsp_unit(u, num_m, splits, T, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+        """Work unit ``u`` -> (row offset, column offset, first K row, output tile, split); rows fastest, then
+        splits, then columns, so programs running together share weight tiles through L2."""
+        pid_m = u % num_m
+        r = u // num_m
+        pid_k = r % splits
+        pid_n = r // splits
+        return pid_m * BLOCK_M, pid_n * BLOCK_N, pid_k * T * BLOCK_K, pid_n * num_m + pid_m, pid_k
+
+    @gluon.jit
+    def _wsp_issue(x_desc, w_desc, x_buf, p_buf, ready, step, pid, nprog, num_m, splits, T, ok,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+        """TMA of this program's ``step``-th K step (of all its units) into ring slot ``step % STAGES``."""
+        NBYTES: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
+        off_m, off_n, k_lo, tile, pid_k = _wsp_unit(pid + (step // T) * nprog, num_m, splits, T, BLOCK_M, BLOCK_N,
+                                                   BLOCK_K)
+        k0 = k_lo + (step % T) * BLOCK_K
+        sl = step % STAGES
+        mbarrier.expect(ready.index(sl), NBYTES, pred=ok)
+        tma.async_copy_global_to_shared(x_desc, [off_m, k0], ready.index(sl), x_buf.index(sl), pred=ok)
+        tma.async_copy_global_to_shared(w_desc, [k0, off_n // 8], ready.index(sl), p_buf.index(sl), pred=ok)
+
+    @gluon.jit
+    def _wsp_producer(x_desc, w_desc, s_ptr, z_ptr, x_buf, p_buf, b_buf, ready, empty, b_ready, b_empty,
+                      num_units, num_m, splits, T, stride_sg, magic, zconst,
+                      MAGIC: gl.constexpr, BASE: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, CHUNK: gl.constexpr,
+                      STAGES: gl.constexpr, NB: gl.constexpr, DQ: gl.constexpr):
+        """``_ws_producer`` over all of this program's units as one stream of K steps."""
+        BW: gl.constexpr = BLOCK_N // 8
+        PW: gl.constexpr = 4
+        TPW: gl.constexpr = _threads(BW, 1)
+        P_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 1], [32 // TPW, TPW], [PW, 1], [1, 0])
+        W_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW, TPW], [PW, 1], [1, 0])
+        S_LAYOUT: gl.constexpr = gl.SliceLayout(0, W_LAYOUT)
+        HALF: gl.constexpr = 0 if s_ptr.dtype.element_ty == gl.bfloat16 else 1
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        total = ((num_units - 1 - pid) // nprog + 1) * T
+        for i in gl.static_range(STAGES - 1):
+            _wsp_issue(x_desc, w_desc, x_buf, p_buf, ready, i, pid, nprog, num_m, splits, T, i < total,
+                       BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
+        s32_ptr = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+        z32_ptr = z_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+        for step in range(0, total):
+            off_m, off_n, k_lo, tile, pid_k = _wsp_unit(pid + (step // T) * nprog, num_m, splits, T, BLOCK_M,
+                                                       BLOCK_N, BLOCK_K)
+            g = ((k_lo + (step % T) * BLOCK_K) // GROUP) * stride_sg
+            if DQ == 0:
+                sn = off_n + gl.arange(0, BLOCK_N, layout=S_LAYOUT)
+                s = gl.load(s_ptr + g + sn)
+                if HAS_ZP:
+                    z = gl.load(z_ptr + g + sn)
+                else:
+                    z = s
+            slot = step % STAGES
+            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+            j = step % NB
+            mbarrier.wait(b_empty.index(j), ((step // NB) & 1) ^ 1)
+            if DQ == 0:
+                for c in gl.static_range(BLOCK_K // CHUNK):
+                    p = p_buf.index(slot).slice(c * CHUNK, CHUNK, dim=0).load(P_LAYOUT)
+                    w = _dequant_tile(p, s, z, MAGIC, W_LAYOUT, CHUNK, BLOCK_N, BASE, HAS_ZP)
+                    b_buf.index(j).slice(c * CHUNK, CHUNK, dim=0).store(w)
+            else:
+                pw = off_n // 8 + gl.arange(0, BW, layout=gl.SliceLayout(0, P_LAYOUT))
+                _ws_dequant_pairs(p_buf.index(slot), b_buf.index(j), s32_ptr, z32_ptr, g // 2, pw, magic, zconst,
+                                  HAS_ZP, HALF, BLOCK_N, BLOCK_K, CHUNK, P_LAYOUT)
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(b_ready.index(j))
+            nk = step + STAGES - 1
+            ok = nk < total
+            mbarrier.wait(empty.index(nk % STAGES), ((nk // STAGES) & 1) ^ 1, pred=ok)
+            _wsp_issue(x_desc, w_desc, x_buf, p_buf, ready, nk, pid, nprog, num_m, splits, T, ok,
+                       BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
+
+    @gluon.jit
+    def _wsp_consumer(x_buf, b_buf, ready, empty, b_ready, b_empty, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                      M, N, num_units, num_m, splits, T, stride_om,
+                      HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                      STAGES: gl.constexpr, NB: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+        """``_ws_consumer`` over this program's units: a unit's last step is released after its final MMA wait,
+        then its epilogue runs while the producer fills the ring for the next unit."""
+        MMA_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        mine = (num_units - 1 - pid) // nprog + 1
+        base = 0
+        for i in range(0, mine):
+            off_m, off_n, k_lo, tile, pid_k = _wsp_unit(pid + i * nprog, num_m, splits, T, BLOCK_M, BLOCK_N,
+                                                       BLOCK_K)
+            acc = gl.zeros([BLOCK_M, BLOCK_N], dtype=gl.float32, layout=MMA_LAYOUT)
+            for kt in range(0, T):
+                step = base + kt
+                slot = step % STAGES
+                j = step % NB
+                mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+                mbarrier.wait(b_ready.index(j), (step // NB) & 1)
+                acc = warpgroup_mma(x_buf.index(slot), b_buf.index(j), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                gl.thread_barrier()
+                prev = step - 1
+                mbarrier.arrive(empty.index((prev + STAGES) % STAGES), pred=kt > 0)
+                mbarrier.arrive(b_empty.index((prev + NB) % NB), pred=kt > 0)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            base += T
+            gl.thread_barrier()
+            last = base - 1
+            mbarrier.arrive(empty.index(last % STAGES))
+            mbarrier.arrive(b_empty.index(last % NB))
+            _ws_epilogue(acc, bias_ptr, out_ptr, part_ptr, cnt_ptr, M, N, off_m, off_n, tile, pid_k, splits,
+                         stride_om, HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT, MMA_LAYOUT)
+
+    @gluon.jit
+    def _w4_wsp_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                       M, N, num_units, num_m, splits, T, stride_sg, stride_om, magic, zconst,
+                       MAGIC: gl.constexpr, BASE: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr,
+                       HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                       CHUNK: gl.constexpr, STAGES: gl.constexpr, NB: gl.constexpr, SPLIT: gl.constexpr,
+                       DQ: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Persistent ``_w4_ws_kernel``: ``num_units`` = output tiles x ``splits`` of ``T`` K steps each."""
+        dtype: gl.constexpr = x_desc.dtype
+        B_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
+        x_buf = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+        p_buf = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        b_buf = gl.allocate_shared_memory(dtype, [NB, BLOCK_K, BLOCK_N], B_SMEM)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        b_ready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        b_empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(NB):
+            mbarrier.init(b_ready.index(i), count=1)
+            mbarrier.init(b_empty.index(i), count=1)
+        fence_async_shared()
+        gl.warp_specialize([
+            (_wsp_consumer, (x_buf, b_buf, ready, empty, b_ready, b_empty, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                             M, N, num_units, num_m, splits, T, stride_om,
+                             HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, NB, SPLIT, num_warps)),
+            (_wsp_producer, (x_desc, w_desc, s_ptr, z_ptr, x_buf, p_buf, b_buf, ready, empty, b_ready, b_empty,
+                             num_units, num_m, splits, T, stride_sg, magic, zconst, MAGIC, BASE, GROUP, HAS_ZP,
+                             BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, STAGES, NB, DQ)),
+        ], [4], [PRODUCER_REGS])
+
 
 def w4_ws_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  bias: torch.Tensor | None, out: torch.Tensor, part: torch.Tensor | None, cnt: torch.Tensor | None,
                  *, k: int, n: int, group: int, magic: int, base: float, block_m: int, block_n: int, block_k: int,
-                 stages: int, nb: int, warps: int, splits: int, tiles_per_split: int, dq: int = 1) -> None:
+                 stages: int, nb: int, warps: int, splits: int, tiles_per_split: int, dq: int = 1,
+                 programs: int = 0) -> None:
     """Launch ``_w4_ws_kernel``: ``warps // 4`` consumer warpgroups (64 rows each, ``block_m = 16 * warps``)
     plus one producer warpgroup that loads ``x`` and the packed codes by TMA into a ``stages``-deep ring and
     dequantizes into ``nb`` bf16/fp16 tiles (``dq=1``: packed PTX arithmetic on column pairs, ``dq=0``: the
-    Gluon arithmetic of ``_dequant_tile``)."""
+    Gluon arithmetic of ``_dequant_tile``). ``programs > 0``: the persistent form on that many programs at most
+    (``splits`` must divide the K steps: every unit has ``tiles_per_split`` of them)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     m = x.shape[0]
     gdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
@@ -507,10 +671,21 @@ def w4_ws_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, ze
                                           gl.NVMMASharedLayout.get_default_for([block_m, block_k], gdt))
     w_desc = TensorDescriptor.from_tensor(weight, [block_k, block_n // 8],
                                           gl.NVMMASharedLayout.get_default_for([block_k, block_n // 8], gl.int32))
-    grid = ((n // block_n) * ((m + block_m - 1) // block_m), splits)
+    num_m = (m + block_m - 1) // block_m
+    grid = ((n // block_n) * num_m, splits)
     dummy = scales
     # Registers: the consumers get what the 24-register producer floor leaves of 64K over all the warps.
     maxnreg = min(240, 65536 // ((warps + 4) * 32) // 8 * 8)
+    if programs:
+        units = grid[0] * splits
+        _w4_wsp_kernel[(min(units, programs),)](
+            x_desc, w_desc, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy, out,
+            part if part is not None else out, cnt if cnt is not None else out,
+            m, n, units, num_m, splits, tiles_per_split, scales.stride(0), out.stride(0), magic, _ZCONST[x.dtype],
+            MAGIC=magic, BASE=base, GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, CHUNK=16 if block_n >= 256 else 32, STAGES=stages,
+            NB=nb, SPLIT=splits > 1, DQ=dq, PRODUCER_REGS=112, num_warps=warps, maxnreg=maxnreg)
+        return
     _w4_ws_kernel[grid](
         x_desc, w_desc, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy, out,
         part if part is not None else out, cnt if cnt is not None else out,

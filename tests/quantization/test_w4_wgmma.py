@@ -81,14 +81,15 @@ def _compile_ws(cfg: im.Config, split: bool, zp: bool = True, dtype: str = "bf16
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from aphrodite.kernels.w4_wgmma import _w4_ws_kernel
+    from aphrodite.kernels.w4_wgmma import _w4_ws_kernel, _w4_wsp_kernel
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     xl = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16 if dtype == "bf16" else gl.float16)
     wl = gl.NVMMASharedLayout.get_default_for([bk, bn // 8], gl.int32)
     sig = {"x_desc": f"tensordesc<{dtype}[{bm}, {bk}],{xl!r}>", "w_desc": f"tensordesc<i32[{bk}, {bn // 8}],{wl!r}>",
            "s_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
            "part_ptr": "*fp32", "cnt_ptr": "*i32"}
-    ints = ["M", "N", "K", "tiles_per_split", "num_splits", "stride_sg", "stride_om", "magic", "zconst"]
+    ints = (["M", "N", "num_units", "num_m", "splits", "T"] if cfg.persist else
+            ["M", "N", "K", "tiles_per_split", "num_splits"]) + ["stride_sg", "stride_om", "magic", "zconst"]
     magic, base = im._W4_MAGIC[torch.bfloat16 if dtype == "bf16" else torch.float16]
     const = dict(MAGIC=magic, BASE=base, GROUP=128, HAS_ZP=zp, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                  CHUNK=16 if bn >= 256 else 32, STAGES=cfg.stages, NB=cfg.ws, SPLIT=split, DQ=cfg.dq, PRODUCER_REGS=112,
@@ -98,7 +99,8 @@ def _compile_ws(cfg: im.Config, split: bool, zp: bool = True, dtype: str = "bf16
     aligned = {"s_ptr", "z_ptr", "bias_ptr", "out_ptr", "part_ptr", "cnt_ptr", "N", "K", "stride_sg", "stride_om"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in aligned}
     maxnreg = min(240, 65536 // ((cfg.warps + 4) * 32) // 8 * 8)
-    return triton.compile(GluonASTSource(_w4_ws_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 128),
+    kernel = _w4_wsp_kernel if cfg.persist else _w4_ws_kernel
+    return triton.compile(GluonASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 128),
                           options=dict(num_warps=cfg.warps, maxnreg=maxnreg))
 
 
@@ -106,13 +108,13 @@ def _ws_shapes() -> list[im.Config]:
     seen = {}
     for bucket in (64, 128, 256, 1024):
         for c in im._ws_candidates(bucket):
-            seen.setdefault((c.block_m, c.block_n, c.stages, c.warps, c.ws, c.dq), c)
+            seen.setdefault((c.block_m, c.block_n, c.stages, c.warps, c.ws, c.dq, c.persist), c)
     return list(seen.values())
 
 
 @pytest.mark.skipif(_tool("cuobjdump") is None, reason="no bundled cuobjdump")
 @pytest.mark.parametrize("cfg", _ws_shapes(),
-                         ids=lambda c: f"m{c.block_m}n{c.block_n}s{c.stages}w{c.warps}b{c.ws}q{c.dq}")
+                         ids=lambda c: f"m{c.block_m}n{c.block_n}s{c.stages}w{c.warps}b{c.ws}q{c.dq}" + "P" * c.persist)
 def test_int4_ws_kernel_shapes(cfg: im.Config):
     """The warp-specialized kernel (split-K epilogue with bias): TMA loads, one MMA group left in flight in the
     consumers' loop, registers moved from the producer warpgroup to the consumers, no spills, shared memory
