@@ -5,10 +5,10 @@ Paths per (projection, rows): ``bf16`` (``F.linear`` on a bf16 weight of the sam
 ``quant_matmul`` dispatches today), ``deq`` (dequantize into a scratch weight + cuBLAS, the large-M fallback),
 ``wgmma`` (the Gluon cp.async kernel, its bucket's first shape) and ``ws`` (the warp-specialized Gluon
 kernel, ``_ws_candidates``: TMA producer + dequant warpgroup, consumer warpgroups issuing wgmma only). The ws
-shapes run in a child process with a timeout (a kernel that never finishes cannot hang the run); the table at
-the end gives microseconds, the best ws shape and bf16 time / best int4 time. About 2.5 minutes:
+shapes run in child processes with a timeout (a kernel that never finishes cannot hang the run); the table at
+the end gives microseconds, the best ws shape and bf16 time / best int4 time. About 2 minutes:
 
-    python3 benchmarks/gpu/bench_w4_gemm.py [--rows 64,256,512,1024] [--budget 75]
+    python3 benchmarks/gpu/bench_w4_gemm.py [--rows 64,256,512,1024] [--budget 70]
 """
 from __future__ import annotations
 
@@ -77,8 +77,9 @@ def _run_cfgs(im, x, w4, ref, cfgs, emit, bias: bool = False) -> None:
             emit(_name(c), None, traceback.format_exc(limit=3)[-500:])
 
 
-def child(rows: list[int], budget: float) -> None:
-    """The warp-specialized shapes, one JSON line per result (read by the parent)."""
+def child(rows: list[int], budget: float, persist: bool) -> None:
+    """The warp-specialized shapes (the persistent ones or the others), one JSON line per result (read by the
+    parent)."""
     im, weights, deq, xs = _setup(rows)
     t0 = time.perf_counter()
     for m in rows:
@@ -90,32 +91,39 @@ def child(rows: list[int], budget: float) -> None:
 
             def emit(cname, us, err, name=name, m=m):
                 print(json.dumps({"proj": name, "m": m, "cfg": cname, "us": us, "err": err}), flush=True)
-            _run_cfgs(im, x, weights[name][0], ref, im._ws_candidates(im._rows_bucket(m)), emit,
-                      bias=name == "qkv_proj")
+            cfgs = [c for c in im._ws_candidates(im._rows_bucket(m)) if c.persist == persist]
+            _run_cfgs(im, x, weights[name][0], ref, cfgs, emit, bias=name == "qkv_proj")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="64,256,512,1024")
-    ap.add_argument("--budget", type=float, default=75.0, help="seconds for each half (ws shapes, the rest)")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--budget", type=float, default=70.0, help="seconds for the ws shapes and for the rest")
+    ap.add_argument("--child", choices=("plain", "persist"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     if args.child:
-        child(rows, args.budget)
+        child(rows, args.budget, args.child == "persist")
         return
     t0 = time.perf_counter()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    # The warp-specialized shapes first, in a child with a timeout.
+    # The warp-specialized shapes first, in two children with a timeout (a kernel that hangs or faults loses
+    # only its own child's results).
     ws: dict[tuple[str, int], list[tuple[float, str, float]]] = {}
     fails = []
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--child", "--rows", args.rows, "--budget",
-                               str(args.budget * 0.75)], capture_output=True, text=True, timeout=args.budget)
-        lines, tail = proc.stdout.splitlines(), proc.stderr[-1500:] if proc.returncode else ""
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        lines, tail = out.splitlines(), f"TIMEOUT after {args.budget:.0f} s (a ws kernel hung?)"
+    lines = []
+    for kind in ("plain", "persist"):
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--child", kind, "--rows", args.rows, "--budget",
+                                   str(args.budget * 0.4)], capture_output=True, text=True,
+                                  timeout=args.budget * 0.6)
+            lines += proc.stdout.splitlines()
+            if proc.returncode:
+                print(f"ws {kind} child failed: " + proc.stderr[-1500:], flush=True)
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            lines += out.splitlines()
+            print(f"ws {kind} child: TIMEOUT after {args.budget * 0.6:.0f} s (a kernel hung?)", flush=True)
     for line in lines:
         try:
             r = json.loads(line)
@@ -127,8 +135,6 @@ def main() -> None:
             ws.setdefault((r["proj"], r["m"]), []).append((r["us"], r["cfg"], r["err"]))
     for f in fails:
         print(f, flush=True)
-    if tail:
-        print("ws child: " + tail, flush=True)
     print(f"ws shapes done ({time.perf_counter() - t0:.0f} s, {len(fails)} failures)", flush=True)
 
     im, weights, deq, xs = _setup(rows)
