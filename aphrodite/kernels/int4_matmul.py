@@ -595,7 +595,8 @@ def _candidates(m: int) -> list[Config]:
 
 def _w4_candidates(m: int) -> list[Config]:
     """Launch shapes of the batched W4A16 kernels for a rows bucket: the Triton kernel's (the first is its
-    untuned default), then the Gluon wgmma kernel's (``_wgmma_candidates``, Hopper only).
+    untuned default), then the Gluon kernels' (``_wgmma_candidates``, and ``_ws_candidates`` from 33 rows;
+    Hopper only).
 
     From an H200 sweep (``benchmarks/gpu/bench_quant_gemm.py``, 2026-11-29): the Triton kernel is
     latency-bound rather than issue- or bandwidth-bound at 16..256 rows, so narrow tiles (BLOCK_N = 64,
@@ -631,7 +632,7 @@ def _w4_candidates(m: int) -> list[Config]:
     else:
         triton_cfgs = [Config(dequant=True), Config(256, 128, 64, splits=1, warps=8, stages=4, w4=True),
                        Config(128, 128, 128, splits=1, warps=8, stages=2, w4=True)]
-    return triton_cfgs + _wgmma_candidates(m)
+    return triton_cfgs + _wgmma_candidates(m) + (_ws_candidates(m) if m > 32 else [])
 
 
 def _wgmma_candidates(m: int) -> list[Config]:
