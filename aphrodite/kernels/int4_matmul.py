@@ -551,6 +551,7 @@ class Config:
     ws: int = 0                # with ``wgmma``: warp-specialized (``w4_ws_launch``), this many dequantized tiles
     dq: int = 1                # ws: dequantization in PTX pair arithmetic (1) or Gluon's (0)
     persist: bool = False      # ws: one program per SM walking the work units (the persistent kernel)
+    producers: int = 1         # ws persistent: producer (TMA + dequantization) warpgroups
 
 
 @functools.lru_cache(maxsize=8)
@@ -673,7 +674,8 @@ def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> 
                                           or not _aligned16(x if w.perm is None else None, w.scales, w.zeros)):
         return False
     if cfg is not None and cfg.ws and (cfg.block_m != 16 * cfg.warps or cfg.block_k * x.element_size() > 128
-                                       or cfg.block_n // 8 * 4 > 128 or not _aligned16(w.weight)):
+                                       or cfg.block_n // 8 * 4 > 128 or not _aligned16(w.weight)
+                                       or (cfg.producers > 1 and (cfg.stages % 2 or cfg.ws % 2))):
         return False    # one 64-row consumer warpgroup per 4 warps; TMA boxes within a 128-byte swizzle row
     return (w.k % w.group == 0 and w.group % 16 == 0 and w.n % block_n == 0 and w.weight.stride(1) == 1
             and w.scales.dtype == x.dtype and w.scales.stride(1) == 1
@@ -722,9 +724,9 @@ def _w4_table(m: int, n: int) -> Config:
 
 
 def _wgmma_c(bm: int, bn: int, bk: int, stages: int, warps: int, target: int = 1, splits: int = 0,
-             swap: bool = False, ws: int = 0, dq: int = 1, persist: bool = False) -> Config:
+             swap: bool = False, ws: int = 0, dq: int = 1, persist: bool = False, producers: int = 1) -> Config:
     return Config(bm, bn, bk, splits=splits, target=target, warps=warps, stages=stages, w4=True, wgmma=True,
-                  swap=swap, ws=ws, dq=dq, persist=persist)
+                  swap=swap, ws=ws, dq=dq, persist=persist, producers=producers)
 
 
 def _ws_candidates(m: int) -> list[Config]:
@@ -744,7 +746,8 @@ def _ws_candidates(m: int) -> list[Config]:
                 c(128, 256, 64, 4, 8, target=1, ws=2, persist=True)]
     return [c(128, 256, 64, 4, 8, splits=1, ws=2), c(128, 256, 64, 4, 8, splits=1, ws=3),
             c(128, 256, 64, 4, 8, splits=1, ws=2, persist=True), c(128, 128, 64, 6, 8, splits=1, ws=3, persist=True),
-            c(128, 256, 64, 4, 8, splits=1, ws=2, dq=0)]
+            c(128, 256, 64, 4, 8, splits=1, ws=2, dq=0),
+            c(128, 128, 64, 6, 8, splits=1, ws=4, persist=True, producers=2)]
 
 
 #: The Gluon wgmma W4A16 shape the engine dispatches on sm_90, per rows bucket: (N < 16384, N >= 16384 i.e.
@@ -919,7 +922,7 @@ def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: 
                      cnt if splits > 1 else None, k=k, n=n, group=w.group, magic=magic, base=base,
                      block_m=block_m, block_n=cfg.block_n, block_k=block_k, stages=cfg.stages, nb=cfg.ws,
                      warps=cfg.warps, splits=splits, tiles_per_split=tiles_per_split, dq=cfg.dq,
-                     programs=_num_sms(dev) if cfg.persist else 0)
+                     programs=_num_sms(dev) if cfg.persist else 0, producers=cfg.producers)
         return
     if cfg.wgmma:
         w4_wgmma_launch(x, w.weight, w.scales, w.zeros, bias, out, part if splits > 1 else None,

@@ -532,8 +532,10 @@ if HAS_GLUON:
                       num_units, num_m, splits, T, stride_sg, magic, zconst,
                       MAGIC: gl.constexpr, BASE: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, CHUNK: gl.constexpr,
-                      STAGES: gl.constexpr, NB: gl.constexpr, DQ: gl.constexpr):
-        """``_ws_producer`` over all of this program's units as one stream of K steps."""
+                      STAGES: gl.constexpr, NB: gl.constexpr, DQ: gl.constexpr, NP: gl.constexpr,
+                      PIDX: gl.constexpr):
+        """``_ws_producer`` over all of this program's units as one stream of K steps; with ``NP`` producer
+        warpgroups this one (``PIDX``) takes the steps ``PIDX (mod NP)`` and refills its own ring slots."""
         BW: gl.constexpr = BLOCK_N // 8
         PW: gl.constexpr = 4
         TPW: gl.constexpr = _threads(BW, 1)
@@ -544,12 +546,13 @@ if HAS_GLUON:
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         total = ((num_units - 1 - pid) // nprog + 1) * T
-        for i in gl.static_range(STAGES - 1):
-            _wsp_issue(x_desc, w_desc, x_buf, p_buf, ready, i, pid, nprog, num_m, splits, T, i < total,
-                       BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
+        for i in gl.static_range(STAGES - NP):
+            if i % NP == PIDX:
+                _wsp_issue(x_desc, w_desc, x_buf, p_buf, ready, i, pid, nprog, num_m, splits, T, i < total,
+                           BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
         s32_ptr = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
         z32_ptr = z_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
-        for step in range(0, total):
+        for step in range(PIDX, total, NP):
             off_m, off_n, k_lo, tile, pid_k = _wsp_unit(pid + (step // T) * nprog, num_m, splits, T, BLOCK_M,
                                                        BLOCK_N, BLOCK_K)
             g = ((k_lo + (step % T) * BLOCK_K) // GROUP) * stride_sg
@@ -576,7 +579,7 @@ if HAS_GLUON:
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.arrive(b_ready.index(j))
-            nk = step + STAGES - 1
+            nk = step + STAGES - NP
             ok = nk < total
             mbarrier.wait(empty.index(nk % STAGES), ((nk // STAGES) & 1) ^ 1, pred=ok)
             _wsp_issue(x_desc, w_desc, x_buf, p_buf, ready, nk, pid, nprog, num_m, splits, T, ok,
@@ -626,8 +629,9 @@ if HAS_GLUON:
                        MAGIC: gl.constexpr, BASE: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr,
                        HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                        CHUNK: gl.constexpr, STAGES: gl.constexpr, NB: gl.constexpr, SPLIT: gl.constexpr,
-                       DQ: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
-        """Persistent ``_w4_ws_kernel``: ``num_units`` = output tiles x ``splits`` of ``T`` K steps each."""
+                       DQ: gl.constexpr, NP: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Persistent ``_w4_ws_kernel``: ``num_units`` = output tiles x ``splits`` of ``T`` K steps each; ``NP``
+        (1 or 2) producer warpgroups."""
         dtype: gl.constexpr = x_desc.dtype
         B_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
         x_buf = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
@@ -644,26 +648,40 @@ if HAS_GLUON:
             mbarrier.init(b_ready.index(i), count=1)
             mbarrier.init(b_empty.index(i), count=1)
         fence_async_shared()
-        gl.warp_specialize([
-            (_wsp_consumer, (x_buf, b_buf, ready, empty, b_ready, b_empty, bias_ptr, out_ptr, part_ptr, cnt_ptr,
-                             M, N, num_units, num_m, splits, T, stride_om,
-                             HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, NB, SPLIT, num_warps)),
-            (_wsp_producer, (x_desc, w_desc, s_ptr, z_ptr, x_buf, p_buf, b_buf, ready, empty, b_ready, b_empty,
-                             num_units, num_m, splits, T, stride_sg, magic, zconst, MAGIC, BASE, GROUP, HAS_ZP,
-                             BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, STAGES, NB, DQ)),
-        ], [4], [PRODUCER_REGS])
+        if NP == 1:
+            gl.warp_specialize([
+                (_wsp_consumer, (x_buf, b_buf, ready, empty, b_ready, b_empty, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                                 M, N, num_units, num_m, splits, T, stride_om,
+                                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, NB, SPLIT, num_warps)),
+                (_wsp_producer, (x_desc, w_desc, s_ptr, z_ptr, x_buf, p_buf, b_buf, ready, empty, b_ready, b_empty,
+                                 num_units, num_m, splits, T, stride_sg, magic, zconst, MAGIC, BASE, GROUP, HAS_ZP,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, STAGES, NB, DQ, 1, 0)),
+            ], [4], [PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_wsp_consumer, (x_buf, b_buf, ready, empty, b_ready, b_empty, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                                 M, N, num_units, num_m, splits, T, stride_om,
+                                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, NB, SPLIT, num_warps)),
+                (_wsp_producer, (x_desc, w_desc, s_ptr, z_ptr, x_buf, p_buf, b_buf, ready, empty, b_ready, b_empty,
+                                 num_units, num_m, splits, T, stride_sg, magic, zconst, MAGIC, BASE, GROUP, HAS_ZP,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, STAGES, NB, DQ, 2, 0)),
+                (_wsp_producer, (x_desc, w_desc, s_ptr, z_ptr, x_buf, p_buf, b_buf, ready, empty, b_ready, b_empty,
+                                 num_units, num_m, splits, T, stride_sg, magic, zconst, MAGIC, BASE, GROUP, HAS_ZP,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, STAGES, NB, DQ, 2, 1)),
+            ], [4, 4], [PRODUCER_REGS, PRODUCER_REGS])
 
 
 def w4_ws_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  bias: torch.Tensor | None, out: torch.Tensor, part: torch.Tensor | None, cnt: torch.Tensor | None,
                  *, k: int, n: int, group: int, magic: int, base: float, block_m: int, block_n: int, block_k: int,
                  stages: int, nb: int, warps: int, splits: int, tiles_per_split: int, dq: int = 1,
-                 programs: int = 0) -> None:
+                 programs: int = 0, producers: int = 1) -> None:
     """Launch ``_w4_ws_kernel``: ``warps // 4`` consumer warpgroups (64 rows each, ``block_m = 16 * warps``)
     plus one producer warpgroup that loads ``x`` and the packed codes by TMA into a ``stages``-deep ring and
     dequantizes into ``nb`` bf16/fp16 tiles (``dq=1``: packed PTX arithmetic on column pairs, ``dq=0``: the
     Gluon arithmetic of ``_dequant_tile``). ``programs > 0``: the persistent form on that many programs at most
-    (``splits`` must divide the K steps: every unit has ``tiles_per_split`` of them)."""
+    (``splits`` must divide the K steps: every unit has ``tiles_per_split`` of them), with ``producers`` (1 or
+    2; 2 needs ``stages`` and ``nb`` even) producer warpgroups."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     m = x.shape[0]
     gdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
@@ -675,7 +693,7 @@ def w4_ws_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, ze
     grid = ((n // block_n) * num_m, splits)
     dummy = scales
     # Registers: the consumers get what the 24-register producer floor leaves of 64K over all the warps.
-    maxnreg = min(240, 65536 // ((warps + 4) * 32) // 8 * 8)
+    maxnreg = min(240, 65536 // ((warps + 4 * producers) * 32) // 8 * 8)
     if programs:
         units = grid[0] * splits
         _w4_wsp_kernel[(min(units, programs),)](
@@ -684,7 +702,8 @@ def w4_ws_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, ze
             m, n, units, num_m, splits, tiles_per_split, scales.stride(0), out.stride(0), magic, _ZCONST[x.dtype],
             MAGIC=magic, BASE=base, GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, CHUNK=16 if block_n >= 256 else 32, STAGES=stages,
-            NB=nb, SPLIT=splits > 1, DQ=dq, PRODUCER_REGS=112, num_warps=warps, maxnreg=maxnreg)
+            NB=nb, SPLIT=splits > 1, DQ=dq, NP=producers, PRODUCER_REGS=112 if producers == 1 else 80,
+            num_warps=warps, maxnreg=maxnreg)
         return
     _w4_ws_kernel[grid](
         x_desc, w_desc, scales, zeros if zeros is not None else dummy, bias if bias is not None else dummy, out,

@@ -8,7 +8,7 @@ kernel, ``_ws_candidates``: TMA producer + dequant warpgroup, consumer warpgroup
 shapes run in child processes with a timeout (a kernel that never finishes cannot hang the run); the table at
 the end gives microseconds, the best ws shape and bf16 time / best int4 time. About 2 minutes:
 
-    python3 benchmarks/gpu/bench_w4_gemm.py [--rows 64,256,512,1024] [--budget 70]
+    python3 benchmarks/gpu/bench_w4_gemm.py [--rows 64,256,512,1024] [--budget 75]
 """
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 SHAPES = {"qkv_proj": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672), "down_proj": (14336, 4096)}
 TOL = 1e-2
+KINDS = ("plain", "persist", "np2")      # the warp-specialized shapes, one child process each
 
 
 def _name(c) -> str:
     s = f"m{c.block_m}n{c.block_n}s{c.stages}w{c.warps}" + (f"b{c.ws}" + ("" if c.dq else "q0") if c.ws else "")
-    s += "P" if c.persist else ""
+    s += ("P" if c.persist else "") + ("x2" if c.producers > 1 else "")
     return s + (f"/t{c.target}" if not c.splits else f"/k{c.splits}")
 
 
@@ -77,12 +78,15 @@ def _run_cfgs(im, x, w4, ref, cfgs, emit, bias: bool = False) -> None:
             emit(_name(c), None, traceback.format_exc(limit=3)[-500:])
 
 
-def child(rows: list[int], budget: float, persist: bool) -> None:
-    """The warp-specialized shapes (the persistent ones or the others), one JSON line per result (read by the
-    parent)."""
+def _kind(c) -> str:
+    return "np2" if c.producers > 1 else "persist" if c.persist else "plain"
+
+
+def child(rows: list[int], budget: float, kind: str) -> None:
+    """The warp-specialized shapes of one kind (``_kind``), one JSON line per result (read by the parent)."""
     im, weights, deq, xs = _setup(rows)
     t0 = time.perf_counter()
-    for m in rows:
+    for m in sorted(rows, reverse=True):       # the decode-throughput sizes first if the budget runs out
         for name, (k, _n) in SHAPES.items():
             if time.perf_counter() - t0 > budget:
                 return
@@ -91,19 +95,19 @@ def child(rows: list[int], budget: float, persist: bool) -> None:
 
             def emit(cname, us, err, name=name, m=m):
                 print(json.dumps({"proj": name, "m": m, "cfg": cname, "us": us, "err": err}), flush=True)
-            cfgs = [c for c in im._ws_candidates(im._rows_bucket(m)) if c.persist == persist]
+            cfgs = [c for c in im._ws_candidates(im._rows_bucket(m)) if _kind(c) == kind]
             _run_cfgs(im, x, weights[name][0], ref, cfgs, emit, bias=name == "qkv_proj")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="64,256,512,1024")
-    ap.add_argument("--budget", type=float, default=70.0, help="seconds for the ws shapes and for the rest")
-    ap.add_argument("--child", choices=("plain", "persist"), help=argparse.SUPPRESS)
+    ap.add_argument("--budget", type=float, default=75.0, help="seconds for the ws shapes and for the rest")
+    ap.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     if args.child:
-        child(rows, args.budget, args.child == "persist")
+        child(rows, args.budget, args.child)
         return
     t0 = time.perf_counter()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
@@ -112,18 +116,18 @@ def main() -> None:
     ws: dict[tuple[str, int], list[tuple[float, str, float]]] = {}
     fails = []
     lines = []
-    for kind in ("plain", "persist"):
+    for kind, share in zip(KINDS, (0.6, 0.4, 0.3)):
         try:
             proc = subprocess.run([sys.executable, __file__, "--child", kind, "--rows", args.rows, "--budget",
-                                   str(args.budget * 0.4)], capture_output=True, text=True,
-                                  timeout=args.budget * 0.6)
+                                   str(args.budget * share * 0.7)], capture_output=True, text=True,
+                                  timeout=args.budget * share)
             lines += proc.stdout.splitlines()
             if proc.returncode:
                 print(f"ws {kind} child failed: " + proc.stderr[-1500:], flush=True)
         except subprocess.TimeoutExpired as e:
             out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
             lines += out.splitlines()
-            print(f"ws {kind} child: TIMEOUT after {args.budget * 0.6:.0f} s (a kernel hung?)", flush=True)
+            print(f"ws {kind} child: TIMEOUT after {args.budget * share:.0f} s (a kernel hung?)", flush=True)
     for line in lines:
         try:
             r = json.loads(line)

@@ -92,13 +92,14 @@ def _compile_ws(cfg: im.Config, split: bool, zp: bool = True, dtype: str = "bf16
             ["M", "N", "K", "tiles_per_split", "num_splits"]) + ["stride_sg", "stride_om", "magic", "zconst"]
     magic, base = im._W4_MAGIC[torch.bfloat16 if dtype == "bf16" else torch.float16]
     const = dict(MAGIC=magic, BASE=base, GROUP=128, HAS_ZP=zp, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                 CHUNK=16 if bn >= 256 else 32, STAGES=cfg.stages, NB=cfg.ws, SPLIT=split, DQ=cfg.dq, PRODUCER_REGS=112,
+                 CHUNK=16 if bn >= 256 else 32, STAGES=cfg.stages, NB=cfg.ws, SPLIT=split, DQ=cfg.dq,
+                 **({"NP": cfg.producers} if cfg.persist else {}), PRODUCER_REGS=112 if cfg.producers == 1 else 80,
                  num_warps=cfg.warps)
     sig.update(dict.fromkeys(ints, "i32"))
     sig.update(dict.fromkeys(const, "constexpr"))
     aligned = {"s_ptr", "z_ptr", "bias_ptr", "out_ptr", "part_ptr", "cnt_ptr", "N", "K", "stride_sg", "stride_om"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in aligned}
-    maxnreg = min(240, 65536 // ((cfg.warps + 4) * 32) // 8 * 8)
+    maxnreg = min(240, 65536 // ((cfg.warps + 4 * cfg.producers) * 32) // 8 * 8)
     kernel = _w4_wsp_kernel if cfg.persist else _w4_ws_kernel
     return triton.compile(GluonASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 128),
                           options=dict(num_warps=cfg.warps, maxnreg=maxnreg))
@@ -108,13 +109,14 @@ def _ws_shapes() -> list[im.Config]:
     seen = {}
     for bucket in (64, 128, 256, 1024):
         for c in im._ws_candidates(bucket):
-            seen.setdefault((c.block_m, c.block_n, c.stages, c.warps, c.ws, c.dq, c.persist), c)
+            seen.setdefault((c.block_m, c.block_n, c.stages, c.warps, c.ws, c.dq, c.persist, c.producers), c)
     return list(seen.values())
 
 
 @pytest.mark.skipif(_tool("cuobjdump") is None, reason="no bundled cuobjdump")
 @pytest.mark.parametrize("cfg", _ws_shapes(),
-                         ids=lambda c: f"m{c.block_m}n{c.block_n}s{c.stages}w{c.warps}b{c.ws}q{c.dq}" + "P" * c.persist)
+                         ids=lambda c: f"m{c.block_m}n{c.block_n}s{c.stages}w{c.warps}b{c.ws}q{c.dq}" + "P" * c.persist
+                         + "x2" * (c.producers > 1))
 def test_int4_ws_kernel_shapes(cfg: im.Config):
     """The warp-specialized kernel (split-K epilogue with bias): TMA loads, one MMA group left in flight in the
     consumers' loop, registers moved from the producer warpgroup to the consumers, no spills, shared memory
