@@ -240,3 +240,20 @@ def test_int4_wgmma_table_by_rows_and_width():
     for m in (40, 64, 100, 128, 200, 256):
         assert im._wgmma_table(m, 4096) is None and im._wgmma_table(m, 28672).wgmma
     assert im._wgmma_table(20, 28672) is None and im._wgmma_table(257, 28672) is None
+
+
+def test_int4_ws_shapes_are_offered_only_where_they_apply():
+    """w4_supported refuses warp-specialized shapes whose rows are not 64 per consumer warpgroup, whose TMA boxes
+    exceed a 128-byte swizzle row, or with two producers and an odd ring; the tuner offers them only on sm_90."""
+    import torch
+    x = torch.zeros(128, 256, dtype=torch.bfloat16)
+    w = im.repack_int4(torch.zeros(256, 256, dtype=torch.uint8), torch.ones(2, 256, dtype=torch.bfloat16),
+                       None, 128)
+    c = im._wgmma_c
+    assert im.w4_supported(x, w, c(128, 256, 64, 4, 8, ws=2))
+    assert not im.w4_supported(x, w, c(64, 256, 64, 4, 8, ws=2))           # 8 warps = 2 warpgroups = 128 rows
+    assert not im.w4_supported(x, w, c(128, 256, 128, 4, 8, ws=2))         # x box 256 bytes wide
+    assert im.w4_supported(x, w, c(128, 128, 64, 6, 8, ws=4, persist=True, producers=2))
+    assert not im.w4_supported(x, w, c(128, 128, 64, 6, 8, ws=3, persist=True, producers=2))
+    assert all(c.ws and c.block_m == 16 * c.warps for b in (64, 128, 256, 1024) for c in im._ws_candidates(b))
+    assert not any(c.ws for c in im._candidates_for(128, x, w))
