@@ -307,34 +307,53 @@ if HAS_GLUON:
         return gl.inline_asm_elementwise(asm, "=r,r,r", [a, b], gl.int32, is_pure=True, pack=1)
 
     @gluon.jit
-    def _ws_dequant_pairs(p_smem, b_smem, s32_ptr, z32_ptr, g, pw, magic, zconst, HAS_ZP: gl.constexpr,
-                          HALF: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, CHUNK: gl.constexpr,
-                          P_LAYOUT: gl.constexpr):
-        """One K step in the producer with ``_pairs_dequant``: scale / zero pairs loaded as int32 words, the
-        result stored through an int32 view of the (byte-identical, 128-byte swizzled) bf16 tile."""
-        BW: gl.constexpr = BLOCK_N // 8
-        Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], P_LAYOUT.threads_per_warp, P_LAYOUT.warps_per_cta, [1, 0])
+    def _ws_pairs_load(s32_ptr, z32_ptr, g, pw, HAS_ZP: gl.constexpr):
+        """The scale (and zero) pairs of one K step's group as int32 words: word ``4 w + i`` of the tile holds
+        columns ``8 w + 2 i``, ``8 w + 2 i + 1`` (loaded a step ahead of their use)."""
         sp = s32_ptr + g + pw * 4
-        s0 = gl.expand_dims(gl.load(sp), 0)
-        s1 = gl.expand_dims(gl.load(sp + 1), 0)
-        s2 = gl.expand_dims(gl.load(sp + 2), 0)
-        s3 = gl.expand_dims(gl.load(sp + 3), 0)
+        s0 = gl.load(sp)
+        s1 = gl.load(sp + 1)
+        s2 = gl.load(sp + 2)
+        s3 = gl.load(sp + 3)
         if HAS_ZP:
             zp = z32_ptr + g + pw * 4
-            z0 = gl.expand_dims(_half_pair_add(gl.load(zp), magic, HALF), 0)
-            z1 = gl.expand_dims(_half_pair_add(gl.load(zp + 1), magic, HALF), 0)
-            z2 = gl.expand_dims(_half_pair_add(gl.load(zp + 2), magic, HALF), 0)
-            z3 = gl.expand_dims(_half_pair_add(gl.load(zp + 3), magic, HALF), 0)
+            z0 = gl.load(zp)
+            z1 = gl.load(zp + 1)
+            z2 = gl.load(zp + 2)
+            z3 = gl.load(zp + 3)
         else:
-            z0 = gl.expand_dims(gl.full([BW], 0, gl.int32, pw.type.layout) + zconst, 0)
-            z1 = z0
-            z2 = z0
-            z3 = z0
+            z0 = s0
+            z1 = s1
+            z2 = s2
+            z3 = s3
+        return s0, s1, s2, s3, z0, z1, z2, z3
+
+    @gluon.jit
+    def _ws_dequant_pairs(p_smem, b_smem, s0, s1, s2, s3, z0, z1, z2, z3, magic, zconst, HAS_ZP: gl.constexpr,
+                          HALF: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, CHUNK: gl.constexpr,
+                          P_LAYOUT: gl.constexpr):
+        """One K step in the producer with ``_pairs_dequant`` (pairs from ``_ws_pairs_load``), the result stored
+        through an int32 view of the (byte-identical, 128-byte swizzled) bf16 tile."""
+        Q_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], P_LAYOUT.threads_per_warp, P_LAYOUT.warps_per_cta, [1, 0])
+        if HAS_ZP:
+            zb0 = gl.expand_dims(_half_pair_add(z0, magic, HALF), 0)
+            zb1 = gl.expand_dims(_half_pair_add(z1, magic, HALF), 0)
+            zb2 = gl.expand_dims(_half_pair_add(z2, magic, HALF), 0)
+            zb3 = gl.expand_dims(_half_pair_add(z3, magic, HALF), 0)
+        else:
+            zb0 = gl.expand_dims(gl.zeros_like(s0) + zconst, 0)
+            zb1 = zb0
+            zb2 = zb0
+            zb3 = zb0
+        sb0 = gl.expand_dims(s0, 0)
+        sb1 = gl.expand_dims(s1, 0)
+        sb2 = gl.expand_dims(s2, 0)
+        sb3 = gl.expand_dims(s3, 0)
         B32: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
         b32 = b_smem._reinterpret(gl.int32, [BLOCK_K, BLOCK_N // 2], B32)
         for c in gl.static_range(BLOCK_K // CHUNK):
             p = p_smem.slice(c * CHUNK, CHUNK, dim=0).load(P_LAYOUT)
-            o0, o1, o2, o3 = _pairs_dequant(p, z0, z1, z2, z3, s0, s1, s2, s3, magic, HALF)
+            o0, o1, o2, o3 = _pairs_dequant(p, zb0, zb1, zb2, zb3, sb0, sb1, sb2, sb3, magic, HALF)
             o = gl.reshape(gl.join(gl.join(o0, o2), gl.join(o1, o3)), [CHUNK, BLOCK_N // 2])
             o = gl.convert_layout(o, Q_LAYOUT, assert_trivial=True)
             b32.slice(c * CHUNK, CHUNK, dim=0).store(o)
@@ -366,6 +385,8 @@ if HAS_GLUON:
         s32_ptr = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
         z32_ptr = z_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
         HALF: gl.constexpr = 0 if s_ptr.dtype.element_ty == gl.bfloat16 else 1
+        s0, s1, s2, s3, z0, z1, z2, z3 = _ws_pairs_load(s32_ptr, z32_ptr, ((k_lo // GROUP) * stride_sg) // 2, pw,
+                                                        HAS_ZP)
         for kt in range(0, n_tiles):
             slot = kt % STAGES
             g = ((k_lo + kt * BLOCK_K) // GROUP) * stride_sg
@@ -375,6 +396,10 @@ if HAS_GLUON:
                     z = gl.load(z_ptr + g + sn)
                 else:
                     z = s
+            else:       # this step's pairs (loaded a step ago), the next step's loads in flight meanwhile
+                c0, c1, c2, c3, y0, y1, y2, y3 = s0, s1, s2, s3, z0, z1, z2, z3
+                gn = ((k_lo + gl.minimum(kt + 1, n_tiles - 1) * BLOCK_K) // GROUP) * stride_sg
+                s0, s1, s2, s3, z0, z1, z2, z3 = _ws_pairs_load(s32_ptr, z32_ptr, gn // 2, pw, HAS_ZP)
             mbarrier.wait(ready.index(slot), (kt // STAGES) & 1)
             j = kt % NB
             mbarrier.wait(b_empty.index(j), ((kt // NB) & 1) ^ 1)
@@ -384,7 +409,7 @@ if HAS_GLUON:
                     w = _dequant_tile(p, s, z, MAGIC, W_LAYOUT, CHUNK, BLOCK_N, BASE, HAS_ZP)
                     b_buf.index(j).slice(c * CHUNK, CHUNK, dim=0).store(w)
             else:
-                _ws_dequant_pairs(p_buf.index(slot), b_buf.index(j), s32_ptr, z32_ptr, g // 2, pw, magic, zconst,
+                _ws_dequant_pairs(p_buf.index(slot), b_buf.index(j), c0, c1, c2, c3, y0, y1, y2, y3, magic, zconst,
                                   HAS_ZP, HALF, BLOCK_N, BLOCK_K, CHUNK, P_LAYOUT)
             fence_async_shared()            # the tile (generic proxy) -> wgmma; our code reads -> later TMA writes
             gl.thread_barrier()             # every producer thread's stores and reads are done
@@ -552,6 +577,12 @@ if HAS_GLUON:
                            BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
         s32_ptr = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
         z32_ptr = z_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+        arw = gl.arange(0, BW, layout=gl.SliceLayout(0, P_LAYOUT))
+        first = gl.minimum(PIDX, total - 1)
+        off_m, off_n, k_lo, tile, pid_k = _wsp_unit(pid + (first // T) * nprog, num_m, splits, T, BLOCK_M, BLOCK_N,
+                                                   BLOCK_K)
+        s0, s1, s2, s3, z0, z1, z2, z3 = _ws_pairs_load(
+            s32_ptr, z32_ptr, (((k_lo + (first % T) * BLOCK_K) // GROUP) * stride_sg) // 2, off_n // 8 + arw, HAS_ZP)
         for step in range(PIDX, total, NP):
             off_m, off_n, k_lo, tile, pid_k = _wsp_unit(pid + (step // T) * nprog, num_m, splits, T, BLOCK_M,
                                                        BLOCK_N, BLOCK_K)
@@ -563,6 +594,12 @@ if HAS_GLUON:
                     z = gl.load(z_ptr + g + sn)
                 else:
                     z = s
+            else:       # this step's pairs (loaded a step ago), the next own step's loads in flight meanwhile
+                c0, c1, c2, c3, y0, y1, y2, y3 = s0, s1, s2, s3, z0, z1, z2, z3
+                nx = gl.minimum(step + NP, total - 1)
+                xm, xn, xk, xt, xs = _wsp_unit(pid + (nx // T) * nprog, num_m, splits, T, BLOCK_M, BLOCK_N, BLOCK_K)
+                s0, s1, s2, s3, z0, z1, z2, z3 = _ws_pairs_load(
+                    s32_ptr, z32_ptr, (((xk + (nx % T) * BLOCK_K) // GROUP) * stride_sg) // 2, xn // 8 + arw, HAS_ZP)
             slot = step % STAGES
             mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
             j = step % NB
@@ -573,8 +610,7 @@ if HAS_GLUON:
                     w = _dequant_tile(p, s, z, MAGIC, W_LAYOUT, CHUNK, BLOCK_N, BASE, HAS_ZP)
                     b_buf.index(j).slice(c * CHUNK, CHUNK, dim=0).store(w)
             else:
-                pw = off_n // 8 + gl.arange(0, BW, layout=gl.SliceLayout(0, P_LAYOUT))
-                _ws_dequant_pairs(p_buf.index(slot), b_buf.index(j), s32_ptr, z32_ptr, g // 2, pw, magic, zconst,
+                _ws_dequant_pairs(p_buf.index(slot), b_buf.index(j), c0, c1, c2, c3, y0, y1, y2, y3, magic, zconst,
                                   HAS_ZP, HALF, BLOCK_N, BLOCK_K, CHUNK, P_LAYOUT)
             fence_async_shared()
             gl.thread_barrier()
