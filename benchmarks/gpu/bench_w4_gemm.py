@@ -144,7 +144,7 @@ def main() -> None:
     im, weights, deq, xs = _setup(rows)
     summary = []
     t1 = time.perf_counter()
-    for m in rows:
+    for m in sorted(rows, reverse=True):
         for name, (k, _n) in SHAPES.items():
             if time.perf_counter() - t1 > args.budget:
                 print(f"{name} M={m}: skipped (budget)", flush=True)
