@@ -17,9 +17,23 @@ Same canonical int4 layout and the same arguments as the Triton kernel (no repac
 fp16/bf16 activations, groups that are runs of ``GROUP`` stored rows, ``N % BLOCK_N == 0``,
 ``K % BLOCK_K == 0``. Split-K (fp32 partials + an arrival counter, the last program sums) as there.
 
-Gluon has no CPU interpreter, so this kernel runs on Hopper GPUs only; its correctness is checked at
-real sizes by ``benchmarks/gpu/bench_quant_gemm.py --check-only`` against dequantize + matmul, and on the
-CPU the same arithmetic (the dequantization) is covered through the Triton kernel's interpreter tests.
+Warp-specialized form (``w4_ws_launch``, 64+ rows), because in the form above every warp does both jobs and
+meets two CTA-wide barriers a step, so a step costs the MMA plus the dequantization's latency chain:
+
+* one producer warpgroup brings ``x`` and the packed codes by TMA into a ``STAGES``-deep ring (mbarrier
+  ``ready``/``empty`` pairs) and dequantizes each step into a ring of ``NB`` bf16/fp16 tiles with packed PTX
+  arithmetic (``_pairs_dequant``: one LOP3 a column pair, then sub + mul on bf16x2 words);
+* the consumer warpgroups (64 rows each) only wait for a step's two tiles, issue its wgmma and, once the
+  previous MMA is done, release that step's slots, so the tensor cores never wait on ALU work;
+* ``_w4_wsp_kernel`` is the persistent variant: one program per SM walks (output tile, K split) units and
+  the producer's ring runs on into the next unit while the consumers store the previous one (optionally
+  with a second producer warpgroup taking every other K step).
+
+Gluon has no CPU interpreter, so these kernels run on Hopper GPUs only; their correctness is checked at
+real sizes by ``benchmarks/gpu/bench_w4_gemm.py`` and ``bench_quant_gemm.py --check-only`` against dequantize +
+matmul, and on the CPU they are compiled for sm_90 (``tests/quantization/test_w4_wgmma.py``: MMAs kept in
+flight, no spills, shared memory within bounds) while the dequantization arithmetic is covered through the
+Triton kernel's interpreter tests.
 """
 from __future__ import annotations
 
@@ -40,7 +54,7 @@ try:
 except ImportError:  # pragma: no cover - Triton without Gluon (or no Triton)
     HAS_GLUON = False
 
-__all__ = ["HAS_GLUON", "wgmma_supported", "w4_wgmma_launch"]
+__all__ = ["HAS_GLUON", "wgmma_supported", "w4_wgmma_launch", "w4_ws_launch"]
 
 
 def wgmma_supported(device: torch.device) -> bool:
