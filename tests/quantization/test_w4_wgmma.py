@@ -257,3 +257,32 @@ def test_int4_ws_shapes_are_offered_only_where_they_apply():
     assert not im.w4_supported(x, w, c(128, 128, 64, 6, 8, ws=3, persist=True, producers=2))
     assert all(c.ws and c.block_m == 16 * c.warps for b in (64, 128, 256, 1024) for c in im._ws_candidates(b))
     assert not any(c.ws for c in im._candidates_for(128, x, w))
+
+
+def test_int4_ws_pair_arithmetic_matches_dequantize():
+    """The warp-specialized producer's arithmetic (``_pairs_dequant``), replayed bit for bit on the CPU: per packed
+    word, pair i = ((word >> 4i) & 0x000F000F) | magic read as two bf16, minus (zero pair + magic), times the
+    scale pair, where int32 word 4w + i of the scales (and of the output tile) holds columns 8w + 2i, 8w + 2i + 1.
+    Equal to ``dequantize`` (the reference) for every weight of a random group-128 layer."""
+    import torch
+    k, n = 256, 64
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (k, n), dtype=torch.uint8, generator=gen)
+    scales = (torch.rand(k // 128, n, generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (k // 128, n), generator=gen).to(torch.bfloat16)
+    w = im.repack_int4(codes, scales, zeros, 128)
+    magic, _ = im._W4_MAGIC[torch.bfloat16]
+
+    def pairs(words: torch.Tensor) -> torch.Tensor:       # int32 [..] -> bf16 [.., 2] (low half first)
+        return words.contiguous().view(torch.int16).view(torch.bfloat16).reshape(*words.shape, 2)
+
+    rows = torch.arange(k) // 128
+    s32 = w.scales.contiguous().view(torch.int32)[rows]                      # [K, N / 2] scale pairs
+    z32 = w.zeros.contiguous().view(torch.int32)[rows]
+    zb = pairs(z32).float() + pairs(torch.full((1,), magic, dtype=torch.int32)).float()   # exact: small integers
+    out = torch.empty(k, n // 2, 2, dtype=torch.bfloat16)
+    for i in range(4):
+        v = pairs(((w.weight >> (4 * i)) & 0x000F000F) | magic).float()        # [K, N / 8, 2] = BASE + q
+        cols = slice(i, n // 2, 4)                                              # int32 words 4w + i
+        out[:, cols] = ((v - zb[:, cols]).to(torch.bfloat16).float() * pairs(s32[:, cols]).float()).to(torch.bfloat16)
+    assert torch.equal(out.reshape(k, n), im.dequantize(w, torch.bfloat16))
