@@ -410,10 +410,8 @@ if HAS_GLUON:
                     z = gl.load(z_ptr + g + sn)
                 else:
                     z = s
-            else:       # this step's pairs (loaded a step ago), the next step's loads in flight meanwhile
+            else:       # this step's pairs, loaded a step ago
                 c0, c1, c2, c3, y0, y1, y2, y3 = s0, s1, s2, s3, z0, z1, z2, z3
-                gn = ((k_lo + gl.minimum(kt + 1, n_tiles - 1) * BLOCK_K) // GROUP) * stride_sg
-                s0, s1, s2, s3, z0, z1, z2, z3 = _ws_pairs_load(s32_ptr, z32_ptr, gn // 2, pw, HAS_ZP)
             mbarrier.wait(ready.index(slot), (kt // STAGES) & 1)
             j = kt % NB
             mbarrier.wait(b_empty.index(j), ((kt // NB) & 1) ^ 1)
@@ -438,6 +436,11 @@ if HAS_GLUON:
                                             pred=ok)
             tma.async_copy_global_to_shared(w_desc, [k_lo + nk * BLOCK_K, off_n // 8], ready.index(ns),
                                             p_buf.index(ns), pred=ok)
+            if DQ == 1:
+                # The next step's pairs, issued only now: fence.proxy.async (MEMBAR) waits for this thread's
+                # outstanding loads, so loads issued before it would put their latency on every step.
+                gn = ((k_lo + gl.minimum(kt + 1, n_tiles - 1) * BLOCK_K) // GROUP) * stride_sg
+                s0, s1, s2, s3, z0, z1, z2, z3 = _ws_pairs_load(s32_ptr, z32_ptr, gn // 2, pw, HAS_ZP)
 
     @gluon.jit
     def _ws_epilogue(acc, bias_ptr, out_ptr, part_ptr, cnt_ptr, M, N, off_m, off_n, tile, pid_k, num_splits,
@@ -608,12 +611,8 @@ if HAS_GLUON:
                     z = gl.load(z_ptr + g + sn)
                 else:
                     z = s
-            else:       # this step's pairs (loaded a step ago), the next own step's loads in flight meanwhile
+            else:       # this step's pairs, loaded a step ago
                 c0, c1, c2, c3, y0, y1, y2, y3 = s0, s1, s2, s3, z0, z1, z2, z3
-                nx = gl.minimum(step + NP, total - 1)
-                xm, xn, xk, xt, xs = _wsp_unit(pid + (nx // T) * nprog, num_m, splits, T, BLOCK_M, BLOCK_N, BLOCK_K)
-                s0, s1, s2, s3, z0, z1, z2, z3 = _ws_pairs_load(
-                    s32_ptr, z32_ptr, (((xk + (nx % T) * BLOCK_K) // GROUP) * stride_sg) // 2, xn // 8 + arw, HAS_ZP)
             slot = step % STAGES
             mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
             j = step % NB
@@ -634,6 +633,11 @@ if HAS_GLUON:
             mbarrier.wait(empty.index(nk % STAGES), ((nk // STAGES) & 1) ^ 1, pred=ok)
             _wsp_issue(x_desc, w_desc, x_buf, p_buf, ready, nk, pid, nprog, num_m, splits, T, ok,
                        BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
+            if DQ == 1:     # the next own step's pairs, after the fence (see _ws_producer)
+                nx = gl.minimum(step + NP, total - 1)
+                xm, xn, xk, xt, xs = _wsp_unit(pid + (nx // T) * nprog, num_m, splits, T, BLOCK_M, BLOCK_N, BLOCK_K)
+                s0, s1, s2, s3, z0, z1, z2, z3 = _ws_pairs_load(
+                    s32_ptr, z32_ptr, (((xk + (nx % T) * BLOCK_K) // GROUP) * stride_sg) // 2, xn // 8 + arw, HAS_ZP)
 
     @gluon.jit
     def _wsp_consumer(x_buf, b_buf, ready, empty, b_ready, b_empty, bias_ptr, out_ptr, part_ptr, cnt_ptr,
