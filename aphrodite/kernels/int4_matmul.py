@@ -733,7 +733,10 @@ def _ws_candidates(m: int) -> list[Config]:
     """Shapes of the warp-specialized Gluon W4A16 kernel (``w4_ws_launch``) per rows bucket (64+): ``warps``
     consumer warps (64 rows a warpgroup, so ``block_m = 16 * warps``), a ``stages``-deep TMA ring, ``ws``
     dequantized tiles, ``persist`` the persistent form; every shape fits an H200's 227 KB of shared memory.
-    ``dq=0`` (Gluon's dequantization arithmetic instead of the PTX pair form) is offered as a cross-check."""
+    ``dq=0`` (Gluon's dequantization arithmetic instead of the PTX pair form) is offered as a cross-check.
+    Not in the default tables: the first H200 sweep (``bench_w4_gemm.py``, 2026-11-30) measured them correct
+    but at 0.5-0.7x bf16 (gate_up at 1024 rows: 532 us vs 385 for dequantize + cuBLAS), with the producer's
+    scale loads in front of its fence (~2200 cycles a K step); that order is fixed since, unmeasured."""
     c = _wgmma_c
     if m <= 64:
         return [c(64, 128, 64, 6, 4, target=2, ws=3), c(64, 256, 64, 4, 4, target=2, ws=2),
@@ -773,15 +776,26 @@ def _wgmma_table(m: int, n: int) -> Config | None:
     return cell[1] if n >= 16384 else cell[0]
 
 
+def _dequant_rows(m: int, n: int) -> bool:
+    """Whether dequantize + cuBLAS is the GPU default for ``m`` rows and ``n`` outputs (where no Gluon table
+    cell applies): above 256 rows, and above 192 on the narrower projections. From the H200 sweep
+    (``bench_w4_gemm.py``, 2026-11-30, Llama-3.1-8B): at 512 and 1024 rows it is the fastest int4 path on every
+    projection (0.62-0.81x bf16; the fused kernels reach 0.5-0.7x); at 256 rows it beats the Triton W4A16
+    kernel on qkv (41.8 vs 50.9 us), o (27.7 vs 32.6) and down (92.6 vs 93.1) while gate_up keeps the Gluon
+    kernel (136.8 vs 175.0). Its cost is a fixed weight pass (~19 us on qkv, ~45 on down), so at 128 rows the
+    Triton kernel still wins (down 65.8 vs ~82): the crossover, from both sweeps, is ~170-190 rows."""
+    return m > 256 or (m > 192 and n < 16384)
+
+
 def _default_config(m: int, x: torch.Tensor, w: QuantWeight) -> Config:
     """What runs without the tuner (the engine's default): on sm_90 the Gluon wgmma kernel where its table has
-    the rows bucket; else dequantize + cuBLAS above 256 rows on the GPU (the sweep's best at 1024), the W4A16
-    table where that kernel applies (``APHRODITE_W4A16=0``: neither), else the general kernel's first shape."""
+    the rows bucket; else dequantize + cuBLAS where ``_dequant_rows`` says so (GPU), the W4A16 table where that
+    kernel applies (``APHRODITE_W4A16=0``: neither), else the general kernel's first shape."""
     if m > 1 and _w4_enabled() and x.device.type == "cuda":
         cfg = _wgmma_table(m, w.n)
         if cfg is not None and w4_supported(x, w, cfg) and wgmma_supported(x.device):
             return cfg
-    if m > 256 and x.device.type == "cuda":
+    if x.device.type == "cuda" and _dequant_rows(m, w.n):
         return Config(dequant=True)
     if m > 1 and _w4_enabled():
         cfg = _w4_table(m, w.n)

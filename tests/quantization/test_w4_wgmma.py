@@ -242,6 +242,16 @@ def test_int4_wgmma_table_by_rows_and_width():
     assert im._wgmma_table(20, 28672) is None and im._wgmma_table(257, 28672) is None
 
 
+def test_int4_dequant_rows_by_rows_and_width():
+    """Dequantize + cuBLAS: from 257 rows everywhere, from 193 on the narrower projections (qkv, o, down), never at
+    decode-sized batches (the fused kernels win there)."""
+    for n in (4096, 6144, 28672):
+        assert not im._dequant_rows(64, n) and not im._dequant_rows(128, n) and im._dequant_rows(257, n)
+        assert im._dequant_rows(1024, n)
+    assert im._dequant_rows(200, 4096) and im._dequant_rows(256, 6144)
+    assert not im._dequant_rows(200, 28672) and not im._dequant_rows(192, 4096)
+
+
 def test_int4_ws_shapes_are_offered_only_where_they_apply():
     """w4_supported refuses warp-specialized shapes whose rows are not 64 per consumer warpgroup, whose TMA boxes
     exceed a 128-byte swizzle row, or with two producers and an odd ring; the tuner offers them only on sm_90."""
