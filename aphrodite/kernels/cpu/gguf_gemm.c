@@ -17,6 +17,11 @@
  * 4 (l % 4) + l / 4 of its 16 (PERM, an involution), undone by one permute when storing.
  * Q8_0's signed codes become unsigned by flipping their top bit (value = d (u - 128)).
  * A tile of MR activation rows x NR vectors keeps MR NR integer and float accumulators.
+ *
+ * aph_gguf_gemm_f32 is the exact counterpart for float32 activations (no rounding of x): the same
+ * panels dequantized once per call to float32 (scale * code + offset in one fma), then FMAs with
+ * broadcast activations; at 64 rows it ties oneDNN's packed float32 GEMM, where dequantizing the
+ * whole weight and calling BLAS on it was ~20% slower (one thread).
  */
 #include <stdint.h>
 #include <stdlib.h>
