@@ -18,6 +18,8 @@ from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
+import numpy as np
+
 from aphrodite.config import EngineConfig, create_engine_config
 from aphrodite.engine.kv_cache import KVCacheManager
 from aphrodite.engine.request import FINISHED_STATUSES as _FINISHED
@@ -30,7 +32,7 @@ from aphrodite.lora.request import LoRARequest
 from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput
 from aphrodite.sampling_params import SamplingParams
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs
-from aphrodite.worker.step_plan import NewRequestData, StepPlan
+from aphrodite.worker.step_plan import GrammarBitmask, NewRequestData, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +56,6 @@ class _Parent:
             if c.status not in _FINISHED:
                 return False
         return True
-
-
-class _Ready:
-    """A step result already read (a ``ResultFuture`` that answers at once)."""
-
-    def __init__(self, result: ModelRunnerOutput) -> None:
-        self._result = result
-
-    def result(self) -> ModelRunnerOutput:
-        return self._result
 
 
 class LLMEngine:
@@ -184,36 +176,26 @@ class LLMEngine:
                     self.requests.pop(c.request_id, None)
         return outputs
 
-    def _fill_grammar_bitmask(self, sched: SchedulerOutput) -> None:
-        """Token bitmask of the constrained requests that sample in ``sched`` (before it advances)."""
+    def _grammar_rows(self, sched: SchedulerOutput) -> list[int]:
+        """Rows of ``sched`` (before it advances) where a constrained request samples: they need its mask."""
         if self._structured is None:    # no grammar was ever compiled: no request is constrained
-            return
-        rows = [i for i, (r, n) in enumerate(zip(sched.requests, sched.num_tokens))
-                if r.grammar is not None and r.num_computed_tokens + n == r.num_tokens_with_pending
-                and not r.grammar.failed and not r.grammar.terminated]
-        if not rows:
-            return
-        manager = self.structured_output
-        bitmask = manager.new_bitmask(len(sched.requests))
-        manager.fill_many(bitmask, rows, [sched.requests[i].grammar for i in rows])
-        sched.grammar_bitmask = bitmask
+            return []
+        return [i for i, (r, n) in enumerate(zip(sched.requests, sched.num_tokens))
+                if r.grammar is not None and r.num_computed_tokens + n == r.num_tokens_with_pending]
 
-    def _accept_inflight_tokens(self, sched: SchedulerOutput) -> None:
-        """Async scheduling: a constrained request's bitmask needs its tokens still in flight, so wait for
-        the steps in flight that sampled for it and advance the matchers now (this step loses its overlap)."""
-        if not self._inflight or self._structured is None or \
-                not any(r.grammar is not None and r.num_pending_tokens for r in sched.requests):
-            return
-        for k, (prev_sched, fut) in enumerate(self._inflight):
-            if not any(r.grammar is not None for r in prev_sched.requests):
-                continue
-            result = fut.result()
-            self._inflight[k] = (prev_sched, _Ready(result))    # a future may be read only once
-            for i, r in enumerate(prev_sched.requests):
-                tok = result.sampled[i]
-                if tok is not None and r.grammar is not None and not r.is_finished \
-                        and r.grammar.num_accepted == r.num_output_tokens:
-                    r.grammar.accept(tok)
+    def _grammar_bitmask(self, sched: SchedulerOutput, rows: list[int]) -> np.ndarray | None:
+        """The token bitmask of ``sched`` from its constrained rows' grammars, which must have accepted every
+        token sampled before this step. Rows of requests that ended meanwhile (their token of this step is
+        dropped) and of grammars that are complete or failed stay all ones; None when no row is left."""
+        reqs = sched.requests
+        rows = [i for i in rows if not reqs[i].is_finished and not reqs[i].grammar.failed
+                and not reqs[i].grammar.terminated]
+        if not rows:
+            return None
+        manager = self.structured_output
+        bitmask = manager.new_bitmask(len(reqs))
+        manager.fill_many(bitmask, rows, [reqs[i].grammar for i in rows])
+        return bitmask
 
     # ---- requests ---------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -381,33 +363,60 @@ class LLMEngine:
             sched = self._schedule()
             if sched is None:
                 return early
-            self._fill_grammar_bitmask(sched)
+            sched.grammar_bitmask = self._grammar_bitmask(sched, self._grammar_rows(sched))
             result = self.executor.execute(self._plan(sched))
             self._advance(sched)
             return early + self._process(sched, result, finished_only)
         try:
             sched = self._schedule(allow_empty=bool(self._inflight))
             if sched is not None:
-                self._accept_inflight_tokens(sched)
-                self._fill_grammar_bitmask(sched)
-                self._inflight.append((sched, self.executor.execute_async(self._plan(sched))))
+                # A constrained row whose last token is still in flight cannot have its mask yet: the step's
+                # forward pass is sent now, and the mask once that token is in (below), before its sampler.
+                grammar_rows = self._grammar_rows(sched)
+                pending = bool(grammar_rows) and any(sched.requests[i].num_pending_tokens for i in grammar_rows)
+                if grammar_rows and not pending:
+                    sched.grammar_bitmask = self._grammar_bitmask(sched, grammar_rows)
+                plan = self._plan(sched)
+                plan.grammar_pending = pending
+                self._inflight.append((sched, self.executor.execute_async(plan)))
                 self._advance(sched)
                 for r in sched.requests:
                     r.num_in_flight += 1
+                if pending:
+                    return early + self._process_then_mask(sched, grammar_rows, plan.step_id, finished_only)
                 if len(self._inflight) < self._depth:
                     return early
             if not self._inflight:
                 return early
-            prev, future = self._inflight.popleft()
-            for r in prev.requests:
-                r.num_in_flight -= 1
-            return early + self._process(prev, future.result(), finished_only)
+            return early + self._process_oldest(finished_only)
         except BaseException:
             for prev, _ in self._inflight:
                 for r in prev.requests:
                     r.num_in_flight -= 1
             self._inflight.clear()
             raise
+
+    def _process_oldest(self, finished_only: bool) -> list[RequestOutput]:
+        """Read and absorb the oldest step in flight."""
+        prev, future = self._inflight.popleft()
+        for r in prev.requests:
+            r.num_in_flight -= 1
+        return self._process(prev, future.result(), finished_only)
+
+    def _process_then_mask(self, sched: SchedulerOutput, grammar_rows: list[int], step_id: int,
+                           finished_only: bool) -> list[RequestOutput]:
+        """``sched`` was sent with ``grammar_pending``: absorb every step before it (their tokens advance the
+        grammars), then send its bitmask. The device runs its forward pass meanwhile; its sampler waits for
+        the mask, which is sent even when absorbing fails, so the workers never wait for it in vain."""
+        outputs: list[RequestOutput] = []
+        mask = None
+        try:
+            while len(self._inflight) > 1:
+                outputs += self._process_oldest(finished_only)
+            mask = self._grammar_bitmask(sched, grammar_rows)
+        finally:
+            self.executor.sample_async(GrammarBitmask(step_id, mask))
+        return outputs
 
     def shutdown(self) -> None:
         """Stop the executor's ranks (worker processes or actors); the engine runs nothing afterwards."""

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from aphrodite.config import EngineConfig
 from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.step_future import ModelRunnerOutput
-from aphrodite.worker.step_plan import StepPlan
+from aphrodite.worker.step_plan import GrammarBitmask, StepPlan
 
 
 class ExecutorDeadError(RuntimeError):
@@ -42,6 +42,12 @@ class Executor:
 
     def execute(self, plan: StepPlan) -> ModelRunnerOutput:
         return self.execute_async(plan).result()
+
+    def sample_async(self, mask: GrammarBitmask) -> None:
+        """Send the grammar bitmask of the step last sent with ``grammar_pending``: every rank has queued
+        its forward pass and samples once this arrives; the step's future (from ``execute_async``)
+        answers after that. The next step may be sent only after this."""
+        raise NotImplementedError
 
     def shutdown(self) -> None:
         """Stop every rank; safe to call more than once."""

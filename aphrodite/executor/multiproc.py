@@ -29,7 +29,7 @@ from aphrodite.executor.base import Executor, ExecutorDeadError, free_port, hang
 from aphrodite.executor.shm_broadcast import BroadcastHandle, ShmBroadcast
 from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.step_future import ModelRunnerOutput
-from aphrodite.worker.step_plan import StepPlan
+from aphrodite.worker.step_plan import GrammarBitmask, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,15 @@ class MultiprocExecutor(Executor):
             self._fail(f"Sending a step to the workers failed: {type(e).__name__}: {e}")
         self._sent += 1
         return _Future(self, self._sent)
+
+    def sample_async(self, mask: GrammarBitmask) -> None:
+        self._check()
+        try:
+            self.mq.enqueue(mask, self._alive)
+        except ExecutorDeadError:
+            raise
+        except BaseException as e:
+            self._fail(f"Sending a grammar bitmask to the workers failed: {type(e).__name__}: {e}")
 
     def _result(self, seq: int) -> ModelRunnerOutput:
         while seq not in self._results:
@@ -305,12 +314,14 @@ def worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: s
                     conn.send(("result", pending.result()))
                     pending = None
             msg = mq.dequeue(engine_alive)
-            if isinstance(msg, StepPlan):
-                future = worker.execute(msg)
+            if isinstance(msg, (StepPlan, GrammarBitmask)):
+                # A plan with grammar_pending queues its forward pass only (no future); its bitmask
+                # message follows and samples it.
+                future = worker.execute(msg) if isinstance(msg, StepPlan) else worker.sample(msg)
                 if pending is not None:
                     conn.send(("result", pending.result()))
                     pending = None
-                if worker.is_output_rank:
+                if future is not None and worker.is_output_rank:
                     if overlap:
                         pending = future
                     else:

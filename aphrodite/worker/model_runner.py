@@ -26,13 +26,14 @@ from aphrodite.kernels.precompile import compile_ahead
 from aphrodite.lora.request import LoRARequest
 from aphrodite.modeling.layers.attention import Attention, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
+from aphrodite.modeling.layers.samplers.metadata import SamplingMetadata
 from aphrodite.modeling.loader import load_model
 from aphrodite.modeling.models.pipeline import IntermediateTensors, intermediate_tensor_spec
 from aphrodite.worker.cuda_graphs import DecodeGraphs
 from aphrodite.worker.sampling_inputs import SamplingState, StaticRowsCache, build_sampling_metadata, to_device
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
 from aphrodite.worker.step_inputs import StepInputs
-from aphrodite.worker.step_plan import BlockTables, RequestState, StepPlan, apply_plan
+from aphrodite.worker.step_plan import BlockTables, GrammarBitmask, RequestState, StepPlan, apply_plan
 
 __all__ = ["HostBatch", "ModelRunner", "ModelRunnerOutput", "PositionLogprobs", "PrevTokens", "StepFuture"]
 
@@ -85,6 +86,22 @@ class HostBatch:
         return len(self.seq_lens)
 
 
+@dataclass
+class _QueuedStep:
+    """A step whose forward pass is queued, up to its sampler (what ``_sample`` needs)."""
+
+    step_id: int
+    reqs: list[RequestState]
+    counts: list[int]
+    starts: list[int]
+    hidden: torch.Tensor | None     # None on a pipeline stage before the last
+    logits: torch.Tensor | None     # the sampling rows' logits; None when no row samples
+    md: SamplingMetadata | None
+    sample_idx: list[int]
+    rows: list[RequestState]
+    want_result: bool
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -123,6 +140,7 @@ class ModelRunner:
         # finished requests are dropped with the plan's finished_ids (see _sampling_metadata).
         self.sampling_state = SamplingState(self.vocab_size, config.scheduler.max_model_len, self.device)
         self.sampling_rows = StaticRowsCache()   # the parameter-only sampling tensors of the last batch
+        self._deferred: _QueuedStep | None = None   # a step whose sampler waits for its grammar bitmask
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -294,11 +312,17 @@ class ModelRunner:
         return self.queue(plan).result()
 
     @torch.inference_mode()
-    def queue(self, plan: StepPlan, want_result: bool = True) -> StepFuture:
+    def queue(self, plan: StepPlan, want_result: bool = True) -> StepFuture | None:
         """Enqueue one step's forward pass and sampling; the host reads the results later.
 
         ``want_result=False`` (tensor-parallel ranks other than the output rank) runs the same
-        collectives and keeps the sampled ids on the device, but copies nothing back."""
+        collectives and keeps the sampled ids on the device, but copies nothing back. With
+        ``plan.grammar_pending`` only the forward pass and the logits are queued and None is returned:
+        the sampler waits for the step's ``GrammarBitmask`` (``sample``), which the engine fills while
+        the device runs this forward pass."""
+        if self._deferred is not None:
+            raise RuntimeError(f"Step {plan.step_id} arrived before the grammar bitmask of step "
+                               f"{self._deferred.step_id}.")
         if len(self.requests) == len(plan.finished_ids):    # every earlier request has ended
             self.sampling_rows.clear()
         reqs, counts = apply_plan(self.requests, plan, self.block_tables), plan.num_scheduled
@@ -329,23 +353,52 @@ class ModelRunner:
         self.inputs.end_step()
         if not self.last_stage:   # hand this stage's output to the next one; nothing to sample here
             pp_send_tensors(hidden.to_dict())
-            return StepFuture(len(reqs), [], [], None, [None] * len(reqs))
+            hidden = None
 
-        out = None
+        logits = None
         if rows:
             if self.lora_manager is not None:
                 self.lora_manager.set_logit_rows([r.lora_int_id for r in rows])
             logits = self.model.compute_logits(hidden if last is None else hidden[last])
-            out = self.sampler(logits, md)
+        step = _QueuedStep(plan.step_id, reqs, counts, host.starts, hidden, logits, md, sample_idx, rows, want_result)
+        if plan.grammar_pending:
+            self._deferred = step
+            return None
+        return self._sample(step, plan.grammar_bitmask)
+
+    @torch.inference_mode()
+    def sample(self, mask: GrammarBitmask) -> StepFuture:
+        """Sample the step queued with ``grammar_pending``, its logits masked by ``mask``."""
+        step = self._deferred
+        if step is None or step.step_id != mask.step_id:
+            raise RuntimeError(f"A grammar bitmask for step {mask.step_id} arrived, but the step waiting for one "
+                               f"is {None if step is None else step.step_id}.")
+        self._deferred = None
+        return self._sample(step, mask.bitmask)
+
+    def _sample(self, step: _QueuedStep, bitmask: np.ndarray | None) -> StepFuture:
+        """The sampler over the step's logits (grammar rows masked), then the host copies of its results."""
+        reqs, rows = step.reqs, step.rows
+        if not self.last_stage:
+            return StepFuture(len(reqs), [], [], None, [None] * len(reqs))
+        out = None
+        if rows:
+            md = step.md
+            if bitmask is not None:
+                if len(step.sample_idx) != len(reqs):
+                    bitmask = bitmask[step.sample_idx]
+                md.grammar_bitmask = to_device(np.ascontiguousarray(bitmask, dtype=np.int32), torch.int32,
+                                               self.device)
+            out = self.sampler(step.logits, md)
         row_ids = [r.request_id for r in rows]
         if out is not None:
             # The state takes the sampled ids while they are still on the device (no wait).
             self.sampling_state.update(row_ids, out.token_ids)
         self._prev_tokens = None if out is None else out.token_ids
         self._prev_rows = dict(zip(row_ids, range(len(row_ids))))
-        prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts, want_result)
+        prompt_lps = self._prompt_logprobs(reqs, step.counts, step.hidden, step.starts, step.want_result)
         num_top = [r.params.logprobs or 0 for r in rows] if out is not None and out.logprobs is not None else []
-        return StepFuture(len(reqs), sample_idx, num_top, out if want_result else None, prompt_lps)
+        return StepFuture(len(reqs), step.sample_idx, num_top, out if step.want_result else None, prompt_lps)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | IntermediateTensors:
         """The model on this rank's stage: after the first stage its input is the previous stage's
@@ -367,9 +420,8 @@ class ModelRunner:
             self.sampling_state.remove(rid, finished=True)
         if not rows:
             return None
-        bitmask = None if plan.grammar_bitmask is None else plan.grammar_bitmask[sample_idx]
-        return build_sampling_metadata(rows, self.vocab_size, self.device, self.sampling_state, bitmask,
-                                       self.sampling_rows)
+        return build_sampling_metadata(rows, self.vocab_size, self.device, self.sampling_state,
+                                       cache=self.sampling_rows)
 
     def _prompt_logprobs(self, reqs: list[RequestState], counts: list[int], hidden: torch.Tensor,
                          starts: list[int], want_result: bool = True) -> list[list[PositionLogprobs] | None]:

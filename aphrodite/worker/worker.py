@@ -26,7 +26,7 @@ from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.model_runner import ModelRunner
 from aphrodite.worker.profiler import ProfileSummary, RankProfiler
 from aphrodite.worker.step_future import StepFuture
-from aphrodite.worker.step_plan import StepPlan
+from aphrodite.worker.step_plan import GrammarBitmask, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,14 @@ class Worker:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks)
 
-    def execute(self, plan: StepPlan) -> StepFuture:
-        """Queue one step; only the output rank's future carries results worth reading."""
+    def execute(self, plan: StepPlan) -> StepFuture | None:
+        """Queue one step; only the output rank's future carries results worth reading. None for a step
+        with ``grammar_pending``: its future comes from ``sample``."""
         return self.runner.queue(plan, want_result=self.is_output_rank)
+
+    def sample(self, mask: GrammarBitmask) -> StepFuture:
+        """Sample the step that waited for its grammar bitmask."""
+        return self.runner.sample(mask)
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
         """Load an adapter into this rank's slots' host cache; ``ValueError`` if it cannot be served."""
