@@ -478,6 +478,8 @@ class LLMEngine:
         ``_absorb``. With ``finished_only`` only the requests that ended can complete a user request, so
         only their parents are looked at."""
         sampled, logprobs = result.sampled, result.logprobs
+        if self._structured is not None:
+            self._accept_tokens(sched, sampled)
         prompt_lps = result.prompt_logprobs if any(result.prompt_logprobs) else None
         max_len = self.config.scheduler.max_model_len
         parents = self.parents
@@ -523,6 +525,19 @@ class LLMEngine:
                     self.requests.pop(c.request_id, None)
         return outputs
 
+    def _accept_tokens(self, sched: SchedulerOutput, sampled: list[int | None]) -> None:
+        """Advance the grammars of the step's constrained requests with their new tokens, all at once (in
+        parallel for a large batch) before ``_absorb`` looks at each request's result."""
+        states, tokens = [], []
+        for req, token in zip(sched.requests, sampled):
+            grammar = req.grammar
+            if grammar is not None and token is not None and req.status not in _FINISHED \
+                    and grammar.num_accepted == req.num_output_tokens:
+                states.append(grammar)
+                tokens.append(token)
+        if states:
+            self.structured_output.accept_many(states, tokens)
+
     def _finish_many(self, ended: list[tuple[Request, RequestStatus]]) -> None:
         """``_finish`` for each (request, status), in order."""
         self.scheduler.finish_many(ended)
@@ -545,10 +560,13 @@ class LLMEngine:
             if req.logprobs is not None:
                 req.logprobs.append(self._logprob_dict(entry))
         status = check_stop_token(req, token, self.config.scheduler.max_model_len)
-        if req.grammar is not None:
-            if req.grammar.num_accepted < req.num_output_tokens and not req.grammar.accept(token):
+        grammar = req.grammar
+        if grammar is not None:
+            if grammar.num_accepted < req.num_output_tokens:    # not accepted ahead by ``_accept_tokens``
+                grammar.accept(token)
+            if grammar.failed:
                 status = RequestStatus.FINISHED_ABORTED
-            elif status is None and req.grammar.terminated:
+            elif status is None and grammar.terminated:
                 status = RequestStatus.FINISHED_STOPPED     # the grammar is complete
         if req.detokenizer is not None:
             if status != RequestStatus.FINISHED_STOPPED or req.params.include_stop_str_in_output:

@@ -51,7 +51,13 @@ class StructuredOutputManager:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="aphrodite-grammar")
         # Fills many rows' bitmasks in one call on xgrammar's own threads (the GIL released): the fill sits
         # on the engine loop's critical path, where one Python call per row cost the GPU most of its steps.
-        self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, os.cpu_count() or 1)))
+        threads = max(1, min(8, os.cpu_count() or 1))
+        self._batch = xgr.BatchGrammarMatcher(max_threads=threads)
+        # Accepting a step's tokens costs ~25 us per matcher (more than filling its mask) and xgrammar's
+        # calls release the GIL, so a large batch's tokens are accepted in chunks on these threads.
+        self._accept_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aphrodite-grammar-accept") \
+            if threads > 1 else None
+        self._threads = threads
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self._cache_size = cache_size
@@ -111,8 +117,33 @@ class StructuredOutputManager:
         self._batch.batch_fill_next_token_bitmask([s.matcher for s in states], torch.from_numpy(bitmask),
                                                   indices=rows)
 
+    def accept_many(self, states: list[GrammarState], tokens: list[int]) -> None:
+        """``states[i].accept(tokens[i])`` for every i (each state's ``failed`` tells a rejected token),
+        in parallel chunks when the batch is large."""
+        chunks = min(self._threads, len(states) // _ACCEPT_CHUNK)
+        if chunks <= 1 or self._accept_pool is None:
+            for state, token in zip(states, tokens):
+                state.accept(token)
+            return
+        size = -(-len(states) // chunks)
+        futures = [self._accept_pool.submit(_accept_chunk, states[i:i + size], tokens[i:i + size])
+                   for i in range(size, len(states), size)]
+        _accept_chunk(states[:size], tokens[:size])
+        for fut in futures:
+            fut.result()
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._accept_pool is not None:
+            self._accept_pool.shutdown(wait=False, cancel_futures=True)
+
+
+_ACCEPT_CHUNK = 32      # matchers per thread at least: below that a thread hand-off costs more than it saves
+
+
+def _accept_chunk(states: list[GrammarState], tokens: list[int]) -> None:
+    for state, token in zip(states, tokens):
+        state.accept(token)
 
 
 class GrammarState:

@@ -195,3 +195,35 @@ def test_tp2_mp_async_matches_one_rank(llm: LLM, tiny_model_with_tokenizer: str)
     assert spy.pending > 10 and spy.masks == spy.pending
     # Bounded grammars finish even on a random model.
     assert sum(o.outputs[0].finish_reason == "stop" for o in got) >= 6
+
+
+def test_accept_many_in_parallel_matches_one_by_one(llm: LLM) -> None:
+    """A large batch's tokens are accepted in chunks on threads: same matcher states as accepting them one by
+    one (allowed tokens advance, a rejected one marks its state failed)."""
+    import numpy as np
+    manager = llm.llm_engine.structured_output
+    compiled = manager.compile(SO(regex=PHONE))
+    n = 96
+    parallel = [manager.matcher(compiled) for _ in range(n)]
+    serial = [manager.matcher(compiled) for _ in range(n)]
+    rng = random.Random(0)
+    for step in range(6):
+        mask = manager.new_bitmask(n)
+        manager.fill_many(mask, list(range(n)), serial)
+        tokens = []
+        for i in range(n):
+            bits = np.unpackbits(mask[i].view(np.uint8), bitorder="little")[:manager.vocab_size]
+            pool = np.flatnonzero(bits if i % 17 != step else 1 - bits)   # a few rejected tokens
+            tokens.append(int(pool[rng.randrange(len(pool))]))
+        live = [i for i in range(n) if not serial[i].failed]
+        manager.accept_many([parallel[i] for i in live], [tokens[i] for i in live])
+        for i in live:
+            serial[i].accept(tokens[i])
+    assert sum(s.failed for s in serial) >= 5
+    assert [s.failed for s in parallel] == [s.failed for s in serial]
+    assert [s.num_accepted for s in parallel] == [s.num_accepted for s in serial]
+    live = [i for i in range(n) if not serial[i].failed and not serial[i].terminated]
+    a, b = manager.new_bitmask(n), manager.new_bitmask(n)
+    manager.fill_many(a, live, [parallel[i] for i in live])
+    manager.fill_many(b, live, [serial[i] for i in live])
+    assert np.array_equal(a, b)
