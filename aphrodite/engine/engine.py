@@ -186,16 +186,14 @@ class LLMEngine:
     def _grammar_bitmask(self, sched: SchedulerOutput, rows: list[int]) -> np.ndarray | None:
         """The token bitmask of ``sched`` from its constrained rows' grammars, which must have accepted every
         token sampled before this step. Rows of requests that ended meanwhile (their token of this step is
-        dropped) and of grammars that are complete or failed stay all ones; None when no row is left."""
+        dropped) and of grammars that are complete or failed stay all ones; None when no row is left. The
+        array is the manager's reused buffer: sending the step copies it."""
         reqs = sched.requests
         rows = [i for i in rows if not reqs[i].is_finished and not reqs[i].grammar.failed
                 and not reqs[i].grammar.terminated]
         if not rows:
             return None
-        manager = self.structured_output
-        bitmask = manager.new_bitmask(len(reqs))
-        manager.fill_many(bitmask, rows, [reqs[i].grammar for i in rows])
-        return bitmask
+        return self.structured_output.batch_bitmask(len(reqs), rows, [reqs[i].grammar for i in rows])
 
     # ---- requests ---------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
