@@ -170,6 +170,23 @@ def test_abort_of_a_constrained_request_mid_flight(llm: LLM) -> None:
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
 
 
+def test_preemption_mid_flight_matches_plain(tiny_model_with_tokenizer: str) -> None:
+    """A KV cache too small for the batch: constrained requests are preempted (recomputed) while a step that
+    samples for them is in flight; their grammars keep every accepted token, so the outputs stay exact."""
+    small = dict(ENGINE, num_gpu_blocks_override=9, max_num_batched_tokens=64)
+    params = mixed_params(40, greedy=False)
+    outs, preemptions = [], []
+    for async_scheduling in (False, True):
+        llm = LLM(tiny_model_with_tokenizer, async_scheduling=async_scheduling, **small)
+        try:
+            outs.append(token_lists(llm.generate(PROMPTS, params, use_tqdm=False)))
+            preemptions.append(llm.llm_engine.total_preemptions)
+        finally:
+            llm.llm_engine.shutdown()
+    assert preemptions[0] > 0 and preemptions[1] > 0
+    assert outs[1] == outs[0]
+
+
 def test_tp2_mp_async_matches_one_rank(llm: LLM, tiny_model_with_tokenizer: str) -> None:
     """Every rank samples (each needs the sampled ids for the next step's inputs), so every rank gets the
     bitmask message and applies it: the same tokens as one plain in-process rank."""
