@@ -3,6 +3,10 @@
 With async scheduling (``EngineConfig.async_scheduling``) each ``step()`` schedules and
 queues step N+1 before it reads step N's sampled tokens, so the host's scheduling and input
 building overlap the device's work; the outputs a call returns are those of the step before.
+A structured-output request's token bitmask needs the token still in flight, so such a step is
+sent with ``grammar_pending``: the device runs its forward pass while the engine absorbs step N,
+advances the grammars and fills the mask, which follows as a ``GrammarBitmask`` that only the
+step's sampler waits for (vLLM's deferred structured-output sampling).
 """
 from __future__ import annotations
 
