@@ -387,8 +387,8 @@ class ModelRunner:
             if bitmask is not None:
                 if len(step.sample_idx) != len(reqs):
                     bitmask = bitmask[step.sample_idx]
-                md.grammar_bitmask = to_device(np.ascontiguousarray(bitmask, dtype=np.int32), torch.int32,
-                                               self.device)
+                # Writable: Ray hands over a read-only view of its object store, which torch warns about.
+                md.grammar_bitmask = to_device(np.require(bitmask, np.int32, ["C", "W"]), torch.int32, self.device)
             out = self.sampler(step.logits, md)
         row_ids = [r.request_id for r in rows]
         if out is not None:
