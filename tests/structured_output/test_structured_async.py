@@ -173,8 +173,8 @@ def test_abort_of_a_constrained_request_mid_flight(llm: LLM) -> None:
 def test_preemption_mid_flight_matches_plain(tiny_model_with_tokenizer: str) -> None:
     """A KV cache too small for the batch: constrained requests are preempted (recomputed) while a step that
     samples for them is in flight; their grammars keep every accepted token, so the outputs stay exact."""
-    small = dict(ENGINE, num_gpu_blocks_override=9, max_num_batched_tokens=64)
-    params = mixed_params(40, greedy=False)
+    small = dict(ENGINE, num_gpu_blocks_override=8, max_num_batched_tokens=64)
+    params = mixed_params(28, greedy=False)
     outs, preemptions = [], []
     for async_scheduling in (False, True):
         llm = LLM(tiny_model_with_tokenizer, async_scheduling=async_scheduling, **small)
