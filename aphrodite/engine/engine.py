@@ -492,7 +492,7 @@ class LLMEngine:
             if req.status in _FINISHED:
                 continue
             token = sampled[i]
-            if token is None or logprobs[i] is not None or req.grammar is not None or req.detokenizer is not None \
+            if token is None or logprobs[i] is not None or req.detokenizer is not None \
                     or (prompt_lps is not None and prompt_lps[i]):
                 status = self._absorb(req, result, i)
                 generated += token is not None
@@ -504,6 +504,8 @@ class LLMEngine:
                     req.num_pending_tokens -= 1
                 generated += 1
                 status = check_stop_token(req, token, max_len)
+                if req.grammar is not None:     # its token was accepted by ``_accept_tokens``
+                    status = self._grammar_status(req, token, status)
             if status is not None:
                 ended.append((req, status))
             elif finished_only:
@@ -540,6 +542,19 @@ class LLMEngine:
         if states:
             self.structured_output.accept_many(states, tokens)
 
+    @staticmethod
+    def _grammar_status(req: Request, token: int, status: RequestStatus | None) -> RequestStatus | None:
+        """A constrained request's status after its new token: aborted when the grammar rejected it, stopped
+        when it completed the grammar (else ``status``, from the stop checks)."""
+        grammar = req.grammar
+        if grammar.num_accepted < req.num_output_tokens:    # not accepted ahead by ``_accept_tokens``
+            grammar.accept(token)
+        if grammar.failed:
+            return RequestStatus.FINISHED_ABORTED
+        if status is None and grammar.terminated:
+            return RequestStatus.FINISHED_STOPPED     # the grammar is complete
+        return status
+
     def _finish_many(self, ended: list[tuple[Request, RequestStatus]]) -> None:
         """``_finish`` for each (request, status), in order."""
         self.scheduler.finish_many(ended)
@@ -562,14 +577,8 @@ class LLMEngine:
             if req.logprobs is not None:
                 req.logprobs.append(self._logprob_dict(entry))
         status = check_stop_token(req, token, self.config.scheduler.max_model_len)
-        grammar = req.grammar
-        if grammar is not None:
-            if grammar.num_accepted < req.num_output_tokens:    # not accepted ahead by ``_accept_tokens``
-                grammar.accept(token)
-            if grammar.failed:
-                status = RequestStatus.FINISHED_ABORTED
-            elif status is None and grammar.terminated:
-                status = RequestStatus.FINISHED_STOPPED     # the grammar is complete
+        if req.grammar is not None:
+            status = self._grammar_status(req, token, status)
         if req.detokenizer is not None:
             if status != RequestStatus.FINISHED_STOPPED or req.params.include_stop_str_in_output:
                 status = self._append_text(req, req.detokenizer.step([token]), status)

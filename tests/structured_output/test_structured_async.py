@@ -35,7 +35,9 @@ def mixed_params(max_tokens: int, greedy: bool) -> list[SamplingParams]:
         so = None if kind == "free" else SO(**{kind: value}, **({"disable_any_whitespace": True}
                                                                  if kind.startswith("json") else {}))
         sampling = dict(temperature=0.0) if greedy else dict(temperature=0.9, seed=100 + i, min_p=0.02 * (i % 2))
-        params.append(SamplingParams(max_tokens=max_tokens, structured_outputs=so, **sampling))
+        # Without detokenizing a request takes the engine's short path for plain token results.
+        params.append(SamplingParams(max_tokens=max_tokens, structured_outputs=so, detokenize=i % 3 != 0,
+                                     **sampling))
     return params
 
 
@@ -131,7 +133,8 @@ def test_complete_grammar_stops_at_its_last_token(llm: LLM) -> None:
     sampling for them; that token must not be emitted."""
     import xgrammar as xgr
     so = [SO(choice=CHOICES), SO(grammar=GRAMMAR), SO(regex=PHONE)]
-    params = [SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, structured_outputs=s) for s in so]
+    params = [SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, structured_outputs=s,
+                             detokenize=k == 0) for k, s in enumerate(so)]
     prompts = ["Sentiment of 'great':", "Is water wet?", "Call me at"]
     plain, overlapped, _ = run_both(llm, prompts, params)
     assert token_lists(overlapped) == token_lists(plain)
