@@ -137,8 +137,12 @@ class LLMEngine:
                 if self._structured is None:
                     from aphrodite.structured_output import StructuredOutputManager
                     # A private tokenizer copy: the engine thread keeps using its own concurrently.
+                    # An in-process GPU worker copies the masks to the device straight from pinned buffers.
+                    in_process_gpu = self.config.device.type == "cuda" and \
+                        self.config.parallel.distributed_executor_backend == "uni"
                     self._structured = StructuredOutputManager(
-                        copy.deepcopy(self.tokenizer), self.config.model.hf_config.vocab_size, self.eos_token_ids)
+                        copy.deepcopy(self.tokenizer), self.config.model.hf_config.vocab_size, self.eos_token_ids,
+                        pin_memory=in_process_gpu)
         return self._structured
 
     def compile_structured_outputs(self, params: Iterable[SamplingParams]) -> None:

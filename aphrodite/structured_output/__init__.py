@@ -40,7 +40,7 @@ class StructuredOutputManager:
     """Compiles constraints (cached per key, off the caller's thread) and makes per-request matchers."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...] = (),
-                 max_workers: int = 2, cache_size: int = 256) -> None:
+                 max_workers: int = 2, cache_size: int = 256, pin_memory: bool = False) -> None:
         import xgrammar as xgr
         self._xgr = xgr
         self.vocab_size = vocab_size
@@ -61,7 +61,12 @@ class StructuredOutputManager:
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self._cache_size = cache_size
-        self._buffer: np.ndarray | None = None      # ``batch_bitmask`` 's rows
+        # ``batch_bitmask`` 's two alternating buffers; pinned when the worker is in this process with a GPU,
+        # so the mask is copied to the device from where it is filled.
+        self._buffers: list[np.ndarray | None] = [None, None]
+        self._pinned: list[Any] = [None, None]      # the torch tensors that own pinned buffers
+        self._which = 0
+        self._pin_memory = pin_memory
 
     def submit(self, so: StructuredOutputsParams) -> Future:
         """The compiled grammar of ``so`` as a future; compiled in the pool unless already cached.
@@ -110,12 +115,21 @@ class StructuredOutputManager:
 
     def batch_bitmask(self, num_rows: int, rows: list[int], states: list[GrammarState]) -> np.ndarray:
         """A step's [num_rows, width] bitmask: row ``rows[i]`` from ``states[i]``, every other row all ones.
-        Written into one reused buffer (a 128k vocabulary's mask is 4 MiB per 256 rows): valid until the next
-        call, so the caller hands it on (the executors copy or pickle it when a step is sent) before then."""
-        buf = self._buffer
+        Written into one of two reused buffers (a 128k vocabulary's mask is 4 MiB per 256 rows), alternately:
+        valid until the call after next. An executor copies or pickles it when the step is sent; an in-process
+        GPU worker copies it to the device asynchronously, done before the engine reads that step's result,
+        which it has always done by its second fill after (async scheduling keeps one step in flight)."""
+        self._which ^= 1
+        buf = self._buffers[self._which]
         if buf is None or buf.shape[0] < num_rows:
-            buf = self._buffer = np.empty((max(num_rows, 2 * (0 if buf is None else buf.shape[0])), self.width),
-                                          dtype=np.int32)
+            shape = (max(num_rows, 2 * (0 if buf is None else buf.shape[0])), self.width)
+            if self._pin_memory:
+                import torch
+                self._pinned[self._which] = torch.empty(shape, dtype=torch.int32, pin_memory=True)
+                buf = self._pinned[self._which].numpy()
+            else:
+                buf = np.empty(shape, dtype=np.int32)
+            self._buffers[self._which] = buf
         bitmask = buf[:num_rows]
         if len(rows) < num_rows:
             keep = np.ones(num_rows, dtype=bool)

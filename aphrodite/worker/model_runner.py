@@ -32,7 +32,7 @@ from aphrodite.modeling.models.pipeline import IntermediateTensors, intermediate
 from aphrodite.worker.cuda_graphs import DecodeGraphs
 from aphrodite.worker.sampling_inputs import SamplingState, StaticRowsCache, build_sampling_metadata, to_device
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
-from aphrodite.worker.step_inputs import StepInputs
+from aphrodite.worker.step_inputs import BitmaskUpload, StepInputs
 from aphrodite.worker.step_plan import BlockTables, GrammarBitmask, RequestState, StepPlan, apply_plan
 
 __all__ = ["HostBatch", "ModelRunner", "ModelRunnerOutput", "PositionLogprobs", "PrevTokens", "StepFuture"]
@@ -141,6 +141,7 @@ class ModelRunner:
         self.sampling_state = SamplingState(self.vocab_size, config.scheduler.max_model_len, self.device)
         self.sampling_rows = StaticRowsCache()   # the parameter-only sampling tensors of the last batch
         self._deferred: _QueuedStep | None = None   # a step whose sampler waits for its grammar bitmask
+        self._upload_bitmask = BitmaskUpload(self.device)
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -387,8 +388,7 @@ class ModelRunner:
             if bitmask is not None:
                 if len(step.sample_idx) != len(reqs):
                     bitmask = bitmask[step.sample_idx]
-                # Writable: Ray hands over a read-only view of its object store, which torch warns about.
-                md.grammar_bitmask = to_device(np.require(bitmask, np.int32, ["C", "W"]), torch.int32, self.device)
+                md.grammar_bitmask = self._upload_bitmask(bitmask)
             out = self.sampler(step.logits, md)
         row_ids = [r.request_id for r in rows]
         if out is not None:

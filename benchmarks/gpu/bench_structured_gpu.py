@@ -71,7 +71,8 @@ HOST: dict[str, float] = {}      # host seconds per engine piece during the time
 
 def time_host(engine) -> None:
     """Wrap the engine's per-step pieces in wall-clock timers (added to ``HOST``): where the host's time
-    goes. ``wait+absorb`` includes waiting for the device; ``fill`` is the grammar bitmask."""
+    goes. ``wait+absorb`` includes waiting for the device; ``fill`` is the grammar bitmask; ``sampler`` and
+    ``mask upload`` (the worker's, in process) are inside ``queue forward`` or ``queue sampler``."""
     def wrap(owner, attr: str, label: str) -> None:
         fn = getattr(owner, attr)
 
@@ -91,6 +92,10 @@ def time_host(engine) -> None:
     wrap(engine, "_process_oldest", "wait+absorb")
     wrap(engine, "_grammar_bitmask", "fill")
     wrap(engine.executor, "sample_async", "queue sampler")
+    runner = getattr(engine.executor, "runner", None)      # in process: the worker's pieces too
+    if runner is not None:
+        wrap(runner, "sampler", "sampler")
+        wrap(runner, "_upload_bitmask", "mask upload")
 
 
 def run(llm, prompts: list[list[int]], params) -> tuple[float, list, dict[str, float]]:
@@ -159,7 +164,8 @@ def main() -> None:
     print(f"{'run':<26}{'seconds':>9}{'output tok':>12}{'output tok/s':>14}")
     for name, secs, n_out, _, _ in rows:
         print(f"{name:<26}{secs:>9.1f}{n_out:>12}{n_out / secs:>14.1f}")
-    labels = [k for k in ("step", "schedule", "plan", "queue forward", "wait+absorb", "fill", "queue sampler")
+    labels = [k for k in ("step", "schedule", "plan", "queue forward", "wait+absorb", "fill", "queue sampler",
+                          "sampler", "mask upload")
               if k in hosts[0] or k in hosts[1]]
     print("host ms per engine step (wait+absorb includes the wait for the device)")
     print(f"{'':<26}" + "".join(f"{k:>14}" for k in labels))

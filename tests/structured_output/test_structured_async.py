@@ -247,6 +247,8 @@ def test_accept_many_in_parallel_matches_one_by_one(llm: LLM) -> None:
     manager.fill_many(a, live, [parallel[i] for i in live])
     manager.fill_many(b, live, [serial[i] for i in live])
     assert np.array_equal(a, b)
-    # The reused step buffer: rows not filled this time are all ones again, whatever the last step left there.
-    manager.batch_bitmask(n, list(range(n)), [manager.matcher(compiled) for _ in range(n)])
+    # The reused step buffers (two, alternating): rows not filled this time are all ones again, whatever an
+    # earlier step left there.
+    for _ in range(2):
+        manager.batch_bitmask(n, list(range(n)), [manager.matcher(compiled) for _ in range(n)])
     assert np.array_equal(manager.batch_bitmask(n, live, [parallel[i] for i in live]), a)
