@@ -20,10 +20,10 @@ def test_recorded_specialization_compiles_in_a_child_into_the_shared_cache(tmp_p
     target = ("cuda", 90, 32)
     jit_fn = JITFunction(_rms_norm_kernel)
     names = jit_fn.arg_names
-    signature = {n: t for n, t in zip(names, ["*bf16"] * 5 + ["i32", "fp32"] + ["i32"] * 4
-                                      + ["constexpr"] * 3)}
+    signature = {n: t for n, t in zip(names, ["*bf16"] * 6 + ["i32", "fp32", "fp32"] + ["i32"] * 4
+                                      + ["constexpr"] * 4)}
     constants = {(names.index("BLOCK"),): 4096, (names.index("HAS_RESIDUAL"),): True,
-                 (names.index("GEMMA"),): False}
+                 (names.index("GEMMA"),): False, (names.index("PRE_NORM"),): False}
     options = make_backend(GPUTarget(*target)).parse_options({"num_warps": 8})
     data = serialize_specialization_data(f"{_rms_norm_kernel.__module__}.{_rms_norm_kernel.__qualname__}",
                                          signature, constants, {}, options, "key")
