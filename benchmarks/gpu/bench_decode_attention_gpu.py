@@ -1,0 +1,125 @@
+"""Batch-1 decode attention per layer at Gemma-2-9B's shape (8 KV heads x 2, head_dim 256, soft cap 50) next
+to Llama-3.1-8B's (8 KV heads x 4, head_dim 128), for several decode tile configs, on one H200.
+
+What a latency-1 step (128 prompt tokens, 256 decoded) launches per layer: the one-launch decode (rotate q/k,
+append k/v, attend) over contexts 129..384, with the split-KV factor a batch-1 graph captures for the shape's
+max_model_len and the in-kernel merge. Each row replays one CUDA graph of one launch per layer, every layer
+with its own KV cache (so the cache is not hot in L2, as in a real step), and reports microseconds per launch;
+``mean`` averages the contexts a latency-1 run meets. Every config is checked against ``paged_attention_ref``.
+
+    python3 benchmarks/gpu/bench_decode_attention_gpu.py      # about a minute
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from aphrodite.kernels import paged_attention as pa  # noqa: E402
+from aphrodite.kernels.rotary import build_cos_sin_cache  # noqa: E402
+
+PAGE = 16
+DEVICE = torch.device("cuda")
+CONTEXTS = (129, 192, 256, 320, 384, 1024)
+SHAPES = {   # name: (kv heads, group, head_dim, soft cap, max_model_len, layers)
+    "llama-3.1-8b": (8, 4, 128, None, 131072, 32),
+    "gemma-2-9b": (8, 2, 256, 50.0, 8192, 42),
+}
+# Per shape: (BLOCK_N, num_warps, num_stages) to try, None = the shipped default (_decode_tiles); solo_tiles to
+# try, None = the default (0: always split, 12: up to 12 tiles in one program).
+CONFIGS = {"llama-3.1-8b": ((None,), (None,)),
+           "gemma-2-9b": ((None, (64, 4, 2), (64, 8, 2), (32, 8, 2), (128, 8, 2)), (None, 0, 3, 12))}
+
+
+def case(hkv: int, g: int, d: int, ctx: int, layers: int, gen: torch.Generator) -> dict:
+    blocks = -(-1024 // PAGE) + 1
+    dev, dt = DEVICE, torch.bfloat16
+    caches = [(torch.randn(blocks, PAGE, hkv, d, generator=gen).to(dt).to(dev),
+               torch.randn(blocks, PAGE, hkv, d, generator=gen).to(dt).to(dev)) for _ in range(layers)]
+    table = torch.arange(blocks, dtype=torch.int32, device=dev)[None]
+    return dict(
+        caches=caches, table=table,
+        q=torch.randn(1, hkv * g, d, generator=gen).to(dt).to(dev),
+        k=torch.randn(1, hkv, d, generator=gen).to(dt).to(dev), v=torch.randn(1, hkv, d, generator=gen).to(dt).to(dev),
+        pos=torch.tensor([ctx - 1], device=dev), slots=torch.tensor([ctx - 1], device=dev),
+        qsl=torch.tensor([0, 1], dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor([ctx], dtype=torch.int32, device=dev),
+        cs=build_cos_sin_cache(1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=dev) / d),
+                               2048, dt))
+
+
+def run(c: dict, layer: int, out: torch.Tensor, d: int, cap: float | None, max_len: int, solo: int | None,
+        ref: bool = False) -> torch.Tensor:
+    kc, vc = c["caches"][layer]
+    append = pa.DecodeAppend(c["pos"], c["cs"], c["k"], c["v"], c["slots"])
+    fn = pa.paged_attention_ref if ref else pa.paged_attention
+    kw = {} if ref or solo is None else {"solo_tiles": solo}
+    return fn(c["q"], kc, vc, out, c["qsl"], c["seq_lens"], c["table"], d ** -0.5, 1, max_len, num_decodes=1,
+              max_decode_seq_len=max_len, append=append, logits_soft_cap=cap, **kw)
+
+
+def time_layers(c: dict, d: int, cap: float | None, max_len: int, solo: int | None) -> float:
+    """Microseconds per launch: one graph of one launch per layer cache, replayed."""
+    layers = len(c["caches"])
+    out = torch.empty_like(c["q"])
+    for i in range(layers):
+        run(c, i, out, d, cap, max_len, solo)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(layers):
+            run(c, i, out, d, cap, max_len, solo)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (10 * layers)
+
+
+def main() -> None:
+    default_tiles = pa._decode_tiles
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, (hkv, g, d, cap, max_len, layers) in SHAPES.items():
+        cases = {ctx: case(hkv, g, d, ctx, layers, gen) for ctx in CONTEXTS}
+        splits = pa.choose_num_splits(1, hkv, max_len, torch.device("cuda"))
+        configs, solos = CONFIGS[name]
+        for cfg in configs:
+            if cfg is None:
+                pa._decode_tiles = default_tiles
+            else:
+                pa._decode_tiles = lambda g_, d_pad, cfg=cfg: (max(16, 1 << max(0, g_ - 1).bit_length()), *cfg)
+            label = "default " + "/".join(map(str, default_tiles(g, d)[1:])) if cfg is None else "/".join(map(str, cfg))
+            for solo in solos:
+                try:
+                    c = cases[384]   # correctness at the longest latency-1 context (split or not)
+                    out = run(c, 0, torch.empty_like(c["q"]), d, cap, max_len, solo)
+                    kc, vc = c["caches"][0]
+                    ref = run({**c, "caches": [(kc.clone(), vc.clone())]}, 0, torch.empty_like(c["q"]), d, cap,
+                              max_len, solo, ref=True)
+                    err = (out.float() - ref.float()).abs().max().item()
+                    us = {ctx: time_layers(cases[ctx], d, cap, max_len, solo) for ctx in CONTEXTS}
+                except Exception as e:   # a config that does not compile (registers, shared memory)
+                    print(f"{name} {label} solo={solo}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                lat1 = sum(us[x] for x in CONTEXTS if x <= 384) / sum(1 for x in CONTEXTS if x <= 384)
+                rows.append((name, label, solo, splits, err, us, lat1))
+                print(f"{name} {label} solo={solo}: " + " ".join(f"{x}:{v:.1f}" for x, v in us.items()), flush=True)
+        pa._decode_tiles = default_tiles
+    print("\n== decode attention, us per layer launch (batch 1, graph-captured split factor) ==")
+    print("| shape | BLOCK_N/warps/stages | solo_tiles | splits | max err | " + " | ".join(f"ctx {x}" for x in CONTEXTS)
+          + " | mean ctx<=384 |")
+    for name, label, solo, splits, err, us, lat1 in rows:
+        print(f"| {name} | {label} | {'default' if solo is None else solo} | {splits} | {err:.1e} | "
+              + " | ".join(f"{us[x]:.1f}" for x in CONTEXTS) + f" | {lat1:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
