@@ -27,22 +27,24 @@ SHAPES = {   # name: (kv heads, group, head_dim, soft cap, max_model_len, layers
     "llama-3.1-8b": (8, 4, 128, None, 131072, 32),
     "gemma-2-9b": (8, 2, 256, 50.0, 8192, 42),
 }
-# Per shape: (BLOCK_N, num_warps, num_stages) to try, None = the shipped default (_decode_tiles); solo_tiles to
-# try, None = the default (0: always split, 12: up to 12 tiles in one program).
-CONFIGS = {"llama-3.1-8b": ((None,), (None,)),
-           "gemma-2-9b": ((None, (64, 4, 2), (64, 8, 2), (32, 8, 2), (128, 8, 2)), (None, 0, 3, 12))}
+# Per shape: ((BLOCK_N, num_warps, num_stages), solo_tiles) pairs to try; None = the shipped default
+# (``_decode_tiles``, ``DECODE_SOLO_TILES``); solo_tiles 0 always splits, 12 keeps 384 tokens in one program.
+_TILES = ((64, 4, 2), (64, 8, 2), (32, 8, 2), (32, 4, 3), (32, 4, 4), (64, 8, 3), (64, 4, 3), (128, 8, 2))
+CONFIGS = {"llama-3.1-8b": ((None, None), ((64, 4, 3), None), ((64, 4, 3), 12)),
+           "gemma-2-9b": ((None, None), (None, 0), (None, 3), (None, 12),
+                          *((t, solo) for t in _TILES for solo in (None, 12)))}
 
 
-def case(hkv: int, g: int, d: int, ctx: int, layers: int, gen: torch.Generator) -> dict:
+def case(hkv: int, g: int, d: int, ctx: int, layers: int) -> dict:
     blocks = -(-1024 // PAGE) + 1
     dev, dt = DEVICE, torch.bfloat16
-    caches = [(torch.randn(blocks, PAGE, hkv, d, generator=gen).to(dt).to(dev),
-               torch.randn(blocks, PAGE, hkv, d, generator=gen).to(dt).to(dev)) for _ in range(layers)]
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=dev, dtype=dt)
+    caches = [(randn(blocks, PAGE, hkv, d), randn(blocks, PAGE, hkv, d)) for _ in range(layers)]
     table = torch.arange(blocks, dtype=torch.int32, device=dev)[None]
     return dict(
-        caches=caches, table=table,
-        q=torch.randn(1, hkv * g, d, generator=gen).to(dt).to(dev),
-        k=torch.randn(1, hkv, d, generator=gen).to(dt).to(dev), v=torch.randn(1, hkv, d, generator=gen).to(dt).to(dev),
+        caches=caches, table=table, q=randn(1, hkv * g, d), k=randn(1, hkv, d), v=randn(1, hkv, d),
         pos=torch.tensor([ctx - 1], device=dev), slots=torch.tensor([ctx - 1], device=dev),
         qsl=torch.tensor([0, 1], dtype=torch.int32, device=dev),
         seq_lens=torch.tensor([ctx], dtype=torch.int32, device=dev),
@@ -85,33 +87,31 @@ def time_layers(c: dict, d: int, cap: float | None, max_len: int, solo: int | No
 
 def main() -> None:
     default_tiles = pa._decode_tiles
-    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     rows = []
     for name, (hkv, g, d, cap, max_len, layers) in SHAPES.items():
-        cases = {ctx: case(hkv, g, d, ctx, layers, gen) for ctx in CONTEXTS}
+        cases = {ctx: case(hkv, g, d, ctx, layers) for ctx in CONTEXTS}
         splits = pa.choose_num_splits(1, hkv, max_len, torch.device("cuda"))
-        configs, solos = CONFIGS[name]
-        for cfg in configs:
+        for cfg, solo in CONFIGS[name]:
             if cfg is None:
                 pa._decode_tiles = default_tiles
             else:
                 pa._decode_tiles = lambda g_, d_pad, cfg=cfg: (max(16, 1 << max(0, g_ - 1).bit_length()), *cfg)
             label = "default " + "/".join(map(str, default_tiles(g, d)[1:])) if cfg is None else "/".join(map(str, cfg))
-            for solo in solos:
-                try:
-                    c = cases[384]   # correctness at the longest latency-1 context (split or not)
-                    out = run(c, 0, torch.empty_like(c["q"]), d, cap, max_len, solo)
-                    kc, vc = c["caches"][0]
-                    ref = run({**c, "caches": [(kc.clone(), vc.clone())]}, 0, torch.empty_like(c["q"]), d, cap,
-                              max_len, solo, ref=True)
-                    err = (out.float() - ref.float()).abs().max().item()
-                    us = {ctx: time_layers(cases[ctx], d, cap, max_len, solo) for ctx in CONTEXTS}
-                except Exception as e:   # a config that does not compile (registers, shared memory)
-                    print(f"{name} {label} solo={solo}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                lat1 = sum(us[x] for x in CONTEXTS if x <= 384) / sum(1 for x in CONTEXTS if x <= 384)
-                rows.append((name, label, solo, splits, err, us, lat1))
-                print(f"{name} {label} solo={solo}: " + " ".join(f"{x}:{v:.1f}" for x, v in us.items()), flush=True)
+            try:
+                c = cases[384]   # correctness at the longest latency-1 context (split or not)
+                out = run(c, 0, torch.empty_like(c["q"]), d, cap, max_len, solo)
+                kc, vc = c["caches"][0]
+                ref = run({**c, "caches": [(kc.clone(), vc.clone())]}, 0, torch.empty_like(c["q"]), d, cap,
+                          max_len, solo, ref=True)
+                err = (out.float() - ref.float()).abs().max().item()
+                us = {ctx: time_layers(cases[ctx], d, cap, max_len, solo) for ctx in CONTEXTS}
+            except Exception as e:   # a config that does not compile (registers, shared memory)
+                print(f"{name} {label} solo={solo}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            lat1 = sum(us[x] for x in CONTEXTS if x <= 384) / sum(1 for x in CONTEXTS if x <= 384)
+            rows.append((name, label, solo, splits, err, us, lat1))
+            print(f"{name} {label} solo={solo}: " + " ".join(f"{x}:{v:.1f}" for x, v in us.items()), flush=True)
         pa._decode_tiles = default_tiles
     print("\n== decode attention, us per layer launch (batch 1, graph-captured split factor) ==")
     print("| shape | BLOCK_N/warps/stages | solo_tiles | splits | max err | " + " | ".join(f"ctx {x}" for x in CONTEXTS)
