@@ -81,3 +81,20 @@ def test_norm_add_norm_bf16_matches_hf_gemma2_modules(device) -> None:
     # (the interpreter's bf16 rounding may differ by an ulp)
     torch.testing.assert_close(res.cpu(), ref_res, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_cap_matches_float64(device, dtype) -> None:
+    """Final logit soft-capping fused into the cast to float32, against tanh in float64: huge logits (no
+    overflow), tiny ones (no cancellation), a strided row view, a vocabulary not a multiple of the block."""
+    from aphrodite.kernels.activation import soft_cap
+    g = torch.Generator().manual_seed(4)
+    vocab = 5000
+    base = torch.randn(3, vocab + 7, generator=g) * 40
+    base[0, :6] = torch.tensor([1e4, -1e4, 3e-6, -2e-3, 0.0, 1.4])
+    x = base.to(dtype)[:, :vocab]
+    out = soft_cap(x.to(device), 30.0)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    ref = torch.tanh(x.double() / 30.0) * 30.0
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=2e-6, atol=1e-6)
+    assert out[0, 0].item() == pytest.approx(30.0) and out[0, 2].item() == pytest.approx(x[0, 2].item(), rel=1e-5)

@@ -266,11 +266,7 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits ``[N, vocab_size]`` for hidden states ``[N, hidden_size]``."""
-        logits = compute_lm_logits(self.lm_head, hidden)
-        if self.final_logit_softcapping:
-            cap = self.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return compute_lm_logits(self.lm_head, hidden, self.final_logit_softcapping)
 
     def _map_name(self, name: str) -> tuple[str, object]:
         """(our parameter name, shard id) of checkpoint tensor ``name``."""
