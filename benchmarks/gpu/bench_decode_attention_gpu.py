@@ -6,11 +6,14 @@ append k/v, attend) over contexts 129..384, with the split-KV factor a batch-1 g
 max_model_len and the in-kernel merge. Each row replays one CUDA graph of one launch per layer, every layer
 with its own KV cache (so the cache is not hot in L2, as in a real step), and reports microseconds per launch;
 ``mean`` averages the contexts a latency-1 run meets. Every config is checked against ``paged_attention_ref``.
+Then prefill attention (16 fresh prompts of 1,024 tokens, as a throughput-prefill step holds) per layer, in
+TFLOP/s, for the default prefill tiles and a few others at head_dim 256.
 
     python3 benchmarks/gpu/bench_decode_attention_gpu.py      # about a minute
 """
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -85,6 +88,62 @@ def time_layers(c: dict, d: int, cap: float | None, max_len: int, solo: int | No
     return start.elapsed_time(end) * 1e3 / (10 * layers)
 
 
+PREFILL_PROMPTS, PREFILL_LEN = 16, 1024
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for head_dim 256 prefill; None = _prefill_tiles' choice
+PREFILL_CONFIGS = {"llama-3.1-8b": (None,),
+                   "gemma-2-9b": (None, (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2))}
+
+
+def prefill_rows() -> list[str]:
+    """Causal prefill of PREFILL_PROMPTS fresh prompts (cache written first, as rope_and_cache does)."""
+    default = pa._prefill_tiles
+    rows = []
+    n, t = PREFILL_PROMPTS, PREFILL_PROMPTS * PREFILL_LEN
+    for name, (hkv, g, d, cap, _, _) in SHAPES.items():
+        blocks_per = PREFILL_LEN // PAGE
+        kc = torch.randn(n * blocks_per, PAGE, hkv, d, device=DEVICE, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        table = torch.arange(n * blocks_per, dtype=torch.int32, device=DEVICE).view(n, blocks_per)
+        q = torch.randn(t, hkv * g, d, device=DEVICE, dtype=torch.bfloat16)
+        qsl = torch.arange(0, t + 1, PREFILL_LEN, dtype=torch.int32, device=DEVICE)
+        seq_lens = torch.full((n,), PREFILL_LEN, dtype=torch.int32, device=DEVICE)
+        out = torch.empty_like(q)
+        flops = 4 * n * (PREFILL_LEN * (PREFILL_LEN + 1) / 2) * hkv * g * d   # QK^T and PV, causal half
+        for cfg in PREFILL_CONFIGS[name]:
+            if cfg is None:
+                pa._prefill_tiles = default
+                label = "default " + "/".join(map(str, (lambda x: (x[0], x[2], x[3], x[4]))(
+                    default(g, d, PREFILL_LEN))))
+            else:
+                pa._prefill_tiles = lambda g_, d_pad, mq, cfg=cfg: (cfg[0], cfg[0] // g_, cfg[1], cfg[2], cfg[3])
+                label = "/".join(map(str, cfg))
+            call = functools.partial(pa.paged_attention, q, kc, vc, out, qsl, seq_lens, table, d ** -0.5, PREFILL_LEN,
+                                     PREFILL_LEN, num_decodes=0, logits_soft_cap=cap)
+            try:
+                call()
+                ref = torch.empty_like(q[:PREFILL_LEN])
+                pa.paged_attention_ref(q[:PREFILL_LEN], kc, vc, ref, qsl[:2], seq_lens[:1], table[:1], d ** -0.5,
+                                       logits_soft_cap=cap)
+                err = (out[:PREFILL_LEN].float() - ref.float()).abs().max().item()
+                for _ in range(2):
+                    call()
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(10):
+                    call()
+                end.record()
+                end.synchronize()
+                us = start.elapsed_time(end) * 1e3 / 10
+            except Exception as e:
+                rows.append(f"| {name} | {label} | failed: {type(e).__name__}: {str(e)[:120]} |")
+                continue
+            rows.append(f"| {name} | {label} | {err:.1e} | {us:.0f} | {flops / us / 1e6:.0f} |")
+            print(rows[-1], flush=True)
+    pa._prefill_tiles = default
+    return rows
+
+
 def main() -> None:
     default_tiles = pa._decode_tiles
     torch.manual_seed(0)
@@ -119,6 +178,10 @@ def main() -> None:
     for name, label, solo, splits, err, us, lat1 in rows:
         print(f"| {name} | {label} | {'default' if solo is None else solo} | {splits} | {err:.1e} | "
               + " | ".join(f"{us[x]:.1f}" for x in CONTEXTS) + f" | {lat1:.1f} |")
+    prefill = prefill_rows()
+    print(f"\n== prefill attention, {PREFILL_PROMPTS} prompts x {PREFILL_LEN} tokens, per layer ==")
+    print("| shape | BLOCK_M/BLOCK_N/warps/stages | max err | us | TFLOP/s |")
+    print("\n".join(prefill))
 
 
 if __name__ == "__main__":
