@@ -23,6 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from aphrodite.kernels import paged_attention as pa  # noqa: E402
 from aphrodite.kernels.rotary import build_cos_sin_cache  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import graph_us  # noqa: E402
+
 PAGE = 16
 DEVICE = torch.device("cuda")
 CONTEXTS = (129, 192, 256, 320, 384, 1024)
@@ -144,6 +147,41 @@ def prefill_rows() -> list[str]:
     return rows
 
 
+BATCH, BATCH_CTX = 256, 1088   # a throughput-prefill decode step: 256 sequences in the middle of their 128 outputs
+
+
+def batched_rows() -> list[str]:
+    """Decode of BATCH sequences at BATCH_CTX tokens per layer (KV streamed once): us and the KV read rate,
+    for the default decode tiles and the wider ones at head_dim 256."""
+    default = pa._decode_tiles
+    rows = []
+    for name, (hkv, g, d, cap, _, _) in SHAPES.items():
+        per = -(-BATCH_CTX // PAGE)
+        kc = torch.randn(BATCH * per, PAGE, hkv, d, device=DEVICE, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        table = torch.arange(BATCH * per, dtype=torch.int32, device=DEVICE).view(BATCH, per)
+        q = torch.randn(BATCH, hkv * g, d, device=DEVICE, dtype=torch.bfloat16)
+        qsl = torch.arange(BATCH + 1, dtype=torch.int32, device=DEVICE)
+        seq_lens = torch.full((BATCH,), BATCH_CTX, dtype=torch.int32, device=DEVICE)
+        out = torch.empty_like(q)
+        kv_bytes = 2 * BATCH * BATCH_CTX * hkv * d * 2
+        for cfg in (None,) if d <= 128 else (None, (64, 8, 2), (64, 4, 2), (128, 8, 2)):
+            pa._decode_tiles = default if cfg is None else (
+                lambda g_, d_pad, cfg=cfg: (max(16, 1 << max(0, g_ - 1).bit_length()), *cfg))
+            label = "default " + "/".join(map(str, default(g, d)[1:])) if cfg is None else "/".join(map(str, cfg))
+            call = functools.partial(pa.paged_attention, q, kc, vc, out, qsl, seq_lens, table, d ** -0.5, 1,
+                                     BATCH_CTX, num_decodes=BATCH, logits_soft_cap=cap)
+            try:
+                us = graph_us(call, reps=20)
+            except Exception as e:
+                rows.append(f"| {name} | {label} | failed: {type(e).__name__}: {str(e)[:120]} |")
+                continue
+            rows.append(f"| {name} | {label} | {us:.0f} | {kv_bytes / us / 1e3:.0f} |")
+            print(rows[-1], flush=True)
+    pa._decode_tiles = default
+    return rows
+
+
 def main() -> None:
     default_tiles = pa._decode_tiles
     torch.manual_seed(0)
@@ -182,6 +220,10 @@ def main() -> None:
     print(f"\n== prefill attention, {PREFILL_PROMPTS} prompts x {PREFILL_LEN} tokens, per layer ==")
     print("| shape | BLOCK_M/BLOCK_N/warps/stages | max err | us | TFLOP/s |")
     print("\n".join(prefill))
+    batched = batched_rows()
+    print(f"\n== batched decode attention, {BATCH} sequences x {BATCH_CTX} tokens, per layer ==")
+    print("| shape | BLOCK_N/warps/stages | us | KV GB/s |")
+    print("\n".join(batched))
 
 
 if __name__ == "__main__":
