@@ -6,10 +6,10 @@ latency-1 (1 x 128/256) and throughput-prefill (``--prefill-prompts`` x 1024/128
 Latency-1 counts every parameter a decoded token reads (the LM head included); prefill counts the LM head
 only at the share of tokens that are sampled (``_shapes.prefill_active``): prompt tokens never reach it.
 
-    python3 benchmarks/gpu/bench_families_gpu.py [--prefill-prompts 1000] [--only latency|prefill]
+    python3 benchmarks/gpu/bench_families_gpu.py [--prefill-prompts 1000] [--only latency|prefill] [--shapes S ...]
 
-Both workloads for the three shapes take about 4 minutes on a warm Triton cache; ``--only latency`` (about 2)
-or ``--only prefill`` runs one of them.
+Each run is its own process (~30 s of start-up each), so both workloads for the three shapes take about 5
+minutes; ``--only latency`` (about 2) or ``--only prefill --shapes gemma-2-9b`` runs a part of it.
 """
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prefill-prompts", type=int, default=300)
     parser.add_argument("--only", choices=("latency", "prefill"), help="run one workload (default: both)")
+    parser.add_argument("--shapes", nargs="+", choices=SHAPES[1:], default=list(SHAPES[1:]),
+                        help="families to run next to Llama (default: both)")
     args = parser.parse_args()
     skipped = {"error": "not run (--only)"}
     rows = {}
-    for shape in SHAPES:
+    for shape in (SHAPES[0], *args.shapes):
         lat = pre = skipped
         if args.only != "prefill":
             lat = bench("latency", shape, "--batch-size", "1", "--input-len", "128", "--output-len", "256",
