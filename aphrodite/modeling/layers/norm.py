@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aphrodite.kernels.cpu import ops as cpu_ops
+from aphrodite.kernels.rmsnorm import gemma_rms_norm_ref
 from aphrodite.modeling.layers.linear import default_weight_loader
 
 
@@ -60,9 +61,7 @@ class GemmaRMSNorm(RMSNorm):
             self.weight.zero_()
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).to(x.dtype)
+        return gemma_rms_norm_ref(x, self.weight, self.eps)
 
     def forward(self, x: torch.Tensor,
                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
