@@ -94,7 +94,7 @@ def test_pipeline_stages_match_hf(three_layer_dir: str, pp_size: int) -> None:
 def test_pipeline_stages_of_gemma2_match_hf(tmp_path: Path) -> None:
     """A stage boundary after a sandwich layer: a stage applies its last layer's post-feed-forward norm
     (fused into the next add + norm within a stage) before handing its hidden states on."""
-    from tests.modeling.test_families import make_hf_model
+    from aphrodite.benchmarks.tiny_families import make_hf_model
     hf = make_hf_model("gemma2")
     assert hf.config.num_hidden_layers == 2
     hf.save_pretrained(tmp_path)
