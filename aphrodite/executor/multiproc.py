@@ -272,6 +272,7 @@ def _log_level() -> int | None:
 def worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: str, handle: BroadcastHandle,
                 conn: Connection, heartbeats: Any, log_level: int | None = None) -> None:
     """A worker process: build the rank, then run every message the engine broadcasts."""
+    started = time.time()
     if log_level is not None:
         logging.basicConfig(level=log_level,
                             format=f"%(levelname)s %(asctime)s [rank {rank}] %(name)s: %(message)s")
@@ -288,7 +289,10 @@ def worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: s
         import torch
         if config.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.world_size))
+        from aphrodite.worker.profiler import mark_startup
         from aphrodite.worker.worker import Worker
+        mark_startup("worker process running (spawned, arguments unpickled)", started)
+        mark_startup("imported torch and the worker")
         worker = Worker(config, rank, local_rank, init_method)
         mq = ShmBroadcast.attach(handle, rank, spin_s=0.05 if config.device.type == "cuda" else 1e-4)
         conn.send(("result", worker.is_output_rank))

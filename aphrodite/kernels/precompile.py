@@ -10,6 +10,11 @@ kernels already cached run normally during the dry pass. Kernels that synchroniz
 all-reduce) are never skipped: a rank that skipped one while its peer launched it would leave the peer
 waiting. Any failure here only means the kernel compiles later, in the real pass, as it always did.
 Off with ``APHRODITE_PARALLEL_COMPILE=0``.
+
+Ranks of one host meet the same specializations (tensor-parallel shards have equal shapes): given a
+process group of them, the ranks pool what their dry passes recorded, each compiles its share of the
+union, and all wait until every share is in the cache, so no kernel is compiled twice and every core
+works on a different one.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -123,14 +129,46 @@ def deferring() -> bool:
     return _DEFERRING
 
 
-def compile_ahead(dry_pass: Callable[[], object], processes: int) -> None:
+def compile_ahead(dry_pass: Callable[[], object], processes: int, group: Any = None) -> None:
     """Run ``dry_pass`` with uncached Triton launches skipped, then compile what it met in parallel, so
-    that running the pass for real afterwards only loads binaries."""
+    that running the pass for real afterwards only loads binaries.
+
+    ``group``: a (gloo) process group of ranks on this host that call this together: they share the
+    compiling (see the module doc) and return together."""
     if not enabled():
         return
+    start = time.perf_counter()
     with deferred_compiles() as pending:
         dry_pass()
-    compile_pending(pending, processes)
+    dry_s = time.perf_counter() - start
+    mine, total = (pending, len(pending.specs)) if group is None else share_pending(pending, group)
+    logger.info("Dry pass: %.1f s, %d uncached Triton kernel variants%s", dry_s, total,
+                "" if group is None else f", {len(mine.specs)} of them compiled by this rank")
+    compile_pending(mine, processes)
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group=group)   # every rank's share is in the cache before any real pass
+
+
+def share_pending(pending: PendingCompiles, group: Any) -> tuple[PendingCompiles, int]:
+    """This rank's share of the union of what every rank of ``group`` recorded, and the union's size.
+    Collective: every rank of the group calls it, recorded something or not. Ranks compiling for
+    different targets (unlike GPUs on one host) keep their own lists."""
+    import torch.distributed as dist
+
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    everyone: list[Any] = [None] * size
+    dist.all_gather_object(everyone, (pending.target, pending.specs), group=group)
+    targets = {t for t, specs in everyone if specs}
+    if len(targets) > 1:
+        return pending, len(pending.specs)
+    union: dict[str, tuple[str, str, str]] = {}
+    for _, specs in everyone:
+        union.update(specs)
+    keys = sorted(union)
+    target = next(iter(targets), pending.target)
+    return PendingCompiles(target, {k: union[k] for i, k in enumerate(keys) if i % size == rank}), len(keys)
 
 
 def _compile_one(module: str, name: str, data: str, target: tuple[str, int, int]) -> float:

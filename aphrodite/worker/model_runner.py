@@ -21,7 +21,13 @@ import torch
 
 from aphrodite.config import EngineConfig
 from aphrodite.distributed.communication import pp_recv_tensors, pp_send_tensors
-from aphrodite.distributed.parallel_state import get_pp_size, is_first_pp_rank, is_last_pp_rank
+from aphrodite.distributed.parallel_state import (
+    get_pp_size,
+    get_tp_cpu_group,
+    get_tp_size,
+    is_first_pp_rank,
+    is_last_pp_rank,
+)
 from aphrodite.kernels.precompile import compile_ahead
 from aphrodite.lora.request import LoRARequest
 from aphrodite.modeling.layers.attention import Attention, set_attention_metadata
@@ -29,6 +35,7 @@ from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
 from aphrodite.modeling.loader import load_model
 from aphrodite.modeling.models.pipeline import IntermediateTensors, intermediate_tensor_spec
 from aphrodite.worker.cuda_graphs import DecodeGraphs
+from aphrodite.worker.profiler import mark_startup
 from aphrodite.worker.sampling_inputs import SamplingState, StaticRowsCache, build_sampling_metadata, to_device
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
 from aphrodite.worker.step_inputs import StepInputs
@@ -95,6 +102,7 @@ class ModelRunner:
         start = time.perf_counter()
         self.model = load_model(config.model, self.device)
         logger.info("Loaded %s in %.1f s", config.model.model, time.perf_counter() - start)
+        mark_startup("loaded the model")
         self.vocab_size = config.model.hf_config.vocab_size
         self.pp_size = get_pp_size()
         self.first_stage, self.last_stage = is_first_pp_rank(), is_last_pp_rank()
@@ -153,7 +161,10 @@ class ModelRunner:
         free_now, _ = torch.cuda.mem_get_info()
         ours = torch.cuda.memory_allocated()            # the weights, loaded after start-up
         allowed = self.config.cache.gpu_memory_utilization * (free_now + ours)
-        compile_ahead(self.profile_run, self.compile_processes())
+        # One round of compiling ahead for the whole start-up: the profiling pass and the forwards the
+        # graphs will capture meet their uncached kernels in one dry run and compile in one batch.
+        compile_ahead(self._dry_start_up, self.compile_processes(), self.compile_group())
+        mark_startup("compiled kernels ahead (profiling pass and graph forwards)")
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         scratch_cache = self.profile_run()
@@ -163,12 +174,30 @@ class ModelRunner:
         blocks = int((allowed - peak) // self.kv_bytes_per_block())
         logger.info("Memory: %.2f GiB usable, weights %.2f GiB, peak activations %.2f GiB -> %d KV blocks",
                     allowed / 2**30, ours / 2**30, (peak - ours) / 2**30, blocks)
+        mark_startup("profiled peak memory")
         return max(0, blocks)
+
+    def _dry_start_up(self) -> None:
+        """Every forward pass of the start-up, run under ``compile_ahead``: the profiling pass, then the
+        forwards of the graphs about to be captured (over a one-block scratch cache: they write no slot
+        and read no context, and the kernels see the cache only through its strides)."""
+        self.profile_run()
+        if self.graphs is not None:
+            self._bind(self._kv_pairs(1))
+            try:
+                self.graphs.dry_forwards()
+            finally:
+                self._bind([])
 
     def compile_processes(self) -> int:
         """Processes for compiling kernels ahead (``aphrodite.kernels.precompile``): this host's cores
         shared among the ranks, which all compile at the same time."""
         return max(1, (os.cpu_count() or 2) // max(1, self.config.parallel.world_size))
+
+    def compile_group(self) -> object:
+        """The ranks that share compiling ahead: this stage's tensor-parallel ranks (equal shapes), which
+        reach every start-up pass together; None with one rank."""
+        return get_tp_cpu_group() if get_tp_size() > 1 else None
 
     def profile_run(self) -> int:
         """One forward pass of a full token budget and a sampler pass over a full batch of rows,
@@ -209,10 +238,12 @@ class ModelRunner:
         # and 0 * NaN from never-written memory would still poison the output.
         self.kv_caches = self._kv_pairs(num_blocks, lambda shape, dtype, device: zeroed(shape, dtype, device))
         self._bind(self.kv_caches)
+        mark_startup("allocated the KV cache")
         if self.graphs is not None:
             if self.lora_manager is not None:   # graphs always hold the LoRA kernels (slot -1 rows skip them)
                 self.lora_manager.state.active = True
             self.graphs.capture()
+            mark_startup("captured the CUDA graphs")
 
     # ---- LoRA -----------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:

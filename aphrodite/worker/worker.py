@@ -24,7 +24,7 @@ from aphrodite.distributed.parallel_state import (
 )
 from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.model_runner import ModelRunner
-from aphrodite.worker.profiler import ProfileSummary, RankProfiler
+from aphrodite.worker.profiler import STARTUP, ProfileSummary, RankProfiler, mark_startup
 from aphrodite.worker.step_future import StepFuture
 from aphrodite.worker.step_plan import StepPlan
 
@@ -47,6 +47,9 @@ class Worker:
         if config.device.type == "cuda":
             torch.cuda.set_device(local_rank)
             config = replace(config, device=torch.device("cuda", local_rank))
+            if config.parallel.world_size > 1:
+                torch.cuda.init()
+                mark_startup("CUDA initialised")
         self.config = config
         self.distributed = config.parallel.world_size > 1
         if self.distributed:
@@ -56,6 +59,7 @@ class Worker:
             init_parallel_groups(config, rank, local_rank, init_method)
             logger.info("Joined the parallel groups (world size %d) in %.1f s", config.parallel.world_size,
                         time.perf_counter() - start)
+            mark_startup("joined the parallel groups (NCCL, custom all-reduce)")
         self.tp_rank, self.pp_rank = get_tp_rank(), get_pp_rank()
         self.is_output_rank = is_last_pp_rank() and self.tp_rank == 0
         self.runner = ModelRunner(config)
@@ -85,6 +89,10 @@ class Worker:
 
     def remove_lora(self, lora_int_id: int) -> bool:
         return self.runner.remove_lora(lora_int_id)
+
+    def startup_timeline(self) -> list[tuple[str, float]]:
+        """This rank's start-up phases so far: (name, wall-clock time it ended), in order."""
+        return list(STARTUP)
 
     def start_profile(self) -> None:
         self.profiler.start()

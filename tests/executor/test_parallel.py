@@ -125,6 +125,18 @@ def test_profile_reports_every_rank(tp2: LLM) -> None:
     assert all(p.is_alive() for p in tp2.llm_engine.executor.procs)
 
 
+def test_start_up_timeline_of_every_rank(tp2: LLM) -> None:
+    """Each rank stamps its start-up phases on the shared wall clock, in the order they ran."""
+    timelines = tp2.collective_rpc("startup_timeline")
+    assert len(timelines) == 2
+    for tl in timelines:
+        names = [name for name, _ in tl]
+        assert names[:2] == ["worker process running (spawned, arguments unpickled)", "imported torch and the worker"]
+        assert names.index("joined the parallel groups (NCCL, custom all-reduce)") < names.index("loaded the model")
+        times = [at for _, at in tl]
+        assert times == sorted(times) and time.time() - 600 < times[0] <= times[-1] <= time.time()
+
+
 def test_tp2_x_pp2_matches_one_rank_and_a_killed_worker_fails_generate(tiny_llama_dir: str, reference) -> None:
     """Two pipeline stages of two ranks each, micro-batches in flight; then a rank is killed."""
     llm = LLM(tiny_llama_dir, pipeline_parallel_size=2, tensor_parallel_size=2, **ENGINE)

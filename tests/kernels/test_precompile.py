@@ -72,3 +72,31 @@ def test_gluon_kernel_compiles_ahead_into_the_cache_its_launch_reads(tmp_path, m
     pending = precompile.PendingCompiles(target, {data: (_gemv_fp8_kernel.__module__, "_gemv_fp8_kernel", data)})
     precompile.compile_pending(pending, processes=1)
     assert precompile._on_disk(_gemv_fp8_kernel, data, GPUTarget(*target))
+
+
+def _share_on_rank(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from aphrodite.kernels import precompile
+
+    dist.init_process_group("gloo", init_method=init_method, world_size=world_size, rank=rank)
+    recorded = [{"a": ("m", "f", "a"), "b": ("m", "f", "b")}, {"b": ("m", "f", "b"), "c": ("m", "g", "c")}][rank]
+    mine, total = precompile.share_pending(precompile.PendingCompiles(("cuda", 90, 32), recorded), dist.group.WORLD)
+    with open(f"{out_dir}/share{rank}.json", "w") as f:
+        json.dump({"target": list(mine.target), "keys": sorted(mine.specs), "total": total}, f)
+    dist.destroy_process_group()
+
+
+def test_ranks_share_the_union_of_their_recorded_kernels(tmp_path):
+    """Two ranks that recorded overlapping specializations compile each one exactly once between them."""
+    import json
+
+    from tests.distributed.spawn import spawn_ranks
+
+    spawn_ranks(_share_on_rank, 2, tmp_path, str(tmp_path))
+    shares = [json.loads((tmp_path / f"share{r}.json").read_text()) for r in range(2)]
+    assert [s["total"] for s in shares] == [3, 3]
+    assert sorted(shares[0]["keys"] + shares[1]["keys"]) == ["a", "b", "c"]
+    assert shares[0]["keys"] and shares[1]["keys"] and shares[0]["target"] == ["cuda", 90, 32]
