@@ -90,6 +90,11 @@ class Worker:
     def remove_lora(self, lora_int_id: int) -> bool:
         return self.runner.remove_lora(lora_int_id)
 
+    def tp_overlap(self, min_tokens: int | None = None) -> tuple[int, int]:
+        """``ModelRunner.tp_overlap``: set the smallest step run as two overlapped halves (when given);
+        returns it and how many steps ran so."""
+        return self.runner.tp_overlap(min_tokens)
+
     def startup_timeline(self) -> list[tuple[str, float]]:
         """This rank's start-up phases so far: (name, wall-clock time it ended), in order."""
         return list(STARTUP)

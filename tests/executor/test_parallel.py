@@ -109,6 +109,19 @@ def test_tp2_mp_matches_one_rank(tp2: LLM, reference) -> None:
     _check_against(tp2, reference)
 
 
+def test_tp2_overlapped_halves_match_one_rank(tp2: LLM, reference) -> None:
+    """Steps split into two halves whose all-reduces are issued asynchronously and interleaved on two
+    threads (``communication.run_overlapped``) give one rank's outputs; both ranks split the same steps."""
+    assert tp2.collective_rpc("tp_overlap") == [(0, 0), (0, 0)]   # off on the CPU by default
+    tp2.collective_rpc("tp_overlap", 8)
+    try:
+        assert_same(generate(tp2), reference[0])
+        (_, a), (_, b) = tp2.collective_rpc("tp_overlap")
+        assert a == b >= 4
+    finally:
+        tp2.collective_rpc("tp_overlap", 0)
+
+
 def test_profile_reports_every_rank(tp2: LLM) -> None:
     """``start_profile``/``stop_profile`` run torch.profiler on both worker processes; each rank's summary
     counts the ops its shard ran (the all-reduce included) and cannot be started twice."""
