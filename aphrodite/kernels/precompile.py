@@ -129,12 +129,13 @@ def deferring() -> bool:
     return _DEFERRING
 
 
-def compile_ahead(dry_pass: Callable[[], object], processes: int, group: Any = None) -> None:
+def compile_ahead(dry_pass: Callable[[], object], processes: int, group: Any = None,
+                  pool: CompilePool | None = None) -> None:
     """Run ``dry_pass`` with uncached Triton launches skipped, then compile what it met in parallel, so
     that running the pass for real afterwards only loads binaries.
 
     ``group``: a (gloo) process group of ranks on this host that call this together: they share the
-    compiling (see the module doc) and return together."""
+    compiling (see the module doc) and return together. ``pool``: compile processes started earlier."""
     if not enabled():
         return
     start = time.perf_counter()
@@ -144,7 +145,7 @@ def compile_ahead(dry_pass: Callable[[], object], processes: int, group: Any = N
     mine, total = (pending, len(pending.specs)) if group is None else share_pending(pending, group)
     logger.info("Dry pass: %.1f s, %d uncached Triton kernel variants%s", dry_s, total,
                 "" if group is None else f", {len(mine.specs)} of them compiled by this rank")
-    compile_pending(mine, processes)
+    compile_pending(mine, processes, pool)
     if group is not None:
         import torch.distributed as dist
 
@@ -198,9 +199,52 @@ def _compile_one(module: str, name: str, data: str, target: tuple[str, int, int]
     return time.perf_counter() - start
 
 
-def compile_pending(pending: PendingCompiles, processes: int) -> None:
+def _spawn() -> subprocess.Popen:
+    """A compile process: it imports torch and Triton, then waits for one job line on its stdin (EOF: exit)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # compile for the GPU
+    return subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+class CompilePool:
+    """Compile processes started before the dry pass, so that their imports of torch and Triton (seconds
+    each) overlap the engine's own start-up instead of delaying the compiling. Each takes one job; the
+    ones ``compile_pending`` does not take exit when the pool is closed."""
+
+    def __init__(self, processes: int) -> None:
+        self.children = [_spawn() for _ in range(max(0, processes))]
+
+    def take(self, n: int) -> list[subprocess.Popen]:
+        taken = [c for c in self.children if c.poll() is None][:n]
+        self.children = [c for c in self.children if c not in taken]
+        return taken
+
+    def close(self) -> None:
+        children, self.children = self.children, []
+        for child in children:
+            try:
+                child.communicate(timeout=5)   # closes its stdin: an idle child reads EOF and exits
+            except Exception:
+                child.kill()
+                child.wait()
+
+
+def cache_looks_cold(threshold: int = 16) -> bool:
+    """Whether Triton's on-disk cache holds fewer than ``threshold`` entries (a fresh machine), when
+    starting compile processes ahead (``CompilePool``) pays."""
+    try:
+        from triton import knobs
+
+        with os.scandir(knobs.cache.dir) as entries:
+            return sum(1 for _ in zip(range(threshold), entries)) < threshold
+    except (ImportError, OSError, AttributeError):
+        return True
+
+
+def compile_pending(pending: PendingCompiles, processes: int, pool: CompilePool | None = None) -> None:
     """Compile what a dry pass recorded in ``processes`` child processes (``python -m`` this module, so no
-    user script is re-imported); a failure is logged and left to the real pass."""
+    user script is re-imported), taken from ``pool`` where it has them; a failure is logged and left to
+    the real pass."""
     if not pending.specs or pending.target is None:
         return
     start = time.perf_counter()
@@ -208,11 +252,13 @@ def compile_pending(pending: PendingCompiles, processes: int) -> None:
     processes = max(1, min(processes, len(specs)))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"target": pending.target, "specs": specs}, f)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # compile for the GPU
+    children = pool.take(processes) if pool is not None else []
+    warm = len(children)
     try:
-        children = [subprocess.Popen([sys.executable, "-m", __name__, f.name, str(i), str(processes)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-                    for i in range(processes)]
+        children += [_spawn() for _ in range(processes - warm)]
+        for i, child in enumerate(children):
+            child.stdin.write(f"{f.name} {i} {processes}\n")
+            child.stdin.flush()
         done = 0
         serial = 0.0
         for child in children:
@@ -225,8 +271,8 @@ def compile_pending(pending: PendingCompiles, processes: int) -> None:
                     done, serial = done + r["done"], serial + r["seconds"]
     finally:
         os.unlink(f.name)
-    logger.info("Compiled %d Triton kernel variants in %.1f s on %d processes (%.1f s one after another)%s",
-                done, time.perf_counter() - start, processes, serial,
+    logger.info("Compiled %d Triton kernel variants in %.1f s on %d processes (%d started ahead; %.1f s one after "
+                "another)%s", done, time.perf_counter() - start, processes, warm, serial,
                 f"; {len(specs) - done} left to compile on first use" if done < len(specs) else "")
 
 
@@ -247,5 +293,15 @@ def _main(path: str, shard: int, shards: int) -> None:
     print(json.dumps({"done": done, "seconds": seconds}), flush=True)
 
 
+def _serve() -> None:
+    """A compile process: the slow imports first, then one job line ``path shard shards`` from stdin."""
+    import torch  # noqa: F401
+    import triton  # noqa: F401
+
+    line = sys.stdin.readline().split()
+    if len(line) == 3:
+        _main(line[0], int(line[1]), int(line[2]))
+
+
 if __name__ == "__main__":
-    _main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    _serve()

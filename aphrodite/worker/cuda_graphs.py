@@ -78,7 +78,8 @@ class DecodeGraphs:
         start = time.perf_counter()
         inputs = self.runner.inputs
         if not self.compiled_ahead:    # the start-up's one round (ModelRunner._dry_start_up) did not run
-            compile_ahead(self.dry_forwards, self.runner.compile_processes(), self.runner.compile_group())
+            compile_ahead(self.dry_forwards, self.runner.compile_processes(), self.runner.compile_group(),
+                          self.runner.compile_pool)
         self._empty_buffers()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()

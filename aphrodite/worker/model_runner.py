@@ -28,7 +28,8 @@ from aphrodite.distributed.parallel_state import (
     is_first_pp_rank,
     is_last_pp_rank,
 )
-from aphrodite.kernels.precompile import compile_ahead
+from aphrodite.kernels.precompile import CompilePool, cache_looks_cold, compile_ahead
+from aphrodite.kernels.precompile import enabled as precompile_enabled
 from aphrodite.lora.request import LoRARequest
 from aphrodite.modeling.layers.attention import Attention, AttentionMetadata, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
@@ -114,6 +115,10 @@ class ModelRunner:
         self.dtype = config.model.dtype
         self.kv_dtype = config.cache.kv_dtype(self.dtype)   # fp8 with --kv-cache-dtype fp8
         self.block_size = config.cache.block_size
+        # On a fresh machine, compile processes for the start-up's kernels import torch and Triton while
+        # the model loads (``precompile.CompilePool``); a warm cache has nothing to compile and needs none.
+        self.compile_pool = CompilePool(self.compile_processes()) if (
+            self.device.type == "cuda" and precompile_enabled() and cache_looks_cold()) else None
         start = time.perf_counter()
         self.model = load_model(config.model, self.device)
         logger.info("Loaded %s in %.1f s", config.model.model, time.perf_counter() - start)
@@ -182,7 +187,7 @@ class ModelRunner:
         allowed = self.config.cache.gpu_memory_utilization * (free_now + ours)
         # One round of compiling ahead for the whole start-up: the profiling pass and the forwards the
         # graphs will capture meet their uncached kernels in one dry run and compile in one batch.
-        compile_ahead(self._dry_start_up, self.compile_processes(), self.compile_group())
+        compile_ahead(self._dry_start_up, self.compile_processes(), self.compile_group(), self.compile_pool)
         mark_startup("compiled kernels ahead (profiling pass and graph forwards)")
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -263,6 +268,9 @@ class ModelRunner:
                 self.lora_manager.state.active = True
             self.graphs.capture()
             mark_startup("captured the CUDA graphs")
+        if self.compile_pool is not None:   # start-up is over: compile processes nobody took exit
+            self.compile_pool.close()
+            self.compile_pool = None
 
     # ---- LoRA -----------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:

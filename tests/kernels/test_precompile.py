@@ -30,7 +30,12 @@ def test_recorded_specialization_compiles_in_a_child_into_the_shared_cache(tmp_p
     assert not precompile._on_disk(jit_fn, data, GPUTarget(*target))
 
     pending = precompile.PendingCompiles(target, {data: (_rms_norm_kernel.__module__, "_rms_norm_kernel", data)})
-    precompile.compile_pending(pending, processes=1)
+    pool = precompile.CompilePool(2)      # started ahead; the job takes one, closing ends the other
+    children = list(pool.children)
+    precompile.compile_pending(pending, processes=1, pool=pool)
+    assert len(pool.children) == 1 and children[0].returncode == 0
+    pool.close()
+    assert children[1].returncode == 0 and not pool.children
 
     assert precompile._on_disk(jit_fn, data, GPUTarget(*target))
     assert list((tmp_path / "cache").rglob("*.cubin")), "the child wrote no binary"
