@@ -154,18 +154,22 @@ def compile_ahead(dry_pass: Callable[[], object], processes: int, group: Any = N
 
 def share_pending(pending: PendingCompiles, group: Any) -> tuple[PendingCompiles, int]:
     """This rank's share of the union of what every rank of ``group`` recorded, and the union's size.
-    Collective: every rank of the group calls it, recorded something or not. Ranks compiling for
-    different targets (unlike GPUs on one host) keep their own lists."""
+    Collective: every rank of the group calls it, recorded something or not. Ranks that do not share
+    one on-disk cache (other hosts, as with Ray, or other cache directories) or compile for different
+    targets keep their own lists."""
+    import socket
+
     import torch.distributed as dist
 
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     everyone: list[Any] = [None] * size
-    dist.all_gather_object(everyone, (pending.target, pending.specs), group=group)
-    targets = {t for t, specs in everyone if specs}
-    if len(targets) > 1:
+    where = (socket.gethostname(), _cache_dir())
+    dist.all_gather_object(everyone, (where, pending.target, pending.specs), group=group)
+    targets = {t for _, t, specs in everyone if specs}
+    if len(targets) > 1 or len({w for w, _, _ in everyone}) > 1:
         return pending, len(pending.specs)
     union: dict[str, tuple[str, str, str]] = {}
-    for _, specs in everyone:
+    for _, _, specs in everyone:
         union.update(specs)
     keys = sorted(union)
     target = next(iter(targets), pending.target)
@@ -229,15 +233,26 @@ class CompilePool:
                 child.wait()
 
 
-def cache_looks_cold(threshold: int = 16) -> bool:
-    """Whether Triton's on-disk cache holds fewer than ``threshold`` entries (a fresh machine), when
-    starting compile processes ahead (``CompilePool``) pays."""
+def _cache_dir() -> str | None:
+    """Triton's on-disk cache directory (None without Triton)."""
     try:
         from triton import knobs
 
-        with os.scandir(knobs.cache.dir) as entries:
+        return os.path.abspath(knobs.cache.dir)
+    except (ImportError, AttributeError):
+        return None
+
+
+def cache_looks_cold(threshold: int = 16) -> bool:
+    """Whether Triton's on-disk cache holds fewer than ``threshold`` entries (a fresh machine), when
+    starting compile processes ahead (``CompilePool``) pays."""
+    directory = _cache_dir()
+    if directory is None:
+        return False
+    try:
+        with os.scandir(directory) as entries:
             return sum(1 for _ in zip(range(threshold), entries)) < threshold
-    except (ImportError, OSError, AttributeError):
+    except OSError:   # not created yet
         return True
 
 
