@@ -108,17 +108,28 @@ class HostBatch:
         return len(self.seq_lens)
 
 
+def start_compile_pool(config: EngineConfig) -> CompilePool | None:
+    """On a fresh machine, compile processes for the start-up's kernels (``precompile.CompilePool``), to
+    import torch and Triton while the rank sets up; a warm cache has nothing to compile and needs none."""
+    if config.device.type != "cuda" or not precompile_enabled() or not cache_looks_cold():
+        return None
+    return CompilePool(compile_processes(config))
+
+
+def compile_processes(config: EngineConfig) -> int:
+    """Processes for compiling kernels ahead (``aphrodite.kernels.precompile``): this host's cores
+    shared among the ranks, which all compile at the same time."""
+    return max(1, (os.cpu_count() or 2) // max(1, config.parallel.world_size))
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, compile_pool: CompilePool | None = None) -> None:
         self.config = config
         self.device = config.device
         self.dtype = config.model.dtype
         self.kv_dtype = config.cache.kv_dtype(self.dtype)   # fp8 with --kv-cache-dtype fp8
         self.block_size = config.cache.block_size
-        # On a fresh machine, compile processes for the start-up's kernels import torch and Triton while
-        # the model loads (``precompile.CompilePool``); a warm cache has nothing to compile and needs none.
-        self.compile_pool = CompilePool(self.compile_processes()) if (
-            self.device.type == "cuda" and precompile_enabled() and cache_looks_cold()) else None
+        self.compile_pool = compile_pool if compile_pool is not None else start_compile_pool(config)
         start = time.perf_counter()
         self.model = load_model(config.model, self.device)
         logger.info("Loaded %s in %.1f s", config.model.model, time.perf_counter() - start)
@@ -214,9 +225,7 @@ class ModelRunner:
                 self._bind([])
 
     def compile_processes(self) -> int:
-        """Processes for compiling kernels ahead (``aphrodite.kernels.precompile``): this host's cores
-        shared among the ranks, which all compile at the same time."""
-        return max(1, (os.cpu_count() or 2) // max(1, self.config.parallel.world_size))
+        return compile_processes(self.config)
 
     def compile_group(self) -> object:
         """The ranks that share compiling ahead: this stage's tensor-parallel ranks (equal shapes), which

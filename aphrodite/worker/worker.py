@@ -23,7 +23,7 @@ from aphrodite.distributed.parallel_state import (
     is_last_pp_rank,
 )
 from aphrodite.lora.request import LoRARequest
-from aphrodite.worker.model_runner import ModelRunner
+from aphrodite.worker.model_runner import ModelRunner, start_compile_pool
 from aphrodite.worker.profiler import STARTUP, ProfileSummary, RankProfiler, mark_startup
 from aphrodite.worker.step_future import StepFuture
 from aphrodite.worker.step_plan import StepPlan
@@ -51,6 +51,8 @@ class Worker:
                 torch.cuda.init()
                 mark_startup("CUDA initialised")
         self.config = config
+        # Started first, so that their imports overlap joining the groups and loading the model.
+        compile_pool = start_compile_pool(config)
         self.distributed = config.parallel.world_size > 1
         if self.distributed:
             if init_method is None:
@@ -62,7 +64,7 @@ class Worker:
             mark_startup("joined the parallel groups (NCCL, custom all-reduce)")
         self.tp_rank, self.pp_rank = get_tp_rank(), get_pp_rank()
         self.is_output_rank = is_last_pp_rank() and self.tp_rank == 0
-        self.runner = ModelRunner(config)
+        self.runner = ModelRunner(config, compile_pool)
         self.profiler = RankProfiler(rank, config.device)
 
     def determine_num_blocks(self) -> int:
