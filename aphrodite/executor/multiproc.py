@@ -104,11 +104,8 @@ def prestart_workers(args: EngineArgs) -> WorkerProcesses | None:
     backend = args.distributed_executor_backend
     if world <= 1 or backend not in (None, "mp") or os.environ.get("APHRODITE_PRESTART_WORKERS", "1") == "0":
         return None
-    if backend is None:   # mp unless the ranks need more GPUs than this host has (then Ray)
-        import torch
-        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        if cuda and world > torch.cuda.device_count():
-            return None
+    # No CUDA query here (the driver's first initialisation takes seconds on a fresh machine): when the
+    # configuration picks Ray after all (more ranks than GPUs), ``create_executor`` stops these processes.
     return WorkerProcesses(world)
 
 
