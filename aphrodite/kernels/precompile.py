@@ -47,6 +47,7 @@ class PendingCompiles:
     """Specializations recorded during a dry pass: (module, function name, Triton's JSON data)."""
     target: tuple[str, int, int] | None = None
     specs: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    skipped: int = 0     # launches skipped
 
 
 def _parse(jit_fn, data: str) -> tuple[dict, dict, dict, dict]:
@@ -107,11 +108,15 @@ def deferred_compiles() -> Iterator[PendingCompiles]:
     def hook(**kw) -> bool:
         try:
             fn, data = kw["fn"], kw["compile"]["specialization_data"]
+            if data in pending.specs:   # met before in this pass: known uncached (the cache lookup costs ~ms)
+                pending.skipped += 1
+                return True
             if any(name in fn.module for name in NEVER_DEFER) or _on_disk(fn.jit_function, data, target):
                 return False
         except Exception:   # an internal Triton change: compile here, as without this module
             return False
         pending.specs[data] = (fn.module, fn.name, data)
+        pending.skipped += 1
         return True      # skip: no compile now, no launch
 
     global _DEFERRING
@@ -143,8 +148,8 @@ def compile_ahead(dry_pass: Callable[[], object], processes: int, group: Any = N
         dry_pass()
     dry_s = time.perf_counter() - start
     mine, total = (pending, len(pending.specs)) if group is None else share_pending(pending, group)
-    logger.info("Dry pass: %.1f s, %d uncached Triton kernel variants%s", dry_s, total,
-                "" if group is None else f", {len(mine.specs)} of them compiled by this rank")
+    logger.info("Dry pass: %.1f s, %d launches skipped; %d uncached Triton kernel variants%s", dry_s,
+                pending.skipped, total, "" if group is None else f" ({len(mine.specs)} compiled by this rank)")
     compile_pending(mine, processes, pool)
     if group is not None:
         import torch.distributed as dist
