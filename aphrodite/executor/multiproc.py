@@ -52,7 +52,7 @@ class WorkerProcesses:
     configuration exists (``prestart_workers``): the processes import torch, the worker and Transformers'
     configuration classes while the engine resolves its configuration, then receive it (``start``)."""
 
-    def __init__(self, world: int) -> None:
+    def __init__(self, world: int, device: str = "auto") -> None:
         self.world_size = world
         disable_nvlink_multicast()          # inherited by every process spawned below
         ctx = mp.get_context("spawn")
@@ -67,7 +67,7 @@ class WorkerProcesses:
             config_reader, config_writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=worker_main, name=f"AphroditeWorker-{rank}", daemon=True,
                                args=(config_reader, rank, init_method, self.mq.handle, writer, self.heartbeats,
-                                     _log_level()))
+                                     _log_level(), device))
             proc.start()
             writer.close()
             config_reader.close()
@@ -106,7 +106,7 @@ def prestart_workers(args: EngineArgs) -> WorkerProcesses | None:
         return None
     # No CUDA query here (the driver's first initialisation takes seconds on a fresh machine): when the
     # configuration picks Ray after all (more ranks than GPUs), ``create_executor`` stops these processes.
-    return WorkerProcesses(world)
+    return WorkerProcesses(world, args.device)
 
 
 class MultiprocExecutor(Executor):
@@ -115,7 +115,7 @@ class MultiprocExecutor(Executor):
         if workers is not None and workers.world_size != world:
             workers.shutdown()
             workers = None
-        self.workers = workers if workers is not None else WorkerProcesses(world)
+        self.workers = workers if workers is not None else WorkerProcesses(world, config.device.type)
         self.workers.start(config)
         self._dead: ExecutorDeadError | None = None
         self.mq, self.heartbeats = self.workers.mq, self.workers.heartbeats
@@ -335,9 +335,10 @@ def _log_level() -> int | None:
 
 
 def worker_main(config_conn: Connection, rank: int, init_method: str, handle: BroadcastHandle,
-                conn: Connection, heartbeats: Any, log_level: int | None = None) -> None:
-    """A worker process: import what every rank needs, receive the engine's configuration, build the rank,
-    then run every message the engine broadcasts."""
+                conn: Connection, heartbeats: Any, log_level: int | None = None, device: str = "auto") -> None:
+    """A worker process: import what every rank needs (and, unless ``device`` (the engine argument) is
+    "cpu", set up CUDA on GPU ``rank`` when there is one), receive the engine's configuration, build the
+    rank, then run every message the engine broadcasts."""
     started = time.time()
     if log_level is not None:
         logging.basicConfig(level=log_level,
@@ -359,6 +360,10 @@ def worker_main(config_conn: Connection, rank: int, init_method: str, handle: Br
         mark_startup("worker process running (spawned)", started)
         _import_config_classes()
         mark_startup("imported torch, the worker and Transformers")
+        if device != "cpu" and torch.cuda.is_available() and rank < torch.cuda.device_count():
+            torch.cuda.set_device(rank)   # the same device the configuration gives this rank
+            torch.cuda.init()
+            mark_startup("CUDA initialised (before the configuration came)")
         try:
             config: EngineConfig = config_conn.recv()
         except EOFError:   # the engine stopped before it had a configuration to send
