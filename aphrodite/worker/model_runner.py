@@ -60,19 +60,45 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
 
 
-#: Default smallest step (tokens) that a tensor-parallel GPU rank runs as two overlapped halves: at
-#: 16k-token prefill steps of the 8B shape at TP=2, the 64 NCCL all-reduces (134 MB each) took ~20% of
-#: the device's time, run one after another with the compute.
-DEFAULT_OVERLAP_MIN_TOKENS = 8192
+def overlap_min_tokens() -> int:
+    """``APHRODITE_TP_OVERLAP_MIN_TOKENS``: eager steps of at least this many tokens run as two overlapped
+    halves (0, the default: never). Off until measured to win: at 16k-token prefill steps of the 8B shape at
+    TP=2 the 64 NCCL all-reduces (134 MB each) took ~20% of the device's time, but the first A/B on 2 x H200
+    (54.4k vs 59.2k total tok/s) had the overlapped run first, paying first-use compiles."""
+    return max(0, int(os.environ.get("APHRODITE_TP_OVERLAP_MIN_TOKENS", "0")))
 
 
-def overlap_min_tokens(device: torch.device) -> int:
-    """``APHRODITE_TP_OVERLAP_MIN_TOKENS`` (0: off), by default ``DEFAULT_OVERLAP_MIN_TOKENS`` on GPUs and
-    off on the CPU, where gloo's all-reduce does not run beside the compute."""
-    value = os.environ.get("APHRODITE_TP_OVERLAP_MIN_TOKENS")
-    if value is None:
-        return DEFAULT_OVERLAP_MIN_TOKENS if device.type == "cuda" else 0
-    return max(0, int(value))
+def mixed_step_layouts(num_kv_heads: int, max_seqs: int, max_len: int, sms: int) -> list[tuple[int, int, int, int]]:
+    """``(decodes, decode context, prefill sequences, prefill chunk)`` layouts that together meet every
+    attention-kernel specialization a mixed prefill + decode step can need, so that compiling ahead covers
+    them (otherwise a throughput run compiles them, seconds each, inside its first mixed steps).
+
+    Triton specializes an int argument as 1, a multiple of 16, or other: the decode count (``nd``) and the
+    prefill sequence count each take all three; the decode launch compiles in the power of two above the
+    split-KV factor (``choose_num_splits``: it splits while decodes x KV heads leave SMs idle and the context
+    is >= 1024); the prefill launch's tile height follows its longest chunk below 16 tokens."""
+    from aphrodite.kernels.paged_attention import choose_num_splits
+    from aphrodite.kernels.triton_utils import next_pow2
+
+    def cls(n: int) -> int:
+        return 1 if n == 1 else 16 if n % 16 == 0 else 0
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    wanted: dict[tuple[int, int], tuple[int, int]] = {}
+    lengths = [1023] + [1024 << i for i in range(max(0, max_len.bit_length() - 10)) if 1024 << i <= max_len]
+    for nd in range(1, min(max_seqs, 2 * sms // max(1, num_kv_heads) + 17) + 1):
+        for length in lengths:
+            splits = choose_num_splits(nd, num_kv_heads, length, device) if sms else 1
+            wanted.setdefault((cls(nd), next_pow2(splits)), (nd, length))
+    layouts = []
+    prefills = [(1, 16), (16, 16), (3, 16), (1, 2), (1, 5)]   # sequence-count classes, then short-chunk tiles
+    for i, (nd, length) in enumerate(sorted(wanted.values())):
+        nseq, chunk = prefills[i % len(prefills)]
+        layouts.append((nd, length, nseq, chunk))
+    for nseq, chunk in prefills[len(layouts):]:
+        layouts.append((1, 1023, nseq, chunk))
+    return [(nd, length, nseq, chunk) for nd, length, nseq, chunk in layouts
+            if nd + nseq <= max_seqs and length <= max_len]
 
 
 @dataclass
@@ -163,8 +189,8 @@ class ModelRunner:
         self.sampling_state = SamplingState(self.vocab_size, config.scheduler.max_model_len, self.device)
         self.sampling_rows = StaticRowsCache()   # the parameter-only sampling tensors of the last batch
         # Eager steps of at least this many tokens run as two halves whose TP all-reduces overlap the other
-        # half's compute (``_forward_overlapped``); 0 = never.
-        self.overlap_min_tokens = overlap_min_tokens(self.device)
+        # half's compute (``_forward_overlapped``); 0 (the default) = never.
+        self.overlap_min_tokens = overlap_min_tokens()
         self.overlapped_steps = 0
 
     # ---- KV cache -----------------------------------------------------------
@@ -221,8 +247,34 @@ class ModelRunner:
             self._bind(self._kv_pairs(1))
             try:
                 self.graphs.dry_forwards()
+                self._dry_mixed_forwards()
             finally:
                 self._bind([])
+
+    @torch.inference_mode()
+    def _dry_mixed_forwards(self) -> None:
+        """Forwards of small mixed prefill + decode layouts (``mixed_step_layouts``) over the graphs' empty
+        input buffers (no query token, no context: the kernels only launch), so that compiling ahead meets
+        the attention variants of mixed steps too."""
+        if self.lora_manager is not None or not self.attn_layers:   # LoRA layers need a real step's slots
+            return
+        inputs, sc = self.inputs, self.config.scheduler
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        layouts = mixed_step_layouts(self.attn_layers[0].num_kv_heads, sc.max_num_seqs, sc.max_model_len, sms)
+        try:
+            for nd, length, nseq, chunk in layouts:
+                seqs, tokens = nd + nseq, nd + nseq * chunk
+                if tokens > inputs.max_tokens:
+                    continue
+                meta = AttentionMetadata(
+                    num_decodes=nd, query_start_loc=inputs.starts[1][:seqs + 1], seq_lens=inputs.seq_lens[1][:seqs],
+                    block_tables=inputs.tables[1][:seqs], slot_mapping=inputs.slots[1][:tokens], max_query_len=chunk,
+                    max_seq_len=length, max_decode_seq_len=length, query_start_loc_cpu=[0] * (seqs + 1),
+                    seq_lens_cpu=[length] * seqs)
+                with set_attention_metadata(meta):
+                    self.model(inputs.ids[1][:tokens], inputs.pos[1][:tokens])
+        except Exception:   # the same on every rank; those kernels then compile at first use, as before
+            logger.warning("Mixed-step kernels are not compiled ahead", exc_info=True)
 
     def compile_processes(self) -> int:
         return compile_processes(self.config)

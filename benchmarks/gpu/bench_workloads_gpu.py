@@ -1,7 +1,7 @@
 """DESIGN.md's three workloads in one engine, to spend one start-up instead of three on the device.
 
     python3 benchmarks/gpu/bench_workloads_gpu.py -tp 2 [--temperature 0] [--shape llama-3.1-8b]
-    python3 benchmarks/gpu/bench_workloads_gpu.py -tp 2 --workloads prefill --tp-overlap 0,8192
+    python3 benchmarks/gpu/bench_workloads_gpu.py -tp 2 --workloads prefill --tp-overlap 0,8192,0
 
 The same requests as ``aphrodite bench latency`` (1 x 128 in / 256 out, 2 warm-up and 5 timed
 iterations, prefix caching off so the repeats prefill again) and ``aphrodite bench throughput``
@@ -11,7 +11,8 @@ default as vLLM's reference numbers were taken. Prints vLLM-style lines, then a 
 ``--tp-overlap A,B``: the throughput workloads once per value of the smallest step run as two overlapped
 halves (``Worker.tp_overlap``; 0 = off), in one engine; the table then also gives, for every value after
 the first, the share of requests whose greedy tokens equal the first value's run and the mean index of
-the first differing token (bf16 GEMMs of other row counts may round differently).
+the first differing token (bf16 GEMMs of other row counts may round differently). The first timed run may
+still pay first-use kernel compiles: compare the later runs (e.g. ``0,8192,0``).
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ def test_recorded_specialization_compiles_in_a_child_into_the_shared_cache(tmp_p
     precompile.compile_pending(pending, processes=1, pool=pool)
     assert len(pool.children) == 1 and children[0].returncode == 0
     pool.close()
-    assert children[1].returncode == 0 and not pool.children
+    assert children[1].wait(timeout=60) == 0 and not pool.children
 
     assert precompile._on_disk(jit_fn, data, GPUTarget(*target))
     assert list((tmp_path / "cache").rglob("*.cubin")), "the child wrote no binary"
