@@ -52,8 +52,9 @@ class WorkerProcesses:
     configuration exists (``prestart_workers``): the processes import torch, the worker and Transformers'
     configuration classes while the engine resolves its configuration, then receive it (``start``)."""
 
-    def __init__(self, world: int, device: str = "auto") -> None:
+    def __init__(self, world: int, device: str = "auto", parallel: tuple[int, int, bool] | None = None) -> None:
         self.world_size = world
+        self.parallel = parallel
         disable_nvlink_multicast()          # inherited by every process spawned below
         ctx = mp.get_context("spawn")
         self.mq = ShmBroadcast.create(world, ctx)
@@ -67,7 +68,7 @@ class WorkerProcesses:
             config_reader, config_writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=worker_main, name=f"AphroditeWorker-{rank}", daemon=True,
                                args=(config_reader, rank, init_method, self.mq.handle, writer, self.heartbeats,
-                                     _log_level(), device))
+                                     _log_level(), device, parallel))
             proc.start()
             writer.close()
             config_reader.close()
@@ -106,16 +107,19 @@ def prestart_workers(args: EngineArgs) -> WorkerProcesses | None:
         return None
     # No CUDA query here (the driver's first initialisation takes seconds on a fresh machine): when the
     # configuration picks Ray after all (more ranks than GPUs), ``create_executor`` stops these processes.
-    return WorkerProcesses(world, args.device)
+    return WorkerProcesses(world, args.device, (args.tensor_parallel_size, args.pipeline_parallel_size,
+                                                bool(args.disable_custom_all_reduce)))
 
 
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig, workers: WorkerProcesses | None = None) -> None:
         self.world_size = world = config.parallel.world_size
-        if workers is not None and workers.world_size != world:
+        par = config.parallel
+        parallel = (par.tensor_parallel_size, par.pipeline_parallel_size, par.disable_custom_all_reduce)
+        if workers is not None and (workers.world_size != world or workers.parallel != parallel):
             workers.shutdown()
             workers = None
-        self.workers = workers if workers is not None else WorkerProcesses(world, config.device.type)
+        self.workers = workers if workers is not None else WorkerProcesses(world, config.device.type, parallel)
         self.workers.start(config)
         self._dead: ExecutorDeadError | None = None
         self.mq, self.heartbeats = self.workers.mq, self.workers.heartbeats
@@ -335,10 +339,12 @@ def _log_level() -> int | None:
 
 
 def worker_main(config_conn: Connection, rank: int, init_method: str, handle: BroadcastHandle,
-                conn: Connection, heartbeats: Any, log_level: int | None = None, device: str = "auto") -> None:
+                conn: Connection, heartbeats: Any, log_level: int | None = None, device: str = "auto",
+                parallel: tuple[int, int, bool] | None = None) -> None:
     """A worker process: import what every rank needs (and, unless ``device`` (the engine argument) is
-    "cpu", set up CUDA on GPU ``rank`` when there is one), receive the engine's configuration, build the
-    rank, then run every message the engine broadcasts."""
+    "cpu", set up CUDA on GPU ``rank`` when there is one), join the groups (``parallel``: tensor- and
+    pipeline-parallel sizes, custom all-reduce off), receive the engine's configuration, build the rank,
+    then run every message the engine broadcasts."""
     started = time.time()
     if log_level is not None:
         logging.basicConfig(level=log_level,
@@ -360,10 +366,17 @@ def worker_main(config_conn: Connection, rank: int, init_method: str, handle: Br
         mark_startup("worker process running (spawned)", started)
         _import_config_classes()
         mark_startup("imported torch, the worker and Transformers")
-        if device != "cpu" and torch.cuda.is_available() and rank < torch.cuda.device_count():
+        cuda = device != "cpu" and torch.cuda.is_available() and rank < torch.cuda.device_count()
+        if cuda:
             torch.cuda.set_device(rank)   # the same device the configuration gives this rank
             torch.cuda.init()
             mark_startup("CUDA initialised (before the configuration came)")
+        if parallel is not None:   # the groups need only the sizes: joined while the engine still configures
+            from aphrodite.distributed.parallel_state import init_distributed
+            tp, pp, no_custom = parallel
+            init_distributed(tp * pp, rank, tp, pp, "nccl" if cuda else "gloo", init_method, rank if cuda else 0,
+                             disable_custom_all_reduce=no_custom)
+            mark_startup("joined the parallel groups (before the configuration came)")
         try:
             config: EngineConfig = config_conn.recv()
         except EOFError:   # the engine stopped before it had a configuration to send

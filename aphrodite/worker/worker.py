@@ -21,6 +21,7 @@ from aphrodite.distributed.parallel_state import (
     get_tp_rank,
     init_distributed,
     is_last_pp_rank,
+    model_parallel_is_initialized,
 )
 from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.model_runner import ModelRunner, start_compile_pool
@@ -54,7 +55,7 @@ class Worker:
         # Started first, so that their imports overlap joining the groups and loading the model.
         compile_pool = start_compile_pool(config)
         self.distributed = config.parallel.world_size > 1
-        if self.distributed:
+        if self.distributed and not model_parallel_is_initialized():   # (a prestarted rank joined already)
             if init_method is None:
                 raise ValueError("A worker of a multi-rank run needs an init_method.")
             start = time.perf_counter()
