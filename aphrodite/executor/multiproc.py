@@ -371,6 +371,10 @@ def worker_main(config_conn: Connection, rank: int, init_method: str, handle: Br
             torch.cuda.set_device(rank)   # the same device the configuration gives this rank
             torch.cuda.init()
             mark_startup("CUDA initialised (before the configuration came)")
+        compile_pool = None
+        if cuda and parallel is not None:   # on a cold Triton cache, compile processes import meanwhile
+            from aphrodite.kernels.precompile import pool_if_cold
+            compile_pool = pool_if_cold(max(1, (os.cpu_count() or 2) // (parallel[0] * parallel[1])))
         if parallel is not None:   # the groups need only the sizes: joined while the engine still configures
             from aphrodite.distributed.parallel_state import init_distributed
             tp, pp, no_custom = parallel
@@ -385,7 +389,8 @@ def worker_main(config_conn: Connection, rank: int, init_method: str, handle: Br
         mark_startup("received the configuration")
         if config.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.world_size))
-        worker = Worker(config, rank, rank if config.device.type == "cuda" else 0, init_method)
+        worker = Worker(config, rank, rank if config.device.type == "cuda" else 0, init_method,
+                        compile_pool if config.device.type == "cuda" else None)
         mq = ShmBroadcast.attach(handle, rank, spin_s=0.05 if config.device.type == "cuda" else 1e-4)
         conn.send(("result", worker.is_output_rank))
         # With async scheduling the engine queues step N+1 before it reads step N: the output rank

@@ -262,6 +262,11 @@ def cache_looks_cold(threshold: int = 16) -> bool:
         return True
 
 
+def pool_if_cold(processes: int) -> CompilePool | None:
+    """A ``CompilePool`` of ``processes`` when compiling ahead is on and the cache looks cold, else None."""
+    return CompilePool(processes) if enabled() and cache_looks_cold() else None
+
+
 def compile_pending(pending: PendingCompiles, processes: int, pool: CompilePool | None = None) -> None:
     """Compile what a dry pass recorded in ``processes`` child processes (``python -m`` this module, so no
     user script is re-imported), taken from ``pool`` where it has them; a failure is logged and left to

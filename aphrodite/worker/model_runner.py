@@ -28,8 +28,7 @@ from aphrodite.distributed.parallel_state import (
     is_first_pp_rank,
     is_last_pp_rank,
 )
-from aphrodite.kernels.precompile import CompilePool, cache_looks_cold, compile_ahead
-from aphrodite.kernels.precompile import enabled as precompile_enabled
+from aphrodite.kernels.precompile import CompilePool, compile_ahead, pool_if_cold
 from aphrodite.lora.request import LoRARequest
 from aphrodite.modeling.layers.attention import Attention, AttentionMetadata, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
@@ -137,9 +136,7 @@ class HostBatch:
 def start_compile_pool(config: EngineConfig) -> CompilePool | None:
     """On a fresh machine, compile processes for the start-up's kernels (``precompile.CompilePool``), to
     import torch and Triton while the rank sets up; a warm cache has nothing to compile and needs none."""
-    if config.device.type != "cuda" or not precompile_enabled() or not cache_looks_cold():
-        return None
-    return CompilePool(compile_processes(config))
+    return pool_if_cold(compile_processes(config)) if config.device.type == "cuda" else None
 
 
 def compile_processes(config: EngineConfig) -> int:

@@ -23,6 +23,7 @@ from aphrodite.distributed.parallel_state import (
     is_last_pp_rank,
     model_parallel_is_initialized,
 )
+from aphrodite.kernels.precompile import CompilePool
 from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.model_runner import ModelRunner, start_compile_pool
 from aphrodite.worker.profiler import STARTUP, ProfileSummary, RankProfiler, mark_startup
@@ -42,7 +43,7 @@ def init_parallel_groups(config: EngineConfig, rank: int, local_rank: int, init_
 
 class Worker:
     def __init__(self, config: EngineConfig, rank: int = 0, local_rank: int = 0,
-                 init_method: str | None = None) -> None:
+                 init_method: str | None = None, compile_pool: CompilePool | None = None) -> None:
         disable_nvlink_multicast()
         self.rank = rank
         if config.device.type == "cuda":
@@ -53,7 +54,7 @@ class Worker:
                 mark_startup("CUDA initialised")
         self.config = config
         # Started first, so that their imports overlap joining the groups and loading the model.
-        compile_pool = start_compile_pool(config)
+        compile_pool = compile_pool if compile_pool is not None else start_compile_pool(config)
         self.distributed = config.parallel.world_size > 1
         if self.distributed and not model_parallel_is_initialized():   # (a prestarted rank joined already)
             if init_method is None:
