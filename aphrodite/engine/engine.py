@@ -63,10 +63,11 @@ class _Parent:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, workers: Any = None) -> None:
         self.config = config
-        # Worker processes (mp) load the model while this process loads the tokenizer.
-        self.executor = create_executor(config)
+        # Worker processes (mp) load the model while this process loads the tokenizer; ``workers``: the
+        # processes ``from_engine_args`` started before resolving the configuration.
+        self.executor = create_executor(config, workers)
         try:
             self._start(config)
         except BaseException:
@@ -118,7 +119,16 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, usage_context: str = "llm") -> LLMEngine:
-        return cls(create_engine_config(args, usage_context))
+        # Multi-process ranks start importing torch while this process resolves the configuration.
+        from aphrodite.executor.multiproc import prestart_workers
+        workers = prestart_workers(args)
+        try:
+            config = create_engine_config(args, usage_context)
+        except BaseException:
+            if workers is not None:
+                workers.shutdown()
+            raise
+        return cls(config, workers)
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.config.model.eos_token_ids)

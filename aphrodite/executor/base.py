@@ -93,15 +93,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def create_executor(config: EngineConfig) -> Executor:
-    """The executor ``config.parallel.distributed_executor_backend`` names."""
+def create_executor(config: EngineConfig, workers: Any = None) -> Executor:
+    """The executor ``config.parallel.distributed_executor_backend`` names. ``workers``: processes from
+    ``multiproc.prestart_workers``, which an mp executor takes over (and any other one stops)."""
     backend = config.parallel.distributed_executor_backend
+    if workers is not None and backend != "mp":
+        workers.shutdown()
+        workers = None
     if backend == "uni":
         from aphrodite.executor.uniproc import UniProcExecutor
         return UniProcExecutor(config)
     if backend == "mp":
         from aphrodite.executor.multiproc import MultiprocExecutor
-        return MultiprocExecutor(config)
+        return MultiprocExecutor(config, workers)
     if backend == "ray":
         from aphrodite.executor.ray_executor import RayExecutor
         return RayExecutor(config)

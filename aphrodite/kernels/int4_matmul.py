@@ -44,7 +44,7 @@ import torch
 
 from aphrodite.kernels.precompile import deferring
 from aphrodite.kernels.triton_utils import HAS_TRITON, DeviceFunction, LazyKernel, cdiv, next_pow2, tl, use_triton
-from aphrodite.kernels.w4_wgmma import w4_wgmma_launch, wgmma_supported
+from aphrodite.kernels.w4_wgmma import w4_wgmma_launch, w4_ws_launch, wgmma_supported
 
 __all__ = ["FMT_FP8", "FMT_INT4", "INT4_ORDER", "QuantWeight", "dequantize", "quant_matmul", "quant_matmul_ref",
            "repack_int4", "unpack_int4_cols", "pack_int4_cols", "w4_supported"]
@@ -548,6 +548,10 @@ class Config:
     w4: bool = False           # the batched W4A16 kernel (``_w4_gemm_kernel``) where ``w4_supported`` says so
     ahead: int = 0             # W4A16: codes loaded by Triton's pipeline (0) or 1 / 2 steps ahead in registers
     wgmma: bool = False        # W4A16 through the Gluon kernel (``w4_wgmma``, Hopper): ``stages`` = its ring depth
+    ws: int = 0                # with ``wgmma``: warp-specialized (``w4_ws_launch``), this many dequantized tiles
+    dq: int = 1                # ws: dequantization in PTX pair arithmetic (1) or Gluon's (0)
+    persist: bool = False      # ws: one program per SM walking the work units (the persistent kernel)
+    producers: int = 1         # ws persistent: producer (TMA + dequantization) warpgroups
 
 
 @functools.lru_cache(maxsize=8)
@@ -592,7 +596,8 @@ def _candidates(m: int) -> list[Config]:
 
 def _w4_candidates(m: int) -> list[Config]:
     """Launch shapes of the batched W4A16 kernels for a rows bucket: the Triton kernel's (the first is its
-    untuned default), then the Gluon wgmma kernel's (``_wgmma_candidates``, Hopper only).
+    untuned default), then the Gluon kernels' (``_wgmma_candidates``, and ``_ws_candidates`` from 33 rows;
+    Hopper only).
 
     From an H200 sweep (``benchmarks/gpu/bench_quant_gemm.py``, 2026-11-29): the Triton kernel is
     latency-bound rather than issue- or bandwidth-bound at 16..256 rows, so narrow tiles (BLOCK_N = 64,
@@ -628,7 +633,7 @@ def _w4_candidates(m: int) -> list[Config]:
     else:
         triton_cfgs = [Config(dequant=True), Config(256, 128, 64, splits=1, warps=8, stages=4, w4=True),
                        Config(128, 128, 128, splits=1, warps=8, stages=2, w4=True)]
-    return triton_cfgs + _wgmma_candidates(m)
+    return triton_cfgs + _wgmma_candidates(m) + (_ws_candidates(m) if m > 32 else [])
 
 
 def _wgmma_candidates(m: int) -> list[Config]:
@@ -668,6 +673,10 @@ def w4_supported(x: torch.Tensor, w: QuantWeight, cfg: Config | None = None) -> 
                                           or w.group % cfg.block_k
                                           or not _aligned16(x if w.perm is None else None, w.scales, w.zeros)):
         return False
+    if cfg is not None and cfg.ws and (cfg.block_m != 16 * cfg.warps or cfg.block_k * x.element_size() > 128
+                                       or cfg.block_n // 8 * 4 > 128 or not _aligned16(w.weight)
+                                       or (cfg.producers > 1 and (cfg.stages % 2 or cfg.ws % 2))):
+        return False    # one 64-row consumer warpgroup per 4 warps; TMA boxes within a 128-byte swizzle row
     return (w.k % w.group == 0 and w.group % 16 == 0 and w.n % block_n == 0 and w.weight.stride(1) == 1
             and w.scales.dtype == x.dtype and w.scales.stride(1) == 1
             and (w.zeros is None or (w.zeros.stride() == w.scales.stride() and w.zeros.dtype == x.dtype)))
@@ -715,9 +724,33 @@ def _w4_table(m: int, n: int) -> Config:
 
 
 def _wgmma_c(bm: int, bn: int, bk: int, stages: int, warps: int, target: int = 1, splits: int = 0,
-             swap: bool = False) -> Config:
+             swap: bool = False, ws: int = 0, dq: int = 1, persist: bool = False, producers: int = 1) -> Config:
     return Config(bm, bn, bk, splits=splits, target=target, warps=warps, stages=stages, w4=True, wgmma=True,
-                  swap=swap)
+                  swap=swap, ws=ws, dq=dq, persist=persist, producers=producers)
+
+
+def _ws_candidates(m: int) -> list[Config]:
+    """Shapes of the warp-specialized Gluon W4A16 kernel (``w4_ws_launch``) per rows bucket (64+): ``warps``
+    consumer warps (64 rows a warpgroup, so ``block_m = 16 * warps``), a ``stages``-deep TMA ring, ``ws``
+    dequantized tiles, ``persist`` the persistent form; every shape fits an H200's 227 KB of shared memory.
+    ``dq=0`` (Gluon's dequantization arithmetic instead of the PTX pair form) is offered as a cross-check.
+    Not in the default tables: the first H200 sweep (``bench_w4_gemm.py``, 2026-11-30) measured them correct
+    but at 0.5-0.7x bf16 (gate_up at 1024 rows: 532 us vs 385 for dequantize + cuBLAS), with the producer's
+    scale loads in front of its fence (~2200 cycles a K step); that order is fixed since, unmeasured."""
+    c = _wgmma_c
+    if m <= 64:
+        return [c(64, 128, 64, 6, 4, target=2, ws=3), c(64, 256, 64, 4, 4, target=2, ws=2),
+                c(64, 128, 64, 6, 4, target=2, ws=3, persist=True)]
+    if m <= 128:
+        return [c(128, 128, 64, 6, 8, target=1, ws=3), c(64, 128, 64, 6, 4, target=2, ws=3),
+                c(128, 256, 64, 4, 8, target=1, ws=2, persist=True)]
+    if m <= 256:
+        return [c(128, 256, 64, 4, 8, target=1, ws=2), c(128, 128, 64, 6, 8, target=1, ws=3),
+                c(128, 256, 64, 4, 8, target=1, ws=2, persist=True)]
+    return [c(128, 256, 64, 4, 8, splits=1, ws=2), c(128, 256, 64, 4, 8, splits=1, ws=3),
+            c(128, 256, 64, 4, 8, splits=1, ws=2, persist=True), c(128, 128, 64, 6, 8, splits=1, ws=3, persist=True),
+            c(128, 256, 64, 4, 8, splits=1, ws=2, dq=0),
+            c(128, 128, 64, 6, 8, splits=1, ws=4, persist=True, producers=2)]
 
 
 #: The Gluon wgmma W4A16 shape the engine dispatches on sm_90, per rows bucket: (N < 16384, N >= 16384 i.e.
@@ -743,15 +776,26 @@ def _wgmma_table(m: int, n: int) -> Config | None:
     return cell[1] if n >= 16384 else cell[0]
 
 
+def _dequant_rows(m: int, n: int) -> bool:
+    """Whether dequantize + cuBLAS is the GPU default for ``m`` rows and ``n`` outputs (where no Gluon table
+    cell applies): above 256 rows, and above 192 on the narrower projections. From the H200 sweep
+    (``bench_w4_gemm.py``, 2026-11-30, Llama-3.1-8B): at 512 and 1024 rows it is the fastest int4 path on every
+    projection (0.62-0.81x bf16; the fused kernels reach 0.5-0.7x); at 256 rows it beats the Triton W4A16
+    kernel on qkv (41.8 vs 50.9 us), o (27.7 vs 32.6) and down (92.6 vs 93.1) while gate_up keeps the Gluon
+    kernel (136.8 vs 175.0). Its cost is a fixed weight pass (~19 us on qkv, ~45 on down), so at 128 rows the
+    Triton kernel still wins (down 65.8 vs ~82): the crossover, from both sweeps, is ~170-190 rows."""
+    return m > 256 or (m > 192 and n < 16384)
+
+
 def _default_config(m: int, x: torch.Tensor, w: QuantWeight) -> Config:
     """What runs without the tuner (the engine's default): on sm_90 the Gluon wgmma kernel where its table has
-    the rows bucket; else dequantize + cuBLAS above 256 rows on the GPU (the sweep's best at 1024), the W4A16
-    table where that kernel applies (``APHRODITE_W4A16=0``: neither), else the general kernel's first shape."""
+    the rows bucket; else dequantize + cuBLAS where ``_dequant_rows`` says so (GPU), the W4A16 table where that
+    kernel applies (``APHRODITE_W4A16=0``: neither), else the general kernel's first shape."""
     if m > 1 and _w4_enabled() and x.device.type == "cuda":
         cfg = _wgmma_table(m, w.n)
         if cfg is not None and w4_supported(x, w, cfg) and wgmma_supported(x.device):
             return cfg
-    if m > 256 and x.device.type == "cuda":
+    if x.device.type == "cuda" and _dequant_rows(m, w.n):
         return Config(dequant=True)
     if m > 1 and _w4_enabled():
         cfg = _w4_table(m, w.n)
@@ -868,7 +912,15 @@ def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: 
     dev = x.device
     block_m = max(16, cfg.block_m)
     block_k = _check_group(w, cfg.block_k)      # a power of two inside one group
-    splits = _splits(Config(block_m, cfg.block_n, block_k, cfg.splits, cfg.target), m, n, k, dev)
+    if cfg.ws and not cfg.splits:
+        # One program per SM (its rings fill shared memory): split-K rounds down so the last wave stays whole.
+        tiles = cdiv(n, cfg.block_n) * cdiv(m, block_m)
+        splits = max(1, min(cfg.target * _num_sms(dev) // tiles, k // block_k, 64))
+        if cfg.persist:
+            while (k // block_k) % splits:      # every unit the same number of K steps
+                splits -= 1
+    else:
+        splits = _splits(Config(block_m, cfg.block_n, block_k, cfg.splits, cfg.target), m, n, k, dev)
     k_tiles = k // block_k
     tiles_per_split = cdiv(k_tiles, splits)
     splits = cdiv(k_tiles, tiles_per_split)
@@ -879,6 +931,13 @@ def _launch_w4(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: 
     else:
         part = cnt = out
     magic, base = _W4_MAGIC[x.dtype]
+    if cfg.wgmma and cfg.ws:
+        w4_ws_launch(x, w.weight, w.scales, w.zeros, bias, out, part if splits > 1 else None,
+                     cnt if splits > 1 else None, k=k, n=n, group=w.group, magic=magic, base=base,
+                     block_m=block_m, block_n=cfg.block_n, block_k=block_k, stages=cfg.stages, nb=cfg.ws,
+                     warps=cfg.warps, splits=splits, tiles_per_split=tiles_per_split, dq=cfg.dq,
+                     programs=_num_sms(dev) if cfg.persist else 0, producers=cfg.producers)
+        return
     if cfg.wgmma:
         w4_wgmma_launch(x, w.weight, w.scales, w.zeros, bias, out, part if splits > 1 else None,
                         cnt if splits > 1 else None, k=k, n=n, group=w.group, magic=magic, base=base,

@@ -31,7 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
-from aphrodite.kernels.gemv_gluon import gemv_fp8_launch, gemv_fp8_supported, gemv_w4_launch, gemv_w4_supported
+from aphrodite.kernels.gemv_gluon import (
+    gemv_fp8_launch,
+    gemv_fp8_supported,
+    gemv_w4_launch,
+    gemv_w4_supported,
+    gemv_w4v2_launch,
+    gemv_w4v2_supported,
+)
 from aphrodite.kernels.int4_matmul import (
     FMT_FP8,
     FMT_INT4,
@@ -389,6 +396,10 @@ class GemvConfig:
     gluon: bool = False         # int4 on sm_90: the cp.async-ring kernel (``gemv_gluon``); block_k = rows a step
     stages: int = 4             # gluon: ring depth
     wk: int = 1                 # gluon int4: rows of warps that split each step's K (more warps, same columns)
+    tk: int = 0                 # gluon int4: > 0 picks the version-2 kernel with tk lanes along K (block_k = rows a
+    vec: int = 4                # thread a step, vec = adjacent words a thread); 0: the first Gluon kernel
+    ring: bool = True           # gluon int4 v2: a cp.async ring in shared memory (else register prefetch)
+    maxnreg: int = 0            # gluon int4 v2: ptxas .maxnreg (0: its choice); fewer = more programs an SM
 
 
 def _defaults(w: QuantWeight, rows: int) -> tuple[int, int]:
@@ -419,8 +430,11 @@ def gluon_gemv_ok(x: torch.Tensor, w: QuantWeight, cfg: GemvConfig) -> bool:
     if not (cfg.gluon and wgmma_supported(x.device) and supports(x, w)):
         return False
     if w.fmt == FMT_INT4:
-        return (cfg.block_k > 0 and gemv_w4_supported(w.n, w.k, w.group, cfg.block_k, cfg.warps, cfg.wk)
-                and _aligned16(x, w.weight, w.scales, w.zeros))
+        if cfg.block_k <= 0 or not _aligned16(x, w.weight, w.scales, w.zeros):
+            return False
+        if cfg.tk:
+            return gemv_w4v2_supported(w.n, w.k, w.group, cfg.block_k, cfg.vec, cfg.tk, cfg.warps, cfg.wk)
+        return gemv_w4_supported(w.n, w.k, w.group, cfg.block_k, cfg.warps, cfg.wk)
     return (_per_channel(w) and cfg.block > 0 and gemv_fp8_supported(w.n, w.k, cfg.block, cfg.warps)
             and _aligned16(w.weight) and cfg.block // cfg.warps * 16 * x.shape[0] <= 256)   # fp32 sums a thread
 
@@ -485,10 +499,17 @@ def gluon_gemv_candidates(fmt: int) -> list[GemvConfig]:
                 GemvConfig(block=16, warps=8, stages=4, gluon=True)]
     def g(ks: int, warps: int, target: int, stages: int = 4, wk: int = 1) -> GemvConfig:
         return GemvConfig(block_k=ks, warps=warps, target=target, stages=stages, gluon=True, wk=wk)
-    # The work is one FMA-ish chain per weight (~4 instructions), so it needs many warps an SM: wk rows of warps
-    # share a column block (and a 128-row step), which adds warps without more split-K partials.
-    return [g(32, 4, 4, wk=4), g(16, 8, 3, wk=8), g(32, 8, 2, wk=4), g(32, 4, 3, wk=2), g(32, 2, 4),
-            g(32, 1, 8, stages=6)]
+
+    def v2(r: int, vec: int, tk: int, warps: int, target: int, stages: int = 8, wk: int = 1,
+           ring: bool = True, regs: int = 0) -> GemvConfig:
+        return GemvConfig(block_k=r, vec=vec, tk=tk, warps=warps, target=target, stages=stages, gluon=True, wk=wk,
+                          ring=ring, maxnreg=regs)
+    # Version 2 (a thread reads back what it copied; small steps, many programs an SM): r rows x vec words a
+    # thread, tk lanes along K. Version 1: wk rows of warps share a column block (and a 128-row step).
+    # Measured on an H200 (benchmarks/gpu/check_w4_gemv.py, weights cycled past the L2): version 1 is the
+    # fastest at 1..4 rows; version 2's best shapes (narrow: 32 or 16 words a program) trail it by 5-15 %.
+    return [g(32, 2, 4), g(32, 4, 4, wk=4), g(32, 1, 8, stages=6),
+            v2(2, 1, 4, 4, 8, stages=3, ring=False), v2(4, 1, 8, 4, 8, stages=4, ring=False)]
 
 
 #: The Gluon GEMV shape the engine runs on sm_90 per (format, rows); missing: the Triton GEMV's default. Filled
@@ -496,7 +517,27 @@ def gluon_gemv_candidates(fmt: int) -> list[GemvConfig]:
 #: the Triton GEMV's 8.5 / 7.1 / 35.8 / 22.8 on the 8B shape's qkv / o / gate_up / down).
 _GLUON_DEFAULT: dict[tuple[int, int], GemvConfig] = {
     (FMT_FP8, 1): GemvConfig(block=8, warps=4, stages=4, gluon=True),
+    # int4 (check_w4_gemv.py on an H200, us, weights cycled past the L2; M=1: qkv / o / gate_up 11.2 / 10.5 /
+    # 29.1 against the Triton GEMV's 12.5 / 10.8 / 37.1; M=2: qkv 14.7 vs 19.8, o 13.2 vs 17.4, gate_up 39.2
+    # vs 84.4; M=4: qkv 24.5 vs 36.2, gate_up 62.8 vs 94.0, o 23.1 vs 20.3)
+    (FMT_INT4, 1): GemvConfig(block_k=32, warps=2, target=4, stages=4, gluon=True),
+    (FMT_INT4, 2): GemvConfig(block_k=32, warps=2, target=4, stages=4, gluon=True),
+    (FMT_INT4, 4): GemvConfig(block_k=32, warps=2, target=4, stages=4, gluon=True),
 }
+
+#: int4 with a long K (down_proj: 14336), where two warps a 32-word column block leave too few warps an SM:
+#: four warp rows share each 128-row step (M=1: 20.2 us against the Triton GEMV's 22.0 and 25.0 for the shape
+#: above); at 2 and 4 rows the Triton GEMV is as fast (28.9 / 57.1 vs 31.1 / 58.8 us), so it stays.
+_LONG_K = 8192
+_GLUON_DEFAULT_LONG_K: dict[tuple[int, int], GemvConfig] = {
+    (FMT_INT4, 1): GemvConfig(block_k=32, warps=4, target=4, stages=4, gluon=True, wk=4),
+}
+
+
+def _gluon_default(fmt: int, rows: int, k: int) -> GemvConfig | None:
+    """The Gluon shape the engine runs for (format, rows, K) on sm_90; None: the Triton GEMV's default."""
+    table = _GLUON_DEFAULT_LONG_K if fmt == FMT_INT4 and k > _LONG_K else _GLUON_DEFAULT
+    return table.get((fmt, rows))
 
 
 def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> GemvConfig:
@@ -507,7 +548,7 @@ def _config_for(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None) -> G
     if cfg is not None:
         return cfg
     default = _candidates(w)[0]
-    gluon = _GLUON_DEFAULT.get((w.fmt, x.shape[0]))
+    gluon = _gluon_default(w.fmt, x.shape[0], w.k)
     if gluon is not None and gluon_gemv_ok(x, w, gluon):
         default = gluon
     if x.device.type != "cuda" or not _tuning_enabled() or torch.cuda.is_current_stream_capturing():
@@ -543,6 +584,12 @@ def _launch(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, out: tor
     if w.fmt == FMT_FP8 and gluon_gemv_ok(x, w, cfg):
         gemv_fp8_launch(x, w.weight, w.scales.reshape(-1), bias, out, block_n=cfg.block, stages=cfg.stages,
                         warps=cfg.warps)
+        return
+    if w.fmt == FMT_INT4 and cfg.tk and gluon_gemv_ok(x, w, cfg):
+        gemv_w4v2_launch(x, w.weight, w.scales, w.zeros, bias, out, n=n, group=w.group, r=cfg.block_k, v=cfg.vec,
+                         tk=cfg.tk, wk=cfg.wk, stages=cfg.stages, warps=cfg.warps, target=cfg.target,
+                         num_sms=_num_sms(dev), counters=_counters, splits=cfg.splits, ring=cfg.ring,
+                         maxnreg=cfg.maxnreg)
         return
     if w.fmt == FMT_INT4 and gluon_gemv_ok(x, w, cfg):
         gemv_w4_launch(x, w.weight, w.scales, w.zeros, bias, out, n=n, group=w.group, ks=cfg.block_k,

@@ -121,9 +121,23 @@ def _prepare_interpreter() -> None:
     twins: dict[int, Any] = {}
     owners = (tl, tl_standard, tl_random, tl.tensor)
 
+    class Twin(interp.InterpretedFunction):
+        """A device function called from an interpreted kernel. Triton's own call patches ``triton.language``
+        for the interpreter and never restores it, which breaks every later compile in the process (the
+        sm_90 compile tests); this one restores its patches on return."""
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            scope = interp._patch_lang(self.fn)
+            try:
+                return self.rewrite()(*args, **kwargs)
+            except Exception as e:
+                raise interp.InterpreterError(repr(e)) from e
+            finally:
+                scope.restore()
+
     def twin(fn: Any) -> Any:
         if id(fn) not in twins:
-            twins[id(fn)] = interp.InterpretedFunction(fn.fn)
+            twins[id(fn)] = Twin(fn.fn)
         return twins[id(fn)]
 
     original_core = interp._patch_lang_core

@@ -168,6 +168,22 @@ def _int32(array: np.ndarray | None, values: list[int]) -> np.ndarray:
     return array if array is not None else np.asarray(values, dtype=np.int32)
 
 
+def slice_metadata(meta: AttentionMetadata, first: int, last: int) -> AttentionMetadata:
+    """The layout of sequences ``first..last-1`` of ``meta``'s batch on their own (their tokens are the
+    contiguous run ``query_start_loc[first]..query_start_loc[last]``), as views of its device tensors."""
+    q0, q1 = meta.query_start_loc_cpu[first], meta.query_start_loc_cpu[last]
+    starts = meta.query_start_loc[first:last + 1]
+    starts_cpu = [q - q0 for q in meta.query_start_loc_cpu[first:last + 1]]
+    seq_lens_cpu = meta.seq_lens_cpu[first:last]
+    num_decodes = max(0, min(meta.num_decodes, last) - first)
+    return AttentionMetadata(
+        num_decodes=num_decodes, query_start_loc=starts - q0 if q0 else starts,
+        seq_lens=meta.seq_lens[first:last], block_tables=meta.block_tables[first:last],
+        slot_mapping=meta.slot_mapping[q0:q1], max_query_len=max(b - a for a, b in zip(starts_cpu, starts_cpu[1:])),
+        max_seq_len=max(seq_lens_cpu), max_decode_seq_len=max(seq_lens_cpu[:num_decodes], default=0),
+        query_start_loc_cpu=starts_cpu, seq_lens_cpu=seq_lens_cpu)
+
+
 class BitmaskUpload:
     """The grammar bitmask's way to the device: a persistent device buffer filled from two alternating pinned
     staging buffers, like the step inputs (a 128k vocabulary's mask is 4 MiB per 256 rows: pinning a fresh
