@@ -3,10 +3,19 @@
 TP collectives are free no-ops with one rank. The all-reduce goes to the custom one-shot
 all-reduce over CUDA IPC buffers when one is set up and the message is small enough for it
 (decode: a few KB per layer), and to torch.distributed (NCCL / gloo) otherwise.
+
+``run_overlapped`` runs two halves of a large step so that one half's all-reduces (NCCL, on its own
+stream) proceed while the device computes the other half: each half runs the model on a thread of
+its own, and the two take turns, switching at every all-reduce (issued asynchronously, waited for
+only when that half resumes). Only one thread runs at a time and the switch points are the same on
+every rank, so the ranks issue their collectives in the same order.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -49,11 +58,96 @@ def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
     through torch.distributed; a new tensor from the custom all-reduce)."""
     if get_tensor_model_parallel_world_size() == 1:
         return x
+    turns = getattr(_THREAD, "turns", None)
+    if turns is not None:   # inside run_overlapped: the other half computes while this one reduces
+        work = torch.distributed.all_reduce(x, group=get_tensor_model_parallel_group(), async_op=True)
+        turns.hand_over(_THREAD.index)
+        work.wait()
+        return x
     custom = _CUSTOM_AR
     if custom is not None and custom.should_use(x):
         return custom.all_reduce(x)
     torch.distributed.all_reduce(x, group=get_tensor_model_parallel_group())
     return x
+
+
+# ----------------------------------------------------------------------------- two halves, overlapped
+
+_THREAD = threading.local()   # .turns / .index: set on the threads of run_overlapped
+T = TypeVar("T")
+
+
+class _Turns:
+    """Two threads taking turns: ``hand_over`` passes the turn to the other thread (unless it has
+    finished) and returns when the turn comes back."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.turn = 0
+        self.finished = [False, False]
+
+    def wait(self, i: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == i)
+
+    def hand_over(self, i: int) -> None:
+        with self.cond:
+            if self.finished[1 - i]:
+                return
+            self.turn = 1 - i
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.turn == i)
+
+    def finish(self, i: int) -> None:
+        with self.cond:
+            self.finished[i] = True
+            self.turn = 1 - i
+            self.cond.notify_all()
+
+
+def run_overlapped(first: Callable[[], T], second: Callable[[], T]) -> tuple[T, T]:
+    """``(first(), second())``, run in turns that switch at every TP all-reduce (see the module doc).
+
+    ``first`` runs on this thread, ``second`` on a helper thread that takes this thread's CUDA device,
+    stream and inference mode, so both halves' kernels queue on one stream in turn order."""
+    turns = _Turns()
+    results: list[Any] = [None, None]
+    errors: list[BaseException] = []
+    stream = torch.cuda.current_stream() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    inference = torch.is_inference_mode_enabled()
+
+    def helper_context() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if stream is not None:
+            torch.cuda.set_device(stream.device)
+            stack.enter_context(torch.cuda.stream(stream))
+        stack.enter_context(torch.inference_mode(inference))
+        return stack
+
+    def run(i: int, fn: Callable[[], T]) -> None:
+        _THREAD.turns, _THREAD.index = turns, i
+        try:
+            turns.wait(i)
+            if errors:
+                return
+            if i == 0:
+                results[0] = fn()
+            else:
+                with helper_context():
+                    results[1] = fn()
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            _THREAD.turns = None
+            turns.finish(i)
+
+    helper = threading.Thread(target=run, args=(1, second), name="overlapped-half", daemon=True)
+    helper.start()
+    run(0, first)
+    helper.join()
+    if errors:
+        raise errors[0]
+    return results[0], results[1]
 
 
 def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

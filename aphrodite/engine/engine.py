@@ -3,6 +3,10 @@
 With async scheduling (``EngineConfig.async_scheduling``) each ``step()`` schedules and
 queues step N+1 before it reads step N's sampled tokens, so the host's scheduling and input
 building overlap the device's work; the outputs a call returns are those of the step before.
+A structured-output request's token bitmask needs the token still in flight, so such a step is
+sent with ``grammar_pending``: the device runs its forward pass while the engine absorbs step N,
+advances the grammars and fills the mask, which follows as a ``GrammarBitmask`` that only the
+step's sampler waits for (vLLM's deferred structured-output sampling).
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
+import numpy as np
+
 from aphrodite.config import EngineConfig, create_engine_config
 from aphrodite.engine.kv_cache import KVCacheManager
 from aphrodite.engine.request import FINISHED_STATUSES as _FINISHED
@@ -30,7 +36,7 @@ from aphrodite.lora.request import LoRARequest
 from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput
 from aphrodite.sampling_params import SamplingParams
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs
-from aphrodite.worker.step_plan import NewRequestData, StepPlan
+from aphrodite.worker.step_plan import GrammarBitmask, NewRequestData, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -56,21 +62,12 @@ class _Parent:
         return True
 
 
-class _Ready:
-    """A step result already read (a ``ResultFuture`` that answers at once)."""
-
-    def __init__(self, result: ModelRunnerOutput) -> None:
-        self._result = result
-
-    def result(self) -> ModelRunnerOutput:
-        return self._result
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, workers: Any = None) -> None:
         self.config = config
-        # Worker processes (mp) load the model while this process loads the tokenizer.
-        self.executor = create_executor(config)
+        # Worker processes (mp) load the model while this process loads the tokenizer; ``workers``: the
+        # processes ``from_engine_args`` started before resolving the configuration.
+        self.executor = create_executor(config, workers)
         try:
             self._start(config)
         except BaseException:
@@ -122,7 +119,16 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, usage_context: str = "llm") -> LLMEngine:
-        return cls(create_engine_config(args, usage_context))
+        # Multi-process ranks start importing torch while this process resolves the configuration.
+        from aphrodite.executor.multiproc import prestart_workers
+        workers = prestart_workers(args)
+        try:
+            config = create_engine_config(args, usage_context)
+        except BaseException:
+            if workers is not None:
+                workers.shutdown()
+            raise
+        return cls(config, workers)
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.config.model.eos_token_ids)
@@ -141,8 +147,12 @@ class LLMEngine:
                 if self._structured is None:
                     from aphrodite.structured_output import StructuredOutputManager
                     # A private tokenizer copy: the engine thread keeps using its own concurrently.
+                    # An in-process GPU worker copies the masks to the device straight from pinned buffers.
+                    in_process_gpu = self.config.device.type == "cuda" and \
+                        self.config.parallel.distributed_executor_backend == "uni"
                     self._structured = StructuredOutputManager(
-                        copy.deepcopy(self.tokenizer), self.config.model.hf_config.vocab_size, self.eos_token_ids)
+                        copy.deepcopy(self.tokenizer), self.config.model.hf_config.vocab_size, self.eos_token_ids,
+                        pin_memory=in_process_gpu)
         return self._structured
 
     def compile_structured_outputs(self, params: Iterable[SamplingParams]) -> None:
@@ -184,36 +194,24 @@ class LLMEngine:
                     self.requests.pop(c.request_id, None)
         return outputs
 
-    def _fill_grammar_bitmask(self, sched: SchedulerOutput) -> None:
-        """Token bitmask of the constrained requests that sample in ``sched`` (before it advances)."""
+    def _grammar_rows(self, sched: SchedulerOutput) -> list[int]:
+        """Rows of ``sched`` (before it advances) where a constrained request samples: they need its mask."""
         if self._structured is None:    # no grammar was ever compiled: no request is constrained
-            return
-        rows = [i for i, (r, n) in enumerate(zip(sched.requests, sched.num_tokens))
-                if r.grammar is not None and r.num_computed_tokens + n == r.num_tokens_with_pending
-                and not r.grammar.failed and not r.grammar.terminated]
-        if not rows:
-            return
-        manager = self.structured_output
-        bitmask = manager.new_bitmask(len(sched.requests))
-        manager.fill_many(bitmask, rows, [sched.requests[i].grammar for i in rows])
-        sched.grammar_bitmask = bitmask
+            return []
+        return [i for i, (r, n) in enumerate(zip(sched.requests, sched.num_tokens))
+                if r.grammar is not None and r.num_computed_tokens + n == r.num_tokens_with_pending]
 
-    def _accept_inflight_tokens(self, sched: SchedulerOutput) -> None:
-        """Async scheduling: a constrained request's bitmask needs its tokens still in flight, so wait for
-        the steps in flight that sampled for it and advance the matchers now (this step loses its overlap)."""
-        if not self._inflight or self._structured is None or \
-                not any(r.grammar is not None and r.num_pending_tokens for r in sched.requests):
-            return
-        for k, (prev_sched, fut) in enumerate(self._inflight):
-            if not any(r.grammar is not None for r in prev_sched.requests):
-                continue
-            result = fut.result()
-            self._inflight[k] = (prev_sched, _Ready(result))    # a future may be read only once
-            for i, r in enumerate(prev_sched.requests):
-                tok = result.sampled[i]
-                if tok is not None and r.grammar is not None and not r.is_finished \
-                        and r.grammar.num_accepted == r.num_output_tokens:
-                    r.grammar.accept(tok)
+    def _grammar_bitmask(self, sched: SchedulerOutput, rows: list[int]) -> np.ndarray | None:
+        """The token bitmask of ``sched`` from its constrained rows' grammars, which must have accepted every
+        token sampled before this step. Rows of requests that ended meanwhile (their token of this step is
+        dropped) and of grammars that are complete or failed stay all ones; None when no row is left. The
+        array is the manager's reused buffer: sending the step copies it."""
+        reqs = sched.requests
+        rows = [i for i in rows if not reqs[i].is_finished and not reqs[i].grammar.failed
+                and not reqs[i].grammar.terminated]
+        if not rows:
+            return None
+        return self.structured_output.batch_bitmask(len(reqs), rows, [reqs[i].grammar for i in rows])
 
     # ---- requests ---------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -381,33 +379,60 @@ class LLMEngine:
             sched = self._schedule()
             if sched is None:
                 return early
-            self._fill_grammar_bitmask(sched)
+            sched.grammar_bitmask = self._grammar_bitmask(sched, self._grammar_rows(sched))
             result = self.executor.execute(self._plan(sched))
             self._advance(sched)
             return early + self._process(sched, result, finished_only)
         try:
             sched = self._schedule(allow_empty=bool(self._inflight))
             if sched is not None:
-                self._accept_inflight_tokens(sched)
-                self._fill_grammar_bitmask(sched)
-                self._inflight.append((sched, self.executor.execute_async(self._plan(sched))))
+                # A constrained row whose last token is still in flight cannot have its mask yet: the step's
+                # forward pass is sent now, and the mask once that token is in (below), before its sampler.
+                grammar_rows = self._grammar_rows(sched)
+                pending = bool(grammar_rows) and any(sched.requests[i].num_pending_tokens for i in grammar_rows)
+                if grammar_rows and not pending:
+                    sched.grammar_bitmask = self._grammar_bitmask(sched, grammar_rows)
+                plan = self._plan(sched)
+                plan.grammar_pending = pending
+                self._inflight.append((sched, self.executor.execute_async(plan)))
                 self._advance(sched)
                 for r in sched.requests:
                     r.num_in_flight += 1
+                if pending:
+                    return early + self._process_then_mask(sched, grammar_rows, plan.step_id, finished_only)
                 if len(self._inflight) < self._depth:
                     return early
             if not self._inflight:
                 return early
-            prev, future = self._inflight.popleft()
-            for r in prev.requests:
-                r.num_in_flight -= 1
-            return early + self._process(prev, future.result(), finished_only)
+            return early + self._process_oldest(finished_only)
         except BaseException:
             for prev, _ in self._inflight:
                 for r in prev.requests:
                     r.num_in_flight -= 1
             self._inflight.clear()
             raise
+
+    def _process_oldest(self, finished_only: bool) -> list[RequestOutput]:
+        """Read and absorb the oldest step in flight."""
+        prev, future = self._inflight.popleft()
+        for r in prev.requests:
+            r.num_in_flight -= 1
+        return self._process(prev, future.result(), finished_only)
+
+    def _process_then_mask(self, sched: SchedulerOutput, grammar_rows: list[int], step_id: int,
+                           finished_only: bool) -> list[RequestOutput]:
+        """``sched`` was sent with ``grammar_pending``: absorb every step before it (their tokens advance the
+        grammars), then send its bitmask. The device runs its forward pass meanwhile; its sampler waits for
+        the mask, which is sent even when absorbing fails, so the workers never wait for it in vain."""
+        outputs: list[RequestOutput] = []
+        mask = None
+        try:
+            while len(self._inflight) > 1:
+                outputs += self._process_oldest(finished_only)
+            mask = self._grammar_bitmask(sched, grammar_rows)
+        finally:
+            self.executor.sample_async(GrammarBitmask(step_id, mask))
+        return outputs
 
     def shutdown(self) -> None:
         """Stop the executor's ranks (worker processes or actors); the engine runs nothing afterwards."""
@@ -469,6 +494,8 @@ class LLMEngine:
         ``_absorb``. With ``finished_only`` only the requests that ended can complete a user request, so
         only their parents are looked at."""
         sampled, logprobs = result.sampled, result.logprobs
+        if self._structured is not None:
+            self._accept_tokens(sched, sampled)
         prompt_lps = result.prompt_logprobs if any(result.prompt_logprobs) else None
         max_len = self.config.scheduler.max_model_len
         parents = self.parents
@@ -479,7 +506,7 @@ class LLMEngine:
             if req.status in _FINISHED:
                 continue
             token = sampled[i]
-            if token is None or logprobs[i] is not None or req.grammar is not None or req.detokenizer is not None \
+            if token is None or logprobs[i] is not None or req.detokenizer is not None \
                     or (prompt_lps is not None and prompt_lps[i]):
                 status = self._absorb(req, result, i)
                 generated += token is not None
@@ -491,6 +518,8 @@ class LLMEngine:
                     req.num_pending_tokens -= 1
                 generated += 1
                 status = check_stop_token(req, token, max_len)
+                if req.grammar is not None:     # its token was accepted by ``_accept_tokens``
+                    status = self._grammar_status(req, token, status)
             if status is not None:
                 ended.append((req, status))
             elif finished_only:
@@ -513,6 +542,32 @@ class LLMEngine:
                 for c in parent.children:
                     self.requests.pop(c.request_id, None)
         return outputs
+
+    def _accept_tokens(self, sched: SchedulerOutput, sampled: list[int | None]) -> None:
+        """Advance the grammars of the step's constrained requests with their new tokens, all at once (in
+        parallel for a large batch) before ``_absorb`` looks at each request's result."""
+        states, tokens = [], []
+        for req, token in zip(sched.requests, sampled):
+            grammar = req.grammar
+            if grammar is not None and token is not None and req.status not in _FINISHED \
+                    and grammar.num_accepted == req.num_output_tokens:
+                states.append(grammar)
+                tokens.append(token)
+        if states:
+            self.structured_output.accept_many(states, tokens)
+
+    @staticmethod
+    def _grammar_status(req: Request, token: int, status: RequestStatus | None) -> RequestStatus | None:
+        """A constrained request's status after its new token: aborted when the grammar rejected it, stopped
+        when it completed the grammar (else ``status``, from the stop checks)."""
+        grammar = req.grammar
+        if grammar.num_accepted < req.num_output_tokens:    # not accepted ahead by ``_accept_tokens``
+            grammar.accept(token)
+        if grammar.failed:
+            return RequestStatus.FINISHED_ABORTED
+        if status is None and grammar.terminated:
+            return RequestStatus.FINISHED_STOPPED     # the grammar is complete
+        return status
 
     def _finish_many(self, ended: list[tuple[Request, RequestStatus]]) -> None:
         """``_finish`` for each (request, status), in order."""
@@ -537,10 +592,7 @@ class LLMEngine:
                 req.logprobs.append(self._logprob_dict(entry))
         status = check_stop_token(req, token, self.config.scheduler.max_model_len)
         if req.grammar is not None:
-            if req.grammar.num_accepted < req.num_output_tokens and not req.grammar.accept(token):
-                status = RequestStatus.FINISHED_ABORTED
-            elif status is None and req.grammar.terminated:
-                status = RequestStatus.FINISHED_STOPPED     # the grammar is complete
+            status = self._grammar_status(req, token, status)
         if req.detokenizer is not None:
             if status != RequestStatus.FINISHED_STOPPED or req.params.include_stop_str_in_output:
                 status = self._append_text(req, req.detokenizer.step([token]), status)

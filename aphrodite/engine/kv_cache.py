@@ -80,9 +80,10 @@ class KVCacheManager:
     # ---- allocation -------------------------------------------------------
     def allocate(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Give ``request`` room for ``num_new_tokens`` more tokens; False (and no change) if full."""
-        if not cached_blocks and not self.sliding_window:
+        if not cached_blocks and not (self.sliding_window and self._window_passed(request)):
             # The common decode step: the tokens fit in the blocks held and no block fills up, so there
-            # is nothing to take or to name (what the general path below would conclude, cheaply).
+            # is nothing to take or to name (what the general path below would conclude, cheaply); with a
+            # sliding window, also no block to give back yet.
             total = request.num_computed_tokens + num_new_tokens
             if total <= len(request.block_ids) * self.block_size and (
                     not self.enable_prefix_caching
@@ -115,12 +116,21 @@ class KVCacheManager:
             self._free_outside_window(request)
         return True
 
-    def _free_outside_window(self, request: Request) -> None:
-        """Release the blocks every future query's window has passed: the next token to compute sits
-        at ``num_computed_tokens`` and sees keys after ``num_computed_tokens - window``."""
+    def _window_span(self, request: Request) -> tuple[int, int]:
+        """(leading blocks already given back, leading blocks every future query's window has passed): the
+        next token to compute sits at ``num_computed_tokens`` and sees keys after ``num_computed_tokens - window``."""
         first_needed = request.num_computed_tokens - self.sliding_window + 1
         done = self.window_freed.get(request.request_id, 0)
-        upto = min(max(first_needed, 0) // self.block_size, len(request.block_ids))
+        return done, min(max(first_needed, 0) // self.block_size, len(request.block_ids))
+
+    def _window_passed(self, request: Request) -> bool:
+        """Whether ``_free_outside_window`` has a block to give back."""
+        done, upto = self._window_span(request)
+        return upto > done
+
+    def _free_outside_window(self, request: Request) -> None:
+        """Release the blocks every future query's window has passed."""
+        done, upto = self._window_span(request)
         if upto > done:
             self._release(request.block_ids[done:upto])
             self.window_freed[request.request_id] = upto

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from aphrodite.config import EngineConfig
 from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.step_future import ModelRunnerOutput
-from aphrodite.worker.step_plan import StepPlan
+from aphrodite.worker.step_plan import GrammarBitmask, StepPlan
 
 
 class ExecutorDeadError(RuntimeError):
@@ -42,6 +42,12 @@ class Executor:
 
     def execute(self, plan: StepPlan) -> ModelRunnerOutput:
         return self.execute_async(plan).result()
+
+    def sample_async(self, mask: GrammarBitmask) -> None:
+        """Send the grammar bitmask of the step last sent with ``grammar_pending``: every rank has queued
+        its forward pass and samples once this arrives; the step's future (from ``execute_async``)
+        answers after that. The next step may be sent only after this."""
+        raise NotImplementedError
 
     def shutdown(self) -> None:
         """Stop every rank; safe to call more than once."""
@@ -87,15 +93,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def create_executor(config: EngineConfig) -> Executor:
-    """The executor ``config.parallel.distributed_executor_backend`` names."""
+def create_executor(config: EngineConfig, workers: Any = None) -> Executor:
+    """The executor ``config.parallel.distributed_executor_backend`` names. ``workers``: processes from
+    ``multiproc.prestart_workers``, which an mp executor takes over (and any other one stops)."""
     backend = config.parallel.distributed_executor_backend
+    if workers is not None and backend != "mp":
+        workers.shutdown()
+        workers = None
     if backend == "uni":
         from aphrodite.executor.uniproc import UniProcExecutor
         return UniProcExecutor(config)
     if backend == "mp":
         from aphrodite.executor.multiproc import MultiprocExecutor
-        return MultiprocExecutor(config)
+        return MultiprocExecutor(config, workers)
     if backend == "ray":
         from aphrodite.executor.ray_executor import RayExecutor
         return RayExecutor(config)

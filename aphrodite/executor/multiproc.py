@@ -25,11 +25,12 @@ from typing import Any
 
 from aphrodite.config import EngineConfig
 from aphrodite.distributed.parallel_state import disable_nvlink_multicast
+from aphrodite.engine_args import EngineArgs
 from aphrodite.executor.base import Executor, ExecutorDeadError, free_port, hang_timeout_s, step_timeout_s
 from aphrodite.executor.shm_broadcast import BroadcastHandle, ShmBroadcast
 from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.step_future import ModelRunnerOutput
-from aphrodite.worker.step_plan import StepPlan
+from aphrodite.worker.step_plan import GrammarBitmask, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -46,28 +47,84 @@ class _Future:
         return self._executor._result(self._seq)
 
 
-class MultiprocExecutor(Executor):
-    def __init__(self, config: EngineConfig) -> None:
-        self.world_size = world = config.parallel.world_size
+class WorkerProcesses:
+    """One spawned process per rank and the channels to them. They can start before the engine's
+    configuration exists (``prestart_workers``): the processes import torch, the worker and Transformers'
+    configuration classes while the engine resolves its configuration, then receive it (``start``)."""
+
+    def __init__(self, world: int, device: str = "auto", parallel: tuple[int, int, bool] | None = None) -> None:
+        self.world_size = world
+        self.parallel = parallel
         disable_nvlink_multicast()          # inherited by every process spawned below
         ctx = mp.get_context("spawn")
-        self._dead: ExecutorDeadError | None = None
         self.mq = ShmBroadcast.create(world, ctx)
         self.heartbeats = ctx.Array("d", world, lock=False)
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        cuda = config.device.type == "cuda"
         self.procs: list[Any] = []
         self.conns: list[Connection] = []
+        self._config_conns: list[Connection] = []
         for rank in range(world):
             reader, writer = ctx.Pipe(duplex=False)
+            config_reader, config_writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=worker_main, name=f"AphroditeWorker-{rank}", daemon=True,
-                               args=(config, rank, rank if cuda else 0, init_method, self.mq.handle, writer,
-                                     self.heartbeats, _log_level()))
+                               args=(config_reader, rank, init_method, self.mq.handle, writer, self.heartbeats,
+                                     _log_level(), device, parallel))
             proc.start()
             writer.close()
+            config_reader.close()
             self.procs.append(proc)
             self.conns.append(reader)
-        self._finalizer = weakref.finalize(self, _stop_workers, self.procs, self.mq)
+            self._config_conns.append(config_writer)
+        self._started = False
+        self._finalizer = weakref.finalize(self, _stop_workers, self.procs, self.mq, self._config_conns)
+
+    def start(self, config: EngineConfig) -> None:
+        """Send every rank the configuration it builds itself from (a rank already gone shows up as dead
+        when the executor waits for it)."""
+        self._started = True
+        for conn in self._config_conns:
+            try:
+                conn.send(config)
+            except OSError:
+                pass
+            conn.close()
+
+    def shutdown(self) -> None:
+        """Stop the processes; ones never sent a configuration hold nothing yet and are terminated at once."""
+        if not self._started:
+            for proc in self.procs:
+                proc.terminate()
+        self._finalizer()
+
+
+def prestart_workers(args: EngineArgs) -> WorkerProcesses | None:
+    """The worker processes of a multi-process engine, started before ``create_engine_config`` resolves
+    ``args`` (which imports Transformers and reads the model's config, seconds on a cold start), or None
+    when the engine will not run on this host's processes. ``APHRODITE_PRESTART_WORKERS=0`` turns it off."""
+    world = args.tensor_parallel_size * args.pipeline_parallel_size
+    backend = args.distributed_executor_backend
+    if world <= 1 or backend not in (None, "mp") or os.environ.get("APHRODITE_PRESTART_WORKERS", "1") == "0":
+        return None
+    # No CUDA query here (the driver's first initialisation takes seconds on a fresh machine): when the
+    # configuration picks Ray after all (more ranks than GPUs), ``create_executor`` stops these processes.
+    return WorkerProcesses(world, args.device, (args.tensor_parallel_size, args.pipeline_parallel_size,
+                                                bool(args.disable_custom_all_reduce)))
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: EngineConfig, workers: WorkerProcesses | None = None) -> None:
+        self.world_size = world = config.parallel.world_size
+        par = config.parallel
+        parallel = (par.tensor_parallel_size, par.pipeline_parallel_size, par.disable_custom_all_reduce)
+        if workers is not None and (workers.world_size != world or workers.parallel != parallel):
+            workers.shutdown()
+            workers = None
+        self.workers = workers if workers is not None else WorkerProcesses(world, config.device.type, parallel)
+        self.workers.start(config)
+        self._dead: ExecutorDeadError | None = None
+        self.mq, self.heartbeats = self.workers.mq, self.workers.heartbeats
+        self.procs, self.conns = self.workers.procs, self.workers.conns
+        self._finalizer = self.workers._finalizer
         self._sent = 0                  # steps written
         self._received = 0              # step results read
         self._results: dict[int, ModelRunnerOutput] = {}
@@ -134,6 +191,15 @@ class MultiprocExecutor(Executor):
             self._fail(f"Sending a step to the workers failed: {type(e).__name__}: {e}")
         self._sent += 1
         return _Future(self, self._sent)
+
+    def sample_async(self, mask: GrammarBitmask) -> None:
+        self._check()
+        try:
+            self.mq.enqueue(mask, self._alive)
+        except ExecutorDeadError:
+            raise
+        except BaseException as e:
+            self._fail(f"Sending a grammar bitmask to the workers failed: {type(e).__name__}: {e}")
 
     def _result(self, seq: int) -> ModelRunnerOutput:
         while seq not in self._results:
@@ -215,9 +281,11 @@ class MultiprocExecutor(Executor):
         self._finalizer()
 
 
-def _stop_workers(procs: list[Any], mq: ShmBroadcast) -> None:
+def _stop_workers(procs: list[Any], mq: ShmBroadcast, config_conns: list[Connection]) -> None:
     """Ask the workers to leave (also when the engine is garbage-collected or the interpreter exits),
     give them a moment, then terminate and finally kill them."""
+    for conn in config_conns:   # a rank still waiting for its configuration reads the end and exits
+        conn.close()
     polite = all(p.is_alive() for p in procs)   # else the survivors may be stuck waiting on the lost rank
     if polite:
         deadline = time.monotonic() + 1.0
@@ -254,6 +322,16 @@ def _picklable(e: Exception) -> Exception:
 
 
 # ---- the worker process ---------------------------------------------------------------
+def _import_config_classes() -> None:
+    """Transformers' configuration machinery, which unpickling the model's config needs (most of the
+    seconds its first import takes), loaded while the engine still resolves the configuration."""
+    try:
+        import transformers.configuration_utils  # noqa: F401
+        import transformers.utils.type_validators  # noqa: F401
+    except ImportError:   # another Transformers version: unpickling imports what it needs
+        pass
+
+
 def _beat(heartbeats: Any, rank: int) -> None:
     while True:
         heartbeats[rank] = time.monotonic()
@@ -269,9 +347,14 @@ def _log_level() -> int | None:
     return ours.getEffectiveLevel() if ours.handlers else None
 
 
-def worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: str, handle: BroadcastHandle,
-                conn: Connection, heartbeats: Any, log_level: int | None = None) -> None:
-    """A worker process: build the rank, then run every message the engine broadcasts."""
+def worker_main(config_conn: Connection, rank: int, init_method: str, handle: BroadcastHandle,
+                conn: Connection, heartbeats: Any, log_level: int | None = None, device: str = "auto",
+                parallel: tuple[int, int, bool] | None = None) -> None:
+    """A worker process: import what every rank needs (and, unless ``device`` (the engine argument) is
+    "cpu", set up CUDA on GPU ``rank`` when there is one), join the groups (``parallel``: tensor- and
+    pipeline-parallel sizes, custom all-reduce off), receive the engine's configuration, build the rank,
+    then run every message the engine broadcasts."""
+    started = time.time()
     if log_level is not None:
         logging.basicConfig(level=log_level,
                             format=f"%(levelname)s %(asctime)s [rank {rank}] %(name)s: %(message)s")
@@ -286,10 +369,37 @@ def worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: s
 
     try:
         import torch
+
+        from aphrodite.worker.profiler import mark_startup
+        from aphrodite.worker.worker import Worker
+        mark_startup("worker process running (spawned)", started)
+        _import_config_classes()
+        mark_startup("imported torch, the worker and Transformers")
+        cuda = device != "cpu" and torch.cuda.is_available() and rank < torch.cuda.device_count()
+        if cuda:
+            torch.cuda.set_device(rank)   # the same device the configuration gives this rank
+            torch.cuda.init()
+            mark_startup("CUDA initialised (before the configuration came)")
+        compile_pool = None
+        if cuda and parallel is not None:   # on a cold Triton cache, compile processes import meanwhile
+            from aphrodite.kernels.precompile import pool_if_cold
+            compile_pool = pool_if_cold(max(1, (os.cpu_count() or 2) // (parallel[0] * parallel[1])))
+        if parallel is not None:   # the groups need only the sizes: joined while the engine still configures
+            from aphrodite.distributed.parallel_state import init_distributed
+            tp, pp, no_custom = parallel
+            init_distributed(tp * pp, rank, tp, pp, "nccl" if cuda else "gloo", init_method, rank if cuda else 0,
+                             disable_custom_all_reduce=no_custom)
+            mark_startup("joined the parallel groups (before the configuration came)")
+        try:
+            config: EngineConfig = config_conn.recv()
+        except EOFError:   # the engine stopped before it had a configuration to send
+            os._exit(0)
+        config_conn.close()
+        mark_startup("received the configuration")
         if config.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.world_size))
-        from aphrodite.worker.worker import Worker
-        worker = Worker(config, rank, local_rank, init_method)
+        worker = Worker(config, rank, rank if config.device.type == "cuda" else 0, init_method,
+                        compile_pool if config.device.type == "cuda" else None)
         mq = ShmBroadcast.attach(handle, rank, spin_s=0.05 if config.device.type == "cuda" else 1e-4)
         conn.send(("result", worker.is_output_rank))
         # With async scheduling the engine queues step N+1 before it reads step N: the output rank
@@ -305,12 +415,14 @@ def worker_main(config: EngineConfig, rank: int, local_rank: int, init_method: s
                     conn.send(("result", pending.result()))
                     pending = None
             msg = mq.dequeue(engine_alive)
-            if isinstance(msg, StepPlan):
-                future = worker.execute(msg)
+            if isinstance(msg, (StepPlan, GrammarBitmask)):
+                # A plan with grammar_pending queues its forward pass only (no future); its bitmask
+                # message follows and samples it.
+                future = worker.execute(msg) if isinstance(msg, StepPlan) else worker.sample(msg)
                 if pending is not None:
                     conn.send(("result", pending.result()))
                     pending = None
-                if worker.is_output_rank:
+                if future is not None and worker.is_output_rank:
                     if overlap:
                         pending = future
                     else:

@@ -15,7 +15,7 @@ from aphrodite.config import EngineConfig
 from aphrodite.executor.base import Executor, ExecutorDeadError, step_timeout_s
 from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.step_future import ModelRunnerOutput
-from aphrodite.worker.step_plan import StepPlan
+from aphrodite.worker.step_plan import GrammarBitmask, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,11 @@ class RayWorker:
         return getattr(self.worker, method)(*args)
 
     def execute(self, plan: StepPlan) -> ModelRunnerOutput | None:
-        future = self.worker.execute(plan)
+        future = self.worker.execute(plan)     # None with grammar_pending: ``sample`` answers
+        return future.result() if future is not None and self.worker.is_output_rank else None
+
+    def sample(self, mask: GrammarBitmask) -> ModelRunnerOutput | None:
+        future = self.worker.sample(mask)
         return future.result() if self.worker.is_output_rank else None
 
     def shutdown(self) -> None:
@@ -62,12 +66,16 @@ class RayWorker:
 
 
 class _Future:
+    """Every actor's call of one step; the output rank answers in the last ``world`` of ``refs`` (a step
+    that waited for its grammar bitmask has its ``execute`` calls first, then its ``sample`` calls)."""
+
     def __init__(self, executor: RayExecutor, refs: list[Any]) -> None:
         self._executor = executor
         self._refs = refs
 
     def result(self) -> ModelRunnerOutput:
-        return self._executor._get(self._refs)[self._executor.output_rank]
+        answers = self._executor._get(self._refs)
+        return answers[len(answers) - len(self._executor.actors) + self._executor.output_rank]
 
 
 class RayExecutor(Executor):
@@ -97,6 +105,7 @@ class RayExecutor(Executor):
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
         self.pg = placement_group([bundle] * world, strategy="PACK")
         self._dead: ExecutorDeadError | None = None
+        self._deferred: _Future | None = None     # the step waiting for its grammar bitmask
         self.actors: list[Any] = []
         try:
             ray.get(self.pg.ready(), timeout=step_timeout_s())
@@ -148,7 +157,18 @@ class RayExecutor(Executor):
         if self._dead is not None:
             raise ExecutorDeadError(f"The workers are gone: {self._dead}")
         ref = self._ray.put(plan)            # one copy in the object store, shared by every actor
-        return _Future(self, [a.execute.remote(ref) for a in self.actors])
+        future = _Future(self, [a.execute.remote(ref) for a in self.actors])
+        self._deferred = future if plan.grammar_pending else None
+        return future
+
+    def sample_async(self, mask: GrammarBitmask) -> None:
+        if self._dead is not None:
+            raise ExecutorDeadError(f"The workers are gone: {self._dead}")
+        future, self._deferred = self._deferred, None
+        ref = self._ray.put(mask)
+        refs = [a.sample.remote(ref) for a in self.actors]
+        if future is not None:
+            future._refs = future._refs + refs
 
     def shutdown(self) -> None:
         ray = self._ray

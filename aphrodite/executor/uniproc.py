@@ -7,14 +7,27 @@ from aphrodite.config import EngineConfig
 from aphrodite.executor.base import Executor
 from aphrodite.lora.request import LoRARequest
 from aphrodite.worker.model_runner import ModelRunnerOutput, StepFuture
-from aphrodite.worker.step_plan import StepPlan
+from aphrodite.worker.step_plan import GrammarBitmask, StepPlan
 from aphrodite.worker.worker import Worker
+
+
+class _Deferred:
+    """The future of a step whose sampler waits for its grammar bitmask (``sample_async``)."""
+
+    def __init__(self) -> None:
+        self.future: StepFuture | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self.future is None:
+            raise RuntimeError("The step's grammar bitmask was never sent (sample_async).")
+        return self.future.result()
 
 
 class UniProcExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         self.worker = Worker(config)
         self.runner = self.worker.runner
+        self._deferred: _Deferred | None = None
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()
@@ -25,9 +38,18 @@ class UniProcExecutor(Executor):
     def execute(self, plan: StepPlan) -> ModelRunnerOutput:
         return self.worker.execute(plan).result()
 
-    def execute_async(self, plan: StepPlan) -> StepFuture:
+    def execute_async(self, plan: StepPlan) -> StepFuture | _Deferred:
         """Queue the step; its results are read from the returned future later."""
-        return self.worker.execute(plan)
+        future = self.worker.execute(plan)
+        if future is None:      # grammar_pending: the sampler runs in sample_async
+            self._deferred = future = _Deferred()
+        return future
+
+    def sample_async(self, mask: GrammarBitmask) -> None:
+        deferred, self._deferred = self._deferred, None
+        future = self.worker.sample(mask)
+        if deferred is not None:
+            deferred.future = future
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
         return self.worker.add_lora(lora_request)

@@ -1,6 +1,7 @@
-"""Fused SiLU-and-multiply for gated MLPs (Llama's ``silu(gate) * up`` on a fused gate_up output).
+"""Fused SiLU-and-multiply for gated MLPs (Llama's ``silu(gate) * up`` on a fused gate_up output), its GeGLU
+twin, and logit soft-capping (Gemma 2's ``cap * tanh(logits / cap)``).
 
-One pass over ``x`` instead of three elementwise kernels; the math runs in fp32 and rounds once.
+One pass over ``x`` instead of three or four elementwise kernels; the math runs in fp32 and rounds once.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from aphrodite.kernels.triton_utils import LazyKernel, cdiv, next_pow2, tl, use_triton
 
-__all__ = ["silu_and_mul", "silu_and_mul_ref"]
+__all__ = ["gelu_tanh_and_mul", "silu_and_mul", "silu_and_mul_ref", "soft_cap", "soft_cap_ref"]
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -66,4 +67,44 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, gelu: bool = 
     block = min(1024, next_pow2(d))
     grid = (rows, cdiv(d, block))
     _silu_and_mul(x.device)[grid](x2, o2, d, x2.stride(0), o2.stride(0), BLOCK=block, GELU=gelu, num_warps=4)
+    return out
+
+
+def soft_cap_ref(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """float32 ``cap * tanh(x / cap)`` (HF Gemma 2's final logit soft-capping, after the cast to float)."""
+    return torch.tanh(x.float() / cap) * cap
+
+
+def _soft_cap_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, cap, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    u = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32) / cap
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)                       # in (0, 1]: no overflow at any logit
+    t = (1.0 - e) / (1.0 + e)
+    a2 = a * a                                 # near 0, 1 - e cancels: the series to u^7 instead
+    t = tl.where(a < 0.05, a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0)))), t)
+    tl.store(out_ptr + row * stride_o + offs, cap * tl.where(u < 0, -t, t), mask=mask)
+
+
+_soft_cap = LazyKernel(_soft_cap_kernel)
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``soft_cap_ref`` of ``x [..., V]`` (any float dtype) in one pass that also does the cast to float32, instead
+    of a cast, a divide, a tanh and a multiply over the whole vocabulary (Triton on CUDA or under
+    TRITON_INTERPRET, else the reference)."""
+    if not use_triton(x):
+        return soft_cap_ref(x, cap)
+    v = x.shape[-1]
+    x2 = x.reshape(-1, v)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    o2 = out.view(-1, v)
+    if x2.shape[0] and v:
+        block = min(4096, next_pow2(v))
+        _soft_cap(x.device)[(x2.shape[0], cdiv(v, block))](x2, o2, v, x2.stride(0), o2.stride(0), float(cap),
+                                                          BLOCK=block, num_warps=4)
     return out

@@ -10,6 +10,11 @@ kernels already cached run normally during the dry pass. Kernels that synchroniz
 all-reduce) are never skipped: a rank that skipped one while its peer launched it would leave the peer
 waiting. Any failure here only means the kernel compiles later, in the real pass, as it always did.
 Off with ``APHRODITE_PARALLEL_COMPILE=0``.
+
+Ranks of one host meet the same specializations (tensor-parallel shards have equal shapes): given a
+process group of them, the ranks pool what their dry passes recorded, each compiles its share of the
+union, and all wait until every share is in the cache, so no kernel is compiled twice and every core
+works on a different one.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +47,7 @@ class PendingCompiles:
     """Specializations recorded during a dry pass: (module, function name, Triton's JSON data)."""
     target: tuple[str, int, int] | None = None
     specs: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    skipped: int = 0     # launches skipped
 
 
 def _parse(jit_fn, data: str) -> tuple[dict, dict, dict, dict]:
@@ -101,11 +108,15 @@ def deferred_compiles() -> Iterator[PendingCompiles]:
     def hook(**kw) -> bool:
         try:
             fn, data = kw["fn"], kw["compile"]["specialization_data"]
+            if data in pending.specs:   # met before in this pass: known uncached (the cache lookup costs ~ms)
+                pending.skipped += 1
+                return True
             if any(name in fn.module for name in NEVER_DEFER) or _on_disk(fn.jit_function, data, target):
                 return False
         except Exception:   # an internal Triton change: compile here, as without this module
             return False
         pending.specs[data] = (fn.module, fn.name, data)
+        pending.skipped += 1
         return True      # skip: no compile now, no launch
 
     global _DEFERRING
@@ -123,14 +134,51 @@ def deferring() -> bool:
     return _DEFERRING
 
 
-def compile_ahead(dry_pass: Callable[[], object], processes: int) -> None:
+def compile_ahead(dry_pass: Callable[[], object], processes: int, group: Any = None,
+                  pool: CompilePool | None = None) -> None:
     """Run ``dry_pass`` with uncached Triton launches skipped, then compile what it met in parallel, so
-    that running the pass for real afterwards only loads binaries."""
+    that running the pass for real afterwards only loads binaries.
+
+    ``group``: a (gloo) process group of ranks on this host that call this together: they share the
+    compiling (see the module doc) and return together. ``pool``: compile processes started earlier."""
     if not enabled():
         return
+    start = time.perf_counter()
     with deferred_compiles() as pending:
         dry_pass()
-    compile_pending(pending, processes)
+    dry_s = time.perf_counter() - start
+    mine, total = (pending, len(pending.specs)) if group is None else share_pending(pending, group)
+    logger.info("Dry pass: %.1f s, %d launches skipped; %d uncached Triton kernel variants%s", dry_s,
+                pending.skipped, total, "" if group is None else f" ({len(mine.specs)} compiled by this rank)")
+    compile_pending(mine, processes, pool)
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group=group)   # every rank's share is in the cache before any real pass
+
+
+def share_pending(pending: PendingCompiles, group: Any) -> tuple[PendingCompiles, int]:
+    """This rank's share of the union of what every rank of ``group`` recorded, and the union's size.
+    Collective: every rank of the group calls it, recorded something or not. Ranks that do not share
+    one on-disk cache (other hosts, as with Ray, or other cache directories) or compile for different
+    targets keep their own lists."""
+    import socket
+
+    import torch.distributed as dist
+
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    everyone: list[Any] = [None] * size
+    where = (socket.gethostname(), _cache_dir())
+    dist.all_gather_object(everyone, (where, pending.target, pending.specs), group=group)
+    targets = {t for _, t, specs in everyone if specs}
+    if len(targets) > 1 or len({w for w, _, _ in everyone}) > 1:
+        return pending, len(pending.specs)
+    union: dict[str, tuple[str, str, str]] = {}
+    for _, _, specs in everyone:
+        union.update(specs)
+    keys = sorted(union)
+    target = next(iter(targets), pending.target)
+    return PendingCompiles(target, {k: union[k] for i, k in enumerate(keys) if i % size == rank}), len(keys)
 
 
 def _compile_one(module: str, name: str, data: str, target: tuple[str, int, int]) -> float:
@@ -160,9 +208,69 @@ def _compile_one(module: str, name: str, data: str, target: tuple[str, int, int]
     return time.perf_counter() - start
 
 
-def compile_pending(pending: PendingCompiles, processes: int) -> None:
+def _spawn() -> subprocess.Popen:
+    """A compile process: it imports torch and Triton, then waits for one job line on its stdin (EOF: exit)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # compile for the GPU
+    return subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+class CompilePool:
+    """Compile processes started before the dry pass, so that their imports of torch and Triton (seconds
+    each) overlap the engine's own start-up instead of delaying the compiling. Each takes one job; the
+    ones ``compile_pending`` does not take exit when the pool is closed."""
+
+    def __init__(self, processes: int) -> None:
+        self.children = [_spawn() for _ in range(max(0, processes))]
+
+    def take(self, n: int) -> list[subprocess.Popen]:
+        taken = [c for c in self.children if c.poll() is None][:n]
+        self.children = [c for c in self.children if c not in taken]
+        return taken
+
+    def close(self) -> None:
+        """Close the idle children's stdin: each reads EOF and exits on its own (not waited for: an
+        interpreter with torch and Triton loaded took ~4 s to exit, at the end of a cold start)."""
+        children, self.children = self.children, []
+        for child in children:
+            try:
+                child.stdin.close()
+            except OSError:
+                child.kill()
+
+
+def _cache_dir() -> str | None:
+    """Triton's on-disk cache directory (None without Triton)."""
+    try:
+        from triton import knobs
+
+        return os.path.abspath(knobs.cache.dir)
+    except (ImportError, AttributeError):
+        return None
+
+
+def cache_looks_cold(threshold: int = 16) -> bool:
+    """Whether Triton's on-disk cache holds fewer than ``threshold`` entries (a fresh machine), when
+    starting compile processes ahead (``CompilePool``) pays."""
+    directory = _cache_dir()
+    if directory is None:
+        return False
+    try:
+        with os.scandir(directory) as entries:
+            return sum(1 for _ in zip(range(threshold), entries)) < threshold
+    except OSError:   # not created yet
+        return True
+
+
+def pool_if_cold(processes: int) -> CompilePool | None:
+    """A ``CompilePool`` of ``processes`` when compiling ahead is on and the cache looks cold, else None."""
+    return CompilePool(processes) if enabled() and cache_looks_cold() else None
+
+
+def compile_pending(pending: PendingCompiles, processes: int, pool: CompilePool | None = None) -> None:
     """Compile what a dry pass recorded in ``processes`` child processes (``python -m`` this module, so no
-    user script is re-imported); a failure is logged and left to the real pass."""
+    user script is re-imported), taken from ``pool`` where it has them; a failure is logged and left to
+    the real pass."""
     if not pending.specs or pending.target is None:
         return
     start = time.perf_counter()
@@ -170,11 +278,13 @@ def compile_pending(pending: PendingCompiles, processes: int) -> None:
     processes = max(1, min(processes, len(specs)))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"target": pending.target, "specs": specs}, f)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # compile for the GPU
+    children = pool.take(processes) if pool is not None else []
+    warm = len(children)
     try:
-        children = [subprocess.Popen([sys.executable, "-m", __name__, f.name, str(i), str(processes)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-                    for i in range(processes)]
+        children += [_spawn() for _ in range(processes - warm)]
+        for i, child in enumerate(children):
+            child.stdin.write(f"{f.name} {i} {processes}\n")
+            child.stdin.flush()
         done = 0
         serial = 0.0
         for child in children:
@@ -187,8 +297,8 @@ def compile_pending(pending: PendingCompiles, processes: int) -> None:
                     done, serial = done + r["done"], serial + r["seconds"]
     finally:
         os.unlink(f.name)
-    logger.info("Compiled %d Triton kernel variants in %.1f s on %d processes (%.1f s one after another)%s",
-                done, time.perf_counter() - start, processes, serial,
+    logger.info("Compiled %d Triton kernel variants in %.1f s on %d processes (%d started ahead; %.1f s one after "
+                "another)%s", done, time.perf_counter() - start, processes, warm, serial,
                 f"; {len(specs) - done} left to compile on first use" if done < len(specs) else "")
 
 
@@ -209,5 +319,15 @@ def _main(path: str, shard: int, shards: int) -> None:
     print(json.dumps({"done": done, "seconds": seconds}), flush=True)
 
 
+def _serve() -> None:
+    """A compile process: the slow imports first, then one job line ``path shard shards`` from stdin."""
+    import torch  # noqa: F401
+    import triton  # noqa: F401
+
+    line = sys.stdin.readline().split()
+    if len(line) == 3:
+        _main(line[0], int(line[1]), int(line[2]))
+
+
 if __name__ == "__main__":
-    _main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    _serve()

@@ -40,7 +40,7 @@ class StructuredOutputManager:
     """Compiles constraints (cached per key, off the caller's thread) and makes per-request matchers."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...] = (),
-                 max_workers: int = 2, cache_size: int = 256) -> None:
+                 max_workers: int = 2, cache_size: int = 256, pin_memory: bool = False) -> None:
         import xgrammar as xgr
         self._xgr = xgr
         self.vocab_size = vocab_size
@@ -51,10 +51,22 @@ class StructuredOutputManager:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="aphrodite-grammar")
         # Fills many rows' bitmasks in one call on xgrammar's own threads (the GIL released): the fill sits
         # on the engine loop's critical path, where one Python call per row cost the GPU most of its steps.
-        self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, os.cpu_count() or 1)))
+        threads = max(1, min(8, os.cpu_count() or 1))
+        self._batch = xgr.BatchGrammarMatcher(max_threads=threads)
+        # Accepting a step's tokens costs ~25 us per matcher (more than filling its mask) and xgrammar's
+        # calls release the GIL, so a large batch's tokens are accepted in chunks on these threads.
+        self._accept_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aphrodite-grammar-accept") \
+            if threads > 1 else None
+        self._threads = threads
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self._cache_size = cache_size
+        # ``batch_bitmask`` 's two alternating buffers; pinned when the worker is in this process with a GPU,
+        # so the mask is copied to the device from where it is filled.
+        self._buffers: list[np.ndarray | None] = [None, None]
+        self._pinned: list[Any] = [None, None]      # the torch tensors that own pinned buffers
+        self._which = 0
+        self._pin_memory = pin_memory
 
     def submit(self, so: StructuredOutputsParams) -> Future:
         """The compiled grammar of ``so`` as a future; compiled in the pool unless already cached.
@@ -101,6 +113,31 @@ class StructuredOutputManager:
         """A [rows, width] int32 bitmask with every token allowed (unconstrained rows stay so)."""
         return np.full((rows, self.width), -1, dtype=np.int32)
 
+    def batch_bitmask(self, num_rows: int, rows: list[int], states: list[GrammarState]) -> np.ndarray:
+        """A step's [num_rows, width] bitmask: row ``rows[i]`` from ``states[i]``, every other row all ones.
+        Written into one of two reused buffers (a 128k vocabulary's mask is 4 MiB per 256 rows), alternately:
+        valid until the call after next. An executor copies or pickles it when the step is sent; an in-process
+        GPU worker copies it to the device asynchronously, done before the engine reads that step's result,
+        which it has always done by its second fill after (async scheduling keeps one step in flight)."""
+        self._which ^= 1
+        buf = self._buffers[self._which]
+        if buf is None or buf.shape[0] < num_rows:
+            shape = (max(num_rows, 2 * (0 if buf is None else buf.shape[0])), self.width)
+            if self._pin_memory:
+                import torch
+                self._pinned[self._which] = torch.empty(shape, dtype=torch.int32, pin_memory=True)
+                buf = self._pinned[self._which].numpy()
+            else:
+                buf = np.empty(shape, dtype=np.int32)
+            self._buffers[self._which] = buf
+        bitmask = buf[:num_rows]
+        if len(rows) < num_rows:
+            keep = np.ones(num_rows, dtype=bool)
+            keep[rows] = False
+            bitmask[keep] = -1
+        self.fill_many(bitmask, rows, states)
+        return bitmask
+
     def fill(self, bitmask: np.ndarray, row: int, state: GrammarState) -> None:
         """Write ``state``'s allowed next tokens into ``bitmask[row]``."""
         self.fill_many(bitmask, [row], [state])
@@ -111,8 +148,33 @@ class StructuredOutputManager:
         self._batch.batch_fill_next_token_bitmask([s.matcher for s in states], torch.from_numpy(bitmask),
                                                   indices=rows)
 
+    def accept_many(self, states: list[GrammarState], tokens: list[int]) -> None:
+        """``states[i].accept(tokens[i])`` for every i (each state's ``failed`` tells a rejected token),
+        in parallel chunks when the batch is large."""
+        chunks = min(self._threads, len(states) // _ACCEPT_CHUNK)
+        if chunks <= 1 or self._accept_pool is None:
+            for state, token in zip(states, tokens):
+                state.accept(token)
+            return
+        size = -(-len(states) // chunks)
+        futures = [self._accept_pool.submit(_accept_chunk, states[i:i + size], tokens[i:i + size])
+                   for i in range(size, len(states), size)]
+        _accept_chunk(states[:size], tokens[:size])
+        for fut in futures:
+            fut.result()
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._accept_pool is not None:
+            self._accept_pool.shutdown(wait=False, cancel_futures=True)
+
+
+_ACCEPT_CHUNK = 32      # matchers per thread at least: below that a thread hand-off costs more than it saves
+
+
+def _accept_chunk(states: list[GrammarState], tokens: list[int]) -> None:
+    for state, token in zip(states, tokens):
+        state.accept(token)
 
 
 class GrammarState:

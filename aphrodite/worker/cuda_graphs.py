@@ -65,6 +65,7 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.plain_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.compiled_ahead = False    # ``dry_forwards`` ran under the start-up's compile_ahead
 
     def can_run(self, host: HostBatch) -> bool:
         if host.num_decodes == host.num_seqs:
@@ -76,10 +77,10 @@ class DecodeGraphs:
     def capture(self) -> None:
         start = time.perf_counter()
         inputs = self.runner.inputs
-        inputs.slots[1].fill_(-1)          # capture writes nothing into the KV cache
-        inputs.seq_lens[1].zero_()
-        inputs.starts[1].zero_()
-        compile_ahead(self._dry_forwards, self.runner.compile_processes())
+        if not self.compiled_ahead:    # the start-up's one round (ModelRunner._dry_start_up) did not run
+            compile_ahead(self.dry_forwards, self.runner.compile_processes(), self.runner.compile_group(),
+                          self.runner.compile_pool)
+        self._empty_buffers()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -100,9 +101,18 @@ class DecodeGraphs:
                     "%.1f s", len(self.sizes), self.sizes[-1], len(self.prefill_sizes),
                     self.prefill_sizes[-1] if self.prefill_sizes else 0, time.perf_counter() - start)
 
-    def _dry_forwards(self) -> None:
-        """The forward of every graph about to be captured, run once outside capture (see ``capture``):
-        under ``compile_ahead`` it only collects the Triton kernels to compile in parallel."""
+    def _empty_buffers(self) -> None:
+        """Graph inputs that write nothing into the KV cache and read no context."""
+        inputs = self.runner.inputs
+        inputs.slots[1].fill_(-1)
+        inputs.seq_lens[1].zero_()
+        inputs.starts[1].zero_()
+
+    def dry_forwards(self) -> None:
+        """The forward of every graph about to be captured, run once outside capture: under
+        ``compile_ahead`` it only collects the Triton kernels to compile in parallel."""
+        self.compiled_ahead = True
+        self._empty_buffers()
         inputs, model, lora = self.runner.inputs, self.runner.model, self.runner.lora_manager
         plain = [s for s in self.sizes if s <= MAX_PLAIN_LORA_BATCH] if lora is not None else []
         runs = ([(inputs.prefill_metadata(t), t, True) for t in self.prefill_sizes]

@@ -20,19 +20,27 @@ import numpy as np
 import torch
 
 from aphrodite.config import EngineConfig
-from aphrodite.distributed.communication import pp_recv_tensors, pp_send_tensors
-from aphrodite.distributed.parallel_state import get_pp_size, is_first_pp_rank, is_last_pp_rank
-from aphrodite.kernels.precompile import compile_ahead
+from aphrodite.distributed.communication import pp_recv_tensors, pp_send_tensors, run_overlapped
+from aphrodite.distributed.parallel_state import (
+    get_pp_size,
+    get_tp_cpu_group,
+    get_tp_size,
+    is_first_pp_rank,
+    is_last_pp_rank,
+)
+from aphrodite.kernels.precompile import CompilePool, compile_ahead, pool_if_cold
 from aphrodite.lora.request import LoRARequest
-from aphrodite.modeling.layers.attention import Attention, set_attention_metadata
+from aphrodite.modeling.layers.attention import Attention, AttentionMetadata, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
+from aphrodite.modeling.layers.samplers.metadata import SamplingMetadata
 from aphrodite.modeling.loader import load_model
 from aphrodite.modeling.models.pipeline import IntermediateTensors, intermediate_tensor_spec
 from aphrodite.worker.cuda_graphs import DecodeGraphs
+from aphrodite.worker.profiler import mark_startup
 from aphrodite.worker.sampling_inputs import SamplingState, StaticRowsCache, build_sampling_metadata, to_device
 from aphrodite.worker.step_future import ModelRunnerOutput, PositionLogprobs, StepFuture
-from aphrodite.worker.step_inputs import StepInputs
-from aphrodite.worker.step_plan import BlockTables, RequestState, StepPlan, apply_plan
+from aphrodite.worker.step_inputs import BitmaskUpload, StepInputs, slice_metadata
+from aphrodite.worker.step_plan import BlockTables, GrammarBitmask, RequestState, StepPlan, apply_plan
 
 __all__ = ["HostBatch", "ModelRunner", "ModelRunnerOutput", "PositionLogprobs", "PrevTokens", "StepFuture"]
 
@@ -50,6 +58,47 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         return torch.zeros(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def overlap_min_tokens() -> int:
+    """``APHRODITE_TP_OVERLAP_MIN_TOKENS``: eager steps of at least this many tokens run as two overlapped
+    halves (0, the default: never). Off until measured to win: at 16k-token prefill steps of the 8B shape at
+    TP=2 the 64 NCCL all-reduces (134 MB each) took ~20% of the device's time, but the first A/B on 2 x H200
+    (54.4k vs 59.2k total tok/s) had the overlapped run first, paying first-use compiles."""
+    return max(0, int(os.environ.get("APHRODITE_TP_OVERLAP_MIN_TOKENS", "0")))
+
+
+def mixed_step_layouts(num_kv_heads: int, max_seqs: int, max_len: int, sms: int) -> list[tuple[int, int, int, int]]:
+    """``(decodes, decode context, prefill sequences, prefill chunk)`` layouts that together meet every
+    attention-kernel specialization a mixed prefill + decode step can need, so that compiling ahead covers
+    them (otherwise a throughput run compiles them, seconds each, inside its first mixed steps).
+
+    Triton specializes an int argument as 1, a multiple of 16, or other: the decode count (``nd``) and the
+    prefill sequence count each take all three; the decode launch compiles in the power of two above the
+    split-KV factor (``choose_num_splits``: it splits while decodes x KV heads leave SMs idle and the context
+    is >= 1024); the prefill launch's tile height follows its longest chunk below 16 tokens."""
+    from aphrodite.kernels.paged_attention import choose_num_splits
+    from aphrodite.kernels.triton_utils import next_pow2
+
+    def cls(n: int) -> int:
+        return 1 if n == 1 else 16 if n % 16 == 0 else 0
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    wanted: dict[tuple[int, int], tuple[int, int]] = {}
+    lengths = [1023] + [1024 << i for i in range(max(0, max_len.bit_length() - 10)) if 1024 << i <= max_len]
+    for nd in range(1, min(max_seqs, 2 * sms // max(1, num_kv_heads) + 17) + 1):
+        for length in lengths:
+            splits = choose_num_splits(nd, num_kv_heads, length, device) if sms else 1
+            wanted.setdefault((cls(nd), next_pow2(splits)), (nd, length))
+    layouts = []
+    prefills = [(1, 16), (16, 16), (3, 16), (1, 2), (1, 5)]   # sequence-count classes, then short-chunk tiles
+    for i, (nd, length) in enumerate(sorted(wanted.values())):
+        nseq, chunk = prefills[i % len(prefills)]
+        layouts.append((nd, length, nseq, chunk))
+    for nseq, chunk in prefills[len(layouts):]:
+        layouts.append((1, 1023, nseq, chunk))
+    return [(nd, length, nseq, chunk) for nd, length, nseq, chunk in layouts
+            if nd + nseq <= max_seqs and length <= max_len]
 
 
 @dataclass
@@ -85,16 +134,46 @@ class HostBatch:
         return len(self.seq_lens)
 
 
+def start_compile_pool(config: EngineConfig) -> CompilePool | None:
+    """On a fresh machine, compile processes for the start-up's kernels (``precompile.CompilePool``), to
+    import torch and Triton while the rank sets up; a warm cache has nothing to compile and needs none."""
+    return pool_if_cold(compile_processes(config)) if config.device.type == "cuda" else None
+
+
+def compile_processes(config: EngineConfig) -> int:
+    """Processes for compiling kernels ahead (``aphrodite.kernels.precompile``): this host's cores
+    shared among the ranks, which all compile at the same time."""
+    return max(1, (os.cpu_count() or 2) // max(1, config.parallel.world_size))
+
+
+@dataclass
+class _QueuedStep:
+    """A step whose forward pass is queued, up to its sampler (what ``_sample`` needs)."""
+
+    step_id: int
+    reqs: list[RequestState]
+    counts: list[int]
+    starts: list[int]
+    hidden: torch.Tensor | None     # None on a pipeline stage before the last
+    logits: torch.Tensor | None     # the sampling rows' logits; None when no row samples
+    md: SamplingMetadata | None
+    sample_idx: list[int]
+    rows: list[RequestState]
+    want_result: bool
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, compile_pool: CompilePool | None = None) -> None:
         self.config = config
         self.device = config.device
         self.dtype = config.model.dtype
         self.kv_dtype = config.cache.kv_dtype(self.dtype)   # fp8 with --kv-cache-dtype fp8
         self.block_size = config.cache.block_size
+        self.compile_pool = compile_pool if compile_pool is not None else start_compile_pool(config)
         start = time.perf_counter()
         self.model = load_model(config.model, self.device)
         logger.info("Loaded %s in %.1f s", config.model.model, time.perf_counter() - start)
+        mark_startup("loaded the model")
         self.vocab_size = config.model.hf_config.vocab_size
         self.pp_size = get_pp_size()
         self.first_stage, self.last_stage = is_first_pp_rank(), is_last_pp_rank()
@@ -123,6 +202,14 @@ class ModelRunner:
         # finished requests are dropped with the plan's finished_ids (see _sampling_metadata).
         self.sampling_state = SamplingState(self.vocab_size, config.scheduler.max_model_len, self.device)
         self.sampling_rows = StaticRowsCache()   # the parameter-only sampling tensors of the last batch
+        # Eager steps of at least this many tokens run as two halves whose TP all-reduces overlap the other
+        # half's compute (``_forward_overlapped``); 0 (the default) = never.
+        self.overlap_min_tokens = overlap_min_tokens()
+        self.overlapped_steps = 0
+
+
+        self._deferred: _QueuedStep | None = None   # a step whose sampler waits for its grammar bitmask
+        self._upload_bitmask = BitmaskUpload(self.device)
 
     # ---- KV cache -----------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -153,7 +240,10 @@ class ModelRunner:
         free_now, _ = torch.cuda.mem_get_info()
         ours = torch.cuda.memory_allocated()            # the weights, loaded after start-up
         allowed = self.config.cache.gpu_memory_utilization * (free_now + ours)
-        compile_ahead(self.profile_run, self.compile_processes())
+        # One round of compiling ahead for the whole start-up: the profiling pass and the forwards the
+        # graphs will capture meet their uncached kernels in one dry run and compile in one batch.
+        compile_ahead(self._dry_start_up, self.compile_processes(), self.compile_group(), self.compile_pool)
+        mark_startup("compiled kernels ahead (profiling pass and graph forwards)")
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         scratch_cache = self.profile_run()
@@ -163,12 +253,54 @@ class ModelRunner:
         blocks = int((allowed - peak) // self.kv_bytes_per_block())
         logger.info("Memory: %.2f GiB usable, weights %.2f GiB, peak activations %.2f GiB -> %d KV blocks",
                     allowed / 2**30, ours / 2**30, (peak - ours) / 2**30, blocks)
+        mark_startup("profiled peak memory")
         return max(0, blocks)
 
+    def _dry_start_up(self) -> None:
+        """Every forward pass of the start-up, run under ``compile_ahead``: the profiling pass, then the
+        forwards of the graphs about to be captured (over a one-block scratch cache: they write no slot
+        and read no context, and the kernels see the cache only through its strides)."""
+        self.profile_run()
+        if self.graphs is not None:
+            self._bind(self._kv_pairs(1))
+            try:
+                self.graphs.dry_forwards()
+                self._dry_mixed_forwards()
+            finally:
+                self._bind([])
+
+    @torch.inference_mode()
+    def _dry_mixed_forwards(self) -> None:
+        """Forwards of small mixed prefill + decode layouts (``mixed_step_layouts``) over the graphs' empty
+        input buffers (no query token, no context: the kernels only launch), so that compiling ahead meets
+        the attention variants of mixed steps too."""
+        if self.lora_manager is not None or not self.attn_layers:   # LoRA layers need a real step's slots
+            return
+        inputs, sc = self.inputs, self.config.scheduler
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        layouts = mixed_step_layouts(self.attn_layers[0].num_kv_heads, sc.max_num_seqs, sc.max_model_len, sms)
+        try:
+            for nd, length, nseq, chunk in layouts:
+                seqs, tokens = nd + nseq, nd + nseq * chunk
+                if tokens > inputs.max_tokens:
+                    continue
+                meta = AttentionMetadata(
+                    num_decodes=nd, query_start_loc=inputs.starts[1][:seqs + 1], seq_lens=inputs.seq_lens[1][:seqs],
+                    block_tables=inputs.tables[1][:seqs], slot_mapping=inputs.slots[1][:tokens], max_query_len=chunk,
+                    max_seq_len=length, max_decode_seq_len=length, query_start_loc_cpu=[0] * (seqs + 1),
+                    seq_lens_cpu=[length] * seqs)
+                with set_attention_metadata(meta):
+                    self.model(inputs.ids[1][:tokens], inputs.pos[1][:tokens])
+        except Exception:   # the same on every rank; those kernels then compile at first use, as before
+            logger.warning("Mixed-step kernels are not compiled ahead", exc_info=True)
+
     def compile_processes(self) -> int:
-        """Processes for compiling kernels ahead (``aphrodite.kernels.precompile``): this host's cores
-        shared among the ranks, which all compile at the same time."""
-        return max(1, (os.cpu_count() or 2) // max(1, self.config.parallel.world_size))
+        return compile_processes(self.config)
+
+    def compile_group(self) -> object:
+        """The ranks that share compiling ahead: this stage's tensor-parallel ranks (equal shapes), which
+        reach every start-up pass together; None with one rank."""
+        return get_tp_cpu_group() if get_tp_size() > 1 else None
 
     def profile_run(self) -> int:
         """One forward pass of a full token budget and a sampler pass over a full batch of rows,
@@ -209,10 +341,15 @@ class ModelRunner:
         # and 0 * NaN from never-written memory would still poison the output.
         self.kv_caches = self._kv_pairs(num_blocks, lambda shape, dtype, device: zeroed(shape, dtype, device))
         self._bind(self.kv_caches)
+        mark_startup("allocated the KV cache")
         if self.graphs is not None:
             if self.lora_manager is not None:   # graphs always hold the LoRA kernels (slot -1 rows skip them)
                 self.lora_manager.state.active = True
             self.graphs.capture()
+            mark_startup("captured the CUDA graphs")
+        if self.compile_pool is not None:   # start-up is over: compile processes nobody took exit
+            self.compile_pool.close()
+            self.compile_pool = None
 
     # ---- LoRA -----------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:
@@ -294,11 +431,17 @@ class ModelRunner:
         return self.queue(plan).result()
 
     @torch.inference_mode()
-    def queue(self, plan: StepPlan, want_result: bool = True) -> StepFuture:
+    def queue(self, plan: StepPlan, want_result: bool = True) -> StepFuture | None:
         """Enqueue one step's forward pass and sampling; the host reads the results later.
 
         ``want_result=False`` (tensor-parallel ranks other than the output rank) runs the same
-        collectives and keeps the sampled ids on the device, but copies nothing back."""
+        collectives and keeps the sampled ids on the device, but copies nothing back. With
+        ``plan.grammar_pending`` only the forward pass and the logits are queued and None is returned:
+        the sampler waits for the step's ``GrammarBitmask`` (``sample``), which the engine fills while
+        the device runs this forward pass."""
+        if self._deferred is not None:
+            raise RuntimeError(f"Step {plan.step_id} arrived before the grammar bitmask of step "
+                               f"{self._deferred.step_id}.")
         if len(self.requests) == len(plan.finished_ids):    # every earlier request has ended
             self.sampling_rows.clear()
         reqs, counts = apply_plan(self.requests, plan, self.block_tables), plan.num_scheduled
@@ -324,28 +467,101 @@ class ModelRunner:
             hidden = self.graphs.run(host)
         else:
             input_ids, positions, meta = self.inputs.to_device(host)
-            with set_attention_metadata(meta):
-                hidden = self._forward(input_ids, positions)
+            split = self._overlap_split(host)
+            if split:
+                hidden = self._forward_overlapped(input_ids, positions, meta, split)
+            else:
+                with set_attention_metadata(meta):
+                    hidden = self._forward(input_ids, positions)
         self.inputs.end_step()
         if not self.last_stage:   # hand this stage's output to the next one; nothing to sample here
             pp_send_tensors(hidden.to_dict())
-            return StepFuture(len(reqs), [], [], None, [None] * len(reqs))
+            hidden = None
 
-        out = None
+        logits = None
         if rows:
             if self.lora_manager is not None:
                 self.lora_manager.set_logit_rows([r.lora_int_id for r in rows])
             logits = self.model.compute_logits(hidden if last is None else hidden[last])
-            out = self.sampler(logits, md)
+        step = _QueuedStep(plan.step_id, reqs, counts, host.starts, hidden, logits, md, sample_idx, rows, want_result)
+        if plan.grammar_pending:
+            self._deferred = step
+            return None
+        return self._sample(step, plan.grammar_bitmask)
+
+    @torch.inference_mode()
+    def sample(self, mask: GrammarBitmask) -> StepFuture:
+        """Sample the step queued with ``grammar_pending``, its logits masked by ``mask``."""
+        step = self._deferred
+        if step is None or step.step_id != mask.step_id:
+            raise RuntimeError(f"A grammar bitmask for step {mask.step_id} arrived, but the step waiting for one "
+                               f"is {None if step is None else step.step_id}.")
+        self._deferred = None
+        return self._sample(step, mask.bitmask)
+
+    def _sample(self, step: _QueuedStep, bitmask: np.ndarray | None) -> StepFuture:
+        """The sampler over the step's logits (grammar rows masked), then the host copies of its results."""
+        reqs, rows = step.reqs, step.rows
+        if not self.last_stage:
+            return StepFuture(len(reqs), [], [], None, [None] * len(reqs))
+        out = None
+        if rows:
+            md = step.md
+            if bitmask is not None:
+                if len(step.sample_idx) != len(reqs):
+                    bitmask = bitmask[step.sample_idx]
+                md.grammar_bitmask = self._upload_bitmask(bitmask)
+            out = self.sampler(step.logits, md)
         row_ids = [r.request_id for r in rows]
         if out is not None:
             # The state takes the sampled ids while they are still on the device (no wait).
             self.sampling_state.update(row_ids, out.token_ids)
         self._prev_tokens = None if out is None else out.token_ids
         self._prev_rows = dict(zip(row_ids, range(len(row_ids))))
-        prompt_lps = self._prompt_logprobs(reqs, counts, hidden, host.starts, want_result)
+        prompt_lps = self._prompt_logprobs(reqs, step.counts, step.hidden, step.starts, step.want_result)
         num_top = [r.params.logprobs or 0 for r in rows] if out is not None and out.logprobs is not None else []
-        return StepFuture(len(reqs), sample_idx, num_top, out if want_result else None, prompt_lps)
+        return StepFuture(len(reqs), step.sample_idx, num_top, out if step.want_result else None, prompt_lps)
+
+    # ---- large tensor-parallel steps: two halves, one's all-reduces under the other's compute -------------
+    def tp_overlap(self, min_tokens: int | None = None) -> tuple[int, int]:
+        """(the smallest step, in tokens, run as two overlapped halves; steps run so) after setting the
+        former to ``min_tokens`` when given (0: never)."""
+        if min_tokens is not None:
+            self.overlap_min_tokens = max(0, int(min_tokens))
+        return self.overlap_min_tokens, self.overlapped_steps
+
+    def _overlap_split(self, host: HostBatch) -> int:
+        """The sequence at which this step splits into two halves of about equal tokens, or 0 for a step
+        run whole: one stage of several TP ranks, no LoRA, at least ``overlap_min_tokens`` tokens, and a
+        sequence boundary that leaves each half a quarter of them or more."""
+        total = len(host.ids)
+        if (not self.overlap_min_tokens or total < self.overlap_min_tokens or host.num_seqs < 2
+                or get_tp_size() == 1 or self.pp_size > 1 or self.lora_manager is not None):
+            return 0
+        starts = host.starts_np if host.starts_np is not None else np.asarray(host.starts)
+        k = int(np.searchsorted(starts, total // 2))
+        if k > 1 and total // 2 - starts[k - 1] < starts[k] - total // 2:
+            k -= 1
+        k = min(max(k, 1), host.num_seqs - 1)
+        return k if min(starts[k], total - starts[k]) * 4 >= total else 0
+
+    def _forward_overlapped(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                            split: int) -> torch.Tensor:
+        """The model over sequences ``..split-1`` and ``split..`` as two halves whose all-reduces overlap
+        the other half's compute (``communication.run_overlapped``); the halves' hidden states, joined."""
+        t = meta.query_start_loc_cpu[split]
+
+        def half(first: int, last: int, tokens: slice):
+            part = slice_metadata(meta, first, last)
+
+            def run() -> torch.Tensor:
+                with set_attention_metadata(part):
+                    return self.model(input_ids[tokens], positions[tokens])
+            return run
+
+        a, b = run_overlapped(half(0, split, slice(0, t)), half(split, meta.num_seqs, slice(t, None)))
+        self.overlapped_steps += 1
+        return torch.cat([a, b])
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | IntermediateTensors:
         """The model on this rank's stage: after the first stage its input is the previous stage's
@@ -367,9 +583,8 @@ class ModelRunner:
             self.sampling_state.remove(rid, finished=True)
         if not rows:
             return None
-        bitmask = None if plan.grammar_bitmask is None else plan.grammar_bitmask[sample_idx]
-        return build_sampling_metadata(rows, self.vocab_size, self.device, self.sampling_state, bitmask,
-                                       self.sampling_rows)
+        return build_sampling_metadata(rows, self.vocab_size, self.device, self.sampling_state,
+                                       cache=self.sampling_rows)
 
     def _prompt_logprobs(self, reqs: list[RequestState], counts: list[int], hidden: torch.Tensor,
                          starts: list[int], want_result: bool = True) -> list[list[PositionLogprobs] | None]:

@@ -5,6 +5,11 @@ time, device-kernel time and launch count, the top kernels), so a missed latency
 target can be split into kernel time, launch gaps and host work without copying traces
 around. With ``APHRODITE_TORCH_PROFILER_DIR`` set (vLLM's ``VLLM_TORCH_PROFILER_DIR``), each
 rank also writes its Chrome trace there.
+
+Start-up is accounted for the same way: each rank stamps its phases (``mark_startup``) with the wall
+clock, which every process of the host shares, and ``Worker.startup_timeline()`` returns them, so a
+slow ``LLM()`` can be split into process start, imports, joining the groups, loading, compiling and
+capturing per rank (``benchmarks/gpu/check_cold_start.py`` prints it).
 """
 from __future__ import annotations
 
@@ -14,6 +19,14 @@ from dataclasses import dataclass
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+#: This process's start-up phases: (name, wall-clock time when it ended), in order.
+STARTUP: list[tuple[str, float]] = []
+
+
+def mark_startup(phase: str, at: float | None = None) -> None:
+    """Record that ``phase`` of this rank's start-up ended now (or at wall-clock time ``at``)."""
+    STARTUP.append((phase, time.time() if at is None else at))
 
 
 @dataclass

@@ -166,3 +166,63 @@ class StepInputs:
 def _int32(array: np.ndarray | None, values: list[int]) -> np.ndarray:
     """``array`` when the batch built it already, else ``values`` as an int32 array."""
     return array if array is not None else np.asarray(values, dtype=np.int32)
+
+
+def slice_metadata(meta: AttentionMetadata, first: int, last: int) -> AttentionMetadata:
+    """The layout of sequences ``first..last-1`` of ``meta``'s batch on their own (their tokens are the
+    contiguous run ``query_start_loc[first]..query_start_loc[last]``), as views of its device tensors."""
+    q0, q1 = meta.query_start_loc_cpu[first], meta.query_start_loc_cpu[last]
+    starts = meta.query_start_loc[first:last + 1]
+    starts_cpu = [q - q0 for q in meta.query_start_loc_cpu[first:last + 1]]
+    seq_lens_cpu = meta.seq_lens_cpu[first:last]
+    num_decodes = max(0, min(meta.num_decodes, last) - first)
+    return AttentionMetadata(
+        num_decodes=num_decodes, query_start_loc=starts - q0 if q0 else starts,
+        seq_lens=meta.seq_lens[first:last], block_tables=meta.block_tables[first:last],
+        slot_mapping=meta.slot_mapping[q0:q1], max_query_len=max(b - a for a, b in zip(starts_cpu, starts_cpu[1:])),
+        max_seq_len=max(seq_lens_cpu), max_decode_seq_len=max(seq_lens_cpu[:num_decodes], default=0),
+        query_start_loc_cpu=starts_cpu, seq_lens_cpu=seq_lens_cpu)
+
+
+class BitmaskUpload:
+    """The grammar bitmask's way to the device: a persistent device buffer filled from two alternating pinned
+    staging buffers, like the step inputs (a 128k vocabulary's mask is 4 MiB per 256 rows: pinning a fresh
+    copy every step cost the host more than the sampler launch). A mask that already lies in pinned memory
+    (the engine's own buffer, in process) is copied from where it is."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._host: list[torch.Tensor | None] = [None, None]
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._dev: torch.Tensor | None = None
+        self._set = 0
+
+    def __call__(self, bitmask: np.ndarray) -> torch.Tensor:
+        """``bitmask`` ([rows, words] int32) on the device; valid until the next call's copy (stream order)."""
+        src = torch.from_numpy(np.require(bitmask, np.int32, ["C", "W"]))
+        if self.device.type != "cuda":
+            return src
+        rows, words = src.shape
+        if self._dev is None or self._dev.shape[0] < rows or self._dev.shape[1] != words:
+            cap = max(rows, 2 * (0 if self._dev is None or self._dev.shape[1] != words else self._dev.shape[0]))
+            for e in self._events:
+                if e is not None:
+                    e.synchronize()
+            self._dev = torch.empty((cap, words), dtype=torch.int32, device=self.device)
+            self._host = [torch.empty((cap, words), dtype=torch.int32, pin_memory=True) for _ in range(2)]
+            self._events = [None, None]
+        self._set ^= 1
+        event = self._events[self._set]
+        if src.is_pinned():
+            host = src
+        else:
+            if event is not None:
+                event.synchronize()     # its copy of two masks ago has run (long since, in practice)
+            host = self._host[self._set][:rows]
+            host.copy_(src)
+        dev = self._dev[:rows]
+        dev.copy_(host, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._events[self._set] = event
+        return dev

@@ -58,6 +58,9 @@ class StepPlan:
     # Structured output: [len(req_ids), ceil(vocab/32)] int32 token bitmask from the engine's grammar
     # matchers (bit set = allowed; unconstrained rows all ones), or None when no row is constrained.
     grammar_bitmask: np.ndarray | None = None
+    # Async scheduling: the bitmask is not known yet (the step in flight samples the tokens it depends on).
+    # The worker queues the forward pass now, and its sampler waits for the step's ``GrammarBitmask``.
+    grammar_pending: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -65,6 +68,17 @@ class StepPlan:
 
     def __len__(self) -> int:
         return len(self.req_ids)
+
+
+@dataclass
+class GrammarBitmask:
+    """The token bitmask of a step sent with ``grammar_pending``, in the same layout as
+    ``StepPlan.grammar_bitmask`` (None: no row is constrained any more, e.g. they all finished).
+    Sent once the engine has advanced its grammars with the previous step's tokens, while the
+    device runs this step's forward pass; every rank that samples applies it."""
+
+    step_id: int
+    bitmask: np.ndarray | None = None
 
 
 class RequestState:

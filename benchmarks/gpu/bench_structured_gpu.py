@@ -12,7 +12,11 @@ constrained output is checked to be a valid prefix of the schema (its matcher ac
 Needs xgrammar (not in the GPU image): carry its wheels and install them first, e.g.
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-    python3 benchmarks/gpu/bench_structured_gpu.py            # one H200, ~2-3 minutes
+    python3 benchmarks/gpu/bench_structured_gpu.py --num-prompts 256     # one H200, ~2 minutes
+
+With async scheduling (on by default on the GPU) a constrained step is sent before the tokens its mask
+depends on are known; only its sampler waits for the mask, so the host's grammar work overlaps the
+forward pass. The table after the results splits the host's time per step.
 """
 from __future__ import annotations
 
@@ -62,10 +66,43 @@ def write_tokenizer(directory: str, vocab_size: int = 4096) -> None:
                    "bos_token": "<|endoftext|>", "model_max_length": 131072}, f)
 
 
-def run(llm, prompts: list[list[int]], params) -> tuple[float, list]:
+HOST: dict[str, float] = {}      # host seconds per engine piece during the timed run (see ``time_host``)
+
+
+def time_host(engine) -> None:
+    """Wrap the engine's per-step pieces in wall-clock timers (added to ``HOST``): where the host's time
+    goes. ``wait+absorb`` includes waiting for the device; ``fill`` is the grammar bitmask; ``sampler`` and
+    ``mask upload`` (the worker's, in process) are inside ``queue forward`` or ``queue sampler``."""
+    def wrap(owner, attr: str, label: str) -> None:
+        fn = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                HOST[label] = HOST.get(label, 0.0) + time.perf_counter() - t
+                if label == "step":
+                    HOST["calls"] = HOST.get("calls", 0) + 1
+        setattr(owner, attr, timed)
+    wrap(engine, "step", "step")
+    wrap(engine, "_schedule", "schedule")
+    wrap(engine, "_plan", "plan")
+    wrap(engine.executor, "execute_async", "queue forward")
+    wrap(engine, "_process_oldest", "wait+absorb")
+    wrap(engine, "_grammar_bitmask", "fill")
+    wrap(engine.executor, "sample_async", "queue sampler")
+    runner = getattr(engine.executor, "runner", None)      # in process: the worker's pieces too
+    if runner is not None:
+        wrap(runner, "sampler", "sampler")
+        wrap(runner, "_upload_bitmask", "mask upload")
+
+
+def run(llm, prompts: list[list[int]], params) -> tuple[float, list, dict[str, float]]:
+    HOST.clear()
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return time.perf_counter() - start, outs
+    return time.perf_counter() - start, outs, dict(HOST)
 
 
 def main() -> None:
@@ -100,9 +137,11 @@ def main() -> None:
         run(llm, prompts[:8], SamplingParams(**{**common, "max_tokens": 16}))      # warm-up
         run(llm, prompts[:8], SamplingParams(**{**common, "max_tokens": 16},
                                              structured_outputs=StructuredOutputsParams(json=SCHEMA)))
-        rows = []
+        time_host(llm.llm_engine)
+        rows, hosts = [], []
         for name, params in (("unconstrained", free), ("JSON-schema constrained", schema)):
-            secs, outs = run(llm, prompts, params)
+            secs, outs, host = run(llm, prompts, params)
+            hosts.append(host)
             toks = [list(o.outputs[0].token_ids) for o in outs]
             n_out = sum(len(t) for t in toks)
             rows.append((name, secs, n_out, toks, [o.outputs[0].finish_reason for o in outs]))
@@ -125,6 +164,14 @@ def main() -> None:
     print(f"{'run':<26}{'seconds':>9}{'output tok':>12}{'output tok/s':>14}")
     for name, secs, n_out, _, _ in rows:
         print(f"{name:<26}{secs:>9.1f}{n_out:>12}{n_out / secs:>14.1f}")
+    labels = [k for k in ("step", "schedule", "plan", "queue forward", "wait+absorb", "fill", "queue sampler",
+                          "sampler", "mask upload")
+              if k in hosts[0] or k in hosts[1]]
+    print("host ms per engine step (wait+absorb includes the wait for the device)")
+    print(f"{'':<26}" + "".join(f"{k:>14}" for k in labels))
+    for (name, *_), host in zip(rows, hosts):
+        per = 1e3 / max(1, host.get("calls", 1))
+        print(f"{name:<26}" + "".join(f"{host.get(k, 0.0) * per:>14.2f}" for k in labels))
     ratio = (rows[1][2] / rows[1][1]) / (rows[0][2] / rows[0][1])
     print(f"constrained / unconstrained: {ratio:.3f} (target >= 0.90: {'ok' if ratio >= 0.9 else 'MISSED'}); "
           f"constrained outputs rejected by the grammar: {bad}; full length: {full}/{len(rows[1][3])}")

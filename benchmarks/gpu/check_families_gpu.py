@@ -1,7 +1,7 @@
 """Every supported family's tiny random model on the GPU through ``LLM`` (fp32: Triton kernels with IEEE
 dots, CUDA graphs, async scheduling, chunked prefill, prefix caching) against Hugging Face on the same GPU:
 each generated token must be HF's argmax after the tokens before it. Uses the families and tiny configs of
-``tests/modeling/test_families.py`` (needs pytest importable). About a minute.
+``tests/modeling/test_families.py`` (``aphrodite.benchmarks.tiny_families``). About a minute.
 
     python3 benchmarks/gpu/check_families_gpu.py [family ...]
 """
@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     from aphrodite import LLM, SamplingParams
-    from tests.modeling.test_families import FAMILIES, make_hf_model
+    from aphrodite.benchmarks.tiny_families import FAMILIES, make_hf_model
     rows = []
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (5, 29, 17, 60)]

@@ -91,6 +91,17 @@ def test_pipeline_stages_match_hf(three_layer_dir: str, pp_size: int) -> None:
     torch.testing.assert_close(_run_chained(stages), _hf_reference(three_layer_dir), atol=ATOL, rtol=0)
 
 
+def test_pipeline_stages_of_gemma2_match_hf(tmp_path: Path) -> None:
+    """A stage boundary after a sandwich layer: a stage applies its last layer's post-feed-forward norm
+    (fused into the next add + norm within a stage) before handing its hidden states on."""
+    from aphrodite.benchmarks.tiny_families import make_hf_model
+    hf = make_hf_model("gemma2")
+    assert hf.config.num_hidden_layers == 2
+    hf.save_pretrained(tmp_path)
+    stages = _stages(str(tmp_path), 2)
+    torch.testing.assert_close(_run_chained(stages), hf_logits(hf, PROMPT), atol=ATOL, rtol=0)
+
+
 def test_pipeline_tied_embedding_lives_on_first_and_last(tiny_llama_tied_dir: str) -> None:
     stages = _stages(tiny_llama_tied_dir, 2)
     for stage in stages:   # one table on each stage: the first looks tokens up, the last computes logits

@@ -109,6 +109,19 @@ def test_tp2_mp_matches_one_rank(tp2: LLM, reference) -> None:
     _check_against(tp2, reference)
 
 
+def test_tp2_overlapped_halves_match_one_rank(tp2: LLM, reference) -> None:
+    """Steps split into two halves whose all-reduces are issued asynchronously and interleaved on two
+    threads (``communication.run_overlapped``) give one rank's outputs; both ranks split the same steps."""
+    assert tp2.collective_rpc("tp_overlap") == [(0, 0), (0, 0)]   # off on the CPU by default
+    tp2.collective_rpc("tp_overlap", 8)
+    try:
+        assert_same(generate(tp2), reference[0])
+        (_, a), (_, b) = tp2.collective_rpc("tp_overlap")
+        assert a == b >= 4
+    finally:
+        tp2.collective_rpc("tp_overlap", 0)
+
+
 def test_profile_reports_every_rank(tp2: LLM) -> None:
     """``start_profile``/``stop_profile`` run torch.profiler on both worker processes; each rank's summary
     counts the ops its shard ran (the all-reduce included) and cannot be started twice."""
@@ -123,6 +136,20 @@ def test_profile_reports_every_rank(tp2: LLM) -> None:
     with pytest.raises(RuntimeError, match="not running"):   # a failed call leaves the ranks serving
         tp2.collective_rpc("stop_profile")
     assert all(p.is_alive() for p in tp2.llm_engine.executor.procs)
+
+
+def test_start_up_timeline_of_every_rank(tp2: LLM) -> None:
+    """Each rank stamps its start-up phases on the shared wall clock, in the order they ran."""
+    timelines = tp2.collective_rpc("startup_timeline")
+    assert len(timelines) == 2
+    for tl in timelines:
+        names = [name for name, _ in tl]
+        # Prestarted by LLMEngine.from_engine_args: imports and the groups come before the configuration.
+        assert names == ["worker process running (spawned)", "imported torch, the worker and Transformers",
+                         "joined the parallel groups (before the configuration came)", "received the configuration",
+                         "loaded the model", "allocated the KV cache"]
+        times = [at for _, at in tl]
+        assert times == sorted(times) and time.time() - 600 < times[0] <= times[-1] <= time.time()
 
 
 def test_tp2_x_pp2_matches_one_rank_and_a_killed_worker_fails_generate(tiny_llama_dir: str, reference) -> None:

@@ -2,6 +2,7 @@
 model runs split into pipeline stages."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import pytest
@@ -42,6 +43,8 @@ def test_default_model(default_gguf_path: str, default_gguf_hf_model, monkeypatc
     each, GGUF weights dequantized per stage) give transformers' greedy tokens and text."""
     with pytest.raises(ValueError, match=r"attention heads \(9\) must be divisible by tensor parallel size \(2\)"):
         LLM(device="cpu", tensor_parallel_size=2)
+    # The worker processes started while the configuration was resolved are gone with the error.
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("AphroditeWorker")]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     llm = LLM(device="cpu", pipeline_parallel_size=2, max_model_len=256, num_gpu_blocks_override=64)
     try:

@@ -20,17 +20,22 @@ def test_recorded_specialization_compiles_in_a_child_into_the_shared_cache(tmp_p
     target = ("cuda", 90, 32)
     jit_fn = JITFunction(_rms_norm_kernel)
     names = jit_fn.arg_names
-    signature = {n: t for n, t in zip(names, ["*bf16"] * 5 + ["i32", "fp32"] + ["i32"] * 4
-                                      + ["constexpr"] * 3)}
+    signature = {n: t for n, t in zip(names, ["*bf16"] * 6 + ["i32", "fp32", "fp32"] + ["i32"] * 4
+                                      + ["constexpr"] * 4)}
     constants = {(names.index("BLOCK"),): 4096, (names.index("HAS_RESIDUAL"),): True,
-                 (names.index("GEMMA"),): False}
+                 (names.index("GEMMA"),): False, (names.index("PRE_NORM"),): False}
     options = make_backend(GPUTarget(*target)).parse_options({"num_warps": 8})
     data = serialize_specialization_data(f"{_rms_norm_kernel.__module__}.{_rms_norm_kernel.__qualname__}",
                                          signature, constants, {}, options, "key")
     assert not precompile._on_disk(jit_fn, data, GPUTarget(*target))
 
     pending = precompile.PendingCompiles(target, {data: (_rms_norm_kernel.__module__, "_rms_norm_kernel", data)})
-    precompile.compile_pending(pending, processes=1)
+    pool = precompile.CompilePool(2)      # started ahead; the job takes one, closing ends the other
+    children = list(pool.children)
+    precompile.compile_pending(pending, processes=1, pool=pool)
+    assert len(pool.children) == 1 and children[0].returncode == 0
+    pool.close()
+    assert children[1].wait(timeout=60) == 0 and not pool.children
 
     assert precompile._on_disk(jit_fn, data, GPUTarget(*target))
     assert list((tmp_path / "cache").rglob("*.cubin")), "the child wrote no binary"
@@ -72,3 +77,42 @@ def test_gluon_kernel_compiles_ahead_into_the_cache_its_launch_reads(tmp_path, m
     pending = precompile.PendingCompiles(target, {data: (_gemv_fp8_kernel.__module__, "_gemv_fp8_kernel", data)})
     precompile.compile_pending(pending, processes=1)
     assert precompile._on_disk(_gemv_fp8_kernel, data, GPUTarget(*target))
+
+
+def _share_on_rank(rank: int, world_size: int, init_method: str, out_dir: str, same_host: bool) -> None:
+    import json
+    import socket
+
+    import torch.distributed as dist
+
+    from aphrodite.kernels import precompile
+
+    if not same_host:   # as Ray ranks on two hosts: each host's cache needs its own compiles
+        host = f"host{rank}"
+        socket.gethostname = lambda: host
+
+    dist.init_process_group("gloo", init_method=init_method, world_size=world_size, rank=rank)
+    recorded = [{"a": ("m", "f", "a"), "b": ("m", "f", "b")}, {"b": ("m", "f", "b"), "c": ("m", "g", "c")}][rank]
+    mine, total = precompile.share_pending(precompile.PendingCompiles(("cuda", 90, 32), recorded), dist.group.WORLD)
+    with open(f"{out_dir}/share{rank}.json", "w") as f:
+        json.dump({"target": list(mine.target), "keys": sorted(mine.specs), "total": total}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("same_host", [True, False])
+def test_ranks_share_the_union_of_their_recorded_kernels(tmp_path, same_host: bool):
+    """Two ranks of one host that recorded overlapping specializations compile each one exactly once
+    between them; ranks on different hosts compile what each recorded."""
+    import json
+
+    from tests.distributed.spawn import spawn_ranks
+
+    spawn_ranks(_share_on_rank, 2, tmp_path, str(tmp_path), same_host)
+    shares = [json.loads((tmp_path / f"share{r}.json").read_text()) for r in range(2)]
+    assert shares[0]["target"] == ["cuda", 90, 32]
+    if not same_host:
+        assert [s["keys"] for s in shares] == [["a", "b"], ["b", "c"]]
+        return
+    assert [s["total"] for s in shares] == [3, 3]
+    assert sorted(shares[0]["keys"] + shares[1]["keys"]) == ["a", "b", "c"]
+    assert shares[0]["keys"] and shares[1]["keys"]

@@ -11,6 +11,7 @@ Sequences in a batch are ordered decodes first (one query token each), then pref
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -23,23 +24,25 @@ from aphrodite.kernels.cpu import ops as cpu_ops
 __all__ = ["Attention", "AttentionMetadata", "TorchAttentionBackend", "get_attention_metadata",
            "set_attention_metadata"]
 
-_CURRENT: AttentionMetadata | None = None
+# Per thread: the two halves of an overlapped tensor-parallel step run on two threads, each with its own layout.
+_CURRENT = threading.local()
 
 
 @contextlib.contextmanager
 def set_attention_metadata(meta: AttentionMetadata) -> Iterator[None]:
-    """Make ``meta`` the layout every ``Attention`` layer reads during one forward pass."""
-    global _CURRENT
-    prev, _CURRENT = _CURRENT, meta
+    """Make ``meta`` the layout every ``Attention`` layer reads during one forward pass (on this thread)."""
+    prev = getattr(_CURRENT, "meta", None)
+    _CURRENT.meta = meta
     try:
         yield
     finally:
-        _CURRENT = prev
+        _CURRENT.meta = prev
 
 
 def get_attention_metadata() -> AttentionMetadata:
-    assert _CURRENT is not None, "Attention called outside set_attention_metadata()"
-    return _CURRENT
+    meta = getattr(_CURRENT, "meta", None)
+    assert meta is not None, "Attention called outside set_attention_metadata()"
+    return meta
 
 
 def is_fp8_cache(cache: torch.Tensor) -> bool:

@@ -89,8 +89,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         raise RuntimeError("ParallelLMHead is applied with compute_lm_logits(), not called.")
 
 
-def compute_lm_logits(head: VocabParallelEmbedding, hidden: torch.Tensor) -> torch.Tensor:
-    """float32 logits ``[N, vocab]`` of ``hidden [N, d]`` against ``head``'s (possibly tied) weight."""
+def compute_lm_logits(head: VocabParallelEmbedding, hidden: torch.Tensor,
+                      soft_cap: float | None = None) -> torch.Tensor:
+    """float32 logits ``[N, vocab]`` of ``hidden [N, d]`` against ``head``'s (possibly tied) weight; with
+    ``soft_cap`` (Gemma 2), ``soft_cap * tanh(logits / soft_cap)``, fused into the cast to float32."""
     bias = getattr(head, "bias", None)
     if head.quant_method is not None:
         logits = head.quant_method.apply(head, hidden, bias)
@@ -98,4 +100,7 @@ def compute_lm_logits(head: VocabParallelEmbedding, hidden: torch.Tensor) -> tor
         logits = dense(hidden, head.weight, bias, head.packed_weight)
     if head.tp_size > 1:
         logits = tensor_model_parallel_all_gather(logits, dim=-1)[..., :head.num_embeddings]
+    if soft_cap:
+        from aphrodite.kernels.activation import soft_cap as cap_logits
+        return cap_logits(logits, soft_cap)
     return logits.float()

@@ -4,6 +4,8 @@
 ``x + residual`` and returns ``(normalised, x + residual)`` so the decoder layer carries the
 un-normalised stream without a separate add. Statistics are computed in float32 and the
 result cast back before the weight multiply, exactly as HF Llama does.
+``norm_add_norm(first, second, x, residual)`` is ``second(first(x), residual)`` in one pass: the
+sandwich of norms between two blocks (Gemma 2/3).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aphrodite.kernels.cpu import ops as cpu_ops
+from aphrodite.kernels.rmsnorm import gemma_rms_norm_ref
 from aphrodite.modeling.layers.linear import default_weight_loader
 
 
@@ -58,9 +61,7 @@ class GemmaRMSNorm(RMSNorm):
             self.weight.zero_()
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).to(x.dtype)
+        return gemma_rms_norm_ref(x, self.weight, self.eps)
 
     def forward(self, x: torch.Tensor,
                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -71,3 +72,18 @@ class GemmaRMSNorm(RMSNorm):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+
+def norm_add_norm(first: RMSNorm, second: RMSNorm, x: torch.Tensor,
+                  residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``second(first(x), residual)``: ``(second(first(x) + residual), first(x) + residual)``.
+
+    Families that norm a block's output before the residual add (Gemma's post-attention and
+    post-feed-forward norms) follow it with the next block's input norm; on CUDA the two norms and
+    the add run as one kernel, saving a launch and a round trip of the hidden state per pair."""
+    kinds = (type(first), type(second))
+    if x.is_cuda and kinds in ((RMSNorm, RMSNorm), (GemmaRMSNorm, GemmaRMSNorm)):
+        from aphrodite.kernels.rmsnorm import norm_add_norm as fused
+        return fused(x, residual, first.weight, second.weight, first.eps, second.eps,
+                     gemma=kinds[0] is GemmaRMSNorm)
+    return second(first(x), residual)

@@ -34,12 +34,13 @@ from aphrodite.modeling.layers.embedding import ParallelLMHead, VocabParallelEmb
 from aphrodite.modeling.layers.linear import QKVParallelLinear, RowParallelLinear
 from aphrodite.modeling.layers.mlp import GatedMLP
 from aphrodite.modeling.layers.moe import expert_params_mapping
-from aphrodite.modeling.layers.norm import GemmaRMSNorm, RMSNorm
+from aphrodite.modeling.layers.norm import GemmaRMSNorm, RMSNorm, norm_add_norm
 from aphrodite.modeling.layers.quantization import QuantizationConfig
 from aphrodite.modeling.layers.quantization.gguf_decode import fused_decode
 from aphrodite.modeling.layers.rotary import RotaryEmbedding, get_rope_config
 from aphrodite.modeling.models.pipeline import (
     IntermediateTensors,
+    PPMissingLayer,
     is_pp_missing_parameter,
     make_layers,
     pp_module,
@@ -155,10 +156,15 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = spec.norm(size, eps)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rotary: RotaryEmbedding,
-                rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+                rope: tuple, pending_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden, residual)`` in, ``(hidden, residual)`` out. A sandwich layer returns its MLP output
+        before ``post_feedforward_layernorm``: the caller hands that norm to the next layer as
+        ``pending_norm`` (or applies it), so norm, residual add and the next input norm are one pass."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
+        elif pending_norm is not None:
+            hidden, residual = norm_add_norm(pending_norm, self.input_layernorm, hidden, residual)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, rotary, rope)
@@ -166,9 +172,9 @@ class DecoderLayer(nn.Module):
         if not self.sandwich:
             hidden, residual = self.post_attention_layernorm(hidden, residual)
             return mlp(hidden), residual
-        hidden = self.post_attention_layernorm(hidden)
-        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
-        return self.post_feedforward_layernorm(mlp(hidden)), residual
+        hidden, residual = norm_add_norm(self.post_attention_layernorm, self.pre_feedforward_layernorm, hidden,
+                                         residual)
+        return mlp(hidden), residual
 
 
 class DecoderModel(nn.Module):
@@ -217,9 +223,16 @@ class DecoderModel(nn.Module):
             if out is not None:
                 return out
         states = [r.prepare(positions) for r in self.rotary_embs]
+        pending = None   # a sandwich layer's post-feed-forward norm, applied with the next add and norm
         for i in range(self.start_layer, self.end_layer):
             r = self.rope_index[i]
-            hidden, residual = self.layers[i](hidden, residual, self.rotary_embs[r], states[r])
+            layer = self.layers[i]
+            hidden, residual = layer(hidden, residual, self.rotary_embs[r], states[r], pending)
+            pending = layer.post_feedforward_layernorm if layer.sandwich else None
+        if pending is not None:
+            if not isinstance(self.norm, PPMissingLayer):   # the last stage: final norm fused in too
+                return norm_add_norm(pending, self.norm, hidden, residual)[0]
+            hidden = pending(hidden)
         return stage_output(self.norm, hidden, residual)
 
 
@@ -253,11 +266,7 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits ``[N, vocab_size]`` for hidden states ``[N, hidden_size]``."""
-        logits = compute_lm_logits(self.lm_head, hidden)
-        if self.final_logit_softcapping:
-            cap = self.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return compute_lm_logits(self.lm_head, hidden, self.final_logit_softcapping)
 
     def _map_name(self, name: str) -> tuple[str, object]:
         """(our parameter name, shard id) of checkpoint tensor ``name``."""
