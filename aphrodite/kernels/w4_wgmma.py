@@ -132,6 +132,35 @@ if HAS_GLUON:
         cp.commit_group()
 
     @gluon.jit
+    def _store_tile(acc, om, on, bias_ptr, out_ptr, part_ptr, cnt_ptr, M, N, tile, pid_k, num_splits, stride_om,
+                    HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr):
+        """Store a finished accumulator at rows ``om`` x columns ``on``: directly, or (split-K) as an fp32
+        partial that the last of the tile's splits to arrive (counter ``tile``, re-armed by it) sums into the
+        output. Shared by the plain and the warp-specialized kernels."""
+        dtype: gl.constexpr = out_ptr.dtype.element_ty
+        o_mask = om < M
+        o_off = om.to(gl.int64) * stride_om + on
+        if SPLIT:
+            p_off = (pid_k * M + om).to(gl.int64) * N + on
+            gl.store(part_ptr + p_off, acc, mask=o_mask)
+            gl.thread_barrier()
+            cnt = cnt_ptr + tile
+            done = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:
+                gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+                total = gl.zeros_like(acc)
+                for sp in range(0, num_splits):
+                    p_off = (sp * M + om).to(gl.int64) * N + on
+                    total += gl.load(part_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += gl.load(bias_ptr + on).to(gl.float32)
+                gl.store(out_ptr + o_off, total.to(dtype), mask=o_mask)
+        else:
+            if HAS_BIAS:
+                acc += gl.load(bias_ptr + on).to(gl.float32)
+            gl.store(out_ptr + o_off, acc.to(dtype), mask=o_mask)
+
+    @gluon.jit
     def _w4_wgmma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
                          M, N, K, tiles_per_split, num_splits, magic,
                          stride_xm, stride_wk, stride_sg, stride_om,
@@ -239,27 +268,8 @@ if HAS_GLUON:
         else:
             om = gl.expand_dims(pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA_LAYOUT)), 1)
             on = gl.expand_dims(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA_LAYOUT)), 0)
-        o_mask = om < M
-        o_off = om.to(gl.int64) * stride_om + on
-        if SPLIT:
-            p_off = (pid_k * M + om).to(gl.int64) * N + on
-            gl.store(part_ptr + p_off, acc, mask=o_mask)
-            gl.thread_barrier()
-            cnt = cnt_ptr + pid
-            done = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-            if done == num_splits - 1:
-                gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
-                total = gl.zeros_like(acc)
-                for sp in range(0, num_splits):
-                    p_off = (sp * M + om).to(gl.int64) * N + on
-                    total += gl.load(part_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += gl.load(bias_ptr + on).to(gl.float32)
-                gl.store(out_ptr + o_off, total.to(dtype), mask=o_mask)
-        else:
-            if HAS_BIAS:
-                acc += gl.load(bias_ptr + on).to(gl.float32)
-            gl.store(out_ptr + o_off, acc.to(dtype), mask=o_mask)
+        _store_tile(acc, om, on, bias_ptr, out_ptr, part_ptr, cnt_ptr, M, N, pid, pid_k, num_splits, stride_om,
+                    HAS_BIAS, SPLIT)
 
 
 def w4_wgmma_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -446,32 +456,11 @@ if HAS_GLUON:
     def _ws_epilogue(acc, bias_ptr, out_ptr, part_ptr, cnt_ptr, M, N, off_m, off_n, tile, pid_k, num_splits,
                      stride_om, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                      SPLIT: gl.constexpr, MMA_LAYOUT: gl.constexpr):
-        """Store a finished accumulator: directly, or (split-K) as an fp32 partial that the last of the tile's
-        splits to arrive (counter ``tile``, re-armed by it) sums into the output."""
-        dtype: gl.constexpr = out_ptr.dtype.element_ty
+        """Store a finished accumulator of the tile at (``off_m``, ``off_n``) through ``_store_tile``."""
         om = gl.expand_dims(off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, MMA_LAYOUT)), 1)
         on = gl.expand_dims(off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA_LAYOUT)), 0)
-        o_mask = om < M
-        o_off = om.to(gl.int64) * stride_om + on
-        if SPLIT:
-            p_off = (pid_k * M + om).to(gl.int64) * N + on
-            gl.store(part_ptr + p_off, acc, mask=o_mask)
-            gl.thread_barrier()
-            cnt = cnt_ptr + tile
-            done = gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-            if done == num_splits - 1:
-                gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
-                total = gl.zeros_like(acc)
-                for sp in range(0, num_splits):
-                    p_off = (sp * M + om).to(gl.int64) * N + on
-                    total += gl.load(part_ptr + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += gl.load(bias_ptr + on).to(gl.float32)
-                gl.store(out_ptr + o_off, total.to(dtype), mask=o_mask)
-        else:
-            if HAS_BIAS:
-                acc += gl.load(bias_ptr + on).to(gl.float32)
-            gl.store(out_ptr + o_off, acc.to(dtype), mask=o_mask)
+        _store_tile(acc, om, on, bias_ptr, out_ptr, part_ptr, cnt_ptr, M, N, tile, pid_k, num_splits, stride_om,
+                    HAS_BIAS, SPLIT)
 
     @gluon.jit
     def _ws_consumer(x_buf, b_buf, ready, empty, b_ready, b_empty, bias_ptr, out_ptr, part_ptr, cnt_ptr,

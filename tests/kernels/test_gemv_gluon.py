@@ -6,8 +6,6 @@ sm_90) a Gluon shape is never launched: ``quant_gemv`` runs the Triton GEMV inst
 from __future__ import annotations
 
 import re
-import subprocess
-import tempfile
 
 import pytest
 import torch
@@ -15,18 +13,12 @@ import torch
 from aphrodite.kernels.int4_matmul import FMT_INT4, INT4_ORDER, repack_int4, unpack_int4_cols
 from aphrodite.kernels.quant_gemv import GemvConfig, gluon_gemv_candidates, gluon_gemv_ok, quant_gemv
 from aphrodite.kernels.w4_wgmma import HAS_GLUON
+from tests.sass import cuobjdump, sass_and_usage
 
 V2 = [c for c in gluon_gemv_candidates(FMT_INT4) if c.tk]
 RING = GemvConfig(block_k=2, vec=2, tk=4, warps=4, stages=8, gluon=True)               # the cp.async-ring form
 CAPPED = GemvConfig(block_k=2, vec=2, tk=4, warps=4, stages=3, gluon=True, ring=False, maxnreg=64)
 
-
-def _tool(name: str) -> str | None:
-    import os
-
-    import triton.backends.nvidia as nv
-    path = os.path.join(os.path.dirname(nv.__file__), "bin", name)
-    return path if os.path.exists(path) else None
 
 
 def _compile_v2(cfg: GemvConfig, rows: int, split: bool, zp: bool):
@@ -49,7 +41,7 @@ def _compile_v2(cfg: GemvConfig, rows: int, split: bool, zp: bool):
                           options=options)
 
 
-@pytest.mark.skipif(not HAS_GLUON or _tool("cuobjdump") is None, reason="Triton without Gluon or cuobjdump")
+@pytest.mark.skipif(not HAS_GLUON or cuobjdump() is None, reason="Triton without Gluon or cuobjdump")
 @pytest.mark.parametrize("rows,split,zp,cfg",
                          [(1, True, True, V2[0]), (2, False, False, V2[0]), (1, True, True, RING),
                           (1, True, True, CAPPED)],
@@ -59,13 +51,7 @@ def test_int4_gemv_v2_compiles_without_spills(rows: int, split: bool, zp: bool, 
     form capped at 64 registers a thread (8 programs of 4 warps an SM): no local memory in any."""
     ring = cfg.ring
     kernel = _compile_v2(cfg, rows, split, zp)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+    sass, usage = sass_and_usage(kernel)
     if ring:
         assert {4: "LDGSTS.E.BYPASS.128", 2: "LDGSTS.E.64", 1: "LDGSTS.E "}[cfg.vec] in sass
     else:

@@ -6,23 +6,16 @@ register spills, and shared memory within an H100/H200's 227 KB. Its numbers are
 (``benchmarks/gpu/bench_w4_wgmma.py``, ``bench_quant_gemm.py --check-only``) against dequantize + matmul."""
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import tempfile
 
 import pytest
 
 from aphrodite.kernels import int4_matmul as im
 from aphrodite.kernels.w4_wgmma import HAS_GLUON
+from tests.sass import cuobjdump, sass_and_usage
 
 pytestmark = pytest.mark.skipif(not HAS_GLUON, reason="Triton without Gluon")
 
-
-def _tool(name: str) -> str | None:
-    import triton.backends.nvidia as nv
-    path = os.path.join(os.path.dirname(nv.__file__), "bin", name)
-    return path if os.path.exists(path) else None
 
 
 def _compile(cfg: im.Config, split: bool, zp: bool = True, dtype: str = "bf16"):
@@ -53,18 +46,12 @@ def _shapes() -> list[tuple[im.Config, bool]]:
     return sorted(picks, key=str)
 
 
-@pytest.mark.skipif(_tool("cuobjdump") is None, reason="no bundled cuobjdump")
+@pytest.mark.skipif(cuobjdump() is None, reason="no bundled cuobjdump")
 @pytest.mark.parametrize("cfg,split", _shapes(), ids=lambda v: str(v) if isinstance(v, bool) else
                          f"m{v.block_m}n{v.block_n}k{v.block_k}s{v.stages}w{v.warps}" + ("S" if v.swap else ""))
 def test_int4_wgmma_kernel_keeps_mma_in_flight(cfg: im.Config, split: bool):
     kernel = _compile(cfg, split)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+    sass, usage = sass_and_usage(kernel)
     assert "HGMMA" in sass
     # One wait that leaves a group in flight (the loop's) and one full wait (after it); a serialized
     # pipeline shows a full wait after every MMA instead.
@@ -111,7 +98,7 @@ def _ws_shapes() -> list[im.Config]:
     return im._ws_candidates(1024) + im._ws_candidates(64)[:1]
 
 
-@pytest.mark.skipif(_tool("cuobjdump") is None, reason="no bundled cuobjdump")
+@pytest.mark.skipif(cuobjdump() is None, reason="no bundled cuobjdump")
 @pytest.mark.parametrize("cfg", _ws_shapes(),
                          ids=lambda c: f"m{c.block_m}n{c.block_n}s{c.stages}w{c.warps}b{c.ws}q{c.dq}" + "P" * c.persist
                          + "x2" * (c.producers > 1))
@@ -120,13 +107,7 @@ def test_int4_ws_kernel_shapes(cfg: im.Config):
     consumers' loop, registers moved from the producer warpgroup to the consumers, no spills, shared memory
     within 227 KB."""
     kernel = _compile_ws(cfg, split=True)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+    sass, usage = sass_and_usage(kernel)
     assert "UTMALDG.2D" in sass and f"HGMMA.64x{cfg.block_n}x16.F32.BF16" in sass
     assert sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x1") == 1
     assert "setmaxnreg.inc" in kernel.asm["ptx"] and "setmaxnreg.dec" in kernel.asm["ptx"]
@@ -181,20 +162,14 @@ def _compile_gemv(cfg, rows: int, split: bool):
                           target=GPUTarget("cuda", 90, 128), options=dict(num_warps=cfg.warps))
 
 
-@pytest.mark.skipif(_tool("cuobjdump") is None, reason="no bundled cuobjdump")
+@pytest.mark.skipif(cuobjdump() is None, reason="no bundled cuobjdump")
 @pytest.mark.parametrize("rows,split", [(1, True), (4, False)])
 def test_int4_gluon_gemv_compiles_without_spills(rows: int, split: bool):
     """The Gluon GEMV's first shape at 1 and 4 rows: cp.async copies (16-byte) in the loop, no local memory."""
     from aphrodite.kernels.int4_matmul import FMT_INT4
     from aphrodite.kernels.quant_gemv import gluon_gemv_candidates
     kernel = _compile_gemv(gluon_gemv_candidates(FMT_INT4)[0], rows, split)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+    sass, usage = sass_and_usage(kernel)
     assert "LDGSTS.E.BYPASS.128" in sass
     assert re.search(r"LOCAL:0\b", usage), usage
 
@@ -209,7 +184,7 @@ def test_fp8_gluon_gemv_compiles_without_spills():
     from aphrodite.kernels.gemv_gluon import _gemv_fp8_kernel
     from aphrodite.kernels.int4_matmul import FMT_FP8
     from aphrodite.kernels.quant_gemv import gluon_gemv_candidates
-    if _tool("cuobjdump") is None:
+    if cuobjdump() is None:
         pytest.skip("no bundled cuobjdump")
     cfg = gluon_gemv_candidates(FMT_FP8)[0]
     sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
@@ -219,13 +194,7 @@ def test_fp8_gluon_gemv_compiles_without_spills():
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if sig[name] != "constexpr"}
     kernel = triton.compile(GluonASTSource(_gemv_fp8_kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 128),
                             options=dict(num_warps=cfg.warps))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+    sass, usage = sass_and_usage(kernel)
     assert "LDGSTS.E.BYPASS.128" in sass and "E4M3" in sass
     assert re.search(r"LOCAL:0\b", usage), usage
 
