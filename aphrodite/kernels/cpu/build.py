@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 # Every C file here goes into the one library (one build, one cache key, one ctypes handle).
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.c")))
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))   # part of the cache key, not of the command
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
 # libmvec (glibc's vector math) backs the vectorized expf on x86-64.
 _LIBS = ["-lmvec", "-lm"] if platform.machine() == "x86_64" else ["-lm"]
@@ -83,7 +84,7 @@ def load_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         return None
     key = hashlib.sha256()
     flags = " ".join(_FLAGS + list(extra_flags) + _LIBS)
-    for part in (*(src.read_bytes() for src in SOURCES), cc.encode(), flags.encode(), _cpu_signature().encode(),
+    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), cc.encode(), flags.encode(), _cpu_signature().encode(),
                  str(_torch_libgomp()).encode()):
         key.update(part)
     target = cache_dir("kernels") / f"cpu_ops-{key.hexdigest()[:16]}.so"

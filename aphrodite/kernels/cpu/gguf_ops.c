@@ -21,6 +21,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "gguf_q8.h"
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -770,21 +772,8 @@ static void quantize_acts_vnni(const void* x, int dtype, int M, int K, int flip,
             float* s = asc + ((long)m * np + p) * 4;
             for (int b = 0; b < 2; b++) {
                 const long i0 = (long)m * K + (long)p * 64 + b * 32;
-                __m512 x0, x1;
-                if (dtype == GBF16) {
-                    const uint16_t* xb = (const uint16_t*)x + i0;
-                    x0 = _mm512_castsi512_ps(_mm512_slli_epi32(
-                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)xb)), 16));
-                    x1 = _mm512_castsi512_ps(_mm512_slli_epi32(
-                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xb + 16))), 16));
-                } else {
-                    x0 = _mm512_loadu_ps((const float*)x + i0);
-                    x1 = _mm512_loadu_ps((const float*)x + i0 + 16);
-                }
-                const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-                const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-                const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(id)));   /* round to even */
-                const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
+                __m512i q0, q1;
+                const float d = q8_block32(x, dtype == GBF16, i0, &q0, &q1);
                 const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
                 __m128i c0 = _mm512_cvtsepi32_epi8(q0), c1 = _mm512_cvtsepi32_epi8(q1);
                 if (flip) {
