@@ -489,6 +489,28 @@ if HAS_GLUON:
                      stride_om, HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT, MMA_LAYOUT)
 
     @gluon.jit
+    def _ws_rings(x_desc, w_desc, dtype: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                  STAGES: gl.constexpr, NB: gl.constexpr):
+        """The warp-specialized kernels' shared memory: the TMA ring of x and packed codes (``STAGES``), the
+        ring of dequantized bf16 tiles (``NB``), and their ready/empty barriers, initialised and fenced."""
+        B_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
+        x_buf = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+        p_buf = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        b_buf = gl.allocate_shared_memory(dtype, [NB, BLOCK_K, BLOCK_N], B_SMEM)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        b_ready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        b_empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(NB):
+            mbarrier.init(b_ready.index(i), count=1)
+            mbarrier.init(b_empty.index(i), count=1)
+        fence_async_shared()
+        return x_buf, p_buf, b_buf, ready, empty, b_ready, b_empty
+
+    @gluon.jit
     def _w4_ws_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
                       M, N, K, tiles_per_split, num_splits, stride_sg, stride_om, magic, zconst,
                       MAGIC: gl.constexpr, BASE: gl.constexpr, GROUP: gl.constexpr, HAS_ZP: gl.constexpr,
@@ -505,21 +527,8 @@ if HAS_GLUON:
         k_lo = pid_k * tiles_per_split * BLOCK_K
         n_tiles = gl.minimum(tiles_per_split, K // BLOCK_K - pid_k * tiles_per_split)
 
-        B_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
-        x_buf = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
-        p_buf = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-        b_buf = gl.allocate_shared_memory(dtype, [NB, BLOCK_K, BLOCK_N], B_SMEM)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        b_ready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
-        b_empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        for i in gl.static_range(NB):
-            mbarrier.init(b_ready.index(i), count=1)
-            mbarrier.init(b_empty.index(i), count=1)
-        fence_async_shared()
+        x_buf, p_buf, b_buf, ready, empty, b_ready, b_empty = _ws_rings(x_desc, w_desc, dtype, BLOCK_N, BLOCK_K,
+                                                                        STAGES, NB)
 
         gl.warp_specialize([
             (_ws_consumer, (x_buf, b_buf, ready, empty, b_ready, b_empty, bias_ptr, out_ptr, part_ptr, cnt_ptr,
@@ -676,21 +685,8 @@ if HAS_GLUON:
         """Persistent ``_w4_ws_kernel``: ``num_units`` = output tiles x ``splits`` of ``T`` K steps each; ``NP``
         (1 or 2) producer warpgroups."""
         dtype: gl.constexpr = x_desc.dtype
-        B_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
-        x_buf = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
-        p_buf = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-        b_buf = gl.allocate_shared_memory(dtype, [NB, BLOCK_K, BLOCK_N], B_SMEM)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        b_ready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
-        b_empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        for i in gl.static_range(NB):
-            mbarrier.init(b_ready.index(i), count=1)
-            mbarrier.init(b_empty.index(i), count=1)
-        fence_async_shared()
+        x_buf, p_buf, b_buf, ready, empty, b_ready, b_empty = _ws_rings(x_desc, w_desc, dtype, BLOCK_N, BLOCK_K,
+                                                                        STAGES, NB)
         if NP == 1:
             gl.warp_specialize([
                 (_wsp_consumer, (x_buf, b_buf, ready, empty, b_ready, b_empty, bias_ptr, out_ptr, part_ptr, cnt_ptr,
