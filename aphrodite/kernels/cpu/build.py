@@ -84,8 +84,8 @@ def load_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         return None
     key = hashlib.sha256()
     flags = " ".join(_FLAGS + list(extra_flags) + _LIBS)
-    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), cc.encode(), flags.encode(), _cpu_signature().encode(),
-                 str(_torch_libgomp()).encode()):
+    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), cc.encode(), flags.encode(),
+                 _cpu_signature().encode(), str(_torch_libgomp()).encode()):
         key.update(part)
     target = cache_dir("kernels") / f"cpu_ops-{key.hexdigest()[:16]}.so"
     try:
