@@ -649,6 +649,19 @@ static inline __attribute__((always_inline)) void exact_q6k_avx512(const uint8_t
     for (int m = 0; m < M; m++) out[m] += _mm512_reduce_add_ps(acc[m]);
 }
 
+/* A pair of Q4_0 / Q4_1 / Q8_0 blocks' scales as [d0, m0, d1, m1]: m is Q4_1's minimum, Q4_0's -8 d
+   (its codes are offset by 8) and 0 for Q8_0. */
+static inline __attribute__((always_inline)) __m128 legacy_pair_scales(const int t, const uint8_t* b0,
+                                                                       const uint8_t* b1) {
+    uint32_t h0, h1;
+    memcpy(&h0, b0, 4);
+    memcpy(&h1, b1, 4);
+    if (t == Q4_0) { h0 = (h0 & 0xFFFFu) * 0x10001u; h1 = (h1 & 0xFFFFu) * 0x10001u; }
+    if (t == Q8_0) { h0 &= 0xFFFFu; h1 &= 0xFFFFu; }
+    const __m128 dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, (int)h1, (int)h0));
+    return t == Q4_0 ? _mm_mul_ps(dm, _mm_set_ps(-8.f, 1.f, -8.f, 1.f)) : dm;
+}
+
 /* One activation row against Q4_0 / Q4_1 / Q8_0, two blocks per step: the pair's [d0, m0, d1, m1]
    come from one half-to-float conversion, and the offsets (minimums, Q4_0's -8 d) accumulate in a
    4-wide vector against [0, sum0, 0, sum1] of the activations (batch-1 decode: ~1/3 fewer
@@ -663,13 +676,7 @@ static inline __attribute__((always_inline)) void exact_legacy_pairs_avx512(cons
     for (int p = 0; p < K / 64; p++) {
         const uint8_t* b0 = w + (long)(2 * p) * BB;
         const uint8_t* b1 = b0 + BB;
-        uint32_t h0, h1;
-        memcpy(&h0, b0, 4);
-        memcpy(&h1, b1, 4);
-        if (t == Q4_0) { h0 = (h0 & 0xFFFFu) * 0x10001u; h1 = (h1 & 0xFFFFu) * 0x10001u; }
-        if (t == Q8_0) { h0 &= 0xFFFFu; h1 &= 0xFFFFu; }
-        __m128 dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, (int)h1, (int)h0));
-        if (t == Q4_0) dm = _mm_mul_ps(dm, _mm_set_ps(-8.f, 1.f, -8.f, 1.f));
+        const __m128 dm = legacy_pair_scales(t, b0, b1);
         const float* x = xf + (long)p * 64;
         __m512 s0, s1;
         if (t == Q8_0) {
@@ -806,13 +813,7 @@ static inline __attribute__((always_inline)) void vnni_tile(const int t, const i
         for (int j = 0; j < NR; j++) {
             const uint8_t* b0 = w + (long)j * row_bytes + (long)(2 * p) * BB;
             const uint8_t* b1 = b0 + BB;
-            uint32_t h0, h1;
-            memcpy(&h0, b0, 4);
-            memcpy(&h1, b1, 4);
-            if (t == Q4_0) { h0 = (h0 & 0xFFFFu) * 0x10001u; h1 = (h1 & 0xFFFFu) * 0x10001u; }
-            if (t == Q8_0) { h0 &= 0xFFFFu; h1 &= 0xFFFFu; }
-            dm[j] = _mm_cvtph_ps(_mm_set_epi32(0, 0, (int)h1, (int)h0));
-            if (t == Q4_0) dm[j] = _mm_mul_ps(dm[j], _mm_set_ps(-8.f, 1.f, -8.f, 1.f));
+            dm[j] = legacy_pair_scales(t, b0, b1);
             start[j] = _mm512_setzero_si512();
             if (t == Q8_0) {
                 const __m512i z = _mm512_inserti64x4(
