@@ -11,21 +11,10 @@ import torch
 
 from aphrodite.kernels import sampling as ks
 from aphrodite.kernels.triton_utils import HAS_TRITON
+from tests.modeling.test_samplers_suite import masked, softmax  # the float64 reference helpers
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 V, N, W = 160, 12, 28          # vocabulary, rows, candidates per row (one 32-column program)
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x[np.isfinite(x)].max())
-    e[~np.isfinite(x)] = 0
-    return e / e.sum()
-
-
-def cut(x: np.ndarray, drop: np.ndarray) -> np.ndarray:
-    y = x.copy()
-    y[drop] = -np.inf
-    return y
 
 
 def entropy_count(x: np.ndarray) -> tuple[float, int]:
@@ -48,7 +37,7 @@ def nsigma(x: np.ndarray, r: dict, mx_std: tuple[float, float] | None = None) ->
     if not r["nsigma_on"]:
         return x
     mx, std = mx_std or (x[np.isfinite(x)].max(), x[np.isfinite(x)].std(ddof=1))
-    return cut(x, x < mx - r["nsigma"] * std)
+    return masked(x, x < mx - r["nsigma"] * std)
 
 
 def by_value(x: np.ndarray) -> np.ndarray:
@@ -57,11 +46,11 @@ def by_value(x: np.ndarray) -> np.ndarray:
 
 def top_k_top_p(x: np.ndarray, r: dict) -> np.ndarray:
     order = by_value(x)
-    x = cut(x, x < x[order[min(r["top_k"], V) - 1]])
+    x = masked(x, x < x[order[min(r["top_k"], V) - 1]])
     q = softmax(x)[order]
     drop = np.zeros(V, bool)
     drop[order[np.cumsum(q) - q >= r["top_p"]]] = True
-    return cut(x, drop)
+    return masked(x, drop)
 
 
 def tfs(x: np.ndarray, r: dict) -> np.ndarray:
@@ -71,7 +60,7 @@ def tfs(x: np.ndarray, r: dict) -> np.ndarray:
     d2 = np.abs(np.diff(np.diff(softmax(x)[order])))
     drop = np.zeros(V, bool)
     drop[order[np.concatenate([[False], np.cumsum(d2 / d2.sum()) > r["tfs"], [True]])]] = True
-    return cut(x, drop)
+    return masked(x, drop)
 
 
 def eta(x: np.ndarray, r: dict) -> np.ndarray:
@@ -80,14 +69,14 @@ def eta(x: np.ndarray, r: dict) -> np.ndarray:
     eps = min(r["eta_cutoff"], math.sqrt(r["eta_cutoff"]) * math.exp((q[nz] * np.log(q[nz])).sum()))
     drop = q < eps
     drop[q.argmax()] = False
-    return cut(x, drop)
+    return masked(x, drop)
 
 
 def epsilon(x: np.ndarray, r: dict) -> np.ndarray:
     q = softmax(x)
     drop = q < r["epsilon_cutoff"]
     drop[q.argmax()] = False
-    return cut(x, drop)
+    return masked(x, drop)
 
 
 def typical(x: np.ndarray, r: dict) -> np.ndarray:
@@ -102,7 +91,7 @@ def typical(x: np.ndarray, r: dict) -> np.ndarray:
     drop_sorted[0] = False
     drop = np.zeros(V, bool)
     drop[idx[drop_sorted]] = True
-    return cut(x, drop)
+    return masked(x, drop)
 
 
 def quadratic(x: np.ndarray, r: dict) -> np.ndarray:
@@ -121,7 +110,7 @@ def xtc(x: np.ndarray, r: dict) -> np.ndarray:
     drop = np.zeros(V, bool)
     drop[above] = True
     drop[above[np.argmin(q[above])]] = False
-    return cut(x, drop)
+    return masked(x, drop)
 
 
 def skew(x: np.ndarray, r: dict) -> np.ndarray:
@@ -142,8 +131,8 @@ def draw(x: np.ndarray, r: dict) -> int:
 
 
 STEP = {ks.TAIL_TEMPERATURE: temperature, ks.TAIL_NSIGMA: nsigma, ks.TAIL_TOP_K_TOP_P: top_k_top_p,
-        ks.TAIL_TOP_A: lambda x, r: cut(x, softmax(x) < r["top_a"] * softmax(x).max() ** 2),
-        ks.TAIL_MIN_P: lambda x, r: cut(x, softmax(x) < r["min_p"] * softmax(x).max()),
+        ks.TAIL_TOP_A: lambda x, r: masked(x, softmax(x) < r["top_a"] * softmax(x).max() ** 2),
+        ks.TAIL_MIN_P: lambda x, r: masked(x, softmax(x) < r["min_p"] * softmax(x).max()),
         ks.TAIL_TFS: tfs, ks.TAIL_ETA: eta, ks.TAIL_EPSILON: epsilon, ks.TAIL_TYPICAL: typical,
         ks.TAIL_QUADRATIC: quadratic, ks.TAIL_XTC: xtc, ks.TAIL_SKEW: skew}
 
