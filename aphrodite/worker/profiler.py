@@ -29,6 +29,9 @@ def mark_startup(phase: str, at: float | None = None) -> None:
     STARTUP.append((phase, time.time() if at is None else at))
 
 
+GAP_US = 50      # the shortest idle stretch counted as a gap (a launch costs the host a few microseconds)
+
+
 @dataclass
 class ProfileSummary:
     rank: int
@@ -36,10 +39,26 @@ class ProfileSummary:
     kernel_s: float          # summed device time of every kernel (CPU: summed op self time)
     kernels: int             # kernel launches (CPU: op calls)
     table: str               # the top ops by self device time
+    idle_s: float = 0.0      # device time with no kernel running, between the window's first and last kernel
+    gaps: int = 0            # idle stretches of at least GAP_US within that span
 
     def __str__(self) -> str:
+        idle = f", idle {self.idle_s * 1e3:.1f} ms in {self.gaps} gaps >= {GAP_US} us" if self.gaps else ""
         return (f"rank {self.rank}: wall {self.wall_s * 1e3:.1f} ms, kernels {self.kernel_s * 1e3:.1f} ms "
-                f"({self.kernel_s / max(self.wall_s, 1e-9):.0%} busy), {self.kernels} launches\n{self.table}")
+                f"({self.kernel_s / max(self.wall_s, 1e-9):.0%} busy){idle}, {self.kernels} launches\n{self.table}")
+
+
+def device_idle(intervals: list[tuple[float, float]], min_gap_us: float = GAP_US) -> tuple[float, int]:
+    """(idle seconds, count) of the stretches of at least ``min_gap_us`` between kernel intervals (microsecond
+    start/end pairs, any order, overlaps allowed): the time the device waited for the host, which summed
+    kernel time cannot show when a step is late rather than slow."""
+    idle, gaps, end = 0.0, 0, None
+    for start, stop in sorted(intervals):
+        if end is not None and start - end >= min_gap_us:
+            idle += start - end
+            gaps += 1
+        end = stop if end is None else max(end, stop)
+    return idle / 1e6, gaps
 
 
 class RankProfiler:
@@ -77,9 +96,12 @@ class RankProfiler:
             busy = sum(e.self_device_time_total for e in kernels) / 1e6
             launches = sum(e.count for e in kernels)
             sort_by = "self_device_time_total"
+            idle, gaps = device_idle([(e.time_range.start, e.time_range.end) for e in prof.events()
+                                      if e.device_type == torch.autograd.DeviceType.CUDA])
         else:
             busy = sum(e.self_cpu_time_total for e in events) / 1e6
             launches = sum(e.count for e in events)
             sort_by = "self_cpu_time_total"
+            idle, gaps = 0.0, 0
         table = events.table(sort_by=sort_by, row_limit=15, max_name_column_width=70)
-        return ProfileSummary(self.rank, wall, busy, launches, table)
+        return ProfileSummary(self.rank, wall, busy, launches, table, idle, gaps)

@@ -1,10 +1,13 @@
-"""Where a decode step's time goes on the GPU: Llama-3.1-8B shape, dummy weights, batch 1.
+"""Where a decode step's time goes on the GPU: a model shape (default Llama-3.1-8B), dummy weights, batch 1.
 
 Prints GPU-busy time per step (sum of kernel times), wall time per step, and the top kernels,
 so a missed latency target can be explained (weight streaming vs launch gaps vs host work).
+
+    python3 benchmarks/gpu/profile_decode.py [--shape gemma-2-9b]      # one H200, ~40 s
 """
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 
@@ -15,8 +18,11 @@ from aphrodite.benchmarks.model_shapes import write_model_shape
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llama-3.1-8b")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        path = write_model_shape("llama-3.1-8b", d)
+        path = write_model_shape(args.shape, d)
         llm = LLM(str(path), load_format="dummy", skip_tokenizer_init=True)
         prompt = {"prompt_token_ids": list(range(1000, 1128))}
         sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
@@ -29,9 +35,10 @@ def main() -> None:
         events = prof.key_averages()
         gpu = sum(e.self_device_time_total for e in events) / 1e3 / 64
         print(f"PROFILE wall per token {wall * 1e3:.2f} ms; GPU kernel time per step ~{gpu:.2f} ms")
-        print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+        print(events.table(sort_by="self_device_time_total", row_limit=24, max_name_column_width=60))
         weights = sum(p.numel() * p.element_size() for p in llm.llm_engine.executor.runner.model.parameters())
-        print(f"weights {weights / 1e9:.2f} GB")
+        print(f"RESULT {args.shape}: weights {weights / 1e9:.2f} GB, wall {wall * 1e3:.3f} ms/token "
+              f"({weights / wall / 1e12:.2f} TB/s of weights), kernels {gpu:.3f} ms/step")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=None, help="shorten the decode workload")
     parser.add_argument("--profile-at", type=float, default=0.4, help="fraction of the steps before the window")
     parser.add_argument("--profile-steps", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--structured", action="store_true",
+                        help="constrain every request by bench_structured_gpu's JSON schema (needs xgrammar)")
     args = parser.parse_args()
 
     from aphrodite import LLM, SamplingParams
@@ -48,15 +51,24 @@ def main() -> None:
     extra = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
     with tempfile.TemporaryDirectory() as d:
         path = write_model_shape(args.shape, d)
+        sample = dict(temperature=args.temperature, seed=0, ignore_eos=True, max_tokens=out_len, detokenize=False)
+        if args.structured:     # a tokenizer for xgrammar, and a schema no output completes (see that script)
+            from bench_structured_gpu import SCHEMA, write_tokenizer
+
+            from aphrodite.sampling_params import StructuredOutputsParams
+            write_tokenizer(d)
+            sample["structured_outputs"] = StructuredOutputsParams(json=SCHEMA)
         t0 = time.perf_counter()
-        llm = LLM(str(path), load_format="dummy", skip_tokenizer_init=True,
+        llm = LLM(str(path), load_format="dummy", skip_tokenizer_init=not args.structured,
                   tensor_parallel_size=args.tensor_parallel_size, **extra)
         ready = time.perf_counter() - t0
         engine = llm.llm_engine
-        params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=out_len, detokenize=False)
+        params = SamplingParams(**sample)
+        if args.structured:
+            engine.compile_structured_outputs([params])
         # warm-up: a short run of the same shape, so compiles and graph captures are out of the way
         warm = [{"prompt_token_ids": [(i * 7919 + j * 31) % 30000 + 100 for j in range(in_len)]} for i in range(64)]
-        llm.generate(warm, SamplingParams(temperature=0, ignore_eos=True, max_tokens=8), use_tqdm=False)
+        llm.generate(warm, SamplingParams(**{**sample, "max_tokens": 8}), use_tqdm=False)
         for i in range(args.num_prompts):
             ids = [(i * 104729 + j * 7919 + 17) % 30000 + 100 for j in range(in_len)]
             engine.add_request(f"r{i}", {"prompt_token_ids": ids}, params)
@@ -104,6 +116,7 @@ def main() -> None:
         print("===== engine host cProfile over the window\n" + "\n".join(buf.getvalue().splitlines()[:35]))
     lens = sorted(dt for dt, *_ in steps)
     print(f"\nRESULT tp={args.tensor_parallel_size} workload={args.workload} prompts={args.num_prompts} "
+          f"temperature={args.temperature} structured={args.structured} "
           f"max_num_seqs={args.max_num_seqs or 'default'} out_tok_s={out_tokens / total:.0f} "
           f"total_tok_s={all_tokens / total:.0f} steps={len(steps)} median_step_ms={lens[len(lens) // 2] * 1e3:.2f}")
 
