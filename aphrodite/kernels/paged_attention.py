@@ -498,25 +498,36 @@ def choose_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int, dev
     return splits if splits >= 2 else 1
 
 
-def _decode_tiles(g: int, d_pad: int) -> tuple[int, int, int, int]:
+def _decode_tiles(g: int, d_pad: int, splits: int = 1) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one-token-per-sequence programs: memory bound,
     so the padded query rows (tl.dot needs M >= 16) are free. 64-key tiles, 4 warps, 2 stages reached
-    96% of the copy bandwidth for 256 decodes at context 1024 on an H100 (best of 6 configs)."""
+    96% of the copy bandwidth for 256 decodes at context 1024 on an H100 (best of 6 configs). At head_dim
+    256 (H200, Gemma-2-9B's shape) the same tiles read 256 decodes' KV at 4.37 TB/s against 4.10 with
+    32-key tiles, but a split launch (small batches) wants 32-key tiles: more of its splits have a tile to
+    read at short contexts (batch 1, contexts 129-384: 11.1 us a layer against 12.9-16.2 with 64)."""
     block_m = max(16, next_pow2(g))
-    block_n = 64 if d_pad <= 128 else 32
+    block_n = 64 if d_pad <= 128 or splits == 1 else 32
     return block_m, block_n, 4, 2
+
+
+def decode_solo_tiles(d_pad: int) -> int:
+    """``DECODE_SOLO_TILES`` for head_dim up to 128; at 256 a lone program streams twice the bytes per
+    token, and splitting won from 129 tokens up (H200, batch 1: 10.1 vs 11.0 us at 129, 11.2 vs 16.0 at 192)."""
+    return DECODE_SOLO_TILES if d_pad <= 128 else 2
 
 
 def _prefill_tiles(g: int, d_pad: int, max_query_len: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps, num_stages): rows = BLOCK_Q tokens x G heads, as many as
-    the longest chunk needs up to 64. On an H100 at Llama-8B shapes (8x1024 bf16 prefill) 64x64 with
-    4 warps beat 128x64 with 8 warps by 12% (0.276 vs 0.314 ms); head_dim 256 halves BLOCK_N and
-    doubles the warps to bound registers."""
-    block_m = max(16, next_pow2(g), min(64, next_pow2(max(1, max_query_len) * g)))
+    the longest chunk needs up to 64 (128 at head_dim 256). On an H100 at Llama-8B shapes (8x1024 bf16
+    prefill) 64x64 with 4 warps beat 128x64 with 8 warps by 12% (0.276 vs 0.314 ms). At head_dim 256 (H200,
+    Gemma-2-9B's shape, 16 prompts of 1,024 tokens a layer) 128x64 with 8 warps ran 214 TFLOP/s against 94
+    for 64x32 and 109 for 64x64: the taller tile halves the K/V passes that the wide head makes costly."""
+    cap = 64 if d_pad <= 128 else 128
+    block_m = max(16, next_pow2(g), min(cap, next_pow2(max(1, max_query_len) * g)))
     block_q = block_m // g
     if d_pad <= 128:
         return block_m, block_q, 64, 4, 2
-    return block_m, block_q, 32, 8, 2
+    return block_m, block_q, 64, 8, 2
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -543,7 +554,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scale: float, max_query_len: int, max_seq_len: int,
                     num_decodes: int | None = None, max_decode_seq_len: int | None = None,
                     num_splits: int | None = None, append: DecodeAppend | None = None,
-                    fused_reduce: bool = True, solo_tiles: int = DECODE_SOLO_TILES,
+                    fused_reduce: bool = True, solo_tiles: int | None = None,
                     sliding_window: int | None = None, logits_soft_cap: float | None = None,
                     k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Attention of q [T, Hq, D] over the paged cache (already holding this step's K/V) into out.
@@ -556,7 +567,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     ``append`` (decode-only batches): q and this step's k are not yet rotated and the cache does not
     hold this step's k/v; the decode launch rotates both and writes k/v (q and k are left as given).
     ``fused_reduce``: merge split-KV partials in the attention launch (last split to finish) instead
-    of a second launch. ``solo_tiles``: decode contexts of at most this many key tiles skip the split.
+    of a second launch. ``solo_tiles``: decode contexts of at most this many key tiles skip the split
+    (default ``decode_solo_tiles``).
     ``sliding_window``: a query at position i sees keys ``i - window < j <= i``; keys before every row's
     window are not read. ``logits_soft_cap``: scores become ``cap * tanh(score / cap)`` (Gemma 2).
     Triton on CUDA (or under TRITON_INTERPRET), else ``paged_attention_ref``.
@@ -598,8 +610,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if num_splits is None:
             dec_len = max_decode_seq_len if max_decode_seq_len is not None else max_seq_len
             num_splits = choose_num_splits(nd, hkv, dec_len, q.device)
-        block_m, block_n, warps, stages = _decode_tiles(g, d_pad)
         splits = max(1, int(num_splits))
+        block_m, block_n, warps, stages = _decode_tiles(g, d_pad, splits)
+        if solo_tiles is None:
+            solo_tiles = decode_solo_tiles(d_pad)
         counters = _split_counters(q.device, nd * hkv) if splits > 1 and fused_reduce else None
         fused = counters is not None
         if splits > 1:

@@ -39,12 +39,12 @@ def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torc
     return rms_norm_ref(new_residual, weight, eps), new_residual
 
 
-def _normed_fn(x, w_ptr, offs, mask, n_cols, eps, GEMMA: tl.constexpr):
-    """fp32 ``rms_norm(x) * w`` of one row (masked lanes hold 0), rounded as the references are
-    before the caller's final cast: Llama rounds the normalised row to ``x``'s dtype before the weight."""
+def _normed_fn(x, w, n_cols, eps, GEMMA: tl.constexpr):
+    """fp32 ``rms_norm(x) * w`` of one row (masked lanes hold 0; ``w`` already loaded, in fp32), rounded as
+    the references are before the caller's final cast: Llama rounds the normalised row to ``x``'s dtype
+    before the weight."""
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if GEMMA:   # Gemma: x_hat * (1 + w), all in fp32, one rounding at the end
         return xf * rstd * (w + 1.0)
     return (xf * rstd).to(x.dtype).to(tl.float32) * w
@@ -60,14 +60,19 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, w0_ptr, out_ptr, res_out_ptr, n_cols
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
+    # Every load is issued before the first reduction: at one row a program waits on memory latency, and
+    # loads placed after a reduction's barrier would wait in turn.
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    if PRE_NORM:   # x <- rms_norm(x, w0), rounded to the dtype, before the residual add
-        x = _normed(x, w0_ptr, offs, mask, n_cols, eps0, GEMMA).to(x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
+    if PRE_NORM:   # x <- rms_norm(x, w0), rounded to the dtype, before the residual add
+        w0 = tl.load(w0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = _normed(x, w0, n_cols, eps0, GEMMA).to(x_ptr.dtype.element_ty)
+    if HAS_RESIDUAL:
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(res_out_ptr + row * stride_ro + offs, x, mask=mask)
-    y = _normed(x, w_ptr, offs, mask, n_cols, eps, GEMMA)
+    y = _normed(x, w, n_cols, eps, GEMMA)
     tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -76,7 +76,7 @@ def mixed_step_layouts(num_kv_heads: int, max_seqs: int, max_len: int, sms: int)
     Triton specializes an int argument as 1, a multiple of 16, or other: the decode count (``nd``) and the
     prefill sequence count each take all three; the decode launch compiles in the power of two above the
     split-KV factor (``choose_num_splits``: it splits while decodes x KV heads leave SMs idle and the context
-    is >= 1024); the prefill launch's tile height follows its longest chunk below 16 tokens."""
+    is >= 1024); the prefill launch's tile height follows its longest chunk below 64 tokens."""
     from aphrodite.kernels.paged_attention import choose_num_splits
     from aphrodite.kernels.triton_utils import next_pow2
 
@@ -91,7 +91,8 @@ def mixed_step_layouts(num_kv_heads: int, max_seqs: int, max_len: int, sms: int)
             splits = choose_num_splits(nd, num_kv_heads, length, device) if sms else 1
             wanted.setdefault((cls(nd), next_pow2(splits)), (nd, length))
     layouts = []
-    prefills = [(1, 16), (16, 16), (3, 16), (1, 2), (1, 5)]   # sequence-count classes, then short-chunk tiles
+    # sequence-count classes, then the prefill tile heights (up to 128 rows: chunk x query heads per KV head)
+    prefills = [(1, 16), (16, 16), (3, 16), (1, 2), (1, 3), (1, 5), (1, 32), (1, 64)]
     for i, (nd, length) in enumerate(sorted(wanted.values())):
         nseq, chunk = prefills[i % len(prefills)]
         layouts.append((nd, length, nseq, chunk))

@@ -34,11 +34,9 @@ SHAPES = {   # name: (kv heads, group, head_dim, soft cap, max_model_len, layers
     "gemma-2-9b": (8, 2, 256, 50.0, 8192, 42),
 }
 # Per shape: ((BLOCK_N, num_warps, num_stages), solo_tiles) pairs to try; None = the shipped default
-# (``_decode_tiles``, ``DECODE_SOLO_TILES``); solo_tiles 0 always splits, 12 keeps 384 tokens in one program.
-_TILES = ((64, 4, 2), (64, 8, 2), (32, 8, 2), (32, 4, 3), (32, 4, 4), (64, 8, 3), (64, 4, 3), (128, 8, 2))
-CONFIGS = {"llama-3.1-8b": ((None, None), ((64, 4, 3), None), ((64, 4, 3), 12)),
-           "gemma-2-9b": ((None, None), (None, 0), (None, 3), (None, 12),
-                          *((t, solo) for t in _TILES for solo in (None, 12)))}
+# (``_decode_tiles``, ``decode_solo_tiles``); solo_tiles 0 always splits.
+CONFIGS = {"llama-3.1-8b": ((None, None), ((64, 4, 3), None)),
+           "gemma-2-9b": ((None, None), (None, 0), ((64, 4, 2), 0), ((64, 4, 2), 2), ((32, 4, 3), 0), ((32, 8, 2), 0))}
 
 
 def case(hkv: int, g: int, d: int, ctx: int, layers: int) -> dict:
@@ -94,7 +92,7 @@ def time_layers(c: dict, d: int, cap: float | None, max_len: int, solo: int | No
 PREFILL_PROMPTS, PREFILL_LEN = 16, 1024
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for head_dim 256 prefill; None = _prefill_tiles' choice
 PREFILL_CONFIGS = {"llama-3.1-8b": (None,),
-                   "gemma-2-9b": (None, (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2))}
+                   "gemma-2-9b": (None, (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2))}
 
 
 def prefill_rows() -> list[str]:
@@ -165,10 +163,10 @@ def batched_rows() -> list[str]:
         seq_lens = torch.full((BATCH,), BATCH_CTX, dtype=torch.int32, device=DEVICE)
         out = torch.empty_like(q)
         kv_bytes = 2 * BATCH * BATCH_CTX * hkv * d * 2
-        for cfg in (None,) if d <= 128 else (None, (64, 8, 2), (64, 4, 2), (128, 8, 2)):
+        for cfg in (None,) if d <= 128 else (None, (32, 4, 2), (64, 8, 2)):
             pa._decode_tiles = default if cfg is None else (
-                lambda g_, d_pad, cfg=cfg: (max(16, 1 << max(0, g_ - 1).bit_length()), *cfg))
-            label = "default " + "/".join(map(str, default(g, d)[1:])) if cfg is None else "/".join(map(str, cfg))
+                lambda g_, d_pad, splits=1, cfg=cfg: (max(16, 1 << max(0, g_ - 1).bit_length()), *cfg))
+            label = "default " + "/".join(map(str, default(g, d, 1)[1:])) if cfg is None else "/".join(map(str, cfg))
             call = functools.partial(pa.paged_attention, q, kc, vc, out, qsl, seq_lens, table, d ** -0.5, 1,
                                      BATCH_CTX, num_decodes=BATCH, logits_soft_cap=cap)
             try:
@@ -193,8 +191,10 @@ def main() -> None:
             if cfg is None:
                 pa._decode_tiles = default_tiles
             else:
-                pa._decode_tiles = lambda g_, d_pad, cfg=cfg: (max(16, 1 << max(0, g_ - 1).bit_length()), *cfg)
-            label = "default " + "/".join(map(str, default_tiles(g, d)[1:])) if cfg is None else "/".join(map(str, cfg))
+                pa._decode_tiles = lambda g_, d_pad, splits=1, cfg=cfg: (max(16, 1 << max(0, g_ - 1).bit_length()),
+                                                                         *cfg)
+            label = ("default " + "/".join(map(str, default_tiles(g, d, splits)[1:]))) if cfg is None \
+                else "/".join(map(str, cfg))
             try:
                 c = cases[384]   # correctness at the longest latency-1 context (split or not)
                 out = run(c, 0, torch.empty_like(c["q"]), d, cap, max_len, solo)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import sys
 import tempfile
@@ -56,7 +57,7 @@ def main() -> None:
             from bench_structured_gpu import SCHEMA, write_tokenizer
 
             from aphrodite.sampling_params import StructuredOutputsParams
-            write_tokenizer(d)
+            write_tokenizer(d, pad_to=json.loads((Path(path) / "config.json").read_text())["vocab_size"])
             sample["structured_outputs"] = StructuredOutputsParams(json=SCHEMA)
         t0 = time.perf_counter()
         llm = LLM(str(path), load_format="dummy", skip_tokenizer_init=not args.structured,

@@ -246,7 +246,7 @@ def sweep_attention() -> None:
         ref = b.reference()
         out = torch.empty(b.q.shape, dtype=DT, device=DEV)
         for bn, w, st in [(64, 4, 2), (64, 4, 3), (32, 4, 3), (128, 4, 2), (128, 8, 3), (16, 4, 4)]:
-            pa._decode_tiles = lambda g, dp, bn=bn, w=w, st=st: (max(16, g), bn, w, st)
+            pa._decode_tiles = lambda g, dp, splits=1, bn=bn, w=w, st=st: (max(16, g), bn, w, st)
             for splits in ([None] if b.num_decodes > 8 else [None, 8, 16, 32, 64]):
                 try:
                     b.attend(out, splits)

@@ -232,11 +232,13 @@ def test_half_precision(device: torch.device, dtype: torch.dtype) -> None:
 
 
 @needs_triton
-def test_head_dim_256(device: torch.device) -> None:
-    """Split decode plus a chunk after a prefix at head_dim 256 (the smaller-tile configuration)."""
-    case = make_case([1, 1, 20], [70, 20, 37], num_kv_heads=1, group=2, head_dim=256, page=32,
+@pytest.mark.parametrize(("num_splits", "chunk"), [(2, 20), (1, 70)])
+def test_head_dim_256(device: torch.device, num_splits: int, chunk: int) -> None:
+    """Decode plus a chunk after a prefix at head_dim 256: split decodes take 32-key tiles, unsplit ones 64;
+    a 70-token chunk of 2 query heads per KV head takes the 128-row prefill tile, a 20-token one 64 rows."""
+    case = make_case([1, 1, chunk], [70, 20, 37], num_kv_heads=1, group=2, head_dim=256, page=32,
                      dtype=torch.float32, device=device)
-    out = run_triton(case, 0.0625, num_splits=2)
+    out = run_triton(case, 0.0625, num_splits=num_splits)
     check(out, dense_attention(case, 0.0625), *TOL[torch.float32])
 
 

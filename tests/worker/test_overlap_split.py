@@ -50,5 +50,6 @@ def test_mixed_step_layouts_meet_every_decode_variant(kv_heads: int, max_len: in
              for nd in range(1, 1025) for length in range(1, max_len + 1, 97)}
     assert got == every and len(layouts) <= 24
     assert {cls(nseq) for _, _, nseq, _ in layouts} == {"one", "x16", "other"}
-    assert {_prefill_tiles(4, 128, chunk) for _, _, _, chunk in layouts} == \
-        {_prefill_tiles(4, 128, q) for q in range(2, 2048)}
+    for g, d in ((4, 128), (1, 128), (8, 128), (2, 256)):     # query heads per KV head, head_dim
+        assert {_prefill_tiles(g, d, chunk) for _, _, _, chunk in layouts} == \
+            {_prefill_tiles(g, d, q) for q in range(2, 2048)}
