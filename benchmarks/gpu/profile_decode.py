@@ -37,6 +37,24 @@ def main() -> None:
         print(f"PROFILE wall per token {wall * 1e3:.2f} ms; GPU kernel time per step ~{gpu:.2f} ms")
         print(events.table(sort_by="self_device_time_total", row_limit=24, max_name_column_width=60))
         weights = sum(p.numel() * p.element_size() for p in llm.llm_engine.executor.runner.model.parameters())
+        # One latency-1 request through LLMEngine.step() by hand: where a generate() call's time goes beyond
+        # the decode steps (first token, the last steps, the call around them).
+        engine = llm.llm_engine
+        t0 = time.perf_counter()
+        llm.generate(prompt, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True), use_tqdm=False)
+        gen_s = time.perf_counter() - t0
+        engine.add_request("timeline", prompt, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True))
+        marks, t0 = [], time.perf_counter()
+        while engine.has_unfinished_requests():
+            outs = engine.step()
+            marks.append((time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outs)))
+        gaps = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
+        first = next(t for t, n in marks if n)
+        print(f"TIMELINE {args.shape}: generate() {gen_s * 1e3:.1f} ms; by steps {marks[-1][0] * 1e3:.1f} ms in "
+              f"{len(marks)} step() calls, first token out at {first * 1e3:.1f} ms; first calls "
+              + ", ".join(f"{t * 1e3:.1f}" for t, _ in marks[:4])
+              + f"; median gap {sorted(gaps)[len(gaps) // 2] * 1e3:.3f} ms; last gaps "
+              + ", ".join(f"{g * 1e3:.1f}" for g in gaps[-3:]))
         print(f"RESULT {args.shape}: weights {weights / 1e9:.2f} GB, wall {wall * 1e3:.3f} ms/token "
               f"({weights / wall / 1e12:.2f} TB/s of weights), kernels {gpu:.3f} ms/step")
 

@@ -76,6 +76,14 @@ def main() -> None:
         expected_steps = out_len + (args.num_prompts * in_len) // 16384 + 2
         start_prof = int(expected_steps * args.profile_at)
         steps: list[tuple[float, int, int]] = []   # (seconds, waiting, running) after the step
+        scheduled: list[tuple[int, int, int, int]] = []     # each schedule's (tokens, rows, decodes, preempted)
+        schedule = engine.scheduler.schedule
+
+        def counted_schedule():
+            out = schedule()
+            scheduled.append((sum(out.num_tokens), len(out.requests), out.num_tokens.count(1), out.num_preempted))
+            return out
+        engine.scheduler.schedule = counted_schedule
         prof_host = cProfile.Profile()
         summaries = None
         t_all = time.perf_counter()
@@ -99,6 +107,12 @@ def main() -> None:
     all_tokens = args.num_prompts * (in_len + out_len)
     print(f"ready {ready:.1f} s; {len(steps)} steps in {total:.2f} s; "
           f"{out_tokens / total:,.0f} out tok/s, {all_tokens / total:,.0f} total tok/s")
+    print(f"computed {sum(x[0] for x in scheduled):,} tokens (the prompts and outputs: {all_tokens:,}), "
+          f"{sum(x[3] for x in scheduled)} preemptions, {len(scheduled)} schedules")
+    slow = sorted(range(len(steps)), key=lambda i: -steps[i][0])[:8]
+    print("slowest steps (ms: tokens/rows/decodes of that call's schedule): " + ", ".join(
+        f"#{i} {steps[i][0] * 1e3:.0f}: {'/'.join(map(str, scheduled[i][:3]))}" for i in sorted(slow)
+        if i < len(scheduled)))
     buckets: dict[tuple[bool, int], list[float]] = defaultdict(list)
     for dt, waiting, running in steps:   # steps with prompts still waiting are mixed prefill steps
         buckets[(waiting > 0, min(running // 128 * 128, 1024))].append(dt)
