@@ -80,6 +80,8 @@ def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
              "(default: admin routes disabled)")
     add("--served-model-name", nargs="+", default=None, metavar="NAME",
         help="Name(s) clients use in the model field; the first appears in metrics. (default: the model)")
+    add("--launch-kobold-api", action="store_true", default=False,
+        help="Also serve the KoboldAI API (/api/v1/generate, /api/extra/generate/stream, ...) on this port.")
     add("--chat-template", default=None, metavar="FILE|URL|JINJA",
         help="Chat template for /v1/chat/completions: a file, an http(s) URL, or inline Jinja. "
              "(default: the tokenizer's)")
@@ -229,6 +231,12 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
         async def detokenize_route(
                 request: Annotated[DetokenizeRequest, Depends(_body(DetokenizeRequest))]) -> DetokenizeResponse:
             return await detokenize(ctx, request)
+
+    if _opt(args, "launch_kobold_api"):
+        from aphrodite.endpoints.kobold.api import add_kobold_routes
+        add_kobold_routes(app, ctx)
+    from aphrodite.endpoints.web import add_web_routes
+    add_web_routes(app)  # the chat page, at /chat and /
 
     vocab_size = len(ctx.tokenizer) if ctx.tokenizer is not None else None
 
