@@ -27,12 +27,17 @@ def _add_query_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None,
                         help="API key sent as a bearer token; overrides OPENAI_API_KEY. (default: OPENAI_API_KEY, "
                              "else none)")
+    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                        help="Most tokens to generate per reply. (default: the server's, the rest of the context)")
+    parser.add_argument("--temperature", type=float, default=None, metavar="T",
+                        help="Sampling temperature; 0 is greedy. (default: the server's)")
     parser.add_argument("--stats", action="store_true", default=False,
                         help="Print time to first token and tokens per second after each reply.")
 
 
 def add_chat_args(parser: argparse.ArgumentParser) -> None:
-    """``aphrodite chat``'s flags: vLLM's, with the server's port as the default URL."""
+    """``aphrodite chat``'s flags: vLLM's (the server's port as the default URL), plus ``--max-tokens``
+    and ``--temperature``."""
     _add_query_args(parser)
     parser.add_argument("--system-prompt", default=None, metavar="TEXT",
                         help="A system message placed before the conversation. (default: none)")
@@ -41,10 +46,8 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_complete_args(parser: argparse.ArgumentParser) -> None:
-    """``aphrodite complete``'s flags: vLLM's, with the server's port as the default URL."""
+    """``aphrodite complete``'s flags: vLLM's (the server's port as the default URL), plus ``--temperature``."""
     _add_query_args(parser)
-    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
-                        help="Most tokens to generate per completion. (default: the server's)")
     parser.add_argument("-q", "--quick", default=None, metavar="PROMPT",
                         help="Complete PROMPT, print the completion, and exit.")
 
@@ -125,15 +128,24 @@ def _run(send: Any) -> int:
     return 0
 
 
+def _request_kwargs(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"model": model, "stream": True}
+    if args.max_tokens is not None:
+        kwargs["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        kwargs["temperature"] = args.temperature
+    if args.stats:
+        kwargs["stream_options"] = {"include_usage": True}
+    return kwargs
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """``aphrodite chat``: a conversation with the server's chat endpoint (the history is resent each turn)."""
     client, model = _connect(args)
     conversation: list[dict[str, str]] = []
     if args.system_prompt is not None:
         conversation.append({"role": "system", "content": args.system_prompt})
-    kwargs: dict[str, Any] = {"model": model, "stream": True}
-    if args.stats:
-        kwargs["stream_options"] = {"include_usage": True}
+    kwargs = _request_kwargs(args, model)
 
     def turn(message: str) -> None:
         conversation.append({"role": "user", "content": message})
@@ -155,11 +167,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_complete(args: argparse.Namespace) -> int:
     """``aphrodite complete``: each line is a prompt for the server's completions endpoint."""
     client, model = _connect(args)
-    kwargs: dict[str, Any] = {"model": model, "stream": True}
-    if args.max_tokens is not None:
-        kwargs["max_tokens"] = args.max_tokens
-    if args.stats:
-        kwargs["stream_options"] = {"include_usage": True}
+    kwargs = _request_kwargs(args, model)
 
     def complete(prompt: str) -> None:
         print_stream(client.completions.create(prompt=prompt, **kwargs), lambda c: c.text, args.stats)
