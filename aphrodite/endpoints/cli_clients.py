@@ -114,6 +114,17 @@ def _lines(prompt: str) -> Iterable[str]:
             return
 
 
+def _keep_going(send: Any, text: str) -> None:
+    """One interactive turn: a request the server refuses (a 4xx) is reported and the session goes on."""
+    import openai
+    try:
+        send(text)
+    except openai.APIStatusError as e:
+        if e.status_code >= 500 or e.status_code in (401, 403, 404):  # no later turn would fare better
+            raise
+        print(f"error: the server answered {e.status_code}: {e.message}", file=sys.stderr)
+
+
 def _run(send: Any) -> int:
     """Call ``send``; the client's errors become a message (``ValueError``), Ctrl-C stops quietly."""
     import openai
@@ -149,7 +160,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     def turn(message: str) -> None:
         conversation.append({"role": "user", "content": message})
-        stream = client.chat.completions.create(messages=conversation, **kwargs)
+        try:
+            stream = client.chat.completions.create(messages=conversation, **kwargs)
+        except Exception:
+            conversation.pop()  # refused (the conversation grew past the context, ...): the turn is not kept
+            raise
         reply = print_stream(stream, lambda c: c.delta.content, args.stats)
         conversation.append({"role": "assistant", "content": reply})
 
@@ -159,7 +174,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return
         print("Please enter a message for the chat model:", file=sys.stderr)
         for line in _lines("> "):
-            turn(line)
+            _keep_going(turn, line)
 
     return _run(send)
 
@@ -178,6 +193,6 @@ def cmd_complete(args: argparse.Namespace) -> int:
             return
         print("Please enter prompt to complete:", file=sys.stderr)
         for line in _lines("> "):
-            complete(line)
+            _keep_going(complete, line)
 
     return _run(send)

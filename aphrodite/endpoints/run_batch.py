@@ -290,12 +290,20 @@ async def run_batch(engine: Any, args: argparse.Namespace, chat_template: str | 
                 writer.add(index, result)
                 bar.update()
 
-            for index, line in enumerate(read_lines(args.input_file)):
+            lines = read_lines(args.input_file)
+            loop = asyncio.get_running_loop()
+            while True:
                 await limit.acquire()
-                task = asyncio.ensure_future(one(index, line))
+                # stdin may come slowly (a pipe): read it off the loop, so finished requests are written meanwhile
+                line = (await loop.run_in_executor(None, next, lines, None) if args.input_file == "-"
+                        else next(lines, None))
+                if line is None:
+                    limit.release()
+                    break
+                task = asyncio.ensure_future(one(total, line))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-                total = index + 1
+                total += 1
             logger.info("All %d requests submitted, waiting for them to finish", total)
             while tasks:
                 await asyncio.gather(*list(tasks))
@@ -317,6 +325,9 @@ def main(args: argparse.Namespace) -> int:
     chat_template = load_chat_template(args.chat_template)
     if not _is_url(args.input_file) and args.input_file != "-" and not os.path.isfile(args.input_file):
         raise ValueError(f"The batch input {args.input_file} does not exist.")
+    out_dir = os.path.dirname(os.path.abspath(args.output_file))
+    if not _is_url(args.output_file) and args.output_file != "-" and not os.path.isdir(out_dir):
+        raise ValueError(f"The folder of the batch output {args.output_file} does not exist.")
     # With -o -, stdout carries the outputs alone: anything else printed goes to stderr.
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr if args.output_file == "-" else real_stdout):

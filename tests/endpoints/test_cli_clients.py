@@ -72,3 +72,13 @@ def test_api_key_flag_and_environment(auth_server) -> None:
 def test_no_server_is_a_clear_error() -> None:
     proc = _cli("chat", "--url", "http://127.0.0.1:9/v1", "-q", "hi")
     assert proc.returncode == 1 and "cannot reach a server at http://127.0.0.1:9/v1" in proc.stderr
+
+
+def test_complete_session_goes_on_after_a_refused_prompt(server, client) -> None:
+    """A prompt longer than the context gets the server's 400 on stderr; the next line still completes."""
+    too_long = "word " * 3000
+    proc = _cli("complete", "--url", server.base_url, *GREEDY, stdin=f"{too_long}\nOnce upon a time\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "error: the server answered 400" in proc.stderr and "maximum context length" in proc.stderr
+    want = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=16)
+    assert proc.stdout == f"> > {want.choices[0].text}\n> "
