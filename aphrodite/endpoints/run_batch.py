@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from http import HTTPStatus
 from typing import IO, Any
 
@@ -258,9 +258,10 @@ def _server_namespace(args: argparse.Namespace) -> argparse.Namespace:
 
 
 async def run_batch(engine: Any, args: argparse.Namespace, chat_template: str | None = None,
-                    stdout: IO[str] | None = None) -> tuple[int, int]:
-    """Run every line of ``args.input_file`` on ``engine`` (a started ``AsyncLLMEngine``) and write the
-    outputs to ``args.output_file`` (``stdout`` for ``-``); returns (lines, lines answered 200)."""
+                    stdout: IO[str] | None = None, lines: Iterable[str] | None = None) -> tuple[int, int]:
+    """Run every line of ``args.input_file`` (or ``lines``, read already) on ``engine`` (a started
+    ``AsyncLLMEngine``) and write the outputs to ``args.output_file`` (``stdout`` for ``-``); returns
+    (lines, lines answered 200)."""
     from tqdm import tqdm
 
     from aphrodite.endpoints.openai.api_server import build_app
@@ -290,13 +291,13 @@ async def run_batch(engine: Any, args: argparse.Namespace, chat_template: str | 
                 writer.add(index, result)
                 bar.update()
 
-            lines = read_lines(args.input_file)
+            source = iter(lines) if lines is not None else read_lines(args.input_file)
             loop = asyncio.get_running_loop()
             while True:
                 await limit.acquire()
                 # stdin may come slowly (a pipe): read it off the loop, so finished requests are written meanwhile
-                line = (await loop.run_in_executor(None, next, lines, None) if args.input_file == "-"
-                        else next(lines, None))
+                line = (await loop.run_in_executor(None, next, source, None) if args.input_file == "-"
+                        else next(source, None))
                 if line is None:
                     limit.release()
                     break
@@ -325,6 +326,8 @@ def main(args: argparse.Namespace) -> int:
     chat_template = load_chat_template(args.chat_template)
     if not _is_url(args.input_file) and args.input_file != "-" and not os.path.isfile(args.input_file):
         raise ValueError(f"The batch input {args.input_file} does not exist.")
+    # An input URL is fetched whole (as vLLM does) and before the model loads, so a bad one fails at once.
+    lines = list(read_lines(args.input_file)) if _is_url(args.input_file) else None
     out_dir = os.path.dirname(os.path.abspath(args.output_file))
     if not _is_url(args.output_file) and args.output_file != "-" and not os.path.isdir(out_dir):
         raise ValueError(f"The folder of the batch output {args.output_file} does not exist.")
@@ -333,7 +336,7 @@ def main(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr if args.output_file == "-" else real_stdout):
         engine = AsyncLLMEngine.from_engine_args(engine_args, usage_context="llm")
         try:
-            asyncio.run(run_batch(engine, args, chat_template, stdout=real_stdout))
+            asyncio.run(run_batch(engine, args, chat_template, stdout=real_stdout, lines=lines))
         finally:
             engine.shutdown()
     return 0

@@ -152,10 +152,15 @@ def test_run_batch_cli_stdin_to_stdout(offline) -> None:
     _check_outputs([json.loads(x) for x in proc.stdout.splitlines()], offline, ["cmpl-once", None, "chat-system"])
 
 
-def test_run_batch_missing_input_is_a_clear_error(tmp_path: Path, capsys) -> None:
+def test_run_batch_bad_input_or_output_is_a_clear_error(tmp_path: Path, capsys) -> None:
     from aphrodite.endpoints.cli import main
     assert main(["run-batch", "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "out.jsonl")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    # an input URL is fetched before the model loads, so a bad one fails at once
+    assert main(["run-batch", "-i", "http://127.0.0.1:9/in.jsonl", "-o", str(tmp_path / "out.jsonl")]) == 1
+    assert "Cannot read the batch input http://127.0.0.1:9/in.jsonl" in capsys.readouterr().err
+    assert main(["run-batch", "-i", "-", "-o", str(tmp_path / "no" / "out.jsonl")]) == 1
+    assert "folder of the batch output" in capsys.readouterr().err
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
