@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -91,7 +93,7 @@ def _stream(kai: httpx.Client, body: dict) -> list[dict]:
 # ---- generation: the same text as the OpenAI route -----------------------------------------------------
 @pytest.mark.parametrize("kobold, openai_kwargs", [
     ({"temperature": 0}, {"temperature": 0}),
-    ({"temperature": 0, "stop_sequence": ["."]}, {"temperature": 0, "stop": ["."]}),
+    ({"temperature": 0, "stop_sequence": ["", "."]}, {"temperature": 0, "stop": ["."]}),  # "" is an unused slot
     ({"temperature": 0, "stop_sequence": ["."], "include_stop_str_in_output": True},
      {"temperature": 0, "stop": ["."], "extra_body": {"include_stop_str_in_output": True}}),
     # Seeded sampling with Kobold's names for Aphrodite's samplers.
@@ -102,11 +104,11 @@ def _stream(kai: httpx.Client, body: dict) -> list[dict]:
          "epsilon_cutoff": 0.0002, "top_a": 0.1}}),
     ({"temperature": 1.0, "sampler_seed": 3, "dynatemp_range": 0.5, "dynatemp_exponent": 1.5,
       "smoothing_factor": 0.3, "xtc_threshold": 0.05, "xtc_probability": 0.5, "dry_multiplier": 0.8,
-      "dry_allowed_length": 1, "dry_sequence_breakers": ["\n"], "presence_penalty": 0.5},
+      "dry_allowed_length": 1, "dry_sequence_breakers": '["\\n", ","]', "presence_penalty": 0.5},  # SillyTavern's
      {"temperature": 1.0, "seed": 3, "presence_penalty": 0.5, "extra_body": {
          "dynatemp_min": 0.5, "dynatemp_max": 1.5, "dynatemp_exponent": 1.5, "smoothing_factor": 0.3,
          "xtc_threshold": 0.05, "xtc_probability": 0.5, "dry_multiplier": 0.8, "dry_allowed_length": 1,
-         "dry_sequence_breakers": ["\n"]}}),
+         "dry_sequence_breakers": ["\n", ","]}}),
 ], ids=["greedy", "stop", "stop-kept", "seeded-samplers", "seeded-dynatemp-dry-xtc"])
 def test_generate_equals_openai_completion(kai, openai_client, kobold, openai_kwargs):
     prompt = "Once upon a time, in a small village,"
@@ -334,3 +336,33 @@ def test_chat_page_is_self_contained_and_same_origin(http):
     assert '"aphrodite.endpoints.web" = ["*.html"]' in (REPO / "pyproject.toml").read_text()
     from aphrodite.endpoints.web import chat_page
     assert chat_page().decode() == page
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
+def test_chat_page_streams_a_conversation(kobold_server, kai, openai_client, tmp_path):
+    """The page's own script (in Node, with a minimal DOM) lists the models, streams two replies and keeps
+    the conversation: each reply equals the openai client's for the same history (greedy, 12 tokens)."""
+    server = kobold_server[0]
+    page = tmp_path / "chat.html"
+    page.write_text(kai.get("/chat").text)
+
+    def run(key: str, *turns: str) -> dict:
+        proc = subprocess.run(["node", str(Path(__file__).with_name("chat_page_harness.js")), str(page), server.url,
+                               key, *turns], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    seen = run(KEY, "Say hi.", "Now say bye.")
+    assert seen["fetched"] == ["/v1/models", "/v1/chat/completions", "/v1/chat/completions"]
+    assert seen["models"] == [NAME]
+    history: list[dict] = []
+    for turn, bubble_pair in zip(("Say hi.", "Now say bye."), zip(seen["bubbles"][::2], seen["bubbles"][1::2])):
+        history.append({"role": "user", "content": turn})
+        reply = openai_client.chat.completions.create(model=NAME, messages=history, temperature=0,
+                                                      max_tokens=12).choices[0].message.content
+        history.append({"role": "assistant", "content": reply})
+        assert [b["text"] for b in bubble_pair] == [turn, reply] and reply
+    assert seen["messages"] == history and len(seen["bubbles"]) == 4
+    refused = run("wrong-key")
+    assert refused["models"] == [] and refused["bubbles"] == [
+        {"kind": "msg error", "text": "Could not list the models: Enter the server's API key."}]

@@ -7,6 +7,7 @@ ignored, as Aphrodite does. Value limits are checked once, by ``SamplingParams``
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -69,7 +70,7 @@ class KAIGenerationInputSchema(OpenAIRequestModel):
     dry_base: float | None = 1.75
     dry_allowed_length: Int | None = 2
     dry_penalty_last_n: Int | None = 0
-    dry_sequence_breakers: list[str] | None = None
+    dry_sequence_breakers: list[str] | str | None = None  # a list, or its JSON (as some clients send it)
     sampler_order: list[Int] | None = None
     sampler_seed: Int | None = None
     stop_sequence: str | list[str] | None = None
@@ -120,12 +121,12 @@ class KAIGenerationInputSchema(OpenAIRequestModel):
             "dry_base": given("dry_base", 1.75),
             "dry_allowed_length": given("dry_allowed_length", 2),
             "dry_range": max(0, given("dry_penalty_last_n", 0)),  # 0 and -1: the whole context
-            "dry_sequence_breakers": self.dry_sequence_breakers,
+            "dry_sequence_breakers": _strings(self.dry_sequence_breakers, json_list=True),
             "seed": self.sampler_seed,
-            "stop": self.stop_sequence,
+            "stop": _strings(self.stop_sequence),
             "include_stop_str_in_output": (bool(self.include_stop_str_in_output) if self.trim_stop is None
                                            else not self.trim_stop),
-            "bad_words": self.banned_tokens,
+            "bad_words": _strings(self.banned_tokens),
             "sampler_priority": sampler_priority(self.sampler_order),
         }
         dynatemp_range = given("dynatemp_range", 0.0)
@@ -142,6 +143,20 @@ class KAIGenerationInputSchema(OpenAIRequestModel):
         if self.grammar:
             kw["structured_outputs"] = StructuredOutputsParams(grammar=self.grammar)
         return kw
+
+
+def _strings(value: str | list[str] | None, json_list: bool = False) -> list[str] | None:
+    """A list of strings without the empty ones (Kobold clients send ``""`` for an unused slot); a string is
+    a list of one, or with ``json_list`` the list its JSON holds (SillyTavern sends DRY breakers so)."""
+    if isinstance(value, str):
+        parsed = None
+        if json_list:
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                pass
+        value = parsed if isinstance(parsed, list) and all(isinstance(x, str) for x in parsed) else [value]
+    return [x for x in value if x] if value is not None else None
 
 
 class KAITokenizeRequest(OpenAIRequestModel):
