@@ -262,6 +262,7 @@ def test_info_routes(kai, tokenizer):
 @pytest.mark.parametrize("body, param, words", [
     ({"prompt": "x", "max_length": 4}, "max_context_length", ["Field required"]),
     ({"prompt": 5, "max_length": 4, "max_context_length": 64}, "prompt", ["string"]),
+    (_kai(""), "prompt", ["empty"]),
     ({"prompt": "x", "max_length": "4", "max_context_length": 64}, "max_length", ["integer"]),
     (_kai("x", 0), "max_length", ["at least 1"]),
     ({**_kai("x", 65), "max_context_length": 64}, "max_length", ["max_context_length"]),
@@ -272,7 +273,7 @@ def test_info_routes(kai, tokenizer):
     (_kai("x", typical=2), "typical", ["[0, 1]"]),
     (_kai("x", n=100, temperature=1), "n", ["max_num_seqs (8)"]),
     (_kai("x", grammar="root ::= ("), None, []),
-], ids=["missing-context", "prompt-type", "string-int", "max-length-0", "length-over-context",
+], ids=["missing-context", "prompt-type", "empty-prompt", "string-int", "max-length-0", "length-over-context",
         "over-model-context", "temperature", "rep-pen", "mirostat-1", "typical", "n-over-max-seqs", "bad-grammar"])
 def test_bad_requests_are_400_with_a_clear_message(kai, body, param, words):
     r = kai.post("/api/v1/generate", json=body)

@@ -94,6 +94,8 @@ class KoboldServing:
         # A client's context may be larger than the model's: the model's is the limit (as KoboldCpp).
         context = min(request.max_context_length, ctx.max_model_len)
         kept = ids[-max(1, context - request.max_length):]
+        if not kept:
+            raise OpenAIError("prompt must not be empty: it has no tokens.", param="prompt")
         max_tokens = ctx.max_tokens_for(request.max_length, len(kept), param="max_length")
         try:
             badwords = await self.badword_ids() if request.use_default_badwordsids else []

@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from aphrodite.endpoints.openai.protocol import Int, OpenAIRequestModel, TokenIdKey
+from aphrodite.endpoints.openai.protocol import Int, OpenAIRequestModel, TokenIdKey, _limits
 from aphrodite.sampling_params import DEFAULT_SAMPLER_ORDER, SamplerID, StructuredOutputsParams
 
 __all__ = ["KAIGenerationInputSchema", "KAITokenizeRequest", "kobold_field", "sampler_priority"]
@@ -40,36 +40,36 @@ _KNOWN_IGNORED = frozenset({
 class KAIGenerationInputSchema(OpenAIRequestModel):
     """``POST /api/v1/generate`` and ``/api/extra/generate/stream``: KoboldAI's generation input."""
 
-    prompt: str
-    max_context_length: Int
-    max_length: Int
+    prompt: str = _limits(..., minLength=1)  # "" has no tokens unless the tokenizer adds BOS
+    max_context_length: Int = _limits(..., minimum=1)
+    max_length: Int = _limits(..., minimum=1)  # and at most max_context_length
     genkey: str | None = None
-    n: Int | None = 1
-    rep_pen: float | None = 1.0
-    top_k: Int | None = 0
-    top_a: float | None = 0.0
-    top_p: float | None = 1.0
-    min_p: float | None = 0.0
-    tfs: float | None = 1.0
-    eps_cutoff: float | None = 0.0
-    eta_cutoff: float | None = 0.0
-    typical: float | None = 1.0
-    temperature: float | None = 1.0
-    dynatemp_range: float | None = 0.0
-    dynatemp_exponent: float | None = 1.0
-    smoothing_factor: float | None = 0.0
+    n: Int | None = _limits(1, minimum=1)
+    rep_pen: float | None = _limits(1.0, exclusiveMinimum=0)
+    top_k: Int | None = _limits(0, minimum=-1)
+    top_a: float | None = _limits(0.0, minimum=0)
+    top_p: float | None = _limits(1.0, exclusiveMinimum=0, maximum=1)
+    min_p: float | None = _limits(0.0, minimum=0, maximum=1)
+    tfs: float | None = _limits(1.0, minimum=0, maximum=1)
+    eps_cutoff: float | None = _limits(0.0, minimum=0)
+    eta_cutoff: float | None = _limits(0.0, minimum=0)
+    typical: float | None = _limits(1.0, minimum=0, maximum=1)
+    temperature: float | None = _limits(1.0, minimum=0)
+    dynatemp_range: float | None = 0.0  # temperature +- range, the low end held at 0
+    dynatemp_exponent: float | None = _limits(1.0, exclusiveMinimum=0)
+    smoothing_factor: float | None = _limits(0.0, minimum=0)
     smoothing_curve: float | None = 1.0
-    xtc_threshold: float | None = 0.1
-    xtc_probability: float | None = 0.0
-    nsigma: float | None = 0.0
-    presence_penalty: float | None = 0.0
-    mirostat: Int | None = 0
-    mirostat_tau: float | None = 0.0
-    mirostat_eta: float | None = 0.0
-    dry_multiplier: float | None = 0.0
-    dry_base: float | None = 1.75
-    dry_allowed_length: Int | None = 2
-    dry_penalty_last_n: Int | None = 0
+    xtc_threshold: float | None = _limits(0.1, minimum=0)
+    xtc_probability: float | None = _limits(0.0, minimum=0, maximum=1)
+    nsigma: float | None = _limits(0.0, minimum=0)
+    presence_penalty: float | None = _limits(0.0, minimum=-2, maximum=2)
+    mirostat: Int | None = _limits(0, enum=[0, 2, None])  # Mirostat v2 only
+    mirostat_tau: float | None = _limits(0.0, minimum=0)
+    mirostat_eta: float | None = _limits(0.0, minimum=0)
+    dry_multiplier: float | None = _limits(0.0, minimum=0)
+    dry_base: float | None = _limits(1.75, exclusiveMinimum=1)
+    dry_allowed_length: Int | None = _limits(2, minimum=0)
+    dry_penalty_last_n: Int | None = 0  # 0 or -1: the whole context
     dry_sequence_breakers: list[str] | str | None = None  # a list, or its JSON (as some clients send it)
     sampler_order: list[Int] | None = None
     sampler_seed: Int | None = None
