@@ -581,6 +581,8 @@ def run_server(args: argparse.Namespace) -> None:
         logger.info("Serving %s at http://%s:%d (OpenAI base URL http://%s:%d/v1)%s",
                     ", ".join(app.state.ctx.served_model_names), shown, sock.getsockname()[1], shown,
                     sock.getsockname()[1], "; API keys required" if _auth_on(args) else "")
+        logger.info("Web chat at http://%s:%d/chat%s", shown, sock.getsockname()[1],
+                    "; KoboldAI API under /api/v1 and /api/extra" if _opt(args, "launch_kobold_api") else "")
         config = uvicorn.Config(app, log_level=_opt(args, "uvicorn_log_level"), timeout_keep_alive=5,
                                 timeout_graceful_shutdown=5)
         server = _uvicorn_server(config, engine, app.state.lifecycle, _opt(args, "shutdown_timeout"))
