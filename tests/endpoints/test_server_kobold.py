@@ -199,7 +199,7 @@ def _poll_check(kai: httpx.Client, genkey: str, timeout: float = 60) -> str:
 
 
 def test_check_and_abort_a_generation(kai):
-    body = _kai(CHAT_PROMPT, 160, temperature=0, use_default_badwordsids=True, genkey="kobold-g1")
+    body = _kai(CHAT_PROMPT, 400, temperature=0, use_default_badwordsids=True, genkey="kobold-g1")  # ~seconds
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(_generate(kai, body)))
     worker.start()
@@ -214,16 +214,16 @@ def test_check_and_abort_a_generation(kai):
         worker.join(60)
     [out] = result["results"]
     assert out["finish_reason"] == "abort" and out["text"].startswith(again)
-    full = _generate(kai, {**body, "genkey": "kobold-g1"})["results"][0]  # the genkey is free again
-    assert full["finish_reason"] == "length" and len(out["text"]) < len(full["text"])
-    assert full["text"].startswith(out["text"])
+    # What it had is the greedy text: a prefix of a shorter run's, or that run's a prefix of it.
+    ref = _generate(kai, {**body, "max_length": 40})["results"][0]["text"]  # the genkey is free again
+    assert ref.startswith(out["text"]) or out["text"].startswith(ref)
     assert kai.get("/api/extra/generate/check", params={"genkey": "kobold-g1"}).json() == {"results": [{"text": ""}]}
     assert kai.post("/api/extra/abort", json={"genkey": "nobody"}).json() == {}
     assert kai.post("/api/extra/abort", content=b"not json").json() == {}
 
 
 def test_abort_a_stream(kai):
-    body = _kai(CHAT_PROMPT, 160, temperature=0, use_default_badwordsids=True, genkey="kobold-s1")
+    body = _kai(CHAT_PROMPT, 400, temperature=0, use_default_badwordsids=True, genkey="kobold-s1")
     received = []
     with kai.stream("POST", "/api/extra/generate/stream", json=body) as r:
         assert r.status_code == 200
@@ -235,9 +235,10 @@ def test_abort_a_stream(kai):
                 assert kai.get("/api/extra/generate/check", params={"genkey": "kobold-s1"}).json()[
                     "results"][0]["text"].startswith("".join(e["token"] for e in received))
                 kai.post("/api/extra/abort", json={"genkey": "kobold-s1"})
-    assert received[-1]["finish_reason"] == "abort" and len(received) < 80
+    assert received[-1]["finish_reason"] == "abort" and len(received) < 200
     text = "".join(e["token"] for e in received)
-    assert _generate(kai, body)["results"][0]["text"].startswith(text)
+    ref = _generate(kai, {**body, "max_length": 40})["results"][0]["text"]
+    assert ref.startswith(text) or text.startswith(ref)
 
 
 # ---- the other routes -------------------------------------------------------------------------------
