@@ -89,61 +89,77 @@ def scan_string(text: str, i: int) -> tuple[str, str, int | None, bool]:
 
 
 def scan_value(text: str, i: int) -> ScannedValue:
-    """The JSON value starting at ``text[i]`` (after whitespace)."""
+    """The JSON value starting at ``text[i]`` (after whitespace); its grammar is checked as it goes."""
     parts: list[str] = []
     stack: list[str] = []   # "{" or "[" of the open containers
-    expect_key = False      # inside an object, before a key
+    # What may come next: "value", "value]" (a value or the end of an empty list), "key}" (a key or the
+    # end of an empty object), "key", ":", or "," (a comma or the end of the container).
+    want = "value"
     j = skip_ws(text, i)
     n = len(text)
+
+    def bad() -> ScannedValue:
+        return ScannedValue("".join(parts), None, False)
+
     while j < n:
         c = text[j]
         if c in _WS:
             j += 1
             continue
-        if c in "{[":
-            stack.append(c)
-            parts.append(c)
-            expect_key = c == "{"
-            j += 1
-            continue
         if c in "}]":
-            if not stack or (c == "}") != (stack[-1] == "{"):
-                return ScannedValue("".join(parts), None, False)
+            closes = "{" if c == "}" else "["
+            if not stack or stack[-1] != closes or want not in (",", "key}" if c == "}" else "value]"):
+                return bad()
             stack.pop()
             parts.append(c)
             j += 1
-            expect_key = False
+            want = ","
             if not stack:
                 return ScannedValue("".join(parts), j)
             continue
         if c == ",":
-            if not stack:
-                return ScannedValue("".join(parts), None, False)
+            if want != ",":
+                return bad()
             parts.append(", ")
-            expect_key = stack[-1] == "{"
+            want = "key" if stack[-1] == "{" else "value"
             j += 1
             continue
         if c == ":":
-            if not stack or stack[-1] != "{":
-                return ScannedValue("".join(parts), None, False)
+            if want != ":":
+                return bad()
             parts.append(": ")
+            want = "value"
+            j += 1
+            continue
+        if want in ("key", "key}"):
+            if c != '"':
+                return bad()
+            _, canon, end, valid = scan_string(text, j)
+            if not valid:
+                return bad()
+            if end is None:  # a key is held back whole
+                return ScannedValue("".join(parts), None)
+            parts.append(canon)
+            want = ":"
+            j = end
+            continue
+        if want not in ("value", "value]"):
+            return bad()
+        if c in "{[":
+            stack.append(c)
+            parts.append(c)
+            want = "key}" if c == "{" else "value]"
             j += 1
             continue
         if c == '"':
             _, canon, end, valid = scan_string(text, j)
             if not valid:
-                return ScannedValue("".join(parts), None, False)
-            if end is None:
-                if not expect_key:  # a key is held back whole: partial keys would mislead no one, but
-                    parts.append(canon)  # a value's characters are worth streaming
-                return ScannedValue("".join(parts), None)
+                return bad()
             parts.append(canon)
-            expect_key = False
+            if end is None:
+                return ScannedValue("".join(parts), None)
             j = end
-            if not stack:
-                return ScannedValue("".join(parts), j)
-            continue
-        if c in _NUMBER_CHARS:
+        elif c in _NUMBER_CHARS:
             k = j
             while k < n and text[k] in _NUMBER_CHARS:
                 k += 1
@@ -152,20 +168,19 @@ def scan_value(text: str, i: int) -> ScannedValue:
             try:
                 parts.append(json.dumps(json.loads(text[j:k])))
             except ValueError:
-                return ScannedValue("".join(parts), None, False)
+                return bad()
             j = k
-            if not stack:
-                return ScannedValue("".join(parts), j)
-            continue
-        for lit in _LITERALS:
-            if text.startswith(lit, j):
-                parts.append(lit)
-                j += len(lit)
-                break
-            if lit.startswith(text[j:]):  # the text ends inside the literal
-                return ScannedValue("".join(parts), None)
         else:
-            return ScannedValue("".join(parts), None, False)
+            for lit in _LITERALS:
+                if text.startswith(lit, j):
+                    parts.append(lit)
+                    j += len(lit)
+                    break
+                if lit.startswith(text[j:]):  # the text ends inside the literal
+                    return ScannedValue("".join(parts), None)
+            else:
+                return bad()
         if not stack:
             return ScannedValue("".join(parts), j)
+        want = ","
     return ScannedValue("".join(parts), None)
