@@ -434,6 +434,7 @@ class TokenizeRequest(OpenAIRequestModel):
     continue_final_message: bool = False
     chat_template: str | None = None  # only with --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = _limits(None, **_NOT_RESERVED)
+    tools: list[ChatCompletionTool] | None = None  # for the chat template, as in chat completions
     return_token_strs: bool = False
 
     @model_validator(mode="after")

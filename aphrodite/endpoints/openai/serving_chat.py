@@ -10,7 +10,12 @@ from fastapi.responses import JSONResponse, Response
 
 from aphrodite.endpoints.openai.errors import OpenAIError, from_value_error
 from aphrodite.endpoints.openai.metrics import RequestTimer
-from aphrodite.endpoints.openai.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatMessage
+from aphrodite.endpoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionTool,
+    ChatMessage,
+)
 from aphrodite.endpoints.openai.reasoning import REASONING_PARSERS
 from aphrodite.endpoints.openai.serving_common import (
     SSE_DONE,
@@ -38,7 +43,8 @@ _FIELDS = frozenset(ChatCompletionRequest.model_fields)
 
 async def render_chat(ctx: ServingContext, messages: list[ChatMessage], *, chat_template: str | None,
                       add_generation_prompt: bool, continue_final_message: bool,
-                      chat_template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None) -> str:
+                      chat_template_kwargs: dict[str, Any] | None,
+                      tools: list[ChatCompletionTool] | None = None) -> str:
     """The prompt text of a conversation, rendered on a worker thread; a 400 for anything the template or
     the messages get wrong, and for a request's own template unless the server trusts them (vLLM's
     ``--trust-request-chat-template``), which then renders within ``REQUEST_TEMPLATE_BUDGET_S``."""
@@ -52,13 +58,14 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage], *, chat_
                               param="chat_template")
         budget = REQUEST_TEMPLATE_BUDGET_S
     conversation = conversation_for_template([m.model_dump(exclude_none=True) for m in messages])
+    tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
     try:
         return await ctx.workers.run(
             lambda: apply_chat_template(
                 ctx.workers.tokenizer(), conversation,
                 chat_template=chat_template if chat_template is not None else ctx.chat_template,
                 add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-                chat_template_kwargs=chat_template_kwargs, tools=tools, time_budget_s=budget))
+                chat_template_kwargs=chat_template_kwargs, tools=tool_dicts, time_budget_s=budget))
     except ValueError as e:
         raise from_value_error(e, _FIELDS) from None
 
@@ -88,11 +95,10 @@ class ChatServing:
         ctx.check_num_seqs(request.n, request.best_of)
         plan = ToolPlan.for_request(request, enable_auto_tools=self.enable_auto_tools, tool_parser=self.tool_parser,
                                     reasoning_parser=self.reasoning_parser, tokenizer=ctx.tokenizer)
-        tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
         prompt = await render_chat(ctx, request.messages, chat_template=request.chat_template,
                              add_generation_prompt=request.add_generation_prompt,
                              continue_final_message=request.continue_final_message,
-                             chat_template_kwargs=request.chat_template_kwargs, tools=tools)
+                             chat_template_kwargs=request.chat_template_kwargs, tools=request.tools)
         # The template already holds the BOS token where the model wants one.
         ids = await ctx.encode(prompt, add_special_tokens=False, whole=request.truncate_prompt_tokens is not None,
                                prompt_name="messages")
