@@ -17,8 +17,8 @@ from typing import Any
 
 from aphrodite.endpoints.openai.tool_parsers.json_scan import scan_string, scan_value, skip_ws
 
-__all__ = ["ParsedToolCalls", "PartialCall", "ToolCallStream", "ToolParser", "held_back", "make_tool_call_id",
-           "scan_call_list", "scan_call_object"]
+__all__ = ["ParsedToolCalls", "PartialCall", "ToolCallStream", "ToolParser", "add_call", "held_back",
+           "make_tool_call_id", "scan_call_list", "scan_call_object"]
 
 
 def make_tool_call_id() -> str:
@@ -128,6 +128,15 @@ def scan_call_object(text: str, i: int, name_key: str = "name",
     return call, j + 1
 
 
+def add_call(parsed: ParsedToolCalls, text: str, j: int,
+             args_keys: tuple[str, ...] = ("arguments", "parameters")) -> int | None:
+    """Scan the call object at ``text[j]`` into ``parsed`` (an unreadable one as ``PartialCall(None)``);
+    the index past it and the blanks after it, or None when the text ends inside it or it is not a call."""
+    call, stop = scan_call_object(text, j, args_keys=args_keys)
+    parsed.calls.append(call if call is not None else PartialCall(None))
+    return None if call is None or stop is None else skip_ws(text, stop)
+
+
 def scan_call_list(text: str, j: int, parsed: ParsedToolCalls, args_keys: tuple[str, ...] = ("arguments", "parameters"),
                    ) -> None:
     """The call objects of a JSON list whose ``[`` ends before ``text[j]``, appended to ``parsed``; the
@@ -136,20 +145,16 @@ def scan_call_list(text: str, j: int, parsed: ParsedToolCalls, args_keys: tuple[
         j = skip_ws(text, j)
         if j >= len(text):
             return
-        call, stop = scan_call_object(text, j, args_keys=args_keys)
-        if call is None:
-            parsed.calls.append(PartialCall(None))
+        end = add_call(parsed, text, j, args_keys)
+        if end is None:
             return
-        parsed.calls.append(call)
-        if stop is None:
-            return
-        j = skip_ws(text, stop)
+        j = end
         if j >= len(text) or text[j] not in ",]":
-            call.done = False  # not closed yet, or something else follows
+            parsed.calls[-1].done = False  # not closed yet, or something else follows
             return
         if text[j] == "]":
             if skip_ws(text, j + 1) != len(text):
-                call.done = False
+                parsed.calls[-1].done = False
             return
         j += 1
 

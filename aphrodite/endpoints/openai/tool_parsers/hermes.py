@@ -1,9 +1,7 @@
 """``hermes``: Hermes 2 Pro / Qwen 2.5 / Qwen 3 calls, one JSON object per ``<tool_call>...</tool_call>``."""
 from __future__ import annotations
 
-from aphrodite.endpoints.openai.tool_parsers.base import ParsedToolCalls, PartialCall, ToolParser, held_back
-from aphrodite.endpoints.openai.tool_parsers.base import scan_call_object as _scan
-from aphrodite.endpoints.openai.tool_parsers.json_scan import skip_ws
+from aphrodite.endpoints.openai.tool_parsers.base import ParsedToolCalls, ToolParser, add_call, held_back
 
 
 class HermesToolParser(ToolParser):
@@ -21,18 +19,13 @@ class HermesToolParser(ToolParser):
         parsed = ParsedToolCalls(text[:first])
         pos = first
         while pos >= 0:
-            call, stop = _scan(text, pos + len(self.start))
-            if call is None:
-                parsed.calls.append(PartialCall(None))
+            j = add_call(parsed, text, pos + len(self.start))
+            if j is None:
                 return parsed
-            parsed.calls.append(call)
-            if stop is None:
-                return parsed
-            j = skip_ws(text, stop)
             if text.startswith(self.end, j):
                 j += len(self.end)
             elif not self.end.startswith(text[j:]) and not text.startswith(self.start, j):
-                call.done = False  # something else follows the object: not a well-formed call
+                parsed.calls[-1].done = False  # something else follows the object: not a well-formed call
                 return parsed
             pos = text.find(self.start, j)
         return parsed

@@ -2,7 +2,7 @@
 ``;``, optionally after ``<|python_tag|>``."""
 from __future__ import annotations
 
-from aphrodite.endpoints.openai.tool_parsers.base import ParsedToolCalls, PartialCall, ToolParser, scan_call_object
+from aphrodite.endpoints.openai.tool_parsers.base import ParsedToolCalls, ToolParser, add_call
 from aphrodite.endpoints.openai.tool_parsers.json_scan import skip_ws
 
 
@@ -26,18 +26,12 @@ class Llama3JsonToolParser(ToolParser):
             return ParsedToolCalls(text)
         parsed = ParsedToolCalls("")
         while True:
-            call, stop = scan_call_object(text, j)
-            if call is None:
-                parsed.calls.append(PartialCall(None))
+            end = add_call(parsed, text, j)
+            if end is None or end == len(text):
                 return parsed
-            parsed.calls.append(call)
-            if stop is None:
-                return parsed
-            j = skip_ws(text, stop)
-            if j == len(text):
-                return parsed
+            j = end
             if text[j] != ";":
-                call.done = False
+                parsed.calls[-1].done = False
                 return parsed
             j = skip_ws(text, j + 1)
             if j == len(text):
