@@ -21,15 +21,18 @@ CASES = [
     ("hermes", 'I will check.\n<tool_call>\n{"name": "get_weather", "arguments": ' + WEATHER_RAW + '}\n</tool_call>\n'
      '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
      "I will check.\n", [("get_weather", WEATHER), ("get_time", {})]),
-    ("hermes", '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}', None, [("get_time", {"zone": "CET"})]),
-    ("hermes", "No tools needed: 2 < 3 and <tool is not a call.", "No tools needed: 2 < 3 and <tool is not a call.", []),
+    ("hermes", '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}', None,
+     [("get_time", {"zone": "CET"})]),
+    ("hermes", "No tools: 2 < 3 and <tool is not a call.", "No tools: 2 < 3 and <tool is not a call.", []),
     ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": ' + WEATHER_RAW + '}; '
-     '{"name": "get_time", "arguments": {"zone": "a;b"}}', None, [("get_weather", WEATHER), ("get_time", {"zone": "a;b"})]),
+     '{"name": "get_time", "arguments": {"zone": "a;b"}}', None,
+     [("get_weather", WEATHER), ("get_time", {"zone": "a;b"})]),
     ("llama3_json", '{"name": "get_time", "parameters": {"zone": "UTC"}}', None, [("get_time", {"zone": "UTC"})]),
     ("llama3_json", "The answer is {not json}.", "The answer is {not json}.", []),
     ("llama3_json", '{"answer": 42}', '{"answer": 42}', []),
     ("mistral", 'Sure. [TOOL_CALLS] [{"name": "get_weather", "arguments": ' + WEATHER_RAW + '}, '
-     '{"name": "get_time", "arguments": {"zone": "UTC"}}]', "Sure. ", [("get_weather", WEATHER), ("get_time", {"zone": "UTC"})]),
+     '{"name": "get_time", "arguments": {"zone": "UTC"}}]', "Sure. ",
+     [("get_weather", WEATHER), ("get_time", {"zone": "UTC"})]),
     ("mistral", '[TOOL_CALLS]get_weather[ARGS]' + WEATHER_RAW + '[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}', None,
      [("get_weather", WEATHER), ("get_time", {"zone": "UTC"})]),
     ("mistral", "Plain [TOOL answer.", "Plain [TOOL answer.", []),
@@ -108,7 +111,8 @@ def test_streamed_content_never_shows_a_call_marker() -> None:
 
 
 def test_parallel_tool_calls_false_streams_only_the_first_call() -> None:
-    text = '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call><tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>'
+    text = ('<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>'
+            '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>')
     stream = ToolCallStream(get_tool_parser("hermes"), max_calls=1)
     deltas = [d for k in range(1, len(text) + 1) for d in stream.step(text[:k], k == len(text))[1]]
     assert {d["index"] for d in deltas} == {0}
@@ -150,7 +154,8 @@ def test_json_scan_prefixes_are_prefixes_of_json_dumps(seed: int) -> None:
         if kind == 0:
             return rng.choice([0, -7, 12345678901234567890, 3.25, -0.5e-3, 1e21])
         if kind == 1:
-            return "".join(rng.choice(['a', ' ', '"', '\\', '\n', 'é', '😀', '/', '\t', 'z']) for _ in range(rng.randrange(6)))
+            chars = ['a', ' ', '"', '\\', '\n', 'é', '😀', '/', '\t', 'z']
+            return "".join(rng.choice(chars) for _ in range(rng.randrange(6)))
         if kind == 2:
             return rng.choice([True, False, None])
         if kind == 3:
@@ -182,7 +187,7 @@ def test_reasoning_parsers(name: str, text: str, reasoning: str, content: str | 
     for pieces in (list(text), _token_pieces(text, 2)):
         parser = get_reasoning_parser(name)
         got_r = got_c = ""
-        sent_r = sent_c = 0
+        sent_r = 0
         so_far = ""
         for k, piece in enumerate(pieces):
             so_far += piece
@@ -190,7 +195,7 @@ def test_reasoning_parsers(name: str, text: str, reasoning: str, content: str | 
             assert r.startswith(got_r) and c.startswith(got_c)
             got_r, got_c = r, c
             assert "<" not in r[sent_r:] or "<" in reasoning
-            sent_r, sent_c = len(r), len(c)
+            sent_r = len(r)
         assert (got_r, got_c) == (reasoning, content or "")
 
 

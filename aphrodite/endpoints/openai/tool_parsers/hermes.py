@@ -11,6 +11,7 @@ class HermesToolParser(ToolParser):
     name = "hermes"
     start, end = "<tool_call>", "</tool_call>"
     markers = (start,)
+    keep_special_tokens = True  # <tool_call> is a special token in some vocabularies (vLLM keeps them too)
 
     def parse(self, text: str, final: bool) -> ParsedToolCalls:
         first = text.find(self.start)

@@ -13,7 +13,6 @@ class Llama3JsonToolParser(ToolParser):
     name = "llama3_json"
     bot_token = "<|python_tag|>"
     markers = (bot_token, "{")
-    keep_special_tokens = True
 
     def parse(self, text: str, final: bool) -> ParsedToolCalls:
         if not final and self.bot_token.startswith(text):  # nothing yet, or a part of <|python_tag|>
