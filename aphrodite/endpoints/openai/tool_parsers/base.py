@@ -8,7 +8,6 @@ whole answer is the last parse; the two cannot disagree.
 """
 from __future__ import annotations
 
-import json
 import secrets
 import string
 import uuid
@@ -178,6 +177,10 @@ class ToolParser:
     def new_id(self) -> str:
         return make_tool_call_id()
 
+    def no_calls(self, text: str, final: bool) -> ParsedToolCalls:
+        """Text without a call marker: all content, less (while streaming) a tail that may start one."""
+        return ParsedToolCalls(text if final else text[:len(text) - held_back(text, *self.markers)])
+
     def extract_tool_calls(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """The whole answer: (content or None, OpenAI tool calls); no calls when none parse completely."""
         parsed = self.parse(text, final=True)
@@ -189,11 +192,6 @@ class ToolParser:
 
 def tool_call(call_id: str, name: str | None, arguments: str) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
-
-
-def loads(text: str) -> Any:
-    """JSON as models write it: raw newlines inside strings are accepted."""
-    return json.loads(text, strict=False)
 
 
 class ToolCallStream:

@@ -1,7 +1,7 @@
 """``hermes``: Hermes 2 Pro / Qwen 2.5 / Qwen 3 calls, one JSON object per ``<tool_call>...</tool_call>``."""
 from __future__ import annotations
 
-from aphrodite.endpoints.openai.tool_parsers.base import ParsedToolCalls, ToolParser, add_call, held_back
+from aphrodite.endpoints.openai.tool_parsers.base import ParsedToolCalls, ToolParser, add_call
 
 
 class HermesToolParser(ToolParser):
@@ -16,7 +16,7 @@ class HermesToolParser(ToolParser):
     def parse(self, text: str, final: bool) -> ParsedToolCalls:
         first = text.find(self.start)
         if first < 0:
-            return ParsedToolCalls(text if final else text[:len(text) - held_back(text, *self.markers)])
+            return self.no_calls(text, final)
         parsed = ParsedToolCalls(text[:first])
         pos = first
         while pos >= 0:

@@ -6,7 +6,6 @@ from aphrodite.endpoints.openai.tool_parsers.base import (
     ParsedToolCalls,
     PartialCall,
     ToolParser,
-    held_back,
     mistral_tool_call_id,
     scan_call_list,
 )
@@ -29,7 +28,7 @@ class MistralToolParser(ToolParser):
     def parse(self, text: str, final: bool) -> ParsedToolCalls:
         first = text.find(self.bot_token)
         if first < 0:
-            return ParsedToolCalls(text if final else text[:len(text) - held_back(text, *self.markers)])
+            return self.no_calls(text, final)
         parsed = ParsedToolCalls(text[:first])
         j = skip_ws(text, first + len(self.bot_token))
         if j < len(text) and text[j] == "[":
