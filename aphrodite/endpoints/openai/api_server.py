@@ -43,6 +43,7 @@ from aphrodite.endpoints.openai.protocol import (  # module level: FastAPI resol
     TokenizeRequest,
     TokenizeResponse,
 )
+from aphrodite.endpoints.openai.tools import add_tool_args, tool_options
 from aphrodite.tokenization.chat_template import REQUEST_TEMPLATE_BUDGET_S
 
 if TYPE_CHECKING:  # the engine imports torch: loaded only once a server is built, so `run -h` stays quick
@@ -112,6 +113,7 @@ def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
              "(default: none)")
     add("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
         help=f"Refuse request bodies larger than this with 413. (default: {DEFAULT_MAX_BODY_BYTES})")
+    add_tool_args(add)
 
 
 def _lora_module(value: str) -> Any:
@@ -140,7 +142,7 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
                          log_requests=_opt(args, "enable_log_requests"), max_log_len=_opt(args, "max_log_len"),
                          metrics=ServerMetrics(engine, names[0]),
                          trust_request_chat_template=_opt(args, "trust_request_chat_template"))
-    completions, chat = CompletionServing(ctx), ChatServing(ctx)
+    completions, chat = CompletionServing(ctx), ChatServing(ctx, **tool_options(args, _opt))
     _setup_loras(engine, ctx, _opt(args, "lora_modules") or [])
     log_stats = not getattr(args, "disable_log_stats", False)
 
