@@ -118,6 +118,36 @@ def test_generate_equals_openai_completion(kai, openai_client, kobold, openai_kw
     assert want.text
 
 
+# What SillyTavern's KoboldCpp connector and KoboldAI Lite send (their defaults; no genkey from SillyTavern).
+CLIENT_BODY = {
+    "max_context_length": 8192, "max_length": 12, "rep_pen": 1.1, "rep_pen_range": 320, "rep_pen_slope": 1,
+    "temperature": 0.7, "tfs": 1, "top_a": 0, "top_k": 40, "top_p": 0.9, "min_p": 0.05, "typical": 1,
+    "sampler_order": [6, 0, 1, 3, 4, 2, 5], "singleline": False, "use_default_badwordsids": False, "mirostat": 0,
+    "mirostat_eta": 0.1, "mirostat_tau": 5, "grammar": "", "grammar_retain_state": False, "sampler_seed": 11,
+    "n": 1, "trim_stop": True, "stop_sequence": ["\nUser:", "\n***"], "quiet": True, "dynatemp_range": 0,
+    "dynatemp_exponent": 1, "smoothing_factor": 0, "smoothing_curve": 1, "dry_allowed_length": 2,
+    "dry_multiplier": 0, "dry_base": 1.75, "dry_sequence_breakers": '["\\n", ":", "\\"", "*"]',
+    "dry_penalty_last_n": 0, "xtc_threshold": 0.1, "xtc_probability": 0, "nsigma": 0, "banned_tokens": [],
+    "logit_bias": {}, "presence_penalty": 0, "memory": "", "images": [], "bypass_eos": False,
+    "render_special": False, "gui_settings": False, "use_world_info": False, "streaming": True, "can_abort": True,
+    "prompt": "User: Hello, who are you?\nAssistant:"}
+
+
+def test_client_bodies_generate_and_stream_alike(kai, openai_client):
+    """A full client body is accepted on both routes; seeded, both give the same text, which is the OpenAI
+    route's with the same samplers (SillyTavern's sampler order puts temperature last among those on)."""
+    body = CLIENT_BODY
+    got = _generate(kai, body)["results"][0]
+    streamed = _stream(kai, body)
+    assert "".join(e["token"] for e in streamed) == got["text"]
+    assert streamed[-1]["finish_reason"] == got["finish_reason"]
+    want = openai_client.completions.create(
+        model=NAME, prompt=body["prompt"], max_tokens=12, temperature=0.7, top_p=0.9, seed=11,
+        stop=["\nUser:", "\n***"],
+        extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1, "temperature_last": True}).choices[0]
+    assert got == {"text": want.text, "finish_reason": want.finish_reason}
+
+
 def test_prompt_keeps_the_last_tokens_of_the_context(kai, openai_client, tokenizer):
     """Kobold sends whole stories: the last max_context_length - max_length tokens are kept; a client
     context larger than the model's is held to the model's."""
@@ -207,9 +237,12 @@ def test_check_and_abort_a_generation(kai):
         partial = _poll_check(kai, "kobold-g1")
         again = kai.post("/api/extra/generate/check", json={"genkey": "kobold-g1"}).json()["results"][0]["text"]
         assert again.startswith(partial)
-        r = kai.post("/api/v1/generate", json=body)  # the genkey is taken while it runs
-        assert r.status_code == 400 and r.json()["error"]["param"] == "genkey", r.text
-        assert kai.post("/api/extra/abort", json={"genkey": "kobold-g1"}).json() == {}
+        # Clients that send a fixed genkey run side by side (as on KoboldCpp); the newest is the one checked.
+        short = _generate(kai, {**body, "max_length": 3})["results"][0]
+        assert short["finish_reason"] == "length"
+        assert again.startswith(short["text"]) or short["text"].startswith(again)
+        # SillyTavern aborts with an empty body: as KoboldCpp, that stops the one running generation.
+        assert kai.post("/api/extra/abort").json() == {}
     finally:
         worker.join(60)
     [out] = result["results"]

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from aphrodite.endpoints.kobold.protocol import KAIGenerationInputSchema, KAITokenizeRequest, kobold_field
-from aphrodite.endpoints.openai.api_server import _body, _warn_ignored
+from aphrodite.endpoints.openai.bodies import json_body, warn_ignored
 from aphrodite.endpoints.openai.errors import OpenAIError
 from aphrodite.endpoints.openai.metrics import RequestTimer
 from aphrodite.endpoints.openai.protocol import ErrorResponse
@@ -58,7 +58,7 @@ class KoboldServing:
 
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
-        self.jobs: dict[str, _Job] = {}
+        self.jobs: dict[str, list[_Job]] = {}  # a genkey may name several (clients that send a fixed one)
         self._badword_ids: list[int] | None = None
 
     async def badword_ids(self) -> list[int]:
@@ -83,7 +83,7 @@ class KoboldServing:
         parameters, and hand the request to the engine under its genkey."""
         arrival = time.monotonic()
         ctx = self.ctx
-        _warn_ignored(request)
+        warn_ignored(request)
         for name in ("max_length", "max_context_length"):
             if getattr(request, name) < 1:
                 raise OpenAIError(f"{name} must be at least 1, got {getattr(request, name)}.", param=name)
@@ -104,9 +104,8 @@ class KoboldServing:
             message, param = kobold_field(str(e))
             raise OpenAIError(message, param=param) from None
         genkey = request.genkey or new_id("kai")
-        if genkey in self.jobs:
-            raise OpenAIError(f"genkey {genkey!r} belongs to a generation that is still running.", param="genkey")
-        job = self.jobs[genkey] = _Job()
+        job = _Job()
+        self.jobs.setdefault(genkey, []).append(job)
         try:
             text = request.prompt if len(kept) == len(ids) else None
             [stream] = await ctx.add_all([(new_id("kai"), text, kept, params)], _FIELDS)
@@ -116,8 +115,11 @@ class KoboldServing:
         return genkey, job, stream, params, ctx.timer(arrival)
 
     def _end(self, genkey: str, job: _Job) -> None:
-        if self.jobs.get(genkey) is job:
-            del self.jobs[genkey]
+        jobs = self.jobs.get(genkey, [])
+        if job in jobs:
+            jobs.remove(job)
+        if not jobs:
+            self.jobs.pop(genkey, None)
 
     async def generate(self, request: KAIGenerationInputSchema, raw_request: Request) -> Response:
         """``{"results": [{"text", "finish_reason"}, ...]}``, one per sequence (``n``); an aborted
@@ -171,18 +173,26 @@ class KoboldServing:
             yield "event: error\n" + sse_error(e)
 
     # ---- by genkey -------------------------------------------------------------------------------
+    def _named(self, genkey: Any) -> list[_Job]:
+        """The running jobs ``genkey`` names; without a genkey, as KoboldCpp: the one running job, if only one
+        runs (clients such as SillyTavern abort with an empty body)."""
+        if genkey is None or genkey == "":
+            running = [job for jobs in self.jobs.values() for job in jobs]
+            return running if len(running) == 1 else []
+        return list(self.jobs.get(genkey, [])) if isinstance(genkey, str) else []
+
     def check(self, genkey: Any) -> str:
-        """The text so far of the running generation ``genkey`` ("" when there is none)."""
-        job = self.jobs.get(genkey) if isinstance(genkey, str) else None
-        return job.text if job is not None else ""
+        """The text so far of the running generation ``genkey`` (the newest, when several share it; "" when
+        there is none)."""
+        jobs = self._named(genkey)
+        return jobs[-1].text if jobs else ""
 
     def abort(self, genkey: Any) -> bool:
-        """Stop the running generation ``genkey``; False when there is none."""
-        job = self.jobs.get(genkey) if isinstance(genkey, str) else None
-        if job is None:
-            return False
-        job.abort.set()
-        return True
+        """Stop the running generations ``genkey`` names; False when there is none."""
+        jobs = self._named(genkey)
+        for job in jobs:
+            job.abort.set()
+        return bool(jobs)
 
 
 def _observe(job: _Job, out: RequestOutput, timer: RequestTimer) -> None:
@@ -245,8 +255,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "The request body is over --max-request-body-bytes."},
     503: {"model": ErrorResponse, "description": "The engine is not running, or too many sequences wait already."}}
 # Module level: FastAPI resolves the routes' (string) annotations in this module's namespace.
-_Generation = Annotated[KAIGenerationInputSchema, Depends(_body(KAIGenerationInputSchema))]
-_Tokenize = Annotated[KAITokenizeRequest, Depends(_body(KAITokenizeRequest))]
+_Generation = Annotated[KAIGenerationInputSchema, Depends(json_body(KAIGenerationInputSchema))]
+_Tokenize = Annotated[KAITokenizeRequest, Depends(json_body(KAITokenizeRequest))]
 _STREAM = {200: {"description": "Server-sent events: 'event: message' with data {\"token\": ...}.",
                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 

@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,11 +23,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from aphrodite.endpoints.openai.auth import APIKeyMiddleware, is_protected
+from aphrodite.endpoints.openai.bodies import json_body, warn_ignored
 from aphrodite.endpoints.openai.errors import RETRY_AFTER_S, OpenAIError, error_body, error_response
 from aphrodite.endpoints.openai.protocol import (  # module level: FastAPI resolves the route annotations here
     ChatCompletionRequest,
@@ -209,29 +209,30 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_work_responses(streams=True),
               openapi_extra=_body_doc(CompletionRequest))
-    async def create_completion(request: Annotated[CompletionRequest, Depends(_body(CompletionRequest))],
+    async def create_completion(request: Annotated[CompletionRequest, Depends(json_body(CompletionRequest))],
                                 raw_request: Request) -> Response:
-        _warn_ignored(request)
+        warn_ignored(request)
         return await completions.create(request, raw_request)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_work_responses(streams=True),
               openapi_extra=_body_doc(ChatCompletionRequest))
-    async def create_chat_completion(request: Annotated[ChatCompletionRequest, Depends(_body(ChatCompletionRequest))],
-                                     raw_request: Request) -> Response:
-        _warn_ignored(request)
+    async def create_chat_completion(
+            request: Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))],
+            raw_request: Request) -> Response:
+        warn_ignored(request)
         return await chat.create(request, raw_request)
 
     # vLLM serves these at the root (/tokenize); Aphrodite under /v1. Both answer.
     for prefix in ("", "/v1"):
         @app.post(f"{prefix}/tokenize", response_model=TokenizeResponse, responses=_work_responses(),
                   openapi_extra=_body_doc(TokenizeRequest))
-        async def tokenize_route(request: Annotated[TokenizeRequest, Depends(_body(TokenizeRequest))]) -> Response:
+        async def tokenize_route(request: Annotated[TokenizeRequest, Depends(json_body(TokenizeRequest))]) -> Response:
             return await tokenize(ctx, request)
 
         @app.post(f"{prefix}/detokenize", response_model=DetokenizeResponse, responses=_work_responses(),
                   openapi_extra=_body_doc(DetokenizeRequest))
         async def detokenize_route(
-                request: Annotated[DetokenizeRequest, Depends(_body(DetokenizeRequest))]) -> DetokenizeResponse:
+                request: Annotated[DetokenizeRequest, Depends(json_body(DetokenizeRequest))]) -> DetokenizeResponse:
             return await detokenize(ctx, request)
 
     if _opt(args, "launch_kobold_api"):
@@ -259,30 +260,11 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
 
 
 # ---- request bodies -----------------------------------------------------------------------------
-_INLINE_BODY_BYTES = 256 << 10  # smaller bodies are parsed on the event loop: a thread hop would cost more
 _BODY_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
 
 
-def _body(model: type[BaseModel]) -> Callable[[Request], Awaitable[Any]]:
-    """A dependency that reads the body as ``model``: parsed and validated from the raw JSON bytes by
-    pydantic, on a worker thread when it is big (a million token ids take a second of validation).
-    Errors reach the same handler as FastAPI's own, so they are OpenAI-shaped 400s."""
-    async def parse(request: Request) -> Any:
-        try:
-            body = await request.body()
-        except ClientDisconnect:  # gone, or cut off by the body size limit (which has answered already)
-            raise OpenAIError("The request body ended early.") from None
-        try:
-            if len(body) < _INLINE_BODY_BYTES:
-                return model.model_validate_json(body)
-            return await request.app.state.ctx.workers.run(model.model_validate_json, body)
-        except ValidationError as e:
-            raise RequestValidationError(e.errors(include_url=False)) from None
-    return parse
-
-
 def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI request body of a route that reads it with ``_body`` (FastAPI sees no body parameter)."""
+    """The OpenAPI request body of a route that reads it with ``json_body`` (FastAPI sees no body parameter)."""
     return {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
@@ -368,13 +350,6 @@ def describe_server(schema: dict[str, Any], *, auth: bool, max_num_seqs: int, ma
     if vocab_size is not None and "DetokenizeRequest" in schemas:
         schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] = vocab_size - 1
     return schema
-
-
-def _warn_ignored(request: Any) -> None:
-    ignored = request.ignored_fields()
-    if ignored:  # names come from the client: quoted, cut short, and only a few, so logs stay readable
-        shown = ", ".join(ascii(name[:40]) for name in ignored[:5])
-        logger.warning("Ignoring unsupported request fields: %s%s", shown, ", ..." if len(ignored) > 5 else "")
 
 
 def _add_error_handlers(app: FastAPI) -> None:
