@@ -5,7 +5,9 @@ Each input line is ``{"custom_id", "method": "POST", "url": "/v1/chat/completion
 "body"}``. Every body goes to the same FastAPI app ``aphrodite run`` serves (built by ``build_app``,
 called in-process through ASGI, no socket): the same validation, 400/404 error bodies, chat templates
 and sampling as over HTTP. Up to twice ``max_num_seqs`` requests are in flight at once, so the engine
-batches them. Each output line is ``{"id": "vllm-...", "custom_id", "response": {"status_code",
+batches them; lines are read as they are needed, and at most a fixed multiple of that read ahead of the
+last one written, so a file of any size runs in bounded memory. A body's ``model`` may name a
+``--lora-modules`` adapter. Each output line is ``{"id": "vllm-...", "custom_id", "response": {"status_code",
 "request_id", "body"}, "error"}``, in input order; a line that fails (bad JSON, unknown URL, a 4xx from
 the handler) gets its error there and the others still run.
 """
@@ -33,6 +35,9 @@ __all__ = ["SUPPORTED_URLS", "add_cli_args", "main", "run_batch"]
 SUPPORTED_URLS = ("/v1/chat/completions", "/v1/completions")
 _UPLOAD_RETRIES = 5
 _UPLOAD_RETRY_DELAY_S = 5.0
+# Lines read but not yet written, per request in flight: bounds the memory a slow line holds back (the lines
+# after it finish and wait for it) while the others keep the engine busy.
+_UNWRITTEN_PER_IN_FLIGHT = 8
 _BAR_FORMAT = "{desc}: {n_fmt} done [{elapsed}, {rate_fmt}]\n"  # plain lines: no animation in logs
 
 
@@ -47,6 +52,9 @@ def add_cli_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
         help="With an http(s) output: where the file is written before the upload. (default: the system's)")
     add("--served-model-name", nargs="+", default=None, metavar="NAME",
         help="Name(s) the bodies' model field may use. (default: the model)")
+    add("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
+        help="LoRA adapters a body's model field may name (with --enable-lora), as the server takes them: "
+             "NAME=PATH or JSON {\"name\", \"path\", \"base_model_name\"}.")
     add("--response-role", default="assistant", help="Role of generated chat messages. (default: assistant)")
     add("--chat-template", default=None, metavar="FILE|URL|JINJA",
         help="Chat template for /v1/chat/completions lines. (default: the tokenizer's)")
@@ -59,6 +67,11 @@ def add_cli_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
         help="Serve Prometheus metrics (the server's aphrodite:* names) while the batch runs.")
     add("--url", default="0.0.0.0", help="Address of the metrics server (with --enable-metrics). (default: 0.0.0.0)")
     add("--port", type=int, default=8000, help="Port of the metrics server (with --enable-metrics). (default: 8000)")
+
+
+def _lora_module(value: str) -> Any:
+    from aphrodite.endpoints.openai.serving_lora import parse_lora_module
+    return parse_lora_module(value)
 
 
 # ---- input and output ------------------------------------------------------------------------
@@ -118,13 +131,16 @@ class OrderedWriter:
         self.pending: dict[int, dict[str, Any]] = {}
         self.written = 0
 
-    def add(self, index: int, line: dict[str, Any]) -> None:
+    def add(self, index: int, line: dict[str, Any]) -> int:
+        """Keep line ``index``; write it and those after it that are ready; returns how many were written."""
         self.pending[index] = line
+        before = self.written
         while self.next in self.pending:
             self.out.write(json.dumps(self.pending.pop(self.next), ensure_ascii=False, separators=(",", ":")) + "\n")
             self.next += 1
             self.written += 1
         self.out.flush()
+        return self.written - before
 
 
 @contextlib.contextmanager
@@ -251,7 +267,7 @@ async def run_line(app: Any, line: str, headers: list[tuple[bytes, bytes]]) -> d
 def _server_namespace(args: argparse.Namespace) -> argparse.Namespace:
     """The options ``build_app`` reads; the rest keep the server's defaults (no auth flags: a batch
     has no clients to keep out, so nothing but ``APHRODITE_API_KEY`` turns the key check on)."""
-    names = ("served_model_name", "response_role", "enable_log_requests", "max_log_len",
+    names = ("served_model_name", "lora_modules", "response_role", "enable_log_requests", "max_log_len",
              "trust_request_chat_template", "disable_log_stats")
     values = {n: getattr(args, n) for n in names if hasattr(args, n)}
     return argparse.Namespace(**values, api_keys=None, max_request_body_bytes=sys.maxsize)
@@ -259,20 +275,23 @@ def _server_namespace(args: argparse.Namespace) -> argparse.Namespace:
 
 async def run_batch(engine: Any, args: argparse.Namespace, chat_template: str | None = None,
                     stdout: IO[str] | None = None, lines: Iterable[str] | None = None) -> tuple[int, int]:
-    """Run every line of ``args.input_file`` (or ``lines``, read already) on ``engine`` (a started
-    ``AsyncLLMEngine``) and write the outputs to ``args.output_file`` (``stdout`` for ``-``); returns
-    (lines, lines answered 200)."""
+    """Run every line of ``args.input_file`` (or ``lines``, read already) on ``engine`` (an ``AsyncLLMEngine``,
+    started here, after ``--lora-modules`` load, if it is not running yet) and write the outputs to
+    ``args.output_file`` (``stdout`` for ``-``); returns (lines, lines answered 200)."""
     from tqdm import tqdm
 
     from aphrodite.endpoints.openai.api_server import build_app
-    app = build_app(engine, _server_namespace(args), chat_template)
+    app = build_app(engine, _server_namespace(args), chat_template)  # loads --lora-modules: before the engine runs
+    engine.start()
     key = os.environ.get("APHRODITE_API_KEY")  # build_app turns the key check on from the environment
     headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
     if getattr(args, "enable_metrics", False):
         from prometheus_client import start_http_server
         start_http_server(port=args.port, addr=args.url, registry=app.state.ctx.metrics.registry)
         logger.info("Prometheus metrics at http://%s:%d/metrics", args.url, args.port)
-    limit = asyncio.Semaphore(2 * engine.config.scheduler.max_num_seqs)  # enough to fill every step
+    in_flight = 2 * engine.config.scheduler.max_num_seqs
+    limit = asyncio.Semaphore(in_flight)  # enough to fill every step
+    room = asyncio.Semaphore(_UNWRITTEN_PER_IN_FLIGHT * in_flight)  # read, not yet written
     tasks: set[asyncio.Task] = set()
     ok = total = 0
     logger.info("Reading batch from %s", args.input_file)
@@ -288,12 +307,14 @@ async def run_batch(engine: Any, args: argparse.Namespace, chat_template: str | 
                 finally:
                     limit.release()
                 ok += result["response"]["status_code"] == HTTPStatus.OK
-                writer.add(index, result)
+                for _ in range(writer.add(index, result)):
+                    room.release()
                 bar.update()
 
             source = iter(lines) if lines is not None else read_lines(args.input_file)
             loop = asyncio.get_running_loop()
             while True:
+                await room.acquire()
                 await limit.acquire()
                 # stdin may come slowly (a pipe): read it off the loop, so finished requests are written meanwhile
                 line = (await loop.run_in_executor(None, next, source, None) if args.input_file == "-"
@@ -334,7 +355,7 @@ def main(args: argparse.Namespace) -> int:
     # With -o -, stdout carries the outputs alone: anything else printed goes to stderr.
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr if args.output_file == "-" else real_stdout):
-        engine = AsyncLLMEngine.from_engine_args(engine_args, usage_context="llm")
+        engine = AsyncLLMEngine.from_engine_args(engine_args, start=False, usage_context="llm")
         try:
             asyncio.run(run_batch(engine, args, chat_template, stdout=real_stdout, lines=lines))
         finally:

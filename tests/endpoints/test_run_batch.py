@@ -206,3 +206,61 @@ def test_run_batch_reads_and_uploads_over_http(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _CountingOut:
+    """An output stream that counts the lines written so far."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.lines += text.splitlines()
+
+    def flush(self) -> None:
+        pass
+
+
+def test_run_batch_reads_ahead_a_bounded_window_and_answers_n(monkeypatch) -> None:
+    """A slow first line holds back the output of those after it: reading stops once a bounded number of
+    lines wait (a file of any size runs in bounded memory), and every line still comes out, in order,
+    with its own ids; a body with ``n`` = 2 gets its two choices."""
+    import torch
+
+    from aphrodite.endpoints import run_batch as rb
+    from aphrodite.endpoints.cli import build_parser
+    from aphrodite.endpoints.openai.api_server import engine_args_from
+    from aphrodite.engine.async_engine import AsyncLLMEngine
+    monkeypatch.setattr(rb, "_UNWRITTEN_PER_IN_FLIGHT", 1)
+    args = build_parser("run-batch").parse_args(["run-batch", "-i", "-", "-o", "-", *ENGINE_FLAGS,
+                                                 "--max-num-seqs", "2"])
+    window = 2 * 2  # twice max_num_seqs in flight, times 1
+    slow = _line("slow", "/v1/completions", {"model": MODEL, "prompt": "Count:", "max_tokens": 40,
+                                             "ignore_eos": True, "temperature": 0})
+    quick = [_line(f"q{i}", "/v1/completions", {"model": MODEL, "prompt": f"{i} +", "max_tokens": 1,
+                                                "temperature": 1.0, "seed": i, "n": 2 if i == 3 else 1})
+             for i in range(20)]
+    out = _CountingOut()
+    ahead: list[int] = []
+
+    def source():
+        for i, line in enumerate([slow, *quick]):
+            ahead.append(i + 1 - len(out.lines))  # read, not yet written
+            yield line
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = AsyncLLMEngine.from_engine_args(engine_args_from(args), start=False, usage_context="llm")
+    try:
+        total, ok = asyncio.run(rb.run_batch(engine, args, stdout=out, lines=source()))
+    finally:
+        engine.shutdown()
+        torch.set_num_threads(threads)
+    assert (total, ok) == (21, 21)
+    assert max(ahead) <= window, ahead
+    results = [json.loads(x) for x in out.lines]
+    assert [r["custom_id"] for r in results] == ["slow"] + [f"q{i}" for i in range(20)]
+    assert len({r["id"] for r in results}) == 21 and len({r["response"]["request_id"] for r in results}) == 21
+    assert results[0]["response"]["body"]["usage"]["completion_tokens"] == 40
+    assert [c["index"] for c in results[4]["response"]["body"]["choices"]] == [0, 1]
+    assert results[4]["response"]["body"]["usage"]["completion_tokens"] == 2
