@@ -148,6 +148,14 @@ def test_client_bodies_generate_and_stream_alike(kai, openai_client):
     assert got == {"text": want.text, "finish_reason": want.finish_reason}
 
 
+def test_lengths_default_as_koboldcpp(kai, openai_client):
+    """Clients that leave out max_context_length (the model's) and max_length (100) are served."""
+    prompt = "The three primary colours are"
+    got = _generate(kai, {"prompt": prompt, "temperature": 0})["results"][0]
+    want = openai_client.completions.create(model=NAME, prompt=prompt, max_tokens=100, temperature=0).choices[0]
+    assert got == {"text": want.text, "finish_reason": want.finish_reason}
+
+
 def test_prompt_keeps_the_last_tokens_of_the_context(kai, openai_client, tokenizer):
     """Kobold sends whole stories: the last max_context_length - max_length tokens are kept; a client
     context larger than the model's is held to the model's."""
@@ -294,7 +302,7 @@ def test_info_routes(kai, tokenizer):
 
 
 @pytest.mark.parametrize("body, param, words", [
-    ({"prompt": "x", "max_length": 4}, "max_context_length", ["Field required"]),
+    ({"max_length": 4}, "prompt", ["Field required"]),
     ({"prompt": 5, "max_length": 4, "max_context_length": 64}, "prompt", ["string"]),
     (_kai(""), "prompt", ["empty"]),
     ({"prompt": "x", "max_length": "4", "max_context_length": 64}, "max_length", ["integer"]),
@@ -307,7 +315,7 @@ def test_info_routes(kai, tokenizer):
     (_kai("x", typical=2), "typical", ["[0, 1]"]),
     (_kai("x", n=100, temperature=1), "n", ["max_num_seqs (8)"]),
     (_kai("x", grammar="root ::= ("), None, []),
-], ids=["missing-context", "prompt-type", "empty-prompt", "string-int", "max-length-0", "length-over-context",
+], ids=["missing-prompt", "prompt-type", "empty-prompt", "string-int", "max-length-0", "length-over-context",
         "over-model-context", "temperature", "rep-pen", "mirostat-1", "typical", "n-over-max-seqs", "bad-grammar"])
 def test_bad_requests_are_400_with_a_clear_message(kai, body, param, words):
     r = kai.post("/api/v1/generate", json=body)

@@ -84,19 +84,21 @@ class KoboldServing:
         arrival = time.monotonic()
         ctx = self.ctx
         warn_ignored(request)
-        for name in ("max_length", "max_context_length"):
-            if getattr(request, name) < 1:
-                raise OpenAIError(f"{name} must be at least 1, got {getattr(request, name)}.", param=name)
-        if request.max_length > request.max_context_length:
+        max_length = 100 if request.max_length is None else request.max_length
+        client_context = ctx.max_model_len if request.max_context_length is None else request.max_context_length
+        for name, value in (("max_length", max_length), ("max_context_length", client_context)):
+            if value < 1:
+                raise OpenAIError(f"{name} must be at least 1, got {value}.", param=name)
+        if max_length > client_context:
             raise OpenAIError("max_length must not be larger than max_context_length.", param="max_length")
         ctx.check_num_seqs(request.n, None)
         ids = await ctx.encode(request.prompt, whole=True)
         # A client's context may be larger than the model's: the model's is the limit (as KoboldCpp).
-        context = min(request.max_context_length, ctx.max_model_len)
-        kept = ids[-max(1, context - request.max_length):]
+        context = min(client_context, ctx.max_model_len)
+        kept = ids[-max(1, context - max_length):]
         if not kept:
             raise OpenAIError("prompt must not be empty: it has no tokens.", param="prompt")
-        max_tokens = ctx.max_tokens_for(request.max_length, len(kept), param="max_length")
+        max_tokens = ctx.max_tokens_for(max_length, len(kept), param="max_length")
         try:
             badwords = await self.badword_ids() if request.use_default_badwordsids else []
             params = SamplingParams(max_tokens=max_tokens, **request.sampling_kwargs(badwords))

@@ -41,8 +41,9 @@ class KAIGenerationInputSchema(OpenAIRequestModel):
     """``POST /api/v1/generate`` and ``/api/extra/generate/stream``: KoboldAI's generation input."""
 
     prompt: str = _limits(..., minLength=1)  # "" has no tokens unless the tokenizer adds BOS
-    max_context_length: Int = _limits(..., minimum=1)
-    max_length: Int = _limits(..., minimum=1)  # and at most max_context_length
+    # KoboldCpp's defaults: the model's context, and 100 tokens (Aphrodite requires both; clients omit either).
+    max_context_length: Int | None = _limits(None, minimum=1)
+    max_length: Int | None = _limits(100, minimum=1)  # and at most max_context_length
     genkey: str | None = None
     n: Int | None = _limits(1, minimum=1)
     rep_pen: float | None = _limits(1.0, exclusiveMinimum=0)
