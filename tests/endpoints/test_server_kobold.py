@@ -350,7 +350,16 @@ def test_routes_need_the_api_key(kobold_server, kai):
             assert wrong.status_code == 401, path
         assert anon.get("/api/v1/model", headers={"x-api-key": KEY}).status_code == 200
         for path in ("/chat", "/"):  # the page is open: the key is typed into it
-            assert anon.get(path).status_code == 200
+            assert anon.get(path).status_code == 200 and anon.head(path).status_code == 200
+        # A browser client on another origin (KoboldAI Lite): the preflight passes without the key, and the
+        # answers (a 401 too) carry the CORS header, so the page can read them.
+        origin = {"Origin": "http://lite.example"}
+        pre = anon.options("/api/v1/generate", headers={**origin, "Access-Control-Request-Method": "POST",
+                                                        "Access-Control-Request-Headers": "authorization,content-type"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in ("*", origin["Origin"])
+        assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+        assert anon.get("/api/v1/model", headers=origin).headers["access-control-allow-origin"]
+        assert kai.get("/api/v1/model", headers=origin).headers["access-control-allow-origin"]
     schema = kai.get("/openapi.json").json()
     for path in ("/api/v1/generate", "/api/extra/generate/stream", "/api/extra/tokencount"):
         assert schema["paths"][path]["post"]["security"], path

@@ -31,4 +31,4 @@ def add_web_routes(app: FastAPI) -> None:
         return Response(page, media_type="text/html; charset=utf-8", headers=_HEADERS)
 
     for path in CHAT_PATHS:
-        app.add_api_route(path, chat, methods=["GET"], include_in_schema=False)
+        app.add_api_route(path, chat, methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: uptime probes
