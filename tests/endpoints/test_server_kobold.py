@@ -173,6 +173,22 @@ def test_prompt_keeps_the_last_tokens_of_the_context(kai, openai_client, tokeniz
     assert got["results"][0]["text"] == want.text
 
 
+def test_memory_stays_and_the_prompt_is_cut_after_it(kai, openai_client, tokenizer):
+    """KoboldCpp's ``memory`` (KoboldAI Lite sends its story memory so): kept whole at the start, the prompt
+    cut to what fits after it."""
+    memory = "[Setting: a quiet harbour town. Characters: Ana, a sailor.]\n"
+    prompt = " ".join(f"Day {i}: the boats came back." for i in range(60))
+    mem_ids, prompt_ids = tokenizer.encode(memory), tokenizer.encode(prompt, add_special_tokens=False)
+    assert len(prompt_ids) > 100
+    got = _generate(kai, {**_kai(prompt, 8, temperature=0), "memory": memory, "max_context_length": 96})
+    want = openai_client.completions.create(model=NAME, prompt=mem_ids + prompt_ids[-(88 - len(mem_ids)):],
+                                            max_tokens=8, temperature=0).choices[0]
+    assert got["results"][0]["text"] == want.text
+    short = _generate(kai, {**_kai("", 8, temperature=0), "memory": memory})  # an empty prompt after a memory
+    assert short["results"][0]["text"] == openai_client.completions.create(
+        model=NAME, prompt=mem_ids, max_tokens=8, temperature=0).choices[0].text
+
+
 def test_n_results_and_default_badwords(kai):
     got = _generate(kai, _kai("The weather today is", 6, temperature=1.0, n=3, sampler_seed=1))
     assert len(got["results"]) == 3 and all(r["finish_reason"] == "length" for r in got["results"])

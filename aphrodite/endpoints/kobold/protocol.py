@@ -33,7 +33,7 @@ _KOBOLD_NAMES = {"repetition_penalty": "rep_pen", "typical_p": "typical", "epsil
 _KNOWN_IGNORED = frozenset({
     "rep_pen_range", "rep_pen_slope", "use_memory", "use_story", "use_authors_note", "use_world_info",
     "use_userscripts", "soft_prompt", "disable_output_formatting", "frmtrmblln", "frmtrmspch", "frmttriminc",
-    "frmtadsnsp", "singleline", "disable_input_formatting", "sampler_full_determinism", "memory", "images",
+    "frmtadsnsp", "singleline", "disable_input_formatting", "sampler_full_determinism", "images",
     "render_special", "bypass_eos", "logprobs"})
 
 
@@ -41,6 +41,7 @@ class KAIGenerationInputSchema(OpenAIRequestModel):
     """``POST /api/v1/generate`` and ``/api/extra/generate/stream``: KoboldAI's generation input."""
 
     prompt: str = _limits(..., minLength=1)  # "" has no tokens unless the tokenizer adds BOS
+    memory: str | None = None  # KoboldCpp's: kept whole before the prompt, which alone is cut to fit
     # KoboldCpp's defaults: the model's context, and 100 tokens (Aphrodite requires both; clients omit either).
     max_context_length: Int | None = _limits(None, minimum=1)
     max_length: Int | None = _limits(100, minimum=1)  # and at most max_context_length
