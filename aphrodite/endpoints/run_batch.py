@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
@@ -79,41 +80,46 @@ def _is_url(path: str) -> bool:
     return path.startswith(("http://", "https://"))
 
 
-def read_lines(path: str) -> Iterator[str]:
-    """The non-blank lines of a local file, stdin (``-``) or an http(s) URL (fetched with GET)."""
+def _open_input(path: str) -> IO[str]:
+    """The input as a text stream: a local file, stdin (``-``) or the body of a GET of an http(s) URL."""
     if path == "-":
-        stream: Any = sys.stdin
-    elif _is_url(path):
-        try:
-            with urllib.request.urlopen(path, timeout=300) as resp:  # noqa: S310 (the user's own URL)
-                data = resp.read().decode("utf-8")
-        except OSError as e:
-            raise ValueError(f"Cannot read the batch input {path}: {e}") from None
-        stream = data.splitlines()
-    else:
-        try:
-            stream = open(path, encoding="utf-8")  # noqa: SIM115 (closed below)
-        except OSError as e:
-            raise ValueError(f"Cannot read the batch input {path}: {e.strerror or e}") from None
+        return sys.stdin
     try:
-        for line in stream:
-            if line.strip():
-                yield line.strip()
-    finally:
-        if hasattr(stream, "close") and stream is not sys.stdin:
-            stream.close()
+        if _is_url(path):
+            return io.TextIOWrapper(urllib.request.urlopen(path, timeout=300), encoding="utf-8")  # noqa: S310
+        return open(path, encoding="utf-8")  # noqa: SIM115 (closed by read_lines)
+    except OSError as e:
+        raise ValueError(f"Cannot read the batch input {path}: {e.strerror or e}") from None
+
+
+def read_lines(path: str) -> Iterator[str]:
+    """The non-blank lines of a local file, stdin (``-``) or an http(s) URL, read as they are asked for (a
+    file of any size): the input is opened here, so a bad one fails at once."""
+    stream = _open_input(path)
+
+    def lines() -> Iterator[str]:
+        try:
+            for line in stream:
+                if line.strip():
+                    yield line.strip()
+        except OSError as e:  # the connection broke
+            raise ValueError(f"Cannot read the batch input {path}: {e}") from None
+        finally:
+            if stream is not sys.stdin:
+                stream.close()
+    return lines()
 
 
 def upload(url: str, path: str, retries: int = _UPLOAD_RETRIES, delay: float = _UPLOAD_RETRY_DELAY_S) -> None:
     """PUT the file at ``path`` to ``url`` (vLLM's upload: retried, since big uploads time out)."""
     for attempt in range(1, retries + 1):
         try:
-            with open(path, "rb") as f:
-                req = urllib.request.Request(url, data=f.read(), method="PUT",
-                                             headers={"Content-Type": "application/jsonl"})
-            with urllib.request.urlopen(req, timeout=1000) as resp:  # noqa: S310
-                if resp.status // 100 != 2:
-                    raise OSError(f"status {resp.status}")
+            with open(path, "rb") as f:  # streamed from the file: the output may be larger than memory
+                req = urllib.request.Request(url, data=f, method="PUT", headers={
+                    "Content-Type": "application/jsonl", "Content-Length": str(os.fstat(f.fileno()).st_size)})
+                with urllib.request.urlopen(req, timeout=1000) as resp:  # noqa: S310
+                    if resp.status // 100 != 2:
+                        raise OSError(f"status {resp.status}")
             return
         except OSError as e:
             if attempt == retries:
@@ -275,7 +281,7 @@ def _server_namespace(args: argparse.Namespace) -> argparse.Namespace:
 
 async def run_batch(engine: Any, args: argparse.Namespace, chat_template: str | None = None,
                     stdout: IO[str] | None = None, lines: Iterable[str] | None = None) -> tuple[int, int]:
-    """Run every line of ``args.input_file`` (or ``lines``, read already) on ``engine`` (an ``AsyncLLMEngine``,
+    """Run every line of ``args.input_file`` (or of the iterable ``lines``) on ``engine`` (an ``AsyncLLMEngine``,
     started here, after ``--lora-modules`` load, if it is not running yet) and write the outputs to
     ``args.output_file`` (``stdout`` for ``-``); returns (lines, lines answered 200)."""
     from tqdm import tqdm
@@ -313,12 +319,12 @@ async def run_batch(engine: Any, args: argparse.Namespace, chat_template: str | 
 
             source = iter(lines) if lines is not None else read_lines(args.input_file)
             loop = asyncio.get_running_loop()
+            slow_input = lines is None and (args.input_file == "-" or _is_url(args.input_file))
             while True:
                 await room.acquire()
                 await limit.acquire()
-                # stdin may come slowly (a pipe): read it off the loop, so finished requests are written meanwhile
-                line = (await loop.run_in_executor(None, next, source, None) if args.input_file == "-"
-                        else next(source, None))
+                # stdin and URLs may come slowly: read them off the loop, so finished requests are written meanwhile
+                line = (await loop.run_in_executor(None, next, source, None) if slow_input else next(source, None))
                 if line is None:
                     limit.release()
                     break
@@ -347,8 +353,8 @@ def main(args: argparse.Namespace) -> int:
     chat_template = load_chat_template(args.chat_template)
     if not _is_url(args.input_file) and args.input_file != "-" and not os.path.isfile(args.input_file):
         raise ValueError(f"The batch input {args.input_file} does not exist.")
-    # An input URL is fetched whole (as vLLM does) and before the model loads, so a bad one fails at once.
-    lines = list(read_lines(args.input_file)) if _is_url(args.input_file) else None
+    if _is_url(args.input_file):  # tried before the model loads, so a bad one fails at once; read as it runs
+        _open_input(args.input_file).close()
     out_dir = os.path.dirname(os.path.abspath(args.output_file))
     if not _is_url(args.output_file) and args.output_file != "-" and not os.path.isdir(out_dir):
         raise ValueError(f"The folder of the batch output {args.output_file} does not exist.")
@@ -357,7 +363,7 @@ def main(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr if args.output_file == "-" else real_stdout):
         engine = AsyncLLMEngine.from_engine_args(engine_args, start=False, usage_context="llm")
         try:
-            asyncio.run(run_batch(engine, args, chat_template, stdout=real_stdout, lines=lines))
+            asyncio.run(run_batch(engine, args, chat_template, stdout=real_stdout))
         finally:
             engine.shutdown()
     return 0

@@ -183,8 +183,10 @@ class _Files(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_run_batch_reads_and_uploads_over_http(tmp_path: Path) -> None:
-    """Input from an http URL (GET), output PUT to one through a file in --output-tmp-dir."""
+def test_run_batch_reads_and_uploads_over_http(tmp_path: Path, offline, monkeypatch) -> None:
+    """Input from an http URL (GET, read as the batch runs), output PUT to one through a file in
+    --output-tmp-dir; then a whole ``aphrodite run-batch`` from one URL to another."""
+    from aphrodite.endpoints.cli import main
     from aphrodite.endpoints.run_batch import OrderedWriter, open_output, read_lines
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -203,6 +205,12 @@ def test_run_batch_reads_and_uploads_over_http(tmp_path: Path) -> None:
         assert not list(tmp_path.iterdir())  # removed after the upload
         uploaded = [json.loads(x) for x in _Files.files["/out.jsonl"].decode().splitlines()]
         assert uploaded == [{"custom_id": "first"}, {"custom_id": "second"}]
+        lines = _batch_lines()
+        _Files.files["/batch.jsonl"] = "\n".join([lines[4], lines[2], lines[1]]).encode()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert main(["run-batch", "-i", f"{base}/batch.jsonl", "-o", f"{base}/result.jsonl", *ENGINE_FLAGS]) == 0
+        _check_outputs([json.loads(x) for x in _Files.files["/result.jsonl"].decode().splitlines()], offline,
+                       ["chat-system", None, "cmpl-once"])
     finally:
         server.shutdown()
         server.server_close()
