@@ -5,14 +5,21 @@ The seed's ``temperature=1.1, min_p=0.1`` through separate PyTorch ops reads and
 one program per row reads its logits three times and writes one token id:
 pass 1 the max (and argmax), pass 2 the kept mass Z (min-p keeps (x - max) / T >= log(min_p)),
 pass 3 the first token whose running mass exceeds u * Z. A row with temperature <= 0 is greedy.
+
+With few rows one program per row leaves most SMs idle while it walks a 128k-256k vocabulary three
+times (~100-200 us at batch 1, 2-3% of a latency-1 decode step), so there the vocabulary is split
+into chunks: launch A takes each chunk's max, launch B each chunk's kept mass at the row's max,
+launch C finds the chunk where the running mass passes u * Z and scans only that chunk. The passes
+are the same device functions in both paths (over the row, or over one chunk).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from aphrodite.kernels.triton_utils import HAS_TRITON, DeviceFunction, LazyKernel, next_pow2, tl, use_triton
+from aphrodite.kernels.triton_utils import HAS_TRITON, DeviceFunction, LazyKernel, cdiv, next_pow2, tl, use_triton
 
 __all__ = ["apply_bitmask_", "apply_bitmask_ref", "row_stats", "row_stats_ref", "sample_temperature_min_p",
            "sample_temperature_min_p_ref"]
@@ -38,70 +45,203 @@ def sample_temperature_min_p_ref(logits: torch.Tensor, temperature: torch.Tensor
     return torch.where(temperature > 0, idx, greedy)
 
 
-def _sample_kernel(x_ptr, t_ptr, mp_ptr, u_ptr, out_ptr, n_cols, stride,
-                   BLOCK: tl.constexpr, HAS_MIN_P: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = x_ptr + row * stride
-    offs = tl.arange(0, BLOCK)
+def _row_params_fn(t_ptr, mp_ptr, row, HAS_MIN_P: tl.constexpr):
+    """(temperature as given, the one to divide by (1 on greedy rows), log(min_p) or -inf when off)."""
     t_raw = tl.load(t_ptr + row)
-    t = tl.where(t_raw > 0, t_raw, 1.0)
-    # Pass 1: max and argmax.
+    mp = tl.load(mp_ptr + row)
+    if not HAS_MIN_P:
+        mp = mp * 0.0
+    return t_raw, tl.where(t_raw > 0, t_raw, 1.0), tl.where(mp > 0, tl.log(tl.maximum(mp, 1e-30)), -float("inf"))
+
+
+def _max_over_fn(base, c0, c1, BLOCK: tl.constexpr):
+    """Max of columns [c0, c1) and its first column (pass 1)."""
+    offs = tl.arange(0, BLOCK)
     m = tl.max(tl.full((BLOCK,), -float("inf"), tl.float32), 0)
-    arg = tl.min(tl.full((BLOCK,), 0, tl.int64), 0)
-    for start in range(0, n_cols, BLOCK):
+    arg = tl.min(tl.full((BLOCK,), 0, tl.int64), 0) + c0
+    for start in range(c0, c1, BLOCK):
         cols = start + offs
-        x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+        x = tl.load(base + cols, mask=cols < c1, other=-float("inf")).to(tl.float32)
         bm = tl.max(x, 0)
-        bi = tl.min(tl.where(x == bm, cols, n_cols), 0).to(tl.int64)
+        bi = tl.min(tl.where(x == bm, cols, c1), 0).to(tl.int64)
         arg = tl.where(bm > m, bi, arg)
         m = tl.maximum(m, bm)
-    if HAS_MIN_P:
-        mp = tl.load(mp_ptr + row)
-        lt = tl.where(mp > 0, tl.log(tl.maximum(mp, 1e-30)), -float("inf"))
-    else:
-        lt = -float("inf")
-    # Pass 2: the kept mass.
+    return m, arg
+
+
+def _kept_fn(base, cols, c1, m, t, lt):
+    """exp((x - m) / t) where min-p keeps the token, else 0."""
+    x = tl.load(base + cols, mask=cols < c1, other=-float("inf")).to(tl.float32)
+    s = (x - m) / t
+    return tl.where(s >= lt, tl.exp(s), 0.0)
+
+
+def _kept_mass_fn(base, c0, c1, m, t, lt, BLOCK: tl.constexpr):
+    """Kept mass of columns [c0, c1) (pass 2)."""
+    offs = tl.arange(0, BLOCK)
     z = tl.sum(tl.zeros((BLOCK,), tl.float32), 0)
-    for start in range(0, n_cols, BLOCK):
+    for start in range(c0, c1, BLOCK):
+        z += tl.sum(_kept(base, start + offs, c1, m, t, lt), 0)
+    return z
+
+
+def _first_past_fn(base, c0, c1, m, t, lt, run, target, BLOCK: tl.constexpr, LAST: tl.constexpr):
+    """First column of [c0, c1) whose running mass (starting at ``run``) exceeds ``target`` (pass 3); c1 if
+    none, or with LAST the last kept column (the split path picked this chunk from its sum, so only rounding
+    of the sum in another order can leave the target unpassed here)."""
+    offs = tl.arange(0, BLOCK)
+    found = tl.min(tl.full((BLOCK,), 0, tl.int64), 0) + c1
+    last = found * 0 - 1
+    for start in range(c0, c1, BLOCK):
         cols = start + offs
-        x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
-        s = (x - m) / t
-        z += tl.sum(tl.where(s >= lt, tl.exp(s), 0.0), 0)
-    target = tl.load(u_ptr + row).to(tl.float32) * z
-    # Pass 3: the first token whose running mass exceeds the target.
-    run = tl.sum(tl.zeros((BLOCK,), tl.float32), 0)
-    found = tl.min(tl.full((BLOCK,), 0, tl.int64), 0) + n_cols
-    for start in range(0, n_cols, BLOCK):
-        cols = start + offs
-        x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
-        s = (x - m) / t
-        p = tl.where(s >= lt, tl.exp(s), 0.0)
+        p = _kept(base, cols, c1, m, t, lt)
         c = tl.cumsum(p, 0) + run
-        first = tl.min(tl.where((c > target) & (cols < n_cols), cols, n_cols), 0).to(tl.int64)
-        found = tl.minimum(found, first)
+        found = tl.minimum(found, tl.min(tl.where((c > target) & (cols < c1), cols, c1), 0).to(tl.int64))
+        if LAST:
+            last = tl.maximum(last, tl.max(tl.where(p > 0, cols, -1), 0).to(tl.int64))
         run += tl.sum(p, 0)
+    if LAST:
+        found = tl.where(found < c1, found, last)
+    return found
+
+
+def _sample_kernel(x_ptr, t_ptr, mp_ptr, u_ptr, out_ptr, n_cols, stride,
+                   BLOCK: tl.constexpr, HAS_MIN_P: tl.constexpr):
+    """One program per row: the three passes over the whole row."""
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * stride
+    t_raw, t, lt = _row_params(t_ptr, mp_ptr, row, HAS_MIN_P)
+    m, arg = _max_over(base, 0, n_cols, BLOCK)
+    z = _kept_mass(base, 0, n_cols, m, t, lt, BLOCK)
+    target = tl.load(u_ptr + row).to(tl.float32) * z
+    found = _first_past(base, 0, n_cols, m, t, lt, z * 0.0, target, BLOCK, False)
     tok = tl.where(found < n_cols, found, arg)
     tl.store(out_ptr + row, tl.where(t_raw > 0, tok, arg))
 
 
+def _chunk_fn(n_cols, chunk):
+    """This program's row, chunk index and columns [c0, c1)."""
+    c = tl.program_id(1)
+    c0 = c.to(tl.int64) * chunk
+    return tl.program_id(0).to(tl.int64), c, c0, tl.minimum(c0 + chunk, n_cols)
+
+
+def _row_max_fn(pmax_ptr, row, n_chunks, NC: tl.constexpr):
+    """The row's max from its chunk maxima, and the first chunk holding it."""
+    idx = tl.arange(0, NC)
+    pm = tl.load(pmax_ptr + row * n_chunks + idx, mask=idx < n_chunks, other=-float("inf"))
+    m = tl.max(pm, 0)
+    return m, tl.min(tl.where(pm == m, idx, NC), 0)
+
+
+def _split_max_kernel(x_ptr, pmax_ptr, parg_ptr, n_cols, stride, chunk, n_chunks, BLOCK: tl.constexpr):
+    """Launch A, grid (rows, chunks): each chunk's max and first argmax."""
+    row, c, c0, c1 = _chunk(n_cols, chunk)
+    m, arg = _max_over(x_ptr + row * stride, c0, c1, BLOCK)
+    tl.store(pmax_ptr + row * n_chunks + c, m)
+    tl.store(parg_ptr + row * n_chunks + c, arg)
+
+
+def _split_mass_kernel(x_ptr, t_ptr, mp_ptr, pmax_ptr, psum_ptr, n_cols, stride, chunk, n_chunks,
+                       BLOCK: tl.constexpr, NC: tl.constexpr, HAS_MIN_P: tl.constexpr):
+    """Launch B, grid (rows, chunks): each chunk's kept mass at the row's max."""
+    row, c, c0, c1 = _chunk(n_cols, chunk)
+    t_raw, t, lt = _row_params(t_ptr, mp_ptr, row, HAS_MIN_P)
+    m, first = _row_max(pmax_ptr, row, n_chunks, NC)
+    tl.store(psum_ptr + row * n_chunks + c, _kept_mass(x_ptr + row * stride, c0, c1, m, t, lt, BLOCK))
+
+
+def _split_draw_kernel(x_ptr, t_ptr, mp_ptr, u_ptr, pmax_ptr, parg_ptr, psum_ptr, out_ptr, n_cols, stride, chunk,
+                       n_chunks, BLOCK: tl.constexpr, NC: tl.constexpr, HAS_MIN_P: tl.constexpr):
+    """Launch C, grid (rows,): the chunk where the running mass passes u * Z (the chunk sums in order), then
+    the token inside it (its scan starts at the mass before it). Greedy rows, and a target no chunk passes,
+    take the argmax, as in the one-program kernel."""
+    row = tl.program_id(0).to(tl.int64)
+    t_raw, t, lt = _row_params(t_ptr, mp_ptr, row, HAS_MIN_P)
+    m, first = _row_max(pmax_ptr, row, n_chunks, NC)
+    arg = tl.load(parg_ptr + row * n_chunks + first)
+    idx = tl.arange(0, NC)
+    run = tl.cumsum(tl.load(psum_ptr + row * n_chunks + idx, mask=idx < n_chunks, other=0.0), 0)
+    target = tl.load(u_ptr + row).to(tl.float32) * tl.max(run, 0)     # Z: the last running sum (sums >= 0)
+    c = tl.min(tl.where(run > target, idx, NC), 0)
+    before = tl.sum(tl.where(idx == c - 1, run, 0.0), 0)
+    c0 = tl.minimum(c, n_chunks - 1).to(tl.int64) * chunk
+    found = _first_past(x_ptr + row * stride, c0, tl.minimum(c0 + chunk, n_cols), m, t, lt, before, target,
+                        BLOCK, True)
+    tok = tl.where(c < n_chunks, found, arg)
+    tl.store(out_ptr + row, tl.where(t_raw > 0, tok, arg))
+
+
+if HAS_TRITON:
+    _row_params = DeviceFunction(_row_params_fn)
+    _max_over = DeviceFunction(_max_over_fn)
+    _kept = DeviceFunction(_kept_fn)
+    _kept_mass = DeviceFunction(_kept_mass_fn)
+    _first_past = DeviceFunction(_first_past_fn)
+    _chunk = DeviceFunction(_chunk_fn)
+    _row_max = DeviceFunction(_row_max_fn)
 _sample = LazyKernel(_sample_kernel)
+_split_max = LazyKernel(_split_max_kernel)
+_split_mass = LazyKernel(_split_mass_kernel)
+_split_draw = LazyKernel(_split_draw_kernel)
+
+# The split path's rule (benchmarks/gpu/bench_sample_small_batch.py measures both paths): batches of at most
+# SPLIT_MAX_ROWS rows split each row into chunks of a power of two in [SPLIT_MIN_CHUNK, SPLIT_MAX_CHUNK]
+# columns, sized for about SPLIT_PROGRAMS_PER_SM programs per SM; a row that fits one chunk stays whole.
+SPLIT_MAX_ROWS = 64
+SPLIT_MIN_CHUNK, SPLIT_MAX_CHUNK = 2048, 16384
+SPLIT_PROGRAMS_PER_SM = 2
+_BLOCK = 4096                   # columns per loop iteration (a program's registers)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def split_chunk(rows: int, n_cols: int, device: torch.device) -> int:
+    """Columns per chunk of the split path for this batch, 0 for one program per row."""
+    if rows > SPLIT_MAX_ROWS:
+        return 0
+    want = cdiv(rows * n_cols, SPLIT_PROGRAMS_PER_SM * _sm_count(device))
+    chunk = min(max(next_pow2(want), SPLIT_MIN_CHUNK), SPLIT_MAX_CHUNK)
+    return chunk if chunk < n_cols else 0
 
 
 def sample_temperature_min_p(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor | None,
-                             uniforms: torch.Tensor, block: int | None = None) -> torch.Tensor:
+                             uniforms: torch.Tensor, block: int | None = None,
+                             chunk: int | None = None) -> torch.Tensor:
     """One token per row of ``softmax(logits / T)`` restricted to min-p, at the row's uniform.
-    ``block``: columns per loop iteration (tests force several blocks on a small vocabulary)."""
+    ``block``: columns per loop iteration; ``chunk``: columns per program of the split path, 0 for one
+    program per row, None for ``split_chunk``'s choice (tests force several blocks and chunks on a small
+    vocabulary)."""
     if not use_triton(logits):
         return sample_temperature_min_p_ref(logits, temperature, min_p, uniforms)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     rows, n = x.shape
     out = torch.empty(rows, dtype=torch.int64, device=x.device)
-    if rows:
-        t = temperature.float().contiguous()
-        mp = t if min_p is None else min_p.float().contiguous()
-        _sample(x.device)[(rows,)](x, t, mp, uniforms.contiguous(), out, n, x.stride(0),
-                                   BLOCK=block or min(4096, max(16, 1 << (n - 1).bit_length())),
+    if not rows:
+        return out
+    t = temperature.float().contiguous()
+    mp = t if min_p is None else min_p.float().contiguous()
+    u = uniforms.contiguous()
+    if chunk is None:
+        chunk = split_chunk(rows, n, x.device)
+    if not chunk:
+        _sample(x.device)[(rows,)](x, t, mp, u, out, n, x.stride(0), BLOCK=block or min(_BLOCK, next_pow2(max(n, 16))),
                                    HAS_MIN_P=min_p is not None, num_warps=8)
+        return out
+    n_chunks = cdiv(n, chunk)
+    blk = block or min(_BLOCK, next_pow2(max(chunk, 16)))
+    warps = 8 if blk >= 4096 else 4
+    nc = next_pow2(max(n_chunks, 2))
+    pmax, psum = torch.empty(2, rows, n_chunks, dtype=torch.float32, device=x.device)
+    parg = torch.empty(rows, n_chunks, dtype=torch.int64, device=x.device)
+    _split_max(x.device)[(rows, n_chunks)](x, pmax, parg, n, x.stride(0), chunk, n_chunks, BLOCK=blk, num_warps=warps)
+    _split_mass(x.device)[(rows, n_chunks)](x, t, mp, pmax, psum, n, x.stride(0), chunk, n_chunks, BLOCK=blk, NC=nc,
+                                            HAS_MIN_P=min_p is not None, num_warps=warps)
+    _split_draw(x.device)[(rows,)](x, t, mp, u, pmax, parg, psum, out, n, x.stride(0), chunk, n_chunks, BLOCK=blk,
+                                   NC=nc, HAS_MIN_P=min_p is not None, num_warps=warps)
     return out
 
 
