@@ -234,7 +234,7 @@ def sample_temperature_min_p(logits: torch.Tensor, temperature: torch.Tensor, mi
     n_chunks = cdiv(n, chunk)
     blk = block or min(_BLOCK, next_pow2(max(chunk, 16)))
     warps = 8 if blk >= 4096 else 4
-    nc = next_pow2(max(n_chunks, 2))
+    nc = max(64, next_pow2(n_chunks))             # (a few sizes: each is a compiled variant)
     pmax, psum = torch.empty(2, rows, n_chunks, dtype=torch.float32, device=x.device)
     parg = torch.empty(rows, n_chunks, dtype=torch.int64, device=x.device)
     _split_max(x.device)[(rows, n_chunks)](x, pmax, parg, n, x.stride(0), chunk, n_chunks, BLOCK=blk, num_warps=warps)
