@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from aphrodite.kernels import sampling as ks  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import graph_us  # noqa: E402
+from _timing import eager_us, graph_us  # noqa: E402
 
 ROWS = (1, 2, 4, 16, 64, 128, 256, 1024)
 VOCABS = (128256, 256000)
@@ -73,17 +73,20 @@ def check(rows: int, vocab: int, seed: int) -> tuple[int, int, float]:
     return checked, bad, worst
 
 
-def timings(rows: int, vocab: int) -> tuple[int, int, float, int, float, list[float]]:
-    """(vocab, rows, old us, the rule's chunk, its us, us at each fixed chunk): latency-1's temperature 1.0, no
-    min-p."""
+def timings(rows: int, vocab: int) -> tuple:
+    """(vocab, rows, old us, the rule's chunk, its us, us at each fixed chunk, old and rule eager us): latency-1's
+    temperature 1.0, no min-p. Eager: launched from Python each call (the sampler runs outside the decode graph,
+    its launches queued behind the forward pass), so it shows the three launches' host cost."""
     x = torch.randn(rows, vocab, device=DEV)
     t = torch.ones(rows, device=DEV)
     u = torch.rand(rows, device=DEV, dtype=torch.float64)
     draw = functools.partial(ks.sample_temperature_min_p, x, t, None, u)
-    old = graph_us(functools.partial(draw, chunk=0))
+    first = functools.partial(draw, chunk=0)
+    old = graph_us(first)
     auto = ks.split_chunk(rows, vocab, DEV)
     new = graph_us(draw) if auto else old
-    return vocab, rows, old, auto, new, [graph_us(functools.partial(draw, chunk=c)) for c in CHUNKS]
+    fixed = [graph_us(functools.partial(draw, chunk=c)) for c in CHUNKS]
+    return vocab, rows, old, auto, new, fixed, eager_us(first, 100, 3), eager_us(draw, 100, 3)
 
 
 def main() -> None:
@@ -99,14 +102,15 @@ def main() -> None:
           f"* Z of a boundary -> {'OK' if worst < EDGE else 'FAIL'} (float32 summation order: < {EDGE:.0e})")
 
     table = [timings(rows, vocab) for vocab in VOCABS for rows in ROWS]
-    print("\nus per call (CUDA graph replay), temperature 1.0, no min-p; 'rule' = split_chunk's choice (0: old path)")
+    print("\nus per call (CUDA graph replay; eager: launched from Python), temperature 1.0, no min-p; "
+          "'rule' = split_chunk's chunk (0: old path), x = old / rule")
     print(f"{'vocab':>7} {'rows':>4} {'old':>7} {'rule':>6} {'new':>7} {'x':>5} | "
-          + " ".join(f"{'c' + str(c):>7}" for c in CHUNKS) + " | best")
-    for vocab, rows, old, auto, new, fixed in table:
+          + " ".join(f"{'c' + str(c):>7}" for c in CHUNKS) + f" | {'best':>6} | {'e.old':>6} {'e.new':>6}")
+    for vocab, rows, old, auto, new, fixed, e_old, e_new in table:
         best = min(range(len(CHUNKS)), key=lambda k: fixed[k])
         best_s = f"c{CHUNKS[best]}" if fixed[best] < old else "old"
         print(f"{vocab:>7} {rows:>4} {old:7.1f} {auto:>6} {new:7.1f} {old / new:5.2f} | "
-              + " ".join(f"{f:7.1f}" for f in fixed) + f" | {best_s}")
+              + " ".join(f"{f:7.1f}" for f in fixed) + f" | {best_s:>6} | {e_old:6.1f} {e_new:6.1f}")
 
 
 if __name__ == "__main__":
