@@ -129,6 +129,37 @@ def deferred_compiles() -> Iterator[PendingCompiles]:
         _DEFERRING = False
 
 
+def warn_late_compiles() -> None:
+    """From now on, log a warning for each Triton kernel variant compiled at first use (not found in the
+    on-disk cache): start-up's compiling ahead missed it, and the step that meets it waits seconds. Triton
+    calls the hook only when a variant is new to this process, so the steady state pays nothing."""
+    if not enabled():
+        return
+    try:
+        from triton import knobs
+        from triton.runtime.driver import driver
+    except ImportError:   # pragma: no cover - CPU installs without Triton
+        return
+    t = driver.active.get_current_target()
+    target = (t.backend, t.arch, t.warp_size)
+
+    def hook(**kw) -> bool:
+        try:
+            fn, data = kw["fn"], kw["compile"]["specialization_data"]
+            if not _on_disk(fn.jit_function, data, target):
+                _, constexprs, attrs, _ = _parse(fn.jit_function, data)
+                names = fn.jit_function.arg_names
+                spec = {names[k[0]]: v for k, v in constexprs.items() if len(k) == 1 and k[0] < len(names)}
+                logger.warning("Triton kernel %s compiles at first use (missed by compiling ahead): %s; "
+                               "specialized ints: %s", fn.name, spec,
+                               sorted(names[k[0]] for k in attrs if len(k) == 1 and k[0] < len(names)))
+        except Exception:   # a diagnostic only: never in the way of the compile
+            logger.debug("late-compile check failed", exc_info=True)
+        return False
+
+    knobs.runtime.jit_cache_hook = hook
+
+
 def deferring() -> bool:
     """True inside ``deferred_compiles``: kernel launches may be skipped, so nothing may be timed."""
     return _DEFERRING

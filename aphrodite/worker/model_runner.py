@@ -28,7 +28,7 @@ from aphrodite.distributed.parallel_state import (
     is_first_pp_rank,
     is_last_pp_rank,
 )
-from aphrodite.kernels.precompile import CompilePool, compile_ahead, pool_if_cold
+from aphrodite.kernels.precompile import CompilePool, compile_ahead, pool_if_cold, warn_late_compiles
 from aphrodite.lora.request import LoRARequest
 from aphrodite.modeling.layers.attention import Attention, AttentionMetadata, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
@@ -68,7 +68,8 @@ def overlap_min_tokens() -> int:
     return max(0, int(os.environ.get("APHRODITE_TP_OVERLAP_MIN_TOKENS", "0")))
 
 
-def mixed_step_layouts(num_kv_heads: int, max_seqs: int, max_len: int, sms: int) -> list[tuple[int, int, int, int]]:
+def mixed_step_layouts(num_kv_heads: int, max_seqs: int, max_len: int, sms: int, group: int = 4,
+                       head_dim: int = 128) -> list[tuple[int, int, int, int]]:
     """``(decodes, decode context, prefill sequences, prefill chunk)`` layouts that together meet every
     attention-kernel specialization a mixed prefill + decode step can need, so that compiling ahead covers
     them (otherwise a throughput run compiles them, seconds each, inside its first mixed steps).
@@ -76,8 +77,9 @@ def mixed_step_layouts(num_kv_heads: int, max_seqs: int, max_len: int, sms: int)
     Triton specializes an int argument as 1, a multiple of 16, or other: the decode count (``nd``) and the
     prefill sequence count each take all three; the decode launch compiles in the power of two above the
     split-KV factor (``choose_num_splits``: it splits while decodes x KV heads leave SMs idle and the context
-    is >= 1024); the prefill launch's tile height follows its longest chunk below 64 tokens."""
-    from aphrodite.kernels.paged_attention import choose_num_splits
+    is >= 1024); the prefill launch compiles per (sequence-count class, tile), its tile height following its
+    longest chunk times ``group`` (query heads per KV head) up to a cap that depends on ``head_dim``."""
+    from aphrodite.kernels.paged_attention import _prefill_tiles, choose_num_splits
     from aphrodite.kernels.triton_utils import next_pow2
 
     def cls(n: int) -> int:
@@ -90,9 +92,13 @@ def mixed_step_layouts(num_kv_heads: int, max_seqs: int, max_len: int, sms: int)
         for length in lengths:
             splits = choose_num_splits(nd, num_kv_heads, length, device) if sms else 1
             wanted.setdefault((cls(nd), next_pow2(splits)), (nd, length))
+    # Chunks doubling from 2 tokens reach every tile height for any group size.
+    tiles: dict[tuple[int, tuple], tuple[int, int]] = {}
+    for nseq in (1, 16, 3):
+        for chunk in (2, 4, 8, 16, 32, 64, 128):
+            tiles.setdefault((cls(nseq), _prefill_tiles(group, next_pow2(head_dim), chunk)), (nseq, chunk))
+    prefills = list(tiles.values())
     layouts = []
-    # sequence-count classes, then the prefill tile heights (up to 128 rows: chunk x query heads per KV head)
-    prefills = [(1, 16), (16, 16), (3, 16), (1, 2), (1, 3), (1, 5), (1, 32), (1, 64)]
     for i, (nd, length) in enumerate(sorted(wanted.values())):
         nseq, chunk = prefills[i % len(prefills)]
         layouts.append((nd, length, nseq, chunk))
@@ -279,7 +285,9 @@ class ModelRunner:
             return
         inputs, sc = self.inputs, self.config.scheduler
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        layouts = mixed_step_layouts(self.attn_layers[0].num_kv_heads, sc.max_num_seqs, sc.max_model_len, sms)
+        attn = self.attn_layers[0]
+        layouts = mixed_step_layouts(attn.num_kv_heads, sc.max_num_seqs, sc.max_model_len, sms,
+                                     attn.num_heads // attn.num_kv_heads, attn.head_dim)
         try:
             for nd, length, nseq, chunk in layouts:
                 seqs, tokens = nd + nseq, nd + nseq * chunk
@@ -351,6 +359,8 @@ class ModelRunner:
         if self.compile_pool is not None:   # start-up is over: compile processes nobody took exit
             self.compile_pool.close()
             self.compile_pool = None
+        if self.device.type == "cuda":
+            warn_late_compiles()
 
     # ---- LoRA -----------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:

@@ -31,11 +31,13 @@ def test_halves_of_a_mixed_batch_match_dense_attention(split: int, monkeypatch: 
     check(torch.cat(outs), dense_attention(case, 0.125), *TOL[torch.float32])
 
 
-@pytest.mark.parametrize(("kv_heads", "max_len"), [(4, 131072), (8, 4096), (1, 1023)])
-def test_mixed_step_layouts_meet_every_decode_variant(kv_heads: int, max_len: int) -> None:
+@pytest.mark.parametrize(("kv_heads", "max_len", "group", "head_dim"),
+                         [(4, 131072, 4, 128), (8, 4096, 8, 128), (1, 1023, 1, 64), (8, 8192, 2, 256),
+                          (2, 4096, 7, 128)])
+def test_mixed_step_layouts_meet_every_decode_variant(kv_heads: int, max_len: int, group: int, head_dim: int) -> None:
     """Every (decode-count class, split-KV bound) that any mixed step of up to 1024 decodes and any context
-    can launch, found by brute force, is met by one of the few layouts compiled ahead; so are the prefill
-    launch's sequence-count classes and short-chunk tile heights."""
+    can launch, found by brute force, is met by one of the few layouts compiled ahead; so is every
+    (prefill sequence-count class, prefill tile) pair."""
     from aphrodite.kernels.paged_attention import _prefill_tiles, choose_num_splits
     from aphrodite.kernels.triton_utils import next_pow2
     from aphrodite.worker.model_runner import mixed_step_layouts
@@ -44,12 +46,11 @@ def test_mixed_step_layouts_meet_every_decode_variant(kv_heads: int, max_len: in
         return "one" if n == 1 else "x16" if n % 16 == 0 else "other"
 
     cpu = torch.device("cpu")   # choose_num_splits counts 132 SMs off the GPU, as the test passes
-    layouts = mixed_step_layouts(kv_heads, 1024, max_len, 132)
+    layouts = mixed_step_layouts(kv_heads, 1024, max_len, 132, group, head_dim)
     got = {(cls(nd), next_pow2(choose_num_splits(nd, kv_heads, length, cpu))) for nd, length, _, _ in layouts}
     every = {(cls(nd), next_pow2(choose_num_splits(nd, kv_heads, length, cpu)))
              for nd in range(1, 1025) for length in range(1, max_len + 1, 97)}
     assert got == every and len(layouts) <= 24
-    assert {cls(nseq) for _, _, nseq, _ in layouts} == {"one", "x16", "other"}
-    for g, d in ((4, 128), (1, 128), (8, 128), (2, 256)):     # query heads per KV head, head_dim
-        assert {_prefill_tiles(g, d, chunk) for _, _, _, chunk in layouts} == \
-            {_prefill_tiles(g, d, q) for q in range(2, 2048)}
+    d_pad = next_pow2(head_dim)
+    assert {(cls(nseq), _prefill_tiles(group, d_pad, chunk)) for _, _, nseq, chunk in layouts} == \
+        {(cls(nseq), _prefill_tiles(group, d_pad, q)) for nseq in (1, 2, 16, 17, 32) for q in range(2, 2048)}
