@@ -2,19 +2,19 @@
 
 The seed's ``temperature=1.1, min_p=0.1`` through separate PyTorch ops reads and writes the
 [rows, vocab] logits about ten times (scale, softmax, max, mask, softmax, cumsum, search); here
-one program per row reads its logits three times and writes one token id:
-pass 1 the max (and argmax), pass 2 the kept mass Z (min-p keeps (x - max) / T >= log(min_p)),
-pass 3 the first token whose running mass exceeds u * Z. A row with temperature <= 0 is greedy.
+one program per row reads its logits twice and writes one token id:
+pass 1 the max (and argmax), pass 2 the kept mass of each block of BLOCK columns (min-p keeps
+(x - max) / T >= log(min_p)), then the block where the running mass passes u * Z (Z: their sum) and
+the first token inside it whose running mass does. A row with temperature <= 0 is greedy.
 
-With few rows one program per row leaves most SMs idle while it walks a 128k-256k vocabulary three
-times (~100-200 us at batch 1, 2-3% of a latency-1 decode step), so there the vocabulary is split
-into chunks: launch A takes each chunk's max, launch B each chunk's kept mass at the row's max,
-launch C finds the chunk where the running mass passes u * Z and scans only that chunk. The passes
-are the same device functions in both paths (over the row, or over one chunk).
+With few rows one program per row leaves most SMs idle while it walks a 128k-256k vocabulary (~100-200 us
+at batch 1, 2-3% of a latency-1 decode step), so there the blocks are spread over programs: launch A takes
+each block's max, launch B each block's kept mass at the row's max, launch C the draw from those sums. Both
+paths run the same device functions on the same blocks, so they add the same float32 numbers in the same
+order and draw the same token: a seeded request's draw does not depend on the batch beside it.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -54,167 +54,125 @@ def _row_params_fn(t_ptr, mp_ptr, row, HAS_MIN_P: tl.constexpr):
     return t_raw, tl.where(t_raw > 0, t_raw, 1.0), tl.where(mp > 0, tl.log(tl.maximum(mp, 1e-30)), -float("inf"))
 
 
-def _max_over_fn(base, c0, c1, BLOCK: tl.constexpr):
-    """Max of columns [c0, c1) and its first column (pass 1)."""
-    offs = tl.arange(0, BLOCK)
-    m = tl.max(tl.full((BLOCK,), -float("inf"), tl.float32), 0)
-    arg = tl.min(tl.full((BLOCK,), 0, tl.int64), 0) + c0
-    for start in range(c0, c1, BLOCK):
-        cols = start + offs
-        x = tl.load(base + cols, mask=cols < c1, other=-float("inf")).to(tl.float32)
-        bm = tl.max(x, 0)
-        bi = tl.min(tl.where(x == bm, cols, c1), 0).to(tl.int64)
-        arg = tl.where(bm > m, bi, arg)
-        m = tl.maximum(m, bm)
-    return m, arg
+def _block_max_fn(base, cols, n_cols):
+    """The max of one block of columns and its first column."""
+    x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+    bm = tl.max(x, 0)
+    return bm, tl.min(tl.where(x == bm, cols, n_cols), 0).to(tl.int64)
 
 
-def _kept_fn(base, cols, c1, m, t, lt):
+def _kept_fn(base, cols, n_cols, m, t, lt):
     """exp((x - m) / t) where min-p keeps the token, else 0."""
-    x = tl.load(base + cols, mask=cols < c1, other=-float("inf")).to(tl.float32)
+    x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
     s = (x - m) / t
     return tl.where(s >= lt, tl.exp(s), 0.0)
 
 
-def _kept_mass_fn(base, c0, c1, m, t, lt, BLOCK: tl.constexpr):
-    """Kept mass of columns [c0, c1) (pass 2)."""
-    offs = tl.arange(0, BLOCK)
-    z = tl.sum(tl.zeros((BLOCK,), tl.float32), 0)
-    for start in range(c0, c1, BLOCK):
-        z += tl.sum(_kept(base, start + offs, c1, m, t, lt), 0)
-    return z
+def _draw_fn(base, n_cols, m, arg, t_raw, t, lt, psum_row, n_blocks, u, BLOCK: tl.constexpr, NC: tl.constexpr):
+    """The token from the row's per-block kept masses (``psum_row``): the first block whose running mass exceeds
+    u * Z, then the first token in it whose running mass does (or, where only float rounding of the block's sum
+    put the target in it, its last kept token). Greedy rows, and a target no block passes, take the argmax.
+    Both paths read the masses back from memory here, so they add them in the same order."""
+    idx = tl.arange(0, NC)
+    run = tl.cumsum(tl.load(psum_row + idx, mask=idx < n_blocks, other=0.0), 0)
+    target = u * tl.max(run, 0)                     # Z: the last running sum (the masses are >= 0)
+    k = tl.min(tl.where(run > target, idx, NC), 0)
+    cols = tl.minimum(k, n_blocks - 1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    p = _kept(base, cols, n_cols, m, t, lt)
+    c = tl.cumsum(p, 0) + tl.sum(tl.where(idx == k - 1, run, 0.0), 0)
+    found = tl.min(tl.where((c > target) & (cols < n_cols), cols, n_cols), 0).to(tl.int64)
+    last = tl.max(tl.where(p > 0, cols, -1), 0).to(tl.int64)
+    tok = tl.where(k < n_blocks, tl.where(found < n_cols, found, last), arg)
+    return tl.where(t_raw > 0, tok, arg)
 
 
-def _first_past_fn(base, c0, c1, m, t, lt, run, target, BLOCK: tl.constexpr, LAST: tl.constexpr):
-    """First column of [c0, c1) whose running mass (starting at ``run``) exceeds ``target`` (pass 3); c1 if
-    none, or with LAST the last kept column (the split path picked this chunk from its sum, so only rounding
-    of the sum in another order can leave the target unpassed here)."""
-    offs = tl.arange(0, BLOCK)
-    found = tl.min(tl.full((BLOCK,), 0, tl.int64), 0) + c1
-    last = found * 0 - 1
-    for start in range(c0, c1, BLOCK):
-        cols = start + offs
-        p = _kept(base, cols, c1, m, t, lt)
-        c = tl.cumsum(p, 0) + run
-        found = tl.minimum(found, tl.min(tl.where((c > target) & (cols < c1), cols, c1), 0).to(tl.int64))
-        if LAST:
-            last = tl.maximum(last, tl.max(tl.where(p > 0, cols, -1), 0).to(tl.int64))
-        run += tl.sum(p, 0)
-    if LAST:
-        found = tl.where(found < c1, found, last)
-    return found
-
-
-def _sample_kernel(x_ptr, t_ptr, mp_ptr, u_ptr, out_ptr, n_cols, stride,
-                   BLOCK: tl.constexpr, HAS_MIN_P: tl.constexpr):
-    """One program per row: the three passes over the whole row."""
+def _sample_kernel(x_ptr, t_ptr, mp_ptr, u_ptr, psum_ptr, out_ptr, n_cols, stride, n_blocks,
+                   BLOCK: tl.constexpr, NC: tl.constexpr, HAS_MIN_P: tl.constexpr):
+    """One program per row: its two passes (the blocks' kept masses to ``psum``), then the draw."""
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride
+    offs = tl.arange(0, BLOCK)
     t_raw, t, lt = _row_params(t_ptr, mp_ptr, row, HAS_MIN_P)
-    m, arg = _max_over(base, 0, n_cols, BLOCK)
-    z = _kept_mass(base, 0, n_cols, m, t, lt, BLOCK)
-    target = tl.load(u_ptr + row).to(tl.float32) * z
-    found = _first_past(base, 0, n_cols, m, t, lt, z * 0.0, target, BLOCK, False)
-    tok = tl.where(found < n_cols, found, arg)
-    tl.store(out_ptr + row, tl.where(t_raw > 0, tok, arg))
+    m = tl.max(tl.full((BLOCK,), -float("inf"), tl.float32), 0)
+    arg = tl.min(tl.full((BLOCK,), 0, tl.int64), 0)
+    for k in range(0, n_blocks):
+        bm, bi = _block_max(base, k * BLOCK + offs, n_cols)
+        arg = tl.where(bm > m, bi, arg)
+        m = tl.maximum(m, bm)
+    for k in range(0, n_blocks):
+        tl.store(psum_ptr + row * n_blocks + k, tl.sum(_kept(base, k * BLOCK + offs, n_cols, m, t, lt), 0))
+    tl.debug_barrier()
+    u = tl.load(u_ptr + row).to(tl.float32)
+    tl.store(out_ptr + row, _draw(base, n_cols, m, arg, t_raw, t, lt, psum_ptr + row * n_blocks, n_blocks, u,
+                                  BLOCK, NC))
 
 
-def _chunk_fn(n_cols, chunk):
-    """This program's row, chunk index and columns [c0, c1)."""
-    c = tl.program_id(1)
-    c0 = c.to(tl.int64) * chunk
-    return tl.program_id(0).to(tl.int64), c, c0, tl.minimum(c0 + chunk, n_cols)
+def _split_max_kernel(x_ptr, pmax_ptr, parg_ptr, n_cols, stride, n_blocks, BLOCK: tl.constexpr):
+    """Launch A, grid (rows, blocks): each block's max and first argmax."""
+    row, k = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    bm, bi = _block_max(x_ptr + row * stride, k * BLOCK + tl.arange(0, BLOCK), n_cols)
+    tl.store(pmax_ptr + row * n_blocks + k, bm)
+    tl.store(parg_ptr + row * n_blocks + k, bi)
 
 
-def _row_max_fn(pmax_ptr, row, n_chunks, NC: tl.constexpr):
-    """The row's max from its chunk maxima, and the first chunk holding it."""
+def _row_max_fn(pmax_ptr, row, n_blocks, NC: tl.constexpr):
+    """The row's max from its blocks' maxima, and the first block holding it."""
     idx = tl.arange(0, NC)
-    pm = tl.load(pmax_ptr + row * n_chunks + idx, mask=idx < n_chunks, other=-float("inf"))
+    pm = tl.load(pmax_ptr + row * n_blocks + idx, mask=idx < n_blocks, other=-float("inf"))
     m = tl.max(pm, 0)
     return m, tl.min(tl.where(pm == m, idx, NC), 0)
 
 
-def _split_max_kernel(x_ptr, pmax_ptr, parg_ptr, n_cols, stride, chunk, n_chunks, BLOCK: tl.constexpr):
-    """Launch A, grid (rows, chunks): each chunk's max and first argmax."""
-    row, c, c0, c1 = _chunk(n_cols, chunk)
-    m, arg = _max_over(x_ptr + row * stride, c0, c1, BLOCK)
-    tl.store(pmax_ptr + row * n_chunks + c, m)
-    tl.store(parg_ptr + row * n_chunks + c, arg)
-
-
-def _split_mass_kernel(x_ptr, t_ptr, mp_ptr, pmax_ptr, psum_ptr, n_cols, stride, chunk, n_chunks,
+def _split_mass_kernel(x_ptr, t_ptr, mp_ptr, pmax_ptr, psum_ptr, n_cols, stride, n_blocks,
                        BLOCK: tl.constexpr, NC: tl.constexpr, HAS_MIN_P: tl.constexpr):
-    """Launch B, grid (rows, chunks): each chunk's kept mass at the row's max."""
-    row, c, c0, c1 = _chunk(n_cols, chunk)
+    """Launch B, grid (rows, blocks): each block's kept mass at the row's max."""
+    row, k = tl.program_id(0).to(tl.int64), tl.program_id(1)
     t_raw, t, lt = _row_params(t_ptr, mp_ptr, row, HAS_MIN_P)
-    m, first = _row_max(pmax_ptr, row, n_chunks, NC)
-    tl.store(psum_ptr + row * n_chunks + c, _kept_mass(x_ptr + row * stride, c0, c1, m, t, lt, BLOCK))
+    m, first = _row_max(pmax_ptr, row, n_blocks, NC)
+    p = _kept(x_ptr + row * stride, k * BLOCK + tl.arange(0, BLOCK), n_cols, m, t, lt)
+    tl.store(psum_ptr + row * n_blocks + k, tl.sum(p, 0))
 
 
-def _split_draw_kernel(x_ptr, t_ptr, mp_ptr, u_ptr, pmax_ptr, parg_ptr, psum_ptr, out_ptr, n_cols, stride, chunk,
-                       n_chunks, BLOCK: tl.constexpr, NC: tl.constexpr, HAS_MIN_P: tl.constexpr):
-    """Launch C, grid (rows,): the chunk where the running mass passes u * Z (the chunk sums in order), then
-    the token inside it (its scan starts at the mass before it). Greedy rows, and a target no chunk passes,
-    take the argmax, as in the one-program kernel."""
+def _split_draw_kernel(x_ptr, t_ptr, mp_ptr, u_ptr, pmax_ptr, parg_ptr, psum_ptr, out_ptr, n_cols, stride,
+                       n_blocks, BLOCK: tl.constexpr, NC: tl.constexpr, HAS_MIN_P: tl.constexpr):
+    """Launch C, grid (rows,): the draw from the blocks' maxima and kept masses."""
     row = tl.program_id(0).to(tl.int64)
     t_raw, t, lt = _row_params(t_ptr, mp_ptr, row, HAS_MIN_P)
-    m, first = _row_max(pmax_ptr, row, n_chunks, NC)
-    arg = tl.load(parg_ptr + row * n_chunks + first)
-    idx = tl.arange(0, NC)
-    run = tl.cumsum(tl.load(psum_ptr + row * n_chunks + idx, mask=idx < n_chunks, other=0.0), 0)
-    target = tl.load(u_ptr + row).to(tl.float32) * tl.max(run, 0)     # Z: the last running sum (sums >= 0)
-    c = tl.min(tl.where(run > target, idx, NC), 0)
-    before = tl.sum(tl.where(idx == c - 1, run, 0.0), 0)
-    c0 = tl.minimum(c, n_chunks - 1).to(tl.int64) * chunk
-    found = _first_past(x_ptr + row * stride, c0, tl.minimum(c0 + chunk, n_cols), m, t, lt, before, target,
-                        BLOCK, True)
-    tok = tl.where(c < n_chunks, found, arg)
-    tl.store(out_ptr + row, tl.where(t_raw > 0, tok, arg))
+    m, first = _row_max(pmax_ptr, row, n_blocks, NC)
+    arg = tl.load(parg_ptr + row * n_blocks + first)
+    u = tl.load(u_ptr + row).to(tl.float32)
+    tl.store(out_ptr + row, _draw(x_ptr + row * stride, n_cols, m, arg, t_raw, t, lt, psum_ptr + row * n_blocks,
+                                  n_blocks, u, BLOCK, NC))
 
 
 if HAS_TRITON:
     _row_params = DeviceFunction(_row_params_fn)
-    _max_over = DeviceFunction(_max_over_fn)
+    _block_max = DeviceFunction(_block_max_fn)
     _kept = DeviceFunction(_kept_fn)
-    _kept_mass = DeviceFunction(_kept_mass_fn)
-    _first_past = DeviceFunction(_first_past_fn)
-    _chunk = DeviceFunction(_chunk_fn)
+    _draw = DeviceFunction(_draw_fn)
     _row_max = DeviceFunction(_row_max_fn)
 _sample = LazyKernel(_sample_kernel)
 _split_max = LazyKernel(_split_max_kernel)
 _split_mass = LazyKernel(_split_mass_kernel)
 _split_draw = LazyKernel(_split_draw_kernel)
 
-# The split path's rule (benchmarks/gpu/bench_sample_small_batch.py measures both paths): batches of at most
-# SPLIT_MAX_ROWS rows split each row into chunks of a power of two in [SPLIT_MIN_CHUNK, SPLIT_MAX_CHUNK]
-# columns, sized for about SPLIT_PROGRAMS_PER_SM programs per SM; a row that fits one chunk stays whole.
+# Batches of at most this many rows take the split path (benchmarks/gpu/bench_sample_small_batch.py times both).
 SPLIT_MAX_ROWS = 64
-SPLIT_MIN_CHUNK, SPLIT_MAX_CHUNK = 2048, 16384
-SPLIT_PROGRAMS_PER_SM = 2
-_BLOCK = 4096                   # columns per loop iteration (a program's registers)
+_BLOCK = 4096                   # columns per block: the unit of the partial sums, in both paths
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
-def split_chunk(rows: int, n_cols: int, device: torch.device) -> int:
-    """Columns per chunk of the split path for this batch, 0 for one program per row."""
-    if rows > SPLIT_MAX_ROWS:
-        return 0
-    want = cdiv(rows * n_cols, SPLIT_PROGRAMS_PER_SM * _sm_count(device))
-    chunk = min(max(next_pow2(want), SPLIT_MIN_CHUNK), SPLIT_MAX_CHUNK)
-    return chunk if chunk < n_cols else 0
+def sample_block(n_cols: int) -> int:
+    """Columns per block for a row of ``n_cols`` (a function of the vocabulary only, never of the batch)."""
+    return min(_BLOCK, next_pow2(max(n_cols, 16)))
 
 
 def sample_temperature_min_p(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor | None,
                              uniforms: torch.Tensor, block: int | None = None,
-                             chunk: int | None = None) -> torch.Tensor:
+                             split: bool | None = None) -> torch.Tensor:
     """One token per row of ``softmax(logits / T)`` restricted to min-p, at the row's uniform.
-    ``block``: columns per loop iteration; ``chunk``: columns per program of the split path, 0 for one
-    program per row, None for ``split_chunk``'s choice (tests force several blocks and chunks on a small
-    vocabulary)."""
+    ``block``: columns per block (tests force several on a small vocabulary); ``split``: the blocks spread over
+    programs (True) or one program per row (False); None: split for at most ``SPLIT_MAX_ROWS`` rows. Both give
+    the same tokens."""
     if not use_triton(logits):
         return sample_temperature_min_p_ref(logits, temperature, min_p, uniforms)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
@@ -225,23 +183,21 @@ def sample_temperature_min_p(logits: torch.Tensor, temperature: torch.Tensor, mi
     t = temperature.float().contiguous()
     mp = t if min_p is None else min_p.float().contiguous()
     u = uniforms.contiguous()
-    if chunk is None:
-        chunk = split_chunk(rows, n, x.device)
-    if not chunk:
-        _sample(x.device)[(rows,)](x, t, mp, u, out, n, x.stride(0), BLOCK=block or min(_BLOCK, next_pow2(max(n, 16))),
-                                   HAS_MIN_P=min_p is not None, num_warps=8)
+    blk = block or sample_block(n)
+    n_blocks = cdiv(n, blk)
+    nc = max(64, next_pow2(n_blocks))             # (a few sizes: each is a compiled variant)
+    kw = dict(BLOCK=blk, NC=nc, HAS_MIN_P=min_p is not None, num_warps=8)
+    if split is None:
+        split = rows <= SPLIT_MAX_ROWS and n_blocks > 1
+    psum = torch.empty(rows, n_blocks, dtype=torch.float32, device=x.device)
+    if not split:
+        _sample(x.device)[(rows,)](x, t, mp, u, psum, out, n, x.stride(0), n_blocks, **kw)
         return out
-    n_chunks = cdiv(n, chunk)
-    blk = block or min(_BLOCK, next_pow2(max(chunk, 16)))
-    warps = 8 if blk >= 4096 else 4
-    nc = max(64, next_pow2(n_chunks))             # (a few sizes: each is a compiled variant)
-    pmax, psum = torch.empty(2, rows, n_chunks, dtype=torch.float32, device=x.device)
-    parg = torch.empty(rows, n_chunks, dtype=torch.int64, device=x.device)
-    _split_max(x.device)[(rows, n_chunks)](x, pmax, parg, n, x.stride(0), chunk, n_chunks, BLOCK=blk, num_warps=warps)
-    _split_mass(x.device)[(rows, n_chunks)](x, t, mp, pmax, psum, n, x.stride(0), chunk, n_chunks, BLOCK=blk, NC=nc,
-                                            HAS_MIN_P=min_p is not None, num_warps=warps)
-    _split_draw(x.device)[(rows,)](x, t, mp, u, pmax, parg, psum, out, n, x.stride(0), chunk, n_chunks, BLOCK=blk,
-                                   NC=nc, HAS_MIN_P=min_p is not None, num_warps=warps)
+    pmax = torch.empty(rows, n_blocks, dtype=torch.float32, device=x.device)
+    parg = torch.empty(rows, n_blocks, dtype=torch.int64, device=x.device)
+    _split_max(x.device)[(rows, n_blocks)](x, pmax, parg, n, x.stride(0), n_blocks, BLOCK=blk, num_warps=8)
+    _split_mass(x.device)[(rows, n_blocks)](x, t, mp, pmax, psum, n, x.stride(0), n_blocks, **kw)
+    _split_draw(x.device)[(rows,)](x, t, mp, u, pmax, parg, psum, out, n, x.stride(0), n_blocks, **kw)
     return out
 
 
