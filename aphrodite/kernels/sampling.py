@@ -1,4 +1,4 @@
-"""Fused temperature + min-p + inverse-CDF draw: the sampler's common case in one kernel.
+"""Fused temperature + min-p + inverse-CDF draw: the sampler's common case in one kernel (three at small batch).
 
 The seed's ``temperature=1.1, min_p=0.1`` through separate PyTorch ops reads and writes the
 [rows, vocab] logits about ten times (scale, softmax, max, mask, softmax, cumsum, search); here
@@ -7,11 +7,12 @@ pass 1 the max (and argmax), pass 2 the kept mass of each block of BLOCK columns
 (x - max) / T >= log(min_p)), then the block where the running mass passes u * Z (Z: their sum) and
 the first token inside it whose running mass does. A row with temperature <= 0 is greedy.
 
-With few rows one program per row leaves most SMs idle while it walks a 128k-256k vocabulary (~100-200 us
-at batch 1, 2-3% of a latency-1 decode step), so there the blocks are spread over programs: launch A takes
-each block's max, launch B each block's kept mass at the row's max, launch C the draw from those sums. Both
-paths run the same device functions on the same blocks, so they add the same float32 numbers in the same
-order and draw the same token: a seeded request's draw does not depend on the batch beside it.
+With few rows one program per row leaves most SMs idle while it walks a 128k-256k vocabulary (an
+estimated ~100-200 us at batch 1, 2-3% of a latency-1 decode step), so there the blocks are spread over
+programs: launch A takes each block's max, launch B each block's kept mass at the row's max, launch C
+the draw from those sums. Both paths run the same device functions on the same blocks, so they add the
+same float32 numbers in the same order and draw the same token: a seeded request's draw does not depend
+on the batch beside it.
 """
 from __future__ import annotations
 
@@ -157,11 +158,11 @@ _split_mass = LazyKernel(_split_mass_kernel)
 _split_draw = LazyKernel(_split_draw_kernel)
 
 # Batches of at most this many rows take the split path (benchmarks/gpu/bench_sample_small_batch.py times both).
-SPLIT_MAX_ROWS = 64
+SPLIT_MAX_ROWS = 128
 _BLOCK = 4096                   # columns per block: the unit of the partial sums, in both paths
 
 
-def sample_block(n_cols: int) -> int:
+def _sample_block(n_cols: int) -> int:
     """Columns per block for a row of ``n_cols`` (a function of the vocabulary only, never of the batch)."""
     return min(_BLOCK, next_pow2(max(n_cols, 16)))
 
@@ -183,7 +184,7 @@ def sample_temperature_min_p(logits: torch.Tensor, temperature: torch.Tensor, mi
     t = temperature.float().contiguous()
     mp = t if min_p is None else min_p.float().contiguous()
     u = uniforms.contiguous()
-    blk = block or sample_block(n)
+    blk = block or _sample_block(n)
     n_blocks = cdiv(n, blk)
     nc = max(64, next_pow2(n_blocks))             # (a few sizes: each is a compiled variant)
     kw = dict(BLOCK=blk, NC=nc, HAS_MIN_P=min_p is not None, num_warps=8)
