@@ -157,8 +157,11 @@ _split_max = LazyKernel(_split_max_kernel)
 _split_mass = LazyKernel(_split_mass_kernel)
 _split_draw = LazyKernel(_split_draw_kernel)
 
-# Batches of at most this many rows take the split path (benchmarks/gpu/bench_sample_small_batch.py times both).
-SPLIT_MAX_ROWS = 128
+# Batches of at most this many rows take the split path. On an H200 (benchmarks/gpu/bench_sample_small_batch.py)
+# it was the faster one at every batch measured, 1 to 1024 rows: at 1 row 7.1 vs 49.3 us (128k vocabulary) and
+# 7.8 vs 94.6 us (256k), at 1024 rows 252 vs 341 and 480 vs 656 us. Its three launches cost ~100 us of host time
+# (vs ~50), hidden behind the forward pass the sampler is queued after.
+SPLIT_MAX_ROWS = 1024
 _BLOCK = 4096                   # columns per block: the unit of the partial sums, in both paths
 
 

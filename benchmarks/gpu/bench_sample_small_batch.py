@@ -1,7 +1,6 @@
 """The fused temperature + min-p draw at small batch, microseconds per call from CUDA-graph replay, for the row
-counts and vocabularies of latency-1 and small batches (Llama-3's 128,256, Gemma-2's 256,000): the kernel before
-this change (three passes over the row in one program per row, loaded from git commit BASE), and today's two
-paths, one program per row (two passes, then one block) and the split vocabulary (block maxima, block kept
+counts and vocabularies of latency-1 and small batches (Llama-3's 128,256, Gemma-2's 256,000), on the two
+paths: one program per row (two passes, then one block) and the split vocabulary (block maxima, block kept
 masses, the draw: three launches). The table's last column is the faster path; ``SPLIT_MAX_ROWS`` in
 ``aphrodite/kernels/sampling.py`` is where the default switches.
 
@@ -14,10 +13,7 @@ and the two paths against each other (equal on every row: a seeded draw must not
 from __future__ import annotations
 
 import functools
-import importlib.util
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,7 +26,6 @@ from _timing import eager_us, graph_us  # noqa: E402
 
 ROWS = (1, 2, 4, 16, 64, 128, 256, 1024)
 VOCABS = (128256, 256000)
-BASE = "9bfb12bd7c47a1aadca191d450296c0f31f8dd78"    # main before the split path
 EDGE = 1e-5           # |target - boundary| / Z under which float32 (any summation order) may pick the neighbour
 DEV = torch.device("cuda")
 
@@ -78,32 +73,16 @@ def check(rows: int, vocab: int, seed: int) -> tuple[int, int, float, int]:
     return checked, bad, worst, apart
 
 
-def base_kernel():
-    """``sample_temperature_min_p`` as of commit BASE (None where git cannot show it)."""
-    try:
-        src = subprocess.run(["git", "show", f"{BASE}:aphrodite/kernels/sampling.py"], capture_output=True,
-                             text=True, check=True, cwd=Path(__file__).resolve().parents[2]).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    path = Path(tempfile.mkdtemp()) / "sampling_base.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("sampling_base", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.sample_temperature_min_p
-
-
-def timings(rows: int, vocab: int, base) -> tuple:
-    """(vocab, rows, base us, one-program us, split us, eager one-program and split us): latency-1's temperature
-    1.0, no min-p. Eager: launched from Python each call (the sampler runs outside the decode graph, queued
-    behind the forward pass), so it shows the host cost of three launches."""
+def timings(rows: int, vocab: int) -> tuple:
+    """(vocab, rows, one-program us, split us, the same launched eagerly): latency-1's temperature 1.0, no min-p.
+    Eager: launched from Python each call (the sampler runs outside the decode graph, queued behind the forward
+    pass), so it shows the host cost of three launches."""
     x = torch.randn(rows, vocab, device=DEV)
     t = torch.ones(rows, device=DEV)
     u = torch.rand(rows, device=DEV, dtype=torch.float64)
     whole = functools.partial(ks.sample_temperature_min_p, x, t, None, u, split=False)
     split = functools.partial(ks.sample_temperature_min_p, x, t, None, u, split=True)
-    old = graph_us(functools.partial(base, x, t, None, u)) if base else float("nan")
-    return vocab, rows, old, graph_us(whole), graph_us(split), eager_us(whole, 100, 3), eager_us(split, 100, 3)
+    return vocab, rows, graph_us(whole), graph_us(split), eager_us(whole, 100, 3), eager_us(split, 100, 3)
 
 
 def main() -> None:
@@ -118,15 +97,13 @@ def main() -> None:
           f"* Z of a boundary -> {'OK' if worst < EDGE else 'FAIL'} (float32 summation order: < {EDGE:.0e})")
     print(f"one program per row vs split: {apart} rows differ -> {'OK' if apart == 0 else 'FAIL'}")
 
-    base = base_kernel()
-    table = [timings(rows, vocab, base) for vocab in VOCABS for rows in ROWS]
+    table = [timings(rows, vocab) for vocab in VOCABS for rows in ROWS]
     print("\nus per call (CUDA graph replay; e.: launched eagerly from Python), temperature 1.0, no min-p; "
-          f"base: the kernel at {BASE[:7]} (3 passes); whole: one program per row; split: blocks over programs")
-    print(f"{'vocab':>7} {'rows':>4} | {'base':>7} {'whole':>7} {'split':>7} | {'base/best':>9} | "
-          f"{'e.whole':>7} {'e.split':>7} | faster")
-    for vocab, rows, old, whole, split, e_whole, e_split in table:
-        print(f"{vocab:>7} {rows:>4} | {old:7.1f} {whole:7.1f} {split:7.1f} | {old / min(whole, split):9.2f} | "
-              f"{e_whole:7.1f} {e_split:7.1f} | {'split' if split < whole else 'whole'}")
+          "whole: one program per row; split: blocks over programs")
+    print(f"{'vocab':>7} {'rows':>4} | {'whole':>7} {'split':>7} {'x':>5} | {'e.whole':>7} {'e.split':>7} | faster")
+    for vocab, rows, whole, split, e_whole, e_split in table:
+        print(f"{vocab:>7} {rows:>4} | {whole:7.1f} {split:7.1f} {whole / split:5.2f} | {e_whole:7.1f} "
+              f"{e_split:7.1f} | {'split' if split < whole else 'whole'}")
 
 if __name__ == "__main__":
     main()
