@@ -1,5 +1,5 @@
-"""The ``aphrodite`` command: ``aphrodite run|yaml|bench`` (one ``_add_<command>_parser`` and one
-``cmd_<command>`` each).
+"""The ``aphrodite`` command: ``aphrodite run|yaml|run-batch|chat|complete|bench`` (one
+``_add_<command>_parser`` and one ``cmd_<command>`` each).
 
 Parsing stays light: torch and the engine load only once a command runs, so ``aphrodite run -h``
 is quick. ``run`` and ``yaml`` build their options in one place (``add_run_args``) and hand the
@@ -175,6 +175,53 @@ def _add_yaml_parser(subparsers: Any) -> None:
     p.set_defaults(func=cmd_yaml)
 
 
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    from aphrodite.endpoints import run_batch
+    return run_batch.main(args)
+
+
+def _add_run_batch_parser(subparsers: Any, with_options: bool) -> None:
+    """``with_options`` is off unless ``run-batch`` is the command (its help lists every engine option)."""
+    p = subparsers.add_parser(
+        "run-batch", help="Run an OpenAI Batch API file (JSONL) offline and write the results.",
+        usage="%(prog)s -i INPUT.jsonl -o OUTPUT.jsonl [--model MODEL] [engine options]",
+        formatter_class=RunHelpFormatter,
+        description="Run every request of an OpenAI Batch API input file (one {custom_id, method, url, body} "
+        "per line; url /v1/chat/completions or /v1/completions) through the server's handlers, batched by the "
+        "engine, and write one output line per request in the Batch API's format, in input order.")
+    if with_options:
+        from aphrodite.endpoints.run_batch import add_cli_args
+        add_cli_args(p.add_argument_group("batch_args", "Input, output and how requests are answered."))
+        EngineArgs.add_cli_args(_SectionRouter(p))  # type: ignore[arg-type]
+    p.set_defaults(func=cmd_run_batch)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from aphrodite.endpoints.cli_clients import cmd_chat
+    return cmd_chat(args)
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    from aphrodite.endpoints.cli_clients import cmd_complete
+    return cmd_complete(args)
+
+
+def _add_client_parsers(subparsers: Any) -> None:
+    from aphrodite.endpoints.cli_clients import add_chat_args, add_complete_args
+    p = subparsers.add_parser("chat", help="Chat with a running server (streams the replies).",
+                              usage="%(prog)s [options]",
+                              description="Chat with a running OpenAI-compatible server: type a message after "
+                              "'> ', the reply streams back; Ctrl-D or Ctrl-C ends. -q sends one message and exits.")
+    add_chat_args(p)
+    p.set_defaults(func=cmd_chat)
+    p = subparsers.add_parser("complete", help="Complete prompts with a running server (streams the text).",
+                              usage="%(prog)s [options]",
+                              description="Complete prompts with a running OpenAI-compatible server: each line "
+                              "typed after '> ' is a prompt; Ctrl-D or Ctrl-C ends. -q completes one and exits.")
+    add_complete_args(p)
+    p.set_defaults(func=cmd_complete)
+
+
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from aphrodite.benchmarks import throughput
     throughput.main(args)
@@ -221,6 +268,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run_parser(subparsers, with_options=command == "run")
     _add_yaml_parser(subparsers)
+    _add_run_batch_parser(subparsers, with_options=command == "run-batch")
+    _add_client_parsers(subparsers)
     _add_bench_parser(subparsers)
     return parser
 

@@ -43,6 +43,7 @@ from aphrodite.endpoints.openai.protocol import (  # module level: FastAPI resol
     TokenizeRequest,
     TokenizeResponse,
 )
+from aphrodite.endpoints.openai.tools import add_tool_args, tool_options
 from aphrodite.tokenization.chat_template import REQUEST_TEMPLATE_BUDGET_S
 
 if TYPE_CHECKING:  # the engine imports torch: loaded only once a server is built, so `run -h` stays quick
@@ -80,6 +81,8 @@ def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
              "(default: admin routes disabled)")
     add("--served-model-name", nargs="+", default=None, metavar="NAME",
         help="Name(s) clients use in the model field; the first appears in metrics. (default: the model)")
+    add("--launch-kobold-api", action="store_true", default=False,
+        help="Also serve the KoboldAI API (/api/v1/generate, /api/extra/generate/stream, ...) on this port.")
     add("--chat-template", default=None, metavar="FILE|URL|JINJA",
         help="Chat template for /v1/chat/completions: a file, an http(s) URL, or inline Jinja. "
              "(default: the tokenizer's)")
@@ -110,6 +113,7 @@ def add_server_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
              "(default: none)")
     add("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
         help=f"Refuse request bodies larger than this with 413. (default: {DEFAULT_MAX_BODY_BYTES})")
+    add_tool_args(add)
 
 
 def _lora_module(value: str) -> Any:
@@ -138,7 +142,7 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
                          log_requests=_opt(args, "enable_log_requests"), max_log_len=_opt(args, "max_log_len"),
                          metrics=ServerMetrics(engine, names[0]),
                          trust_request_chat_template=_opt(args, "trust_request_chat_template"))
-    completions, chat = CompletionServing(ctx), ChatServing(ctx)
+    completions, chat = CompletionServing(ctx), ChatServing(ctx, **tool_options(args, _opt))
     _setup_loras(engine, ctx, _opt(args, "lora_modules") or [])
     log_stats = not getattr(args, "disable_log_stats", False)
 
@@ -229,6 +233,12 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
         async def detokenize_route(
                 request: Annotated[DetokenizeRequest, Depends(_body(DetokenizeRequest))]) -> DetokenizeResponse:
             return await detokenize(ctx, request)
+
+    if _opt(args, "launch_kobold_api"):
+        from aphrodite.endpoints.kobold.api import add_kobold_routes
+        add_kobold_routes(app, ctx)
+    from aphrodite.endpoints.web import add_web_routes
+    add_web_routes(app)  # the chat page, at /chat and /
 
     vocab_size = len(ctx.tokenizer) if ctx.tokenizer is not None else None
 
@@ -573,6 +583,8 @@ def run_server(args: argparse.Namespace) -> None:
         logger.info("Serving %s at http://%s:%d (OpenAI base URL http://%s:%d/v1)%s",
                     ", ".join(app.state.ctx.served_model_names), shown, sock.getsockname()[1], shown,
                     sock.getsockname()[1], "; API keys required" if _auth_on(args) else "")
+        logger.info("Web chat at http://%s:%d/chat%s", shown, sock.getsockname()[1],
+                    "; KoboldAI API under /api/v1 and /api/extra" if _opt(args, "launch_kobold_api") else "")
         config = uvicorn.Config(app, log_level=_opt(args, "uvicorn_log_level"), timeout_keep_alive=5,
                                 timeout_graceful_shutdown=5)
         server = _uvicorn_server(config, engine, app.state.lifecycle, _opt(args, "shutdown_timeout"))

@@ -19,9 +19,9 @@ from aphrodite.endpoints.openai.errors import OpenAIError, error_body
 
 __all__ = ["OPEN_PATHS", "APIKeyMiddleware", "is_protected", "key_digest", "key_matches", "require_admin"]
 
-# Probes, metrics and the API docs (as vLLM): they take no user input.
+# Probes, metrics, the API docs (as vLLM) and the chat page (the key is typed into it): they take no user input.
 OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs",
-                        "/docs/oauth2-redirect", "/redoc"})
+                        "/docs/oauth2-redirect", "/redoc", "/chat", "/"})
 
 
 def _presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:

@@ -320,6 +320,31 @@ class ChatMessage(OpenAIRequestModel):
     tool_call_id: str | None = None
 
 
+class FunctionDefinition(OpenAIRequestModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatCompletionTool(OpenAIRequestModel):
+    """One entry of ``tools``: a function the model may call, with a JSON Schema of its parameters."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIRequestModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIRequestModel):
+    """``tool_choice`` naming the one function to call."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra=_NOT_BOTH_PROMPT_AND_CONTINUE)
 
@@ -333,7 +358,11 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     chat_template: str | None = None  # only with --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = _limits(None, **_NOT_RESERVED)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ChatCompletionTool] | None = None
+    # vLLM's default: "none" without tools, "auto" with them (which needs --enable-auto-tool-choice).
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
+    include_reasoning: bool = True  # with --reasoning-parser: false leaves reasoning_content out
 
 
 class TopLogprob(OpenAIBaseModel):
@@ -350,9 +379,24 @@ class ChoiceLogprobs(OpenAIBaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(OpenAIBaseModel):
     role: str
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    # With --reasoning-parser: the <think> part (vLLM's current name is reasoning; both are sent).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatCompletionChoice(OpenAIBaseModel):
@@ -390,6 +434,7 @@ class TokenizeRequest(OpenAIRequestModel):
     continue_final_message: bool = False
     chat_template: str | None = None  # only with --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = _limits(None, **_NOT_RESERVED)
+    tools: list[ChatCompletionTool] | None = None  # for the chat template, as in chat completions
     return_token_strs: bool = False
 
     @model_validator(mode="after")

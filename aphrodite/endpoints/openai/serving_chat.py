@@ -10,7 +10,13 @@ from fastapi.responses import JSONResponse, Response
 
 from aphrodite.endpoints.openai.errors import OpenAIError, from_value_error
 from aphrodite.endpoints.openai.metrics import RequestTimer
-from aphrodite.endpoints.openai.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatMessage
+from aphrodite.endpoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionTool,
+    ChatMessage,
+)
+from aphrodite.endpoints.openai.reasoning import REASONING_PARSERS
 from aphrodite.endpoints.openai.serving_common import (
     SSE_DONE,
     ChoiceCursor,
@@ -27,6 +33,8 @@ from aphrodite.endpoints.openai.serving_common import (
     unless_disconnected,
     usage,
 )
+from aphrodite.endpoints.openai.tool_parsers import TOOL_PARSERS
+from aphrodite.endpoints.openai.tools import ChoiceOutput, ToolPlan, conversation_for_template
 from aphrodite.engine.async_engine import RequestStream
 from aphrodite.outputs import CompletionOutput, RequestOutput
 
@@ -35,7 +43,8 @@ _FIELDS = frozenset(ChatCompletionRequest.model_fields)
 
 async def render_chat(ctx: ServingContext, messages: list[ChatMessage], *, chat_template: str | None,
                       add_generation_prompt: bool, continue_final_message: bool,
-                      chat_template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None) -> str:
+                      chat_template_kwargs: dict[str, Any] | None,
+                      tools: list[ChatCompletionTool] | None = None) -> str:
     """The prompt text of a conversation, rendered on a worker thread; a 400 for anything the template or
     the messages get wrong, and for a request's own template unless the server trusts them (vLLM's
     ``--trust-request-chat-template``), which then renders within ``REQUEST_TEMPLATE_BUDGET_S``."""
@@ -48,21 +57,35 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage], *, chat_
                               "requests; start it with --trust-request-chat-template to allow them.",
                               param="chat_template")
         budget = REQUEST_TEMPLATE_BUDGET_S
-    conversation = [m.model_dump(exclude_none=True) for m in messages]
+    conversation = conversation_for_template([m.model_dump(exclude_none=True) for m in messages])
+    tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
     try:
         return await ctx.workers.run(
             lambda: apply_chat_template(
                 ctx.workers.tokenizer(), conversation,
                 chat_template=chat_template if chat_template is not None else ctx.chat_template,
                 add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-                chat_template_kwargs=chat_template_kwargs, tools=tools, time_budget_s=budget))
+                chat_template_kwargs=chat_template_kwargs, tools=tool_dicts, time_budget_s=budget))
     except ValueError as e:
         raise from_value_error(e, _FIELDS) from None
 
 
 class ChatServing:
-    def __init__(self, ctx: ServingContext) -> None:
+    """``enable_auto_tools``/``tool_parser``/``reasoning_parser``: vLLM's ``--enable-auto-tool-choice``,
+    ``--tool-call-parser`` and ``--reasoning-parser``."""
+
+    def __init__(self, ctx: ServingContext, *, enable_auto_tools: bool = False, tool_parser: str | None = None,
+                 reasoning_parser: str | None = None) -> None:
+        if enable_auto_tools and not tool_parser:
+            raise ValueError("--enable-auto-tool-choice requires --tool-call-parser.")
+        for flag, name, known in (("--tool-call-parser", tool_parser, TOOL_PARSERS),
+                                  ("--reasoning-parser", reasoning_parser, REASONING_PARSERS)):
+            if name and name not in known:
+                raise ValueError(f"Unknown {flag} {name!r}; choose from {', '.join(sorted(known))}.")
         self.ctx = ctx
+        self.enable_auto_tools = enable_auto_tools
+        self.tool_parser = tool_parser
+        self.reasoning_parser = reasoning_parser
 
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         arrival = time.monotonic()
@@ -70,6 +93,8 @@ class ChatServing:
         lora = ctx.check_model(request.model)
         ctx.check_stream_options(request)
         ctx.check_num_seqs(request.n, request.best_of)
+        plan = ToolPlan.for_request(request, enable_auto_tools=self.enable_auto_tools, tool_parser=self.tool_parser,
+                                    reasoning_parser=self.reasoning_parser, tokenizer=ctx.tokenizer)
         prompt = await render_chat(ctx, request.messages, chat_template=request.chat_template,
                              add_generation_prompt=request.add_generation_prompt,
                              continue_final_message=request.continue_final_message,
@@ -89,8 +114,13 @@ class ChatServing:
             logprobs = request.top_logprobs or 0
         elif request.top_logprobs:
             raise OpenAIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
+        overrides: dict[str, Any] = {}
+        if (constraint := plan.structured_outputs()) is not None:
+            overrides["structured_outputs"] = constraint  # a required or named tool_choice (vLLM replaces any other)
+        if plan.keep_special_tokens:
+            overrides["skip_special_tokens"] = False
         try:
-            params = ctx.sampling_params(request, max_tokens, logprobs)
+            params = ctx.sampling_params(request, max_tokens, logprobs, **overrides)
         except OpenAIError as e:
             if e.param == "max_tokens" and request.max_completion_tokens is not None:
                 e.param = "max_completion_tokens"  # the field this request set
@@ -110,15 +140,15 @@ class ChatServing:
         timer = ctx.timer(arrival)
         created = unix_now()
         if request.stream:
-            return SSEResponse(self._stream(request, rid, created, n, stop_holdback(params), len(ids),
+            return SSEResponse(self._stream(request, plan, rid, created, n, stop_holdback(params), len(ids),
                                             streams, timer), closer(streams))
-        body = await unless_disconnected(raw_request, self._full(request, rid, created, streams[0], timer))
+        body = await unless_disconnected(raw_request, self._full(request, plan, rid, created, streams[0], timer))
         if body is None:
             return Response(status_code=499)
         return JSONResponse(body)
 
-    async def _full(self, request: ChatCompletionRequest, rid: str, created: int, stream: RequestStream,
-                    timer: RequestTimer) -> dict[str, Any]:
+    async def _full(self, request: ChatCompletionRequest, plan: ToolPlan, rid: str, created: int,
+                    stream: RequestStream, timer: RequestTimer) -> dict[str, Any]:
         final: RequestOutput | None = None
         async for _, out in merge_streams([stream]):
             final = out
@@ -126,19 +156,21 @@ class ChatServing:
         assert final is not None
         choices = []
         for c in final.outputs:
+            out = plan.new_choice()
             choices.append({
-                "index": c.index, "message": {"role": self.ctx.response_role, "content": c.text},
+                "index": c.index, "message": out.message(self.ctx.response_role, c.text),
                 "logprobs": self._logprobs(c, 0, len(c.token_ids), request.top_logprobs or 0)
                 if request.logprobs else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                "finish_reason": out.finish_reason(c.finish_reason), "stop_reason": c.stop_reason})
         response = ChatCompletionResponse(
             id=rid, created=created, model=request.model, choices=choices,
             usage=usage(len(final.prompt_token_ids), _num_tokens(final)),
             prompt_logprobs=raw_prompt_logprobs(final) if request.prompt_logprobs is not None else None)
         return response.model_dump()
 
-    async def _stream(self, request: ChatCompletionRequest, rid: str, created: int, n: int, holdback: int,
-                      prompt_len: int, streams: list[RequestStream], timer: RequestTimer) -> AsyncIterator[str]:
+    async def _stream(self, request: ChatCompletionRequest, plan: ToolPlan, rid: str, created: int, n: int,
+                      holdback: int, prompt_len: int, streams: list[RequestStream],
+                      timer: RequestTimer) -> AsyncIterator[str]:
         head: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
                                 "model": request.model}
         tail: dict[str, Any] = {"usage": None} if request.include_usage else {}  # OpenAI: null until the end
@@ -153,6 +185,8 @@ class ChatServing:
             return sse({**head, "choices": [choice], **tail})
 
         cursors = [ChoiceCursor() for _ in range(n)]
+        outs: list[ChoiceOutput] = [plan.new_choice() for _ in range(n)]
+        texts = [""] * n  # each choice's text so far, for the parsers (not kept when there are none)
         top_n = request.top_logprobs or 0
         final: RequestOutput | None = None
         try:
@@ -169,11 +203,18 @@ class ChatServing:
                     text = cur.take_text(c, holdback)
                     start, end = cur.take_tokens(c)
                     lp = self._logprobs(c, start, end, top_n) if request.logprobs and end > start else None
-                    if text or lp is not None:
-                        yield chunk(c.index, {"content": text}, lp, completion_tokens=end)
+                    out = outs[c.index]
+                    if out.plain:
+                        delta = {"content": text} if text else {}
+                    else:
+                        texts[c.index] += text
+                        delta = out.delta(texts[c.index], c.finish_reason is not None)
+                    if delta or lp is not None:
+                        yield chunk(c.index, delta or {"content": ""}, lp, completion_tokens=end)
                     if c.finish_reason is not None:
                         cur.done = True
-                        yield chunk(c.index, {}, None, c.finish_reason, c.stop_reason, completion_tokens=end)
+                        yield chunk(c.index, {}, None, out.finish_reason(c.finish_reason), c.stop_reason,
+                                    completion_tokens=end)
             if request.include_usage and final is not None:
                 yield sse({**head, "choices": [],
                            "usage": usage(len(final.prompt_token_ids), _num_tokens(final))})

@@ -36,7 +36,7 @@ async def tokenize(ctx: ServingContext, request: TokenizeRequest) -> Response:
         text = await render_chat(ctx, request.messages, chat_template=request.chat_template,
                                  add_generation_prompt=request.add_generation_prompt,
                                  continue_final_message=request.continue_final_message,
-                                 chat_template_kwargs=request.chat_template_kwargs)
+                                 chat_template_kwargs=request.chat_template_kwargs, tools=request.tools)
         add_special = bool(request.add_special_tokens)  # the template holds the special tokens already
     else:
         text = request.prompt

@@ -1,0 +1,281 @@
+"""Tool calling and reasoning in chat completions, as vLLM serves them.
+
+``tool_choice`` decides how calls come out: ``"none"`` (plain text), ``"auto"`` (the model decides;
+``--tool-call-parser`` reads its calls out of the text), ``"required"`` or a named function (the output
+is constrained to a JSON schema of the call(s), so it is always a call). ``--reasoning-parser`` splits
+``<think>...</think>`` off first. ``ToolPlan`` holds one request's decisions; ``ChoiceOutput`` turns one
+choice's text into a message, or into stream deltas.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aphrodite.endpoints.openai.errors import OpenAIError
+from aphrodite.endpoints.openai.reasoning import REASONING_PARSERS, ReasoningParser, get_reasoning_parser
+from aphrodite.endpoints.openai.tool_parsers import (
+    TOOL_PARSERS,
+    ToolCallStream,
+    ToolParser,
+    get_tool_parser,
+    make_tool_call_id,
+)
+from aphrodite.endpoints.openai.tool_parsers.base import (
+    ParsedToolCalls,
+    PartialCall,
+    scan_call_list,
+    tool_call,
+)
+from aphrodite.endpoints.openai.tool_parsers.json_scan import skip_ws
+from aphrodite.sampling_params import StructuredOutputsParams
+
+__all__ = ["ChoiceOutput", "ToolPlan", "add_tool_args", "conversation_for_template", "tool_options"]
+
+_NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+
+
+def add_tool_args(add: Callable[..., None]) -> None:
+    """The server's tool and reasoning flags (vLLM's names), through ``add_server_args``' ``add``."""
+    add("--enable-auto-tool-choice", action="store_true", default=False,
+        help='Let the model call tools on its own (tool_choice "auto", the default when a request has tools): '
+             "needs --tool-call-parser. Without it such requests get a 400.")
+    add("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS), metavar="NAME",
+        help="How to read tool calls out of the model's text for tool_choice auto: "
+             f"{', '.join(sorted(TOOL_PARSERS))}. (default: none)")
+    add("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS), metavar="NAME",
+        help="Split the model's <think>...</think> into reasoning_content: "
+             f"{', '.join(sorted(REASONING_PARSERS))}. (default: none)")
+
+
+def tool_options(args: Any, opt: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """``ChatServing``'s keyword arguments from the parsed flags (``opt`` reads one, with its default)."""
+    return {"enable_auto_tools": bool(opt(args, "enable_auto_tool_choice")),
+            "tool_parser": opt(args, "tool_call_parser"), "reasoning_parser": opt(args, "reasoning_parser")}
+
+
+class RequiredToolParser(ToolParser):
+    """``tool_choice="required"``: the constrained output is a JSON list of ``{"name", "parameters"}``."""
+
+    name = "required"
+
+    def parse(self, text: str, final: bool) -> ParsedToolCalls:
+        parsed = ParsedToolCalls("")
+        j = skip_ws(text, 0)
+        if j < len(text):
+            if text[j] != "[":
+                return ParsedToolCalls("", [PartialCall(None)])
+            scan_call_list(text, j + 1, parsed, args_keys=("parameters",))
+        return parsed
+
+
+class NamedToolParser(ToolParser):
+    """A named ``tool_choice``: the constrained output is the function's arguments, sent as they come."""
+
+    name = "named"
+
+    def __init__(self, function: str) -> None:
+        super().__init__()
+        self.function = function
+
+    def parse(self, text: str, final: bool) -> ParsedToolCalls:
+        return ParsedToolCalls("", [PartialCall(self.function, text, final)])
+
+
+@dataclass
+class ToolPlan:
+    """One request's tool and reasoning decisions: ``mode`` is none, auto, required or named."""
+
+    mode: str = "none"
+    function: str | None = None
+    tool_parser: str | None = None
+    reasoning_parser: str | None = None
+    include_reasoning: bool = True
+    max_calls: int | None = None
+    tokenizer: Any = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    schema: dict[str, Any] | None = None
+
+    @classmethod
+    def for_request(cls, request: Any, *, enable_auto_tools: bool, tool_parser: str | None,
+                    reasoning_parser: str | None, tokenizer: Any = None) -> ToolPlan:
+        """Check ``tools``/``tool_choice`` as vLLM does (400s with its messages) and decide."""
+        tools = request.tools
+        choice = request.tool_choice
+        if choice is None:
+            choice = "auto" if tools else "none"
+        plan = cls(reasoning_parser=reasoning_parser, include_reasoning=request.include_reasoning,
+                   tokenizer=tokenizer, chat_template_kwargs=request.chat_template_kwargs,
+                   max_calls=None if request.parallel_tool_calls is not False else 1)
+        if choice == "none":
+            return plan
+        if tools is None:
+            raise OpenAIError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
+        if choice == "required" and not tools:
+            return plan
+        if isinstance(choice, str):
+            plan.mode = choice
+        else:
+            name = choice.function.name
+            if not name:
+                raise OpenAIError(f"Invalid `name` in `function`: `{name}` in `tool_choice`! {_NAMED_USAGE}",
+                                  param="tool_choice")
+            if name not in {t.function.name for t in tools}:
+                raise OpenAIError("The tool specified in `tool_choice` does not match any of the specified `tools`",
+                                  param="tool_choice")
+            plan.mode, plan.function = "named", name
+        if plan.mode == "auto":
+            if not (enable_auto_tools and tool_parser):
+                raise OpenAIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                                  "to be set", param="tool_choice")
+            plan.tool_parser = tool_parser
+        else:
+            plan.schema = json_schema_of_tools(tools, plan.function, plan.max_calls)
+        return plan
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        """The constraint that makes a required or named choice a call (it replaces any other)."""
+        return StructuredOutputsParams(json=self.schema) if self.schema is not None else None
+
+    @property
+    def keep_special_tokens(self) -> bool:
+        """Parsers whose call marker is a special token need it in the text (vLLM's ``adjust_request``)."""
+        return self.mode == "auto" and get_tool_parser(self.tool_parser or "").keep_special_tokens
+
+    def new_choice(self) -> ChoiceOutput:
+        return ChoiceOutput(self)
+
+
+def json_schema_of_tools(tools: list[Any], function: str | None, max_calls: int | None) -> dict[str, Any]:
+    """vLLM's schema: a named function's parameters; for "required", a non-empty list of
+    ``{"name": <one of the tools>, "parameters": <its parameters>}`` with every tool's ``$defs`` lifted to
+    the top (a name defined twice differently is a 400). ``parallel_tool_calls=false`` allows one call."""
+    empty = {"type": "object", "properties": {}}
+    if function is not None:
+        tool = next(t for t in tools if t.function.name == function)
+        return tool.function.parameters or empty
+    defs: dict[str, Any] = {}
+    variants = []
+    for tool in tools:
+        params = copy.deepcopy(tool.function.parameters) if tool.function.parameters else empty
+        for name, schema in params.pop("$defs", {}).items():
+            if name in defs and defs[name] != schema:
+                raise OpenAIError(f"Tool definition '{name}' has multiple schemas, which is not supported.",
+                                  param="tools")
+            defs[name] = schema
+        variants.append({"properties": {"name": {"type": "string", "enum": [tool.function.name]},
+                                        "parameters": params}, "required": ["name", "parameters"]})
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": variants}}
+    if max_calls is not None:
+        schema["maxItems"] = max_calls
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+class ChoiceOutput:
+    """One choice's text read as reasoning, content and tool calls: whole (``message``) or as deltas."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        # A required or named choice is constrained from its first token: there is no reasoning to split.
+        self.reasoner: ReasoningParser | None = None
+        if plan.reasoning_parser and plan.mode in ("none", "auto"):
+            self.reasoner = get_reasoning_parser(plan.reasoning_parser, plan.tokenizer, plan.chat_template_kwargs)
+        self.parser: ToolParser | None = None
+        if plan.mode == "auto":
+            self.parser = get_tool_parser(plan.tool_parser or "", plan.tokenizer)
+        elif plan.mode == "required":
+            self.parser = RequiredToolParser()
+        elif plan.mode == "named":
+            self.parser = NamedToolParser(plan.function or "")
+        self.stream = ToolCallStream(self.parser, plan.max_calls) if self.parser is not None else None
+        self.reasoning_sent = 0
+        self.content_sent = 0
+        self.called = False
+
+    # ---- whole answers ---------------------------------------------------------------------------------
+    def message(self, role: str, text: str) -> dict[str, Any]:
+        """The response ``message`` for the choice's whole text."""
+        reasoning, content = self.reasoner.extract(text) if self.reasoner else (None, text)
+        calls: list[dict[str, Any]] = []
+        if self.parser is not None and content is not None:
+            if self.plan.mode == "named":
+                calls = [tool_call(make_tool_call_id(), self.plan.function, content)]
+                content = ""
+            else:
+                rest, calls = self.parser.extract_tool_calls(content)
+                if calls:
+                    content = rest if self.plan.mode == "auto" else ""
+        if self.plan.max_calls is not None:
+            calls = calls[:self.plan.max_calls]
+        self.called = bool(calls)
+        message: dict[str, Any] = {"role": role, "content": content, "tool_calls": calls}
+        if self.reasoner is not None and self.plan.include_reasoning:
+            message["reasoning_content"] = message["reasoning"] = reasoning
+        return message
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        """OpenAI's rule, as vLLM applies it: "tool_calls" when auto called a tool or a required choice
+        ended normally; a named function's call ends with the engine's reason ("stop")."""
+        if self.plan.mode == "auto" and self.called:
+            return "tool_calls"
+        if self.plan.mode == "required" and reason == "stop":
+            return "tool_calls"
+        return reason
+
+    # ---- streaming -------------------------------------------------------------------------------------
+    @property
+    def plain(self) -> bool:
+        """No reasoning and no tool calls to read: the text streams as it comes."""
+        return self.reasoner is None and self.parser is None
+
+    def delta(self, text: str, final: bool) -> dict[str, Any]:
+        """The ``delta`` fields for the text so far (``final`` once the choice ended): only what is new."""
+        delta: dict[str, Any] = {}
+        content_text = text
+        if self.reasoner is not None:
+            reasoning, content_text = self.reasoner.parse(text, final)
+            if len(reasoning) > self.reasoning_sent:
+                if self.plan.include_reasoning:
+                    delta["reasoning_content"] = delta["reasoning"] = reasoning[self.reasoning_sent:]
+                self.reasoning_sent = len(reasoning)
+        if self.stream is not None:
+            content, calls = self.stream.step(content_text, final)
+            self.called = self.stream.called
+            if content:
+                delta["content"] = content
+            if calls:
+                delta["tool_calls"] = calls
+        elif len(content_text) > self.content_sent:
+            delta["content"] = content_text[self.content_sent:]
+            self.content_sent = len(content_text)
+        return delta
+
+
+def conversation_for_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: an assistant's ``tool_calls[].function.arguments`` as an
+    object (templates write it with ``tojson``), not the JSON text OpenAI clients send (vLLM does the same)."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if calls:
+            message = {**message, "tool_calls": [_arguments_as_object(c) for c in calls]}
+        out.append(message)
+    return out
+
+
+def _arguments_as_object(call: Any) -> Any:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return call
+    arguments = call["function"].get("arguments")
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            return call
+        if isinstance(parsed, dict):
+            return {**call, "function": {**call["function"], "arguments": parsed}}
+    return call
