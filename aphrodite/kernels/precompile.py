@@ -153,8 +153,8 @@ def warn_late_compiles() -> None:
                 logger.warning("Triton kernel %s compiles at first use (missed by compiling ahead): %s; "
                                "specialized ints: %s", fn.name, spec,
                                sorted(names[k[0]] for k in attrs if len(k) == 1 and k[0] < len(names)))
-        except Exception:   # a diagnostic only: never in the way of the compile
-            logger.debug("late-compile check failed", exc_info=True)
+        except Exception as e:   # a diagnostic only: never in the way of the compile
+            logger.warning("Could not check whether a Triton kernel was compiled ahead: %r", e)
         return False
 
     knobs.runtime.jit_cache_hook = hook
