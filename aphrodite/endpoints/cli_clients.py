@@ -8,11 +8,13 @@ exits; otherwise a ``> `` prompt reads lines until end of input (Ctrl-D) or Ctrl
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 from collections.abc import Iterable
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 __all__ = ["add_chat_args", "add_complete_args", "cmd_chat", "cmd_complete"]
 
@@ -21,7 +23,8 @@ DEFAULT_URL = "http://localhost:2242/v1"
 
 def _add_query_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL,
-                        help=f"Base URL of the running OpenAI-compatible server. (default: {DEFAULT_URL})")
+                        help="Base URL of the running OpenAI-compatible server; a bare host:port gets /v1. "
+                             f"(default: {DEFAULT_URL})")
     parser.add_argument("--model", "--model-name", dest="model_name", default=None, metavar="NAME",
                         help="Model to use. (default: the first model the server lists)")
     parser.add_argument("--api-key", default=None,
@@ -58,7 +61,10 @@ def _connect(args: argparse.Namespace) -> tuple[Any, str]:
         import openai
     except ImportError:
         raise ValueError("these commands use the openai client: pip install openai") from None
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would break into the replies
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+    if urlsplit(args.url).path in ("", "/"):  # http://host:2242 is the server: its API is under /v1
+        args.url = args.url.rstrip("/") + "/v1"
     client = openai.OpenAI(base_url=args.url, api_key=api_key)
     model = args.model_name
     if not model:
@@ -105,13 +111,15 @@ def print_stream(chunks: Iterable[Any], text_of: Any, stats: bool = False, out: 
 
 
 def _lines(prompt: str) -> Iterable[str]:
-    """Lines typed at ``prompt`` until end of input or Ctrl-C."""
+    """Lines typed at ``prompt`` until end of input or Ctrl-C; blank ones are skipped (nothing to send)."""
     while True:
         try:
-            yield input(prompt)
+            line = input(prompt)
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return
+        if line.strip():
+            yield line
 
 
 def _keep_going(send: Any, text: str) -> None:

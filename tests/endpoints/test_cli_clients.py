@@ -34,7 +34,7 @@ def test_chat_keeps_the_conversation(server, client) -> None:
     """Two typed turns with a system prompt: the second reply is the one the whole history gives."""
     system = "You are a geography teacher who answers briefly."
     proc = _cli("chat", "--url", server.base_url, "--model", MODEL, "--system-prompt", system, *GREEDY,
-                stdin="What is the capital of France?\nAnd of Germany?\n")
+                stdin="What is the capital of France?\n\nAnd of Germany?\n")  # a blank line is skipped
     assert proc.returncode == 0, proc.stderr
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "What is the capital of France?"}]
     replies = []
@@ -44,11 +44,12 @@ def test_chat_keeps_the_conversation(server, client) -> None:
         replies.append(reply)
         messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": follow_up}]
     assert replies[0] != replies[1]
-    assert proc.stdout == f"> {replies[0]}\n> {replies[1]}\n> "  # input()'s prompts, then the streamed replies
+    assert proc.stdout == f"> {replies[0]}\n> > {replies[1]}\n> "  # input()'s prompts, then the streamed replies
+    assert "httpx" not in proc.stderr  # no request log lines between the replies
 
 
 def test_chat_quick_with_stats(server, client) -> None:
-    proc = _cli("chat", "--url", server.base_url, "-q", "Name a colour.", "--stats", *GREEDY)
+    proc = _cli("chat", "--url", server.url, "-q", "Name a colour.", "--stats", *GREEDY)  # host:port: /v1 added
     assert proc.returncode == 0, proc.stderr
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
                                            temperature=0, max_tokens=16)
