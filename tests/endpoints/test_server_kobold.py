@@ -150,7 +150,7 @@ def test_client_bodies_generate_and_stream_alike(kai, openai_client):
 
 def test_lengths_default_as_koboldcpp(kai, openai_client):
     """Clients that leave out max_context_length (the model's) and max_length (100) are served."""
-    prompt = "The three primary colours are"
+    prompt = CHAT_PROMPT  # answered briefly: the default max_length is allowed, not used up
     got = _generate(kai, {"prompt": prompt, "temperature": 0})["results"][0]
     want = openai_client.completions.create(model=NAME, prompt=prompt, max_tokens=100, temperature=0).choices[0]
     assert got == {"text": want.text, "finish_reason": want.finish_reason}

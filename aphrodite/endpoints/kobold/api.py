@@ -84,8 +84,8 @@ class KoboldServing:
         arrival = time.monotonic()
         ctx = self.ctx
         warn_ignored(request)
-        max_length = 100 if request.max_length is None else request.max_length
         client_context = ctx.max_model_len if request.max_context_length is None else request.max_context_length
+        max_length = min(100, client_context) if request.max_length is None else request.max_length
         for name, value in (("max_length", max_length), ("max_context_length", client_context)):
             if value < 1:
                 raise OpenAIError(f"{name} must be at least 1, got {value}.", param=name)
