@@ -302,7 +302,8 @@ def test_abort_a_stream(kai):
 def test_info_routes(kai, tokenizer):
     expected = {
         "/api/v1/model": {"result": f"aphrodite/{NAME}"}, "/api/latest/model": {"result": f"aphrodite/{NAME}"},
-        "/api/v1/info/version": {"result": "1.2.4"}, "/api/extra/version": {"result": "KoboldCpp", "version": "1.63"},
+        "/api/v1/info/version": {"result": "1.2.4"},
+        "/api/extra/version": {"result": "KoboldCpp", "version": "1.63", "protected": True},
         "/api/v1/config/max_length": {"value": MAX_MODEL_LEN},
         "/api/v1/config/max_context_length": {"value": MAX_MODEL_LEN},
         "/api/extra/true_max_context_length": {"value": MAX_MODEL_LEN},
@@ -356,15 +357,21 @@ def test_malformed_bodies_and_the_server_goes_on(kai):
 def test_routes_need_the_api_key(kobold_server, kai):
     server = kobold_server[0]
     with httpx.Client(base_url=server.url, timeout=30) as anon:
-        for method, path in (("GET", "/api/v1/model"), ("GET", "/api/latest/info/version"),
-                             ("GET", "/api/extra/version"), ("POST", "/api/v1/generate"),
+        for method, path in (("POST", "/api/v1/generate"), ("GET", "/api/v1/config/soft_prompts_list"),
                              ("POST", "/api/extra/generate/stream"), ("GET", "/api/extra/generate/check"),
                              ("POST", "/api/extra/abort"), ("POST", "/api/extra/tokencount")):
             r = anon.request(method, path, json=_kai("x"))
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
             wrong = anon.request(method, path, json=_kai("x"), headers={"x-api-key": "wrong"})
             assert wrong.status_code == 401, path
-        assert anon.get("/api/v1/model", headers={"x-api-key": KEY}).status_code == 200
+        assert anon.post("/api/v1/generate", json=_kai("x", 1), headers={"x-api-key": KEY}).status_code == 200
+        # KoboldCpp's discovery routes are open (KoboldAI Lite asks for the model before it sends a key), and
+        # /api/extra/version says a key is needed, as KoboldCpp does with a password.
+        assert anon.get("/api/v1/model").json() == {"result": f"aphrodite/{NAME}"}
+        for path in ("/api/latest/info/version", "/api/v1/config/max_context_length", "/api/v1/config/max_length",
+                     "/api/extra/true_max_context_length"):
+            assert anon.get(path).status_code == 200, path
+        assert anon.get("/api/extra/version").json()["protected"] is True
         for path in ("/chat", "/"):  # the page is open: the key is typed into it
             assert anon.get(path).status_code == 200 and anon.head(path).status_code == 200
         # A browser client on another origin (KoboldAI Lite): the preflight passes without the key, and the
@@ -374,7 +381,8 @@ def test_routes_need_the_api_key(kobold_server, kai):
                                                         "Access-Control-Request-Headers": "authorization,content-type"})
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in ("*", origin["Origin"])
         assert "authorization" in pre.headers["access-control-allow-headers"].lower()
-        assert anon.get("/api/v1/model", headers=origin).headers["access-control-allow-origin"]
+        refused = anon.post("/api/v1/generate", json=_kai("x"), headers=origin)
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"]
         assert kai.get("/api/v1/model", headers=origin).headers["access-control-allow-origin"]
     schema = kai.get("/openapi.json").json()
     for path in ("/api/v1/generate", "/api/extra/generate/stream", "/api/extra/tokencount"):

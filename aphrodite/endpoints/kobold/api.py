@@ -266,8 +266,9 @@ _STREAM = {200: {"description": "Server-sent events: 'event: message' with data 
                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
-def add_kobold_routes(app: FastAPI, ctx: ServingContext) -> KoboldServing:
-    """Mount the KoboldAI routes on ``app``: ``/api/v1`` (and ``/api/latest``) and ``/api/extra``."""
+def add_kobold_routes(app: FastAPI, ctx: ServingContext, protected: bool = False) -> KoboldServing:
+    """Mount the KoboldAI routes on ``app``: ``/api/v1`` (and ``/api/latest``) and ``/api/extra``; ``protected``
+    (API keys are on) is what ``/api/extra/version`` tells clients, as KoboldCpp does with a password."""
     kobold = KoboldServing(ctx)
     kai, extra = APIRouter(tags=["KoboldAI"]), APIRouter(tags=["KoboldAI"])
     def value(v: Any) -> dict[str, Any]:
@@ -336,8 +337,8 @@ def add_kobold_routes(app: FastAPI, ctx: ServingContext) -> KoboldServing:
         return {}
 
     @extra.get("/version")
-    async def extra_version() -> dict[str, str]:
-        return {"result": "KoboldCpp", "version": KOBOLDCPP_VERSION}
+    async def extra_version() -> dict[str, Any]:
+        return {"result": "KoboldCpp", "version": KOBOLDCPP_VERSION, "protected": protected}
 
     app.include_router(kai, prefix="/api/v1")
     app.include_router(kai, prefix="/api/latest", include_in_schema=False)

@@ -237,7 +237,7 @@ def build_app(engine: AsyncLLMEngine, args: argparse.Namespace, chat_template: s
 
     if _opt(args, "launch_kobold_api"):
         from aphrodite.endpoints.kobold.api import add_kobold_routes
-        add_kobold_routes(app, ctx)
+        add_kobold_routes(app, ctx, protected=bool(keys))
     from aphrodite.endpoints.web import add_web_routes
     add_web_routes(app)  # the chat page, at /chat and /
 

@@ -19,9 +19,14 @@ from aphrodite.endpoints.openai.errors import OpenAIError, error_body
 
 __all__ = ["OPEN_PATHS", "APIKeyMiddleware", "is_protected", "key_digest", "key_matches", "require_admin"]
 
+# KoboldCpp's discovery routes (GET, no input) are open as on KoboldCpp: KoboldAI Lite asks /api/v1/model
+# before it sends any key, then learns from /api/extra/version ("protected": true) that it needs one.
+_KOBOLD_INFO = ("/model", "/info/version", "/config/max_context_length", "/config/max_length")
 # Probes, metrics, the API docs (as vLLM) and the chat page (the key is typed into it): they take no user input.
 OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs",
-                        "/docs/oauth2-redirect", "/redoc", "/chat", "/"})
+                        "/docs/oauth2-redirect", "/redoc", "/chat", "/", "/api/extra/version",
+                        "/api/extra/true_max_context_length",
+                        *(prefix + path for prefix in ("/api/v1", "/api/latest") for path in _KOBOLD_INFO)})
 
 
 def _presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
