@@ -252,6 +252,16 @@ def _poll_check(kai: httpx.Client, genkey: str, timeout: float = 60) -> str:
     raise AssertionError(f"no partial text for {genkey}")
 
 
+def test_stream_events_parse_with_kobold_lites_regex():
+    """KoboldAI Lite reads events with /^event: (.*)\\ndata: (.*)\\n\\n/m, where JavaScript's . stops at
+    U+2028/U+2029 too: a token holding them must still make one event line."""
+    from aphrodite.endpoints.kobold.api import _event
+    js_line = r"[^\n\r\u2028\u2029]*"
+    token = "a\u2028b\u2029c\nd\"e"
+    m = re.fullmatch(rf"event: ({js_line})\ndata: ({js_line})\n\n", _event({"token": token}))
+    assert m is not None and m.group(1) == "message" and json.loads(m.group(2)) == {"token": token}
+
+
 def test_check_and_abort_a_generation(kai):
     body = _kai(CHAT_PROMPT, 400, temperature=0, use_default_badwordsids=True, genkey="kobold-g1")  # ~seconds
     result: dict = {}

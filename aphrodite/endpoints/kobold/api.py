@@ -235,7 +235,9 @@ async def _outputs(job: _Job, stream: RequestStream) -> AsyncIterator[RequestOut
 
 
 def _event(data: dict[str, Any]) -> str:
-    return f"event: message\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    # U+2028/U+2029 escaped: JavaScript line terminators, which KoboldAI Lite's one-line event regex stops at.
+    text = json.dumps(data, ensure_ascii=False).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return f"event: message\ndata: {text}\n\n"
 
 
 async def _json_field(request: Request, name: str) -> Any:
