@@ -140,8 +140,7 @@ def warn_late_compiles() -> None:
         from triton.runtime.driver import driver
     except ImportError:   # pragma: no cover - CPU installs without Triton
         return
-    t = driver.active.get_current_target()
-    target = (t.backend, t.arch, t.warp_size)
+    target = driver.active.get_current_target()
 
     def hook(**kw) -> bool:
         try:
