@@ -61,6 +61,8 @@ def add_cli_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
         help="Chat template for /v1/chat/completions lines. (default: the tokenizer's)")
     add("--trust-request-chat-template", action="store_true", default=False,
         help="Accept a chat_template in a line's body (refused with a 400 otherwise).")
+    from aphrodite.endpoints.openai.tools import add_tool_args
+    add_tool_args(add)  # the server's --reasoning-parser (vLLM's run-batch has it) and tool-call flags
     add("--enable-log-requests", action="store_true", default=False, help="Log each request at INFO.")
     add("--max-log-len", type=int, default=None, metavar="N",
         help="With --enable-log-requests: log at most N prompt characters and token ids. (default: unlimited)")
@@ -273,7 +275,8 @@ async def run_line(app: Any, line: str, headers: list[tuple[bytes, bytes]]) -> d
 def _server_namespace(args: argparse.Namespace) -> argparse.Namespace:
     """The options ``build_app`` reads; the rest keep the server's defaults (no auth flags: a batch
     has no clients to keep out, so nothing but ``APHRODITE_API_KEY`` turns the key check on)."""
-    names = ("served_model_name", "lora_modules", "response_role", "enable_log_requests", "max_log_len",
+    names = ("served_model_name", "lora_modules", "response_role", "enable_auto_tool_choice", "tool_call_parser",
+             "reasoning_parser", "enable_log_requests", "max_log_len",
              "trust_request_chat_template", "disable_log_stats")
     values = {n: getattr(args, n) for n in names if hasattr(args, n)}
     return argparse.Namespace(**values, api_keys=None, max_request_body_bytes=sys.maxsize)

@@ -241,13 +241,17 @@ def test_run_batch_reads_ahead_a_bounded_window_and_answers_n(monkeypatch) -> No
     from aphrodite.engine.async_engine import AsyncLLMEngine
     monkeypatch.setattr(rb, "_UNWRITTEN_PER_IN_FLIGHT", 1)
     args = build_parser("run-batch").parse_args(["run-batch", "-i", "-", "-o", "-", *ENGINE_FLAGS,
-                                                 "--max-num-seqs", "2"])
+                                                 "--max-num-seqs", "2", "--enable-auto-tool-choice",
+                                                 "--tool-call-parser", "hermes"])
     window = 2 * 2  # twice max_num_seqs in flight, times 1
     slow = _line("slow", "/v1/completions", {"model": MODEL, "prompt": "Count:", "max_tokens": 40,
                                              "ignore_eos": True, "temperature": 0})
     quick = [_line(f"q{i}", "/v1/completions", {"model": MODEL, "prompt": f"{i} +", "max_tokens": 1,
                                                 "temperature": 1.0, "seed": i, "n": 2 if i == 3 else 1})
              for i in range(20)]
+    tool = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+    quick[7] = _line("q7", "/v1/chat/completions", {"model": MODEL, "max_tokens": 1, "tools": [tool],
+                                                    "messages": [{"role": "user", "content": "Time?"}]})
     out = _CountingOut()
     ahead: list[int] = []
 
@@ -272,3 +276,4 @@ def test_run_batch_reads_ahead_a_bounded_window_and_answers_n(monkeypatch) -> No
     assert results[0]["response"]["body"]["usage"]["completion_tokens"] == 40
     assert [c["index"] for c in results[4]["response"]["body"]["choices"]] == [0, 1]
     assert results[4]["response"]["body"]["usage"]["completion_tokens"] == 2
+    assert results[8]["response"]["body"]["object"] == "chat.completion"  # tools, auto: the server's tool flags
