@@ -173,6 +173,15 @@ def test_prompt_keeps_the_last_tokens_of_the_context(kai, openai_client, tokeniz
     assert got["results"][0]["text"] == want.text
 
 
+def test_bypass_eos_and_render_special(kai, openai_client):
+    """KoboldCpp's bypass_eos generates past the EOS token, render_special shows special tokens: the OpenAI
+    route's ignore_eos and skip_special_tokens=false."""
+    got = _generate(kai, _kai(CHAT_PROMPT, 24, temperature=0, bypass_eos=True, render_special=True))["results"][0]
+    want = openai_client.completions.create(model=NAME, prompt=CHAT_PROMPT, max_tokens=24, temperature=0, extra_body={
+        "ignore_eos": True, "skip_special_tokens": False}).choices[0]
+    assert got == {"text": want.text, "finish_reason": "length"}  # without bypass_eos: "stop" (a brief answer)
+
+
 def test_memory_stays_and_the_prompt_is_cut_after_it(kai, openai_client, tokenizer):
     """KoboldCpp's ``memory`` (KoboldAI Lite sends its story memory so): kept whole at the start, the prompt
     cut to what fits after it."""

@@ -27,14 +27,14 @@ _KOBOLD_NAMES = {"repetition_penalty": "rep_pen", "typical_p": "typical", "epsil
                  "mirostat_mode": "mirostat", "seed": "sampler_seed", "stop": "stop_sequence",
                  "dry_range": "dry_penalty_last_n", "sampler_priority": "sampler_order", "bad_words": "banned_tokens",
                  "max_tokens": "max_length", "dynatemp_min": "dynatemp_range", "dynatemp_max": "dynatemp_range",
-                 "structured_outputs": "grammar"}
+                 "structured_outputs": "grammar", "ignore_eos": "bypass_eos"}
 
 # Sent by KoboldAI clients, without a counterpart here: ignored quietly (others get a warning).
 _KNOWN_IGNORED = frozenset({
     "rep_pen_range", "rep_pen_slope", "use_memory", "use_story", "use_authors_note", "use_world_info",
     "use_userscripts", "soft_prompt", "disable_output_formatting", "frmtrmblln", "frmtrmspch", "frmttriminc",
     "frmtadsnsp", "singleline", "disable_input_formatting", "sampler_full_determinism", "images",
-    "render_special", "bypass_eos", "logprobs"})
+    "logprobs"})
 
 
 class KAIGenerationInputSchema(OpenAIRequestModel):
@@ -83,6 +83,8 @@ class KAIGenerationInputSchema(OpenAIRequestModel):
     logit_bias: dict[TokenIdKey, float] | None = None
     grammar: str | None = None
     quiet: bool | None = None
+    bypass_eos: bool | None = None  # KoboldCpp's: generate past the EOS token (ignore_eos)
+    render_special: bool | None = None  # KoboldCpp's: special tokens shown in the text
 
     def ignored_fields(self) -> list[str]:
         """Fields neither used nor a known KoboldAI field (those are ignored without a warning)."""
@@ -129,6 +131,8 @@ class KAIGenerationInputSchema(OpenAIRequestModel):
             "include_stop_str_in_output": (bool(self.include_stop_str_in_output) if self.trim_stop is None
                                            else not self.trim_stop),
             "bad_words": _strings(self.banned_tokens),
+            "ignore_eos": bool(self.bypass_eos),
+            "skip_special_tokens": not self.render_special,
             "sampler_priority": sampler_priority(self.sampler_order),
         }
         dynatemp_range = given("dynatemp_range", 0.0)
