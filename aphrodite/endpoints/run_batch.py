@@ -88,8 +88,8 @@ def _open_input(path: str) -> IO[str]:
         return sys.stdin
     try:
         if _is_url(path):
-            return io.TextIOWrapper(urllib.request.urlopen(path, timeout=300), encoding="utf-8")  # noqa: S310
-        return open(path, encoding="utf-8")  # noqa: SIM115 (closed by read_lines)
+            return io.TextIOWrapper(urllib.request.urlopen(path, timeout=300), encoding="utf-8-sig")  # noqa: S310
+        return open(path, encoding="utf-8-sig")  # noqa: SIM115 (a BOM is skipped)
     except OSError as e:
         raise ValueError(f"Cannot read the batch input {path}: {e.strerror or e}") from None
 

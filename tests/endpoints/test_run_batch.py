@@ -109,7 +109,7 @@ def test_run_batch_matches_llm_and_runs_requests_together(tmp_path: Path, offlin
     from aphrodite.endpoints.run_batch import run_batch
     from aphrodite.engine.async_engine import AsyncLLMEngine
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_text("\n".join(_batch_lines()) + "\n")
+    src.write_text("\n".join(_batch_lines()) + "\n", encoding="utf-8-sig")  # with a BOM, as Windows tools write
     args = build_parser("run-batch").parse_args(["run-batch", "-i", str(src), "-o", str(dst), *ENGINE_FLAGS])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
