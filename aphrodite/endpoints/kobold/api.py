@@ -94,11 +94,10 @@ class KoboldServing:
         ctx.check_num_seqs(request.n, None)
         # KoboldCpp's memory comes first (with the BOS token, if any) and stays; the prompt is cut to fit after it.
         memory = await ctx.encode(request.memory, whole=True) if request.memory else []
-        ids = memory + await ctx.encode(request.prompt, add_special_tokens=not memory, whole=True)
+        prompt = await ctx.encode(request.prompt, add_special_tokens=not memory, whole=True)
         # A client's context may be larger than the model's: the model's is the limit (as KoboldCpp).
         budget = max(1, min(client_context, ctx.max_model_len) - max_length)
-        kept = memory + ids[len(memory):][-max(1, budget - len(memory)):] if memory else ids[-budget:]
-        kept = kept[-budget:]  # a memory longer than the budget loses its head
+        kept = (memory + prompt[-max(1, budget - len(memory)):])[-budget:]  # a memory over budget loses its head
         if not kept:
             raise OpenAIError("prompt must not be empty: it has no tokens.", param="prompt")
         max_tokens = ctx.max_tokens_for(max_length, len(kept), param="max_length")
@@ -112,7 +111,7 @@ class KoboldServing:
         job = _Job()
         self.jobs.setdefault(genkey, []).append(job)
         try:
-            text = (request.memory or "") + request.prompt if len(kept) == len(ids) else None
+            text = (request.memory or "") + request.prompt if len(kept) == len(memory) + len(prompt) else None
             [stream] = await ctx.add_all([(new_id("kai"), text, kept, params)], _FIELDS)
         except BaseException:
             self._end(genkey, job)
