@@ -205,12 +205,14 @@ class ChatServing:
                     lp = self._logprobs(c, start, end, top_n) if request.logprobs and end > start else None
                     out = outs[c.index]
                     if out.plain:
-                        delta = {"content": text} if text else {}
+                        deltas = [{"content": text}] if text else []
                     else:
                         texts[c.index] += text
-                        delta = out.delta(texts[c.index], c.finish_reason is not None)
-                    if delta or lp is not None:
-                        yield chunk(c.index, delta or {"content": ""}, lp, completion_tokens=end)
+                        deltas = out.deltas(texts[c.index], c.finish_reason is not None)
+                    if not deltas and lp is not None:
+                        deltas = [{"content": ""}]  # the tokens' logprobs go out even while a parser holds text
+                    for k, delta in enumerate(deltas):
+                        yield chunk(c.index, delta, lp if k == 0 else None, completion_tokens=end)
                     if c.finish_reason is not None:
                         cur.done = True
                         yield chunk(c.index, {}, None, out.finish_reason(c.finish_reason), c.stop_reason,

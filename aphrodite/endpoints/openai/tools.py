@@ -218,11 +218,10 @@ class ChoiceOutput:
         return message
 
     def finish_reason(self, reason: str | None) -> str | None:
-        """OpenAI's rule, as vLLM applies it: "tool_calls" when auto called a tool or a required choice
-        ended normally; a named function's call ends with the engine's reason ("stop")."""
-        if self.plan.mode == "auto" and self.called:
-            return "tool_calls"
-        if self.plan.mode == "required" and reason == "stop":
+        """OpenAI's rule, as vLLM applies it: "tool_calls" when an auto or required choice called a tool and
+        ended normally; a named function's call ends with the engine's reason ("stop"), and a call cut off
+        by ``max_tokens`` keeps "length" (vLLM streams it so too)."""
+        if self.called and reason == "stop" and self.plan.mode in ("auto", "required"):
             return "tool_calls"
         return reason
 
@@ -232,8 +231,17 @@ class ChoiceOutput:
         """No reasoning and no tool calls to read: the text streams as it comes."""
         return self.reasoner is None and self.parser is None
 
-    def delta(self, text: str, final: bool) -> dict[str, Any]:
-        """The ``delta`` fields for the text so far (``final`` once the choice ended): only what is new."""
+    def deltas(self, text: str, final: bool) -> list[dict[str, Any]]:
+        """The ``delta``s for the text so far (``final`` once the choice ended): only what is new, with at
+        most one ``tool_calls`` entry each, as OpenAI streams them (vLLM's clients and tests read
+        ``tool_calls[0]`` only)."""
+        delta = self._delta(text, final)
+        calls = delta.get("tool_calls", ())
+        if len(calls) <= 1:
+            return [delta] if delta else []
+        return [{**delta, "tool_calls": calls[:1]}] + [{"tool_calls": [call]} for call in calls[1:]]
+
+    def _delta(self, text: str, final: bool) -> dict[str, Any]:
         delta: dict[str, Any] = {}
         content_text = text
         if self.reasoner is not None:
@@ -268,14 +276,15 @@ def conversation_for_template(messages: list[dict[str, Any]]) -> list[dict[str, 
 
 
 def _arguments_as_object(call: Any) -> Any:
+    """vLLM's rule: missing or empty arguments are ``{}``, JSON text is parsed; text that is not JSON stays."""
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         return call
     arguments = call["function"].get("arguments")
-    if isinstance(arguments, str):
+    if not arguments:
+        arguments = {}
+    elif isinstance(arguments, str):
         try:
-            parsed = json.loads(arguments)
+            arguments = json.loads(arguments)
         except ValueError:
             return call
-        if isinstance(parsed, dict):
-            return {**call, "function": {**call["function"], "arguments": parsed}}
-    return call
+    return {**call, "function": {**call["function"], "arguments": arguments}}
