@@ -304,3 +304,25 @@ def test_n_logprobs_and_usage_with_tools(tools_client: openai.OpenAI) -> None:
         assert "".join(got["tokens"]) == text + "<|im_end|>"  # the EOS token has its logprob too
     assert usage.completion_tokens == whole.usage.completion_tokens
     assert usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_constrained_call_comes_after_the_thinking(tools_client: openai.OpenAI, tool_choice) -> None:
+    """With a reasoning parser, vLLM constrains the answer only once reasoning ended: the model thinks
+    freely, then calls. Two earlier turns show the tiny model how to close its thinking; the reasoning
+    and the call must both come out, whole and streamed."""
+    turns = []
+    for zone in ("UTC", "CET"):
+        call = json.dumps([{"name": "get_time", "parameters": {"zone": zone}}])
+        turns += [{"role": "user", "content": f"Time in {zone}?"},
+                  {"role": "assistant", "content": f"<think>\nEasy.</think>{call}"}]
+    kwargs = dict(model=MODEL, messages=[*turns, {"role": "user", "content": "Time in CET?"}], tools=TOOLS,
+                  tool_choice=tool_choice, max_tokens=60, temperature=0)
+    r = tools_client.chat.completions.create(**kwargs)
+    choice = r.choices[0]
+    assert choice.message.model_extra["reasoning_content"] == "Easy."
+    assert _calls(choice.message) == [("get_time", {"zone": "CET"})] and choice.message.content == ""
+    assert choice.finish_reason == ("tool_calls" if tool_choice == "required" else "stop")
+    streamed = _reassemble(tools_client.chat.completions.create(**kwargs, stream=True))
+    assert (streamed["reasoning"], streamed["calls"], streamed["finish"]) == (
+        "Easy.", _calls(choice.message), choice.finish_reason)

@@ -99,6 +99,7 @@ class ChatServing:
                              add_generation_prompt=request.add_generation_prompt,
                              continue_final_message=request.continue_final_message,
                              chat_template_kwargs=request.chat_template_kwargs, tools=request.tools)
+        plan.see_prompt(prompt)
         # The template already holds the BOS token where the model wants one.
         ids = await ctx.encode(prompt, add_special_tokens=False, whole=request.truncate_prompt_tokens is not None,
                                prompt_name="messages")

@@ -3,8 +3,9 @@
 ``tool_choice`` decides how calls come out: ``"none"`` (plain text), ``"auto"`` (the model decides;
 ``--tool-call-parser`` reads its calls out of the text), ``"required"`` or a named function (the output
 is constrained to a JSON schema of the call(s), so it is always a call). ``--reasoning-parser`` splits
-``<think>...</think>`` off first. ``ToolPlan`` holds one request's decisions; ``ChoiceOutput`` turns one
-choice's text into a message, or into stream deltas.
+``<think>...</think>`` off first; a constrained answer then comes after the thinking, as vLLM constrains
+structured output only once reasoning ended. ``ToolPlan`` holds one request's decisions; ``ChoiceOutput``
+turns one choice's text into a message, or into stream deltas.
 """
 from __future__ import annotations
 
@@ -21,13 +22,11 @@ from aphrodite.endpoints.openai.tool_parsers import (
     ToolCallStream,
     ToolParser,
     get_tool_parser,
-    make_tool_call_id,
 )
 from aphrodite.endpoints.openai.tool_parsers.base import (
     ParsedToolCalls,
     PartialCall,
     scan_call_list,
-    tool_call,
 )
 from aphrodite.endpoints.openai.tool_parsers.json_scan import skip_ws
 from aphrodite.sampling_params import StructuredOutputsParams
@@ -81,7 +80,7 @@ class NamedToolParser(ToolParser):
         self.function = function
 
     def parse(self, text: str, final: bool) -> ParsedToolCalls:
-        return ParsedToolCalls("", [PartialCall(self.function, text, final)])
+        return ParsedToolCalls("", [PartialCall(self.function, text.lstrip(), final)])
 
 
 @dataclass
@@ -97,6 +96,7 @@ class ToolPlan:
     tokenizer: Any = None
     chat_template_kwargs: dict[str, Any] | None = None
     schema: dict[str, Any] | None = None
+    thinking: bool = False  # a reasoning parser is on and the prompt leaves thinking to the model (see_prompt)
 
     @classmethod
     def for_request(cls, request: Any, *, enable_auto_tools: bool, tool_parser: str | None,
@@ -135,9 +135,27 @@ class ToolPlan:
             plan.schema = json_schema_of_tools(tools, plan.function, plan.max_calls)
         return plan
 
+    def see_prompt(self, prompt: str) -> None:
+        """Whether the model thinks first: a reasoning parser is on and the prompt did not close thinking."""
+        self.thinking = self.reasoning_parser is not None and not self.reasoner().ended_in(prompt)
+
+    def reasoner(self) -> ReasoningParser:
+        return get_reasoning_parser(self.reasoning_parser or "", self.tokenizer, self.chat_template_kwargs)
+
     def structured_outputs(self) -> StructuredOutputsParams | None:
-        """The constraint that makes a required or named choice a call (it replaces any other)."""
-        return StructuredOutputsParams(json=self.schema) if self.schema is not None else None
+        """The constraint that makes a required or named choice a call (it replaces any other); after the
+        thinking when the model thinks first (``see_prompt``)."""
+        if self.schema is None:
+            return None
+        if not self.thinking:
+            return StructuredOutputsParams(json=self.schema)
+        import xgrammar as xgr
+        try:
+            calls = xgr.Grammar.from_json_schema(json.dumps(self.schema), any_whitespace=True)
+        except Exception as e:  # xgrammar's own message says what in the schema it cannot take
+            raise OpenAIError(f"Invalid structured output json: {e}", param="tools") from None
+        thinking = xgr.Grammar.from_ebnf(self.reasoner().grammar_prefix())
+        return StructuredOutputsParams(grammar=str(xgr.Grammar.concat(thinking, calls)))
 
     @property
     def keep_special_tokens(self) -> bool:
@@ -180,10 +198,7 @@ class ChoiceOutput:
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
-        # A required or named choice is constrained from its first token: there is no reasoning to split.
-        self.reasoner: ReasoningParser | None = None
-        if plan.reasoning_parser and plan.mode in ("none", "auto"):
-            self.reasoner = get_reasoning_parser(plan.reasoning_parser, plan.tokenizer, plan.chat_template_kwargs)
+        self.reasoner: ReasoningParser | None = plan.reasoner() if plan.thinking else None
         self.parser: ToolParser | None = None
         if plan.mode == "auto":
             self.parser = get_tool_parser(plan.tool_parser or "", plan.tokenizer)
@@ -202,13 +217,9 @@ class ChoiceOutput:
         reasoning, content = self.reasoner.extract(text) if self.reasoner else (None, text)
         calls: list[dict[str, Any]] = []
         if self.parser is not None and content is not None:
-            if self.plan.mode == "named":
-                calls = [tool_call(make_tool_call_id(), self.plan.function, content)]
-                content = ""
-            else:
-                rest, calls = self.parser.extract_tool_calls(content)
-                if calls:
-                    content = rest if self.plan.mode == "auto" else ""
+            rest, calls = self.parser.extract_tool_calls(content)
+            if calls:
+                content = rest if self.plan.mode == "auto" else ""
         if self.plan.max_calls is not None:
             calls = calls[:self.plan.max_calls]
         self.called = bool(calls)
