@@ -140,8 +140,7 @@ def warn_late_compiles() -> None:
         from triton.runtime.driver import driver
     except ImportError:   # pragma: no cover - CPU installs without Triton
         return
-    t = driver.active.get_current_target()
-    target = (t.backend, t.arch, t.warp_size)
+    target = driver.active.get_current_target()
 
     def hook(**kw) -> bool:
         try:
@@ -151,10 +150,11 @@ def warn_late_compiles() -> None:
                 names = fn.jit_function.arg_names
                 spec = {names[k[0]]: v for k, v in constexprs.items() if len(k) == 1 and k[0] < len(names)}
                 logger.warning("Triton kernel %s compiles at first use (missed by compiling ahead): %s; "
-                               "specialized ints: %s", fn.name, spec,
-                               sorted(names[k[0]] for k in attrs if len(k) == 1 and k[0] < len(names)))
-        except Exception:   # a diagnostic only: never in the way of the compile
-            logger.debug("late-compile check failed", exc_info=True)
+                               "specialized ints (1 or multiples of 16): %s", fn.name, spec,
+                               sorted(names[k[0]] for k in attrs if len(k) == 1 and k[0] < len(names)
+                                      and not names[k[0]].endswith("_ptr")))
+        except Exception as e:   # a diagnostic only: never in the way of the compile
+            logger.warning("Could not check whether a Triton kernel was compiled ahead: %r", e)
         return False
 
     knobs.runtime.jit_cache_hook = hook

@@ -1,10 +1,18 @@
-"""Fused temperature + min-p + inverse-CDF draw: the sampler's common case in one kernel.
+"""Fused temperature + min-p + inverse-CDF draw: the sampler's common case in one kernel (three at small batch).
 
 The seed's ``temperature=1.1, min_p=0.1`` through separate PyTorch ops reads and writes the
 [rows, vocab] logits about ten times (scale, softmax, max, mask, softmax, cumsum, search); here
-one program per row reads its logits three times and writes one token id:
-pass 1 the max (and argmax), pass 2 the kept mass Z (min-p keeps (x - max) / T >= log(min_p)),
-pass 3 the first token whose running mass exceeds u * Z. A row with temperature <= 0 is greedy.
+one program per row reads its logits twice and writes one token id:
+pass 1 the max (and argmax), pass 2 the kept mass of each block of BLOCK columns (min-p keeps
+(x - max) / T >= log(min_p)), then the block where the running mass passes u * Z (Z: their sum) and
+the first token inside it whose running mass does. A row with temperature <= 0 is greedy.
+
+With few rows one program per row leaves most SMs idle while it walks a 128k-256k vocabulary (an
+estimated ~100-200 us at batch 1, 2-3% of a latency-1 decode step), so there the blocks are spread over
+programs: launch A takes each block's max, launch B each block's kept mass at the row's max, launch C
+the draw from those sums. Both paths run the same device functions on the same blocks, so they add the
+same float32 numbers in the same order and draw the same token: a seeded request's draw does not depend
+on the batch beside it.
 """
 from __future__ import annotations
 
@@ -12,7 +20,7 @@ import math
 
 import torch
 
-from aphrodite.kernels.triton_utils import HAS_TRITON, DeviceFunction, LazyKernel, next_pow2, tl, use_triton
+from aphrodite.kernels.triton_utils import HAS_TRITON, DeviceFunction, LazyKernel, cdiv, next_pow2, tl, use_triton
 
 __all__ = ["apply_bitmask_", "apply_bitmask_ref", "row_stats", "row_stats_ref", "sample_temperature_min_p",
            "sample_temperature_min_p_ref"]
@@ -38,70 +46,162 @@ def sample_temperature_min_p_ref(logits: torch.Tensor, temperature: torch.Tensor
     return torch.where(temperature > 0, idx, greedy)
 
 
-def _sample_kernel(x_ptr, t_ptr, mp_ptr, u_ptr, out_ptr, n_cols, stride,
-                   BLOCK: tl.constexpr, HAS_MIN_P: tl.constexpr):
+def _row_params_fn(t_ptr, mp_ptr, row, HAS_MIN_P: tl.constexpr):
+    """(temperature as given, the one to divide by (1 on greedy rows), log(min_p) or -inf when off)."""
+    t_raw = tl.load(t_ptr + row)
+    mp = tl.load(mp_ptr + row)
+    if not HAS_MIN_P:
+        mp = mp * 0.0
+    return t_raw, tl.where(t_raw > 0, t_raw, 1.0), tl.where(mp > 0, tl.log(tl.maximum(mp, 1e-30)), -float("inf"))
+
+
+def _block_max_fn(base, cols, n_cols):
+    """The max of one block of columns and its first column."""
+    x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+    bm = tl.max(x, 0)
+    return bm, tl.min(tl.where(x == bm, cols, n_cols), 0).to(tl.int64)
+
+
+def _kept_fn(base, cols, n_cols, m, t, lt):
+    """exp((x - m) / t) where min-p keeps the token, else 0."""
+    x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+    s = (x - m) / t
+    return tl.where(s >= lt, tl.exp(s), 0.0)
+
+
+def _draw_fn(base, n_cols, m, arg, t_raw, t, lt, psum_row, n_blocks, u, BLOCK: tl.constexpr, NC: tl.constexpr):
+    """The token from the row's per-block kept masses (``psum_row``): the first block whose running mass exceeds
+    u * Z, then the first token in it whose running mass does (or, where only float rounding of the block's sum
+    put the target in it, its last kept token). Greedy rows, and a target no block passes, take the argmax.
+    Both paths read the masses back from memory here, so they add them in the same order."""
+    idx = tl.arange(0, NC)
+    run = tl.cumsum(tl.load(psum_row + idx, mask=idx < n_blocks, other=0.0), 0)
+    target = u * tl.max(run, 0)                     # Z: the last running sum (the masses are >= 0)
+    k = tl.min(tl.where(run > target, idx, NC), 0)
+    cols = tl.minimum(k, n_blocks - 1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    p = _kept(base, cols, n_cols, m, t, lt)
+    c = tl.cumsum(p, 0) + tl.sum(tl.where(idx == k - 1, run, 0.0), 0)
+    found = tl.min(tl.where((c > target) & (cols < n_cols), cols, n_cols), 0).to(tl.int64)
+    last = tl.max(tl.where(p > 0, cols, -1), 0).to(tl.int64)
+    tok = tl.where(k < n_blocks, tl.where(found < n_cols, found, last), arg)
+    return tl.where(t_raw > 0, tok, arg)
+
+
+def _sample_kernel(x_ptr, t_ptr, mp_ptr, u_ptr, psum_ptr, out_ptr, n_cols, stride, n_blocks,
+                   BLOCK: tl.constexpr, NC: tl.constexpr, HAS_MIN_P: tl.constexpr):
+    """One program per row: its two passes (the blocks' kept masses to ``psum``), then the draw."""
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride
     offs = tl.arange(0, BLOCK)
-    t_raw = tl.load(t_ptr + row)
-    t = tl.where(t_raw > 0, t_raw, 1.0)
-    # Pass 1: max and argmax.
+    t_raw, t, lt = _row_params(t_ptr, mp_ptr, row, HAS_MIN_P)
     m = tl.max(tl.full((BLOCK,), -float("inf"), tl.float32), 0)
     arg = tl.min(tl.full((BLOCK,), 0, tl.int64), 0)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + offs
-        x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
-        bm = tl.max(x, 0)
-        bi = tl.min(tl.where(x == bm, cols, n_cols), 0).to(tl.int64)
+    for k in range(0, n_blocks):
+        bm, bi = _block_max(base, k * BLOCK + offs, n_cols)
         arg = tl.where(bm > m, bi, arg)
         m = tl.maximum(m, bm)
-    if HAS_MIN_P:
-        mp = tl.load(mp_ptr + row)
-        lt = tl.where(mp > 0, tl.log(tl.maximum(mp, 1e-30)), -float("inf"))
-    else:
-        lt = -float("inf")
-    # Pass 2: the kept mass.
-    z = tl.sum(tl.zeros((BLOCK,), tl.float32), 0)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + offs
-        x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
-        s = (x - m) / t
-        z += tl.sum(tl.where(s >= lt, tl.exp(s), 0.0), 0)
-    target = tl.load(u_ptr + row).to(tl.float32) * z
-    # Pass 3: the first token whose running mass exceeds the target.
-    run = tl.sum(tl.zeros((BLOCK,), tl.float32), 0)
-    found = tl.min(tl.full((BLOCK,), 0, tl.int64), 0) + n_cols
-    for start in range(0, n_cols, BLOCK):
-        cols = start + offs
-        x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
-        s = (x - m) / t
-        p = tl.where(s >= lt, tl.exp(s), 0.0)
-        c = tl.cumsum(p, 0) + run
-        first = tl.min(tl.where((c > target) & (cols < n_cols), cols, n_cols), 0).to(tl.int64)
-        found = tl.minimum(found, first)
-        run += tl.sum(p, 0)
-    tok = tl.where(found < n_cols, found, arg)
-    tl.store(out_ptr + row, tl.where(t_raw > 0, tok, arg))
+    for k in range(0, n_blocks):
+        tl.store(psum_ptr + row * n_blocks + k, tl.sum(_kept(base, k * BLOCK + offs, n_cols, m, t, lt), 0))
+    tl.debug_barrier()
+    u = tl.load(u_ptr + row).to(tl.float32)
+    tl.store(out_ptr + row, _draw(base, n_cols, m, arg, t_raw, t, lt, psum_ptr + row * n_blocks, n_blocks, u,
+                                  BLOCK, NC))
 
 
+def _split_max_kernel(x_ptr, pmax_ptr, parg_ptr, n_cols, stride, n_blocks, BLOCK: tl.constexpr):
+    """Launch A, grid (rows, blocks): each block's max and first argmax."""
+    row, k = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    bm, bi = _block_max(x_ptr + row * stride, k * BLOCK + tl.arange(0, BLOCK), n_cols)
+    tl.store(pmax_ptr + row * n_blocks + k, bm)
+    tl.store(parg_ptr + row * n_blocks + k, bi)
+
+
+def _row_max_fn(pmax_ptr, row, n_blocks, NC: tl.constexpr):
+    """The row's max from its blocks' maxima, and the first block holding it."""
+    idx = tl.arange(0, NC)
+    pm = tl.load(pmax_ptr + row * n_blocks + idx, mask=idx < n_blocks, other=-float("inf"))
+    m = tl.max(pm, 0)
+    return m, tl.min(tl.where(pm == m, idx, NC), 0)
+
+
+def _split_mass_kernel(x_ptr, t_ptr, mp_ptr, pmax_ptr, psum_ptr, n_cols, stride, n_blocks,
+                       BLOCK: tl.constexpr, NC: tl.constexpr, HAS_MIN_P: tl.constexpr):
+    """Launch B, grid (rows, blocks): each block's kept mass at the row's max."""
+    row, k = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    t_raw, t, lt = _row_params(t_ptr, mp_ptr, row, HAS_MIN_P)
+    m, first = _row_max(pmax_ptr, row, n_blocks, NC)
+    p = _kept(x_ptr + row * stride, k * BLOCK + tl.arange(0, BLOCK), n_cols, m, t, lt)
+    tl.store(psum_ptr + row * n_blocks + k, tl.sum(p, 0))
+
+
+def _split_draw_kernel(x_ptr, t_ptr, mp_ptr, u_ptr, pmax_ptr, parg_ptr, psum_ptr, out_ptr, n_cols, stride,
+                       n_blocks, BLOCK: tl.constexpr, NC: tl.constexpr, HAS_MIN_P: tl.constexpr):
+    """Launch C, grid (rows,): the draw from the blocks' maxima and kept masses."""
+    row = tl.program_id(0).to(tl.int64)
+    t_raw, t, lt = _row_params(t_ptr, mp_ptr, row, HAS_MIN_P)
+    m, first = _row_max(pmax_ptr, row, n_blocks, NC)
+    arg = tl.load(parg_ptr + row * n_blocks + first)
+    u = tl.load(u_ptr + row).to(tl.float32)
+    tl.store(out_ptr + row, _draw(x_ptr + row * stride, n_cols, m, arg, t_raw, t, lt, psum_ptr + row * n_blocks,
+                                  n_blocks, u, BLOCK, NC))
+
+
+if HAS_TRITON:
+    _row_params = DeviceFunction(_row_params_fn)
+    _block_max = DeviceFunction(_block_max_fn)
+    _kept = DeviceFunction(_kept_fn)
+    _draw = DeviceFunction(_draw_fn)
+    _row_max = DeviceFunction(_row_max_fn)
 _sample = LazyKernel(_sample_kernel)
+_split_max = LazyKernel(_split_max_kernel)
+_split_mass = LazyKernel(_split_mass_kernel)
+_split_draw = LazyKernel(_split_draw_kernel)
+
+# Batches of at most this many rows take the split path. On an H200 (benchmarks/gpu/bench_sample_small_batch.py)
+# it was the faster one at every batch measured, 1 to 1024 rows: at 1 row 7.1 vs 49.3 us (128k vocabulary) and
+# 7.8 vs 94.6 us (256k), at 1024 rows 252 vs 341 and 480 vs 656 us. Its three launches cost ~100 us of host time
+# (vs ~50), hidden behind the forward pass the sampler is queued after.
+SPLIT_MAX_ROWS = 1024
+_BLOCK = 4096                   # columns per block: the unit of the partial sums, in both paths
+
+
+def _sample_block(n_cols: int) -> int:
+    """Columns per block for a row of ``n_cols`` (a function of the vocabulary only, never of the batch)."""
+    return min(_BLOCK, next_pow2(max(n_cols, 16)))
 
 
 def sample_temperature_min_p(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor | None,
-                             uniforms: torch.Tensor, block: int | None = None) -> torch.Tensor:
+                             uniforms: torch.Tensor, block: int | None = None,
+                             split: bool | None = None) -> torch.Tensor:
     """One token per row of ``softmax(logits / T)`` restricted to min-p, at the row's uniform.
-    ``block``: columns per loop iteration (tests force several blocks on a small vocabulary)."""
+    ``block``: columns per block (tests force several on a small vocabulary); ``split``: the blocks spread over
+    programs (True) or one program per row (False); None: split for at most ``SPLIT_MAX_ROWS`` rows. Both give
+    the same tokens."""
     if not use_triton(logits):
         return sample_temperature_min_p_ref(logits, temperature, min_p, uniforms)
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     rows, n = x.shape
     out = torch.empty(rows, dtype=torch.int64, device=x.device)
-    if rows:
-        t = temperature.float().contiguous()
-        mp = t if min_p is None else min_p.float().contiguous()
-        _sample(x.device)[(rows,)](x, t, mp, uniforms.contiguous(), out, n, x.stride(0),
-                                   BLOCK=block or min(4096, max(16, 1 << (n - 1).bit_length())),
-                                   HAS_MIN_P=min_p is not None, num_warps=8)
+    if not rows:
+        return out
+    t = temperature.float().contiguous()
+    mp = t if min_p is None else min_p.float().contiguous()
+    u = uniforms.contiguous()
+    blk = block or _sample_block(n)
+    n_blocks = cdiv(n, blk)
+    nc = max(64, next_pow2(n_blocks))             # (a few sizes: each is a compiled variant)
+    kw = dict(BLOCK=blk, NC=nc, HAS_MIN_P=min_p is not None, num_warps=8)
+    if split is None:
+        split = rows <= SPLIT_MAX_ROWS and n_blocks > 1
+    psum = torch.empty(rows, n_blocks, dtype=torch.float32, device=x.device)
+    if not split:
+        _sample(x.device)[(rows,)](x, t, mp, u, psum, out, n, x.stride(0), n_blocks, **kw)
+        return out
+    pmax = torch.empty(rows, n_blocks, dtype=torch.float32, device=x.device)
+    parg = torch.empty(rows, n_blocks, dtype=torch.int64, device=x.device)
+    _split_max(x.device)[(rows, n_blocks)](x, pmax, parg, n, x.stride(0), n_blocks, BLOCK=blk, num_warps=8)
+    _split_mass(x.device)[(rows, n_blocks)](x, t, mp, pmax, psum, n, x.stride(0), n_blocks, **kw)
+    _split_draw(x.device)[(rows,)](x, t, mp, u, pmax, parg, psum, out, n, x.stride(0), n_blocks, **kw)
     return out
 
 

@@ -29,12 +29,14 @@ def main() -> None:
 
     class Catch(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if "compiles at first use" in record.getMessage():
+            if "compiles at first use" in record.getMessage() or "compiled ahead" in record.getMessage():
                 records.append(record.getMessage())
     logging.getLogger("aphrodite.kernels.precompile").addHandler(Catch())
     with tempfile.TemporaryDirectory() as d:
         llm = LLM(str(write_model_shape("smollm2-135m", d)), load_format="dummy", skip_tokenizer_init=True)
         assert llm.llm_engine.config.model.hf_config.hidden_size != 1000
+        from triton import knobs
+        print(f"jit_cache_hook after start-up: {knobs.runtime.jit_cache_hook!r}", flush=True)
         before = len(records)
         y = torch.randn(3, 1000, device="cuda", dtype=torch.float32)
         rms_norm(y, torch.ones(1000, device="cuda", dtype=torch.float32), 1e-5)

@@ -1,6 +1,7 @@
 """Hostile input and load against the main server (request templates trusted): /health stays fast
 while a runaway template and 10 MB prompts are processed, a soak of aborted and completed streams
-loses nothing, and SIGTERM drains a stream in flight to its last token (last: it stops the server)."""
+loses nothing, and SIGTERM drains a stream in flight to its last token (on a server of its own, since it
+stops it: the main server is shared by the whole session)."""
 from __future__ import annotations
 
 import asyncio
@@ -13,6 +14,7 @@ import time
 
 import httpx
 import pytest
+from server_process import ServerProcess  # tests/ is on sys.path (rootdir conftest)
 
 MODEL = "SmolLM2-135M-Instruct"
 HEADERS: dict[str, str] = {}
@@ -188,9 +190,20 @@ def test_soak_300_streams_with_aborts_and_hostile_requests(server):
     assert probe.p99() < 100 + idle
 
 
-def test_sigterm_drains_a_stream_in_flight(server):
-    """Last here: it stops the server. The stream in flight ends with its last token and [DONE]; new
-    requests meanwhile get 503 with Retry-After; then the server exits cleanly."""
+@pytest.fixture()
+def doomed_server():
+    """A server of the default model that the test may stop."""
+    s = ServerProcess(["--max-model-len", "512", "--num-gpu-blocks-override", "64"])
+    try:
+        yield s.wait_ready()
+    finally:
+        s.stop()
+
+
+def test_sigterm_drains_a_stream_in_flight(doomed_server):
+    """The stream in flight ends with its last token and [DONE]; new requests meanwhile get 503 with
+    Retry-After; then the server exits cleanly."""
+    server = doomed_server
     max_tokens = 40
     body = {"model": MODEL, "prompt": "Count to a hundred:", "max_tokens": max_tokens, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}

@@ -421,9 +421,10 @@ def test_seed_reproducible_alone_and_in_a_mixed_batch():
     assert mixed[2].output_token_ids == alone[0].output_token_ids
 
 
-@pytest.mark.parametrize("block", [16, 64])
-def test_fused_temperature_min_p_kernel_matches_reference(block, monkeypatch):
-    """The GPU's fused draw (Triton, run by the interpreter here) against its PyTorch reference."""
+@pytest.mark.parametrize("block,split", [(16, False), (64, False), (16, True), (64, True)])
+def test_fused_temperature_min_p_kernel_matches_reference(block, split, monkeypatch):
+    """The GPU's fused draw (Triton, run by the interpreter here) against its PyTorch reference: one program
+    per row and the split path of small batches (the 200 columns' blocks spread over programs)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from aphrodite.kernels.sampling import sample_temperature_min_p, sample_temperature_min_p_ref
@@ -433,7 +434,7 @@ def test_fused_temperature_min_p_kernel_matches_reference(block, monkeypatch):
     mp = torch.tensor([0.1, 0.0, 0.0, 0.3, 0.05, 0.0, 0.2, 0.5])
     u = torch.rand(8, dtype=torch.float64, generator=g)
     for m in (mp, None):
-        got = sample_temperature_min_p(x, t, m, u, block=block)
+        got = sample_temperature_min_p(x, t, m, u, block=block, split=split)
         assert got.tolist() == sample_temperature_min_p_ref(x, t, m, u).tolist()
     # and the reference against the chain's own temperature -> min-p -> draw (PyTorch ops)
     monkeypatch.delenv("TRITON_INTERPRET")
