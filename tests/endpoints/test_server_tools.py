@@ -184,6 +184,19 @@ def test_template_renders_tools_tool_calls_and_tool_results(http, arguments, see
     assert "<tool_response id=call_1>Sunny, 21 C</tool_response>" in text
 
 
+def test_tools_reach_the_template_as_vllm_dumps_them(http) -> None:
+    """vLLM hands templates ``tool.model_dump()``: unset fields as null, extra ones (``strict``) as sent.
+    Templates that write ``tools | tojson`` (Qwen 2.5's, Hermes') then see the same text, token for token."""
+    tools = [{"type": "function", "function": {"name": "ping", "strict": True}}, TOOLS[0]]
+    expected = [{"type": "function", "function": {"name": "ping", "description": None, "parameters": None,
+                                                  "strict": True}}, TOOLS[0]]
+    r = http.post("/tokenize", json={"model": MODEL, "messages": ASK, "tools": tools,
+                                     "chat_template": "{{ tools | tojson }}", "add_generation_prompt": False})
+    assert r.status_code == 200, r.text
+    assert http.post("/detokenize", json={"model": MODEL, "tokens": r.json()["tokens"]}).json()["prompt"] == \
+        json.dumps(expected)
+
+
 def test_required_tool_choice_wins_over_response_format(client: openai.OpenAI) -> None:
     """vLLM replaces any other constraint with the tools' schema for a required (or named) choice."""
     r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",

@@ -321,10 +321,12 @@ class ChatMessage(OpenAIRequestModel):
 
 
 class FunctionDefinition(OpenAIRequestModel):
+    """vLLM's fields, so that templates see tools as vLLM dumps them (``description: null`` included); others
+    a client sends (OpenAI's ``strict``) pass through as they came."""
+
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class ChatCompletionTool(OpenAIRequestModel):

@@ -58,7 +58,7 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage], *, chat_
                               param="chat_template")
         budget = REQUEST_TEMPLATE_BUDGET_S
     conversation = conversation_for_template([m.model_dump(exclude_none=True) for m in messages])
-    tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
+    tool_dicts = [t.model_dump() for t in tools] if tools else None  # as vLLM passes them, nulls too
     try:
         return await ctx.workers.run(
             lambda: apply_chat_template(
