@@ -34,7 +34,7 @@ from aphrodite.endpoints.openai.serving_common import (
     usage,
 )
 from aphrodite.endpoints.openai.tool_parsers import TOOL_PARSERS
-from aphrodite.endpoints.openai.tools import ChoiceOutput, ToolPlan, conversation_for_template
+from aphrodite.endpoints.openai.tools import ChoiceOutput, ToolPlan
 from aphrodite.engine.async_engine import RequestStream
 from aphrodite.outputs import CompletionOutput, RequestOutput
 
@@ -57,7 +57,7 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage], *, chat_
                               "requests; start it with --trust-request-chat-template to allow them.",
                               param="chat_template")
         budget = REQUEST_TEMPLATE_BUDGET_S
-    conversation = conversation_for_template([m.model_dump(exclude_none=True) for m in messages])
+    conversation = [m.model_dump(exclude_none=True) for m in messages]
     tool_dicts = [t.model_dump() for t in tools] if tools else None  # as vLLM passes them, nulls too
     try:
         return await ctx.workers.run(

@@ -31,7 +31,7 @@ from aphrodite.endpoints.openai.tool_parsers.base import (
 from aphrodite.endpoints.openai.tool_parsers.json_scan import skip_ws
 from aphrodite.sampling_params import StructuredOutputsParams
 
-__all__ = ["ChoiceOutput", "ToolPlan", "add_tool_args", "conversation_for_template", "tool_options"]
+__all__ = ["ChoiceOutput", "ToolPlan", "add_tool_args", "tool_options"]
 
 _NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
 
@@ -272,30 +272,3 @@ class ChoiceOutput:
             delta["content"] = content_text[self.content_sent:]
             self.content_sent = len(content_text)
         return delta
-
-
-def conversation_for_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as chat templates expect them: an assistant's ``tool_calls[].function.arguments`` as an
-    object (templates write it with ``tojson``), not the JSON text OpenAI clients send (vLLM does the same)."""
-    out = []
-    for message in messages:
-        calls = message.get("tool_calls")
-        if calls:
-            message = {**message, "tool_calls": [_arguments_as_object(c) for c in calls]}
-        out.append(message)
-    return out
-
-
-def _arguments_as_object(call: Any) -> Any:
-    """vLLM's rule: missing or empty arguments are ``{}``, JSON text is parsed; text that is not JSON stays."""
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        return call
-    arguments = call["function"].get("arguments")
-    if not arguments:
-        arguments = {}
-    elif isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            return call
-    return {**call, "function": {**call["function"], "arguments": arguments}}
