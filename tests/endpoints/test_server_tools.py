@@ -319,18 +319,21 @@ def test_n_logprobs_and_usage_with_tools(tools_client: openai.OpenAI) -> None:
     assert usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def _thinking_turns(answer) -> list[dict]:
+    """Two earlier turns that show the tiny model how to close its thinking before ``answer(zone)``."""
+    turns = []
+    for zone in ("UTC", "CET"):
+        turns += [{"role": "user", "content": f"Time in {zone}?"},
+                  {"role": "assistant", "content": f"<think>\nEasy.</think>{answer(zone)}"}]
+    return [*turns, {"role": "user", "content": "Time in CET?"}]
+
+
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
 def test_constrained_call_comes_after_the_thinking(tools_client: openai.OpenAI, tool_choice) -> None:
     """With a reasoning parser, vLLM constrains the answer only once reasoning ended: the model thinks
-    freely, then calls. Two earlier turns show the tiny model how to close its thinking; the reasoning
-    and the call must both come out, whole and streamed."""
-    turns = []
-    for zone in ("UTC", "CET"):
-        call = json.dumps([{"name": "get_time", "parameters": {"zone": zone}}])
-        turns += [{"role": "user", "content": f"Time in {zone}?"},
-                  {"role": "assistant", "content": f"<think>\nEasy.</think>{call}"}]
-    kwargs = dict(model=MODEL, messages=[*turns, {"role": "user", "content": "Time in CET?"}], tools=TOOLS,
-                  tool_choice=tool_choice, max_tokens=60, temperature=0)
+    freely, then calls. The reasoning and the call must both come out, whole and streamed."""
+    messages = _thinking_turns(lambda zone: json.dumps([{"name": "get_time", "parameters": {"zone": zone}}]))
+    kwargs = dict(model=MODEL, messages=messages, tools=TOOLS, tool_choice=tool_choice, max_tokens=60, temperature=0)
     r = tools_client.chat.completions.create(**kwargs)
     choice = r.choices[0]
     assert choice.message.model_extra["reasoning_content"] == "Easy."
@@ -339,3 +342,13 @@ def test_constrained_call_comes_after_the_thinking(tools_client: openai.OpenAI, 
     streamed = _reassemble(tools_client.chat.completions.create(**kwargs, stream=True))
     assert (streamed["reasoning"], streamed["calls"], streamed["finish"]) == (
         "Easy.", _calls(choice.message), choice.finish_reason)
+
+
+def test_response_format_json_comes_after_the_thinking(tools_client: openai.OpenAI) -> None:
+    """The same for ``response_format``: the JSON is the content, not swallowed into reasoning_content."""
+    r = tools_client.chat.completions.create(
+        model=MODEL, messages=_thinking_turns(lambda zone: json.dumps({"zone": zone})), max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "time", "schema": TIME}})
+    message = r.choices[0].message
+    assert message.model_extra["reasoning_content"] == "Easy." and json.loads(message.content) == {"zone": "CET"}
+    assert r.choices[0].finish_reason == "stop"

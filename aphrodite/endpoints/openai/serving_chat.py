@@ -116,8 +116,8 @@ class ChatServing:
         elif request.top_logprobs:
             raise OpenAIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
         overrides: dict[str, Any] = {}
-        if (constraint := plan.structured_outputs()) is not None:
-            overrides["structured_outputs"] = constraint  # a required or named tool_choice (vLLM replaces any other)
+        if (constraint := plan.structured_outputs(request)) is not None:
+            overrides["structured_outputs"] = constraint
         if plan.keep_special_tokens:
             overrides["skip_special_tokens"] = False
         try:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aphrodite.endpoints.openai.errors import OpenAIError
+from aphrodite.endpoints.openai.errors import OpenAIError, from_value_error
 from aphrodite.endpoints.openai.reasoning import REASONING_PARSERS, ReasoningParser, get_reasoning_parser
 from aphrodite.endpoints.openai.tool_parsers import (
     TOOL_PARSERS,
@@ -142,20 +142,31 @@ class ToolPlan:
     def reasoner(self) -> ReasoningParser:
         return get_reasoning_parser(self.reasoning_parser or "", self.tokenizer, self.chat_template_kwargs)
 
-    def structured_outputs(self) -> StructuredOutputsParams | None:
-        """The constraint that makes a required or named choice a call (it replaces any other); after the
-        thinking when the model thinks first (``see_prompt``)."""
-        if self.schema is None:
+    def structured_outputs(self, request: Any) -> StructuredOutputsParams | None:
+        """The constraint to set, or None to leave the request's as it is: a required or named choice's calls
+        (they replace any other, as in vLLM). When the model thinks first (``see_prompt``), a JSON constraint
+        (the calls, ``response_format``) applies only after the thinking, as vLLM applies structured output
+        once reasoning ended; choice, regex and grammar constraints still apply from the first token."""
+        if self.schema is not None:
+            so: StructuredOutputsParams | None = StructuredOutputsParams(json=self.schema)
+        elif self.thinking:
+            try:
+                so = request.structured_outputs_params()
+            except ValueError as e:
+                raise from_value_error(e, set(type(request).model_fields)) from None
+        else:
             return None
-        if not self.thinking:
-            return StructuredOutputsParams(json=self.schema)
+        if so is None or not self.thinking or so.kind not in ("json", "json_object"):
+            return so
         import xgrammar as xgr
+        schema = so.json if so.kind == "json" else {"type": "object"}
         try:
-            calls = xgr.Grammar.from_json_schema(json.dumps(self.schema), any_whitespace=True)
+            answer = xgr.Grammar.from_json_schema(schema if isinstance(schema, str) else json.dumps(schema),
+                                                  any_whitespace=not so.disable_any_whitespace)
         except Exception as e:  # xgrammar's own message says what in the schema it cannot take
-            raise OpenAIError(f"Invalid structured output json: {e}", param="tools") from None
+            raise OpenAIError(f"Invalid structured output json: {e}") from None
         thinking = xgr.Grammar.from_ebnf(self.reasoner().grammar_prefix())
-        return StructuredOutputsParams(grammar=str(xgr.Grammar.concat(thinking, calls)))
+        return StructuredOutputsParams(grammar=str(xgr.Grammar.concat(thinking, answer)))
 
     @property
     def keep_special_tokens(self) -> bool:
