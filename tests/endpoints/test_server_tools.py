@@ -154,7 +154,12 @@ def test_tool_choice_none_answers_in_text(client: openai.OpenAI) -> None:
     ({"tool_choice": "required"}, "When using `tool_choice`, `tools` must be set."),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "The tool specified in `tool_choice` does not match any of the specified `tools`"),
-    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, 'Invalid value for `tool_choice`: sometimes! Only named tools'),
+    ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "Invalid value for `function`: `None` in `tool_choice`!"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {}}},
+     "Expected field `name` in `function` in `tool_choice`!"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": ""}}},
+     "Invalid `name` in `function`: `` in `tool_choice`!"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
 ])
 def test_tool_request_errors_are_400(client: openai.OpenAI, extra: dict, message: str) -> None:

@@ -33,8 +33,6 @@ from aphrodite.sampling_params import StructuredOutputsParams
 
 __all__ = ["ChoiceOutput", "ToolPlan", "add_tool_args", "tool_options"]
 
-_NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
-
 
 def add_tool_args(add: Callable[..., None]) -> None:
     """The server's tool and reasoning flags (vLLM's names), through ``add_server_args``' ``add``."""
@@ -119,9 +117,6 @@ class ToolPlan:
             plan.mode = choice
         else:
             name = choice.function.name
-            if not name:
-                raise OpenAIError(f"Invalid `name` in `function`: `{name}` in `tool_choice`! {_NAMED_USAGE}",
-                                  param="tool_choice")
             if name not in {t.function.name for t in tools}:
                 raise OpenAIError("The tool specified in `tool_choice` does not match any of the specified `tools`",
                                   param="tool_choice")
