@@ -160,8 +160,8 @@ class ToolPlan:
                                                   any_whitespace=not so.disable_any_whitespace)
         except Exception as e:  # xgrammar's own message says what in the schema it cannot take
             raise OpenAIError(f"Invalid structured output json: {e}") from None
-        thinking = xgr.Grammar.from_ebnf(self.reasoner().grammar_prefix())
-        return StructuredOutputsParams(grammar=str(xgr.Grammar.concat(thinking, answer)))
+        prefix = xgr.Grammar.from_ebnf(self.reasoner().grammar_prefix())
+        return StructuredOutputsParams(grammar=str(xgr.Grammar.concat(prefix, answer)))
 
     @property
     def keep_special_tokens(self) -> bool:
