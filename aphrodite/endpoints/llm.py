@@ -74,8 +74,10 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None,
-             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
-        """Apply the chat template to each conversation, then generate."""
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+        """Apply the chat template to each conversation, then generate. ``tools`` (OpenAI function tools, as
+        vLLM's ``LLM.chat`` takes them) reach the template, which decides how the model sees them."""
         from aphrodite.tokenization.chat_template import apply_chat_template
         tok = self.get_tokenizer()
         if tok is None:
@@ -86,7 +88,7 @@ class LLM:
             text = apply_chat_template(tok, conv, chat_template=chat_template,
                                        add_generation_prompt=add_generation_prompt,
                                        continue_final_message=continue_final_message,
-                                       chat_template_kwargs=chat_template_kwargs)
+                                       chat_template_kwargs=chat_template_kwargs, tools=tools)
             # The template already holds the BOS token where the model wants one.
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)

@@ -15,6 +15,7 @@ OS scheduler happen to favour them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -137,6 +138,23 @@ def _content_text(content: Any, index: int) -> str:
                      f"got {type(content).__name__}.")
 
 
+def _arguments_as_object(call: Any) -> Any:
+    """An assistant's ``tool_calls[].function.arguments`` as templates expect it (they write it with
+    ``tojson``): vLLM's rule, missing or empty arguments are ``{}`` and JSON text (what OpenAI clients send)
+    is parsed; text that is not JSON stays as it is."""
+    if not isinstance(call, Mapping) or not isinstance(call.get("function"), Mapping):
+        return call
+    arguments = call["function"].get("arguments")
+    if not arguments:
+        arguments = {}
+    elif isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return call
+    return {**call, "function": {**call["function"], "arguments": arguments}}
+
+
 def _normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     if not messages:
         raise ValueError("messages must contain at least one message.")
@@ -148,7 +166,10 @@ def _normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str,
         if role not in ALLOWED_ROLES:
             raise ValueError(f"messages[{i}] has unknown role {role!r}; allowed roles: "
                              f"{', '.join(sorted(ALLOWED_ROLES))}.")
-        out.append({**message, "content": _content_text(message.get("content"), i)})
+        normalized = {**message, "content": _content_text(message.get("content"), i)}
+        if isinstance(message.get("tool_calls"), (list, tuple)):
+            normalized["tool_calls"] = [_arguments_as_object(call) for call in message["tool_calls"]]
+        out.append(normalized)
     return out
 
 

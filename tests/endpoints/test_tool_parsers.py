@@ -204,3 +204,31 @@ def test_qwen3_with_thinking_off_is_all_content() -> None:
     assert parser.extract("Just the answer.") == (None, "Just the answer.")
     assert get_reasoning_parser("deepseek_r1", chat_template_kwargs={"enable_thinking": False}).extract(
         "x</think>y") == ("x", "y")
+
+
+def test_reasoning_grammar_prefix_is_thinking_up_to_the_first_end_token() -> None:
+    """The EBNF a constrained answer follows when the model thinks first, run by xgrammar over a
+    one-character vocabulary, against the plain rule: text without ``</think>``, then ``</think>``, then
+    blanks. Random strings over the end token's own characters hit every partial match."""
+    import xgrammar as xgr
+    parser = get_reasoning_parser("deepseek_r1")
+    vocab = list("</think>a \n") + ["<eos>"]
+    info = xgr.TokenizerInfo(vocab, stop_token_ids=[len(vocab) - 1])
+    compiled = xgr.GrammarCompiler(info).compile_grammar(parser.grammar_prefix())
+    end = parser.end_token
+
+    def accepted(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(compiled)
+        return all(matcher.accept_token(vocab.index(ch)) for ch in text) and matcher.accept_token(len(vocab) - 1)
+
+    rng = random.Random(0)
+    texts = ["</think>", "<think>\nhi a</think>\n\n", "a</thi</think>", "<<</think>", "</think></think>", "a</think>a",
+             "hi a"]
+    texts += ["".join(rng.choice(vocab[:-1]) for _ in range(rng.randint(0, 14))) + end + " " * rng.randint(0, 2)
+              for _ in range(300)]
+    for text in texts:
+        body = text.rstrip(" \n")
+        expected = body.endswith(end) and body.find(end) == len(body) - len(end)
+        assert accepted(text) == expected, text
+    assert parser.ended_in("<think>\n\n</think>\n\n") and not parser.ended_in("<|im_start|>assistant\n<think>\n")
+    assert get_reasoning_parser("qwen3", chat_template_kwargs={"enable_thinking": False}).ended_in("")

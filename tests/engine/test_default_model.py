@@ -90,3 +90,23 @@ def test_generate_input_forms(llm):
     assert single[0].outputs[0].token_ids == by_text[0].outputs[0].token_ids
     per_prompt = llm.generate(PROMPTS[:2], [sp, SamplingParams(temperature=0, max_tokens=2)], use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in per_prompt] == [5, 2]
+
+
+def test_chat_with_tools_renders_as_transformers_does(llm):
+    """``LLM.chat(tools=...)`` as in vLLM: the tools and an assistant's call (its JSON-text arguments given to the
+    template as an object) render as transformers renders the same conversation."""
+    template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.role }}: "
+                "{% if m.tool_calls %}{{ m.tool_calls[0].function | tojson }}{% else %}{{ m.content }}{% endif %}|"
+                "{% endfor %}assistant:")
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
+    messages = [{"role": "user", "content": "Time?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "12:00"}]
+    out = llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False, chat_template=template, tools=tools)[0]
+    as_object = {**call, "function": {"name": "get_time", "arguments": {"zone": "UTC"}}}
+    reference = llm.get_tokenizer().apply_chat_template(
+        [messages[0], {**messages[1], "content": "", "tool_calls": [as_object]}, messages[2]], tools=tools,
+        chat_template=template, tokenize=False)
+    assert reference == '[get_time]user: Time?|assistant: {"name": "get_time", "arguments": {"zone": "UTC"}}|' \
+                        "tool: 12:00|assistant:"
+    assert out.prompt_token_ids == llm.get_tokenizer().encode(reference, add_special_tokens=False)

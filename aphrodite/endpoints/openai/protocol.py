@@ -321,10 +321,12 @@ class ChatMessage(OpenAIRequestModel):
 
 
 class FunctionDefinition(OpenAIRequestModel):
+    """vLLM's fields, so that templates see tools as vLLM dumps them (``description: null`` included); others
+    a client sends (OpenAI's ``strict``) pass through as they came."""
+
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class ChatCompletionTool(OpenAIRequestModel):
@@ -345,6 +347,27 @@ class NamedToolChoice(OpenAIRequestModel):
     function: NamedFunction
 
 
+_NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+
+
+def _tool_choice(value: Any) -> Any:
+    """vLLM's messages for a ``tool_choice`` that is none of its forms (a named function's name is then
+    looked up among the tools by the handler)."""
+    if value is None or (isinstance(value, str) and value in ("none", "auto", "required")):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f'Invalid value for `tool_choice`: {value}! Only named tools, "none", "auto" or "required" '
+                         "are supported.")
+    function = value.get("function")
+    if not isinstance(function, dict):
+        raise ValueError(f"Invalid value for `function`: `{function}` in `tool_choice`! {_NAMED_USAGE}")
+    if "name" not in function:
+        raise ValueError(f"Expected field `name` in `function` in `tool_choice`! {_NAMED_USAGE}")
+    if not isinstance(function["name"], str) or not function["name"]:
+        raise ValueError(f"Invalid `name` in `function`: `{function['name']}` in `tool_choice`! {_NAMED_USAGE}")
+    return value
+
+
 class ChatCompletionRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra=_NOT_BOTH_PROMPT_AND_CONTINUE)
 
@@ -360,7 +383,8 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = _limits(None, **_NOT_RESERVED)
     tools: list[ChatCompletionTool] | None = None
     # vLLM's default: "none" without tools, "auto" with them (which needs --enable-auto-tool-choice).
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Annotated[Literal["none", "auto", "required"] | NamedToolChoice | None,
+                           BeforeValidator(_tool_choice)] = None
     parallel_tool_calls: bool | None = True
     include_reasoning: bool = True  # with --reasoning-parser: false leaves reasoning_content out
 

@@ -7,6 +7,7 @@ text, not on token ids, so a tokenizer without ``<think>`` as one token (a fine-
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from aphrodite.endpoints.openai.tool_parsers.base import held_back
@@ -45,6 +46,35 @@ class ReasoningParser:
             markers = (self.end_token,) if started else (self.start_token, self.end_token)
             reasoning = reasoning[:len(reasoning) - held_back(reasoning, *markers)]
         return reasoning, ""
+
+    def ended_in(self, prompt: str) -> bool:
+        """Whether the prompt leaves no thinking to do: the request turned it off, or the template closed
+        the think block itself (Qwen 3's ``enable_thinking=false`` ends the prompt with ``</think>``)."""
+        return not self.thinking or prompt.rstrip().endswith(self.end_token)
+
+    def grammar_prefix(self) -> str:
+        """xgrammar EBNF for reasoning text up to its first end token and the blanks after it: what comes
+        before a constrained answer, as vLLM constrains structured output only once reasoning ended.
+
+        Written without look-ahead: a run of the end token's first character followed by a proper prefix of
+        the rest is reasoning as long as it does not go on to the whole end token."""
+        first, rest = self.end_token[0], self.end_token[1:]
+        assert first not in rest, "the end token's first character must not recur in it"
+
+        def lit(s: str) -> str:
+            return json.dumps(s)
+
+        def other(*chars: str) -> str:
+            return "[^" + "".join("\\" + c if c in "]^-\\" else c for c in chars) + "]"
+
+        partial = " | ".join(lit(rest[:k]) for k in range(1, len(rest)))
+        finish = " | ".join([other(rest[0], first)] + [f"({lit(rest[:k])} {other(rest[k], first)})"
+                                                     for k in range(1, len(rest))])
+        runs = f"{lit(first)}+ (reasoning_partial {lit(first)}+)*"
+        return (f"root ::= reasoning_chunk* {runs} {lit(rest)} [ \\t\\n\\r]*\n"
+                f"reasoning_chunk ::= {other(first)} | ({runs} reasoning_finish)\n"
+                f"reasoning_partial ::= {partial}\n"
+                f"reasoning_finish ::= {finish}\n")
 
     def extract(self, text: str) -> tuple[str | None, str | None]:
         """The whole answer: (reasoning or None, content or None), as vLLM returns them."""

@@ -34,7 +34,7 @@ from aphrodite.endpoints.openai.serving_common import (
     usage,
 )
 from aphrodite.endpoints.openai.tool_parsers import TOOL_PARSERS
-from aphrodite.endpoints.openai.tools import ChoiceOutput, ToolPlan, conversation_for_template
+from aphrodite.endpoints.openai.tools import ChoiceOutput, ToolPlan
 from aphrodite.engine.async_engine import RequestStream
 from aphrodite.outputs import CompletionOutput, RequestOutput
 
@@ -57,8 +57,8 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage], *, chat_
                               "requests; start it with --trust-request-chat-template to allow them.",
                               param="chat_template")
         budget = REQUEST_TEMPLATE_BUDGET_S
-    conversation = conversation_for_template([m.model_dump(exclude_none=True) for m in messages])
-    tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
+    conversation = [m.model_dump(exclude_none=True) for m in messages]
+    tool_dicts = [t.model_dump() for t in tools] if tools else None  # as vLLM passes them, nulls too
     try:
         return await ctx.workers.run(
             lambda: apply_chat_template(
@@ -99,6 +99,7 @@ class ChatServing:
                              add_generation_prompt=request.add_generation_prompt,
                              continue_final_message=request.continue_final_message,
                              chat_template_kwargs=request.chat_template_kwargs, tools=request.tools)
+        plan.see_prompt(prompt)
         # The template already holds the BOS token where the model wants one.
         ids = await ctx.encode(prompt, add_special_tokens=False, whole=request.truncate_prompt_tokens is not None,
                                prompt_name="messages")
@@ -115,8 +116,8 @@ class ChatServing:
         elif request.top_logprobs:
             raise OpenAIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
         overrides: dict[str, Any] = {}
-        if (constraint := plan.structured_outputs()) is not None:
-            overrides["structured_outputs"] = constraint  # a required or named tool_choice (vLLM replaces any other)
+        if (constraint := plan.structured_outputs(request)) is not None:
+            overrides["structured_outputs"] = constraint
         if plan.keep_special_tokens:
             overrides["skip_special_tokens"] = False
         try:
@@ -205,12 +206,14 @@ class ChatServing:
                     lp = self._logprobs(c, start, end, top_n) if request.logprobs and end > start else None
                     out = outs[c.index]
                     if out.plain:
-                        delta = {"content": text} if text else {}
+                        deltas = [{"content": text}] if text else []
                     else:
                         texts[c.index] += text
-                        delta = out.delta(texts[c.index], c.finish_reason is not None)
-                    if delta or lp is not None:
-                        yield chunk(c.index, delta or {"content": ""}, lp, completion_tokens=end)
+                        deltas = out.deltas(texts[c.index], c.finish_reason is not None)
+                    if not deltas and lp is not None:
+                        deltas = [{"content": ""}]  # the tokens' logprobs go out even while a parser holds text
+                    for k, delta in enumerate(deltas):
+                        yield chunk(c.index, delta, lp if k == 0 else None, completion_tokens=end)
                     if c.finish_reason is not None:
                         cur.done = True
                         yield chunk(c.index, {}, None, out.finish_reason(c.finish_reason), c.stop_reason,

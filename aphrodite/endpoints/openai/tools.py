@@ -3,8 +3,9 @@
 ``tool_choice`` decides how calls come out: ``"none"`` (plain text), ``"auto"`` (the model decides;
 ``--tool-call-parser`` reads its calls out of the text), ``"required"`` or a named function (the output
 is constrained to a JSON schema of the call(s), so it is always a call). ``--reasoning-parser`` splits
-``<think>...</think>`` off first. ``ToolPlan`` holds one request's decisions; ``ChoiceOutput`` turns one
-choice's text into a message, or into stream deltas.
+``<think>...</think>`` off first; a constrained answer then comes after the thinking, as vLLM constrains
+structured output only once reasoning ended. ``ToolPlan`` holds one request's decisions; ``ChoiceOutput``
+turns one choice's text into a message, or into stream deltas.
 """
 from __future__ import annotations
 
@@ -14,27 +15,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aphrodite.endpoints.openai.errors import OpenAIError
+from aphrodite.endpoints.openai.errors import OpenAIError, from_value_error
 from aphrodite.endpoints.openai.reasoning import REASONING_PARSERS, ReasoningParser, get_reasoning_parser
 from aphrodite.endpoints.openai.tool_parsers import (
     TOOL_PARSERS,
     ToolCallStream,
     ToolParser,
     get_tool_parser,
-    make_tool_call_id,
 )
 from aphrodite.endpoints.openai.tool_parsers.base import (
     ParsedToolCalls,
     PartialCall,
     scan_call_list,
-    tool_call,
 )
 from aphrodite.endpoints.openai.tool_parsers.json_scan import skip_ws
 from aphrodite.sampling_params import StructuredOutputsParams
 
-__all__ = ["ChoiceOutput", "ToolPlan", "add_tool_args", "conversation_for_template", "tool_options"]
-
-_NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+__all__ = ["ChoiceOutput", "ToolPlan", "add_tool_args", "tool_options"]
 
 
 def add_tool_args(add: Callable[..., None]) -> None:
@@ -81,7 +78,7 @@ class NamedToolParser(ToolParser):
         self.function = function
 
     def parse(self, text: str, final: bool) -> ParsedToolCalls:
-        return ParsedToolCalls("", [PartialCall(self.function, text, final)])
+        return ParsedToolCalls("", [PartialCall(self.function, text.lstrip(), final)])
 
 
 @dataclass
@@ -97,6 +94,7 @@ class ToolPlan:
     tokenizer: Any = None
     chat_template_kwargs: dict[str, Any] | None = None
     schema: dict[str, Any] | None = None
+    thinking: bool = False  # a reasoning parser is on and the prompt leaves thinking to the model (see_prompt)
 
     @classmethod
     def for_request(cls, request: Any, *, enable_auto_tools: bool, tool_parser: str | None,
@@ -119,9 +117,6 @@ class ToolPlan:
             plan.mode = choice
         else:
             name = choice.function.name
-            if not name:
-                raise OpenAIError(f"Invalid `name` in `function`: `{name}` in `tool_choice`! {_NAMED_USAGE}",
-                                  param="tool_choice")
             if name not in {t.function.name for t in tools}:
                 raise OpenAIError("The tool specified in `tool_choice` does not match any of the specified `tools`",
                                   param="tool_choice")
@@ -135,9 +130,38 @@ class ToolPlan:
             plan.schema = json_schema_of_tools(tools, plan.function, plan.max_calls)
         return plan
 
-    def structured_outputs(self) -> StructuredOutputsParams | None:
-        """The constraint that makes a required or named choice a call (it replaces any other)."""
-        return StructuredOutputsParams(json=self.schema) if self.schema is not None else None
+    def see_prompt(self, prompt: str) -> None:
+        """Whether the model thinks first: a reasoning parser is on and the prompt did not close thinking."""
+        self.thinking = self.reasoning_parser is not None and not self.reasoner().ended_in(prompt)
+
+    def reasoner(self) -> ReasoningParser:
+        return get_reasoning_parser(self.reasoning_parser or "", self.tokenizer, self.chat_template_kwargs)
+
+    def structured_outputs(self, request: Any) -> StructuredOutputsParams | None:
+        """The constraint to set, or None to leave the request's as it is: a required or named choice's calls
+        (they replace any other, as in vLLM). When the model thinks first (``see_prompt``), a JSON constraint
+        (the calls, ``response_format``) applies only after the thinking, as vLLM applies structured output
+        once reasoning ended; choice, regex and grammar constraints still apply from the first token."""
+        if self.schema is not None:
+            so: StructuredOutputsParams | None = StructuredOutputsParams(json=self.schema)
+        elif self.thinking:
+            try:
+                so = request.structured_outputs_params()
+            except ValueError as e:
+                raise from_value_error(e, set(type(request).model_fields)) from None
+        else:
+            return None
+        if so is None or not self.thinking or so.kind not in ("json", "json_object"):
+            return so
+        import xgrammar as xgr
+        schema = so.json if so.kind == "json" else {"type": "object"}
+        try:
+            answer = xgr.Grammar.from_json_schema(schema if isinstance(schema, str) else json.dumps(schema),
+                                                  any_whitespace=not so.disable_any_whitespace)
+        except Exception as e:  # xgrammar's own message says what in the schema it cannot take
+            raise OpenAIError(f"Invalid structured output json: {e}") from None
+        prefix = xgr.Grammar.from_ebnf(self.reasoner().grammar_prefix())
+        return StructuredOutputsParams(grammar=str(xgr.Grammar.concat(prefix, answer)))
 
     @property
     def keep_special_tokens(self) -> bool:
@@ -180,10 +204,7 @@ class ChoiceOutput:
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
-        # A required or named choice is constrained from its first token: there is no reasoning to split.
-        self.reasoner: ReasoningParser | None = None
-        if plan.reasoning_parser and plan.mode in ("none", "auto"):
-            self.reasoner = get_reasoning_parser(plan.reasoning_parser, plan.tokenizer, plan.chat_template_kwargs)
+        self.reasoner: ReasoningParser | None = plan.reasoner() if plan.thinking else None
         self.parser: ToolParser | None = None
         if plan.mode == "auto":
             self.parser = get_tool_parser(plan.tool_parser or "", plan.tokenizer)
@@ -202,13 +223,9 @@ class ChoiceOutput:
         reasoning, content = self.reasoner.extract(text) if self.reasoner else (None, text)
         calls: list[dict[str, Any]] = []
         if self.parser is not None and content is not None:
-            if self.plan.mode == "named":
-                calls = [tool_call(make_tool_call_id(), self.plan.function, content)]
-                content = ""
-            else:
-                rest, calls = self.parser.extract_tool_calls(content)
-                if calls:
-                    content = rest if self.plan.mode == "auto" else ""
+            rest, calls = self.parser.extract_tool_calls(content)
+            if calls:
+                content = rest if self.plan.mode == "auto" else ""
         if self.plan.max_calls is not None:
             calls = calls[:self.plan.max_calls]
         self.called = bool(calls)
@@ -218,11 +235,10 @@ class ChoiceOutput:
         return message
 
     def finish_reason(self, reason: str | None) -> str | None:
-        """OpenAI's rule, as vLLM applies it: "tool_calls" when auto called a tool or a required choice
-        ended normally; a named function's call ends with the engine's reason ("stop")."""
-        if self.plan.mode == "auto" and self.called:
-            return "tool_calls"
-        if self.plan.mode == "required" and reason == "stop":
+        """OpenAI's rule, as vLLM applies it: "tool_calls" when an auto or required choice called a tool and
+        ended normally; a named function's call ends with the engine's reason ("stop"), and a call cut off
+        by ``max_tokens`` keeps "length" (vLLM streams it so too)."""
+        if self.called and reason == "stop" and self.plan.mode in ("auto", "required"):
             return "tool_calls"
         return reason
 
@@ -232,8 +248,17 @@ class ChoiceOutput:
         """No reasoning and no tool calls to read: the text streams as it comes."""
         return self.reasoner is None and self.parser is None
 
-    def delta(self, text: str, final: bool) -> dict[str, Any]:
-        """The ``delta`` fields for the text so far (``final`` once the choice ended): only what is new."""
+    def deltas(self, text: str, final: bool) -> list[dict[str, Any]]:
+        """The ``delta``s for the text so far (``final`` once the choice ended): only what is new, with at
+        most one ``tool_calls`` entry each, as OpenAI streams them (vLLM's clients and tests read
+        ``tool_calls[0]`` only)."""
+        delta = self._delta(text, final)
+        calls = delta.get("tool_calls", ())
+        if len(calls) <= 1:
+            return [delta] if delta else []
+        return [{**delta, "tool_calls": calls[:1]}] + [{"tool_calls": [call]} for call in calls[1:]]
+
+    def _delta(self, text: str, final: bool) -> dict[str, Any]:
         delta: dict[str, Any] = {}
         content_text = text
         if self.reasoner is not None:
@@ -253,29 +278,3 @@ class ChoiceOutput:
             delta["content"] = content_text[self.content_sent:]
             self.content_sent = len(content_text)
         return delta
-
-
-def conversation_for_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as chat templates expect them: an assistant's ``tool_calls[].function.arguments`` as an
-    object (templates write it with ``tojson``), not the JSON text OpenAI clients send (vLLM does the same)."""
-    out = []
-    for message in messages:
-        calls = message.get("tool_calls")
-        if calls:
-            message = {**message, "tool_calls": [_arguments_as_object(c) for c in calls]}
-        out.append(message)
-    return out
-
-
-def _arguments_as_object(call: Any) -> Any:
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        return call
-    arguments = call["function"].get("arguments")
-    if isinstance(arguments, str):
-        try:
-            parsed = json.loads(arguments)
-        except ValueError:
-            return call
-        if isinstance(parsed, dict):
-            return {**call, "function": {**call["function"], "arguments": parsed}}
-    return call
