@@ -193,6 +193,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    # Aphrodite's: token ids that can never be sampled (their logits set to -inf), as SillyTavern sends them.
+    custom_token_bans: list[int] | None = None
     structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: token ids that end generation unless ignore_eos.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False, compare=False)
@@ -217,8 +219,10 @@ class SamplingParams:
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self.bad_words = list(self.bad_words or [])
+        self.custom_token_bans = list(self.custom_token_bans or [])
         self.dry_sequence_breaker_ids = list(self.dry_sequence_breaker_ids or [])
         self._verify()
+        self._bad_words_token_ids = self._ban_sequences() or None
         if 0 < self.temperature < _MIN_TEMP:
             logger.warning("temperature %s is less than %s, which may cause numerical errors nan or inf in "
                            "tensors; raised to %s.", self.temperature, _MIN_TEMP, _MIN_TEMP)
@@ -334,6 +338,8 @@ class SamplingParams:
                 bad("allowed_token_ids", "a list of token ids", self.allowed_token_ids)
         if not all(isinstance(w, str) and w.strip() for w in self.bad_words):
             bad("bad_words", "a list of non-empty strings", self.bad_words)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.custom_token_bans):
+            bad("custom_token_bans", "a list of token ids", self.custom_token_bans)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             bad("structured_outputs", "a StructuredOutputsParams", self.structured_outputs)
         if self.sampler_priority is not None:
@@ -381,7 +387,11 @@ class SamplingParams:
         bad_ids = [t for s in seqs for t in s if not 0 <= t < vocab_size]
         if bad_ids:
             raise ValueError(f"bad_words produced token ids outside the vocabulary [0, {vocab_size}): {bad_ids}.")
-        self._bad_words_token_ids = seqs
+        self._bad_words_token_ids = self._ban_sequences() + seqs
+
+    def _ban_sequences(self) -> list[list[int]]:
+        """``custom_token_bans`` as one-token bad words: the sampler sets their logits to -inf at every step."""
+        return [[t] for t in dict.fromkeys(self.custom_token_bans or ())]
 
     def clone(self) -> SamplingParams:
         return copy.deepcopy(self)

@@ -254,6 +254,8 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True).")
         if params.allowed_token_ids and any(not 0 <= t < vocab for t in params.allowed_token_ids):
             raise ValueError(f"allowed_token_ids must be token ids in [0, {vocab}).")
+        if any(not 0 <= t < vocab for t in params.custom_token_bans or ()):
+            raise ValueError(f"custom_token_bans must be token ids in [0, {vocab}).")
         if any(not 0 <= t < vocab for t in params.dry_sequence_breaker_ids):
             raise ValueError(f"dry_sequence_breaker_ids must be token ids in [0, {vocab}).")
         if (params.bad_words or params.dry_sequence_breakers or params.structured_outputs) and self.tokenizer is None:

@@ -8,10 +8,11 @@ ignored, as OpenAI clients add new ones over time.
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from aphrodite.sampling_params import SamplingParams, StructuredOutputsParams
@@ -47,6 +48,24 @@ def _integral(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_integral)]
 # JSON object keys are strings: a token id key ("50256") is read as an int, the one lax conversion.
 TokenIdKey = Annotated[int, Strict(False)]
+
+
+def _json_string_list(value: Any) -> Any:
+    """A list of strings sent as its JSON text (SillyTavern sends ``dry_sequence_breakers`` so), decoded as
+    Aphrodite decodes it; text that is not such JSON is an error, not a list of one string."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = json.loads(value)
+    except ValueError as e:
+        raise ValueError(f"not a list of strings nor its JSON text ({e})") from None
+    if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+        raise ValueError("a JSON string must hold a list of strings")
+    return parsed
+
+
+# A list of strings, or (as SillyTavern sends it) the JSON text of one; the schema shows the list.
+StringListOrJSON = Annotated[list[str], BeforeValidator(_json_string_list)]
 
 
 # ---- errors -------------------------------------------------------------------
@@ -119,7 +138,8 @@ _SAMPLER_FIELDS = ("no_repeat_ngram_size", "dynatemp_min", "dynatemp_max", "dyna
                    "xtc_threshold", "xtc_probability", "nsigma", "skew", "mirostat_mode", "mirostat_tau",
                    "mirostat_eta", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_sequence_breakers",
                    "dry_sequence_breaker_ids", "dry_range", "dry_max_ngram", "dry_max_occurrences",
-                   "dry_early_exit_match_len", "sampler_priority", "allowed_token_ids", "bad_words")
+                   "dry_early_exit_match_len", "sampler_priority", "allowed_token_ids", "bad_words",
+                   "custom_token_bans")
 
 
 class JsonSchemaFormat(OpenAIRequestModel):
@@ -162,15 +182,19 @@ class AphroditeSamplingFields(OpenAIRequestModel):
     dry_multiplier: float | None = None
     dry_base: float | None = None
     dry_allowed_length: Int | None = None
-    dry_sequence_breakers: list[str] | None = None
+    dry_sequence_breakers: StringListOrJSON | None = Field(
+        None, description="Strings that break DRY's sequence matching; also accepted as the JSON text of the list.")
     dry_sequence_breaker_ids: list[Int] | None = None
-    dry_range: Int | None = None
+    # llama.cpp's and SillyTavern's name for it is accepted too, as Aphrodite does.
+    dry_range: Int | None = Field(None, validation_alias=AliasChoices("dry_range", "dry_penalty_last_n"))
     dry_max_ngram: Int | None = None
     dry_max_occurrences: Int | None = None
     dry_early_exit_match_len: Int | None = None
-    sampler_priority: list[Int | str] | None = None
+    sampler_priority: list[Int | str] | None = Field(
+        None, validation_alias=AliasChoices("sampler_priority", "sampler_order"))
     allowed_token_ids: list[Int] | None = None
     bad_words: list[str] | None = None
+    custom_token_bans: list[Int] | None = None  # Aphrodite's: token ids never sampled
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
     guided_json: str | dict[str, Any] | None = None
@@ -200,7 +224,8 @@ class AphroditeSamplingFields(OpenAIRequestModel):
             extra["whitespace_pattern"] = self.guided_whitespace_pattern
         for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
                           ("guided_grammar", "grammar")):
-            if (value := getattr(self, name)) is not None:
+            # Empty means unset, as in Aphrodite: SillyTavern sends guided_json {} and guided_grammar "" always.
+            if value := getattr(self, name):
                 found.append((name, StructuredOutputsParams(**{key: value}, **extra)))
         rf = self.response_format
         if rf is not None and rf.type == "json_object":
