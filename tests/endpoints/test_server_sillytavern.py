@@ -95,6 +95,11 @@ def test_custom_token_bans_ban_the_tokens(http):
     banned = _complete(http, {**base, "custom_token_bans": [first]})
     assert banned != plain
     assert first not in _token_ids(http, banned)
+    # With bad words as well, both hold.
+    again = _token_ids(http, banned)[0]
+    both = _complete(http, {**base, "custom_token_bans": [first], "bad_words": [http.post(
+        "/v1/detokenize", json={"tokens": [again]}).json()["prompt"]]})
+    assert first not in _token_ids(http, both) and both != banned
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
             "temperature": 0}
     said = http.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
