@@ -60,6 +60,14 @@ def canonical_body(prompt: str, max_tokens: int, bans: list[int], bias: dict[str
             "dry_range": 256, "stop": STOP, "logit_bias": {**bias, **{str(t): -100 for t in bans}}}
 
 
+def test_sillytavern_connects_and_counts_tokens(http):
+    """Its status check reads the model ids from /v1/models; its remote token counter posts to /v1/tokenize
+    and reads ``count`` and ``tokens``."""
+    assert MODEL in [m["id"] for m in http.get("/v1/models").json()["data"]]
+    r = http.post("/v1/tokenize", json={"model": MODEL, "prompt": "Hello world"}).json()
+    assert r["count"] == len(r["tokens"]) == 2
+
+
 def test_sillytavern_body_equals_canonical_request(http):
     plain = _complete(http, canonical_body(PROMPT, 24, [], {}))
     first, second = _token_ids(http, plain)[:2]
