@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 from urllib.parse import urlsplit
 
@@ -176,15 +176,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         reply = print_stream(stream, lambda c: c.delta.content, args.stats)
         conversation.append({"role": "assistant", "content": reply})
 
-    def send() -> None:
-        if args.quick is not None:
-            turn(args.quick)
-            return
-        print("Please enter a message for the chat model:", file=sys.stderr)
-        for line in _lines("> "):
-            _keep_going(turn, line)
-
-    return _run(send)
+    return _run(_each_line(turn, args.quick, "Please enter a message for the chat model:"))
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
@@ -195,12 +187,16 @@ def cmd_complete(args: argparse.Namespace) -> int:
     def complete(prompt: str) -> None:
         print_stream(client.completions.create(prompt=prompt, **kwargs), lambda c: c.text, args.stats)
 
-    def send() -> None:
-        if args.quick is not None:
-            complete(args.quick)
-            return
-        print("Please enter prompt to complete:", file=sys.stderr)
-        for line in _lines("> "):
-            _keep_going(complete, line)
+    return _run(_each_line(complete, args.quick, "Please enter prompt to complete:"))
 
-    return _run(send)
+
+def _each_line(one: Callable[[str], None], quick: str | None, banner: str) -> Callable[[], None]:
+    """The session: ``one(quick)`` with -q, else ``one`` for each line typed after the banner."""
+    def send() -> None:
+        if quick is not None:
+            one(quick)
+            return
+        print(banner, file=sys.stderr)
+        for line in _lines("> "):
+            _keep_going(one, line)
+    return send
