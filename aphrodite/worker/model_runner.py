@@ -29,6 +29,7 @@ from aphrodite.distributed.parallel_state import (
     is_last_pp_rank,
 )
 from aphrodite.kernels.precompile import CompilePool, compile_ahead, pool_if_cold, warn_late_compiles
+from aphrodite.kernels.sampling import sample_temperature_min_p
 from aphrodite.lora.request import LoRARequest
 from aphrodite.modeling.layers.attention import Attention, AttentionMetadata, set_attention_metadata
 from aphrodite.modeling.layers.sampler import Sampler, gather_logprobs
@@ -106,6 +107,21 @@ def mixed_step_layouts(num_kv_heads: int, max_seqs: int, max_len: int, sms: int,
         layouts.append((1, 1023, nseq, chunk))
     return [(nd, length, nseq, chunk) for nd, length, nseq, chunk in layouts
             if nd + nseq <= max_seqs and length <= max_len]
+
+
+def _warm_draw_kernels(logits: torch.Tensor) -> None:
+    """The fused temperature draw, with and without min-p, over one row of the profiling pass's logits: run
+    there, its kernels are compiled ahead with the rest instead of by the first sampled request (a second
+    and more; found by the late-compile warning). Only ever compiled later if this fails."""
+    if logits.device.type != "cuda":
+        return
+    row = logits[:1].float()
+    ones = torch.ones(1, device=row.device)
+    try:
+        for min_p in (None, ones * 0.1):
+            sample_temperature_min_p(row, ones, min_p, torch.full((1,), 0.5, dtype=torch.float64, device=row.device))
+    except Exception:
+        logger.warning("The temperature draw's kernels are not compiled ahead", exc_info=True)
 
 
 @dataclass
@@ -338,6 +354,7 @@ class ModelRunner:
                 return sum(k.numel() * k.element_size() * 2 for k, _ in scratch)
             rows = min(sc.max_num_seqs, n)
             logits = self.model.compute_logits(hidden[-rows:].contiguous())
+            _warm_draw_kernels(logits)
             probs = torch.softmax(logits, -1, dtype=torch.float64)
             torch.sort(logits, dim=-1, descending=True)
             torch.cumsum(probs, dim=-1)
