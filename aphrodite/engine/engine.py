@@ -242,8 +242,13 @@ class LLMEngine:
             raise ValueError(f"Prompt token ids must be in [0, {vocab}).")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {params.stop_token_ids}.")
-        if params.logit_bias and any(not 0 <= int(t) < vocab for t in params.logit_bias):
-            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}).")
+        ids = {"logit_bias keys": [int(t) for t in params.logit_bias or ()],
+               "allowed_token_ids": params.allowed_token_ids or (),
+               "custom_token_bans": params.custom_token_bans or (),
+               "dry_sequence_breaker_ids": params.dry_sequence_breaker_ids}
+        for name, values in ids.items():
+            if any(not 0 <= t < vocab for t in values):
+                raise ValueError(f"{name} must be token ids in [0, {vocab}).")
         limit = self.config.model.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
@@ -252,12 +257,6 @@ class LLMEngine:
         if params.detokenize and self.tokenizer is None and params.stop:
             # Logprobs need none: without a tokenizer their decoded_token is None, as in vLLM.
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True).")
-        if params.allowed_token_ids and any(not 0 <= t < vocab for t in params.allowed_token_ids):
-            raise ValueError(f"allowed_token_ids must be token ids in [0, {vocab}).")
-        if any(not 0 <= t < vocab for t in params.custom_token_bans or ()):
-            raise ValueError(f"custom_token_bans must be token ids in [0, {vocab}).")
-        if any(not 0 <= t < vocab for t in params.dry_sequence_breaker_ids):
-            raise ValueError(f"dry_sequence_breaker_ids must be token ids in [0, {vocab}).")
         if (params.bad_words or params.dry_sequence_breakers or params.structured_outputs) and self.tokenizer is None:
             raise ValueError("bad_words, dry_sequence_breakers and structured outputs need a tokenizer "
                              "(skip_tokenizer_init=True is set).")

@@ -110,9 +110,9 @@ def mixed_step_layouts(num_kv_heads: int, max_seqs: int, max_len: int, sms: int,
 
 
 def _warm_draw_kernels(logits: torch.Tensor) -> None:
-    """The fused temperature draw, with and without min-p, over one row of the profiling pass's logits: run
-    there, its kernels are compiled ahead with the rest instead of by the first sampled request (a second
-    and more; found by the late-compile warning). Only ever compiled later if this fails."""
+    """The fused temperature draw, with and without min-p, over one row of the profiling pass's logits, so
+    that its kernels are compiled ahead with the rest, not by the first sampled request (the late-compile
+    warning found them there). If this fails they compile at first use, as before."""
     if logits.device.type != "cuda":
         return
     row = logits[:1].float()
