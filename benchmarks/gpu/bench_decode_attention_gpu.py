@@ -145,6 +145,13 @@ def prefill_rows() -> list[str]:
     return rows
 
 
+def fixed_decode_tiles(cfg: tuple[int, int, int]):
+    """A stand-in for ``paged_attention._decode_tiles`` that always answers ``cfg`` (BLOCK_N, warps, stages)."""
+    def tiles(g: int, d_pad: int, splits: int = 1) -> tuple[int, int, int, int]:
+        return (max(16, 1 << max(0, g - 1).bit_length()), *cfg)
+    return tiles
+
+
 BATCH, BATCH_CTX = 256, 1088   # a throughput-prefill decode step: 256 sequences in the middle of their 128 outputs
 
 
@@ -164,8 +171,7 @@ def batched_rows() -> list[str]:
         out = torch.empty_like(q)
         kv_bytes = 2 * BATCH * BATCH_CTX * hkv * d * 2
         for cfg in (None,) if d <= 128 else (None, (32, 4, 2), (64, 8, 2)):
-            pa._decode_tiles = default if cfg is None else (
-                lambda g_, d_pad, splits=1, cfg=cfg: (max(16, 1 << max(0, g_ - 1).bit_length()), *cfg))
+            pa._decode_tiles = default if cfg is None else fixed_decode_tiles(cfg)
             label = "default " + "/".join(map(str, default(g, d, 1)[1:])) if cfg is None else "/".join(map(str, cfg))
             call = functools.partial(pa.paged_attention, q, kc, vc, out, qsl, seq_lens, table, d ** -0.5, 1,
                                      BATCH_CTX, num_decodes=BATCH, logits_soft_cap=cap)
@@ -191,8 +197,7 @@ def main() -> None:
             if cfg is None:
                 pa._decode_tiles = default_tiles
             else:
-                pa._decode_tiles = lambda g_, d_pad, splits=1, cfg=cfg: (max(16, 1 << max(0, g_ - 1).bit_length()),
-                                                                         *cfg)
+                pa._decode_tiles = fixed_decode_tiles(cfg)
             label = ("default " + "/".join(map(str, default_tiles(g, d, splits)[1:]))) if cfg is None \
                 else "/".join(map(str, cfg))
             try:
